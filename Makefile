@@ -1,0 +1,56 @@
+# pear_mqtt — developer and operator commands. `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv test unit integration lint up status logs down bench bench-quick faults soak clean
+
+help:
+	@echo "make up        bring up the topology (brokers, bridge, simulated agents)"
+	@echo "make status    exit 0 only when everything is healthy"
+	@echo "make logs      tail the logs of the running topology"
+	@echo "make down      stop everything make up started"
+	@echo "make test      create .venv, install, run the whole test suite"
+	@echo "make lint      ruff + mypy --strict"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check pear_mqtt tests
+	$(BIN)/mypy pear_mqtt
+
+up: $(STAMP)
+	$(BIN)/pear-mqtt up start
+
+status: $(STAMP)
+	$(BIN)/pear-mqtt up status
+
+logs: $(STAMP)
+	$(BIN)/pear-mqtt up logs
+
+down: $(STAMP)
+	$(BIN)/pear-mqtt up stop
+
+bench bench-quick faults soak:
+	@echo "make $@: not built yet (see the open issues)"; exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

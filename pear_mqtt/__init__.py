@@ -1,0 +1,1 @@
+"""pear_mqtt: privacy-preserving market-insight sharing between retailers over MQTT."""

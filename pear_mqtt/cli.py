@@ -1,0 +1,61 @@
+"""The ``pear-mqtt`` command line.
+
+Each concern registers its own sub-commands (``register_cli``) so this module stays a thin
+dispatcher: ``pki`` (:mod:`pear_mqtt.pki`), ``broker`` (:mod:`pear_mqtt.brokerconf`),
+``agent`` (:mod:`pear_mqtt.agent`), ``config`` (:mod:`pear_mqtt.config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import PearError
+
+__all__ = ["main"]
+
+_COMMAND_MODULES = ("config", "pki", "brokerconf", "embedded", "agent", "bridge", "up")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pear-mqtt",
+        description="Share retail market insights over MQTT without giving away private data.")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"pear_mqtt.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"pear_mqtt.{name}":
+                continue  # that concern is not built yet
+            raise
+        register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] | None
+        register = getattr(module, "register_cli", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pear-mqtt`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except PearError as exc:
+        print(f"pear-mqtt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The pear_mqtt exception hierarchy.
+
+Every error this package raises on purpose derives from :class:`PearError`, so callers can
+catch one type at the boundary of their own code. Library errors (paho, cryptography,
+pydantic, sqlite3) are mapped to these at the module that talks to the library.
+
+::
+
+    PearError
+    ├── ConfigError                 invalid or inconsistent configuration
+    ├── TopicError                  an identifier or topic string outside the topic scheme
+    ├── PrivacyError                a policy that would disclose more than the mode allows
+    ├── EnvelopeError               a message a receiver must drop (each one is counted)
+    │   ├── MalformedMessage        not an envelope: bad JSON, missing or mistyped fields
+    │   ├── OversizedMessage        larger than the configured limit
+    │   ├── UnsupportedVersion      an envelope schema version this build does not read
+    │   ├── SignatureError          unsigned, bad signature, or signer not trusted
+    │   ├── UnknownKeyError         encrypted with a group key id this node does not hold
+    │   ├── DecryptionError         the ciphertext failed authentication
+    │   ├── ReplayedMessage         a message id or sequence number already seen
+    │   └── StaleMessage            timestamp outside the accepted window
+    ├── PKIError                    certificate or key material missing, invalid or refused
+    ├── TransportError              the broker connection failed or was refused
+    │   ├── ConnectError            could not connect (network, TLS, or CONNACK refusal)
+    │   └── NotConnectedError       an operation needs a connection that is not up
+    ├── OutboxError                 the on-disk outbox failed (full disk, corrupt file)
+    └── BrokerError                 a broker could not be rendered, started or reached
+
+``EnvelopeError.reason`` is a short stable string used as the key of the drop counters in
+:class:`pear_mqtt.types.NetworkStatus`.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "ConfigError",
+    "ConnectError",
+    "DecryptionError",
+    "EnvelopeError",
+    "MalformedMessage",
+    "NotConnectedError",
+    "OutboxError",
+    "OversizedMessage",
+    "PKIError",
+    "PearError",
+    "PrivacyError",
+    "ReplayedMessage",
+    "SignatureError",
+    "StaleMessage",
+    "TopicError",
+    "TransportError",
+    "UnknownKeyError",
+    "UnsupportedVersion",
+]
+
+
+class PearError(Exception):
+    """Root of every error pear_mqtt raises on purpose."""
+
+
+class ConfigError(PearError):
+    """Configuration is invalid, inconsistent, or unreadable."""
+
+
+class TopicError(PearError, ValueError):
+    """An identifier or topic string does not fit the topic scheme."""
+
+
+class PrivacyError(PearError):
+    """A privacy policy would disclose more than its network mode allows."""
+
+
+class EnvelopeError(PearError):
+    """A received message that must be dropped. ``reason`` names the counter it feeds."""
+
+    reason: str = "invalid"
+
+
+class MalformedMessage(EnvelopeError):
+    reason = "malformed"
+
+
+class OversizedMessage(EnvelopeError):
+    reason = "oversized"
+
+
+class UnsupportedVersion(EnvelopeError):
+    reason = "unsupported_version"
+
+
+class SignatureError(EnvelopeError):
+    reason = "bad_signature"
+
+
+class UnknownKeyError(EnvelopeError):
+    reason = "unknown_key"
+
+
+class DecryptionError(EnvelopeError):
+    reason = "decryption_failed"
+
+
+class ReplayedMessage(EnvelopeError):
+    reason = "replayed"
+
+
+class StaleMessage(EnvelopeError):
+    reason = "stale"
+
+
+class PKIError(PearError):
+    """Certificate or key material is missing, invalid, or would be overwritten."""
+
+
+class TransportError(PearError):
+    """The broker connection failed."""
+
+
+class ConnectError(TransportError):
+    """A connection attempt failed: network, TLS handshake, or CONNACK refusal."""
+
+
+class NotConnectedError(TransportError):
+    """The operation needs a broker connection that is not up."""
+
+
+class OutboxError(PearError):
+    """The on-disk outbox could not store or read messages."""
+
+
+class BrokerError(PearError):
+    """A broker could not be rendered, started, or reached."""

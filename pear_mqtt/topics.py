@@ -1,0 +1,335 @@
+"""The topic scheme: the only module that builds or parses pear_mqtt topic strings.
+
+::
+
+    pear/v1/private/<company>/insights/<category path>             live insights
+    pear/v1/private/<company>/state/<node>/<category path>         retained latest state
+    pear/v1/private/<company>/nodes/<node>                         retained presence (+ will)
+    pear/v1/private/<company>/nodes/<node>/sync                    sync end-of-burst marker
+    pear/v1/consortium/<network>/<company>/insights/<category path>
+    pear/v1/consortium/<network>/<company>/state/<node>/<category path>
+    pear/v1/consortium/<network>/<company>/nodes/<node>[/sync]
+    pear/v1/public/<network>/aggregates/<category path>            retained, bridge only
+    pear/v1/public/<network>/contrib/<participant>/<category path> bridge reads only
+    pear/v1/public/<network>/nodes/<participant>[/sync]
+    pear/v1/public/<network>/state/bridge/<name>                   bridge ledger (retained)
+
+``<company>`` is the member identity the broker authenticates (the node certificate's CN, see
+:mod:`pear_mqtt.pki`): the real company id, or its network pseudonym where the mode
+anonymises. The state topic carries the node so that every store of a company keeps its own
+retained state; DESIGN.md's ``state/<category path>`` would let stores overwrite each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import TopicError
+
+__all__ = [
+    "MAX_CATEGORY_DEPTH",
+    "MAX_IDENTIFIER_LENGTH",
+    "PREFIX",
+    "AclRule",
+    "ParsedTopic",
+    "TopicScheme",
+    "acl_rules",
+    "parse_topic",
+    "validate_category",
+    "validate_identifier",
+]
+
+PREFIX = "pear/v1"
+MAX_IDENTIFIER_LENGTH = 64
+MAX_CATEGORY_DEPTH = 8
+
+_MODES = ("private", "consortium", "public")
+
+Kind = Literal["insights", "state", "nodes", "sync", "aggregates", "contrib", "bridge_state"]
+
+
+def validate_identifier(value: object, *, what: str = "identifier") -> str:
+    """Return ``value`` if it may stand as one topic level, else raise :class:`TopicError`.
+
+    ``what`` names the field in the message (``company_id``, ``node_id`` ...).
+    """
+    if not isinstance(value, str):
+        raise TopicError(f"{what} must be a string, got {type(value).__name__}")
+    if value == "":
+        raise TopicError(f"{what} must not be empty")
+    if len(value) > MAX_IDENTIFIER_LENGTH:
+        raise TopicError(
+            f"{what} is {len(value)} characters long; at most {MAX_IDENTIFIER_LENGTH} are allowed"
+        )
+    if value.startswith("$"):
+        raise TopicError(f"{what} {value!r} must not start with '$' (reserved for broker topics)")
+    for bad, name in (("+", "'+' (MQTT wildcard)"), ("#", "'#' (MQTT wildcard)"),
+                      ("/", "'/' (topic level separator)"), ("\x00", "NUL")):
+        if bad in value:
+            raise TopicError(f"{what} {value!r} must not contain {name}")
+    if not value.isprintable() or value != value.strip():
+        raise TopicError(
+            f"{what} {value!r} must be printable, without control characters or surrounding "
+            "white space"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TopicError(f"{what} {value!r} is not valid UTF-8") from exc
+    return value
+
+
+def validate_category(value: object, *, what: str = "category") -> str:
+    """Validate a category path such as ``grocery/dairy/milk`` (1 to 8 levels)."""
+    if not isinstance(value, str):
+        raise TopicError(f"{what} must be a string, got {type(value).__name__}")
+    levels = value.split("/")
+    if len(levels) > MAX_CATEGORY_DEPTH:
+        raise TopicError(f"{what} {value!r} has {len(levels)} levels; at most "
+                         f"{MAX_CATEGORY_DEPTH} are allowed")
+    for level in levels:
+        validate_identifier(level, what=f"{what} level")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedTopic:
+    """What a pear_mqtt topic says. ``company`` is None on public topics."""
+
+    mode: str
+    network: str | None
+    company: str | None
+    kind: Kind
+    node: str | None = None
+    category: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopicScheme:
+    """Topic builder bound to one member of one network.
+
+    ``network`` is ignored in private mode (a private broker serves one company).
+    ``member`` is the company identity as the broker knows it (or the participant in public
+    mode).
+    """
+
+    mode: str
+    network: str
+    member: str
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise TopicError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        validate_identifier(self.network, what="network_id")
+        validate_identifier(self.member, what="company_id")
+
+    # -- scopes ---------------------------------------------------------------------------
+    @property
+    def network_root(self) -> str:
+        """Everything of this network on its broker."""
+        if self.mode == "private":
+            return f"{PREFIX}/private/{self.member}"
+        return f"{PREFIX}/{self.mode}/{self.network}"
+
+    @property
+    def member_root(self) -> str:
+        """This member's own subtree (where it may write)."""
+        if self.mode == "private":
+            return self.network_root
+        if self.mode == "consortium":
+            return f"{self.network_root}/{self.member}"
+        return f"{self.network_root}/contrib/{self.member}"
+
+    # -- builders -------------------------------------------------------------------------
+    def insights(self, category: str) -> str:
+        """Live insights of this member for ``category``."""
+        validate_category(category)
+        if self.mode == "public":
+            return f"{self.member_root}/{category}"
+        return f"{self.member_root}/insights/{category}"
+
+    def state(self, node: str, category: str) -> str:
+        """Retained latest state of ``node`` for ``category``."""
+        validate_identifier(node, what="node_id")
+        validate_category(category)
+        if self.mode == "public":
+            raise TopicError("public participants keep no state topics; the bridge does")
+        return f"{self.member_root}/state/{node}/{category}"
+
+    def presence(self, node: str) -> str:
+        """Retained presence of ``node``; the last will clears it."""
+        validate_identifier(node, what="node_id")
+        if self.mode == "public":
+            return f"{self.network_root}/nodes/{self.member}"
+        return f"{self.member_root}/nodes/{node}"
+
+    def sync_marker(self, node: str) -> str:
+        """A topic only ``node`` uses, to mark the end of a retained burst."""
+        return f"{self.presence(node)}/sync"
+
+    def aggregate(self, category: str) -> str:
+        """Public aggregate for ``category`` (written by the bridge only)."""
+        validate_category(category)
+        return f"{PREFIX}/public/{self.network}/aggregates/{category}"
+
+    def bridge_state(self, name: str) -> str:
+        """Retained bridge records on the public broker (ledger, receipts)."""
+        validate_identifier(name, what="bridge state name")
+        return f"{PREFIX}/public/{self.network}/state/bridge/{name}"
+
+    # -- subscription filters -------------------------------------------------------------
+    def live_filter(self) -> str:
+        """Filter for the live insights this member may read."""
+        if self.mode == "private":
+            return f"{self.network_root}/insights/#"
+        if self.mode == "consortium":
+            return f"{self.network_root}/+/insights/#"
+        return f"{PREFIX}/public/{self.network}/aggregates/#"
+
+    def state_filter(self) -> str:
+        """Filter for the retained state this member may read (what ``sync()`` collects)."""
+        if self.mode == "private":
+            return f"{self.network_root}/state/#"
+        if self.mode == "consortium":
+            return f"{self.network_root}/+/state/#"
+        return f"{PREFIX}/public/{self.network}/aggregates/#"
+
+    def presence_filter(self) -> str:
+        """Filter for the retained presence of the peers this member may see."""
+        if self.mode == "private":
+            return f"{self.network_root}/nodes/+"
+        if self.mode == "consortium":
+            return f"{self.network_root}/+/nodes/+"
+        return f"{self.network_root}/nodes/{self.member}"
+
+
+def _split(topic: str) -> list[str]:
+    if not isinstance(topic, str) or not topic.startswith(PREFIX + "/"):
+        raise TopicError(f"topic {topic!r} is not under {PREFIX}/")
+    return topic[len(PREFIX) + 1:].split("/")
+
+
+def parse_topic(topic: str) -> ParsedTopic:
+    """Parse any pear_mqtt topic; raise :class:`TopicError` for anything outside the scheme."""
+    parts = _split(topic)
+    try:
+        mode = parts[0]
+        if mode == "private":
+            company, rest, network = parts[1], parts[2:], None
+        elif mode == "consortium":
+            network, company, rest = parts[1], parts[2], parts[3:]
+        elif mode == "public":
+            return _parse_public(topic, parts)
+        else:
+            raise TopicError(f"topic {topic!r}: unknown mode {mode!r}")
+        validate_identifier(company, what="company")
+        if network is not None:
+            validate_identifier(network, what="network")
+        kind = rest[0]
+        if kind == "insights" and len(rest) >= 2:
+            return ParsedTopic(mode, network, company, "insights",
+                               category=validate_category("/".join(rest[1:])))
+        if kind == "state" and len(rest) >= 3:
+            return ParsedTopic(mode, network, company, "state",
+                               node=validate_identifier(rest[1], what="node"),
+                               category=validate_category("/".join(rest[2:])))
+        if kind == "nodes" and len(rest) in (2, 3):
+            node = validate_identifier(rest[1], what="node")
+            if len(rest) == 2:
+                return ParsedTopic(mode, network, company, "nodes", node=node)
+            if rest[2] == "sync":
+                return ParsedTopic(mode, network, company, "sync", node=node)
+    except IndexError:
+        pass
+    raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
+
+
+def _parse_public(topic: str, parts: list[str]) -> ParsedTopic:
+    try:
+        network = validate_identifier(parts[1], what="network")
+        kind, rest = parts[2], parts[3:]
+        if kind == "aggregates" and rest:
+            return ParsedTopic("public", network, None, "aggregates",
+                               category=validate_category("/".join(rest)))
+        if kind == "contrib" and len(rest) >= 2:
+            participant = validate_identifier(rest[0], what="participant")
+            return ParsedTopic("public", network, participant, "contrib",
+                               category=validate_category("/".join(rest[1:])))
+        if kind == "nodes" and len(rest) in (1, 2):
+            participant = validate_identifier(rest[0], what="participant")
+            if len(rest) == 1:
+                return ParsedTopic("public", network, participant, "nodes", node=participant)
+            if rest[1] == "sync":
+                return ParsedTopic("public", network, participant, "sync", node=participant)
+        if kind == "state" and len(rest) == 2 and rest[0] == "bridge":
+            return ParsedTopic("public", network, None, "bridge_state",
+                               node=validate_identifier(rest[1], what="bridge state name"))
+    except IndexError:
+        pass
+    raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
+
+
+# -- access control -----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    """One broker ACL line.
+
+    ``user`` None makes it a pattern rule for every authenticated client, where ``%u`` stands
+    for the MQTT username (the certificate CN, i.e. the member identity).
+    """
+
+    access: Literal["read", "write", "readwrite", "deny"]
+    topic: str
+    user: str | None = None
+
+    def mosquitto(self) -> str:
+        """The rule as a mosquitto ``acl_file`` line."""
+        if self.user is None:
+            return f"pattern {self.access} {self.topic}"
+        return f"topic {self.access} {self.topic}"
+
+
+def acl_rules(*, mode: str, network: str = "default",
+              bridge_users: Iterable[str] = ()) -> list[AclRule]:
+    """The ACL a broker of ``mode`` needs: each member writes only its own subtree.
+
+    - private: a company reads and writes ``pear/v1/private/<itself>/#``.
+    - consortium: members read the whole network, write only under their own identity.
+    - public: participants write their own ``contrib/`` and presence and read aggregates;
+      the ``bridge_users`` alone write ``aggregates/`` and bridge state, and read ``contrib/``.
+
+    Bridge users also get read on the consortium/private trees (they aggregate them).
+    """
+    if mode not in _MODES:
+        raise TopicError(f"mode must be one of {_MODES}, got {mode!r}")
+    validate_identifier(network, what="network_id")
+    bridges = [validate_identifier(b, what="bridge user") for b in bridge_users]
+    rules: list[AclRule] = []
+    if mode == "private":
+        rules.append(AclRule("readwrite", f"{PREFIX}/private/%u/#"))
+        for b in bridges:
+            rules.append(AclRule("read", f"{PREFIX}/private/#", user=b))
+    elif mode == "consortium":
+        root = f"{PREFIX}/consortium/{network}"
+        rules += [AclRule("read", f"{root}/#"), AclRule("write", f"{root}/%u/#")]
+        for b in bridges:
+            rules.append(AclRule("read", f"{root}/#", user=b))
+    else:
+        root = f"{PREFIX}/public/{network}"
+        rules += [
+            AclRule("write", f"{root}/contrib/%u/#"),
+            AclRule("readwrite", f"{root}/nodes/%u"),
+            AclRule("readwrite", f"{root}/nodes/%u/sync"),
+            AclRule("read", f"{root}/aggregates/#"),
+            AclRule("read", f"{root}/state/bridge/#"),
+        ]
+        for b in bridges:
+            rules += [
+                AclRule("readwrite", f"{root}/aggregates/#", user=b),
+                AclRule("readwrite", f"{root}/state/bridge/#", user=b),
+                AclRule("read", f"{root}/contrib/#", user=b),
+            ]
+    return rules

@@ -1,0 +1,416 @@
+"""Value types of pear_mqtt, in the names of the original design note.
+
+All models are frozen pydantic v2 models: a config or a message never changes once built.
+Validation errors name the field and the rule (pydantic's ``ValidationError`` lists the field
+path; our own checks raise ``ValueError`` with the rule in words, which pydantic wraps).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+from datetime import UTC, datetime
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+from .errors import TopicError
+from .topics import validate_category, validate_identifier
+
+__all__ = [
+    "FIELD_GROUPS",
+    "BrokerURL",
+    "EncryptionConfig",
+    "Health",
+    "MarketInsight",
+    "NetworkConfig",
+    "NetworkMessage",
+    "NetworkMode",
+    "NetworkStatus",
+    "PriceData",
+    "PrivacyConfig",
+    "ReliabilityConfig",
+    "SalesData",
+    "SharingLevel",
+    "TLSConfig",
+    "TrendData",
+]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def _ident(what: str) -> Any:
+    def check(v: str) -> str:
+        try:
+            return validate_identifier(v, what=what)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+
+    return AfterValidator(check)
+
+
+def _category(v: str) -> str:
+    try:
+        return validate_category(v)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+CompanyId = Annotated[str, _ident("company_id")]
+NodeId = Annotated[str, _ident("node_id")]
+NetworkId = Annotated[str, _ident("network_id")]
+Category = Annotated[str, AfterValidator(_category)]
+
+
+class NetworkMode(str, Enum):
+    """Who may read what a node shares."""
+
+    PRIVATE = "private"  # single company, multiple stores
+    CONSORTIUM = "consortium"  # trusted group of companies
+    PUBLIC = "public"  # open market participation
+
+
+class SharingLevel(str, Enum):
+    """How much of one field group leaves the node."""
+
+    FULL = "full"  # exact values
+    RANGES_ONLY = "ranges_only"  # only the fixed bucket that holds each number
+    AGGREGATED = "aggregated"  # only statistics over >= k companies, computed by an aggregator
+    NONE = "none"  # never leaves the node
+
+
+FIELD_GROUPS: tuple[str, ...] = ("price_data", "sales_data", "trends")
+"""The field groups of a :class:`MarketInsight` that a privacy policy governs."""
+
+
+class Health(str, Enum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+
+# -- insight payloads ---------------------------------------------------------------------
+
+def _finite(v: float | None) -> float | None:
+    if v is not None and not math.isfinite(v):
+        raise ValueError("must be a finite number (no NaN or infinity)")
+    return v
+
+
+Finite = Annotated[float, AfterValidator(_finite)]
+NonNegative = Annotated[float, Field(ge=0), AfterValidator(_finite)]
+
+
+class PriceData(_Frozen):
+    """Prices a store observed for the insight's window, in ``currency``."""
+
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "EUR"
+    price: NonNegative | None = None
+    min_price: NonNegative | None = None
+    max_price: NonNegative | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PriceData:
+        if (self.min_price is not None and self.max_price is not None
+                and self.min_price > self.max_price):
+            raise ValueError("min_price must not exceed max_price")
+        return self
+
+
+class SalesData(_Frozen):
+    """What a store sold in the insight's window."""
+
+    units: NonNegative | None = None
+    revenue: NonNegative | None = None
+    transactions: NonNegative | None = None
+
+
+class TrendData(_Frozen):
+    """Changes over the previous window, in percent."""
+
+    price_change_pct: Finite | None = None
+    demand_change_pct: Finite | None = None
+    direction: Literal["up", "down", "flat"] | None = None
+
+
+class MarketInsight(_Frozen):
+    """One store's observation of one category (optionally one product) over a window.
+
+    This is what a node holds; what leaves it is decided by :mod:`pear_mqtt.privacy`.
+    """
+
+    category: Category
+    product_id: Annotated[str, _ident("product_id")] | None = None
+    region: Annotated[str, _ident("region")] = "global"
+    window_start: datetime
+    window_end: datetime
+    price_data: PriceData | None = None
+    sales_data: SalesData | None = None
+    trends: TrendData | None = None
+    sample_size: Annotated[int, Field(ge=1, le=10**9)] = 1
+
+    @field_validator("window_start", "window_end")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("must be timezone-aware (e.g. datetime.now(UTC))")
+        return v.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _window(self) -> MarketInsight:
+        if self.window_end < self.window_start:
+            raise ValueError("window_end must not be before window_start")
+        return self
+
+
+# -- configuration ------------------------------------------------------------------------
+
+class TLSConfig(_Frozen):
+    """Certificate material: the network CA, and this node's certificate and key.
+
+    The node's key also signs every envelope it sends; receivers verify against ``ca_file``.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Check the broker's certificate against its host name; turned off only for brokers
+    # reached by an address their certificate does not name.
+    check_hostname: bool = True
+
+    def missing(self) -> list[str]:
+        """Names of the unset paths, e.g. ``['tls.cert_file']``."""
+        return [f"tls.{name}" for name in ("ca_file", "cert_file", "key_file")
+                if getattr(self, name) is None]
+
+
+class EncryptionConfig(_Frozen):
+    """Group keys for body encryption (consortium "multi-layer encryption").
+
+    ``keys`` maps a key id to a base64 (standard or url-safe) 32-byte AES-256 key; ``active``
+    is the id new messages use. Old ids stay so receivers can read across a rotation.
+    """
+
+    keys: dict[Annotated[str, _ident("key id")], SecretStr] = Field(default_factory=dict)
+    active: str | None = None
+
+    @model_validator(mode="after")
+    def _active_known(self) -> EncryptionConfig:
+        if self.active is not None and self.active not in self.keys:
+            raise ValueError(f"active key id {self.active!r} is not among keys "
+                             f"{sorted(self.keys)}")
+        return self
+
+
+class ReliabilityConfig(_Frozen):
+    """Delivery, session and outbox settings."""
+
+    qos: Literal[0, 1] = 1
+    keepalive: Annotated[int, Field(ge=5, le=65535)] = 30
+    session_expiry: Annotated[int, Field(ge=0)] = 3600
+    message_expiry: Annotated[int, Field(ge=0)] = 7 * 86400  # retained state lifetime (s)
+    max_message_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
+    max_clock_skew: Annotated[float, Field(gt=0)] = 300.0  # s a timestamp may lie ahead
+    max_message_age: Annotated[float, Field(gt=0)] = 30 * 86400.0  # s before "stale"
+    outbox_path: Path | None = None
+    outbox_max_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
+    outbox_max_age: Annotated[float, Field(gt=0)] = 7 * 86400.0
+    reconnect_min_delay: Annotated[float, Field(gt=0)] = 0.5
+    reconnect_max_delay: Annotated[float, Field(gt=0)] = 60.0
+    batch_max_items: Annotated[int, Field(ge=1, le=10000)] = 256
+    batch_linger: Annotated[float, Field(ge=0, le=5)] = 0.002  # s to wait for more insights
+
+
+class PrivacyConfig(_Frozen):
+    """What each field group may disclose, and how identities are protected.
+
+    ``data_sharing`` maps a field group (``price_data``, ``sales_data``, ``trends``) to a
+    :class:`SharingLevel`; strings such as ``"ranges_only"`` are accepted. Groups left out take
+    the network mode's default (see :class:`pear_mqtt.config.NetworkConfigManager`).
+    """
+
+    anonymize_data: bool = True
+    encrypt_connection: bool = True
+    data_sharing: dict[str, SharingLevel] = Field(default_factory=dict)
+    # Aggregation thresholds: at least k distinct companies, none above the dominance cap.
+    min_companies: Annotated[int, Field(ge=2, le=100_000)] = 5
+    dominance_cap: Annotated[float, Field(gt=0, le=1)] = 0.25
+    # Data-independent bucket edges per category (ascending); others use the relative scheme.
+    range_edges: dict[str, tuple[float, ...]] = Field(default_factory=dict)
+    # Ratio between consecutive edges of the fixed relative (geometric) bucket scheme.
+    range_ratio: Annotated[float, Field(gt=1.01, le=10)] = 1.25
+    # Secret for keyed pseudonyms (HMAC-SHA256); shared inside one network only.
+    pseudonym_secret: SecretStr | None = None
+    # X25519 public key (PEM file) of the aggregator that may open ``aggregated`` groups.
+    aggregator_key_file: Path | None = None
+
+    @field_validator("data_sharing")
+    @classmethod
+    def _known_groups(cls, v: dict[str, SharingLevel]) -> dict[str, SharingLevel]:
+        unknown = sorted(set(v) - set(FIELD_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown field group(s) {unknown}; known: {list(FIELD_GROUPS)}")
+        return v
+
+    @field_validator("range_edges")
+    @classmethod
+    def _ascending(cls, v: dict[str, tuple[float, ...]]) -> dict[str, tuple[float, ...]]:
+        for cat, edges in v.items():
+            _category(cat)
+            if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(
+                    b <= a for a, b in zip(edges, edges[1:], strict=False)):
+                raise ValueError(f"range_edges[{cat!r}] must hold at least two finite, "
+                                 "strictly ascending edges")
+        return v
+
+
+class BrokerURL(_Frozen):
+    """A parsed ``mqtt://host:port`` or ``mqtts://host:port`` URL."""
+
+    scheme: Literal["mqtt", "mqtts"]
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "mqtts"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerURL:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"broker URL {url!r} has an invalid port") from None
+        return cls(scheme=parts.scheme,  # type: ignore[arg-type]
+                   host=parts.hostname, port=port or (8883 if parts.scheme == "mqtts" else 1883))
+
+
+def _default_node_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40].strip("-.")
+    return f"node-{host or 'local'}"
+
+
+class NetworkConfig(_Frozen):
+    """Everything a node needs to join one network.
+
+    Construction checks each field and the privacy rules of the mode (public mode shares
+    aggregates only). Whether the config can connect (certificate paths present and readable)
+    is checked by :meth:`pear_mqtt.config.NetworkConfigManager.validate` and on ``connect()``.
+    """
+
+    mode: NetworkMode
+    company_id: CompanyId
+    network_id: NetworkId = "default"
+    node_id: NodeId = Field(default_factory=_default_node_id)
+    broker_url: str = "mqtts://localhost:8883"
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
+    reliability: ReliabilityConfig = Field(default_factory=ReliabilityConfig)
+    # Escape hatch for local development and tests: allows a plain-TCP broker in private or
+    # consortium mode. Never set it in production.
+    allow_insecure_transport: bool = False
+
+    @field_validator("broker_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        BrokerURL.parse(v)
+        return v
+
+    @property
+    def broker(self) -> BrokerURL:
+        return BrokerURL.parse(self.broker_url)
+
+    @model_validator(mode="after")
+    def _mode_rules(self) -> NetworkConfig:
+        if self.mode is NetworkMode.PUBLIC:
+            for group, level in self.privacy.data_sharing.items():
+                if level not in (SharingLevel.AGGREGATED, SharingLevel.NONE):
+                    raise ValueError(
+                        f"privacy.data_sharing.{group}: {level.value!r} is not allowed in public "
+                        "mode, which shares aggregates only (use 'aggregated' or 'none')")
+        if self.mode is not NetworkMode.PUBLIC and not self.allow_insecure_transport:
+            if not self.privacy.encrypt_connection:
+                raise ValueError(
+                    f"privacy.encrypt_connection: {self.mode.value} networks require TLS "
+                    "(set allow_insecure_transport only for local development)")
+            if not self.broker.tls:
+                raise ValueError(
+                    f"broker_url: {self.mode.value} networks require mqtts:// (got "
+                    f"{self.broker_url!r}; set allow_insecure_transport only for local "
+                    "development)")
+        if self.privacy.encrypt_connection and not self.broker.tls \
+                and not self.allow_insecure_transport:
+            raise ValueError(f"broker_url: encrypt_connection is on but {self.broker_url!r} "
+                             "is not mqtts://")
+        return self
+
+    def sharing_level(self, group: str) -> SharingLevel:
+        """The effective level of ``group``: configured, else the mode's default."""
+        from .config import default_sharing  # late: config imports types
+
+        if group not in FIELD_GROUPS:
+            raise ValueError(f"unknown field group {group!r}; known: {list(FIELD_GROUPS)}")
+        return self.privacy.data_sharing.get(group, default_sharing(self.mode)[group])
+
+
+# -- status and messages -------------------------------------------------------------------
+
+class NetworkStatus(_Frozen):
+    """A snapshot of a node's connection and counters."""
+
+    connected: bool
+    broker: str | None = None
+    peers: int = 0
+    last_sync: datetime | None = None
+    messages_in: int = 0
+    messages_out: int = 0
+    dropped: dict[str, int] = Field(default_factory=dict)
+    duplicates: int = 0
+    latency_ms: float | None = None
+    outbox_depth: int = 0
+    reconnects: int = 0
+    health: Health = Health.DOWN
+
+
+MessageKind = Literal["insights", "state", "presence", "aggregate", "receipt", "ledger", "ack"]
+
+
+class NetworkMessage(_Frozen):
+    """The envelope every payload travels in (see :mod:`pear_mqtt.envelope`).
+
+    ``sender`` is the node's identity as its certificate states it (pseudonymous where the mode
+    anonymises); ``sequence`` grows by one per message from that sender; ``timestamp`` is
+    seconds since the epoch (UTC). ``body`` is plain JSON after decryption.
+    """
+
+    version: Literal[1] = 1
+    kind: MessageKind
+    message_id: Annotated[str, Field(min_length=8, max_length=64)]
+    sender: Annotated[str, Field(min_length=1, max_length=200)]
+    sequence: Annotated[int, Field(ge=0)]
+    timestamp: Annotated[float, Field(ge=0)]
+    body: Any
+    key_id: str | None = None
