@@ -8,6 +8,7 @@ path; our own checks raise ``ValueError`` with the rule in words, which pydantic
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 import re
 import socket
 from datetime import UTC, datetime
@@ -272,7 +273,7 @@ class PrivacyConfig(_Frozen):
         for cat, edges in v.items():
             _category(cat)
             if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(
-                    b <= a for a, b in zip(edges, edges[1:], strict=False)):
+                    b <= a for a, b in pairwise(edges)):
                 raise ValueError(f"range_edges[{cat!r}] must hold at least two finite, "
                                  "strictly ascending edges")
         return v
@@ -303,7 +304,7 @@ class BrokerURL(_Frozen):
             port = parts.port
         except ValueError:
             raise ValueError(f"broker URL {url!r} has an invalid port") from None
-        return cls(scheme=parts.scheme,  # type: ignore[arg-type]
+        return cls(scheme=parts.scheme,
                    host=parts.hostname, port=port or (8883 if parts.scheme == "mqtts" else 1883))
 
 

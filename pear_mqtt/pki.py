@@ -1,0 +1,695 @@
+"""Certificate authority for one pear_mqtt network: CA, broker, node and bridge certificates.
+
+Every network (a company's private network, a consortium, a public bridge operator) runs its
+own CA. The broker admits only clients whose certificate that CA signed, maps the certificate
+CN to the MQTT username, and confines each member to its subtree with ACL patterns (see
+:mod:`pear_mqtt.identity` for the subject scheme and :mod:`pear_mqtt.brokerconf`).
+
+A CA directory holds::
+
+    ca.crt          the CA certificate (distribute to every node and broker)
+    ca.key          the CA private key, mode 0600 (keep it offline where you can)
+    ca.crl          the certificate revocation list, re-signed on every revocation
+    registry.json   every certificate issued, for ``pear-mqtt pki list`` and revocation by serial
+    issued/         a copy of each issued certificate, named by serial
+    .lock           serialises concurrent issue/revoke runs (flock)
+
+Validity periods
+    - CA: 10 years (``days=3650``). Rotating a CA means re-issuing every certificate of the
+      network, so it is long-lived; protect its key instead.
+    - Broker, node and bridge certificates: 397 days, the longest lifetime public TLS
+      certificates may have. Short enough that a stolen node key ages out, long enough that a
+      store PC is re-keyed once a year. Revoke earlier with :func:`revoke`.
+    - CRL: re-signed with a 365-day ``nextUpdate`` on every change. OpenSSL refuses *every*
+      client once the broker's CRL is past ``nextUpdate``, so run ``pear-mqtt pki crl`` (or any
+      revocation) within a year and reload the broker (restart or SIGHUP).
+    - Issued certificates start 5 minutes in the past, so a node whose clock runs slightly
+      behind the CA's accepts them at once.
+
+Key types
+    - ``ed25519`` (default): small, fast, deterministic signatures. mosquitto 2.0 on OpenSSL 3,
+      Python's ``ssl`` (and so paho-mqtt) and ``mosquitto_pub``/``mosquitto_sub`` complete
+      mutual TLS with Ed25519 CA, broker and client certificates (checked by
+      ``tests/integration/test_security.py``).
+    - ``ec-p256`` (ECDSA with SHA-256): for clients built on TLS stacks without Ed25519
+      certificate support (older embedded TLS libraries, some managed brokers).
+
+The CA and leaf key types may differ; a network can mix both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fcntl
+import ipaddress
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .errors import PKIError, TopicError
+from .identity import identity_of, subject_for
+from .topics import validate_identifier
+
+__all__ = [
+    "CA_CERT",
+    "CA_CRL",
+    "CA_KEY",
+    "DEFAULT_KEY_TYPE",
+    "REGISTRY",
+    "CertPaths",
+    "CertRecord",
+    "KeyType",
+    "Role",
+    "create_ca",
+    "issue",
+    "list_certificates",
+    "refresh_crl",
+    "register_cli",
+    "revoke",
+]
+
+KeyType = Literal["ed25519", "ec-p256"]
+Role = Literal["node", "broker", "bridge"]
+
+DEFAULT_KEY_TYPE: KeyType = "ed25519"
+"""Key type of new CAs and certificates (see the module docstring)."""
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+CA_CRL = "ca.crl"
+REGISTRY = "registry.json"
+_ISSUED = "issued"
+_LOCK = ".lock"
+
+_BACKDATE = dt.timedelta(minutes=5)
+_CRL_DAYS = 365
+_REGISTRY_VERSION = 1
+
+_PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+
+
+@dataclass(frozen=True, slots=True)
+class CertPaths:
+    """Where an issued certificate, its private key and the network CA certificate live."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True, slots=True)
+class CertRecord:
+    """One certificate in a CA's registry."""
+
+    serial: int
+    role: Role
+    member: str
+    node: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    revoked: bool
+    revoked_at: dt.datetime | None
+    key_type: KeyType
+    fingerprint_sha256: str
+    cert_path: Path | None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (serial as decimal and hex, times in ISO 8601 UTC)."""
+        data = asdict(self)
+        data["serial"] = str(self.serial)
+        data["serial_hex"] = f"{self.serial:x}"
+        for key in ("not_before", "not_after", "revoked_at"):
+            value = data[key]
+            data[key] = value.isoformat() if value is not None else None
+        data["cert_path"] = str(self.cert_path) if self.cert_path is not None else None
+        return data
+
+
+# -- low-level helpers ------------------------------------------------------------------
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _check_key_type(key_type: str) -> KeyType:
+    if key_type not in get_args(KeyType):
+        raise PKIError(f"key type must be one of {list(get_args(KeyType))}, got {key_type!r}")
+    return key_type  # type: ignore[return-value]
+
+
+def _new_key(key_type: KeyType) -> _PrivateKey:
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _sign_algorithm(key: _PrivateKey) -> hashes.SHA256 | None:
+    # Ed25519 hashes internally; cryptography wants no digest for it.
+    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+def _key_type_of(cert: x509.Certificate) -> KeyType:
+    return "ed25519" if isinstance(cert.public_key(), ed25519.Ed25519PublicKey) else "ec-p256"
+
+
+def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory, created with ``mode``.
+
+    The temp file gets its final permissions at creation so a private key is never readable
+    by others, not even for an instant; ``os.replace`` makes the write all-or-nothing.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _key_pem(key: _PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise PKIError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise PKIError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _load_cert(path: Path, what: str = "certificate") -> x509.Certificate:
+    data = _read(path, what)
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise PKIError(f"{what} {path} is not a PEM certificate: {exc}") from None
+
+
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, _PrivateKey]:
+    cert = _load_cert(ca_dir / CA_CERT, "CA certificate")
+    data = _read(ca_dir / CA_KEY, "CA key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise PKIError(f"CA key {ca_dir / CA_KEY} cannot be loaded: {exc}") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+        raise PKIError(f"CA key {ca_dir / CA_KEY} is neither Ed25519 nor EC")
+    if key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+        raise PKIError(f"CA key {ca_dir / CA_KEY} does not match {ca_dir / CA_CERT}")
+    return cert, key
+
+
+def _ca_network(ca_cert: x509.Certificate) -> str:
+    attrs = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if len(attrs) != 1 or not isinstance(attrs[0].value, str):
+        raise PKIError("CA certificate subject has no single O (network) attribute")
+    return attrs[0].value
+
+
+@contextlib.contextmanager
+def _locked(ca_dir: Path) -> Iterator[None]:
+    # Two operators (or two test workers) issuing at once must not lose each other's records.
+    if not ca_dir.is_dir():
+        raise PKIError(f"CA directory {ca_dir} does not exist (create it with "
+                       "`pear-mqtt pki init`)")
+    try:
+        fd = os.open(ca_dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise PKIError(f"cannot open lock file in {ca_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _load_registry(ca_dir: Path) -> dict[str, Any]:
+    path = ca_dir / REGISTRY
+    try:
+        data = json.loads(_read(path, "CA registry"))
+    except json.JSONDecodeError as exc:
+        raise PKIError(f"CA registry {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("version") != _REGISTRY_VERSION \
+            or not isinstance(data.get("certificates"), list):
+        raise PKIError(f"CA registry {path} has an unknown layout")
+    return data
+
+
+def _save_registry(ca_dir: Path, registry: dict[str, Any]) -> None:
+    text = json.dumps(registry, indent=2, sort_keys=True) + "\n"
+    _write_atomic(ca_dir / REGISTRY, text.encode(), mode=0o644)
+
+
+def _record_of(entry: dict[str, Any]) -> CertRecord:
+    revoked_at = entry.get("revoked_at")
+    return CertRecord(
+        serial=int(entry["serial"], 16),
+        role=entry["role"],
+        member=entry["member"],
+        node=entry["node"],
+        not_before=dt.datetime.fromisoformat(entry["not_before"]),
+        not_after=dt.datetime.fromisoformat(entry["not_after"]),
+        revoked=revoked_at is not None,
+        revoked_at=dt.datetime.fromisoformat(revoked_at) if revoked_at else None,
+        key_type=entry["key_type"],
+        fingerprint_sha256=entry["fingerprint_sha256"],
+        cert_path=Path(entry["cert_path"]) if entry.get("cert_path") else None,
+    )
+
+
+def _sign_crl(ca_dir: Path, registry: dict[str, Any], *, days: int = _CRL_DAYS) -> Path:
+    ca_cert, ca_key = _load_ca(ca_dir)
+    now = _now()
+    number = int(registry.get("crl_number", 0)) + 1
+    registry["crl_number"] = number
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _BACKDATE)
+        .next_update(now + dt.timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
+    )
+    for entry in registry["certificates"]:
+        if entry.get("revoked_at"):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(entry["serial"], 16))
+                .revocation_date(dt.datetime.fromisoformat(entry["revoked_at"]))
+                .build())
+    crl = builder.sign(ca_key, _sign_algorithm(ca_key))
+    path = ca_dir / CA_CRL
+    _write_atomic(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    return path
+
+
+# -- public API ---------------------------------------------------------------------------
+
+def create_ca(*, directory: Path, network: str, days: int = 3650,
+              key_type: KeyType = DEFAULT_KEY_TYPE, force: bool = False) -> Path:
+    """Create the CA of ``network`` in ``directory``; return the CA certificate's path.
+
+    Writes ``ca.crt``, ``ca.key`` (0600), an empty ``registry.json`` and an empty ``ca.crl``.
+    Refuses (:class:`PKIError` naming the file) to overwrite an existing CA unless ``force``,
+    because replacing a CA silently invalidates every certificate of the network.
+    """
+    try:
+        validate_identifier(network, what="network")
+    except TopicError as exc:
+        raise PKIError(str(exc)) from None
+    key_type = _check_key_type(key_type)
+    if days < 1:
+        raise PKIError(f"days must be at least 1, got {days}")
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PKIError(f"cannot create CA directory {directory}: {exc.strerror or exc}") from None
+    if not force:
+        for name in (CA_CERT, CA_KEY, REGISTRY):
+            if (directory / name).exists():
+                raise PKIError(f"{directory / name} already exists; pass force=True "
+                               "(--force) to replace the CA and invalidate its certificates")
+    with _locked(directory):
+        key = _new_key(key_type)
+        now = _now()
+        ca_name = x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, network),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"pear-mqtt CA {network}"),
+        ])
+        public = key.public_key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=days))
+            # path_length 0: this CA signs end-entity certificates only, never sub-CAs.
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .sign(key, _sign_algorithm(key))
+        )
+        shutil.rmtree(directory / _ISSUED, ignore_errors=True)
+        (directory / _ISSUED).mkdir()
+        _write_atomic(directory / CA_KEY, _key_pem(key), mode=0o600)
+        _write_atomic(directory / CA_CERT, _cert_pem(cert), mode=0o644)
+        registry: dict[str, Any] = {"version": _REGISTRY_VERSION, "network": network,
+                                    "crl_number": 0, "certificates": []}
+        _sign_crl(directory, registry)
+        _save_registry(directory, registry)
+    return directory / CA_CERT
+
+
+def _validity(*, ca_cert: x509.Certificate, days: int, not_before: dt.datetime | None,
+              not_after: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
+    for label, value in (("not_before", not_before), ("not_after", not_after)):
+        if value is not None and value.tzinfo is None:
+            raise PKIError(f"{label} must be timezone-aware")
+    now = _now()
+    start = not_before if not_before is not None else now - _BACKDATE
+    end = not_after if not_after is not None else max(start, now) + dt.timedelta(days=days)
+    ca_end = ca_cert.not_valid_after_utc
+    if end > ca_end:
+        if not_after is not None:
+            raise PKIError(f"not_after {end.isoformat()} is after the CA expires "
+                           f"({ca_end.isoformat()})")
+        # A leaf outliving its CA would fail verification anyway; end it with the CA.
+        end = ca_end
+    if end <= start:
+        raise PKIError(f"validity ends ({end.isoformat()}) before it starts "
+                       f"({start.isoformat()})")
+    return start, end
+
+
+def issue(*, ca_dir: Path, out_dir: Path, role: Role, member: str, node: str | None = None,
+          hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 397,
+          key_type: KeyType = DEFAULT_KEY_TYPE, not_before: dt.datetime | None = None,
+          not_after: dt.datetime | None = None, force: bool = False) -> CertPaths:
+    """Issue a certificate signed by the CA in ``ca_dir``; write it, its key and the CA to
+    ``out_dir``.
+
+    - ``role="node"``: a store agent. Subject ``CN=member, OU=node, O=network``; extended key
+      usage clientAuth. ``member`` is the company id (or its pseudonym), ``node`` the store.
+    - ``role="broker"``: ``member`` names the broker; OU is ``broker``; ``hosts`` become DNS
+      and IP subject alternative names; extended key usage serverAuth.
+    - ``role="bridge"``: ``member`` is the bridge's MQTT username (list it in the broker's
+      ``bridge_users``); OU is ``bridge``; clientAuth.
+
+    For broker and bridge ``node`` may be omitted; if given it must equal the role.
+    ``not_before``/``not_after`` override ``days`` (tests mint expired or future certificates
+    with them). Files: ``<role>-<member>[-<node>].crt``/``.key`` (key 0600) and ``ca.crt``.
+    Existing files are not overwritten unless ``force``. A member name already used by a
+    live certificate of another role is refused, so a node can never share a bridge's
+    username and inherit its ACL rights.
+    """
+    if role not in get_args(Role):
+        raise PKIError(f"role must be one of {list(get_args(Role))}, got {role!r}")
+    key_type = _check_key_type(key_type)
+    if role == "node":
+        if node is None:
+            raise PKIError("a node certificate needs node= (the store / node id)")
+    elif node is None:
+        node = role
+    elif node != role:
+        raise PKIError(f"a {role} certificate has OU={role!r}; got node={node!r}")
+    if days < 1:
+        raise PKIError(f"days must be at least 1, got {days}")
+    ca_dir, out_dir = Path(ca_dir), Path(out_dir)
+    sans: list[x509.GeneralName] = []
+    if role == "broker":
+        if not hosts:
+            raise PKIError("a broker certificate needs at least one host name or address")
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                if not host or any(c.isspace() or c in "/\\" for c in host):
+                    raise PKIError(f"host {host!r} is neither an IP address nor a DNS name") \
+                        from None
+                sans.append(x509.DNSName(host))
+
+    with _locked(ca_dir):
+        ca_cert, ca_key = _load_ca(ca_dir)
+        network = _ca_network(ca_cert)
+        try:
+            subject = subject_for(network=network, member=member, node=node)
+        except TopicError as exc:
+            raise PKIError(str(exc)) from None
+        registry = _load_registry(ca_dir)
+        now = _now()
+        for entry in registry["certificates"]:
+            if entry["member"] == member and entry["role"] != role \
+                    and not entry.get("revoked_at") \
+                    and dt.datetime.fromisoformat(entry["not_after"]) > now:
+                raise PKIError(f"member {member!r} already holds a {entry['role']} certificate "
+                               f"(serial {entry['serial']}); one name cannot serve two roles")
+        start, end = _validity(ca_cert=ca_cert, days=days, not_before=not_before,
+                               not_after=not_after)
+
+        stem = f"{role}-{member}" if role != "node" else f"node-{member}-{node}"
+        cert_path, key_path = out_dir / f"{stem}.crt", out_dir / f"{stem}.key"
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PKIError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
+        if not force:
+            for path in (cert_path, key_path):
+                if path.exists():
+                    raise PKIError(f"{path} already exists; pass force=True (--force) "
+                                   "to replace it")
+
+        key = _new_key(key_type)
+        public = key.public_key()
+        eku = ExtendedKeyUsageOID.SERVER_AUTH if role == "broker" \
+            else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_cert.subject)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=False, crl_sign=False,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, _sign_algorithm(ca_key))
+
+        _write_atomic(key_path, _key_pem(key), mode=0o600)
+        _write_atomic(cert_path, _cert_pem(cert), mode=0o644)
+        ca_copy = out_dir / CA_CERT
+        if ca_copy.resolve() != (ca_dir / CA_CERT).resolve():
+            _write_atomic(ca_copy, _cert_pem(ca_cert), mode=0o644)
+        (ca_dir / _ISSUED).mkdir(exist_ok=True)
+        _write_atomic(ca_dir / _ISSUED / f"{cert.serial_number:x}.pem", _cert_pem(cert),
+                      mode=0o644)
+        registry["certificates"].append({
+            "serial": f"{cert.serial_number:x}",
+            "role": role,
+            "member": member,
+            "node": node,
+            "not_before": start.isoformat(),
+            "not_after": end.isoformat(),
+            "revoked_at": None,
+            "key_type": key_type,
+            "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(),
+            "cert_path": str(cert_path.resolve()),
+        })
+        _save_registry(ca_dir, registry)
+    return CertPaths(cert=cert_path, key=key_path, ca=ca_copy)
+
+
+def revoke(*, ca_dir: Path, cert: Path | int) -> Path:
+    """Revoke a certificate (by file or serial number); re-sign and return ``ca.crl``.
+
+    Revoking twice keeps the first revocation date. A certificate file this CA did not sign
+    is refused; a serial must be in the registry (pass the certificate file if the registry
+    lost it). Brokers read the CRL when they start: restart or SIGHUP them afterwards.
+    """
+    ca_dir = Path(ca_dir)
+    with _locked(ca_dir):
+        ca_cert, _ = _load_ca(ca_dir)
+        registry = _load_registry(ca_dir)
+        parsed: x509.Certificate | None = None
+        if isinstance(cert, int):
+            serial = cert
+        else:
+            cert_file = Path(cert)
+            parsed = _load_cert(cert_file)
+            try:
+                parsed.verify_directly_issued_by(ca_cert)
+            except (ValueError, TypeError, InvalidSignature):
+                raise PKIError(f"{cert} was not issued by the CA in {ca_dir}") from None
+            serial = parsed.serial_number
+        entry = next((e for e in registry["certificates"] if int(e["serial"], 16) == serial),
+                     None)
+        if entry is None:
+            if parsed is None:
+                raise PKIError(f"serial {serial} ({serial:x}) is not in {ca_dir / REGISTRY}; "
+                               "pass the certificate file instead")
+            ident = identity_of(parsed)
+            role: Role = "broker" if ident.node == "broker" else \
+                "bridge" if ident.node == "bridge" else "node"
+            entry = {
+                "serial": f"{serial:x}", "role": role, "member": ident.member,
+                "node": ident.node, "not_before": parsed.not_valid_before_utc.isoformat(),
+                "not_after": parsed.not_valid_after_utc.isoformat(), "revoked_at": None,
+                "key_type": _key_type_of(parsed),
+                "fingerprint_sha256": parsed.fingerprint(hashes.SHA256()).hex(),
+                "cert_path": str(cert_file.resolve()),
+            }
+            registry["certificates"].append(entry)
+        if not entry.get("revoked_at"):
+            entry["revoked_at"] = _now().isoformat()
+        path = _sign_crl(ca_dir, registry)
+        _save_registry(ca_dir, registry)
+    return path
+
+
+def refresh_crl(*, ca_dir: Path, days: int = _CRL_DAYS) -> Path:
+    """Re-sign ``ca.crl`` with a fresh ``nextUpdate`` ``days`` ahead; return its path."""
+    if days < 1:
+        raise PKIError(f"days must be at least 1, got {days}")
+    ca_dir = Path(ca_dir)
+    with _locked(ca_dir):
+        registry = _load_registry(ca_dir)
+        path = _sign_crl(ca_dir, registry, days=days)
+        _save_registry(ca_dir, registry)
+    return path
+
+
+def list_certificates(*, ca_dir: Path) -> list[CertRecord]:
+    """Every certificate the CA in ``ca_dir`` issued, oldest first."""
+    registry = _load_registry(Path(ca_dir))
+    try:
+        return [_record_of(e) for e in registry["certificates"]]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PKIError(f"CA registry {Path(ca_dir) / REGISTRY} holds a bad entry: {exc}") \
+            from None
+
+
+# -- command line ---------------------------------------------------------------------------
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    path = create_ca(directory=args.dir, network=args.network, days=args.days,
+                     key_type=args.key_type, force=args.force)
+    print(f"created CA for network {args.network!r}: {path} (key {args.dir / CA_KEY})")
+    return 0
+
+
+def _cmd_issue(args: argparse.Namespace) -> int:
+    paths = issue(ca_dir=args.dir, out_dir=args.out, role=args.role, member=args.member,
+                  node=args.node, hosts=tuple(args.host or ("localhost", "127.0.0.1")),
+                  days=args.days, key_type=args.key_type, force=args.force)
+    print(f"certificate: {paths.cert}\nkey:         {paths.key}\nCA:          {paths.ca}")
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    target: Path | int
+    if args.serial is not None:
+        try:
+            target = int(args.serial, 0) if args.serial.startswith("0x") else int(args.serial)
+        except ValueError:
+            raise PKIError(f"--serial {args.serial!r} is not a number (decimal or 0x-hex)") \
+                from None
+    else:
+        target = args.cert
+    path = revoke(ca_dir=args.dir, cert=target)
+    print(f"revoked; CRL written to {path} — restart or SIGHUP the broker to apply it")
+    return 0
+
+
+def _cmd_crl(args: argparse.Namespace) -> int:
+    path = refresh_crl(ca_dir=args.dir, days=args.days)
+    print(f"CRL re-signed: {path}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    records = list_certificates(ca_dir=args.dir)
+    if args.json:
+        json.dump([r.to_json() for r in records], sys.stdout, indent=2)
+        print()
+        return 0
+    now = _now()
+    print(f"{'SERIAL':<12} {'ROLE':<7} {'MEMBER':<20} {'NODE':<16} {'NOT AFTER':<20} STATUS")
+    for r in records:
+        status = "revoked" if r.revoked else "expired" if r.not_after <= now else \
+            "not-yet-valid" if r.not_before > now else "valid"
+        print(f"{r.serial:x}"[:12].ljust(12), f"{r.role:<7} {r.member:<20} {r.node:<16} "
+              f"{r.not_after:%Y-%m-%d %H:%M:%S} {status}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``pear-mqtt pki {init,issue,revoke,crl,list}``."""
+    pki = subparsers.add_parser("pki", help="run the network's certificate authority",
+                                description=__doc__.split("\n\n")[0] if __doc__ else None)
+    sub = pki.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
+    key_types = list(get_args(KeyType))
+
+    p = sub.add_parser("init", help="create a network CA")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    p.add_argument("--network", required=True, help="network id (the O of every certificate)")
+    p.add_argument("--days", type=int, default=3650, help="CA validity (default 3650)")
+    p.add_argument("--key-type", choices=key_types, default=DEFAULT_KEY_TYPE)
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p.set_defaults(handler=_cmd_init)
+
+    p = sub.add_parser("issue", help="issue a node, broker or bridge certificate")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    p.add_argument("--out", type=Path, required=True, help="where to write cert, key, ca.crt")
+    p.add_argument("--role", choices=list(get_args(Role)), required=True)
+    p.add_argument("--member", required=True,
+                   help="company id / pseudonym (node), broker name, or bridge username")
+    p.add_argument("--node", help="node (store) id; required for --role node")
+    p.add_argument("--host", action="append",
+                   help="broker DNS name or IP (repeat; default localhost and 127.0.0.1)")
+    p.add_argument("--days", type=int, default=397, help="validity (default 397)")
+    p.add_argument("--key-type", choices=key_types, default=DEFAULT_KEY_TYPE)
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(handler=_cmd_issue)
+
+    p = sub.add_parser("revoke", help="revoke a certificate and re-sign the CRL")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cert", type=Path, help="the certificate file")
+    which.add_argument("--serial", help="serial number (decimal, or hex with 0x)")
+    p.set_defaults(handler=_cmd_revoke)
+
+    p = sub.add_parser("crl", help="re-sign the CRL before its nextUpdate passes")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    p.add_argument("--days", type=int, default=_CRL_DAYS, help="CRL validity (default 365)")
+    p.set_defaults(handler=_cmd_crl)
+
+    p = sub.add_parser("list", help="list issued certificates")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_cmd_list)

@@ -1,0 +1,755 @@
+"""The privacy filter: what one :class:`~pear_mqtt.types.MarketInsight` may disclose.
+
+A node never serialises a ``MarketInsight``. It runs it through :class:`PrivacyFilter`, which
+splits it by the effective :class:`~pear_mqtt.types.SharingLevel` of each field group:
+
+``full``
+    exact values, in :class:`SharedInsight`.
+``ranges_only``
+    each number replaced by the fixed :class:`ValueRange` (bucket) that holds it, in
+    :class:`SharedInsight`; categorical strings (currency, direction) are kept. Bucket edges come
+    from :class:`RangeScheme` and never depend on the data.
+``aggregated``
+    absent from :class:`SharedInsight`; the exact numbers go into a :class:`Contribution`, which
+    the network layer seals to the aggregator's public key. Only :func:`aggregate` turns
+    contributions into publishable statistics, and only over at least k distinct companies with
+    no company above the dominance cap.
+``none``
+    never leaves the node; it reaches neither output.
+
+``anonymize_data`` replaces the company and store identities with keyed pseudonyms
+(:class:`Pseudonymizer`), or drops them when the network has no pseudonym secret.
+
+Because everything a node publishes is built from :class:`SharedInsight` (and the sealed
+:class:`Contribution`), filtering before serialising is a property of the types: a ``none`` or
+``aggregated`` group has no field in :class:`SharedInsight` it could hide in, and a
+``ranges_only`` group cannot hold a bare number (the model refuses one).
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import hmac
+import itertools
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
+
+from .errors import ConfigError, PrivacyError, TopicError
+from .topics import validate_category, validate_identifier
+from .types import (
+    FIELD_GROUPS,
+    MarketInsight,
+    NetworkConfig,
+    NetworkMode,
+    PrivacyConfig,
+    SharingLevel,
+)
+
+__all__ = [
+    "ADDITIVE_FIELDS",
+    "AggregateOutcome",
+    "Contribution",
+    "FieldStatistics",
+    "FilterResult",
+    "PrivacyFilter",
+    "Pseudonymizer",
+    "RangeScheme",
+    "SharedInsight",
+    "SuppressionCounter",
+    "SuppressionReason",
+    "ValueRange",
+    "aggregate",
+    "aggregate_cell",
+]
+
+ADDITIVE_FIELDS: frozenset[str] = frozenset({"units", "revenue", "transactions"})
+"""Numeric fields that add up across stores of a company (sums); every other field is averaged."""
+
+# Fields that qualify a group's numbers instead of observing anything: a group holding only
+# these (e.g. a PriceData with just its default currency) carries no observation to share.
+_UNIT_FIELDS: frozenset[str] = frozenset({"currency"})
+
+# Price fields are the ones configured per-category edges are meant for: the edges are in a
+# currency and tuned to a category's price band, which says nothing about unit counts,
+# revenue totals or percentage changes. Those always use the geometric scheme.
+_PRICE_FIELDS: frozenset[str] = frozenset({"price", "min_price", "max_price"})
+
+SuppressionReason = Literal["below_k", "dominance"]
+"""Why a statistic was withheld: fewer than k companies, or one company above the cap."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _ident(what: str) -> Any:
+    def check(v: str) -> str:
+        try:
+            return validate_identifier(v, what=what)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+
+    return AfterValidator(check)
+
+
+def _category(v: str) -> str:
+    try:
+        return validate_category(v)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _finite(v: float) -> float:
+    if not math.isfinite(v):
+        raise ValueError("must be a finite number (no NaN or infinity)")
+    return v
+
+
+def _utc(v: datetime) -> datetime:
+    if v.tzinfo is None:
+        raise ValueError("must be timezone-aware")
+    return v.astimezone(UTC)
+
+
+_Identifier = Annotated[str, _ident("identifier")]
+_Category = Annotated[str, AfterValidator(_category)]
+_Finite = Annotated[float, AfterValidator(_finite)]
+_UTC = Annotated[datetime, AfterValidator(_utc)]
+
+
+# -- pseudonyms ----------------------------------------------------------------------------
+
+_PSEUDONYM_DOMAIN = b"pear_mqtt/pseudonym/v1"
+_PSEUDONYM_CHARS = 24  # base32 characters: 120 bits of the HMAC
+
+
+class Pseudonymizer:
+    """Keyed pseudonyms for company and store identities, scoped to one network.
+
+    ``pseudonym(kind, value)`` is ``"p"`` followed by 24 lowercase base32 characters of
+    HMAC-SHA256(secret, domain || network_id || kind || value), each part length-prefixed so no
+    two different (network, kind, value) triples frame to the same bytes. The result is a valid
+    topic identifier.
+
+    The same secret and network give the same pseudonym every time (stable inside a network);
+    a different network id or secret gives an unrelated one (unlinkable across networks).
+    Company ids are easy to guess, so unlinkability rests entirely on the secret: use at least
+    32 random bytes and share it only inside the network.
+    """
+
+    __slots__ = ("_key", "_network_id")
+
+    def __init__(self, *, secret: bytes | str, network_id: str) -> None:
+        key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+        if not key:
+            raise ConfigError("privacy.pseudonym_secret must not be empty")
+        try:
+            validate_identifier(network_id, what="network_id")
+        except TopicError as exc:
+            raise ConfigError(str(exc)) from None
+        self._key = key
+        self._network_id = network_id
+
+    def __repr__(self) -> str:
+        # The secret stays out of logs and tracebacks.
+        return f"Pseudonymizer(network_id={self._network_id!r}, secret=<hidden>)"
+
+    @property
+    def network_id(self) -> str:
+        """The network these pseudonyms belong to."""
+        return self._network_id
+
+    def pseudonym(self, kind: Literal["company", "store"], value: str) -> str:
+        """The pseudonym of ``value`` as a ``kind`` identity in this network."""
+        if kind not in ("company", "store"):
+            raise PrivacyError(f"pseudonym kind must be 'company' or 'store', got {kind!r}")
+        if not isinstance(value, str) or not value:
+            raise PrivacyError(f"the {kind} identity to pseudonymise must be a non-empty string")
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        for part in (_PSEUDONYM_DOMAIN, self._network_id.encode(), kind.encode(),
+                     value.encode("utf-8")):
+            mac.update(len(part).to_bytes(4, "big"))
+            mac.update(part)
+        text = base64.b32encode(mac.digest()).decode("ascii").lower()
+        return "p" + text[:_PSEUDONYM_CHARS]
+
+    def store_pseudonym(self, company: str, store: str) -> str:
+        """The pseudonym of ``store`` of ``company``.
+
+        Store ids are often only unique inside a company ("store-1"), so the company is part
+        of the input: two companies' "store-1" get different pseudonyms. ``/`` cannot occur in
+        an identifier, which keeps the joined value unambiguous.
+        """
+        return self.pseudonym("store", f"{company}/{store}")
+
+    @classmethod
+    def from_config(cls, config: NetworkConfig) -> Pseudonymizer | None:
+        """The pseudonymizer of ``config``'s network, or None when it has no secret."""
+        secret = config.privacy.pseudonym_secret
+        if secret is None:
+            return None
+        return cls(secret=secret.get_secret_value(), network_id=config.network_id)
+
+
+# -- ranges --------------------------------------------------------------------------------
+
+class ValueRange(_Frozen):
+    """The bucket ``[lo, hi)`` that holds a number; ``None`` is an open end."""
+
+    lo: _Finite | None
+    hi: _Finite | None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ValueRange:
+        if self.lo is None and self.hi is None:
+            raise ValueError("a range needs at least one finite end")
+        if self.lo is not None and self.hi is not None and not self.lo < self.hi:
+            raise ValueError(f"lo ({self.lo}) must be below hi ({self.hi})")
+        return self
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        return ((self.lo is None or self.lo <= value)
+                and (self.hi is None or value < self.hi))
+
+
+def _round_sig(x: float, digits: int) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+class RangeScheme:
+    """Data-independent bucket edges for ``ranges_only`` groups.
+
+    Two schemes, neither derived from any value it buckets:
+
+    - **Configured edges** (``PrivacyConfig.range_edges``): ascending edges for a category path.
+      A category without its own edges uses its nearest configured ancestor ("grocery" for
+      "grocery/dairy/milk"). Values below the first edge fall in ``[None, first)``, values at
+      or above the last in ``[last, None)``.
+    - **Geometric scheme** otherwise: for positive values edges at ``ratio**i`` (integer
+      ``i >= -20``), anchored at 1.0, with a "tiny" bucket ``[0, ratio**-20)`` that also holds
+      0; negative values use the mirrored edges ``-ratio**i`` and ``[-ratio**-20, 0)``. Edges
+      are rounded to ``significant_digits`` so float noise in ``ratio**i`` cannot make two
+      nodes disagree on an edge. Buckets too large for a float are open above (or below).
+
+    Every bucket is half-open: ``lo <= value < hi``.
+    """
+
+    __slots__ = ("_digits", "_edges", "_log_ratio", "_ratio", "_tiny")
+
+    TINY_EXPONENT = -20
+
+    def __init__(self, *, ratio: float = 1.25,
+                 edges: Mapping[str, Sequence[float]] | None = None,
+                 significant_digits: int = 6) -> None:
+        if not 3 <= significant_digits <= 15:
+            raise ConfigError("significant_digits must be between 3 and 15")
+        # Rounding moves an edge by at most half a unit in the last digit; consecutive edges
+        # must stay further apart than that or two of them could round to the same number.
+        if not (math.isfinite(ratio) and ratio > 1 + 10.0 ** (1 - significant_digits)):
+            raise ConfigError(f"range ratio must be a finite number above 1, got {ratio!r}")
+        checked: dict[str, tuple[float, ...]] = {}
+        for category, cat_edges in (edges or {}).items():
+            try:
+                validate_category(category)
+            except TopicError as exc:
+                raise ConfigError(f"range_edges: {exc}") from None
+            values = tuple(float(e) for e in cat_edges)
+            if len(values) < 2 or any(not math.isfinite(e) for e in values) or any(
+                    b <= a for a, b in itertools.pairwise(values)):
+                raise ConfigError(f"range_edges[{category!r}] must hold at least two finite, "
+                                  "strictly ascending edges")
+            checked[category] = values
+        self._ratio = float(ratio)
+        self._log_ratio = math.log(self._ratio)
+        self._digits = significant_digits
+        self._edges = checked
+        self._tiny = self.geometric_edge(self.TINY_EXPONENT)
+
+    @classmethod
+    def from_config(cls, privacy: PrivacyConfig) -> RangeScheme:
+        """The scheme ``privacy`` configures (``range_edges`` and ``range_ratio``)."""
+        return cls(ratio=privacy.range_ratio, edges=privacy.range_edges)
+
+    @property
+    def ratio(self) -> float:
+        """Ratio between consecutive geometric edges."""
+        return self._ratio
+
+    @property
+    def tiny(self) -> float:
+        """Upper edge of the tiny bucket ``[0, tiny)`` (``ratio**-20``, rounded)."""
+        return self._tiny
+
+    def geometric_edge(self, i: int) -> float:
+        """The ``i``-th positive edge of the geometric scheme (``inf`` past float range)."""
+        try:
+            raw = self._ratio ** i
+        except OverflowError:
+            return math.inf
+        return _round_sig(raw, self._digits)
+
+    def edges_for(self, category: str | None) -> tuple[float, ...] | None:
+        """The configured edges for ``category`` or its nearest ancestor, else None."""
+        if category is None:
+            return None
+        path = category
+        while True:
+            found = self._edges.get(path)
+            if found is not None:
+                return found
+            if "/" not in path:
+                return None
+            path = path.rsplit("/", 1)[0]
+
+    def bucket(self, value: float, *, category: str | None) -> ValueRange:
+        """The bucket holding ``value``.
+
+        ``category`` selects configured edges (its own or its nearest ancestor's); None, or a
+        category without configured edges, uses the geometric scheme.
+        """
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise PrivacyError(f"only numbers can be bucketed, got {type(value).__name__}")
+        v = float(value)
+        if not math.isfinite(v):
+            raise PrivacyError("cannot bucket a non-finite number")
+        edges = self.edges_for(category)
+        if edges is not None:
+            return self._configured(v, edges)
+        return self._geometric(v)
+
+    @staticmethod
+    def _configured(v: float, edges: tuple[float, ...]) -> ValueRange:
+        idx = bisect.bisect_right(edges, v)  # edges[idx-1] <= v < edges[idx]
+        lo = edges[idx - 1] if idx > 0 else None
+        hi = edges[idx] if idx < len(edges) else None
+        return ValueRange(lo=lo, hi=hi)
+
+    def _geometric(self, v: float) -> ValueRange:
+        if v >= 0:
+            if v < self._tiny:
+                return ValueRange(lo=0.0, hi=self._tiny)
+            i = self._start(v)
+            # log() only estimates the exponent; the rounded edges decide.
+            while i > self.TINY_EXPONENT and v < self.geometric_edge(i):
+                i -= 1
+            while v >= self.geometric_edge(i + 1):
+                i += 1
+            hi = self.geometric_edge(i + 1)
+            return ValueRange(lo=self.geometric_edge(i), hi=hi if math.isfinite(hi) else None)
+        a = -v
+        # Mirrored edges with the same half-open orientation: a negative value sits in
+        # [-edge(i+1), -edge(i)), i.e. edge(i) < |v| <= edge(i+1).
+        if a <= self._tiny:
+            return ValueRange(lo=-self._tiny, hi=0.0)
+        i = self._start(a)
+        while i > self.TINY_EXPONENT and a <= self.geometric_edge(i):
+            i -= 1
+        while a > self.geometric_edge(i + 1):
+            i += 1
+        lo = self.geometric_edge(i + 1)
+        return ValueRange(lo=-lo if math.isfinite(lo) else None, hi=-self.geometric_edge(i))
+
+    def _start(self, a: float) -> int:
+        return max(self.TINY_EXPONENT, math.floor(math.log(a) / self._log_ratio))
+
+    def is_edge(self, value: float, *, category: str | None) -> bool:
+        """Whether ``value`` is an edge of the scheme ``category`` uses (data-independent)."""
+        if not math.isfinite(value):
+            return False
+        edges = self.edges_for(category)
+        if edges is not None:
+            return value in edges
+        if value == 0:
+            return True
+        a = abs(value)
+        i = self._start(a)
+        return any(self.geometric_edge(j) == a for j in range(i - 1, i + 3)
+                   if j >= self.TINY_EXPONENT)
+
+
+# -- wire bodies ---------------------------------------------------------------------------
+
+GroupValues = dict[str, float | ValueRange | str]
+
+
+class SharedInsight(_Frozen):
+    """What a node publishes for one insight: ``full`` and ``ranges_only`` groups only.
+
+    ``company`` and ``store`` are pseudonyms when the network anonymises and has a pseudonym
+    secret, None when it anonymises without one, and the real ids otherwise. ``levels`` names
+    the level of each group in ``groups`` (and nothing else: ``aggregated`` and ``none`` groups
+    are not even named). A ``ranges_only`` group holds no bare number; the model refuses one,
+    so a receiver can rely on it too.
+    """
+
+    category: _Category
+    product_id: _Identifier | None = None
+    region: _Identifier
+    window_start: _UTC
+    window_end: _UTC
+    sample_size: int
+    company: _Identifier | None = None
+    store: _Identifier | None = None
+    levels: dict[str, SharingLevel]
+    groups: dict[str, GroupValues]
+
+    @model_validator(mode="after")
+    def _disclosure(self) -> SharedInsight:
+        if set(self.levels) != set(self.groups):
+            raise ValueError("levels must name exactly the groups present")
+        for group, level in self.levels.items():
+            if group not in FIELD_GROUPS:
+                raise ValueError(f"unknown field group {group!r}")
+            if level not in (SharingLevel.FULL, SharingLevel.RANGES_ONLY):
+                raise ValueError(f"group {group!r} at level {level.value!r} cannot be shared "
+                                 "in an insight")
+            for name, value in self.groups[group].items():
+                if isinstance(value, ValueRange) and level is SharingLevel.FULL:
+                    raise ValueError(f"{group}.{name}: a full group holds exact values")
+                if isinstance(value, int | float) and level is SharingLevel.RANGES_ONLY:
+                    raise ValueError(f"{group}.{name}: a ranges_only group holds no exact "
+                                     "numbers")
+        return self
+
+
+class Contribution(_Frozen):
+    """One insight's ``aggregated`` groups: exact values only an aggregator may open.
+
+    ``company`` is the identity :func:`aggregate` counts distinct companies by (the pseudonym,
+    or the real id when the network has no pseudonym secret: the contribution is sealed to the
+    aggregator). Pseudonyms are per network, so aggregate contributions of one network at a
+    time or one company counts once per network. ``currency`` is the unit of ``price_data``
+    values. ``values`` maps group to numeric field to exact value.
+    """
+
+    company: _Identifier
+    store: _Identifier | None = None
+    category: _Category
+    product_id: _Identifier | None = None
+    region: _Identifier
+    window_start: _UTC
+    window_end: _UTC
+    currency: str | None = None
+    values: dict[str, dict[str, _Finite]]
+
+    @model_validator(mode="after")
+    def _known(self) -> Contribution:
+        for group, fields in self.values.items():
+            if group not in FIELD_GROUPS:
+                raise ValueError(f"unknown field group {group!r}")
+            for name, value in fields.items():
+                if name in ADDITIVE_FIELDS and value < 0:
+                    raise ValueError(f"{group}.{name}: an additive metric cannot be negative")
+        return self
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FilterResult:
+    """The two outputs of :meth:`PrivacyFilter.apply`."""
+
+    shared: SharedInsight
+    contribution: Contribution | None
+
+
+# -- the filter ----------------------------------------------------------------------------
+
+def _observations(data: BaseModel) -> dict[str, float | str]:
+    """Set fields of a group model, numbers as floats; unknown value types fail closed."""
+    out: dict[str, float | str] = {}
+    for name in type(data).model_fields:
+        value = getattr(data, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise PrivacyError(f"{name}: cannot classify a {type(value).__name__} value for "
+                               "the privacy filter")
+        out[name] = float(value) if isinstance(value, int | float) else value
+    if all(name in _UNIT_FIELDS for name in out):
+        return {}
+    return out
+
+
+class PrivacyFilter:
+    """Turns a :class:`MarketInsight` into exactly what ``config`` allows to leave the node.
+
+    The level of each group is ``config.sharing_level(group)``. Public mode may share
+    aggregates only: a configuration that would put a group into the published insight is
+    refused with :class:`PrivacyError`, when the filter is built and again on every insight.
+    """
+
+    __slots__ = ("_config", "_levels", "_pseudonymizer", "_ranges")
+
+    def __init__(self, *, config: NetworkConfig) -> None:
+        self._config = config
+        self._levels = {group: SharingLevel(config.sharing_level(group))
+                        for group in FIELD_GROUPS}
+        self._pseudonymizer = Pseudonymizer.from_config(config)
+        self._ranges = RangeScheme.from_config(config.privacy)
+        self._check_mode()
+
+    @property
+    def levels(self) -> dict[str, SharingLevel]:
+        """The effective level of every field group."""
+        return dict(self._levels)
+
+    @property
+    def ranges(self) -> RangeScheme:
+        """The bucket scheme ``ranges_only`` groups use."""
+        return self._ranges
+
+    def _check_mode(self) -> None:
+        if self._config.mode is NetworkMode.PUBLIC:
+            shared = sorted(g for g, level in self._levels.items()
+                            if level in (SharingLevel.FULL, SharingLevel.RANGES_ONLY))
+            if shared:
+                raise PrivacyError(f"public mode shares aggregates only, but {shared} would be "
+                                   "published per insight")
+
+    def _identities(self, store: str) -> tuple[str | None, str | None, str, str | None]:
+        """(shared company, shared store, contribution company, contribution store)."""
+        company = self._config.company_id
+        if not self._config.privacy.anonymize_data:
+            return company, store, company, store
+        p = self._pseudonymizer
+        if p is None:
+            # Dropped from what is published; the sealed contribution still needs a stable
+            # company identity so the aggregator can count distinct companies.
+            return None, None, company, None
+        company_p = p.pseudonym("company", company)
+        store_p = p.store_pseudonym(company, store)
+        return company_p, store_p, company_p, store_p
+
+    def apply(self, insight: MarketInsight, *, store: str | None = None) -> FilterResult:
+        """Split ``insight`` into the published :class:`SharedInsight` and the sealed
+        :class:`Contribution` (None when no ``aggregated`` group holds data).
+
+        ``store`` is the store identity; it defaults to the config's ``node_id`` (one node
+        per store).
+        """
+        self._check_mode()
+        shared_company, shared_store, contrib_company, contrib_store = self._identities(
+            store if store is not None else self._config.node_id)
+
+        levels: dict[str, SharingLevel] = {}
+        groups: dict[str, GroupValues] = {}
+        aggregated: dict[str, dict[str, float]] = {}
+        currency: str | None = None
+        for group in FIELD_GROUPS:
+            level = self._levels[group]
+            if level is SharingLevel.NONE:
+                continue  # never read, so it cannot leak
+            data = getattr(insight, group)
+            if data is None:
+                continue
+            fields = _observations(data)
+            if not fields:
+                continue
+            if level is SharingLevel.FULL:
+                groups[group] = dict(fields)
+            elif level is SharingLevel.RANGES_ONLY:
+                groups[group] = {name: self._bucket(name, v, insight.category)
+                                 for name, v in fields.items()}
+            else:
+                numbers = {n: v for n, v in fields.items() if isinstance(v, float)}
+                if numbers:
+                    aggregated[group] = numbers
+                    if group == "price_data":
+                        c = fields.get("currency")
+                        currency = c if isinstance(c, str) else None
+                continue
+            levels[group] = level
+
+        if self._config.mode is NetworkMode.PUBLIC and groups:
+            raise PrivacyError(f"public mode must not publish insight groups, got "
+                               f"{sorted(groups)}")
+        try:
+            shared = SharedInsight(
+                category=insight.category, product_id=insight.product_id,
+                region=insight.region, window_start=insight.window_start,
+                window_end=insight.window_end, sample_size=insight.sample_size,
+                company=shared_company, store=shared_store, levels=levels, groups=groups)
+            contribution = None if not aggregated else Contribution(
+                company=contrib_company, store=contrib_store, category=insight.category,
+                product_id=insight.product_id, region=insight.region,
+                window_start=insight.window_start, window_end=insight.window_end,
+                currency=currency, values=aggregated)
+        except ValidationError as exc:
+            raise PrivacyError(f"filtered insight violates the disclosure rules: {exc}") from None
+        return FilterResult(shared=shared, contribution=contribution)
+
+    def _bucket(self, name: str, value: float | str, category: str) -> ValueRange | str:
+        if isinstance(value, str):
+            return value
+        return self._ranges.bucket(value, category=category if name in _PRICE_FIELDS else None)
+
+
+# -- aggregation ---------------------------------------------------------------------------
+
+class FieldStatistics(_Frozen):
+    """Published statistics of one numeric field over the companies of a cell.
+
+    ``mean`` and ``stddev`` are over per-company values (each company counted once);
+    ``stddev`` is the population standard deviation and is None below three companies.
+    ``sum`` is set for additive fields only.
+    """
+
+    count: int
+    companies: int
+    mean: float
+    stddev: float | None = None
+    sum: float | None = None
+
+
+class AggregateOutcome(_Frozen):
+    """The result of aggregating one group: published statistics and suppressed fields."""
+
+    group: str
+    currency: str | None = None
+    statistics: dict[str, FieldStatistics]
+    suppressed: dict[str, SuppressionReason]
+
+    def suppression_counts(self) -> dict[str, int]:
+        """Number of suppressed fields per reason."""
+        return dict(Counter(self.suppressed.values()))
+
+
+class SuppressionCounter:
+    """Running count of suppressed statistics per reason, across outcomes."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+
+    def record(self, outcome: AggregateOutcome) -> None:
+        """Add the suppressions of ``outcome``."""
+        self._counts.update(outcome.suppressed.values())
+
+    def __getitem__(self, reason: str) -> int:
+        return self._counts[reason]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Suppressions per reason so far."""
+        return dict(self._counts)
+
+    @property
+    def total(self) -> int:
+        """All suppressions so far."""
+        return sum(self._counts.values())
+
+
+def _check_thresholds(min_companies: int, dominance_cap: float) -> None:
+    if isinstance(min_companies, bool) or not isinstance(min_companies, int) \
+            or min_companies < 2:
+        raise PrivacyError(f"min_companies must be an integer >= 2 (one company's aggregate "
+                           f"is its own value), got {min_companies!r}")
+    if not (isinstance(dominance_cap, int | float) and 0 < dominance_cap <= 1):
+        raise PrivacyError(f"dominance_cap must be in (0, 1], got {dominance_cap!r}")
+
+
+def aggregate(contributions: Sequence[Contribution], *, group: str, min_companies: int,
+              dominance_cap: float) -> AggregateOutcome:
+    """Statistics of ``group`` over ``contributions`` that one cell may publish.
+
+    Contributions are first combined per company: additive fields (:data:`ADDITIVE_FIELDS`:
+    units, revenue, transactions) are summed, all others (prices, percentage changes) are
+    averaged. So k counts distinct companies, never stores, and a company with many stores
+    weighs as one company in ``mean`` and ``stddev``.
+
+    A field is published only when
+
+    - at least ``min_companies`` distinct companies report it (else ``"below_k"``), and
+    - no company's share of the field's weight exceeds ``dominance_cap`` (else
+      ``"dominance"``). For additive fields the weight is the company's sum (its share of the
+      published total); for the others it is the company's number of contributions (its share
+      of the observations), since a self-reported sample size could be inflated at will. A
+      total weight of 0 counts as equal shares.
+
+    The k test comes first, so a cell that fails both is reported as ``below_k``.
+
+    Emitted per field: ``count`` (contributions), ``companies``, ``mean`` and population
+    ``stddev`` of the per-company values, and ``sum`` for additive fields. ``stddev`` is left
+    out below three companies, where mean and stddev together would give both values away.
+    min, max and median are deliberately never emitted: each of them *is* one company's own
+    value. Thresholds do not stop differencing across overlapping cells or cells where every
+    company reports the same value; the publisher must keep cells fixed and coarse.
+
+    Raises :class:`PrivacyError` for thresholds that protect nothing (k < 2, cap outside
+    (0, 1]) and for ``price_data`` contributions in more than one currency.
+    """
+    _check_thresholds(min_companies, dominance_cap)
+    holding = [c for c in contributions if c.values.get(group)]
+    currency: str | None = None
+    if group == "price_data":
+        currencies = {c.currency for c in holding}
+        if len(currencies) > 1:
+            raise PrivacyError("price contributions mix currencies "
+                               f"{sorted(str(c) for c in currencies)}; aggregate each "
+                               "currency as its own cell")
+        currency = next(iter(currencies), None)
+
+    per_field: dict[str, dict[str, list[float]]] = {}
+    for c in holding:
+        for name, value in c.values[group].items():
+            per_field.setdefault(name, {}).setdefault(c.company, []).append(value)
+
+    statistics: dict[str, FieldStatistics] = {}
+    suppressed: dict[str, SuppressionReason] = {}
+    for name in sorted(per_field):
+        by_company = per_field[name]
+        additive = name in ADDITIVE_FIELDS
+        combined = [math.fsum(vs) if additive else math.fsum(vs) / len(vs)
+                    for vs in by_company.values()]
+        companies = len(combined)
+        if companies < min_companies:
+            suppressed[name] = "below_k"
+            continue
+        weights = combined if additive else [float(len(vs)) for vs in by_company.values()]
+        total = math.fsum(weights)
+        top_share = max(weights) / total if total > 0 else 1 / companies
+        if top_share > dominance_cap:
+            suppressed[name] = "dominance"
+            continue
+        mean = math.fsum(combined) / companies
+        variance = math.fsum((x - mean) ** 2 for x in combined) / companies
+        statistics[name] = FieldStatistics(
+            count=sum(len(vs) for vs in by_company.values()),
+            companies=companies,
+            mean=mean,
+            stddev=math.sqrt(variance) if companies >= 3 else None,
+            sum=math.fsum(combined) if additive else None,
+        )
+    return AggregateOutcome(group=group, currency=currency, statistics=statistics,
+                            suppressed=suppressed)
+
+
+def aggregate_cell(contributions: Iterable[Contribution], *, min_companies: int,
+                   dominance_cap: float,
+                   counter: SuppressionCounter | None = None) -> dict[str, AggregateOutcome]:
+    """:func:`aggregate` every group any of ``contributions`` holds, keyed by group.
+
+    The caller groups contributions into cells (category, product, region, window, network);
+    ``counter``, if given, records every suppression.
+    """
+    _check_thresholds(min_companies, dominance_cap)
+    items = list(contributions)
+    present = {g for c in items for g, fields in c.values.items() if fields}
+    outcomes: dict[str, AggregateOutcome] = {}
+    for group in (g for g in FIELD_GROUPS if g in present):
+        outcome = aggregate(items, group=group, min_companies=min_companies,
+                            dominance_cap=dominance_cap)
+        if counter is not None:
+            counter.record(outcome)
+        outcomes[group] = outcome
+    return outcomes

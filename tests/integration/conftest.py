@@ -1,0 +1,77 @@
+"""Fixtures for integration tests against real mosquitto processes.
+
+- ``pki`` (session): a :class:`brokers.NetworkPKI` for network ``pki.network`` ("testnet"):
+  CA, broker certificate (localhost, 127.0.0.1, ::1), node certificates ``pki.nodes[c]`` for
+  acme, globex, initech, umbrella, hooli (node ``store-1``), ``pki.node(member, node)`` for
+  more, the bridge certificate ``pki.bridge`` (username ``pki.bridge_user``), and the refused
+  ones: ``pki.expired``, ``pki.not_yet_valid``, ``pki.revoked``, ``pki.foreign``.
+  ``pki.tls("acme")`` gives a :class:`pear_mqtt.types.TLSConfig`.
+- ``mosquitto`` (function): a started :class:`brokers.MosquittoBroker`: ``.url`` / ``.port``
+  plaintext anonymous, ``.tls_url`` / ``.tls_port`` mutual TLS with the ACL of all three modes
+  of ``pki.network``; no persistence. Fresh per test, so nothing retained leaks between tests.
+- ``mosquitto_factory`` (function): ``mosquitto_factory(**kwargs)`` starts more brokers
+  (``persistence=True``, ``mode=...``, ``network=...``, ``pki=...``); all stop at teardown.
+- ``unique_id`` (function): a fresh id valid as network, company or node id.
+
+Every test in this directory is marked ``integration``; without mosquitto they are skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import MOSQUITTO, MosquittoBroker, NetworkPKI, build_pki, new_unique_id
+
+_HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> NetworkPKI:
+    """The test network's PKI (see the module docstring)."""
+    return build_pki(tmp_path_factory.mktemp("pki"))
+
+
+def _need_mosquitto() -> None:
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed")
+
+
+@pytest.fixture
+def mosquitto_factory(pki: NetworkPKI, tmp_path: Path
+                      ) -> Iterator[Callable[..., MosquittoBroker]]:
+    """Start extra brokers: ``mosquitto_factory(persistence=True, ...)``."""
+    _need_mosquitto()
+    started: list[MosquittoBroker] = []
+
+    def make(**kwargs: Any) -> MosquittoBroker:
+        kwargs.setdefault("pki", pki)
+        kwargs.setdefault("workdir", tmp_path / f"mosquitto-{len(started)}")
+        broker = MosquittoBroker(**kwargs)
+        started.append(broker)
+        return broker.start()
+
+    yield make
+    for broker in reversed(started):
+        # Without persistence there is nothing to save: skip mosquitto's ~0.1 s shutdown.
+        broker.stop() if broker.persistence else broker.kill()
+
+
+@pytest.fixture
+def mosquitto(mosquitto_factory: Callable[..., MosquittoBroker]) -> MosquittoBroker:
+    """A fresh broker for this test (plaintext ``.port`` and mutual-TLS ``.tls_port``)."""
+    return mosquitto_factory()
+
+
+@pytest.fixture
+def unique_id() -> str:
+    """A fresh identifier, valid as a network, company or node id."""
+    return new_unique_id()

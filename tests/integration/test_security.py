@@ -1,0 +1,338 @@
+"""Identity and access, enforced by a real mosquitto with the rendered configuration.
+
+Who gets in (certificates from :mod:`pear_mqtt.pki`) and where they may write and read (the
+ACL rendered by :mod:`pear_mqtt.brokerconf` from :func:`pear_mqtt.topics.acl_rules`), checked
+with paho-mqtt 2.x and with the mosquitto command-line clients.
+
+"Nothing arrived" is detected deterministically: after the forbidden message, a marker that
+must arrive takes the same path to the same subscriber; the subscriber waits for the marker
+and checks that nothing came before it. mosquitto handles one client's packets in order and
+queues deliveries before it acknowledges the publisher, so a forbidden message that got
+through would be delivered before the marker.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from brokers import MosquittoBroker, MqttProbe, NetworkPKI, build_pki, probe
+from paho.mqtt.reasoncodes import ReasonCode
+
+from pear_mqtt import pki as pkimod
+from pear_mqtt.pki import CertPaths
+from pear_mqtt.topics import TopicScheme
+
+pytestmark = pytest.mark.integration
+
+MOSQUITTO_PUB = shutil.which("mosquitto_pub")
+MOSQUITTO_SUB = shutil.which("mosquitto_sub")
+needs_clients = pytest.mark.skipif(MOSQUITTO_PUB is None or MOSQUITTO_SUB is None,
+                                   reason="mosquitto-clients is not installed")
+
+NOT_AUTHORIZED = 135  # MQTT 5 PUBACK reason code
+
+
+def _bad_certs(pki: NetworkPKI) -> dict[str, CertPaths | None]:
+    return {"no-certificate": None, "other-ca": pki.foreign, "expired": pki.expired,
+            "not-yet-valid": pki.not_yet_valid, "revoked": pki.revoked}
+
+
+BAD = ["no-certificate", "other-ca", "expired", "not-yet-valid", "revoked"]
+
+
+def assert_refused(broker: MosquittoBroker, certs: CertPaths | None) -> None:
+    """The mutual-TLS listener must not let ``certs`` (None: no certificate) get a session."""
+    assert broker.pki is not None
+    p = MqttProbe(host="localhost", port=broker.tls_port, certs=certs, ca=broker.pki.ca)
+    try:
+        rc = p.connect(timeout=5.0)
+    except TimeoutError:
+        pytest.fail("the broker neither accepted nor refused the connection")
+    except (OSError, ConnectionError):
+        return  # TLS alert or connection closed before CONNACK: refused
+    finally:
+        p.close()
+    assert rc.is_failure, f"connected with {certs}: {rc}"
+
+
+def assert_denied(rc: ReasonCode | None) -> None:
+    assert rc is not None and rc.value == NOT_AUTHORIZED, f"PUBACK {rc}, expected not authorized"
+
+
+def assert_ok(rc: ReasonCode | None) -> None:
+    assert rc is not None and not rc.is_failure, f"PUBACK {rc}"
+
+
+def _cli_tls_args(broker: MosquittoBroker, certs: CertPaths | None) -> list[str]:
+    assert broker.pki is not None
+    args = ["-h", "localhost", "-p", str(broker.tls_port), "--cafile", str(broker.pki.ca)]
+    if certs is not None:
+        args += ["--cert", str(certs.cert), "--key", str(certs.key)]
+    return args
+
+
+# -- who gets in ---------------------------------------------------------------------------
+
+def test_valid_certificate_connects_as_its_cn(mosquitto: MosquittoBroker,
+                                              pki: NetworkPKI) -> None:
+    with probe(mosquitto, pki.nodes["acme"]) as p:
+        assert p.is_connected
+    assert "u'acme'" in mosquitto.log_text()
+
+
+@pytest.mark.parametrize("which", BAD)
+def test_bad_certificates_are_refused(mosquitto: MosquittoBroker, pki: NetworkPKI,
+                                      which: str) -> None:
+    assert_refused(mosquitto, _bad_certs(pki)[which])
+    # Same broker, same moment: a good certificate still gets in.
+    with probe(mosquitto, pki.nodes["globex"]):
+        pass
+
+
+@needs_clients
+@pytest.mark.parametrize("which", BAD)
+def test_bad_certificates_are_refused_for_mosquitto_pub(mosquitto: MosquittoBroker,
+                                                        pki: NetworkPKI, which: str) -> None:
+    assert MOSQUITTO_PUB is not None
+    topic = TopicScheme("consortium", pki.network, "acme").insights("probe")
+
+    def pub(certs: CertPaths | None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [MOSQUITTO_PUB, *_cli_tls_args(mosquitto, certs), "-t", topic, "-m", "x",
+             "-q", "1", "-V", "mqttv5"],
+            capture_output=True, text=True, timeout=20)
+
+    bad = pub(_bad_certs(pki)[which])
+    assert bad.returncode != 0, bad
+    good = pub(pki.nodes["acme"])
+    assert good.returncode == 0, good
+
+
+@pytest.mark.parametrize("which, reason", [
+    ("other-ca", "unable to get local issuer certificate"),
+    ("expired", "certificate has expired"),
+    ("not-yet-valid", "certificate is not yet valid"),
+    ("revoked", "certificate revoked"),
+])
+def test_each_bad_certificate_fails_for_its_own_reason(pki: NetworkPKI, which: str,
+                                                       reason: str) -> None:
+    # mosquitto only logs "certificate verify failed"; OpenSSL with the broker's CA and CRL
+    # names the reason, so each refusal above is the one it claims to be.
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    certs = _bad_certs(pki)[which]
+    assert certs is not None
+
+    def verify(cert: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [openssl, "verify", "-crl_check", "-purpose", "sslclient", "-CAfile", str(pki.ca),
+             "-CRLfile", str(pki.crl), str(cert)],
+            capture_output=True, text=True, timeout=20)
+
+    bad = verify(certs.cert)
+    assert bad.returncode != 0 and reason in bad.stdout + bad.stderr, bad
+    good = verify(pki.nodes["acme"].cert)
+    assert good.returncode == 0, good
+
+
+def test_revocation_takes_effect_on_reload(mosquitto: MosquittoBroker, pki: NetworkPKI,
+                                           unique_id: str) -> None:
+    certs = pki.node(unique_id)
+    with probe(mosquitto, certs):
+        pass
+    pkimod.revoke(ca_dir=pki.ca_dir, cert=certs.cert)
+    before = mosquitto.log_text().count("Reloading config.")
+    mosquitto.reload()
+    # Reload runs in mosquitto's single-threaded loop: once it is logged, new connections
+    # meet the new CRL. Poll the log (bounded), not the clock.
+    deadline = time.monotonic() + 5
+    while mosquitto.log_text().count("Reloading config.") == before:
+        assert time.monotonic() < deadline, "mosquitto did not reload on SIGHUP"
+        time.sleep(0.005)
+    assert_refused(mosquitto, certs)
+    with probe(mosquitto, pki.nodes["acme"]):
+        pass
+
+
+def test_ec_p256_network_works_end_to_end(
+        mosquitto_factory: Callable[..., MosquittoBroker], tmp_path: Path) -> None:
+    # Ed25519 is the default; ECDSA P-256 is the fallback for TLS stacks without it.
+    ec_pki = build_pki(tmp_path / "ec", key_type="ec-p256")
+    broker = mosquitto_factory(pki=ec_pki)
+    topic = TopicScheme("consortium", ec_pki.network, "acme").insights("ec")
+    with probe(broker, ec_pki.nodes["globex"], subscribe=[topic]) as g, \
+            probe(broker, ec_pki.nodes["acme"]) as a:
+        assert_ok(a.publish(topic, b"p256"))
+        assert g.expect(topic)[0].payload == b"p256"
+    assert_refused(broker, ec_pki.revoked)
+    assert_refused(broker, ec_pki.foreign)
+
+
+def test_broker_certificate_cannot_be_used_as_a_client(mosquitto: MosquittoBroker,
+                                                       pki: NetworkPKI) -> None:
+    # serverAuth only: a stolen broker key does not make a member.
+    assert_refused(mosquitto, pki.broker)
+
+
+# -- consortium: read everything, write only your own subtree ------------------------------
+
+@pytest.fixture
+def consortium(pki: NetworkPKI) -> Iterator[dict[str, TopicScheme]]:
+    yield {c: TopicScheme("consortium", pki.network, c) for c in ("acme", "globex")}
+
+
+def test_consortium_member_cannot_write_into_another_members_subtree(
+        mosquitto: MosquittoBroker, pki: NetworkPKI, consortium: dict[str, TopicScheme],
+        unique_id: str) -> None:
+    acme, globex = consortium["acme"], consortium["globex"]
+    with probe(mosquitto, pki.nodes["globex"], subscribe=[f"{globex.network_root}/#"]) as g, \
+            probe(mosquitto, pki.nodes["acme"]) as a:
+        assert_denied(a.publish(globex.insights(unique_id), b"forged insight"))
+        assert_denied(a.publish(globex.state("store-1", unique_id), b"forged state",
+                                retain=True))
+        assert_denied(a.publish(f"{globex.network_root}/{unique_id}", b"outside the scheme"))
+        marker = acme.insights(f"{unique_id}/marker")
+        assert_ok(a.publish(marker, b"marker"))
+        got, before = g.expect(marker)
+        assert got.payload == b"marker"  # consortium members read each other...
+        assert before == []  # ...but nobody writes under another member's name
+
+    # The forged retained state must not be there for a late joiner either.
+    with probe(mosquitto, pki.nodes["globex"], subscribe=[f"{globex.member_root}/#"]) as late:
+        own = globex.insights(f"{unique_id}/marker")
+        assert_ok(late.publish(own, b"own marker"))
+        _, before = late.expect(own)
+        assert before == []
+
+
+# -- private: a company sees only its own subtree -----------------------------------------
+
+def test_company_cannot_read_or_write_another_companys_private_topics(
+        mosquitto: MosquittoBroker, pki: NetworkPKI, unique_id: str) -> None:
+    acme = TopicScheme("private", pki.network, "acme")
+    globex = TopicScheme("private", pki.network, "globex")
+    with probe(mosquitto, pki.nodes["acme"], subscribe=["pear/v1/private/#"]) as a, \
+            probe(mosquitto, pki.nodes["globex"], subscribe=[f"{globex.network_root}/#"]) as g:
+        # Read: globex's insight must not reach acme's catch-all subscription.
+        assert_ok(g.publish(globex.insights(unique_id), b"globex secret"))
+        g.expect(globex.insights(unique_id))  # positive control: globex reads its own
+        a_marker = acme.insights(f"{unique_id}/marker")
+        assert_ok(a.publish(a_marker, b"marker"))
+        _, before = a.expect(a_marker)
+        assert before == [], f"acme read {[m.topic for m in before]}"
+
+        # Write: acme's publish into globex's subtree must not reach globex.
+        assert_denied(a.publish(globex.insights(unique_id), b"forged"))
+        assert_denied(a.publish(globex.state("store-1", unique_id), b"forged", retain=True))
+        g_marker = globex.insights(f"{unique_id}/marker")
+        assert_ok(g.publish(g_marker, b"marker"))
+        _, before = g.expect(g_marker)
+        assert before == [], f"globex got {[m.topic for m in before]}"
+
+
+# -- public: only the bridge writes aggregates and reads contributions ------------------------
+
+def test_public_participant_cannot_write_aggregates(mosquitto: MosquittoBroker,
+                                                   pki: NetworkPKI, unique_id: str) -> None:
+    acme = TopicScheme("public", pki.network, "acme")
+    globex = TopicScheme("public", pki.network, "globex")
+    with probe(mosquitto, pki.bridge, subscribe=[f"{acme.network_root}/#"]) as bridge, \
+            probe(mosquitto, pki.nodes["acme"]) as a:
+        assert_denied(a.publish(acme.aggregate(unique_id), b"fake aggregate", retain=True))
+        assert_denied(a.publish(acme.bridge_state("ledger"), b"fake ledger", retain=True))
+        assert_denied(a.publish(globex.insights(unique_id), b"as globex"))
+        marker = acme.insights(unique_id)  # acme's own contrib/: allowed
+        assert_ok(a.publish(marker, b"contribution"))
+        got, before = bridge.expect(marker)  # positive control: the bridge reads contrib/
+        assert got.payload == b"contribution"
+        assert before == [], f"bridge got {[m.topic for m in before]}"
+
+
+def test_public_participant_cannot_read_contributions(mosquitto: MosquittoBroker,
+                                                      pki: NetworkPKI, unique_id: str) -> None:
+    acme = TopicScheme("public", pki.network, "acme")
+    globex = TopicScheme("public", pki.network, "globex")
+    with probe(mosquitto, pki.nodes["acme"], subscribe=[f"{acme.network_root}/#"]) as a, \
+            probe(mosquitto, pki.nodes["globex"]) as g, \
+            probe(mosquitto, pki.bridge) as bridge:
+        assert_ok(g.publish(globex.insights(unique_id), b"globex contribution"))
+        marker = acme.aggregate(unique_id)
+        assert_ok(bridge.publish(marker, b"aggregate", retain=True))
+        got, before = a.expect(marker)  # positive control: participants read aggregates
+        assert got.payload == b"aggregate"
+        assert before == [], f"participant read {[m.topic for m in before]}"
+
+
+# -- interoperability with the mosquitto command-line clients ------------------------------
+
+@needs_clients
+def test_mosquitto_sub_receives_what_paho_publishes(mosquitto: MosquittoBroker,
+                                                    pki: NetworkPKI, unique_id: str) -> None:
+    assert MOSQUITTO_SUB is not None
+    stdbuf = shutil.which("stdbuf")
+    if stdbuf is None:
+        pytest.skip("stdbuf (coreutils) is needed to see mosquitto_sub's SUBACK as it happens")
+    topic = TopicScheme("consortium", pki.network, "acme").insights(unique_id)
+    # mosquitto_sub block-buffers stdout on a pipe; line buffering shows the SUBACK at once.
+    sub = subprocess.Popen(
+        [stdbuf, "-oL", MOSQUITTO_SUB, *_cli_tls_args(mosquitto, pki.nodes["globex"]),
+         "-t", topic, "-q", "1", "-C", "1", "-W", "15", "-d", "-F", "MSG %t %p"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert sub.stdout is not None
+        lines: list[str] = []
+        # -d prints the SUBACK; -W bounds every read below.
+        for line in sub.stdout:
+            lines.append(line)
+            if "SUBACK" in line:
+                break
+        else:
+            pytest.fail(f"mosquitto_sub never subscribed: {''.join(lines)}")
+        with probe(mosquitto, pki.nodes["acme"]) as a:
+            assert_ok(a.publish(topic, b"hello from paho"))
+        out = sub.stdout.read()
+        assert sub.wait(timeout=20) == 0, "".join(lines) + out
+        assert f"MSG {topic} hello from paho" in out
+    finally:
+        if sub.poll() is None:
+            sub.kill()
+            sub.wait()
+
+
+@needs_clients
+def test_paho_receives_what_mosquitto_pub_publishes(mosquitto: MosquittoBroker,
+                                                    pki: NetworkPKI, unique_id: str) -> None:
+    assert MOSQUITTO_PUB is not None
+    topic = TopicScheme("consortium", pki.network, "globex").insights(unique_id)
+    with probe(mosquitto, pki.nodes["acme"], subscribe=[topic]) as a:
+        done = subprocess.run(
+            [MOSQUITTO_PUB, *_cli_tls_args(mosquitto, pki.nodes["globex"]), "-t", topic,
+             "-m", "hello from mosquitto_pub", "-q", "1"],
+            capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0, done
+        got, _ = a.expect(topic)
+        assert got.payload == b"hello from mosquitto_pub"
+
+
+@needs_clients
+def test_mosquitto_pub_into_another_subtree_is_dropped(mosquitto: MosquittoBroker,
+                                                       pki: NetworkPKI, unique_id: str) -> None:
+    # MQTT 3.1.1 has no "not authorized" PUBACK: the broker acknowledges and drops.
+    assert MOSQUITTO_PUB is not None
+    globex = TopicScheme("consortium", pki.network, "globex")
+    with probe(mosquitto, pki.nodes["globex"], subscribe=[f"{globex.member_root}/#"]) as g:
+        done = subprocess.run(
+            [MOSQUITTO_PUB, *_cli_tls_args(mosquitto, pki.nodes["acme"]),
+             "-t", globex.insights(unique_id), "-m", "forged", "-q", "1"],
+            capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0, done
+        marker = globex.insights(f"{unique_id}/marker")
+        assert_ok(g.publish(marker, b"marker"))
+        _, before = g.expect(marker)
+        assert before == []

@@ -1,0 +1,827 @@
+"""The privacy filter, range buckets, pseudonyms and k-anonymous aggregation."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from datetime import UTC, datetime, timedelta
+from fractions import Fraction
+from typing import Any
+
+import pydantic
+import pydantic_core
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pear_mqtt.errors import ConfigError, PrivacyError
+from pear_mqtt.privacy import (
+    ADDITIVE_FIELDS,
+    AggregateOutcome,
+    Contribution,
+    PrivacyFilter,
+    Pseudonymizer,
+    RangeScheme,
+    SharedInsight,
+    SuppressionCounter,
+    ValueRange,
+    aggregate,
+    aggregate_cell,
+)
+from pear_mqtt.topics import validate_identifier
+from pear_mqtt.types import (
+    FIELD_GROUPS,
+    MarketInsight,
+    NetworkConfig,
+    NetworkMode,
+    PriceData,
+    PrivacyConfig,
+    SalesData,
+    SharingLevel,
+    TrendData,
+)
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2024, 3, 1, tzinfo=UTC)
+FAST = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+CATEGORIES = ["grocery", "grocery/dairy", "grocery/dairy/milk", "electronics/tv", "toys"]
+CONFIGURED_EDGES = {"grocery": (0.5, 1.0, 2.0, 5.0, 10.0), "grocery/dairy": (0.25, 0.99, 1.49)}
+
+
+def make_config(*, mode: NetworkMode = NetworkMode.CONSORTIUM, company: str = "Co-ACME",
+                network: str = "net-1", node: str = "St-ONE", **privacy: Any) -> NetworkConfig:
+    return NetworkConfig(mode=mode, company_id=company, network_id=network, node_id=node,
+                         broker_url="mqtt://localhost:1883", allow_insecure_transport=True,
+                         privacy=PrivacyConfig(**privacy))
+
+
+def make_insight(**kw: Any) -> MarketInsight:
+    base: dict[str, Any] = {"category": "grocery/dairy", "window_start": T0,
+                            "window_end": T0 + timedelta(hours=1)}
+    base.update(kw)
+    return MarketInsight(**base)
+
+
+# -- reference helpers (written independently of the implementation) ---------------------
+
+def ref_edges_for(category: str, edges: dict[str, tuple[float, ...]]) -> tuple[float, ...] | None:
+    levels = category.split("/")
+    for n in range(len(levels), 0, -1):
+        path = "/".join(levels[:n])
+        if path in edges:
+            return edges[path]
+    return None
+
+
+def ref_is_geometric_edge(x: float, ratio: float) -> bool:
+    if x == 0:
+        return True
+    a = abs(x)
+    guess = round(math.log(a) / math.log(ratio))
+    for i in range(guess - 2, guess + 3):
+        if i < -20:
+            continue
+        try:
+            edge = float(f"{ratio ** i:.6g}")
+        except OverflowError:
+            continue
+        if edge == a:
+            return True
+    return False
+
+
+def numeric_leaves(node: Any) -> list[float]:
+    if isinstance(node, bool) or node is None or isinstance(node, str):
+        return []
+    if isinstance(node, int | float):
+        return [float(node)]
+    if isinstance(node, dict):
+        return [x for v in node.values() for x in numeric_leaves(v)]
+    if isinstance(node, list):
+        return [x for v in node for x in numeric_leaves(v)]
+    raise AssertionError(f"unexpected JSON node {node!r}")
+
+
+_NUMBER = re.compile(rb"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+
+
+def significant_digits(v: float) -> int:
+    mantissa = repr(abs(v)).split("e")[0].replace(".", "").lstrip("0")
+    return len(mantissa.rstrip("0")) if "." in repr(v) else len(mantissa)
+
+
+def group_numbers(insight: MarketInsight, group: str) -> list[float]:
+    data = getattr(insight, group)
+    if data is None:
+        return []
+    return [float(v) for v in data.model_dump().values()
+            if isinstance(v, int | float) and not isinstance(v, bool)]
+
+
+# -- strategies ----------------------------------------------------------------------------
+
+money = st.one_of(
+    st.floats(min_value=0, max_value=1e7, allow_nan=False, allow_infinity=False),
+    st.integers(min_value=0, max_value=10**6).map(float),
+    st.sampled_from([0.0, 1.0, 1.25, 0.5, 2.0, 9.99, 1234.5678]),
+)
+pct = st.one_of(
+    st.floats(min_value=-1e4, max_value=1e4, allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, -1.0, -1.25, 3.3333, -0.8]),
+)
+
+
+@st.composite
+def price_data(draw: st.DrawFn) -> PriceData:
+    lo, hi = sorted([draw(money), draw(money)])
+    return PriceData(currency=draw(st.sampled_from(["EUR", "USD"])),
+                     price=draw(st.none() | money),
+                     min_price=draw(st.none() | st.just(lo)),
+                     max_price=draw(st.none() | st.just(hi)))
+
+
+sales_data = st.builds(SalesData, units=st.none() | money, revenue=st.none() | money,
+                       transactions=st.none() | money)
+trend_data = st.builds(TrendData, price_change_pct=st.none() | pct,
+                       demand_change_pct=st.none() | pct,
+                       direction=st.none() | st.sampled_from(["up", "down", "flat"]))
+
+insights = st.builds(
+    make_insight,
+    category=st.sampled_from(CATEGORIES),
+    product_id=st.sampled_from([None, "sku-1"]),
+    region=st.sampled_from(["global", "eu-west"]),
+    price_data=st.none() | price_data(),
+    sales_data=st.none() | sales_data,
+    trends=st.none() | trend_data,
+    sample_size=st.integers(min_value=1, max_value=10**6),
+)
+
+ident_tail = st.text(alphabet=string.ascii_uppercase, min_size=3, max_size=10)
+company_ids = ident_tail.map(lambda s: f"Co-{s}")
+store_ids = ident_tail.map(lambda s: f"St-{s}")
+
+
+@st.composite
+def configs(draw: st.DrawFn) -> NetworkConfig:
+    mode = draw(st.sampled_from(list(NetworkMode)))
+    allowed = ([SharingLevel.AGGREGATED, SharingLevel.NONE] if mode is NetworkMode.PUBLIC
+               else list(SharingLevel))
+    sharing = {g: draw(st.sampled_from(allowed)) for g in FIELD_GROUPS
+               if draw(st.booleans())}
+    return make_config(
+        mode=mode, company=draw(company_ids), network=draw(st.sampled_from(["net-1", "net-2"])),
+        data_sharing=sharing,
+        anonymize_data=draw(st.booleans()),
+        pseudonym_secret=draw(st.none() | st.sampled_from(["s3cret-one", "s3cret-two"])),
+        range_edges=draw(st.sampled_from([{}, CONFIGURED_EDGES])),
+        range_ratio=draw(st.sampled_from([1.02, 1.25, 1.5, 2.0, 10.0])),
+    )
+
+
+# -- (a) nothing of a none / ranges_only / aggregated group leaks --------------------------
+
+@FAST
+@given(config=configs(), insight=insights, store=store_ids)
+def test_filtered_insight_never_discloses_protected_values(
+        config: NetworkConfig, insight: MarketInsight, store: str) -> None:
+    result = PrivacyFilter(config=config).apply(insight, store=store)
+    raw = result.shared.model_dump_json().encode()
+    parsed = json.loads(raw)
+    privacy = config.privacy
+    levels = {g: config.sharing_level(g) for g in FIELD_GROUPS}
+
+    def is_edge(x: float, field: str) -> bool:
+        edges = (ref_edges_for(insight.category, privacy.range_edges)
+                 if field in ("price", "min_price", "max_price") else None)
+        if edges is not None:
+            return x in edges
+        return ref_is_geometric_edge(x, privacy.range_ratio)
+
+    def any_edge(x: float) -> bool:
+        return is_edge(x, "price") or is_edge(x, "units")
+
+    exact_allowed = {float(insight.sample_size)}
+    for g in FIELD_GROUPS:
+        if levels[g] is SharingLevel.FULL:
+            exact_allowed.update(group_numbers(insight, g))
+
+    # Structure: only full / ranges_only groups, exact values only in full groups, every
+    # range a data-independent bucket that holds the value it replaced.
+    for g, level in parsed["levels"].items():
+        assert level in ("full", "ranges_only")
+        assert levels[g].value == level
+    assert set(parsed["groups"]) == set(parsed["levels"])
+    for g, fields in parsed["groups"].items():
+        original = getattr(insight, g).model_dump()
+        for name, value in fields.items():
+            if parsed["levels"][g] == "full" or isinstance(original[name], str):
+                assert value == original[name]
+            else:
+                assert isinstance(value, dict) and set(value) == {"lo", "hi"}
+                v = original[name]
+                assert value["lo"] is None or value["lo"] <= v
+                assert value["hi"] is None or v < value["hi"]
+                for end in (value["lo"], value["hi"]):
+                    assert end is None or is_edge(end, name), (g, name, end)
+
+    leaves = numeric_leaves(parsed)
+    for x in leaves:
+        assert x in exact_allowed or any_edge(x), x
+
+    tokens = set(_NUMBER.findall(raw))
+    for g in FIELD_GROUPS:
+        if levels[g] is SharingLevel.FULL:
+            continue
+        for v in group_numbers(insight, g):
+            # Parsed level: a protected value shows up only as something data-independent
+            # (an edge) or as an exact value that is itself allowed (a coincidence with a full
+            # group's value or the sample size).
+            if v in leaves:
+                assert v in exact_allowed or any_edge(v), (g, v)
+            # Byte level: the value's text, as Python and as pydantic render it.
+            if significant_digits(v) >= 4:
+                for text in {repr(v).encode(), pydantic_core.to_json(v)}:
+                    if text in tokens:
+                        assert v in exact_allowed or any_edge(v), (g, v, text)
+        if levels[g] in (SharingLevel.AGGREGATED, SharingLevel.NONE):
+            assert g.encode() not in raw
+
+    if config.mode is NetworkMode.PUBLIC:
+        assert parsed["groups"] == {} and parsed["levels"] == {}
+
+    # What went to the aggregator is exactly the aggregated groups that hold numbers.
+    expected = {g for g in FIELD_GROUPS
+                if levels[g] is SharingLevel.AGGREGATED and group_numbers(insight, g)}
+    if expected:
+        assert result.contribution is not None
+        assert set(result.contribution.values) == expected
+        for g in expected:
+            data = getattr(insight, g).model_dump()
+            assert result.contribution.values[g] == {
+                k: v for k, v in data.items() if isinstance(v, float)}
+    else:
+        assert result.contribution is None
+
+
+# -- (c) pseudonyms ------------------------------------------------------------------------
+
+@FAST
+@given(config=configs(), insight=insights, store=store_ids)
+def test_real_identities_never_published_when_anonymising(
+        config: NetworkConfig, insight: MarketInsight, store: str) -> None:
+    raw = PrivacyFilter(config=config).apply(insight, store=store).shared.model_dump_json()
+    if config.privacy.anonymize_data:
+        assert config.company_id not in raw
+        assert store not in raw
+    else:
+        parsed = json.loads(raw)
+        assert (parsed["company"], parsed["store"]) == (config.company_id, store)
+
+
+@settings(max_examples=100, deadline=None)
+@given(secret=st.binary(min_size=1, max_size=40), other_secret=st.binary(min_size=1, max_size=40),
+       network=st.sampled_from(["net-1", "net-2", "a", "ab"]),
+       other_network=st.sampled_from(["net-1", "net-2", "a", "ab"]),
+       company=company_ids, store=store_ids)
+def test_pseudonyms_stable_within_and_unlinkable_across_networks(
+        secret: bytes, other_secret: bytes, network: str, other_network: str,
+        company: str, store: str) -> None:
+    p = Pseudonymizer(secret=secret, network_id=network)
+    again = Pseudonymizer(secret=secret, network_id=network)
+    name = p.pseudonym("company", company)
+    assert name == again.pseudonym("company", company)
+    assert re.fullmatch(r"p[a-z2-7]{24}", name)
+    assert validate_identifier(name) == name
+    assert p.pseudonym("store", company) != name  # the kind is part of the input
+    assert p.store_pseudonym(company, store) == again.store_pseudonym(company, store)
+    other = Pseudonymizer(secret=other_secret, network_id=other_network)
+    if (other_secret, other_network) != (secret, network):
+        assert other.pseudonym("company", company) != name
+        assert other.store_pseudonym(company, store) != p.store_pseudonym(company, store)
+
+
+def test_pseudonym_accepts_str_and_bytes_secret_and_hides_it() -> None:
+    a = Pseudonymizer(secret="sekrit", network_id="n")
+    b = Pseudonymizer(secret=b"sekrit", network_id="n")
+    assert a.pseudonym("company", "acme") == b.pseudonym("company", "acme")
+    assert "sekrit" not in repr(a)
+
+
+def test_pseudonym_framing_is_unambiguous() -> None:
+    # Naive concatenation would make ("ab", "c") and ("a", "bc") collide.
+    assert (Pseudonymizer(secret="k", network_id="ab").pseudonym("company", "c")
+            != Pseudonymizer(secret="k", network_id="a").pseudonym("company", "bc"))
+
+
+def test_store_pseudonym_depends_on_company() -> None:
+    p = Pseudonymizer(secret="k", network_id="n")
+    assert p.store_pseudonym("acme", "store-1") != p.store_pseudonym("bolt", "store-1")
+
+
+@pytest.mark.parametrize("kwargs", [{"secret": "", "network_id": "n"},
+                                    {"secret": b"", "network_id": "n"},
+                                    {"secret": "k", "network_id": "a/b"},
+                                    {"secret": "k", "network_id": ""}])
+def test_pseudonymizer_rejects_bad_setup(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        Pseudonymizer(**kwargs)
+
+
+def test_pseudonym_rejects_bad_kind_and_value() -> None:
+    p = Pseudonymizer(secret="k", network_id="n")
+    with pytest.raises(PrivacyError):
+        p.pseudonym("node", "x")  # type: ignore[arg-type]
+    with pytest.raises(PrivacyError):
+        p.pseudonym("company", "")
+
+
+def test_pseudonymizer_from_config() -> None:
+    assert Pseudonymizer.from_config(make_config()) is None
+    p = Pseudonymizer.from_config(make_config(pseudonym_secret="abc"))
+    assert p is not None and p.network_id == "net-1"
+
+
+# -- ranges --------------------------------------------------------------------------------
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=finite, ratio=st.floats(min_value=1.0001, max_value=10),
+       category=st.sampled_from([None, *CATEGORIES]))
+def test_bucket_holds_value_and_edges_are_data_independent(
+        value: float, ratio: float, category: str | None) -> None:
+    scheme = RangeScheme(ratio=ratio, edges=CONFIGURED_EDGES)
+    r = scheme.bucket(value, category=category)
+    assert value in r
+    assert (r.lo is None or r.lo <= value) and (r.hi is None or value < r.hi)
+    configured = None if category is None else ref_edges_for(category, CONFIGURED_EDGES)
+    for end in (r.lo, r.hi):
+        if end is None:
+            continue
+        if configured is not None:
+            assert end in configured
+        else:
+            assert ref_is_geometric_edge(end, ratio), end
+        assert scheme.is_edge(end, category=category)
+    # Data independence: any other value inside the bucket gets the very same bucket.
+    for probe in (r.lo, math.nextafter(r.hi, -math.inf) if r.hi is not None else None):
+        if probe is not None:
+            assert scheme.bucket(probe, category=category) == r
+
+
+def test_zero_and_tiny_values_share_the_tiny_bucket() -> None:
+    s = RangeScheme(ratio=1.25)
+    tiny = float(f"{1.25 ** -20:.6g}")
+    assert s.tiny == tiny
+    for v in (0.0, -0.0, 1e-300, tiny / 2):
+        assert s.bucket(v, category=None) == ValueRange(lo=0.0, hi=tiny)
+    assert s.bucket(tiny, category=None).lo == tiny
+    assert s.bucket(-1e-300, category=None) == ValueRange(lo=-tiny, hi=0.0)
+    assert s.bucket(-tiny, category=None) == ValueRange(lo=-tiny, hi=0.0)
+
+
+def test_geometric_buckets_anchor_at_one_and_mirror_negatives() -> None:
+    s = RangeScheme(ratio=2.0)
+    assert s.bucket(1.0, category=None) == ValueRange(lo=1.0, hi=2.0)
+    assert s.bucket(3.0, category=None) == ValueRange(lo=2.0, hi=4.0)
+    assert s.bucket(0.3, category=None) == ValueRange(lo=0.25, hi=0.5)
+    assert s.bucket(-3.0, category=None) == ValueRange(lo=-4.0, hi=-2.0)
+    # Half-open on the same side: -2 is the low edge of its bucket, as 2 is for positives.
+    assert s.bucket(-2.0, category=None) == ValueRange(lo=-2.0, hi=-1.0)
+    assert s.bucket(-4.0, category=None) == ValueRange(lo=-4.0, hi=-2.0)
+
+
+def test_geometric_edges_are_rounded_to_six_significant_digits() -> None:
+    s = RangeScheme(ratio=1.1)
+    r = s.bucket(5.0, category=None)
+    assert r.lo is not None and r.hi is not None
+    for end in (r.lo, r.hi):
+        assert end == float(f"{end:.6g}")
+        assert len(repr(end).replace(".", "").lstrip("0")) <= 6
+
+
+def test_huge_values_get_an_open_upper_end() -> None:
+    s = RangeScheme(ratio=1.25)
+    top = s.bucket(1.7976931348623157e308, category=None)
+    assert top.hi is None and top.lo is not None
+    bottom = s.bucket(-1.7976931348623157e308, category=None)
+    assert bottom.lo is None and bottom.hi is not None
+
+
+def test_configured_edges_with_open_ends() -> None:
+    s = RangeScheme(edges={"grocery": (1.0, 2.0, 5.0)})
+    assert s.bucket(0.5, category="grocery") == ValueRange(lo=None, hi=1.0)
+    assert s.bucket(1.0, category="grocery") == ValueRange(lo=1.0, hi=2.0)
+    assert s.bucket(4.99, category="grocery") == ValueRange(lo=2.0, hi=5.0)
+    assert s.bucket(5.0, category="grocery") == ValueRange(lo=5.0, hi=None)
+    assert s.bucket(-3.0, category="grocery") == ValueRange(lo=None, hi=1.0)
+
+
+def test_configured_edges_use_nearest_ancestor() -> None:
+    s = RangeScheme(edges=CONFIGURED_EDGES)
+    assert s.edges_for("grocery/dairy/milk") == CONFIGURED_EDGES["grocery/dairy"]
+    assert s.edges_for("grocery/bakery") == CONFIGURED_EDGES["grocery"]
+    assert s.edges_for("grocery") == CONFIGURED_EDGES["grocery"]
+    assert s.edges_for("groceryx") is None  # a path prefix, not a string prefix
+    assert s.edges_for("electronics/tv") is None
+    assert s.edges_for(None) is None
+    assert s.bucket(1.2, category="grocery/dairy/milk") == ValueRange(lo=0.99, hi=1.49)
+    assert s.bucket(1.2, category="grocery/bakery") == ValueRange(lo=1.0, hi=2.0)
+    assert s.bucket(1.2, category="toys") == ValueRange(lo=1.0, hi=1.25)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_values_cannot_be_bucketed(value: float) -> None:
+    with pytest.raises(PrivacyError):
+        RangeScheme().bucket(value, category=None)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"ratio": 1.0}, {"ratio": math.inf}, {"ratio": 0.5},
+    {"edges": {"grocery": (2.0, 1.0)}}, {"edges": {"grocery": (1.0,)}},
+    {"edges": {"a/+": (1.0, 2.0)}}, {"edges": {"g": (1.0, math.nan)}},
+    {"significant_digits": 1},
+])
+def test_range_scheme_rejects_bad_configuration(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        RangeScheme(**kwargs)
+
+
+def test_value_range_validation() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        ValueRange(lo=None, hi=None)
+    with pytest.raises(pydantic.ValidationError):
+        ValueRange(lo=2.0, hi=2.0)
+    with pytest.raises(pydantic.ValidationError):
+        ValueRange(lo=math.nan, hi=2.0)
+    r = ValueRange(lo=1.0, hi=2.0)
+    assert 1.0 in r and 1.5 in r and 2.0 not in r and "1.5" not in r
+
+
+# -- the filter ----------------------------------------------------------------------------
+
+FULL_INSIGHT = make_insight(
+    price_data=PriceData(currency="EUR", price=1.2345, min_price=1.1111, max_price=1.3333),
+    sales_data=SalesData(units=123.0, revenue=4567.89, transactions=42.0),
+    trends=TrendData(price_change_pct=-2.5, demand_change_pct=4.25, direction="up"),
+    sample_size=7,
+)
+
+
+def test_private_defaults_share_everything_with_real_ids() -> None:
+    config = make_config(mode=NetworkMode.PRIVATE, anonymize_data=False)
+    result = PrivacyFilter(config=config).apply(FULL_INSIGHT)
+    assert result.contribution is None
+    shared = result.shared
+    assert (shared.company, shared.store) == ("Co-ACME", "St-ONE")
+    assert shared.levels == dict.fromkeys(FIELD_GROUPS, SharingLevel.FULL)
+    assert shared.groups["price_data"] == {"currency": "EUR", "price": 1.2345,
+                                           "min_price": 1.1111, "max_price": 1.3333}
+    assert shared.groups["trends"]["direction"] == "up"
+
+
+def test_consortium_defaults_split_ranges_aggregates_and_full() -> None:
+    config = make_config(pseudonym_secret="k" * 32,
+                         range_edges={"grocery": (1.0, 1.25, 1.5)})
+    result = PrivacyFilter(config=config).apply(FULL_INSIGHT)
+    shared = result.shared
+    assert shared.levels == {"price_data": SharingLevel.RANGES_ONLY,
+                             "trends": SharingLevel.FULL}
+    # Category edges (via the "grocery" ancestor) apply to prices only.
+    assert shared.groups["price_data"] == {
+        "currency": "EUR", "price": ValueRange(lo=1.0, hi=1.25),
+        "min_price": ValueRange(lo=1.0, hi=1.25), "max_price": ValueRange(lo=1.25, hi=1.5)}
+    assert "sales_data" not in shared.model_dump_json()
+    contribution = result.contribution
+    assert contribution is not None
+    assert contribution.values == {"sales_data": {"units": 123.0, "revenue": 4567.89,
+                                                  "transactions": 42.0}}
+    p = Pseudonymizer(secret="k" * 32, network_id="net-1")
+    assert shared.company == contribution.company == p.pseudonym("company", "Co-ACME")
+    assert shared.store == contribution.store == p.store_pseudonym("Co-ACME", "St-ONE")
+    assert contribution.currency is None  # no aggregated prices
+
+
+def test_ranges_only_non_price_fields_use_the_geometric_scheme() -> None:
+    config = make_config(data_sharing={"sales_data": "ranges_only"},
+                         range_edges={"grocery": (1.0, 2.0)})
+    shared = PrivacyFilter(config=config).apply(FULL_INSIGHT).shared
+    units = shared.groups["sales_data"]["units"]
+    assert isinstance(units, ValueRange) and units.lo is not None and units.hi is not None
+    assert units.lo <= 123.0 < units.hi and units.lo > 2.0
+
+
+def test_anonymising_without_secret_drops_identities() -> None:
+    config = make_config(data_sharing={"price_data": "aggregated"})
+    result = PrivacyFilter(config=config).apply(FULL_INSIGHT, store="St-TWO")
+    assert result.shared.company is None and result.shared.store is None
+    raw = result.shared.model_dump_json()
+    assert "Co-ACME" not in raw and "St-TWO" not in raw
+    contribution = result.contribution
+    assert contribution is not None
+    # Sealed to the aggregator, which must still count distinct companies.
+    assert contribution.company == "Co-ACME" and contribution.store is None
+    assert contribution.currency == "EUR"
+    assert contribution.values["price_data"] == {"price": 1.2345, "min_price": 1.1111,
+                                                 "max_price": 1.3333}
+
+
+def test_store_defaults_to_node_id() -> None:
+    config = make_config(mode=NetworkMode.PRIVATE, anonymize_data=False, node="St-NODE")
+    assert PrivacyFilter(config=config).apply(FULL_INSIGHT).shared.store == "St-NODE"
+
+
+def test_empty_groups_are_absent() -> None:
+    config = make_config(mode=NetworkMode.PRIVATE)
+    result = PrivacyFilter(config=config).apply(make_insight())
+    assert result.shared.groups == {} and result.shared.levels == {}
+    assert result.contribution is None
+    # A price group with nothing but its (default) currency holds no observation.
+    only_unit = make_insight(price_data=PriceData(), trends=TrendData(direction="flat"))
+    shared = PrivacyFilter(config=config).apply(only_unit).shared
+    assert shared.groups == {"trends": {"direction": "flat"}}
+
+
+def test_aggregated_group_without_numbers_gives_no_contribution() -> None:
+    config = make_config(data_sharing={"trends": "aggregated", "sales_data": "aggregated"})
+    insight = make_insight(trends=TrendData(direction="up"), sales_data=SalesData())
+    assert PrivacyFilter(config=config).apply(insight).contribution is None
+
+
+def test_zero_and_negative_values_in_ranges() -> None:
+    config = make_config(mode=NetworkMode.PRIVATE,
+                         data_sharing={"trends": "ranges_only", "sales_data": "ranges_only"})
+    insight = make_insight(trends=TrendData(price_change_pct=-3.3, demand_change_pct=0.0),
+                           sales_data=SalesData(units=0.0))
+    shared = PrivacyFilter(config=config).apply(insight).shared
+    tiny = float(f"{1.25 ** -20:.6g}")
+    assert shared.groups["trends"]["demand_change_pct"] == ValueRange(lo=0.0, hi=tiny)
+    assert shared.groups["sales_data"]["units"] == ValueRange(lo=0.0, hi=tiny)
+    change = shared.groups["trends"]["price_change_pct"]
+    assert isinstance(change, ValueRange) and change.hi is not None and change.hi < 0
+    assert -3.3 in change
+
+
+def test_public_mode_publishes_no_groups() -> None:
+    config = make_config(mode=NetworkMode.PUBLIC, data_sharing={"trends": "none"})
+    result = PrivacyFilter(config=config).apply(FULL_INSIGHT)
+    assert result.shared.groups == {} and result.shared.levels == {}
+    assert result.contribution is not None
+    assert set(result.contribution.values) == {"price_data", "sales_data"}
+
+
+def test_public_mode_invariant_is_enforced_even_past_config_validation() -> None:
+    good = make_config(mode=NetworkMode.PUBLIC)
+    # model_copy skips validation: the filter must not trust the config to have caught it.
+    bad = good.model_copy(update={"privacy": PrivacyConfig(data_sharing={"price_data": "full"})})
+    with pytest.raises(PrivacyError):
+        PrivacyFilter(config=bad)
+
+
+def test_shared_insight_refuses_disclosing_shapes() -> None:
+    common: dict[str, Any] = {"category": "grocery", "region": "global", "window_start": T0,
+                              "window_end": T0, "sample_size": 1}
+    with pytest.raises(pydantic.ValidationError):
+        SharedInsight(**common, levels={"price_data": SharingLevel.RANGES_ONLY},
+                      groups={"price_data": {"price": 1.5}})
+    with pytest.raises(pydantic.ValidationError):
+        SharedInsight(**common, levels={"sales_data": SharingLevel.AGGREGATED},
+                      groups={"sales_data": {}})
+    with pytest.raises(pydantic.ValidationError):
+        SharedInsight(**common, levels={}, groups={"trends": {"direction": "up"}})
+    with pytest.raises(pydantic.ValidationError):
+        SharedInsight(**common, levels={"price_data": SharingLevel.FULL},
+                      groups={"price_data": {"price": ValueRange(lo=1.0, hi=2.0)}})
+
+
+def test_shared_insight_round_trips_through_json() -> None:
+    config = make_config(data_sharing={"price_data": "ranges_only", "trends": "full"},
+                         pseudonym_secret="x" * 32)
+    shared = PrivacyFilter(config=config).apply(FULL_INSIGHT).shared
+    assert SharedInsight.model_validate_json(shared.model_dump_json()) == shared
+
+
+def test_seed_configuration_filters() -> None:
+    config = NetworkConfig(
+        mode=NetworkMode.PRIVATE, company_id="example_company", node_id="store-1",
+        broker_url="mqtt://localhost:1883", allow_insecure_transport=True,
+        privacy=PrivacyConfig(anonymize_data=True, encrypt_connection=True, data_sharing={
+            "price_data": "ranges_only", "sales_data": "aggregated", "trends": "full"}))
+    result = PrivacyFilter(config=config).apply(FULL_INSIGHT)
+    assert set(result.shared.groups) == {"price_data", "trends"}
+    assert result.contribution is not None
+
+
+# -- (b) aggregation -----------------------------------------------------------------------
+
+agg_value = st.one_of(st.floats(min_value=0, max_value=1e6, allow_nan=False),
+                      st.integers(min_value=0, max_value=1000).map(float), st.just(0.0))
+
+
+@st.composite
+def contribution_sets(draw: st.DrawFn) -> list[Contribution]:
+    n_companies = draw(st.integers(min_value=1, max_value=8))
+    out = []
+    for _ in range(draw(st.integers(min_value=0, max_value=24))):
+        company = f"c{draw(st.integers(min_value=0, max_value=n_companies - 1))}"
+        values = {}
+        sales = {f: draw(agg_value) for f in ("units", "revenue") if draw(st.booleans())}
+        if sales:
+            values["sales_data"] = sales
+        prices = {f: draw(agg_value) for f in ("price",) if draw(st.booleans())}
+        if prices:
+            values["price_data"] = prices
+        out.append(Contribution(
+            company=company, store=f"s{draw(st.integers(min_value=0, max_value=3))}",
+            category="grocery", region="global", window_start=T0, window_end=T0,
+            currency="EUR" if prices else None, values=values))
+    return out
+
+
+def ref_per_company(contributions: list[Contribution], group: str,
+                    field: str) -> dict[str, list[Fraction]]:
+    out: dict[str, list[Fraction]] = {}
+    for c in contributions:
+        if field in c.values.get(group, {}):
+            out.setdefault(c.company, []).append(Fraction(c.values[group][field]))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(contributions=contribution_sets(), k=st.integers(min_value=2, max_value=6),
+       cap=st.floats(min_value=0.05, max_value=1.0))
+def test_aggregates_respect_k_and_dominance(contributions: list[Contribution], k: int,
+                                            cap: float) -> None:
+    counter = SuppressionCounter()
+    outcomes = aggregate_cell(contributions, min_companies=k, dominance_cap=cap,
+                              counter=counter)
+    total_suppressed = 0
+    for group, outcome in outcomes.items():
+        fields = {f for c in contributions for f in c.values.get(group, {})}
+        assert set(outcome.statistics) | set(outcome.suppressed) == fields
+        assert not set(outcome.statistics) & set(outcome.suppressed)
+        total_suppressed += len(outcome.suppressed)
+        for field in fields:
+            per_company = ref_per_company(contributions, group, field)
+            additive = field in ADDITIVE_FIELDS
+            combined = {co: sum(vs) if additive else sum(vs) / len(vs)
+                        for co, vs in per_company.items()}
+            weights = combined if additive else {co: Fraction(len(vs))
+                                                 for co, vs in per_company.items()}
+            total = sum(weights.values())
+            shares = ([w / total for w in weights.values()] if total > 0
+                      else [Fraction(1, len(weights))] * len(weights))
+            if field in outcome.statistics:
+                stats = outcome.statistics[field]
+                assert stats.companies == len(per_company) >= k
+                assert float(max(shares)) <= cap * (1 + 1e-12)
+                assert stats.count == sum(len(vs) for vs in per_company.values())
+                ref_mean = sum(combined.values()) / len(combined)
+                assert math.isclose(stats.mean, float(ref_mean), rel_tol=1e-9, abs_tol=1e-9)
+                if additive:
+                    assert stats.sum is not None
+                    assert math.isclose(stats.sum, float(sum(combined.values())),
+                                        rel_tol=1e-9, abs_tol=1e-9)
+                else:
+                    assert stats.sum is None
+                if stats.companies >= 3:
+                    ref_var = sum((x - ref_mean) ** 2 for x in combined.values()) / len(combined)
+                    assert stats.stddev is not None
+                    assert math.isclose(stats.stddev, math.sqrt(ref_var), rel_tol=1e-6,
+                                        abs_tol=1e-6)
+                else:
+                    assert stats.stddev is None
+                assert set(type(stats).model_fields) == {"count", "companies", "mean",
+                                                         "stddev", "sum"}
+            else:
+                reason = outcome.suppressed[field]
+                if len(per_company) < k:
+                    assert reason == "below_k"
+                else:
+                    assert reason == "dominance"
+                    assert float(max(shares)) >= cap * (1 - 1e-12)
+    assert counter.total == total_suppressed
+
+
+def _c(company: str, group: str = "sales_data", **values: float) -> Contribution:
+    return Contribution(company=company, category="grocery", region="global",
+                        window_start=T0, window_end=T0, values={group: values},
+                        currency="EUR" if group == "price_data" else None)
+
+
+def test_below_k_is_suppressed() -> None:
+    out = aggregate([_c("a", units=1), _c("b", units=1)], group="sales_data",
+                    min_companies=3, dominance_cap=1.0)
+    assert out.statistics == {} and out.suppressed == {"units": "below_k"}
+    assert out.suppression_counts() == {"below_k": 1}
+
+
+def test_stores_of_one_company_count_once() -> None:
+    many_stores = [_c("a", units=1) for _ in range(10)]
+    out = aggregate([*many_stores, _c("b", units=1)], group="sales_data",
+                    min_companies=3, dominance_cap=1.0)
+    assert out.suppressed == {"units": "below_k"}
+
+
+def test_dominant_company_is_suppressed() -> None:
+    cs = [_c("a", units=100), _c("b", units=1), _c("c", units=1), _c("d", units=1),
+          _c("e", units=1)]
+    out = aggregate(cs, group="sales_data", min_companies=5, dominance_cap=0.25)
+    assert out.suppressed == {"units": "dominance"}
+
+
+def test_share_exactly_at_cap_is_published() -> None:
+    cs = [_c(co, units=10) for co in "abcd"]
+    out = aggregate(cs, group="sales_data", min_companies=4, dominance_cap=0.25)
+    stats = out.statistics["units"]
+    assert (stats.count, stats.companies, stats.mean, stats.sum, stats.stddev) == (
+        4, 4, 10.0, 40.0, 0.0)
+
+
+def test_non_additive_fields_average_per_company_and_weigh_by_contributions() -> None:
+    # Company a's three stores average to 2.0; every company then counts once in the mean.
+    cs = [_c("a", "price_data", price=1.0), _c("a", "price_data", price=2.0),
+          _c("a", "price_data", price=3.0), _c("b", "price_data", price=4.0),
+          _c("c", "price_data", price=6.0), _c("d", "price_data", price=8.0)]
+    out = aggregate(cs, group="price_data", min_companies=4, dominance_cap=0.5)
+    stats = out.statistics["price"]
+    assert stats.mean == pytest.approx(5.0) and stats.sum is None and stats.count == 6
+    assert out.currency == "EUR"
+    # a holds 3 of 6 contributions: a cap below one half suppresses it.
+    out = aggregate(cs, group="price_data", min_companies=4, dominance_cap=0.4)
+    assert out.suppressed == {"price": "dominance"}
+
+
+def test_stddev_withheld_for_two_companies() -> None:
+    out = aggregate([_c("a", units=1), _c("b", units=3)], group="sales_data",
+                    min_companies=2, dominance_cap=1.0)
+    assert out.statistics["units"].stddev is None
+    assert out.statistics["units"].mean == 2.0
+
+
+def test_all_zero_additive_field_counts_as_equal_shares() -> None:
+    cs = [_c(co, units=0) for co in "abcd"]
+    out = aggregate(cs, group="sales_data", min_companies=4, dominance_cap=0.25)
+    assert out.statistics["units"].sum == 0.0
+    out = aggregate(cs, group="sales_data", min_companies=4, dominance_cap=0.2)
+    assert out.suppressed == {"units": "dominance"}
+
+
+def test_no_min_max_or_median_in_output() -> None:
+    cs = [_c(co, units=i) for i, co in enumerate("abcde")]
+    out = aggregate(cs, group="sales_data", min_companies=3, dominance_cap=0.5)
+    dumped = out.model_dump_json()
+    for word in ("min", "max", "median"):
+        assert word not in dumped
+
+
+def test_mixed_currencies_are_refused() -> None:
+    usd = Contribution(company="b", category="grocery", region="global", window_start=T0,
+                       window_end=T0, currency="USD", values={"price_data": {"price": 1.0}})
+    with pytest.raises(PrivacyError):
+        aggregate([_c("a", "price_data", price=1.0), usd], group="price_data",
+                  min_companies=2, dominance_cap=1.0)
+
+
+@pytest.mark.parametrize(("k", "cap"), [(1, 0.5), (0, 0.5), (3, 0.0), (3, 1.5)])
+def test_thresholds_that_protect_nothing_are_refused(k: int, cap: float) -> None:
+    with pytest.raises(PrivacyError):
+        aggregate([], group="sales_data", min_companies=k, dominance_cap=cap)
+
+
+def test_empty_contributions_and_cell_helper() -> None:
+    out = aggregate([], group="sales_data", min_companies=3, dominance_cap=0.5)
+    assert out == AggregateOutcome(group="sales_data", statistics={}, suppressed={})
+    counter = SuppressionCounter()
+    cs = [_c(co, units=1, revenue=5) for co in "abc"] + [_c("a", "price_data", price=2.0)]
+    outcomes = aggregate_cell(cs, min_companies=3, dominance_cap=0.5, counter=counter)
+    assert set(outcomes) == {"price_data", "sales_data"}
+    assert set(outcomes["sales_data"].statistics) == {"units", "revenue"}
+    assert outcomes["price_data"].suppressed == {"price": "below_k"}
+    assert counter.counts == {"below_k": 1} and counter["dominance"] == 0
+
+
+def test_contribution_validation() -> None:
+    with pytest.raises(pydantic.ValidationError):
+        _c("a", units=-1)
+    with pytest.raises(pydantic.ValidationError):
+        _c("a", units=math.nan)
+    with pytest.raises(pydantic.ValidationError):
+        Contribution(company="a", category="grocery", region="global", window_start=T0,
+                     window_end=T0, values={"secrets": {"x": 1.0}})
+    assert _c("a", "trends", price_change_pct=-4.0).values["trends"]["price_change_pct"] == -4.0
+
+
+def test_aggregate_uses_config_thresholds() -> None:
+    privacy = PrivacyConfig()
+    cs = [_c(co, units=1) for co in "abcd"]
+    out = aggregate(cs, group="sales_data", min_companies=privacy.min_companies,
+                    dominance_cap=privacy.dominance_cap)
+    assert out.suppressed == {"units": "below_k"}  # default k is 5
