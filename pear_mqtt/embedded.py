@@ -42,10 +42,15 @@ amqtt limitations (amqtt 0.12), and what this module does about them:
   no session expiry negotiated by the client. Retained state lives until overwritten/cleared.
 - Nothing is persisted: retained messages and sessions are lost when the process stops.
 - A QoS 1 message in flight to a subscriber that does not acknowledge within 5 s, or that
-  disconnects before acknowledging, is dropped rather than redelivered on reconnect.
+  disconnects before acknowledging, is dropped rather than redelivered on reconnect (amqtt
+  drops it from the in-flight store when the wait ends). Messages published while a persistent
+  session is offline are queued and delivered on reconnect.
 - Messages are delivered at the subscription's QoS, not ``min(publish QoS, subscription QoS)``.
 - A resumed persistent session gets the retained messages of its subscriptions again (QoS 0),
-  where mosquitto sends retained messages only on SUBSCRIBE.
+  where mosquitto sends retained messages only on SUBSCRIBE; it also keeps the will-retain flag
+  of the connection that created it.
+- Persistent sessions never expire (mosquitto's default too), so abandoned client ids cost
+  memory until the broker stops.
 - amqtt hooks nothing for TLS policy, session resumption or retained delivery, so this module
   subclasses :class:`amqtt.broker.Broker` and overrides four of its private methods (checked
   at start, see ``_OVERRIDDEN``). It closes three amqtt gaps: a resumed session kept the TLS
@@ -111,13 +116,13 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     """
     if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
         return False
-    levels = topic.split("/")
-    for i, level in enumerate(topic_filter.split("/")):
+    levels, filter_levels = topic.split("/"), topic_filter.split("/")
+    for i, level in enumerate(filter_levels):
         if level == "#":
             return True
         if i >= len(levels) or (level != "+" and level != levels[i]):
             return False
-    return len(levels) == len(topic_filter.split("/"))
+    return len(levels) == len(filter_levels)
 
 
 def filter_covers(outer: str, inner: str) -> bool:
@@ -415,15 +420,15 @@ class _PearAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # 
     class Config:
         """Plugin configuration (from the broker config dict; see EmbeddedBroker.start)."""
 
-        mode: str = "private"
-        network: str = "default"
-        bridge_users: list[str] | None = None
+        mode: str
+        network: str
+        bridge_users: list[str]
 
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self._policy = AccessPolicy.for_network(mode=self.config.mode,
                                                 network=self.config.network,
-                                                bridge_users=self.config.bridge_users or ())
+                                                bridge_users=self.config.bridge_users)
 
     async def authenticate(self, *, session: Any) -> bool:
         # Admission already ran in _PearBroker._initialize_client_session; a session without
@@ -466,7 +471,9 @@ def _read_crl(crl_file: Path, ca_file: Path) -> frozenset[int]:
 
 
 def _bind(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    # amqtt splits host and port at the last colon and passes brackets on to the resolver,
+    # so an IPv6 literal must stay unbracketed.
+    return f"{host}:{port}"
 
 
 def _root_cause(exc: BaseException) -> BaseException:

@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .errors import ConnectError, NotConnectedError, TransportError
 from .types import BrokerURL, TLSConfig
@@ -271,12 +272,19 @@ class Connection:
             self._pubs[info.mid] = fut
         return fut
 
-    async def subscribe(self, filters: Sequence[tuple[str, int]]) -> list[int]:
-        """Subscribe and return the granted QoS per filter (128 means refused)."""
+    async def subscribe(self, filters: Sequence[tuple[str, int]], *,
+                        no_local: bool = False) -> list[int]:
+        """Subscribe and return the granted QoS per filter (128 and above: refused).
+
+        ``no_local`` (MQTT 5 only) asks the broker not to echo our own publishes back.
+        """
         client = self._require()
         assert self._loop is not None
         fut: asyncio.Future[list[int]] = self._loop.create_future()
-        rc, mid = client.subscribe(list(filters))
+        request: list[tuple[str, Any]] = list(filters)
+        if self.protocol == 5:
+            request = [(t, SubscribeOptions(qos=q, noLocal=no_local)) for t, q in filters]
+        rc, mid = client.subscribe(request)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise TransportError(f"subscribe failed: {mqtt.error_string(rc)}")
         self._subs[mid] = fut

@@ -13,7 +13,7 @@
   (``persistence=True``, ``mode=...``, ``network=...``, ``pki=...``); all stop at teardown.
 - ``unique_id`` (function): a fresh id valid as network, company or node id.
 
-Every test in this directory is marked ``integration``; without mosquitto they are skipped.
+Every test in this directory is marked ``integration``; without mosquitto they fail.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> NetworkPKI:
 
 def _need_mosquitto() -> None:
     if MOSQUITTO is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto mosquitto-clients (.ci/run does)")
 
 
 @pytest.fixture

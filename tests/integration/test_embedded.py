@@ -553,6 +553,9 @@ async def test_cli_serves_until_sigterm(pki: NetworkPKI, peers: MakePeer,
         port = int(line.rsplit(":", 1)[1])
         peer = await peers(port=port, certs=pki.nodes["acme"], client_id="cli").connected()
         await peer.close()
+        proc.send_signal(signal.SIGHUP)
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        assert "CRL reloaded:" in line and "revoked" in line, line
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:

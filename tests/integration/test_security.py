@@ -31,8 +31,18 @@ pytestmark = pytest.mark.integration
 
 MOSQUITTO_PUB = shutil.which("mosquitto_pub")
 MOSQUITTO_SUB = shutil.which("mosquitto_sub")
-needs_clients = pytest.mark.skipif(MOSQUITTO_PUB is None or MOSQUITTO_SUB is None,
-                                   reason="mosquitto-clients is not installed")
+
+def _require_clients() -> None:
+    if MOSQUITTO_PUB is None or MOSQUITTO_SUB is None:
+        pytest.fail("mosquitto-clients is not installed (.ci/run installs it)")
+
+
+needs_clients = pytest.mark.usefixtures("_clients")
+
+
+@pytest.fixture
+def _clients() -> None:
+    _require_clients()
 
 NOT_AUTHORIZED = 135  # MQTT 5 PUBACK reason code
 
@@ -125,7 +135,7 @@ def test_each_bad_certificate_fails_for_its_own_reason(pki: NetworkPKI, which: s
     # names the reason, so each refusal above is the one it claims to be.
     openssl = shutil.which("openssl")
     if openssl is None:
-        pytest.skip("openssl is not installed")
+        pytest.fail("openssl is not installed")
     certs = _bad_certs(pki)[which]
     assert certs is not None
 
@@ -277,7 +287,7 @@ def test_mosquitto_sub_receives_what_paho_publishes(mosquitto: MosquittoBroker,
     assert MOSQUITTO_SUB is not None
     stdbuf = shutil.which("stdbuf")
     if stdbuf is None:
-        pytest.skip("stdbuf (coreutils) is needed to see mosquitto_sub's SUBACK as it happens")
+        pytest.fail("stdbuf (coreutils) is needed to see mosquitto_sub's SUBACK as it happens")
     topic = TopicScheme("consortium", pki.network, "acme").insights(unique_id)
     # mosquitto_sub block-buffers stdout on a pipe; line buffering shows the SUBACK at once.
     sub = subprocess.Popen(

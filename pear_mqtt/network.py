@@ -1,0 +1,733 @@
+"""PearNetwork: a node's view of one network, over a real MQTT broker.
+
+Outgoing: ``broadcast_market_insight`` applies the privacy filter, stores the result in the
+outbox, and returns. A flusher task batches pending items per topic into one signed envelope
+(one signature for many insights), publishes them pipelined at QoS 1, and deletes them from
+the outbox only on PUBACK. The latest state per category is kept as a retained message.
+
+Incoming: one reader task verifies each envelope, checks that the signer is the member the
+topic names, de-duplicates items by id, and hands them to every ``insights()`` iterator and
+callback. Anything wrong is dropped and counted by reason, never raised.
+
+A supervisor task owns the connection: it reconnects with exponential backoff and full jitter
+(tenacity), then resubscribes and re-announces presence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import Counter, OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
+
+from .config import NetworkConfigManager
+from .envelope import EnvelopeCodec, load_x25519_public_key, seal
+from .errors import (
+    ConnectError,
+    EnvelopeError,
+    NotConnectedError,
+    OversizedMessage,
+    PearError,
+    TopicError,
+    TransportError,
+)
+from .identity import Identity
+from .outbox import NewItem, Outbox, OutboxItem
+from .privacy import PrivacyFilter, Pseudonymizer, SharedInsight
+from .topics import ParsedTopic, TopicScheme, parse_topic
+from .transport import Connection, InboundMessage, Will
+from .types import (
+    Health,
+    MarketInsight,
+    NetworkConfig,
+    NetworkMode,
+    NetworkStatus,
+)
+
+__all__ = ["PearNetwork", "Peer", "ReceivedInsight", "SyncResult"]
+
+log = logging.getLogger(__name__)
+
+_DEDUP_MEMORY = 200_000  # item ids remembered for de-duplication
+_SUBSCRIBER_QUEUE = 100_000  # unread insights per iterator before the oldest are dropped
+_MAX_INFLIGHT_ENVELOPES = 256
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedInsight:
+    """A verified insight as another node shared it."""
+
+    item_id: str
+    topic: str
+    member: str  # the company as the topic and the signer's certificate name it
+    node: str  # the signing node
+    insight: SharedInsight
+    retained: bool
+    received_at: float
+    sealed: str | None = None  # aggregated groups, sealed to the aggregator
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A node seen through its retained presence."""
+
+    member: str
+    node: str
+    online: bool
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """The retained state a ``sync()`` collected: one latest insight per (node, category)."""
+
+    states: dict[str, ReceivedInsight]
+    duration: float
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __iter__(self) -> Iterator[ReceivedInsight]:
+        return iter(self.states.values())
+
+
+@dataclass(slots=True)
+class _Counters:
+    messages_in: int = 0
+    messages_out: int = 0
+    insights_in: int = 0
+    insights_out: int = 0
+    duplicates: int = 0
+    reconnects: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+class _MemoryOutbox:
+    """The outbox when none is configured on disk: same contract, lost on exit."""
+
+    def __init__(self) -> None:
+        self._rows: OrderedDict[int, OutboxItem] = OrderedDict()
+        self._keys: dict[str, int] = {}
+        self._next = 1
+        self.dropped: dict[str, int] = {}
+
+    def put_many(self, items: list[NewItem]) -> list[int]:
+        ids = []
+        now = time.time()
+        for it in items:
+            if it.kind == "state" and it.key is not None and it.key in self._keys:
+                self._rows.pop(self._keys[it.key], None)
+            row = OutboxItem(id=self._next, topic=it.topic, payload=it.payload, kind=it.kind,
+                             key=it.key, retain=it.retain, created=now, size=len(it.payload))
+            self._rows[row.id] = row
+            if it.key is not None:
+                self._keys[it.key] = row.id
+            ids.append(row.id)
+            self._next += 1
+        return ids
+
+    def pending(self, *, limit: int, after_id: int = 0) -> list[OutboxItem]:
+        out = []
+        for rid, row in self._rows.items():
+            if rid > after_id:
+                out.append(row)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def ack(self, ids: list[int]) -> None:
+        for rid in ids:
+            row = self._rows.pop(rid, None)
+            if row is not None and row.key is not None and self._keys.get(row.key) == rid:
+                del self._keys[row.key]
+
+    @property
+    def depth(self) -> int:
+        return len(self._rows)
+
+    def close(self) -> None:
+        pass
+
+
+class PearNetwork:
+    """One node's membership in a pear_mqtt network.
+
+    ::
+
+        async with PearNetwork(config) as net:
+            await net.broadcast_market_insight(insight)
+            state = await net.sync()
+            async for received in net.insights():
+                ...
+    """
+
+    def __init__(self, config: NetworkConfig, *, outbox_path: Path | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self._outbox_path = outbox_path or config.reliability.outbox_path
+        self._codec: EnvelopeCodec | None = None
+        self._scheme: TopicScheme | None = None
+        self._filter = PrivacyFilter(config=config)
+        self._aggregator_key = None
+        self._outbox: Outbox | _MemoryOutbox | None = None
+        self._conn: Connection | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._work = asyncio.Event()
+        self._inflight_ids: set[int] = set()
+        self._send_cursor = 0
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._subscribers: list[deque[ReceivedInsight]] = []
+        self._subscriber_events: list[asyncio.Event] = []
+        self._callbacks: list[Callable[[ReceivedInsight], Any]] = []
+        self._states: dict[str, ReceivedInsight] = {}
+        self._peers: dict[tuple[str, str], Peer] = {}
+        self._peers_changed = asyncio.Event()
+        self._sync_waiters: dict[bytes, asyncio.Future[None]] = {}
+        self._last_sync: float | None = None
+        self._latency: float | None = None
+        self._counters = _Counters()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def connect(self, *, timeout: float = 10.0, wait: bool = True) -> None:
+        """Join the network.
+
+        Checks the config (certificate paths present and readable), opens the outbox, and
+        connects. With ``wait`` (default) it returns once connected or raises
+        :class:`ConnectError` after ``timeout``; with ``wait=False`` it returns at once and
+        keeps trying in the background (insights queue in the outbox meanwhile).
+        """
+        if self._supervisor is not None:
+            return
+        NetworkConfigManager.validate(self.config, for_connect=True)
+        self._codec = EnvelopeCodec.from_config(self.config, clock=self._clock)
+        me = self._codec.signer.identity
+        if me.network != self.config.network_id:
+            raise ConnectError(f"certificate {self.config.tls.cert_file} is for network "
+                               f"{me.network!r}, config says {self.config.network_id!r}")
+        self._scheme = TopicScheme(mode=self.config.mode.value, network=self.config.network_id,
+                                   member=me.member)
+        if self.config.privacy.aggregator_key_file is not None:
+            self._aggregator_key = load_x25519_public_key(self.config.privacy.aggregator_key_file)
+        self._outbox = (Outbox(path=self._outbox_path,
+                               max_bytes=self.config.reliability.outbox_max_bytes,
+                               max_age=self.config.reliability.outbox_max_age)
+                        if self._outbox_path is not None else _MemoryOutbox())
+        self._closing = False
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._supervisor = asyncio.create_task(self._supervise(first))
+        if not wait:
+            first.cancel()
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(first), timeout)
+        except TimeoutError:
+            await self.disconnect()
+            raise ConnectError(f"could not connect to {self.config.broker_url} within "
+                               f"{timeout} s") from None
+        except PearError:
+            await self.disconnect()
+            raise
+
+    async def disconnect(self) -> None:
+        """Leave cleanly: mark presence offline, close the connection, keep the outbox."""
+        self._closing = True
+        conn = self._conn
+        if conn is not None and conn.connected and self._codec is not None:
+            with contextlib.suppress(PearError, TimeoutError):
+                fut = conn.publish(self._topics.presence(self.config.node_id),
+                                   self._presence_payload(online=False), qos=1, retain=True)
+                await asyncio.wait_for(fut, 2.0)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._supervisor
+            self._supervisor = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        self._connected.clear()
+        for ev in self._subscriber_events:
+            ev.set()
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
+
+    async def __aenter__(self) -> PearNetwork:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.disconnect()
+
+    @property
+    def _topics(self) -> TopicScheme:
+        if self._scheme is None:
+            raise NotConnectedError("call connect() first")
+        return self._scheme
+
+    @property
+    def identity(self) -> Identity:
+        """This node's identity as its certificate states it."""
+        if self._codec is None:
+            raise NotConnectedError("call connect() first")
+        return self._codec.signer.identity
+
+    # -- connection supervision -------------------------------------------------------------
+    async def _supervise(self, first: asyncio.Future[None]) -> None:
+        rel = self.config.reliability
+        while not self._closing:
+            try:
+                async for attempt in AsyncRetrying(
+                        wait=wait_random_exponential(multiplier=rel.reconnect_min_delay,
+                                                     max=rel.reconnect_max_delay),
+                        retry=retry_if_exception_type(ConnectError), reraise=True):
+                    with attempt:
+                        conn = await self._open_connection()
+            except ConnectError as exc:
+                if not first.done():
+                    first.set_exception(exc)
+                raise
+            self._conn = conn
+            try:
+                await self._on_connected(conn)
+            except PearError as exc:
+                log.warning("setting up the connection failed: %s", exc)
+                conn.abort()
+                continue
+            self._connected.set()
+            if not first.done():
+                first.set_result(None)
+            reader = asyncio.create_task(self._read_loop(conn))
+            flusher = asyncio.create_task(self._flush_loop(conn))
+            self._tasks.update((reader, flusher))
+            try:
+                await conn.closed.wait()
+            finally:
+                self._connected.clear()
+                for task in (reader, flusher):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                    self._tasks.discard(task)
+                self._inflight_ids.clear()
+                self._send_cursor = 0
+            if not self._closing:
+                self._counters.reconnects += 1
+                log.info("connection to %s lost (%s); reconnecting", self.config.broker_url,
+                         conn.close_reason)
+
+    async def _open_connection(self) -> Connection:
+        rel = self.config.reliability
+        conn = Connection(
+            broker=self.config.broker, client_id=self._client_id(), tls=self.config.tls,
+            keepalive=rel.keepalive, clean_start=False, session_expiry=rel.session_expiry,
+            will=Will(topic=self._topics.presence(self.config.node_id),
+                      payload=self._presence_payload(online=False), qos=1, retain=True))
+        await conn.connect()
+        return conn
+
+    def _client_id(self) -> str:
+        me = self.identity
+        return f"pear-{me.member}-{me.node}"[:128]
+
+    async def _on_connected(self, conn: Connection) -> None:
+        t = self._topics
+        qos = self.config.reliability.qos
+        granted = await conn.subscribe(
+            [(t.presence_filter(), 1), (t.live_filter(), qos),
+             (t.sync_marker(self.config.node_id), 1)], no_local=True)
+        if any(g >= 128 for g in granted):
+            raise TransportError(f"broker refused a subscription: granted {granted}")
+        await conn.publish(t.presence(self.config.node_id), self._presence_payload(online=True),
+                           qos=1, retain=True)
+        self._work.set()
+
+    def _presence_payload(self, *, online: bool) -> bytes:
+        assert self._codec is not None
+        body = {"node": self.config.node_id, "online": online, "since": self._clock(),
+                "mode": self.config.mode.value,
+                "levels": {g: lvl.value for g, lvl in self._filter.levels.items()}}
+        return self._codec.encode(kind="presence", body=body)
+
+    # -- publishing --------------------------------------------------------------------------
+    async def broadcast_market_insight(self, insight: MarketInsight) -> str:
+        """Share ``insight`` as the privacy policy allows; returns its item id.
+
+        Returns once the filtered insight is in the outbox (on disk when one is configured);
+        delivery continues in the background. ``flush()`` waits for the broker's acks.
+        """
+        if self._outbox is None or self._scheme is None:
+            raise NotConnectedError("call connect() before broadcasting")
+        result = self._filter.apply(insight)
+        item_id = uuid.uuid4().hex
+        item: dict[str, Any] = {"iid": item_id,
+                                "insight": result.shared.model_dump(mode="json",
+                                                                    exclude_none=True)}
+        if result.contribution is not None and self._aggregator_key is not None:
+            item["sealed"] = seal(self._aggregator_key,
+                                  result.contribution.model_dump_json().encode())
+        elif result.contribution is not None:
+            self._counters.dropped["aggregated_without_aggregator_key"] += 1
+        payload = json.dumps(item, separators=(",", ":")).encode()
+        new = [NewItem(topic=self._topics.insights(insight.category), payload=payload,
+                       kind="contrib" if self.config.mode is NetworkMode.PUBLIC else "insight")]
+        if self.config.mode is not NetworkMode.PUBLIC:
+            state_topic = self._topics.state(self.config.node_id, insight.category)
+            new.append(NewItem(topic=state_topic, payload=payload, kind="state",
+                               key=state_topic, retain=True))
+        self._outbox.put_many(new)
+        self._counters.insights_out += 1
+        self._idle.clear()
+        self._work.set()
+        return item_id
+
+    async def flush(self, *, timeout: float | None = None) -> None:
+        """Wait until the broker acknowledged everything broadcast so far."""
+        await asyncio.wait_for(self._idle.wait(), timeout)
+
+    async def _flush_loop(self, conn: Connection) -> None:
+        assert self._outbox is not None and self._codec is not None
+        window = asyncio.Semaphore(_MAX_INFLIGHT_ENVELOPES)
+        rel = self.config.reliability
+        while not conn.closed.is_set():
+            await self._work.wait()
+            self._work.clear()
+            if rel.batch_linger > 0:
+                await asyncio.sleep(rel.batch_linger)  # let a burst gather into one batch
+            while not conn.closed.is_set():
+                rows = self._outbox.pending(limit=rel.batch_max_items * 8,
+                                            after_id=self._send_cursor)
+                if not rows:
+                    if not self._inflight_ids and self._outbox.depth == 0:
+                        self._idle.set()
+                    break
+                self._send_cursor = rows[-1].id
+                for batch in _batches(rows, rel.batch_max_items):
+                    for payload, ids in self._encode(batch):
+                        await window.acquire()
+                        try:
+                            self._publish(conn, batch[0], payload, ids, window)
+                        except TransportError as exc:  # includes NotConnectedError
+                            window.release()
+                            log.info("publish stopped: %s", exc)
+                            return
+
+    def _encode(self, batch: list[OutboxItem]) -> list[tuple[bytes, list[int]]]:
+        """Sign ``batch`` as one envelope, or as several when it is over the size limit."""
+        assert self._codec is not None
+        try:
+            if batch[0].kind == "state":
+                payload = self._codec.encode(kind="state", body=json.loads(batch[-1].payload))
+            else:
+                payload = self._codec.encode(
+                    kind="insights", body={"items": [json.loads(r.payload) for r in batch]})
+        except OversizedMessage:
+            if len(batch) == 1:
+                # One insight larger than the envelope limit can never be sent.
+                self._counters.dropped["oversized_outgoing"] += 1
+                self._ack_rows([batch[0].id])
+                return []
+            half = len(batch) // 2
+            return self._encode(batch[:half]) + self._encode(batch[half:])
+        return [(payload, [r.id for r in batch])]
+
+    def _publish(self, conn: Connection, first: OutboxItem, payload: bytes, ids: list[int],
+                 window: asyncio.Semaphore) -> None:
+        rel = self.config.reliability
+        fut = conn.publish(first.topic, payload, qos=rel.qos, retain=first.retain,
+                           expiry=rel.message_expiry if first.retain else None)
+        self._inflight_ids.update(ids)
+        self._counters.messages_out += 1
+        sent_at = time.perf_counter()
+
+        def done(f: asyncio.Future[None]) -> None:
+            window.release()
+            self._inflight_ids.difference_update(ids)
+            if f.cancelled() or f.exception() is not None:
+                return  # the rows stay in the outbox and are sent again after reconnecting
+            rtt = (time.perf_counter() - sent_at) * 1000
+            self._latency = rtt if self._latency is None else 0.9 * self._latency + 0.1 * rtt
+            self._ack_rows(ids)
+
+        fut.add_done_callback(done)
+
+    def _ack_rows(self, ids: list[int]) -> None:
+        if self._outbox is None:
+            return
+        self._outbox.ack(ids)
+        if not self._inflight_ids and self._outbox.depth == 0:
+            self._idle.set()
+
+    # -- receiving ---------------------------------------------------------------------------
+    async def _read_loop(self, conn: Connection) -> None:
+        async for msg in conn.messages():
+            try:
+                self._handle(msg)
+            except Exception:  # a receiver must never die on one message
+                log.exception("unexpected error handling a message on %r", msg.topic)
+                self._counters.dropped["internal_error"] += 1
+
+    def _handle(self, msg: InboundMessage) -> None:
+        self._counters.messages_in += 1
+        try:
+            parsed = parse_topic(msg.topic)
+        except TopicError:
+            self._counters.dropped["bad_topic"] += 1
+            return
+        if parsed.kind == "sync":
+            waiter = self._sync_waiters.pop(msg.payload, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        if parsed.kind == "nodes":
+            self._handle_presence(parsed, msg)
+            return
+        if not msg.payload:
+            return  # a cleared retained message
+        assert self._codec is not None
+        try:
+            decoded = self._codec.decode(msg.payload, check_replay=not msg.retain)
+        except EnvelopeError as exc:
+            self._counters.dropped[exc.reason] += 1
+            log.debug("dropped message on %s: %s", msg.topic, exc)
+            return
+        signer = decoded.signer
+        if signer == self.identity:
+            return  # our own message echoed by a broker without no-local
+        if parsed.company is not None and parsed.company != signer.member:
+            self._counters.dropped["identity_mismatch"] += 1
+            return
+        if parsed.kind == "state" and parsed.node != signer.node:
+            self._counters.dropped["identity_mismatch"] += 1
+            return
+        kind = decoded.message.kind
+        body = decoded.message.body
+        if kind == "insights" and parsed.kind in ("insights", "contrib"):
+            items = body.get("items") if isinstance(body, dict) else None
+            if not isinstance(items, list):
+                self._counters.dropped["malformed"] += 1
+                return
+            for raw in items:
+                self._deliver(raw, msg, signer, dedup=True)
+        elif kind == "state" and parsed.kind == "state":
+            received = self._deliver(body, msg, signer, dedup=False)
+            if received is not None:
+                self._states[msg.topic] = received
+        else:
+            self._counters.dropped["unexpected_kind"] += 1
+
+    def _deliver(self, raw: Any, msg: InboundMessage, signer: Identity, *,
+                 dedup: bool) -> ReceivedInsight | None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("iid"), str):
+            self._counters.dropped["malformed"] += 1
+            return None
+        iid: str = raw["iid"]
+        try:
+            shared = SharedInsight.model_validate(raw.get("insight"))
+        except ValidationError:
+            self._counters.dropped["malformed"] += 1
+            return None
+        sealed = raw.get("sealed")
+        received = ReceivedInsight(item_id=iid, topic=msg.topic, member=signer.member,
+                                   node=signer.node, insight=shared, retained=msg.retain,
+                                   received_at=self._clock(),
+                                   sealed=sealed if isinstance(sealed, str) else None)
+        if dedup:
+            if iid in self._seen:
+                self._counters.duplicates += 1
+                return received
+            self._seen[iid] = None
+            if len(self._seen) > _DEDUP_MEMORY:
+                self._seen.popitem(last=False)
+            self._counters.insights_in += 1
+            for queue, event in zip(self._subscribers, self._subscriber_events, strict=True):
+                if len(queue) >= _SUBSCRIBER_QUEUE:
+                    queue.popleft()
+                    self._counters.dropped["subscriber_overflow"] += 1
+                queue.append(received)
+                event.set()
+            for cb in list(self._callbacks):
+                try:
+                    cb(received)
+                except Exception:
+                    log.exception("insight callback %r failed", cb)
+        return received
+
+    def _handle_presence(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
+        key = (parsed.company or "", parsed.node or "")
+        if not msg.payload:
+            self._peers.pop(key, None)
+            self._peers_changed.set()
+            return
+        assert self._codec is not None
+        try:
+            decoded = self._codec.decode(msg.payload, check_replay=False)
+        except EnvelopeError as exc:
+            self._counters.dropped[exc.reason] += 1
+            return
+        signer = decoded.signer
+        body = decoded.message.body
+        if (parsed.company is not None and parsed.company != signer.member) or (
+                parsed.mode != "public" and parsed.node != signer.node):
+            self._counters.dropped["identity_mismatch"] += 1
+            return
+        if not isinstance(body, dict) or not isinstance(body.get("online"), bool):
+            self._counters.dropped["malformed"] += 1
+            return
+        previous = self._peers.get(key)
+        ts = decoded.message.timestamp
+        if previous is not None and previous.since > ts:
+            return  # an older presence delivered late (e.g. a will after a reconnect)
+        self._peers[key] = Peer(member=signer.member, node=signer.node,
+                                online=body["online"], since=ts)
+        self._peers_changed.set()
+
+    def insights(self) -> AsyncIterator[ReceivedInsight]:
+        """Every verified insight from now on, until ``disconnect()``.
+
+        Each call makes an independent iterator with its own bounded buffer (the oldest are
+        dropped and counted as ``subscriber_overflow`` if it falls 100,000 behind).
+        """
+        queue: deque[ReceivedInsight] = deque()
+        event = asyncio.Event()
+        self._subscribers.append(queue)
+        self._subscriber_events.append(event)
+
+        async def iterate() -> AsyncIterator[ReceivedInsight]:
+            try:
+                while True:
+                    while queue:
+                        yield queue.popleft()
+                    if self._supervisor is None:
+                        return
+                    event.clear()
+                    await event.wait()
+            finally:
+                with contextlib.suppress(ValueError):
+                    idx = self._subscribers.index(queue)
+                    del self._subscribers[idx]
+                    del self._subscriber_events[idx]
+
+        return iterate()
+
+    def on_insight(self, callback: Callable[[ReceivedInsight], Any]) -> Callable[[], None]:
+        """Call ``callback`` for each verified insight; returns a function that stops it."""
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    # -- sync, peers, status ------------------------------------------------------------------
+    async def sync(self, *, timeout: float = 60.0) -> SyncResult:
+        """Collect the current retained state of everything this node may read.
+
+        Subscribes to the state subtree, then publishes a marker on a topic only this node
+        uses: the broker sends the retained burst before it routes the later marker, so the
+        marker's arrival proves the burst is complete — no waiting on a timer.
+        """
+        await asyncio.wait_for(self._connected.wait(), timeout)
+        conn = self._conn
+        if conn is None:
+            raise NotConnectedError("not connected")
+        t = self._topics
+        started = time.perf_counter()
+        nonce = uuid.uuid4().hex.encode()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sync_waiters[nonce] = waiter
+        try:
+            async with asyncio.timeout(timeout):
+                await conn.subscribe([(t.state_filter(), 1)])
+                await conn.publish(t.sync_marker(self.config.node_id), nonce, qos=1)
+                await waiter
+                await conn.unsubscribe([t.state_filter()])
+        except TimeoutError:
+            raise TransportError(f"sync did not complete within {timeout} s") from None
+        finally:
+            self._sync_waiters.pop(nonce, None)
+        self._last_sync = self._clock()
+        return SyncResult(states=dict(self._states), duration=time.perf_counter() - started)
+
+    async def wait_connected(self, *, timeout: float) -> None:
+        """Wait until the node is connected (again); :class:`TimeoutError` after ``timeout``."""
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    async def wait_peers(self, predicate: Callable[[list[Peer]], bool], *,
+                         timeout: float) -> list[Peer]:
+        """Wait until ``predicate(peers())`` holds; returns the peers then."""
+        async with asyncio.timeout(timeout):
+            while True:
+                peers = self.peers()
+                if predicate(peers):
+                    return peers
+                self._peers_changed.clear()
+                await self._peers_changed.wait()
+
+    def peers(self) -> list[Peer]:
+        """Other nodes whose retained presence says they are online."""
+        me = (self.identity.member, self.identity.node) if self._codec else None
+        return [p for k, p in self._peers.items() if p.online and k != me]
+
+    def status(self) -> NetworkStatus:
+        """Connection state, counters and health right now."""
+        c = self._counters
+        depth = self._outbox.depth if self._outbox is not None else 0
+        connected = self._connected.is_set()
+        dropped = dict(c.dropped)
+        if connected:
+            health = Health.OK if depth < 10_000 else Health.DEGRADED
+        else:
+            health = Health.DEGRADED if self._supervisor is not None else Health.DOWN
+        return NetworkStatus(
+            connected=connected, broker=self.config.broker_url, peers=len(self.peers()),
+            last_sync=(None if self._last_sync is None else
+                       datetime.fromtimestamp(self._last_sync, UTC)),
+            messages_in=c.messages_in, messages_out=c.messages_out, dropped=dropped,
+            duplicates=c.duplicates,
+            latency_ms=None if self._latency is None else round(self._latency, 3),
+            outbox_depth=depth, reconnects=c.reconnects, health=health)
+
+    @property
+    def pseudonymizer(self) -> Pseudonymizer | None:
+        return Pseudonymizer.from_config(self.config)
+
+
+def _batches(rows: list[OutboxItem], limit: int) -> Iterator[list[OutboxItem]]:
+    """Group a page of rows by (topic, kind), in order, at most ``limit`` per batch.
+
+    Order is kept per topic, which is all MQTT promises anyway. A state row is its own batch:
+    each retained state is one message.
+    """
+    groups: dict[tuple[str, str], list[OutboxItem]] = {}
+    for row in rows:
+        if row.kind == "state":
+            yield [row]
+            continue
+        key = (row.topic, row.kind)
+        batch = groups.setdefault(key, [])
+        batch.append(row)
+        if len(batch) >= limit:
+            yield batch
+            groups[key] = []
+    for batch in groups.values():
+        if batch:
+            yield batch

@@ -1,0 +1,252 @@
+"""PearNetwork end to end against a real mosquitto over mutual TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import MosquittoBroker, NetworkPKI, free_port, probe
+
+from pear_mqtt.envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
+from pear_mqtt.envelope import generate_x25519_key, save_x25519_public_key
+from pear_mqtt.network import PearNetwork, ReceivedInsight
+from pear_mqtt.privacy import Contribution, ValueRange
+from pear_mqtt.types import (
+    EncryptionConfig,
+    MarketInsight,
+    NetworkConfig,
+    NetworkMode,
+    PriceData,
+    PrivacyConfig,
+    ReliabilityConfig,
+    SalesData,
+    TrendData,
+)
+
+GROUP_KEY = base64.b64encode(bytes(range(32))).decode()
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def insight(category: str = "grocery/dairy", price: float = 2.4567, units: float = 1234.0,
+            change: float = 3.21) -> MarketInsight:
+    return MarketInsight(
+        category=category, region="north", window_start=T0, window_end=T0 + timedelta(hours=1),
+        price_data=PriceData(currency="EUR", price=price),
+        sales_data=SalesData(units=units, revenue=units * price),
+        trends=TrendData(price_change_pct=change, direction="up"), sample_size=17)
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path) -> tuple[Path, SealOpener]:
+    key = generate_x25519_key()
+    path = tmp_path / "aggregator.pub"
+    save_x25519_public_key(key.public_key(), path)
+    return path, SealOpener(key)
+
+
+@pytest.fixture
+def make_config(pki: NetworkPKI, mosquitto: MosquittoBroker, aggregator: tuple[Path, Any]
+                ) -> Callable[..., NetworkConfig]:
+    def make(member: str, *, mode: NetworkMode = NetworkMode.CONSORTIUM, node: str = "store-1",
+             broker_url: str | None = None, outbox: Path | None = None,
+             **reliability: Any) -> NetworkConfig:
+        return NetworkConfig(
+            mode=mode, company_id=member, network_id=pki.network, node_id=node,
+            broker_url=broker_url or mosquitto.tls_url, tls=pki.tls(pki.node(member, node)),
+            privacy=PrivacyConfig(aggregator_key_file=aggregator[0], pseudonym_secret="s" * 32),
+            encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
+            reliability=ReliabilityConfig(outbox_path=outbox, reconnect_min_delay=0.05,
+                                          reconnect_max_delay=0.5, **reliability))
+    return make
+
+
+async def take(it: Any, n: int, timeout: float = 20.0) -> list[ReceivedInsight]:
+    out: list[ReceivedInsight] = []
+
+    async def run() -> None:
+        async for r in it:
+            out.append(r)
+            if len(out) >= n:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return out
+
+
+async def test_two_nodes_exchange_insights_under_consortium_policy(
+        make_config: Callable[..., NetworkConfig], aggregator: tuple[Path, SealOpener]) -> None:
+    async with PearNetwork(make_config("globex")) as rx, \
+            PearNetwork(make_config("acme")) as tx:
+        stream = rx.insights()
+        iid = await tx.broadcast_market_insight(insight())
+        (got,) = await take(stream, 1)
+    assert got.item_id == iid and got.member == "acme" and got.node == "store-1"
+    shared = got.insight
+    # consortium defaults: price ranges_only, sales aggregated (sealed), trends full
+    assert isinstance(shared.groups["price_data"]["price"], ValueRange)
+    assert 2.4567 in shared.groups["price_data"]["price"]
+    assert "sales_data" not in shared.groups
+    assert shared.groups["trends"]["price_change_pct"] == 3.21
+    # anonymised: pseudonyms, not the real ids
+    assert shared.company not in (None, "acme") and shared.store not in (None, "store-1")
+    # the sealed contribution opens only with the aggregator's key and holds the exact sales
+    assert got.sealed is not None
+    contribution = Contribution.model_validate_json(aggregator[1].open(got.sealed))
+    assert contribution.values["sales_data"]["units"] == 1234.0
+
+
+async def test_wire_bytes_hold_no_exact_private_value(
+        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
+        pki: NetworkPKI) -> None:
+    """An outside subscriber with a valid certificate sees only ciphertext and ranges."""
+    with probe(mosquitto, pki.node("initech"), subscribe=["pear/v1/#"]) as spy:
+        async with PearNetwork(make_config("acme")) as tx:
+            await tx.broadcast_market_insight(insight(price=7.654321, units=98765.0))
+            await tx.flush(timeout=10)
+        spy.expect(lambda m: "/insights/" in m.topic)
+        wire = b"".join(m.payload for m in spy.messages)
+    for secret in (b"7.654321", b"98765", b"acme", b"store-1"):
+        assert secret not in wire
+
+
+async def test_late_joiner_sync_gets_every_retained_state(
+        make_config: Callable[..., NetworkConfig]) -> None:
+    n = 10_000
+    async with PearNetwork(make_config("acme")) as tx:
+        for i in range(n):
+            await tx.broadcast_market_insight(insight(category=f"cat/c{i:05d}", price=1.0 + i))
+        await tx.flush(timeout=120)
+    async with PearNetwork(make_config("globex")) as late:
+        started = time.perf_counter()
+        result = await late.sync(timeout=120)
+        elapsed = time.perf_counter() - started
+    assert len(result) == n
+    categories = {r.insight.category for r in result}
+    assert categories == {f"cat/c{i:05d}" for i in range(n)}
+    assert all(r.retained and r.member == "acme" for r in result)
+    print(f"\nsync of {n} retained states: {elapsed:.2f} s")
+
+
+async def test_sync_returns_promptly_when_nothing_is_retained(
+        make_config: Callable[..., NetworkConfig]) -> None:
+    async with PearNetwork(make_config("globex")) as net:
+        result = await net.sync(timeout=5)
+    assert len(result) == 0 and result.duration < 5
+
+
+async def test_presence_and_last_will(make_config: Callable[..., NetworkConfig]) -> None:
+    async with PearNetwork(make_config("globex")) as watcher:
+        acme = PearNetwork(make_config("acme"))
+        await acme.connect()
+        await watcher.wait_peers(lambda ps: any(p.member == "acme" for p in ps), timeout=10)
+        # Crash: the socket dies without DISCONNECT, so the broker publishes the will.
+        assert acme._conn is not None
+        acme._conn.abort()
+        acme._closing = True
+        await watcher.wait_peers(lambda ps: not any(p.member == "acme" for p in ps),
+                                 timeout=15)
+        await acme.disconnect()
+
+
+async def test_reconnect_and_resubscribe_after_broker_restart(
+        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker) -> None:
+    async with PearNetwork(make_config("globex")) as rx, \
+            PearNetwork(make_config("acme")) as tx:
+        stream = rx.insights()
+        await tx.broadcast_market_insight(insight(category="before"))
+        await take(stream, 1)
+        mosquitto.restart(kill=True)
+        await tx.wait_connected(timeout=20)
+        await rx.wait_connected(timeout=20)
+        await tx.broadcast_market_insight(insight(category="after"))
+        (got,) = await take(stream, 1)
+        assert got.insight.category == "after"
+        assert tx.status().reconnects >= 1 and rx.status().reconnects >= 1
+
+
+async def test_outbox_survives_restart_with_zero_loss(
+        make_config: Callable[..., NetworkConfig], tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox.sqlite"
+    n = 300
+    async with PearNetwork(make_config("globex")) as rx:
+        stream = rx.insights()
+        # The agent starts while its broker is unreachable: everything waits in the outbox.
+        offline = PearNetwork(make_config("acme", broker_url=f"mqtts://127.0.0.1:{free_port()}",
+                                          outbox=outbox))
+        await offline.connect(wait=False)
+        sent = {await offline.broadcast_market_insight(insight(price=1.0 + i)) for i in
+                range(n)}
+        assert offline.status().outbox_depth >= n
+        await offline.disconnect()
+        # A new process (same outbox file) reaches the broker and delivers all of it.
+        async with PearNetwork(make_config("acme", outbox=outbox)) as online:
+            got = await take(stream, n, timeout=30)
+            await online.flush(timeout=10)
+            assert online.status().outbox_depth == 0
+    assert {g.item_id for g in got} == sent
+
+
+async def test_hostile_payloads_are_dropped_and_counted(
+        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
+        pki: NetworkPKI) -> None:
+    topic = "pear/v1/consortium/testnet/acme/insights/grocery/dairy"
+    initech = pki.node("initech")
+    forger = EnvelopeCodec(signer=Signer.from_files(key_file=initech.key, cert_file=initech.cert),
+                           trust=TrustStore.from_files(ca_files=[pki.ca]))
+    forged = forger.encode(kind="insights", body={"items": []})
+    async with PearNetwork(make_config("globex")) as rx, \
+            PearNetwork(make_config("acme")) as tx:
+        stream = rx.insights()
+        with probe(mosquitto, pki.node("acme", "evil")) as evil:
+            for payload in (b"", b"\x00\xff garbage", b"{}", b'{"v":1}', b"[" * 10000,
+                            json.dumps({"v": 2, "kind": "insights"}).encode(),
+                            forged, b"x" * 2_000_000):
+                evil.publish(topic, payload)
+        await tx.broadcast_market_insight(insight(category="still/works"))
+        (got,) = await take(stream, 1)
+        assert got.insight.category == "still/works"
+        dropped = rx.status().dropped
+    assert sum(dropped.values()) >= 6
+    assert dropped.get("identity_mismatch", 0) >= 1
+    assert dropped.get("malformed", 0) >= 3
+
+
+async def test_seed_usage_example(make_config: Callable[..., NetworkConfig]) -> None:
+    """The design note's example, with a broker and certificates to talk to."""
+    base = make_config("acme", mode=NetworkMode.PRIVATE)
+    config = base.model_copy(update={"privacy": PrivacyConfig(
+        anonymize_data=True, encrypt_connection=True,
+        data_sharing={"price_data": "ranges_only", "sales_data": "aggregated",
+                      "trends": "full"})})
+    network = PearNetwork(config)
+    await network.connect()
+    await network.broadcast_market_insight(insight())
+    await network.flush(timeout=10)
+    state = await network.sync()
+    status = network.status()
+    await network.disconnect()
+    assert status.connected and status.health.value == "ok" and status.messages_out >= 2
+    assert len(state) == 0  # a node does not receive its own state back
+
+
+async def test_status_reports_counters_and_latency(
+        make_config: Callable[..., NetworkConfig]) -> None:
+    async with PearNetwork(make_config("globex")) as rx, \
+            PearNetwork(make_config("acme")) as tx:
+        stream = rx.insights()
+        for i in range(50):
+            await tx.broadcast_market_insight(insight(price=1.0 + i))
+        await take(stream, 50)
+        await tx.flush(timeout=10)
+        st = tx.status()
+        assert st.connected and st.messages_out >= 1 and st.latency_ms is not None
+        assert st.outbox_depth == 0
+        assert rx.status().messages_in >= 1
+    assert tx.status().health.value == "down"
