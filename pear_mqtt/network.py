@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
@@ -86,6 +87,7 @@ class Peer:
     node: str
     online: bool
     since: float
+    session: str = ""  # one per connection: its will and its announcement share it
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +182,7 @@ class PearNetwork:
         self._codec: EnvelopeCodec | None = None
         self._scheme: TopicScheme | None = None
         self._filter = PrivacyFilter(config=config)
-        self._aggregator_key = None
+        self._aggregator_key: X25519PublicKey | None = None
         self._outbox: Outbox | _MemoryOutbox | None = None
         self._conn: Connection | None = None
         self._connected = asyncio.Event()
@@ -201,6 +203,7 @@ class PearNetwork:
         self._last_sync: float | None = None
         self._latency: float | None = None
         self._counters = _Counters()
+        self._session = uuid.uuid4().hex[:16]
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -340,6 +343,7 @@ class PearNetwork:
 
     async def _open_connection(self) -> Connection:
         rel = self.config.reliability
+        self._session = uuid.uuid4().hex[:16]
         conn = Connection(
             broker=self.config.broker, client_id=self._client_id(), tls=self.config.tls,
             keepalive=rel.keepalive, clean_start=False, session_expiry=rel.session_expiry,
@@ -356,8 +360,9 @@ class PearNetwork:
         t = self._topics
         qos = self.config.reliability.qos
         granted = await conn.subscribe(
-            [(t.presence_filter(), 1), (t.live_filter(), qos),
-             (t.sync_marker(self.config.node_id), 1)], no_local=True)
+            [(t.presence_filter(), 1), (t.live_filter(), qos)], no_local=True)
+        # The sync marker must come back to us, so that one subscription allows local echo.
+        granted += await conn.subscribe([(t.sync_marker(self.config.node_id), 1)])
         if any(g >= 128 for g in granted):
             raise TransportError(f"broker refused a subscription: granted {granted}")
         await conn.publish(t.presence(self.config.node_id), self._presence_payload(online=True),
@@ -367,6 +372,7 @@ class PearNetwork:
     def _presence_payload(self, *, online: bool) -> bytes:
         assert self._codec is not None
         body = {"node": self.config.node_id, "online": online, "since": self._clock(),
+                "session": self._session,
                 "mode": self.config.mode.value,
                 "levels": {g: lvl.value for g, lvl in self._filter.levels.items()}}
         return self._codec.encode(kind="presence", body=body)
@@ -598,10 +604,18 @@ class PearNetwork:
             return
         previous = self._peers.get(key)
         ts = decoded.message.timestamp
-        if previous is not None and previous.since > ts:
-            return  # an older presence delivered late (e.g. a will after a reconnect)
+        raw_session = body.get("session")
+        session = raw_session if isinstance(raw_session, str) else ""
+        if previous is not None:
+            if previous.session == session:
+                # The will was signed when the connection opened, before the announcement it
+                # ends: within one session "offline" is final whatever the timestamps say.
+                if previous.online is False and body["online"]:
+                    return
+            elif previous.since > ts:
+                return  # a presence from an older session delivered late
         self._peers[key] = Peer(member=signer.member, node=signer.node,
-                                online=body["online"], since=ts)
+                                online=body["online"], since=ts, session=session)
         self._peers_changed.set()
 
     def insights(self) -> AsyncIterator[ReceivedInsight]:

@@ -436,7 +436,15 @@ class Connection:
         if self._connack is not None and not self._connack.done() and self.protocol_is_5(client):
             # A 3.1.1-only broker may just close the socket on an MQTT 5 CONNECT.
             self._connack.set_exception(_ProtocolRefused(f"closed before CONNACK: {reason}"))
-        self._teardown(f"disconnected ({reason})")
+        # paho holds its callback lock here and has closed the socket already; tearing down
+        # from inside would take that lock again (deadlock), so do it on the next loop turn.
+        self._fail_all(f"disconnected ({reason})")
+        loop = self._loop
+        if loop is not None:
+            if threading.get_ident() == self._loop_thread:
+                loop.call_soon(self._teardown, f"disconnected ({reason})")
+            else:
+                loop.call_soon_threadsafe(self._teardown, f"disconnected ({reason})")
 
     @staticmethod
     def protocol_is_5(client: mqtt.Client) -> bool:

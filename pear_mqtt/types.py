@@ -8,11 +8,11 @@ path; our own checks raise ``ValueError`` with the rule in words, which pydantic
 from __future__ import annotations
 
 import math
-from itertools import pairwise
 import re
 import socket
 from datetime import UTC, datetime
 from enum import Enum
+from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit

@@ -42,7 +42,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> NetworkPKI:
 
 def _need_mosquitto() -> None:
     if MOSQUITTO is None:
-        pytest.fail("mosquitto is not installed: apt-get install mosquitto mosquitto-clients (.ci/run does)")
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto mosquitto-clients "
+                    "(.ci/run does)")
 
 
 @pytest.fixture

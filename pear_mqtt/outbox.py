@@ -1,0 +1,699 @@
+"""The on-disk outbox: SQLite (WAL) store-and-forward for an edge node.
+
+Every outgoing item is written here before it is sent and deleted only once the broker (or a
+durable consumer) acknowledged it, so nothing is lost while offline, while the broker restarts,
+or across a restart of this process::
+
+    with Outbox(path=Path("outbox.db"), max_bytes=64 << 20, max_age=7 * 86400) as box:
+        box.put(topic="pear/...", payload=b"...", kind="insight")
+        for item in box.pending(limit=256):
+            ...                                  # publish, then on PUBACK:
+        box.ack([item.id])
+
+Bounds. ``max_bytes`` bounds the payload bytes held (SQLite adds its own overhead on disk).
+When a new item would pass it, the oldest ``insight``/``contrib`` rows are dropped until it
+fits; ``state`` rows are never dropped for space, because the latest state per key is what a
+late joiner needs. A ``state`` row with a key replaces the pending row with the same key
+(counted as ``superseded``, which is not a loss). ``insight``/``contrib`` rows older than
+``max_age`` seconds are deleted (``expire``; also run at most once a second from ``put_many``
+and ``pending``).
+
+Ownership. One process owns an outbox: the database is opened in SQLite's exclusive locking
+mode, so a second process (or a second :class:`Outbox` on the same file) gets an
+:class:`~pear_mqtt.errors.OutboxError` saying the file is locked, instead of both sending the
+same rows.
+
+Full disk. A reserve file (``<path>-reserve``, :data:`RESERVE_BYTES`) is kept next to the
+database. When a write fails because the disk is full, the reserve is released so that acks
+and a checkpoint still have room; new items are then refused with an ``OutboxError`` until the
+reserve can be re-created (tried at most every :data:`RECOVER_INTERVAL` seconds). Items
+already stored are never lost by a failed write.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Literal, TypedDict, cast
+
+from .errors import OutboxError
+
+__all__ = [
+    "RECOVER_INTERVAL",
+    "RESERVE_BYTES",
+    "SCHEMA_VERSION",
+    "Kind",
+    "NewItem",
+    "Outbox",
+    "OutboxItem",
+    "OutboxStats",
+]
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["insight", "state", "contrib"]
+_KINDS: Final = frozenset({"insight", "state", "contrib"})
+
+SCHEMA_VERSION: Final = 1
+"""The schema version this build writes; a file with a higher version is refused."""
+
+RESERVE_BYTES = 1024 * 1024
+"""Size of the reserve file released when the disk fills up (see the module docstring)."""
+
+RECOVER_INTERVAL = 5.0
+"""Seconds between attempts to re-create the reserve while new items are refused."""
+
+# The WAL is checkpointed into the database file at this many pages (512 KiB at the default
+# 4 KiB page size). A checkpoint can grow the database file by at most this much, so the
+# reserve must be larger than it for a checkpoint to finish on a full disk.
+_WAL_AUTOCHECKPOINT_PAGES: Final = 128
+
+# How long an open waits for a lock held by another process. A predecessor that is exiting
+# releases its lock within milliseconds; a live owner never will.
+_BUSY_TIMEOUT = 1.0
+
+# The recovery timer's clock; separate from the injected wall clock, which may jump.
+_monotonic = time.monotonic
+
+_EXPIRE_EVERY: Final = 1.0  # s between opportunistic expiries from put_many/pending
+_ACK_CHUNK: Final = 500  # ids per DELETE statement (well under SQLite's variable limit)
+
+# SQLite primary result codes (extended codes carry these in their low byte).
+_SQLITE_BUSY: Final = 5
+_SQLITE_LOCKED: Final = 6
+_SQLITE_READONLY: Final = 8
+_SQLITE_IOERR: Final = 10
+_SQLITE_CORRUPT: Final = 11
+_SQLITE_FULL: Final = 13
+_SQLITE_CANTOPEN: Final = 14
+_SQLITE_NOTADB: Final = 26
+
+_SCHEMA_TABLE: Final = "pear_outbox_schema"
+_SCHEMA: Final = (
+    f"CREATE TABLE {_SCHEMA_TABLE} (version INTEGER NOT NULL)",
+    # AUTOINCREMENT: ids are never reused, not even after the table was emptied and the
+    # process restarted, so a cursor over ids (the flusher's, a durable consumer's) stays valid.
+    """CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('insight', 'state', 'contrib')),
+        key TEXT,
+        retain INTEGER NOT NULL,
+        created REAL NOT NULL,
+        size INTEGER NOT NULL
+    )""",
+    # At most one pending state row per key; coalescing relies on it.
+    "CREATE UNIQUE INDEX outbox_state_key ON outbox (key) WHERE kind = 'state'",
+    # Keeps expire() an index range scan; state rows never expire, so they stay out of it.
+    "CREATE INDEX outbox_expiry ON outbox (created) WHERE kind != 'state'",
+)
+_COLUMNS: Final = "id, topic, payload, kind, key, retain, created, size"
+
+
+@dataclass(frozen=True, slots=True)
+class NewItem:
+    """An item to store: what :meth:`Outbox.put_many` takes.
+
+    ``key`` matters for ``kind="state"`` only: a new state row replaces the pending one with
+    the same key. ``retain`` is carried for the sender (publish as a retained message).
+    """
+
+    topic: str
+    payload: bytes
+    kind: Kind
+    key: str | None = None
+    retain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind must be one of {sorted(_KINDS)}, not {self.kind!r}")
+        if not isinstance(self.payload, bytes):
+            raise TypeError(f"payload must be bytes, not {type(self.payload).__name__}")
+        if not isinstance(self.topic, str) or not self.topic:
+            raise ValueError("topic must be a non-empty string")
+        if self.key is not None and not isinstance(self.key, str):
+            raise TypeError(f"key must be a string or None, not {type(self.key).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxItem:
+    """A stored item. ``id`` grows with insertion order and is never reused."""
+
+    id: int
+    topic: str
+    payload: bytes
+    kind: Kind
+    key: str | None
+    retain: bool
+    created: float  # the outbox clock's time when stored (seconds since the epoch)
+    size: int  # len(payload)
+
+
+class OutboxStats(TypedDict):
+    """A snapshot of an outbox's counters (:meth:`Outbox.stats`)."""
+
+    path: str
+    depth: int  # rows pending
+    size_bytes: int  # payload bytes pending
+    state_bytes: int  # of which in state rows (never dropped for space)
+    max_bytes: int
+    max_age: float
+    stored: int  # items stored since open
+    acked: int  # rows deleted by ack() since open
+    superseded: int  # state rows replaced by a newer one with the same key since open
+    dropped: dict[str, int]  # rows lost since open, by reason: "overflow", "expired"
+    disk_full: bool  # new items are refused until the disk has room again
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Counters that change together with the database; replaced only after a commit."""
+
+    depth: int
+    size: int
+    state_bytes: int
+    stored: int = 0
+    acked: int = 0
+    superseded: int = 0
+    overflow: int = 0
+    expired: int = 0
+    last_expire: float = -math.inf
+
+
+class Outbox:
+    """A bounded, persistent, ordered outbox in one SQLite file.
+
+    ``clock`` gives the time stored in ``created`` and used for expiry (inject one in tests).
+    All methods are thread-safe and short; the network layer calls them from its event loop.
+    Raises :class:`~pear_mqtt.errors.OutboxError` naming the file and the cause when the
+    database cannot be opened (locked, read-only, not an outbox, from a newer version) or a
+    write fails (disk full).
+    """
+
+    def __init__(self, *, path: Path, max_bytes: int, max_age: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, not {max_bytes}")
+        if not max_age > 0:
+            raise ValueError(f"max_age must be positive, not {max_age}")
+        self._path = Path(path)
+        self._reserve = self._path.with_name(self._path.name + "-reserve")
+        self._max_bytes = max_bytes
+        self._max_age = float(max_age)
+        self._clock = clock
+        self._lock = threading.Lock()
+        conn, self._tally = self._open()
+        self._conn: sqlite3.Connection | None = conn
+        try:
+            self._disk_full = not self._make_reserve(strict=True)
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+        self._next_recover = _monotonic() + RECOVER_INTERVAL
+        if self._disk_full:
+            log.warning("outbox %s: no room for the %d-byte reserve; new items are refused "
+                        "until the disk has room", self._path, RESERVE_BYTES)
+
+    # -- opening --------------------------------------------------------------------------
+
+    def _open(self) -> tuple[sqlite3.Connection, _Tally]:
+        path = self._path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(f"cannot create the directory of outbox {path}: "
+                              f"{exc.strerror or exc}") from exc
+        if path.exists() and not path.is_file():
+            raise OutboxError(f"outbox {path} is not a regular file")
+        # SQLite reports a read-only file as "disk I/O error" or "unable to open"; say it
+        # plainly. access() also sees read-only mounts, for root too.
+        if path.exists() and not os.access(path, os.W_OK):
+            raise OutboxError(f"outbox {path} is read-only; it must be writable by this "
+                              "process")
+        if not path.exists() and not os.access(path.parent, os.W_OK):
+            raise OutboxError(f"cannot create outbox {path}: its directory is read-only or "
+                              "not writable by this process")
+        try:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so
+            # a put_many is exactly one transaction. check_same_thread=False: self._lock
+            # serialises all use.
+            conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise _outbox_error(path, exc, "opening") from exc
+        try:
+            self._configure(conn)
+            self._check_schema(conn)
+            # Counters live in memory; computing them here keeps them right after a restart.
+            tally = self._load_tally(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _outbox_error(path, exc, "opening") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn, tally
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
+        # Exclusive before the first WAL access: the WAL index then lives in this process's
+        # memory (no -shm file, which a full disk could not create) and the file lock is held
+        # for the connection's lifetime, so one process owns the outbox.
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        # Only takes effect on a new, empty file; lets a disk-full recovery give freed pages
+        # back to the file system (PRAGMA incremental_vacuum).
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        row = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+        if row is None or str(row[0]).lower() != "wal":
+            raise OutboxError(f"outbox {self._path}: the file system does not support SQLite's "
+                              f"WAL journal (journal_mode stayed {row[0] if row else None!r})")
+        # NORMAL in WAL mode syncs at checkpoints, not at every commit: a committed
+        # transaction survives a crash of this process, but the last transactions before a
+        # power loss or OS crash may be rolled back (the database stays consistent).
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
+        # Some builds (Debian's) default to ON, which zeroes every freed page and so writes a
+        # deleted payload to the WAL again: an ack would cost as much disk as the put, and fail
+        # on a full disk. FAST still zeroes deleted cells on pages that stay in use.
+        conn.execute("PRAGMA secure_delete=FAST")
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        if not tables:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _SCHEMA:
+                    conn.execute(stmt)
+                conn.execute(f"INSERT INTO {_SCHEMA_TABLE} (version) VALUES (?)",
+                             (SCHEMA_VERSION,))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return
+        if _SCHEMA_TABLE not in tables or "outbox" not in tables:
+            shown = ", ".join(sorted(tables)[:5])
+            raise OutboxError(f"{self._path} is not an outbox database (it is an SQLite "
+                              f"database holding other tables: {shown})")
+        rows = conn.execute(f"SELECT version FROM {_SCHEMA_TABLE}").fetchall()
+        if len(rows) != 1 or not isinstance(rows[0][0], int):
+            raise OutboxError(f"{self._path} is not an outbox database (its schema version "
+                              f"table holds {rows!r})")
+        version = rows[0][0]
+        if version > SCHEMA_VERSION:
+            raise OutboxError(f"outbox {self._path} has schema version {version}, written by a "
+                              f"newer pear_mqtt; this version reads up to {SCHEMA_VERSION}")
+        if version < 1:
+            raise OutboxError(f"{self._path} is not an outbox database (schema version "
+                              f"{version})")
+        # Migrations from older versions go here once there is more than one version.
+        # Take the write lock now, so that a second owner fails at open, not on its first put.
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("COMMIT")
+
+    @staticmethod
+    def _load_tally(conn: sqlite3.Connection) -> _Tally:
+        depth, size, state_bytes = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0),"
+            " coalesce(sum(CASE WHEN kind = 'state' THEN size ELSE 0 END), 0) FROM outbox"
+        ).fetchone()
+        return _Tally(depth=int(depth), size=int(size), state_bytes=int(state_bytes))
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def depth(self) -> int:
+        """Rows pending (not yet acknowledged, dropped or expired)."""
+        return self._tally.depth
+
+    @property
+    def size_bytes(self) -> int:
+        """Payload bytes pending."""
+        return self._tally.size
+
+    @property
+    def superseded(self) -> int:
+        """State rows replaced by a newer one with the same key since open (not a loss)."""
+        return self._tally.superseded
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Rows lost since open by reason: ``overflow`` (no room) and ``expired`` (too old)."""
+        t = self._tally
+        return {"overflow": t.overflow, "expired": t.expired}
+
+    def stats(self) -> OutboxStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            t = self._tally
+            return OutboxStats(path=str(self._path), depth=t.depth, size_bytes=t.size,
+                               state_bytes=t.state_bytes, max_bytes=self._max_bytes,
+                               max_age=self._max_age, stored=t.stored, acked=t.acked,
+                               superseded=t.superseded,
+                               dropped={"overflow": t.overflow, "expired": t.expired},
+                               disk_full=self._disk_full)
+
+    def put(self, *, topic: str, payload: bytes, kind: Kind, key: str | None = None,
+            retain: bool = False) -> int:
+        """Store one item durably; return its id. See :meth:`put_many`."""
+        return self.put_many([NewItem(topic=topic, payload=payload, kind=kind, key=key,
+                                      retain=retain)])[0]
+
+    def put_many(self, items: Sequence[NewItem]) -> list[int]:
+        """Store ``items`` in one transaction, in order; return their ids.
+
+        All or nothing: on :class:`~pear_mqtt.errors.OutboxError` none of the items was
+        stored and nothing already stored was lost. Raises ``OutboxError("outbox full: ...")``
+        when an item does not fit even after dropping every insight/contrib row (state rows
+        alone fill ``max_bytes``), and an ``OutboxError`` when the disk is full.
+
+        Items are placed one after the other, so a large call may drop rows it stored itself
+        for space; their ids are still returned and acking them is a no-op.
+        """
+        if not items:
+            return []
+        with self._lock:
+            self._check_room()
+            t = replace(self._tally)
+            now = self._clock()
+            with self._write(f"storing {len(items)} item(s)") as conn:
+                if self._expire_due(t, now):
+                    self._expire_in(conn, t, now)
+                ids = [self._insert(conn, t, it, now) for it in items]
+            self._tally = t
+            return ids
+
+    def pending(self, *, limit: int, after_id: int = 0) -> list[OutboxItem]:
+        """Up to ``limit`` rows with ``id > after_id``, in id order.
+
+        The caller tracks what it has in flight and pages with ``after_id``.
+        """
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, not {limit}")
+        with self._lock:
+            conn = self._live()
+            now = self._clock()
+            if self._expire_due(self._tally, now) and not self._disk_full:
+                self._expire_opportunistically(now)
+            try:
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                    (after_id, limit)).fetchall()
+            except sqlite3.Error as exc:
+                raise _outbox_error(self._path, exc, "reading pending items") from exc
+        return [OutboxItem(id=r[0], topic=r[1], payload=r[2], kind=cast(Kind, r[3]), key=r[4],
+                           retain=bool(r[5]), created=r[6], size=r[7]) for r in rows]
+
+    def ack(self, ids: Iterable[int]) -> None:
+        """Delete acknowledged rows in one transaction. Unknown ids are ignored."""
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            return
+        with self._lock:
+            t = replace(self._tally)
+            with self._write(f"deleting {len(wanted)} acknowledged item(s)") as conn:
+                for start in range(0, len(wanted), _ACK_CHUNK):
+                    chunk = wanted[start:start + _ACK_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    gone = conn.execute(
+                        "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(CASE WHEN"
+                        f" kind = 'state' THEN size ELSE 0 END), 0) FROM outbox WHERE id IN"
+                        f" ({marks})", chunk).fetchone()
+                    conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+                    t.depth -= gone[0]
+                    t.size -= gone[1]
+                    t.state_bytes -= gone[2]
+                    t.acked += gone[0]
+            self._tally = t
+
+    def expire(self) -> int:
+        """Delete insight/contrib rows older than ``max_age``; return how many."""
+        with self._lock:
+            t = replace(self._tally)
+            with self._write("expiring old items") as conn:
+                n = self._expire_in(conn, t, self._clock())
+            self._tally = t
+            return n
+
+    def close(self) -> None:
+        """Close the database (idempotent). Pending rows stay for the next open."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error as exc:
+                    raise _outbox_error(self._path, exc, "closing") from exc
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Outbox(path={str(self._path)!r}, depth={self._tally.depth})"
+
+    # -- internals (called with self._lock held) ------------------------------------------
+
+    def _live(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise OutboxError(f"outbox {self._path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _write(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; maps sqlite3 errors and handles a full disk."""
+        conn = self._live()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite rolls back by itself after some errors (SQLITE_FULL among them).
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error as exc:
+                        log.warning("outbox %s: rollback failed: %s", self._path, exc)
+                raise
+        except sqlite3.Error as exc:
+            if _primary_code(exc) == _SQLITE_FULL:
+                self._on_disk_full()
+            raise _outbox_error(self._path, exc, doing) from exc
+
+    def _insert(self, conn: sqlite3.Connection, t: _Tally, it: NewItem, now: float) -> int:
+        size = len(it.payload)
+        is_state = it.kind == "state"
+        if is_state and it.key is not None:
+            old = conn.execute("SELECT id, size FROM outbox WHERE kind = 'state' AND key = ?",
+                               (it.key,)).fetchone()
+            if old is not None:
+                conn.execute("DELETE FROM outbox WHERE id = ?", (old[0],))
+                t.depth -= 1
+                t.size -= old[1]
+                t.state_bytes -= old[1]
+                t.superseded += 1
+        if t.size + size > self._max_bytes:
+            self._make_room(conn, t, it, size)
+        cur = conn.execute(
+            "INSERT INTO outbox (topic, payload, kind, key, retain, created, size)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (it.topic, it.payload, it.kind, it.key, int(it.retain), now, size))
+        t.depth += 1
+        t.size += size
+        if is_state:
+            t.state_bytes += size
+        t.stored += 1
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def _make_room(self, conn: sqlite3.Connection, t: _Tally, it: NewItem, size: int) -> None:
+        """Drop the oldest insight/contrib rows until ``size`` more bytes fit."""
+        floor = t.state_bytes + size
+        if floor > self._max_bytes:
+            # Decided before dropping anything: a refused item must not cost older rows.
+            raise OutboxError(
+                f"outbox full: {self._path} cannot take a {it.kind} item of {size} bytes for "
+                f"{it.topic!r}; pending state rows hold {t.state_bytes} of max_bytes "
+                f"{self._max_bytes} and are never dropped for space (the item was NOT stored)")
+        need = t.size + size - self._max_bytes
+        freed = count = 0
+        last_id = 0
+        cur = conn.execute("SELECT id, size FROM outbox WHERE kind != 'state' ORDER BY id")
+        try:
+            while freed < need:
+                batch = cur.fetchmany(256)
+                if not batch:
+                    break
+                for rid, rsize in batch:
+                    freed += rsize
+                    count += 1
+                    last_id = rid
+                    if freed >= need:
+                        break
+        finally:
+            cur.close()
+        # Follows from floor <= max_bytes and the tally matching the table.
+        assert freed >= need, (freed, need)
+        conn.execute("DELETE FROM outbox WHERE kind != 'state' AND id <= ?", (last_id,))
+        t.depth -= count
+        t.size -= freed
+        t.overflow += count
+
+    @staticmethod
+    def _expire_due(t: _Tally, now: float) -> bool:
+        # Also when the clock went backwards, so a stepped clock cannot stop expiry.
+        return now - t.last_expire >= _EXPIRE_EVERY or now < t.last_expire
+
+    def _expire_in(self, conn: sqlite3.Connection, t: _Tally, now: float) -> int:
+        cutoff = now - self._max_age
+        n, size = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM outbox"
+            " WHERE kind != 'state' AND created < ?", (cutoff,)).fetchone()
+        if n:
+            conn.execute("DELETE FROM outbox WHERE kind != 'state' AND created < ?", (cutoff,))
+            t.depth -= n
+            t.size -= size
+            t.expired += n
+        t.last_expire = now
+        return int(n)
+
+    def _expire_opportunistically(self, now: float) -> None:
+        # Best effort: pending() is a read and must keep working when a write cannot.
+        t = replace(self._tally)
+        try:
+            with self._write("expiring old items") as conn:
+                self._expire_in(conn, t, now)
+        except OutboxError as exc:
+            log.warning("%s", exc)
+            return
+        self._tally = t
+
+    # -- full disk --------------------------------------------------------------------------
+
+    def _make_reserve(self, *, strict: bool) -> bool:
+        """Ensure the reserve file exists at full size; False when the disk has no room.
+
+        With ``strict``, other failures raise; otherwise they are logged and give False.
+        """
+        try:
+            if self._reserve.is_file() and self._reserve.stat().st_size >= RESERVE_BYTES:
+                return True
+            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                if hasattr(os, "posix_fallocate"):
+                    # Allocates real blocks (a sparse file would reserve nothing).
+                    os.posix_fallocate(fd, 0, RESERVE_BYTES)
+                else:  # pragma: no cover - macOS
+                    os.write(fd, bytes(RESERVE_BYTES))
+            finally:
+                os.close(fd)
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._reserve.unlink(missing_ok=True)
+                return False
+            if strict:
+                raise OutboxError(f"outbox {self._path}: cannot create its reserve file "
+                                  f"{self._reserve}: {exc.strerror or exc}") from exc
+            log.warning("outbox %s: cannot create reserve file %s: %s", self._path,
+                        self._reserve, exc)
+            return False
+
+    def _on_disk_full(self) -> None:
+        """Give acks and a checkpoint room after a write failed with SQLITE_FULL."""
+        if not self._disk_full:
+            log.warning("outbox %s: disk full; releasing the reserve and refusing new items "
+                        "until there is room again", self._path)
+        self._disk_full = True
+        self._next_recover = _monotonic() + RECOVER_INTERVAL
+        try:
+            self._reserve.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("outbox %s: cannot remove reserve file: %s", self._path, exc)
+        # Moves WAL frames into the database file and empties the WAL, so that the space the
+        # WAL held is free for the deletes of acks.
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        if self._conn is None:
+            return
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("outbox %s: checkpoint failed: %s", self._path, exc)
+
+    def _check_room(self) -> None:
+        """Refuse new items while the disk is full; retry the reserve now and then."""
+        if not self._disk_full:
+            return
+        if _monotonic() >= self._next_recover:
+            self._next_recover = _monotonic() + RECOVER_INTERVAL
+            conn = self._live()
+            try:
+                # Hand pages freed by acks back to the file system before re-creating the
+                # reserve; without this, a file that filled the disk never shrinks.
+                conn.execute("PRAGMA incremental_vacuum").fetchall()
+            except sqlite3.Error as exc:
+                log.info("outbox %s: incremental vacuum failed: %s", self._path, exc)
+            self._checkpoint()
+            if self._make_reserve(strict=False):
+                log.warning("outbox %s: disk has room again; accepting new items", self._path)
+                self._disk_full = False
+                return
+        raise OutboxError(
+            f"outbox {self._path}: disk full; new items are refused until {RESERVE_BYTES} "
+            f"bytes are free next to it (pending items are kept; reads and acks still work; "
+            f"retried every {RECOVER_INTERVAL:g}s)")
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
+def _outbox_error(path: Path, exc: sqlite3.Error, doing: str) -> OutboxError:
+    """Turn a sqlite3 error into an OutboxError naming the file and the cause."""
+    code = _primary_code(exc)
+    detail = str(exc)
+    if code == _SQLITE_FULL or "database or disk is full" in detail:
+        return OutboxError(f"outbox {path}: disk full while {doing} ({detail}); that write was "
+                           "NOT stored, pending items are kept, reads and acks still work")
+    if code == _SQLITE_READONLY or "readonly" in detail:
+        return OutboxError(f"outbox {path} is read-only ({detail}); it must be writable by "
+                           "this process")
+    if code == _SQLITE_NOTADB or "file is not a database" in detail:
+        return OutboxError(f"{path} is not an outbox database ({detail}); move it aside to "
+                           "start a new outbox")
+    if code == _SQLITE_CORRUPT or "malformed" in detail:
+        return OutboxError(f"outbox {path} is corrupt ({detail}); move it aside to start a "
+                           "new outbox")
+    if code in (_SQLITE_BUSY, _SQLITE_LOCKED) or "locked" in detail:
+        return OutboxError(f"outbox {path} is locked by another process ({detail}); only one "
+                           "process may use an outbox at a time")
+    if code == _SQLITE_CANTOPEN:
+        return OutboxError(f"cannot open outbox {path} ({detail})")
+    if code == _SQLITE_IOERR:
+        return OutboxError(f"outbox {path}: I/O error while {doing} ({detail})")
+    return OutboxError(f"outbox {path}: {doing} failed ({detail})")

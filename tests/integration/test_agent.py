@@ -1,0 +1,291 @@
+"""``pear-mqtt agent`` end to end: a real agent process, a real mosquitto over mutual TLS, and
+a PearNetwork of another company (consortium mode) receiving what the agent shares.
+
+Nothing sleeps to wait for messages: the tests wait on the receiver's stream and on the
+agent's stderr lines, each with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import MosquittoBroker, NetworkPKI
+
+from pear_mqtt.config import NetworkConfigManager
+from pear_mqtt.envelope import generate_x25519_key, save_x25519_public_key
+from pear_mqtt.network import PearNetwork, ReceivedInsight
+from pear_mqtt.outbox import Outbox
+from pear_mqtt.privacy import ValueRange
+from pear_mqtt.types import (
+    EncryptionConfig,
+    NetworkConfig,
+    NetworkMode,
+    NetworkStatus,
+    PrivacyConfig,
+    ReliabilityConfig,
+)
+
+GROUP_KEY = base64.b64encode(bytes(range(32))).decode()
+REPO = Path(__file__).resolve().parents[2]
+SENT = re.compile(r"\bsent=(\d+)\b")
+
+
+@pytest.fixture
+def aggregator_key(tmp_path: Path) -> Path:
+    path = tmp_path / "aggregator.pub"
+    save_x25519_public_key(generate_x25519_key().public_key(), path)
+    return path
+
+
+@pytest.fixture
+def make_config(pki: NetworkPKI, aggregator_key: Path) -> Callable[..., NetworkConfig]:
+    def make(member: str, broker: MosquittoBroker, *, outbox: Path | None = None
+             ) -> NetworkConfig:
+        return NetworkConfig(
+            mode=NetworkMode.CONSORTIUM, company_id=member, network_id=pki.network,
+            node_id="store-1", broker_url=broker.tls_url, tls=pki.tls(member),
+            privacy=PrivacyConfig(aggregator_key_file=aggregator_key,
+                                  pseudonym_secret="s" * 32),
+            encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
+            reliability=ReliabilityConfig(outbox_path=outbox, reconnect_min_delay=0.05,
+                                          reconnect_max_delay=0.5))
+    return make
+
+
+@pytest.fixture
+def agent_config(make_config: Callable[..., NetworkConfig], tmp_path: Path
+                 ) -> Callable[[MosquittoBroker], Path]:
+    """The acme store agent's config file for ``broker``, as an operator would keep it."""
+    def write(broker: MosquittoBroker) -> Path:
+        path = tmp_path / "store" / "agent.toml"
+        path.parent.mkdir(exist_ok=True)
+        NetworkConfigManager.save(make_config("acme", broker), path, include_secrets=True)
+        return path
+    return write
+
+
+class AgentProcess:
+    """``python -m pear_mqtt.cli agent ...`` with its stderr lines readable as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.stderr: list[str] = []
+        self._lines: asyncio.Queue[str] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, *args: str | Path) -> AgentProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PEAR_")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pear_mqtt.cli", "agent", *map(str, args), cwd=REPO,
+            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        return cls(proc)
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            text = line.decode(errors="replace").rstrip("\n")
+            self.stderr.append(text)
+            self._lines.put_nowait(text)
+
+    def forget(self) -> None:
+        """Drop the lines seen so far: :meth:`wait_line` looks only at later ones."""
+        while not self._lines.empty():
+            self._lines.get_nowait()
+
+    async def wait_line(self, predicate: Callable[[str], bool], timeout: float) -> str:
+        async def look() -> str:
+            while True:
+                line = await self._lines.get()
+                if predicate(line):
+                    return line
+        try:
+            return await asyncio.wait_for(look(), timeout)
+        except TimeoutError:
+            raise AssertionError("agent never printed the expected line; stderr:\n"
+                                 + "\n".join(self.stderr)) from None
+
+    async def finish(self, timeout: float) -> tuple[int, dict[str, Any]]:
+        """Wait for the exit; return the status and the JSON report from stdout."""
+        assert self.proc.stdout is not None
+        try:
+            out, _ = await asyncio.wait_for(
+                asyncio.gather(self.proc.stdout.read(), self.proc.wait()), timeout)
+            await asyncio.wait_for(self._reader, timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError("agent did not exit; stderr:\n"
+                                 + "\n".join(self.stderr)) from None
+        lines = out.decode().strip().splitlines()
+        assert lines, "no report on stdout; stderr:\n" + "\n".join(self.stderr)
+        return self.proc.returncode or 0, json.loads(lines[-1])
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+
+async def collect(stream: AsyncIterator[ReceivedInsight], into: dict[str, ReceivedInsight],
+                  total: int, timeout: float) -> None:
+    """Read ``stream`` into ``into`` (by item id) until it holds ``total`` distinct items."""
+    async def run() -> None:
+        while len(into) < total:
+            got = await anext(stream)
+            into[got.item_id] = got
+    try:
+        await asyncio.wait_for(run(), timeout)
+    except TimeoutError:
+        raise AssertionError(f"received {len(into)} of {total} insights") from None
+
+
+async def test_simulated_agent_delivers_every_insight(
+        mosquitto: MosquittoBroker, make_config: Callable[..., NetworkConfig],
+        agent_config: Callable[[MosquittoBroker], Path], tmp_path: Path) -> None:
+    config_file = agent_config(mosquitto)
+    status_file = tmp_path / "status.json"
+    received: dict[str, ReceivedInsight] = {}
+    async with PearNetwork(make_config("globex", mosquitto)) as rx:
+        stream = rx.insights()
+        agent = await AgentProcess.start(
+            "--config", config_file, "--simulate", "--count", "200", "--rate", "0",
+            "--seed", "11", "--status-interval", "0.2", "--status-file", status_file,
+            "--drain-timeout", "30")
+        await collect(stream, received, 200, timeout=60)
+        code, report = await agent.finish(timeout=60)
+    assert code == 0, agent.stderr
+    assert (report["read"], report["sent"], report["rejected"], report["failed"]) == \
+        (200, 200, 0, 0)
+    assert report["drained"] and report["outbox_depth"] == 0 and not report["stopped"]
+    assert len(received) == 200
+    got = list(received.values())
+    assert {r.member for r in got} == {"acme"}
+    assert len({r.insight.category for r in got}) == 8  # --categories defaults to 8
+    # Shared under the consortium policy: prices as ranges, never exact.
+    assert all(isinstance(r.insight.groups["price_data"]["price"], ValueRange) for r in got)
+    # The outbox defaults to .pear/ next to the config, and the status file is a
+    # NetworkStatus written at the end (the node is then offline).
+    assert (config_file.parent / ".pear" / "outbox-store-1.sqlite").is_file()
+    status = NetworkStatus.model_validate_json(status_file.read_text())
+    assert not status.connected and status.messages_out >= 1 and status.outbox_depth == 0
+    assert any(SENT.search(line) for line in agent.stderr)
+    assert any("simulating 8 categories with seed 11" in line for line in agent.stderr)
+
+
+async def test_sigterm_while_offline_keeps_the_outbox_and_a_later_run_delivers_it(
+        mosquitto_factory: Callable[..., MosquittoBroker],
+        make_config: Callable[..., NetworkConfig],
+        agent_config: Callable[[MosquittoBroker], Path], tmp_path: Path) -> None:
+    # Persistence: the receiver's queued messages survive the broker's stop, so any loss
+    # would be the agent's.
+    broker = mosquitto_factory(persistence=True)
+    config_file = agent_config(broker)
+    outbox = tmp_path / "agent-outbox.sqlite"
+    received: dict[str, ReceivedInsight] = {}
+    async with PearNetwork(make_config("globex", broker)) as rx:
+        stream = rx.insights()
+        agent = await AgentProcess.start(
+            "--config", config_file, "--outbox", outbox, "--simulate", "--count", "100000",
+            "--rate", "50", "--seed", "5", "--status-interval", "0.05",
+            "--drain-timeout", "1")
+        await collect(stream, received, 10, timeout=30)  # the agent is live
+
+        agent.forget()
+        await asyncio.to_thread(broker.stop)
+        first_offline = await agent.wait_line(lambda s: "connected=no" in s, timeout=20)
+        offline_from = int(SENT.findall(first_offline)[0])
+        await agent.wait_line(lambda s: "connected=no" in s
+                              and int(SENT.findall(s)[0]) >= offline_from + 25, timeout=20)
+        agent.terminate()
+        code, report = await agent.finish(timeout=30)
+        assert code == 0, agent.stderr
+        assert report["stopped"] and not report["drained"] and report["rejected"] == 0
+        total = report["sent"]
+        assert total >= offline_from + 25 and report["outbox_depth"] > 0
+
+        # What never reached the broker is on disk.
+        with Outbox(path=outbox, max_bytes=64 << 20, max_age=86400.0) as box:
+            rows = box.pending(limit=1_000_000)
+        assert len(rows) == report["outbox_depth"]
+        waiting = {json.loads(r.payload)["iid"] for r in rows if r.kind == "insight"}
+        assert len(waiting) >= total - offline_from
+
+        # Broker back, then a run that only empties the outbox: zero loss.
+        await asyncio.to_thread(broker.start)
+        drainer = await AgentProcess.start(
+            "--config", config_file, "--outbox", outbox, "--drain-only",
+            "--drain-timeout", "60", "--status-interval", "0")
+        code, drained = await drainer.finish(timeout=90)
+        assert code == 0, drainer.stderr
+        assert drained["drained"] and drained["outbox_depth"] == 0 and drained["sent"] == 0
+        await collect(stream, received, total, timeout=60)
+    assert len(received) == total
+    assert waiting <= received.keys()
+    assert {r.member for r in received.values()} == {"acme"}
+
+
+async def test_input_file_with_bad_lines(
+        mosquitto: MosquittoBroker, make_config: Callable[..., NetworkConfig],
+        agent_config: Callable[[MosquittoBroker], Path], tmp_path: Path) -> None:
+    rows = ["category,region,window_start,window_end,price,units",
+            "grocery/dairy,north,2026-11-02T09:00:00Z,2026-11-02T10:00:00Z,1.99,12",
+            "grocery/dairy,north,2026-11-02T10:00:00Z,2026-11-02T11:00:00Z,abc,12",
+            "grocery/bakery,north,2026-11-02T09:00:00Z,2026-11-02T10:00:00Z,2.49,",
+            "grocery/bakery,north,2026-11-02T10:00:00Z,2026-11-02T09:00:00Z,2.49,3",
+            "household/cleaning,north,2026-11-02T09:00:00Z,2026-11-02T10:00:00Z,,4"]
+    data = tmp_path / "till-export.csv"
+    data.write_text("\n".join(rows) + "\n")
+    received: dict[str, ReceivedInsight] = {}
+    async with PearNetwork(make_config("globex", mosquitto)) as rx:
+        stream = rx.insights()
+        agent = await AgentProcess.start("--config", agent_config(mosquitto), "--input", data,
+                                         "--status-interval", "0")
+        await collect(stream, received, 3, timeout=30)
+        code, report = await agent.finish(timeout=30)
+    assert code == 0, agent.stderr
+    assert (report["read"], report["sent"], report["rejected"]) == (3, 3, 2)
+    assert report["drained"]
+    assert [r.split(": ")[0] for r in report["rejections"]] == [f"{data}:3", f"{data}:5"]
+    assert report["rejections"][0].startswith(f"{data}:3: price: Input should be a valid number")
+    assert "window_end must not be before window_start" in report["rejections"][1]
+    assert any(f"rejected {data}:3: price" in line for line in agent.stderr)
+    assert sorted(r.insight.category for r in received.values()) == [
+        "grocery/bakery", "grocery/dairy", "household/cleaning"]
+
+
+async def test_watch_directory_until_sigterm(
+        mosquitto: MosquittoBroker, make_config: Callable[..., NetworkConfig],
+        agent_config: Callable[[MosquittoBroker], Path], tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    line = ('{"category": "grocery/dairy", "window_start": "2026-11-02T09:00:00Z", '
+            '"window_end": "2026-11-02T10:00:00Z", "sales_data": {"units": %d}}')
+    received: dict[str, ReceivedInsight] = {}
+    async with PearNetwork(make_config("globex", mosquitto)) as rx:
+        stream = rx.insights()
+        agent = await AgentProcess.start("--config", agent_config(mosquitto), "--watch", inbox,
+                                         "--poll-interval", "0.05", "--status-interval", "0")
+        for name, n in (("a.jsonl", 3), ("b.jsonl", 2)):
+            tmp = inbox / f".{name}.part"
+            tmp.write_text("\n".join([line % i for i in range(n)] + ["{broken"]) + "\n")
+            tmp.rename(inbox / name)
+        await collect(stream, received, 5, timeout=30)
+        agent.terminate()
+        code, report = await agent.finish(timeout=30)
+    assert code == 0, agent.stderr
+    assert (report["read"], report["sent"], report["rejected"]) == (5, 5, 2)
+    assert report["stopped"] and report["drained"]
+    assert sorted(p.name for p in (inbox / "done").iterdir()) == ["a.jsonl", "b.jsonl"]
+    assert sorted(p.name for p in (inbox / "rejected").iterdir()) == [
+        "a.jsonl", "a.jsonl.err", "b.jsonl", "b.jsonl.err"]
+    assert "a.jsonl:4: invalid JSON" in (inbox / "rejected" / "a.jsonl.err").read_text()

@@ -1,0 +1,225 @@
+"""``pear-mqtt up``: the whole topology comes up healthy, admits its nodes, and goes away.
+
+Each test drives the real command line in a subprocess, as ``make up`` does, with its state
+directory under ``tmp_path`` and brokers on free loopback ports (never the 1888x defaults,
+which a developer's own ``make up`` may hold). A fixture runs ``up stop`` afterwards whatever
+happened, so a failing test leaves no broker behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import MOSQUITTO, MqttProbe, free_port, new_unique_id
+from paho.mqtt.enums import MQTTProtocolVersion
+
+from pear_mqtt.pki import CertPaths
+
+pytestmark = pytest.mark.integration
+
+CLI_TIMEOUT = 60.0
+
+
+class Up:
+    """Runs ``pear-mqtt up ...`` against one state directory with fixed free ports."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / "state"
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(free_port())
+        self.ports = sorted(ports)
+
+    def run(self, *args: str, backend: str | None = None,
+            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ)
+        env.pop("PEAR_UP_PORTS", None)
+        env.pop("PEAR_BACKEND", None)
+        if backend is not None:
+            env["PEAR_BACKEND"] = backend
+        return subprocess.run(
+            [sys.executable, "-m", "pear_mqtt.cli", "up", *args, "--dir", str(self.dir)],
+            cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout,
+            check=False)
+
+    def start(self, *extra: str, backend: str | None = None
+              ) -> subprocess.CompletedProcess[str]:
+        return self.run("start", "--ports", ",".join(map(str, self.ports)), *extra,
+                        backend=backend)
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.dir / "up.json").read_text())
+        return data
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    runner = Up(tmp_path)
+    yield runner
+    if (runner.dir / "up.json").exists():
+        runner.run("stop", "--grace", "3")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _node(state: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    node = next(n for n in state["nodes"] if n["name"] == name)
+    broker = next(b for b in state["brokers"] if b["name"] == node["broker"])
+    return node, broker
+
+
+def _publish_and_receive(state: dict[str, Any], *, protocol: MQTTProtocolVersion) -> None:
+    """A consortium member's certificate from up.json connects over mutual TLS, may write
+    its own subtree, and reads it back: identity mapping and ACL are live."""
+    node, broker = _node(state, "consortium-globex-store-1")
+    certs = CertPaths(cert=Path(node["cert"]), key=Path(node["key"]), ca=Path(node["ca"]))
+    assert node["member"] != "globex"  # the consortium knows members by pseudonym only
+    topic = f"pear/v1/consortium/{node['network']}/{node['member']}/probe/{new_unique_id()}"
+    probe = MqttProbe(host=broker["host"], port=broker["port"], certs=certs,
+                      protocol=protocol)
+    try:
+        rc = probe.connect()
+        assert not rc.is_failure, rc
+        probe.subscribe(topic)
+        probe.publish(topic, b"hello from test_up")
+        msg, _ = probe.expect(topic)
+        assert msg.payload == b"hello from test_up"
+    finally:
+        probe.close()
+
+
+def _lifecycle(up: Up, *, backend: str, agents: bool,
+               protocol: MQTTProtocolVersion) -> None:
+    began = time.monotonic()
+    args = () if agents else ("--no-agents",)
+    started = up.start(*args, backend=backend)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"backend: {backend}" in started.stdout
+    assert "bridge: not built yet (issue: public bridge)" in started.stdout
+    startup = time.monotonic() - began
+    state = up.state()
+    assert state["state"] == "up" and state["backend"] == backend
+    assert [b["port"] for b in state["brokers"]] == up.ports
+    assert all(b["host"] == "127.0.0.1" for b in state["brokers"])
+    assert {b["network"] for b in state["brokers"]} == {"acme-private", "retail-eu", "market"}
+    consortium = {n["company"] for n in state["nodes"] if n["mode"] == "consortium"}
+    assert len(consortium) >= 6  # enough members for k = 5 aggregates
+    pids = [b["proc"]["pid"] for b in state["brokers"]] + \
+        [a["proc"]["pid"] for a in state["agents"]]
+    if agents and "agents: simulated stores" in started.stdout:
+        assert len(state["agents"]) == 8
+    else:
+        assert state["agents"] == []
+
+    again = up.start(*args, backend=backend)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already up" in again.stdout
+    assert [b["proc"]["pid"] for b in up.state()["brokers"]] == pids[:3]
+
+    status = up.run("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert status.stdout.count("healthy") >= 3
+
+    _publish_and_receive(state, protocol=protocol)
+
+    logs = up.run("logs", "-n", "5")
+    assert logs.returncode == 0, logs.stderr
+    assert "broker-consortium.log" in logs.stdout
+
+    stopped = up.run("stop", "--grace", "4")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
+    assert all(p["proc"]["pid"] is None for p in up.state()["brokers"])
+    for port in up.ports:
+        assert not _listening(port), f"port {port} still has a listener"
+
+    after = up.run("status")
+    assert after.returncode != 0
+    assert "stopped" in after.stdout
+    again = up.run("stop")
+    assert again.returncode == 0 and "already down" in again.stdout
+    print(f"{backend}: healthy after {startup:.1f}s (recorded "
+          f"{state['startup_seconds']:.2f}s)")
+
+
+@pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+def test_local_backend_lifecycle(up: Up) -> None:
+    _lifecycle(up, backend="local", agents=True, protocol=MQTTProtocolVersion.MQTTv5)
+
+
+def test_embedded_backend_lifecycle(up: Up) -> None:
+    _lifecycle(up, backend="embedded", agents=False, protocol=MQTTProtocolVersion.MQTTv311)
+
+
+@pytest.mark.xfail(reason="agents cannot connect to the embedded (amqtt) broker: amqtt "
+                          "rejects pear_mqtt.transport's MQTT 5 CONNECT ('Will flag set, but "
+                          "will topic/message not present') and no 3.1.1 retry follows",
+                   strict=False)
+def test_embedded_backend_with_agents(up: Up) -> None:
+    started = up.start("--timeout", "10", backend="embedded")
+    if "agents: simulated stores" not in started.stdout + started.stderr \
+            and started.returncode == 0:
+        pytest.skip("pear_mqtt.agent is not available")
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert up.run("status").returncode == 0
+
+
+def test_commands_before_any_start(up: Up) -> None:
+    status = up.run("status")
+    assert status.returncode != 0 and "not up" in status.stdout
+    logs = up.run("logs")
+    assert logs.returncode != 0 and "no logs" in logs.stdout
+    stop = up.run("stop")
+    assert stop.returncode == 0 and "already down" in stop.stdout
+
+
+def test_docker_backend_is_refused_clearly(up: Up) -> None:
+    result = up.start(backend="docker")
+    assert result.returncode != 0
+    assert "docker backend: not built yet" in result.stderr
+
+
+def test_busy_port_is_refused_before_starting_anything(up: Up) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", up.ports[1]))
+        squatter.listen()
+        result = up.start("--no-agents", backend="embedded")
+    assert result.returncode == 1
+    assert f"[{up.ports[1]}]" in result.stderr and "--ports" in result.stderr
+    assert not _listening(up.ports[0]) and not _listening(up.ports[2])
+
+
+@pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+def test_failed_start_prints_log_tail_and_cleans_up(up: Up) -> None:
+    first = up.start("--no-agents", backend="local")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert up.run("stop").returncode == 0
+    key = Path(next(b for b in up.state()["brokers"] if b["name"] == "public")["key"])
+    key.write_text("not a key\n")
+
+    result = up.start("--no-agents", backend="local")
+    assert result.returncode == 1
+    assert "broker public: process not running" in result.stderr
+    assert "tail of" in result.stderr and "Unable to load server key" in result.stderr
+    assert up.state()["state"] == "failed"
+    for port in up.ports:
+        assert not _listening(port)
+    assert up.run("status").returncode != 0
