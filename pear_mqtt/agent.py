@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import stat
 import sys
@@ -53,6 +54,7 @@ from .errors import (
     PrivacyError,
     TopicError,
 )
+from .topics import validate_identifier
 from .types import Health, MarketInsight, NetworkConfig, NetworkStatus
 
 if TYPE_CHECKING:
@@ -602,7 +604,8 @@ class SimulatedSource:
 
     ``categories`` (1 to 12) picks categories such as ``grocery/dairy``, ``grocery/bakery``,
     ``household/cleaning`` and ``electronics/audio``. Each open hour (07:00 to 22:00 UTC, from
-    ``start``, default the current hour) gives one insight per category: the regular price
+    ``start``; by default far enough back that the ``count`` insights' windows end by today,
+    or a week back for an endless run) gives one insight per category: the regular price
     follows a slow mean-reverting random walk around the category's base price; promotions
     (a few per category and month, one to three days, 10 to 30 % off) lower the price and
     raise the units; units follow a lunch and an after-work peak and the day of the week;
@@ -625,16 +628,26 @@ class SimulatedSource:
                               f"got {categories}")
         if start is not None and start.tzinfo is None:
             raise ConfigError("the simulation start must be timezone-aware")
+        try:
+            validate_identifier(region, what="region")
+        except TopicError as exc:
+            raise ConfigError(f"--region: {exc}") from None
+        if re.fullmatch(r"[A-Z]{3}", currency) is None:
+            raise ConfigError(f"currency must be a three-letter ISO code, got {currency!r}")
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2**32)
         self.rate = rate
         self.count = count
         self.categories = tuple(m.category for m in _CATALOGUE[:categories])
         self.region = region
         self.currency = currency
-        now = datetime.now(UTC)
-        self.start = (start or now).astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-        # Fail at construction, not on the first insight, if region or currency is invalid.
-        next(self.generate(), None)
+        if start is None:
+            # Far enough back that the windows lie in the past, as a store reporting its
+            # history would have them, rather than running ahead of the clock.
+            open_hours = _CLOSE_HOUR - _OPEN_HOUR
+            days = (7 if count is None else
+                    max(1, -(-count // (categories * open_hours))))
+            start = datetime.now(UTC).replace(hour=0) - timedelta(days=days)
+        self.start = start.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
     def generate(self) -> Iterator[MarketInsight]:
         """The insights in order, without pacing: ``count`` of them, or endless."""
@@ -888,7 +901,6 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
     await net.connect(wait=False)
     reporter: asyncio.Task[None] | None = None
     drained = False
-    final = net.status()
     try:
         writer.write(tally, net.status(), line=False)
         if status_interval > 0:
@@ -898,8 +910,9 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
     finally:
         if reporter is not None:
             reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter
+            # wait(), unlike awaiting the task, does not raise its CancelledError, which could
+            # not be told apart from a cancellation of this run.
+            await asyncio.wait([reporter])
         # Taken before disconnecting, which closes the outbox and so zeroes its depth.
         final = net.status()
         await net.disconnect()

@@ -204,6 +204,8 @@ class PearNetwork:
         self._latency: float | None = None
         self._counters = _Counters()
         self._session = uuid.uuid4().hex[:16]
+        self._protocol: int | None = {"auto": None, "5": 5, "3.1.1": 4}[
+            config.reliability.mqtt_version]
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -348,8 +350,10 @@ class PearNetwork:
             broker=self.config.broker, client_id=self._client_id(), tls=self.config.tls,
             keepalive=rel.keepalive, clean_start=False, session_expiry=rel.session_expiry,
             will=Will(topic=self._topics.presence(self.config.node_id),
-                      payload=self._presence_payload(online=False), qos=1, retain=True))
+                      payload=self._presence_payload(online=False), qos=1, retain=True),
+            protocol=self._protocol)
         await conn.connect()
+        self._protocol = conn.protocol  # reconnects skip the version probe
         return conn
 
     def _client_id(self) -> str:

@@ -131,21 +131,30 @@ class Connection:
         """Connect and wait for a successful CONNACK; :class:`ConnectError` otherwise."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        versions = ([self._protocol_pref] if self._protocol_pref else [5, 4])
+        if self._protocol_pref:
+            attempts = [(self._protocol_pref, timeout)]
+        else:
+            # Some 3.1.1-only brokers (amqtt) neither refuse nor answer an MQTT 5 CONNECT:
+            # they wait for bytes that never come. Give MQTT 5 part of the time, then fall back.
+            attempts = [(5, min(3.0, timeout / 2)), (4, timeout)]
         last: Exception | None = None
-        for version in versions:
+        for version, limit in attempts:
             try:
-                await asyncio.wait_for(self._connect_once(version), timeout)
+                await asyncio.wait_for(self._connect_once(version), limit)
                 self.protocol = version
                 self._misc_task = self._loop.create_task(self._misc_loop())
                 return
             except _ProtocolRefused as exc:
                 last = exc
                 self._teardown("protocol refused")
-                continue
+                self.closed.clear()
             except TimeoutError:
                 self._teardown("connect timed out")
-                raise ConnectError(f"no CONNACK from {self.broker} within {timeout} s") from None
+                if version == 5 and len(attempts) > 1:
+                    last = ConnectError(f"no CONNACK to MQTT 5 within {limit} s")
+                    self.closed.clear()
+                    continue
+                raise ConnectError(f"no CONNACK from {self.broker} within {limit} s") from None
             except ConnectError:
                 self._teardown("connect failed")
                 raise

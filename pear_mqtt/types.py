@@ -221,6 +221,8 @@ class ReliabilityConfig(_Frozen):
     """Delivery, session and outbox settings."""
 
     qos: Literal[0, 1] = 1
+    # "auto": MQTT 5 first, 3.1.1 when the broker refuses or ignores it.
+    mqtt_version: Literal["auto", "5", "3.1.1"] = "auto"
     keepalive: Annotated[int, Field(ge=5, le=65535)] = 30
     session_expiry: Annotated[int, Field(ge=0)] = 3600
     message_expiry: Annotated[int, Field(ge=0)] = 7 * 86400  # retained state lifetime (s)

@@ -498,7 +498,16 @@ def test_simulation_count_zero_and_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="--categories"):
         SimulatedSource(categories=13)
     with pytest.raises(ConfigError, match="region"):
-        SimulatedSource(region="a/b")
+        SimulatedSource(region="a/b", count=0)
+    with pytest.raises(ConfigError, match="currency"):
+        SimulatedSource(currency="eur")
+
+
+@pytest.mark.parametrize("count", [1, 200, 5000])
+def test_simulated_windows_lie_in_the_past_by_default(count: int) -> None:
+    data = list(SimulatedSource(seed=3, count=count).generate())
+    assert len(data) == count
+    assert max(d.window_end for d in data) <= datetime.now(UTC)
 
 
 async def test_simulation_paces_and_stops_promptly() -> None:
