@@ -235,6 +235,8 @@ class PearNetwork:
                                max_age=self.config.reliability.outbox_max_age)
                         if self._outbox_path is not None else _MemoryOutbox())
         self._closing = False
+        if self._outbox.depth > 0:
+            self._idle.clear()  # rows left by an earlier run still wait for their acks
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._supervisor = asyncio.create_task(self._supervise(first))
         if not wait:

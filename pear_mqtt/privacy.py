@@ -145,7 +145,7 @@ class Pseudonymizer:
     32 random bytes and share it only inside the network.
     """
 
-    __slots__ = ("_key", "_network_id")
+    __slots__ = ("_cache", "_key", "_network_id")
 
     def __init__(self, *, secret: bytes | str, network_id: str) -> None:
         key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
@@ -157,6 +157,7 @@ class Pseudonymizer:
             raise ConfigError(str(exc)) from None
         self._key = key
         self._network_id = network_id
+        self._cache: dict[tuple[str, str], str] = {}
 
     def __repr__(self) -> str:
         # The secret stays out of logs and tracebacks.
@@ -169,6 +170,9 @@ class Pseudonymizer:
 
     def pseudonym(self, kind: Literal["company", "store"], value: str) -> str:
         """The pseudonym of ``value`` as a ``kind`` identity in this network."""
+        cached = self._cache.get((kind, value))
+        if cached is not None:
+            return cached
         if kind not in ("company", "store"):
             raise PrivacyError(f"pseudonym kind must be 'company' or 'store', got {kind!r}")
         if not isinstance(value, str) or not value:
@@ -179,7 +183,11 @@ class Pseudonymizer:
             mac.update(len(part).to_bytes(4, "big"))
             mac.update(part)
         text = base64.b32encode(mac.digest()).decode("ascii").lower()
-        return "p" + text[:_PSEUDONYM_CHARS]
+        result = "p" + text[:_PSEUDONYM_CHARS]
+        # A node pseudonymises the same few identities for every insight it sends.
+        if len(self._cache) < 4096:
+            self._cache[(kind, value)] = result
+        return result
 
     def store_pseudonym(self, company: str, store: str) -> str:
         """The pseudonym of ``store`` of ``company``.

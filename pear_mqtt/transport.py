@@ -245,6 +245,8 @@ class Connection:
         err = NotConnectedError(f"connection to {self.broker} lost: {reason}")
         if self._connack is not None and not self._connack.done():
             self._connack.set_exception(ConnectError(f"{self.broker}: {reason}"))
+            # connect() reports its own error; nobody else awaits this future.
+            self._connack.exception()
         for table in (self._pubs, self._subs, self._unsubs):
             for fut in table.values():
                 if not fut.done():
