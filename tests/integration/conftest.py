@@ -18,12 +18,22 @@ Every test in this directory is marked ``integration``; without mosquitto they f
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from brokers import MOSQUITTO, MosquittoBroker, NetworkPKI, build_pki, new_unique_id
+
+from pear_mqtt.envelope import SealOpener, generate_x25519_key, save_x25519_public_key
+from pear_mqtt.types import (
+    EncryptionConfig,
+    NetworkConfig,
+    NetworkMode,
+    PrivacyConfig,
+    ReliabilityConfig,
+)
 
 _HERE = Path(__file__).resolve().parent
 
@@ -76,3 +86,34 @@ def mosquitto(mosquitto_factory: Callable[..., MosquittoBroker]) -> MosquittoBro
 def unique_id() -> str:
     """A fresh identifier, valid as a network, company or node id."""
     return new_unique_id()
+
+
+# -- pear_mqtt node configs for the test network ------------------------------------------------
+
+GROUP_KEY = base64.b64encode(bytes(range(32))).decode()  # the test group key "k1"
+
+
+@pytest.fixture
+def aggregator(tmp_path: Path) -> tuple[Path, SealOpener]:
+    key = generate_x25519_key()
+    path = tmp_path / "aggregator.pub"
+    save_x25519_public_key(key.public_key(), path)
+    return path, SealOpener(key)
+
+
+@pytest.fixture
+def make_config(pki: NetworkPKI, mosquitto: MosquittoBroker, aggregator: tuple[Path, Any]
+                ) -> Callable[..., NetworkConfig]:
+    def make(member: str, *, mode: NetworkMode = NetworkMode.CONSORTIUM, node: str = "store-1",
+             broker_url: str | None = None, outbox: Path | None = None,
+             **reliability: Any) -> NetworkConfig:
+        return NetworkConfig(
+            mode=mode, company_id=member, network_id=pki.network, node_id=node,
+            broker_url=broker_url or mosquitto.tls_url, tls=pki.tls(pki.node(member, node)),
+            privacy=PrivacyConfig(aggregator_key_file=aggregator[0], pseudonym_secret="s" * 32),
+            encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
+            reliability=ReliabilityConfig(outbox_path=outbox, reconnect_min_delay=0.05,
+                                          reconnect_max_delay=0.5, **reliability))
+    return make
+
+

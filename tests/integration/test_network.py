@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from collections.abc import Callable
@@ -11,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import pytest
 from brokers import MosquittoBroker, NetworkPKI, free_port, probe
 
 from pear_mqtt.envelope import (
@@ -19,24 +17,19 @@ from pear_mqtt.envelope import (
     SealOpener,
     Signer,
     TrustStore,
-    generate_x25519_key,
-    save_x25519_public_key,
 )
 from pear_mqtt.network import PearNetwork, ReceivedInsight
 from pear_mqtt.privacy import Contribution, ValueRange
 from pear_mqtt.types import (
-    EncryptionConfig,
     MarketInsight,
     NetworkConfig,
     NetworkMode,
     PriceData,
     PrivacyConfig,
-    ReliabilityConfig,
     SalesData,
     TrendData,
 )
 
-GROUP_KEY = base64.b64encode(bytes(range(32))).decode()
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
@@ -47,30 +40,6 @@ def insight(category: str = "grocery/dairy", price: float = 2.4567, units: float
         price_data=PriceData(currency="EUR", price=price),
         sales_data=SalesData(units=units, revenue=units * price),
         trends=TrendData(price_change_pct=change, direction="up"), sample_size=17)
-
-
-@pytest.fixture
-def aggregator(tmp_path: Path) -> tuple[Path, SealOpener]:
-    key = generate_x25519_key()
-    path = tmp_path / "aggregator.pub"
-    save_x25519_public_key(key.public_key(), path)
-    return path, SealOpener(key)
-
-
-@pytest.fixture
-def make_config(pki: NetworkPKI, mosquitto: MosquittoBroker, aggregator: tuple[Path, Any]
-                ) -> Callable[..., NetworkConfig]:
-    def make(member: str, *, mode: NetworkMode = NetworkMode.CONSORTIUM, node: str = "store-1",
-             broker_url: str | None = None, outbox: Path | None = None,
-             **reliability: Any) -> NetworkConfig:
-        return NetworkConfig(
-            mode=mode, company_id=member, network_id=pki.network, node_id=node,
-            broker_url=broker_url or mosquitto.tls_url, tls=pki.tls(pki.node(member, node)),
-            privacy=PrivacyConfig(aggregator_key_file=aggregator[0], pseudonym_secret="s" * 32),
-            encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
-            reliability=ReliabilityConfig(outbox_path=outbox, reconnect_min_delay=0.05,
-                                          reconnect_max_delay=0.5, **reliability))
-    return make
 
 
 async def take(it: Any, n: int, timeout: float = 20.0) -> list[ReceivedInsight]:

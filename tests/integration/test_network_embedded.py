@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 from brokers import NetworkPKI, free_port
-from test_network import GROUP_KEY, insight, take
+from conftest import GROUP_KEY
+from test_network import insight, take
 
 from pear_mqtt.embedded import EmbeddedBroker
 from pear_mqtt.network import PearNetwork

@@ -1,0 +1,51 @@
+"""The original design note's usage example, as written (all but the network calls)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pear_mqtt import (
+    ConfigError,
+    NetworkConfig,
+    NetworkMode,
+    PearNetwork,
+    PrivacyConfig,
+    SharingLevel,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def seed_config() -> NetworkConfig:
+    # Verbatim from the design note.
+    config = NetworkConfig(
+        mode=NetworkMode.PRIVATE,
+        company_id="example_company",
+        privacy=PrivacyConfig(
+            anonymize_data=True,
+            encrypt_connection=True,
+            data_sharing={
+                "price_data": "ranges_only",
+                "sales_data": "aggregated",
+                "trends": "full"
+            }
+        )
+    )
+    return config
+
+
+def test_seed_example_constructs_as_written() -> None:
+    config = seed_config()
+    network = PearNetwork(config)
+    assert network.config.privacy.data_sharing["price_data"] is SharingLevel.RANGES_ONLY
+    assert config.sharing_level("sales_data") is SharingLevel.AGGREGATED
+    assert network.status().connected is False
+
+
+async def test_seed_example_connect_names_the_missing_certificates() -> None:
+    network = PearNetwork(seed_config())
+    with pytest.raises(ConfigError) as info:
+        await network.connect()
+    message = str(info.value)
+    for path in ("tls.ca_file", "tls.cert_file", "tls.key_file"):
+        assert path in message
