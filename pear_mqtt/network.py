@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
@@ -186,6 +187,10 @@ class PearNetwork:
         self._outbox: Outbox | _MemoryOutbox | None = None
         self._conn: Connection | None = None
         self._connected = asyncio.Event()
+        self._disconnected = asyncio.Event()
+        self._disconnected.set()
+        self._connected_since: float | None = None
+        self._last_error: str | None = None
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -247,7 +252,7 @@ class PearNetwork:
         except TimeoutError:
             await self.disconnect()
             raise ConnectError(f"could not connect to {self.config.broker_url} within "
-                               f"{timeout} s") from None
+                               f"{timeout} s: {self._last_error or 'no answer'}") from None
         except PearError:
             await self.disconnect()
             raise
@@ -311,7 +316,12 @@ class PearNetwork:
                                                      max=rel.reconnect_max_delay),
                         retry=retry_if_exception_type(ConnectError), reraise=True):
                     with attempt:
-                        conn = await self._open_connection()
+                        try:
+                            conn = await self._open_connection()
+                        except ConnectError as exc:
+                            self._last_error = str(exc)
+                            log.info("connecting to %s failed: %s", self.config.broker_url, exc)
+                            raise
             except ConnectError as exc:
                 if not first.done():
                     first.set_exception(exc)
@@ -324,6 +334,9 @@ class PearNetwork:
                 conn.abort()
                 continue
             self._connected.set()
+            self._disconnected.clear()
+            self._connected_since = self._clock()
+            self._last_error = None
             if not first.done():
                 first.set_result(None)
             reader = asyncio.create_task(self._read_loop(conn))
@@ -333,6 +346,7 @@ class PearNetwork:
                 await conn.closed.wait()
             finally:
                 self._connected.clear()
+                self._disconnected.set()
                 for task in (reader, flusher):
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -344,6 +358,9 @@ class PearNetwork:
                 self._counters.reconnects += 1
                 log.info("connection to %s lost (%s); reconnecting", self.config.broker_url,
                          conn.close_reason)
+                # When a broker restarts, all its clients see the loss at the same instant;
+                # a random first delay spreads their reconnects instead of a storm.
+                await asyncio.sleep(random.uniform(0, rel.reconnect_min_delay))
 
     async def _open_connection(self) -> Connection:
         rel = self.config.reliability
@@ -691,6 +708,10 @@ class PearNetwork:
         """Wait until the node is connected (again); :class:`TimeoutError` after ``timeout``."""
         await asyncio.wait_for(self._connected.wait(), timeout)
 
+    async def wait_disconnected(self, *, timeout: float) -> None:
+        """Wait until the connection is down; :class:`TimeoutError` after ``timeout``."""
+        await asyncio.wait_for(self._disconnected.wait(), timeout)
+
     async def wait_peers(self, predicate: Callable[[list[Peer]], bool], *,
                          timeout: float) -> list[Peer]:
         """Wait until ``predicate(peers())`` holds; returns the peers then."""
@@ -724,7 +745,10 @@ class PearNetwork:
             messages_in=c.messages_in, messages_out=c.messages_out, dropped=dropped,
             duplicates=c.duplicates,
             latency_ms=None if self._latency is None else round(self._latency, 3),
-            outbox_depth=depth, reconnects=c.reconnects, health=health)
+            outbox_depth=depth, reconnects=c.reconnects, health=health,
+            connected_since=(datetime.fromtimestamp(self._connected_since, UTC)
+                             if connected and self._connected_since is not None else None),
+            last_error=self._last_error)
 
     @property
     def pseudonymizer(self) -> Pseudonymizer | None:

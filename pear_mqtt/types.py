@@ -396,6 +396,8 @@ class NetworkStatus(_Frozen):
     outbox_depth: int = 0
     reconnects: int = 0
     health: Health = Health.DOWN
+    connected_since: datetime | None = None
+    last_error: str | None = None  # why the last connection attempt failed, while it matters
 
 
 MessageKind = Literal["insights", "state", "presence", "aggregate", "receipt", "ledger", "ack"]

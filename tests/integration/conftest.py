@@ -112,8 +112,8 @@ def make_config(pki: NetworkPKI, mosquitto: MosquittoBroker, aggregator: tuple[P
             broker_url=broker_url or mosquitto.tls_url, tls=pki.tls(pki.node(member, node)),
             privacy=PrivacyConfig(aggregator_key_file=aggregator[0], pseudonym_secret="s" * 32),
             encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
-            reliability=ReliabilityConfig(outbox_path=outbox, reconnect_min_delay=0.05,
-                                          reconnect_max_delay=0.5, **reliability))
+            reliability=ReliabilityConfig(**{"outbox_path": outbox, "reconnect_min_delay": 0.05,
+                                             "reconnect_max_delay": 0.5, **reliability}))
     return make
 
 
