@@ -257,8 +257,13 @@ class PearNetwork:
             await self.disconnect()
             raise
 
-    async def disconnect(self) -> None:
-        """Leave cleanly: mark presence offline, close the connection, keep the outbox."""
+    async def disconnect(self, *, flush_timeout: float = 5.0) -> None:
+        """Leave cleanly: wait up to ``flush_timeout`` s for unacknowledged insights, mark
+        presence offline, and close. What is still unsent stays in the outbox (lost only when
+        the outbox is in memory, i.e. no ``outbox_path`` is configured)."""
+        if self._connected.is_set() and not self._idle.is_set() and flush_timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), flush_timeout)
         self._closing = True
         conn = self._conn
         if conn is not None and conn.connected and self._codec is not None:
