@@ -151,10 +151,14 @@ class RawClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{n - self.acked} PUBACKs missing after {timeout} s")
 
-    def receive(self, n: int, *, read: SubRead, timeout: float = 600.0) -> None:
-        """Run the loop until ``n`` messages arrived (counting from now)."""
+    def receive(self, total: int, *, read: SubRead, timeout: float = 600.0) -> None:
+        """Run the loop until ``total`` messages arrived since connecting.
+
+        Set :attr:`expect` to ``total`` before subscribing when messages may arrive while
+        the subscription is still being acknowledged (retained ones do).
+        """
         c = self.client
-        self.expect = self.received + n
+        self.expect = total
         deadline = time.monotonic() + timeout
         if read == "loop":
             while self.received < self.expect:

@@ -299,7 +299,7 @@ class _Gatekeeper:
         try:
             cert = x509.load_der_x509_certificate(der)
             identity = identity_of(cert)
-        except (ValueError, PearError) as exc:
+        except (ValueError, x509.InvalidVersion, PearError) as exc:
             return _Refusal(f"client certificate does not fit the identity scheme: {exc}")
         if identity.network != self.network:
             return _Refusal(f"certificate is for network {identity.network!r}, "

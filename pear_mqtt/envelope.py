@@ -317,7 +317,7 @@ class Signer:
             raise PKIError(f"cannot load private key {str(key_file)!r}: {exc}") from None
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise PKIError(f"cannot load certificate {str(cert_file)!r}: {exc}") from None
         if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
             raise PKIError(f"key {str(key_file)!r} is {type(key).__name__}; use Ed25519 or "
@@ -453,7 +453,7 @@ class TrustStore:
         for path in ca_files:
             try:
                 cas.extend(x509.load_pem_x509_certificates(_read(path, "CA file")))
-            except ValueError as exc:
+            except (ValueError, x509.InvalidVersion) as exc:
                 raise PKIError(f"cannot load CA certificates from {str(path)!r}: {exc}") from None
         crls: list[x509.CertificateRevocationList] = []
         for path in crl_files:
@@ -557,7 +557,7 @@ class TrustStore:
         try:
             cert = x509.load_der_x509_certificate(der)
             return self._validate_cert(cert, fingerprint)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
             # cryptography parses lazily: a broken field surfaces on first access.
             return _Rejected(MalformedMessage, f"'cert' is not a usable X.509 certificate: {exc}")
 
@@ -1043,10 +1043,80 @@ def seal(public_key: x25519.X25519PublicKey, plaintext: bytes, *, aad: bytes = b
     return _b64e(_SEAL_VERSION + eph_pub + aead.encrypt(nonce, plaintext, aad)).decode("ascii")
 
 
-class SealOpener:
-    """Opens tokens made by :func:`seal` for this X25519 private key (the aggregator's)."""
+_SEAL_SESSION_VERSION = b"\x02"
+_SEAL_SESSION_INFO = b"pear_mqtt seal session v2"
 
-    __slots__ = ("_key", "_public")
+
+def _session_cipher(shared: bytes, ephemeral: bytes, recipient: bytes) -> AESGCM:
+    okm = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+               info=_SEAL_SESSION_INFO + ephemeral + recipient).derive(shared)
+    return AESGCM(okm)
+
+
+class Sealer:
+    """Seals many tokens to one recipient at a fraction of :func:`seal`'s cost.
+
+    :func:`seal` spends ~90 µs on a fresh X25519 key and exchange per token; a node that
+    seals every insight it sends would spend most of its time there. A sealer keeps one
+    ephemeral key (and so one derived AES key) for ``rotate_after`` tokens or
+    ``rotate_seconds``, and gives each token a random 96-bit nonce, far below GCM's limit for
+    random nonces under one key. Tokens name their ephemeral key, so :class:`SealOpener`
+    opens them like any other.
+    """
+
+    __slots__ = (
+        "_aead",
+        "_clock",
+        "_eph_pub",
+        "_made",
+        "_public_key",
+        "_recipient",
+        "_rotate_after",
+        "_rotate_seconds",
+        "_since",
+    )
+
+    def __init__(self, public_key: x25519.X25519PublicKey, *, rotate_after: int = 100_000,
+                 rotate_seconds: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not isinstance(public_key, x25519.X25519PublicKey):
+            raise PKIError(f"a sealed box needs an X25519 public key, got "
+                           f"{type(public_key).__name__}")
+        self._public_key = public_key
+        self._recipient = public_key.public_bytes_raw()
+        self._rotate_after = rotate_after
+        self._rotate_seconds = rotate_seconds
+        self._clock = clock
+        self._aead: AESGCM | None = None
+        self._eph_pub = b""
+        self._made = 0
+        self._since = 0.0
+
+    def _rotate(self) -> AESGCM:
+        ephemeral = x25519.X25519PrivateKey.generate()
+        self._eph_pub = ephemeral.public_key().public_bytes_raw()
+        self._aead = _session_cipher(ephemeral.exchange(self._public_key), self._eph_pub,
+                                     self._recipient)
+        self._made, self._since = 0, self._clock()
+        return self._aead
+
+    def seal(self, plaintext: bytes, *, aad: bytes = b"") -> str:
+        """A token only the recipient's private key opens (``aad`` must match on open)."""
+        aead = self._aead
+        if (aead is None or self._made >= self._rotate_after
+                or self._clock() - self._since >= self._rotate_seconds):
+            aead = self._rotate()
+        self._made += 1
+        nonce = os.urandom(_NONCE_BYTES)
+        return _b64e(_SEAL_SESSION_VERSION + self._eph_pub + nonce
+                     + aead.encrypt(nonce, plaintext, aad)).decode("ascii")
+
+
+class SealOpener:
+    """Opens tokens made by :func:`seal` or a :class:`Sealer` for this X25519 private key
+    (the aggregator's)."""
+
+    __slots__ = ("_key", "_public", "_sessions")
 
     def __init__(self, private_key: x25519.X25519PrivateKey) -> None:
         if not isinstance(private_key, x25519.X25519PrivateKey):
@@ -1054,6 +1124,8 @@ class SealOpener:
                            f"{type(private_key).__name__}")
         self._key = private_key
         self._public = private_key.public_key().public_bytes_raw()
+        # Derived keys of recent sealer sessions: one X25519 exchange per session, not token.
+        self._sessions: _LRU[bytes, AESGCM] = _LRU(4096)
 
     @classmethod
     def from_file(cls, path: Path) -> SealOpener:
@@ -1064,12 +1136,32 @@ class SealOpener:
     def public_key(self) -> x25519.X25519PublicKey:
         return self._key.public_key()
 
+    def _open_session(self, raw: bytes, aad: bytes) -> bytes:
+        head = 1 + _X25519_BYTES + _NONCE_BYTES
+        if len(raw) < head + _GCM_TAG_BYTES:
+            raise DecryptionError("sealed token is truncated")
+        eph_pub = raw[1:1 + _X25519_BYTES]
+        nonce, body = raw[1 + _X25519_BYTES:head], raw[head:]
+        try:
+            aead = self._sessions.get(eph_pub)
+            if aead is not None:
+                return aead.decrypt(nonce, body, aad)
+            shared = self._key.exchange(x25519.X25519PublicKey.from_public_bytes(eph_pub))
+            aead = _session_cipher(shared, eph_pub, self._public)
+            plaintext = aead.decrypt(nonce, body, aad)
+        except (InvalidTag, ValueError):
+            raise DecryptionError("sealed token does not open with this key") from None
+        self._sessions.put(eph_pub, aead)  # only keys that opened a token are kept
+        return plaintext
+
     def open(self, token: str, *, aad: bytes = b"") -> bytes:
         """The plaintext of ``token``; :class:`DecryptionError` if it is not one for this key."""
         try:
             raw = _b64d(token.encode("ascii"), "sealed token")
         except (MalformedMessage, UnicodeEncodeError, AttributeError):
             raise DecryptionError("sealed token is not base64url text") from None
+        if raw[:1] == _SEAL_SESSION_VERSION:
+            return self._open_session(raw, aad)
         if len(raw) < 1 + _X25519_BYTES + _GCM_TAG_BYTES or raw[:1] != _SEAL_VERSION:
             raise DecryptionError("sealed token is truncated or of an unknown version")
         eph_pub = raw[1:1 + _X25519_BYTES]

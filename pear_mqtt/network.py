@@ -29,12 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
 from .config import NetworkConfigManager
-from .envelope import EnvelopeCodec, load_x25519_public_key, seal
+from .envelope import EnvelopeCodec, Sealer, load_x25519_public_key
 from .errors import (
     ConnectError,
     EnvelopeError,
@@ -183,7 +182,7 @@ class PearNetwork:
         self._codec: EnvelopeCodec | None = None
         self._scheme: TopicScheme | None = None
         self._filter = PrivacyFilter(config=config)
-        self._aggregator_key: X25519PublicKey | None = None
+        self._sealer: Sealer | None = None
         self._outbox: Outbox | _MemoryOutbox | None = None
         self._conn: Connection | None = None
         self._connected = asyncio.Event()
@@ -234,7 +233,7 @@ class PearNetwork:
         self._scheme = TopicScheme(mode=self.config.mode.value, network=self.config.network_id,
                                    member=me.member)
         if self.config.privacy.aggregator_key_file is not None:
-            self._aggregator_key = load_x25519_public_key(self.config.privacy.aggregator_key_file)
+            self._sealer = Sealer(load_x25519_public_key(self.config.privacy.aggregator_key_file))
         self._outbox = (Outbox(path=self._outbox_path,
                                max_bytes=self.config.reliability.outbox_max_bytes,
                                max_age=self.config.reliability.outbox_max_age)
@@ -419,9 +418,8 @@ class PearNetwork:
         item: dict[str, Any] = {"iid": item_id,
                                 "insight": result.shared.model_dump(mode="json",
                                                                     exclude_none=True)}
-        if result.contribution is not None and self._aggregator_key is not None:
-            item["sealed"] = seal(self._aggregator_key,
-                                  result.contribution.model_dump_json().encode())
+        if result.contribution is not None and self._sealer is not None:
+            item["sealed"] = self._sealer.seal(result.contribution.model_dump_json().encode())
         elif result.contribution is not None:
             self._counters.dropped["aggregated_without_aggregator_key"] += 1
         payload = json.dumps(item, separators=(",", ":")).encode()

@@ -80,6 +80,7 @@ __all__ = [
     "refresh_crl",
     "register_cli",
     "revoke",
+    "revoked_nodes",
 ]
 
 KeyType = Literal["ed25519", "ec-p256"]
@@ -208,7 +209,7 @@ def _load_cert(path: Path, what: str = "certificate") -> x509.Certificate:
     data = _read(path, what)
     try:
         return x509.load_pem_x509_certificate(data)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise PKIError(f"{what} {path} is not a PEM certificate: {exc}") from None
 
 
@@ -531,6 +532,12 @@ def revoke(*, ca_dir: Path, cert: Path | int) -> Path:
     Revoking twice keeps the first revocation date. A certificate file this CA did not sign
     is refused; a serial must be in the registry (pass the certificate file if the registry
     lost it). Brokers read the CRL when they start: restart or SIGHUP them afterwards.
+
+    The CRL only stops new connections. For a node certificate, also re-render the mosquitto
+    configuration (:func:`pear_mqtt.brokerconf.render` with ``ca_dir``) before the SIGHUP:
+    its ACL denies the node's topics (:func:`revoked_nodes`), which stops the broker from
+    serving the retained state the node published before. The embedded broker does that
+    by itself on :meth:`~pear_mqtt.embedded.EmbeddedBroker.reload_crl`.
     """
     ca_dir = Path(ca_dir)
     with _locked(ca_dir):
@@ -594,6 +601,37 @@ def list_certificates(*, ca_dir: Path) -> list[CertRecord]:
             from None
 
 
+def revoked_nodes(*, ca_dir: Path) -> list[tuple[str, str]]:
+    """``(member, node)`` of every node whose newest node certificate is revoked, sorted.
+
+    This is what a broker must deny (:func:`pear_mqtt.topics.revoked_node_rules`): the node's
+    retained state and presence stop being served, and nobody of the member writes there.
+    mosquitto can only tell publishers apart by username, which is the member, so the deny is
+    per node topic, not per certificate.
+
+    Only the newest certificate of a node counts (issue time, then registry order):
+
+    - re-keying a node after a revocation (``issue`` again with the same node id) lifts the
+      deny, so the node can publish its state again. Until it overwrites them, the retained
+      messages the revoked key published are served again; receivers still drop them, since
+      they check each envelope's certificate against the CRL. Give the replacement a new node
+      id where even that must not happen.
+    - revoking an *older* certificate of a node that already has a newer one denies nothing:
+      the node lives on under the new key.
+
+    Broker and bridge certificates are not nodes and are never listed.
+    """
+    newest: dict[tuple[str, str], tuple[dt.datetime, int, bool]] = {}
+    for index, record in enumerate(list_certificates(ca_dir=ca_dir)):
+        if record.role != "node":
+            continue
+        key = (record.member, record.node)
+        candidate = (record.not_before, index, record.revoked)
+        if key not in newest or candidate[:2] > newest[key][:2]:
+            newest[key] = candidate
+    return sorted(key for key, (_, _, revoked) in newest.items() if revoked)
+
+
 # -- command line ---------------------------------------------------------------------------
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -622,7 +660,10 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     else:
         target = args.cert
     path = revoke(ca_dir=args.dir, cert=target)
-    print(f"revoked; CRL written to {path} — restart or SIGHUP the broker to apply it")
+    print(f"revoked; CRL written to {path}.\n"
+          "Apply it: re-render the broker configuration (`pear-mqtt broker render --pki "
+          f"{args.dir} ...`), whose ACL then denies a revoked node's topics so that its "
+          "retained state and presence stop being served, and SIGHUP (or restart) the broker.")
     return 0
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "TopicScheme",
     "acl_rules",
     "parse_topic",
+    "revoked_node_rules",
     "validate_category",
     "validate_identifier",
 ]
@@ -292,8 +293,44 @@ class AclRule:
         return f"topic {self.access} {self.topic}"
 
 
-def acl_rules(*, mode: str, network: str = "default",
-              bridge_users: Iterable[str] = ()) -> list[AclRule]:
+def revoked_node_rules(*, mode: str, network: str = "default",
+                       revoked: Iterable[tuple[str, str]]) -> list[AclRule]:
+    """``deny`` rules that take the topics of revoked nodes away from their member.
+
+    For each ``(member, node)`` in ``revoked``, the member's username (the certificate CN) is
+    denied ``state/<node>/#``, ``nodes/<node>`` and ``nodes/<node>/sync`` in its subtree.
+    A deny is all-access in mosquitto, so:
+
+    - nobody of the member can write there any more (a revoked node that is still connected
+      cannot republish its state); its other nodes cannot read there either;
+    - with mosquitto's ``check_retain_source true`` (rendered by :mod:`pear_mqtt.brokerconf`)
+      a retained message is re-checked on delivery against its publisher's *write* access, so
+      the node's retained state and presence stop reaching every subscriber, of every member,
+      the moment the broker reloads the ACL.
+
+    The rules are per node: the member's other stores keep their own topics. Public mode has
+    no per-node topics (presence and contributions are per participant), so it gets no rules.
+    """
+    if mode not in _MODES:
+        raise TopicError(f"mode must be one of {_MODES}, got {mode!r}")
+    validate_identifier(network, what="network_id")
+    rules: list[AclRule] = []
+    for member, node in revoked:
+        validate_identifier(member, what="revoked member")
+        validate_identifier(node, what="revoked node")
+        if mode == "public":
+            continue
+        scheme = TopicScheme(mode, network, member)
+        rules += [
+            AclRule("deny", f"{scheme.member_root}/state/{node}/#", user=member),
+            AclRule("deny", scheme.presence(node), user=member),
+            AclRule("deny", scheme.sync_marker(node), user=member),
+        ]
+    return list(dict.fromkeys(rules))
+
+
+def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str] = (),
+              revoked: Iterable[tuple[str, str]] = ()) -> list[AclRule]:
     """The ACL a broker of ``mode`` needs: each member writes only its own subtree.
 
     - private: a company reads and writes ``pear/v1/private/<itself>/#``.
@@ -302,12 +339,17 @@ def acl_rules(*, mode: str, network: str = "default",
       the ``bridge_users`` alone write ``aggregates/`` and bridge state, and read ``contrib/``.
 
     Bridge users also get read on the consortium/private trees (they aggregate them).
+
+    ``revoked`` lists ``(member, node)`` pairs whose certificate was revoked (see
+    :func:`pear_mqtt.pki.revoked_nodes`); their ``deny`` rules (:func:`revoked_node_rules`)
+    come first. A deny wins over every grant in both mosquitto 2 and
+    :class:`pear_mqtt.embedded.AccessPolicy`, so the order is for the reader.
     """
     if mode not in _MODES:
         raise TopicError(f"mode must be one of {_MODES}, got {mode!r}")
     validate_identifier(network, what="network_id")
     bridges = [validate_identifier(b, what="bridge user") for b in bridge_users]
-    rules: list[AclRule] = []
+    rules: list[AclRule] = revoked_node_rules(mode=mode, network=network, revoked=revoked)
     if mode == "private":
         rules.append(AclRule("readwrite", f"{PREFIX}/private/%u/#"))
         for b in bridges:

@@ -923,3 +923,28 @@ def test_junk_certificates_do_not_evict_good_ones(pki: PKI) -> None:
             trust.verify_certificate(b"not DER %d" % i, now=NOW)
     assert trust.lookup(good.fingerprint, now=NOW) == good
     assert trust.lookup(b"\x00" * 32, now=NOW) is None
+
+
+# -- session sealer --------------------------------------------------------------------------
+
+def test_sealer_tokens_open_and_share_one_session_key() -> None:
+    from pear_mqtt.envelope import Sealer, SealOpener, generate_x25519_key
+
+    key = generate_x25519_key()
+    sealer = Sealer(key.public_key(), rotate_after=3)
+    opener = SealOpener(key)
+    tokens = [sealer.seal(f"item {i}".encode(), aad=b"ctx") for i in range(7)]
+    assert [opener.open(t, aad=b"ctx") for t in tokens] == [f"item {i}".encode()
+                                                              for i in range(7)]
+    assert len(set(tokens)) == 7  # fresh nonces: equal plaintexts never repeat on the wire
+    raw = [base64.urlsafe_b64decode(t + "=" * (-len(t) % 4)) for t in tokens]
+    sessions = {r[1:33] for r in raw}
+    assert len(sessions) == 3  # rotated after every 3 tokens
+    with pytest.raises(DecryptionError):
+        opener.open(tokens[0], aad=b"other")
+    with pytest.raises(DecryptionError):
+        SealOpener(generate_x25519_key()).open(tokens[0], aad=b"ctx")
+    tampered = bytearray(raw[1])
+    tampered[-1] ^= 1
+    with pytest.raises(DecryptionError):
+        opener.open(base64.urlsafe_b64encode(bytes(tampered)).decode().rstrip("="), aad=b"ctx")
