@@ -8,7 +8,32 @@
   local development.
 - ``acl``: generated from :func:`pear_mqtt.topics.acl_rules`, so the broker enforces exactly
   the topic scheme the library publishes to: ``pattern`` lines (``%u`` = certificate CN = the
-  member) for every member, ``user <bridge>`` sections for the bridge identities.
+  member) for every member, ``user <bridge>`` sections for the bridge identities, and
+  ``user <member>`` sections with ``topic deny`` lines for the nodes whose certificate was
+  revoked.
+
+Revocation, and the retained state a revoked node left behind
+    The CRL keeps a revoked node from connecting, but the retained state and presence it
+    published before stay on the broker. mosquitto 2.0 (checked on 2.0.11) hides them with two
+    features together: ``check_retain_source true`` (in ``common.conf.tmpl``) makes it re-check,
+    each time it delivers a retained message, that the message's original publisher -- by
+    username, i.e. the member -- still has *write* access to the topic; and the ACL's
+    ``deny`` lines (which win over every grant, wherever they stand) take the node's
+    ``state/<node>/#``, ``nodes/<node>`` and ``nodes/<node>/sync`` away from its member.
+    Other members' subscribers then stop receiving the node's retained messages
+    (check_retain_source), the member's other stores too (the deny is read access as well),
+    and a revoked node that is still connected cannot write there any more. The member's other
+    stores keep their own topics: the rules are per node.
+
+    Procedure: ``pear-mqtt pki revoke ...``, then ``pear-mqtt broker render --pki CA_DIR ...``
+    (with a ``ca_dir``, :func:`render` reads the revoked nodes from the CA registry, see
+    :func:`pear_mqtt.pki.revoked_nodes`), then SIGHUP mosquitto: it re-reads the ACL file and
+    the CRL. The messages stay stored but are never delivered. There is no "clear retained"
+    step: nobody has write access to those topics any more (that is the point), so nobody
+    could clear them over MQTT, and hiding is enough. Re-keying the node (a new certificate
+    for the same node id) lifts the deny; the old messages are then served again until the
+    node overwrites them, and receivers drop them because their signing certificate is on
+    the CRL.
 
 The broker's certificate and the CA material come from :mod:`pear_mqtt.pki`. mosquitto drops
 root privileges to the ``mosquitto`` user before it reads the key file, so either make the key
@@ -19,12 +44,14 @@ from __future__ import annotations
 
 import argparse
 import string
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from .errors import BrokerError, ConfigError, TopicError
+from .errors import BrokerError, ConfigError, PKIError, TopicError
+from .pki import REGISTRY, revoked_nodes
 from .topics import AclRule, acl_rules, validate_identifier
 
 __all__ = [
@@ -48,10 +75,14 @@ _PACKET_OVERHEAD = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class RenderedBroker:
-    """The files :func:`render` wrote: run ``mosquitto -c conf_path``."""
+    """The files :func:`render` wrote: run ``mosquitto -c conf_path``.
+
+    ``revoked`` lists the ``(member, node)`` pairs whose topics the ACL denies.
+    """
 
     conf_path: Path
     acl_path: Path
+    revoked: tuple[tuple[str, str], ...] = ()
 
 
 def _modes(mode: str, acl_modes: Sequence[str] | None) -> list[str]:
@@ -62,17 +93,24 @@ def _modes(mode: str, acl_modes: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(modes))
 
 
-def acl_text(*, modes: Iterable[str], network: str, bridge_users: Iterable[str] = ()) -> str:
+def acl_text(*, modes: Iterable[str], network: str, bridge_users: Iterable[str] = (),
+             revoked: Iterable[tuple[str, str]] = ()) -> str:
     """The mosquitto ``acl_file`` for a broker serving ``modes`` of ``network``.
 
-    Pattern rules come first, then one ``user`` section per bridge identity: in a mosquitto
-    ACL file every ``topic`` line belongs to the ``user`` line above it.
+    Pattern rules come first, then one ``user`` section per bridge identity, then one per
+    member with revoked nodes (``revoked``: ``(member, node)`` pairs) holding its ``topic
+    deny`` lines: in a mosquitto ACL file every ``topic`` line belongs to the ``user`` line
+    above it. A user's deny lines come first in its section; mosquitto 2 checks denials
+    before grants anyway, but a reader (or an older evaluator) sees at once what wins.
     """
+    modes = list(modes)
     bridges = list(dict.fromkeys(bridge_users))
+    revoked = sorted(set(revoked))
     rules: list[AclRule] = []
     try:
         for mode in modes:
-            rules += acl_rules(mode=mode, network=network, bridge_users=bridges)
+            rules += acl_rules(mode=mode, network=network, bridge_users=bridges,
+                               revoked=revoked)
     except TopicError as exc:
         raise ConfigError(str(exc)) from None
     patterns = list(dict.fromkeys(r.mosquitto() for r in rules if r.user is None))
@@ -84,10 +122,17 @@ def acl_text(*, modes: Iterable[str], network: str, bridge_users: Iterable[str] 
         "",
         *patterns,
     ]
-    for user in bridges:
-        own = list(dict.fromkeys(r.mosquitto() for r in rules if r.user == user))
+    users = list(dict.fromkeys([*bridges, *(r.user for r in rules if r.user is not None)]))
+    for user in users:
+        own = [r for r in rules if r.user == user]
+        # A stable sort: deny lines move to the front, everything else keeps its order.
+        own.sort(key=lambda r: r.access != "deny")
         if own:
-            lines += ["", f"user {user}", *own]
+            lines += [""]
+            if any(r.access == "deny" for r in own):
+                lines += ["# Nodes of this member whose certificate is revoked: their retained",
+                          "# state stops being served (check_retain_source), nobody writes it."]
+            lines += [f"user {user}", *dict.fromkeys(r.mosquitto() for r in own)]
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +168,8 @@ def render(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, cert_file:
            max_message_bytes: int = 1024 * 1024, max_queued_messages: int = 1_000_000,
            max_queued_bytes: int = 512 * 1024 * 1024, max_inflight_messages: int = 0,
            autosave_interval: int = 30, session_expiration: str = "14d",
-           template_dir: Path | None = None) -> RenderedBroker:
+           template_dir: Path | None = None, ca_dir: Path | None = None,
+           revoked: Iterable[tuple[str, str]] | None = None) -> RenderedBroker:
     """Render ``mosquitto.conf`` and ``acl`` for a ``mode`` broker of ``network`` into
     ``out_dir``.
 
@@ -147,8 +193,14 @@ def render(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, cert_file:
     - ``max_message_bytes``: the largest envelope the network allows; ``max_packet_size``
       adds room for topic and properties.
     - queue and in-flight limits: sized for syncing 100,000 retained states in one burst.
+    - ``revoked``: ``(member, node)`` pairs whose topics the ACL denies, so that the broker
+      stops serving the retained state and presence those nodes published before their
+      certificate was revoked (see the module docstring). Default: read from the CA
+      registry in ``ca_dir`` (:func:`pear_mqtt.pki.revoked_nodes`) when ``ca_dir`` is given,
+      else none. After ``pki revoke``, render again and SIGHUP mosquitto.
 
-    Returns the paths written. Paths in the configuration are absolute.
+    Returns the paths written (and the revoked nodes denied). Paths in the configuration are
+    absolute.
     """
     modes = _modes(mode, acl_modes)
     try:
@@ -223,14 +275,21 @@ def render(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, cert_file:
     except (KeyError, ValueError) as exc:
         raise BrokerError(f"broker template in {tdir} is malformed or needs an unknown "
                           f"placeholder: {exc}") from None
-    acl = acl_text(modes=modes, network=network, bridge_users=bridge_users)
+    if revoked is None:
+        try:
+            revoked = revoked_nodes(ca_dir=Path(ca_dir)) if ca_dir is not None else []
+        except PKIError as exc:
+            raise ConfigError(f"cannot read the revoked nodes from the CA registry: {exc}") \
+                from None
+    denied = tuple(sorted(set(revoked)))
+    acl = acl_text(modes=modes, network=network, bridge_users=bridge_users, revoked=denied)
     try:
         acl_path.write_text(acl, encoding="utf-8")
         conf_path.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise BrokerError(f"cannot write broker configuration to {out_dir}: "
                           f"{exc.strerror or exc}") from None
-    return RenderedBroker(conf_path=conf_path, acl_path=acl_path)
+    return RenderedBroker(conf_path=conf_path, acl_path=acl_path, revoked=denied)
 
 
 # -- command line -----------------------------------------------------------------------
@@ -249,15 +308,40 @@ def _cmd_render(args: argparse.Namespace) -> int:
     if bool(args.cert) != bool(args.key):
         raise ConfigError("--cert and --key go together")
     cert, key = (args.cert, args.key) if args.cert else _find_broker_cert(pki_dir)
+    revoked = [_member_node(text) for text in args.revoked_node or ()]
+    has_registry = (pki_dir / REGISTRY).is_file()
+    if has_registry:
+        try:
+            revoked += revoked_nodes(ca_dir=pki_dir)
+        except PKIError as exc:
+            raise ConfigError(f"cannot read the revoked nodes from the CA registry: {exc}") \
+                from None
     rendered = render(
         mode=args.mode, network=args.network, out_dir=args.out, ca_file=pki_dir / "ca.crt",
         cert_file=cert, key_file=key, crl_file=pki_dir / "ca.crl", tls_port=args.tls_port,
         plain_port=args.plain_port, bridge_users=tuple(args.bridge_user or ()),
         persistence_dir=args.persistence_dir, bind_address=args.bind, run_as=args.user,
-        max_message_bytes=args.max_message_bytes)
+        max_message_bytes=args.max_message_bytes, revoked=revoked)
+    denied = ", ".join(f"{m}/{n}" for m, n in rendered.revoked) or "none"
     print(f"configuration: {rendered.conf_path}\nACL:           {rendered.acl_path}\n"
-          f"run:           mosquitto -c {rendered.conf_path}")
+          f"revoked nodes: {denied}\n"
+          f"run:           mosquitto -c {rendered.conf_path}  (running: kill -HUP it)")
+    if not has_registry:
+        print(f"note: no {REGISTRY} in {pki_dir}, so revoked nodes are not known here beyond "
+              "--revoked-node; their retained state stays visible until they are listed",
+              file=sys.stderr)
     return 0
+
+
+def _member_node(text: str) -> tuple[str, str]:
+    member, sep, node = text.partition("/")
+    if not sep:
+        raise ConfigError(f"--revoked-node {text!r} must be MEMBER/NODE")
+    try:
+        return (validate_identifier(member, what="--revoked-node member"),
+                validate_identifier(node, what="--revoked-node node"))
+    except TopicError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -284,4 +368,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--user", default=None,
                    help="user mosquitto switches to when started as root")
     p.add_argument("--max-message-bytes", type=int, default=1024 * 1024)
+    p.add_argument("--revoked-node", action="append", metavar="MEMBER/NODE",
+                   help="deny this node's topics, so its retained state is no longer served "
+                        "(repeat; revoked nodes in the --pki registry are denied anyway)")
     p.set_defaults(handler=_cmd_render)

@@ -32,6 +32,17 @@ What it enforces, as the mosquitto configuration rendered by :mod:`pear_mqtt.bro
 - **Sessions are bound to their owner.** A persistent session can be resumed only by the
   member that created it, so a client of another company cannot take over its subscriptions or
   its queued messages by reusing a client id.
+- **Revocation reaches retained state.** The broker remembers which certificate published
+  each retained message. When :meth:`EmbeddedBroker.reload_crl` finds a certificate newly
+  revoked, it drops the retained messages that certificate published (a node's state and
+  presence), so new subscribers no longer get them; retained messages of the member's other
+  nodes stay. A connection of that certificate that is still open may no longer publish,
+  subscribe or receive, and its last will is cancelled, so it cannot put its state back.
+  This is what the rendered mosquitto configuration achieves with ``check_retain_source``
+  and per-node ``deny`` rules (:mod:`pear_mqtt.brokerconf`), only finer: mosquitto knows
+  publishers by username (the member) and so denies the node's topics, whereas this broker
+  knows the certificate, so a re-keyed node (new certificate, same node id) keeps what it
+  published with its new key and never sees the old key's messages served again.
 
 A plain (no TLS) listener is opened only with ``allow_plain``; its clients are anonymous and
 unrestricted. It exists for development and tests, never for a network with real members.
@@ -52,11 +63,12 @@ amqtt limitations (amqtt 0.12), and what this module does about them:
 - Persistent sessions never expire (mosquitto's default too), so abandoned client ids cost
   memory until the broker stops.
 - amqtt hooks nothing for TLS policy, session resumption or retained delivery, so this module
-  subclasses :class:`amqtt.broker.Broker` and overrides four of its private methods (checked
-  at start, see ``_OVERRIDDEN``). It closes three amqtt gaps: a resumed session kept the TLS
-  peer of the connection that created it (another member reusing the client id would have been
-  authenticated as the original owner); a reconnecting client was sent the retained messages
-  of every filter any client had subscribed to; retained messages bypassed read checks.
+  subclasses :class:`amqtt.broker.Broker` and overrides four of its private methods and
+  ``retain_message`` (checked at start, see ``_OVERRIDDEN``). It closes four amqtt gaps: a
+  resumed session kept the TLS peer of the connection that created it (another member reusing
+  the client id would have been authenticated as the original owner); a reconnecting client
+  was sent the retained messages of every filter any client had subscribed to; retained
+  messages bypassed read checks; a retained message does not record who published it.
 """
 
 from __future__ import annotations
@@ -103,7 +115,7 @@ _TLS: Final = "tls"
 _PRINCIPAL: Final = "pear_mqtt.principal"
 _CONNECT_STATE: Final = "pear_mqtt.connect_state"
 _OVERRIDDEN: Final = ("_create_ssl_context", "_initialize_client_session", "_delete_session",
-                      "_publish_retained_messages_for_subscription")
+                      "_publish_retained_messages_for_subscription", "retain_message")
 
 
 # -- topic filter algebra ---------------------------------------------------------------------
@@ -164,10 +176,12 @@ class AccessPolicy:
         self._by_user: dict[str, tuple[tuple[str, str], ...]] = {}
 
     @classmethod
-    def for_network(cls, *, mode: str, network: str,
-                    bridge_users: Iterable[str] = ()) -> AccessPolicy:
-        """The policy of a broker of ``mode`` (see :func:`pear_mqtt.topics.acl_rules`)."""
-        return cls(acl_rules(mode=mode, network=network, bridge_users=bridge_users))
+    def for_network(cls, *, mode: str, network: str, bridge_users: Iterable[str] = (),
+                    revoked: Iterable[tuple[str, str]] = ()) -> AccessPolicy:
+        """The policy of a broker of ``mode`` (see :func:`pear_mqtt.topics.acl_rules`);
+        ``revoked`` ``(member, node)`` pairs get the deny rules the mosquitto ACL has."""
+        return cls(acl_rules(mode=mode, network=network, bridge_users=bridge_users,
+                             revoked=revoked))
 
     @property
     def rules(self) -> tuple[AclRule, ...]:
@@ -225,9 +239,15 @@ class AccessPolicy:
 
 @dataclass(frozen=True, slots=True)
 class _Principal:
-    """Who a connection is: a certificate identity, or anonymous on the plain listener."""
+    """Who a connection is: a certificate identity, or anonymous on the plain listener.
+
+    ``serial`` is the client certificate's serial number; ``revoked`` is set on a connection
+    that was admitted before a CRL reload revoked its certificate.
+    """
 
     identity: Identity | None
+    serial: int | None = None
+    revoked: bool = False
 
     @property
     def username(self) -> str | None:
@@ -306,7 +326,7 @@ class _Gatekeeper:
                             f"this broker serves {self.network!r}")
         if cert.serial_number in self.revoked:
             return _Refusal(f"certificate {cert.serial_number:x} is revoked")
-        return _Principal(identity)
+        return _Principal(identity, serial=cert.serial_number)
 
     def admit(self, session: Any, verdict: _Principal | _Refusal) -> _Principal | _Refusal:
         """Check ``verdict`` against the (possibly resumed) ``session`` amqtt prepared."""
@@ -329,6 +349,54 @@ class _PearBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
     def __init__(self, config: dict[str, Any], *, gatekeeper: _Gatekeeper) -> None:
         super().__init__(config)
         self.pear_gatekeeper = gatekeeper
+        # Who published each retained message, captured when it was stored: a session's
+        # principal changes when another node of the same member resumes it.
+        self.pear_retained_sources: dict[str, _Principal | None] = {}
+
+    async def retain_message(self, source_session: Any, topic_name: str | None,
+                             data: bytes | bytearray | None, qos: int | None = None) -> None:
+        source = source_session.attributes.get(_PRINCIPAL) if source_session is not None \
+            else None
+        principal = source if isinstance(source, _Principal) else None
+        if principal is not None and (principal.revoked
+                                      or principal.serial in self.pear_gatekeeper.revoked):
+            # E.g. the last will of a connection whose certificate was revoked meanwhile.
+            log.info("not retaining %r from %s: its certificate is revoked", topic_name,
+                     principal)
+            return
+        if topic_name is None:
+            return
+        # Recorded before amqtt stores the message (synchronously, before its first await),
+        # so a CRL reload in between never sees a retained message without its source.
+        self.pear_retained_sources[topic_name] = principal
+        await super().retain_message(source_session, topic_name, data, qos)
+        if topic_name not in self._retained_messages:  # cleared by an empty payload
+            self.pear_retained_sources.pop(topic_name, None)
+
+    def pear_revoke(self, revoked: frozenset[int]) -> int:
+        """Apply a new set of revoked serials; return how many retained messages were dropped.
+
+        Drops the retained messages those certificates published, marks their open sessions
+        revoked (the ACL plugin then refuses them everything) and cancels their last wills.
+        """
+        gone = [topic for topic, source in self.pear_retained_sources.items()
+                if source is not None and source.serial in revoked]
+        for topic in gone:
+            del self.pear_retained_sources[topic]
+            self._retained_messages.pop(topic, None)
+        for session, _handler in list(self._sessions.values()):
+            principal = session.attributes.get(_PRINCIPAL)
+            if isinstance(principal, _Principal) and not principal.revoked \
+                    and principal.serial in revoked:
+                session.attributes[_PRINCIPAL] = _Principal(principal.identity,
+                                                            serial=principal.serial,
+                                                            revoked=True)
+                session.will_flag = False
+                session.attributes[_CONNECT_STATE] = _SessionState.of(session)
+                log.warning("session %r of %s: certificate %x revoked; it may no longer "
+                            "publish, subscribe or receive", session.client_id, principal,
+                            principal.serial)
+        return len(gone)
 
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
         # amqtt builds a CERT_OPTIONAL context from the listener config; ours is built and
@@ -391,16 +459,20 @@ class _PearBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             return
         handler = self._get_handler(session)
         principal = session.attributes.get(_PRINCIPAL)
-        if handler is None or not isinstance(principal, _Principal):
+        if handler is None or not isinstance(principal, _Principal) or principal.revoked:
             return
         username = principal.username
         policy = self.pear_gatekeeper.policy
+        revoked = self.pear_gatekeeper.revoked
+        sources = self.pear_retained_sources
         sends = [
             asyncio.ensure_future(handler.mqtt_publish(
                 message.topic, message.data, min(qos, message.qos or qos), retain=True))
             for topic, message in list(self._retained_messages.items())
             if topic_matches(topic_filter, topic)
             and (username is None or policy.may_read(username=username, topic=topic))
+            # reload_crl already dropped these; checking again costs one set lookup.
+            and not _revoked_source(sources.get(topic), revoked)
         ]
         if sends:
             await asyncio.wait(sends)
@@ -411,6 +483,10 @@ class _PearBroker(Broker):  # type: ignore[misc]  # amqtt is untyped
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
         with contextlib.suppress(Exception):
             await writer.close()
+
+
+def _revoked_source(source: _Principal | None, revoked: frozenset[int]) -> bool:
+    return source is not None and (source.revoked or source.serial in revoked)
 
 
 class _PearAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # amqtt is untyped
@@ -438,7 +514,8 @@ class _PearAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # 
     async def topic_filtering(self, *, session: Any = None, topic: str | None = None,
                               action: Any = None) -> bool:
         principal = session.attributes.get(_PRINCIPAL) if session is not None else None
-        if not isinstance(principal, _Principal) or not topic:
+        if not isinstance(principal, _Principal) or principal.revoked or not topic:
+            # revoked: connected before reload_crl revoked its certificate.
             return False
         username = principal.username
         if username is None:
@@ -671,8 +748,11 @@ class EmbeddedBroker:
     def reload_crl(self) -> int:
         """Re-read ``crl_file`` (after :func:`pear_mqtt.pki.revoke`); return the revoked count.
 
-        New connections are checked against it at once. Clients already connected stay
-        connected until they reconnect, as with mosquitto.
+        New connections are checked against it at once. Retained messages published by a
+        newly revoked certificate are dropped, so new subscribers no longer get them (the
+        retained messages of the member's other nodes stay). Clients already connected stay
+        connected until they reconnect, as with mosquitto, but one whose certificate is now
+        revoked may no longer publish, subscribe or receive, and its last will is cancelled.
 
         Raises:
             BrokerError: not running, no CRL configured, or the CRL is unreadable or not
@@ -690,7 +770,9 @@ class EmbeddedBroker:
         except (OSError, ssl.SSLError) as exc:
             raise BrokerError(f"cannot load CRL {self._crl_file}: {exc}") from exc
         gatekeeper.revoked = revoked
-        log.info("CRL reloaded from %s: %d revoked certificates", self._crl_file, len(revoked))
+        dropped = self._broker.pear_revoke(revoked) if self._broker is not None else 0
+        log.info("CRL reloaded from %s: %d revoked certificates; %d retained messages of "
+                 "theirs dropped", self._crl_file, len(revoked), dropped)
         return len(revoked)
 
     async def __aenter__(self) -> Self:

@@ -37,20 +37,23 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import ConfigError, PrivacyError, TopicError
 from .topics import validate_category, validate_identifier
 from .types import (
     FIELD_GROUPS,
+    AwareDatetime,
+    Category,
+    Finite,
     MarketInsight,
     NetworkConfig,
     NetworkMode,
     PrivacyConfig,
     SharingLevel,
+    identifier,
 )
 
 __all__ = [
@@ -90,39 +93,7 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-def _ident(what: str) -> Any:
-    def check(v: str) -> str:
-        try:
-            return validate_identifier(v, what=what)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
-
-    return AfterValidator(check)
-
-
-def _category(v: str) -> str:
-    try:
-        return validate_category(v)
-    except TopicError as exc:
-        raise ValueError(str(exc)) from None
-
-
-def _finite(v: float) -> float:
-    if not math.isfinite(v):
-        raise ValueError("must be a finite number (no NaN or infinity)")
-    return v
-
-
-def _utc(v: datetime) -> datetime:
-    if v.tzinfo is None:
-        raise ValueError("must be timezone-aware")
-    return v.astimezone(UTC)
-
-
-_Identifier = Annotated[str, _ident("identifier")]
-_Category = Annotated[str, AfterValidator(_category)]
-_Finite = Annotated[float, AfterValidator(_finite)]
-_UTC = Annotated[datetime, AfterValidator(_utc)]
+_Identifier = Annotated[str, identifier("identifier")]
 
 
 # -- pseudonyms ----------------------------------------------------------------------------
@@ -212,8 +183,8 @@ class Pseudonymizer:
 class ValueRange(_Frozen):
     """The bucket ``[lo, hi)`` that holds a number; ``None`` is an open end."""
 
-    lo: _Finite | None
-    hi: _Finite | None
+    lo: Finite | None
+    hi: Finite | None
 
     @model_validator(mode="after")
     def _ordered(self) -> ValueRange:
@@ -400,11 +371,11 @@ class SharedInsight(_Frozen):
     so a receiver can rely on it too.
     """
 
-    category: _Category
+    category: Category
     product_id: _Identifier | None = None
     region: _Identifier
-    window_start: _UTC
-    window_end: _UTC
+    window_start: AwareDatetime
+    window_end: AwareDatetime
     sample_size: int
     company: _Identifier | None = None
     store: _Identifier | None = None
@@ -442,13 +413,13 @@ class Contribution(_Frozen):
 
     company: _Identifier
     store: _Identifier | None = None
-    category: _Category
+    category: Category
     product_id: _Identifier | None = None
     region: _Identifier
-    window_start: _UTC
-    window_end: _UTC
+    window_start: AwareDatetime
+    window_end: AwareDatetime
     currency: str | None = None
-    values: dict[str, dict[str, _Finite]]
+    values: dict[str, dict[str, Finite]]
 
     @model_validator(mode="after")
     def _known(self) -> Contribution:

@@ -54,7 +54,9 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
 
-def _ident(what: str) -> Any:
+def identifier(what: str) -> Any:
+    """A pydantic validator: the value must be a valid topic level (errors name ``what``)."""
+
     def check(v: str) -> str:
         try:
             return validate_identifier(v, what=what)
@@ -71,10 +73,19 @@ def _category(v: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-CompanyId = Annotated[str, _ident("company_id")]
-NodeId = Annotated[str, _ident("node_id")]
-NetworkId = Annotated[str, _ident("network_id")]
+CompanyId = Annotated[str, identifier("company_id")]
+NodeId = Annotated[str, identifier("node_id")]
+NetworkId = Annotated[str, identifier("network_id")]
 Category = Annotated[str, AfterValidator(_category)]
+
+
+def _utc(v: datetime) -> datetime:
+    if v.tzinfo is None:
+        raise ValueError("must be timezone-aware (e.g. datetime.now(UTC))")
+    return v.astimezone(UTC)
+
+
+AwareDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 
 class NetworkMode(str, Enum):
@@ -155,8 +166,8 @@ class MarketInsight(_Frozen):
     """
 
     category: Category
-    product_id: Annotated[str, _ident("product_id")] | None = None
-    region: Annotated[str, _ident("region")] = "global"
+    product_id: Annotated[str, identifier("product_id")] | None = None
+    region: Annotated[str, identifier("region")] = "global"
     window_start: datetime
     window_end: datetime
     price_data: PriceData | None = None
@@ -206,7 +217,7 @@ class EncryptionConfig(_Frozen):
     is the id new messages use. Old ids stay so receivers can read across a rotation.
     """
 
-    keys: dict[Annotated[str, _ident("key id")], SecretStr] = Field(default_factory=dict)
+    keys: dict[Annotated[str, identifier("key id")], SecretStr] = Field(default_factory=dict)
     active: str | None = None
 
     @model_validator(mode="after")
