@@ -802,6 +802,22 @@ class EnvelopeCodec:
         :class:`OversizedMessage` if the envelope would exceed ``max_bytes`` (split the
         batch), and :class:`ConfigError` for ``encrypt=True`` without an active key.
         """
+        try:
+            body_json = json.dumps(body, ensure_ascii=False, allow_nan=False,
+                                   separators=(",", ":")).encode("utf-8")
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise MalformedMessage(f"cannot encode body as JSON: {exc}") from None
+        return self.encode_json(kind=kind, body_json=body_json, encrypt=encrypt,
+                                embed_certificate=embed_certificate)
+
+    def encode_json(self, *, kind: str, body_json: bytes, encrypt: bool | None = None,
+                    embed_certificate: bool | None = None) -> bytes:
+        """:meth:`encode` for a body that is already JSON text (UTF-8 bytes).
+
+        For a sender that stored its items as JSON (the outbox): a batch is their join, with
+        no parse and re-serialise per item. The caller vouches that ``body_json`` is one JSON
+        value; receivers drop the envelope as malformed otherwise.
+        """
         if kind not in _KINDS:
             raise MalformedMessage(f"cannot encode kind {kind!r}; known kinds: {sorted(_KINDS)}")
         if encrypt is None:
@@ -813,11 +829,6 @@ class EnvelopeCodec:
             kid = self._active
         else:
             kid = None
-        try:
-            body_json = json.dumps(body, ensure_ascii=False, allow_nan=False,
-                                   separators=(",", ":")).encode("utf-8")
-        except (TypeError, ValueError, RecursionError) as exc:
-            raise MalformedMessage(f"cannot encode body as JSON: {exc}") from None
         ts = self._now()
         with self._lock:
             self._seq += 1

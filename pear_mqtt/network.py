@@ -470,11 +470,13 @@ class PearNetwork:
         """Sign ``batch`` as one envelope, or as several when it is over the size limit."""
         assert self._codec is not None
         try:
+            # Rows hold each item's JSON as the outbox stored it: join, don't re-serialise.
             if batch[0].kind == "state":
-                payload = self._codec.encode(kind="state", body=json.loads(batch[-1].payload))
+                payload = self._codec.encode_json(kind="state", body_json=batch[-1].payload)
             else:
-                payload = self._codec.encode(
-                    kind="insights", body={"items": [json.loads(r.payload) for r in batch]})
+                payload = self._codec.encode_json(
+                    kind="insights",
+                    body_json=b'{"items":[' + b",".join(r.payload for r in batch) + b"]}")
         except OversizedMessage:
             if len(batch) == 1:
                 # One insight larger than the envelope limit can never be sent.
