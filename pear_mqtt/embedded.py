@@ -514,8 +514,11 @@ class _PearAclPlugin(BaseAuthPlugin, BaseTopicPlugin):  # type: ignore[misc]  # 
     async def topic_filtering(self, *, session: Any = None, topic: str | None = None,
                               action: Any = None) -> bool:
         principal = session.attributes.get(_PRINCIPAL) if session is not None else None
-        if not isinstance(principal, _Principal) or principal.revoked or not topic:
-            # revoked: connected before reload_crl revoked its certificate.
+        if not isinstance(principal, _Principal) or not topic:
+            return False
+        if principal.revoked:  # connected before reload_crl revoked its certificate
+            log.debug("refused %s on %r for %s: its certificate is revoked",
+                      getattr(action, "value", action), topic, principal)
             return False
         username = principal.username
         if username is None:

@@ -13,6 +13,7 @@
     pear/v1/public/<network>/contrib/<participant>/<category path> bridge reads only
     pear/v1/public/<network>/nodes/<participant>[/sync]
     pear/v1/public/<network>/state/bridge/<name>                   bridge ledger (retained)
+    pear/v1/public/<network>/state/bridge/receipts/<category path> disclosure receipts (retained)
 
 ``<company>`` is the member identity the broker authenticates (the node certificate's CN, see
 :mod:`pear_mqtt.pki`): the real company id, or its network pseudonym where the mode
@@ -48,7 +49,8 @@ MAX_CATEGORY_DEPTH = 8
 
 _MODES = ("private", "consortium", "public")
 
-Kind = Literal["insights", "state", "nodes", "sync", "aggregates", "contrib", "bridge_state"]
+Kind = Literal["insights", "state", "nodes", "sync", "aggregates", "contrib", "bridge_state",
+               "bridge_receipt"]
 
 
 def validate_identifier(value: object, *, what: str = "identifier") -> str:
@@ -180,6 +182,15 @@ class TopicScheme:
         validate_identifier(name, what="bridge state name")
         return f"{PREFIX}/public/{self.network}/state/bridge/{name}"
 
+    def bridge_receipt(self, category: str) -> str:
+        """Retained disclosure receipt of the latest aggregate of ``category`` (bridge only).
+
+        Under ``state/bridge/`` so the bridge's existing ACL rights cover it; the ``receipts``
+        level cannot clash with :meth:`bridge_state`, whose names are a single level.
+        """
+        validate_category(category)
+        return f"{PREFIX}/public/{self.network}/state/bridge/receipts/{category}"
+
     # -- subscription filters -------------------------------------------------------------
     def live_filter(self) -> str:
         """Filter for the live insights this member may read."""
@@ -196,6 +207,10 @@ class TopicScheme:
         if self.mode == "consortium":
             return f"{self.network_root}/+/state/#"
         return f"{PREFIX}/public/{self.network}/aggregates/#"
+
+    def contrib_filter(self) -> str:
+        """Filter for every public participant's contributions (what only the bridge reads)."""
+        return f"{PREFIX}/public/{self.network}/contrib/#"
 
     def presence_filter(self) -> str:
         """Filter for the retained presence of the peers this member may see."""
@@ -267,6 +282,9 @@ def _parse_public(topic: str, parts: list[str]) -> ParsedTopic:
         if kind == "state" and len(rest) == 2 and rest[0] == "bridge":
             return ParsedTopic("public", network, None, "bridge_state",
                                node=validate_identifier(rest[1], what="bridge state name"))
+        if kind == "state" and len(rest) >= 3 and rest[:2] == ["bridge", "receipts"]:
+            return ParsedTopic("public", network, None, "bridge_receipt",
+                               category=validate_category("/".join(rest[2:])))
     except IndexError:
         pass
     raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")

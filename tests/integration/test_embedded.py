@@ -13,10 +13,12 @@ the bridge user ``bridge``, and expired / revoked / foreign ones.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import signal
 import ssl
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -532,6 +534,109 @@ async def test_reload_crl_refuses_newly_revoked(start_broker: StartBroker, peers
     assert broker.reload_crl() == 1
     kind, _ = await peers(port=broker.tls_port, certs=node, client_id="after").connect()
     assert kind in ("failed", "refused")
+
+
+class _LogSeen(logging.Handler):
+    """Sets ``seen`` when a record of the watched logger contains ``needle``: lets a test wait
+    (without sleeping) until the broker has handled something that leaves no other trace."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.needle = needle
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.seen.set()
+
+
+async def _collect(peer: Peer, topics: set[str]) -> dict[str, bytes]:
+    """Read until a message has arrived on each of ``topics``; return ``{topic: payload}``."""
+    got: dict[str, bytes] = {}
+    while not topics <= got.keys():
+        msg = await peer.next_message()
+        got[msg.topic] = msg.payload
+    return got
+
+
+async def test_reload_crl_stops_serving_a_revoked_nodes_retained_state(
+        start_broker: StartBroker, peers: MakePeer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A CA of its own, so revoking acme/store-9 here cannot disturb the shared test network.
+    ca_dir = tmp_path / "ca"
+    pkimod.create_ca(directory=ca_dir, network="revnet")
+    server = pkimod.issue(ca_dir=ca_dir, out_dir=tmp_path / "b", role="broker", member="b")
+
+    def node(member: str, name: str) -> CertPaths:
+        return pkimod.issue(ca_dir=ca_dir, out_dir=tmp_path / "n", role="node", member=member,
+                            node=name)
+
+    store9, store1, globex1 = node("acme", "store-9"), node("acme", "store-1"), \
+        node("globex", "store-1")
+    broker = await start_broker("consortium", network="revnet", ca_file=server.ca,
+                                cert_file=server.cert, key_file=server.key,
+                                crl_file=ca_dir / pkimod.CA_CRL)
+    port = broker.tls_port
+    acme, globex = scheme("consortium", "acme", "revnet"), scheme("consortium", "globex", "revnet")
+    gone = {acme.state("store-9", "dairy/milk"): b"store-9 milk",
+            acme.presence("store-9"): b"store-9 online"}
+    kept = {acme.state("store-1", "dairy/milk"): b"store-1 milk",
+            globex.state("store-1", "dairy/milk"): b"globex milk"}
+
+    s9 = await peers(port=port, certs=store9, client_id="acme-store-9").connected()
+    for topic, payload in gone.items():
+        await s9.publish(topic, payload, retain=True)
+    s1 = await peers(port=port, certs=store1, client_id="acme-store-1").connected()
+    await s1.publish(acme.state("store-1", "dairy/milk"), kept[acme.state("store-1",
+                                                                          "dairy/milk")],
+                     retain=True)
+    g1 = await peers(port=port, certs=globex1, client_id="globex-store-1").connected()
+    await g1.publish(globex.state("store-1", "dairy/milk"),
+                     kept[globex.state("store-1", "dairy/milk")], retain=True)
+
+    # Before: a new subscriber gets store-9's state and presence with everything else.
+    early = await peers(port=port, certs=globex1, client_id="early").connected()
+    assert await early.subscribe(globex.state_filter())
+    assert await early.subscribe(globex.presence_filter())
+    assert await _collect(early, set(gone | kept)) == gone | kept
+
+    pkimod.revoke(ca_dir=ca_dir, cert=store9.cert)
+    assert broker.reload_crl() == 1
+
+    # The store-9 connection opened before the revocation stays up (as with mosquitto), but
+    # it may no longer subscribe, and whatever it publishes is refused, so it cannot put its
+    # state back. The refusal leaves no trace but the broker's log: wait for that.
+    assert not await s9.subscribe(acme.state_filter())
+    refused = _LogSeen(f"refused publish on {acme.state('store-9', 'dairy/milk')!r}")
+    embedded_log = logging.getLogger("pear_mqtt.embedded")
+    embedded_log.addHandler(refused)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="pear_mqtt.embedded"):
+            await s9.publish(acme.state("store-9", "dairy/milk"), b"again", retain=True)
+            assert await asyncio.to_thread(refused.seen.wait, TIMEOUT)
+    finally:
+        embedded_log.removeHandler(refused)
+
+    # After: new subscribers -- another company, the same company's other store -- get
+    # store-1's and globex's retained state but nothing of store-9's. A sentinel retained on a
+    # new topic after the reload is the last retained message, so it ends the burst.
+    sentinel = acme.state("store-1", "sentinel")
+    await s1.publish(sentinel, b"sentinel", retain=True)
+    for certs, client_id, names in ((globex1, "late-globex", globex),
+                                    (store1, "late-acme", acme)):
+        late = await peers(port=port, certs=certs, client_id=client_id).connected()
+        assert await late.subscribe(names.presence_filter())
+        assert await late.subscribe(names.state_filter())
+        burst = {m.topic: m.payload for m in await late.until(sentinel)}
+        assert burst == kept | {sentinel: b"sentinel"}, client_id
+
+    # The revoked key cannot come back; acme's other store still writes its own state.
+    kind, _ = await peers(port=port, certs=store9, client_id="store-9-again").connect()
+    assert kind in ("failed", "refused")
+    await s1.publish(acme.state("store-1", "dairy/cheese"), b"cheese", retain=True)
+    check = await peers(port=port, certs=globex1, client_id="check").connected()
+    assert await check.subscribe(acme.state("store-1", "dairy/cheese"))
+    assert (await check.next_message()).payload == b"cheese"
 
 
 async def test_cli_serves_until_sigterm(pki: NetworkPKI, peers: MakePeer,

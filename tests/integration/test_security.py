@@ -151,23 +151,106 @@ def test_each_bad_certificate_fails_for_its_own_reason(pki: NetworkPKI, which: s
     assert good.returncode == 0, good
 
 
+def reload_and_wait(broker: MosquittoBroker) -> None:
+    """SIGHUP ``broker`` and return once it has taken the reload in hand.
+
+    mosquitto logs "Reloading config." and then, in the same pass of its single-threaded
+    loop, re-reads configuration, CRL and ACL file before it touches another packet: once the
+    line is logged, every packet sent afterwards meets the new CRL and ACL. Poll the log
+    (bounded), not the clock.
+    """
+    before = broker.log_text().count("Reloading config.")
+    broker.reload()
+    deadline = time.monotonic() + 5
+    while broker.log_text().count("Reloading config.") == before:
+        assert time.monotonic() < deadline, "mosquitto did not reload on SIGHUP"
+        time.sleep(0.005)
+
+
 def test_revocation_takes_effect_on_reload(mosquitto: MosquittoBroker, pki: NetworkPKI,
                                            unique_id: str) -> None:
     certs = pki.node(unique_id)
     with probe(mosquitto, certs):
         pass
     pkimod.revoke(ca_dir=pki.ca_dir, cert=certs.cert)
-    before = mosquitto.log_text().count("Reloading config.")
-    mosquitto.reload()
-    # Reload runs in mosquitto's single-threaded loop: once it is logged, new connections
-    # meet the new CRL. Poll the log (bounded), not the clock.
-    deadline = time.monotonic() + 5
-    while mosquitto.log_text().count("Reloading config.") == before:
-        assert time.monotonic() < deadline, "mosquitto did not reload on SIGHUP"
-        time.sleep(0.005)
+    reload_and_wait(mosquitto)
     assert_refused(mosquitto, certs)
     with probe(mosquitto, pki.nodes["acme"]):
         pass
+
+
+def _retained_burst(broker: MosquittoBroker, certs: CertPaths, scheme: TopicScheme,
+                    node: str) -> dict[str, bytes]:
+    """What a new subscriber with ``certs`` (a node ``node`` of ``scheme.member``) gets
+    from the state and presence subtrees of the whole consortium: ``{topic: payload}``.
+
+    The end of the burst is proved the way ``sync()`` proves it: mosquitto queues the retained
+    messages of a SUBSCRIBE before it handles the client's next packet, so a marker the
+    subscriber publishes on its own sync topic afterwards arrives after all of them.
+    """
+    with probe(broker, certs, subscribe=[scheme.state_filter(), scheme.presence_filter(),
+                                         scheme.sync_marker(node)]) as p:
+        marker = scheme.sync_marker(node)
+        assert_ok(p.publish(marker, b"end of burst"))
+        _, before = p.expect(marker)
+    assert all(m.retain for m in before), before
+    return {m.topic: m.payload for m in before}
+
+
+def test_revoked_nodes_retained_state_is_no_longer_served(
+        mosquitto_factory: Callable[..., MosquittoBroker], tmp_path: Path) -> None:
+    # A network of its own: this test revokes acme/store-9.
+    own = build_pki(tmp_path / "pki")
+    # ca_dir: render() reads the revoked nodes from the CA registry, as `broker render` does.
+    broker = mosquitto_factory(pki=own, ca_dir=own.ca_dir)
+    acme = TopicScheme("consortium", own.network, "acme")
+    globex = TopicScheme("consortium", own.network, "globex")
+    store9, store1 = own.node("acme", "store-9"), own.nodes["acme"]
+    gone = {acme.state("store-9", "dairy/milk"): b"store-9 milk",
+            acme.presence("store-9"): b"store-9 online"}
+    kept = {acme.state("store-1", "dairy/milk"): b"store-1 milk",
+            globex.state("store-1", "dairy/milk"): b"globex milk"}
+
+    with probe(broker, store9) as s9:
+        for topic, payload in gone.items():
+            assert_ok(s9.publish(topic, payload, retain=True))
+        with probe(broker, store1) as s1, probe(broker, own.nodes["globex"]) as g:
+            for client, topic in ((s1, acme.state("store-1", "dairy/milk")),
+                                  (g, globex.state("store-1", "dairy/milk"))):
+                assert_ok(client.publish(topic, kept[topic], retain=True))
+        # Before: every new subscriber gets store-9's state and presence.
+        assert _retained_burst(broker, own.nodes["globex"], globex, "store-1") == gone | kept
+        assert _retained_burst(broker, store1, acme, "store-1") == gone | kept
+
+        pkimod.revoke(ca_dir=own.ca_dir, cert=store9.cert)
+        # `pear-mqtt broker render` again (the harness renders with the same arguments as
+        # at start): the ACL now denies acme/store-9's topics to acme. Then SIGHUP.
+        broker._render()
+        assert f"user acme\ntopic deny {acme.member_root}/state/store-9/#" in \
+            broker.acl_path.read_text()
+        reload_and_wait(broker)
+
+        # The store-9 connection opened before the revocation is still up (mosquitto does
+        # not re-check the CRL of open connections), but it cannot put its state back.
+        assert_denied(s9.publish(acme.state("store-9", "dairy/milk"), b"again", retain=True))
+        assert_denied(s9.publish(acme.presence("store-9"), b"again", retain=True))
+
+    # After: no new subscriber gets store-9's retained messages -- not another company
+    # (check_retain_source: the publisher lost write access), not acme's other store (the
+    # deny is read access as well) -- while store-1's and globex's are still served.
+    assert _retained_burst(broker, own.nodes["globex"], globex, "store-1") == kept
+    assert _retained_burst(broker, store1, acme, "store-1") == kept
+    # Nor the bridge, which reads the whole consortium under a `user` section of its own.
+    marker = acme.aggregate("end-of-burst")  # a topic the bridge may write and read
+    with probe(broker, own.bridge, subscribe=[f"{acme.network_root}/#", marker]) as bridge:
+        assert_ok(bridge.publish(marker, b"end"))
+        _, before = bridge.expect(marker)
+        assert {m.topic: m.payload for m in before} == kept
+
+    # Node-precise: acme's other store still writes its own state; the revoked key is out.
+    with probe(broker, store1) as s1:
+        assert_ok(s1.publish(acme.state("store-1", "dairy/cheese"), b"cheese", retain=True))
+    assert_refused(broker, store9)
 
 
 def test_ec_p256_network_works_end_to_end(

@@ -190,3 +190,98 @@ def test_cli_render(material: dict[str, Path], tmp_path: Path,
     assert main(["broker", "render", "--mode", "private", "--network", "grp",
                  "--pki", str(tmp_path), "--out", str(out)]) == 2
     assert "broker-*.crt" in capsys.readouterr().err
+
+
+def _acl_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+
+
+def test_revoked_nodes_get_a_user_section_of_deny_lines(material: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    r = _render(material, tmp_path, acl_modes=("private",), bridge_users=("agg",),
+                revoked=[("acme", "store-9"), ("acme", "store-9"), ("globex", "s2")])
+    assert r.revoked == (("acme", "store-9"), ("globex", "s2"))
+    lines = _acl_lines(r.acl_path.read_text())
+    base = _acl_lines(brokerconf.acl_text(modes=["consortium", "private"], network="grp",
+                                          bridge_users=["agg"]))
+    root = "pear/v1/consortium/grp"
+    assert lines == [*base,
+                     "user acme",
+                     f"topic deny {root}/acme/state/store-9/#",
+                     f"topic deny {root}/acme/nodes/store-9",
+                     f"topic deny {root}/acme/nodes/store-9/sync",
+                     "topic deny pear/v1/private/acme/state/store-9/#",
+                     "topic deny pear/v1/private/acme/nodes/store-9",
+                     "topic deny pear/v1/private/acme/nodes/store-9/sync",
+                     "user globex",
+                     f"topic deny {root}/globex/state/s2/#",
+                     f"topic deny {root}/globex/nodes/s2",
+                     f"topic deny {root}/globex/nodes/s2/sync",
+                     "topic deny pear/v1/private/globex/state/s2/#",
+                     "topic deny pear/v1/private/globex/nodes/s2",
+                     "topic deny pear/v1/private/globex/nodes/s2/sync"]
+
+
+def test_deny_lines_lead_a_bridge_users_section() -> None:
+    # A member name that is also a bridge user (pki refuses that; a hand-made list may not):
+    # one section, deny first.
+    lines = _acl_lines(brokerconf.acl_text(modes=["consortium"], network="grp",
+                                           bridge_users=["br"], revoked=[("br", "n1")]))
+    section = lines[lines.index("user br") + 1:]
+    assert [ln.split()[1] for ln in section] == ["deny"] * 3 + ["read"]
+    assert lines.count("user br") == 1
+
+
+def test_revoked_nodes_default_to_the_ca_registry(material: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    pki.create_ca(directory=ca, network="grp")
+    b = pki.issue(ca_dir=ca, out_dir=ca, role="broker", member="mqtt")
+    s9 = pki.issue(ca_dir=ca, out_dir=tmp_path / "n", role="node", member="acme", node="s9")
+    pki.issue(ca_dir=ca, out_dir=tmp_path / "n", role="node", member="acme", node="s1")
+    files = {"ca_file": ca / pki.CA_CERT, "crl_file": ca / pki.CA_CRL, "cert_file": b.cert,
+             "key_file": b.key}
+    assert _render(material, tmp_path / "a", ca_dir=ca, **files).revoked == ()
+    pki.revoke(ca_dir=ca, cert=s9.cert)
+    r = _render(material, tmp_path / "b", ca_dir=ca, **files)
+    assert r.revoked == (("acme", "s9"),)
+    acl = r.acl_path.read_text()
+    assert "user acme\ntopic deny pear/v1/consortium/grp/acme/state/s9/#\n" in acl
+    assert "s1" not in acl
+    # An explicit list wins over the registry; without ca_dir nothing is read.
+    assert _render(material, tmp_path / "c", ca_dir=ca, revoked=[], **files).revoked == ()
+    assert _render(material, tmp_path / "d", **files).revoked == ()
+    with pytest.raises(ConfigError, match="registry"):
+        _render(material, tmp_path / "e", ca_dir=tmp_path / "nowhere", **files)
+    with pytest.raises(ConfigError, match="wildcard"):
+        _render(material, tmp_path / "f", revoked=[("acme", "#")], **files)
+
+
+def test_cli_render_denies_revoked_nodes(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    ca, out = tmp_path / "ca", tmp_path / "out"
+    pki.create_ca(directory=ca, network="grp")
+    pki.issue(ca_dir=ca, out_dir=ca, role="broker", member="mqtt")
+    s9 = pki.issue(ca_dir=ca, out_dir=tmp_path / "n", role="node", member="acme", node="s9")
+    assert main(["pki", "revoke", "--dir", str(ca), "--cert", str(s9.cert)]) == 0
+    assert "broker render" in capsys.readouterr().out  # the revoke tells what comes next
+    args = ["broker", "render", "--mode", "consortium", "--network", "grp", "--pki", str(ca),
+            "--out", str(out)]
+    assert main([*args, "--revoked-node", "globex/s2"]) == 0
+    captured = capsys.readouterr()
+    assert "revoked nodes: acme/s9, globex/s2" in captured.out
+    acl = (out / "acl").read_text()
+    assert "topic deny pear/v1/consortium/grp/acme/state/s9/#" in acl
+    assert "topic deny pear/v1/consortium/grp/globex/state/s2/#" in acl
+    assert main([*args, "--revoked-node", "globex"]) == 2
+    assert "MEMBER/NODE" in capsys.readouterr().err
+
+    # A --pki without the registry (a broker host with ca.crt and ca.crl only) says so.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in (pki.CA_CERT, pki.CA_CRL, "broker-mqtt.crt", "broker-mqtt.key"):
+        (bare / name).write_bytes((ca / name).read_bytes())
+    assert main(["broker", "render", "--mode", "consortium", "--network", "grp",
+                 "--pki", str(bare), "--out", str(tmp_path / "out2")]) == 0
+    captured = capsys.readouterr()
+    assert "revoked nodes: none" in captured.out and pki.REGISTRY in captured.err

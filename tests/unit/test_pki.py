@@ -220,6 +220,48 @@ def test_revoke_certificate_missing_from_registry(ca_dir: Path, tmp_path: Path) 
     assert rec.revoked and rec.member == "acme" and rec.node == "s1"
 
 
+def test_revoked_nodes_lists_nodes_whose_newest_certificate_is_revoked(
+        ca_dir: Path, tmp_path: Path) -> None:
+    issued: list[pki.CertPaths] = []
+
+    def node(member: str, name: str, **kw: object) -> pki.CertPaths:
+        # A directory per certificate: a re-keyed node's files must not replace the old ones.
+        issued.append(pki.issue(ca_dir=ca_dir, out_dir=tmp_path / str(len(issued)),
+                                role="node", member=member, node=name,
+                                **kw))  # type: ignore[arg-type]
+        return issued[-1]
+
+    assert pki.revoked_nodes(ca_dir=ca_dir) == []
+    s9 = node("acme", "s9")
+    node("acme", "s1")
+    node("globex", "s9")
+    pki.revoke(ca_dir=ca_dir, cert=s9.cert)
+    # Per node: acme's s1 and globex's s9 are not affected.
+    assert pki.revoked_nodes(ca_dir=ca_dir) == [("acme", "s9")]
+
+    # Re-keying the node lifts it; revoking the new key brings it back.
+    rekeyed = node("acme", "s9")
+    assert pki.revoked_nodes(ca_dir=ca_dir) == []
+    pki.revoke(ca_dir=ca_dir, cert=rekeyed.cert)
+    assert pki.revoked_nodes(ca_dir=ca_dir) == [("acme", "s9")]
+
+    # Revoking an older key of a node with a newer one leaves the node alone, even when
+    # the older one is revoked after the newer was issued.
+    old = node("globex", "s2", not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=2))
+    node("globex", "s2")
+    pki.revoke(ca_dir=ca_dir, cert=old.cert)
+    assert pki.revoked_nodes(ca_dir=ca_dir) == [("acme", "s9")]
+
+    # Broker and bridge certificates are not nodes.
+    broker = pki.issue(ca_dir=ca_dir, out_dir=tmp_path / "b", role="broker", member="mqtt")
+    bridge = pki.issue(ca_dir=ca_dir, out_dir=tmp_path / "b", role="bridge", member="br")
+    pki.revoke(ca_dir=ca_dir, cert=broker.cert)
+    pki.revoke(ca_dir=ca_dir, cert=bridge.cert)
+    node("initech", "s1")
+    pki.revoke(ca_dir=ca_dir, cert=node("hooli", "s3").cert)
+    assert pki.revoked_nodes(ca_dir=ca_dir) == [("acme", "s9"), ("hooli", "s3")]
+
+
 def test_refresh_crl_extends_next_update(ca_dir: Path) -> None:
     pki.refresh_crl(ca_dir=ca_dir, days=3)
     nxt = _crl(ca_dir).next_update_utc

@@ -1,0 +1,114 @@
+"""Unit tests of pear_mqtt.topics' ACL rules for revoked nodes (``acl_rules(revoked=...)``).
+
+The mosquitto side of the same rules is checked against a real broker in
+``tests/integration/test_security.py``; here: the exact rules, their placement, their
+validation, and what they mean under :class:`pear_mqtt.embedded.AccessPolicy` (mosquitto's
+semantics: a deny wins over every grant).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pear_mqtt.embedded import AccessPolicy, topic_matches
+from pear_mqtt.errors import TopicError
+from pear_mqtt.topics import AclRule, TopicScheme, acl_rules, revoked_node_rules
+
+pytestmark = pytest.mark.unit
+
+NET = "grp"
+CONSORTIUM = f"pear/v1/consortium/{NET}"
+
+
+def test_no_revoked_nodes_leaves_the_rules_unchanged() -> None:
+    for mode in ("private", "consortium", "public"):
+        assert acl_rules(mode=mode, network=NET, bridge_users=["br"], revoked=()) == \
+            acl_rules(mode=mode, network=NET, bridge_users=["br"])
+
+
+def test_consortium_revoked_node_gets_deny_rules_first() -> None:
+    base = acl_rules(mode="consortium", network=NET, bridge_users=["br"])
+    rules = acl_rules(mode="consortium", network=NET, bridge_users=["br"],
+                      revoked=[("acme", "store-9")])
+    assert rules[:3] == [
+        AclRule("deny", f"{CONSORTIUM}/acme/state/store-9/#", user="acme"),
+        AclRule("deny", f"{CONSORTIUM}/acme/nodes/store-9", user="acme"),
+        AclRule("deny", f"{CONSORTIUM}/acme/nodes/store-9/sync", user="acme"),
+    ]
+    assert rules[3:] == base
+    assert [r.mosquitto() for r in rules[:3]] == [
+        f"topic deny {CONSORTIUM}/acme/state/store-9/#",
+        f"topic deny {CONSORTIUM}/acme/nodes/store-9",
+        f"topic deny {CONSORTIUM}/acme/nodes/store-9/sync",
+    ]
+
+
+def test_deny_rules_cover_exactly_the_topics_the_scheme_builds_for_the_node() -> None:
+    acme = TopicScheme("consortium", NET, "acme")
+    denied = [r.topic for r in revoked_node_rules(mode="consortium", network=NET,
+                                                  revoked=[("acme", "store-9")])]
+
+    def hit(topic: str) -> bool:
+        return any(topic_matches(f, topic) for f in denied)
+
+    assert hit(acme.state("store-9", "dairy/milk"))
+    assert hit(acme.presence("store-9"))
+    assert hit(acme.sync_marker("store-9"))
+    # Node-precise: siblings, prefixes of the node id and the member's insights stay.
+    assert not hit(acme.state("store-1", "dairy/milk"))
+    assert not hit(acme.state("store-90", "dairy/milk"))
+    assert not hit(acme.presence("store-1"))
+    assert not hit(acme.insights("dairy/milk"))
+    assert not hit(TopicScheme("consortium", NET, "globex").state("store-9", "dairy"))
+
+
+def test_private_revoked_node_rules() -> None:
+    assert revoked_node_rules(mode="private", network=NET, revoked=[("acme", "s9")]) == [
+        AclRule("deny", "pear/v1/private/acme/state/s9/#", user="acme"),
+        AclRule("deny", "pear/v1/private/acme/nodes/s9", user="acme"),
+        AclRule("deny", "pear/v1/private/acme/nodes/s9/sync", user="acme"),
+    ]
+
+
+def test_public_mode_has_no_per_node_topics_to_deny() -> None:
+    assert revoked_node_rules(mode="public", network=NET, revoked=[("acme", "s9")]) == []
+    assert acl_rules(mode="public", network=NET, revoked=[("acme", "s9")]) == \
+        acl_rules(mode="public", network=NET)
+
+
+def test_several_and_repeated_revoked_nodes() -> None:
+    rules = revoked_node_rules(mode="consortium", network=NET,
+                               revoked=[("acme", "s9"), ("globex", "s2"), ("acme", "s9")])
+    assert len(rules) == 6
+    assert {r.user for r in rules} == {"acme", "globex"}
+    assert all(r.access == "deny" for r in rules)
+    assert all(r.topic.startswith(f"{CONSORTIUM}/{r.user}/") for r in rules)
+
+
+@pytest.mark.parametrize("pair", [("acme", "store/9"), ("acme", "#"), ("ac+me", "s9"),
+                                  ("", "s9"), ("acme", "")])
+def test_revoked_identifiers_are_validated(pair: tuple[str, str]) -> None:
+    # A wildcard or separator would turn one node's deny into a whole subtree's.
+    for mode in ("private", "consortium", "public"):
+        with pytest.raises(TopicError):
+            acl_rules(mode=mode, network=NET, revoked=[pair])
+
+
+def test_policy_with_revoked_node_semantics() -> None:
+    policy = AccessPolicy.for_network(mode="consortium", network=NET, bridge_users=["br"],
+                                      revoked=[("acme", "store-9")])
+    acme = TopicScheme("consortium", NET, "acme")
+    # The member loses the node's topics, for writing and reading...
+    assert not policy.may_publish(username="acme", topic=acme.state("store-9", "dairy"))
+    assert not policy.may_publish(username="acme", topic=acme.presence("store-9"))
+    assert not policy.may_read(username="acme", topic=acme.state("store-9", "dairy"))
+    # ...while its other nodes keep theirs, and subscribing to the state filter still works
+    # (the hole is enforced per message).
+    assert policy.may_publish(username="acme", topic=acme.state("store-1", "dairy"))
+    assert policy.may_publish(username="acme", topic=acme.presence("store-1"))
+    assert policy.may_publish(username="acme", topic=acme.insights("dairy"))
+    assert policy.may_subscribe(username="acme", topic_filter=acme.state_filter())
+    # Other members' rights are untouched (what hides the node's retained state from them is
+    # the publisher's lost write access: mosquitto's check_retain_source).
+    assert policy.may_read(username="globex", topic=acme.state("store-9", "dairy"))
+    assert policy.may_read(username="br", topic=acme.state("store-9", "dairy"))
