@@ -38,6 +38,7 @@ from .errors import (
     ConnectError,
     EnvelopeError,
     NotConnectedError,
+    OutboxError,
     OversizedMessage,
     PearError,
     TopicError,
@@ -510,7 +511,13 @@ class PearNetwork:
     def _ack_rows(self, ids: list[int]) -> None:
         if self._outbox is None:
             return
-        self._outbox.ack(ids)
+        try:
+            self._outbox.ack(ids)
+        except OutboxError as exc:
+            # The rows stay and are sent again: receivers de-duplicate by item id.
+            log.error("outbox could not record acknowledgements: %s", exc)
+            self._counters.dropped["outbox_ack_failed"] += 1
+            return
         if not self._inflight_ids and self._outbox.depth == 0:
             self._idle.set()
 
