@@ -64,6 +64,10 @@ class Worker:
         """Tell a sender to start its timed work."""
         self._conn.send("go")
 
+    def open_gate(self) -> None:
+        """Let a worker started with ``spec["gate"]`` connect."""
+        self._conn.send("connect")
+
     def result(self, timeout: float = 900.0) -> dict[str, Any]:
         """Wait for the worker's measurement and for the process to end."""
         out: dict[str, Any] = self._recv("done", timeout)

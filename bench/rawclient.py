@@ -49,6 +49,9 @@ class RawClient:
     env: BenchEnv
     member: str
     client_id: str
+    window: int = 0  # QoS 1 messages in flight at most when publishing (0: not a publisher)
+    mode: PubWindow = "app"
+    protocol: int = 5  # 5 (MQTT 5, as pear_mqtt speaks) or 4 (MQTT 3.1.1)
     client: mqtt.Client = field(init=False)
     acked: int = 0
     received: int = 0
@@ -61,9 +64,15 @@ class RawClient:
     _subacked: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=False)
+        proto = MQTTProtocolVersion.MQTTv5 if self.protocol == 5 else \
+            MQTTProtocolVersion.MQTTv311
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto,
+                        reconnect_on_failure=False)
         c.tls_set_context(tls_context(self.env, self.member))
+        # paho only accepts these before connecting. "app" keeps paho's window unlimited and
+        # bounds what is in flight itself (see publish_all).
+        c.max_inflight_messages_set(self.window if self.mode == "paho" else 0)
+        c.max_queued_messages_set(0)
         c.on_connect = self._on_connect
         c.on_publish = self._on_publish
         c.on_message = self._on_message
@@ -85,7 +94,7 @@ class RawClient:
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int,
                       rcs: list[ReasonCode], props: Any) -> None:
-        if any(r.is_failure for r in rcs):
+        if any(r.is_failure for r in rcs):  # (3.1.1 codes are wrapped as ReasonCode too)
             raise RuntimeError(f"subscription refused: {rcs}")
         self._subacked.add(mid)
 
@@ -109,6 +118,12 @@ class RawClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._run_until(lambda: self._connected, timeout, "CONNACK")
 
+    def service(self) -> None:
+        """Read whatever arrived and send a keep-alive PINGREQ when one is due."""
+        rc = self.client.loop(timeout=0.0)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"connection lost: {mqtt.error_string(rc)}")
+
     def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> None:
         """Subscribe and run the loop until the SUBACK."""
         rc, mid = self.client.subscribe(topic, qos)
@@ -125,21 +140,20 @@ class RawClient:
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 raise ConnectionError(f"connection lost: {mqtt.error_string(rc)}")
 
-    def publish_all(self, topics: Sequence[str], payloads: Sequence[bytes], *, window: int,
-                    mode: PubWindow, retain: bool = False, timeout: float = 600.0) -> None:
-        """Publish ``payloads[i]`` to ``topics[i % len(topics)]`` at QoS 1; return after the
-        last PUBACK."""
-        c, n, nt = self.client, len(payloads), len(topics)
+    def publish_all(self, topics: Sequence[str], payloads: Sequence[bytes], *,
+                    retain: bool = False, timeout: float = 600.0) -> None:
+        """Publish ``payloads[i]`` to ``topics[i % len(topics)]`` at QoS 1 with at most
+        :attr:`window` unacknowledged; return after the last PUBACK."""
+        c, n, nt, window = self.client, len(payloads), len(topics), self.window
+        if window < 1:
+            raise ValueError("a publisher needs window >= 1")
         self.acked = 0
         deadline = time.monotonic() + timeout
-        if mode == "paho":
-            c.max_inflight_messages_set(window)
-            c.max_queued_messages_set(0)
+        if self.mode == "paho":
             for i in range(n):
                 c.publish(topics[i % nt], payloads[i], qos=1, retain=retain)
             self._run_until(lambda: self.acked >= n, timeout, "last PUBACK")
             return
-        c.max_inflight_messages_set(0)  # unlimited in paho: no per-ack rescan
         sent = 0
         while self.acked < n:
             while sent < n and sent - self.acked < window:

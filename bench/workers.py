@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import cProfile
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -55,10 +56,24 @@ def _profiled(path: str | None) -> Iterator[None]:
         prof.dump_stats(path)
 
 
-def _go(conn: Connection) -> None:
+def _go(conn: Connection, expected: str = "go") -> None:
     msg = conn.recv()
-    if msg != "go":
-        raise RuntimeError(f"expected 'go', got {msg!r}")
+    if msg != expected:
+        raise RuntimeError(f"expected {expected!r}, got {msg!r}")
+
+
+def _go_serving(conn: Connection, client: RawClient) -> None:
+    """Wait for "go" while serving the paho socket (keep-alive pings, stray packets)."""
+    from multiprocessing.connection import wait
+
+    sock = client.client.socket()
+    watched: list[Any] = [conn] if sock is None else [conn, sock]
+    while True:
+        ready = wait(watched, timeout=5.0)
+        if conn in ready:
+            _go(conn)
+            return
+        client.service()
 
 
 async def _go_async(conn: Connection) -> None:
@@ -76,14 +91,15 @@ def raw_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     payloads = raw_payloads(n, size)
     topic = spec["topic"]
     topics = [f"{topic}/c{i:06d}" for i in range(n)] if spec.get("distinct_topics") else [topic]
-    client = RawClient(env=env, member=spec["member"], client_id=spec["client_id"])
+    client = RawClient(env=env, member=spec["member"], client_id=spec["client_id"],
+                       window=spec["window"], mode=spec["pub_window"],
+                       protocol=spec.get("protocol", 5))
     client.connect()
     conn.send(("ready", {}))
-    _go(conn)
+    _go_serving(conn, client)
     with _profiled(spec.get("profile")):
         t0 = time.monotonic()
-        client.publish_all(topics, payloads, window=spec["window"], mode=spec["pub_window"],
-                           retain=spec.get("retain", False))
+        client.publish_all(topics, payloads, retain=spec.get("retain", False))
         t1 = time.monotonic()
     client.close()
     return {"t_start": t0, "t_acked": t1, "acked": client.acked}
@@ -92,7 +108,8 @@ def raw_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 def raw_sub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """Subscribe to ``topic`` and receive ``n`` messages (the first arrives after "ready")."""
     env: BenchEnv = spec["env"]
-    client = RawClient(env=env, member=spec["member"], client_id=spec["client_id"])
+    client = RawClient(env=env, member=spec["member"], client_id=spec["client_id"],
+                       protocol=spec.get("protocol", 5))
     client.connect()
     client.subscribe(spec["topic"], qos=spec.get("qos", 1))
     conn.send(("ready", {}))
@@ -106,10 +123,11 @@ def raw_sub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 def raw_sync(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """On "go", subscribe to the state filter and receive the ``n`` retained messages."""
     env: BenchEnv = spec["env"]
-    client = RawClient(env=env, member=spec["member"], client_id=spec["client_id"])
+    client = RawClient(env=env, member=spec["member"], client_id=spec["client_id"],
+                       protocol=spec.get("protocol", 5))
     client.connect()
     conn.send(("ready", {}))
-    _go(conn)
+    _go_serving(conn, client)
     with _profiled(spec.get("profile")):
         t0 = time.monotonic()
         client.expect = spec["n"]
@@ -122,9 +140,11 @@ def raw_sync(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 
 # -- pear_mqtt ----------------------------------------------------------------------------
 
-def pear_config(env: BenchEnv, member: str, node: str = NODE) -> Any:
+def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
+                outbox: Path | None = None) -> Any:
     """A consortium :class:`~pear_mqtt.types.NetworkConfig` for ``member`` (as the
-    integration tests build one): aggregator key, pseudonyms, group-key encryption."""
+    integration tests build one): aggregator key, pseudonyms, group-key encryption; the
+    in-memory outbox unless ``outbox`` names an SQLite file (sized to never drop here)."""
     from pear_mqtt.types import (
         EncryptionConfig,
         NetworkConfig,
@@ -141,7 +161,7 @@ def pear_config(env: BenchEnv, member: str, node: str = NODE) -> Any:
         privacy=PrivacyConfig(aggregator_key_file=env.aggregator_pub,
                               pseudonym_secret=env.pseudonym_secret),
         encryption=EncryptionConfig(keys={"k1": env.group_key}, active="k1"),
-        reliability=ReliabilityConfig(outbox_path=None))
+        reliability=ReliabilityConfig(outbox_path=outbox, outbox_max_bytes=4 * 1024**3))
 
 
 def make_insights(n: int, categories: int | None) -> list[Any]:
@@ -174,9 +194,12 @@ def pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     from pear_mqtt.network import PearNetwork
     env: BenchEnv = spec["env"]
     insights = make_insights(spec["n"], spec.get("categories"))
+    outbox = None
+    if spec.get("outbox") == "sqlite":
+        outbox = Path(tempfile.mkdtemp(prefix="outbox-", dir=env.root)) / "outbox.sqlite"
 
     async def main() -> dict[str, Any]:
-        net = PearNetwork(pear_config(env, spec["member"]))
+        net = PearNetwork(pear_config(env, spec["member"], outbox=outbox))
         await net.connect(timeout=30)
         try:
             conn.send(("ready", {}))
@@ -227,9 +250,15 @@ def pear_rx(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def pear_sync(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
-    """A late joiner: connect, then on "go" time ``PearNetwork.sync()``."""
+    """A late joiner: connect, then on "go" time ``PearNetwork.sync()``.
+
+    With ``spec["gate"]`` the process starts (imports, config) at once but connects only on
+    "connect": it must not receive the live insights published while the state is filled.
+    """
     from pear_mqtt.network import PearNetwork
     env: BenchEnv = spec["env"]
+    if spec.get("gate"):
+        _go(conn, "connect")
 
     async def main() -> dict[str, Any]:
         net = PearNetwork(pear_config(env, spec["member"]))

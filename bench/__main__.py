@@ -1,0 +1,146 @@
+"""``python -m bench``: measure, write bench/results.json and docs/BENCHMARKS.md, print a table.
+
+Imports stay inside :func:`main`: spawned workers re-import this module as ``__mp_main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = _HERE / "results.json"
+DEFAULT_DOC = _HERE.parent / "docs" / "BENCHMARKS.md"
+DEFAULT_PROFILE_DIR = _HERE / "profile"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="pear_mqtt throughput vs raw paho-mqtt and mosquitto's C clients, over a "
+                    "freshly started mosquitto with the project's rendered mutual-TLS config.")
+    p.add_argument("--quick", action="store_true",
+                   help="N=10,000 for everything, 3 repetitions (about a minute); without "
+                        "it: N=30,000 for A/C/P x5, N=100,000 retained states x3")
+    p.add_argument("--n", type=int, help="messages / insights for A, C and P")
+    p.add_argument("--n-sync", type=int,
+                   help="retained states for sync and publish (default: full 100,000, "
+                        "quick 10,000; with only --n given: --n)")
+    p.add_argument("--reps", type=int,
+                   help="repetitions of every measurement (full 5 for A/C/P and 3 for sync, "
+                        "quick 3)")
+    p.add_argument("--sync-reps", type=int,
+                   help="repetitions of the sync / publish-retained round (overrides --reps)")
+    p.add_argument("--window", type=int, default=1000,
+                   help="QoS 1 in-flight window of the raw publishers (default 1000)")
+    p.add_argument("--categories", type=int, default=16,
+                   help="categories P's publisher cycles through (default 16)")
+    p.add_argument("--outbox", choices=("memory", "sqlite"), default="memory",
+                   help="outbox of pear's publishers (default memory, as with no "
+                        "outbox_path configured; sqlite: the durable on-disk outbox)")
+    p.add_argument("--mqtt5-baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="also measure A over MQTT 5 (default: on in full runs)")
+    p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   help="comma-separated subset of A,A5,C,P,sync (ratios need both sides)")
+    p.add_argument("--profile", action="store_true",
+                   help="after measuring, run P and sync once more under cProfile and report "
+                        "the top functions of each pear_mqtt process")
+    p.add_argument("--render", action="store_true",
+                   help="measure nothing: print the table and rewrite the report from --out")
+    p.add_argument("--explore-a", action="store_true",
+                   help="only compare raw paho variants (window keeper, reader, protocol)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"results file (default {DEFAULT_OUT.relative_to(_HERE.parent)})")
+    p.add_argument("--doc", type=Path, default=DEFAULT_DOC,
+                   help=f"markdown report (default {DEFAULT_DOC.relative_to(_HERE.parent)})")
+    p.add_argument("--no-doc", action="store_true", help="do not write the markdown report")
+    p.add_argument("--workdir", type=Path,
+                   help="keep certificates and broker files here (default: a temp dir)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .report import render_markdown, write_json
+    from .runner import explore_a, run
+    from .scenarios import Params
+
+    if args.render:
+        results = json.loads(args.out.read_text(encoding="utf-8"))
+        _print(results, args.out)
+        if not args.no_doc:
+            args.doc.write_text(render_markdown(results), encoding="utf-8")
+            print(f"report:  {args.doc}")
+        return 0
+
+    if args.quick:
+        n, n_sync, reps, sync_reps, mode = 10_000, 10_000, 3, 3, "quick"
+    else:
+        # A 100,000-state sync round takes ~2.5 min at pear_mqtt's current speed (the broker
+        # is filled at ~1.4k states/s, then sync() runs at ~2k states/s): five took 15 min in
+        # all, so a full run does three to stay near 10 min.
+        n, n_sync, reps, sync_reps, mode = 30_000, 100_000, 5, 3, "full"
+    if args.n is not None:
+        n = n_sync = args.n
+    if args.n_sync is not None:
+        n_sync = args.n_sync
+    if args.reps is not None:
+        reps = sync_reps = args.reps
+    if args.sync_reps is not None:
+        sync_reps = args.sync_reps
+    if any(v is not None for v in (args.n, args.n_sync, args.reps, args.sync_reps)):
+        mode = f"custom ({mode} defaults)"
+    mqtt5 = args.mqtt5_baseline if args.mqtt5_baseline is not None else mode == "full"
+    if args.only and not set(args.only) <= {"A", "A5", "C", "P", "sync"}:
+        print(f"--only takes A, A5, C, P and sync, not {args.only}", file=sys.stderr)
+        return 2
+    if min(n, n_sync, reps, sync_reps, args.window, args.categories) < 1:
+        print("N, repetitions, window and categories must be at least 1", file=sys.stderr)
+        return 2
+    params = Params(n=n, n_sync=n_sync, window=args.window, categories=args.categories,
+                    outbox=args.outbox)
+
+    with tempfile.TemporaryDirectory(prefix="pear-bench-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        if args.explore_a:
+            print(f"raw paho variants, N={n}, {reps} repetitions:")
+            explore_a(params, reps=reps, workdir=workdir)
+            return 0
+        print(f"pear_mqtt benchmark ({mode}): N={n:,} for A/C/P x{reps}, "
+              f"N={n_sync:,} retained x{sync_reps}", flush=True)
+        results = run(params, reps=reps, sync_reps=sync_reps, workdir=workdir, mode=mode,
+                      mqtt5_baseline=mqtt5 or "A5" in (args.only or ()), only=args.only,
+                      profile_dir=DEFAULT_PROFILE_DIR if args.profile else None,
+                      log=lambda s: print(s, flush=True))
+    write_json(args.out, results)
+    _print(results, args.out)
+    if not args.no_doc:
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        args.doc.write_text(render_markdown(results), encoding="utf-8")
+        print(f"report:  {args.doc}")
+    return 0
+
+
+def _print(results: dict[str, Any], out: Path) -> None:
+    from .report import render_table
+
+    print()
+    print(render_table(results))
+    if results.get("profile"):
+        for name, info in results["profile"].items():
+            top = info["top"]
+            print(f"\n{name}: {info['what']}\n  busy {top['busy_s']:.2f} s, idle "
+                  f"{top['idle_s']:.2f} s (left out); top by own time ({info['file']})")
+            for row in top["rows"]:
+                print(f"  {100 * row['share']:5.1f}%  {row['tottime']:7.3f}s  "
+                      f"{row['calls']:>9,}  {row['function']}")
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
