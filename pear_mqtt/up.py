@@ -21,8 +21,11 @@ Sub-commands (state lives in ``--dir``, default ``.pear`` in the current directo
 
 Backends (printed by ``start``; ``--backend`` or ``PEAR_BACKEND=local|embedded|docker``):
 
-- ``docker``: Docker Compose from ``deploy/``. Not built yet: chosen automatically only when a
-  Docker engine answers, and then ``start`` says so and falls back.
+- ``docker``: ``deploy/compose.yaml`` through Docker Compose (v2 or Debian's 1.29), in the
+  images ``deploy/images/build.sh`` builds offline: the same rendered configurations, the
+  state directory mounted at its own path, host networking, every listener on 127.0.0.1.
+  ``status`` reads the containers' state, ``logs`` is ``compose logs``, ``stop`` is
+  ``compose down``. See :mod:`pear_mqtt.compose` and ``deploy/CONTAINERS.md``.
 - ``local``: one ``mosquitto`` process per network, configured by :mod:`pear_mqtt.brokerconf`.
 - ``embedded``: one ``pear-mqtt embedded`` (amqtt) process per network, for machines without
   mosquitto: the same identity and ACL rules, no persistence.
@@ -33,7 +36,9 @@ Layout of the state directory::
     secrets.json            per-network pseudonym secrets and group keys (0600)
     pki/<network>/ca/       the network CA (ca.key stays here)
     pki/<network>/{broker,nodes,bridge,aggregator}/
-    brokers/<mode>/         mosquitto.conf, acl, data/ (local backend)
+    brokers/<mode>/         mosquitto.conf, acl, data/ (local and docker backends),
+                            health.json (docker: what the container health check probes)
+    compose.env             docker backend: the variables deploy/compose.yaml reads
     nodes/<agent>.toml      node configuration of each simulated store
     run/<agent>.status.json agent status files;  outbox/<agent>.db  agent outboxes
     logs/*.log              one log per broker and agent
@@ -73,6 +78,7 @@ from cryptography import x509
 
 from . import pki as pkimod
 from .brokerconf import Mode, render
+from .compose import Compose, docker_problem, engine_reachable
 from .config import NetworkConfigManager
 from .errors import BrokerError, ConfigError
 from .privacy import Pseudonymizer
@@ -101,7 +107,12 @@ DEFAULT_PORTS: Final = (18883, 18884, 18885)
 HOST: Final = "127.0.0.1"
 STATE_FILE: Final = "up.json"
 BRIDGE_USER: Final = "bridge"
-BRIDGE_LINE: Final = "bridge: not built yet (issue: public bridge)"
+BRIDGE_LINE: Final = "bridge: retail-eu -> market, k-anonymous aggregates (docs/BRIDGE.md)"
+# The simulated stores report the last week, so the demo bridge publishes daily windows one
+# day after they end; a real deployment keeps pear_mqtt.bridge's 90-day default lag.
+_BRIDGE_WINDOW = 86400
+_BRIDGE_LAG = 86400
+_BRIDGE_SETTLE = 20.0
 
 _STATE_VERSION = 1
 _BROKER_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -159,6 +170,9 @@ class Proc:
     argv: list[str]
     log: str
     log_offset: int = 0  # size of the log when this process started: its own output follows
+    # docker backend: the Compose service running it; pid is then the container's main
+    # process as the host sees it, refreshed from the engine (a restart changes it).
+    container: str | None = None
 
 
 @dataclass(slots=True)
@@ -226,10 +240,14 @@ class UpState:
     agents: list[AgentEntry] = field(default_factory=list)
     agents_note: str = ""
     bridge: dict[str, Any] = field(default_factory=dict)
+    compose: dict[str, Any] = field(default_factory=dict)  # docker backend: Compose.to_json()
+    bridges: list[AgentEntry] = field(default_factory=list)  # the public bridge process
 
     def processes(self) -> list[tuple[str, Proc]]:
-        """Every recorded process, agents first (they are stopped before the brokers)."""
+        """Every recorded process, agents first, then the bridge (both are stopped before
+        the brokers)."""
         return ([(f"agent {a.name}", a.proc) for a in self.agents]
+                + [(f"bridge {b.name}", b.proc) for b in self.bridges]
                 + [(f"broker {b.name}", b.proc) for b in self.brokers])
 
     def to_json(self) -> dict[str, Any]:
@@ -247,7 +265,10 @@ class UpState:
             brokers=[BrokerEntry(**{**b, "proc": proc(b["proc"])}) for b in data["brokers"]],
             nodes=[NodeEntry(**n) for n in data["nodes"]],
             agents=[AgentEntry(**{**a, "proc": proc(a["proc"])}) for a in data["agents"]],
-            agents_note=data.get("agents_note", ""), bridge=dict(data.get("bridge", {})))
+            agents_note=data.get("agents_note", ""), bridge=dict(data.get("bridge", {})),
+            compose=dict(data.get("compose", {})),
+            bridges=[AgentEntry(**{**a, "proc": proc(a["proc"])})
+                     for a in data.get("bridges", [])])
 
 
 def _now_iso() -> str:
@@ -692,16 +713,25 @@ def _prepare(directory: Path, ports: Sequence[int], backend: Backend) -> _Plan:
         probe = next(n for n in nodes if n.network == spec.network)
         conf: Path | None = None
         log = directory / "logs" / f"broker-{spec.mode}.log"
-        if backend == "local":
+        if backend in ("local", "docker"):
+            out_dir = directory / "brokers" / spec.mode
             conf = render(
-                mode=spec.mode, network=spec.network, out_dir=directory / "brokers" / spec.mode,
+                mode=spec.mode, network=spec.network, out_dir=out_dir,
                 ca_file=ca_dir / pkimod.CA_CERT, cert_file=broker_certs.cert,
                 key_file=broker_certs.key, crl_file=ca_dir / pkimod.CA_CRL, tls_port=port,
                 bridge_users=(BRIDGE_USER,) if spec.bridge else (), bind_address=HOST,
                 # As the test harness does: started as root, mosquitto would switch to the
                 # `mosquitto` user before reading the 0600 key it cannot read as that user.
+                # (Containers run as the invoking user, so the same holds there.)
                 run_as="root" if os.geteuid() == 0 else None,
-                log_file=log).conf_path
+                # A container logs to stderr: `docker logs` / `compose logs` collect it.
+                log_file=log if backend == "local" else None).conf_path
+            if backend == "docker":
+                # The container's health check makes the same mutual-TLS CONNECT as `status`.
+                _write_atomic(out_dir / "health.json", json.dumps(
+                    {"host": HOST, "port": port, "ca": probe.ca, "cert": probe.cert,
+                     "key": probe.key}, indent=2) + "\n")
+                log = Path(f"docker:broker-{spec.mode}")
         brokers.append(BrokerEntry(
             name=spec.mode, mode=spec.mode, network=spec.network, host=HOST, port=port,
             url=url, ca_dir=str(ca_dir), ca=str(ca_dir / pkimod.CA_CERT),
@@ -709,7 +739,44 @@ def _prepare(directory: Path, ports: Sequence[int], backend: Backend) -> _Plan:
             key=str(broker_certs.key), conf=str(conf) if conf else None,
             probe_node=probe.name, proc=Proc(pid=None, start_ticks=None, argv=[],
                                              log=str(log))))
+    config = _write_bridge_config(directory, bridge, net_secrets)
+    if config is not None:
+        bridge["config"] = str(config)
     return _Plan(brokers=brokers, nodes=nodes, agent_nodes=agent_nodes, bridge=bridge)
+
+
+def _write_bridge_config(directory: Path, bridge: dict[str, Any],
+                         net_secrets: dict[str, dict[str, str]]) -> Path | None:
+    """``bridge/bridge.toml``: the consortium's insights in, the public network's aggregates
+    out, with the identities ``_prepare`` issued (None when pear_mqtt.bridge is missing)."""
+    try:
+        from .bridge import BridgeConfig, BridgeConfigManager
+    except Exception:  # a half-written bridge must not take the brokers down
+        return None
+    ids = bridge["identities"]
+    consortium = next(s for s in TOPOLOGY if s.mode == "consortium" and s.bridge)
+    public = next(s for s in TOPOLOGY if s.mode == "public" and s.bridge)
+    c, p = ids[consortium.network], ids[public.network]
+    config = BridgeConfig.model_validate({
+        "consortium": {"network_id": consortium.network, "broker_url": c["url"],
+                       "tls": {"ca_file": c["ca"], "cert_file": c["cert"], "key_file": c["key"]},
+                       "aggregator_key_file": c["aggregator_key"],
+                       "encryption": {"keys": {
+                           "k1": net_secrets[consortium.network]["group_key"]}}},
+        "public": {"network_id": public.network, "broker_url": p["url"],
+                   "tls": {"ca_file": p["ca"], "cert_file": p["cert"], "key_file": p["key"]},
+                   "aggregator_key_file": p["aggregator_key"]},
+        "window_seconds": _BRIDGE_WINDOW, "publication_lag_seconds": _BRIDGE_LAG,
+        "settle_seconds": _BRIDGE_SETTLE,
+        "state_path": str(directory / "bridge" / "state.sqlite")})
+    path = directory / "bridge" / "bridge.toml"
+    BridgeConfigManager.save(config, path, include_secrets=True)  # holds the group key: 0600
+    return path
+
+
+def _bridge_argv(config: str, status_file: Path) -> list[str]:
+    return [sys.executable, "-m", "pear_mqtt.cli", "bridge", "--config", config,
+            "--status-file", str(status_file), "--status-interval", "2"]
 
 
 def _write_node_config(*, path: Path, spec: NetworkSpec, company: str, store: str, url: str,
@@ -742,24 +809,12 @@ def _mosquitto() -> str | None:
     return "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
 
 
-def _docker_reachable() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        done = subprocess.run(["docker", "info"], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return done.returncode == 0
-
-
 def choose_backend(requested: str | None = None) -> tuple[Backend, list[str]]:
     """The backend to use and the lines explaining the choice.
 
     ``requested`` (``--backend``) wins over ``PEAR_BACKEND``; ``auto`` or neither picks
-    docker if an engine answers (not built yet: falls back), else local mosquitto, else the
-    embedded amqtt broker.
+    docker if an engine answers and the images and Compose are there, else local mosquitto,
+    else the embedded amqtt broker.
     """
     choice = (requested or os.environ.get("PEAR_BACKEND") or "auto").strip().lower()
     if choice not in ("auto", *get_args(Backend)):
@@ -767,8 +822,11 @@ def choose_backend(requested: str | None = None) -> tuple[Backend, list[str]]:
                           "auto (--backend / PEAR_BACKEND)")
     mosquitto = _mosquitto()
     if choice == "docker":
-        raise BrokerError("docker backend: not built yet (deploy/ has no Compose stack); use "
-                          "PEAR_BACKEND=local (mosquitto) or PEAR_BACKEND=embedded")
+        problem = docker_problem()
+        if problem is not None:
+            raise BrokerError(f"docker backend: {problem}; or use PEAR_BACKEND=local "
+                              "(mosquitto) or PEAR_BACKEND=embedded")
+        return "docker", ["backend: docker (deploy/compose.yaml, host network)"]
     if choice == "local":
         if mosquitto is None:
             raise BrokerError("local backend needs mosquitto (apt-get install mosquitto), or "
@@ -777,8 +835,12 @@ def choose_backend(requested: str | None = None) -> tuple[Backend, list[str]]:
     if choice == "embedded":
         return "embedded", ["backend: embedded (amqtt, `pear-mqtt embedded` processes)"]
     notes: list[str] = []
-    if _docker_reachable():
-        notes.append(f"docker backend: not built yet, using "
+    if engine_reachable():
+        problem = docker_problem()
+        if problem is None:
+            return "docker", ["backend: docker (deploy/compose.yaml, host network; a Docker "
+                              "engine answers)"]
+        notes.append(f"docker backend not usable ({problem}); using "
                      f"{'local' if mosquitto else 'embedded'}")
     if mosquitto is not None:
         return "local", [*notes, f"backend: local (mosquitto {mosquitto})"]
@@ -836,9 +898,172 @@ def _check_one(component: str, proc: Proc, probe: Callable[[], tuple[bool, str]]
     return Check(component, proc.pid, ok, detail, proc.log, proc.log_offset)
 
 
+# -- docker backend ---------------------------------------------------------------------------
+
+def _compose(state: UpState) -> Compose | None:
+    """The Compose project a docker-backend state recorded, None if it recorded none."""
+    return Compose.from_json(state.compose) if state.compose else None
+
+
+def _refresh_containers(state: UpState) -> None:
+    """Point each container's recorded pid at its current main process (none if stopped).
+
+    Containers restart (``restart: unless-stopped``) and Compose recreates them, so the pid
+    recorded at start may be stale; from then on the usual pid checks apply unchanged.
+    """
+    compose = _compose(state)
+    if compose is None:
+        return
+    try:
+        found = compose.containers()
+    except BrokerError:
+        return  # engine gone: every pid check will say "not running", which is the truth
+    for _, proc in state.processes():
+        if proc.container is None:
+            continue
+        c = found.get(proc.container)
+        pid = c.pid if c is not None and c.running else None
+        if pid != proc.pid:
+            proc.pid = pid
+            proc.start_ticks = _start_ticks(pid) if pid is not None else None
+
+
+def _container_tail(compose: Compose | None, log: str | None, lines: int) -> str | None:
+    """The output of the container behind a ``docker:<service>`` log, None for a file."""
+    if not log or not log.startswith("docker:"):
+        return None
+    service = log.removeprefix("docker:")
+    if compose is None:
+        return "(no Compose project recorded)\n"
+    try:
+        container = compose.containers().get(service)
+        return compose.tail(container.name, lines) if container else \
+            f"(no container for {service})\n"
+    except BrokerError as exc:
+        return f"(no logs: {exc})\n"
+
+
+def _start_docker(directory: Path, state: UpState, plan: _Plan, *, with_agents: bool,
+                  rate: float | None, deadline: float, out: Callable[[str], None]) -> None:
+    """Bring the topology up with Compose; raise :class:`BrokerError` when it is not healthy.
+
+    The brokers first, checked from the host with the same mutual-TLS CONNECT as ``status``;
+    then the agents (``--no-deps``: their brokers are already known healthy, and Compose's
+    own ``service_healthy`` wait would add a health-check interval).
+    """
+    extra = {"PEAR_AGENT_RATE": f"{rate:g}" if rate is not None else "1"}
+    bridge_config = _docker_bridge_config(directory)
+    if bridge_config is not None:
+        extra["COMPOSE_PROFILES"] = "bridge"  # recorded, so `stop` takes the bridge down too
+    compose = Compose.for_directory(directory, extra_env=extra)
+    compose.write_env_file(directory)
+    state.compose = compose.to_json()
+    services = set(compose.run("config", "--services").stdout.split())
+    wanted = [f"broker-{b.name}" for b in state.brokers] + \
+        ([f"agent-{n.name}" for n in plan.agent_nodes] if with_agents else [])
+    missing = [s for s in wanted if s not in services]
+    if missing:
+        raise BrokerError(f"{compose.file} defines no service {', '.join(missing)}: it has "
+                          "fallen behind pear_mqtt.up.TOPOLOGY")
+    for b in state.brokers:
+        service = f"broker-{b.name}"
+        b.proc = Proc(pid=None, start_ticks=None, argv=compose.argv("up", "-d", service),
+                      log=f"docker:{service}", container=service)
+    # Record the project before starting anything: should this command die, `stop` finds it.
+    _save_state(directory, state)
+    compose.up([f"broker-{b.name}" for b in state.brokers])
+    _refresh_containers(state)
+    _save_state(directory, state)
+    failing = _wait_healthy(state, deadline=deadline,
+                            components=lambda c: c.component.startswith("broker "))
+    if failing:
+        raise BrokerError("brokers did not come up:\n"
+                          + _failure_report(failing, compose=compose))
+    if bridge_config is not None:
+        out(f"bridge: starting the bridge container ({bridge_config})")
+        # The path deploy/compose.yaml gives the bridge's --status-file: `status` checks it.
+        status_file = directory / "run" / "bridge.status.json"
+        status_file.parent.mkdir(parents=True, exist_ok=True)
+        status_file.unlink(missing_ok=True)  # a stale "ok" must not count
+        state.bridges.append(AgentEntry(
+            name="public", node=BRIDGE_USER, config=str(bridge_config),
+            status_file=str(status_file),
+            proc=Proc(pid=None, start_ticks=None, argv=compose.argv("up", "-d", "bridge"),
+                      log="docker:bridge", container="bridge")))
+        _save_state(directory, state)
+        compose.up(["bridge"], no_deps=True)
+        _refresh_containers(state)
+        failing = _wait_healthy(state, deadline=deadline,
+                                components=lambda c: c.component.startswith("bridge "))
+        if failing:
+            raise BrokerError("the bridge did not become healthy:\n"
+                              + _failure_report(failing, compose=compose))
+    if not with_agents:
+        return
+    out(f"brokers up; starting {len(plan.agent_nodes)} simulated agents (containers)")
+    for node in plan.agent_nodes:
+        service = f"agent-{node.name}"
+        # The same path the compose file gives the agent's --status-file.
+        status_file = directory / "run" / f"{node.name}.status.json"
+        status_file.parent.mkdir(parents=True, exist_ok=True)
+        status_file.unlink(missing_ok=True)  # a stale "ok" must not count
+        assert node.config is not None
+        state.agents.append(AgentEntry(
+            name=node.name, node=node.name, config=node.config, status_file=str(status_file),
+            proc=Proc(pid=None, start_ticks=None, argv=compose.argv("up", "-d", service),
+                      log=f"docker:{service}", container=service)))
+    _save_state(directory, state)
+    compose.up([f"agent-{n.name}" for n in plan.agent_nodes], no_deps=True)
+    _refresh_containers(state)
+    _save_state(directory, state)
+    failing = _wait_healthy(state, deadline=deadline,
+                            components=lambda c: c.component.startswith("agent "))
+    if failing:
+        raise BrokerError("agents did not become healthy:\n"
+                          + _failure_report(failing, compose=compose)
+                          + _broker_side(state, failing, compose=compose))
+
+
+def _docker_bridge_config(directory: Path) -> Path | None:
+    """The bridge configuration the Compose ``bridge`` service runs, when there is a bridge
+    to run: :mod:`pear_mqtt.bridge` with a command line, and ``bridge/bridge.toml`` in the
+    state directory (whoever prepares the bridge for ``up`` writes it there)."""
+    path = directory / "bridge" / "bridge.toml"
+    if not path.is_file():
+        return None
+    try:
+        module = importlib.import_module("pear_mqtt.bridge")
+    except Exception:  # a half-written bridge must not take the brokers down
+        return None
+    return path if getattr(module, "register_cli", None) is not None else None
+
+
+def _stop_docker(state: UpState, *, grace: float, out: Callable[[str], None]) -> list[str]:
+    """``compose down`` the recorded project; returns the components still running."""
+    compose = _compose(state)
+    if compose is None:
+        return []
+    _refresh_containers(state)
+    running = [name for name, p in state.processes() if alive(p)]
+    stuck: list[str] = []
+    try:
+        compose.down(grace=grace)
+    except BrokerError as exc:
+        out(f"compose down failed: {exc}")
+    _refresh_containers(state)
+    for name, p in state.processes():
+        if alive(p):
+            stuck.append(f"{name} (container {p.container}, pid {p.pid})")
+        elif name in running:
+            out(f"stopped {name} (container {p.container})")
+    return stuck
+
+
 def check(state: UpState) -> list[Check]:
     """Check every recorded broker and agent (process alive, broker admits a node, agent
     healthy)."""
+    if state.backend == "docker":
+        _refresh_containers(state)
     out: list[Check] = []
     for b in state.brokers:
         out.append(_check_one(f"broker {b.name}", b.proc,
@@ -846,6 +1071,9 @@ def check(state: UpState) -> list[Check]:
     for a in state.agents:
         out.append(_check_one(f"agent {a.name}", a.proc,
                               functools.partial(agent_health, a.status_file)))
+    for br in state.bridges:  # its status file has the agents' format (health, connected)
+        out.append(_check_one(f"bridge {br.name}", br.proc,
+                              functools.partial(agent_health, br.status_file)))
     return out
 
 
@@ -906,7 +1134,10 @@ def _print_endpoints(state: UpState, out: Callable[[str], None]) -> None:
     for b in state.brokers:
         pid = b.proc.pid if b.proc.pid is not None else "-"
         out(f"  broker {b.name:<11} {b.network:<13} {b.url:<24} pid {pid}")
-    out(f"  {BRIDGE_LINE}")
+    bridge_pid = next((b.proc.pid for b in state.bridges), None)
+    out(f"  {BRIDGE_LINE}" + (f", pid {bridge_pid}" if bridge_pid is not None else
+                              ", running" if state.bridges else
+                              " (not started)"))
     out(f"  {state.agents_note}" + (f" ({len(state.agents)} running)" if state.agents else ""))
     consortium = next((n for n in state.nodes if n.mode == "consortium"), None)
     if consortium is not None:
@@ -916,25 +1147,29 @@ def _print_endpoints(state: UpState, out: Callable[[str], None]) -> None:
             f"--key {n.key} -t 'pear/v1/consortium/{n.network}/#' -v")
 
 
-def _failure_report(failing: Sequence[Check], *, detailed: int = 3, lines: int = 12) -> str:
+def _failure_report(failing: Sequence[Check], *, detailed: int = 3, lines: int = 12,
+                    compose: Compose | None = None) -> str:
     """What failed, with the log tails (this run's output only) of the first few."""
     parts = [f"{c.component}: {c.detail}" for c in failing]
     for c in failing[:detailed]:
         if c.log:
-            parts.append(f"--- {c.component}: tail of {c.log} ---\n"
-                         f"{_tail(c.log, lines, since=c.log_offset).rstrip()}")
+            text = _container_tail(compose, c.log, lines) or \
+                _tail(c.log, lines, since=c.log_offset)
+            parts.append(f"--- {c.component}: tail of {c.log} ---\n{text.rstrip()}")
     if len(failing) > detailed:
         parts.append(f"(logs of the other {len(failing) - detailed}: `pear-mqtt up logs`)")
     return "\n".join(parts)
 
 
-def _broker_side(state: UpState, failing: Sequence[Check]) -> str:
+def _broker_side(state: UpState, failing: Sequence[Check], *,
+                 compose: Compose | None = None) -> str:
     """The recent log of the brokers failing agents use: a refused connection is explained
     there, not in the agent's log."""
     names = {c.component.removeprefix("agent ") for c in failing}
     wanted = {n.broker for n in state.nodes if n.name in names}
     parts = [f"\n--- broker {b.name}: tail of {b.proc.log} ---\n"
-             f"{_tail(b.proc.log, 6, since=b.proc.log_offset).rstrip()}"
+             + (_container_tail(compose, b.proc.log, 6)
+                or _tail(b.proc.log, 6, since=b.proc.log_offset)).rstrip()
              for b in state.brokers if b.name in wanted]
     return "".join(parts)
 
@@ -967,7 +1202,7 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
                         "`pear-mqtt up stop` first to move it")
                 _print_endpoints(previous, out)
                 return previous
-            if any(alive(p) for _, p in previous.processes()):
+            if any(alive(p) for _, p in previous.processes()):  # check() refreshed them
                 out("partly up; stopping the rest and starting afresh:")
                 for c in checks:
                     if not c.ok:
@@ -1003,7 +1238,10 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
                         nodes=plan.nodes, agents_note=agents_note, bridge=plan.bridge)
         deadline = time.monotonic() + timeout
         try:
-            for b in state.brokers:
+            if chosen == "docker":
+                _start_docker(directory, state, plan, with_agents=can_agents, rate=rate,
+                              deadline=deadline, out=out)
+            for b in state.brokers if chosen != "docker" else ():
                 b.proc = _spawn(_broker_argv(chosen, b), log=Path(b.proc.log), cwd=directory)
             # Record pids at once: should this command die now, `stop` still finds them.
             _save_state(directory, state)
@@ -1011,7 +1249,25 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
                                     components=lambda c: c.component.startswith("broker "))
             if failing:
                 raise BrokerError("brokers did not come up:\n" + _failure_report(failing))
-            if can_agents:
+            config = plan.bridge.get("config")
+            if can_agents and chosen != "docker" and config:
+                # Before the agents: its persistent sessions must exist before they publish,
+                # or the broker has no queue to keep their first insights in.
+                status_file = directory / "run" / "bridge.status.json"
+                status_file.parent.mkdir(parents=True, exist_ok=True)
+                status_file.unlink(missing_ok=True)  # a stale "ok" must not count
+                state.bridges.append(AgentEntry(
+                    name="public", node=BRIDGE_USER, config=config,
+                    status_file=str(status_file),
+                    proc=_spawn(_bridge_argv(config, status_file),
+                                log=directory / "logs" / "bridge.log", cwd=directory)))
+                _save_state(directory, state)
+                failing = _wait_healthy(state, deadline=deadline,
+                                        components=lambda c: c.component.startswith("bridge "))
+                if failing:
+                    raise BrokerError("the bridge did not become healthy:\n"
+                                      + _failure_report(failing))
+            if can_agents and chosen != "docker":
                 out(f"brokers up; starting {len(plan.agent_nodes)} simulated agents")
                 # After the brokers: agents then connect at once instead of backing off.
                 for node in plan.agent_nodes:
@@ -1050,13 +1306,17 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
 # -- stop -----------------------------------------------------------------------------------
 
 def _stop_processes(state: UpState, *, grace: float, out: Callable[[str], None]) -> list[str]:
-    """SIGTERM every recorded process (agents first), SIGKILL what outlives ``grace``.
+    """SIGTERM every recorded process (agents first), SIGKILL what outlives ``grace``;
+    ``compose down`` for the docker backend.
 
     Returns the components that could not be stopped.
     """
+    if state.backend == "docker":
+        return _stop_docker(state, grace=grace, out=out)
     stuck: list[str] = []
     # Agents first so they disconnect (and flush their outboxes) while the brokers still run.
     groups = [[(f"agent {a.name}", a.proc) for a in state.agents],
+              [(f"bridge {b.name}", b.proc) for b in state.bridges],
               [(f"broker {b.name}", b.proc) for b in state.brokers]]
     for group in groups:
         running = [(name, p) for name, p in group if alive(p)]
@@ -1097,6 +1357,8 @@ def stop(*, directory: Path, grace: float = _STOP_GRACE,
         if state is None:
             out(f"already down (no {STATE_FILE} in {directory})")
             return True
+        if state.backend == "docker":
+            _refresh_containers(state)
         was_up = any(alive(p) for _, p in state.processes())
         stuck = _stop_processes(state, grace=grace, out=out)
         end = time.monotonic() + 3
@@ -1151,11 +1413,14 @@ def status(*, directory: Path, out: Callable[[str], None] = print,
         pid = str(c.pid) if c.pid is not None else "-"
         out(f"{c.component:<{width}}  {pid:>7}  {'healthy' if c.ok else 'FAILING':<9}  "
             f"{c.detail}")
-    out(f"{'bridge':<{width}}  {'-':>7}  {'-':<9}  not built yet (issue: public bridge)")
+    if not state.bridges:
+        out(f"{'bridge':<{width}}  {'-':>7}  {'-':<9}  not started (--no-agents, or "
+            "pear_mqtt.bridge unavailable)")
     if not state.agents:
         note = state.agents_note.removeprefix("agents: ")
         out(f"{'agents':<{width}}  {'-':>7}  {'-':<9}  {note}")
-    out(f"backend {state.backend}, up since {state.started_at}: "
+    where = f" (compose project {state.compose.get('project')})" if state.compose else ""
+    out(f"backend {state.backend}{where}, up since {state.started_at}: "
         + ("healthy" if healthy else f"{sum(not c.ok for c in checks)} component(s) failing"))
     return healthy
 
@@ -1180,6 +1445,12 @@ def logs(*, directory: Path, lines: int = _TAIL_LINES, follow: bool = False,
     False when there is no log at all.
     """
     directory = Path(directory).resolve()
+    with contextlib.suppress(ConfigError):
+        state = load_state(directory)
+        compose = _compose(state) if state is not None and state.backend == "docker" else None
+        if compose is not None:
+            # Containers log to stderr; Compose prints every service's, prefixed by its name.
+            return compose.logs(lines=lines, follow=follow) == 0
     files = _log_files(directory)
     if not files:
         out(f"no logs in {directory / 'logs'} (run `pear-mqtt up start`)")

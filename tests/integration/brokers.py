@@ -14,6 +14,11 @@ exercise the same mosquitto.conf and ACL an operator deploys. Each broker has tw
 
 Nothing here sleeps to synchronise: start-up polls the log and the port with a deadline, and
 :class:`MqttProbe` waits on queues and events with timeouts.
+
+Backends (``PEAR_TEST_BACKEND``): ``process`` (the default) runs mosquitto as a child process;
+``container`` runs the same rendered configuration in the broker image through testcontainers
+(:mod:`container_backend`: host networking, same ports, same files). :func:`make_broker`
+builds a broker of the selected backend; the test bodies do not change.
 """
 
 from __future__ import annotations
@@ -46,14 +51,17 @@ from pear_mqtt.pki import CertPaths
 from pear_mqtt.types import TLSConfig
 
 __all__ = [
+    "BACKEND",
     "COMPANIES",
     "MOSQUITTO",
     "MosquittoBroker",
     "MqttProbe",
     "NetworkPKI",
     "Received",
+    "backend_problem",
     "build_pki",
     "free_port",
+    "make_broker",
     "new_unique_id",
     "probe",
 ]
@@ -61,6 +69,9 @@ __all__ = [
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 """Path of the mosquitto binary, or None when it is not installed."""
+
+BACKEND = os.environ.get("PEAR_TEST_BACKEND", "process").strip().lower() or "process"
+"""Where brokers run: ``process`` (local mosquitto) or ``container`` (the broker image)."""
 
 COMPANIES = ("acme", "globex", "initech", "umbrella", "hooli")
 """Members with a ready node certificate (node id ``store-1``) in every :class:`NetworkPKI`."""
@@ -208,8 +219,7 @@ class MosquittoBroker:
                                              "subscribe", "unsubscribe"),
                  max_message_bytes: int = 1024 * 1024, start_timeout: float = 10.0,
                  **render_kwargs: Any) -> None:
-        if MOSQUITTO is None:
-            raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
+        self._check_available()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pki = pki
@@ -268,7 +278,22 @@ class MosquittoBroker:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._proc is not None and self._exit_status() is None
+
+    # -- backend hooks (the container backend overrides these) --------------------------------
+    backend = "process"
+
+    def _check_available(self) -> None:
+        if MOSQUITTO is None:
+            raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
+
+    def _exit_status(self) -> int | None:
+        """The exit status of the started broker, None while it runs."""
+        assert self._proc is not None
+        return self._proc.poll()
+
+    def close(self) -> None:
+        """Release what the broker holds beyond its process (nothing, for a process)."""
 
     def log_text(self) -> str:
         """Everything mosquitto logged, across restarts."""
@@ -334,15 +359,15 @@ class MosquittoBroker:
                 start_new_session=True)  # a Ctrl-C in pytest must not kill it half-way
 
     def _wait_ready(self, log_offset: int, out_offset: int) -> None:
-        assert self._proc is not None
         deadline = time.monotonic() + self.start_timeout
         probe_port = self._port if self._port is not None else self._tls_port
         assert probe_port is not None
         delay = 0.001
         while True:
-            if self._proc.poll() is not None:
+            status = self._exit_status()
+            if status is not None:
                 raise BrokerError(
-                    f"mosquitto exited with status {self._proc.returncode} while starting; "
+                    f"mosquitto exited with status {status} while starting; "
                     + self._diagnostics(log_offset, out_offset))
             # mosquitto logs "running" after every listener is bound; the connect proves it.
             if " running" in self.log_text()[log_offset:] and _accepts(self.host, probe_port):
@@ -437,11 +462,38 @@ class MosquittoBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self.close()
 
     def __repr__(self) -> str:
-        return (f"MosquittoBroker(port={self._port}, tls_port={self._tls_port}, "
+        return (f"{type(self).__name__}(port={self._port}, tls_port={self._tls_port}, "
                 f"pid={self.pid}, workdir={self.workdir})")
+
+
+def backend_problem() -> str | None:
+    """Why brokers of :data:`BACKEND` cannot run here (with the fix), or None if they can."""
+    if BACKEND == "process":
+        if MOSQUITTO is None:
+            return ("mosquitto is not installed: apt-get install mosquitto mosquitto-clients "
+                    "(.ci/run does)")
+        return None
+    if BACKEND == "container":
+        from container_backend import engine_problem
+
+        return engine_problem()
+    return f"PEAR_TEST_BACKEND={BACKEND!r} is unknown: use process or container"
+
+
+def make_broker(**kwargs: Any) -> MosquittoBroker:
+    """A (not yet started) broker of the selected :data:`BACKEND`; arguments as
+    :class:`MosquittoBroker`."""
+    if BACKEND == "container":
+        from container_backend import ContainerMosquittoBroker
+
+        return ContainerMosquittoBroker(**kwargs)
+    return MosquittoBroker(**kwargs)
 
 
 # -- a small synchronous paho client for tests ---------------------------------------------

@@ -14,17 +14,30 @@
 - ``unique_id`` (function): a fresh id valid as network, company or node id.
 
 Every test in this directory is marked ``integration``; without mosquitto they fail.
+
+``PEAR_TEST_BACKEND=container`` runs every broker of these fixtures in the broker image through
+testcontainers instead of as a local process (see ``container_backend.py`` and
+``deploy/CONTAINERS.md``); the tests themselves do not change. When a test fails, the log of
+every broker it started is attached to its report.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import MOSQUITTO, MosquittoBroker, NetworkPKI, build_pki, new_unique_id
+from brokers import (
+    BACKEND,
+    MosquittoBroker,
+    NetworkPKI,
+    backend_problem,
+    build_pki,
+    make_broker,
+    new_unique_id,
+)
 
 from pear_mqtt.envelope import SealOpener, generate_x25519_key, save_x25519_public_key
 from pear_mqtt.types import (
@@ -38,10 +51,21 @@ from pear_mqtt.types import (
 _HERE = Path(__file__).resolve().parent
 
 
+_BROKER_FIXTURES = frozenset({"mosquitto", "mosquitto_factory", "make_config"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "uses_broker: starts brokers through the mosquitto fixtures (so it runs "
+                   "in containers with PEAR_TEST_BACKEND=container); set automatically")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.integration)
+            if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+                item.add_marker(pytest.mark.uses_broker)
 
 
 @pytest.fixture(scope="session")
@@ -50,30 +74,61 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> NetworkPKI:
     return build_pki(tmp_path_factory.mktemp("pki"))
 
 
-def _need_mosquitto() -> None:
-    if MOSQUITTO is None:
-        pytest.fail("mosquitto is not installed: apt-get install mosquitto mosquitto-clients "
-                    "(.ci/run does)")
+def _need_brokers() -> None:
+    problem = backend_problem()
+    if problem is not None:
+        pytest.fail(problem)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"pear_mqtt brokers: PEAR_TEST_BACKEND={BACKEND}"
+
+
+_BROKERS = pytest.StashKey[list[MosquittoBroker]]()
+_LOG_TAIL = 60
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report: pytest.TestReport = yield
+    # The broker's side of a failure (refused certificates, denied publishes, a crash) is in
+    # its log, not in the test's output.
+    if report.failed and report.when in ("call", "setup"):
+        for i, broker in enumerate(item.stash.get(_BROKERS, [])):
+            lines = broker.log_text().splitlines()[-_LOG_TAIL:]
+            where = getattr(broker, "container_name", None) or broker.workdir
+            report.sections.append(
+                (f"broker {i} ({broker.backend}: {where}) log, last {len(lines)} lines",
+                 "\n".join(lines) or "(empty)"))
+            output = broker.output_text().strip()
+            if output:
+                report.sections.append((f"broker {i} output", output[-4000:]))
+    return report
 
 
 @pytest.fixture
-def mosquitto_factory(pki: NetworkPKI, tmp_path: Path
+def mosquitto_factory(pki: NetworkPKI, tmp_path: Path, request: pytest.FixtureRequest
                       ) -> Iterator[Callable[..., MosquittoBroker]]:
     """Start extra brokers: ``mosquitto_factory(persistence=True, ...)``."""
-    _need_mosquitto()
+    _need_brokers()
     started: list[MosquittoBroker] = []
+    request.node.stash[_BROKERS] = started
 
     def make(**kwargs: Any) -> MosquittoBroker:
         kwargs.setdefault("pki", pki)
         kwargs.setdefault("workdir", tmp_path / f"mosquitto-{len(started)}")
-        broker = MosquittoBroker(**kwargs)
+        broker = make_broker(**kwargs)
         started.append(broker)
         return broker.start()
 
     yield make
     for broker in reversed(started):
-        # Without persistence there is nothing to save: skip mosquitto's ~0.1 s shutdown.
-        broker.stop() if broker.persistence else broker.kill()
+        try:
+            # Without persistence there is nothing to save: skip mosquitto's ~0.1 s shutdown.
+            broker.stop() if broker.persistence else broker.kill()
+        finally:
+            broker.close()
 
 
 @pytest.fixture

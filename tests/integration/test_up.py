@@ -111,7 +111,7 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
     started = up.start(*args, backend=backend)
     assert started.returncode == 0, started.stdout + started.stderr
     assert f"backend: {backend}" in started.stdout
-    assert "bridge: not built yet (issue: public bridge)" in started.stdout
+    assert "bridge: retail-eu -> market" in started.stdout
     startup = time.monotonic() - began
     state = up.state()
     assert state["state"] == "up" and state["backend"] == backend
@@ -184,10 +184,19 @@ def test_commands_before_any_start(up: Up) -> None:
     assert stop.returncode == 0 and "already down" in stop.stdout
 
 
-def test_docker_backend_is_refused_clearly(up: Up) -> None:
+def test_docker_backend_without_engine_or_images_is_refused_clearly(
+        up: Up, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from pear_mqtt.compose import docker_problem
+
+    # Whatever this machine has, a missing Compose file is one thing the backend lacks (the
+    # docker backend itself runs in tests/container/test_up_docker.py).
+    monkeypatch.setenv("PEAR_COMPOSE_FILE", str(tmp_path / "no-compose.yaml"))
+    problem = docker_problem()
+    assert problem is not None
     result = up.start(backend="docker")
     assert result.returncode != 0
-    assert "docker backend: not built yet" in result.stderr
+    assert f"docker backend: {problem}" in result.stderr
+    assert not (up.dir / "up.json").exists() or up.state()["state"] != "up"
 
 
 def test_busy_port_is_refused_before_starting_anything(up: Up) -> None:

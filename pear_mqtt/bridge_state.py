@@ -1,0 +1,390 @@
+"""The bridge's durable state: open windows, counted items, the ε ledger and the outbox.
+
+One SQLite file (WAL) per bridge. It is what makes a restart lose and duplicate nothing:
+
+``contributions``
+    every counted item of a window that is still open, keyed by (source identity, item id),
+    with the exact values the bridge opened from the sealed token. A redelivered item hits the
+    key and is counted once. The rows of a window are deleted when it closes, so exact values
+    stay on disk only while they are needed (the file is created mode 0600).
+``windows``
+    one row per time window ever seen: ``open`` while inputs are collected, ``ready`` once its
+    aggregates are computed (and their messages sit in the outbox), ``published`` once the
+    public broker acknowledged them. Anything that arrives for a ``ready`` or ``published``
+    window is late and is dropped, so a window is never published twice.
+``outbox``
+    the exact bytes of every message to publish, written in the same transaction that closes
+    the window and spends the ε budget. A crash after that transaction re-sends the same bytes
+    (same noise, same signature) instead of aggregating again, which would draw fresh noise
+    and let an observer average it away.
+``ledger``
+    ε and δ spent per budget period.
+``receipts``
+    every disclosure receipt the bridge issued, for auditors (``pear-mqtt bridge --receipts``).
+
+The class is synchronous and meant for one thread (the bridge's event loop); every method is
+one short transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import OutboxError
+
+__all__ = [
+    "AddResult",
+    "BridgeStore",
+    "LedgerEntry",
+    "NewContribution",
+    "OutgoingRow",
+    "StoredContribution",
+    "WindowInfo",
+    "WindowState",
+]
+
+WindowState = Literal["open", "ready", "published"]
+
+_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS windows (
+    start       INTEGER PRIMARY KEY,
+    state       TEXT NOT NULL CHECK (state IN ('open', 'ready', 'published')),
+    first_input REAL NOT NULL,
+    last_input  REAL NOT NULL,
+    items       INTEGER NOT NULL DEFAULT 0,
+    closed_at   REAL,
+    published_at REAL
+);
+CREATE TABLE IF NOT EXISTS contributions (
+    source_key   TEXT NOT NULL,
+    item_id      TEXT NOT NULL,
+    window_start INTEGER NOT NULL,
+    category     TEXT NOT NULL,
+    region       TEXT NOT NULL,
+    domain       TEXT NOT NULL,
+    company      TEXT NOT NULL,
+    currency     TEXT,
+    vals         TEXT NOT NULL,
+    digest       BLOB NOT NULL,
+    token_digest BLOB UNIQUE,
+    received_at  REAL NOT NULL,
+    PRIMARY KEY (source_key, item_id)
+);
+CREATE INDEX IF NOT EXISTS contributions_window ON contributions (window_start);
+CREATE TABLE IF NOT EXISTS outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    window_start INTEGER NOT NULL,
+    topic        TEXT NOT NULL,
+    payload      BLOB NOT NULL,
+    retain       INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    period_start INTEGER PRIMARY KEY,
+    epsilon      REAL NOT NULL,
+    delta        REAL NOT NULL,
+    cells        INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    window_start INTEGER NOT NULL,
+    category     TEXT NOT NULL,
+    payload      BLOB NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewContribution:
+    """One verified, policy-checked item to count in ``window_start``'s window."""
+
+    source_key: str  # "<network>/<member>": item ids are unique per sender, not globally
+    item_id: str
+    window_start: int
+    category: str
+    region: str
+    domain: str  # identity domain: companies are comparable only within one domain
+    company: str  # the company's identity within the domain
+    currency: str | None
+    values: dict[str, dict[str, float]]
+    digest: bytes  # the item digest that goes into the receipt's input hash
+    token_digest: bytes | None  # SHA-256 of the sealed token: a copied token is refused
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AddResult:
+    """What :meth:`BridgeStore.add` did with a batch."""
+
+    counted: int
+    duplicates: int
+    copied: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredContribution:
+    """A counted item as the aggregation reads it back."""
+
+    item_id: str
+    category: str
+    region: str
+    domain: str
+    company: str
+    currency: str | None
+    values: dict[str, dict[str, float]]
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WindowInfo:
+    """An open window: when its first and latest inputs arrived, and how many it holds."""
+
+    start: int
+    first_input: float
+    last_input: float
+    items: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutgoingRow:
+    """One message waiting in the outbox for the public broker's acknowledgement."""
+
+    id: int
+    window_start: int
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LedgerEntry:
+    """ε and δ spent in one budget period, over ``cells`` published cells."""
+
+    period_start: int
+    epsilon: float
+    delta: float
+    cells: int
+
+
+class BridgeStore:
+    """The bridge's SQLite file (see the module docstring).
+
+    Raises :class:`~pear_mqtt.errors.OutboxError` when the file cannot be opened or written.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                # Exact values of open windows live here: owner-only from the first byte.
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            self._db = sqlite3.connect(self.path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL survives a crash of the process (the case a restart must handle);
+            # only a power cut may lose the last transactions.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
+            elif row[0] != str(_SCHEMA_VERSION):
+                raise OutboxError(f"{self.path}: bridge state schema {row[0]}, this build "
+                                  f"reads {_SCHEMA_VERSION}")
+            self._states: dict[int, WindowState] = {
+                int(start): state for start, state in
+                self._db.execute("SELECT start, state FROM windows")}
+        except sqlite3.Error as exc:
+            raise OutboxError(f"{self.path}: cannot open the bridge state: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise OutboxError(f"{self.path}: bridge state write failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+    # -- meta ----------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # -- windows and contributions -------------------------------------------------------
+    def window_state(self, start: int) -> WindowState | None:
+        """The state of the window starting at ``start`` (None: never seen)."""
+        return self._states.get(start)
+
+    def add(self, items: Sequence[NewContribution], *, now: float) -> AddResult:
+        """Count ``items`` (their windows must be open or new).
+
+        An item whose (source, id) was already counted is a duplicate (a redelivery) and
+        changes nothing; so is one whose sealed token another item already carried, which is
+        reported apart (``copied``): only a sender replaying someone else's token does that.
+        """
+        counted = duplicates = copied = 0
+        if not items:
+            return AddResult(counted=0, duplicates=0, copied=0)
+        touched: dict[int, int] = {}
+        with self._tx() as db:
+            for it in items:
+                state = self._states.get(it.window_start)
+                if state is not None and state != "open":
+                    raise OutboxError(f"window {it.window_start} is {state}; late items must "
+                                      "be dropped before they reach the store")
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO contributions VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (it.source_key, it.item_id, it.window_start, it.category, it.region,
+                     it.domain, it.company, it.currency,
+                     json.dumps(it.values, separators=(",", ":"), allow_nan=False),
+                     it.digest, it.token_digest, now))
+                if cur.rowcount == 1:
+                    counted += 1
+                    touched[it.window_start] = touched.get(it.window_start, 0) + 1
+                elif db.execute("SELECT 1 FROM contributions WHERE source_key=? AND item_id=?",
+                                (it.source_key, it.item_id)).fetchone() is not None:
+                    duplicates += 1
+                else:
+                    copied += 1
+            for start, n in touched.items():
+                db.execute(
+                    "INSERT INTO windows (start, state, first_input, last_input, items) "
+                    "VALUES (?, 'open', ?, ?, ?) ON CONFLICT (start) DO UPDATE SET "
+                    "last_input=excluded.last_input, items=items+excluded.items",
+                    (start, now, now, n))
+        for start in touched:
+            self._states.setdefault(start, "open")
+        return AddResult(counted=counted, duplicates=duplicates, copied=copied)
+
+    def open_windows(self) -> list[WindowInfo]:
+        """Every open window, oldest first."""
+        return [WindowInfo(start=int(s), first_input=float(f), last_input=float(la),
+                           items=int(n))
+                for s, f, la, n in self._db.execute(
+                    "SELECT start, first_input, last_input, items FROM windows "
+                    "WHERE state='open' ORDER BY start")]
+
+    def contributions(self, window_start: int) -> list[StoredContribution]:
+        """The counted items of a window, in a stable order."""
+        return [StoredContribution(item_id=iid, category=cat, region=reg, domain=dom,
+                                   company=comp, currency=cur, values=json.loads(vals),
+                                   digest=bytes(dig))
+                for iid, cat, reg, dom, comp, cur, vals, dig in self._db.execute(
+                    "SELECT item_id, category, region, domain, company, currency, vals, digest "
+                    "FROM contributions WHERE window_start=? "
+                    "ORDER BY category, region, source_key, item_id", (window_start,))]
+
+    def close_window(self, window_start: int, *, now: float,
+                     outgoing: Sequence[tuple[str, bytes, bool]],
+                     receipts: Sequence[tuple[str, bytes]],
+                     ledger: Sequence[LedgerEntry]) -> None:
+        """Close a window in one transaction: its messages go to the outbox, ``ledger``
+        amounts are added to the spent budget, its receipts are archived, and its exact
+        values are deleted."""
+        with self._tx() as db:
+            db.execute("UPDATE windows SET state='ready', closed_at=? WHERE start=?",
+                       (now, window_start))
+            db.execute("DELETE FROM contributions WHERE window_start=?", (window_start,))
+            db.executemany("INSERT INTO outbox (window_start, topic, payload, retain) "
+                           "VALUES (?, ?, ?, ?)",
+                           [(window_start, t, p, int(r)) for t, p, r in outgoing])
+            db.executemany("INSERT INTO receipts (window_start, category, payload) "
+                           "VALUES (?, ?, ?)",
+                           [(window_start, c, p) for c, p in receipts])
+            for e in ledger:
+                db.execute(
+                    "INSERT INTO ledger VALUES (?, ?, ?, ?) ON CONFLICT (period_start) DO "
+                    "UPDATE SET epsilon=epsilon+excluded.epsilon, delta=delta+excluded.delta, "
+                    "cells=cells+excluded.cells",
+                    (e.period_start, e.epsilon, e.delta, e.cells))
+            if not outgoing:
+                db.execute("UPDATE windows SET state='published', published_at=? WHERE start=?",
+                           (now, window_start))
+        self._states[window_start] = "ready" if outgoing else "published"
+
+    # -- outbox --------------------------------------------------------------------------
+    def pending(self) -> list[OutgoingRow]:
+        """Messages not yet acknowledged by the public broker, in the order to send them."""
+        return [OutgoingRow(id=int(i), window_start=int(w), topic=t, payload=bytes(p),
+                            retain=bool(r))
+                for i, w, t, p, r in self._db.execute(
+                    "SELECT id, window_start, topic, payload, retain FROM outbox ORDER BY id")]
+
+    def acknowledge(self, ids: Sequence[int], *, now: float) -> list[int]:
+        """Drop acknowledged messages; returns the windows that are now fully published."""
+        done: list[int] = []
+        with self._tx() as db:
+            windows = {int(w) for (w,) in db.execute(
+                f"SELECT DISTINCT window_start FROM outbox WHERE id IN "
+                f"({','.join('?' * len(ids))})", list(ids))} if ids else set()
+            db.executemany("DELETE FROM outbox WHERE id=?", [(i,) for i in ids])
+            for w in sorted(windows):
+                left = db.execute("SELECT COUNT(*) FROM outbox WHERE window_start=?",
+                                  (w,)).fetchone()[0]
+                if left == 0:
+                    db.execute("UPDATE windows SET state='published', published_at=? "
+                               "WHERE start=?", (now, w))
+                    done.append(w)
+        for w in done:
+            self._states[w] = "published"
+        return done
+
+    @property
+    def outbox_depth(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    # -- ledger and receipts -------------------------------------------------------------
+    def ledger(self) -> list[LedgerEntry]:
+        """Spent budget per period, oldest first."""
+        return [LedgerEntry(period_start=int(p), epsilon=float(e), delta=float(d),
+                            cells=int(c))
+                for p, e, d, c in self._db.execute(
+                    "SELECT period_start, epsilon, delta, cells FROM ledger "
+                    "ORDER BY period_start")]
+
+    def spent(self, period_start: int) -> float:
+        """ε spent so far in the period starting at ``period_start``."""
+        row = self._db.execute("SELECT epsilon FROM ledger WHERE period_start=?",
+                               (period_start,)).fetchone()
+        return 0.0 if row is None else float(row[0])
+
+    def receipts(self) -> Iterator[tuple[int, str, bytes]]:
+        """(window start, category, signed receipt) of every receipt issued, oldest first."""
+        for w, c, p in self._db.execute(
+                "SELECT window_start, category, payload FROM receipts ORDER BY id"):
+            yield int(w), str(c), bytes(p)
+
+    def counts(self) -> dict[str, int]:
+        """Windows per state and open items, for status reports."""
+        out = {"open": 0, "ready": 0, "published": 0}
+        for state, n in self._db.execute("SELECT state, COUNT(*) FROM windows GROUP BY state"):
+            out[str(state)] = int(n)
+        out["open_items"] = int(self._db.execute(
+            "SELECT COUNT(*) FROM contributions").fetchone()[0])
+        return out

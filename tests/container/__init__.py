@@ -1,0 +1,1 @@
+"""Container tests (a package, so its conftest does not shadow tests/integration's)."""

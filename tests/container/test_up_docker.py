@@ -1,0 +1,134 @@
+"""``pear-mqtt up`` with the docker backend: Compose brings the topology up in the images,
+on the host's loopback, and ``status``, ``logs`` and ``stop`` work on the containers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from brokers import MqttProbe, free_port, new_unique_id
+
+from pear_mqtt.compose import Compose, project_name
+from pear_mqtt.pki import CertPaths
+
+pytestmark = [pytest.mark.container, pytest.mark.usefixtures("docker_ready")]
+
+CLI_TIMEOUT = 180.0
+
+
+class Up:
+    """``pear-mqtt up ...`` with the docker backend on one state directory and free ports."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "state"
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(free_port())
+        self.ports = sorted(ports)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PEAR_BACKEND": "docker"}
+        env.pop("PEAR_UP_PORTS", None)
+        return subprocess.run(
+            [sys.executable, "-m", "pear_mqtt.cli", "up", *args, "--dir", str(self.dir)],
+            env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False)
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.dir / "up.json").read_text())
+        return data
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    runner = Up(tmp_path)
+    yield runner
+    if (runner.dir / "up.json").exists():
+        runner.run("stop", "--grace", "3")
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_docker_backend_lifecycle(up: Up) -> None:
+    started = up.run("start", "--ports", ",".join(map(str, up.ports)))
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert "backend: docker" in started.stdout
+    state = up.state()
+    assert state["state"] == "up" and state["backend"] == "docker"
+    assert [b["port"] for b in state["brokers"]] == up.ports
+    assert state["compose"]["project"] == project_name(up.dir)
+    expect_agents = "agents: simulated stores" in started.stdout
+    assert len(state["agents"]) == (8 if expect_agents else 0)
+
+    compose = Compose.from_json(state["compose"])
+    containers = compose.containers()
+    assert {f"broker-{b['name']}" for b in state["brokers"]} <= set(containers)
+    for c in containers.values():
+        attrs = json.loads(subprocess.run(["docker", "inspect", c.name], capture_output=True,
+                                          text=True, check=True).stdout)[0]
+        assert attrs["HostConfig"]["NetworkMode"] == "host", c.name
+        assert c.running, c
+
+    status = up.run("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "compose project" in status.stdout
+
+    # A consortium member's certificate from up.json gets in and reads its own writes.
+    node = next(n for n in state["nodes"] if n["name"] == "consortium-globex-store-1")
+    broker = next(b for b in state["brokers"] if b["name"] == node["broker"])
+    certs = CertPaths(cert=Path(node["cert"]), key=Path(node["key"]), ca=Path(node["ca"]))
+    topic = f"pear/v1/consortium/{node['network']}/{node['member']}/probe/{new_unique_id()}"
+    p = MqttProbe(host=broker["host"], port=broker["port"], certs=certs)
+    try:
+        assert not p.connect().is_failure
+        p.subscribe(topic)
+        p.publish(topic, b"hello from a container test")
+        msg, _ = p.expect(topic)
+        assert msg.payload == b"hello from a container test"
+    finally:
+        p.close()
+
+    logs = up.run("logs", "-n", "5")
+    assert logs.returncode == 0, logs.stderr
+    assert "broker-consortium" in logs.stdout and "agent-" in logs.stdout if \
+        expect_agents else "broker-consortium" in logs.stdout
+
+    again = up.run("start")
+    assert again.returncode == 0 and "already up" in again.stdout
+
+    stopped = up.run("stop", "--grace", "5")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert compose.containers() == {}
+    for port in up.ports:
+        assert not _listening(port), f"port {port} still has a listener"
+    after = up.run("status")
+    assert after.returncode != 0 and "stopped" in after.stdout
+
+
+def test_broken_broker_fails_start_with_its_container_log(up: Up) -> None:
+    first = up.run("start", "--no-agents", "--ports", ",".join(map(str, up.ports)))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert up.run("stop", "--grace", "3").returncode == 0
+    key = Path(next(b for b in up.state()["brokers"] if b["name"] == "public")["key"])
+    key.write_text("not a key\n")
+
+    result = up.run("start", "--no-agents", "--timeout", "20")
+    assert result.returncode == 1
+    assert "broker public" in result.stderr
+    assert "Unable to load server key" in result.stderr  # mosquitto's words, via docker logs
+    assert up.state()["state"] == "failed"
+    assert Compose.from_json(up.state()["compose"]).containers() == {}
+    for port in up.ports:
+        assert not _listening(port)

@@ -1,0 +1,736 @@
+"""The bridge without brokers: configuration, input checks, aggregation, noise, state,
+the output path and the receipts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import os
+import random
+import stat
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pear_mqtt import pki as pkimod
+from pear_mqtt.bridge import (
+    DEFAULT_BOUNDS,
+    AggregateBody,
+    BridgeConfig,
+    BridgeConfigManager,
+    CellResult,
+    DPConfig,
+    NoiseMechanism,
+    PublicOutput,
+    PublishedGroup,
+    ReceiptBody,
+    SourceConfig,
+    WindowResult,
+    aggregate_window,
+    check_item,
+    input_hash,
+    item_digest,
+    verify_publication,
+    window_of,
+)
+from pear_mqtt.bridge_state import (
+    BridgeStore,
+    LedgerEntry,
+    NewContribution,
+    OutgoingRow,
+    StoredContribution,
+)
+from pear_mqtt.cli import main
+from pear_mqtt.envelope import EnvelopeCodec, Signer, TrustStore
+from pear_mqtt.errors import ConfigError, OutboxError, PrivacyError
+from pear_mqtt.privacy import (
+    Contribution,
+    FieldStatistics,
+    SharedInsight,
+    SuppressionCounter,
+    ValueRange,
+    aggregate_cell,
+)
+from pear_mqtt.topics import TopicScheme, parse_topic
+from pear_mqtt.types import SharingLevel
+
+pytestmark = pytest.mark.unit
+
+DAY = 86400
+W0 = 20_000 * DAY  # a window start (2024-10-04)
+T0 = datetime.fromtimestamp(W0, UTC)
+KEY = base64.b64encode(bytes(range(32))).decode()
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+A, F, R, N = (SharingLevel.AGGREGATED, SharingLevel.FULL, SharingLevel.RANGES_ONLY,
+              SharingLevel.NONE)
+CONSORTIUM = {"price_data": R, "sales_data": A, "trends": F}
+NO_DP = DPConfig()
+
+
+@pytest.fixture(autouse=True)
+def _no_bridge_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("PEAR_BRIDGE_"):
+            monkeypatch.delenv(name)
+
+
+# -- material -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Material:
+    root: Path
+    ca: Path
+    bridge: pkimod.CertPaths
+    node: pkimod.CertPaths
+    x25519: Path
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
+    from pear_mqtt.envelope import generate_x25519_key, save_x25519_private_key
+
+    root = tmp_path_factory.mktemp("bridge-pki")
+    pkimod.create_ca(directory=root / "ca", network="mkt")
+    bridge = pkimod.issue(ca_dir=root / "ca", out_dir=root / "out", role="bridge",
+                          member="bridge")
+    node = pkimod.issue(ca_dir=root / "ca", out_dir=root / "out", role="node", member="acme",
+                        node="store-1")
+    x = root / "agg.key"
+    save_x25519_private_key(generate_x25519_key(), x)
+    return Material(root=root, ca=root / "ca" / pkimod.CA_CERT, bridge=bridge, node=node,
+                    x25519=x)
+
+
+def tls(m: Material, certs: pkimod.CertPaths | None = None) -> dict[str, str]:
+    c = certs or m.bridge
+    return {"ca_file": str(m.ca), "cert_file": str(c.cert), "key_file": str(c.key)}
+
+
+def minimal(m: Material | None = None, **kw: Any) -> dict[str, Any]:
+    t = tls(m) if m else {}
+    return {"consortium": {"network_id": "grp", "broker_url": "mqtts://c:8883", "tls": t},
+            "public": {"network_id": "mkt", "broker_url": "mqtts://p:8883", "tls": t}, **kw}
+
+
+# -- configuration ------------------------------------------------------------------------
+
+TOML = """
+bridge_id = "br-1"
+min_companies = 6
+dominance_cap = 0.2
+window_seconds = 3600
+publication_lag_seconds = 7200
+state_path = "/var/lib/pear/bridge.sqlite"
+
+[consortium]
+network_id = "retail-eu"
+broker_url = "mqtts://consortium:8883"
+aggregator_key_file = "/k/agg.key"
+tls = { ca_file = "/k/ca.crt", cert_file = "/k/b.crt", key_file = "/k/b.key" }
+data_sharing = { price_data = "aggregated" }
+encryption = { keys = { k1 = "@KEY@" } }
+
+[[private]]
+mode = "private"
+network_id = "acme-private"
+company_id = "acme"
+domain = "retail-eu"
+member = "pacme"
+broker_url = "mqtts://acme:8883"
+
+[public]
+network_id = "market"
+broker_url = "mqtts://public:8883"
+contributions = false
+
+[dp]
+mechanism = "laplace"
+epsilon_per_cell = 0.5
+budget_per_period = 10
+period_seconds = 86400
+bounds = { "sales_data.units" = [0, 5000] }
+""".replace("@KEY@", KEY)
+
+
+def test_loads_toml_with_every_section(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(TOML)
+    c = BridgeConfigManager.load(file=path, env={})
+    assert (c.bridge_id, c.min_companies, c.dominance_cap, c.window_seconds) == (
+        "br-1", 6, 0.2, 3600)
+    assert c.consortium is not None and c.consortium.policy() == {**CONSORTIUM,
+                                                                  "price_data": A}
+    assert c.consortium.aggregate_full is False and c.private[0].aggregate_full is True
+    (p,) = c.private
+    assert (p.company_id, p.identity_domain, p.member) == ("acme", "retail-eu", "pacme")
+    assert p.policy() == {"price_data": F, "sales_data": F, "trends": F}
+    assert c.dp.bounds["sales_data.units"] == (0, 5000)
+    assert c.dp.bounds["price_data.price"] == DEFAULT_BOUNDS["price_data.price"]  # merged
+    assert c.consortium.encryption.keys["k1"].get_secret_value() == KEY
+
+
+def test_environment_overrides_file_per_leaf(tmp_path: Path) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(TOML)
+    env = {"PEAR_BRIDGE_MIN_COMPANIES": "9", "PEAR_BRIDGE_DP__MECHANISM": "gaussian",
+           "PEAR_BRIDGE_DP__EPSILON_PER_CELL": "0.25",
+           "PEAR_BRIDGE_CONSORTIUM__BROKER_URL": "mqtts://other:1",
+           "PEAR_BRIDGE_PRIVATE": json.dumps([{"mode": "private", "network_id": "x",
+                                               "company_id": "globex"}]),
+           "UNRELATED": "1"}
+    c = BridgeConfigManager.load(file=path, env=env, dominance_cap=0.1)
+    assert (c.min_companies, c.dp.mechanism, c.dp.epsilon_per_cell, c.dominance_cap) == (
+        9, "gaussian", 0.25, 0.1)
+    assert c.consortium is not None and c.consortium.broker_url == "mqtts://other:1"
+    assert c.consortium.network_id == "retail-eu"  # the rest of the table stays
+    assert [s.company_id for s in c.private] == ["globex"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"public": {"network_id": "mkt", "data_sharing": {"price_data": "full"}}},
+     "public.data_sharing"),
+    ({"private": [{"mode": "private", "network_id": "x"}]}, "company_id"),
+    ({"dp": {"mechanism": "gaussian", "epsilon_per_cell": 2}}, "ε <= 1"),
+    ({"dp": {"mechanism": "laplace", "epsilon_per_cell": 2, "budget_per_period": 1}},
+     "budget_per_period"),
+    ({"dp": {"bounds": {"sales_data.units": [5, 1]}}}, "lo < hi"),
+    ({"consortium": None, "public": {"network_id": "m", "contributions": False}},
+     "nothing to aggregate"),
+    ({"min_companies": 1}, "min_companies"),
+    ({"dominance_cap": 0}, "dominance_cap"),
+    ({"surprise": 1}, "surprise"),
+    ({"consortium": {"network_id": "g", "broker_url": "mqtt://c:1883"}}, "mqtts://"),
+    ({"max_settle_seconds": 1, "settle_seconds": 5}, "max_settle_seconds"),
+])
+def test_invalid_configs_name_the_field(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        BridgeConfigManager.load(env={}, **{**minimal(), **change})
+
+
+def test_errors_never_echo_secret_values() -> None:
+    secret = "do-not-print-this-secret"
+    with pytest.raises(ConfigError) as err:
+        BridgeConfigManager.load(env={}, **minimal(
+            consortium={"network_id": "g", "encryption": {"keys": {"k1": secret},
+                                                          "active": "nope"}}))
+    assert secret not in str(err.value)
+    with pytest.raises(ConfigError, match=r"keys\.k1") as err:
+        BridgeConfigManager.load(env={}, **minimal(
+            consortium={"network_id": "g", "encryption": {"keys": {"k1": secret}}}))
+    assert secret not in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_save_and_load_round_trip(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / "bridge.toml"
+    path.write_text(TOML)
+    config = BridgeConfigManager.load(file=path, env={})
+    out = tmp_path / f"saved{suffix}"
+    assert BridgeConfigManager.save(config, out, include_secrets=True) == []
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert BridgeConfigManager.load(file=out, env={}) == config
+    omitted = BridgeConfigManager.save(config, tmp_path / f"public{suffix}")
+    assert omitted == ["consortium.encryption.keys.k1"]
+    assert KEY not in (tmp_path / f"public{suffix}").read_text()
+
+
+def test_policy_version_follows_the_disclosure_rules_only() -> None:
+    base = BridgeConfigManager.load(env={}, **minimal())
+    same = BridgeConfigManager.load(env={}, **minimal(tick_seconds=5, bridge_id="other"))
+    stricter = BridgeConfigManager.load(env={}, **minimal(min_companies=7))
+    assert base.policy_version() == same.policy_version() != stricter.policy_version()
+    assert base.policy_version().startswith("p") and len(base.policy_version()) == 17
+
+
+def test_warnings_point_at_weak_settings() -> None:
+    config = BridgeConfigManager.load(env={}, **minimal(
+        min_companies=3, dominance_cap=0.5, publication_lag_seconds=0,
+        private=[{"mode": "private", "network_id": "x", "company_id": "acme"}]))
+    text = "\n".join(BridgeConfigManager.warnings(config))
+    for part in ("min_companies is 3", "dominance_cap is 50%", "publication_lag_seconds",
+                 "aggregator_key_file is not set", "no member/domain"):
+        assert part in text
+
+
+def test_validate_for_connect_names_missing_files(material: Material, tmp_path: Path) -> None:
+    config = BridgeConfigManager.load(env={}, **minimal(material))
+    with pytest.raises(ConfigError, match="aggregator_key_file is required"):
+        BridgeConfigManager.validate(config, for_connect=True)
+    ok = BridgeConfigManager.load(env={}, **minimal(
+        material, public={"network_id": "mkt", "broker_url": "mqtts://p:1",
+                          "tls": tls(material), "aggregator_key_file": str(material.x25519)},
+        consortium={"network_id": "grp", "broker_url": "mqtts://c:1", "tls": tls(material),
+                    "aggregator_key_file": str(tmp_path / "missing.key")}))
+    with pytest.raises(ConfigError, match=r"missing\.key is missing"):
+        BridgeConfigManager.validate(ok, for_connect=True)
+
+
+def test_cli_check_and_receipts(material: Material, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    data = minimal(material, state_path=str(tmp_path / "state.sqlite"))
+    data["consortium"]["aggregator_key_file"] = str(material.x25519)
+    data["public"]["aggregator_key_file"] = str(material.x25519)
+    path = tmp_path / "bridge.json"
+    path.write_text(json.dumps(data))
+    assert main(["bridge", "--config", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "consortium grp" in out and "k=5" in out and "dominance cap 25%" in out
+    assert main(["bridge", "--config", str(path), "--receipts"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["bridge", "--config", str(tmp_path / "nope.toml")]) == 2
+
+
+# -- input checks -----------------------------------------------------------------------------
+
+def shared(levels: dict[str, SharingLevel] | None = None,
+           groups: dict[str, dict[str, Any]] | None = None, **kw: Any) -> SharedInsight:
+    return SharedInsight(category=kw.get("category", "food/milk"), region="north",
+                         window_start=T0, window_end=T0 + timedelta(hours=1), sample_size=1,
+                         levels=levels or {}, groups=groups or {})
+
+
+def contribution(values: dict[str, dict[str, float]], **kw: Any) -> Contribution:
+    base: dict[str, Any] = {"company": "acme", "category": "food/milk", "region": "north",
+                            "window_start": T0, "window_end": T0 + timedelta(hours=1),
+                            "currency": "EUR", "values": values}
+    return Contribution(**{**base, **kw})
+
+
+RANGE = {"price": ValueRange(lo=1.0, hi=1.25)}
+
+
+@pytest.mark.parametrize("item, policy, announced, reason", [
+    # as the consortium default says: fine
+    ((shared({"price_data": R, "trends": F}, {"price_data": RANGE, "trends": {"x": 1.0}}),
+      contribution({"sales_data": {"units": 3}})), CONSORTIUM, None, None),
+    # an exact price where the policy says ranges_only
+    ((shared({"price_data": F}, {"price_data": {"price": 1.1}}), None), CONSORTIUM, None,
+     "policy_violation"),
+    # ranges of a group the policy keeps aggregated
+    ((shared({"sales_data": R}, {"sales_data": {"units": ValueRange(lo=1, hi=2)}}), None),
+     CONSORTIUM, None, "policy_violation"),
+    # a group the policy says none, even sealed
+    ((shared(), contribution({"trends": {"x": 1.0}})), {**CONSORTIUM, "trends": N}, None,
+     "policy_violation"),
+    # a sealed price where the policy says ranges_only
+    ((shared(), contribution({"price_data": {"price": 1.1}})), CONSORTIUM, None,
+     "policy_violation"),
+    # the node announced trends none but shares them in full
+    ((shared({"trends": F}, {"trends": {"x": 1.0}}), None), CONSORTIUM,
+     {**CONSORTIUM, "trends": N}, "presence_mismatch"),
+    # the node announced sales in ranges but seals them
+    ((shared(), contribution({"sales_data": {"units": 1}})), CONSORTIUM,
+     {**CONSORTIUM, "sales_data": R}, "presence_mismatch"),
+    # the sealed part describes another region
+    ((shared(), contribution({"sales_data": {"units": 1}}, region="south")), CONSORTIUM,
+     None, "mismatch"),
+    # public: only sealed groups
+    ((shared({"trends": F}, {"trends": {"x": 1.0}}), None),
+     {"price_data": A, "sales_data": A, "trends": A}, None, "policy_violation"),
+])
+def test_check_item(item: tuple[SharedInsight, Contribution | None],
+                    policy: dict[str, SharingLevel], announced: dict[str, SharingLevel] | None,
+                    reason: str | None) -> None:
+    s, c = item
+    assert check_item(shared=s, contribution=c, policy=policy, announced=announced) == reason
+
+
+def test_window_of() -> None:
+    assert window_of(T0, T0 + timedelta(hours=1), window_seconds=DAY) == W0
+    assert window_of(T0 + timedelta(hours=23), T0 + timedelta(days=1),
+                     window_seconds=DAY) == W0
+    assert window_of(T0 + timedelta(hours=23), T0 + timedelta(hours=25),
+                     window_seconds=DAY) is None
+    assert window_of(T0 - timedelta(seconds=1), T0, window_seconds=DAY) == W0 - DAY
+
+
+def test_item_digest_and_input_hash() -> None:
+    item = {"iid": "a1", "insight": {"b": 1, "a": [1, 2]}, "sealed": "tok"}
+    d = item_digest(network="n", member="m", item=item)
+    reordered = {"sealed": "tok", "insight": {"a": [1, 2], "b": 1}, "iid": "a1"}
+    assert item_digest(network="n", member="m", item=reordered) == d
+    for other in ({**item, "sealed": "tok2"}, {**item, "iid": "a2"}):
+        assert item_digest(network="n", member="m", item=other) != d
+    assert item_digest(network="n", member="m2", item=item) != d
+    e = item_digest(network="n", member="m", item={**item, "iid": "b"})
+    assert input_hash([d, e]) == input_hash([e, d]) != input_hash([d])
+
+
+# -- aggregation ------------------------------------------------------------------------------
+
+def stored(company: str, values: dict[str, dict[str, float]], *, domain: str = "grp",
+           category: str = "food/milk", region: str = "north", currency: str | None = "EUR",
+           iid: str | None = None) -> StoredContribution:
+    iid = iid or f"{company}-{json.dumps(values, sort_keys=True)}"
+    return StoredContribution(item_id=iid, category=category, region=region, domain=domain,
+                              company=company, currency=currency, values=values,
+                              digest=hashlib.sha256(iid.encode()).digest())
+
+
+def run(rows: list[StoredContribution], *, k: int = 5, cap: float = 0.25,
+        dp: DPConfig = NO_DP, noise: NoiseMechanism | None = None,
+        spent: float = 0.0) -> WindowResult:
+    return aggregate_window(W0, rows, window_seconds=DAY, min_companies=k, dominance_cap=cap,
+                            dp=dp, noise=noise, budget_spent=spent)
+
+
+def stats_of(cell: CellResult) -> dict[str, dict[str, FieldStatistics]]:
+    return {g.group if g.currency in (None, "EUR") else f"{g.group}/{g.currency}": g.fields
+            for g in cell.groups}
+
+
+values = st.integers(1, 10**6).map(lambda n: n / 100)
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 7), st.sampled_from(["north", "south"]),
+                          values, values), min_size=1, max_size=40),
+       st.integers(2, 6), st.sampled_from([0.25, 0.5, 1.0]))
+def test_single_domain_matches_privacy_aggregate_cell(
+        rows: list[tuple[int, str, float, float]], k: int, cap: float) -> None:
+    items = [stored(f"co{c}", {"price_data": {"price": p}, "sales_data": {"units": u}},
+                    region=r, iid=f"i{i}") for i, (c, r, p, u) in enumerate(rows)]
+    result = run(items, k=k, cap=cap)
+    for cell in result.cells:
+        reference = aggregate_cell(
+            [Contribution(company=s.company, category=s.category, region=s.region,
+                          window_start=T0, window_end=T0 + timedelta(days=1),
+                          currency=s.currency, values=s.values)
+             for s in items if s.region == cell.region],
+            min_companies=k, dominance_cap=cap)
+        want = {g: o.statistics for g, o in reference.items() if o.statistics}
+        assert stats_of(cell) == want
+        assert cell.contributors == len({s.company for s in items if s.region == cell.region})
+        assert cell.domains == 1
+        assert sum(cell.suppressed.values()) == sum(
+            len(o.suppressed) for o in reference.values())
+
+
+def test_prices_are_aggregated_per_currency() -> None:
+    rows = [stored(f"e{n}", {"price_data": {"price": 1.0 + n}}) for n in range(5)] + [
+        stored(f"u{n}", {"price_data": {"price": 9.0}}, currency="USD") for n in range(3)]
+    (cell,) = run(rows).cells
+    (group,) = cell.groups
+    assert (group.group, group.currency, group.fields["price"].companies) == (
+        "price_data", "EUR", 5)
+    assert cell.suppressed == {"below_k": 1}  # the USD price: three companies
+
+
+def test_identities_from_different_domains_are_judged_conservatively() -> None:
+    # Five identities, but three in one domain and two in another: they may be only three
+    # companies, so k = 5 fails although privacy.aggregate alone would pass.
+    rows = [stored(f"a{n}", {"sales_data": {"units": 10}}) for n in range(3)] + [
+        stored(f"b{n}", {"sales_data": {"units": 10}}, domain="mkt") for n in range(2)]
+    (cell,) = run(rows).cells
+    assert not cell.published and cell.suppressed == {"below_k": 1}
+    assert (cell.contributors, cell.domains) == (5, 2)
+    # Five in one domain pass k; but each domain's largest identity may be one company:
+    # (20 + 15) / 130 = 27 % > 25 %, although no single identity holds more than 15 %.
+    rows = [stored(f"a{n}", {"sales_data": {"units": 20}}) for n in range(5)] + [
+        stored(f"b{n}", {"sales_data": {"units": 15}}, domain="mkt") for n in range(2)]
+    (cell,) = run(rows).cells
+    assert cell.suppressed == {"dominance": 1}
+    # the same company under the same identity in both sources merges (private alias)
+    rows = [stored(f"a{n}", {"sales_data": {"units": 20}}) for n in range(5)] + [
+        stored("a0", {"sales_data": {"units": 1}}, iid="private-1")]
+    (cell,) = run(rows).cells
+    units = stats_of(cell)["sales_data"]["units"]
+    assert (units.companies, units.count, units.sum) == (5, 6, 101)
+
+
+def test_noise_spends_the_budget_and_suppresses_when_it_is_gone() -> None:
+    dp = DPConfig(mechanism="laplace", epsilon_per_cell=1.0, budget_per_period=2.5,
+                  bounds={"sales_data.units": (0, 1000)})
+    noise = NoiseMechanism(dp, rng=random.Random(7))
+    rows = [stored(f"c{n}", {"sales_data": {"units": 100.0 + n}, "trends": {"x_pct": 1.0}},
+                   category=f"cat{c}") for c in range(4) for n in range(5)]
+    result = run(rows, dp=dp, noise=noise, spent=0.5)
+    published = [c for c in result.cells if c.published]
+    assert [c.category for c in published] == ["cat0", "cat1"]
+    assert result.epsilon == 2.0 and result.period_start == (W0 // dp.period_seconds) * \
+        dp.period_seconds
+    for cell in published:
+        assert cell.epsilon == 1.0
+        # trends.x_pct has no bounds: never published under noise
+        assert cell.suppressed == {"unbounded": 1}
+        units = stats_of(cell)["sales_data"]["units"]
+        assert units.stddev is None and units.companies == 5
+        assert 0 <= units.mean <= 1000 and units.mean != 102.0
+        assert units.sum is not None and 0 <= units.sum <= 5000
+    for cell in result.cells[2:]:
+        assert cell.suppressed == {"unbounded": 1, "budget": 1} and cell.epsilon == 0
+
+
+def test_gaussian_noise_tracks_delta() -> None:
+    dp = DPConfig(mechanism="gaussian", epsilon_per_cell=0.5, delta=1e-5)
+    rows = [stored(f"c{n}", {"sales_data": {"units": 10.0}}) for n in range(5)]
+    result = run(rows, dp=dp, noise=NoiseMechanism(dp, rng=random.Random(1)))
+    (cell,) = result.cells
+    assert (cell.epsilon, cell.delta, result.delta) == (0.5, 1e-5, 1e-5)
+
+
+def test_noise_without_a_mechanism_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        NoiseMechanism(NO_DP)
+    with pytest.raises(ConfigError):
+        run([], dp=DPConfig(mechanism="laplace"))
+
+
+@pytest.mark.parametrize("mechanism", ["laplace", "gaussian"])
+def test_noise_has_the_calibrated_scale(mechanism: str) -> None:
+    dp = DPConfig(mechanism=mechanism, epsilon_per_cell=0.5, delta=1e-6)  # type: ignore[arg-type]
+    noise = NoiseMechanism(dp, rng=random.Random(42))
+    draws = [noise.sample(sensitivity=2.0, epsilon=0.5, delta=1e-6) for _ in range(20_000)]
+    scale = noise.scale(sensitivity=2.0, epsilon=0.5, delta=1e-6)
+    assert abs(statistics.fmean(draws)) < 0.05 * scale
+    if mechanism == "laplace":
+        assert scale == 4.0
+        assert statistics.fmean(abs(d) for d in draws) == pytest.approx(scale, rel=0.03)
+    else:
+        assert scale == pytest.approx(2.0 * math.sqrt(2 * math.log(1.25e6)) / 0.5)
+        assert statistics.pstdev(draws) == pytest.approx(scale, rel=0.03)
+
+
+def test_suppression_counter_records_privacy_outcomes() -> None:
+    counter = SuppressionCounter()
+    rows = [stored(f"c{n}", {"sales_data": {"units": 1.0}}) for n in range(3)]
+    aggregate_window(W0, rows, window_seconds=DAY, min_companies=5, dominance_cap=0.25,
+                     dp=NO_DP, counter=counter)
+    assert counter.counts == {"below_k": 1}
+
+
+# -- state ------------------------------------------------------------------------------------
+
+def new(iid: str, *, window: int = W0, source: str = "c/grp/acme", token: bytes | None = None,
+        company: str = "acme") -> NewContribution:
+    return NewContribution(source_key=source, item_id=iid, window_start=window,
+                           category="food/milk", region="north", domain="grp",
+                           company=company, currency="EUR",
+                           values={"sales_data": {"units": 1.5}},
+                           digest=hashlib.sha256(iid.encode()).digest(), token_digest=token)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[BridgeStore]:
+    s = BridgeStore(tmp_path / "state" / "bridge.sqlite")
+    yield s
+    s.close()
+
+
+def test_store_counts_each_item_once_across_restarts(store: BridgeStore) -> None:
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    r = store.add([new("a", token=b"t1"), new("b"), new("a")], now=10.0)
+    assert (r.counted, r.duplicates, r.copied) == (2, 1, 0)
+    # another sender may use the same id; nobody may reuse a sealed token
+    r = store.add([new("a", source="c/grp/globex"), new("z", source="c/grp/evil", token=b"t1")],
+                  now=11.0)
+    assert (r.counted, r.duplicates, r.copied) == (1, 0, 1)
+    path = store.path
+    store.close()
+    again = BridgeStore(path)
+    try:
+        assert (again.add([new("b")], now=12.0).duplicates) == 1
+        (w,) = again.open_windows()
+        assert (w.start, w.first_input, w.last_input, w.items) == (W0, 10.0, 11.0, 3)
+        rows = again.contributions(W0)
+        assert [(r.item_id, r.company) for r in rows] == [("a", "acme"), ("b", "acme"),
+                                                          ("a", "acme")]
+        assert rows[0].values == {"sales_data": {"units": 1.5}}
+        assert again.window_state(W0) == "open" and again.window_state(W0 + DAY) is None
+    finally:
+        again.close()
+
+
+def test_store_closes_windows_through_the_outbox(store: BridgeStore) -> None:
+    store.add([new("a"), new("b", window=W0 + DAY)], now=1.0)
+    store.close_window(W0, now=2.0, outgoing=[("t/agg", b"A", True), ("t/rec", b"R", True)],
+                       receipts=[("food/milk", b"R")],
+                       ledger=[LedgerEntry(period_start=0, epsilon=1.0, delta=0.0, cells=1)])
+    assert store.window_state(W0) == "ready"
+    assert store.contributions(W0) == []  # exact values are gone with the window
+    with pytest.raises(OutboxError, match="late"):
+        store.add([new("c")], now=3.0)
+    pending = store.pending()
+    assert [(p.topic, p.payload, p.retain) for p in pending] == [("t/agg", b"A", True),
+                                                                 ("t/rec", b"R", True)]
+    assert store.acknowledge([pending[0].id], now=4.0) == []
+    assert store.acknowledge([pending[1].id], now=5.0) == [W0]
+    assert store.window_state(W0) == "published" and store.outbox_depth == 0
+    store.close_window(W0 + DAY, now=6.0, outgoing=[], receipts=[],
+                       ledger=[LedgerEntry(period_start=0, epsilon=0.5, delta=1e-6, cells=2)])
+    assert store.window_state(W0 + DAY) == "published"
+    assert store.ledger() == [LedgerEntry(period_start=0, epsilon=1.5, delta=1e-6, cells=3)]
+    assert store.spent(0) == 1.5 and store.spent(DAY) == 0.0
+    assert list(store.receipts()) == [(W0, "food/milk", b"R")]
+    assert store.counts() == {"open": 0, "ready": 0, "published": 2, "open_items": 0}
+
+
+# -- the output path --------------------------------------------------------------------------
+
+def bridge_config(m: Material, **kw: Any) -> BridgeConfig:
+    return BridgeConfigManager.load(env={}, **minimal(m, **kw))
+
+
+def output(m: Material, **kw: Any) -> tuple[PublicOutput, EnvelopeCodec]:
+    codec = EnvelopeCodec(
+        signer=Signer.from_files(key_file=m.bridge.key, cert_file=m.bridge.cert),
+        trust=TrustStore.from_files(ca_files=[m.ca], network="mkt"))
+    return PublicOutput(config=bridge_config(m, **kw), codec=codec), codec
+
+
+def cell(companies: int, *, region: str = "north", stddev: float | None = None) -> CellResult:
+    stats = FieldStatistics(count=companies, companies=companies, mean=2.0, stddev=stddev,
+                            sum=10.0)
+    return CellResult(category="food/milk", region=region,
+                      groups=[PublishedGroup(group="sales_data", currency=None,
+                                             fields={"units": stats})],
+                      contributors=companies, domains=1, inputs=companies, input_hash="ab")
+
+
+def window(*cells: CellResult) -> WindowResult:
+    return WindowResult(window_start=W0, window_end=W0 + DAY, cells=list(cells), epsilon=0.0,
+                        delta=0.0, period_start=None)
+
+
+def test_output_builds_signed_aggregate_and_receipt(material: Material) -> None:
+    out, codec = output(material)
+    messages, receipts = out.build(window(cell(5), cell(6, region="south")), now=W0 + 2 * DAY)
+    scheme = TopicScheme(mode="public", network="mkt", member="bridge")
+    assert [(t, r) for t, _, r in messages] == [(scheme.aggregate("food/milk"), True),
+                                                (scheme.bridge_receipt("food/milk"), True)]
+    assert parse_topic(messages[1][0]).kind == "bridge_receipt"
+    body, receipt = verify_publication(aggregate_payload=messages[0][1],
+                                       receipt_payload=messages[1][1], codec=codec)
+    assert isinstance(body, AggregateBody) and isinstance(receipt, ReceiptBody)
+    assert [c.region for c in body.cells] == ["north", "south"]
+    assert receipts == [("food/milk", messages[1][1])]
+    for row_id, (topic, payload, retain) in enumerate(messages):
+        out._admit(OutgoingRow(id=row_id, window_start=W0, topic=topic, payload=payload,
+                               retain=retain))
+
+
+def test_output_refuses_a_cell_below_k_or_a_stray_stddev(material: Material) -> None:
+    out, _ = output(material)
+    with pytest.raises(PrivacyError, match="4 companies < k = 5"):
+        out.build(window(cell(5), cell(4, region="south")), now=0)
+    noisy, _ = output(material, dp={"mechanism": "laplace"})
+    with pytest.raises(PrivacyError, match="standard deviation"):
+        noisy.build(window(cell(5, stddev=0.1)), now=0)  # noise on: no stddev at all
+    assert out.build(window(), now=0) == ([], [])  # nothing published: nothing sent
+
+
+@pytest.mark.parametrize("topic, kind", [
+    ("pear/v1/public/mkt/contrib/acme/food", "aggregate"),  # not the bridge's to write
+    ("pear/v1/consortium/grp/acme/insights/food", "aggregate"),  # not the public broker
+    ("pear/v1/public/other/aggregates/food", "aggregate"),  # another network
+    ("pear/v1/public/mkt/aggregates/food", "receipt"),  # kind does not fit the topic
+    ("not/a/pear/topic", "aggregate"),
+])
+def test_output_refuses_anything_but_its_own_messages(material: Material, topic: str,
+                                                      kind: str) -> None:
+    out, codec = output(material)
+    payload = codec.encode(kind=kind, body={"x": 1})
+    with pytest.raises(PrivacyError, match="refusing"):
+        out._admit(OutgoingRow(id=1, window_start=W0, topic=topic, payload=payload,
+                               retain=True))
+
+
+def test_output_refuses_envelopes_signed_by_someone_else(material: Material) -> None:
+    out, _ = output(material)
+    node_codec = EnvelopeCodec(
+        signer=Signer.from_files(key_file=material.node.key, cert_file=material.node.cert),
+        trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"))
+    for payload in (node_codec.encode(kind="aggregate", body={}), b"raw bytes"):
+        with pytest.raises(PrivacyError, match="refusing"):
+            out._admit(OutgoingRow(id=1, window_start=W0, topic="pear/v1/public/mkt/"
+                                   "aggregates/food", payload=payload, retain=True))
+
+
+def test_verify_publication_rejects_a_mismatched_pair(material: Material) -> None:
+    out, codec = output(material)
+    first, _ = out.build(window(cell(5)), now=0)
+    second, _ = out.build(window(cell(7)), now=0)
+    with pytest.raises(PrivacyError, match="another aggregate"):
+        verify_publication(aggregate_payload=second[0][1], receipt_payload=first[1][1],
+                           codec=codec)
+    with pytest.raises(PrivacyError, match="receipt"):
+        verify_publication(aggregate_payload=first[0][1], receipt_payload=first[0][1],
+                           codec=codec)
+
+
+def test_ledger_message(material: Material) -> None:
+    out, codec = output(material, dp={"mechanism": "laplace", "budget_per_period": 3})
+    payload = out.ledger_message([LedgerEntry(period_start=0, epsilon=1.0, delta=0.0,
+                                              cells=1)])
+    body = codec.decode(payload, check_replay=False, max_age=math.inf).message.body
+    (period,) = body["periods"]
+    assert (period["epsilon_spent"], period["epsilon_remaining"], period["cells"]) == (
+        1.0, 2.0, 1)
+    assert body["mechanism"] == "laplace" and body["policy_version"].startswith("p")
+
+
+def test_source_config_rules() -> None:
+    with pytest.raises(ValueError, match="company_id and member"):
+        SourceConfig(network_id="g", company_id="acme")
+    s = SourceConfig(mode="private", network_id="p", company_id="acme")
+    assert (s.identity_domain, s.aggregate_full) == ("p", True)
+
+
+# -- the window clock and the single publish path --------------------------------------------
+
+def test_windows_become_due_after_lag_and_settling(tmp_path: Path) -> None:
+    from pear_mqtt.bridge import Bridge
+
+    config = BridgeConfigManager.load(env={}, **minimal(
+        window_seconds=DAY, publication_lag_seconds=DAY, settle_seconds=60,
+        max_settle_seconds=600, state_path=str(tmp_path / "s.sqlite")))
+    bridge = Bridge(config)
+    bridge._store = BridgeStore(config.state_path)
+    try:
+        due_at = W0 + 2 * DAY
+        bridge._store.add([new("a")], now=due_at - 30)  # live: input before it is due
+        assert bridge.due_windows(due_at - 1) == []  # lag not over
+        assert bridge.due_windows(due_at) == []  # input 30 s ago: still settling
+        assert bridge.due_windows(due_at + 30) == [W0]
+        # a trickle holds it back, but not beyond max_settle after it became due
+        bridge._store.add([new("b")], now=due_at + 599)
+        assert bridge.due_windows(due_at + 599) == []
+        assert bridge.due_windows(due_at + 600) == [W0]
+        # backfilled history (first seen long after it was due) settles from its first input
+        old = W0 - 30 * DAY
+        bridge._store.add([new("c", window=old)], now=due_at + 1000)
+        bridge._store.add([new("d", window=old)], now=due_at + 1050)
+        assert old not in bridge.due_windows(due_at + 1100)
+        assert old in bridge.due_windows(due_at + 1110)
+    finally:
+        bridge._store.close()
+
+
+def test_only_the_public_output_publishes() -> None:
+    """Structural: the one call that writes to a broker sits in PublicOutput.send."""
+    import ast
+    import inspect
+
+    import pear_mqtt.bridge as module
+
+    tree = ast.parse(inspect.getsource(module))
+    functions: list[tuple[str, ast.AST]] = []
+    for top in tree.body:
+        if isinstance(top, ast.ClassDef):
+            functions += [(f"{top.name}.{f.name}", f) for f in top.body
+                          if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
+        elif isinstance(top, ast.FunctionDef | ast.AsyncFunctionDef):
+            functions.append((top.name, top))
+    sites = [name for name, fn in functions for call in ast.walk(fn)
+             if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+             and call.func.attr in ("publish", "will_set")]
+    assert sites == ["PublicOutput.send"], sites
