@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test unit integration lint up status logs down bench bench-quick faults soak clean
+.PHONY: help venv test unit integration lint up status logs down bench bench-quick images \
+	container-test faults soak clean
 
 help:
 	@echo "make up        bring up the topology (brokers, bridge, simulated agents)"
@@ -15,6 +16,8 @@ help:
 	@echo "make down      stop everything make up started"
 	@echo "make test      create .venv, install, run the whole test suite"
 	@echo "make lint      ruff + mypy --strict"
+	@echo "make bench     benchmarks vs raw paho and mosquitto's C clients (bench-quick: ~1 min)"
+	@echo "make container-test  the suite against brokers in containers (starts dockerd)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,7 +52,19 @@ logs: $(STAMP)
 down: $(STAMP)
 	$(BIN)/pear-mqtt up stop
 
-bench bench-quick faults soak:
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench --quick
+
+images:
+	bash deploy/images/build.sh
+
+container-test: $(STAMP)
+	bash .ci/containers.sh
+
+faults soak:
 	@echo "make $@: not built yet (see the open issues)"; exit 1
 
 clean:

@@ -719,6 +719,8 @@ def _prepare(directory: Path, ports: Sequence[int], backend: Backend) -> _Plan:
                 mode=spec.mode, network=spec.network, out_dir=out_dir,
                 ca_file=ca_dir / pkimod.CA_CERT, cert_file=broker_certs.cert,
                 key_file=broker_certs.key, crl_file=ca_dir / pkimod.CA_CRL, tls_port=port,
+                # The CA registry names revoked nodes: their retained messages are denied.
+                ca_dir=ca_dir,
                 bridge_users=(BRIDGE_USER,) if spec.bridge else (), bind_address=HOST,
                 # As the test harness does: started as root, mosquitto would switch to the
                 # `mosquitto` user before reading the 0600 key it cannot read as that user.
