@@ -110,13 +110,10 @@ bash deploy/images/build.sh
 # -- 4. integration suite in containers ---------------------------------------------------
 stage tests
 # The broker-facing integration tests (the others run no broker: embedded amqtt, `up` with
-# local processes; .ci/run covers them) and tests/container. test_bridge.py is left out by
-# default: its property test alone takes over five minutes on two cores, which would break
-# this stage's 15-minute budget, and it tests the bridge's logic, which the process backend
-# already covers. PEAR_CONTAINER_TESTS replaces the selection, e.g.
-#   PEAR_CONTAINER_TESTS="tests/integration tests/container" bash .ci/containers.sh
-read -r -a selection <<<"${PEAR_CONTAINER_TESTS:-tests/integration tests/container \
-  --ignore=tests/integration/test_bridge.py}"
+# local processes; .ci/run covers them) and tests/container, the bridge's included.
+# PEAR_CONTAINER_TESTS replaces the selection, e.g.
+#   PEAR_CONTAINER_TESTS="tests/integration/test_network.py" bash .ci/containers.sh
+read -r -a selection <<<"${PEAR_CONTAINER_TESTS:-tests/integration tests/container}"
 PEAR_TEST_BACKEND=container .venv/bin/python -m pytest "${selection[@]}" \
   -m "uses_broker or container" -p no:cacheprovider -q -rfEs --durations=5 \
   --junitxml=/tmp/pear-container-tests.xml
