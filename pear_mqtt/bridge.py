@@ -52,8 +52,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import json
@@ -82,7 +80,7 @@ from .bridge_state import (
     OutgoingRow,
     StoredContribution,
 )
-from .config import default_sharing
+from .config import decode_key, deep_merge, default_sharing
 from .envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
 from .errors import (
     ConfigError,
@@ -450,28 +448,6 @@ def _config_error(exc: ValidationError, header: str) -> ConfigError:
     return ConfigError(header + "".join(f"\n  - {p}" for p in problems))
 
 
-def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-                out[key] = _merge(out[key], value)
-            elif isinstance(value, Mapping):
-                out[key] = _merge(value)
-            else:
-                out[key] = value
-    return out
-
-
-def _key_bytes(text: str) -> int:
-    """Length of a standard or url-safe base64 key, -1 if it is not base64."""
-    raw = text.strip().replace("-", "+").replace("_", "/").rstrip("=")
-    try:
-        return len(base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True))
-    except (binascii.Error, ValueError):
-        return -1
-
-
 def _env_value(text: str) -> Any:
     # Tables and arrays (e.g. [[private]] sources) come as JSON; scalars stay strings and
     # pydantic converts them ("5" -> 5, "true" -> True) against the field's type.
@@ -621,7 +597,7 @@ class BridgeConfigManager:
         if kw:
             layers.append(kw)
             sources.append("arguments")
-        data = _merge(*layers)
+        data = deep_merge(*layers)
         origin = f" (from {', '.join(sources)})" if sources else ""
         try:
             config = BridgeConfig.model_validate(data)
@@ -636,7 +612,8 @@ class BridgeConfigManager:
         problems: list[str] = []
         for name, src in cls._sources(config):
             for kid, secret in src.encryption.keys.items():
-                if _key_bytes(secret.get_secret_value()) != _GROUP_KEY_BYTES:
+                key = decode_key(secret.get_secret_value())
+                if key is None or len(key) != _GROUP_KEY_BYTES:
                     problems.append(f"{name}.encryption.keys.{kid}: not a base64 AES-256 key "
                                     f"({_GROUP_KEY_BYTES} bytes)")
         if for_connect:

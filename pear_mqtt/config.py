@@ -251,14 +251,15 @@ def _from_validation(exc: ValidationError, header: str, *, env: bool = False,
 
 # -- layers -----------------------------------------------------------------------------------
 
-def _deep_merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge nested mappings, later layers winning field by field (file < env < arguments)."""
     out: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
             if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-                out[key] = _deep_merge(out[key], value)
+                out[key] = deep_merge(out[key], value)
             elif isinstance(value, Mapping):
-                out[key] = _deep_merge(value)
+                out[key] = deep_merge(value)
             else:
                 out[key] = value
     return out
@@ -445,7 +446,7 @@ _STD_B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _URL_B64 = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 
 
-def _decode_key(value: str) -> bytes | None:
+def decode_key(value: str) -> bytes | None:
     """Standard or url-safe base64, padding optional; None if it is neither."""
     text = value.strip().rstrip("=")
     padded = text + "=" * (-len(text) % 4)
@@ -500,7 +501,7 @@ class NetworkConfigManager:
         :class:`NetworkConfig`; nested values as dicts or models) are merged over the defaults.
         """
         net_mode = cls._mode(mode)
-        data = _deep_merge(_MODE_DEFAULTS[net_mode], cls._overrides(overrides),
+        data = deep_merge(_MODE_DEFAULTS[net_mode], cls._overrides(overrides),
                            {"mode": net_mode, "company_id": company_id})
         config = cls._build(data, "invalid configuration")
         return cls.validate(config)
@@ -535,12 +536,12 @@ class NetworkConfigManager:
         kw_layer = cls._overrides(overrides)
         if kw_layer:
             sources.append("arguments")
-        merged = _deep_merge(file_layer, env_layer, kw_layer)
+        merged = deep_merge(file_layer, env_layer, kw_layer)
         if merged.get("mode") is None:
             raise ConfigError(f"mode is required: set it in the config file, with {ENV_PREFIX}"
                               f"MODE, or as mode=... ({', '.join(m.value for m in NetworkMode)})")
         net_mode = cls._mode(merged["mode"])
-        data = _deep_merge(_MODE_DEFAULTS[net_mode], merged)
+        data = deep_merge(_MODE_DEFAULTS[net_mode], merged)
         origin = f" (from {', '.join(sources)})" if sources else ""
         config = cls._build(data, f"invalid configuration{origin}", layered=True)
         return cls.validate(config)
@@ -573,7 +574,7 @@ class NetworkConfigManager:
         """
         problems: list[str] = []
         for key_id, secret in config.encryption.keys.items():
-            raw = _decode_key(secret.get_secret_value())
+            raw = decode_key(secret.get_secret_value())
             if raw is None:
                 problems.append(f"encryption.keys.{key_id}: not valid base64 (an AES-256 group "
                                 f"key is {_GROUP_KEY_BYTES} bytes, base64-encoded)")
