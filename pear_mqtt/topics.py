@@ -53,11 +53,21 @@ Kind = Literal["insights", "state", "nodes", "sync", "aggregates", "contrib", "b
                "bridge_receipt"]
 
 
+# Strings already found valid. Validity depends on the string alone, and a node checks the
+# same few ids and categories for every insight (each ~15 times on the way out), so a bounded
+# memo of successes saves most of that work; failures are always checked afresh.
+_VALID_IDENTIFIERS: set[str] = set()
+_VALID_CATEGORIES: set[str] = set()
+_MEMO_LIMIT = 65_536
+
+
 def validate_identifier(value: object, *, what: str = "identifier") -> str:
     """Return ``value`` if it may stand as one topic level, else raise :class:`TopicError`.
 
     ``what`` names the field in the message (``company_id``, ``node_id`` ...).
     """
+    if type(value) is str and value in _VALID_IDENTIFIERS:
+        return value
     if not isinstance(value, str):
         raise TopicError(f"{what} must be a string, got {type(value).__name__}")
     if value == "":
@@ -81,11 +91,15 @@ def validate_identifier(value: object, *, what: str = "identifier") -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise TopicError(f"{what} {value!r} is not valid UTF-8") from exc
+    if type(value) is str and len(_VALID_IDENTIFIERS) < _MEMO_LIMIT:
+        _VALID_IDENTIFIERS.add(value)
     return value
 
 
 def validate_category(value: object, *, what: str = "category") -> str:
     """Validate a category path such as ``grocery/dairy/milk`` (1 to 8 levels)."""
+    if type(value) is str and value in _VALID_CATEGORIES:
+        return value
     if not isinstance(value, str):
         raise TopicError(f"{what} must be a string, got {type(value).__name__}")
     levels = value.split("/")
@@ -94,6 +108,8 @@ def validate_category(value: object, *, what: str = "category") -> str:
                          f"{MAX_CATEGORY_DEPTH} are allowed")
     for level in levels:
         validate_identifier(level, what=f"{what} level")
+    if type(value) is str and len(_VALID_CATEGORIES) < _MEMO_LIMIT:
+        _VALID_CATEGORIES.add(value)
     return value
 
 
