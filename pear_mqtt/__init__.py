@@ -31,7 +31,7 @@ from .errors import (
     UnknownKeyError,
     UnsupportedVersion,
 )
-from .network import PearNetwork, Peer, ReceivedInsight, SyncResult
+from .network import PearNetwork, Peer, ReceivedAggregate, ReceivedInsight, SyncResult
 from .privacy import SharedInsight, ValueRange
 from .sync import SyncPearNetwork
 from .types import (
@@ -78,6 +78,7 @@ __all__ = [
     "PriceData",
     "PrivacyConfig",
     "PrivacyError",
+    "ReceivedAggregate",
     "ReceivedInsight",
     "ReliabilityConfig",
     "ReplayedMessage",

@@ -27,11 +27,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
+from .bridge import AggregateBody
 from .config import NetworkConfigManager
 from .envelope import EnvelopeCodec, Sealer, load_x25519_public_key
 from .errors import (
@@ -57,7 +58,9 @@ from .types import (
     NetworkStatus,
 )
 
-__all__ = ["PearNetwork", "Peer", "ReceivedInsight", "SyncResult"]
+__all__ = ["PearNetwork", "Peer", "ReceivedAggregate", "ReceivedInsight", "SyncResult"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,26 @@ class ReceivedInsight:
 
 
 @dataclass(frozen=True, slots=True)
+class ReceivedAggregate:
+    """A public aggregate as the bridge signed it (see docs/BRIDGE.md for the fields)."""
+
+    topic: str
+    aggregate: AggregateBody
+    retained: bool
+    received_at: float
+
+
+class _Stream(Generic[_T]):
+    """One iterator's buffer and its wake-up."""
+
+    __slots__ = ("event", "queue")
+
+    def __init__(self) -> None:
+        self.queue: deque[_T] = deque()
+        self.event = asyncio.Event()
+
+
+@dataclass(frozen=True, slots=True)
 class Peer:
     """A node seen through its retained presence."""
 
@@ -97,6 +120,8 @@ class SyncResult:
 
     states: dict[str, ReceivedInsight]
     duration: float
+    # Public mode: the retained aggregates, one per category.
+    aggregates: dict[str, ReceivedAggregate] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.states)
@@ -198,8 +223,10 @@ class PearNetwork:
         self._inflight_ids: set[int] = set()
         self._send_cursor = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._subscribers: list[deque[ReceivedInsight]] = []
-        self._subscriber_events: list[asyncio.Event] = []
+        # One (buffer, wake-up) pair per open iterator, per stream.
+        self._insight_streams: list[_Stream[ReceivedInsight]] = []
+        self._aggregate_streams: list[_Stream[ReceivedAggregate]] = []
+        self._aggregates: dict[str, ReceivedAggregate] = {}
         self._callbacks: list[Callable[[ReceivedInsight], Any]] = []
         self._states: dict[str, ReceivedInsight] = {}
         self._peers: dict[tuple[str, str], Peer] = {}
@@ -285,8 +312,9 @@ class PearNetwork:
             await self._conn.close()
             self._conn = None
         self._connected.clear()
-        for ev in self._subscriber_events:
-            ev.set()
+        for streams in (self._insight_streams, self._aggregate_streams):
+            for stream in streams:
+                stream.event.set()
         if self._outbox is not None:
             self._outbox.close()
             self._outbox = None
@@ -572,6 +600,8 @@ class PearNetwork:
                 return
             for raw in items:
                 self._deliver(raw, msg, signer, dedup=True)
+        elif kind == "aggregate" and parsed.kind == "aggregates":
+            self._deliver_aggregate(body, msg, signer)
         elif kind == "state" and parsed.kind == "state":
             received = self._deliver(body, msg, signer, dedup=False)
             if received is not None:
@@ -603,18 +633,31 @@ class PearNetwork:
             if len(self._seen) > _DEDUP_MEMORY:
                 self._seen.popitem(last=False)
             self._counters.insights_in += 1
-            for queue, event in zip(self._subscribers, self._subscriber_events, strict=True):
-                if len(queue) >= _SUBSCRIBER_QUEUE:
-                    queue.popleft()
-                    self._counters.dropped["subscriber_overflow"] += 1
-                queue.append(received)
-                event.set()
+            self._fan_out(self._insight_streams, received)
             for cb in list(self._callbacks):
                 try:
                     cb(received)
                 except Exception:
                     log.exception("insight callback %r failed", cb)
         return received
+
+    def _deliver_aggregate(self, body: Any, msg: InboundMessage, signer: Identity) -> None:
+        if signer.node != "bridge":
+            self._counters.dropped["identity_mismatch"] += 1
+            return
+        try:
+            aggregate = AggregateBody.model_validate(body)
+        except ValidationError:
+            self._counters.dropped["malformed"] += 1
+            return
+        received = ReceivedAggregate(topic=msg.topic, aggregate=aggregate, retained=msg.retain,
+                                     received_at=self._clock())
+        previous = self._aggregates.get(msg.topic)
+        self._aggregates[msg.topic] = received
+        if previous is not None and previous.aggregate == aggregate:
+            self._counters.duplicates += 1  # the same retained aggregate seen again
+            return
+        self._fan_out(self._aggregate_streams, received)
 
     def _handle_presence(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
         key = (parsed.company or "", parsed.node or "")
@@ -659,25 +702,40 @@ class PearNetwork:
         Each call makes an independent iterator with its own bounded buffer (the oldest are
         dropped and counted as ``subscriber_overflow`` if it falls 100,000 behind).
         """
-        queue: deque[ReceivedInsight] = deque()
-        event = asyncio.Event()
-        self._subscribers.append(queue)
-        self._subscriber_events.append(event)
+        return self._iterate(self._insight_streams)
 
-        async def iterate() -> AsyncIterator[ReceivedInsight]:
+    def aggregates(self) -> AsyncIterator[ReceivedAggregate]:
+        """Every verified public aggregate from now on (public mode), until ``disconnect()``.
+
+        Only the bridge may write aggregates (broker ACL); a receiver also checks that the
+        signer's certificate is a bridge's (node ``bridge``) before it believes one.
+        """
+        return self._iterate(self._aggregate_streams)
+
+    def _fan_out(self, streams: list[_Stream[_T]], item: _T) -> None:
+        for stream in streams:
+            if len(stream.queue) >= _SUBSCRIBER_QUEUE:
+                stream.queue.popleft()
+                self._counters.dropped["subscriber_overflow"] += 1
+            stream.queue.append(item)
+            stream.event.set()
+
+    def _iterate(self, streams: list[_Stream[_T]]) -> AsyncIterator[_T]:
+        stream: _Stream[_T] = _Stream()
+        streams.append(stream)
+
+        async def iterate() -> AsyncIterator[_T]:
             try:
                 while True:
-                    while queue:
-                        yield queue.popleft()
+                    while stream.queue:
+                        yield stream.queue.popleft()
                     if self._supervisor is None:
                         return
-                    event.clear()
-                    await event.wait()
+                    stream.event.clear()
+                    await stream.event.wait()
             finally:
                 with contextlib.suppress(ValueError):
-                    idx = self._subscribers.index(queue)
-                    del self._subscribers[idx]
-                    del self._subscriber_events[idx]
+                    streams.remove(stream)
 
         return iterate()
 
@@ -708,13 +766,15 @@ class PearNetwork:
                 await conn.subscribe([(t.state_filter(), 1)])
                 await conn.publish(t.sync_marker(self.config.node_id), nonce, qos=1)
                 await waiter
-                await conn.unsubscribe([t.state_filter()])
+                if t.state_filter() != t.live_filter():  # public mode reads both as one
+                    await conn.unsubscribe([t.state_filter()])
         except TimeoutError:
             raise TransportError(f"sync did not complete within {timeout} s") from None
         finally:
             self._sync_waiters.pop(nonce, None)
         self._last_sync = self._clock()
-        return SyncResult(states=dict(self._states), duration=time.perf_counter() - started)
+        return SyncResult(states=dict(self._states), duration=time.perf_counter() - started,
+                          aggregates=dict(self._aggregates))
 
     async def wait_connected(self, *, timeout: float) -> None:
         """Wait until the node is connected (again); :class:`TimeoutError` after ``timeout``."""

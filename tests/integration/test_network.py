@@ -260,3 +260,40 @@ async def test_reconnects_after_a_broker_restart_are_spread_not_a_storm(
     busiest = max(sum(1 for t in times if s <= t < s + 0.05) for s in times)
     assert busiest <= n // 2, f"{busiest} of {n} reconnects within 50 ms"
     print(f"\n{n} reconnects spread over {span:.2f} s; at most {busiest} within 50 ms")
+
+
+async def test_public_participant_reads_the_bridges_aggregates(
+        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
+        pki: NetworkPKI) -> None:
+    from pear_mqtt.bridge import (
+        AggregateBody,
+        PublishedCell,
+        PublishedGroupBody,
+        PublishedStatistic,
+    )
+
+    body = AggregateBody(
+        network=pki.network, category="grocery/dairy", window_start=T0,
+        window_end=T0 + timedelta(days=1), policy_version="test", min_companies=5,
+        dominance_cap=0.25,
+        cells=[PublishedCell(region="north", groups=[PublishedGroupBody(
+            group="price_data", currency="EUR",
+            fields={"price": PublishedStatistic(count=40, companies=6, mean=2.31)})])])
+    bridge = EnvelopeCodec(signer=Signer.from_files(key_file=pki.bridge.key,
+                                                    cert_file=pki.bridge.cert),
+                           trust=TrustStore.from_files(ca_files=[pki.ca]))
+    payload = bridge.encode(kind="aggregate", body=body.model_dump(mode="json"))
+    topic = f"pear/v1/public/{pki.network}/aggregates/grocery/dairy"
+    with probe(mosquitto, pki.bridge) as publisher:
+        publisher.publish(topic, payload, retain=True)  # before the reader joins: retained
+        async with PearNetwork(make_config("hooli", mode=NetworkMode.PUBLIC)) as reader:
+            state = await reader.sync(timeout=10)
+            stream = reader.aggregates()
+            newer = body.model_copy(update={"policy_version": "test-2"})
+            publisher.publish(topic, bridge.encode(kind="aggregate",
+                                                   body=newer.model_dump(mode="json")),
+                              retain=True)
+            live = await asyncio.wait_for(anext(stream), 10)
+    assert [a.aggregate for a in state.aggregates.values()] == [body]
+    assert live.aggregate.policy_version == "test-2" and not live.retained
+    assert live.aggregate.cells[0].groups[0].fields["price"].mean == 2.31
