@@ -4,16 +4,13 @@ on the host's loopback, and ``status``, ``logs`` and ``stop`` work on the contai
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from brokers import MqttProbe, free_port, new_unique_id
+from brokers import MqttProbe, new_unique_id
+from test_up import Up, _listening
 
 from pear_mqtt.compose import Compose, project_name
 from pear_mqtt.pki import CertPaths
@@ -23,45 +20,23 @@ pytestmark = [pytest.mark.container, pytest.mark.usefixtures("docker_ready")]
 CLI_TIMEOUT = 180.0
 
 
-class Up:
-    """``pear-mqtt up ...`` with the docker backend on one state directory and free ports."""
+class DockerUp(Up):
+    """``pear-mqtt up ...`` (the integration tests' runner) with the docker backend."""
 
-    def __init__(self, root: Path) -> None:
-        self.dir = root / "state"
-        ports: set[int] = set()
-        while len(ports) < 3:
-            ports.add(free_port())
-        self.ports = sorted(ports)
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PEAR_BACKEND": "docker"}
-        env.pop("PEAR_UP_PORTS", None)
-        return subprocess.run(
-            [sys.executable, "-m", "pear_mqtt.cli", "up", *args, "--dir", str(self.dir)],
-            env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False)
-
-    def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.dir / "up.json").read_text())
-        return data
+    def run(self, *args: str, backend: str | None = "docker",
+            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        return super().run(*args, backend=backend, timeout=timeout)
 
 
 @pytest.fixture
-def up(tmp_path: Path) -> Iterator[Up]:
-    runner = Up(tmp_path)
+def up(tmp_path: Path) -> Iterator[DockerUp]:
+    runner = DockerUp(tmp_path)
     yield runner
     if (runner.dir / "up.json").exists():
         runner.run("stop", "--grace", "3")
 
 
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def test_docker_backend_lifecycle(up: Up) -> None:
+def test_docker_backend_lifecycle(up: DockerUp) -> None:
     started = up.run("start", "--ports", ",".join(map(str, up.ports)))
     assert started.returncode == 0, started.stdout + started.stderr
     assert "backend: docker" in started.stdout
@@ -117,7 +92,7 @@ def test_docker_backend_lifecycle(up: Up) -> None:
     assert after.returncode != 0 and "stopped" in after.stdout
 
 
-def test_broken_broker_fails_start_with_its_container_log(up: Up) -> None:
+def test_broken_broker_fails_start_with_its_container_log(up: DockerUp) -> None:
     first = up.run("start", "--no-agents", "--ports", ",".join(map(str, up.ports)))
     assert first.returncode == 0, first.stdout + first.stderr
     assert up.run("stop", "--grace", "3").returncode == 0
