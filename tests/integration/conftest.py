@@ -54,12 +54,6 @@ _HERE = Path(__file__).resolve().parent
 _BROKER_FIXTURES = frozenset({"mosquitto", "mosquitto_factory", "make_config"})
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "uses_broker: starts brokers through the mosquitto fixtures (so it runs "
-                   "in containers with PEAR_TEST_BACKEND=container); set automatically")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in Path(str(item.path)).resolve().parents:
