@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import os
 import random
 import time
 import uuid
@@ -442,16 +442,18 @@ class PearNetwork:
         """
         if self._outbox is None or self._scheme is None:
             raise NotConnectedError("call connect() before broadcasting")
-        result = self._filter.apply(insight)
-        item_id = uuid.uuid4().hex
-        item: dict[str, Any] = {"iid": item_id,
-                                "insight": result.shared.model_dump(mode="json",
-                                                                    exclude_none=True)}
+        result = self._filter.encode(insight)
+        item_id = os.urandom(16).hex()
+        # The item is spliced from the filter's JSON (one serialisation, no dict round trip);
+        # the id is hex and the sealed token base64url, so neither needs escaping.
+        parts = [b'{"iid":"', item_id.encode(), b'","insight":', result.shared]
         if result.contribution is not None and self._sealer is not None:
-            item["sealed"] = self._sealer.seal(result.contribution.model_dump_json().encode())
+            token = self._sealer.seal(result.contribution)
+            parts += [b',"sealed":"', token.encode(), b'"']
         elif result.contribution is not None:
             self._counters.dropped["aggregated_without_aggregator_key"] += 1
-        payload = json.dumps(item, separators=(",", ":")).encode()
+        parts.append(b"}")
+        payload = b"".join(parts)
         new = [NewItem(topic=self._topics.insights(insight.category), payload=payload,
                        kind="contrib" if self.config.mode is NetworkMode.PUBLIC else "insight")]
         if self.config.mode is not NetworkMode.PUBLIC:

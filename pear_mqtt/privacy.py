@@ -39,7 +39,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic_core import to_json
 
 from .errors import ConfigError, PrivacyError, TopicError
 from .topics import validate_category, validate_identifier
@@ -60,6 +61,7 @@ __all__ = [
     "ADDITIVE_FIELDS",
     "AggregateOutcome",
     "Contribution",
+    "EncodedResult",
     "FieldStatistics",
     "FilterResult",
     "PrivacyFilter",
@@ -183,8 +185,8 @@ class Pseudonymizer:
 class ValueRange(_Frozen):
     """The bucket ``[lo, hi)`` that holds a number; ``None`` is an open end."""
 
-    lo: Finite | None
-    hi: Finite | None
+    lo: Finite | None = None
+    hi: Finite | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> ValueRange:
@@ -199,6 +201,9 @@ class ValueRange(_Frozen):
             return False
         return ((self.lo is None or self.lo <= value)
                 and (self.hi is None or value < self.hi))
+
+
+_CACHE_LIMIT = 65_536
 
 
 def _round_sig(x: float, digits: int) -> float:
@@ -223,7 +228,8 @@ class RangeScheme:
     Every bucket is half-open: ``lo <= value < hi``.
     """
 
-    __slots__ = ("_digits", "_edges", "_log_ratio", "_ratio", "_tiny")
+    __slots__ = ("_digits", "_edge_cache", "_edges", "_log_ratio", "_range_cache", "_ratio",
+                 "_tiny")
 
     TINY_EXPONENT = -20
 
@@ -252,6 +258,10 @@ class RangeScheme:
         self._log_ratio = math.log(self._ratio)
         self._digits = significant_digits
         self._edges = checked
+        # Edges and buckets are pure functions of the scheme: a node buckets the same few
+        # thousand of them over and over, so they are computed (and validated) once.
+        self._edge_cache: dict[int, float] = {}
+        self._range_cache: dict[tuple[float | None, float | None], ValueRange] = {}
         self._tiny = self.geometric_edge(self.TINY_EXPONENT)
 
     @classmethod
@@ -271,11 +281,24 @@ class RangeScheme:
 
     def geometric_edge(self, i: int) -> float:
         """The ``i``-th positive edge of the geometric scheme (``inf`` past float range)."""
-        try:
-            raw = self._ratio ** i
-        except OverflowError:
-            return math.inf
-        return _round_sig(raw, self._digits)
+        edge = self._edge_cache.get(i)
+        if edge is None:
+            try:
+                edge = _round_sig(self._ratio ** i, self._digits)
+            except OverflowError:
+                edge = math.inf
+            if len(self._edge_cache) < _CACHE_LIMIT:
+                self._edge_cache[i] = edge
+        return edge
+
+    def _range(self, lo: float | None, hi: float | None) -> ValueRange:
+        key = (lo, hi)
+        found = self._range_cache.get(key)
+        if found is None:
+            found = ValueRange(lo=lo, hi=hi)
+            if len(self._range_cache) < _CACHE_LIMIT:
+                self._range_cache[key] = found
+        return found
 
     def edges_for(self, category: str | None) -> tuple[float, ...] | None:
         """The configured edges for ``category`` or its nearest ancestor, else None."""
@@ -306,17 +329,16 @@ class RangeScheme:
             return self._configured(v, edges)
         return self._geometric(v)
 
-    @staticmethod
-    def _configured(v: float, edges: tuple[float, ...]) -> ValueRange:
+    def _configured(self, v: float, edges: tuple[float, ...]) -> ValueRange:
         idx = bisect.bisect_right(edges, v)  # edges[idx-1] <= v < edges[idx]
         lo = edges[idx - 1] if idx > 0 else None
         hi = edges[idx] if idx < len(edges) else None
-        return ValueRange(lo=lo, hi=hi)
+        return self._range(lo, hi)
 
     def _geometric(self, v: float) -> ValueRange:
         if v >= 0:
             if v < self._tiny:
-                return ValueRange(lo=0.0, hi=self._tiny)
+                return self._range(0.0, self._tiny)
             i = self._start(v)
             # log() only estimates the exponent; the rounded edges decide.
             while i > self.TINY_EXPONENT and v < self.geometric_edge(i):
@@ -324,19 +346,19 @@ class RangeScheme:
             while v >= self.geometric_edge(i + 1):
                 i += 1
             hi = self.geometric_edge(i + 1)
-            return ValueRange(lo=self.geometric_edge(i), hi=hi if math.isfinite(hi) else None)
+            return self._range(self.geometric_edge(i), hi if math.isfinite(hi) else None)
         a = -v
         # Mirrored edges with the same half-open orientation: a negative value sits in
         # [-edge(i+1), -edge(i)), i.e. edge(i) < |v| <= edge(i+1).
         if a <= self._tiny:
-            return ValueRange(lo=-self._tiny, hi=0.0)
+            return self._range(-self._tiny, 0.0)
         i = self._start(a)
         while i > self.TINY_EXPONENT and a <= self.geometric_edge(i):
             i -= 1
         while a > self.geometric_edge(i + 1):
             i += 1
         lo = self.geometric_edge(i + 1)
-        return ValueRange(lo=-lo if math.isfinite(lo) else None, hi=-self.geometric_edge(i))
+        return self._range(-lo if math.isfinite(lo) else None, -self.geometric_edge(i))
 
     def _start(self, a: float) -> int:
         return max(self.TINY_EXPONENT, math.floor(math.log(a) / self._log_ratio))
@@ -384,21 +406,36 @@ class SharedInsight(_Frozen):
 
     @model_validator(mode="after")
     def _disclosure(self) -> SharedInsight:
-        if set(self.levels) != set(self.groups):
-            raise ValueError("levels must name exactly the groups present")
-        for group, level in self.levels.items():
-            if group not in FIELD_GROUPS:
-                raise ValueError(f"unknown field group {group!r}")
-            if level not in (SharingLevel.FULL, SharingLevel.RANGES_ONLY):
-                raise ValueError(f"group {group!r} at level {level.value!r} cannot be shared "
-                                 "in an insight")
-            for name, value in self.groups[group].items():
-                if isinstance(value, ValueRange) and level is SharingLevel.FULL:
-                    raise ValueError(f"{group}.{name}: a full group holds exact values")
-                if isinstance(value, int | float) and level is SharingLevel.RANGES_ONLY:
-                    raise ValueError(f"{group}.{name}: a ranges_only group holds no exact "
-                                     "numbers")
+        _check_disclosure(self.levels, self.groups)
         return self
+
+
+def _check_disclosure(levels: Mapping[str, SharingLevel],
+                      groups: Mapping[str, Mapping[str, object]]) -> None:
+    """The disclosure rules of a shared insight (ValueError naming the offending field)."""
+    if set(levels) != set(groups):
+        raise ValueError("levels must name exactly the groups present")
+    for group, level in levels.items():
+        if group not in FIELD_GROUPS:
+            raise ValueError(f"unknown field group {group!r}")
+        if level is not SharingLevel.FULL and level is not SharingLevel.RANGES_ONLY:
+            raise ValueError(f"group {group!r} at level {SharingLevel(level).value!r} cannot "
+                             "be shared in an insight")
+        for name, value in groups[group].items():
+            if isinstance(value, ValueRange) and level is SharingLevel.FULL:
+                raise ValueError(f"{group}.{name}: a full group holds exact values")
+            if isinstance(value, int | float) and level is SharingLevel.RANGES_ONLY:
+                raise ValueError(f"{group}.{name}: a ranges_only group holds no exact "
+                                 "numbers")
+
+
+def _check_contribution(values: Mapping[str, Mapping[str, float]]) -> None:
+    for group, fields in values.items():
+        if group not in FIELD_GROUPS:
+            raise ValueError(f"unknown field group {group!r}")
+        for name, value in fields.items():
+            if name in ADDITIVE_FIELDS and value < 0:
+                raise ValueError(f"{group}.{name}: an additive metric cannot be negative")
 
 
 class Contribution(_Frozen):
@@ -423,12 +460,7 @@ class Contribution(_Frozen):
 
     @model_validator(mode="after")
     def _known(self) -> Contribution:
-        for group, fields in self.values.items():
-            if group not in FIELD_GROUPS:
-                raise ValueError(f"unknown field group {group!r}")
-            for name, value in fields.items():
-                if name in ADDITIVE_FIELDS and value < 0:
-                    raise ValueError(f"{group}.{name}: an additive metric cannot be negative")
+        _check_contribution(self.values)
         return self
 
 
@@ -440,13 +472,37 @@ class FilterResult:
     contribution: Contribution | None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncodedResult:
+    """:meth:`PrivacyFilter.encode`'s outputs: the JSON of :class:`SharedInsight` and of
+    :class:`Contribution` (None when no ``aggregated`` group holds data)."""
+
+    shared: bytes
+    contribution: bytes | None
+
+
+@dataclass(slots=True)
+class _Split:
+    shared_company: str | None
+    shared_store: str | None
+    contrib_company: str
+    contrib_store: str | None
+    levels: dict[str, SharingLevel]
+    groups: dict[str, GroupValues]
+    aggregated: dict[str, dict[str, float]]
+    currency: str | None
+
+
+
+
 # -- the filter ----------------------------------------------------------------------------
 
 def _observations(data: BaseModel) -> dict[str, float | str]:
     """Set fields of a group model, numbers as floats; unknown value types fail closed."""
     out: dict[str, float | str] = {}
-    for name in type(data).model_fields:
-        value = getattr(data, name)
+    # A model's __dict__ holds exactly its fields; reading it avoids pydantic's per-access
+    # machinery on this per-insight path.
+    for name, value in vars(data).items():
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -515,9 +571,67 @@ class PrivacyFilter:
         ``store`` is the store identity; it defaults to the config's ``node_id`` (one node
         per store).
         """
+        sp = self._split(insight, store)
+        # Every field comes from a validated MarketInsight, the node's own config or the
+        # scheme's cached buckets, and _split checked the disclosure rules: the models are
+        # built without re-validating formats (two thirds of the filter's time otherwise).
+        shared = SharedInsight.model_construct(
+            category=insight.category, product_id=insight.product_id,
+            region=insight.region, window_start=insight.window_start,
+            window_end=insight.window_end, sample_size=insight.sample_size,
+            company=sp.shared_company, store=sp.shared_store, levels=sp.levels,
+            groups=sp.groups)
+        contribution = None
+        if sp.aggregated:
+            contribution = Contribution.model_construct(
+                company=sp.contrib_company, store=sp.contrib_store, category=insight.category,
+                product_id=insight.product_id, region=insight.region,
+                window_start=insight.window_start, window_end=insight.window_end,
+                currency=sp.currency, values=sp.aggregated)
+        return FilterResult(shared=shared, contribution=contribution)
+
+    def encode(self, insight: MarketInsight, *, store: str | None = None) -> EncodedResult:
+        """:meth:`apply`, serialised: the JSON a node sends, without building the models
+        (pydantic's serialiser writes the plain values straight to bytes).
+
+        The shared insight without its unset (None) members, parsed back by receivers with
+        :class:`SharedInsight`; the contribution, parsed by the aggregator with
+        :class:`Contribution`.
+        """
+        sp = self._split(insight, store)
+        shared: dict[str, object] = {"category": insight.category}
+        if insight.product_id is not None:
+            shared["product_id"] = insight.product_id
+        shared["region"] = insight.region
+        shared["window_start"] = insight.window_start
+        shared["window_end"] = insight.window_end
+        shared["sample_size"] = insight.sample_size
+        if sp.shared_company is not None:
+            shared["company"] = sp.shared_company
+        if sp.shared_store is not None:
+            shared["store"] = sp.shared_store
+        shared["levels"] = sp.levels
+        shared["groups"] = sp.groups
+        contribution = None
+        if sp.aggregated:
+            contribution = to_json({
+                "company": sp.contrib_company, "store": sp.contrib_store,
+                "category": insight.category, "product_id": insight.product_id,
+                "region": insight.region, "window_start": insight.window_start,
+                "window_end": insight.window_end, "currency": sp.currency,
+                "values": sp.aggregated})
+        return EncodedResult(shared=to_json(shared), contribution=contribution)
+
+    def _split(self, insight: MarketInsight, store: str | None) -> _Split:
         self._check_mode()
-        shared_company, shared_store, contrib_company, contrib_store = self._identities(
-            store if store is not None else self._config.node_id)
+        if store is None:
+            store = self._config.node_id
+        else:
+            try:
+                validate_identifier(store, what="store")
+            except TopicError as exc:
+                raise PrivacyError(str(exc)) from None
+        shared_company, shared_store, contrib_company, contrib_store = self._identities(store)
 
         levels: dict[str, SharingLevel] = {}
         groups: dict[str, GroupValues] = {}
@@ -552,19 +666,12 @@ class PrivacyFilter:
             raise PrivacyError(f"public mode must not publish insight groups, got "
                                f"{sorted(groups)}")
         try:
-            shared = SharedInsight(
-                category=insight.category, product_id=insight.product_id,
-                region=insight.region, window_start=insight.window_start,
-                window_end=insight.window_end, sample_size=insight.sample_size,
-                company=shared_company, store=shared_store, levels=levels, groups=groups)
-            contribution = None if not aggregated else Contribution(
-                company=contrib_company, store=contrib_store, category=insight.category,
-                product_id=insight.product_id, region=insight.region,
-                window_start=insight.window_start, window_end=insight.window_end,
-                currency=currency, values=aggregated)
-        except ValidationError as exc:
+            _check_disclosure(levels, groups)
+            _check_contribution(aggregated)
+        except ValueError as exc:
             raise PrivacyError(f"filtered insight violates the disclosure rules: {exc}") from None
-        return FilterResult(shared=shared, contribution=contribution)
+        return _Split(shared_company, shared_store, contrib_company, contrib_store, levels,
+                      groups, aggregated, currency)
 
     def _bucket(self, name: str, value: float | str, category: str) -> ValueRange | str:
         if isinstance(value, str):

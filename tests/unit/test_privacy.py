@@ -825,3 +825,37 @@ def test_aggregate_uses_config_thresholds() -> None:
     out = aggregate(cs, group="sales_data", min_companies=privacy.min_companies,
                     dominance_cap=privacy.dominance_cap)
     assert out.suppressed == {"units": "below_k"}  # default k is 5
+
+
+@given(config=configs(), insight=insights, store=store_ids)
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+def test_encode_is_apply_serialised(config: NetworkConfig, insight: MarketInsight,
+                                    store: str) -> None:
+    """The node's fast path (``encode``: no models built) sends exactly what ``apply`` means,
+    and receivers and the aggregator parse it back to the same models."""
+    f = PrivacyFilter(config=config)
+    try:
+        expected = f.apply(insight, store=store)
+    except PrivacyError:
+        with pytest.raises(PrivacyError):
+            f.encode(insight, store=store)
+        return
+    got = f.encode(insight, store=store)
+    assert SharedInsight.model_validate_json(got.shared) == expected.shared
+    if expected.contribution is None:
+        assert got.contribution is None
+    else:
+        assert got.contribution is not None
+        assert Contribution.model_validate_json(got.contribution) == expected.contribution
+
+
+def test_open_ended_ranges_survive_the_wire() -> None:
+    """A bucket with an open end (a value below the first configured edge) is sent without
+    its None member and must still parse at the receiver (it was dropped as malformed)."""
+    config = make_config(data_sharing={"price_data": SharingLevel.RANGES_ONLY},
+                         range_edges={"grocery": (1.0, 2.0)})
+    insight = make_insight(category="grocery/dairy", price_data=PriceData(price=0.5))
+    shared = PrivacyFilter(config=config).apply(insight).shared
+    wire = shared.model_dump_json(exclude_none=True)
+    assert '"lo"' not in wire
+    assert SharedInsight.model_validate_json(wire) == shared
