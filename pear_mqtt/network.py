@@ -16,12 +16,16 @@ A supervisor task owns the connection: it reconnects with exponential backoff an
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import functools
 import logging
 import os
 import random
 import time
 import uuid
+import zlib
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +38,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 
 from .bridge import AggregateBody
 from .config import NetworkConfigManager
-from .envelope import EnvelopeCodec, Sealer, load_x25519_public_key
+from .envelope import (
+    CHECKPOINT_DIGEST_BYTES,
+    EnvelopeCodec,
+    Sealer,
+    checkpoint_digest,
+    load_x25519_public_key,
+)
 from .errors import (
     ConnectError,
     EnvelopeError,
@@ -48,7 +58,7 @@ from .errors import (
 from .identity import Identity
 from .outbox import NewItem, Outbox, OutboxItem
 from .privacy import PrivacyFilter, Pseudonymizer, SharedInsight
-from .topics import ParsedTopic, TopicScheme, parse_topic
+from .topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
 from .transport import Connection, InboundMessage, Will
 from .types import (
     Health,
@@ -67,6 +77,12 @@ log = logging.getLogger(__name__)
 _DEDUP_MEMORY = 200_000  # item ids remembered for de-duplication
 _SUBSCRIBER_QUEUE = 100_000  # unread insights per iterator before the oldest are dropped
 _MAX_INFLIGHT_ENVELOPES = 256
+# State checkpoints: a node publishes, per page of its state topics, one signed list of the
+# digests of its current state envelopes; a late joiner verifies the pages (64 signatures at
+# most per node) instead of one signature per retained state. Pages are refreshed when a burst
+# of states ends, and at most this often (seconds) while states keep streaming.
+_CHECKPOINT_INTERVAL = 1.0
+_VOUCHED_LIMIT = 2_000_000  # digests a receiver holds; past it, states verify one by one
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +154,7 @@ class _Counters:
     insights_out: int = 0
     duplicates: int = 0
     reconnects: int = 0
+    states_vouched: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
 
 
@@ -240,6 +257,15 @@ class PearNetwork:
             config.reliability.mqtt_version]
         self._idle = asyncio.Event()
         self._idle.set()
+        # Publisher side of state checkpoints: page -> {state topic: digest of its envelope}.
+        self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
+        self._dirty_pages: set[int] = set()
+        self._checkpoint_at = 0.0
+        self._checkpoints_inflight = 0
+        # Receiver side: digest -> sender vouched for by a verified checkpoint page, and the
+        # digests each (member, node, page) listed, to forget them when the page changes.
+        self._vouched: dict[bytes, str] = {}
+        self._vouch_pages: dict[tuple[str, str, int], list[bytes]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self, *, timeout: float = 10.0, wait: bool = True) -> None:
@@ -483,8 +509,9 @@ class PearNetwork:
                 rows = self._outbox.pending(limit=rel.batch_max_items * 8,
                                             after_id=self._send_cursor)
                 if not rows:
-                    if not self._inflight_ids and self._outbox.depth == 0:
-                        self._idle.set()
+                    if not await self._send_checkpoints(conn, window, force=True):
+                        return
+                    self._maybe_idle()
                     break
                 self._send_cursor = rows[-1].id
                 for batch in _batches(rows, rel.batch_max_items):
@@ -496,6 +523,55 @@ class PearNetwork:
                             window.release()
                             log.info("publish stopped: %s", exc)
                             return
+                if not await self._send_checkpoints(conn, window, force=False):
+                    return
+
+    def _maybe_idle(self) -> None:
+        if (self._outbox is not None and not self._inflight_ids and self._outbox.depth == 0
+                and not self._dirty_pages and not self._checkpoints_inflight):
+            self._idle.set()
+
+    async def _send_checkpoints(self, conn: Connection, window: asyncio.Semaphore, *,
+                                force: bool) -> bool:
+        """Publish the checkpoint pages whose states changed; False if the connection broke."""
+        if not self._dirty_pages or (
+                not force and time.monotonic() - self._checkpoint_at < _CHECKPOINT_INTERVAL):
+            return True
+        assert self._codec is not None
+        self._checkpoint_at = time.monotonic()
+        dirty, self._dirty_pages = sorted(self._dirty_pages), set()
+        node = self.config.node_id
+        for page in dirty:
+            digests = b'","'.join(_b64(d) for d in self._pages[page].values())
+            body = b'{"node":"%s","page":%d,"states":["%s"]}' % (node.encode(), page, digests)
+            try:
+                payload = self._codec.encode_json(kind="checkpoint", body_json=body)
+            except OversizedMessage:
+                # Receivers verify these states one by one instead: slower, never weaker.
+                self._counters.dropped["checkpoint_oversized"] += 1
+                continue
+            await window.acquire()
+            try:
+                fut = conn.publish(self._topics.checkpoint(node, page), payload, qos=1,
+                                   retain=True)
+            except TransportError as exc:
+                window.release()
+                self._dirty_pages.update(dirty)
+                log.info("publish stopped: %s", exc)
+                return False
+            self._checkpoints_inflight += 1
+            fut.add_done_callback(functools.partial(self._checkpoint_done, page=page,
+                                                    window=window))
+        return True
+
+    def _checkpoint_done(self, f: asyncio.Future[None], *, page: int,
+                         window: asyncio.Semaphore) -> None:
+        window.release()
+        self._checkpoints_inflight -= 1
+        if f.cancelled() or f.exception() is not None:
+            self._dirty_pages.add(page)  # sent again after reconnecting
+            return
+        self._maybe_idle()
 
     def _encode(self, batch: list[OutboxItem]) -> list[tuple[bytes, list[int]]]:
         """Sign ``batch`` as one envelope, or as several when it is over the size limit."""
@@ -523,6 +599,10 @@ class PearNetwork:
         rel = self.config.reliability
         fut = conn.publish(first.topic, payload, qos=rel.qos, retain=first.retain,
                            expiry=rel.message_expiry if first.retain else None)
+        if first.kind == "state":
+            page = zlib.crc32(first.topic.encode()) % CHECKPOINT_PAGES
+            self._pages[page][first.topic] = checkpoint_digest(payload)
+            self._dirty_pages.add(page)
         self._inflight_ids.update(ids)
         self._counters.messages_out += 1
         sent_at = time.perf_counter()
@@ -548,8 +628,7 @@ class PearNetwork:
             log.error("outbox could not record acknowledgements: %s", exc)
             self._counters.dropped["outbox_ack_failed"] += 1
             return
-        if not self._inflight_ids and self._outbox.depth == 0:
-            self._idle.set()
+        self._maybe_idle()
 
     # -- receiving ---------------------------------------------------------------------------
     async def _read_loop(self, conn: Connection) -> None:
@@ -575,16 +654,22 @@ class PearNetwork:
         if parsed.kind == "nodes":
             self._handle_presence(parsed, msg)
             return
+        if parsed.kind == "checkpoint":
+            self._handle_checkpoint(parsed, msg)
+            return
         if not msg.payload:
             return  # a cleared retained message
         assert self._codec is not None
+        vouched = self._vouched if msg.retain and parsed.kind == "state" else None
         try:
-            decoded = self._codec.decode(msg.payload, check_replay=not msg.retain)
+            decoded = self._codec.decode(msg.payload, check_replay=not msg.retain,
+                                         vouched=vouched)
         except EnvelopeError as exc:
             self._counters.dropped[exc.reason] += 1
             log.debug("dropped message on %s: %s", msg.topic, exc)
             return
         signer = decoded.signer
+        self._counters.states_vouched += decoded.vouched
         if signer == self.identity:
             return  # our own message echoed by a broker without no-local
         if parsed.company is not None and parsed.company != signer.member:
@@ -660,6 +745,43 @@ class PearNetwork:
             self._counters.duplicates += 1  # the same retained aggregate seen again
             return
         self._fan_out(self._aggregate_streams, received)
+
+    def _handle_checkpoint(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
+        key = (parsed.company or "", parsed.node or "", parsed.page or 0)
+        for digest in self._vouch_pages.pop(key, ()):
+            self._vouched.pop(digest, None)
+        if not msg.payload:
+            return
+        assert self._codec is not None
+        try:
+            decoded = self._codec.decode(msg.payload, check_replay=False)
+        except EnvelopeError as exc:
+            self._counters.dropped[exc.reason] += 1
+            return
+        signer = decoded.signer
+        if signer.member != parsed.company or signer.node != parsed.node:
+            self._counters.dropped["identity_mismatch"] += 1
+            return
+        body = decoded.message.body
+        states = body.get("states") if isinstance(body, dict) else None
+        if (decoded.message.kind != "checkpoint" or not isinstance(states, list)
+                or body.get("page") != parsed.page):
+            self._counters.dropped["malformed"] += 1
+            return
+        digests: list[bytes] = []
+        for text in states:
+            got = _b64d(text) if isinstance(text, str) else None
+            if got is None or len(got) != CHECKPOINT_DIGEST_BYTES:
+                self._counters.dropped["malformed"] += 1
+                return
+            digests.append(got)
+        if len(self._vouched) + len(digests) > _VOUCHED_LIMIT:
+            self._counters.dropped["checkpoint_over_limit"] += 1
+            return
+        sender = signer.sender
+        for digest in digests:
+            self._vouched[digest] = sender
+        self._vouch_pages[key] = digests
 
     def _handle_presence(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
         key = (parsed.company or "", parsed.node or "")
@@ -760,23 +882,35 @@ class PearNetwork:
             raise NotConnectedError("not connected")
         t = self._topics
         started = time.perf_counter()
+        public = self.config.mode is NetworkMode.PUBLIC
+        try:
+            async with asyncio.timeout(timeout):
+                if not public:
+                    # Checkpoints first: with their pages verified, the states that follow
+                    # are matched by digest instead of one signature check each.
+                    await conn.subscribe([(t.checkpoint_filter(), 1)])
+                    await self._marker(conn)
+                await conn.subscribe([(t.state_filter(), 1)])
+                await self._marker(conn)
+                if not public:  # public mode reads state and live aggregates as one
+                    await conn.unsubscribe([t.state_filter(), t.checkpoint_filter()])
+        except TimeoutError:
+            raise TransportError(f"sync did not complete within {timeout} s") from None
+        self._last_sync = self._clock()
+        return SyncResult(states=dict(self._states), duration=time.perf_counter() - started,
+                          aggregates=dict(self._aggregates))
+
+    async def _marker(self, conn: Connection) -> None:
+        """Publish a marker to ourselves and wait for it: the retained burst of every earlier
+        subscription has then been delivered."""
         nonce = uuid.uuid4().hex.encode()
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sync_waiters[nonce] = waiter
         try:
-            async with asyncio.timeout(timeout):
-                await conn.subscribe([(t.state_filter(), 1)])
-                await conn.publish(t.sync_marker(self.config.node_id), nonce, qos=1)
-                await waiter
-                if t.state_filter() != t.live_filter():  # public mode reads both as one
-                    await conn.unsubscribe([t.state_filter()])
-        except TimeoutError:
-            raise TransportError(f"sync did not complete within {timeout} s") from None
+            await conn.publish(self._topics.sync_marker(self.config.node_id), nonce, qos=1)
+            await waiter
         finally:
             self._sync_waiters.pop(nonce, None)
-        self._last_sync = self._clock()
-        return SyncResult(states=dict(self._states), duration=time.perf_counter() - started,
-                          aggregates=dict(self._aggregates))
 
     async def wait_connected(self, *, timeout: float) -> None:
         """Wait until the node is connected (again); :class:`TimeoutError` after ``timeout``."""
@@ -817,7 +951,7 @@ class PearNetwork:
             last_sync=(None if self._last_sync is None else
                        datetime.fromtimestamp(self._last_sync, UTC)),
             messages_in=c.messages_in, messages_out=c.messages_out, dropped=dropped,
-            duplicates=c.duplicates,
+            duplicates=c.duplicates, states_vouched=c.states_vouched,
             latency_ms=None if self._latency is None else round(self._latency, 3),
             outbox_depth=depth, reconnects=c.reconnects, health=health,
             connected_since=(datetime.fromtimestamp(self._connected_since, UTC)
@@ -849,3 +983,14 @@ def _batches(rows: list[OutboxItem], limit: int) -> Iterator[list[OutboxItem]]:
     for batch in groups.values():
         if batch:
             yield batch
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+def _b64d(text: str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, binascii.Error):
+        return None

@@ -6,9 +6,10 @@
     pear/v1/private/<company>/state/<node>/<category path>         retained latest state
     pear/v1/private/<company>/nodes/<node>                         retained presence (+ will)
     pear/v1/private/<company>/nodes/<node>/sync                    sync end-of-burst marker
+    pear/v1/private/<company>/nodes/<node>/checkpoint/<page>       retained state checkpoint
     pear/v1/consortium/<network>/<company>/insights/<category path>
     pear/v1/consortium/<network>/<company>/state/<node>/<category path>
-    pear/v1/consortium/<network>/<company>/nodes/<node>[/sync]
+    pear/v1/consortium/<network>/<company>/nodes/<node>[/sync|/checkpoint/<page>]
     pear/v1/public/<network>/aggregates/<category path>            retained, bridge only
     pear/v1/public/<network>/contrib/<participant>/<category path> bridge reads only
     pear/v1/public/<network>/nodes/<participant>[/sync]
@@ -49,8 +50,11 @@ MAX_CATEGORY_DEPTH = 8
 
 _MODES = ("private", "consortium", "public")
 
-Kind = Literal["insights", "state", "nodes", "sync", "aggregates", "contrib", "bridge_state",
-               "bridge_receipt"]
+Kind = Literal["insights", "state", "nodes", "sync", "checkpoint", "aggregates", "contrib",
+               "bridge_state", "bridge_receipt"]
+
+#: Pages a node's state checkpoint is split into (state topic -> page by CRC-32).
+CHECKPOINT_PAGES = 64
 
 
 # Strings already found valid. Validity depends on the string alone, and a node checks the
@@ -59,6 +63,7 @@ Kind = Literal["insights", "state", "nodes", "sync", "aggregates", "contrib", "b
 _VALID_IDENTIFIERS: set[str] = set()
 _VALID_CATEGORIES: set[str] = set()
 _MEMO_LIMIT = 65_536
+_PAGE_NAMES = {f"{i:02x}": i for i in range(CHECKPOINT_PAGES)}
 
 
 def validate_identifier(value: object, *, what: str = "identifier") -> str:
@@ -123,6 +128,7 @@ class ParsedTopic:
     kind: Kind
     node: str | None = None
     category: str | None = None
+    page: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +194,16 @@ class TopicScheme:
         """A topic only ``node`` uses, to mark the end of a retained burst."""
         return f"{self.presence(node)}/sync"
 
+    def checkpoint(self, node: str, page: int) -> str:
+        """Retained checkpoint page ``page`` of ``node``'s state digests (see
+        :mod:`pear_mqtt.network`); private and consortium modes only."""
+        if self.mode == "public":
+            raise TopicError("public participants keep no state, so no checkpoints")
+        if isinstance(page, bool) or not isinstance(page, int) \
+                or not 0 <= page < CHECKPOINT_PAGES:
+            raise TopicError(f"checkpoint page must be in [0, {CHECKPOINT_PAGES}), got {page!r}")
+        return f"{self.presence(node)}/checkpoint/{page:02x}"
+
     def aggregate(self, category: str) -> str:
         """Public aggregate for ``category`` (written by the bridge only)."""
         validate_category(category)
@@ -223,6 +239,14 @@ class TopicScheme:
         if self.mode == "consortium":
             return f"{self.network_root}/+/state/#"
         return f"{PREFIX}/public/{self.network}/aggregates/#"
+
+    def checkpoint_filter(self) -> str:
+        """Filter for the state checkpoints of every node whose state this member reads."""
+        if self.mode == "private":
+            return f"{self.network_root}/nodes/+/checkpoint/+"
+        if self.mode == "consortium":
+            return f"{self.network_root}/+/nodes/+/checkpoint/+"
+        raise TopicError("public participants keep no state, so no checkpoints")
 
     def contrib_filter(self) -> str:
         """Filter for every public participant's contributions (what only the bridge reads)."""
@@ -267,12 +291,15 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(mode, network, company, "state",
                                node=validate_identifier(rest[1], what="node"),
                                category=validate_category("/".join(rest[2:])))
-        if kind == "nodes" and len(rest) in (2, 3):
+        if kind == "nodes" and len(rest) in (2, 3, 4):
             node = validate_identifier(rest[1], what="node")
             if len(rest) == 2:
                 return ParsedTopic(mode, network, company, "nodes", node=node)
-            if rest[2] == "sync":
+            if len(rest) == 3 and rest[2] == "sync":
                 return ParsedTopic(mode, network, company, "sync", node=node)
+            if len(rest) == 4 and rest[2] == "checkpoint" and rest[3] in _PAGE_NAMES:
+                return ParsedTopic(mode, network, company, "checkpoint", node=node,
+                                   page=_PAGE_NAMES[rest[3]])
     except IndexError:
         pass
     raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
@@ -332,7 +359,8 @@ def revoked_node_rules(*, mode: str, network: str = "default",
     """``deny`` rules that take the topics of revoked nodes away from their member.
 
     For each ``(member, node)`` in ``revoked``, the member's username (the certificate CN) is
-    denied ``state/<node>/#``, ``nodes/<node>`` and ``nodes/<node>/sync`` in its subtree.
+    denied ``state/<node>/#``, ``nodes/<node>``, ``nodes/<node>/sync`` and
+    ``nodes/<node>/checkpoint/#`` in its subtree.
     A deny is all-access in mosquitto, so:
 
     - nobody of the member can write there any more (a revoked node that is still connected
@@ -359,6 +387,7 @@ def revoked_node_rules(*, mode: str, network: str = "default",
             AclRule("deny", f"{scheme.member_root}/state/{node}/#", user=member),
             AclRule("deny", scheme.presence(node), user=member),
             AclRule("deny", scheme.sync_marker(node), user=member),
+            AclRule("deny", f"{scheme.presence(node)}/checkpoint/#", user=member),
         ]
     return list(dict.fromkeys(rules))
 

@@ -111,11 +111,46 @@ async def test_late_joiner_sync_gets_every_retained_state(
         started = time.perf_counter()
         result = await late.sync(timeout=120)
         elapsed = time.perf_counter() - started
+        # Every state was covered by acme's verified checkpoint pages: no per-state signature.
+        assert late.status().states_vouched == n
     assert len(result) == n
     categories = {r.insight.category for r in result}
     assert categories == {f"cat/c{i:05d}" for i in range(n)}
     assert all(r.retained and r.member == "acme" for r in result)
     print(f"\npublish of {n} states: {publish_s:.2f} s; sync of {n}: {elapsed:.2f} s")
+
+
+async def test_checkpoints_follow_updates_and_fall_back_to_signatures(
+        make_config: Callable[..., NetworkConfig]) -> None:
+    """Updated states are re-vouched by refreshed pages; states a restarted publisher no
+    longer lists (its new pages replace the old) are verified one by one, none is lost."""
+    n = 300
+    async with PearNetwork(make_config("acme")) as tx:
+        for i in range(n):
+            await tx.broadcast_market_insight(insight(category=f"cp/c{i:03d}", price=1.0))
+        await tx.flush(timeout=60)
+        for i in range(0, n, 30):  # 10 updates
+            await tx.broadcast_market_insight(insight(category=f"cp/c{i:03d}", price=2.0))
+        await tx.flush(timeout=60)
+    async with PearNetwork(make_config("globex")) as late:
+        result = await late.sync(timeout=60)
+        assert late.status().states_vouched == n
+    # Consortium shares prices as ranges: 1.0 and 2.0 fall in different buckets.
+    prices = {r.insight.category: r.insight.groups["price_data"]["price"] for r in result}
+    assert len(prices) == n
+    assert sum(1 for p in prices.values() if 2.0 in p) == 10
+
+    # A restarted publisher knows only what it sent since: one page now lists a single state.
+    async with PearNetwork(make_config("acme")) as tx:
+        await tx.broadcast_market_insight(insight(category="cp/c000", price=3.0))
+        await tx.flush(timeout=60)
+    async with PearNetwork(make_config("initech")) as late:
+        result = await late.sync(timeout=60)
+        status = late.status()
+    assert len(result) == n and not status.dropped
+    assert 0 < status.states_vouched < n
+    assert 3.0 in {r.insight.category: r.insight.groups["price_data"]["price"]
+                   for r in result}["cp/c000"]
 
 
 async def test_sync_returns_promptly_when_nothing_is_retained(

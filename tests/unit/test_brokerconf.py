@@ -210,16 +210,20 @@ def test_revoked_nodes_get_a_user_section_of_deny_lines(material: dict[str, Path
                      f"topic deny {root}/acme/state/store-9/#",
                      f"topic deny {root}/acme/nodes/store-9",
                      f"topic deny {root}/acme/nodes/store-9/sync",
+                     f"topic deny {root}/acme/nodes/store-9/checkpoint/#",
                      "topic deny pear/v1/private/acme/state/store-9/#",
                      "topic deny pear/v1/private/acme/nodes/store-9",
                      "topic deny pear/v1/private/acme/nodes/store-9/sync",
+                     "topic deny pear/v1/private/acme/nodes/store-9/checkpoint/#",
                      "user globex",
                      f"topic deny {root}/globex/state/s2/#",
                      f"topic deny {root}/globex/nodes/s2",
                      f"topic deny {root}/globex/nodes/s2/sync",
+                     f"topic deny {root}/globex/nodes/s2/checkpoint/#",
                      "topic deny pear/v1/private/globex/state/s2/#",
                      "topic deny pear/v1/private/globex/nodes/s2",
-                     "topic deny pear/v1/private/globex/nodes/s2/sync"]
+                     "topic deny pear/v1/private/globex/nodes/s2/sync",
+                     "topic deny pear/v1/private/globex/nodes/s2/checkpoint/#"]
 
 
 def test_deny_lines_lead_a_bridge_users_section() -> None:
@@ -228,7 +232,7 @@ def test_deny_lines_lead_a_bridge_users_section() -> None:
     lines = _acl_lines(brokerconf.acl_text(modes=["consortium"], network="grp",
                                            bridge_users=["br"], revoked=[("br", "n1")]))
     section = lines[lines.index("user br") + 1:]
-    assert [ln.split()[1] for ln in section] == ["deny"] * 3 + ["read"]
+    assert [ln.split()[1] for ln in section] == ["deny"] * 4 + ["read"]
     assert lines.count("user br") == 1
 
 

@@ -30,16 +30,18 @@ def test_consortium_revoked_node_gets_deny_rules_first() -> None:
     base = acl_rules(mode="consortium", network=NET, bridge_users=["br"])
     rules = acl_rules(mode="consortium", network=NET, bridge_users=["br"],
                       revoked=[("acme", "store-9")])
-    assert rules[:3] == [
+    assert rules[:4] == [
         AclRule("deny", f"{CONSORTIUM}/acme/state/store-9/#", user="acme"),
         AclRule("deny", f"{CONSORTIUM}/acme/nodes/store-9", user="acme"),
         AclRule("deny", f"{CONSORTIUM}/acme/nodes/store-9/sync", user="acme"),
+        AclRule("deny", f"{CONSORTIUM}/acme/nodes/store-9/checkpoint/#", user="acme"),
     ]
-    assert rules[3:] == base
-    assert [r.mosquitto() for r in rules[:3]] == [
+    assert rules[4:] == base
+    assert [r.mosquitto() for r in rules[:4]] == [
         f"topic deny {CONSORTIUM}/acme/state/store-9/#",
         f"topic deny {CONSORTIUM}/acme/nodes/store-9",
         f"topic deny {CONSORTIUM}/acme/nodes/store-9/sync",
+        f"topic deny {CONSORTIUM}/acme/nodes/store-9/checkpoint/#",
     ]
 
 
@@ -54,6 +56,8 @@ def test_deny_rules_cover_exactly_the_topics_the_scheme_builds_for_the_node() ->
     assert hit(acme.state("store-9", "dairy/milk"))
     assert hit(acme.presence("store-9"))
     assert hit(acme.sync_marker("store-9"))
+    assert hit(acme.checkpoint("store-9", 0)) and hit(acme.checkpoint("store-9", 63))
+    assert not hit(acme.checkpoint("store-1", 0))
     # Node-precise: siblings, prefixes of the node id and the member's insights stay.
     assert not hit(acme.state("store-1", "dairy/milk"))
     assert not hit(acme.state("store-90", "dairy/milk"))
@@ -67,6 +71,7 @@ def test_private_revoked_node_rules() -> None:
         AclRule("deny", "pear/v1/private/acme/state/s9/#", user="acme"),
         AclRule("deny", "pear/v1/private/acme/nodes/s9", user="acme"),
         AclRule("deny", "pear/v1/private/acme/nodes/s9/sync", user="acme"),
+        AclRule("deny", "pear/v1/private/acme/nodes/s9/checkpoint/#", user="acme"),
     ]
 
 
@@ -79,7 +84,7 @@ def test_public_mode_has_no_per_node_topics_to_deny() -> None:
 def test_several_and_repeated_revoked_nodes() -> None:
     rules = revoked_node_rules(mode="consortium", network=NET,
                                revoked=[("acme", "s9"), ("globex", "s2"), ("acme", "s9")])
-    assert len(rules) == 6
+    assert len(rules) == 8
     assert {r.user for r in rules} == {"acme", "globex"}
     assert all(r.access == "deny" for r in rules)
     assert all(r.topic.startswith(f"{CONSORTIUM}/{r.user}/") for r in rules)
@@ -112,3 +117,25 @@ def test_policy_with_revoked_node_semantics() -> None:
     # the publisher's lost write access: mosquitto's check_retain_source).
     assert policy.may_read(username="globex", topic=acme.state("store-9", "dairy"))
     assert policy.may_read(username="br", topic=acme.state("store-9", "dairy"))
+
+
+def test_checkpoint_topics_round_trip_and_stay_in_the_member_subtree() -> None:
+    from pear_mqtt.topics import CHECKPOINT_PAGES, parse_topic
+
+    for mode in ("consortium", "private"):
+        acme = TopicScheme(mode, NET, "acme")
+        topic = acme.checkpoint("store-9", 0x2a)
+        assert topic == f"{acme.presence('store-9')}/checkpoint/2a"
+        parsed = parse_topic(topic)
+        assert (parsed.kind, parsed.company, parsed.node, parsed.page) == \
+            ("checkpoint", "acme", "store-9", 0x2a)
+        assert topic_matches(acme.checkpoint_filter(), topic)
+        assert topic.startswith(acme.member_root + "/")  # writable under "%u/#"
+        assert not topic_matches(acme.presence_filter(), topic)
+    with pytest.raises(TopicError):
+        acme.checkpoint("store-9", CHECKPOINT_PAGES)
+    for bad in ("40", "2A", "x", "002a"):
+        with pytest.raises(TopicError):
+            parse_topic(f"{acme.presence('store-9')}/checkpoint/{bad}")
+    with pytest.raises(TopicError):
+        TopicScheme("public", NET, "acme").checkpoint("acme", 0)
