@@ -65,7 +65,7 @@ import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -101,7 +101,6 @@ if TYPE_CHECKING:
     from .types import NetworkConfig
 
 __all__ = [
-    "CHECKPOINT_DIGEST_BYTES",
     "DEFAULT_MAX_AGE",
     "DEFAULT_MAX_BYTES",
     "VERSION",
@@ -113,7 +112,6 @@ __all__ = [
     "TrustStore",
     "VerifiedSigner",
     "VerifyingKey",
-    "checkpoint_digest",
     "generate_x25519_key",
     "load_x25519_private_key",
     "load_x25519_public_key",
@@ -158,19 +156,6 @@ _URLSAFE_TO_STD = bytes.maketrans(b"-_+/", b"+/!!")
 
 
 # -- small helpers ------------------------------------------------------------------------
-
-CHECKPOINT_DIGEST_BYTES = 16
-
-
-def checkpoint_digest(payload: bytes) -> bytes:
-    """What a state checkpoint lists for one envelope: SHA-256 of its exact bytes, cut to
-    128 bits.
-
-    128 bits suffice: to pass as a vouched envelope, another party would need a second
-    preimage of a digest the signer listed (2**128 work); the signer itself gains nothing
-    from collisions, since it can sign whatever it wants anyway.
-    """
-    return hashlib.sha256(payload).digest()[:CHECKPOINT_DIGEST_BYTES]
 
 
 def _b64e(data: bytes) -> bytes:
@@ -676,15 +661,11 @@ class _ReplayGuard:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Decoded:
-    """A verified envelope: the message, who signed it, and its size on the wire.
-
-    ``vouched``: its signature was covered by a verified checkpoint (see
-    :meth:`EnvelopeCodec.decode`) rather than checked on its own."""
+    """A verified envelope: the message, who signed it, and its size on the wire."""
 
     message: NetworkMessage
     signer: Identity
     raw_size: int
-    vouched: bool = False
 
 
 def _group_key(kid: str, secret: SecretStr) -> AESGCM:
@@ -877,24 +858,17 @@ class EnvelopeCodec:
 
     # -- decode ---------------------------------------------------------------------------
     def decode(self, payload: bytes | bytearray | memoryview, *, check_replay: bool = True,
-               max_age: float | None = None,
-               vouched: Mapping[bytes, str] | None = None) -> Decoded:
+               max_age: float | None = None) -> Decoded:
         """Verify, decrypt and de-duplicate one received payload.
 
         ``check_replay=False`` accepts a sequence number already seen (retained messages
         re-delivered on a new subscription); the number is still recorded. ``max_age``
         overrides the codec's age limit for this call.
 
-        ``vouched`` maps :func:`checkpoint_digest` values to the sender (``Identity.sender``)
-        whose *verified* signature vouches for exactly those bytes (a state checkpoint): a
-        payload found there under the sender its certificate names skips its own signature
-        check, which proves nothing more. Everything else (certificate, layout, time, replay,
-        decryption) is checked as always.
-
         Raises only :class:`EnvelopeError` subclasses, for any input.
         """
         try:
-            decoded = self._decode(payload, check_replay, max_age, vouched)
+            decoded = self._decode(payload, check_replay, max_age)
         except EnvelopeError as exc:
             with self._lock:
                 self._stats[exc.reason] += 1
@@ -911,7 +885,7 @@ class EnvelopeCodec:
         return decoded
 
     def _decode(self, payload: bytes | bytearray | memoryview, check_replay: bool,
-                max_age: float | None, vouched: Mapping[bytes, str] | None = None) -> Decoded:
+                max_age: float | None) -> Decoded:
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise MalformedMessage(f"payload must be bytes, got {type(payload).__name__}")
         data = bytes(payload)
@@ -947,10 +921,7 @@ class EnvelopeCodec:
             signer = known
         else:
             raise MalformedMessage("no 'cert' or 'sk' member before 'sig'")
-        by_checkpoint = (vouched is not None
-                         and vouched.get(checkpoint_digest(data)) == signer.identity.sender)
-        if not by_checkpoint:
-            signer.verify(signature, head + b"}")
+        signer.verify(signature, head + b"}")
 
         # Authentic from here on. The envelope's members are parsed with duplicate-key checks
         # (a second "from" or "seq" must not slip past other JSON readers); a plain body, the
@@ -1013,8 +984,7 @@ class EnvelopeCodec:
             raise MalformedMessage(f"envelope fields are invalid: {problems}") from None
         # Last, so a message dropped for any other reason does not burn its sequence number.
         self._replay.admit(signer.identity, seq, check=check_replay, record=True)
-        return Decoded(message=message, signer=signer.identity, raw_size=size,
-                       vouched=by_checkpoint)
+        return Decoded(message=message, signer=signer.identity, raw_size=size)
 
     def _decrypt(self, data: bytes, obj: dict[str, Any]) -> Any:
         kid, nonce_text, enc_text = obj["kid"], obj["nonce"], obj["enc"]

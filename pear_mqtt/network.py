@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import functools
+import json
 import logging
 import os
 import random
@@ -38,13 +39,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponen
 
 from .bridge import AggregateBody
 from .config import NetworkConfigManager
-from .envelope import (
-    CHECKPOINT_DIGEST_BYTES,
-    EnvelopeCodec,
-    Sealer,
-    checkpoint_digest,
-    load_x25519_public_key,
-)
+from .envelope import EnvelopeCodec, Sealer, load_x25519_public_key
 from .errors import (
     ConnectError,
     EnvelopeError,
@@ -77,12 +72,19 @@ log = logging.getLogger(__name__)
 _DEDUP_MEMORY = 200_000  # item ids remembered for de-duplication
 _SUBSCRIBER_QUEUE = 100_000  # unread insights per iterator before the oldest are dropped
 _MAX_INFLIGHT_ENVELOPES = 256
-# State checkpoints: a node publishes, per page of its state topics, one signed list of the
-# digests of its current state envelopes; a late joiner verifies the pages (64 signatures at
-# most per node) instead of one signature per retained state. Pages are refreshed when a burst
-# of states ends, and at most this often (seconds) while states keep streaming.
-_CHECKPOINT_INTERVAL = 1.0
-_VOUCHED_LIMIT = 2_000_000  # digests a receiver holds; past it, states verify one by one
+# State checkpoints (Sparkplug's birth certificate, paged): besides one retained message per
+# (node, category), a node keeps its current states in retained pages, each one signed and
+# encrypted envelope holding the items of the state topics that hash to it. A late joiner
+# reads a node's few pages instead of thousands of retained messages (one signature check per
+# page, not per state). Refreshes are paced so that they cost about as much as the state
+# traffic itself, whatever the update pattern: while states stream, a page is re-sent once the
+# bytes changed in it reach its size (so it at most doubles each time); when a burst ends,
+# the changed pages go out as a byte budget allows (the state bytes sent plus a trickle);
+# flush() and disconnect() send whatever is pending at once.
+_PAGE_BUDGET_TRICKLE = 64 * 1024  # page bytes per second allowed on top of the state bytes
+_PAGE_BUDGET_CAP = 64 * 1024 * 1024
+_PAGE_MIN_GROWTH = 16 * 1024  # changed bytes that justify a refresh mid-stream
+_PAGE_RETRY_MAX = 5.0  # longest wait (s) before a deferred page is considered again
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +156,7 @@ class _Counters:
     insights_out: int = 0
     duplicates: int = 0
     reconnects: int = 0
-    states_vouched: int = 0
+    states_from_checkpoints: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
 
 
@@ -257,15 +259,20 @@ class PearNetwork:
             config.reliability.mqtt_version]
         self._idle = asyncio.Event()
         self._idle.set()
-        # Publisher side of state checkpoints: page -> {state topic: digest of its envelope}.
+        # State checkpoint pages: page -> {state topic: '"<category>":<item JSON>'}. Pages
+        # are sent only once ``_seeded`` (the node's earlier states were read back, so a
+        # page never replaces a fuller one on the broker).
         self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
-        self._dirty_pages: set[int] = set()
-        self._checkpoint_at = 0.0
-        self._checkpoints_inflight = 0
-        # Receiver side: digest -> sender vouched for by a verified checkpoint page, and the
-        # digests each (member, node, page) listed, to forget them when the page changes.
-        self._vouched: dict[bytes, str] = {}
-        self._vouch_pages: dict[tuple[str, str, int], list[bytes]] = {}
+        self._dirty_pages: dict[int, None] = {}  # insertion order: oldest change first
+        self._page_changed = [0] * CHECKPOINT_PAGES  # bytes changed since the page was sent
+        self._page_sent = [0] * CHECKPOINT_PAGES  # size of the page when last sent
+        self._page_budget = 0.0
+        self._budget_at = time.monotonic()
+        self._pages_inflight = 0
+        self._force_pages = False
+        self._page_timer: asyncio.TimerHandle | None = None
+        self._seeded = config.mode is NetworkMode.PUBLIC
+        self._seeding = False
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self, *, timeout: float = 10.0, wait: bool = True) -> None:
@@ -315,6 +322,8 @@ class PearNetwork:
         presence offline, and close. What is still unsent stays in the outbox (lost only when
         the outbox is in memory, i.e. no ``outbox_path`` is configured)."""
         if self._connected.is_set() and not self._idle.is_set() and flush_timeout > 0:
+            self._force_pages = True
+            self._work.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), flush_timeout)
         self._closing = True
@@ -400,13 +409,16 @@ class PearNetwork:
                 first.set_result(None)
             reader = asyncio.create_task(self._read_loop(conn))
             flusher = asyncio.create_task(self._flush_loop(conn))
-            self._tasks.update((reader, flusher))
+            tasks = [reader, flusher]
+            if not self._seeded:
+                tasks.append(asyncio.create_task(self._seed_pages(conn)))
+            self._tasks.update(tasks)
             try:
                 await conn.closed.wait()
             finally:
                 self._connected.clear()
                 self._disconnected.set()
-                for task in (reader, flusher):
+                for task in tasks:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
@@ -493,8 +505,19 @@ class PearNetwork:
         return item_id
 
     async def flush(self, *, timeout: float | None = None) -> None:
-        """Wait until the broker acknowledged everything broadcast so far."""
-        await asyncio.wait_for(self._idle.wait(), timeout)
+        """Wait until the broker acknowledged everything broadcast so far, including the
+        state checkpoint pages late joiners read."""
+        self._force_pages = True
+        self._work.set()
+        async with asyncio.timeout(timeout):
+            await self._idle.wait()
+            conn = self._conn
+            if conn is not None and conn.connected:
+                # Some brokers (amqtt) acknowledge a QoS 1 PUBLISH before they store or route
+                # it; our own marker coming back proves the broker has processed everything
+                # we sent before it.
+                with contextlib.suppress(TransportError):
+                    await self._marker(conn)
 
     async def _flush_loop(self, conn: Connection) -> None:
         assert self._outbox is not None and self._codec is not None
@@ -509,7 +532,7 @@ class PearNetwork:
                 rows = self._outbox.pending(limit=rel.batch_max_items * 8,
                                             after_id=self._send_cursor)
                 if not rows:
-                    if not await self._send_checkpoints(conn, window, force=True):
+                    if not await self._send_pages(conn, window, burst_end=True):
                         return
                     self._maybe_idle()
                     break
@@ -523,55 +546,112 @@ class PearNetwork:
                             window.release()
                             log.info("publish stopped: %s", exc)
                             return
-                if not await self._send_checkpoints(conn, window, force=False):
+                if not await self._send_pages(conn, window, burst_end=False):
                     return
 
     def _maybe_idle(self) -> None:
         if (self._outbox is not None and not self._inflight_ids and self._outbox.depth == 0
-                and not self._dirty_pages and not self._checkpoints_inflight):
+                and not self._dirty_pages and not self._pages_inflight):
             self._idle.set()
 
-    async def _send_checkpoints(self, conn: Connection, window: asyncio.Semaphore, *,
-                                force: bool) -> bool:
-        """Publish the checkpoint pages whose states changed; False if the connection broke."""
-        if not self._dirty_pages or (
-                not force and time.monotonic() - self._checkpoint_at < _CHECKPOINT_INTERVAL):
+    async def _send_pages(self, conn: Connection, window: asyncio.Semaphore, *,
+                          burst_end: bool) -> bool:
+        """Send the changed checkpoint pages the pacing allows (all of them after
+        :meth:`flush`); False if the connection broke."""
+        if not self._dirty_pages or not self._seeded:
+            if not self._dirty_pages:
+                self._force_pages = False
             return True
         assert self._codec is not None
-        self._checkpoint_at = time.monotonic()
-        dirty, self._dirty_pages = sorted(self._dirty_pages), set()
-        node = self.config.node_id
-        for page in dirty:
-            digests = b'","'.join(_b64(d) for d in self._pages[page].values())
-            body = b'{"node":"%s","page":%d,"states":["%s"]}' % (node.encode(), page, digests)
+        now = time.monotonic()
+        self._page_budget = min(_PAGE_BUDGET_CAP, self._page_budget
+                                + (now - self._budget_at) * _PAGE_BUDGET_TRICKLE)
+        self._budget_at = now
+        node_json = json.dumps(self.config.node_id).encode()
+        for page in list(self._dirty_pages):
+            entries = self._pages[page]
+            if not self._force_pages:
+                if not burst_end:
+                    if self._page_changed[page] < max(self._page_sent[page], _PAGE_MIN_GROWTH):
+                        continue
+                elif self._page_budget < self._page_sent[page]:
+                    self._schedule_pages((self._page_sent[page] - self._page_budget)
+                                         / _PAGE_BUDGET_TRICKLE)
+                    return True
+            body = b'{"node":%s,"page":%d,"states":{%s}}' % (node_json, page,
+                                                               b",".join(entries.values()))
+            if burst_end and not self._force_pages:
+                self._page_budget = max(0.0, self._page_budget - len(body))
+            del self._dirty_pages[page]
+            self._page_changed[page] = 0
+            self._page_sent[page] = len(body)
             try:
                 payload = self._codec.encode_json(kind="checkpoint", body_json=body)
             except OversizedMessage:
-                # Receivers verify these states one by one instead: slower, never weaker.
+                # Left out of the snapshot and counted: late joiners then lack these states
+                # until the page fits again (a smaller node, or a larger message limit).
                 self._counters.dropped["checkpoint_oversized"] += 1
+                log.warning("checkpoint page %d of %d states exceeds the message size limit",
+                            page, len(entries))
                 continue
             await window.acquire()
             try:
-                fut = conn.publish(self._topics.checkpoint(node, page), payload, qos=1,
-                                   retain=True)
+                fut = conn.publish(self._topics.checkpoint(self.config.node_id, page), payload,
+                                   qos=1, retain=True)
             except TransportError as exc:
                 window.release()
-                self._dirty_pages.update(dirty)
+                self._dirty_pages[page] = None
                 log.info("publish stopped: %s", exc)
                 return False
-            self._checkpoints_inflight += 1
-            fut.add_done_callback(functools.partial(self._checkpoint_done, page=page,
-                                                    window=window))
+            self._pages_inflight += 1
+            fut.add_done_callback(functools.partial(self._page_done, page=page, window=window))
+        if not self._dirty_pages:
+            self._force_pages = False
         return True
 
-    def _checkpoint_done(self, f: asyncio.Future[None], *, page: int,
-                         window: asyncio.Semaphore) -> None:
+    def _schedule_pages(self, delay: float) -> None:
+        if self._page_timer is None or self._page_timer.cancelled():
+            def wake() -> None:
+                self._page_timer = None
+                self._work.set()
+            self._page_timer = asyncio.get_running_loop().call_later(
+                min(max(delay, 0.05), _PAGE_RETRY_MAX), wake)
+
+    def _page_done(self, f: asyncio.Future[None], *, page: int,
+                   window: asyncio.Semaphore) -> None:
         window.release()
-        self._checkpoints_inflight -= 1
+        self._pages_inflight -= 1
         if f.cancelled() or f.exception() is not None:
-            self._dirty_pages.add(page)  # sent again after reconnecting
+            self._dirty_pages[page] = None  # sent again after reconnecting
             return
         self._maybe_idle()
+
+    def _keep_state(self, topic: str, item_json: bytes, *, only_new: bool = False) -> None:
+        """Record a state item for its checkpoint page."""
+        page = zlib.crc32(topic.encode()) % CHECKPOINT_PAGES
+        entries = self._pages[page]
+        if only_new and topic in entries:
+            return
+        category = self._topics.category_of_state(self.config.node_id, topic)
+        entry = b"%s:%s" % (json.dumps(category).encode(), item_json)
+        entries[topic] = entry
+        self._dirty_pages[page] = None
+        self._page_changed[page] += len(entry)
+        self._page_budget += len(entry)
+
+    async def _seed_pages(self, conn: Connection) -> None:
+        """Read back this node's retained states (an earlier run's), so that the first page
+        it sends holds them too."""
+        t = self._topics
+        self._seeding = True
+        try:
+            await conn.subscribe([(t.node_state_filter(self.config.node_id), 1)])
+            await self._marker(conn)
+            await conn.unsubscribe([t.node_state_filter(self.config.node_id)])
+        finally:
+            self._seeding = False
+        self._seeded = True
+        self._work.set()
 
     def _encode(self, batch: list[OutboxItem]) -> list[tuple[bytes, list[int]]]:
         """Sign ``batch`` as one envelope, or as several when it is over the size limit."""
@@ -580,6 +660,7 @@ class PearNetwork:
             # Rows hold each item's JSON as the outbox stored it: join, don't re-serialise.
             if batch[0].kind == "state":
                 payload = self._codec.encode_json(kind="state", body_json=batch[-1].payload)
+                self._keep_state(batch[-1].topic, batch[-1].payload)
             else:
                 payload = self._codec.encode_json(
                     kind="insights",
@@ -599,10 +680,6 @@ class PearNetwork:
         rel = self.config.reliability
         fut = conn.publish(first.topic, payload, qos=rel.qos, retain=first.retain,
                            expiry=rel.message_expiry if first.retain else None)
-        if first.kind == "state":
-            page = zlib.crc32(first.topic.encode()) % CHECKPOINT_PAGES
-            self._pages[page][first.topic] = checkpoint_digest(payload)
-            self._dirty_pages.add(page)
         self._inflight_ids.update(ids)
         self._counters.messages_out += 1
         sent_at = time.perf_counter()
@@ -660,17 +737,18 @@ class PearNetwork:
         if not msg.payload:
             return  # a cleared retained message
         assert self._codec is not None
-        vouched = self._vouched if msg.retain and parsed.kind == "state" else None
         try:
-            decoded = self._codec.decode(msg.payload, check_replay=not msg.retain,
-                                         vouched=vouched)
+            decoded = self._codec.decode(msg.payload, check_replay=not msg.retain)
         except EnvelopeError as exc:
             self._counters.dropped[exc.reason] += 1
             log.debug("dropped message on %s: %s", msg.topic, exc)
             return
         signer = decoded.signer
-        self._counters.states_vouched += decoded.vouched
         if signer == self.identity:
+            if self._seeding and parsed.kind == "state" and decoded.message.kind == "state":
+                self._keep_state(msg.topic, json.dumps(decoded.message.body,
+                                                       separators=(",", ":")).encode(),
+                                 only_new=True)
             return  # our own message echoed by a broker without no-local
         if parsed.company is not None and parsed.company != signer.member:
             self._counters.dropped["identity_mismatch"] += 1
@@ -686,17 +764,17 @@ class PearNetwork:
                 self._counters.dropped["malformed"] += 1
                 return
             for raw in items:
-                self._deliver(raw, msg, signer, dedup=True)
+                self._deliver(raw, msg.topic, msg.retain, signer, dedup=True)
         elif kind == "aggregate" and parsed.kind == "aggregates":
             self._deliver_aggregate(body, msg, signer)
         elif kind == "state" and parsed.kind == "state":
-            received = self._deliver(body, msg, signer, dedup=False)
+            received = self._deliver(body, msg.topic, msg.retain, signer, dedup=False)
             if received is not None:
                 self._states[msg.topic] = received
         else:
             self._counters.dropped["unexpected_kind"] += 1
 
-    def _deliver(self, raw: Any, msg: InboundMessage, signer: Identity, *,
+    def _deliver(self, raw: Any, topic: str, retained: bool, signer: Identity, *,
                  dedup: bool) -> ReceivedInsight | None:
         if not isinstance(raw, dict) or not isinstance(raw.get("iid"), str):
             self._counters.dropped["malformed"] += 1
@@ -708,8 +786,8 @@ class PearNetwork:
             self._counters.dropped["malformed"] += 1
             return None
         sealed = raw.get("sealed")
-        received = ReceivedInsight(item_id=iid, topic=msg.topic, member=signer.member,
-                                   node=signer.node, insight=shared, retained=msg.retain,
+        received = ReceivedInsight(item_id=iid, topic=topic, member=signer.member,
+                                   node=signer.node, insight=shared, retained=retained,
                                    received_at=self._clock(),
                                    sealed=sealed if isinstance(sealed, str) else None)
         if dedup:
@@ -747,11 +825,8 @@ class PearNetwork:
         self._fan_out(self._aggregate_streams, received)
 
     def _handle_checkpoint(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
-        key = (parsed.company or "", parsed.node or "", parsed.page or 0)
-        for digest in self._vouch_pages.pop(key, ()):
-            self._vouched.pop(digest, None)
         if not msg.payload:
-            return
+            return  # a cleared page
         assert self._codec is not None
         try:
             decoded = self._codec.decode(msg.payload, check_replay=False)
@@ -759,29 +834,34 @@ class PearNetwork:
             self._counters.dropped[exc.reason] += 1
             return
         signer = decoded.signer
+        if signer == self.identity:
+            return
         if signer.member != parsed.company or signer.node != parsed.node:
             self._counters.dropped["identity_mismatch"] += 1
             return
         body = decoded.message.body
         states = body.get("states") if isinstance(body, dict) else None
-        if (decoded.message.kind != "checkpoint" or not isinstance(states, list)
-                or body.get("page") != parsed.page):
+        if (decoded.message.kind != "checkpoint" or not isinstance(states, dict)
+                or body.get("page") != parsed.page or parsed.company is None):
             self._counters.dropped["malformed"] += 1
             return
-        digests: list[bytes] = []
-        for text in states:
-            got = _b64d(text) if isinstance(text, str) else None
-            if got is None or len(got) != CHECKPOINT_DIGEST_BYTES:
-                self._counters.dropped["malformed"] += 1
-                return
-            digests.append(got)
-        if len(self._vouched) + len(digests) > _VOUCHED_LIMIT:
-            self._counters.dropped["checkpoint_over_limit"] += 1
-            return
-        sender = signer.sender
-        for digest in digests:
-            self._vouched[digest] = sender
-        self._vouch_pages[key] = digests
+        # The topic each state would have on its own: built (and its category checked) by the
+        # topic scheme of the signer's member, so a page can only speak for its own node.
+        scheme = TopicScheme(parsed.mode, parsed.network or self.config.network_id,
+                             parsed.company)
+        for category, raw in states.items():
+            try:
+                topic = scheme.state(signer.node, category)
+            except TopicError:
+                self._counters.dropped["bad_topic"] += 1
+                continue
+            if zlib.crc32(topic.encode()) % CHECKPOINT_PAGES != parsed.page:
+                self._counters.dropped["malformed"] += 1  # not a state this page may carry
+                continue
+            received = self._deliver(raw, topic, True, signer, dedup=False)
+            if received is not None:
+                self._states[topic] = received
+                self._counters.states_from_checkpoints += 1
 
     def _handle_presence(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
         key = (parsed.company or "", parsed.node or "")
@@ -885,15 +965,13 @@ class PearNetwork:
         public = self.config.mode is NetworkMode.PUBLIC
         try:
             async with asyncio.timeout(timeout):
-                if not public:
-                    # Checkpoints first: with their pages verified, the states that follow
-                    # are matched by digest instead of one signature check each.
-                    await conn.subscribe([(t.checkpoint_filter(), 1)])
-                    await self._marker(conn)
-                await conn.subscribe([(t.state_filter(), 1)])
+                # Nodes' checkpoint pages carry their states (one signature per page); public
+                # mode has no node state, only the bridge's retained aggregates.
+                state_filter = t.state_filter() if public else t.checkpoint_filter()
+                await conn.subscribe([(state_filter, 1)])
                 await self._marker(conn)
                 if not public:  # public mode reads state and live aggregates as one
-                    await conn.unsubscribe([t.state_filter(), t.checkpoint_filter()])
+                    await conn.unsubscribe([state_filter])
         except TimeoutError:
             raise TransportError(f"sync did not complete within {timeout} s") from None
         self._last_sync = self._clock()
@@ -951,7 +1029,7 @@ class PearNetwork:
             last_sync=(None if self._last_sync is None else
                        datetime.fromtimestamp(self._last_sync, UTC)),
             messages_in=c.messages_in, messages_out=c.messages_out, dropped=dropped,
-            duplicates=c.duplicates, states_vouched=c.states_vouched,
+            duplicates=c.duplicates, states_from_checkpoints=c.states_from_checkpoints,
             latency_ms=None if self._latency is None else round(self._latency, 3),
             outbox_depth=depth, reconnects=c.reconnects, health=health,
             connected_since=(datetime.fromtimestamp(self._connected_since, UTC)

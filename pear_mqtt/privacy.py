@@ -39,7 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import to_json
 
 from .errors import ConfigError, PrivacyError, TopicError
@@ -380,7 +380,9 @@ class RangeScheme:
 
 # -- wire bodies ---------------------------------------------------------------------------
 
-GroupValues = dict[str, float | ValueRange | str]
+# Left to right (str, then number, then range): the first match is the only possible one, and
+# pydantic's default "smart" union would try every member for every value.
+GroupValues = dict[str, Annotated[str | Finite | ValueRange, Field(union_mode="left_to_right")]]
 
 
 class SharedInsight(_Frozen):
@@ -422,6 +424,11 @@ def _check_disclosure(levels: Mapping[str, SharingLevel],
             raise ValueError(f"group {group!r} at level {SharingLevel(level).value!r} cannot "
                              "be shared in an insight")
         for name, value in groups[group].items():
+            kind = type(value)
+            # Fast path for the allowed cases (isinstance on a pydantic model is slow).
+            if kind is str or (kind is float if level is SharingLevel.FULL
+                               else kind is ValueRange):
+                continue
             if isinstance(value, ValueRange) and level is SharingLevel.FULL:
                 raise ValueError(f"{group}.{name}: a full group holds exact values")
             if isinstance(value, int | float) and level is SharingLevel.RANGES_ONLY:

@@ -53,8 +53,9 @@ _MODES = ("private", "consortium", "public")
 Kind = Literal["insights", "state", "nodes", "sync", "checkpoint", "aggregates", "contrib",
                "bridge_state", "bridge_receipt"]
 
-#: Pages a node's state checkpoint is split into (state topic -> page by CRC-32).
-CHECKPOINT_PAGES = 64
+#: Pages a node's state checkpoint is split into (state topic -> page by CRC-32 of the topic).
+#: 256 keeps a page of a node with 100,000 states near 250 kB, well inside one message.
+CHECKPOINT_PAGES = 256
 
 
 # Strings already found valid. Validity depends on the string alone, and a node checks the
@@ -193,6 +194,20 @@ class TopicScheme:
     def sync_marker(self, node: str) -> str:
         """A topic only ``node`` uses, to mark the end of a retained burst."""
         return f"{self.presence(node)}/sync"
+
+    def category_of_state(self, node: str, topic: str) -> str:
+        """The category of ``node``'s state ``topic`` (as :meth:`state` built it)."""
+        prefix = f"{self.member_root}/state/{node}/"
+        if not topic.startswith(prefix):
+            raise TopicError(f"topic {topic!r} is not a state topic of node {node!r}")
+        return validate_category(topic[len(prefix):])
+
+    def node_state_filter(self, node: str) -> str:
+        """Filter for the retained states of this member's ``node``."""
+        validate_identifier(node, what="node_id")
+        if self.mode == "public":
+            raise TopicError("public participants keep no state topics; the bridge does")
+        return f"{self.member_root}/state/{node}/#"
 
     def checkpoint(self, node: str, page: int) -> str:
         """Retained checkpoint page ``page`` of ``node``'s state digests (see

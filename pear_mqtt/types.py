@@ -403,9 +403,8 @@ class NetworkStatus(_Frozen):
     messages_out: int = 0
     dropped: dict[str, int] = Field(default_factory=dict)
     duplicates: int = 0
-    # Retained states whose signature a verified state checkpoint of their signer vouched for
-    # (see PearNetwork.sync): checked by digest instead of one signature each.
-    states_vouched: int = 0
+    # Retained states read from nodes' checkpoint pages (see PearNetwork.sync).
+    states_from_checkpoints: int = 0
     latency_ms: float | None = None
     outbox_depth: int = 0
     reconnects: int = 0

@@ -24,7 +24,6 @@ from pear_mqtt.envelope import (
     Signer,
     TrustStore,
     VerifiedSigner,
-    checkpoint_digest,
     generate_x25519_key,
     load_x25519_private_key,
     load_x25519_public_key,
@@ -452,35 +451,6 @@ def test_one_signature_check_per_batch(pki: PKI, monkeypatch: pytest.MonkeyPatch
     wire = tx.encode(kind="insights", body=body)
     assert rx.decode(wire).message.body == body
     assert len(calls) == 1 and calls[0] == wire.rindex(b',"sig":"') + 1
-
-
-def test_checkpoint_vouching_replaces_only_the_signature_check(
-        pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A digest vouched for under the signer's own sender skips the signature check, and
-    nothing else: other senders' vouching, edited bytes and the remaining checks still hold."""
-    calls: list[int] = []
-    real = VerifiedSigner.verify
-
-    def counting(self: VerifiedSigner, signature: bytes, data: bytes) -> None:
-        calls.append(1)
-        real(self, signature, data)
-
-    monkeypatch.setattr(VerifiedSigner, "verify", counting)
-    wire = pki.codec().encode(kind="state", body={"x": 1})
-    sender = "acme/store-1"
-    good = pki.codec("bob").decode(wire, vouched={checkpoint_digest(wire): sender})
-    assert good.vouched and good.message.body == {"x": 1} and calls == []
-    # Vouched for by somebody else: that proves nothing about acme's bytes.
-    other = pki.codec("bob").decode(wire, vouched={checkpoint_digest(wire): "globex/store-9"})
-    assert not other.vouched and calls == [1]
-    # A forged signature on bytes nobody vouched for is still caught.
-    forged = wire[:wire.rindex(b',"sig":"') + 8] + b64(b"\0" * 64) + b'"}'
-    with pytest.raises(SignatureError):
-        pki.codec("bob").decode(forged, vouched={checkpoint_digest(wire): sender})
-    # Vouching does not bypass the time checks.
-    with pytest.raises(StaleMessage):
-        pki.codec("bob", clock=Clock(NOW + 3601), max_age=3600).decode(
-            wire, vouched={checkpoint_digest(wire): sender})
 
 
 # -- header tampering and forgery -----------------------------------------------------------
