@@ -18,6 +18,8 @@ help:
 	@echo "make lint      ruff + mypy --strict"
 	@echo "make bench     benchmarks vs raw paho and mosquitto's C clients (bench-quick: ~1 min)"
 	@echo "make container-test  the suite against brokers in containers (starts dockerd)"
+	@echo "make faults    fault injection (CI subset, ~3 min) -> docs/RELIABILITY.md"
+	@echo "make soak      fault injection incl. the long scenarios (~10 min) -> docs/RELIABILITY.md"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,10 +54,16 @@ logs: $(STAMP)
 down: $(STAMP)
 	$(BIN)/pear-mqtt up stop
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
-bench-quick: $(STAMP)
+bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m bench --quick
 
 images:
@@ -64,8 +72,22 @@ images:
 container-test: $(STAMP)
 	bash .ci/containers.sh
 
-faults soak:
-	@echo "make $@: not built yet (see the open issues)"; exit 1
+# Fault scenarios (tests/integration/faults): counted results go to a fresh results file,
+# rendered into docs/RELIABILITY.md. `make faults` is the CI subset (a few minutes); `make
+# soak` adds the long scenarios (PEAR_SOAK=1, bounded to ~10 min). The report is rendered
+# even when a scenario fails, so its figures show what went wrong; the exit status is the
+# tests'.
+FAULTS_RESULTS := .pear/faults/results.jsonl
+
+faults soak: $(STAMP)
+	@mkdir -p $(dir $(FAULTS_RESULTS)) && rm -f $(FAULTS_RESULTS)
+	@status=0; \
+	PEAR_FAULTS_RESULTS=$(FAULTS_RESULTS) $(if $(filter soak,$@),PEAR_SOAK=1) \
+		$(BIN)/python -m pytest tests/integration/faults -p no:cacheprovider \
+		--durations=10 $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/python tests/integration/faults/faults_report.py $(FAULTS_RESULTS) \
+		docs/RELIABILITY.md || status=$${status:-1}; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -16,6 +16,8 @@ _HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = _HERE / "results.json"
 DEFAULT_DOC = _HERE.parent / "docs" / "BENCHMARKS.md"
 DEFAULT_PROFILE_DIR = _HERE / "profile"
+DEFAULT_PLOT = _HERE.parent / "docs" / "bench.png"
+UNITS = ("A", "A5", "C", "P", "sync", "latency", "bridge", "rss", "fanin")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,12 +26,13 @@ def _parser() -> argparse.ArgumentParser:
         description="pear_mqtt throughput vs raw paho-mqtt and mosquitto's C clients, over a "
                     "freshly started mosquitto with the project's rendered mutual-TLS config.")
     p.add_argument("--quick", action="store_true",
-                   help="N=10,000 for everything, 3 repetitions (about a minute); without "
+                   help="N=10,000 for A/C/P, 5,000 retained states, 3 repetitions, small load "
+                        "measurements once (under a minute); without "
                         "it: N=30,000 for A/C/P x5, N=100,000 retained states x3")
     p.add_argument("--n", type=int, help="messages / insights for A, C and P")
     p.add_argument("--n-sync", type=int,
                    help="retained states for sync and publish (default: full 100,000, "
-                        "quick 10,000; with only --n given: --n)")
+                        "quick 5,000; with only --n given: --n)")
     p.add_argument("--reps", type=int,
                    help="repetitions of every measurement (full 5 for A/C/P and 3 for sync, "
                         "quick 3)")
@@ -45,7 +48,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt5-baseline", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure A over MQTT 5 (default: on in full runs)")
     p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   help="comma-separated subset of A,A5,C,P,sync (ratios need both sides)")
+                   help="comma-separated subset of " + ",".join(UNITS) +
+                        " (ratios need both sides)")
+    ld = p.add_argument_group("load measurements (latency, bridge, rss, fanin)")
+    ld.add_argument("--load-reps", type=int,
+                    help="repetitions of each load measurement (default: full 3 for latency "
+                         "and 2 for the others, quick 1; --reps also sets them)")
+    ld.add_argument("--lat-seconds", type=float,
+                    help="measured seconds per latency run (default: full 6, quick 2)")
+    ld.add_argument("--lat-rate", type=float, default=1000.0,
+                    help="paced messages / insights per second (default 1000)")
+    ld.add_argument("--lat-linger", type=float, default=0.0,
+                    help="pear's batch_linger for the latency run (default 0: send at once)")
+    ld.add_argument("--lat-default-linger", action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help="also measure pear with its default batch_linger (default: on in "
+                         "full runs)")
+    ld.add_argument("--n-bridge", type=int,
+                    help="contributions the bridge ingests (default: full 20,000, quick 3,000)")
+    ld.add_argument("--n-rss", type=int,
+                    help="insights the agent sends for the RSS run (default: full 10,000, "
+                         "quick 3,000)")
+    ld.add_argument("--agents", type=int,
+                    help="fan-in agents (default: full 1,000, quick 100)")
+    ld.add_argument("--fanin-workers", type=int, default=4,
+                    help="processes the fan-in agents are spread over (default 4)")
+    ld.add_argument("--fanin-mode", choices=("public", "consortium"), default="public",
+                    help="network mode of the fan-in agents (default public: a consortium "
+                         "node subscribes to every peer's presence, N^2 messages)")
+    ld.add_argument("--fanin-downtime", type=float, default=0.5,
+                    help="seconds the broker stays down between kill and restart (default "
+                         "0.5)")
+    p.add_argument("--plot", type=Path, default=DEFAULT_PLOT,
+                   help=f"PNG of throughput and latency (default "
+                        f"{DEFAULT_PLOT.relative_to(_HERE.parent)}; needs matplotlib: "
+                        "pip install -e '.[bench]')")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--profile", action="store_true",
                    help="after measuring, run P and sync once more under cProfile and report "
                         "the top functions of each pear_mqtt process")
@@ -65,20 +103,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .report import render_markdown, write_json
+    from .loadscenarios import LoadParams
+    from .report import write_json
     from .runner import explore_a, run
     from .scenarios import Params
 
     if args.render:
         results = json.loads(args.out.read_text(encoding="utf-8"))
         _print(results, args.out)
-        if not args.no_doc:
-            args.doc.write_text(render_markdown(results), encoding="utf-8")
-            print(f"report:  {args.doc}")
+        _write_reports(results, args)
         return 0
 
     if args.quick:
-        n, n_sync, reps, sync_reps, mode = 10_000, 10_000, 3, 3, "quick"
+        # 5,000 retained states: a 10,000-state sync round alone took ~11 s of the minute.
+        n, n_sync, reps, sync_reps, mode = 10_000, 5_000, 3, 3, "quick"
     else:
         # A 100,000-state sync round takes ~2.5 min at pear_mqtt's current speed (the broker
         # is filled at ~1.4k states/s, then sync() runs at ~2k states/s): five took 15 min in
@@ -95,14 +133,39 @@ def main(argv: list[str] | None = None) -> int:
     if any(v is not None for v in (args.n, args.n_sync, args.reps, args.sync_reps)):
         mode = f"custom ({mode} defaults)"
     mqtt5 = args.mqtt5_baseline if args.mqtt5_baseline is not None else mode == "full"
-    if args.only and not set(args.only) <= {"A", "A5", "C", "P", "sync"}:
-        print(f"--only takes A, A5, C, P and sync, not {args.only}", file=sys.stderr)
+    if args.only and not set(args.only) <= set(UNITS):
+        print(f"--only takes {', '.join(UNITS)}, not {args.only}", file=sys.stderr)
         return 2
     if min(n, n_sync, reps, sync_reps, args.window, args.categories) < 1:
         print("N, repetitions, window and categories must be at least 1", file=sys.stderr)
         return 2
     params = Params(n=n, n_sync=n_sync, window=args.window, categories=args.categories,
                     outbox=args.outbox)
+    quick = args.quick
+    # The load measurements' sizes: full ones take ~3 minutes together, quick ones ~25 s.
+    load = LoadParams(
+        lat_rate=args.lat_rate, lat_linger=args.lat_linger,
+        lat_seconds=args.lat_seconds or (2.0 if quick else 6.0),
+        lat_warmup=0.5 if quick else 1.0,
+        lat_default_linger=(args.lat_default_linger if args.lat_default_linger is not None
+                            else not quick),
+        n_bridge=args.n_bridge or (3_000 if quick else 20_000),
+        n_rss=args.n_rss or (3_000 if quick else 10_000),
+        agents=args.agents or (100 if quick else 1000),
+        fanin_workers=args.fanin_workers, fanin_mode=args.fanin_mode,
+        fanin_downtime=args.fanin_downtime)
+    if min(load.n_bridge, load.n_rss, load.agents, load.fanin_workers) < 1 or \
+            load.lat_seconds <= 0 or load.lat_rate <= 0:
+        print("load sizes must be at least 1 (seconds and rate above 0)", file=sys.stderr)
+        return 2
+    if args.load_reps is not None:
+        load_reps = dict.fromkeys(("latency", "bridge", "rss", "fanin"), args.load_reps)
+    elif args.reps is not None:
+        load_reps = dict.fromkeys(("latency", "bridge", "rss", "fanin"), args.reps)
+    elif quick:
+        load_reps = dict.fromkeys(("latency", "bridge", "rss", "fanin"), 1)
+    else:
+        load_reps = {"latency": 3, "bridge": 2, "rss": 2, "fanin": 2}
 
     with tempfile.TemporaryDirectory(prefix="pear-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -116,14 +179,31 @@ def main(argv: list[str] | None = None) -> int:
         results = run(params, reps=reps, sync_reps=sync_reps, workdir=workdir, mode=mode,
                       mqtt5_baseline=mqtt5 or "A5" in (args.only or ()), only=args.only,
                       profile_dir=DEFAULT_PROFILE_DIR if args.profile else None,
-                      log=lambda s: print(s, flush=True))
+                      load=load, load_reps=load_reps, log=lambda s: print(s, flush=True))
     write_json(args.out, results)
     _print(results, args.out)
+    _write_reports(results, args)
+    return 0
+
+
+def _write_reports(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """The PNG (unless --no-plot) and the markdown (unless --no-doc)."""
+    import os
+
+    from .report import render_markdown, render_plot
+
+    plot: str | None = None
+    if not args.no_plot:
+        if render_plot(results, args.plot):
+            print(f"plot:    {args.plot}")
+            if not args.no_doc:
+                plot = os.path.relpath(args.plot.resolve(), args.doc.resolve().parent)
+        else:
+            print("plot:    skipped (pip install -e '.[bench]' for matplotlib)")
     if not args.no_doc:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
-        args.doc.write_text(render_markdown(results), encoding="utf-8")
+        args.doc.write_text(render_markdown(results, plot), encoding="utf-8")
         print(f"report:  {args.doc}")
-    return 0
 
 
 def _print(results: dict[str, Any], out: Path) -> None:

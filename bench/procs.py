@@ -55,6 +55,11 @@ class Worker:
             raise WorkerError(f"{self.name}: expected {kind!r}, got {tag!r}")
         return payload
 
+    def recv(self, kind: str, timeout: float) -> dict[str, Any]:
+        """Wait for an intermediate report ``(kind, info)`` (e.g. the fan-in's "connected")."""
+        info: dict[str, Any] = self._recv(kind, timeout)
+        return info
+
     def ready(self, timeout: float = 60.0) -> dict[str, Any]:
         """Wait until the worker is connected (and subscribed)."""
         info: dict[str, Any] = self._recv("ready", timeout)

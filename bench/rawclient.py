@@ -60,6 +60,8 @@ class RawClient:
     first_rx: float = 0.0
     last_rx: float = 0.0
     expect: int = 0  # messages after which last_rx is taken
+    # Called with (payload, arrival time) for every message (the latency subscriber).
+    on_payload: Callable[[bytes, float], None] | None = None
     _connected: bool = False
     _subacked: set[int] = field(default_factory=set)
 
@@ -108,6 +110,8 @@ class RawClient:
             self.retained += 1
         if self.received == self.expect:
             self.last_rx = now
+        if self.on_payload is not None:
+            self.on_payload(msg.payload, now)
 
     # -- operations ----------------------------------------------------------------------
     def connect(self, timeout: float = 10.0) -> None:

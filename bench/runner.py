@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .env import BenchEnv, Broker, build_env, mosquitto_version
-from .report import machine, profile_summary, summarise
+from .env import BRIDGE_USER, BenchEnv, Broker, build_env, mosquitto_version
+from .loadscenarios import LoadParams, run_bridge, run_fanin, run_latency, run_rss
+from .report import machine, profile_summary, summarise, summarise_load
 from .scenarios import (
     Params,
     run_a,
@@ -36,9 +37,9 @@ class _Round:
         self.settings: dict[str, str] = {}
         self._count = 0
 
-    def broker(self, name: str) -> Broker:
+    def broker(self, name: str, **kw: Any) -> Broker:
         self._count += 1
-        return Broker(self.env, self.workdir / f"broker-{self._count:03d}-{name}")
+        return Broker(self.env, self.workdir / f"broker-{self._count:03d}-{name}", **kw)
 
     def measure(self, name: str, fn: Callable[[BenchEnv], dict[str, Any]]) -> dict[str, Any]:
         b = self.broker(name)
@@ -48,12 +49,26 @@ class _Round:
         shutil.rmtree(b.workdir, ignore_errors=True)
         return out
 
+    def measure_with(self, name: str, fn: Callable[[BenchEnv, Broker], dict[str, Any]],
+                     **broker: Any) -> dict[str, Any]:
+        """Like :meth:`measure` with a broker configured by ``broker`` (see
+        :class:`~bench.env.Broker`), which ``fn`` also gets (and may restart)."""
+        b = self.broker(name, **broker)
+        with b:
+            out = fn(self.env.with_port(b.port), b)
+        shutil.rmtree(b.workdir, ignore_errors=True)
+        return out
+
 
 def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
         mqtt5_baseline: bool, only: list[str] | None = None, profile_dir: Path | None = None,
+        load: LoadParams | None = None, load_reps: dict[str, int] | None = None,
         log: Log = print) -> dict[str, Any]:
-    """Measure A, C and P ``reps`` times and the sync round ``sync_reps`` times; return the
-    results document."""
+    """Measure A, C and P ``reps`` times, the sync round ``sync_reps`` times and the load
+    measurements (latency, bridge, rss, fanin) ``load_reps[name]`` times; return the results
+    document."""
+    load = load or LoadParams()
+    load_reps = load_reps or {}
     started = datetime.now(UTC)
     t_start = time.monotonic()
     env = build_env(workdir / "pki")
@@ -83,21 +98,55 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
         samples["publish_retained_raw"].append(
             rnd.measure("retained", lambda e: run_publish_retained_raw(e, params, size)))
 
-    units: list[tuple[str, Callable[[int], None]]] = [("A", unit_a), ("C", unit_c),
-                                                      ("P", unit_p), ("sync", unit_sync)]
+    lat_variants = ["raw", "pear"] + (["pear_default"] if load.lat_default_linger else [])
+    lat: dict[str, list[dict[str, Any]]] = {v: [] for v in lat_variants}
+    load_samples: dict[str, list[dict[str, Any]]] = {"bridge": [], "rss": [], "fanin": []}
+
+    def unit_latency(rep: int) -> None:
+        # The variants take turns, each on a fresh broker, starting one further each round.
+        for i in range(len(lat_variants)):
+            v = lat_variants[(i + rep) % len(lat_variants)]
+            lat[v].append(rnd.measure(f"lat-{v}", lambda e, v=v: run_latency(e, load, v)))
+
+    def unit_bridge(rep: int) -> None:
+        load_samples["bridge"].append(rnd.measure_with(
+            "bridge", lambda e, b: run_bridge(e, load, b.workdir / "bridge"),
+            acl_modes=("consortium", "public"), bridge_users=(BRIDGE_USER,)))
+
+    def unit_rss(rep: int) -> None:
+        load_samples["rss"].append(rnd.measure_with(
+            "rss", lambda e, b: run_rss(e, load, b.workdir / "agent")))
+
+    def unit_fanin(rep: int) -> None:
+        # Certificates outlive the broker: later repetitions reuse them.
+        load_samples["fanin"].append(rnd.measure_with(
+            "fanin", lambda e, b: run_fanin(e, load, b, workdir / "fanin-pki"),
+            mode=load.fanin_mode, persistence=True))
+
+    units: list[tuple[str, Callable[[int], None]]] = [
+        ("A", unit_a), ("C", unit_c), ("P", unit_p), ("sync", unit_sync),
+        ("latency", unit_latency), ("bridge", unit_bridge), ("rss", unit_rss),
+        ("fanin", unit_fanin)]
     if mqtt5_baseline:
         units.insert(1, ("A5", unit_a5))
     if only:
         units = [u for u in units if u[0] in only]
-    rounds = max(reps, sync_reps)
+
+    def reps_of(name: str) -> int:
+        if name in LOAD_UNITS:
+            return load_reps.get(name, reps)
+        return sync_reps if name == "sync" else reps
+
+    rounds = max(reps_of(name) for name, _unit in units) if units else 0
     for rep in range(rounds):
-        todo = [(name, unit) for name, unit in units
-                if rep < (sync_reps if name == "sync" else reps)]
+        todo = [(name, unit) for name, unit in units if rep < reps_of(name)]
         for i in range(len(todo)):
             name, unit = todo[(i + rep) % len(todo)]
             t0 = time.monotonic()
             unit(rep)
-            log(f"  round {rep + 1}/{rounds} {name:<5} {_brief(name, samples)} "
+            brief = (_brief_load(name, lat, load_samples) if name in LOAD_UNITS
+                     else _brief(name, samples))
+            log(f"  round {rep + 1}/{rounds} {name:<5} {brief} "
                 f"({time.monotonic() - t0:.1f} s)")
 
     measured_s = time.monotonic() - t_start
@@ -105,6 +154,7 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
     if profile_dir is not None:
         profile = _profile(rnd, params, profile_dir, log)
     measurements, ratios = summarise(samples)
+    loads = summarise_load(lat, load_samples, asdict(load))
     mosq = mosquitto_version()
     return {
         "schema": 1,
@@ -113,14 +163,34 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
         "duration_s": time.monotonic() - t_start,
         "measure_s": measured_s,  # without the profiling rounds
         "params": {**asdict(params), "reps": reps, "sync_reps": sync_reps,
-                   "mqtt5_baseline": mqtt5_baseline, "only": only},
+                   "mqtt5_baseline": mqtt5_baseline, "only": only,
+                   "load": asdict(load), "load_reps": {n: reps_of(n) for n in LOAD_UNITS}},
         "machine": machine(mosq),
         "broker": {"version": mosq, "config": "pear_mqtt.brokerconf.render(mode='consortium')",
                    "settings": rnd.settings},
         "measurements": measurements,
         "ratios": ratios,
+        **loads,
         "profile": profile,
     }
+
+
+LOAD_UNITS = ("latency", "bridge", "rss", "fanin")
+
+
+def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
+                s: dict[str, list[dict[str, Any]]]) -> str:
+    if name == "latency":
+        return ", ".join(f"{v} p50 {r[-1]['p50_ms']:.2f} / p99 {r[-1]['p99_ms']:.2f} ms"
+                         for v, r in lat.items() if r)
+    last = s[name][-1]
+    if name == "bridge":
+        return (f"{last['rate']:,.0f} insights per CPU-second, {last['wall_rate']:,.0f}/s "
+                f"wall, {last['items']:,} from {last['companies']} companies")
+    if name == "rss":
+        return f"peak RSS {last['peak_mb']:.1f} MB, {last['rate']:,.0f} insights/s"
+    return (f"{last['agents']} agents connected in {last['connect_all_s']:.2f} s, "
+            f"reconnected over {last['spread_s']:.2f} s, max {last['max_per_50ms']} per 50 ms")
 
 
 def _brief(name: str, samples: dict[str, list[dict[str, Any]]]) -> str:

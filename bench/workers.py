@@ -141,10 +141,11 @@ def raw_sync(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 # -- pear_mqtt ----------------------------------------------------------------------------
 
 def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
-                outbox: Path | None = None) -> Any:
+                outbox: Path | None = None, linger: float | None = None) -> Any:
     """A consortium :class:`~pear_mqtt.types.NetworkConfig` for ``member`` (as the
     integration tests build one): aggregator key, pseudonyms, group-key encryption; the
-    in-memory outbox unless ``outbox`` names an SQLite file (sized to never drop here)."""
+    in-memory outbox unless ``outbox`` names an SQLite file (sized to never drop here);
+    ``linger`` overrides ``ReliabilityConfig.batch_linger`` (None: pear's default)."""
     from pear_mqtt.types import (
         EncryptionConfig,
         NetworkConfig,
@@ -161,7 +162,9 @@ def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
         privacy=PrivacyConfig(aggregator_key_file=env.aggregator_pub,
                               pseudonym_secret=env.pseudonym_secret),
         encryption=EncryptionConfig(keys={"k1": env.group_key}, active="k1"),
-        reliability=ReliabilityConfig(outbox_path=outbox, outbox_max_bytes=4 * 1024**3))
+        reliability=ReliabilityConfig(
+            outbox_path=outbox, outbox_max_bytes=4 * 1024**3,
+            **({} if linger is None else {"batch_linger": linger})))
 
 
 def make_insights(n: int, categories: int | None) -> list[Any]:
@@ -287,6 +290,10 @@ WORKERS: dict[str, Callable[[Connection, dict[str, Any]], dict[str, Any]]] = {
 def entry(conn: Connection, name: str, spec: dict[str, Any]) -> None:
     """Target of every spawned process: run worker ``name`` and report over ``conn``."""
     try:
+        if name not in WORKERS:
+            from .loadworkers import LOAD_WORKERS  # latency, fan-in: imported where used
+
+            WORKERS.update(LOAD_WORKERS)
         result = WORKERS[name](conn, spec)
         conn.send(("done", result))
     except BaseException:  # report everything, including KeyboardInterrupt, then exit

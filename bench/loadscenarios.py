@@ -1,0 +1,404 @@
+"""One repetition of each of issue #8's load measurements: latency at a fixed rate, bridge
+ingest per core, an edge agent's peak RSS, and fan-in of many agents with a broker restart.
+
+Like :mod:`bench.scenarios`, every function gets an environment pointing at a broker that
+was started for it alone (the fan-in also gets the :class:`~bench.env.Broker` itself, to kill
+and restart it) and returns plain numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .env import BRIDGE_COMPANIES, BenchEnv, Broker
+from .procs import Worker, WorkerError
+from .workers import pear_config
+
+__all__ = ["LoadParams", "cdf_points", "percentile", "run_bridge", "run_fanin",
+           "run_latency", "run_rss"]
+
+# Roughly the size of pear's envelope for one insight under the consortium policy: sync_raw
+# measures pear's state envelopes (one insight each) at 2,084 bytes; an insights envelope
+# holding one item adds its {"items":[...]} wrapper.
+LAT_PAYLOAD = 2100
+
+
+@dataclass(frozen=True)
+class LoadParams:
+    """What the load measurements share (see ``python -m bench --help``)."""
+
+    lat_rate: float = 1000.0  # insights / messages per second, paced
+    lat_seconds: float = 6.0  # measured seconds per repetition and side
+    lat_warmup: float = 1.0  # seconds sent first and left out (connections, caches warm up)
+    lat_size: int = LAT_PAYLOAD  # raw paho payload bytes
+    lat_linger: float = 0.0  # pear's batch_linger for the latency run (latency-sensitive)
+    lat_default_linger: bool = True  # also measure pear with its default batch_linger
+    n_bridge: int = 20_000  # contributions the bridge ingests
+    n_rss: int = 10_000  # insights the agent sends
+    agents: int = 1000  # fan-in nodes
+    fanin_workers: int = 4  # processes the nodes are spread over
+    fanin_mode: str = "public"
+    fanin_downtime: float = 0.5  # seconds between the kill and the restart
+    timeout: float = 300.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of sorted ``values``."""
+    if not values:
+        return math.nan
+    k = max(0, min(len(values) - 1, math.ceil(q / 100 * len(values)) - 1))
+    return values[k]
+
+
+def cdf_points(values: list[float], points: int = 200) -> list[list[float]]:
+    """[latency, fraction] pairs of the sorted ``values``: evenly spaced ranks plus the tail
+    (a plot's x axis is log, so the last 1 % gets its own points)."""
+    n = len(values)
+    if n == 0:
+        return []
+    ranks = {min(n - 1, int(i * n / points)) for i in range(points)}
+    ranks |= {min(n - 1, int(n * (0.99 + 0.01 * i / 50))) for i in range(50)} | {n - 1}
+    return [[round(values[r], 4), round((r + 1) / n, 6)] for r in sorted(ranks)]
+
+
+def _summary(lat: list[float]) -> dict[str, Any]:
+    lat = sorted(lat)
+    return {"n": len(lat), "p50_ms": percentile(lat, 50), "p90_ms": percentile(lat, 90),
+            "p99_ms": percentile(lat, 99), "p999_ms": percentile(lat, 99.9),
+            "max_ms": lat[-1] if lat else math.nan, "mean_ms": sum(lat) / len(lat)
+            if lat else math.nan, "sorted": lat}
+
+
+def _pair(receiver: Worker, sender: Worker, timeout: float) -> tuple[dict[str, Any],
+                                                                     dict[str, Any]]:
+    with receiver, sender:
+        receiver.ready()
+        sender.ready()
+        sender.go()
+        sent = sender.result(timeout)
+        got = receiver.result(timeout)
+    return got, sent
+
+
+def run_latency(env: BenchEnv, lp: LoadParams, variant: str) -> dict[str, Any]:
+    """One-way latency at ``lat_rate``/s: ``raw`` paho QoS 1, or ``pear`` with
+    ``batch_linger = lat_linger``, or ``pear_default`` with pear's default linger."""
+    skip = round(lp.lat_warmup * lp.lat_rate)
+    total = skip + round(lp.lat_seconds * lp.lat_rate)
+    timeout = lp.lat_warmup + lp.lat_seconds + 60
+    if variant == "raw":
+        topic = f"{env.topic_root('acme')}/bench/latency"
+        common = {"env": env, "topic": topic, "total": total, "protocol": 5}
+        rx = Worker("lat_raw_sub", {**common, "member": "globex", "client_id": "bench-lat-sub",
+                                    "skip": skip, "timeout": timeout})
+        tx = Worker("lat_raw_pub", {**common, "member": "acme", "client_id": "bench-lat-pub",
+                                    "rate": lp.lat_rate, "size": lp.lat_size})
+        got, sent = _pair(rx, tx, timeout + 30)
+        if got["received"] != total:
+            raise WorkerError(f"latency raw: subscriber got {got['received']} of {total}")
+        lat = got["latency_ms"]
+        extra: dict[str, Any] = {}
+    else:
+        linger = lp.lat_linger if variant == "pear" else None
+        rx = Worker("lat_pear_rx", {"env": env, "member": "globex", "total": total,
+                                    "timeout": timeout})
+        tx = Worker("lat_pear_pub", {"env": env, "member": "acme", "total": total,
+                                     "skip": skip, "rate": lp.lat_rate, "categories": 16,
+                                     "linger": linger})
+        got, sent = _pair(rx, tx, timeout + 30)
+        if got["received"] != total:
+            raise WorkerError(f"latency {variant}: receiver got {got['received']} of {total}")
+        at, cb = got["at_iterator"], got["at_callback"]
+        lat = [1000 * (at[iid] - t) for iid, t in sent["sent_at"].items()]
+        lat_cb = sorted(1000 * (cb[iid] - t) for iid, t in sent["sent_at"].items())
+        extra = {"callback_p50_ms": percentile(lat_cb, 50),
+                 "callback_p99_ms": percentile(lat_cb, 99),
+                 "envelopes_per_insight": sent["messages_out"] / total,
+                 # 0 when flush() returned; else what was still unacknowledged after 30 s.
+                 "unflushed": 0 if sent["flushed"] else max(1, sent["outbox_depth"])}
+    return {**_summary(lat), **extra, "late_p99_ms": sent["late_p99_ms"],
+            "late_max_ms": sent["late_max_ms"], "late_over_1ms": sent["late_over_1ms"]}
+
+
+# -- bridge ----------------------------------------------------------------------------------
+
+def _cli() -> str:
+    """The ``pear-mqtt`` entry point next to this interpreter (the venv's)."""
+    path = Path(sys.executable).with_name("pear-mqtt")
+    if not path.exists():
+        raise WorkerError(f"{path} not found: install the project (pip install -e .)")
+    return str(path)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (/proc/<pid>/stat, clock ticks)."""
+    text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
+    fields = text.rsplit(")", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return data
+    except (OSError, ValueError):
+        return None  # not written yet, or being replaced
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def bridge_config(env: BenchEnv, workdir: Path) -> Any:
+    """The bridge reading the consortium and writing aggregates, both on the one broker."""
+    from pear_mqtt.bridge import BridgeConfig, PublicConfig, SourceConfig
+    from pear_mqtt.types import EncryptionConfig, ReliabilityConfig, TLSConfig
+
+    tls = TLSConfig(ca_file=env.ca, cert_file=env.bridge_cert, key_file=env.bridge_key)
+    url = f"mqtts://{env.host}:{env.port}"
+    # The bridge is stopped (SIGSTOP) while the contributions are published: a keep-alive
+    # longer than that keeps the broker from dropping its connection meanwhile.
+    rel = ReliabilityConfig(keepalive=600)
+    return BridgeConfig(
+        consortium=SourceConfig(network_id=env.network, broker_url=url, tls=tls,
+                                crl_file=env.crl,
+                                encryption=EncryptionConfig(keys={"k1": env.group_key}),
+                                aggregator_key_file=env.aggregator_key, reliability=rel),
+        public=PublicConfig(network_id=env.network, broker_url=url, tls=tls,
+                            crl_file=env.crl, contributions=False, reliability=rel),
+        state_path=workdir / "bridge.sqlite")
+
+
+def run_bridge(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
+    """``pear-mqtt bridge`` ingesting ``n_bridge`` contributions of every company in
+    :data:`BRIDGE_COMPANIES`, queued on the broker while the bridge was stopped.
+
+    Start the bridge and wait until it is subscribed; SIGSTOP it; let each company's node
+    publish its share and flush (the broker queues them in the bridge's session); SIGCONT
+    and time until its status counts all N. CPU time is the bridge process's own
+    (/proc/<pid>/stat), so publishers and broker do not enter the per-core rate.
+    """
+    from pear_mqtt.bridge import BridgeConfigManager
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf, status = workdir / "bridge.json", workdir / "bridge-status.json"
+    BridgeConfigManager.save(bridge_config(env, workdir), conf, include_secrets=True)
+    n = lp.n_bridge
+    companies = list(BRIDGE_COMPANIES)
+    shares = [n // len(companies) + (1 if i < n % len(companies) else 0)
+              for i in range(len(companies))]
+    with (workdir / "bridge.log").open("wb") as log:
+        proc = subprocess.Popen([_cli(), "bridge", "--config", str(conf), "--status-file",
+                                 str(status), "--status-interval", "0.2"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            st = _read_json(status)
+            if st is not None and st.get("connected"):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise WorkerError(f"bridge did not connect; see {workdir / 'bridge.log'}")
+            time.sleep(0.05)  # polling a status file the bridge rewrites, with a deadline
+        proc.send_signal(signal.SIGSTOP)
+        pubs = [Worker("pear_pub", {"env": env, "member": m, "n": k, "categories": 16,
+                                    "outbox": "memory"})
+                for m, k in zip(companies, shares, strict=True)]
+        for w in pubs:
+            w.start()
+        try:
+            for w in pubs:
+                w.ready()
+            for w in pubs:
+                w.go()
+            for w in pubs:
+                w.result(lp.timeout)
+        finally:
+            for w in pubs:
+                w.close()
+        status.unlink(missing_ok=True)
+        cpu0 = _cpu_seconds(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGCONT)
+        deadline = t0 + lp.timeout
+        while True:
+            st = _read_json(status)
+            if st is not None and st.get("items_received", 0) >= n:
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise WorkerError(f"bridge ingested {st and st.get('items_received')} of {n}")
+            time.sleep(0.02)  # polling the status file, with a deadline
+        t1 = time.monotonic()
+        cpu = _cpu_seconds(proc.pid) - cpu0
+    finally:
+        _stop(proc)
+    if st["items_counted"] != n:
+        raise WorkerError(f"bridge counted {st['items_counted']} of {n}: dropped "
+                          f"{st.get('dropped')}, ignored {st.get('ignored')}")
+    wall = st.get("items_per_second") or n / (t1 - t0)
+    return {"rate": n / cpu, "cpu_s": cpu, "wall_rate": wall, "seen_s": t1 - t0,
+            "cpu_share": cpu / (n / wall), "companies": len(companies), "items": n}
+
+
+# -- agent RSS -------------------------------------------------------------------------------
+
+def _proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of ``pid`` in kB ({} once it is gone)."""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
+    """``pear-mqtt agent --simulate --rate 0 --count N`` (the on-disk outbox, as an agent
+    runs): peak RSS from the kernel's accounting of the reaped child (wait4's ru_maxrss,
+    the same high-water mark /proc/<pid>/status shows as VmHWM), plus the RSS sampled while
+    it runs."""
+    from pear_mqtt.config import NetworkConfigManager
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "agent.json"
+    NetworkConfigManager.save(pear_config(env, "acme"), conf, include_secrets=True)
+    n = lp.n_rss
+    with (workdir / "agent.log").open("wb") as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            [_cli(), "agent", "--config", str(conf), "--simulate", "--rate", "0", "--count",
+             str(n), "--seed", "1", "--outbox", str(workdir / "outbox.sqlite"),
+             "--status-interval", "0", "--drain-timeout", str(lp.timeout)],
+            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+    samples: list[int] = []
+    hwm = 0
+    try:
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            st = _proc_status(proc.pid)
+            if st:
+                samples.append(st.get("VmRSS", 0))
+                hwm = max(hwm, st.get("VmHWM", 0))
+            if time.monotonic() - t0 > lp.timeout:
+                raise WorkerError("agent did not finish in time")
+            time.sleep(0.05)  # sampling RSS while the agent works
+        elapsed = time.monotonic() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stdout is not None
+    report = json.loads(proc.stdout.read().decode().strip().splitlines()[-1])
+    proc.stdout.close()
+    if proc.returncode != 0 or report.get("sent") != n:
+        raise WorkerError(f"agent exit {proc.returncode}, report {report}")
+    # ru_maxrss is in kB on Linux.
+    return {"peak_mb": usage.ru_maxrss / 1024, "sampled_hwm_mb": hwm / 1024,
+            "median_rss_mb": sorted(samples)[len(samples) // 2] / 1024 if samples else 0.0,
+            "rate": n / elapsed, "seconds": elapsed, "items": n}
+
+
+# -- fan-in ----------------------------------------------------------------------------------
+
+def _max_in_window(times: list[float], width: float) -> int:
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] < t - width:
+            j += 1
+        best = max(best, i - j + 1)
+    return best
+
+
+def _count_connected(log: Path, offset: int) -> int:
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            return f.read().count(b"New client connected")
+    except OSError:
+        return 0
+
+
+def run_fanin(env: BenchEnv, lp: LoadParams, broker: Broker, shards: Path) -> dict[str, Any]:
+    """``agents`` nodes (``fanin_workers`` processes) connect at once; then the broker is
+    killed (SIGKILL), restarted ``fanin_downtime`` s later on the same port with its
+    persistence, and every node's reconnect time is taken."""
+    k = max(1, min(lp.fanin_workers, lp.agents))
+    members = [f"fan{i:05d}" for i in range(lp.agents)]
+    groups = [members[w::k] for w in range(k)]
+    workers = [Worker("fanin", {"env": env, "members": g, "mode": lp.fanin_mode,
+                                "shard": shards / f"shard{w}", "timeout": lp.timeout})
+               for w, g in enumerate(groups)]
+    for w in workers:
+        w.start()
+    try:
+        issue_s = max(w.ready(timeout=lp.timeout)["issue_s"] for w in workers)
+        for w in workers:
+            w.go()
+        conn = [w.recv("connected", lp.timeout) for w in workers]
+        failed = sum(len(c["failed"]) for c in conn)
+        if failed:
+            raise WorkerError(f"fan-in: {failed} of {lp.agents} nodes did not connect: "
+                              f"{next(c['failed'][:1] for c in conn if c['failed'])}")
+        t_go = min(c["t_go"] for c in conn)
+        done = sorted(t for c in conn for t in c["connected"])
+        per = sorted(t - c["t_go"] for c in conn for t in c["connected"])
+        offset = broker.log_path.stat().st_size if broker.log_path.exists() else 0
+        t_kill = time.monotonic()
+        broker.kill()
+        time.sleep(lp.fanin_downtime)  # the outage itself, not a synchronisation
+        t_restart = time.monotonic()
+        broker.restart()
+        t_up = time.monotonic()
+        res = [w.result(lp.timeout) for w in workers]
+    finally:
+        for w in workers:
+            w.close()
+    not_back = sum(r["not_back"] for r in res)
+    if not_back:
+        raise WorkerError(f"fan-in: {not_back} nodes did not reconnect: "
+                          f"{next(r['errors'] for r in res if r['errors'])}")
+    back = sorted(t for r in res for t in r["back"])
+    lost = sorted(t for r in res for t in r["lost"])
+    hist_bin = 0.05
+    start = min(back[0], t_up)
+    counts = [0] * (int((back[-1] - start) / hist_bin) + 1)
+    for t in back:
+        counts[int((t - start) / hist_bin)] += 1
+    return {
+        "agents": lp.agents, "workers": k, "issue_s": issue_s,
+        "connect_all_s": done[-1] - t_go, "connect_p50_ms": 1000 * percentile(per, 50),
+        "connect_p99_ms": 1000 * percentile(per, 99), "connect_max_ms": 1000 * per[-1],
+        "restart_s": t_up - t_restart, "outage_s": t_up - t_kill,
+        "loss_seen_s": lost[-1] - t_kill,  # when the last node noticed the broker was gone
+        "first_after_up_s": back[0] - t_up, "last_after_up_s": back[-1] - t_up,
+        "spread_s": back[-1] - back[0],
+        "max_per_50ms": _max_in_window(back, 0.05),
+        "max_per_50ms_share": _max_in_window(back, 0.05) / lp.agents,
+        "accepted_after_restart": _count_connected(broker.log_path, offset),
+        "reconnects": sum(r["reconnects"] for r in res),
+        "histogram": {"bin_ms": 1000 * hist_bin, "start_after_up_s": start - t_up,
+                      "counts": counts},
+    }
