@@ -84,6 +84,7 @@ _MAX_INFLIGHT_ENVELOPES = 256
 _PAGE_BUDGET_TRICKLE = 64 * 1024  # page bytes per second allowed on top of the state bytes
 _PAGE_BUDGET_CAP = 64 * 1024 * 1024
 _PAGE_MIN_GROWTH = 16 * 1024  # changed bytes that justify a refresh mid-stream
+_PAGE_MIN_INTERVAL = 1.0  # s between two refreshes of one page when a burst ends
 _PAGE_RETRY_MAX = 5.0  # longest wait (s) before a deferred page is considered again
 
 
@@ -266,6 +267,7 @@ class PearNetwork:
         self._dirty_pages: dict[int, None] = {}  # insertion order: oldest change first
         self._page_changed = [0] * CHECKPOINT_PAGES  # bytes changed since the page was sent
         self._page_sent = [0] * CHECKPOINT_PAGES  # size of the page when last sent
+        self._page_sent_at = [0.0] * CHECKPOINT_PAGES  # monotonic time it was last sent
         self._page_budget = 0.0
         self._budget_at = time.monotonic()
         self._pages_inflight = 0
@@ -574,6 +576,10 @@ class PearNetwork:
                 if not burst_end:
                     if self._page_changed[page] < max(self._page_sent[page], _PAGE_MIN_GROWTH):
                         continue
+                elif now - self._page_sent_at[page] < _PAGE_MIN_INTERVAL:
+                    # A trickle of updates must not re-send (and re-sign) the page each time.
+                    self._schedule_pages(self._page_sent_at[page] + _PAGE_MIN_INTERVAL - now)
+                    continue
                 elif self._page_budget < self._page_sent[page]:
                     self._schedule_pages((self._page_sent[page] - self._page_budget)
                                          / _PAGE_BUDGET_TRICKLE)
@@ -585,6 +591,7 @@ class PearNetwork:
             del self._dirty_pages[page]
             self._page_changed[page] = 0
             self._page_sent[page] = len(body)
+            self._page_sent_at[page] = now
             try:
                 payload = self._codec.encode_json(kind="checkpoint", body_json=body)
             except OversizedMessage:
