@@ -20,6 +20,7 @@ import base64
 import binascii
 import contextlib
 import functools
+import gc
 import json
 import logging
 import os
@@ -554,6 +555,7 @@ class PearNetwork:
     def _maybe_idle(self) -> None:
         if (self._outbox is not None and not self._inflight_ids and self._outbox.depth == 0
                 and not self._dirty_pages and not self._pages_inflight):
+            self._force_pages = False  # flush() is satisfied
             self._idle.set()
 
     async def _send_pages(self, conn: Connection, window: asyncio.Semaphore, *,
@@ -561,8 +563,6 @@ class PearNetwork:
         """Send the changed checkpoint pages the pacing allows (all of them after
         :meth:`flush`); False if the connection broke."""
         if not self._dirty_pages or not self._seeded:
-            if not self._dirty_pages:
-                self._force_pages = False
             return True
         assert self._codec is not None
         now = time.monotonic()
@@ -572,15 +572,16 @@ class PearNetwork:
         node_json = json.dumps(self.config.node_id).encode()
         for page in list(self._dirty_pages):
             entries = self._pages[page]
-            if not self._force_pages:
-                if not burst_end:
-                    if self._page_changed[page] < max(self._page_sent[page], _PAGE_MIN_GROWTH):
-                        continue
-                elif now - self._page_sent_at[page] < _PAGE_MIN_INTERVAL:
+            if not burst_end:
+                # Mid-stream, even after flush(): the page is complete only once the burst is.
+                if self._page_changed[page] < max(self._page_sent[page], _PAGE_MIN_GROWTH):
+                    continue
+            elif not self._force_pages:
+                if now - self._page_sent_at[page] < _PAGE_MIN_INTERVAL:
                     # A trickle of updates must not re-send (and re-sign) the page each time.
                     self._schedule_pages(self._page_sent_at[page] + _PAGE_MIN_INTERVAL - now)
                     continue
-                elif self._page_budget < self._page_sent[page]:
+                if self._page_budget < self._page_sent[page]:
                     self._schedule_pages((self._page_sent[page] - self._page_budget)
                                          / _PAGE_BUDGET_TRICKLE)
                     return True
@@ -612,8 +613,6 @@ class PearNetwork:
                 return False
             self._pages_inflight += 1
             fut.add_done_callback(functools.partial(self._page_done, page=page, window=window))
-        if not self._dirty_pages:
-            self._force_pages = False
         return True
 
     def _schedule_pages(self, delay: float) -> None:
@@ -856,6 +855,18 @@ class PearNetwork:
         # topic scheme of the signer's member, so a page can only speak for its own node.
         scheme = TopicScheme(parsed.mode, parsed.network or self.config.network_id,
                              parsed.company)
+        # A page brings hundreds of acyclic objects at once; without pausing the cyclic
+        # collector it would rescan the growing state map many times per page.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._load_page(parsed, scheme, signer, states)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _load_page(self, parsed: ParsedTopic, scheme: TopicScheme, signer: Identity,
+                   states: dict[str, Any]) -> None:
         for category, raw in states.items():
             try:
                 topic = scheme.state(signer.node, category)
