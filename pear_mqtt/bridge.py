@@ -62,7 +62,6 @@ import random
 import signal
 import sys
 import time
-import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +79,7 @@ from .bridge_state import (
     OutgoingRow,
     StoredContribution,
 )
-from .config import decode_key, deep_merge, default_sharing
+from .config import decode_key, deep_merge, default_sharing, read_table_file
 from .envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
 from .errors import (
     ConfigError,
@@ -542,23 +541,10 @@ class BridgeConfigManager:
     def read_file(cls, path: Path | str) -> dict[str, Any]:
         """The raw tables of a TOML or JSON file."""
         path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix not in cls.SUFFIXES:
+        if path.suffix.lower() not in cls.SUFFIXES:
             raise ConfigError(f"{path}: unsupported config file suffix {path.suffix!r}; use "
                               ".toml or .json")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read config file ({exc})") from exc
-        try:
-            data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, ValueError) as exc:
-            raise ConfigError(f"{path}: invalid {suffix[1:].upper()}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a table")
-        return data
+        return read_table_file(path)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -1605,10 +1591,12 @@ class Bridge:
         # At least a week of session: what members send while the bridge is down (an
         # upgrade, a weekend outage) waits in the broker instead of being lost; a node's
         # one-hour default is meant for nodes, whose peers do not depend on them.
+        # Manual acks: an item is acknowledged only once the state store has committed it,
+        # so a bridge killed in between gets it again instead of losing it.
         return Connection(broker=BrokerURL.parse(url), client_id=client_id[:128], tls=tls,
                           keepalive=rel.keepalive, clean_start=False,
                           session_expiry=max(rel.session_expiry, _MIN_SESSION_EXPIRY),
-                          protocol=protocol)
+                          protocol=protocol, manual_ack=True)
 
     async def _backoff(self, attempt: int, rel: ReliabilityConfig) -> None:
         delay = min(rel.reconnect_max_delay, rel.reconnect_min_delay * 2 ** min(attempt, 16))
@@ -1643,12 +1631,14 @@ class Bridge:
                         self._handle(inp, msg)
                     except OutboxError as exc:
                         # The state cannot record what was counted: stop counting rather
-                        # than count what a restart would count again.
+                        # than count what a restart would count again. Not acknowledged: the
+                        # broker keeps the message for the next run.
                         self._fail(f"input {inp.name}: {exc}")
                         return
                     except Exception:  # one message must never stop the bridge
                         log.exception("unexpected error on %r", msg.topic)
                         self._dropped["internal_error"] += 1
+                    conn.ack(msg)  # stored (or refused for good): the broker may forget it
                     self._changed.set()
             finally:
                 inp.connected = False
@@ -1705,7 +1695,9 @@ class Bridge:
             self._drop("bad_topic")
             return
         if not msg.payload:
-            return  # a cleared retained message
+            if not msg.retain:  # a cleared retained message is legitimate; this is not
+                self._drop("malformed")
+            return
         if parsed.kind == "nodes":
             self._presence(inp, parsed, msg)
             return

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import stat
 import sys
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -47,6 +48,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .pki import tls_problems
 from .types import FIELD_GROUPS, NetworkConfig, NetworkMode, SharingLevel
 
 __all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "NetworkConfigManager", "default_sharing",
@@ -93,6 +95,9 @@ _MIN_SECRET_CHARS = 16
 _MIN_EDGE_RATIO = 1.01
 _TLS_FILES = ("ca_file", "cert_file", "key_file")
 _SUFFIXES = (".toml", ".json")
+# A configuration is a few kilobytes; the cap keeps a wrong path (a log, a disk image) from
+# being read into memory and parsed at length before it is refused.
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _MASK = "**********"
 
 
@@ -322,9 +327,30 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    return _check_partial(read_table_file(path), str(path))
+
+
+def read_table_file(path: Path) -> dict[str, Any]:
+    """The top-level table of a TOML or JSON config file, with a :class:`ConfigError` naming
+    the file for anything else: missing, a directory or FIFO, oversized, not UTF-8, invalid,
+    duplicate JSON keys, nested too deeply."""
     suffix = _suffix(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{path}: is a directory, not a config file")
+    if not stat.S_ISREG(info.st_mode):
+        # A FIFO or device would block or never end: refuse instead of hanging.
+        raise ConfigError(f"{path}: not a regular file")
+    if info.st_size > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file is {info.st_size} bytes; the limit is "
+                          f"{_MAX_CONFIG_BYTES} (is this the right file?)")
+    try:
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except UnicodeDecodeError as exc:
@@ -338,6 +364,8 @@ def _read_file(path: Path) -> dict[str, Any]:
         except tomllib.TOMLDecodeError as exc:
             # Python 3.11 puts "(at line L, column C)" into the message itself.
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid TOML: arrays or tables nest too deeply") from None
     else:
         try:
             data = json.loads(text, object_pairs_hook=_no_duplicates)
@@ -345,10 +373,13 @@ def _read_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
         except ValueError as exc:
             raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid JSON: arrays or objects nest too deeply") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a JSON object, "
                               f"not {type(data).__name__}")
-    return _check_partial(data, str(path))
+    table: dict[str, Any] = data
+    return table
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -569,8 +600,11 @@ class NetworkConfigManager:
         Always: every group key decodes to 32 bytes; bucket edges are not finer than 1 %;
         ``reliability.reconnect_min_delay <= reconnect_max_delay``. With ``for_connect``:
         ``tls.ca_file``, ``tls.cert_file`` and ``tls.key_file`` are set whenever the broker URL
-        is ``mqtts://`` or the mode is private or consortium, and every configured key file
-        exists and is readable. All problems are reported together in one :class:`ConfigError`.
+        is ``mqtts://`` or the mode is private or consortium, every configured key file
+        exists and is readable, and the TLS files are usable (:func:`pear_mqtt.pki.tls_problems`:
+        PEM that parses, a CA file holding a CA, a certificate that CA issued and within its
+        validity window, the key that belongs to it). All problems are reported together in
+        one :class:`ConfigError`.
         """
         problems: list[str] = []
         for key_id, secret in config.encryption.keys.items():
@@ -744,12 +778,21 @@ class NetworkConfigManager:
                                 f"required to connect to a {config.mode.value} network{over}")
         files = [(f"tls.{name}", getattr(config.tls, name)) for name in _TLS_FILES]
         files.append(("privacy.aggregator_key_file", config.privacy.aggregator_key_file))
+        readable = True
         for field, path in files:
             if path is None:
                 continue
             why = _unreadable(Path(path))
             if why is not None:
                 problems.append(f"{field}: {path} {why}")
+                readable = readable and not field.startswith("tls.")
+        tls = config.tls
+        if readable and tls.ca_file and tls.cert_file and tls.key_file:
+            # What the broker would refuse only after a handshake (and a node would retry
+            # forever): say it now, naming the file.
+            problems.extend(tls_problems(ca_file=Path(tls.ca_file),
+                                         cert_file=Path(tls.cert_file),
+                                         key_file=Path(tls.key_file)))
         return problems
 
 

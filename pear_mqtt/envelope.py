@@ -59,6 +59,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -120,7 +121,10 @@ __all__ = [
     "seal",
 ]
 
+log = logging.getLogger(__name__)
+
 VERSION = 1
+_SEQ_BLOCK = 100_000  # sequence numbers reserved per write of the reservation file
 DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_MAX_AGE = 30 * 86400.0
 
@@ -733,6 +737,8 @@ class EnvelopeCodec:
         self._replay = _ReplayGuard(window=replay_window, max_senders=max_senders)
         self._lock = threading.Lock()
         self._seq = int(self._now() * 1000) * 1000
+        self._seq_file: Path | None = None
+        self._seq_reserved = 0
         self._stats: Counter[str] = Counter()
         # Lets this node read its own cert-less envelopes; a signer from another CA (a bridge
         # that signs for one network and reads another) is simply not pre-registered.
@@ -759,6 +765,43 @@ class EnvelopeCodec:
         )
 
     # -- properties -----------------------------------------------------------------------
+    def persist_sequence(self, path: Path) -> None:
+        """Keep sequence numbers growing across restarts even if the clock steps back.
+
+        Numbers start from the clock (ms x 1000), so a node restarted after its clock was
+        corrected backwards would send numbers its receivers already saw and have every
+        message dropped as a replay. ``path`` records a reserved upper bound, rewritten
+        (atomically, fsynced) once per ``_SEQ_BLOCK`` messages; a restart continues above it.
+        :class:`ConfigError` if the file cannot be read or written.
+        """
+        floor = 0
+        try:
+            text = path.read_text(encoding="ascii").strip()
+            floor = int(text) if text else 0
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot read the sequence reservation ({exc})") from exc
+        with self._lock:
+            self._seq = max(self._seq, floor)
+            self._seq_file = path
+            self._reserve(self._seq + _SEQ_BLOCK)
+
+    def _reserve(self, upto: int) -> None:
+        assert self._seq_file is not None
+        tmp = self._seq_file.with_name(self._seq_file.name + ".tmp")
+        try:
+            with tmp.open("w", encoding="ascii") as fh:
+                fh.write(f"{upto}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._seq_file)
+        except OSError as exc:
+            # Without the record a restart could reuse numbers; refuse to go on silently.
+            raise ConfigError(f"{self._seq_file}: cannot record the sequence reservation "
+                              f"({exc})") from exc
+        self._seq_reserved = upto
+
     @property
     def signer(self) -> Signer:
         return self._signer
@@ -834,6 +877,14 @@ class EnvelopeCodec:
         with self._lock:
             self._seq += 1
             seq = self._seq
+            if self._seq_file is not None and seq >= self._seq_reserved:
+                try:
+                    self._reserve(seq + _SEQ_BLOCK)
+                except ConfigError as exc:
+                    # Sending goes on (a full disk must not stop it); only a restart after a
+                    # backwards clock step could then reuse numbers. Retried next block.
+                    log.error("%s", exc)
+                    self._seq_reserved = seq + _SEQ_BLOCK
         head = b"".join((b'{"v":1,"kind":"', kind.encode("ascii"), b'","id":"',
                          secrets.token_urlsafe(16).encode("ascii"), b'","from":', self._from,
                          b',"seq":', str(seq).encode("ascii"), b',"ts":',

@@ -53,6 +53,7 @@ from .errors import (
 )
 from .identity import Identity
 from .outbox import NewItem, Outbox, OutboxItem
+from .pki import tls_problems
 from .privacy import PrivacyFilter, Pseudonymizer, SharedInsight
 from .topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
 from .transport import Connection, InboundMessage, Will
@@ -290,6 +291,10 @@ class PearNetwork:
             return
         NetworkConfigManager.validate(self.config, for_connect=True)
         self._codec = EnvelopeCodec.from_config(self.config, clock=self._clock)
+        if self._outbox_path is not None:
+            # Kept next to the durable outbox: the node's other state across restarts.
+            self._codec.persist_sequence(
+                self._outbox_path.with_name(self._outbox_path.name + ".seq"))
         me = self._codec.signer.identity
         if me.network != self.config.network_id:
             raise ConnectError(f"certificate {self.config.tls.cert_file} is for network "
@@ -390,7 +395,7 @@ class PearNetwork:
                         try:
                             conn = await self._open_connection()
                         except ConnectError as exc:
-                            self._last_error = str(exc)
+                            self._last_error = self._explain_refusal(exc)
                             log.info("connecting to %s failed: %s", self.config.broker_url, exc)
                             raise
             except ConnectError as exc:
@@ -435,6 +440,19 @@ class PearNetwork:
                 # When a broker restarts, all its clients see the loss at the same instant;
                 # a random first delay spreads their reconnects instead of a storm.
                 await asyncio.sleep(random.uniform(0, rel.reconnect_min_delay))
+
+    def _explain_refusal(self, exc: ConnectError) -> str:
+        """The connect error, with what is wrong with our own TLS files when that is why
+        (with TLS 1.3 a broker refuses an expired certificate by just closing the socket)."""
+        tls = self.config.tls
+        if tls.ca_file is None or tls.cert_file is None or tls.key_file is None:
+            return str(exc)
+        try:
+            problems = tls_problems(ca_file=tls.ca_file, cert_file=tls.cert_file,
+                                    key_file=tls.key_file)
+        except (OSError, PearError):
+            return str(exc)
+        return "; ".join([*problems, str(exc)]) if problems else str(exc)
 
     async def _open_connection(self) -> Connection:
         rel = self.config.reliability
@@ -501,7 +519,11 @@ class PearNetwork:
             state_topic = self._topics.state(self.config.node_id, insight.category)
             new.append(NewItem(topic=state_topic, payload=payload, kind="state",
                                key=state_topic, retain=True))
-        self._outbox.put_many(new)
+        try:
+            self._outbox.put_many(new)
+        except OutboxError:
+            self._counters.dropped["outbox_refused"] += 1  # the caller gets the error too
+            raise
         self._counters.insights_out += 1
         self._idle.clear()
         self._work.set()
@@ -741,7 +763,9 @@ class PearNetwork:
             self._handle_checkpoint(parsed, msg)
             return
         if not msg.payload:
-            return  # a cleared retained message
+            if not msg.retain:  # a cleared retained message is legitimate; this is not
+                self._counters.dropped["malformed"] += 1
+            return
         assert self._codec is not None
         try:
             decoded = self._codec.decode(msg.payload, check_replay=not msg.retain)
@@ -750,18 +774,20 @@ class PearNetwork:
             log.debug("dropped message on %s: %s", msg.topic, exc)
             return
         signer = decoded.signer
-        if signer == self.identity:
-            if self._seeding and parsed.kind == "state" and decoded.message.kind == "state":
-                self._keep_state(msg.topic, json.dumps(decoded.message.body,
-                                                       separators=(",", ":")).encode(),
-                                 only_new=True)
-            return  # our own message echoed by a broker without no-local
+        # Identity first: our own envelope replayed into another member's subtree is a
+        # mismatch to count, not an echo to ignore.
         if parsed.company is not None and parsed.company != signer.member:
             self._counters.dropped["identity_mismatch"] += 1
             return
         if parsed.kind == "state" and parsed.node != signer.node:
             self._counters.dropped["identity_mismatch"] += 1
             return
+        if signer == self.identity:
+            if self._seeding and parsed.kind == "state" and decoded.message.kind == "state":
+                self._keep_state(msg.topic, json.dumps(decoded.message.body,
+                                                       separators=(",", ":")).encode(),
+                                 only_new=True)
+            return  # our own message echoed by a broker without no-local
         kind = decoded.message.kind
         body = decoded.message.body
         if kind == "insights" and parsed.kind in ("insights", "contrib"):

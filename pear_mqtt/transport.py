@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 # level at which reading resumes.
 _HIGH_WATER = 50_000
 _LOW_WATER = 10_000
+# The same in bytes, so that a flood of large messages cannot grow memory unbounded either.
+_HIGH_WATER_BYTES = 32 * 1024 * 1024
+_LOW_WATER_BYTES = 8 * 1024 * 1024
+# Messages handed out by messages() before it lets other tasks run (writes, keep-alive, ...).
+_YIELD_EVERY = 256
 # Packets read per readable event before yielding to other tasks.
 _READ_BURST = 2000
 
@@ -54,6 +59,7 @@ class InboundMessage:
     payload: bytes
     qos: int
     retain: bool
+    mid: int = 0  # packet id; what Connection.ack() acknowledges with manual_ack
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +106,7 @@ class Connection:
     def __init__(self, *, broker: BrokerURL, client_id: str, tls: TLSConfig | None = None,
                  keepalive: int = 30, clean_start: bool = False, session_expiry: int = 3600,
                  will: Will | None = None, max_inflight: int = 0,
-                 protocol: int | None = None) -> None:
+                 protocol: int | None = None, manual_ack: bool = False) -> None:
         self.broker = broker
         self.client_id = client_id
         self._tls = tls
@@ -109,6 +115,9 @@ class Connection:
         self._session_expiry = session_expiry
         self._will = will
         self._max_inflight = max_inflight
+        # With manual_ack a QoS 1 message is acknowledged only when the consumer calls ack():
+        # one that crashes before storing it gets it again from its persistent session.
+        self._manual_ack = manual_ack
         # None: MQTT 5 first, 3.1.1 when the broker refuses it.
         self._protocol_pref = protocol
         self.protocol: int = 5
@@ -121,6 +130,7 @@ class Connection:
         self._subs: dict[int, asyncio.Future[list[int]]] = {}
         self._unsubs: dict[int, asyncio.Future[None]] = {}
         self._inbox: deque[InboundMessage] = deque()
+        self._inbox_bytes = 0
         self._inbox_event = asyncio.Event()
         self._reading_paused = False
         self._flush_scheduled = False
@@ -176,6 +186,7 @@ class Connection:
         client._sock_recv = _BufferedRecv(client)  # type: ignore[method-assign]
         client.max_inflight_messages_set(self._max_inflight)
         client.max_queued_messages_set(0)
+        client.manual_ack_set(self._manual_ack)
         if self.broker.tls:
             if self._tls is None:
                 raise ConnectError(f"{self.broker} needs TLS material (tls.ca_file, ...)")
@@ -265,6 +276,15 @@ class Connection:
             self._connack.exception() is None
 
     # -- operations ------------------------------------------------------------------------
+    def ack(self, msg: InboundMessage) -> None:
+        """Acknowledge ``msg`` (a QoS 1 message of a ``manual_ack`` connection) now that it is
+        safely processed. A no-op otherwise, and after this connection closed: the broker
+        then delivers the message again on the next connection of the session."""
+        client = self._client
+        if (not self._manual_ack or msg.qos == 0 or client is None or self.closed.is_set()):
+            return
+        client.ack(msg.mid, msg.qos)
+
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 expiry: int | None = None) -> asyncio.Future[None]:
         """Queue a publish; the future resolves on PUBACK (at once for QoS 0).
@@ -319,12 +339,19 @@ class Connection:
 
     async def messages(self) -> AsyncIterator[InboundMessage]:
         """Received messages in arrival order, until the connection closes."""
+        handed = 0
         while True:
             while self._inbox:
                 msg = self._inbox.popleft()
-                if self._reading_paused and len(self._inbox) <= _LOW_WATER:
+                self._inbox_bytes -= len(msg.payload)
+                if self._reading_paused and len(self._inbox) <= _LOW_WATER \
+                        and self._inbox_bytes <= _LOW_WATER_BYTES:
                     self._resume_reading()
                 yield msg
+                handed += 1
+                if handed % _YIELD_EVERY == 0:
+                    # A backlog must not starve the loop: acks, writes and keep-alives wait.
+                    await asyncio.sleep(0)
             if self.closed.is_set():
                 return
             self._inbox_event.clear()
@@ -334,6 +361,7 @@ class Connection:
         """Take every message received so far without waiting."""
         items = list(self._inbox)
         self._inbox.clear()
+        self._inbox_bytes = 0
         if self._reading_paused:
             self._resume_reading()
         return items
@@ -357,6 +385,10 @@ class Connection:
         self._loop.call_soon_threadsafe(self._loop.add_reader, sock, self._readable)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if sock is self._sock:
+            # A flush scheduled before the close must not arm a writer on a dead descriptor.
+            self._sock = None
+            self._writer_armed = False
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(sock)
@@ -379,7 +411,8 @@ class Connection:
     def _flush(self) -> None:
         self._flush_scheduled = False
         client, sock, loop = self._client, self._sock, self._loop
-        if client is None or sock is None or loop is None or self.closed.is_set():
+        if client is None or sock is None or loop is None or self.closed.is_set() \
+                or sock.fileno() < 0:
             return
         client.loop_write()
         if self._sock is not sock:
@@ -488,12 +521,15 @@ class Connection:
             fut.set_result(None)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.append(InboundMessage(topic=msg.topic, payload=bytes(msg.payload), qos=msg.qos,
-                                          retain=bool(msg.retain)))
+        payload = bytes(msg.payload)
+        self._inbox.append(InboundMessage(topic=msg.topic, payload=payload, qos=msg.qos,
+                                          retain=bool(msg.retain), mid=msg.mid))
+        self._inbox_bytes += len(payload)
         self._inbox_event.set()
         # Never pause while a SUBACK/UNSUBACK is awaited: it sits behind the backlog, and the
         # caller may only start consuming once the subscribe returns.
-        if len(self._inbox) >= _HIGH_WATER and not self._subs and not self._unsubs:
+        if (len(self._inbox) >= _HIGH_WATER or self._inbox_bytes >= _HIGH_WATER_BYTES) \
+                and not self._subs and not self._unsubs:
             self._pause_reading()
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from pear_mqtt import pki as pkimod
 from pear_mqtt.agent import (
     CSV_COLUMNS,
     AgentReport,
@@ -527,11 +528,13 @@ async def test_simulation_paces_and_stops_promptly() -> None:
 # -- configuration and CLI --------------------------------------------------------------------
 
 def agent_config(tmp_path: Path, **over: Any) -> Path:
-    tls = {}
-    for name in ("ca_file", "cert_file", "key_file"):
-        p = tmp_path / f"{name}.pem"
-        p.write_text("placeholder")  # validate(for_connect) checks readability only
-        tls[name] = p
+    if not (tmp_path / "ca").exists():  # validate(for_connect) parses the TLS material
+        pkimod.create_ca(directory=tmp_path / "ca", network="testnet")
+        pkimod.issue(ca_dir=tmp_path / "ca", out_dir=tmp_path / "certs", role="node",
+                     member="acme", node="till-3")
+    certs = tmp_path / "certs"
+    tls = {"ca_file": tmp_path / "ca" / pkimod.CA_CERT, "cert_file": certs / "node-acme-till-3.crt",
+           "key_file": certs / "node-acme-till-3.key"}
     config = NetworkConfig(
         mode=NetworkMode.CONSORTIUM, company_id="acme", network_id="testnet", node_id="till-3",
         broker_url="mqtts://localhost:1", tls=TLSConfig(**tls),

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
+from pear_mqtt import pki as pkimod
 from pear_mqtt.cli import main
 from pear_mqtt.config import NetworkConfigManager, default_sharing
 from pear_mqtt.errors import ConfigError, TopicError
@@ -47,13 +48,15 @@ def _clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def pem(tmp_path: Path) -> dict[str, Path]:
-    """Three non-empty stand-in files for the TLS material (validate only reads them)."""
-    paths = {}
-    for name in ("ca_file", "cert_file", "key_file"):
-        p = tmp_path / f"{name}.pem"
-        p.write_text("-----BEGIN STAND-IN-----\n")
-        paths[name] = p
-    return paths
+    """Real TLS material: validate(for_connect=True) parses it (CA, issuer, validity, key)."""
+    return real_tls_files(tmp_path)
+
+
+def real_tls_files(tmp_path: Path) -> dict[str, Path]:
+    pkimod.create_ca(directory=tmp_path / "ca", network="retail")
+    certs = pkimod.issue(ca_dir=tmp_path / "ca", out_dir=tmp_path / "certs", role="node",
+                         member="acme", node="store-1")
+    return {"ca_file": certs.ca, "cert_file": certs.cert, "key_file": certs.key}
 
 
 def _tls(pem: dict[str, Path]) -> TLSConfig:

@@ -251,6 +251,21 @@ def test_sequence_numbers_grow_and_survive_restart(pki: PKI) -> None:
     assert json.loads(again.encode(kind="state", body=0))["seq"] > seqs[-1]
 
 
+def test_persisted_sequence_survives_a_clock_stepped_back(pki: PKI, tmp_path: Path) -> None:
+    seq_file = tmp_path / "outbox.sqlite.seq"
+    first = pki.codec(clock=Clock(NOW + 120))  # ran two minutes fast
+    first.persist_sequence(seq_file)
+    last = max(json.loads(first.encode(kind="state", body=i))["seq"] for i in range(3))
+    again = pki.codec(clock=Clock(NOW))  # restarted with the corrected clock
+    assert json.loads(again.encode(kind="state", body=0))["seq"] < last  # the failure mode
+    fixed = pki.codec(clock=Clock(NOW))
+    fixed.persist_sequence(seq_file)
+    assert json.loads(fixed.encode(kind="state", body=0))["seq"] > last
+    seq_file.write_text("garbage")
+    with pytest.raises(ConfigError, match="sequence reservation"):
+        pki.codec().persist_sequence(seq_file)
+
+
 def test_encrypted_round_trip_hides_body(pki: PKI) -> None:
     keys = group_keys("k1", active="k1")
     tx, rx = pki.codec(encryption=keys), pki.codec("bob", encryption=keys)
