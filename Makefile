@@ -78,11 +78,13 @@ container-test: $(STAMP)
 # even when a scenario fails, so its figures show what went wrong; the exit status is the
 # tests'.
 FAULTS_RESULTS := .pear/faults/results.jsonl
+# Fuzzed payloads per bulk hostile-input test (make test runs 10,000; the issue asks >= 100,000).
+FUZZ_N ?= 100000
 
 faults soak: $(STAMP)
 	@mkdir -p $(dir $(FAULTS_RESULTS)) && rm -f $(FAULTS_RESULTS)
 	@status=0; \
-	PEAR_FAULTS_RESULTS=$(FAULTS_RESULTS) $(if $(filter soak,$@),PEAR_SOAK=1) \
+	PEAR_FAULTS_RESULTS=$(FAULTS_RESULTS) PEAR_FUZZ_N=$(FUZZ_N) $(if $(filter soak,$@),PEAR_SOAK=1) \
 		$(BIN)/python -m pytest tests/integration/faults -p no:cacheprovider \
 		--durations=10 $(PYTEST_ARGS) || status=$$?; \
 	$(BIN)/python tests/integration/faults/faults_report.py $(FAULTS_RESULTS) \

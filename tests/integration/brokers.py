@@ -23,6 +23,7 @@ builds a broker of the selected backend; the test bodies do not change.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import os
@@ -49,6 +50,9 @@ from pear_mqtt.brokerconf import Mode, render
 from pear_mqtt.errors import BrokerError
 from pear_mqtt.pki import CertPaths
 from pear_mqtt.types import TLSConfig
+
+#: The test networks' group key "k1" (AES-256, fixed so failures are reproducible).
+GROUP_KEY = base64.b64encode(bytes(range(32))).decode()
 
 __all__ = [
     "BACKEND",

@@ -23,7 +23,6 @@ every broker it started is attached to its report.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import pytest
 from brokers import (
     BACKEND,
+    GROUP_KEY,
     MosquittoBroker,
     NetworkPKI,
     backend_problem,
@@ -139,7 +139,6 @@ def unique_id() -> str:
 
 # -- pear_mqtt node configs for the test network ------------------------------------------------
 
-GROUP_KEY = base64.b64encode(bytes(range(32))).decode()  # the test group key "k1"
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ agent's stderr lines, each with a timeout.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import MosquittoBroker, NetworkPKI
+from brokers import GROUP_KEY, MosquittoBroker, NetworkPKI
 
 from pear_mqtt.config import NetworkConfigManager
 from pear_mqtt.envelope import generate_x25519_key, save_x25519_public_key
@@ -35,7 +34,6 @@ from pear_mqtt.types import (
     ReliabilityConfig,
 )
 
-GROUP_KEY = base64.b64encode(bytes(range(32))).decode()
 REPO = Path(__file__).resolve().parents[2]
 SENT = re.compile(r"\bsent=(\d+)\b")
 

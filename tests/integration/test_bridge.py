@@ -12,7 +12,6 @@ test sleeps to synchronise: it waits on the bridge's status or on a marker messa
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import math
 import re
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import MosquittoBroker, MqttProbe, NetworkPKI, Received, probe
+from brokers import GROUP_KEY, MosquittoBroker, MqttProbe, NetworkPKI, Received, probe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -68,7 +67,6 @@ from pear_mqtt.types import (
     TrendData,
 )
 
-GROUP_KEY = base64.b64encode(bytes(range(32))).decode()
 SECRET = "s" * 32
 DAY = 86400
 K = 5

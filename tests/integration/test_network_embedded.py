@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import NetworkPKI, free_port
-from conftest import GROUP_KEY
+from brokers import GROUP_KEY, NetworkPKI, free_port
 from test_network import insight, take
 
 from pear_mqtt.embedded import EmbeddedBroker

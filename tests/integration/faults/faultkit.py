@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from brokers import NetworkPKI
+from brokers import GROUP_KEY, NetworkPKI
 
 from pear_mqtt.network import PearNetwork, ReceivedInsight
 from pear_mqtt.types import (
@@ -36,7 +35,6 @@ from pear_mqtt.types import (
     TrendData,
 )
 
-GROUP_KEY = base64.b64encode(bytes(range(32))).decode()
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import MosquittoBroker, NetworkPKI, probe
+from brokers import GROUP_KEY, MosquittoBroker, NetworkPKI, probe
 from faults_report import record
 from hostile_fuzz import (
     FUZZ_N,
@@ -77,7 +77,6 @@ from pear_mqtt.privacy import PrivacyFilter
 from pear_mqtt.topics import TopicError, TopicScheme, parse_topic
 from pear_mqtt.types import MarketInsight, NetworkConfig, SharingLevel
 
-GROUP_KEY = base64.b64encode(bytes(range(32))).decode()
 OTHER_KEY = "A" * 43 + "="
 SEED = 20261108
 WAIT = 120.0

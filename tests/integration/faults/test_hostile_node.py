@@ -29,8 +29,8 @@ What is proven:
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import gc
 import json
 import random
 import time
@@ -43,7 +43,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from brokers import MosquittoBroker, NetworkPKI, probe
+from brokers import GROUP_KEY, MosquittoBroker, NetworkPKI, probe
 from faults_report import record
 from hostile_fuzz import (
     FUZZ_N,
@@ -69,7 +69,6 @@ from pear_mqtt.privacy import PrivacyFilter
 from pear_mqtt.topics import TopicError, TopicScheme, parse_topic
 from pear_mqtt.types import MarketInsight, NetworkConfig, PriceData, SalesData, TrendData
 
-GROUP_KEY = base64.b64encode(bytes(range(32))).decode()  # the test network's group key "k1"
 OTHER_KEY = "A" * 43 + "="  # 32 bytes, not the network's group key
 SEED = 20261107
 WAIT = 60.0
@@ -125,8 +124,9 @@ class Watch:
             if remaining <= 0:
                 raise AssertionError(f"timed out waiting for {what}")
             self.changed.clear()
+            # Deliveries set the event; drop counters have none, so poll them too.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
+                await asyncio.wait_for(self.changed.wait(), min(remaining, 0.05))
 
 
 def drops(net: PearNetwork) -> Counter[str]:
@@ -487,6 +487,7 @@ async def test_memory_stays_bounded_under_a_flood_of_large_messages(
         loop = asyncio.get_running_loop()
         # Python-level allocations, where received payloads live: unlike RSS, their peak does
         # not depend on how much heap earlier tests left behind for reuse.
+        gc.collect()  # garbage an earlier test left must not count against this one
         tracemalloc.start()
         with RssSampler() as rss:
             await loop.run_in_executor(None, attacker.publish_all, (
