@@ -38,7 +38,7 @@ from test_bridge import Net, insight, net, yesterday
 __all__ = ["net"]  # the fixture, used by name below
 
 COMPANIES = 6
-PER_COMPANY = 250  # one category each: an envelope per item, so the kill lands mid-stream
+PER_COMPANY = 1000  # one category each: an envelope per item, so the kill lands mid-stream
 
 
 def _cli() -> str:
@@ -83,7 +83,7 @@ async def test_bridge_killed_mid_window_loses_and_double_counts_nothing(
             async with PearNetwork(net.node_config(net.member(f"c{c}"))) as node:
                 for i in range(PER_COMPANY):
                     await node.broadcast_market_insight(insight(
-                        f"kill/c{i:03d}", start=start + timedelta(hours=i % 23),
+                        f"kill/c{i:04d}", start=start + timedelta(hours=i % 23),
                         units=10.0 + i, price=1.0 + c / 10))
                 await node.flush(timeout=60)
 

@@ -357,5 +357,6 @@ async def test_empty_contribution_is_counted(net: Net, pki: NetworkPKI) -> None:
             evil.publish(scheme.insights(CATEGORIES[0]), b'{"v":2}')
         after = await wait(bridge, lambda s: s.dropped.get("unsupported_version", 0) >= 1)
     record("bridge: empty contribution", group="hostile", sent=0, delivered=0, lost=0,
-           refused=units(after) - units(before), notes="counted of 2 (bridge.py ignores b'')")
+           refused=units(after) - units(before),
+           notes="2 empty payloads (non-retained), both counted as malformed")
     assert units(after) - units(before) == 2
