@@ -17,17 +17,31 @@ from .errors import PearError
 
 __all__ = ["main"]
 
-_COMMAND_MODULES = ("config", "pki", "brokerconf", "embedded", "agent", "bridge", "up")
+# Command -> the module that registers it. Only the module of the command being run is
+# imported: an edge agent should not load the embedded broker (amqtt) or the orchestration.
+_COMMANDS = {"config": "config", "pki": "pki", "broker": "brokerconf", "embedded": "embedded",
+             "agent": "agent", "bridge": "bridge", "up": "up"}
+_COMMAND_MODULES = tuple(dict.fromkeys(_COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``pear-mqtt`` parser; with a known ``command``, only that command's module is
+    loaded (``--help`` and unknown commands load them all)."""
     parser = argparse.ArgumentParser(
         prog="pear-mqtt",
         description="Share retail market insights over MQTT without giving away private data.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _COMMAND_MODULES:
+    modules = (_COMMANDS[command],) if command in _COMMANDS else _COMMAND_MODULES
+    for name in modules:
         try:
             module = importlib.import_module(f"pear_mqtt.{name}")
         except ModuleNotFoundError as exc:
@@ -43,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pear-mqtt`` console script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(arguments))
+    args = parser.parse_args(arguments)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler: Callable[[argparse.Namespace], int] = args.handler

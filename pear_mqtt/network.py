@@ -74,6 +74,10 @@ log = logging.getLogger(__name__)
 _DEDUP_MEMORY = 200_000  # item ids remembered for de-duplication
 _SUBSCRIBER_QUEUE = 100_000  # unread insights per iterator before the oldest are dropped
 _MAX_INFLIGHT_ENVELOPES = 256
+# Bytes of unacknowledged envelopes (each also copied into paho's packet): a batch can be a few
+# hundred kB, and a full count window of them would hold tens of MB for no gain in speed (on
+# loopback half a MB in flight keeps the broker busy; the agent's RSS target is 60 MB).
+_MAX_INFLIGHT_BYTES = 512 * 1024
 # State checkpoints (Sparkplug's birth certificate, paged): besides one retained message per
 # (node, category), a node keeps its current states in retained pages, each one signed and
 # encrypted envelope holding the items of the state topics that hash to it. A late joiner
@@ -546,7 +550,7 @@ class PearNetwork:
 
     async def _flush_loop(self, conn: Connection) -> None:
         assert self._outbox is not None and self._codec is not None
-        window = asyncio.Semaphore(_MAX_INFLIGHT_ENVELOPES)
+        window = _Window(count=_MAX_INFLIGHT_ENVELOPES, nbytes=_MAX_INFLIGHT_BYTES)
         rel = self.config.reliability
         while not conn.closed.is_set():
             await self._work.wait()
@@ -554,7 +558,7 @@ class PearNetwork:
             if rel.batch_linger > 0:
                 await asyncio.sleep(rel.batch_linger)  # let a burst gather into one batch
             while not conn.closed.is_set():
-                rows = self._outbox.pending(limit=rel.batch_max_items * 8,
+                rows = self._outbox.pending(limit=rel.batch_max_items * 2,
                                             after_id=self._send_cursor)
                 if not rows:
                     if not await self._send_pages(conn, window, burst_end=True):
@@ -564,11 +568,11 @@ class PearNetwork:
                 self._send_cursor = rows[-1].id
                 for batch in _batches(rows, rel.batch_max_items):
                     for payload, ids in self._encode(batch):
-                        await window.acquire()
+                        await window.acquire(len(payload))
                         try:
                             self._publish(conn, batch[0], payload, ids, window)
                         except TransportError as exc:  # includes NotConnectedError
-                            window.release()
+                            window.release(len(payload))
                             log.info("publish stopped: %s", exc)
                             return
                 if not await self._send_pages(conn, window, burst_end=False):
@@ -580,7 +584,7 @@ class PearNetwork:
             self._force_pages = False  # flush() is satisfied
             self._idle.set()
 
-    async def _send_pages(self, conn: Connection, window: asyncio.Semaphore, *,
+    async def _send_pages(self, conn: Connection, window: _Window, *,
                           burst_end: bool) -> bool:
         """Send the changed checkpoint pages the pacing allows (all of them after
         :meth:`flush`); False if the connection broke."""
@@ -624,17 +628,18 @@ class PearNetwork:
                 log.warning("checkpoint page %d of %d states exceeds the message size limit",
                             page, len(entries))
                 continue
-            await window.acquire()
+            await window.acquire(len(payload))
             try:
                 fut = conn.publish(self._topics.checkpoint(self.config.node_id, page), payload,
                                    qos=1, retain=True)
             except TransportError as exc:
-                window.release()
+                window.release(len(payload))
                 self._dirty_pages[page] = None
                 log.info("publish stopped: %s", exc)
                 return False
             self._pages_inflight += 1
-            fut.add_done_callback(functools.partial(self._page_done, page=page, window=window))
+            fut.add_done_callback(functools.partial(self._page_done, page=page, window=window,
+                                                    nbytes=len(payload)))
         return True
 
     def _schedule_pages(self, delay: float) -> None:
@@ -646,8 +651,8 @@ class PearNetwork:
                 min(max(delay, 0.05), _PAGE_RETRY_MAX), wake)
 
     def _page_done(self, f: asyncio.Future[None], *, page: int,
-                   window: asyncio.Semaphore) -> None:
-        window.release()
+                   window: _Window, nbytes: int) -> None:
+        window.release(nbytes)
         self._pages_inflight -= 1
         if f.cancelled() or f.exception() is not None:
             self._dirty_pages[page] = None  # sent again after reconnecting
@@ -704,7 +709,7 @@ class PearNetwork:
         return [(payload, [r.id for r in batch])]
 
     def _publish(self, conn: Connection, first: OutboxItem, payload: bytes, ids: list[int],
-                 window: asyncio.Semaphore) -> None:
+                 window: _Window) -> None:
         rel = self.config.reliability
         fut = conn.publish(first.topic, payload, qos=rel.qos, retain=first.retain,
                            expiry=rel.message_expiry if first.retain else None)
@@ -712,8 +717,10 @@ class PearNetwork:
         self._counters.messages_out += 1
         sent_at = time.perf_counter()
 
+        nbytes = len(payload)
+
         def done(f: asyncio.Future[None]) -> None:
-            window.release()
+            window.release(nbytes)
             self._inflight_ids.difference_update(ids)
             if f.cancelled() or f.exception() is not None:
                 return  # the rows stay in the outbox and are sent again after reconnecting
@@ -1083,6 +1090,31 @@ class PearNetwork:
     @property
     def pseudonymizer(self) -> Pseudonymizer | None:
         return Pseudonymizer.from_config(self.config)
+
+
+class _Window:
+    """Flow control for unacknowledged publishes: at most ``count`` of them and ``nbytes``
+    bytes (one publish larger than that still goes, alone)."""
+
+    __slots__ = ("_bytes", "_count", "_freed", "_limit_bytes", "_limit_count")
+
+    def __init__(self, *, count: int, nbytes: int) -> None:
+        self._limit_count, self._limit_bytes = count, nbytes
+        self._count = self._bytes = 0
+        self._freed = asyncio.Event()
+
+    async def acquire(self, nbytes: int) -> None:
+        while self._count and (self._count >= self._limit_count
+                               or self._bytes + nbytes > self._limit_bytes):
+            self._freed.clear()
+            await self._freed.wait()
+        self._count += 1
+        self._bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self._count -= 1
+        self._bytes -= nbytes
+        self._freed.set()
 
 
 def _batches(rows: list[OutboxItem], limit: int) -> Iterator[list[OutboxItem]]:
