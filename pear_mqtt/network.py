@@ -443,7 +443,9 @@ class PearNetwork:
                          conn.close_reason)
                 # When a broker restarts, all its clients see the loss at the same instant;
                 # a random first delay spreads their reconnects instead of a storm.
-                await asyncio.sleep(random.uniform(0, rel.reconnect_min_delay))
+                jitter = (rel.reconnect_jitter if rel.reconnect_jitter is not None
+                          else 10 * rel.reconnect_min_delay)
+                await asyncio.sleep(random.uniform(0, jitter))
 
     def _explain_refusal(self, exc: ConnectError) -> str:
         """The connect error, with what is wrong with our own TLS files when that is why

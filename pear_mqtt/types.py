@@ -245,6 +245,10 @@ class ReliabilityConfig(_Frozen):
     outbox_max_age: Annotated[float, Field(gt=0)] = 7 * 86400.0
     reconnect_min_delay: Annotated[float, Field(gt=0)] = 0.5
     reconnect_max_delay: Annotated[float, Field(gt=0)] = 60.0
+    # Window (s) a node spreads its first reconnect over after losing the broker: a restarted
+    # broker sees its whole fleet come back at once otherwise. None: 10 x reconnect_min_delay
+    # (5 s by default: 1,000 nodes then arrive ~10 per 50 ms).
+    reconnect_jitter: Annotated[float, Field(ge=0, le=600)] | None = None
     batch_max_items: Annotated[int, Field(ge=1, le=10000)] = 256
     batch_linger: Annotated[float, Field(ge=0, le=5)] = 0.002  # s to wait for more insights
 

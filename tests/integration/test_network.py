@@ -276,10 +276,11 @@ async def test_reconnects_after_a_broker_restart_are_spread_not_a_storm(
         make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
         pki: NetworkPKI) -> None:
     """Every client of a restarting broker loses its connection at the same instant; the
-    random first delay (up to reconnect_min_delay) must spread the reconnects out."""
+    random first delay (up to reconnect_jitter) must spread the reconnects out."""
     n, spread = 24, 1.0
-    nodes = [PearNetwork(make_config("acme", node=f"store-{i}", reconnect_min_delay=spread,
-                                     reconnect_max_delay=4.0)) for i in range(n)]
+    nodes = [PearNetwork(make_config("acme", node=f"store-{i}", reconnect_jitter=spread,
+                                     reconnect_min_delay=0.5, reconnect_max_delay=4.0))
+             for i in range(n)]
     await asyncio.gather(*(node.connect() for node in nodes))
     try:
         mosquitto.restart(kill=True)

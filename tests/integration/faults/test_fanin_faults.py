@@ -7,7 +7,7 @@ presence, N² messages that cost each real agent little but would cost this one 
 minutes (measured: 200 consortium nodes in one process spent ~40 s of CPU on presence alone).
 What the scenario proves:
 
-- reconnects are spread by the jittered first delay (``reconnect_min_delay``), not a storm:
+- reconnects are spread by the jittered first delay (``reconnect_jitter``), not a storm:
   the connection attempts reaching the broker after its restart (timed by a
   :class:`faultproxy.FaultProxy` in front of it, so this process's own scheduling does not
   blur them) are measured: the span from first to last and the most inside any 50 ms window;
@@ -34,7 +34,7 @@ from pear_mqtt.errors import EnvelopeError
 from pear_mqtt.network import PearNetwork
 from pear_mqtt.types import EncryptionConfig, NetworkConfig, NetworkMode
 
-JITTER = 1.0  # reconnect_min_delay: the first reconnect waits uniform(0, 1 s)
+JITTER = 1.0  # reconnect_jitter: the first reconnect waits uniform(0, 1 s)
 
 
 def _delivered(broker: MosquittoBroker, pki: NetworkPKI, n: int) -> tuple[set[str], int]:
@@ -62,7 +62,8 @@ async def _restart_with_many_nodes(broker: MosquittoBroker, proxy: FaultProxy,
                                    ) -> dict[str, float | int]:
     mem = PeakRSS()
     nodes = [PearNetwork(node(f"f{i:04d}", proxy.url, mode=NetworkMode.PRIVATE,
-                              reconnect_min_delay=JITTER, reconnect_max_delay=4.0))
+                              reconnect_jitter=JITTER, reconnect_min_delay=0.5,
+                              reconnect_max_delay=4.0))
              for i in range(n)]
     try:
         for i in range(0, n, 50):  # in waves: a first start is not the scenario
