@@ -380,9 +380,10 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         "is N over the bridge process's own CPU time (utime + stime from /proc/<pid>/stat), "
         "so it is insights aggregated per core whatever else runs on the machine.",
         "- **rss**: `pear-mqtt agent --simulate --rate 0 --count N` with its on-disk SQLite "
-        "outbox, to completion; peak RSS is the kernel's high-water mark of the reaped "
-        "process (`wait4` ru_maxrss, as VmHWM in /proc/<pid>/status), RSS is also sampled "
-        "every 50 ms.",
+        "outbox, to completion; peak RSS is the agent's own high-water mark (VmHWM in "
+        "/proc/<pid>/status, sampled every 10 ms until it exits). `wait4`'s ru_maxrss is "
+        "shown too but overstates: Linux carries the spawning benchmark process's high-water "
+        "mark across execve.",
         "- **fanin**: the agents are `PearNetwork` nodes, one certificate each (issued with "
         "`pear_mqtt.pki.issue` into per-process copies of the CA, because one CA directory's "
         "registry makes issuing quadratic), a few hundred per process on one asyncio loop "
@@ -534,7 +535,7 @@ def load_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, str,
         row("bridge: wall-clock ingest rate", "insights/s", br["wall_rate"], ",.0f")
     rss = results.get("rss")
     if rss:
-        row("agent peak RSS (ru_maxrss)", "MB", rss["peak_mb"], ".1f",
+        row("agent peak RSS (VmHWM)", "MB", rss["peak_mb"], ".1f",
             f"<= {rss['target_mb']:g} {_verdict(rss['ok'])}")
         row("agent send rate (--rate 0, incl. start-up)", "insights/s", rss["rate"], ",.0f")
     fi = results.get("fanin")
@@ -670,7 +671,7 @@ def _md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
     if rss:
         rows = [[k, f"{rss[k]['min']:,.{d}f}", f"{rss[k]['median']:,.{d}f}",
                  f"{rss[k]['max']:,.{d}f}"]
-                for k, d in (("peak_mb", 1), ("sampled_hwm_mb", 1), ("median_rss_mb", 1),
+                for k, d in (("peak_mb", 1), ("ru_maxrss_mb", 1), ("median_rss_mb", 1),
                              ("rate", 0), ("seconds", 2))]
         out += ["### Edge agent memory", "",
                 f"`pear-mqtt agent --simulate --rate 0 --count {rss['items']['max']:,.0f}` "
