@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from brokers import MosquittoBroker
 from faultkit import Collector, peak_rss_mb
@@ -33,47 +31,15 @@ from pear_mqtt.network import PearNetwork
 from pear_mqtt.outbox import Outbox
 from pear_mqtt.types import NetworkConfig
 
-REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_agent import AgentProcess
+
 SENT = re.compile(r"\bsent=(\d+)\b")
 AGENT_MEMORY_BOUND_MB = 200
 
 
-class Agent:
-    """``python -m pear_mqtt.cli agent ...``; stderr lines are read as they come."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.stderr: list[str] = []
-        self._lines: asyncio.Queue[str] = asyncio.Queue()
-        self._reader = asyncio.create_task(self._read())
-
-    @classmethod
-    async def start(cls, *args: str | Path) -> Agent:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PEAR_")}
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "pear_mqtt.cli", "agent", *map(str, args), cwd=REPO,
-            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        return cls(proc)
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            text = line.decode(errors="replace").rstrip("\n")
-            self.stderr.append(text)
-            self._lines.put_nowait(text)
-
-    async def wait_line(self, predicate: Callable[[str], bool], timeout: float) -> str:
-        async def look() -> str:
-            while True:
-                line = await self._lines.get()
-                if predicate(line):
-                    return line
-        try:
-            return await asyncio.wait_for(look(), timeout)
-        except TimeoutError:
-            raise AssertionError("agent never printed the expected line; stderr:\n"
-                                 + "\n".join(self.stderr[-30:])) from None
+class Agent(AgentProcess):
+    """test_agent's agent subprocess, plus a SIGKILL that reports its peak memory."""
 
     async def kill(self) -> float | None:
         """SIGKILL; returns the peak RSS (MiB) it reached."""
@@ -82,21 +48,6 @@ class Agent:
         await asyncio.wait_for(self.proc.wait(), 10)
         await asyncio.wait_for(self._reader, 10)
         return peak
-
-    async def finish(self, timeout: float) -> tuple[int, dict[str, Any]]:
-        assert self.proc.stdout is not None
-        try:
-            out, _ = await asyncio.wait_for(
-                asyncio.gather(self.proc.stdout.read(), self.proc.wait()), timeout)
-            await asyncio.wait_for(self._reader, timeout)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-            raise AssertionError("agent did not exit (a hang); stderr:\n"
-                                 + "\n".join(self.stderr[-30:])) from None
-        lines = out.decode().strip().splitlines()
-        assert lines, "no report on stdout; stderr:\n" + "\n".join(self.stderr[-30:])
-        return self.proc.returncode or 0, json.loads(lines[-1])
 
 
 async def test_agent_killed_while_flushing_loses_nothing(
