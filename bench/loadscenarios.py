@@ -22,6 +22,7 @@ from typing import Any
 
 from .env import BRIDGE_COMPANIES, BenchEnv, Broker
 from .procs import Worker, WorkerError
+from .scenarios import run_pair
 from .workers import pear_config
 
 __all__ = ["LoadParams", "cdf_points", "percentile", "run_bridge", "run_fanin",
@@ -79,17 +80,6 @@ def _summary(lat: list[float]) -> dict[str, Any]:
             if lat else math.nan, "sorted": lat}
 
 
-def _pair(receiver: Worker, sender: Worker, timeout: float) -> tuple[dict[str, Any],
-                                                                     dict[str, Any]]:
-    with receiver, sender:
-        receiver.ready()
-        sender.ready()
-        sender.go()
-        sent = sender.result(timeout)
-        got = receiver.result(timeout)
-    return got, sent
-
-
 def run_latency(env: BenchEnv, lp: LoadParams, variant: str) -> dict[str, Any]:
     """One-way latency at ``lat_rate``/s: ``raw`` paho QoS 1, or ``pear`` with
     ``batch_linger = lat_linger``, or ``pear_default`` with pear's default linger."""
@@ -103,7 +93,7 @@ def run_latency(env: BenchEnv, lp: LoadParams, variant: str) -> dict[str, Any]:
                                     "skip": skip, "timeout": timeout})
         tx = Worker("lat_raw_pub", {**common, "member": "acme", "client_id": "bench-lat-pub",
                                     "rate": lp.lat_rate, "size": lp.lat_size})
-        got, sent = _pair(rx, tx, timeout + 30)
+        got, sent = run_pair(rx, tx, timeout + 30)
         if got["received"] != total:
             raise WorkerError(f"latency raw: subscriber got {got['received']} of {total}")
         lat = got["latency_ms"]
@@ -115,7 +105,7 @@ def run_latency(env: BenchEnv, lp: LoadParams, variant: str) -> dict[str, Any]:
         tx = Worker("lat_pear_pub", {"env": env, "member": "acme", "total": total,
                                      "skip": skip, "rate": lp.lat_rate, "categories": 16,
                                      "linger": linger})
-        got, sent = _pair(rx, tx, timeout + 30)
+        got, sent = run_pair(rx, tx, timeout + 30)
         if got["received"] != total:
             raise WorkerError(f"latency {variant}: receiver got {got['received']} of {total}")
         at, cb = got["at_iterator"], got["at_callback"]

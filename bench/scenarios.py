@@ -41,7 +41,7 @@ class Params:
     timeout: float = 600.0
 
 
-def _pair(receiver: Worker, sender: Worker, timeout: float) -> tuple[dict[str, Any],
+def run_pair(receiver: Worker, sender: Worker, timeout: float) -> tuple[dict[str, Any],
                                                                      dict[str, Any]]:
     """Start both, wait until both are connected (receiver subscribed), go, collect."""
     with receiver, sender:
@@ -65,7 +65,7 @@ def run_a(env: BenchEnv, p: Params, *, profile: dict[str, str | None] | None = N
                             "topic": topic, "n": p.n, "size": p.size, "window": p.window,
                             "pub_window": p.pub_window, "protocol": p.protocol,
                             "profile": prof.get("tx")})
-    got, sent = _pair(rx, tx, p.timeout)
+    got, sent = run_pair(rx, tx, p.timeout)
     if got["received"] != p.n:
         raise WorkerError(f"A: subscriber got {got['received']} of {p.n}")
     elapsed = got["t_last"] - sent["t_start"]
@@ -164,7 +164,7 @@ def run_p(env: BenchEnv, p: Params, *, profile: dict[str, str | None] | None = N
     tx = Worker("pear_pub", {"env": env, "member": "acme", "n": p.n,
                              "categories": p.categories, "outbox": p.outbox,
                              "profile": prof.get("tx")})
-    got, sent = _pair(rx, tx, p.timeout)
+    got, sent = run_pair(rx, tx, p.timeout)
     if got["received"] != p.n or got["distinct"] != p.n:
         raise WorkerError(f"P: receiver got {got['received']} ({got['distinct']} distinct) "
                           f"of {p.n}")

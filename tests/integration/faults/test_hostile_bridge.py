@@ -22,14 +22,13 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytest
-from brokers import GROUP_KEY, MosquittoBroker, NetworkPKI, probe
+from brokers import GROUP_KEY, NetworkPKI, probe
 from faults_report import record
 from hostile_fuzz import (
     FUZZ_N,
@@ -57,6 +56,7 @@ from test_bridge import (
     cells_of,
     close_window,
     insight,
+    net,
     publish,
     published,
     reference,
@@ -66,10 +66,7 @@ from test_bridge import (
 
 from pear_mqtt.bridge import Bridge, BridgeStatus
 from pear_mqtt.envelope import (
-    generate_x25519_key,
     load_x25519_public_key,
-    save_x25519_private_key,
-    save_x25519_public_key,
     seal,
 )
 from pear_mqtt.network import PearNetwork
@@ -77,24 +74,12 @@ from pear_mqtt.privacy import PrivacyFilter
 from pear_mqtt.topics import TopicError, TopicScheme, parse_topic
 from pear_mqtt.types import MarketInsight, NetworkConfig, SharingLevel
 
+__all__ = ["net"]  # test_bridge's fixture, used by name
+
 OTHER_KEY = "A" * 43 + "="
 SEED = 20261108
 WAIT = 120.0
 CATEGORIES = ("fz/alpha", "fz/beta")
-
-
-@pytest.fixture
-def net(pki: NetworkPKI, mosquitto_factory: Callable[..., MosquittoBroker],
-        tmp_path: Path) -> Iterator[Net]:
-    consortium = mosquitto_factory(mode="consortium")
-    public = mosquitto_factory(mode="public")
-    key = generate_x25519_key()
-    key_file, pub_file = tmp_path / "aggregator.key", tmp_path / "aggregator.pub"
-    save_x25519_private_key(key, key_file)
-    save_x25519_public_key(key.public_key(), pub_file)
-    with probe(public, subscribe=["#"]) as spy:
-        yield Net(pki=pki, consortium=consortium, public=public, key_file=key_file,
-                  pub_file=pub_file, root=tmp_path, spy=spy)
 
 
 def item_of(config: NetworkConfig, it: MarketInsight, pub_file: Path, *,
