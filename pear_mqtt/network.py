@@ -92,6 +92,17 @@ _PAGE_BUDGET_CAP = 64 * 1024 * 1024
 _PAGE_MIN_GROWTH = 16 * 1024  # changed bytes that justify a refresh mid-stream
 _PAGE_MIN_INTERVAL = 1.0  # s between two refreshes of one page when a burst ends
 _PAGE_RETRY_MAX = 5.0  # longest wait (s) before a deferred page is considered again
+# broadcast_market_insight never has to wait, so a caller broadcasting in a tight loop would
+# hold the event loop until it is done: nothing sent, no acks read, no keep-alives. It hands
+# the loop over when this much time (s) has passed since it last did, so sending overlaps
+# the caller's own work.
+_BROADCAST_YIELD_INTERVAL = 0.001
+# Above this many insights per second the flusher lingers longer (see PearNetwork._linger).
+_BUSY_RATE = 4000
+_MAX_LINGER_FACTOR = 10
+_TOPIC_CACHE = 4096  # categories whose topic strings are kept
+_STATE_MAX_DEFER = 0.5  # s a retained state may be held back while insights keep coming
+_STATE_QUIET = 0.02  # s without a broadcast that ends a burst (held states go then)
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +292,11 @@ class PearNetwork:
         self._page_timer: asyncio.TimerHandle | None = None
         self._seeded = config.mode is NetworkMode.PUBLIC
         self._seeding = False
+        self._yielded_at = self._broadcast_at = time.monotonic()
+        self._category_topics: dict[str, tuple[str, str | None]] = {}
+        # State rows held back while a burst lasts: key -> newest row, and since when.
+        self._deferred_states: dict[str, OutboxItem] = {}
+        self._deferred_since = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self, *, timeout: float = 10.0, wait: bool = True) -> None:
@@ -437,6 +453,7 @@ class PearNetwork:
                     self._tasks.discard(task)
                 self._inflight_ids.clear()
                 self._send_cursor = 0
+                self._deferred_states.clear()  # still in the outbox: fetched again
             if not self._closing:
                 self._counters.reconnects += 1
                 log.info("connection to %s lost (%s); reconnecting", self.config.broker_url,
@@ -519,10 +536,13 @@ class PearNetwork:
             self._counters.dropped["aggregated_without_aggregator_key"] += 1
         parts.append(b"}")
         payload = b"".join(parts)
-        new = [NewItem(topic=self._topics.insights(insight.category), payload=payload,
-                       kind="contrib" if self.config.mode is NetworkMode.PUBLIC else "insight")]
-        if self.config.mode is not NetworkMode.PUBLIC:
-            state_topic = self._topics.state(self.config.node_id, insight.category)
+        topics = self._category_topics.get(insight.category)
+        if topics is None:
+            topics = self._topics_for(insight.category)
+        live_topic, state_topic = topics
+        new = [NewItem(topic=live_topic, payload=payload,
+                       kind="contrib" if state_topic is None else "insight")]
+        if state_topic is not None:
             new.append(NewItem(topic=state_topic, payload=payload, kind="state",
                                key=state_topic, retain=True))
         try:
@@ -533,7 +553,21 @@ class PearNetwork:
         self._counters.insights_out += 1
         self._idle.clear()
         self._work.set()
+        now = self._broadcast_at = time.monotonic()
+        if now - self._yielded_at >= _BROADCAST_YIELD_INTERVAL:
+            self._yielded_at = now
+            await asyncio.sleep(0)
         return item_id
+
+    def _topics_for(self, category: str) -> tuple[str, str | None]:
+        """(live topic, state topic or None in public mode) of ``category``, remembered."""
+        live = self._topics.insights(category)
+        state = (None if self.config.mode is NetworkMode.PUBLIC
+                 else self._topics.state(self.config.node_id, category))
+        if len(self._category_topics) >= _TOPIC_CACHE:
+            self._category_topics.clear()
+        self._category_topics[category] = (live, state)
+        return live, state
 
     async def flush(self, *, timeout: float | None = None) -> None:
         """Wait until the broker acknowledged everything broadcast so far, including the
@@ -558,27 +592,91 @@ class PearNetwork:
             await self._work.wait()
             self._work.clear()
             if rel.batch_linger > 0:
-                await asyncio.sleep(rel.batch_linger)  # let a burst gather into one batch
+                await self._linger(rel.batch_linger, rel.batch_max_items)
             while not conn.closed.is_set():
                 rows = self._outbox.pending(limit=rel.batch_max_items * 2,
                                             after_id=self._send_cursor)
                 if not rows:
-                    if not await self._send_pages(conn, window, burst_end=True):
+                    if self._deferred_states and not self._force_pages:
+                        quiet = time.monotonic() - self._broadcast_at
+                        if quiet < _STATE_QUIET and time.monotonic() - self._deferred_since \
+                                < _STATE_MAX_DEFER:
+                            # Insights are still coming: hold the states a little longer.
+                            self._schedule_pages(_STATE_QUIET - quiet)
+                            break
+                    if not (await self._send_states(conn, window)
+                            and await self._send_pages(conn, window, burst_end=True)):
                         return
                     self._maybe_idle()
                     break
                 self._send_cursor = rows[-1].id
-                for batch in _batches(rows, rel.batch_max_items):
-                    for payload, ids in self._encode(batch):
-                        await window.acquire(len(payload))
-                        try:
-                            self._publish(conn, batch[0], payload, ids, window)
-                        except TransportError as exc:  # includes NotConnectedError
-                            window.release(len(payload))
-                            log.info("publish stopped: %s", exc)
-                            return
+                live = []
+                for row in rows:
+                    if row.kind != "state":
+                        live.append(row)
+                        continue
+                    if not self._deferred_states:
+                        self._deferred_since = time.monotonic()
+                    # A newer state of the same category replaces the held one in the outbox
+                    # too, so only the newest is ever signed and sent.
+                    self._deferred_states.pop(row.key or row.topic, None)
+                    self._deferred_states[row.key or row.topic] = row
+                for batch in _batches(live, rel.batch_max_items):
+                    if not await self._send_batch(conn, window, batch):
+                        return
+                if (self._deferred_states
+                        and time.monotonic() - self._deferred_since >= _STATE_MAX_DEFER
+                        and not await self._send_states(conn, window)):
+                    return
                 if not await self._send_pages(conn, window, burst_end=False):
                     return
+
+    async def _send_batch(self, conn: Connection, window: _Window,
+                          batch: list[OutboxItem]) -> bool:
+        """Sign and publish ``batch``; False if the connection broke."""
+        for payload, ids in self._encode(batch):
+            await window.acquire(len(payload))
+            try:
+                self._publish(conn, batch[0], payload, ids, window)
+            except TransportError as exc:  # includes NotConnectedError
+                window.release(len(payload))
+                log.info("publish stopped: %s", exc)
+                return False
+        return True
+
+    async def _send_states(self, conn: Connection, window: _Window) -> bool:
+        """Send the held-back retained states, one message each (oldest change first).
+
+        During a burst a category's state changes with every insight; it only has to reach
+        the broker eventually (the live insight already went out), so it waits for the burst
+        to end, or :data:`_STATE_MAX_DEFER` at most, and one signature covers many updates.
+        """
+        while self._deferred_states:
+            key = next(iter(self._deferred_states))
+            row = self._deferred_states.pop(key)
+            if not await self._send_batch(conn, window, [row]):
+                return False
+        return True
+
+    async def _linger(self, linger: float, batch_max: int) -> None:
+        """Let a burst gather into one batch: ``linger`` seconds, and more while insights keep
+        arriving fast, up to :data:`_MAX_LINGER_FACTOR` times ``linger`` or a full batch.
+
+        Each envelope costs a signature here and a verification at every receiver (~40 and
+        ~120 µs), so a sender broadcasting thousands per second spends most of its time on
+        envelopes of two or three insights unless it waits a little longer; at a trickle the
+        wait stays ``linger``.
+        """
+        started = self._counters.insights_out
+        waited = 0.0
+        while True:
+            before = self._counters.insights_out
+            await asyncio.sleep(linger)
+            waited += linger
+            arrived = self._counters.insights_out - before
+            if (arrived < _BUSY_RATE * linger or waited >= _MAX_LINGER_FACTOR * linger
+                    or self._counters.insights_out - started >= batch_max):
+                return
 
     def _maybe_idle(self) -> None:
         if (self._outbox is not None and not self._inflight_ids and self._outbox.depth == 0

@@ -507,18 +507,26 @@ class _Split:
 def _observations(data: BaseModel) -> dict[str, float | str]:
     """Set fields of a group model, numbers as floats; unknown value types fail closed."""
     out: dict[str, float | str] = {}
+    units_only = True
     # A model's __dict__ holds exactly its fields; reading it avoids pydantic's per-access
-    # machinery on this per-insight path.
+    # machinery on this per-insight path. Exact type checks first: isinstance() is the slow
+    # path, kept for subclasses (and to refuse bool, which is an int).
     for name, value in vars(data).items():
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise PrivacyError(f"{name}: cannot classify a {type(value).__name__} value for "
+        kind = type(value)
+        if kind is float or kind is str:
+            out[name] = value
+        elif kind is int:
+            out[name] = float(value)
+        elif isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise PrivacyError(f"{name}: cannot classify a {kind.__name__} value for "
                                "the privacy filter")
-        out[name] = float(value) if isinstance(value, int | float) else value
-    if all(name in _UNIT_FIELDS for name in out):
-        return {}
-    return out
+        else:
+            out[name] = float(value) if isinstance(value, int | float) else value
+        if units_only and name not in _UNIT_FIELDS:
+            units_only = False
+    return {} if units_only else out
 
 
 class PrivacyFilter:
@@ -617,7 +625,8 @@ class PrivacyFilter:
             shared["company"] = sp.shared_company
         if sp.shared_store is not None:
             shared["store"] = sp.shared_store
-        shared["levels"] = sp.levels
+        # Plain strings: pydantic_core serialises an Enum member through a Python fallback.
+        shared["levels"] = {group: level.value for group, level in sp.levels.items()}
         shared["groups"] = sp.groups
         contribution = None
         if sp.aggregated:
