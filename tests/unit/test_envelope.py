@@ -468,6 +468,36 @@ def test_one_signature_check_per_batch(pki: PKI, monkeypatch: pytest.MonkeyPatch
     assert len(calls) == 1 and calls[0] == wire.rindex(b',"sig":"') + 1
 
 
+def test_libsodium_signatures_are_openssl_signatures(pki: PKI) -> None:
+    """Ed25519 is deterministic: the libsodium path signs exactly as OpenSSL does, and what
+    either signs verifies with the other."""
+    data = b'{"v":1,"kind":"insights"}' * 40
+    ours = pki.signer().sign(data)
+    assert ours == pki.alice_key.sign(data)
+    pki.alice.public_key().verify(ours, data)  # OpenSSL accepts libsodium's signature
+    verified = pki.trust().verify_certificate(der(pki.alice), now=NOW)
+    assert verified.raw_ed25519 == pki.alice.public_key().public_bytes_raw()
+    verified.verify(pki.alice_key.sign(data), data)  # and libsodium OpenSSL's
+
+
+@pytest.mark.parametrize("case", ["flipped bit", "short", "long", "borrowed prefix", "empty"])
+def test_libsodium_verification_refuses_bad_signatures(pki: PKI, case: str) -> None:
+    data = b'{"v":1,"kind":"insights","body":{"x":1}}'
+    sig = pki.alice_key.sign(data)
+    verified = pki.trust().verify_certificate(der(pki.alice), now=NOW)
+    bad_sig, bad_data = {
+        "flipped bit": (bytes([sig[0] ^ 1]) + sig[1:], data),
+        "short": (sig[:63], data),
+        "long": (sig + b"\0", data),
+        # libsodium reads signature and message from one buffer: a short "signature" must not
+        # borrow the message's first bytes.
+        "borrowed prefix": (sig[:60], sig[60:] + data),
+        "empty": (b"", sig + data),
+    }[case]
+    with pytest.raises(SignatureError, match="does not verify"):
+        verified.verify(bad_sig, bad_data)
+
+
 # -- header tampering and forgery -----------------------------------------------------------
 
 @pytest.mark.parametrize("edit", [
