@@ -844,12 +844,16 @@ class PearNetwork:
 
     # -- receiving ---------------------------------------------------------------------------
     async def _read_loop(self, conn: Connection) -> None:
-        async for msg in conn.messages():
-            try:
-                self._handle(msg)
-            except Exception:  # a receiver must never die on one message
-                log.exception("unexpected error handling a message on %r", msg.topic)
-                self._counters.dropped["internal_error"] += 1
+        # Handled in the socket callback as each message is read: no queue, no task switch.
+        conn.dispatch_to(self._handle_guarded)
+        await conn.closed.wait()
+
+    def _handle_guarded(self, msg: InboundMessage) -> None:
+        try:
+            self._handle(msg)
+        except Exception:  # a receiver must never die on one message
+            log.exception("unexpected error handling a message on %r", msg.topic)
+            self._counters.dropped["internal_error"] += 1
 
     def _handle(self, msg: InboundMessage) -> None:
         self._counters.messages_in += 1

@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +132,7 @@ class Connection:
         self._inbox: deque[InboundMessage] = deque()
         self._inbox_bytes = 0
         self._inbox_event = asyncio.Event()
+        self._handler: Callable[[InboundMessage], None] | None = None
         self._reading_paused = False
         self._flush_scheduled = False
         self._writer_armed = False
@@ -357,6 +358,30 @@ class Connection:
             self._inbox_event.clear()
             await self._inbox_event.wait()
 
+    def dispatch_to(self, handler: Callable[[InboundMessage], None]) -> None:
+        """Hand every message to ``handler`` as soon as it is read, instead of queueing it
+        for :meth:`messages` (what is queued already goes first).
+
+        Saves a task switch per message, which is most of a receiver's latency besides the
+        cryptography. ``handler`` runs inside the socket callback, so reading waits while it
+        works (back-pressure without a queue); it must not block, and an exception it raises
+        is logged and the message dropped.
+        """
+        self._handler = handler
+        pending = list(self._inbox)
+        self._inbox.clear()
+        self._inbox_bytes = 0
+        if self._reading_paused:
+            self._resume_reading()
+        for msg in pending:
+            self._dispatch(handler, msg)
+
+    def _dispatch(self, handler: Callable[[InboundMessage], None], msg: InboundMessage) -> None:
+        try:
+            handler(msg)
+        except Exception:  # a receiver must never die on one message
+            log.exception("message handler failed on %r", msg.topic)
+
     def drain_inbox(self) -> list[InboundMessage]:
         """Take every message received so far without waiting."""
         items = list(self._inbox)
@@ -522,6 +547,11 @@ class Connection:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
+        if self._handler is not None:
+            self._dispatch(self._handler, InboundMessage(
+                topic=msg.topic, payload=payload, qos=msg.qos, retain=bool(msg.retain),
+                mid=msg.mid))
+            return
         self._inbox.append(InboundMessage(topic=msg.topic, payload=payload, qos=msg.qos,
                                           retain=bool(msg.retain), mid=msg.mid))
         self._inbox_bytes += len(payload)
