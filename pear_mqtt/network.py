@@ -102,6 +102,9 @@ _BUSY_RATE = 4000
 _MAX_LINGER_FACTOR = 10
 _TOPIC_CACHE = 4096  # categories whose topic strings are kept
 _STATE_MAX_DEFER = 0.5  # s a retained state may be held back while insights keep coming
+# Retained states and pages sent per flusher round, so that a live insight never waits
+# behind a whole batch of them (each costs a signature).
+_BACKGROUND_PER_ROUND = 4
 _STATE_QUIET = 0.02  # s without a broadcast that ends a burst (held states go then)
 
 
@@ -297,6 +300,7 @@ class PearNetwork:
         # State rows held back while a burst lasts: key -> newest row, and since when.
         self._deferred_states: dict[str, OutboxItem] = {}
         self._deferred_since = 0.0
+        self._pages_cut = False  # the last _send_pages stopped at its limit
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self, *, timeout: float = 10.0, wait: bool = True) -> None:
@@ -588,10 +592,16 @@ class PearNetwork:
         assert self._outbox is not None and self._codec is not None
         window = _Window(count=_MAX_INFLIGHT_ENVELOPES, nbytes=_MAX_INFLIGHT_BYTES)
         rel = self.config.reliability
+        woke_at, woke_count = time.monotonic(), self._counters.insights_out
         while not conn.closed.is_set():
             await self._work.wait()
             self._work.clear()
-            if rel.batch_linger > 0:
+            now, count = time.monotonic(), self._counters.insights_out
+            # Batching only pays under load: an insight arriving after a quiet spell goes at
+            # once (the latency a trickle sees), a stream of them lingers into batches.
+            busy = count - woke_count >= _BUSY_RATE * max(now - woke_at, rel.batch_linger)
+            woke_at, woke_count = now, count
+            if rel.batch_linger > 0 and busy:
                 await self._linger(rel.batch_linger, rel.batch_max_items)
             while not conn.closed.is_set():
                 rows = self._outbox.pending(limit=rel.batch_max_items * 2,
@@ -604,9 +614,14 @@ class PearNetwork:
                             # Insights are still coming: hold the states a little longer.
                             self._schedule_pages(_STATE_QUIET - quiet)
                             break
-                    if not (await self._send_states(conn, window)
-                            and await self._send_pages(conn, window, burst_end=True)):
+                    if not (await self._send_states(conn, window, limit=_BACKGROUND_PER_ROUND)
+                            and await self._send_pages(conn, window, burst_end=True,
+                                                       limit=_BACKGROUND_PER_ROUND)):
                         return
+                    if self._deferred_states or self._pages_cut:
+                        # A few at a time: a new insight goes out ahead of the rest.
+                        await asyncio.sleep(0)
+                        continue
                     self._maybe_idle()
                     break
                 self._send_cursor = rows[-1].id
@@ -626,9 +641,11 @@ class PearNetwork:
                         return
                 if (self._deferred_states
                         and time.monotonic() - self._deferred_since >= _STATE_MAX_DEFER
-                        and not await self._send_states(conn, window)):
+                        and not await self._send_states(conn, window,
+                                                        limit=_BACKGROUND_PER_ROUND)):
                     return
-                if not await self._send_pages(conn, window, burst_end=False):
+                if not await self._send_pages(conn, window, burst_end=False,
+                                              limit=_BACKGROUND_PER_ROUND):
                     return
 
     async def _send_batch(self, conn: Connection, window: _Window,
@@ -644,14 +661,17 @@ class PearNetwork:
                 return False
         return True
 
-    async def _send_states(self, conn: Connection, window: _Window) -> bool:
-        """Send the held-back retained states, one message each (oldest change first).
+    async def _send_states(self, conn: Connection, window: _Window, *, limit: int) -> bool:
+        """Send up to ``limit`` held-back retained states, one message each (oldest change
+        first); False if the connection broke.
 
         During a burst a category's state changes with every insight; it only has to reach
         the broker eventually (the live insight already went out), so it waits for the burst
         to end, or :data:`_STATE_MAX_DEFER` at most, and one signature covers many updates.
         """
-        while self._deferred_states:
+        for _ in range(limit):
+            if not self._deferred_states:
+                break
             key = next(iter(self._deferred_states))
             row = self._deferred_states.pop(key)
             if not await self._send_batch(conn, window, [row]):
@@ -685,11 +705,14 @@ class PearNetwork:
             self._idle.set()
 
     async def _send_pages(self, conn: Connection, window: _Window, *,
-                          burst_end: bool) -> bool:
+                          burst_end: bool, limit: int) -> bool:
         """Send the changed checkpoint pages the pacing allows (all of them after
-        :meth:`flush`); False if the connection broke."""
+        :meth:`flush`), ``limit`` at most (``_pages_cut`` tells whether more were due);
+        False if the connection broke."""
+        self._pages_cut = False
         if not self._dirty_pages or not self._seeded:
             return True
+        sent = 0
         assert self._codec is not None
         now = time.monotonic()
         self._page_budget = min(_PAGE_BUDGET_CAP, self._page_budget
@@ -697,6 +720,9 @@ class PearNetwork:
         self._budget_at = now
         node_json = json.dumps(self.config.node_id).encode()
         for page in list(self._dirty_pages):
+            if sent >= limit:
+                self._pages_cut = True
+                break
             entries = self._pages[page]
             if not burst_end:
                 # Mid-stream, even after flush(): the page is complete only once the burst is.
@@ -738,6 +764,7 @@ class PearNetwork:
                 log.info("publish stopped: %s", exc)
                 return False
             self._pages_inflight += 1
+            sent += 1
             fut.add_done_callback(functools.partial(self._page_done, page=page, window=window,
                                                     nbytes=len(payload)))
         return True
