@@ -114,7 +114,7 @@ def test_jsonl_good_lines_round_trip(tmp_path: Path) -> None:
      r"category: Field required"),
     ('{"category": "x", "trends": {"price_change_pct": NaN}, "window_start": '
      '"2026-11-02T09:00:00Z", "window_end": "2026-11-02T10:00:00Z"}',
-     r"trends\.price_change_pct: must be a finite number"),
+     r"trends\.price_change_pct: Input should be a finite number"),
 ])
 def test_jsonl_bad_line_names_line_and_field(tmp_path: Path, line: str, error: str) -> None:
     path = tmp_path / "in.jsonl"
