@@ -933,8 +933,9 @@ class PearNetwork:
             if not isinstance(items, list):
                 self._counters.dropped["malformed"] += 1
                 return
+            now = self._clock()
             for raw in items:
-                self._deliver(raw, msg.topic, msg.retain, signer, dedup=True)
+                self._deliver(raw, msg.topic, msg.retain, signer, dedup=True, now=now)
         elif kind == "aggregate" and parsed.kind == "aggregates":
             self._deliver_aggregate(body, msg, signer)
         elif kind == "state" and parsed.kind == "state":
@@ -945,25 +946,27 @@ class PearNetwork:
             self._counters.dropped["unexpected_kind"] += 1
 
     def _deliver(self, raw: Any, topic: str, retained: bool, signer: Identity, *,
-                 dedup: bool) -> ReceivedInsight | None:
+                 dedup: bool, now: float | None = None) -> ReceivedInsight | None:
         if not isinstance(raw, dict) or not isinstance(raw.get("iid"), str):
             self._counters.dropped["malformed"] += 1
             return None
         iid: str = raw["iid"]
+        if dedup and iid in self._seen:
+            # Only ids of items that passed validation are remembered, so skipping the
+            # validation of a repeat cannot let anything new through.
+            self._counters.duplicates += 1
+            return None
         try:
-            shared = SharedInsight.model_validate(raw.get("insight"))
+            shared = _validate_shared(raw.get("insight"))
         except ValidationError:
             self._counters.dropped["malformed"] += 1
             return None
         sealed = raw.get("sealed")
         received = ReceivedInsight(item_id=iid, topic=topic, member=signer.member,
                                    node=signer.node, insight=shared, retained=retained,
-                                   received_at=self._clock(),
+                                   received_at=self._clock() if now is None else now,
                                    sealed=sealed if isinstance(sealed, str) else None)
         if dedup:
-            if iid in self._seen:
-                self._counters.duplicates += 1
-                return received
             self._seen[iid] = None
             if len(self._seen) > _DEDUP_MEMORY:
                 self._seen.popitem(last=False)
@@ -1221,6 +1224,10 @@ class PearNetwork:
     @property
     def pseudonymizer(self) -> Pseudonymizer | None:
         return Pseudonymizer.from_config(self.config)
+
+
+# SharedInsight.model_validate without the wrapper's own per-call cost (once per item).
+_validate_shared = SharedInsight.__pydantic_validator__.validate_python
 
 
 class _Window:
