@@ -1,0 +1,87 @@
+"""How a node paces what it sends, against a real mosquitto over mutual TLS: a trickle goes
+out one insight at a time, a stream is batched, retained states are coalesced while a burst
+lasts, and broadcasting in a tight loop overlaps with sending."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from brokers import MosquittoBroker, NetworkPKI, probe
+from test_network import insight, take
+
+from pear_mqtt.network import PearNetwork
+from pear_mqtt.topics import TopicScheme
+from pear_mqtt.types import NetworkConfig
+
+
+async def test_a_trickle_goes_one_by_one_and_a_stream_in_batches(
+        make_config: Callable[..., NetworkConfig]) -> None:
+    async with PearNetwork(make_config("globex")) as rx, \
+            PearNetwork(make_config("acme")) as tx:
+        stream = rx.insights()
+        before = rx.status().messages_in
+        for i in range(5):
+            # Each waits until the previous one arrived: nothing to batch it with.
+            await tx.broadcast_market_insight(insight(price=1.0 + i))
+            await take(stream, 1)
+        trickle = rx.status().messages_in - before
+        before = rx.status().messages_in
+        for i in range(2000):
+            await tx.broadcast_market_insight(insight(category=f"grocery/c{i % 4}",
+                                                      price=1.0 + i))
+        got = await take(stream, 2000, timeout=60)
+        burst = rx.status().messages_in - before
+    assert trickle == 5  # the default batch_linger does not hold back a lone insight
+    assert len({g.item_id for g in got}) == 2000
+    # 4 topics, so at least 4 envelopes; far fewer than one per insight.
+    assert 4 <= burst <= 2000 // 8, burst
+
+
+async def test_a_tight_broadcast_loop_overlaps_with_sending(
+        make_config: Callable[..., NetworkConfig]) -> None:
+    arrived: list[float] = []
+    async with PearNetwork(make_config("globex")) as rx, \
+            PearNetwork(make_config("acme")) as tx:
+        rx.on_insight(lambda _got: arrived.append(time.monotonic()))
+        stream = rx.insights()
+        for i in range(3000):
+            await tx.broadcast_market_insight(insight(price=1.0 + i))
+        loop_done = time.monotonic()
+        got = await take(stream, 3000, timeout=60)
+    # broadcast_market_insight never has to wait, yet it hands the event loop over now and
+    # then: envelopes went out (and came back) while the caller was still broadcasting.
+    assert arrived[0] < loop_done
+    assert len({g.item_id for g in got}) == 3000
+
+
+async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
+        make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
+        mosquitto: MosquittoBroker) -> None:
+    config = make_config("acme")
+    state_filter = TopicScheme(mode="consortium", network=pki.network,
+                               member="acme").node_state_filter("store-1")
+    with probe(mosquitto, pki.node("acme", "observer"), subscribe=[state_filter]) as p:
+        async with PearNetwork(make_config("globex")) as rx, PearNetwork(config) as tx:
+            stream = rx.insights()
+            for i in range(300):
+                # One at a time (each is received before the next goes): without holding
+                # the state back, every insight would also cost a retained state message.
+                await tx.broadcast_market_insight(insight(price=1.0 + i))
+                await take(stream, 1)
+            # Held back, not withheld: a state goes out without flush().
+            states = [await asyncio.to_thread(p.messages.get, True, 10)]
+            await tx.flush(timeout=10)
+        while not p.messages.empty():
+            states.append(p.messages.get_nowait())
+    # 300 updates of one category's state: a few retained messages (one per half second at
+    # most while the stream lasts, one at its end), not 300: each costs a signature here and
+    # a stored message on the broker.
+    assert 1 <= len(states) <= 20, len(states)
+    async with PearNetwork(make_config("globex")) as late:
+        result = await late.sync(timeout=20)
+    (latest,) = [r for r in result if r.member == "acme"]
+    assert latest.insight.groups["trends"]["price_change_pct"] == 3.21
+    # The newest (price 300.0) is what the late joiner reads.
+    assert 300.0 in latest.insight.groups["price_data"]["price"]
