@@ -171,6 +171,16 @@ plausibly report per window: wider bounds mean more noise."""
 
 _ITEM_ID_MAX = 128
 _DIGEST_DOMAIN = b"pear_mqtt bridge item v1"
+# json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False) without building an
+# encoder per call: the same bytes, ~1 µs less per item.
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
+                                   ensure_ascii=False).encode
+# Messages whose items go into one store transaction (one commit, then one ack each): a
+# backlog is written in large batches, while a trickle still commits message by message.
+_INGEST_MESSAGES = 64
+# model_validate / model_validate_json minus pydantic's Python wrapper, once per item.
+_validate_shared = SharedInsight.__pydantic_validator__.validate_python
+_validate_contribution = Contribution.__pydantic_validator__.validate_json
 _LEDGER_PERIODS = 24  # periods listed in the retained ledger
 _GROUP_KEY_BYTES = 32
 _MIN_SESSION_EXPIRY = 7 * 86400
@@ -751,8 +761,7 @@ def item_digest(*, network: str, member: str, item: Mapping[str, Any]) -> bytes:
     canonical JSON (sorted keys, no spaces) and the sealed token, NUL-separated. Any member
     who received the item (consortium members read each other's items) can recompute it.
     """
-    insight = json.dumps(item.get("insight"), sort_keys=True, separators=(",", ":"),
-                         ensure_ascii=False)
+    insight = _CANONICAL_JSON(item.get("insight"))
     sealed = item.get("sealed")
     parts = [_DIGEST_DOMAIN, network.encode(), member.encode(), str(item.get("iid")).encode(),
              insight.encode(), sealed.encode() if isinstance(sealed, str) else b""]
@@ -1627,19 +1636,23 @@ class Bridge:
             log.info("bridge input %s connected to %s", inp.name, inp.broker_url)
             try:
                 async for msg in conn.messages():
+                    # What else already arrived is taken along (up to _INGEST_MESSAGES), so
+                    # that a backlog costs one store transaction per group instead of one per
+                    # message; the rest stays in the transport's bounded inbox.
+                    group = [msg, *conn.drain_inbox(limit=_INGEST_MESSAGES - 1)]
                     try:
-                        self._handle(inp, msg)
+                        self._ingest(inp, group)
                     except OutboxError as exc:
                         # The state cannot record what was counted: stop counting rather
-                        # than count what a restart would count again. Not acknowledged: the
-                        # broker keeps the message for the next run.
+                        # than count what a restart would count again. Not acknowledged:
+                        # the broker keeps the messages for the next run.
                         self._fail(f"input {inp.name}: {exc}")
                         return
-                    except Exception:  # one message must never stop the bridge
-                        log.exception("unexpected error on %r", msg.topic)
-                        self._dropped["internal_error"] += 1
-                    conn.ack(msg)  # stored (or refused for good): the broker may forget it
+                    for m in group:
+                        conn.ack(m)  # stored (or refused for good): the broker may forget it
                     self._changed.set()
+                    if conn.queued:
+                        await asyncio.sleep(0)  # acks, writes and keep-alives go on
             finally:
                 inp.connected = False
                 inp.conn = None
@@ -1681,64 +1694,108 @@ class Bridge:
     def _drop(self, reason: str, n: int = 1) -> None:
         self._dropped[reason] += n
 
-    def _handle(self, inp: _Input, msg: InboundMessage) -> None:
+    def _ingest(self, inp: _Input, msgs: Sequence[InboundMessage]) -> None:
+        """Check every message of ``msgs`` in order and count what they admit in one store
+        transaction. A message that fails unexpectedly is dropped alone (``internal_error``);
+        :class:`OutboxError` (nothing of ``msgs`` was counted) is the caller's to handle."""
+        assert self._store is not None
+        now = self._clock()
+        admitted: list[tuple[InboundMessage, list[NewContribution]]] = []
+        for msg in msgs:
+            try:
+                batch = self._receive(inp, msg, now)
+            except Exception:  # one message must never stop the bridge
+                log.exception("unexpected error on %r", msg.topic)
+                self._dropped["internal_error"] += 1
+                continue
+            if batch:
+                admitted.append((msg, batch))
+        if not admitted:
+            return
+        if len(admitted) == 1:
+            groups = admitted
+        else:
+            try:
+                self._count([new for _, batch in admitted for new in batch], now)
+                return
+            except OutboxError:
+                raise
+            except Exception:
+                # Not the store failing (that is OutboxError): some item it could not take.
+                # Message by message, as if they had come one at a time, so only the
+                # message at fault is lost.
+                groups = admitted
+        for msg, batch in groups:
+            try:
+                self._count(batch, now)
+            except OutboxError:
+                raise
+            except Exception:
+                log.exception("unexpected error on %r", msg.topic)
+                self._dropped["internal_error"] += 1
+
+    def _count(self, batch: list[NewContribution], now: float) -> None:
+        assert self._store is not None
+        result = self._store.add(batch, now=now)
+        c = self._c
+        c["items_counted"] += result.counted
+        c["duplicates"] += result.duplicates
+        if result.copied:
+            self._drop("copied_token", result.copied)
+        if result.counted:
+            mono = time.monotonic()
+            self._first_count = self._first_count or mono
+            self._last_count = mono
+
+    def _receive(self, inp: _Input, msg: InboundMessage, now: float) -> list[NewContribution]:
+        """The items of ``msg`` to count; everything else is dropped and counted here."""
         try:
             parsed = parse_topic(msg.topic)
         except TopicError:
             self._drop("bad_topic")
-            return
+            return []
         if inp.kind == "private":
             in_scope = parsed.mode == "private" and parsed.company == inp.company_id
         else:
             in_scope = parsed.mode == inp.kind and parsed.network == inp.network
         if not in_scope:
             self._drop("bad_topic")
-            return
+            return []
         if not msg.payload:
             if not msg.retain:  # a cleared retained message is legitimate; this is not
                 self._drop("malformed")
-            return
+            return []
         if parsed.kind == "nodes":
             self._presence(inp, parsed, msg)
-            return
+            return []
         if parsed.kind not in ("insights", "contrib"):
             self._drop("unexpected_topic")
-            return
+            return []
         try:
             decoded = inp.codec.decode(msg.payload, check_replay=not msg.retain)
         except EnvelopeError as exc:
             self._drop(exc.reason)
             log.debug("dropped message on %s: %s", msg.topic, exc)
-            return
+            return []
         signer = decoded.signer
         if parsed.company != signer.member or (
                 inp.company_id is not None and signer.member != inp.company_id):
             self._drop("identity_mismatch")
-            return
+            return []
         body = decoded.message.body
         items = body.get("items") if isinstance(body, dict) else None
         if decoded.message.kind != "insights" or not isinstance(items, list):
             self._drop("unexpected_kind" if decoded.message.kind != "insights"
                        else "malformed")
-            return
-        assert self._store is not None
-        now = self._clock()
+            return []
+        self._c["items_received"] += len(items)
+        source = f"{inp.kind}/{inp.network}/{signer.member}"
         batch: list[NewContribution] = []
         for raw in items:
-            self._c["items_received"] += 1
-            new = self._admit(inp, parsed, signer, raw, now)
+            new = self._admit(inp, parsed, signer, raw, now, source)
             if new is not None:
                 batch.append(new)
-        if batch:
-            result = self._store.add(batch, now=now)
-            self._c["items_counted"] += result.counted
-            self._c["duplicates"] += result.duplicates
-            if result.copied:
-                self._drop("copied_token", result.copied)
-            if result.counted:
-                mono = time.monotonic()
-                self._first_count = self._first_count or mono
-                self._last_count = mono
+        return batch
 
     def _presence(self, inp: _Input, parsed: ParsedTopic, msg: InboundMessage) -> None:
         try:
@@ -1762,7 +1819,7 @@ class Bridge:
         inp.presence[(signer.member, signer.node)] = levels
 
     def _admit(self, inp: _Input, parsed: ParsedTopic, signer: Identity, raw: Any,
-               now: float) -> NewContribution | None:
+               now: float, source: str) -> NewContribution | None:
         if not isinstance(raw, dict):
             self._drop("malformed")
             return None
@@ -1771,7 +1828,7 @@ class Bridge:
             self._drop("malformed")
             return None
         try:
-            shared = SharedInsight.model_validate(raw.get("insight"))
+            shared: SharedInsight = _validate_shared(raw.get("insight"))
         except ValidationError:
             self._drop("malformed")
             return None
@@ -1788,7 +1845,7 @@ class Bridge:
                 self._drop("no_aggregator_key")
                 return None
             try:
-                contribution = Contribution.model_validate_json(inp.opener.open(sealed))
+                contribution = _validate_contribution(inp.opener.open(sealed))
             except DecryptionError:
                 self._drop("seal_failed")
                 return None
@@ -1836,7 +1893,7 @@ class Bridge:
         member = inp.member_alias or signer.member
         token = hashlib.sha256(sealed.encode()).digest() if isinstance(sealed, str) else None
         return NewContribution(
-            source_key=f"{inp.kind}/{inp.network}/{signer.member}", item_id=iid,
+            source_key=source, item_id=iid,
             window_start=start, category=shared.category, region=shared.region,
             domain=inp.domain, company=member, currency=currency, values=values,
             digest=item_digest(network=inp.network, member=signer.member, item=raw),

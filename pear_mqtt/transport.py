@@ -382,14 +382,25 @@ class Connection:
         except Exception:  # a receiver must never die on one message
             log.exception("message handler failed on %r", msg.topic)
 
-    def drain_inbox(self) -> list[InboundMessage]:
-        """Take every message received so far without waiting."""
-        items = list(self._inbox)
-        self._inbox.clear()
-        self._inbox_bytes = 0
-        if self._reading_paused:
+    def drain_inbox(self, *, limit: int | None = None) -> list[InboundMessage]:
+        """Take the messages received so far (the oldest ``limit`` of them, if given)
+        without waiting."""
+        if limit is None or limit >= len(self._inbox):
+            items = list(self._inbox)
+            self._inbox.clear()
+            self._inbox_bytes = 0
+        else:
+            items = [self._inbox.popleft() for _ in range(max(limit, 0))]
+            self._inbox_bytes -= sum(len(m.payload) for m in items)
+        if self._reading_paused and len(self._inbox) <= _LOW_WATER \
+                and self._inbox_bytes <= _LOW_WATER_BYTES:
             self._resume_reading()
         return items
+
+    @property
+    def queued(self) -> int:
+        """Messages received and not yet taken (by :meth:`messages` or :meth:`drain_inbox`)."""
+        return len(self._inbox)
 
     @property
     def inflight(self) -> int:
