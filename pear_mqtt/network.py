@@ -97,8 +97,6 @@ _PAGE_RETRY_MAX = 5.0  # longest wait (s) before a deferred page is considered a
 # the loop over when this much time (s) has passed since it last did, so sending overlaps
 # the caller's own work.
 _BROADCAST_YIELD_INTERVAL = 0.001
-# Above this many insights per second the flusher lingers longer (see PearNetwork._linger).
-_BUSY_RATE = 4000
 _MAX_LINGER_FACTOR = 10
 _TOPIC_CACHE = 4096  # categories whose topic strings are kept
 _STATE_MAX_DEFER = 0.5  # s a retained state may be held back while insights keep coming
@@ -592,15 +590,16 @@ class PearNetwork:
         assert self._outbox is not None and self._codec is not None
         window = _Window(count=_MAX_INFLIGHT_ENVELOPES, nbytes=_MAX_INFLIGHT_BYTES)
         rel = self.config.reliability
-        woke_at, woke_count = time.monotonic(), self._counters.insights_out
+        woke_count = self._counters.insights_out
         while not conn.closed.is_set():
             await self._work.wait()
             self._work.clear()
-            now, count = time.monotonic(), self._counters.insights_out
-            # Batching only pays under load: an insight arriving after a quiet spell goes at
-            # once (the latency a trickle sees), a stream of them lingers into batches.
-            busy = count - woke_count >= _BUSY_RATE * max(now - woke_at, rel.batch_linger)
-            woke_at, woke_count = now, count
+            # Batching only pays under load: an insight arriving alone goes at once (the
+            # latency a trickle sees); several since the last round mean the caller produces
+            # them faster than they go out one by one, and lingering then turns them into
+            # fewer, larger envelopes.
+            busy = self._counters.insights_out - woke_count >= 2
+            woke_count = self._counters.insights_out
             if rel.batch_linger > 0 and busy:
                 await self._linger(rel.batch_linger, rel.batch_max_items)
             while not conn.closed.is_set():
@@ -680,7 +679,7 @@ class PearNetwork:
 
     async def _linger(self, linger: float, batch_max: int) -> None:
         """Let a burst gather into one batch: ``linger`` seconds, and more while insights keep
-        arriving fast, up to :data:`_MAX_LINGER_FACTOR` times ``linger`` or a full batch.
+        arriving, up to :data:`_MAX_LINGER_FACTOR` times ``linger`` or a full batch.
 
         Each envelope costs a signature here and a verification at every receiver (~40 and
         ~120 µs), so a sender broadcasting thousands per second spends most of its time on
@@ -694,7 +693,7 @@ class PearNetwork:
             await asyncio.sleep(linger)
             waited += linger
             arrived = self._counters.insights_out - before
-            if (arrived < _BUSY_RATE * linger or waited >= _MAX_LINGER_FACTOR * linger
+            if (arrived < 2 or waited >= _MAX_LINGER_FACTOR * linger
                     or self._counters.insights_out - started >= batch_max):
                 return
 

@@ -247,9 +247,9 @@ class ReliabilityConfig(_Frozen):
     # (5 s by default: 1,000 nodes then arrive ~10 per 50 ms).
     reconnect_jitter: Annotated[float, Field(ge=0, le=600)] | None = None
     batch_max_items: Annotated[int, Field(ge=1, le=10000)] = 256
-    # Under load (thousands of insights a second) the sender waits this long for more before
-    # signing a batch, and longer (up to 10x) while they keep coming; an insight after a quiet
-    # spell goes at once. 0: never wait.
+    # When insights come faster than they go out one by one, the sender waits this long for
+    # more before signing a batch, and longer (up to 10x) while they keep coming; an insight
+    # arriving alone goes at once. 0: never wait.
     batch_linger: Annotated[float, Field(ge=0, le=5)] = 0.002
 
 
