@@ -97,12 +97,16 @@ _PAGE_RETRY_MAX = 5.0  # longest wait (s) before a deferred page is considered a
 # the loop over when this much time (s) has passed since it last did, so sending overlaps
 # the caller's own work.
 _BROADCAST_YIELD_INTERVAL = 0.001
+# A broadcast starting this soon (s) after the previous one returned is "back to back": the
+# caller is working through a backlog, and the flusher batches (see PearNetwork._linger).
+_BACK_TO_BACK = 0.0002
 _MAX_LINGER_FACTOR = 10
 _TOPIC_CACHE = 4096  # categories whose topic strings are kept
-_STATE_MAX_DEFER = 0.5  # s a retained state may be held back while insights keep coming
+_STATE_MAX_DEFER = 1.0  # s a retained state may be held back while insights keep coming
 # Retained states and pages sent per flusher round, so that a live insight never waits
 # behind a whole batch of them (each costs a signature).
 _BACKGROUND_PER_ROUND = 4
+_MIDSTREAM_BUDGET = 0.0003  # s of a round that overdue states may take while insights flow
 _STATE_QUIET = 0.02  # s without a broadcast that ends a burst (held states go then)
 
 
@@ -294,6 +298,7 @@ class PearNetwork:
         self._seeded = config.mode is NetworkMode.PUBLIC
         self._seeding = False
         self._yielded_at = self._broadcast_at = time.monotonic()
+        self._back_to_back = 0  # broadcasts that started right after the previous one returned
         self._category_topics: dict[str, tuple[str, str | None]] = {}
         # State rows held back while a burst lasts: key -> newest row, and since when.
         self._deferred_states: dict[str, OutboxItem] = {}
@@ -526,6 +531,8 @@ class PearNetwork:
         """
         if self._outbox is None or self._scheme is None:
             raise NotConnectedError("call connect() before broadcasting")
+        if time.monotonic() - self._broadcast_at < _BACK_TO_BACK:
+            self._back_to_back += 1  # the caller produces insights as fast as it can
         result = self._filter.encode(insight)
         item_id = os.urandom(16).hex()
         # The item is spliced from the filter's JSON (one serialisation, no dict round trip);
@@ -590,16 +597,17 @@ class PearNetwork:
         assert self._outbox is not None and self._codec is not None
         window = _Window(count=_MAX_INFLIGHT_ENVELOPES, nbytes=_MAX_INFLIGHT_BYTES)
         rel = self.config.reliability
-        woke_count = self._counters.insights_out
         while not conn.closed.is_set():
+            idle_count, idle_b2b = self._counters.insights_out, self._back_to_back
             await self._work.wait()
             self._work.clear()
-            # Batching only pays under load: an insight arriving alone goes at once (the
-            # latency a trickle sees); several since the last round mean the caller produces
-            # them faster than they go out one by one, and lingering then turns them into
-            # fewer, larger envelopes.
-            busy = self._counters.insights_out - woke_count >= 2
-            woke_count = self._counters.insights_out
+            # Batching only pays when the caller produces insights as fast as it can (a loop
+            # over a backlog): then lingering turns them into fewer, larger envelopes. An
+            # insight from a paced stream, however fast, goes at once: waiting would only add
+            # latency. Counted from when the flusher went idle, so that what came during its
+            # own lingering and sending does not keep it lingering.
+            busy = (self._counters.insights_out - idle_count >= 2
+                    and self._back_to_back > idle_b2b)
             if rel.batch_linger > 0 and busy:
                 await self._linger(rel.batch_linger, rel.batch_max_items)
             while not conn.closed.is_set():
@@ -638,13 +646,15 @@ class PearNetwork:
                 for batch in _batches(live, rel.batch_max_items):
                     if not await self._send_batch(conn, window, batch):
                         return
+                # Mid-stream, what is overdue goes a little per round (about a third of a
+                # millisecond of signing), so the live insights between never stall.
                 if (self._deferred_states
                         and time.monotonic() - self._deferred_since >= _STATE_MAX_DEFER
                         and not await self._send_states(conn, window,
-                                                        limit=_BACKGROUND_PER_ROUND)):
+                                                        limit=_BACKGROUND_PER_ROUND,
+                                                        budget=_MIDSTREAM_BUDGET)):
                     return
-                if not await self._send_pages(conn, window, burst_end=False,
-                                              limit=_BACKGROUND_PER_ROUND):
+                if not await self._send_pages(conn, window, burst_end=False, limit=1):
                     return
 
     async def _send_batch(self, conn: Connection, window: _Window,
@@ -660,16 +670,20 @@ class PearNetwork:
                 return False
         return True
 
-    async def _send_states(self, conn: Connection, window: _Window, *, limit: int) -> bool:
+    async def _send_states(self, conn: Connection, window: _Window, *, limit: int,
+                           budget: float | None = None) -> bool:
         """Send up to ``limit`` held-back retained states, one message each (oldest change
-        first); False if the connection broke.
+        first), and no more once ``budget`` seconds went into it; False if the connection
+        broke.
 
         During a burst a category's state changes with every insight; it only has to reach
         the broker eventually (the live insight already went out), so it waits for the burst
         to end, or :data:`_STATE_MAX_DEFER` at most, and one signature covers many updates.
         """
+        started = time.monotonic()
         for _ in range(limit):
-            if not self._deferred_states:
+            if not self._deferred_states or (
+                    budget is not None and time.monotonic() - started > budget):
                 break
             key = next(iter(self._deferred_states))
             row = self._deferred_states.pop(key)
@@ -679,7 +693,8 @@ class PearNetwork:
 
     async def _linger(self, linger: float, batch_max: int) -> None:
         """Let a burst gather into one batch: ``linger`` seconds, and more while insights keep
-        arriving, up to :data:`_MAX_LINGER_FACTOR` times ``linger`` or a full batch.
+        coming back to back, up to :data:`_MAX_LINGER_FACTOR` times ``linger`` or a full
+        batch.
 
         Each envelope costs a signature here and a verification at every receiver (~40 and
         ~120 µs), so a sender broadcasting thousands per second spends most of its time on
@@ -689,11 +704,10 @@ class PearNetwork:
         started = self._counters.insights_out
         waited = 0.0
         while True:
-            before = self._counters.insights_out
+            before = self._back_to_back
             await asyncio.sleep(linger)
             waited += linger
-            arrived = self._counters.insights_out - before
-            if (arrived < 2 or waited >= _MAX_LINGER_FACTOR * linger
+            if (self._back_to_back - before < 2 or waited >= _MAX_LINGER_FACTOR * linger
                     or self._counters.insights_out - started >= batch_max):
                 return
 

@@ -75,7 +75,7 @@ async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
             await tx.flush(timeout=10)
         while not p.messages.empty():
             states.append(p.messages.get_nowait())
-    # 300 updates of one category's state: a few retained messages (one per half second at
+    # 300 updates of one category's state: a few retained messages (one per second at
     # most while the stream lasts, one at its end), not 300: each costs a signature here and
     # a stored message on the broker.
     assert 1 <= len(states) <= 20, len(states)
