@@ -696,10 +696,10 @@ class PearNetwork:
         coming back to back, up to :data:`_MAX_LINGER_FACTOR` times ``linger`` or a full
         batch.
 
-        Each envelope costs a signature here and a verification at every receiver (~40 and
-        ~120 µs), so a sender broadcasting thousands per second spends most of its time on
-        envelopes of two or three insights unless it waits a little longer; at a trickle the
-        wait stays ``linger``.
+        Each envelope costs a signature here and a verification at every receiver (~25 and
+        ~60 µs), so a caller working through a backlog would spend much of its time on
+        envelopes of two or three insights (one topic per category) unless the flusher waits
+        a little longer.
         """
         started = self._counters.insights_out
         waited = 0.0
