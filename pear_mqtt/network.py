@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import bisect
 import contextlib
 import functools
 import gc
@@ -107,6 +108,8 @@ _STATE_MAX_DEFER = 1.0  # s a retained state may be held back while insights kee
 # behind a whole batch of them (each costs a signature).
 _BACKGROUND_PER_ROUND = 4
 _MIDSTREAM_BUDGET = 0.0003  # s of a round that overdue states may take while insights flow
+_BURST_END_BUDGET = 0.002  # s of signing held-back states between two looks for new insights
+_BURST_END_BATCH = 256
 _STATE_QUIET = 0.02  # s without a broadcast that ends a burst (held states go then)
 
 
@@ -187,7 +190,11 @@ class _MemoryOutbox:
     """The outbox when none is configured on disk: same contract, lost on exit."""
 
     def __init__(self) -> None:
-        self._rows: OrderedDict[int, OutboxItem] = OrderedDict()
+        self._rows: dict[int, OutboxItem] = {}
+        # Ids in id order, acknowledged ones included until the next compaction: pending()
+        # finds its starting point by bisection instead of walking every held row (held-back
+        # states and rows in flight stay at the front for a long time).
+        self._order: list[int] = []
         self._keys: dict[str, int] = {}
         self._next = 1
         self.dropped: dict[str, int] = {}
@@ -201,6 +208,7 @@ class _MemoryOutbox:
             row = OutboxItem(id=self._next, topic=it.topic, payload=it.payload, kind=it.kind,
                              key=it.key, retain=it.retain, created=now, size=len(it.payload))
             self._rows[row.id] = row
+            self._order.append(row.id)
             if it.key is not None:
                 self._keys[it.key] = row.id
             ids.append(row.id)
@@ -208,12 +216,14 @@ class _MemoryOutbox:
         return ids
 
     def pending(self, *, limit: int, after_id: int = 0) -> list[OutboxItem]:
-        out = []
-        for rid, row in self._rows.items():
-            if rid > after_id:
+        out: list[OutboxItem] = []
+        order, rows = self._order, self._rows
+        i = bisect.bisect_right(order, after_id)
+        while i < len(order) and len(out) < limit:
+            row = rows.get(order[i])
+            if row is not None:
                 out.append(row)
-                if len(out) >= limit:
-                    break
+            i += 1
         return out
 
     def ack(self, ids: list[int]) -> None:
@@ -221,6 +231,8 @@ class _MemoryOutbox:
             row = self._rows.pop(rid, None)
             if row is not None and row.key is not None and self._keys.get(row.key) == rid:
                 del self._keys[row.key]
+        if len(self._order) > 2 * len(self._rows) + 1024:
+            self._order = [rid for rid in self._order if rid in self._rows]
 
     @property
     def depth(self) -> int:
@@ -621,12 +633,14 @@ class PearNetwork:
                             # Insights are still coming: hold the states a little longer.
                             self._schedule_pages(_STATE_QUIET - quiet)
                             break
-                    if not (await self._send_states(conn, window, limit=_BACKGROUND_PER_ROUND)
+                    if not (await self._send_states(conn, window, limit=_BURST_END_BATCH,
+                                                    budget=_BURST_END_BUDGET)
                             and await self._send_pages(conn, window, burst_end=True,
                                                        limit=_BACKGROUND_PER_ROUND)):
                         return
                     if self._deferred_states or self._pages_cut:
-                        # A few at a time: a new insight goes out ahead of the rest.
+                        # A couple of milliseconds' worth at a time: a new insight goes out
+                        # ahead of the rest.
                         await asyncio.sleep(0)
                         continue
                     self._maybe_idle()
