@@ -101,6 +101,9 @@ _BROADCAST_YIELD_INTERVAL = 0.001
 # A broadcast starting this soon (s) after the previous one returned is "back to back": the
 # caller is working through a backlog, and the flusher batches (see PearNetwork._linger).
 _BACK_TO_BACK = 0.0002
+# ... and this many of them since the flusher went idle start a batch: a paced sender that
+# catches up after a stall makes one or two, a loop over a backlog dozens.
+_BUSY_BACK_TO_BACK = 3
 _MAX_LINGER_FACTOR = 10
 _TOPIC_CACHE = 4096  # categories whose topic strings are kept
 _STATE_MAX_DEFER = 1.0  # s a retained state may be held back while insights keep coming
@@ -619,7 +622,7 @@ class PearNetwork:
             # latency. Counted from when the flusher went idle, so that what came during its
             # own lingering and sending does not keep it lingering.
             busy = (self._counters.insights_out - idle_count >= 2
-                    and self._back_to_back > idle_b2b)
+                    and self._back_to_back - idle_b2b >= _BUSY_BACK_TO_BACK)
             if rel.batch_linger > 0 and busy:
                 await self._linger(rel.batch_linger, rel.batch_max_items)
             while not conn.closed.is_set():
