@@ -218,6 +218,28 @@ class _MemoryOutbox:
             self._next += 1
         return ids
 
+    def put_insight(self, *, topic: str, payload: bytes, state_topic: str | None) -> None:
+        """:meth:`put_many` of one insight (``contrib`` when ``state_topic`` is None) and its
+        retained state, without the :class:`NewItem` checks: the caller built every value."""
+        now = time.time()
+        rid = self._next
+        size = len(payload)
+        self._rows[rid] = OutboxItem(id=rid, topic=topic, payload=payload,
+                                     kind="contrib" if state_topic is None else "insight",
+                                     key=None, retain=False, created=now, size=size)
+        self._order.append(rid)
+        if state_topic is not None:
+            old = self._keys.get(state_topic)
+            if old is not None:
+                self._rows.pop(old, None)
+            rid += 1
+            self._rows[rid] = OutboxItem(id=rid, topic=state_topic, payload=payload,
+                                         kind="state", key=state_topic, retain=True,
+                                         created=now, size=size)
+            self._order.append(rid)
+            self._keys[state_topic] = rid
+        self._next = rid + 1
+
     def pending(self, *, limit: int, after_id: int = 0) -> list[OutboxItem]:
         out: list[OutboxItem] = []
         order, rows = self._order, self._rows
@@ -564,13 +586,17 @@ class PearNetwork:
         if topics is None:
             topics = self._topics_for(insight.category)
         live_topic, state_topic = topics
-        new = [NewItem(topic=live_topic, payload=payload,
-                       kind="contrib" if state_topic is None else "insight")]
-        if state_topic is not None:
-            new.append(NewItem(topic=state_topic, payload=payload, kind="state",
-                               key=state_topic, retain=True))
         try:
-            self._outbox.put_many(new)
+            if isinstance(self._outbox, _MemoryOutbox):
+                self._outbox.put_insight(topic=live_topic, payload=payload,
+                                         state_topic=state_topic)
+            else:
+                new = [NewItem(topic=live_topic, payload=payload,
+                               kind="contrib" if state_topic is None else "insight")]
+                if state_topic is not None:
+                    new.append(NewItem(topic=state_topic, payload=payload, kind="state",
+                                       key=state_topic, retain=True))
+                self._outbox.put_many(new)
         except OutboxError:
             self._counters.dropped["outbox_refused"] += 1  # the caller gets the error too
             raise
