@@ -103,7 +103,7 @@ from .privacy import (
     aggregate,
 )
 from .topics import ParsedTopic, TopicScheme, parse_topic
-from .transport import Connection, InboundMessage
+from .transport import Connection, InboundMessage, stop_task
 from .types import (
     FIELD_GROUPS,
     BrokerURL,
@@ -1544,9 +1544,7 @@ class Bridge:
         send what the outbox holds while the public broker is up, and close the state."""
         self._closing = True
         if self._tick_task is not None:
-            self._tick_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._tick_task
+            await stop_task(self._tick_task)
             self._tick_task = None
         for inp in self._inputs:
             task, conn = inp.task, inp.conn
@@ -1560,20 +1558,17 @@ class Bridge:
                 continue
             if conn is None or not drain:
                 task.cancel()
-            try:
-                await asyncio.wait_for(task, timeout)
-            except (asyncio.CancelledError, TimeoutError):
-                pass
-            except Exception:
-                log.exception("input %s failed while stopping", inp.name)
+            await asyncio.wait((task,), timeout=timeout)
+            if not task.done():
+                await stop_task(task)
+            elif not task.cancelled() and task.exception() is not None:
+                log.error("input %s failed while stopping: %r", inp.name, task.exception())
             inp.task = None
         if drain and self._store is not None and self._output is not None:
             with contextlib.suppress(PearError, TimeoutError):
                 await asyncio.wait_for(self._flush(), timeout)
         if self._out_task is not None:
-            self._out_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._out_task
+            await stop_task(self._out_task)
             self._out_task = None
         out_conn = self._output.detach() if self._output is not None else None
         if out_conn is not None:

@@ -57,7 +57,7 @@ from .outbox import NewItem, Outbox, OutboxItem
 from .pki import tls_problems
 from .privacy import PrivacyFilter, Pseudonymizer, SharedInsight
 from .topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
-from .transport import Connection, InboundMessage, Will
+from .transport import Connection, InboundMessage, Will, stop_task
 from .types import (
     Health,
     MarketInsight,
@@ -406,15 +406,12 @@ class PearNetwork:
                                    self._presence_payload(online=False), qos=1, retain=True)
                 await asyncio.wait_for(fut, 2.0)
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._supervisor
+            await stop_task(self._supervisor)
             self._supervisor = None
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_task(task)
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -491,9 +488,7 @@ class PearNetwork:
                 self._connected.clear()
                 self._disconnected.set()
                 for task in tasks:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                    await stop_task(task)
                     self._tasks.discard(task)
                 self._inflight_ids.clear()
                 self._send_cursor = 0

@@ -34,7 +34,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from .errors import ConnectError, NotConnectedError, TransportError
 from .types import BrokerURL, TLSConfig
 
-__all__ = ["Connection", "InboundMessage", "Will", "build_tls_context"]
+__all__ = ["Connection", "InboundMessage", "Will", "build_tls_context", "stop_task"]
 
 log = logging.getLogger(__name__)
 
@@ -607,6 +607,20 @@ class _BufferedRecv:
         chunk = self._buf[self._pos:end]
         self._pos = end
         return chunk
+
+
+async def stop_task(task: asyncio.Task[Any], *, every: float = 1.0) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again every ``every`` s.
+
+    Once is not always enough on Python 3.11: ``asyncio.wait_for`` loses a cancellation that
+    arrives as its inner future completes (a refused connection, say), and the task then
+    carries on (a reconnect loop forever). What the task raised is logged, not raised here.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait((task,), timeout=every)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("%r ended with %r", task, task.exception())
 
 
 class _ProtocolRefused(ConnectError):
