@@ -202,25 +202,10 @@ class _MemoryOutbox:
         self._next = 1
         self.dropped: dict[str, int] = {}
 
-    def put_many(self, items: list[NewItem]) -> list[int]:
-        ids = []
-        now = time.time()
-        for it in items:
-            if it.kind == "state" and it.key is not None and it.key in self._keys:
-                self._rows.pop(self._keys[it.key], None)
-            row = OutboxItem(id=self._next, topic=it.topic, payload=it.payload, kind=it.kind,
-                             key=it.key, retain=it.retain, created=now, size=len(it.payload))
-            self._rows[row.id] = row
-            self._order.append(row.id)
-            if it.key is not None:
-                self._keys[it.key] = row.id
-            ids.append(row.id)
-            self._next += 1
-        return ids
-
     def put_insight(self, *, topic: str, payload: bytes, state_topic: str | None) -> None:
-        """:meth:`put_many` of one insight (``contrib`` when ``state_topic`` is None) and its
-        retained state, without the :class:`NewItem` checks: the caller built every value."""
+        """Store one insight (``contrib`` when ``state_topic`` is None) and its retained state,
+        which replaces the pending one of that topic (``Outbox.put_many``'s contract, without
+        the :class:`NewItem` checks: the caller built every value)."""
         now = time.time()
         rid = self._next
         size = len(payload)

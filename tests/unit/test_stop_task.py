@@ -8,19 +8,20 @@ from pear_mqtt.transport import stop_task
 
 
 async def test_a_swallowed_cancellation_is_repeated_until_the_task_ends() -> None:
-    swallowed = asyncio.Event()
+    started, swallowed, never = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def stubborn() -> None:
+        started.set()
         try:
-            await asyncio.sleep(3600)
+            await never.wait()
         except asyncio.CancelledError:
             # What asyncio.wait_for does on Python 3.11 when the cancellation arrives as its
             # inner future completes: the task carries on as if never cancelled.
             swallowed.set()
-        await asyncio.sleep(3600)
+        await never.wait()
 
     task = asyncio.create_task(stubborn())
-    await asyncio.sleep(0)
+    await asyncio.wait_for(started.wait(), 5)
     await asyncio.wait_for(stop_task(task, every=0.05), 5)
     assert swallowed.is_set()
     assert task.cancelled()
@@ -31,6 +32,6 @@ async def test_a_task_that_failed_is_stopped_without_raising() -> None:
         raise RuntimeError("boom")
 
     task = asyncio.create_task(broken())
-    await asyncio.sleep(0)
+    await asyncio.wait((task,), timeout=5)
     await stop_task(task)
     assert task.done() and isinstance(task.exception(), RuntimeError)
