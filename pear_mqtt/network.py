@@ -637,9 +637,11 @@ class PearNetwork:
                 if not rows:
                     if self._deferred_states and not self._force_pages:
                         quiet = time.monotonic() - self._broadcast_at
-                        if quiet < _STATE_QUIET and time.monotonic() - self._deferred_since \
-                                < _STATE_MAX_DEFER:
+                        if quiet < _STATE_QUIET:
                             # Insights are still coming: hold the states a little longer.
+                            # Overdue ones go a few per round after the next insight (the
+                            # mid-stream budget below); the burst-end budget here would stall
+                            # a paced stream for milliseconds once a second.
                             self._schedule_pages(_STATE_QUIET - quiet)
                             break
                     if not (await self._send_states(conn, window, limit=_BURST_END_BATCH,

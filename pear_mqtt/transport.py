@@ -19,6 +19,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,10 @@ _LOW_WATER_BYTES = 8 * 1024 * 1024
 _YIELD_EVERY = 256
 # Packets read per readable event before yielding to other tasks.
 _READ_BURST = 2000
+# Seconds of reading (and of handling, with dispatch_to) per readable event. A receiver that
+# falls behind a sender finds the socket never dry; without a time bound the tasks reading
+# what its handler delivered would wait for the whole backlog (tens of ms in a trace).
+_READ_SLICE = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,7 @@ class Connection:
         self._reading_paused = False
         self._flush_scheduled = False
         self._writer_armed = False
+        self._in_io = False  # inside a read or a write of paho's: publishes wait for a flush
         self._loop_thread = 0
         self._misc_task: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
@@ -431,9 +437,18 @@ class Connection:
                 self._loop.remove_writer(sock)
 
     def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # paho asks for a write after each queued packet. Flushing once per loop iteration
-        # sends a burst of pipelined publishes together instead of one selector round each.
-        if self._flush_scheduled or self._loop is None:
+        # paho asks for a write after each queued packet. A publish from application code is
+        # written at once: deferring it to the next loop iteration adds that iteration to every
+        # message's latency, and paho writes each packet with its own send() either way.
+        # What is queued while reading (PUBACKs of a burst) or while the kernel buffer is full
+        # waits for one flush per loop iteration.
+        if self._loop is None:
+            return
+        if (not self._in_io and not self._writer_armed and self._sock is not None
+                and threading.get_ident() == self._loop_thread):
+            self._flush()
+            return
+        if self._flush_scheduled:
             return
         self._flush_scheduled = True
         if threading.get_ident() == self._loop_thread:
@@ -450,7 +465,11 @@ class Connection:
         if client is None or sock is None or loop is None or self.closed.is_set() \
                 or sock.fileno() < 0:
             return
-        client.loop_write()
+        in_io, self._in_io = self._in_io, True  # loop_write asks for a write again when full
+        try:
+            client.loop_write()
+        finally:
+            self._in_io = in_io
         if self._sock is not sock:
             return
         if client.want_write():
@@ -469,15 +488,22 @@ class Connection:
         # paho's loop_read() handles one packet per wake-up when nothing is in flight, so a
         # subscriber would pay a selector round trip per message. Read until the socket (and
         # any TLS records already decrypted) is dry, bounded so other tasks still run.
-        for _ in range(_READ_BURST):
-            rc = client._packet_read()
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                return
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                client._loop_rc_handle(rc)
-                return
-            if self._reading_paused or self._client is not client:
-                return
+        in_io, self._in_io = self._in_io, True
+        until = time.monotonic() + _READ_SLICE
+        try:
+            for _ in range(_READ_BURST):
+                rc = client._packet_read()
+                if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                    return
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    client._loop_rc_handle(rc)
+                    return
+                if self._reading_paused or self._client is not client:
+                    return
+                if time.monotonic() > until:
+                    break
+        finally:
+            self._in_io = in_io
         if self._loop is not None:
             # More may be buffered inside TLS where the selector cannot see it.
             self._loop.call_soon(self._readable)

@@ -1,6 +1,7 @@
 """How a node paces what it sends, against a real mosquitto over mutual TLS: a trickle goes
 out one insight at a time, a stream is batched, retained states are coalesced while a burst
-lasts, and broadcasting in a tight loop overlaps with sending."""
+lasts (and overdue ones go a few at a time between insights), and broadcasting in a tight
+loop overlaps with sending."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import pytest
 from brokers import MosquittoBroker, NetworkPKI, probe
 from test_network import insight, take
 
+from pear_mqtt import network
 from pear_mqtt.network import PearNetwork
 from pear_mqtt.topics import TopicScheme
 from pear_mqtt.types import NetworkConfig
@@ -85,3 +88,34 @@ async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
     assert latest.insight.groups["trends"]["price_change_pct"] == 3.21
     # The newest (price 300.0) is what the late joiner reads.
     assert 300.0 in latest.insight.groups["price_data"]["price"]
+
+
+async def test_overdue_states_go_a_few_at_a_time_between_paced_insights(
+        make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
+        mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(network, "_STATE_MAX_DEFER", 0.1)
+    scheme = TopicScheme(mode="consortium", network=pki.network, member="acme")
+    filters = [f"{scheme.member_root}/insights/#", scheme.node_state_filter("store-1")]
+    with probe(mosquitto, pki.node("acme", "observer"), subscribe=filters) as p:
+        async with PearNetwork(make_config("acme")) as tx:
+            # A paced stream (never 20 ms quiet) over 16 categories, well past the 0.1 s a
+            # state may be held back: the overdue states must go out while it lasts.
+            for i in range(200):
+                await tx.broadcast_market_insight(insight(category=f"grocery/c{i % 16}",
+                                                          price=1.0 + i))
+                await asyncio.sleep(0.003)  # the producer's pace, not a wait for a message
+            await tx.flush(timeout=10)
+        kinds = []
+        while not p.messages.empty():
+            kinds.append("/state/" in p.messages.get_nowait().topic)
+    insights_seen = kinds.count(False)
+    assert insights_seen == 200
+    # States went out mid-stream (not only at its end) ...
+    last_insight = len(kinds) - 1 - kinds[::-1].index(False)
+    assert any(kinds[:last_insight])
+    # ... a few between two insights, never all 16 at once (that would stall the stream).
+    runs, run = [], 0
+    for is_state in kinds[:last_insight]:
+        run = run + 1 if is_state else 0
+        runs.append(run)
+    assert max(runs) <= network._BACKGROUND_PER_ROUND, max(runs)

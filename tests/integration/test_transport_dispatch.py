@@ -1,11 +1,15 @@
-"""``Connection.dispatch_to`` against a real mosquitto: messages handed over in the socket
-callback, nothing lost or reordered across the switch from the queue, and a failing handler
-that costs one message, not the connection."""
+"""``Connection`` I/O against a real mosquitto: messages handed over in the socket callback
+(``dispatch_to``), nothing lost or reordered across the switch from the queue, a failing
+handler that costs one message, not the connection; a publish written at once; a slow
+handler that lets other tasks run between messages."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+
+from brokers import MosquittoBroker, NetworkPKI, probe
 
 from pear_mqtt.topics import TopicScheme
 from pear_mqtt.transport import Connection, InboundMessage
@@ -41,5 +45,66 @@ async def test_dispatch_takes_over_from_the_queue_and_survives_a_failing_handler
         await asyncio.wait_for(done.wait(), 10)
         assert seen == [b"queued-0", b"queued-1", b"queued-2", b"live-0", b"live-1", b"live-2"]
         assert conn.connected
+    finally:
+        await conn.close()
+
+
+async def test_a_publish_leaves_without_waiting_for_the_event_loop(
+        make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
+        mosquitto: MosquittoBroker) -> None:
+    config = make_config("acme")
+    topic = TopicScheme(mode="consortium", network=config.network_id,
+                        member="acme").insights("direct/write")
+    conn = Connection(broker=config.broker, client_id="direct-write", tls=config.tls)
+    await conn.connect()
+    try:
+        with probe(mosquitto, pki.node("globex", "observer"), subscribe=[topic]) as p:
+            ack = conn.publish(topic, b"now", qos=1)
+            # The event loop is blocked from here on: only a publish written inside the
+            # call reaches the broker (deferred to the next loop iteration, it never would).
+            got = p.messages.get(True, 10)
+            assert got.payload == b"now"
+            await asyncio.wait_for(ack, 10)
+    finally:
+        await conn.close()
+
+
+async def test_a_slow_handler_lets_other_tasks_run_between_messages(
+        make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
+        mosquitto: MosquittoBroker) -> None:
+    config = make_config("acme")
+    topic = TopicScheme(mode="consortium", network=config.network_id,
+                        member="acme").insights("slow/handler")
+    conn = Connection(broker=config.broker, client_id="slow-handler", tls=config.tls)
+    await conn.connect()
+    try:
+        await conn.subscribe([(topic, 1)])
+        handled: list[bytes] = []
+        first, last = asyncio.Event(), asyncio.Event()
+
+        def handler(msg: InboundMessage) -> None:
+            # A handler doing ~2 ms of CPU work per message (verifying, validating, ...).
+            until = time.perf_counter() + 0.002
+            while time.perf_counter() < until:
+                pass
+            handled.append(msg.payload)
+            first.set()
+            if len(handled) == 40:
+                last.set()
+
+        async def waiter() -> int:
+            await first.wait()
+            return len(handled)
+
+        woke = asyncio.create_task(waiter())
+        conn.dispatch_to(handler)
+        with probe(mosquitto, pki.node("acme", "observer")) as p:
+            for i in range(40):
+                p.publish(topic, b"m%02d" % i, qos=1)
+            await asyncio.wait_for(last.wait(), 20)
+        # The messages queue up in the socket while the handler works; the task waiting for
+        # the first one runs long before the backlog is drained, not after all 40.
+        assert await woke < 10
+        assert handled == [b"m%02d" % i for i in range(40)]
     finally:
         await conn.close()
