@@ -6,8 +6,9 @@ handler that lets other tasks run between messages."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from brokers import MosquittoBroker, NetworkPKI, probe
 
@@ -16,15 +17,26 @@ from pear_mqtt.transport import Connection, InboundMessage
 from pear_mqtt.types import NetworkConfig
 
 
-async def test_dispatch_takes_over_from_the_queue_and_survives_a_failing_handler(
-        make_config: Callable[..., NetworkConfig]) -> None:
+@contextlib.asynccontextmanager
+async def acme_connection(make_config: Callable[..., NetworkConfig], name: str, *,
+                          subscribe: bool = True) -> AsyncIterator[tuple[Connection, str]]:
+    """A connected ``Connection`` of acme's and a topic of its own (subscribed to)."""
     config = make_config("acme")
     topic = TopicScheme(mode="consortium", network=config.network_id,
-                        member="acme").insights("dispatch/test")
-    conn = Connection(broker=config.broker, client_id="dispatch-test", tls=config.tls)
+                        member="acme").insights(f"transport/{name}")
+    conn = Connection(broker=config.broker, client_id=f"transport-{name}", tls=config.tls)
     await conn.connect()
     try:
-        await conn.subscribe([(topic, 1)])
+        if subscribe:
+            await conn.subscribe([(topic, 1)])
+        yield conn, topic
+    finally:
+        await conn.close()
+
+
+async def test_dispatch_takes_over_from_the_queue_and_survives_a_failing_handler(
+        make_config: Callable[..., NetworkConfig]) -> None:
+    async with acme_connection(make_config, "dispatch") as (conn, topic):
         for i in range(3):
             await conn.publish(topic, b"queued-%d" % i, qos=1)
         seen: list[bytes] = []
@@ -45,19 +57,12 @@ async def test_dispatch_takes_over_from_the_queue_and_survives_a_failing_handler
         await asyncio.wait_for(done.wait(), 10)
         assert seen == [b"queued-0", b"queued-1", b"queued-2", b"live-0", b"live-1", b"live-2"]
         assert conn.connected
-    finally:
-        await conn.close()
 
 
 async def test_a_publish_leaves_without_waiting_for_the_event_loop(
         make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
         mosquitto: MosquittoBroker) -> None:
-    config = make_config("acme")
-    topic = TopicScheme(mode="consortium", network=config.network_id,
-                        member="acme").insights("direct/write")
-    conn = Connection(broker=config.broker, client_id="direct-write", tls=config.tls)
-    await conn.connect()
-    try:
+    async with acme_connection(make_config, "direct", subscribe=False) as (conn, topic):
         with probe(mosquitto, pki.node("globex", "observer"), subscribe=[topic]) as p:
             ack = conn.publish(topic, b"now", qos=1)
             # The event loop is blocked from here on: only a publish written inside the
@@ -65,20 +70,12 @@ async def test_a_publish_leaves_without_waiting_for_the_event_loop(
             got = p.messages.get(True, 10)
             assert got.payload == b"now"
             await asyncio.wait_for(ack, 10)
-    finally:
-        await conn.close()
 
 
 async def test_a_slow_handler_lets_other_tasks_run_between_messages(
         make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
         mosquitto: MosquittoBroker) -> None:
-    config = make_config("acme")
-    topic = TopicScheme(mode="consortium", network=config.network_id,
-                        member="acme").insights("slow/handler")
-    conn = Connection(broker=config.broker, client_id="slow-handler", tls=config.tls)
-    await conn.connect()
-    try:
-        await conn.subscribe([(topic, 1)])
+    async with acme_connection(make_config, "slow") as (conn, topic):
         handled: list[bytes] = []
         first, last = asyncio.Event(), asyncio.Event()
 
@@ -99,12 +96,12 @@ async def test_a_slow_handler_lets_other_tasks_run_between_messages(
         woke = asyncio.create_task(waiter())
         conn.dispatch_to(handler)
         with probe(mosquitto, pki.node("acme", "observer")) as p:
+            # Each publish waits for its PUBACK with the event loop blocked: all 40 are in
+            # the socket before the handler sees the first.
             for i in range(40):
                 p.publish(topic, b"m%02d" % i, qos=1)
             await asyncio.wait_for(last.wait(), 20)
-        # The messages queue up in the socket while the handler works; the task waiting for
-        # the first one runs long before the backlog is drained, not after all 40.
+        # The task waiting for the first message runs long before the backlog is drained,
+        # not after all 40.
         assert await woke < 10
         assert handled == [b"m%02d" % i for i in range(40)]
-    finally:
-        await conn.close()
