@@ -7,10 +7,8 @@ latency is its arrival time minus the time its publish call started. Raw paho ca
 time in the payload; pear cannot (the privacy filter decides what leaves the node), so its
 publisher reports the item id ``broadcast_market_insight`` returned with the time of the
 call and the receiver reports when each item id arrived; the parent joins the two.
-Publishers and subscribers alike freeze what their setup allocated (``gc.freeze()``) before
-the stream starts, as a latency-sensitive application does: otherwise one full collection
-over the import-time objects (15-40 ms with pear's stack loaded, measured) lands inside the
-measured seconds of one of the processes.
+Publishers and subscribers alike freeze what their setup allocated before the stream starts
+(:func:`bench.workers.ready`).
 
 Fan-in: one process drives many ``PearNetwork`` nodes on one asyncio loop, reports when each
 finished connecting, then when each lost and regained its connection around a broker restart.
@@ -20,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -28,7 +25,7 @@ from typing import Any
 
 from .env import NODE, BenchEnv, issue_shard
 from .rawclient import RawClient
-from .workers import _go_async, _go_serving, make_insights, pear_config, raw_payloads
+from .workers import _go_async, _go_serving, make_insights, pear_config, raw_payloads, ready
 
 __all__ = ["LOAD_WORKERS", "lateness", "stamp", "unstamp"]
 
@@ -67,8 +64,7 @@ def lat_raw_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
                        window=total, protocol=spec.get("protocol", 5))
     client.connect()  # sets TCP_NODELAY on the client socket
     c = client.client
-    gc.freeze()  # see the module docstring
-    conn.send(("ready", {}))
+    ready(conn)
     _go_serving(conn, client)
     late: list[float] = []
     t0 = time.monotonic() + 0.005
@@ -104,8 +100,7 @@ def lat_raw_sub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
                        protocol=spec.get("protocol", 5), on_payload=on_payload)
     client.connect()
     client.subscribe(spec["topic"], qos=1)
-    gc.freeze()  # see the module docstring
-    conn.send(("ready", {}))
+    ready(conn)
     deadline = time.monotonic() + spec["timeout"]
     while client.received < total and time.monotonic() < deadline:
         client.client.loop(timeout=0.5)
@@ -128,8 +123,7 @@ def lat_pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
         net = PearNetwork(pear_config(env, spec["member"], linger=spec["linger"]))
         await net.connect(timeout=30)
         try:
-            gc.freeze()  # see the module docstring
-            conn.send(("ready", {}))
+            ready(conn)
             await _go_async(conn)
             sent: dict[str, float] = {}
             late: list[float] = []
@@ -180,8 +174,7 @@ def lat_pear_rx(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
         try:
             net.on_insight(callback)
             stream = net.insights()
-            gc.freeze()  # see the module docstring
-            conn.send(("ready", {}))
+            ready(conn)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(spec["timeout"]):
                     async for got in stream:
@@ -231,7 +224,7 @@ def fanin(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 
     async def main() -> dict[str, Any]:
         nets = [PearNetwork(config(m)) for m in members]
-        conn.send(("ready", {"issue_s": issue_s}))
+        ready(conn, {"issue_s": issue_s})
         await _go_async(conn)
         t_go = time.monotonic()
         connected: list[float] = []
