@@ -315,7 +315,10 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         "gets a freshly started broker; the order of the measurements rotates between "
         "repetitions so that no one always runs first. Publisher and subscriber run in "
         "separate spawned processes, synchronised over pipes: the receiver reports after its "
-        "SUBACK, the sender starts on a `go` sent after both are connected. No sleeps.",
+        "SUBACK, the sender starts on a `go` sent after both are connected. No sleeps. "
+        "Every worker, raw or pear, freezes the objects its setup allocated (`gc.freeze()`) "
+        "before it reports ready, as a long-running application does (pear's agent and "
+        "bridge commands do too).",
         "",
         f"Broker settings as rendered: {', '.join(f'`{k} {v}`' for k, v in settings.items())}.",
         "",
@@ -427,12 +430,20 @@ _LIMITS = [
     "(one per ~20 insights under load, libsodium).",
     "- **latency (1.5x / 2x raw paho)**: at 1,000/s every insight is its own envelope, so "
     "the path carries the filter, one Ed25519 signature (~25 us) and one verification "
-    "(~60 us), AES-GCM, validation and two more event-loop steps than raw paho; warm that is "
-    "~0.2 ms of CPU, and at 1,000/s (processes idle between messages, caches cold) each "
-    "step costs 2-3x its warm time. Traced per step at p50: broadcast 0.2 ms, sign and "
-    "publish 0.1 ms, broker and sockets as for raw paho, verify and deliver 0.25 ms. The "
-    "p99 tail comes from retained states and checkpoint pages signed between insights, "
-    "now spread a third of a millisecond per round.",
+    "(~60 us), AES-GCM and validation; warm that is ~0.2 ms of CPU, and at 1,000/s "
+    "(processes idle between messages, caches cold, two cores shared by three busy "
+    "processes) each step costs 2-3x its warm time. Traced in the receiver: handling one "
+    "single-insight envelope takes 0.3 ms at the median (0.2-0.56 ms p10-p99), paho's read "
+    "and TLS another ~0.15 ms, about as long as raw paho's whole one-way trip (0.3 ms). "
+    "With verification switched off the p50 fell only ~0.1 ms, so no cheaper authenticator "
+    "would close the gap. Fixed on the way (each from a trace): held-back states no longer "
+    "go all at once once a second (they stalled a paced stream for ~2 ms), a publish is "
+    "written inside the call, reading yields after 1 ms so `insights()` readers are not "
+    "starved while a receiver catches up (~40 ms seen), and a full garbage collection over "
+    "the startup objects (15-40 ms, once per run in one of the processes) is avoided with "
+    "`gc.freeze()` in every worker, raw and pear alike, and in the agent and bridge "
+    "commands. What remains of the p99 are scattered stalls of a few ms that coincide with "
+    "the other processes' bursts on the two shared cores.",
     "- **bridge (20,000 per CPU-second)**: per insight it decodes its share of an envelope "
     "(~8 us), validates the `SharedInsight` (~9 us) and the opened `Contribution` (~6 us), "
     "opens the sealed token (~5 us), computes the receipt digest over canonical JSON "
