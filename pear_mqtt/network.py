@@ -323,7 +323,9 @@ class PearNetwork:
         self._back_to_back = 0  # broadcasts that started right after the previous one returned
         self._category_topics: dict[str, tuple[str, str | None]] = {}
         # State rows held back while a burst lasts: key -> newest row, and since when.
-        self._deferred_states: dict[str, OutboxItem] = {}
+        # Oldest change first. An OrderedDict: taking the first entry of a plain dict over and
+        # over skips every slot emptied before it (quadratic with 100,000 held states).
+        self._deferred_states: OrderedDict[str, OutboxItem] = OrderedDict()
         self._deferred_since = 0.0
         self._pages_cut = False  # the last _send_pages stopped at its limit
 
@@ -635,23 +637,28 @@ class PearNetwork:
                 rows = self._outbox.pending(limit=rel.batch_max_items * 2,
                                             after_id=self._send_cursor)
                 if not rows:
+                    ended = True  # the burst is over: held states and pages may all go
                     if self._deferred_states and not self._force_pages:
-                        quiet = time.monotonic() - self._broadcast_at
+                        now = time.monotonic()
+                        quiet = now - self._broadcast_at
                         if quiet < _STATE_QUIET:
-                            # Insights are still coming: hold the states a little longer.
-                            # Overdue ones go a few per round after the next insight (the
-                            # mid-stream budget below); the burst-end budget here would stall
-                            # a paced stream for milliseconds once a second.
-                            self._schedule_pages(_STATE_QUIET - quiet)
-                            break
-                    if not (await self._send_states(conn, window, limit=_BURST_END_BATCH,
-                                                    budget=_BURST_END_BUDGET)
-                            and await self._send_pages(conn, window, burst_end=True,
+                            if now - self._deferred_since < _STATE_MAX_DEFER:
+                                # Insights are still coming: hold the states a little longer.
+                                self._schedule_pages(_STATE_QUIET - quiet)
+                                break
+                            # Overdue while insights still come: small slices with the loop
+                            # handed over between them, so a paced stream's next insight
+                            # never waits behind milliseconds of signing.
+                            ended = False
+                    if not (await self._send_states(
+                                conn, window,
+                                limit=_BURST_END_BATCH if ended else _BACKGROUND_PER_ROUND,
+                                budget=_BURST_END_BUDGET if ended else _MIDSTREAM_BUDGET)
+                            and await self._send_pages(conn, window, burst_end=ended,
                                                        limit=_BACKGROUND_PER_ROUND)):
                         return
                     if self._deferred_states or self._pages_cut:
-                        # A couple of milliseconds' worth at a time: a new insight goes out
-                        # ahead of the rest.
+                        # One slice at a time: a new insight goes out ahead of the rest.
                         await asyncio.sleep(0)
                         continue
                     self._maybe_idle()
@@ -710,8 +717,7 @@ class PearNetwork:
             if not self._deferred_states or (
                     budget is not None and time.monotonic() - started > budget):
                 break
-            key = next(iter(self._deferred_states))
-            row = self._deferred_states.pop(key)
+            _key, row = self._deferred_states.popitem(last=False)
             if not await self._send_batch(conn, window, [row]):
                 return False
         return True
