@@ -39,8 +39,8 @@ integration: $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check pear_mqtt tests
-	$(BIN)/mypy pear_mqtt
+	$(BIN)/ruff check pear_mqtt tests bench
+	$(BIN)/mypy pear_mqtt bench
 
 up: $(STAMP)
 	$(BIN)/pear-mqtt up start

@@ -38,7 +38,7 @@ def stamp(payload: bytes, index: int, t_send: float) -> bytes:
     return head + payload[len(head):]
 
 
-def unstamp(payload: bytes) -> tuple[int, float]:
+def unstamp(payload: bytes | bytearray) -> tuple[int, float]:
     """(index, send time) from a :func:`stamp`-ed payload."""
     index, t_send = payload.split(b" ", 2)[:2]
     return int(index), float(t_send)
@@ -91,7 +91,7 @@ def lat_raw_sub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     total, skip = spec["total"], spec["skip"]
     lat: list[float] = []
 
-    def on_payload(payload: bytes, now: float) -> None:
+    def on_payload(payload: bytes | bytearray, now: float) -> None:
         index, t_send = unstamp(payload)
         if index >= skip:
             lat.append(1000 * (now - t_send))

@@ -61,7 +61,7 @@ class RawClient:
     last_rx: float = 0.0
     expect: int = 0  # messages after which last_rx is taken
     # Called with (payload, arrival time) for every message (the latency subscriber).
-    on_payload: Callable[[bytes, float], None] | None = None
+    on_payload: Callable[[bytes | bytearray, float], None] | None = None
     _connected: bool = False
     _subacked: set[int] = field(default_factory=set)
 

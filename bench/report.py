@@ -617,7 +617,8 @@ def render_load_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _md_rows(rows: Sequence[Sequence[str]], head: Sequence[str], align: str) -> list[str]:
+def _md_rows(rows: Sequence[Sequence[str]], head: Sequence[str],
+             align: Sequence[str]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "|".join(align) + "|",
             *("| " + " | ".join(r) + " |" for r in rows)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import statistics
 import time
@@ -106,7 +107,8 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
         # The variants take turns, each on a fresh broker, starting one further each round.
         for i in range(len(lat_variants)):
             v = lat_variants[(i + rep) % len(lat_variants)]
-            lat[v].append(rnd.measure(f"lat-{v}", lambda e, v=v: run_latency(e, load, v)))
+            lat[v].append(rnd.measure(f"lat-{v}", functools.partial(run_latency, lp=load,
+                                                                    variant=v)))
 
     def unit_bridge(rep: int) -> None:
         load_samples["bridge"].append(rnd.measure_with(
