@@ -252,12 +252,12 @@ def run_bridge(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
 # -- agent RSS -------------------------------------------------------------------------------
 
 def _proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid`` in kB ({} once it is gone)."""
+    """VmRSS, VmHWM and RssAnon of ``pid`` in kB ({} once it is gone)."""
     out: dict[str, int] = {}
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon"):
                 out[key] = int(value.split()[0])
     return out
 
@@ -280,7 +280,7 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
              "--status-interval", "0", "--drain-timeout", str(lp.timeout)],
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
     samples: list[int] = []
-    hwm = 0
+    hwm = anon = 0
     try:
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -290,6 +290,7 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
             if st:
                 samples.append(st.get("VmRSS", 0))
                 hwm = max(hwm, st.get("VmHWM", 0))
+                anon = max(anon, st.get("RssAnon", 0))
             if time.monotonic() - t0 > lp.timeout:
                 raise WorkerError("agent did not finish in time")
             time.sleep(0.01)  # sampling RSS (and its high-water mark) while the agent works
@@ -307,7 +308,11 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
     # The peak is the child's own VmHWM. wait4's ru_maxrss is not: Linux carries the
     # high-water mark of the pre-exec address space across execve, so a child spawned by this
     # (by then ~100 MB) process reports the parent's size. ru_maxrss is kept for reference.
-    return {"peak_mb": hwm / 1024, "ru_maxrss_mb": usage.ru_maxrss / 1024,
+    # VmHWM also counts the shared libraries' pages the process has mapped, which depends on
+    # the page cache (58 vs 60 MB for one build in two checkouts, anonymous memory equal);
+    # the sampled peak of RssAnon is the agent's own memory.
+    return {"peak_mb": hwm / 1024, "peak_anon_mb": anon / 1024,
+            "ru_maxrss_mb": usage.ru_maxrss / 1024,
             "median_rss_mb": sorted(samples)[len(samples) // 2] / 1024 if samples else 0.0,
             "rate": n / elapsed, "seconds": elapsed, "items": n}
 
