@@ -1,7 +1,7 @@
 """The benchmark's world: a throw-away PKI and mosquitto with the project's rendered config.
 
-:func:`build_env` mints a CA and certificates with :mod:`pear_mqtt.pki`; :class:`Broker`
-renders ``mosquitto.conf`` and the ACL with :func:`pear_mqtt.brokerconf.render` (the file an
+:func:`build_env` mints a CA and certificates with :mod:`pear_mqtt.security.pki`; :class:`Broker`
+renders ``mosquitto.conf`` and the ACL with :func:`pear_mqtt.ops.brokerconf.render` (the file an
 operator deploys) and runs mosquitto on a free loopback port with only the mutual-TLS
 listener. Everything a worker process needs travels as the plain, picklable :class:`BenchEnv`.
 
@@ -88,8 +88,8 @@ class BenchEnv:
 
 def build_env(root: Path) -> BenchEnv:
     """Create the CA, the broker and node certificates and the aggregator key under ``root``."""
-    from pear_mqtt import pki
-    from pear_mqtt.envelope import (
+    from pear_mqtt.security import pki
+    from pear_mqtt.security.envelope import (
         generate_x25519_key,
         save_x25519_private_key,
         save_x25519_public_key,
@@ -122,7 +122,7 @@ def build_env(root: Path) -> BenchEnv:
 def issue_shard(env: BenchEnv, shard: Path, members: list[str],
                 node: str = NODE) -> dict[str, tuple[Path, Path]]:
     """Node certificates for ``members`` from the network CA, issued with
-    :func:`pear_mqtt.pki.issue` into ``shard`` (reused when already there).
+    :func:`pear_mqtt.security.pki.issue` into ``shard`` (reused when already there).
 
     ``pki.issue`` reads and rewrites the CA's whole ``registry.json`` for every certificate,
     so issuing 1,000 from one CA directory is quadratic (~12 s here). Each shard is a copy of
@@ -131,7 +131,7 @@ def issue_shard(env: BenchEnv, shard: Path, members: list[str],
     """
     import json
 
-    from pear_mqtt import pki
+    from pear_mqtt.security import pki
 
     out = shard / "nodes"
     paths: dict[str, tuple[Path, Path]] = {}
@@ -216,7 +216,7 @@ class Broker:
 
     def start(self) -> Broker:
         """Render the configuration, start mosquitto and wait until it accepts connections."""
-        from pear_mqtt.brokerconf import render
+        from pear_mqtt.ops.brokerconf import render
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):

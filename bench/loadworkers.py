@@ -113,7 +113,7 @@ def lat_raw_sub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 def lat_pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """``broadcast_market_insight`` ``total`` insights at ``rate``/s; report each item id
     with the time its call started (from ``skip`` on)."""
-    from pear_mqtt.network import PearNetwork
+    from pear_mqtt.node.network import PearNetwork
 
     env: BenchEnv = spec["env"]
     total, rate, skip = spec["total"], spec["rate"], spec["skip"]
@@ -157,7 +157,7 @@ def lat_pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 def lat_pear_rx(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """Receive ``total`` insights; report when each item id reached ``on_insight`` and
     when it came out of ``insights()``."""
-    from pear_mqtt.network import PearNetwork, ReceivedInsight
+    from pear_mqtt.node.network import PearNetwork, ReceivedInsight
 
     env: BenchEnv = spec["env"]
     total = spec["total"]
@@ -194,14 +194,14 @@ def lat_pear_rx(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 def fanin(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """Connect ``members`` as one node each, all at once; report; then report each node's
     loss and recovery of its connection while the parent kills and restarts the broker."""
-    from pear_mqtt.network import PearNetwork
-    from pear_mqtt.types import (
+    from pear_mqtt.config.models import (
         EncryptionConfig,
         NetworkConfig,
-        NetworkMode,
         PrivacyConfig,
         TLSConfig,
     )
+    from pear_mqtt.model.insight import NetworkMode
+    from pear_mqtt.node.network import PearNetwork
 
     env: BenchEnv = spec["env"]
     members: list[str] = spec["members"]

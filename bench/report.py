@@ -310,8 +310,9 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         "measurements.",
         "",
         "Each run starts its own mosquitto with the configuration rendered by "
-        "`pear_mqtt.brokerconf.render` (consortium mode, mutual TLS, generated ACL) and "
-        "throw-away certificates from `pear_mqtt.pki`. Every repetition of every measurement "
+        "`pear_mqtt.ops.brokerconf.render` (consortium mode, mutual TLS, generated ACL) and "
+        "throw-away certificates from `pear_mqtt.security.pki`. Every repetition of every "
+        "measurement "
         "gets a freshly started broker; the order of the measurements rotates between "
         "repetitions so that no one always runs first. Publisher and subscriber run in "
         "separate spawned processes, synchronised over pipes: the receiver reports after its "
@@ -393,7 +394,8 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         "shown too but overstates: Linux carries the spawning benchmark process's high-water "
         "mark across execve.",
         "- **fanin**: the agents are `PearNetwork` nodes, one certificate each (issued with "
-        "`pear_mqtt.pki.issue` into per-process copies of the CA, because one CA directory's "
+        "`pear_mqtt.security.pki.issue` into per-process copies of the CA, because one CA "
+        "directory's "
         "registry makes issuing quadratic), a few hundred per process on one asyncio loop "
         "with pear's default reconnect settings. The broker runs with persistence on and as "
         "many file descriptors as the hard limit allows. No reconnect storm means: no 50 ms "

@@ -156,14 +156,14 @@ def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
     integration tests build one): aggregator key, pseudonyms, group-key encryption; the
     in-memory outbox unless ``outbox`` names an SQLite file (sized to never drop here);
     ``linger`` overrides ``ReliabilityConfig.batch_linger`` (None: pear's default)."""
-    from pear_mqtt.types import (
+    from pear_mqtt.config.models import (
         EncryptionConfig,
         NetworkConfig,
-        NetworkMode,
         PrivacyConfig,
         ReliabilityConfig,
         TLSConfig,
     )
+    from pear_mqtt.model.insight import NetworkMode
     cert, key = env.cert(member)
     return NetworkConfig(
         mode=NetworkMode.CONSORTIUM, company_id=member, network_id=env.network, node_id=node,
@@ -179,7 +179,7 @@ def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
 
 def make_insights(n: int, categories: int | None) -> list[Any]:
     """``n`` market insights cycling over ``categories`` categories (None: one each)."""
-    from pear_mqtt.types import MarketInsight, PriceData, SalesData, TrendData
+    from pear_mqtt.model.insight import MarketInsight, PriceData, SalesData, TrendData
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     start = end - timedelta(hours=1)
     out = []
@@ -204,7 +204,7 @@ def _status(net: Any) -> dict[str, Any]:
 
 def pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """Broadcast ``n`` insights with ``broadcast_market_insight``, then ``flush()``."""
-    from pear_mqtt.network import PearNetwork
+    from pear_mqtt.node.network import PearNetwork
     env: BenchEnv = spec["env"]
     insights = make_insights(spec["n"], spec.get("categories"))
     outbox = None
@@ -233,7 +233,7 @@ def pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 
 def pear_rx(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """Receive ``n`` verified insights through ``PearNetwork.insights()``."""
-    from pear_mqtt.network import PearNetwork
+    from pear_mqtt.node.network import PearNetwork
     env: BenchEnv = spec["env"]
     n = spec["n"]
 
@@ -268,7 +268,7 @@ def pear_sync(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     With ``spec["gate"]`` the process starts (imports, config) at once but connects only on
     "connect": it must not receive the live insights published while the state is filled.
     """
-    from pear_mqtt.network import PearNetwork
+    from pear_mqtt.node.network import PearNetwork
     env: BenchEnv = spec["env"]
     if spec.get("gate"):
         _go(conn, "connect")

@@ -9,7 +9,14 @@
         state = await network.sync()
 """
 
-from .config import NetworkConfigManager
+from .config.manager import NetworkConfigManager
+from .config.models import (
+    EncryptionConfig,
+    NetworkConfig,
+    PrivacyConfig,
+    ReliabilityConfig,
+    TLSConfig,
+)
 from .errors import (
     BrokerError,
     ConfigError,
@@ -31,25 +38,20 @@ from .errors import (
     UnknownKeyError,
     UnsupportedVersion,
 )
-from .network import PearNetwork, Peer, ReceivedAggregate, ReceivedInsight, SyncResult
-from .privacy import SharedInsight, ValueRange
-from .sync import SyncPearNetwork
-from .types import (
-    EncryptionConfig,
+from .model.insight import (
     Health,
     MarketInsight,
-    NetworkConfig,
     NetworkMessage,
     NetworkMode,
     NetworkStatus,
     PriceData,
-    PrivacyConfig,
-    ReliabilityConfig,
     SalesData,
     SharingLevel,
-    TLSConfig,
     TrendData,
 )
+from .node.network import PearNetwork, Peer, ReceivedAggregate, ReceivedInsight, SyncResult
+from .node.sync import SyncPearNetwork
+from .privacy.filter import SharedInsight, ValueRange
 
 __version__ = "0.1.0"
 

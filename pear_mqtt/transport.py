@@ -32,8 +32,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from .config.models import BrokerURL, TLSConfig
 from .errors import ConnectError, NotConnectedError, TransportError
-from .types import BrokerURL, TLSConfig
 
 __all__ = ["Connection", "InboundMessage", "Will", "build_tls_context", "stop_task"]
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 @pytest.fixture(scope="session")
 def docker_ready() -> None:
     """Skip unless a Docker engine answers and the pear images and Compose are there."""
-    from pear_mqtt.compose import docker_problem
+    from pear_mqtt.ops.compose import docker_problem
 
     problem = docker_problem()
     if problem is not None:

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pear_mqtt.compose import COMPOSE_FILE
-from pear_mqtt.up import TOPOLOGY
+from pear_mqtt.ops.compose import COMPOSE_FILE
+from pear_mqtt.ops.up import TOPOLOGY
 
 pytestmark = pytest.mark.unit
 

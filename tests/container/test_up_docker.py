@@ -12,8 +12,8 @@ import pytest
 from brokers import MqttProbe, new_unique_id
 from test_up import Up, _listening
 
-from pear_mqtt.compose import Compose, project_name
-from pear_mqtt.pki import CertPaths
+from pear_mqtt.ops.compose import Compose, project_name
+from pear_mqtt.security.pki import CertPaths
 
 pytestmark = [pytest.mark.container, pytest.mark.usefixtures("docker_ready")]
 

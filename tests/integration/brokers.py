@@ -5,7 +5,7 @@ Used by ``tests/integration/conftest.py`` (fixtures ``pki``, ``mosquitto``,
 
     from brokers import MosquittoBroker, NetworkPKI, MqttProbe
 
-A broker renders its configuration with :func:`pear_mqtt.brokerconf.render`, so the tests
+A broker renders its configuration with :func:`pear_mqtt.ops.brokerconf.render`, so the tests
 exercise the same mosquitto.conf and ACL an operator deploys. Each broker has two listeners:
 
 - ``port``: plaintext, anonymous, no ACL: for tests that do not care about identity;
@@ -45,11 +45,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from pear_mqtt import pki as pkimod
-from pear_mqtt.brokerconf import Mode, render
+from pear_mqtt.config.models import TLSConfig
 from pear_mqtt.errors import BrokerError
-from pear_mqtt.pki import CertPaths
-from pear_mqtt.types import TLSConfig
+from pear_mqtt.ops.brokerconf import Mode, render
+from pear_mqtt.security import pki as pkimod
+from pear_mqtt.security.pki import CertPaths
 
 #: The test networks' group key "k1" (AES-256, fixed so failures are reproducible).
 GROUP_KEY = base64.b64encode(bytes(range(32))).decode()
@@ -99,7 +99,7 @@ def free_port() -> int:
 
 @dataclass(frozen=True)
 class NetworkPKI:
-    """Certificates for one test network, all minted by :mod:`pear_mqtt.pki`.
+    """Certificates for one test network, all minted by :mod:`pear_mqtt.security.pki`.
 
     ``nodes[c]`` is the ``store-1`` certificate of company ``c`` for every ``c`` in
     :data:`COMPANIES`; :meth:`node` mints more on demand (any member, any node). ``expired``,

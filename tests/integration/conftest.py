@@ -39,14 +39,14 @@ from brokers import (
     new_unique_id,
 )
 
-from pear_mqtt.envelope import SealOpener, generate_x25519_key, save_x25519_public_key
-from pear_mqtt.types import (
+from pear_mqtt.config.models import (
     EncryptionConfig,
     NetworkConfig,
-    NetworkMode,
     PrivacyConfig,
     ReliabilityConfig,
 )
+from pear_mqtt.model.insight import NetworkMode
+from pear_mqtt.security.envelope import SealOpener, generate_x25519_key, save_x25519_public_key
 
 _HERE = Path(__file__).resolve().parent
 

@@ -20,19 +20,18 @@ from typing import Any
 import pytest
 from brokers import GROUP_KEY, MosquittoBroker, NetworkPKI
 
-from pear_mqtt.config import NetworkConfigManager
-from pear_mqtt.envelope import generate_x25519_key, save_x25519_public_key
-from pear_mqtt.network import PearNetwork, ReceivedInsight
-from pear_mqtt.outbox import Outbox
-from pear_mqtt.privacy import ValueRange
-from pear_mqtt.types import (
+from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.config.models import (
     EncryptionConfig,
     NetworkConfig,
-    NetworkMode,
-    NetworkStatus,
     PrivacyConfig,
     ReliabilityConfig,
 )
+from pear_mqtt.model.insight import NetworkMode, NetworkStatus
+from pear_mqtt.node.network import PearNetwork, ReceivedInsight
+from pear_mqtt.node.outbox import Outbox
+from pear_mqtt.privacy.filter import ValueRange
+from pear_mqtt.security.envelope import generate_x25519_key, save_x25519_public_key
 
 REPO = Path(__file__).resolve().parents[2]
 SENT = re.compile(r"\bsent=(\d+)\b")
@@ -73,7 +72,7 @@ def agent_config(make_config: Callable[..., NetworkConfig], tmp_path: Path
 
 
 class AgentProcess:
-    """``python -m pear_mqtt.cli agent ...`` with its stderr lines readable as they come."""
+    """``python -m pear_mqtt.cli.main agent ...`` with its stderr lines readable as they come."""
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc

@@ -28,43 +28,43 @@ from brokers import GROUP_KEY, MosquittoBroker, MqttProbe, NetworkPKI, Received,
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pear_mqtt.bridge import (
-    AggregateBody,
+from pear_mqtt.bridge.service import (
     Bridge,
     BridgeConfig,
     BridgeStatus,
     DPConfig,
-    LedgerBody,
     PublicConfig,
-    ReceiptBody,
     SourceConfig,
     input_hash,
     item_digest,
     verify_publication,
 )
-from pear_mqtt.envelope import (
+from pear_mqtt.config.models import (
+    EncryptionConfig,
+    NetworkConfig,
+    PrivacyConfig,
+    ReliabilityConfig,
+)
+from pear_mqtt.errors import PearError
+from pear_mqtt.model.aggregates import AggregateBody, LedgerBody, ReceiptBody
+from pear_mqtt.model.insight import (
+    MarketInsight,
+    NetworkMode,
+    PriceData,
+    SalesData,
+    SharingLevel,
+    TrendData,
+)
+from pear_mqtt.model.topics import TopicScheme
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.privacy.filter import Contribution, Pseudonymizer, aggregate_cell
+from pear_mqtt.security.envelope import (
     EnvelopeCodec,
     Signer,
     TrustStore,
     generate_x25519_key,
     save_x25519_private_key,
     save_x25519_public_key,
-)
-from pear_mqtt.errors import PearError
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.privacy import Contribution, Pseudonymizer, aggregate_cell
-from pear_mqtt.topics import TopicScheme
-from pear_mqtt.types import (
-    EncryptionConfig,
-    MarketInsight,
-    NetworkConfig,
-    NetworkMode,
-    PriceData,
-    PrivacyConfig,
-    ReliabilityConfig,
-    SalesData,
-    SharingLevel,
-    TrendData,
 )
 
 SECRET = "s" * 32
@@ -479,10 +479,10 @@ async def test_items_disclosing_more_than_the_policy_are_dropped_and_counted(
             pass  # announces levels, then leaves (the will keeps the levels)
         liar = net.node_config(member)
         codec = EnvelopeCodec.from_config(liar)
-        from pear_mqtt.privacy import PrivacyFilter
+        from pear_mqtt.privacy.filter import PrivacyFilter
         result = PrivacyFilter(config=liar).apply(
             insight("home/garden", start=start, units=30.0, change=5.5))
-        from pear_mqtt.envelope import load_x25519_public_key, seal
+        from pear_mqtt.security.envelope import load_x25519_public_key, seal
         item = {"iid": uuid.uuid4().hex,
                 "insight": result.shared.model_dump(mode="json", exclude_none=True),
                 "sealed": seal(load_x25519_public_key(net.pub_file),

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from brokers import MqttProbe, free_port
 
-from pear_mqtt.bridge import AggregateBody, ReceiptBody
-from pear_mqtt.pki import CertPaths
+from pear_mqtt.model.aggregates import AggregateBody, ReceiptBody
+from pear_mqtt.security.pki import CertPaths
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ stays free to serve them. Nothing sleeps: absence of a forbidden message is prov
 published after it on an allowed topic, which the broker handles in order.
 
 Certificates come from the session ``pki`` fixture (``conftest.py``, minted by
-:mod:`pear_mqtt.pki`): network ``testnet``, node certificates for acme, globex, initech...,
+:mod:`pear_mqtt.security.pki`): network ``testnet``, node certificates for acme, globex, initech...,
 the bridge user ``bridge``, and expired / revoked / foreign ones.
 """
 
@@ -31,11 +31,11 @@ from brokers import NetworkPKI
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from pear_mqtt import pki as pkimod
-from pear_mqtt.embedded import AccessPolicy, EmbeddedBroker, filter_covers, topic_matches
 from pear_mqtt.errors import BrokerError, ConfigError
-from pear_mqtt.pki import CertPaths
-from pear_mqtt.topics import TopicScheme
+from pear_mqtt.model.topics import TopicScheme
+from pear_mqtt.ops.embedded import AccessPolicy, EmbeddedBroker, filter_covers, topic_matches
+from pear_mqtt.security import pki as pkimod
+from pear_mqtt.security.pki import CertPaths
 
 pytestmark = pytest.mark.integration
 
@@ -254,7 +254,7 @@ def test_policy_semantics() -> None:
     assert public.may_publish(username="br", topic=f"{proot}/aggregates/x")
     assert public.may_subscribe(username="br", topic_filter=f"{proot}/contrib/#")
 
-    from pear_mqtt.topics import AclRule
+    from pear_mqtt.model.topics import AclRule
     holes = AccessPolicy([AclRule("read", "a/#"), AclRule("deny", "a/secret")])
     assert holes.may_subscribe(username="u", topic_filter="a/#")  # narrowed per message
     assert not holes.may_read(username="u", topic="a/secret")
@@ -608,10 +608,10 @@ async def test_reload_crl_stops_serving_a_revoked_nodes_retained_state(
     # state back. The refusal leaves no trace but the broker's log: wait for that.
     assert not await s9.subscribe(acme.state_filter())
     refused = _LogSeen(f"refused publish on {acme.state('store-9', 'dairy/milk')!r}")
-    embedded_log = logging.getLogger("pear_mqtt.embedded")
+    embedded_log = logging.getLogger("pear_mqtt.ops.embedded")
     embedded_log.addHandler(refused)
     try:
-        with caplog.at_level(logging.DEBUG, logger="pear_mqtt.embedded"):
+        with caplog.at_level(logging.DEBUG, logger="pear_mqtt.ops.embedded"):
             await s9.publish(acme.state("store-9", "dairy/milk"), b"again", retain=True)
             assert await asyncio.to_thread(refused.seen.wait, TIMEOUT)
     finally:

@@ -12,23 +12,11 @@ from typing import Any
 
 from brokers import MosquittoBroker, NetworkPKI, free_port, probe
 
-from pear_mqtt.envelope import (
-    EnvelopeCodec,
-    SealOpener,
-    Signer,
-    TrustStore,
-)
-from pear_mqtt.network import PearNetwork, ReceivedInsight
-from pear_mqtt.privacy import Contribution, ValueRange
-from pear_mqtt.types import (
-    MarketInsight,
-    NetworkConfig,
-    NetworkMode,
-    PriceData,
-    PrivacyConfig,
-    SalesData,
-    TrendData,
-)
+from pear_mqtt.config.models import NetworkConfig, PrivacyConfig
+from pear_mqtt.model.insight import MarketInsight, NetworkMode, PriceData, SalesData, TrendData
+from pear_mqtt.node.network import PearNetwork, ReceivedInsight
+from pear_mqtt.privacy.filter import Contribution, ValueRange
+from pear_mqtt.security.envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
@@ -301,7 +289,7 @@ async def test_reconnects_after_a_broker_restart_are_spread_not_a_storm(
 async def test_public_participant_reads_the_bridges_aggregates(
         make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
         pki: NetworkPKI) -> None:
-    from pear_mqtt.bridge import (
+    from pear_mqtt.model.aggregates import (
         AggregateBody,
         PublishedCell,
         PublishedGroupBody,

@@ -11,16 +11,16 @@ import pytest
 from brokers import GROUP_KEY, NetworkPKI, free_port
 from test_network import insight, take
 
-from pear_mqtt.embedded import EmbeddedBroker
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.privacy import ValueRange
-from pear_mqtt.types import (
+from pear_mqtt.config.models import (
     EncryptionConfig,
     NetworkConfig,
-    NetworkMode,
     PrivacyConfig,
     ReliabilityConfig,
 )
+from pear_mqtt.model.insight import NetworkMode
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.ops.embedded import EmbeddedBroker
+from pear_mqtt.privacy.filter import ValueRange
 
 
 @pytest.fixture

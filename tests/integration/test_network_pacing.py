@@ -14,10 +14,10 @@ import pytest
 from brokers import MosquittoBroker, NetworkPKI, probe
 from test_network import insight, take
 
-from pear_mqtt import network
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.topics import TopicScheme
-from pear_mqtt.types import NetworkConfig
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.model.topics import TopicScheme
+from pear_mqtt.node import network
+from pear_mqtt.node.network import PearNetwork
 
 
 async def test_a_trickle_goes_one_by_one_and_a_stream_in_batches(

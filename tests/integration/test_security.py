@@ -1,7 +1,8 @@
 """Identity and access, enforced by a real mosquitto with the rendered configuration.
 
-Who gets in (certificates from :mod:`pear_mqtt.pki`) and where they may write and read (the
-ACL rendered by :mod:`pear_mqtt.brokerconf` from :func:`pear_mqtt.topics.acl_rules`), checked
+Who gets in (certificates from :mod:`pear_mqtt.security.pki`) and where they may write and read (the
+ACL rendered by :mod:`pear_mqtt.ops.brokerconf` from
+:func:`pear_mqtt.model.topics.acl_rules`), checked
 with paho-mqtt 2.x and with the mosquitto command-line clients.
 
 "Nothing arrived" is detected deterministically: after the forbidden message, a marker that
@@ -23,9 +24,9 @@ import pytest
 from brokers import MosquittoBroker, MqttProbe, NetworkPKI, build_pki, probe
 from paho.mqtt.reasoncodes import ReasonCode
 
-from pear_mqtt import pki as pkimod
-from pear_mqtt.pki import CertPaths
-from pear_mqtt.topics import TopicScheme
+from pear_mqtt.model.topics import TopicScheme
+from pear_mqtt.security import pki as pkimod
+from pear_mqtt.security.pki import CertPaths
 
 pytestmark = pytest.mark.integration
 

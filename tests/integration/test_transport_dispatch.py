@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable
 
 from brokers import MosquittoBroker, NetworkPKI, probe
 
-from pear_mqtt.topics import TopicScheme
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.model.topics import TopicScheme
 from pear_mqtt.transport import Connection, InboundMessage
-from pear_mqtt.types import NetworkConfig
 
 
 @contextlib.asynccontextmanager

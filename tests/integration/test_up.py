@@ -22,7 +22,7 @@ import pytest
 from brokers import MqttProbe, free_port, new_unique_id
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from pear_mqtt.pki import CertPaths
+from pear_mqtt.security.pki import CertPaths
 
 pytestmark = pytest.mark.integration
 
@@ -186,7 +186,7 @@ def test_commands_before_any_start(up: Up) -> None:
 
 def test_docker_backend_without_engine_or_images_is_refused_clearly(
         up: Up, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from pear_mqtt.compose import docker_problem
+    from pear_mqtt.ops.compose import docker_problem
 
     # Whatever this machine has, a missing Compose file is one thing the backend lacks (the
     # docker backend itself runs in tests/container/test_up_docker.py).

@@ -16,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from pear_mqtt import pki as pkimod
-from pear_mqtt.agent import (
+from pear_mqtt.agent.runner import (
     CSV_COLUMNS,
     AgentReport,
     FileSource,
@@ -31,21 +30,24 @@ from pear_mqtt.agent import (
     read_insights,
 )
 from pear_mqtt.cli import main
-from pear_mqtt.config import NetworkConfigManager
-from pear_mqtt.errors import ConfigError
-from pear_mqtt.types import (
+from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.config.models import (
     EncryptionConfig,
-    MarketInsight,
     NetworkConfig,
+    PrivacyConfig,
+    ReliabilityConfig,
+    TLSConfig,
+)
+from pear_mqtt.errors import ConfigError
+from pear_mqtt.model.insight import (
+    MarketInsight,
     NetworkMode,
     NetworkStatus,
     PriceData,
-    PrivacyConfig,
-    ReliabilityConfig,
     SalesData,
-    TLSConfig,
     TrendData,
 )
+from pear_mqtt.security import pki as pkimod
 
 pytestmark = pytest.mark.unit
 

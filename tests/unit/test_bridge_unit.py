@@ -21,10 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pear_mqtt import pki as pkimod
-from pear_mqtt.bridge import (
+from pear_mqtt.bridge.service import (
     DEFAULT_BOUNDS,
-    AggregateBody,
     BridgeConfig,
     BridgeConfigManager,
     CellResult,
@@ -32,7 +30,6 @@ from pear_mqtt.bridge import (
     NoiseMechanism,
     PublicOutput,
     PublishedGroup,
-    ReceiptBody,
     SourceConfig,
     WindowResult,
     aggregate_window,
@@ -42,7 +39,7 @@ from pear_mqtt.bridge import (
     verify_publication,
     window_of,
 )
-from pear_mqtt.bridge_state import (
+from pear_mqtt.bridge.state import (
     BridgeStore,
     LedgerEntry,
     NewContribution,
@@ -50,9 +47,11 @@ from pear_mqtt.bridge_state import (
     StoredContribution,
 )
 from pear_mqtt.cli import main
-from pear_mqtt.envelope import EnvelopeCodec, Signer, TrustStore, seal
 from pear_mqtt.errors import ConfigError, OutboxError, PrivacyError
-from pear_mqtt.privacy import (
+from pear_mqtt.model.aggregates import AggregateBody, ReceiptBody
+from pear_mqtt.model.insight import SharingLevel
+from pear_mqtt.model.topics import TopicScheme, parse_topic
+from pear_mqtt.privacy.filter import (
     Contribution,
     FieldStatistics,
     SharedInsight,
@@ -60,8 +59,8 @@ from pear_mqtt.privacy import (
     ValueRange,
     aggregate_cell,
 )
-from pear_mqtt.topics import TopicScheme, parse_topic
-from pear_mqtt.types import SharingLevel
+from pear_mqtt.security import pki as pkimod
+from pear_mqtt.security.envelope import EnvelopeCodec, Signer, TrustStore, seal
 
 pytestmark = pytest.mark.unit
 
@@ -96,7 +95,7 @@ class Material:
 
 @pytest.fixture(scope="module")
 def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
-    from pear_mqtt.envelope import generate_x25519_key, save_x25519_private_key
+    from pear_mqtt.security.envelope import generate_x25519_key, save_x25519_private_key
 
     root = tmp_path_factory.mktemp("bridge-pki")
     pkimod.create_ca(directory=root / "ca", network="mkt")
@@ -688,7 +687,7 @@ def test_source_config_rules() -> None:
 # -- the window clock and the single publish path --------------------------------------------
 
 def test_windows_become_due_after_lag_and_settling(tmp_path: Path) -> None:
-    from pear_mqtt.bridge import Bridge
+    from pear_mqtt.bridge.service import Bridge
 
     config = BridgeConfigManager.load(env={}, **minimal(
         window_seconds=DAY, publication_lag_seconds=DAY, settle_seconds=60,
@@ -720,7 +719,7 @@ def test_only_the_public_output_publishes() -> None:
     import ast
     import inspect
 
-    import pear_mqtt.bridge as module
+    import pear_mqtt.bridge.service as module
 
     tree = ast.parse(inspect.getsource(module))
     functions: list[tuple[str, ast.AST]] = []
@@ -770,9 +769,9 @@ class Ingest:
 
 @pytest.fixture
 def ingest(material: Material, tmp_path: Path) -> Iterator[Ingest]:
-    from pear_mqtt.bridge import Bridge
-    from pear_mqtt.envelope import load_x25519_private_key
-    from pear_mqtt.types import EncryptionConfig
+    from pear_mqtt.bridge.service import Bridge
+    from pear_mqtt.config.models import EncryptionConfig
+    from pear_mqtt.security.envelope import load_x25519_private_key
 
     config = BridgeConfigManager.load(env={}, **minimal(
         material, state_path=str(tmp_path / "s.sqlite"),

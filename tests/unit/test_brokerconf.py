@@ -1,4 +1,4 @@
-"""Unit tests of pear_mqtt.brokerconf: the rendered mosquitto.conf and ACL text."""
+"""Unit tests of pear_mqtt.ops.brokerconf: the rendered mosquitto.conf and ACL text."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pear_mqtt import brokerconf, pki
 from pear_mqtt.cli import main
 from pear_mqtt.errors import ConfigError
-from pear_mqtt.topics import acl_rules
+from pear_mqtt.model.topics import acl_rules
+from pear_mqtt.ops import brokerconf
+from pear_mqtt.security import pki
 
 pytestmark = pytest.mark.unit
 

@@ -16,20 +16,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
-from pear_mqtt import pki as pkimod
 from pear_mqtt.cli import main
-from pear_mqtt.config import NetworkConfigManager, default_sharing
-from pear_mqtt.errors import ConfigError, TopicError
-from pear_mqtt.topics import validate_identifier
-from pear_mqtt.types import (
+from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.config.models import (
     EncryptionConfig,
     NetworkConfig,
-    NetworkMode,
     PrivacyConfig,
     ReliabilityConfig,
-    SharingLevel,
     TLSConfig,
+    default_sharing,
 )
+from pear_mqtt.errors import ConfigError, TopicError
+from pear_mqtt.model.insight import NetworkMode, SharingLevel
+from pear_mqtt.model.topics import validate_identifier
+from pear_mqtt.security import pki as pkimod
 
 pytestmark = pytest.mark.unit
 

@@ -18,19 +18,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pear_mqtt.envelope import (
-    EnvelopeCodec,
-    SealOpener,
-    Signer,
-    TrustStore,
-    VerifiedSigner,
-    generate_x25519_key,
-    load_x25519_private_key,
-    load_x25519_public_key,
-    save_x25519_private_key,
-    save_x25519_public_key,
-    seal,
-)
+from pear_mqtt.config.models import EncryptionConfig, NetworkConfig, TLSConfig
 from pear_mqtt.errors import (
     ConfigError,
     DecryptionError,
@@ -44,8 +32,20 @@ from pear_mqtt.errors import (
     UnknownKeyError,
     UnsupportedVersion,
 )
-from pear_mqtt.identity import Identity, subject_for
-from pear_mqtt.types import EncryptionConfig, NetworkConfig, TLSConfig
+from pear_mqtt.security.envelope import (
+    EnvelopeCodec,
+    SealOpener,
+    Signer,
+    TrustStore,
+    VerifiedSigner,
+    generate_x25519_key,
+    load_x25519_private_key,
+    load_x25519_public_key,
+    save_x25519_private_key,
+    save_x25519_public_key,
+    seal,
+)
+from pear_mqtt.security.identity import Identity, subject_for
 
 pytestmark = pytest.mark.unit
 
@@ -973,7 +973,7 @@ def test_junk_certificates_do_not_evict_good_ones(pki: PKI) -> None:
 # -- session sealer --------------------------------------------------------------------------
 
 def test_sealer_tokens_open_and_share_one_session_key() -> None:
-    from pear_mqtt.envelope import Sealer, SealOpener, generate_x25519_key
+    from pear_mqtt.security.envelope import Sealer, SealOpener, generate_x25519_key
 
     key = generate_x25519_key()
     sealer = Sealer(key.public_key(), rotate_after=3)

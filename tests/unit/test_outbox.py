@@ -1,4 +1,5 @@
-"""Unit tests of pear_mqtt.outbox: order, acks, coalescing, bounds, expiry, crashes, bad files."""
+"""Unit tests of pear_mqtt.node.outbox: order, acks, coalescing, bounds, expiry, crashes,
+bad files."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pear_mqtt import outbox as outbox_mod
 from pear_mqtt.errors import OutboxError
-from pear_mqtt.outbox import Kind, NewItem, Outbox, OutboxItem
+from pear_mqtt.node import outbox as outbox_mod
+from pear_mqtt.node.outbox import Kind, NewItem, Outbox, OutboxItem
 
 pytestmark = pytest.mark.unit
 
@@ -277,7 +278,7 @@ def test_ids_are_never_reused_even_after_emptying_and_reopening(tmp_path: Path) 
 _CHILD = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from pear_mqtt.outbox import NewItem, Outbox
+    from pear_mqtt.node.outbox import NewItem, Outbox
 
     box = Outbox(path=Path(sys.argv[1]), max_bytes=1 << 30, max_age=1e9)
     stop = int(sys.argv[2])

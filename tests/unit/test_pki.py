@@ -1,4 +1,4 @@
-"""Unit tests of pear_mqtt.pki: files, subjects, extensions, validity, registry, CRL, CLI."""
+"""Unit tests of pear_mqtt's PKI: files, subjects, extensions, validity, registry, CRL, CLI."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pear_mqtt import pki
 from pear_mqtt.cli import main
 from pear_mqtt.errors import PKIError
-from pear_mqtt.identity import identity_of
+from pear_mqtt.security import pki
+from pear_mqtt.security.identity import identity_of
 
 pytestmark = pytest.mark.unit
 

@@ -16,8 +16,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pear_mqtt.config.models import NetworkConfig, PrivacyConfig
 from pear_mqtt.errors import ConfigError, PrivacyError
-from pear_mqtt.privacy import (
+from pear_mqtt.model.insight import (
+    FIELD_GROUPS,
+    MarketInsight,
+    NetworkMode,
+    PriceData,
+    SalesData,
+    SharingLevel,
+    TrendData,
+)
+from pear_mqtt.model.topics import validate_identifier
+from pear_mqtt.privacy.filter import (
     ADDITIVE_FIELDS,
     AggregateOutcome,
     Contribution,
@@ -29,18 +40,6 @@ from pear_mqtt.privacy import (
     ValueRange,
     aggregate,
     aggregate_cell,
-)
-from pear_mqtt.topics import validate_identifier
-from pear_mqtt.types import (
-    FIELD_GROUPS,
-    MarketInsight,
-    NetworkConfig,
-    NetworkMode,
-    PriceData,
-    PrivacyConfig,
-    SalesData,
-    SharingLevel,
-    TrendData,
 )
 
 pytestmark = pytest.mark.unit

@@ -1,8 +1,8 @@
-"""Unit tests of pear_mqtt.topics' ACL rules for revoked nodes (``acl_rules(revoked=...)``).
+"""Unit tests of pear_mqtt.model.topics' ACL rules for revoked nodes (``acl_rules(revoked=...)``).
 
 The mosquitto side of the same rules is checked against a real broker in
 ``tests/integration/test_security.py``; here: the exact rules, their placement, their
-validation, and what they mean under :class:`pear_mqtt.embedded.AccessPolicy` (mosquitto's
+validation, and what they mean under :class:`pear_mqtt.ops.embedded.AccessPolicy` (mosquitto's
 semantics: a deny wins over every grant).
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from pear_mqtt.embedded import AccessPolicy, topic_matches
 from pear_mqtt.errors import TopicError
-from pear_mqtt.topics import AclRule, TopicScheme, acl_rules, revoked_node_rules
+from pear_mqtt.model.topics import AclRule, TopicScheme, acl_rules, revoked_node_rules
+from pear_mqtt.ops.embedded import AccessPolicy, topic_matches
 
 pytestmark = pytest.mark.unit
 
@@ -120,7 +120,7 @@ def test_policy_with_revoked_node_semantics() -> None:
 
 
 def test_checkpoint_topics_round_trip_and_stay_in_the_member_subtree() -> None:
-    from pear_mqtt.topics import CHECKPOINT_PAGES, parse_topic
+    from pear_mqtt.model.topics import CHECKPOINT_PAGES, parse_topic
 
     for mode in ("consortium", "private"):
         acme = TopicScheme(mode, NET, "acme")

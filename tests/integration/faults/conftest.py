@@ -28,7 +28,7 @@ from brokers import MosquittoBroker, NetworkPKI
 from faultkit import node_config
 from faultproxy import FaultProxy
 
-from pear_mqtt.types import NetworkConfig
+from pear_mqtt.config.models import NetworkConfig
 
 _HERE = Path(__file__).resolve().parent
 

@@ -22,18 +22,14 @@ from typing import Any
 
 from brokers import GROUP_KEY, NetworkPKI
 
-from pear_mqtt.network import PearNetwork, ReceivedInsight
-from pear_mqtt.types import (
+from pear_mqtt.config.models import (
     EncryptionConfig,
-    MarketInsight,
     NetworkConfig,
-    NetworkMode,
-    PriceData,
     PrivacyConfig,
     ReliabilityConfig,
-    SalesData,
-    TrendData,
 )
+from pear_mqtt.model.insight import MarketInsight, NetworkMode, PriceData, SalesData, TrendData
+from pear_mqtt.node.network import PearNetwork, ReceivedInsight
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

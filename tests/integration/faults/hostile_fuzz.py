@@ -43,9 +43,9 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from pear_mqtt.envelope import EnvelopeCodec, Signer, TrustStore
-from pear_mqtt.pki import CertPaths
-from pear_mqtt.types import EncryptionConfig
+from pear_mqtt.config.models import EncryptionConfig
+from pear_mqtt.security.envelope import EnvelopeCodec, Signer, TrustStore
+from pear_mqtt.security.pki import CertPaths
 
 FUZZ_N = int(os.environ.get("PEAR_FUZZ_N", "10000"))
 """Hostile payloads per bulk test (``make faults``: ``PEAR_FUZZ_N=100000``)."""

@@ -26,10 +26,10 @@ from faultkit import Collector, peak_rss_mb
 from faultproxy import FaultProxy
 from faults_report import record
 
-from pear_mqtt.config import NetworkConfigManager
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.outbox import Outbox
-from pear_mqtt.types import NetworkConfig
+from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.node.outbox import Outbox
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_agent import AgentProcess

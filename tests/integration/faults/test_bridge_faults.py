@@ -27,10 +27,10 @@ from brokers import MosquittoBroker, NetworkPKI, probe
 from faultkit import wait_until
 from faults_report import record
 
-from pear_mqtt.bridge import BridgeConfigManager
-from pear_mqtt.network import PearNetwork
+from pear_mqtt.bridge.service import BridgeConfigManager
+from pear_mqtt.config.models import BrokerURL
+from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.transport import Connection, InboundMessage
-from pear_mqtt.types import BrokerURL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_bridge import Net, insight, net, yesterday

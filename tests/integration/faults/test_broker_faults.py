@@ -24,8 +24,8 @@ from brokers import MosquittoBroker
 from faultkit import Collector, PeakRSS, stream, wait_until
 from faults_report import record
 
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.types import NetworkConfig
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.node.network import PearNetwork
 
 # Bound on how far this process's resident memory may rise over a scenario (two nodes, a few
 # thousand insights; the de-duplication memory and the outbox page are what grows).

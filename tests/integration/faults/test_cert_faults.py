@@ -25,9 +25,9 @@ from faultkit import Collector, stream, wait_until
 from faultproxy import FaultProxy
 from faults_report import record
 
-from pear_mqtt import pki as pkimod
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.types import NetworkConfig
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.security import pki as pkimod
 
 LIFETIME = 6.0  # seconds the certificate is valid after it is issued
 

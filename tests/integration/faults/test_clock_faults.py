@@ -24,8 +24,8 @@ from brokers import MosquittoBroker
 from faultkit import Collector, stream
 from faults_report import record
 
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.types import NetworkConfig
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.node.network import PearNetwork
 
 N = 200
 

@@ -27,10 +27,10 @@ from faultkit import Collector, PeakRSS, insight
 from faultproxy import FaultProxy
 from faults_report import record
 
+from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.errors import OutboxError
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.outbox import RECOVER_INTERVAL
-from pear_mqtt.types import NetworkConfig
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.node.outbox import RECOVER_INTERVAL
 
 
 @pytest.fixture

@@ -29,10 +29,11 @@ from faultkit import GROUP_KEY, PeakRSS, insight, wait_until
 from faultproxy import FaultProxy
 from faults_report import record
 
-from pear_mqtt.envelope import EnvelopeCodec, Signer, TrustStore
+from pear_mqtt.config.models import EncryptionConfig, NetworkConfig
 from pear_mqtt.errors import EnvelopeError
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.types import EncryptionConfig, NetworkConfig, NetworkMode
+from pear_mqtt.model.insight import NetworkMode
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.security.envelope import EnvelopeCodec, Signer, TrustStore
 
 JITTER = 1.0  # reconnect_jitter: the first reconnect waits uniform(0, 1 s)
 

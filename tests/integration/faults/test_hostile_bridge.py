@@ -64,15 +64,13 @@ from test_bridge import (
     yesterday,
 )
 
-from pear_mqtt.bridge import Bridge, BridgeStatus
-from pear_mqtt.envelope import (
-    load_x25519_public_key,
-    seal,
-)
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.privacy import PrivacyFilter
-from pear_mqtt.topics import TopicError, TopicScheme, parse_topic
-from pear_mqtt.types import MarketInsight, NetworkConfig, SharingLevel
+from pear_mqtt.bridge.service import Bridge, BridgeStatus
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.model.insight import MarketInsight, SharingLevel
+from pear_mqtt.model.topics import TopicError, TopicScheme, parse_topic
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.privacy.filter import PrivacyFilter
+from pear_mqtt.security.envelope import load_x25519_public_key, seal
 
 __all__ = ["net"]  # test_bridge's fixture, used by name
 

@@ -27,12 +27,12 @@ import pytest
 from brokers import MosquittoBroker, NetworkPKI
 from faults_report import record
 
-from pear_mqtt.bridge import BridgeConfigManager
-from pear_mqtt.cli import main as cli
-from pear_mqtt.config import NetworkConfigManager
+from pear_mqtt.bridge.service import BridgeConfigManager
+from pear_mqtt.cli.main import main as cli
+from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.config.models import NetworkConfig, TLSConfig
 from pear_mqtt.errors import ConfigError, ConnectError, PearError
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.types import NetworkConfig, TLSConfig
+from pear_mqtt.node.network import PearNetwork
 
 GOOD = ('mode = "consortium"\ncompany_id = "acme"\nnetwork_id = "testnet"\n'
         'node_id = "store-1"\nbroker_url = "mqtts://localhost:8883"\n')

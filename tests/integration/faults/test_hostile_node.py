@@ -63,11 +63,12 @@ from hostile_fuzz import (
     topic_matches,
 )
 
-from pear_mqtt.envelope import EnvelopeCodec, Sealer, SealOpener, load_x25519_public_key
-from pear_mqtt.network import PearNetwork, ReceivedInsight
-from pear_mqtt.privacy import PrivacyFilter
-from pear_mqtt.topics import TopicError, TopicScheme, parse_topic
-from pear_mqtt.types import MarketInsight, NetworkConfig, PriceData, SalesData, TrendData
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.model.insight import MarketInsight, PriceData, SalesData, TrendData
+from pear_mqtt.model.topics import TopicError, TopicScheme, parse_topic
+from pear_mqtt.node.network import PearNetwork, ReceivedInsight
+from pear_mqtt.privacy.filter import PrivacyFilter
+from pear_mqtt.security.envelope import EnvelopeCodec, Sealer, SealOpener, load_x25519_public_key
 
 OTHER_KEY = "A" * 43 + "="  # 32 bytes, not the network's group key
 SEED = 20261107

@@ -31,8 +31,8 @@ from faultkit import Collector, PeakRSS, stream, wait_until
 from faultproxy import FaultProxy
 from faults_report import record
 
-from pear_mqtt.network import PearNetwork
-from pear_mqtt.types import NetworkConfig
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.node.network import PearNetwork
 
 MEMORY_BOUND_MB = 120
 

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import TopicError
+from ..errors import TopicError
 
 __all__ = [
     "MAX_CATEGORY_DEPTH",

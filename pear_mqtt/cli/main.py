@@ -13,14 +13,15 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from .errors import PearError
+from ..errors import PearError
 
 __all__ = ["main"]
 
 # Command -> the module that registers it. Only the module of the command being run is
 # imported: an edge agent should not load the embedded broker (amqtt) or the orchestration.
-_COMMANDS = {"config": "config", "pki": "pki", "broker": "brokerconf", "embedded": "embedded",
-             "agent": "agent", "bridge": "bridge", "up": "up"}
+_COMMANDS = {"config": "config.manager", "pki": "security.pki", "broker": "ops.brokerconf",
+             "embedded": "ops.embedded", "agent": "agent.runner", "bridge": "bridge.service",
+             "up": "ops.up"}
 _COMMAND_MODULES = tuple(dict.fromkeys(_COMMANDS.values()))
 
 

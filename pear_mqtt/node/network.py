@@ -39,10 +39,9 @@ from typing import Any, Generic, TypeVar
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
-from .bridge import AggregateBody
-from .config import NetworkConfigManager
-from .envelope import EnvelopeCodec, Sealer, load_x25519_public_key
-from .errors import (
+from ..config.manager import NetworkConfigManager
+from ..config.models import NetworkConfig
+from ..errors import (
     ConnectError,
     EnvelopeError,
     NotConnectedError,
@@ -52,19 +51,15 @@ from .errors import (
     TopicError,
     TransportError,
 )
-from .identity import Identity
+from ..model.aggregates import AggregateBody
+from ..model.insight import Health, MarketInsight, NetworkMode, NetworkStatus
+from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
+from ..privacy.filter import PrivacyFilter, Pseudonymizer, SharedInsight
+from ..security.envelope import EnvelopeCodec, Sealer, load_x25519_public_key
+from ..security.identity import Identity
+from ..security.pki import tls_problems
+from ..transport import Connection, InboundMessage, Will, stop_task
 from .outbox import NewItem, Outbox, OutboxItem
-from .pki import tls_problems
-from .privacy import PrivacyFilter, Pseudonymizer, SharedInsight
-from .topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
-from .transport import Connection, InboundMessage, Will, stop_task
-from .types import (
-    Health,
-    MarketInsight,
-    NetworkConfig,
-    NetworkMode,
-    NetworkStatus,
-)
 
 __all__ = ["PearNetwork", "Peer", "ReceivedAggregate", "ReceivedInsight", "SyncResult"]
 

@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from .errors import BrokerError, ConfigError, PKIError, TopicError
-from .pki import REGISTRY, revoked_nodes
-from .topics import AclRule, acl_rules, validate_identifier
+from ..errors import BrokerError, ConfigError, PKIError, TopicError
+from ..model.topics import AclRule, acl_rules, validate_identifier
+from ..security.pki import REGISTRY, revoked_nodes
 
 __all__ = [
     "DEFAULT_TEMPLATE_DIR",
@@ -65,7 +65,7 @@ __all__ = [
 
 Mode = Literal["private", "consortium", "public"]
 
-DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "broker" / "mosquitto"
+DEFAULT_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "broker" / "mosquitto"
 """Where the templates live in a source checkout (``broker/mosquitto``)."""
 
 _DEFAULT_LOG_TYPES = ("error", "warning", "notice", "information")

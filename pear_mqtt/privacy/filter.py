@@ -42,20 +42,19 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import to_json
 
-from .errors import ConfigError, PrivacyError, TopicError
-from .topics import validate_category, validate_identifier
-from .types import (
+from ..config.models import NetworkConfig, PrivacyConfig
+from ..errors import ConfigError, PrivacyError, TopicError
+from ..model.insight import (
     FIELD_GROUPS,
     AwareDatetime,
     Category,
     Finite,
     MarketInsight,
-    NetworkConfig,
     NetworkMode,
-    PrivacyConfig,
     SharingLevel,
     identifier,
 )
+from ..model.topics import validate_category, validate_identifier
 
 __all__ = [
     "ADDITIVE_FIELDS",

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from .errors import PKIError
-from .topics import validate_identifier
+from ..errors import PKIError
+from ..model.topics import validate_identifier
 
 __all__ = ["Identity", "identity_of", "subject_for"]
 

@@ -40,7 +40,7 @@ from typing import Literal
 
 from pydantic_core import to_json
 
-from .errors import OutboxError
+from ..errors import OutboxError
 
 __all__ = [
     "AddResult",

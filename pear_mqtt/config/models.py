@@ -1,8 +1,5 @@
-"""Value types of pear_mqtt, in the names of the original design note.
-
-All models are frozen pydantic v2 models: a config or a message never changes once built.
-Validation errors name the field and the rule (pydantic's ``ValidationError`` lists the field
-path; our own checks raise ``ValueError`` with the rule in words, which pydantic wraps).
+"""Configuration models: TLS, encryption, reliability, privacy, the broker URL and the node's
+NetworkConfig, with each mode's default sharing levels.
 """
 
 from __future__ import annotations
@@ -10,185 +7,60 @@ from __future__ import annotations
 import math
 import re
 import socket
-from datetime import UTC, datetime
-from enum import Enum
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
-    AfterValidator,
-    AllowInfNan,
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     field_validator,
     model_validator,
 )
 
-from .errors import TopicError
-from .topics import validate_category, validate_identifier
+from ..model.insight import (
+    FIELD_GROUPS,
+    CompanyId,
+    Frozen,
+    NetworkId,
+    NetworkMode,
+    NodeId,
+    SharingLevel,
+    category_name,
+    identifier,
+)
 
-__all__ = [
-    "FIELD_GROUPS",
-    "BrokerURL",
-    "EncryptionConfig",
-    "Health",
-    "MarketInsight",
-    "NetworkConfig",
-    "NetworkMessage",
-    "NetworkMode",
-    "NetworkStatus",
-    "PriceData",
-    "PrivacyConfig",
-    "ReliabilityConfig",
-    "SalesData",
-    "SharingLevel",
-    "TLSConfig",
-    "TrendData",
-]
+__all__ = ["BrokerURL", "EncryptionConfig", "NetworkConfig", "PrivacyConfig", "ReliabilityConfig",
+           "TLSConfig", "default_sharing"]
 
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
-
-
-def identifier(what: str) -> Any:
-    """A pydantic validator: the value must be a valid topic level (errors name ``what``)."""
-
-    def check(v: str) -> str:
-        try:
-            return validate_identifier(v, what=what)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
-
-    return AfterValidator(check)
+_DEFAULT_SHARING: dict[NetworkMode, dict[str, SharingLevel]] = {
+    NetworkMode.PRIVATE: {
+        "price_data": SharingLevel.FULL,
+        "sales_data": SharingLevel.FULL,
+        "trends": SharingLevel.FULL,
+    },
+    NetworkMode.CONSORTIUM: {
+        "price_data": SharingLevel.RANGES_ONLY,
+        "sales_data": SharingLevel.AGGREGATED,
+        "trends": SharingLevel.FULL,
+    },
+    NetworkMode.PUBLIC: {
+        "price_data": SharingLevel.AGGREGATED,
+        "sales_data": SharingLevel.AGGREGATED,
+        "trends": SharingLevel.AGGREGATED,
+    },
+}
 
 
-def _category(v: str) -> str:
-    try:
-        return validate_category(v)
-    except TopicError as exc:
-        raise ValueError(str(exc)) from None
-
-
-CompanyId = Annotated[str, identifier("company_id")]
-NodeId = Annotated[str, identifier("node_id")]
-NetworkId = Annotated[str, identifier("network_id")]
-Category = Annotated[str, AfterValidator(_category)]
-
-
-def _utc(v: datetime) -> datetime:
-    if v.tzinfo is None:
-        raise ValueError("must be timezone-aware (e.g. datetime.now(UTC))")
-    return v.astimezone(UTC)
-
-
-AwareDatetime = Annotated[datetime, AfterValidator(_utc)]
-
-
-class NetworkMode(str, Enum):
-    """Who may read what a node shares."""
-
-    PRIVATE = "private"  # single company, multiple stores
-    CONSORTIUM = "consortium"  # trusted group of companies
-    PUBLIC = "public"  # open market participation
-
-
-class SharingLevel(str, Enum):
-    """How much of one field group leaves the node."""
-
-    FULL = "full"  # exact values
-    RANGES_ONLY = "ranges_only"  # only the fixed bucket that holds each number
-    AGGREGATED = "aggregated"  # only statistics over >= k companies, computed by an aggregator
-    NONE = "none"  # never leaves the node
-
-
-FIELD_GROUPS: tuple[str, ...] = ("price_data", "sales_data", "trends")
-"""The field groups of a :class:`MarketInsight` that a privacy policy governs."""
-
-
-class Health(str, Enum):
-    OK = "ok"
-    DEGRADED = "degraded"
-    DOWN = "down"
-
-
-# -- insight payloads ---------------------------------------------------------------------
-
-# Checked by pydantic-core itself ("Input should be a finite number"): a Python validator
-# here would cost a call per number on every insight a receiver validates.
-Finite = Annotated[float, AllowInfNan(False)]
-NonNegative = Annotated[float, Field(ge=0), AllowInfNan(False)]
-
-
-class PriceData(_Frozen):
-    """Prices a store observed for the insight's window, in ``currency``."""
-
-    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "EUR"
-    price: NonNegative | None = None
-    min_price: NonNegative | None = None
-    max_price: NonNegative | None = None
-
-    @model_validator(mode="after")
-    def _ordered(self) -> PriceData:
-        if (self.min_price is not None and self.max_price is not None
-                and self.min_price > self.max_price):
-            raise ValueError("min_price must not exceed max_price")
-        return self
-
-
-class SalesData(_Frozen):
-    """What a store sold in the insight's window."""
-
-    units: NonNegative | None = None
-    revenue: NonNegative | None = None
-    transactions: NonNegative | None = None
-
-
-class TrendData(_Frozen):
-    """Changes over the previous window, in percent."""
-
-    price_change_pct: Finite | None = None
-    demand_change_pct: Finite | None = None
-    direction: Literal["up", "down", "flat"] | None = None
-
-
-class MarketInsight(_Frozen):
-    """One store's observation of one category (optionally one product) over a window.
-
-    This is what a node holds; what leaves it is decided by :mod:`pear_mqtt.privacy`.
-    """
-
-    category: Category
-    product_id: Annotated[str, identifier("product_id")] | None = None
-    region: Annotated[str, identifier("region")] = "global"
-    window_start: datetime
-    window_end: datetime
-    price_data: PriceData | None = None
-    sales_data: SalesData | None = None
-    trends: TrendData | None = None
-    sample_size: Annotated[int, Field(ge=1, le=10**9)] = 1
-
-    @field_validator("window_start", "window_end")
-    @classmethod
-    def _aware(cls, v: datetime) -> datetime:
-        if v.tzinfo is None:
-            raise ValueError("must be timezone-aware (e.g. datetime.now(UTC))")
-        return v.astimezone(UTC)
-
-    @model_validator(mode="after")
-    def _window(self) -> MarketInsight:
-        if self.window_end < self.window_start:
-            raise ValueError("window_end must not be before window_start")
-        return self
+def default_sharing(mode: NetworkMode) -> dict[str, SharingLevel]:
+    """The sharing level of every field group in ``mode`` when the config names none."""
+    return dict(_DEFAULT_SHARING[NetworkMode(mode)])
 
 
 # -- configuration ------------------------------------------------------------------------
 
-class TLSConfig(_Frozen):
+class TLSConfig(Frozen):
     """Certificate material: the network CA, and this node's certificate and key.
 
     The node's key also signs every envelope it sends; receivers verify against ``ca_file``.
@@ -207,7 +79,7 @@ class TLSConfig(_Frozen):
                 if getattr(self, name) is None]
 
 
-class EncryptionConfig(_Frozen):
+class EncryptionConfig(Frozen):
     """Group keys for body encryption (consortium "multi-layer encryption").
 
     ``keys`` maps a key id to a base64 (standard or url-safe) 32-byte AES-256 key; ``active``
@@ -225,7 +97,7 @@ class EncryptionConfig(_Frozen):
         return self
 
 
-class ReliabilityConfig(_Frozen):
+class ReliabilityConfig(Frozen):
     """Delivery, session and outbox settings."""
 
     qos: Literal[0, 1] = 1
@@ -253,7 +125,7 @@ class ReliabilityConfig(_Frozen):
     batch_linger: Annotated[float, Field(ge=0, le=5)] = 0.002
 
 
-class PrivacyConfig(_Frozen):
+class PrivacyConfig(Frozen):
     """What each field group may disclose, and how identities are protected.
 
     ``data_sharing`` maps a field group (``price_data``, ``sales_data``, ``trends``) to a
@@ -288,7 +160,7 @@ class PrivacyConfig(_Frozen):
     @classmethod
     def _ascending(cls, v: dict[str, tuple[float, ...]]) -> dict[str, tuple[float, ...]]:
         for cat, edges in v.items():
-            _category(cat)
+            category_name(cat)
             if len(edges) < 2 or any(not math.isfinite(e) for e in edges) or any(
                     b <= a for a, b in pairwise(edges)):
                 raise ValueError(f"range_edges[{cat!r}] must hold at least two finite, "
@@ -296,7 +168,7 @@ class PrivacyConfig(_Frozen):
         return v
 
 
-class BrokerURL(_Frozen):
+class BrokerURL(Frozen):
     """A parsed ``mqtt://host:port`` or ``mqtts://host:port`` URL."""
 
     scheme: Literal["mqtt", "mqtts"]
@@ -330,7 +202,7 @@ def _default_node_id() -> str:
     return f"node-{host or 'local'}"
 
 
-class NetworkConfig(_Frozen):
+class NetworkConfig(Frozen):
     """Everything a node needs to join one network.
 
     Construction checks each field and the privacy rules of the mode (public mode shares
@@ -387,53 +259,7 @@ class NetworkConfig(_Frozen):
 
     def sharing_level(self, group: str) -> SharingLevel:
         """The effective level of ``group``: configured, else the mode's default."""
-        from .config import default_sharing  # late: config imports types
-
         if group not in FIELD_GROUPS:
             raise ValueError(f"unknown field group {group!r}; known: {list(FIELD_GROUPS)}")
         return self.privacy.data_sharing.get(group, default_sharing(self.mode)[group])
 
-
-# -- status and messages -------------------------------------------------------------------
-
-class NetworkStatus(_Frozen):
-    """A snapshot of a node's connection and counters."""
-
-    connected: bool
-    broker: str | None = None
-    peers: int = 0
-    last_sync: datetime | None = None
-    messages_in: int = 0
-    messages_out: int = 0
-    dropped: dict[str, int] = Field(default_factory=dict)
-    duplicates: int = 0
-    # Retained states read from nodes' checkpoint pages (see PearNetwork.sync).
-    states_from_checkpoints: int = 0
-    latency_ms: float | None = None
-    outbox_depth: int = 0
-    reconnects: int = 0
-    health: Health = Health.DOWN
-    connected_since: datetime | None = None
-    last_error: str | None = None  # why the last connection attempt failed, while it matters
-
-
-MessageKind = Literal["insights", "state", "presence", "aggregate", "receipt", "ledger", "ack",
-                      "checkpoint"]
-
-
-class NetworkMessage(_Frozen):
-    """The envelope every payload travels in (see :mod:`pear_mqtt.envelope`).
-
-    ``sender`` is the node's identity as its certificate states it (pseudonymous where the mode
-    anonymises); ``sequence`` grows by one per message from that sender; ``timestamp`` is
-    seconds since the epoch (UTC). ``body`` is plain JSON after decryption.
-    """
-
-    version: Literal[1] = 1
-    kind: MessageKind
-    message_id: Annotated[str, Field(min_length=8, max_length=64)]
-    sender: Annotated[str, Field(min_length=1, max_length=200)]
-    sequence: Annotated[int, Field(ge=0)]
-    timestamp: Annotated[float, Field(ge=0)]
-    body: Any
-    key_id: str | None = None

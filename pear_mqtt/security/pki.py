@@ -60,9 +60,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import PKIError, TopicError
+from ..errors import PKIError, TopicError
+from ..model.topics import validate_identifier
 from .identity import identity_of, subject_for
-from .topics import validate_identifier
 
 __all__ = [
     "CA_CERT",

@@ -46,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Literal, TypedDict, cast
 
-from .errors import OutboxError
+from ..errors import OutboxError
 
 __all__ = [
     "RECOVER_INTERVAL",

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import BrokerError
+from ..errors import BrokerError
 
 __all__ = [
     "APP_IMAGE",
@@ -39,7 +39,7 @@ __all__ = [
     "project_name",
 ]
 
-COMPOSE_FILE: Final = Path(__file__).resolve().parent.parent / "deploy" / "compose.yaml"
+COMPOSE_FILE: Final = Path(__file__).resolve().parents[2] / "deploy" / "compose.yaml"
 """``deploy/compose.yaml`` of a source checkout (``PEAR_COMPOSE_FILE`` overrides)."""
 
 BROKER_IMAGE: Final = "pear/mosquitto:latest"

@@ -46,20 +46,14 @@ from typing import IO, TYPE_CHECKING, Any, Literal, Protocol, TextIO
 
 from pydantic import ValidationError
 
-from .config import NetworkConfigManager
-from .errors import (
-    ConfigError,
-    OutboxError,
-    PearError,
-    PKIError,
-    PrivacyError,
-    TopicError,
-)
-from .topics import validate_identifier
-from .types import Health, MarketInsight, NetworkConfig, NetworkStatus
+from ..config.manager import NetworkConfigManager
+from ..config.models import NetworkConfig
+from ..errors import ConfigError, OutboxError, PearError, PKIError, PrivacyError, TopicError
+from ..model.insight import Health, MarketInsight, NetworkStatus
+from ..model.topics import validate_identifier
 
 if TYPE_CHECKING:
-    from .network import PearNetwork
+    from ..node.network import PearNetwork
 
 __all__ = [
     "CSV_COLUMNS",
@@ -892,7 +886,7 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
                           f"{config.reliability.outbox_path} ({exc.strerror or exc})") from exc
     # Imported here so parsing and simulation (and ``pear-mqtt --help``) work without the
     # transport stack loaded.
-    from .network import PearNetwork
+    from ..node.network import PearNetwork
 
     started = time.monotonic()
     tally = _Tally()
@@ -1010,7 +1004,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     # What startup loaded (modules, schemas, config) lives as long as the process. Left to the
     # cyclic collector, every full collection walks all of it: 15-40 ms with the network
     # stack loaded (measured), a pause that every insight in flight waits out.
-    from . import network  # noqa: F401  (loaded now, so that it is frozen too)
+    from ..node import network  # noqa: F401  (loaded now, so that it is frozen too)
     gc.freeze()
     return asyncio.run(_serve(args, config, source))
 

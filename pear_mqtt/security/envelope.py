@@ -82,7 +82,8 @@ from nacl.bindings import crypto_sign, crypto_sign_open, crypto_sign_seed_keypai
 from nacl.exceptions import BadSignatureError
 from pydantic import SecretStr, ValidationError
 
-from .errors import (
+from ..config.models import EncryptionConfig
+from ..errors import (
     ConfigError,
     DecryptionError,
     EnvelopeError,
@@ -96,12 +97,12 @@ from .errors import (
     UnknownKeyError,
     UnsupportedVersion,
 )
+from ..model.insight import MessageKind, NetworkMessage
+from ..model.topics import validate_identifier
 from .identity import Identity, identity_of
-from .topics import validate_identifier
-from .types import EncryptionConfig, MessageKind, NetworkMessage
 
 if TYPE_CHECKING:
-    from .types import NetworkConfig
+    from ..config.models import NetworkConfig
 
 __all__ = [
     "DEFAULT_MAX_AGE",

@@ -76,12 +76,12 @@ from typing import Any, Final, Literal, get_args
 
 from cryptography import x509
 
-from . import pki as pkimod
+from ..config.manager import NetworkConfigManager
+from ..errors import BrokerError, ConfigError
+from ..privacy.filter import Pseudonymizer
+from ..security import pki as pkimod
 from .brokerconf import Mode, render
 from .compose import Compose, docker_problem, engine_reachable
-from .config import NetworkConfigManager
-from .errors import BrokerError, ConfigError
-from .privacy import Pseudonymizer
 
 __all__ = [
     "DEFAULT_DIR",
@@ -386,7 +386,7 @@ def _signal(proc: Proc, sig: signal.Signals) -> None:
 
 
 def _package_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def _child_env() -> dict[str, str]:
@@ -529,9 +529,9 @@ def _probe_broker_entry(broker: BrokerEntry, nodes: Sequence[NodeEntry]) -> tupl
 def agents_available() -> tuple[bool, str]:
     """Whether :mod:`pear_mqtt.agent` can run, and the line ``start`` prints about it."""
     try:
-        module = importlib.import_module("pear_mqtt.agent")
+        module = importlib.import_module("pear_mqtt.agent.runner")
     except ModuleNotFoundError as exc:
-        if exc.name == "pear_mqtt.agent":
+        if exc.name == "pear_mqtt.agent.runner":
             return False, "agents: not built yet (pear_mqtt.agent is missing); brokers only"
         return False, f"agents: pear_mqtt.agent cannot be imported ({exc}); brokers only"
     except Exception as exc:  # a half-written module must not take the brokers down
@@ -635,7 +635,11 @@ def _network_secrets(directory: Path) -> dict[str, dict[str, str]]:
 def _aggregator_key(directory: Path) -> Path:
     """The X25519 public key nodes seal ``aggregated`` groups to (the bridge holds the
     private half)."""
-    from .envelope import generate_x25519_key, save_x25519_private_key, save_x25519_public_key
+    from ..security.envelope import (
+        generate_x25519_key,
+        save_x25519_private_key,
+        save_x25519_public_key,
+    )
 
     pub = directory / "aggregator.pub.pem"
     priv = directory / "aggregator.key"
@@ -752,7 +756,7 @@ def _write_bridge_config(directory: Path, bridge: dict[str, Any],
     """``bridge/bridge.toml``: the consortium's insights in, the public network's aggregates
     out, with the identities ``_prepare`` issued (None when pear_mqtt.bridge is missing)."""
     try:
-        from .bridge import BridgeConfig, BridgeConfigManager
+        from ..bridge.service import BridgeConfig, BridgeConfigManager
     except Exception:  # a half-written bridge must not take the brokers down
         return None
     ids = bridge["identities"]
@@ -1034,7 +1038,7 @@ def _docker_bridge_config(directory: Path) -> Path | None:
     if not path.is_file():
         return None
     try:
-        module = importlib.import_module("pear_mqtt.bridge")
+        module = importlib.import_module("pear_mqtt.bridge.service")
     except Exception:  # a half-written bridge must not take the brokers down
         return None
     return path if getattr(module, "register_cli", None) is not None else None

@@ -73,16 +73,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from .bridge_state import (
-    BridgeStore,
-    LedgerEntry,
-    NewContribution,
-    OutgoingRow,
-    StoredContribution,
+from ..config.manager import decode_key, deep_merge, read_table_file
+from ..config.models import (
+    BrokerURL,
+    EncryptionConfig,
+    ReliabilityConfig,
+    TLSConfig,
+    default_sharing,
 )
-from .config import decode_key, deep_merge, default_sharing, read_table_file
-from .envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
-from .errors import (
+from ..errors import (
     ConfigError,
     ConnectError,
     DecryptionError,
@@ -94,8 +93,28 @@ from .errors import (
     TopicError,
     TransportError,
 )
-from .identity import Identity
-from .privacy import (
+from ..model.aggregates import (
+    AggregateBody,
+    LedgerBody,
+    LedgerPeriod,
+    NoiseInfo,
+    PublishedCell,
+    PublishedGroupBody,
+    PublishedStatistic,
+    ReceiptBody,
+    ReceiptCell,
+)
+from ..model.insight import (
+    FIELD_GROUPS,
+    CompanyId,
+    Health,
+    NetworkId,
+    NetworkMode,
+    NodeId,
+    SharingLevel,
+)
+from ..model.topics import ParsedTopic, TopicScheme, parse_topic
+from ..privacy.filter import (
     ADDITIVE_FIELDS,
     Contribution,
     FieldStatistics,
@@ -103,21 +122,10 @@ from .privacy import (
     SuppressionCounter,
     aggregate,
 )
-from .topics import ParsedTopic, TopicScheme, parse_topic
-from .transport import Connection, InboundMessage, stop_task
-from .types import (
-    FIELD_GROUPS,
-    BrokerURL,
-    CompanyId,
-    EncryptionConfig,
-    Health,
-    NetworkId,
-    NetworkMode,
-    NodeId,
-    ReliabilityConfig,
-    SharingLevel,
-    TLSConfig,
-)
+from ..security.envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
+from ..security.identity import Identity
+from ..transport import Connection, InboundMessage, stop_task
+from .state import BridgeStore, LedgerEntry, NewContribution, OutgoingRow, StoredContribution
 
 __all__ = [
     "DEFAULT_BOUNDS",
@@ -1037,109 +1045,6 @@ def _add_noise(candidates: list[_Candidate], *, dp: DPConfig, noise: NoiseMechan
 
 
 # -- published messages --------------------------------------------------------------------
-
-class _Out(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PublishedStatistic(_Out):
-    """One field's statistics over the companies of a cell (see
-    :class:`pear_mqtt.privacy.FieldStatistics`)."""
-
-    count: int
-    companies: int
-    mean: float
-    stddev: float | None = None
-    sum: float | None = None
-
-
-class PublishedGroupBody(_Out):
-    """A group's published fields; ``currency`` for price statistics."""
-
-    group: str
-    currency: str | None = None
-    fields: dict[str, PublishedStatistic]
-
-
-class PublishedCell(_Out):
-    """One region's statistics in an aggregate message."""
-
-    region: str
-    groups: list[PublishedGroupBody]
-
-
-class NoiseInfo(_Out):
-    mechanism: Literal["laplace", "gaussian"]
-    epsilon_per_cell: float
-    delta: float | None = None
-
-
-class AggregateBody(_Out):
-    """The body of a retained ``aggregates/<category>`` message (envelope kind
-    ``aggregate``): the category's cells of one window that passed every test."""
-
-    network: str
-    category: str
-    window_start: datetime
-    window_end: datetime
-    policy_version: str
-    min_companies: int
-    dominance_cap: float
-    noise: NoiseInfo | None = None
-    cells: list[PublishedCell]
-
-
-class ReceiptCell(_Out):
-    """What went into one published cell."""
-
-    region: str
-    contributors: int
-    identity_domains: int
-    inputs: int
-    input_hash: str
-    epsilon_spent: float
-    delta_spent: float
-
-
-class ReceiptBody(_Out):
-    """A disclosure receipt (envelope kind ``receipt``), bound to its aggregate message by
-    the SHA-256 of that message's exact bytes."""
-
-    network: str
-    category: str
-    window_start: datetime
-    window_end: datetime
-    aggregate_topic: str
-    aggregate_sha256: str
-    policy_version: str
-    min_companies: int
-    dominance_cap: float
-    mechanism: Literal["none", "laplace", "gaussian"]
-    cells: list[ReceiptCell]
-    issued_at: datetime
-
-
-class LedgerPeriod(_Out):
-    period_start: datetime
-    period_end: datetime
-    epsilon_spent: float
-    epsilon_remaining: float
-    delta_spent: float
-    cells: int
-
-
-class LedgerBody(_Out):
-    """The retained ε ledger (envelope kind ``ledger``): the latest budget periods."""
-
-    network: str
-    mechanism: Literal["laplace", "gaussian"]
-    epsilon_per_cell: float
-    budget_per_period: float
-    period_seconds: int
-    policy_version: str
-    periods: list[LedgerPeriod]
-
-
 _ALLOWED_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt",
                                   "bridge_state": "ledger"}
 

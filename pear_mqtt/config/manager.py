@@ -47,12 +47,12 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from .errors import ConfigError
-from .pki import tls_problems
-from .types import FIELD_GROUPS, NetworkConfig, NetworkMode, SharingLevel
+from ..errors import ConfigError
+from ..model.insight import FIELD_GROUPS, NetworkMode, SharingLevel
+from ..security.pki import tls_problems
+from .models import NetworkConfig
 
-__all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "NetworkConfigManager", "default_sharing",
-           "register_cli"]
+__all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "NetworkConfigManager", "register_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +61,6 @@ ENV_NESTED_DELIMITER = "__"
 
 SecretMode = Literal["include", "omit", "mask"]
 
-_DEFAULT_SHARING: dict[NetworkMode, dict[str, SharingLevel]] = {
-    NetworkMode.PRIVATE: {
-        "price_data": SharingLevel.FULL,
-        "sales_data": SharingLevel.FULL,
-        "trends": SharingLevel.FULL,
-    },
-    NetworkMode.CONSORTIUM: {
-        "price_data": SharingLevel.RANGES_ONLY,
-        "sales_data": SharingLevel.AGGREGATED,
-        "trends": SharingLevel.FULL,
-    },
-    NetworkMode.PUBLIC: {
-        "price_data": SharingLevel.AGGREGATED,
-        "sales_data": SharingLevel.AGGREGATED,
-        "trends": SharingLevel.AGGREGATED,
-    },
-}
 
 # Only what differs from the model's own defaults. Sharing levels are deliberately absent:
 # NetworkConfig.sharing_level falls back to default_sharing, so a saved config that never
@@ -100,10 +83,6 @@ _SUFFIXES = (".toml", ".json")
 _MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _MASK = "**********"
 
-
-def default_sharing(mode: NetworkMode) -> dict[str, SharingLevel]:
-    """The sharing level of every field group in ``mode`` when the config names none."""
-    return dict(_DEFAULT_SHARING[NetworkMode(mode)])
 
 
 # -- partial models: the shape of NetworkConfig with every field optional ------------------

@@ -94,9 +94,9 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from .errors import BrokerError, ConfigError, PearError
-from .identity import Identity, identity_of
-from .topics import AclRule, acl_rules, validate_identifier
+from ..errors import BrokerError, ConfigError, PearError
+from ..model.topics import AclRule, acl_rules, validate_identifier
+from ..security.identity import Identity, identity_of
 
 __all__ = [
     "AccessPolicy",

@@ -14,9 +14,10 @@ from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .errors import NotConnectedError
+from ..config.models import NetworkConfig
+from ..errors import NotConnectedError
+from ..model.insight import MarketInsight, NetworkStatus
 from .network import PearNetwork, Peer, ReceivedInsight, SyncResult
-from .types import MarketInsight, NetworkConfig, NetworkStatus
 
 __all__ = ["SyncPearNetwork"]
 

@@ -1,0 +1,1 @@
+"""The public bridge: admits sealed contributions, aggregates them, publishes with receipts."""

@@ -1,0 +1,1 @@
+"""Node configuration: models, per-mode defaults, files and the environment."""

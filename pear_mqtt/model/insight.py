@@ -1,0 +1,226 @@
+"""The data a node shares and reports: insights, sharing levels, status and the envelope model.
+
+All models are frozen pydantic v2 models; validation errors name the field and the rule.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from ..errors import TopicError
+from .topics import validate_category, validate_identifier
+
+__all__ = [
+    "FIELD_GROUPS",
+    "CompanyId",
+    "Frozen",
+    "Health",
+    "MarketInsight",
+    "MessageKind",
+    "NetworkId",
+    "NetworkMessage",
+    "NetworkMode",
+    "NetworkStatus",
+    "NodeId",
+    "PriceData",
+    "SalesData",
+    "SharingLevel",
+    "TrendData",
+    "category_name",
+    "identifier",
+]
+
+
+class Frozen(BaseModel):
+    """Base of every value model: immutable, no unknown fields, defaults validated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def identifier(what: str) -> Any:
+    """A pydantic validator: the value must be a valid topic level (errors name ``what``)."""
+
+    def check(v: str) -> str:
+        try:
+            return validate_identifier(v, what=what)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+
+    return AfterValidator(check)
+
+
+def category_name(v: str) -> str:
+    try:
+        return validate_category(v)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+CompanyId = Annotated[str, identifier("company_id")]
+NodeId = Annotated[str, identifier("node_id")]
+NetworkId = Annotated[str, identifier("network_id")]
+Category = Annotated[str, AfterValidator(category_name)]
+
+
+def _utc(v: datetime) -> datetime:
+    if v.tzinfo is None:
+        raise ValueError("must be timezone-aware (e.g. datetime.now(UTC))")
+    return v.astimezone(UTC)
+
+
+AwareDatetime = Annotated[datetime, AfterValidator(_utc)]
+
+
+class NetworkMode(str, Enum):
+    """Who may read what a node shares."""
+
+    PRIVATE = "private"  # single company, multiple stores
+    CONSORTIUM = "consortium"  # trusted group of companies
+    PUBLIC = "public"  # open market participation
+
+
+class SharingLevel(str, Enum):
+    """How much of one field group leaves the node."""
+
+    FULL = "full"  # exact values
+    RANGES_ONLY = "ranges_only"  # only the fixed bucket that holds each number
+    AGGREGATED = "aggregated"  # only statistics over >= k companies, computed by an aggregator
+    NONE = "none"  # never leaves the node
+
+
+FIELD_GROUPS: tuple[str, ...] = ("price_data", "sales_data", "trends")
+"""The field groups of a :class:`MarketInsight` that a privacy policy governs."""
+
+
+class Health(str, Enum):
+    OK = "ok"
+    DEGRADED = "degraded"
+    DOWN = "down"
+
+
+# -- insight payloads ---------------------------------------------------------------------
+
+# Checked by pydantic-core itself ("Input should be a finite number"): a Python validator
+# here would cost a call per number on every insight a receiver validates.
+Finite = Annotated[float, AllowInfNan(False)]
+NonNegative = Annotated[float, Field(ge=0), AllowInfNan(False)]
+
+
+class PriceData(Frozen):
+    """Prices a store observed for the insight's window, in ``currency``."""
+
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "EUR"
+    price: NonNegative | None = None
+    min_price: NonNegative | None = None
+    max_price: NonNegative | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PriceData:
+        if (self.min_price is not None and self.max_price is not None
+                and self.min_price > self.max_price):
+            raise ValueError("min_price must not exceed max_price")
+        return self
+
+
+class SalesData(Frozen):
+    """What a store sold in the insight's window."""
+
+    units: NonNegative | None = None
+    revenue: NonNegative | None = None
+    transactions: NonNegative | None = None
+
+
+class TrendData(Frozen):
+    """Changes over the previous window, in percent."""
+
+    price_change_pct: Finite | None = None
+    demand_change_pct: Finite | None = None
+    direction: Literal["up", "down", "flat"] | None = None
+
+
+class MarketInsight(Frozen):
+    """One store's observation of one category (optionally one product) over a window.
+
+    This is what a node holds; what leaves it is decided by :mod:`pear_mqtt.privacy`.
+    """
+
+    category: Category
+    product_id: Annotated[str, identifier("product_id")] | None = None
+    region: Annotated[str, identifier("region")] = "global"
+    window_start: datetime
+    window_end: datetime
+    price_data: PriceData | None = None
+    sales_data: SalesData | None = None
+    trends: TrendData | None = None
+    sample_size: Annotated[int, Field(ge=1, le=10**9)] = 1
+
+    @field_validator("window_start", "window_end")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None:
+            raise ValueError("must be timezone-aware (e.g. datetime.now(UTC))")
+        return v.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _window(self) -> MarketInsight:
+        if self.window_end < self.window_start:
+            raise ValueError("window_end must not be before window_start")
+        return self
+
+
+
+# -- status and messages -------------------------------------------------------------------
+
+class NetworkStatus(Frozen):
+    """A snapshot of a node's connection and counters."""
+
+    connected: bool
+    broker: str | None = None
+    peers: int = 0
+    last_sync: datetime | None = None
+    messages_in: int = 0
+    messages_out: int = 0
+    dropped: dict[str, int] = Field(default_factory=dict)
+    duplicates: int = 0
+    # Retained states read from nodes' checkpoint pages (see PearNetwork.sync).
+    states_from_checkpoints: int = 0
+    latency_ms: float | None = None
+    outbox_depth: int = 0
+    reconnects: int = 0
+    health: Health = Health.DOWN
+    connected_since: datetime | None = None
+    last_error: str | None = None  # why the last connection attempt failed, while it matters
+
+
+MessageKind = Literal["insights", "state", "presence", "aggregate", "receipt", "ledger", "ack",
+                      "checkpoint"]
+
+
+class NetworkMessage(Frozen):
+    """The envelope every payload travels in (see :mod:`pear_mqtt.envelope`).
+
+    ``sender`` is the node's identity as its certificate states it (pseudonymous where the mode
+    anonymises); ``sequence`` grows by one per message from that sender; ``timestamp`` is
+    seconds since the epoch (UTC). ``body`` is plain JSON after decryption.
+    """
+
+    version: Literal[1] = 1
+    kind: MessageKind
+    message_id: Annotated[str, Field(min_length=8, max_length=64)]
+    sender: Annotated[str, Field(min_length=1, max_length=200)]
+    sequence: Annotated[int, Field(ge=0)]
+    timestamp: Annotated[float, Field(ge=0)]
+    body: Any
+    key_id: str | None = None

@@ -1,0 +1,1 @@
+"""A store node on the network: PearNetwork (asyncio) and SyncPearNetwork, its outbox."""

@@ -1,0 +1,1 @@
+"""What may leave a node: sharing levels, pseudonyms, k-anonymous aggregation."""

@@ -1,0 +1,1 @@
+"""Identity and trust: the CA, what a certificate names, signed and sealed envelopes."""
