@@ -49,6 +49,7 @@ from pydantic import ValidationError
 from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
 from ..errors import ConfigError, OutboxError, PearError, PKIError, PrivacyError, TopicError
+from ..files import atomic_write
 from ..model.insight import Health, MarketInsight, NetworkStatus
 from ..model.topics import validate_identifier
 
@@ -471,12 +472,12 @@ class WatchSource:
             err_file = _free_name(self.rejected_dir, f"{path.name}.err")
             notes = [f"# {path.name}: {len(bad)} rejected line(s); line numbers refer to {dest}"]
             notes += [f"{path.name}:{r.line}: {r.error}" for r in bad]
-            _write_atomic(err_file, "\n".join(notes) + "\n")
+            atomic_write(err_file, "\n".join(notes) + "\n")
             if not fatal:
                 lines_file = _free_name(self.rejected_dir, path.name)
                 body = [header] if header is not None else []
                 body += [r.text for r in bad]
-                _write_atomic(lines_file, "\n".join(body) + "\n")
+                atomic_write(lines_file, "\n".join(body) + "\n")
         return WatchedFile(path=dest, insights=count, rejections=len(bad),
                            rejected_lines=lines_file, error_file=err_file)
 
@@ -522,13 +523,6 @@ def _free_name(directory: Path, name: str) -> Path:
     raise OSError(f"no free name for {name} in {directory}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- simulation -------------------------------------------------------------------------------
@@ -829,7 +823,7 @@ class _StatusWriter:
             return
         try:
             # Readers (health checks) must never see a half-written file.
-            _write_atomic(self._path, status.model_dump_json(indent=2) + "\n")
+            atomic_write(self._path, status.model_dump_json(indent=2) + "\n", fsync=False)
         except OSError as exc:
             if not self._warned:  # once: a full disk would otherwise flood the log
                 log.warning("cannot write the status file %s: %s", self._path, exc)

@@ -93,6 +93,7 @@ from ..errors import (
     TopicError,
     TransportError,
 )
+from ..files import atomic_write
 from ..model.aggregates import (
     AggregateBody,
     LedgerBody,
@@ -1966,11 +1967,6 @@ def _merged_ledger(ledger: Sequence[LedgerEntry], extra: Sequence[LedgerEntry]
 
 # -- command line --------------------------------------------------------------------------
 
-def _write_status(path: Path, status: BridgeStatus) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(status.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _describe(config: BridgeConfig) -> str:
@@ -2005,15 +2001,16 @@ async def _serve(config: BridgeConfig, *, status_file: Path | None,
     try:
         while not stop.is_set():
             if status_file is not None:
-                _write_status(status_file, bridge.status())
+                atomic_write(status_file, bridge.status().model_dump_json(indent=2) + "\n",
+                             fsync=False, make_parents=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), status_interval)
     finally:
         final = bridge.status()
         await bridge.stop()
         if status_file is not None:
-            _write_status(status_file, final.model_copy(update={"health": Health.DOWN,
-                                                                "connected": False}))
+            down = final.model_copy(update={"health": Health.DOWN, "connected": False})
+            atomic_write(status_file, down.model_dump_json(indent=2) + "\n", make_parents=True)
     return final
 
 

@@ -67,7 +67,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -78,6 +77,7 @@ from cryptography import x509
 
 from ..config.manager import NetworkConfigManager
 from ..errors import BrokerError, ConfigError
+from ..files import atomic_write
 from ..privacy.filter import Pseudonymizer
 from ..security import pki as pkimod
 from .brokerconf import Mode, render
@@ -275,17 +275,6 @@ def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
-def _write_atomic(path: Path, text: str, *, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def load_state(directory: Path) -> UpState | None:
@@ -307,7 +296,7 @@ def load_state(directory: Path) -> UpState | None:
 
 
 def _save_state(directory: Path, state: UpState) -> None:
-    _write_atomic(directory / STATE_FILE, json.dumps(state.to_json(), indent=2) + "\n")
+    atomic_write(directory / STATE_FILE, json.dumps(state.to_json(), indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -628,7 +617,7 @@ def _network_secrets(directory: Path) -> dict[str, dict[str, str]]:
             entry["group_key"] = base64.b64encode(secrets.token_bytes(32)).decode()
             changed = True
     if changed:
-        _write_atomic(path, json.dumps(data, indent=2) + "\n", mode=0o600)
+        atomic_write(path, json.dumps(data, indent=2) + "\n", mode=0o600)
     return data
 
 
@@ -734,7 +723,7 @@ def _prepare(directory: Path, ports: Sequence[int], backend: Backend) -> _Plan:
                 log_file=log if backend == "local" else None).conf_path
             if backend == "docker":
                 # The container's health check makes the same mutual-TLS CONNECT as `status`.
-                _write_atomic(out_dir / "health.json", json.dumps(
+                atomic_write(out_dir / "health.json", json.dumps(
                     {"host": HOST, "port": port, "ca": probe.ca, "cert": probe.cert,
                      "key": probe.key}, indent=2) + "\n")
                 log = Path(f"docker:broker-{spec.mode}")

@@ -48,7 +48,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import PKIError, TopicError
+from ..files import atomic_write
 from ..model.topics import validate_identifier
 from .identity import identity_of, subject_for
 
@@ -168,24 +168,6 @@ def _key_type_of(cert: x509.Certificate) -> KeyType:
     return "ed25519" if isinstance(cert.public_key(), ed25519.Ed25519PublicKey) else "ec-p256"
 
 
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, created with ``mode``.
-
-    The temp file gets its final permissions at creation so a private key is never readable
-    by others, not even for an instant; ``os.replace`` makes the write all-or-nothing.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _key_pem(key: _PrivateKey) -> bytes:
@@ -269,7 +251,7 @@ def _load_registry(ca_dir: Path) -> dict[str, Any]:
 
 def _save_registry(ca_dir: Path, registry: dict[str, Any]) -> None:
     text = json.dumps(registry, indent=2, sort_keys=True) + "\n"
-    _write_atomic(ca_dir / REGISTRY, text.encode(), mode=0o644)
+    atomic_write(ca_dir / REGISTRY, text.encode(), mode=0o644)
 
 
 def _record_of(entry: dict[str, Any]) -> CertRecord:
@@ -312,7 +294,7 @@ def _sign_crl(ca_dir: Path, registry: dict[str, Any], *, days: int = _CRL_DAYS) 
                 .build())
     crl = builder.sign(ca_key, _sign_algorithm(ca_key))
     path = ca_dir / CA_CRL
-    _write_atomic(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+    atomic_write(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return path
 
 
@@ -445,8 +427,8 @@ def create_ca(*, directory: Path, network: str, days: int = 3650,
         )
         shutil.rmtree(directory / _ISSUED, ignore_errors=True)
         (directory / _ISSUED).mkdir()
-        _write_atomic(directory / CA_KEY, _key_pem(key), mode=0o600)
-        _write_atomic(directory / CA_CERT, _cert_pem(cert), mode=0o644)
+        atomic_write(directory / CA_KEY, _key_pem(key), mode=0o600)
+        atomic_write(directory / CA_CERT, _cert_pem(cert), mode=0o644)
         registry: dict[str, Any] = {"version": _REGISTRY_VERSION, "network": network,
                                     "crl_number": 0, "certificates": []}
         _sign_crl(directory, registry)
@@ -578,13 +560,13 @@ def issue(*, ca_dir: Path, out_dir: Path, role: Role, member: str, node: str | N
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(ca_key, _sign_algorithm(ca_key))
 
-        _write_atomic(key_path, _key_pem(key), mode=0o600)
-        _write_atomic(cert_path, _cert_pem(cert), mode=0o644)
+        atomic_write(key_path, _key_pem(key), mode=0o600)
+        atomic_write(cert_path, _cert_pem(cert), mode=0o644)
         ca_copy = out_dir / CA_CERT
         if ca_copy.resolve() != (ca_dir / CA_CERT).resolve():
-            _write_atomic(ca_copy, _cert_pem(ca_cert), mode=0o644)
+            atomic_write(ca_copy, _cert_pem(ca_cert), mode=0o644)
         (ca_dir / _ISSUED).mkdir(exist_ok=True)
-        _write_atomic(ca_dir / _ISSUED / f"{cert.serial_number:x}.pem", _cert_pem(cert),
+        atomic_write(ca_dir / _ISSUED / f"{cert.serial_number:x}.pem", _cert_pem(cert),
                       mode=0o644)
         registry["certificates"].append({
             "serial": f"{cert.serial_number:x}",
