@@ -73,7 +73,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from ..config.manager import decode_key, deep_merge, read_table_file
+from ..config.files import read_table_file
+from ..config.manager import decode_key, deep_merge
 from ..config.models import (
     BrokerURL,
     EncryptionConfig,

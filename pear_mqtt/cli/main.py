@@ -1,9 +1,5 @@
-"""The ``pear-mqtt`` command line.
-
-Each concern registers its own sub-commands (``register_cli``) so this module stays a thin
-dispatcher: ``pki`` (:mod:`pear_mqtt.pki`), ``broker`` (:mod:`pear_mqtt.brokerconf`),
-``agent`` (:mod:`pear_mqtt.agent`), ``config`` (:mod:`pear_mqtt.config`).
-"""
+"""The ``pear-mqtt`` dispatcher: each command's arguments live in ``pear_mqtt.cli.<command>``,
+and only the command being run is imported (an edge agent does not load amqtt or ``up``)."""
 
 from __future__ import annotations
 
@@ -17,12 +13,7 @@ from ..errors import PearError
 
 __all__ = ["main"]
 
-# Command -> the module that registers it. Only the module of the command being run is
-# imported: an edge agent should not load the embedded broker (amqtt) or the orchestration.
-_COMMANDS = {"config": "config.manager", "pki": "security.pki", "broker": "ops.brokerconf",
-             "embedded": "ops.embedded", "agent": "agent.runner", "bridge": "bridge.service",
-             "up": "ops.up"}
-_COMMAND_MODULES = tuple(dict.fromkeys(_COMMANDS.values()))
+_COMMANDS = ("config", "pki", "broker", "embedded", "agent", "bridge", "up")
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
@@ -41,18 +32,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    modules = (_COMMANDS[command],) if command in _COMMANDS else _COMMAND_MODULES
-    for name in modules:
-        try:
-            module = importlib.import_module(f"pear_mqtt.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"pear_mqtt.{name}":
-                continue  # that concern is not built yet
-            raise
-        register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None] | None
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            register(sub)
+    for name in (command,) if command in _COMMANDS else _COMMANDS:
+        module = importlib.import_module(f"pear_mqtt.cli.{name}")
+        register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]
+        register = module.register_cli
+        register(sub)
     return parser
 
 

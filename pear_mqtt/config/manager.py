@@ -27,12 +27,9 @@ import binascii
 import itertools
 import json
 import logging
-import math
 import os
 import re
-import stat
 import sys
-import tomllib
 from collections.abc import Iterable, Mapping
 from enum import Enum
 from pathlib import Path
@@ -50,6 +47,7 @@ from pydantic_settings import (
 from ..errors import ConfigError
 from ..model.insight import FIELD_GROUPS, NetworkMode, SharingLevel
 from ..security.pki import tls_problems
+from .files import SUFFIXES, config_suffix, dumps_toml, read_table_file, write_config_file
 from .models import NetworkConfig
 
 __all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "NetworkConfigManager", "register_cli"]
@@ -77,10 +75,6 @@ _MIN_SECRET_CHARS = 16
 # Same floor as PrivacyConfig.range_ratio: narrower buckets would all but give away the value.
 _MIN_EDGE_RATIO = 1.01
 _TLS_FILES = ("ca_file", "cert_file", "key_file")
-_SUFFIXES = (".toml", ".json")
-# A configuration is a few kilobytes; the cap keeps a wrong path (a log, a disk image) from
-# being read into memory and parsed at length before it is refused.
-_MAX_CONFIG_BYTES = 4 * 1024 * 1024
 _MASK = "**********"
 
 
@@ -287,78 +281,8 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, Any]:
     return _partial_dump(settings)
 
 
-def _suffix(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix not in _SUFFIXES:
-        found = repr(path.suffix) if path.suffix else "(none)"
-        raise ConfigError(f"{path}: unsupported config file suffix {found}; "
-                          f"use {' or '.join(_SUFFIXES)}")
-    return suffix
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def _read_file(path: Path) -> dict[str, Any]:
     return _check_partial(read_table_file(path), str(path))
-
-
-def read_table_file(path: Path) -> dict[str, Any]:
-    """The top-level table of a TOML or JSON config file, with a :class:`ConfigError` naming
-    the file for anything else: missing, a directory or FIFO, oversized, not UTF-8, invalid,
-    duplicate JSON keys, nested too deeply."""
-    suffix = _suffix(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from exc
-    if stat.S_ISDIR(info.st_mode):
-        raise ConfigError(f"{path}: is a directory, not a config file")
-    if not stat.S_ISREG(info.st_mode):
-        # A FIFO or device would block or never end: refuse instead of hanging.
-        raise ConfigError(f"{path}: not a regular file")
-    if info.st_size > _MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: config file is {info.st_size} bytes; the limit is "
-                          f"{_MAX_CONFIG_BYTES} (is this the right file?)")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from exc
-    data: Any
-    if suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            # Python 3.11 puts "(at line L, column C)" into the message itself.
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
-        except RecursionError:
-            raise ConfigError(f"{path}: invalid TOML: arrays or tables nest too deeply") from None
-    else:
-        try:
-            data = json.loads(text, object_pairs_hook=_no_duplicates)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
-        except ValueError as exc:
-            raise ConfigError(f"{path}: invalid JSON: {exc}") from exc
-        except RecursionError:
-            raise ConfigError(f"{path}: invalid JSON: arrays or objects nest too deeply") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a JSON object, "
-                              f"not {type(data).__name__}")
-    table: dict[str, Any] = data
-    return table
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -391,63 +315,6 @@ def _plain(value: Any, loc: str, secrets: SecretMode, omitted: list[str]) -> Any
     if isinstance(value, list | tuple):
         return [_plain(v, f"{loc}[{i}]", secrets, omitted) for i, v in enumerate(value)]
     return value
-
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
-            "\r": "\\r"}
-
-
-def _toml_str(s: str) -> str:
-    out = []
-    for ch in s:
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.fullmatch(key) else _toml_str(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_str(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ConfigError(f"cannot write {type(value).__name__} value {value!r} as TOML")
-
-
-def _toml_table(lines: list[str], path: tuple[str, ...], table: Mapping[str, Any]) -> None:
-    scalars = [(k, v) for k, v in table.items() if not isinstance(v, Mapping)]
-    tables = [(k, v) for k, v in table.items() if isinstance(v, Mapping)]
-    # A table holding only sub-tables needs no header; an empty one does, to exist at all.
-    if path and (scalars or not tables):
-        lines.append("")
-        lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
-    lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars)
-    for key, sub in tables:
-        _toml_table(lines, (*path, key), sub)
-
-
-def _dumps_toml(data: Mapping[str, Any], header: Iterable[str] = ()) -> str:
-    lines = [f"# {line}" if line else "#" for line in header]
-    _toml_table(lines, (), data)
-    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 # -- validation helpers -----------------------------------------------------------------------
@@ -498,7 +365,7 @@ class NetworkConfigManager:
         NetworkConfigManager.validate(config, for_connect=True)
     """
 
-    SUFFIXES: ClassVar[tuple[str, ...]] = _SUFFIXES
+    SUFFIXES: ClassVar[tuple[str, ...]] = SUFFIXES
 
     @classmethod
     def default_config(cls, mode: NetworkMode | str, *, company_id: str,
@@ -687,7 +554,7 @@ class NetworkConfigManager:
                        "save with include_secrets=True"]
         if secrets == "mask" and cls.to_dict(config, secrets="omit")[1]:
             header.append(f"secret values are masked as {_MASK}; this is not a loadable file")
-        return _dumps_toml(data, header)
+        return dumps_toml(data, header)
 
     @classmethod
     def save(cls, config: NetworkConfig, path: Path | str, *,
@@ -699,7 +566,7 @@ class NetworkConfigManager:
         Returns the paths of the secrets left out. The file is replaced atomically.
         """
         target = Path(path)
-        suffix = _suffix(target)
+        suffix = config_suffix(target)
         secrets: SecretMode = "include" if include_secrets else "omit"
         data, omitted = cls.to_dict(config, secrets=secrets)
         if suffix == ".toml":
@@ -709,19 +576,7 @@ class NetworkConfigManager:
         if omitted:
             log.warning("%s: secrets not written (%s); pass include_secrets=True to keep them",
                         target, ", ".join(omitted))
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            # O_EXCL on a fresh name: a leftover temp file must not lend its (maybe wider)
-            # permissions to a file holding secrets.
-            tmp.unlink(missing_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                         0o600 if include_secrets else 0o644)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, target)
-        except (OSError, UnicodeEncodeError) as exc:
-            tmp.unlink(missing_ok=True)
-            raise ConfigError(f"{target}: cannot write config file ({exc})") from exc
+        write_config_file(target, text, private=include_secrets)
         return omitted
 
     # -- internals ------------------------------------------------------------------------

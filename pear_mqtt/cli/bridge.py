@@ -1,0 +1,5 @@
+"""``pear-mqtt bridge``: the public bridge."""
+
+from ..bridge.service import register_cli
+
+__all__ = ["register_cli"]
