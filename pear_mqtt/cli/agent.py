@@ -1,5 +1,169 @@
-"""``pear-mqtt agent``: the edge store agent."""
+"""``pear-mqtt agent``: the edge store agent's command line (sources, signals, the report)."""
 
-from ..agent.runner import register_cli
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import signal
+import sys
+from pathlib import Path
+
+from ..agent.records import CSV_COLUMNS
+from ..agent.runner import load_agent_config, run_agent
+from ..agent.simulate import MAX_CATEGORIES, SimulatedSource
+from ..agent.sources import FileSource, InsightSource, NoSource, WatchSource
+from ..config.manager import NetworkConfigManager
+from ..config.models import NetworkConfig
+from ..errors import ConfigError, PearError, PKIError
 
 __all__ = ["register_cli"]
+
+
+def _make_source(args: argparse.Namespace) -> InsightSource:
+    if args.input is not None:
+        file_source = FileSource(args.input)
+        file_source.check()
+        return file_source
+    if args.watch is not None:
+        watch = WatchSource(args.watch, poll_interval=args.poll_interval)
+        watch.check()
+        return watch
+    if args.simulate:
+        sim = SimulatedSource(seed=args.seed, rate=args.rate, count=args.count,
+                              categories=args.categories, region=args.region)
+        print(f"pear-mqtt agent: simulating {len(sim.categories)} categories with seed "
+              f"{sim.seed}", file=sys.stderr)
+        return sim
+    return NoSource()
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    try:
+        config = load_agent_config(file=args.config, outbox=args.outbox)
+        source = _make_source(args)
+        if args.status_interval < 0 or args.drain_timeout < 0:
+            raise ConfigError("--status-interval and --drain-timeout must be >= 0")
+    except ConfigError as exc:
+        print(f"pear-mqtt agent: {exc}", file=sys.stderr)
+        return 2
+    for warning in NetworkConfigManager.warnings(config):
+        print(f"pear-mqtt agent: warning: {warning}", file=sys.stderr)
+    # What startup loaded (modules, schemas, config) lives as long as the process. Left to the
+    # cyclic collector, every full collection walks all of it: 15-40 ms with the network
+    # stack loaded (measured), a pause that every insight in flight waits out.
+    from ..node import network  # noqa: F401  (loaded now, so that it is frozen too)
+    gc.freeze()
+    return asyncio.run(_serve(args, config, source))
+
+
+async def _serve(args: argparse.Namespace, config: NetworkConfig,
+                 source: InsightSource) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            print(f"pear-mqtt agent: {signal.Signals(signum).name}: stopping, delivering for up "
+                  f"to {args.drain_timeout:g} s (signal again to stop at once)",
+                  file=sys.stderr, flush=True)
+            stop.set()
+        else:
+            main.cancel()
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for sig in handled:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        report = await run_agent(config=config, source=source, stop=stop,
+                                 status_interval=args.status_interval,
+                                 status_file=args.status_file,
+                                 drain_timeout=args.drain_timeout)
+    except (ConfigError, PKIError) as exc:  # PKIError: unusable certificate or key files
+        print(f"pear-mqtt agent: {exc}", file=sys.stderr)
+        return 2
+    except PearError as exc:  # e.g. the outbox is locked by another agent
+        print(f"pear-mqtt agent: {exc}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        main.uncancel()
+        print("pear-mqtt agent: stopped without delivering; unsent insights stay in "
+              f"{config.reliability.outbox_path}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+    where = ("everything delivered" if report.drained else
+             f"{report.outbox_depth} outbox row(s) kept in {config.reliability.outbox_path}")
+    print(f"pear-mqtt agent: done: read {report.read}, sent {report.sent}, rejected "
+          f"{report.rejected}, failed {report.failed}; {where}", file=sys.stderr)
+    print(json.dumps(report.to_dict()), flush=True)
+    if args.drain_only and not report.drained:
+        return 1
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``pear-mqtt agent``."""
+    parser = subparsers.add_parser(
+        "agent", help="run an edge store agent that shares insights from files or a simulation",
+        description=(
+            "Read market insights from one source and share them through the network. The "
+            "agent starts offline and keeps every insight in an on-disk outbox (SQLite) until "
+            "the broker has acknowledged it: the config's reliability.outbox_path, or, if "
+            "that is unset, .pear/outbox-<node_id>.sqlite next to the config file (--outbox "
+            "overrides both). SIGTERM or SIGINT stops it: it stops reading, delivers for up to "
+            "--drain-timeout seconds, and leaves the rest in the outbox for the next run (a "
+            "second signal stops at once). Bad input lines are logged as FILE:LINE: ERROR and "
+            "skipped. On exit a JSON report goes to stdout. Exit status: 0 on a clean stop, 1 "
+            "if stopped by a second signal or if --drain-only left rows undelivered, 2 on "
+            "configuration errors."))
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="network config (.toml or .json); PEAR_* environment variables "
+                             "override it")
+    src = parser.add_argument_group("source (exactly one)")
+    one = src.add_mutually_exclusive_group(required=True)
+    one.add_argument("--input", type=Path, metavar="FILE",
+                     help="read one file once: .jsonl (a MarketInsight JSON object per line) "
+                          f"or .csv (header with some of: {', '.join(CSV_COLUMNS)}; empty "
+                          "cells are absent)")
+    one.add_argument("--watch", type=Path, metavar="DIR",
+                     help="read each new *.jsonl / *.csv file dropped into DIR once, then move "
+                          "it to DIR/done/; bad lines go to DIR/rejected/ with a .err file")
+    one.add_argument("--simulate", action="store_true",
+                     help="generate realistic hourly store data (see --seed, --rate, --count)")
+    one.add_argument("--drain-only", action="store_true",
+                     help="read nothing: deliver what the outbox holds and exit (1 if rows "
+                          "remain after --drain-timeout)")
+    src.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
+                     help="--watch: seconds between directory scans (default: 1)")
+    sim = parser.add_argument_group("simulation")
+    sim.add_argument("--seed", type=int, default=None,
+                     help="random seed (default: drawn and printed, so a run can be replayed)")
+    sim.add_argument("--rate", type=float, default=1.0, metavar="R",
+                     help="insights per second (0: as fast as possible; default: 1)")
+    sim.add_argument("--count", type=int, default=None, metavar="N",
+                     help="stop after N insights (default: run until stopped)")
+    sim.add_argument("--categories", type=int, default=8, metavar="N",
+                     help=f"number of product categories (1-{MAX_CATEGORIES}; default: 8)")
+    sim.add_argument("--region", default="global",
+                     help="region the insights are for (default: global)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--outbox", type=Path, metavar="PATH",
+                     help="outbox file (default: reliability.outbox_path, else "
+                          ".pear/outbox-<node_id>.sqlite next to the config)")
+    run.add_argument("--status-interval", type=float, default=10.0, metavar="S",
+                     help="seconds between status lines on stderr (0: none; default: 10)")
+    run.add_argument("--status-file", type=Path, metavar="PATH",
+                     help="keep the current NetworkStatus as JSON in PATH (replaced "
+                          "atomically), for health checks")
+    run.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
+                     help="seconds to keep delivering after the source ends or a stop signal "
+                          "(default: 10)")
+    parser.set_defaults(handler=_cmd_agent)

@@ -518,9 +518,9 @@ def _probe_broker_entry(broker: BrokerEntry, nodes: Sequence[NodeEntry]) -> tupl
 def agents_available() -> tuple[bool, str]:
     """Whether :mod:`pear_mqtt.agent` can run, and the line ``start`` prints about it."""
     try:
-        module = importlib.import_module("pear_mqtt.agent.runner")
+        module = importlib.import_module("pear_mqtt.cli.agent")
     except ModuleNotFoundError as exc:
-        if exc.name == "pear_mqtt.agent.runner":
+        if exc.name == "pear_mqtt.cli.agent":
             return False, "agents: not built yet (pear_mqtt.agent is missing); brokers only"
         return False, f"agents: pear_mqtt.agent cannot be imported ({exc}); brokers only"
     except Exception as exc:  # a half-written module must not take the brokers down

@@ -16,19 +16,10 @@ from typing import Any
 
 import pytest
 
-from pear_mqtt.agent.runner import (
-    CSV_COLUMNS,
-    AgentReport,
-    FileSource,
-    Rejection,
-    SimulatedSource,
-    WatchedFile,
-    WatchSource,
-    default_outbox_path,
-    input_format,
-    load_agent_config,
-    read_insights,
-)
+from pear_mqtt.agent.records import CSV_COLUMNS, Rejection, input_format, read_insights
+from pear_mqtt.agent.runner import AgentReport, default_outbox_path, load_agent_config
+from pear_mqtt.agent.simulate import SimulatedSource
+from pear_mqtt.agent.sources import FileSource, WatchedFile, WatchSource
 from pear_mqtt.cli import main
 from pear_mqtt.config.manager import NetworkConfigManager
 from pear_mqtt.config.models import (
