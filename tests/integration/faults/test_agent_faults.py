@@ -12,15 +12,13 @@ the time from the restart to the first new delivery is reported.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import signal
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agent_process import AgentProcess
 from brokers import MosquittoBroker
 from faultkit import Collector, peak_rss_mb
 from faultproxy import FaultProxy
@@ -31,23 +29,8 @@ from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.node.outbox import Outbox
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_agent import AgentProcess
-
 SENT = re.compile(r"\bsent=(\d+)\b")
 AGENT_MEMORY_BOUND_MB = 200
-
-
-class Agent(AgentProcess):
-    """test_agent's agent subprocess, plus a SIGKILL that reports its peak memory."""
-
-    async def kill(self) -> float | None:
-        """SIGKILL; returns the peak RSS (MiB) it reached."""
-        peak = peak_rss_mb(self.proc.pid)
-        self.proc.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(self.proc.wait(), 10)
-        await asyncio.wait_for(self._reader, 10)
-        return peak
 
 
 async def test_agent_killed_while_flushing_loses_nothing(
@@ -65,7 +48,7 @@ async def test_agent_killed_while_flushing_loses_nothing(
                               include_secrets=True)
     async with PearNetwork(node("globex", mosquitto.tls_url)) as rx:
         got = Collector(rx)
-        agent = await Agent.start(
+        agent = await AgentProcess.start(
             "--config", config_file, "--outbox", outbox, "--simulate", "--count", n,
             "--rate", "0", "--seed", "3", "--status-interval", "0.05",
             "--drain-timeout", "60")
@@ -74,7 +57,8 @@ async def test_agent_killed_while_flushing_loses_nothing(
         proxy.heal()
         proxy.delay(0.1)
         await got.wait_count(n // 3, timeout=60)
-        agent_peak = await agent.kill()
+        agent_peak = peak_rss_mb(agent.proc.pid)
+        await agent.kill(timeout=10)
         killed_at = len(got)
         # The crash left the outbox consistent, with what was not acknowledged still in it.
         with Outbox(path=outbox, max_bytes=64 << 20, max_age=7 * 86400.0) as box:
@@ -83,7 +67,7 @@ async def test_agent_killed_while_flushing_loses_nothing(
         assert left > 0, "the kill came after the flush finished: nothing was tested"
         left_ids = {json.loads(r.payload)["iid"] for r in rows if r.kind == "insight"}
 
-        drainer = await Agent.start(
+        drainer = await AgentProcess.start(
             "--config", config_file, "--outbox", outbox, "--drain-only",
             "--drain-timeout", "60", "--status-interval", "0")
         restarted = time.monotonic()
