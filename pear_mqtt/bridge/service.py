@@ -73,8 +73,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from ..config.checks import decode_key
 from ..config.files import read_table_file
-from ..config.manager import decode_key, deep_merge
+from ..config.layers import deep_merge
 from ..config.models import (
     BrokerURL,
     EncryptionConfig,
