@@ -25,6 +25,7 @@ _MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
 def config_suffix(path: Path) -> str:
+    """The lower-case suffix of a config file, ``.toml`` or ``.json``; else a ConfigError."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         found = repr(path.suffix) if path.suffix else "(none)"

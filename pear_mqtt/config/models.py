@@ -130,7 +130,7 @@ class PrivacyConfig(Frozen):
 
     ``data_sharing`` maps a field group (``price_data``, ``sales_data``, ``trends``) to a
     :class:`SharingLevel`; strings such as ``"ranges_only"`` are accepted. Groups left out take
-    the network mode's default (see :class:`pear_mqtt.config.NetworkConfigManager`).
+    the network mode's default (see :class:`pear_mqtt.config.manager.NetworkConfigManager`).
     """
 
     anonymize_data: bool = True
@@ -207,7 +207,8 @@ class NetworkConfig(Frozen):
 
     Construction checks each field and the privacy rules of the mode (public mode shares
     aggregates only). Whether the config can connect (certificate paths present and readable)
-    is checked by :meth:`pear_mqtt.config.NetworkConfigManager.validate` and on ``connect()``.
+    is checked by :meth:`pear_mqtt.config.manager.NetworkConfigManager.validate` and on
+    ``connect()``.
     """
 
     mode: NetworkMode
