@@ -124,8 +124,11 @@ from ..privacy.filter import (
     SuppressionCounter,
     aggregate,
 )
-from ..security.envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
+from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
+from ..security.seal import SealOpener
+from ..security.signing import Signer
+from ..security.trust import TrustStore
 from ..transport import Connection, InboundMessage, stop_task
 from .state import BridgeStore, LedgerEntry, NewContribution, OutgoingRow, StoredContribution
 

@@ -624,7 +624,7 @@ def _network_secrets(directory: Path) -> dict[str, dict[str, str]]:
 def _aggregator_key(directory: Path) -> Path:
     """The X25519 public key nodes seal ``aggregated`` groups to (the bridge holds the
     private half)."""
-    from ..security.envelope import (
+    from ..security.seal import (
         generate_x25519_key,
         save_x25519_private_key,
         save_x25519_public_key,

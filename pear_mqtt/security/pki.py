@@ -63,6 +63,7 @@ from ..errors import PKIError, TopicError
 from ..files import atomic_write
 from ..model.topics import validate_identifier
 from .identity import identity_of, subject_for
+from .keys import SigningKey, read_material, spki
 
 __all__ = [
     "CA_CERT",
@@ -100,8 +101,6 @@ _LOCK = ".lock"
 _BACKDATE = dt.timedelta(minutes=5)
 _CRL_DAYS = 365
 _REGISTRY_VERSION = 1
-
-_PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,13 +152,13 @@ def _check_key_type(key_type: str) -> KeyType:
     return key_type  # type: ignore[return-value]
 
 
-def _new_key(key_type: KeyType) -> _PrivateKey:
+def _new_key(key_type: KeyType) -> SigningKey:
     if key_type == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _sign_algorithm(key: _PrivateKey) -> hashes.SHA256 | None:
+def _sign_algorithm(key: SigningKey) -> hashes.SHA256 | None:
     # Ed25519 hashes internally; cryptography wants no digest for it.
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
@@ -168,9 +167,7 @@ def _key_type_of(cert: x509.Certificate) -> KeyType:
     return "ed25519" if isinstance(cert.public_key(), ed25519.Ed25519PublicKey) else "ec-p256"
 
 
-
-
-def _key_pem(key: _PrivateKey) -> bytes:
+def _key_pem(key: SigningKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -179,36 +176,24 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise PKIError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise PKIError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-
-
 def _load_cert(path: Path, what: str = "certificate") -> x509.Certificate:
-    data = _read(path, what)
+    data = read_material(path, what)
     try:
         return x509.load_pem_x509_certificate(data)
     except (ValueError, x509.InvalidVersion) as exc:
         raise PKIError(f"{what} {path} is not a PEM certificate: {exc}") from None
 
 
-def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, _PrivateKey]:
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, SigningKey]:
     cert = _load_cert(ca_dir / CA_CERT, "CA certificate")
-    data = _read(ca_dir / CA_KEY, "CA key")
+    data = read_material(ca_dir / CA_KEY, "CA key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise PKIError(f"CA key {ca_dir / CA_KEY} cannot be loaded: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
         raise PKIError(f"CA key {ca_dir / CA_KEY} is neither Ed25519 nor EC")
-    if key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    if spki(key.public_key()) != spki(cert.public_key()):
         raise PKIError(f"CA key {ca_dir / CA_KEY} does not match {ca_dir / CA_CERT}")
     return cert, key
 
@@ -240,7 +225,7 @@ def _locked(ca_dir: Path) -> Iterator[None]:
 def _load_registry(ca_dir: Path) -> dict[str, Any]:
     path = ca_dir / REGISTRY
     try:
-        data = json.loads(_read(path, "CA registry"))
+        data = json.loads(read_material(path, "CA registry"))
     except json.JSONDecodeError as exc:
         raise PKIError(f"CA registry {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("version") != _REGISTRY_VERSION \
@@ -348,7 +333,7 @@ def tls_problems(*, ca_file: Path, cert_file: Path, key_file: Path,
     except (ValueError, OSError, UnsupportedAlgorithm):
         problems.append(f"tls.key_file: {key_file} is not a PEM private key")
     else:
-        if cert is not None and _spki(key.public_key()) != _spki(cert.public_key()):
+        if cert is not None and spki(key.public_key()) != spki(cert.public_key()):
             problems.append(f"tls.key_file: {key_file} does not belong to the certificate in "
                             f"tls.cert_file ({cert.subject.rfc4514_string()})")
     return problems
@@ -367,12 +352,6 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
-
-
-def _spki(key: Any) -> bytes:
-    der: bytes = key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    return der
 
 
 def create_ca(*, directory: Path, network: str, days: int = 3650,

@@ -31,7 +31,7 @@ from pear_mqtt.model.insight import NetworkMode, NetworkStatus
 from pear_mqtt.node.network import PearNetwork, ReceivedInsight
 from pear_mqtt.node.outbox import Outbox
 from pear_mqtt.privacy.filter import ValueRange
-from pear_mqtt.security.envelope import generate_x25519_key, save_x25519_public_key
+from pear_mqtt.security.seal import generate_x25519_key, save_x25519_public_key
 
 REPO = Path(__file__).resolve().parents[2]
 SENT = re.compile(r"\bsent=(\d+)\b")
