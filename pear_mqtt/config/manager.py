@@ -46,7 +46,7 @@ from pydantic_settings import (
 
 from ..errors import ConfigError
 from ..model.insight import FIELD_GROUPS, NetworkMode, SharingLevel
-from ..security.pki import tls_problems
+from ..security.tlscheck import tls_problems
 from .files import SUFFIXES, config_suffix, dumps_toml, read_table_file, write_config_file
 from .models import NetworkConfig
 

@@ -57,8 +57,8 @@ from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_top
 from ..privacy.filter import PrivacyFilter, Pseudonymizer, SharedInsight
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
-from ..security.pki import tls_problems
 from ..security.seal import Sealer, load_x25519_public_key
+from ..security.tlscheck import tls_problems
 from ..transport import Connection, InboundMessage, Will, stop_task
 from .outbox import NewItem, Outbox, OutboxItem
 

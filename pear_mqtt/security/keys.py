@@ -1,4 +1,5 @@
-"""Key material: the supported signature keys, comparing public keys, key files on disk.
+"""Key material: the supported signature keys, comparing public keys, who issued a
+certificate, key and certificate files on disk.
 
 The one place that reads certificate and key files (errors as :class:`PKIError` naming the
 file) and writes key files, for the CA, the envelope signer and the aggregator's X25519 keys.
@@ -11,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -20,6 +23,7 @@ from ..files import atomic_write
 __all__ = [
     "SigningKey",
     "VerifyingKey",
+    "issued_by",
     "read_material",
     "signature_algorithm",
     "spki",
@@ -47,6 +51,15 @@ def signature_algorithm(key: object) -> str | None:
             key.curve, ec.SECP256R1):
         return "ecdsa-p256"
     return None
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``ca`` signed ``cert`` (issuer name and signature); False for any failure."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
 
 
 def read_material(path: Path, what: str) -> bytes:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
@@ -25,7 +25,7 @@ from ..errors import (
 from ..model.topics import validate_identifier
 from .base64url import b64url_decode
 from .identity import identity_of
-from .keys import read_material, signature_algorithm
+from .keys import issued_by, read_material, signature_algorithm
 from .lru import LRU
 from .signing import VerifiedSigner
 
@@ -205,14 +205,8 @@ class TrustStore:
     def _validate_cert(self, cert: x509.Certificate,
                        fingerprint: bytes) -> VerifiedSigner | _Rejected:
         subject = cert.subject.rfc4514_string()
-        issuer: x509.Certificate | None = None
-        for ca in self._by_subject.get(cert.issuer, ()):
-            try:
-                cert.verify_directly_issued_by(ca)
-            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-                continue
-            issuer = ca
-            break
+        issuer = next((ca for ca in self._by_subject.get(cert.issuer, ())
+                       if issued_by(cert, ca)), None)
         if issuer is None:
             return _Rejected(SignatureError,
                              f"certificate {subject!r} is not issued by a trusted CA")
