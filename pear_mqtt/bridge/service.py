@@ -116,14 +116,8 @@ from ..model.insight import (
     SharingLevel,
 )
 from ..model.topics import ParsedTopic, TopicScheme, parse_topic
-from ..privacy.filter import (
-    ADDITIVE_FIELDS,
-    Contribution,
-    FieldStatistics,
-    SharedInsight,
-    SuppressionCounter,
-    aggregate,
-)
+from ..privacy.aggregate import FieldStatistics, SuppressionCounter, aggregate
+from ..privacy.filter import ADDITIVE_FIELDS, Contribution, SharedInsight
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..security.seal import SealOpener

@@ -54,7 +54,8 @@ from ..errors import (
 from ..model.aggregates import AggregateBody
 from ..model.insight import Health, MarketInsight, NetworkMode, NetworkStatus
 from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
-from ..privacy.filter import PrivacyFilter, Pseudonymizer, SharedInsight
+from ..privacy.filter import PrivacyFilter, SharedInsight
+from ..privacy.pseudonyms import Pseudonymizer
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..security.seal import Sealer, load_x25519_public_key

@@ -78,7 +78,7 @@ from cryptography import x509
 from ..config.manager import NetworkConfigManager
 from ..errors import BrokerError, ConfigError
 from ..files import atomic_write
-from ..privacy.filter import Pseudonymizer
+from ..privacy.pseudonyms import Pseudonymizer
 from ..security import pki as pkimod
 from .brokerconf import Mode, render
 from .compose import Compose, docker_problem, engine_reachable

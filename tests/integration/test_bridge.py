@@ -57,7 +57,9 @@ from pear_mqtt.model.insight import (
 )
 from pear_mqtt.model.topics import TopicScheme
 from pear_mqtt.node.network import PearNetwork
-from pear_mqtt.privacy.filter import Contribution, Pseudonymizer, aggregate_cell
+from pear_mqtt.privacy.aggregate import aggregate_cell
+from pear_mqtt.privacy.filter import Contribution
+from pear_mqtt.privacy.pseudonyms import Pseudonymizer
 from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.seal import (
     generate_x25519_key,

@@ -51,14 +51,9 @@ from pear_mqtt.errors import ConfigError, OutboxError, PrivacyError
 from pear_mqtt.model.aggregates import AggregateBody, ReceiptBody
 from pear_mqtt.model.insight import SharingLevel
 from pear_mqtt.model.topics import TopicScheme, parse_topic
-from pear_mqtt.privacy.filter import (
-    Contribution,
-    FieldStatistics,
-    SharedInsight,
-    SuppressionCounter,
-    ValueRange,
-    aggregate_cell,
-)
+from pear_mqtt.privacy.aggregate import FieldStatistics, SuppressionCounter, aggregate_cell
+from pear_mqtt.privacy.filter import Contribution, SharedInsight
+from pear_mqtt.privacy.ranges import ValueRange
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.seal import seal
