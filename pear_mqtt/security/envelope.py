@@ -4,7 +4,6 @@ group key), versioned JSON. :class:`EnvelopeCodec` writes this node's envelopes 
 
 from __future__ import annotations
 
-import binascii
 import contextlib
 import json
 import logging
@@ -23,6 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import SecretStr, ValidationError
 
+from ..config.manager import decode_key
 from ..config.models import EncryptionConfig
 from ..errors import (
     ConfigError,
@@ -95,11 +95,9 @@ class Decoded:
 
 
 def _group_key(kid: str, secret: SecretStr) -> AESGCM:
-    text = secret.get_secret_value().strip().replace("-", "+").replace("_", "/").rstrip("=")
-    try:
-        raw = binascii.a2b_base64(text + "=" * (-len(text) % 4), strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise ConfigError(f"encryption key {kid!r} is not valid base64") from None
+    raw = decode_key(secret.get_secret_value())
+    if raw is None:
+        raise ConfigError(f"encryption key {kid!r} is not valid base64")
     if len(raw) != 32:
         raise ConfigError(f"encryption key {kid!r} decodes to {len(raw)} bytes; AES-256-GCM "
                           "needs exactly 32")
