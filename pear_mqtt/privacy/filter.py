@@ -264,7 +264,7 @@ class PrivacyFilter:
         sp = self._split(insight, store)
         # Every field comes from a validated MarketInsight, the node's own config or the
         # scheme's cached buckets, and _split checked the disclosure rules: the models are
-        # built without re-validating formats (two thirds of the filter's time otherwise).
+        # built without re-validating formats (which would dominate the filter's time).
         shared = SharedInsight.model_construct(
             category=insight.category, product_id=insight.product_id,
             region=insight.region, window_start=insight.window_start,

@@ -56,8 +56,8 @@ class Signer:
         self._certificate = certificate
         self._der = certificate.public_bytes(serialization.Encoding.DER)
         self._fingerprint = hashlib.sha256(self._der).digest()
-        # Ed25519 is deterministic: libsodium makes the same signature as OpenSSL, in about
-        # two thirds of the time (and verifies in half), so both ends use it for Ed25519.
+        # Ed25519 is deterministic: libsodium makes the same signature as OpenSSL and signs
+        # and verifies faster, so both ends use it for Ed25519 (docs/BENCHMARKS.md).
         self._sodium_key: bytes | None = None
         if isinstance(private_key, ed25519.Ed25519PrivateKey):
             self._sodium_key = crypto_sign_seed_keypair(private_key.private_bytes_raw())[1]

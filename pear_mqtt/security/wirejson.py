@@ -27,8 +27,8 @@ def _no_constants(name: str) -> Any:
 
 
 _strict_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants)
-# Detecting duplicate keys forces a Python call per JSON object, which makes a large batch
-# parse ~70 % slower; used for the envelope's own members, not for authenticated bodies.
+# Detecting duplicate keys forces a Python call per JSON object, which slows a large batch
+# down markedly; used for the envelope's own members, not for authenticated bodies.
 _fast_decoder = json.JSONDecoder(parse_constant=_no_constants)
 
 
