@@ -1,9 +1,5 @@
 """Key material: the supported signature keys, comparing public keys, who issued a
-certificate, key and certificate files on disk.
-
-The one place that reads certificate and key files (errors as :class:`PKIError` naming the
-file) and writes key files, for the CA, the envelope signer and the aggregator's X25519 keys.
-"""
+certificate, and reading key and certificate files (as :class:`PKIError` naming the file)."""
 
 from __future__ import annotations
 
