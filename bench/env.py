@@ -89,7 +89,7 @@ class BenchEnv:
 def build_env(root: Path) -> BenchEnv:
     """Create the CA, the broker and node certificates and the aggregator key under ``root``."""
     from pear_mqtt.security import pki
-    from pear_mqtt.security.envelope import (
+    from pear_mqtt.security.seal import (
         generate_x25519_key,
         save_x25519_private_key,
         save_x25519_public_key,

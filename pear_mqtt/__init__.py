@@ -51,7 +51,8 @@ from .model.insight import (
 )
 from .node.network import PearNetwork, Peer, ReceivedAggregate, ReceivedInsight, SyncResult
 from .node.sync import SyncPearNetwork
-from .privacy.filter import SharedInsight, ValueRange
+from .privacy.filter import SharedInsight
+from .privacy.ranges import ValueRange
 
 __version__ = "0.1.0"
 

@@ -117,16 +117,13 @@ from ..model.insight import (
     SharingLevel,
 )
 from ..model.topics import ParsedTopic, TopicScheme, parse_topic
-from ..privacy.filter import (
-    ADDITIVE_FIELDS,
-    Contribution,
-    FieldStatistics,
-    SharedInsight,
-    SuppressionCounter,
-    aggregate,
-)
-from ..security.envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
+from ..privacy.aggregate import FieldStatistics, SuppressionCounter, aggregate
+from ..privacy.filter import ADDITIVE_FIELDS, Contribution, SharedInsight
+from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
+from ..security.seal import SealOpener
+from ..security.signing import Signer
+from ..security.trust import TrustStore
 from ..transport import Connection, InboundMessage, stop_task
 from .state import BridgeStore, LedgerEntry, NewContribution, OutgoingRow, StoredContribution
 

@@ -1,5 +1,129 @@
 """``pear-mqtt pki``: the certificate authority: init, issue, revoke, crl, list."""
 
-from ..security.pki import register_cli
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import get_args
+
+from ..errors import PKIError
+from ..security.pki import (
+    CA_KEY,
+    CRL_DAYS,
+    DEFAULT_KEY_TYPE,
+    KeyType,
+    Role,
+    create_ca,
+    issue,
+    list_certificates,
+    refresh_crl,
+    revoke,
+)
 
 __all__ = ["register_cli"]
+
+_DESCRIPTION = ("Certificate authority for one pear_mqtt network: CA, broker, node and bridge "
+                "certificates.")
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    path = create_ca(directory=args.dir, network=args.network, days=args.days,
+                     key_type=args.key_type, force=args.force)
+    print(f"created CA for network {args.network!r}: {path} (key {args.dir / CA_KEY})")
+    return 0
+
+
+def _cmd_issue(args: argparse.Namespace) -> int:
+    paths = issue(ca_dir=args.dir, out_dir=args.out, role=args.role, member=args.member,
+                  node=args.node, hosts=tuple(args.host or ("localhost", "127.0.0.1")),
+                  days=args.days, key_type=args.key_type, force=args.force)
+    print(f"certificate: {paths.cert}\nkey:         {paths.key}\nCA:          {paths.ca}")
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    target: Path | int
+    if args.serial is not None:
+        try:
+            target = int(args.serial, 0) if args.serial.startswith("0x") else int(args.serial)
+        except ValueError:
+            raise PKIError(f"--serial {args.serial!r} is not a number (decimal or 0x-hex)") \
+                from None
+    else:
+        target = args.cert
+    path = revoke(ca_dir=args.dir, cert=target)
+    print(f"revoked; CRL written to {path}.\n"
+          "Apply it: re-render the broker configuration (`pear-mqtt broker render --pki "
+          f"{args.dir} ...`), whose ACL then denies a revoked node's topics so that its "
+          "retained state and presence stop being served, and SIGHUP (or restart) the broker.")
+    return 0
+
+
+def _cmd_crl(args: argparse.Namespace) -> int:
+    path = refresh_crl(ca_dir=args.dir, days=args.days)
+    print(f"CRL re-signed: {path}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    records = list_certificates(ca_dir=args.dir)
+    if args.json:
+        json.dump([r.to_json() for r in records], sys.stdout, indent=2)
+        print()
+        return 0
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    print(f"{'SERIAL':<12} {'ROLE':<7} {'MEMBER':<20} {'NODE':<16} {'NOT AFTER':<20} STATUS")
+    for r in records:
+        print(f"{r.serial:x}"[:12].ljust(12), f"{r.role:<7} {r.member:<20} {r.node:<16} "
+              f"{r.not_after:%Y-%m-%d %H:%M:%S} {r.status(now)}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``pear-mqtt pki {init,issue,revoke,crl,list}``."""
+    pki = subparsers.add_parser("pki", help="run the network's certificate authority",
+                                description=_DESCRIPTION)
+    sub = pki.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
+    key_types = list(get_args(KeyType))
+
+    p = sub.add_parser("init", help="create a network CA")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    p.add_argument("--network", required=True, help="network id (the O of every certificate)")
+    p.add_argument("--days", type=int, default=3650, help="CA validity (default 3650)")
+    p.add_argument("--key-type", choices=key_types, default=DEFAULT_KEY_TYPE)
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p.set_defaults(handler=_cmd_init)
+
+    p = sub.add_parser("issue", help="issue a node, broker or bridge certificate")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    p.add_argument("--out", type=Path, required=True, help="where to write cert, key, ca.crt")
+    p.add_argument("--role", choices=list(get_args(Role)), required=True)
+    p.add_argument("--member", required=True,
+                   help="company id / pseudonym (node), broker name, or bridge username")
+    p.add_argument("--node", help="node (store) id; required for --role node")
+    p.add_argument("--host", action="append",
+                   help="broker DNS name or IP (repeat; default localhost and 127.0.0.1)")
+    p.add_argument("--days", type=int, default=397, help="validity (default 397)")
+    p.add_argument("--key-type", choices=key_types, default=DEFAULT_KEY_TYPE)
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.set_defaults(handler=_cmd_issue)
+
+    p = sub.add_parser("revoke", help="revoke a certificate and re-sign the CRL")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--cert", type=Path, help="the certificate file")
+    which.add_argument("--serial", help="serial number (decimal, or hex with 0x)")
+    p.set_defaults(handler=_cmd_revoke)
+
+    p = sub.add_parser("crl", help="re-sign the CRL before its nextUpdate passes")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    p.add_argument("--days", type=int, default=CRL_DAYS, help="CRL validity (default 365)")
+    p.set_defaults(handler=_cmd_crl)
+
+    p = sub.add_parser("list", help="list issued certificates")
+    p.add_argument("--dir", type=Path, required=True, help="CA directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_cmd_list)

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from ..model.insight import FIELD_GROUPS, NetworkMode, SharingLevel
-from ..security.pki import tls_problems
+from ..security.tlscheck import tls_problems
 from .models import NetworkConfig
 
 __all__ = ["GROUP_KEY_BYTES", "config_problems", "config_warnings", "decode_key",

@@ -140,7 +140,7 @@ class NetworkConfigManager:
         ``tls.ca_file``, ``tls.cert_file`` and ``tls.key_file`` are set whenever the broker URL
         is ``mqtts://`` or the mode is private or consortium, every configured key file
         exists and is readable, and the TLS files are usable
-        (:func:`pear_mqtt.security.pki.tls_problems`: PEM that parses, a CA file holding a CA,
+        (:func:`pear_mqtt.security.tlscheck.tls_problems`: PEM that parses, a CA file holding a CA,
         a certificate that CA issued and within its validity window, the key that belongs to
         it). All problems are reported together in one :class:`ConfigError`.
         """

@@ -54,10 +54,12 @@ from ..errors import (
 from ..model.aggregates import AggregateBody
 from ..model.insight import Health, MarketInsight, NetworkMode, NetworkStatus
 from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
-from ..privacy.filter import PrivacyFilter, Pseudonymizer, SharedInsight
-from ..security.envelope import EnvelopeCodec, Sealer, load_x25519_public_key
+from ..privacy.filter import PrivacyFilter, SharedInsight
+from ..privacy.pseudonyms import Pseudonymizer
+from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
-from ..security.pki import tls_problems
+from ..security.seal import Sealer, load_x25519_public_key
+from ..security.tlscheck import tls_problems
 from ..transport import Connection, InboundMessage, Will, stop_task
 from .outbox import NewItem, Outbox, OutboxItem
 

@@ -78,7 +78,7 @@ from cryptography import x509
 from ..config.manager import NetworkConfigManager
 from ..errors import BrokerError, ConfigError
 from ..files import atomic_write
-from ..privacy.filter import Pseudonymizer
+from ..privacy.pseudonyms import Pseudonymizer
 from ..security import pki as pkimod
 from .brokerconf import Mode, render
 from .compose import Compose, docker_problem, engine_reachable
@@ -624,7 +624,7 @@ def _network_secrets(directory: Path) -> dict[str, dict[str, str]]:
 def _aggregator_key(directory: Path) -> Path:
     """The X25519 public key nodes seal ``aggregated`` groups to (the bridge holds the
     private half)."""
-    from ..security.envelope import (
+    from ..security.seal import (
         generate_x25519_key,
         save_x25519_private_key,
         save_x25519_public_key,

@@ -1,77 +1,42 @@
-"""The privacy filter: what one :class:`~pear_mqtt.types.MarketInsight` may disclose.
-
-A node never serialises a ``MarketInsight``. It runs it through :class:`PrivacyFilter`, which
-splits it by the effective :class:`~pear_mqtt.types.SharingLevel` of each field group:
-
-``full``
-    exact values, in :class:`SharedInsight`.
-``ranges_only``
-    each number replaced by the fixed :class:`ValueRange` (bucket) that holds it, in
-    :class:`SharedInsight`; categorical strings (currency, direction) are kept. Bucket edges come
-    from :class:`RangeScheme` and never depend on the data.
-``aggregated``
-    absent from :class:`SharedInsight`; the exact numbers go into a :class:`Contribution`, which
-    the network layer seals to the aggregator's public key. Only :func:`aggregate` turns
-    contributions into publishable statistics, and only over at least k distinct companies with
-    no company above the dominance cap.
-``none``
-    never leaves the node; it reaches neither output.
-
-``anonymize_data`` replaces the company and store identities with keyed pseudonyms
-(:class:`Pseudonymizer`), or drops them when the network has no pseudonym secret.
-
-Because everything a node publishes is built from :class:`SharedInsight` (and the sealed
-:class:`Contribution`), filtering before serialising is a property of the types: a ``none`` or
-``aggregated`` group has no field in :class:`SharedInsight` it could hide in, and a
-``ranges_only`` group cannot hold a bare number (the model refuses one).
+"""The privacy filter: splits a :class:`~pear_mqtt.model.insight.MarketInsight` by the sharing
+level of each field group into what is published (:class:`SharedInsight`: ``full`` values and
+``ranges_only`` buckets) and what is sealed to the aggregator (:class:`Contribution`:
+``aggregated`` values); ``none`` groups are never read. The levels are specified in docs/.
 """
 
 from __future__ import annotations
 
-import base64
-import bisect
-import hashlib
-import hmac
-import itertools
-import math
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_core import to_json
 
-from ..config.models import NetworkConfig, PrivacyConfig
-from ..errors import ConfigError, PrivacyError, TopicError
+from ..config.models import NetworkConfig
+from ..errors import PrivacyError, TopicError
 from ..model.insight import (
     FIELD_GROUPS,
     AwareDatetime,
     Category,
     Finite,
+    Frozen,
     MarketInsight,
     NetworkMode,
     SharingLevel,
     identifier,
 )
-from ..model.topics import validate_category, validate_identifier
+from ..model.topics import validate_identifier
+from .pseudonyms import Pseudonymizer
+from .ranges import RangeScheme, ValueRange
 
 __all__ = [
     "ADDITIVE_FIELDS",
-    "AggregateOutcome",
     "Contribution",
     "EncodedResult",
-    "FieldStatistics",
     "FilterResult",
     "PrivacyFilter",
-    "Pseudonymizer",
-    "RangeScheme",
     "SharedInsight",
-    "SuppressionCounter",
-    "SuppressionReason",
-    "ValueRange",
-    "aggregate",
-    "aggregate_cell",
 ]
 
 ADDITIVE_FIELDS: frozenset[str] = frozenset({"units", "revenue", "transactions"})
@@ -86,295 +51,8 @@ _UNIT_FIELDS: frozenset[str] = frozenset({"currency"})
 # revenue totals or percentage changes. Those always use the geometric scheme.
 _PRICE_FIELDS: frozenset[str] = frozenset({"price", "min_price", "max_price"})
 
-SuppressionReason = Literal["below_k", "dominance"]
-"""Why a statistic was withheld: fewer than k companies, or one company above the cap."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
 
 _Identifier = Annotated[str, identifier("identifier")]
-
-
-# -- pseudonyms ----------------------------------------------------------------------------
-
-_PSEUDONYM_DOMAIN = b"pear_mqtt/pseudonym/v1"
-_PSEUDONYM_CHARS = 24  # base32 characters: 120 bits of the HMAC
-
-
-class Pseudonymizer:
-    """Keyed pseudonyms for company and store identities, scoped to one network.
-
-    ``pseudonym(kind, value)`` is ``"p"`` followed by 24 lowercase base32 characters of
-    HMAC-SHA256(secret, domain || network_id || kind || value), each part length-prefixed so no
-    two different (network, kind, value) triples frame to the same bytes. The result is a valid
-    topic identifier.
-
-    The same secret and network give the same pseudonym every time (stable inside a network);
-    a different network id or secret gives an unrelated one (unlinkable across networks).
-    Company ids are easy to guess, so unlinkability rests entirely on the secret: use at least
-    32 random bytes and share it only inside the network.
-    """
-
-    __slots__ = ("_cache", "_key", "_network_id")
-
-    def __init__(self, *, secret: bytes | str, network_id: str) -> None:
-        key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
-        if not key:
-            raise ConfigError("privacy.pseudonym_secret must not be empty")
-        try:
-            validate_identifier(network_id, what="network_id")
-        except TopicError as exc:
-            raise ConfigError(str(exc)) from None
-        self._key = key
-        self._network_id = network_id
-        self._cache: dict[tuple[str, str], str] = {}
-
-    def __repr__(self) -> str:
-        # The secret stays out of logs and tracebacks.
-        return f"Pseudonymizer(network_id={self._network_id!r}, secret=<hidden>)"
-
-    @property
-    def network_id(self) -> str:
-        """The network these pseudonyms belong to."""
-        return self._network_id
-
-    def pseudonym(self, kind: Literal["company", "store"], value: str) -> str:
-        """The pseudonym of ``value`` as a ``kind`` identity in this network."""
-        cached = self._cache.get((kind, value))
-        if cached is not None:
-            return cached
-        if kind not in ("company", "store"):
-            raise PrivacyError(f"pseudonym kind must be 'company' or 'store', got {kind!r}")
-        if not isinstance(value, str) or not value:
-            raise PrivacyError(f"the {kind} identity to pseudonymise must be a non-empty string")
-        mac = hmac.new(self._key, digestmod=hashlib.sha256)
-        for part in (_PSEUDONYM_DOMAIN, self._network_id.encode(), kind.encode(),
-                     value.encode("utf-8")):
-            mac.update(len(part).to_bytes(4, "big"))
-            mac.update(part)
-        text = base64.b32encode(mac.digest()).decode("ascii").lower()
-        result = "p" + text[:_PSEUDONYM_CHARS]
-        # A node pseudonymises the same few identities for every insight it sends.
-        if len(self._cache) < 4096:
-            self._cache[(kind, value)] = result
-        return result
-
-    def store_pseudonym(self, company: str, store: str) -> str:
-        """The pseudonym of ``store`` of ``company``.
-
-        Store ids are often only unique inside a company ("store-1"), so the company is part
-        of the input: two companies' "store-1" get different pseudonyms. ``/`` cannot occur in
-        an identifier, which keeps the joined value unambiguous.
-        """
-        return self.pseudonym("store", f"{company}/{store}")
-
-    @classmethod
-    def from_config(cls, config: NetworkConfig) -> Pseudonymizer | None:
-        """The pseudonymizer of ``config``'s network, or None when it has no secret."""
-        secret = config.privacy.pseudonym_secret
-        if secret is None:
-            return None
-        return cls(secret=secret.get_secret_value(), network_id=config.network_id)
-
-
-# -- ranges --------------------------------------------------------------------------------
-
-class ValueRange(_Frozen):
-    """The bucket ``[lo, hi)`` that holds a number; ``None`` is an open end."""
-
-    lo: Finite | None = None
-    hi: Finite | None = None
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ValueRange:
-        if self.lo is None and self.hi is None:
-            raise ValueError("a range needs at least one finite end")
-        if self.lo is not None and self.hi is not None and not self.lo < self.hi:
-            raise ValueError(f"lo ({self.lo}) must be below hi ({self.hi})")
-        return self
-
-    def __contains__(self, value: object) -> bool:
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            return False
-        return ((self.lo is None or self.lo <= value)
-                and (self.hi is None or value < self.hi))
-
-
-_CACHE_LIMIT = 65_536
-
-
-def _round_sig(x: float, digits: int) -> float:
-    return float(f"{x:.{digits}g}")
-
-
-class RangeScheme:
-    """Data-independent bucket edges for ``ranges_only`` groups.
-
-    Two schemes, neither derived from any value it buckets:
-
-    - **Configured edges** (``PrivacyConfig.range_edges``): ascending edges for a category path.
-      A category without its own edges uses its nearest configured ancestor ("grocery" for
-      "grocery/dairy/milk"). Values below the first edge fall in ``[None, first)``, values at
-      or above the last in ``[last, None)``.
-    - **Geometric scheme** otherwise: for positive values edges at ``ratio**i`` (integer
-      ``i >= -20``), anchored at 1.0, with a "tiny" bucket ``[0, ratio**-20)`` that also holds
-      0; negative values use the mirrored edges ``-ratio**i`` and ``[-ratio**-20, 0)``. Edges
-      are rounded to ``significant_digits`` so float noise in ``ratio**i`` cannot make two
-      nodes disagree on an edge. Buckets too large for a float are open above (or below).
-
-    Every bucket is half-open: ``lo <= value < hi``.
-    """
-
-    __slots__ = ("_digits", "_edge_cache", "_edges", "_log_ratio", "_range_cache", "_ratio",
-                 "_tiny")
-
-    TINY_EXPONENT = -20
-
-    def __init__(self, *, ratio: float = 1.25,
-                 edges: Mapping[str, Sequence[float]] | None = None,
-                 significant_digits: int = 6) -> None:
-        if not 3 <= significant_digits <= 15:
-            raise ConfigError("significant_digits must be between 3 and 15")
-        # Rounding moves an edge by at most half a unit in the last digit; consecutive edges
-        # must stay further apart than that or two of them could round to the same number.
-        if not (math.isfinite(ratio) and ratio > 1 + 10.0 ** (1 - significant_digits)):
-            raise ConfigError(f"range ratio must be a finite number above 1, got {ratio!r}")
-        checked: dict[str, tuple[float, ...]] = {}
-        for category, cat_edges in (edges or {}).items():
-            try:
-                validate_category(category)
-            except TopicError as exc:
-                raise ConfigError(f"range_edges: {exc}") from None
-            values = tuple(float(e) for e in cat_edges)
-            if len(values) < 2 or any(not math.isfinite(e) for e in values) or any(
-                    b <= a for a, b in itertools.pairwise(values)):
-                raise ConfigError(f"range_edges[{category!r}] must hold at least two finite, "
-                                  "strictly ascending edges")
-            checked[category] = values
-        self._ratio = float(ratio)
-        self._log_ratio = math.log(self._ratio)
-        self._digits = significant_digits
-        self._edges = checked
-        # Edges and buckets are pure functions of the scheme: a node buckets the same few
-        # thousand of them over and over, so they are computed (and validated) once.
-        self._edge_cache: dict[int, float] = {}
-        self._range_cache: dict[tuple[float | None, float | None], ValueRange] = {}
-        self._tiny = self.geometric_edge(self.TINY_EXPONENT)
-
-    @classmethod
-    def from_config(cls, privacy: PrivacyConfig) -> RangeScheme:
-        """The scheme ``privacy`` configures (``range_edges`` and ``range_ratio``)."""
-        return cls(ratio=privacy.range_ratio, edges=privacy.range_edges)
-
-    @property
-    def ratio(self) -> float:
-        """Ratio between consecutive geometric edges."""
-        return self._ratio
-
-    @property
-    def tiny(self) -> float:
-        """Upper edge of the tiny bucket ``[0, tiny)`` (``ratio**-20``, rounded)."""
-        return self._tiny
-
-    def geometric_edge(self, i: int) -> float:
-        """The ``i``-th positive edge of the geometric scheme (``inf`` past float range)."""
-        edge = self._edge_cache.get(i)
-        if edge is None:
-            try:
-                edge = _round_sig(self._ratio ** i, self._digits)
-            except OverflowError:
-                edge = math.inf
-            if len(self._edge_cache) < _CACHE_LIMIT:
-                self._edge_cache[i] = edge
-        return edge
-
-    def _range(self, lo: float | None, hi: float | None) -> ValueRange:
-        key = (lo, hi)
-        found = self._range_cache.get(key)
-        if found is None:
-            found = ValueRange(lo=lo, hi=hi)
-            if len(self._range_cache) < _CACHE_LIMIT:
-                self._range_cache[key] = found
-        return found
-
-    def edges_for(self, category: str | None) -> tuple[float, ...] | None:
-        """The configured edges for ``category`` or its nearest ancestor, else None."""
-        if category is None:
-            return None
-        path = category
-        while True:
-            found = self._edges.get(path)
-            if found is not None:
-                return found
-            if "/" not in path:
-                return None
-            path = path.rsplit("/", 1)[0]
-
-    def bucket(self, value: float, *, category: str | None) -> ValueRange:
-        """The bucket holding ``value``.
-
-        ``category`` selects configured edges (its own or its nearest ancestor's); None, or a
-        category without configured edges, uses the geometric scheme.
-        """
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise PrivacyError(f"only numbers can be bucketed, got {type(value).__name__}")
-        v = float(value)
-        if not math.isfinite(v):
-            raise PrivacyError("cannot bucket a non-finite number")
-        edges = self.edges_for(category)
-        if edges is not None:
-            return self._configured(v, edges)
-        return self._geometric(v)
-
-    def _configured(self, v: float, edges: tuple[float, ...]) -> ValueRange:
-        idx = bisect.bisect_right(edges, v)  # edges[idx-1] <= v < edges[idx]
-        lo = edges[idx - 1] if idx > 0 else None
-        hi = edges[idx] if idx < len(edges) else None
-        return self._range(lo, hi)
-
-    def _geometric(self, v: float) -> ValueRange:
-        if v >= 0:
-            if v < self._tiny:
-                return self._range(0.0, self._tiny)
-            i = self._start(v)
-            # log() only estimates the exponent; the rounded edges decide.
-            while i > self.TINY_EXPONENT and v < self.geometric_edge(i):
-                i -= 1
-            while v >= self.geometric_edge(i + 1):
-                i += 1
-            hi = self.geometric_edge(i + 1)
-            return self._range(self.geometric_edge(i), hi if math.isfinite(hi) else None)
-        a = -v
-        # Mirrored edges with the same half-open orientation: a negative value sits in
-        # [-edge(i+1), -edge(i)), i.e. edge(i) < |v| <= edge(i+1).
-        if a <= self._tiny:
-            return self._range(-self._tiny, 0.0)
-        i = self._start(a)
-        while i > self.TINY_EXPONENT and a <= self.geometric_edge(i):
-            i -= 1
-        while a > self.geometric_edge(i + 1):
-            i += 1
-        lo = self.geometric_edge(i + 1)
-        return self._range(-lo if math.isfinite(lo) else None, -self.geometric_edge(i))
-
-    def _start(self, a: float) -> int:
-        return max(self.TINY_EXPONENT, math.floor(math.log(a) / self._log_ratio))
-
-    def is_edge(self, value: float, *, category: str | None) -> bool:
-        """Whether ``value`` is an edge of the scheme ``category`` uses (data-independent)."""
-        if not math.isfinite(value):
-            return False
-        edges = self.edges_for(category)
-        if edges is not None:
-            return value in edges
-        if value == 0:
-            return True
-        a = abs(value)
-        i = self._start(a)
-        return any(self.geometric_edge(j) == a for j in range(i - 1, i + 3)
-                   if j >= self.TINY_EXPONENT)
 
 
 # -- wire bodies ---------------------------------------------------------------------------
@@ -384,7 +62,7 @@ class RangeScheme:
 GroupValues = dict[str, Annotated[str | Finite | ValueRange, Field(union_mode="left_to_right")]]
 
 
-class SharedInsight(_Frozen):
+class SharedInsight(Frozen):
     """What a node publishes for one insight: ``full`` and ``ranges_only`` groups only.
 
     ``company`` and ``store`` are pseudonyms when the network anonymises and has a pseudonym
@@ -444,7 +122,7 @@ def _check_contribution(values: Mapping[str, Mapping[str, float]]) -> None:
                 raise ValueError(f"{group}.{name}: an additive metric cannot be negative")
 
 
-class Contribution(_Frozen):
+class Contribution(Frozen):
     """One insight's ``aggregated`` groups: exact values only an aggregator may open.
 
     ``company`` is the identity :func:`aggregate` counts distinct companies by (the pseudonym,
@@ -497,8 +175,6 @@ class _Split:
     groups: dict[str, GroupValues]
     aggregated: dict[str, dict[str, float]]
     currency: str | None
-
-
 
 
 # -- the filter ----------------------------------------------------------------------------
@@ -588,7 +264,7 @@ class PrivacyFilter:
         sp = self._split(insight, store)
         # Every field comes from a validated MarketInsight, the node's own config or the
         # scheme's cached buckets, and _split checked the disclosure rules: the models are
-        # built without re-validating formats (two thirds of the filter's time otherwise).
+        # built without re-validating formats (which would dominate the filter's time).
         shared = SharedInsight.model_construct(
             category=insight.category, product_id=insight.product_id,
             region=insight.region, window_start=insight.window_start,
@@ -693,164 +369,3 @@ class PrivacyFilter:
             return value
         return self._ranges.bucket(value, category=category if name in _PRICE_FIELDS else None)
 
-
-# -- aggregation ---------------------------------------------------------------------------
-
-class FieldStatistics(_Frozen):
-    """Published statistics of one numeric field over the companies of a cell.
-
-    ``mean`` and ``stddev`` are over per-company values (each company counted once);
-    ``stddev`` is the population standard deviation and is None below three companies.
-    ``sum`` is set for additive fields only.
-    """
-
-    count: int
-    companies: int
-    mean: float
-    stddev: float | None = None
-    sum: float | None = None
-
-
-class AggregateOutcome(_Frozen):
-    """The result of aggregating one group: published statistics and suppressed fields."""
-
-    group: str
-    currency: str | None = None
-    statistics: dict[str, FieldStatistics]
-    suppressed: dict[str, SuppressionReason]
-
-    def suppression_counts(self) -> dict[str, int]:
-        """Number of suppressed fields per reason."""
-        return dict(Counter(self.suppressed.values()))
-
-
-class SuppressionCounter:
-    """Running count of suppressed statistics per reason, across outcomes."""
-
-    __slots__ = ("_counts",)
-
-    def __init__(self) -> None:
-        self._counts: Counter[str] = Counter()
-
-    def record(self, outcome: AggregateOutcome) -> None:
-        """Add the suppressions of ``outcome``."""
-        self._counts.update(outcome.suppressed.values())
-
-    def __getitem__(self, reason: str) -> int:
-        return self._counts[reason]
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Suppressions per reason so far."""
-        return dict(self._counts)
-
-    @property
-    def total(self) -> int:
-        """All suppressions so far."""
-        return sum(self._counts.values())
-
-
-def _check_thresholds(min_companies: int, dominance_cap: float) -> None:
-    if isinstance(min_companies, bool) or not isinstance(min_companies, int) \
-            or min_companies < 2:
-        raise PrivacyError(f"min_companies must be an integer >= 2 (one company's aggregate "
-                           f"is its own value), got {min_companies!r}")
-    if not (isinstance(dominance_cap, int | float) and 0 < dominance_cap <= 1):
-        raise PrivacyError(f"dominance_cap must be in (0, 1], got {dominance_cap!r}")
-
-
-def aggregate(contributions: Sequence[Contribution], *, group: str, min_companies: int,
-              dominance_cap: float) -> AggregateOutcome:
-    """Statistics of ``group`` over ``contributions`` that one cell may publish.
-
-    Contributions are first combined per company: additive fields (:data:`ADDITIVE_FIELDS`:
-    units, revenue, transactions) are summed, all others (prices, percentage changes) are
-    averaged. So k counts distinct companies, never stores, and a company with many stores
-    weighs as one company in ``mean`` and ``stddev``.
-
-    A field is published only when
-
-    - at least ``min_companies`` distinct companies report it (else ``"below_k"``), and
-    - no company's share of the field's weight exceeds ``dominance_cap`` (else
-      ``"dominance"``). For additive fields the weight is the company's sum (its share of the
-      published total); for the others it is the company's number of contributions (its share
-      of the observations), since a self-reported sample size could be inflated at will. A
-      total weight of 0 counts as equal shares.
-
-    The k test comes first, so a cell that fails both is reported as ``below_k``.
-
-    Emitted per field: ``count`` (contributions), ``companies``, ``mean`` and population
-    ``stddev`` of the per-company values, and ``sum`` for additive fields. ``stddev`` is left
-    out below three companies, where mean and stddev together would give both values away.
-    min, max and median are deliberately never emitted: each of them *is* one company's own
-    value. Thresholds do not stop differencing across overlapping cells or cells where every
-    company reports the same value; the publisher must keep cells fixed and coarse.
-
-    Raises :class:`PrivacyError` for thresholds that protect nothing (k < 2, cap outside
-    (0, 1]) and for ``price_data`` contributions in more than one currency.
-    """
-    _check_thresholds(min_companies, dominance_cap)
-    holding = [c for c in contributions if c.values.get(group)]
-    currency: str | None = None
-    if group == "price_data":
-        currencies = {c.currency for c in holding}
-        if len(currencies) > 1:
-            raise PrivacyError("price contributions mix currencies "
-                               f"{sorted(str(c) for c in currencies)}; aggregate each "
-                               "currency as its own cell")
-        currency = next(iter(currencies), None)
-
-    per_field: dict[str, dict[str, list[float]]] = {}
-    for c in holding:
-        for name, value in c.values[group].items():
-            per_field.setdefault(name, {}).setdefault(c.company, []).append(value)
-
-    statistics: dict[str, FieldStatistics] = {}
-    suppressed: dict[str, SuppressionReason] = {}
-    for name in sorted(per_field):
-        by_company = per_field[name]
-        additive = name in ADDITIVE_FIELDS
-        combined = [math.fsum(vs) if additive else math.fsum(vs) / len(vs)
-                    for vs in by_company.values()]
-        companies = len(combined)
-        if companies < min_companies:
-            suppressed[name] = "below_k"
-            continue
-        weights = combined if additive else [float(len(vs)) for vs in by_company.values()]
-        total = math.fsum(weights)
-        top_share = max(weights) / total if total > 0 else 1 / companies
-        if top_share > dominance_cap:
-            suppressed[name] = "dominance"
-            continue
-        mean = math.fsum(combined) / companies
-        variance = math.fsum((x - mean) ** 2 for x in combined) / companies
-        statistics[name] = FieldStatistics(
-            count=sum(len(vs) for vs in by_company.values()),
-            companies=companies,
-            mean=mean,
-            stddev=math.sqrt(variance) if companies >= 3 else None,
-            sum=math.fsum(combined) if additive else None,
-        )
-    return AggregateOutcome(group=group, currency=currency, statistics=statistics,
-                            suppressed=suppressed)
-
-
-def aggregate_cell(contributions: Iterable[Contribution], *, min_companies: int,
-                   dominance_cap: float,
-                   counter: SuppressionCounter | None = None) -> dict[str, AggregateOutcome]:
-    """:func:`aggregate` every group any of ``contributions`` holds, keyed by group.
-
-    The caller groups contributions into cells (category, product, region, window, network);
-    ``counter``, if given, records every suppression.
-    """
-    _check_thresholds(min_companies, dominance_cap)
-    items = list(contributions)
-    present = {g for c in items for g, fields in c.values.items() if fields}
-    outcomes: dict[str, AggregateOutcome] = {}
-    for group in (g for g in FIELD_GROUPS if g in present):
-        outcome = aggregate(items, group=group, min_companies=min_companies,
-                            dominance_cap=dominance_cap)
-        if counter is not None:
-            counter.record(outcome)
-        outcomes[group] = outcome
-    return outcomes

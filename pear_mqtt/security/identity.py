@@ -1,17 +1,8 @@
-"""Who a certificate names: the identity scheme shared by PKI, brokers and receivers.
+"""Who a certificate names: the identity scheme shared by the CA, brokers and receivers.
 
-A node certificate's subject is ``CN=<member>, OU=<node>, O=<network>``:
-
-- ``CN`` is the *member*: the company id, or its network pseudonym where the network
-  anonymises. mosquitto's ``use_identity_as_username`` maps the CN (and only the CN) to the MQTT
-  username, and ACL ``pattern`` lines substitute it as ``%u``; putting the company there lets one
-  pattern confine every node of a company to its own subtree, with no per-node ACL lines.
-- ``OU`` is the node (store) id, so receivers know which store signed a message.
-- ``O`` is the network id, so a certificate cannot be replayed into another network that happens
-  to share a CA.
-
-Broker and bridge certificates use the same layout with the role in ``OU`` (``broker``,
-``bridge``) and the subject alternative names the broker is reached by.
+Subjects are ``CN=<member>, OU=<node>, O=<network>``: the member (company id or its network
+pseudonym, which brokers take as the MQTT username), the node (store) and the network id.
+Broker and bridge certificates carry their role (``broker``, ``bridge``) in ``OU``.
 """
 
 from __future__ import annotations

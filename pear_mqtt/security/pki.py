@@ -1,45 +1,13 @@
-"""Certificate authority for one pear_mqtt network: CA, broker, node and bridge certificates.
+"""The certificate authority of one pear_mqtt network: creates the CA, issues broker, node and
+bridge certificates, revokes them (CRL) and keeps the registry of what it issued.
 
-Every network (a company's private network, a consortium, a public bridge operator) runs its
-own CA. The broker admits only clients whose certificate that CA signed, maps the certificate
-CN to the MQTT username, and confines each member to its subtree with ACL patterns (see
-:mod:`pear_mqtt.identity` for the subject scheme and :mod:`pear_mqtt.brokerconf`).
-
-A CA directory holds::
-
-    ca.crt          the CA certificate (distribute to every node and broker)
-    ca.key          the CA private key, mode 0600 (keep it offline where you can)
-    ca.crl          the certificate revocation list, re-signed on every revocation
-    registry.json   every certificate issued, for ``pear-mqtt pki list`` and revocation by serial
-    issued/         a copy of each issued certificate, named by serial
-    .lock           serialises concurrent issue/revoke runs (flock)
-
-Validity periods
-    - CA: 10 years (``days=3650``). Rotating a CA means re-issuing every certificate of the
-      network, so it is long-lived; protect its key instead.
-    - Broker, node and bridge certificates: 397 days, the longest lifetime public TLS
-      certificates may have. Short enough that a stolen node key ages out, long enough that a
-      store PC is re-keyed once a year. Revoke earlier with :func:`revoke`.
-    - CRL: re-signed with a 365-day ``nextUpdate`` on every change. OpenSSL refuses *every*
-      client once the broker's CRL is past ``nextUpdate``, so run ``pear-mqtt pki crl`` (or any
-      revocation) within a year and reload the broker (restart or SIGHUP).
-    - Issued certificates start 5 minutes in the past, so a node whose clock runs slightly
-      behind the CA's accepts them at once.
-
-Key types
-    - ``ed25519`` (default): small, fast, deterministic signatures. mosquitto 2.0 on OpenSSL 3,
-      Python's ``ssl`` (and so paho-mqtt) and ``mosquitto_pub``/``mosquitto_sub`` complete
-      mutual TLS with Ed25519 CA, broker and client certificates (checked by
-      ``tests/integration/test_security.py``).
-    - ``ec-p256`` (ECDSA with SHA-256): for clients built on TLS stacks without Ed25519
-      certificate support (older embedded TLS libraries, some managed brokers).
-
-The CA and leaf key types may differ; a network can mix both.
+A CA directory holds ``ca.crt``, ``ca.key`` (0600), ``ca.crl``, ``registry.json``,
+``issued/`` (one copy per serial) and ``.lock`` (flock around every change). Validity
+periods and key types are explained in docs/.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import fcntl
@@ -47,14 +15,12 @@ import ipaddress
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -63,11 +29,13 @@ from ..errors import PKIError, TopicError
 from ..files import atomic_write
 from ..model.topics import validate_identifier
 from .identity import identity_of, subject_for
+from .keys import SigningKey, issued_by, read_material, spki
 
 __all__ = [
     "CA_CERT",
     "CA_CRL",
     "CA_KEY",
+    "CRL_DAYS",
     "DEFAULT_KEY_TYPE",
     "REGISTRY",
     "CertPaths",
@@ -78,17 +46,15 @@ __all__ = [
     "issue",
     "list_certificates",
     "refresh_crl",
-    "register_cli",
     "revoke",
     "revoked_nodes",
-    "tls_problems",
 ]
 
 KeyType = Literal["ed25519", "ec-p256"]
 Role = Literal["node", "broker", "bridge"]
 
 DEFAULT_KEY_TYPE: KeyType = "ed25519"
-"""Key type of new CAs and certificates (see the module docstring)."""
+"""Key type of new CAs and certificates: Ed25519 (``ec-p256`` for older TLS stacks)."""
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
@@ -98,10 +64,9 @@ _ISSUED = "issued"
 _LOCK = ".lock"
 
 _BACKDATE = dt.timedelta(minutes=5)
-_CRL_DAYS = 365
+CRL_DAYS = 365
+"""Days until a freshly signed CRL's ``nextUpdate``."""
 _REGISTRY_VERSION = 1
-
-_PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +94,14 @@ class CertRecord:
     fingerprint_sha256: str
     cert_path: Path | None
 
+    def status(self, at: dt.datetime) -> str:
+        """``revoked``, ``expired``, ``not-yet-valid`` or ``valid`` at time ``at``."""
+        if self.revoked:
+            return "revoked"
+        if self.not_after <= at:
+            return "expired"
+        return "not-yet-valid" if self.not_before > at else "valid"
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (serial as decimal and hex, times in ISO 8601 UTC)."""
         data = asdict(self)
@@ -153,13 +126,13 @@ def _check_key_type(key_type: str) -> KeyType:
     return key_type  # type: ignore[return-value]
 
 
-def _new_key(key_type: KeyType) -> _PrivateKey:
+def _new_key(key_type: KeyType) -> SigningKey:
     if key_type == "ed25519":
         return ed25519.Ed25519PrivateKey.generate()
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _sign_algorithm(key: _PrivateKey) -> hashes.SHA256 | None:
+def _sign_algorithm(key: SigningKey) -> hashes.SHA256 | None:
     # Ed25519 hashes internally; cryptography wants no digest for it.
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
@@ -168,9 +141,7 @@ def _key_type_of(cert: x509.Certificate) -> KeyType:
     return "ed25519" if isinstance(cert.public_key(), ed25519.Ed25519PublicKey) else "ec-p256"
 
 
-
-
-def _key_pem(key: _PrivateKey) -> bytes:
+def _key_pem(key: SigningKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -179,36 +150,24 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise PKIError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise PKIError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-
-
 def _load_cert(path: Path, what: str = "certificate") -> x509.Certificate:
-    data = _read(path, what)
+    data = read_material(path, what)
     try:
         return x509.load_pem_x509_certificate(data)
     except (ValueError, x509.InvalidVersion) as exc:
         raise PKIError(f"{what} {path} is not a PEM certificate: {exc}") from None
 
 
-def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, _PrivateKey]:
+def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, SigningKey]:
     cert = _load_cert(ca_dir / CA_CERT, "CA certificate")
-    data = _read(ca_dir / CA_KEY, "CA key")
+    data = read_material(ca_dir / CA_KEY, "CA key")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise PKIError(f"CA key {ca_dir / CA_KEY} cannot be loaded: {exc}") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
         raise PKIError(f"CA key {ca_dir / CA_KEY} is neither Ed25519 nor EC")
-    if key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != cert.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    if spki(key.public_key()) != spki(cert.public_key()):
         raise PKIError(f"CA key {ca_dir / CA_KEY} does not match {ca_dir / CA_CERT}")
     return cert, key
 
@@ -240,7 +199,7 @@ def _locked(ca_dir: Path) -> Iterator[None]:
 def _load_registry(ca_dir: Path) -> dict[str, Any]:
     path = ca_dir / REGISTRY
     try:
-        data = json.loads(_read(path, "CA registry"))
+        data = json.loads(read_material(path, "CA registry"))
     except json.JSONDecodeError as exc:
         raise PKIError(f"CA registry {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or data.get("version") != _REGISTRY_VERSION \
@@ -271,7 +230,7 @@ def _record_of(entry: dict[str, Any]) -> CertRecord:
     )
 
 
-def _sign_crl(ca_dir: Path, registry: dict[str, Any], *, days: int = _CRL_DAYS) -> Path:
+def _sign_crl(ca_dir: Path, registry: dict[str, Any], *, days: int = CRL_DAYS) -> Path:
     ca_cert, ca_key = _load_ca(ca_dir)
     now = _now()
     number = int(registry.get("crl_number", 0)) + 1
@@ -299,81 +258,6 @@ def _sign_crl(ca_dir: Path, registry: dict[str, Any], *, days: int = _CRL_DAYS) 
 
 
 # -- public API ---------------------------------------------------------------------------
-
-def tls_problems(*, ca_file: Path, cert_file: Path, key_file: Path,
-                 now: dt.datetime | None = None) -> list[str]:
-    """What is wrong with a node's TLS files, one line per problem naming the config field.
-
-    Checked without a network round trip, so that a node refuses to start with a clear reason
-    instead of retrying a broker that will never accept it: each file parses (PEM); the CA
-    file holds a CA certificate (not a leaf); the certificate was issued by that CA and is
-    within its validity window; the key belongs to the certificate. The files must be
-    readable (the caller checks that first). An empty list means nothing was found.
-    """
-    problems: list[str] = []
-    at = now or _now()
-    cas: list[x509.Certificate] = []
-    try:
-        cas = x509.load_pem_x509_certificates(Path(ca_file).read_bytes())
-    except (ValueError, OSError):
-        problems.append(f"tls.ca_file: {ca_file} is not a PEM certificate file")
-    else:
-        authorities = [c for c in cas if _is_ca(c)]
-        if not authorities:
-            problems.append(f"tls.ca_file: {ca_file} holds no CA certificate (it holds "
-                            f"{cas[0].subject.rfc4514_string()!r}, not a certificate "
-                            "authority: use the network's ca.crt)")
-        cas = authorities
-    cert: x509.Certificate | None = None
-    try:
-        cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
-    except (ValueError, OSError):
-        problems.append(f"tls.cert_file: {cert_file} is not a PEM certificate")
-    if cert is not None:
-        subject = cert.subject.rfc4514_string()
-        if at < cert.not_valid_before_utc:
-            problems.append(f"tls.cert_file: {cert_file} ({subject}) is not valid before "
-                            f"{cert.not_valid_before_utc.isoformat()}")
-        if at > cert.not_valid_after_utc:
-            problems.append(f"tls.cert_file: {cert_file} ({subject}) expired on "
-                            f"{cert.not_valid_after_utc.isoformat()}")
-        if cas and not any(_issued_by(cert, ca) for ca in cas):
-            problems.append(f"tls.cert_file: {cert_file} ({subject}) was not issued by the CA "
-                            f"in tls.ca_file ({cas[0].subject.rfc4514_string()})")
-    try:
-        key = serialization.load_pem_private_key(Path(key_file).read_bytes(), password=None)
-    except TypeError:
-        problems.append(f"tls.key_file: {key_file} is encrypted; pear_mqtt needs an "
-                        "unencrypted key file (mode 0600)")
-    except (ValueError, OSError, UnsupportedAlgorithm):
-        problems.append(f"tls.key_file: {key_file} is not a PEM private key")
-    else:
-        if cert is not None and _spki(key.public_key()) != _spki(cert.public_key()):
-            problems.append(f"tls.key_file: {key_file} does not belong to the certificate in "
-                            f"tls.cert_file ({cert.subject.rfc4514_string()})")
-    return problems
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
-        return False
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return False
-    return True
-
-
-def _spki(key: Any) -> bytes:
-    der: bytes = key.public_bytes(serialization.Encoding.DER,
-                                  serialization.PublicFormat.SubjectPublicKeyInfo)
-    return der
-
 
 def create_ca(*, directory: Path, network: str, days: int = 3650,
               key_type: KeyType = DEFAULT_KEY_TYPE, force: bool = False) -> Path:
@@ -592,10 +476,10 @@ def revoke(*, ca_dir: Path, cert: Path | int) -> Path:
     lost it). Brokers read the CRL when they start: restart or SIGHUP them afterwards.
 
     The CRL only stops new connections. For a node certificate, also re-render the mosquitto
-    configuration (:func:`pear_mqtt.brokerconf.render` with ``ca_dir``) before the SIGHUP:
+    configuration (:func:`pear_mqtt.ops.brokerconf.render` with ``ca_dir``) before the SIGHUP:
     its ACL denies the node's topics (:func:`revoked_nodes`), which stops the broker from
     serving the retained state the node published before. The embedded broker does that
-    by itself on :meth:`~pear_mqtt.embedded.EmbeddedBroker.reload_crl`.
+    by itself on :meth:`~pear_mqtt.ops.embedded.EmbeddedBroker.reload_crl`.
     """
     ca_dir = Path(ca_dir)
     with _locked(ca_dir):
@@ -607,10 +491,8 @@ def revoke(*, ca_dir: Path, cert: Path | int) -> Path:
         else:
             cert_file = Path(cert)
             parsed = _load_cert(cert_file)
-            try:
-                parsed.verify_directly_issued_by(ca_cert)
-            except (ValueError, TypeError, InvalidSignature):
-                raise PKIError(f"{cert} was not issued by the CA in {ca_dir}") from None
+            if not issued_by(parsed, ca_cert):
+                raise PKIError(f"{cert} was not issued by the CA in {ca_dir}")
             serial = parsed.serial_number
         entry = next((e for e in registry["certificates"] if int(e["serial"], 16) == serial),
                      None)
@@ -637,7 +519,7 @@ def revoke(*, ca_dir: Path, cert: Path | int) -> Path:
     return path
 
 
-def refresh_crl(*, ca_dir: Path, days: int = _CRL_DAYS) -> Path:
+def refresh_crl(*, ca_dir: Path, days: int = CRL_DAYS) -> Path:
     """Re-sign ``ca.crl`` with a fresh ``nextUpdate`` ``days`` ahead; return its path."""
     if days < 1:
         raise PKIError(f"days must be at least 1, got {days}")
@@ -662,7 +544,7 @@ def list_certificates(*, ca_dir: Path) -> list[CertRecord]:
 def revoked_nodes(*, ca_dir: Path) -> list[tuple[str, str]]:
     """``(member, node)`` of every node whose newest node certificate is revoked, sorted.
 
-    This is what a broker must deny (:func:`pear_mqtt.topics.revoked_node_rules`): the node's
+    This is what a broker must deny (:func:`pear_mqtt.model.topics.revoked_node_rules`): the node's
     retained state and presence stop being served, and nobody of the member writes there.
     mosquitto can only tell publishers apart by username, which is the member, so the deny is
     per node topic, not per certificate.
@@ -688,107 +570,3 @@ def revoked_nodes(*, ca_dir: Path) -> list[tuple[str, str]]:
         if key not in newest or candidate[:2] > newest[key][:2]:
             newest[key] = candidate
     return sorted(key for key, (_, _, revoked) in newest.items() if revoked)
-
-
-# -- command line ---------------------------------------------------------------------------
-
-def _cmd_init(args: argparse.Namespace) -> int:
-    path = create_ca(directory=args.dir, network=args.network, days=args.days,
-                     key_type=args.key_type, force=args.force)
-    print(f"created CA for network {args.network!r}: {path} (key {args.dir / CA_KEY})")
-    return 0
-
-
-def _cmd_issue(args: argparse.Namespace) -> int:
-    paths = issue(ca_dir=args.dir, out_dir=args.out, role=args.role, member=args.member,
-                  node=args.node, hosts=tuple(args.host or ("localhost", "127.0.0.1")),
-                  days=args.days, key_type=args.key_type, force=args.force)
-    print(f"certificate: {paths.cert}\nkey:         {paths.key}\nCA:          {paths.ca}")
-    return 0
-
-
-def _cmd_revoke(args: argparse.Namespace) -> int:
-    target: Path | int
-    if args.serial is not None:
-        try:
-            target = int(args.serial, 0) if args.serial.startswith("0x") else int(args.serial)
-        except ValueError:
-            raise PKIError(f"--serial {args.serial!r} is not a number (decimal or 0x-hex)") \
-                from None
-    else:
-        target = args.cert
-    path = revoke(ca_dir=args.dir, cert=target)
-    print(f"revoked; CRL written to {path}.\n"
-          "Apply it: re-render the broker configuration (`pear-mqtt broker render --pki "
-          f"{args.dir} ...`), whose ACL then denies a revoked node's topics so that its "
-          "retained state and presence stop being served, and SIGHUP (or restart) the broker.")
-    return 0
-
-
-def _cmd_crl(args: argparse.Namespace) -> int:
-    path = refresh_crl(ca_dir=args.dir, days=args.days)
-    print(f"CRL re-signed: {path}")
-    return 0
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    records = list_certificates(ca_dir=args.dir)
-    if args.json:
-        json.dump([r.to_json() for r in records], sys.stdout, indent=2)
-        print()
-        return 0
-    now = _now()
-    print(f"{'SERIAL':<12} {'ROLE':<7} {'MEMBER':<20} {'NODE':<16} {'NOT AFTER':<20} STATUS")
-    for r in records:
-        status = "revoked" if r.revoked else "expired" if r.not_after <= now else \
-            "not-yet-valid" if r.not_before > now else "valid"
-        print(f"{r.serial:x}"[:12].ljust(12), f"{r.role:<7} {r.member:<20} {r.node:<16} "
-              f"{r.not_after:%Y-%m-%d %H:%M:%S} {status}")
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``pear-mqtt pki {init,issue,revoke,crl,list}``."""
-    pki = subparsers.add_parser("pki", help="run the network's certificate authority",
-                                description=__doc__.split("\n\n")[0] if __doc__ else None)
-    sub = pki.add_subparsers(dest="pki_command", metavar="ACTION", required=True)
-    key_types = list(get_args(KeyType))
-
-    p = sub.add_parser("init", help="create a network CA")
-    p.add_argument("--dir", type=Path, required=True, help="CA directory")
-    p.add_argument("--network", required=True, help="network id (the O of every certificate)")
-    p.add_argument("--days", type=int, default=3650, help="CA validity (default 3650)")
-    p.add_argument("--key-type", choices=key_types, default=DEFAULT_KEY_TYPE)
-    p.add_argument("--force", action="store_true", help="replace an existing CA")
-    p.set_defaults(handler=_cmd_init)
-
-    p = sub.add_parser("issue", help="issue a node, broker or bridge certificate")
-    p.add_argument("--dir", type=Path, required=True, help="CA directory")
-    p.add_argument("--out", type=Path, required=True, help="where to write cert, key, ca.crt")
-    p.add_argument("--role", choices=list(get_args(Role)), required=True)
-    p.add_argument("--member", required=True,
-                   help="company id / pseudonym (node), broker name, or bridge username")
-    p.add_argument("--node", help="node (store) id; required for --role node")
-    p.add_argument("--host", action="append",
-                   help="broker DNS name or IP (repeat; default localhost and 127.0.0.1)")
-    p.add_argument("--days", type=int, default=397, help="validity (default 397)")
-    p.add_argument("--key-type", choices=key_types, default=DEFAULT_KEY_TYPE)
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-    p.set_defaults(handler=_cmd_issue)
-
-    p = sub.add_parser("revoke", help="revoke a certificate and re-sign the CRL")
-    p.add_argument("--dir", type=Path, required=True, help="CA directory")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--cert", type=Path, help="the certificate file")
-    which.add_argument("--serial", help="serial number (decimal, or hex with 0x)")
-    p.set_defaults(handler=_cmd_revoke)
-
-    p = sub.add_parser("crl", help="re-sign the CRL before its nextUpdate passes")
-    p.add_argument("--dir", type=Path, required=True, help="CA directory")
-    p.add_argument("--days", type=int, default=_CRL_DAYS, help="CRL validity (default 365)")
-    p.set_defaults(handler=_cmd_crl)
-
-    p = sub.add_parser("list", help="list issued certificates")
-    p.add_argument("--dir", type=Path, required=True, help="CA directory")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(handler=_cmd_list)

@@ -46,7 +46,7 @@ from pear_mqtt.config.models import (
     ReliabilityConfig,
 )
 from pear_mqtt.model.insight import NetworkMode
-from pear_mqtt.security.envelope import SealOpener, generate_x25519_key, save_x25519_public_key
+from pear_mqtt.security.seal import SealOpener, generate_x25519_key, save_x25519_public_key
 
 _HERE = Path(__file__).resolve().parent
 

@@ -27,8 +27,8 @@ from pear_mqtt.config.models import (
 from pear_mqtt.model.insight import NetworkMode, NetworkStatus
 from pear_mqtt.node.network import PearNetwork, ReceivedInsight
 from pear_mqtt.node.outbox import Outbox
-from pear_mqtt.privacy.filter import ValueRange
-from pear_mqtt.security.envelope import generate_x25519_key, save_x25519_public_key
+from pear_mqtt.privacy.ranges import ValueRange
+from pear_mqtt.security.seal import generate_x25519_key, save_x25519_public_key
 
 SENT = re.compile(r"\bsent=(\d+)\b")
 

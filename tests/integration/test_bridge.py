@@ -57,15 +57,17 @@ from pear_mqtt.model.insight import (
 )
 from pear_mqtt.model.topics import TopicScheme
 from pear_mqtt.node.network import PearNetwork
-from pear_mqtt.privacy.filter import Contribution, Pseudonymizer, aggregate_cell
-from pear_mqtt.security.envelope import (
-    EnvelopeCodec,
-    Signer,
-    TrustStore,
+from pear_mqtt.privacy.aggregate import aggregate_cell
+from pear_mqtt.privacy.filter import Contribution
+from pear_mqtt.privacy.pseudonyms import Pseudonymizer
+from pear_mqtt.security.envelope import EnvelopeCodec
+from pear_mqtt.security.seal import (
     generate_x25519_key,
     save_x25519_private_key,
     save_x25519_public_key,
 )
+from pear_mqtt.security.signing import Signer
+from pear_mqtt.security.trust import TrustStore
 
 SECRET = "s" * 32
 DAY = 86400
@@ -482,7 +484,7 @@ async def test_items_disclosing_more_than_the_policy_are_dropped_and_counted(
         from pear_mqtt.privacy.filter import PrivacyFilter
         result = PrivacyFilter(config=liar).apply(
             insight("home/garden", start=start, units=30.0, change=5.5))
-        from pear_mqtt.security.envelope import load_x25519_public_key, seal
+        from pear_mqtt.security.seal import load_x25519_public_key, seal
         item = {"iid": uuid.uuid4().hex,
                 "insight": result.shared.model_dump(mode="json", exclude_none=True),
                 "sealed": seal(load_x25519_public_key(net.pub_file),

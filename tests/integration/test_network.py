@@ -15,8 +15,12 @@ from brokers import MosquittoBroker, NetworkPKI, free_port, probe
 from pear_mqtt.config.models import NetworkConfig, PrivacyConfig
 from pear_mqtt.model.insight import MarketInsight, NetworkMode, PriceData, SalesData, TrendData
 from pear_mqtt.node.network import PearNetwork, ReceivedInsight
-from pear_mqtt.privacy.filter import Contribution, ValueRange
-from pear_mqtt.security.envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
+from pear_mqtt.privacy.filter import Contribution
+from pear_mqtt.privacy.ranges import ValueRange
+from pear_mqtt.security.envelope import EnvelopeCodec
+from pear_mqtt.security.seal import SealOpener
+from pear_mqtt.security.signing import Signer
+from pear_mqtt.security.trust import TrustStore
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

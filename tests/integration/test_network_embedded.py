@@ -20,7 +20,7 @@ from pear_mqtt.config.models import (
 from pear_mqtt.model.insight import NetworkMode
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.ops.embedded import EmbeddedBroker
-from pear_mqtt.privacy.filter import ValueRange
+from pear_mqtt.privacy.ranges import ValueRange
 
 
 @pytest.fixture

@@ -51,16 +51,14 @@ from pear_mqtt.errors import ConfigError, OutboxError, PrivacyError
 from pear_mqtt.model.aggregates import AggregateBody, ReceiptBody
 from pear_mqtt.model.insight import SharingLevel
 from pear_mqtt.model.topics import TopicScheme, parse_topic
-from pear_mqtt.privacy.filter import (
-    Contribution,
-    FieldStatistics,
-    SharedInsight,
-    SuppressionCounter,
-    ValueRange,
-    aggregate_cell,
-)
+from pear_mqtt.privacy.aggregate import FieldStatistics, SuppressionCounter, aggregate_cell
+from pear_mqtt.privacy.filter import Contribution, SharedInsight
+from pear_mqtt.privacy.ranges import ValueRange
 from pear_mqtt.security import pki as pkimod
-from pear_mqtt.security.envelope import EnvelopeCodec, Signer, TrustStore, seal
+from pear_mqtt.security.envelope import EnvelopeCodec
+from pear_mqtt.security.seal import seal
+from pear_mqtt.security.signing import Signer
+from pear_mqtt.security.trust import TrustStore
 
 pytestmark = pytest.mark.unit
 
@@ -95,7 +93,7 @@ class Material:
 
 @pytest.fixture(scope="module")
 def material(tmp_path_factory: pytest.TempPathFactory) -> Material:
-    from pear_mqtt.security.envelope import generate_x25519_key, save_x25519_private_key
+    from pear_mqtt.security.seal import generate_x25519_key, save_x25519_private_key
 
     root = tmp_path_factory.mktemp("bridge-pki")
     pkimod.create_ca(directory=root / "ca", network="mkt")
@@ -771,7 +769,7 @@ class Ingest:
 def ingest(material: Material, tmp_path: Path) -> Iterator[Ingest]:
     from pear_mqtt.bridge.service import Bridge
     from pear_mqtt.config.models import EncryptionConfig
-    from pear_mqtt.security.envelope import load_x25519_private_key
+    from pear_mqtt.security.seal import load_x25519_private_key
 
     config = BridgeConfigManager.load(env={}, **minimal(
         material, state_path=str(tmp_path / "s.sqlite"),

@@ -32,12 +32,10 @@ from pear_mqtt.errors import (
     UnknownKeyError,
     UnsupportedVersion,
 )
-from pear_mqtt.security.envelope import (
-    EnvelopeCodec,
+from pear_mqtt.security.envelope import EnvelopeCodec
+from pear_mqtt.security.identity import Identity, subject_for
+from pear_mqtt.security.seal import (
     SealOpener,
-    Signer,
-    TrustStore,
-    VerifiedSigner,
     generate_x25519_key,
     load_x25519_private_key,
     load_x25519_public_key,
@@ -45,7 +43,8 @@ from pear_mqtt.security.envelope import (
     save_x25519_public_key,
     seal,
 )
-from pear_mqtt.security.identity import Identity, subject_for
+from pear_mqtt.security.signing import Signer, VerifiedSigner
+from pear_mqtt.security.trust import TrustStore
 
 pytestmark = pytest.mark.unit
 
@@ -436,20 +435,13 @@ def test_certificate_expiring_after_being_cached(pki: PKI) -> None:
         rx.decode(tx.encode(kind="state", body=2))
 
 
-def test_certificate_validation_is_cached(pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_certificate_validation_is_cached(pki: PKI) -> None:
     rx = pki.codec("bob")
     tx = pki.codec()
-    calls: list[int] = []
-    real = TrustStore._validate_cert
-
-    def counting(self: TrustStore, *a: Any) -> Any:
-        calls.append(1)
-        return real(self, *a)
-
-    monkeypatch.setattr(TrustStore, "_validate_cert", counting)
+    before = rx.trust.validations  # bob's own certificate, validated by the constructor
     for i in range(5):
         rx.decode(tx.encode(kind="state", body=i))
-    assert len(calls) == 1
+    assert rx.trust.validations - before == 1
 
 
 def test_one_signature_check_per_batch(pki: PKI, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -973,7 +965,7 @@ def test_junk_certificates_do_not_evict_good_ones(pki: PKI) -> None:
 # -- session sealer --------------------------------------------------------------------------
 
 def test_sealer_tokens_open_and_share_one_session_key() -> None:
-    from pear_mqtt.security.envelope import Sealer, SealOpener, generate_x25519_key
+    from pear_mqtt.security.seal import Sealer, SealOpener, generate_x25519_key
 
     key = generate_x25519_key()
     sealer = Sealer(key.public_key(), rotate_after=3)

@@ -28,19 +28,15 @@ from pear_mqtt.model.insight import (
     TrendData,
 )
 from pear_mqtt.model.topics import validate_identifier
-from pear_mqtt.privacy.filter import (
-    ADDITIVE_FIELDS,
+from pear_mqtt.privacy.aggregate import (
     AggregateOutcome,
-    Contribution,
-    PrivacyFilter,
-    Pseudonymizer,
-    RangeScheme,
-    SharedInsight,
     SuppressionCounter,
-    ValueRange,
     aggregate,
     aggregate_cell,
 )
+from pear_mqtt.privacy.filter import ADDITIVE_FIELDS, Contribution, PrivacyFilter, SharedInsight
+from pear_mqtt.privacy.pseudonyms import Pseudonymizer
+from pear_mqtt.privacy.ranges import RangeScheme, ValueRange
 
 pytestmark = pytest.mark.unit
 

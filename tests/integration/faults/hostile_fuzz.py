@@ -44,8 +44,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from pear_mqtt.config.models import EncryptionConfig
-from pear_mqtt.security.envelope import EnvelopeCodec, Signer, TrustStore
+from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.pki import CertPaths
+from pear_mqtt.security.signing import Signer
+from pear_mqtt.security.trust import TrustStore
 
 FUZZ_N = int(os.environ.get("PEAR_FUZZ_N", "10000"))
 """Hostile payloads per bulk test (``make faults``: ``PEAR_FUZZ_N=100000``)."""

@@ -33,7 +33,9 @@ from pear_mqtt.config.models import EncryptionConfig, NetworkConfig
 from pear_mqtt.errors import EnvelopeError
 from pear_mqtt.model.insight import NetworkMode
 from pear_mqtt.node.network import PearNetwork
-from pear_mqtt.security.envelope import EnvelopeCodec, Signer, TrustStore
+from pear_mqtt.security.envelope import EnvelopeCodec
+from pear_mqtt.security.signing import Signer
+from pear_mqtt.security.trust import TrustStore
 
 JITTER = 1.0  # reconnect_jitter: the first reconnect waits uniform(0, 1 s)
 

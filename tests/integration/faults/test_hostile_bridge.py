@@ -70,7 +70,7 @@ from pear_mqtt.model.insight import MarketInsight, SharingLevel
 from pear_mqtt.model.topics import TopicError, TopicScheme, parse_topic
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.privacy.filter import PrivacyFilter
-from pear_mqtt.security.envelope import load_x25519_public_key, seal
+from pear_mqtt.security.seal import load_x25519_public_key, seal
 
 __all__ = ["net"]  # test_bridge's fixture, used by name
 

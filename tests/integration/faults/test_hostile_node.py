@@ -68,7 +68,8 @@ from pear_mqtt.model.insight import MarketInsight, PriceData, SalesData, TrendDa
 from pear_mqtt.model.topics import TopicError, TopicScheme, parse_topic
 from pear_mqtt.node.network import PearNetwork, ReceivedInsight
 from pear_mqtt.privacy.filter import PrivacyFilter
-from pear_mqtt.security.envelope import EnvelopeCodec, Sealer, SealOpener, load_x25519_public_key
+from pear_mqtt.security.envelope import EnvelopeCodec
+from pear_mqtt.security.seal import Sealer, SealOpener, load_x25519_public_key
 
 OTHER_KEY = "A" * 43 + "="  # 32 bytes, not the network's group key
 SEED = 20261107
