@@ -50,7 +50,8 @@ from ..security.pki import tls_problems
 from .files import SUFFIXES, config_suffix, dumps_toml, read_table_file, write_config_file
 from .models import NetworkConfig
 
-__all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "NetworkConfigManager", "register_cli"]
+__all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "NetworkConfigManager", "config_error",
+           "field_path", "plain_data", "register_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ _EnvSettings: type[_PearSettingsBase] = create_model(
 
 # -- error messages -------------------------------------------------------------------------
 
-def _loc_str(loc: Iterable[int | str]) -> str:
+def field_path(loc: Iterable[int | str]) -> str:
+    """A pydantic error location as a dotted path: ``private[0].tls.ca_file``."""
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
@@ -193,7 +195,7 @@ def _describe(err: Mapping[str, Any], *, env: bool = False, layered: bool = Fals
     if env and loc:
         where = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(p).upper() for p in loc)
     else:
-        where = _loc_str(loc)
+        where = field_path(loc)
     if kind in ("value_error", "assertion_error") and "error" in err.get("ctx", {}):
         msg = str(err["ctx"]["error"])
     elif kind == "missing":
@@ -217,14 +219,15 @@ def _describe(err: Mapping[str, Any], *, env: bool = False, layered: bool = Fals
     return f"{where}: {msg}"
 
 
-def _config_error(header: str, problems: list[str]) -> ConfigError:
+def config_error(header: str, problems: list[str]) -> ConfigError:
+    """One :class:`ConfigError`: ``header``, then each problem on its own indented line."""
     return ConfigError(header + "".join(f"\n  - {p}" for p in problems))
 
 
 def _from_validation(exc: ValidationError, header: str, *, env: bool = False,
                      layered: bool = False) -> ConfigError:
     errors = exc.errors(include_url=False)
-    return _config_error(header, [_describe(err, env=env, layered=layered) for err in errors])
+    return config_error(header, [_describe(err, env=env, layered=layered) for err in errors])
 
 
 # -- layers -----------------------------------------------------------------------------------
@@ -287,13 +290,14 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 # -- writing ----------------------------------------------------------------------------------
 
-def _plain(value: Any, loc: str, secrets: SecretMode, omitted: list[str]) -> Any:
-    """``value`` as TOML/JSON-ready data; ``None`` means "leave the key out"."""
+def plain_data(value: Any, loc: str, secrets: SecretMode, omitted: list[str]) -> Any:
+    """``value`` (a model, at path ``loc``) as TOML/JSON-ready data; ``None`` means "leave the
+    key out". Paths of secrets left out are appended to ``omitted``."""
     if isinstance(value, BaseModel):
         out: dict[str, Any] = {}
         for name in type(value).model_fields:
-            item = _plain(getattr(value, name), f"{loc}.{name}" if loc else name, secrets,
-                          omitted)
+            item = plain_data(getattr(value, name), f"{loc}.{name}" if loc else name, secrets,
+                              omitted)
             if item is not None:
                 out[name] = item
         return out
@@ -305,7 +309,8 @@ def _plain(value: Any, loc: str, secrets: SecretMode, omitted: list[str]) -> Any
         omitted.append(loc)
         return None
     if isinstance(value, Mapping):
-        items = {str(k): _plain(v, f"{loc}.{k}", secrets, omitted) for k, v in value.items()}
+        items = {str(k): plain_data(v, f"{loc}.{k}", secrets, omitted)
+                 for k, v in value.items()}
         # An empty mapping is the models' default; leaving it out keeps files short.
         return {k: v for k, v in items.items() if v is not None} or None
     if isinstance(value, Enum):
@@ -313,7 +318,7 @@ def _plain(value: Any, loc: str, secrets: SecretMode, omitted: list[str]) -> Any
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, list | tuple):
-        return [_plain(v, f"{loc}[{i}]", secrets, omitted) for i, v in enumerate(value)]
+        return [plain_data(v, f"{loc}[{i}]", secrets, omitted) for i, v in enumerate(value)]
     return value
 
 
@@ -476,7 +481,7 @@ class NetworkConfigManager:
         if for_connect:
             problems.extend(cls._connect_problems(config))
         if problems:
-            raise _config_error("invalid configuration:", problems)
+            raise config_error("invalid configuration:", problems)
         return config
 
     @classmethod
@@ -531,7 +536,7 @@ class NetworkConfigManager:
         ``"omit"`` leaves them out.
         """
         omitted: list[str] = []
-        data: dict[str, Any] = _plain(config, "", secrets, omitted)
+        data: dict[str, Any] = plain_data(config, "", secrets, omitted)
         return data, omitted
 
     @classmethod
