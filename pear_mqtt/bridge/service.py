@@ -55,15 +55,13 @@ import asyncio
 import contextlib
 import gc
 import hashlib
-import json
 import logging
-import math
 import random
 import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,18 +70,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..config.models import (
-    BrokerURL,
-    EncryptionConfig,
     ReliabilityConfig,
     TLSConfig,
 )
 from ..errors import (
-    ConfigError,
     ConnectError,
     DecryptionError,
     EnvelopeError,
     OutboxError,
-    OversizedMessage,
     PearError,
     PrivacyError,
     TopicError,
@@ -108,16 +102,15 @@ from ..model.insight import (
 )
 from ..model.topics import ParsedTopic, TopicScheme, parse_topic
 from ..privacy.filter import (
-    ADDITIVE_FIELDS,
     Contribution,
-    FieldStatistics,
     SharedInsight,
     SuppressionCounter,
-    aggregate,
 )
-from ..security.envelope import EnvelopeCodec, SealOpener, Signer, TrustStore
+from ..security.envelope import EnvelopeCodec, SealOpener
 from ..security.identity import Identity
 from ..transport import Connection, InboundMessage, stop_task
+from .admission import check_item, input_hash, item_digest, window_of
+from .aggregation import CellResult, PublishedGroup, WindowResult, aggregate_window
 from .config import (
     DEFAULT_BOUNDS,
     BridgeConfig,
@@ -126,7 +119,10 @@ from .config import (
     PublicConfig,
     SourceConfig,
 )
-from .state import BridgeStore, LedgerEntry, NewContribution, OutgoingRow, StoredContribution
+from .endpoints import bridge_codec, bridge_connection
+from .noise import NoiseMechanism
+from .output import LEDGER_PERIODS, PublicOutput, merged_ledger, verify_publication
+from .state import BridgeStore, LedgerEntry, NewContribution
 
 __all__ = [
     "DEFAULT_BOUNDS",
@@ -162,566 +158,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BRIDGE_NODE = "bridge"
-"""The OU of every bridge certificate (:mod:`pear_mqtt.pki`): receivers check it."""
-
 _ITEM_ID_MAX = 128
-_DIGEST_DOMAIN = b"pear_mqtt bridge item v1"
-# json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False) without building an
-# encoder per call: the same bytes, ~1 µs less per item.
-_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
-                                   ensure_ascii=False).encode
 # Messages whose items go into one store transaction (one commit, then one ack each): a
 # backlog is written in large batches, while a trickle still commits message by message.
 _INGEST_MESSAGES = 64
 # model_validate / model_validate_json minus pydantic's Python wrapper, once per item.
 _validate_shared = SharedInsight.__pydantic_validator__.validate_python
 _validate_contribution = Contribution.__pydantic_validator__.validate_json
-_LEDGER_PERIODS = 24  # periods listed in the retained ledger
-_MIN_SESSION_EXPIRY = 7 * 86400
-
-
-# -- input checks --------------------------------------------------------------------------
-
-def check_item(*, shared: SharedInsight, contribution: Contribution | None,
-               policy: Mapping[str, SharingLevel],
-               announced: Mapping[str, SharingLevel] | None = None) -> str | None:
-    """Why an item must be dropped, or None when it discloses no more than allowed.
-
-    - ``policy_violation``: a group is shared at another level than ``policy`` says (e.g. an
-      exact ``full`` price where the policy says ``ranges_only``, or any shared group the
-      policy keeps ``aggregated`` or ``none``), or a sealed group the policy does not say
-      ``aggregated``;
-    - ``presence_mismatch``: a group at another level than the sender's node announced in its
-      presence (``announced``; not checked when unknown);
-    - ``mismatch``: the sealed contribution describes another category, product, region or
-      window than the insight that carries it.
-    """
-    sealed = {g for g, fields in (contribution.values if contribution else {}).items()
-              if fields}
-    for group, level in shared.levels.items():
-        if policy.get(group) is not level:
-            return "policy_violation"
-    for group in sealed:
-        if policy.get(group) is not SharingLevel.AGGREGATED:
-            return "policy_violation"
-    if announced is not None:
-        for group, level in shared.levels.items():
-            if announced.get(group) is not level:
-                return "presence_mismatch"
-        for group in sealed:
-            if announced.get(group) is not SharingLevel.AGGREGATED:
-                return "presence_mismatch"
-    if contribution is not None and (
-            contribution.category != shared.category
-            or contribution.product_id != shared.product_id
-            or contribution.region != shared.region
-            or contribution.window_start != shared.window_start
-            or contribution.window_end != shared.window_end):
-        return "mismatch"
-    return None
-
-
-def window_of(start: datetime, end: datetime, *, window_seconds: int) -> int | None:
-    """The bridge window (epoch seconds of its start) that holds the observation window
-    ``[start, end]``, or None when it spans more than one bridge window."""
-    ws = int(start.timestamp() // window_seconds) * window_seconds
-    return ws if end.timestamp() <= ws + window_seconds else None
-
-
-def item_digest(*, network: str, member: str, item: Mapping[str, Any]) -> bytes:
-    """The digest of one received item, as the receipt's input hash covers it.
-
-    SHA-256 over a domain tag, the network, the sending member, the item id, the insight as
-    canonical JSON (sorted keys, no spaces) and the sealed token, NUL-separated. Any member
-    who received the item (consortium members read each other's items) can recompute it.
-    """
-    insight = _CANONICAL_JSON(item.get("insight"))
-    sealed = item.get("sealed")
-    parts = [_DIGEST_DOMAIN, network.encode(), member.encode(), str(item.get("iid")).encode(),
-             insight.encode(), sealed.encode() if isinstance(sealed, str) else b""]
-    return hashlib.sha256(b"\x00".join(parts)).digest()
-
-
-def input_hash(digests: Iterable[bytes]) -> str:
-    """The input hash of a cell: SHA-256 of its item digests in ascending order (hex)."""
-    h = hashlib.sha256()
-    for d in sorted(digests):
-        h.update(d)
-    return h.hexdigest()
-
-
-# -- noise ---------------------------------------------------------------------------------
-
-class NoiseMechanism:
-    """Laplace or Gaussian noise from a cryptographic random source.
-
-    ``rng`` defaults to :class:`random.SystemRandom`; tests pass a seeded
-    :class:`random.Random`. Noise is drawn with floating-point arithmetic (no snapping), which
-    leaks in the last bits of a value; published values are rounded to 6 significant digits.
-    """
-
-    def __init__(self, dp: DPConfig, *, rng: random.Random | None = None) -> None:
-        if not dp.enabled:
-            raise ConfigError("NoiseMechanism needs dp.mechanism laplace or gaussian")
-        self.dp = dp
-        self._rng = rng if rng is not None else random.SystemRandom()
-
-    def scale(self, *, sensitivity: float, epsilon: float, delta: float) -> float:
-        """Laplace scale b, or the Gaussian standard deviation, for one release."""
-        if self.dp.mechanism == "laplace":
-            return sensitivity / epsilon
-        return sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
-
-    def sample(self, *, sensitivity: float, epsilon: float, delta: float) -> float:
-        """One draw of noise for a release with this sensitivity and budget."""
-        b = self.scale(sensitivity=sensitivity, epsilon=epsilon, delta=delta)
-        if self.dp.mechanism == "gaussian":
-            return self._rng.gauss(0.0, b)
-        while True:
-            u = self._rng.random() - 0.5
-            if u != -0.5:
-                return -b * math.copysign(1.0, u) * math.log(1 - 2 * abs(u))
-
-
-# -- aggregation ---------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PublishedGroup:
-    """The statistics of one group (price statistics per currency) that passed every test."""
-
-    group: str
-    currency: str | None
-    fields: dict[str, FieldStatistics]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CellResult:
-    """One (category, region) cell of a window: what may be published, and its receipt data.
-
-    ``groups`` is empty when everything was suppressed; ``suppressed`` counts suppressed
-    statistics per reason (metrics only). ``contributors`` counts distinct identities,
-    ``domains`` the identity domains they came from.
-    """
-
-    category: str
-    region: str
-    groups: list[PublishedGroup]
-    contributors: int
-    domains: int
-    inputs: int
-    input_hash: str
-    epsilon: float = 0.0
-    delta: float = 0.0
-    suppressed: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def published(self) -> bool:
-        return bool(self.groups)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class WindowResult:
-    """Every cell of one window, and the budget it spent."""
-
-    window_start: int
-    window_end: int
-    cells: list[CellResult]
-    epsilon: float
-    delta: float
-    period_start: int | None
-
-    @property
-    def suppressed(self) -> dict[str, int]:
-        total: Counter[str] = Counter()
-        for c in self.cells:
-            total.update(c.suppressed)
-        return dict(total)
-
-
-def _identity_key(domain: str, company: str) -> str:
-    # A valid identifier for privacy.aggregate that cannot collide across domains.
-    return "c" + hashlib.sha256(f"{domain}\x00{company}".encode()).hexdigest()[:32]
-
-
-def _combined(name: str, values: Sequence[float]) -> float:
-    return math.fsum(values) if name in ADDITIVE_FIELDS else math.fsum(values) / len(values)
-
-
-def _weight(name: str, values: Sequence[float]) -> float:
-    # privacy.aggregate's dominance weights: the company's total for additive fields, its
-    # number of observations otherwise.
-    return math.fsum(values) if name in ADDITIVE_FIELDS else float(len(values))
-
-
-def _round(x: float) -> float:
-    return float(f"{x:.6g}")
-
-
-@dataclass(slots=True)
-class _Candidate:
-    group: str
-    currency: str | None
-    name: str
-    stats: FieldStatistics
-    per_company: dict[str, list[float]]
-
-
-def aggregate_window(window_start: int, contributions: Sequence[StoredContribution], *,
-                     window_seconds: int,
-                     min_companies: int, dominance_cap: float, dp: DPConfig,
-                     noise: NoiseMechanism | None = None, budget_spent: float = 0.0,
-                     counter: SuppressionCounter | None = None) -> WindowResult:
-    """Aggregate one window's counted items into cells (category, region).
-
-    ``contributions`` are the counted items of the window
-    (:class:`pear_mqtt.bridge_state.StoredContribution`).
-    Each group is aggregated with :func:`pear_mqtt.privacy.aggregate` (price statistics per
-    currency), counting companies by identity within their domain; cells that mix identity
-    domains then pass the conservative test described in the module docstring. With noise
-    on, each cell whose statistics survive spends ``dp.epsilon_per_cell`` from the budget of
-    its period (``budget_spent`` already gone), or is suppressed as ``budget``.
-    """
-    if dp.enabled and noise is None:
-        raise ConfigError("noise is on (dp.mechanism) but no NoiseMechanism was given")
-    window_end = window_start + window_seconds
-    period = (window_start // dp.period_seconds) * dp.period_seconds if dp.enabled else None
-    spent = budget_spent
-    epsilon_total = delta_total = 0.0
-    by_cell: dict[tuple[str, str], list[StoredContribution]] = {}
-    for c in contributions:
-        by_cell.setdefault((c.category, c.region), []).append(c)
-    ws = datetime.fromtimestamp(window_start, UTC)
-    we = datetime.fromtimestamp(window_end, UTC)
-    cells: list[CellResult] = []
-    for (category, region), items in sorted(by_cell.items()):
-        domain_of: dict[str, str] = {}
-        converted: list[Contribution] = []
-        for c in items:
-            key = _identity_key(c.domain, c.company)
-            domain_of[key] = c.domain
-            converted.append(Contribution(company=key, category=category, region=region,
-                                          window_start=ws, window_end=we, currency=c.currency,
-                                          values=c.values))
-        suppressed: Counter[str] = Counter()
-        candidates: list[_Candidate] = []
-        present = {g for conv in converted for g, fs in conv.values.items() if fs}
-        for group in (g for g in FIELD_GROUPS if g in present):
-            holding = [conv for conv in converted if conv.values.get(group)]
-            if group == "price_data":
-                parts: dict[str | None, list[Contribution]] = {}
-                for conv in holding:
-                    parts.setdefault(conv.currency, []).append(conv)
-            else:
-                parts = {None: holding}
-            for currency, part in sorted(parts.items(), key=lambda kv: kv[0] or ""):
-                outcome = aggregate(part, group=group, min_companies=min_companies,
-                                    dominance_cap=dominance_cap)
-                if counter is not None:
-                    counter.record(outcome)
-                suppressed.update(outcome.suppressed.values())
-                for name, stats in outcome.statistics.items():
-                    per_company: dict[str, list[float]] = {}
-                    for conv in part:
-                        value = conv.values[group].get(name)
-                        if value is not None:
-                            per_company.setdefault(conv.company, []).append(value)
-                    reason = _cross_domain(name, per_company, domain_of,
-                                           min_companies=min_companies,
-                                           dominance_cap=dominance_cap)
-                    if reason is None and dp.enabled and f"{group}.{name}" not in dp.bounds:
-                        reason = "unbounded"
-                    if reason is not None:
-                        suppressed[reason] += 1
-                        continue
-                    candidates.append(_Candidate(group=group, currency=currency, name=name,
-                                                 stats=stats, per_company=per_company))
-        eps = dlt = 0.0
-        if candidates and dp.enabled:
-            assert noise is not None
-            if spent + dp.epsilon_per_cell > dp.budget_per_period * (1 + 1e-9):
-                suppressed["budget"] += len(candidates)
-                candidates = []
-            else:
-                candidates = _add_noise(candidates, dp=dp, noise=noise, group_bounds=dp.bounds)
-                eps = dp.epsilon_per_cell
-                dlt = dp.delta if dp.mechanism == "gaussian" else 0.0
-                spent += eps
-                epsilon_total += eps
-                delta_total += dlt
-        groups: dict[tuple[str, str | None], dict[str, FieldStatistics]] = {}
-        for cand in candidates:
-            groups.setdefault((cand.group, cand.currency), {})[cand.name] = cand.stats
-        cells.append(CellResult(
-            category=category, region=region,
-            groups=[PublishedGroup(group=g, currency=cur, fields=fs)
-                    for (g, cur), fs in groups.items()],
-            contributors=len(domain_of), domains=len(set(domain_of.values())),
-            inputs=len(items), input_hash=input_hash(c.digest for c in items),
-            epsilon=eps, delta=dlt, suppressed=dict(suppressed)))
-    return WindowResult(window_start=window_start, window_end=window_end, cells=cells,
-                        epsilon=epsilon_total, delta=delta_total, period_start=period)
-
-
-def _cross_domain(name: str, per_company: Mapping[str, Sequence[float]],
-                  domain_of: Mapping[str, str], *, min_companies: int,
-                  dominance_cap: float) -> str | None:
-    """The conservative k and dominance test for a field whose companies span domains."""
-    domains: dict[str, list[str]] = {}
-    for company in per_company:
-        domains.setdefault(domain_of[company], []).append(company)
-    if len(domains) <= 1:
-        return None
-    if max(len(ids) for ids in domains.values()) < min_companies:
-        return "below_k"
-    weights = {c: _weight(name, vs) for c, vs in per_company.items()}
-    total = math.fsum(weights.values())
-    if total > 0:
-        share = math.fsum(max(weights[c] for c in ids) for ids in domains.values()) / total
-    else:
-        share = len(domains) / len(per_company)
-    return "dominance" if share > dominance_cap else None
-
-
-def _add_noise(candidates: list[_Candidate], *, dp: DPConfig, noise: NoiseMechanism,
-               group_bounds: Mapping[str, tuple[float, float]]) -> list[_Candidate]:
-    releases = sum(1 + (c.name in ADDITIVE_FIELDS) for c in candidates)
-    eps = dp.epsilon_per_cell / releases
-    delta = dp.delta / releases
-    out: list[_Candidate] = []
-    for cand in candidates:
-        lo, hi = group_bounds[f"{cand.group}.{cand.name}"]
-        values = [min(max(_combined(cand.name, vs), lo), hi)
-                  for vs in cand.per_company.values()]
-        n = len(values)
-        # Replace-one neighbours: changing one company moves the mean by at most
-        # (hi - lo) / n and the sum by at most hi - lo. n itself is published.
-        mean = math.fsum(values) / n + noise.sample(sensitivity=(hi - lo) / n, epsilon=eps,
-                                                    delta=delta)
-        total: float | None = None
-        if cand.name in ADDITIVE_FIELDS:
-            total = math.fsum(values) + noise.sample(sensitivity=hi - lo, epsilon=eps,
-                                                     delta=delta)
-            total = _round(min(max(total, n * lo), n * hi))
-        stats = FieldStatistics(count=cand.stats.count, companies=cand.stats.companies,
-                                mean=_round(min(max(mean, lo), hi)), stddev=None, sum=total)
-        out.append(_Candidate(group=cand.group, currency=cand.currency, name=cand.name,
-                              stats=stats, per_company={}))
-    return out
-
-
-# -- published messages --------------------------------------------------------------------
-_ALLOWED_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt",
-                                  "bridge_state": "ledger"}
-
-
-class PublicOutput:
-    """The one path from the bridge to the public broker.
-
-    :meth:`build` turns a :class:`WindowResult` into signed messages — an aggregate and a
-    receipt per category with at least one published cell, and the ledger when noise is on —
-    and refuses (:class:`PrivacyError`) any statistic below k companies. :meth:`send`
-    publishes outbox rows, and refuses anything that is not a bridge-signed aggregate,
-    receipt or ledger on this network's ``aggregates/`` or ``state/bridge/`` topics. The
-    connection it writes with is private to it.
-    """
-
-    def __init__(self, *, config: BridgeConfig, codec: EnvelopeCodec) -> None:
-        self._config = config
-        self._codec = codec
-        self._network = config.public.network_id
-        self._scheme = TopicScheme(mode="public", network=self._network,
-                                   member=codec.signer.identity.member)
-        self._policy_version = config.policy_version()
-        self._conn: Connection | None = None
-        self._sender = codec.signer.sender
-
-    @property
-    def connected(self) -> bool:
-        return self._conn is not None and self._conn.connected
-
-    def attach(self, conn: Connection | None) -> None:
-        """Use ``conn`` (or nothing) for :meth:`send`."""
-        self._conn = conn
-
-    def detach(self) -> Connection | None:
-        """Stop using the connection and hand it back (to close it)."""
-        conn, self._conn = self._conn, None
-        return conn
-
-    def _check(self, body: AggregateBody) -> None:
-        k = self._config.min_companies
-        for cell in body.cells:
-            for group in cell.groups:
-                for name, stat in group.fields.items():
-                    if stat.companies < k:
-                        raise PrivacyError(f"refusing to publish {body.category}/{cell.region}"
-                                           f" {group.group}.{name}: {stat.companies} companies"
-                                           f" < k = {k}")
-                    if stat.stddev is not None and (stat.companies < 3 or body.noise):
-                        raise PrivacyError(f"refusing to publish a standard deviation for "
-                                           f"{group.group}.{name}")
-
-    def build(self, result: WindowResult, *, now: float,
-              ledger: Sequence[LedgerEntry] = ()
-              ) -> tuple[list[tuple[str, bytes, bool]], list[tuple[str, bytes]]]:
-        """Signed (topic, payload, retain) messages for ``result``, and (category, receipt)
-        pairs for the archive. ``ledger`` is the ledger including ``result``'s spending."""
-        dp = self._config.dp
-        noise = (NoiseInfo(mechanism=dp.mechanism, epsilon_per_cell=dp.epsilon_per_cell,
-                           delta=dp.delta if dp.mechanism == "gaussian" else None)
-                 if dp.mechanism != "none" else None)
-        ws = datetime.fromtimestamp(result.window_start, UTC)
-        we = datetime.fromtimestamp(result.window_end, UTC)
-        by_category: dict[str, list[CellResult]] = {}
-        for cell in result.cells:
-            if cell.published:
-                by_category.setdefault(cell.category, []).append(cell)
-        out: list[tuple[str, bytes, bool]] = []
-        receipts: list[tuple[str, bytes]] = []
-        for category, cells in sorted(by_category.items()):
-            body = AggregateBody(
-                network=self._network, category=category, window_start=ws, window_end=we,
-                policy_version=self._policy_version, min_companies=self._config.min_companies,
-                dominance_cap=self._config.dominance_cap, noise=noise,
-                cells=[PublishedCell(region=c.region, groups=[
-                    PublishedGroupBody(group=g.group, currency=g.currency, fields={
-                        n: PublishedStatistic(count=s.count, companies=s.companies,
-                                              mean=s.mean, stddev=s.stddev, sum=s.sum)
-                        for n, s in g.fields.items()})
-                    for g in c.groups]) for c in cells])
-            self._check(body)
-            topic = self._scheme.aggregate(category)
-            try:
-                payload = self._codec.encode(kind="aggregate", body=body.model_dump(mode="json"),
-                                             encrypt=False)
-            except OversizedMessage as exc:
-                log.error("aggregate of %s for %s is too large to publish: %s", category,
-                          ws.isoformat(), exc)
-                continue
-            receipt = ReceiptBody(
-                network=self._network, category=category, window_start=ws, window_end=we,
-                aggregate_topic=topic, aggregate_sha256=hashlib.sha256(payload).hexdigest(),
-                policy_version=self._policy_version, min_companies=self._config.min_companies,
-                dominance_cap=self._config.dominance_cap, mechanism=dp.mechanism,
-                cells=[ReceiptCell(region=c.region, contributors=c.contributors,
-                                   identity_domains=c.domains, inputs=c.inputs,
-                                   input_hash=c.input_hash, epsilon_spent=c.epsilon,
-                                   delta_spent=c.delta) for c in cells],
-                issued_at=datetime.fromtimestamp(now, UTC))
-            rpayload = self._codec.encode(kind="receipt", body=receipt.model_dump(mode="json"),
-                                          encrypt=False)
-            out += [(topic, payload, True), (self._scheme.bridge_receipt(category), rpayload,
-                                             True)]
-            receipts.append((category, rpayload))
-        if dp.mechanism != "none" and result.epsilon > 0:
-            out.append((self._scheme.bridge_state("ledger"), self.ledger_message(ledger), True))
-        return out, receipts
-
-    def ledger_message(self, ledger: Sequence[LedgerEntry]) -> bytes:
-        """The signed retained ledger of the latest :data:`_LEDGER_PERIODS` periods."""
-        dp = self._config.dp
-        assert dp.mechanism != "none"
-        periods = [LedgerPeriod(
-            period_start=datetime.fromtimestamp(e.period_start, UTC),
-            period_end=datetime.fromtimestamp(e.period_start + dp.period_seconds, UTC),
-            epsilon_spent=round(e.epsilon, 9),
-            epsilon_remaining=round(max(0.0, dp.budget_per_period - e.epsilon), 9),
-            delta_spent=e.delta, cells=e.cells) for e in list(ledger)[-_LEDGER_PERIODS:]]
-        body = LedgerBody(network=self._network, mechanism=dp.mechanism,
-                          epsilon_per_cell=dp.epsilon_per_cell,
-                          budget_per_period=dp.budget_per_period,
-                          period_seconds=dp.period_seconds,
-                          policy_version=self._policy_version, periods=periods)
-        return self._codec.encode(kind="ledger", body=body.model_dump(mode="json"),
-                                  encrypt=False)
-
-    def _admit(self, row: OutgoingRow) -> None:
-        try:
-            parsed = parse_topic(row.topic)
-        except TopicError:
-            raise PrivacyError(f"refusing to publish to {row.topic!r}: not a pear_mqtt "
-                               "topic") from None
-        kind = _ALLOWED_KINDS.get(parsed.kind)
-        if parsed.mode != "public" or parsed.network != self._network or kind is None:
-            raise PrivacyError(f"refusing to publish to {row.topic!r}: the bridge writes "
-                               "aggregates and its own state only")
-        try:
-            head = json.loads(row.payload)
-        except ValueError:
-            raise PrivacyError(f"refusing to publish a non-envelope to {row.topic!r}") from None
-        if not isinstance(head, dict) or head.get("kind") != kind \
-                or head.get("from") != self._sender or "body" not in head:
-            raise PrivacyError(f"refusing to publish to {row.topic!r}: not a plain "
-                               f"bridge-signed {kind!r} envelope")
-
-    async def send(self, rows: Sequence[OutgoingRow], *, timeout: float = 30.0) -> list[int]:
-        """Publish ``rows`` (pipelined, QoS 1, retained as marked); the ids acknowledged.
-
-        A row refused by :meth:`_admit` is never sent (and never acknowledged): it stays in
-        the outbox and the error is logged, so it cannot leak and cannot be lost silently.
-        """
-        conn = self._conn
-        if conn is None or not conn.connected or not rows:
-            return []
-        pending: list[tuple[int, asyncio.Future[None]]] = []
-        for row in rows:
-            try:
-                self._admit(row)
-            except PrivacyError as exc:
-                log.error("%s", exc)
-                continue
-            try:
-                pending.append((row.id, conn.publish(row.topic, row.payload, qos=1,
-                                                     retain=row.retain)))
-            except TransportError as exc:
-                log.info("publishing stopped: %s", exc)
-                break
-        acked: list[int] = []
-        if not pending:
-            return acked
-        done, _ = await asyncio.wait([f for _, f in pending], timeout=timeout)
-        for rid, fut in pending:
-            if fut in done and not fut.cancelled() and fut.exception() is None:
-                acked.append(rid)
-        for _, fut in pending:
-            if fut.done() and not fut.cancelled():
-                fut.exception()  # retrieved: a lost connection is handled by the caller
-        return acked
-
-
-def verify_publication(*, aggregate_payload: bytes, receipt_payload: bytes,
-                       codec: EnvelopeCodec) -> tuple[AggregateBody, ReceiptBody]:
-    """Check an aggregate message against its receipt, as an auditor would.
-
-    ``codec`` must trust the public network's CA. Both envelopes must verify and be signed by
-    a bridge certificate (OU ``bridge``), the receipt must name the aggregate's exact bytes
-    (SHA-256), its topic, window and category, and every cell of the aggregate must have a
-    receipt entry with at least ``min_companies`` contributors. Raises
-    :class:`~pear_mqtt.errors.PearError` (``EnvelopeError`` or ``PrivacyError``) otherwise.
-    """
-    agg = codec.decode(aggregate_payload, check_replay=False, max_age=float("inf"))
-    rec = codec.decode(receipt_payload, check_replay=False, max_age=float("inf"))
-    for d, kind in ((agg, "aggregate"), (rec, "receipt")):
-        if d.signer.node != BRIDGE_NODE or d.message.kind != kind:
-            raise PrivacyError(f"{kind} is not a bridge-signed {kind!r} envelope "
-                               f"({d.signer.sender}, {d.message.kind})")
-    try:
-        body = AggregateBody.model_validate(agg.message.body)
-        receipt = ReceiptBody.model_validate(rec.message.body)
-    except ValidationError as exc:
-        raise PrivacyError(f"malformed aggregate or receipt: {exc}") from None
-    if receipt.aggregate_sha256 != hashlib.sha256(aggregate_payload).hexdigest():
-        raise PrivacyError("the receipt describes another aggregate message")
-    if (receipt.category, receipt.window_start, receipt.window_end) != (
-            body.category, body.window_start, body.window_end):
-        raise PrivacyError("receipt and aggregate disagree on category or window")
-    by_region = {c.region: c for c in receipt.cells}
-    for cell in body.cells:
-        entry = by_region.get(cell.region)
-        if entry is None or entry.contributors < receipt.min_companies:
-            raise PrivacyError(f"cell {cell.region} has no receipt with enough contributors")
-    return body, receipt
 
 
 # -- the bridge ----------------------------------------------------------------------------
@@ -780,27 +223,6 @@ class _Input:
     task: asyncio.Task[None] | None = None
 
 
-def _codec(*, tls: TLSConfig, network: str, encryption: EncryptionConfig | None,
-           crl: Path | None, rel: ReliabilityConfig, what: str) -> EnvelopeCodec:
-    missing = tls.missing()
-    if missing:
-        raise ConfigError(f"{what}: {', '.join(missing)} required")
-    assert tls.ca_file and tls.cert_file and tls.key_file
-    signer = Signer.from_files(key_file=tls.key_file, cert_file=tls.cert_file)
-    me = signer.identity
-    if me.network != network:
-        raise ConfigError(f"{what}: certificate {tls.cert_file} is for network {me.network!r},"
-                          f" not {network!r}")
-    if me.node != BRIDGE_NODE:
-        raise ConfigError(f"{what}: certificate {tls.cert_file} is a {me.node!r} certificate; "
-                          "the bridge needs one issued with role 'bridge'")
-    trust = TrustStore.from_files(ca_files=[tls.ca_file], crl_files=[crl] if crl else [],
-                                  network=network)
-    return EnvelopeCodec(signer=signer, trust=trust, encryption=encryption,
-                         max_bytes=rel.max_message_bytes, max_clock_skew=rel.max_clock_skew,
-                         max_age=rel.max_message_age)
-
-
 class Bridge:
     """The running bridge (see the module docstring).
 
@@ -849,7 +271,7 @@ class Bridge:
         cfg = self.config
         self._closing = False
         self._build_inputs()
-        self._public_codec = _codec(tls=cfg.public.tls, network=cfg.public.network_id,
+        self._public_codec = bridge_codec(tls=cfg.public.tls, network=cfg.public.network_id,
                                     encryption=None, crl=cfg.public.crl_file,
                                     rel=cfg.public.reliability, what="public")
         self._output = PublicOutput(config=cfg, codec=self._public_codec)
@@ -883,7 +305,7 @@ class Bridge:
         for src in sources:
             what = (f"consortium {src.network_id}" if src.mode == "consortium"
                     else f"private {src.company_id}")
-            codec = _codec(tls=src.tls, network=src.network_id, encryption=src.encryption,
+            codec = bridge_codec(tls=src.tls, network=src.network_id, encryption=src.encryption,
                            crl=src.crl_file, rel=src.reliability, what=what)
             scheme = TopicScheme(mode=src.mode, network=src.network_id,
                                  member=src.company_id or codec.signer.identity.member)
@@ -898,7 +320,7 @@ class Bridge:
                 include_full=src.aggregate_full))
         pub = cfg.public
         if pub.contributions:
-            codec = _codec(tls=pub.tls, network=pub.network_id, encryption=None,
+            codec = bridge_codec(tls=pub.tls, network=pub.network_id, encryption=None,
                            crl=pub.crl_file, rel=pub.reliability, what="public contributions")
             scheme = TopicScheme(mode="public", network=pub.network_id,
                                  member=codec.signer.identity.member)
@@ -960,20 +382,6 @@ class Bridge:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # -- connections -------------------------------------------------------------------------
-    def _connection(self, *, url: str, tls: TLSConfig, rel: ReliabilityConfig,
-                    client_id: str) -> Connection:
-        protocol = {"auto": None, "5": 5, "3.1.1": 4}[rel.mqtt_version]
-        # At least a week of session: what members send while the bridge is down (an
-        # upgrade, a weekend outage) waits in the broker instead of being lost; a node's
-        # one-hour default is meant for nodes, whose peers do not depend on them.
-        # Manual acks: an item is acknowledged only once the state store has committed it,
-        # so a bridge killed in between gets it again instead of losing it.
-        return Connection(broker=BrokerURL.parse(url), client_id=client_id[:128], tls=tls,
-                          keepalive=rel.keepalive, clean_start=False,
-                          session_expiry=max(rel.session_expiry, _MIN_SESSION_EXPIRY),
-                          protocol=protocol, manual_ack=True)
-
     async def _backoff(self, attempt: int, rel: ReliabilityConfig) -> None:
         delay = min(rel.reconnect_max_delay, rel.reconnect_min_delay * 2 ** min(attempt, 16))
         await asyncio.sleep(random.uniform(0, delay))  # full jitter between reconnects
@@ -983,7 +391,7 @@ class Bridge:
         while not self._closing:
             # A stable client id with a persistent session: the broker queues what arrives
             # while the bridge is down and delivers it on reconnect.
-            conn = self._connection(url=inp.broker_url, tls=inp.tls, rel=inp.reliability,
+            conn = bridge_connection(url=inp.broker_url, tls=inp.tls, rel=inp.reliability,
                                     client_id=f"pear-bridge-{self.config.bridge_id}-"
                                               f"{inp.name.replace(':', '-')}")
             try:
@@ -1033,7 +441,7 @@ class Bridge:
         pub = self.config.public
         attempt = 0
         while not self._closing:
-            conn = self._connection(url=pub.broker_url, tls=pub.tls, rel=pub.reliability,
+            conn = bridge_connection(url=pub.broker_url, tls=pub.tls, rel=pub.reliability,
                                     client_id=f"pear-bridge-{self.config.bridge_id}-out")
             try:
                 await conn.connect()
@@ -1330,7 +738,7 @@ class Bridge:
         if period_start is not None and charged:
             ledger_rows.append(LedgerEntry(period_start=period_start, epsilon=result.epsilon,
                                            delta=result.delta, cells=charged))
-        ledger = _merged_ledger(self._store.ledger(), ledger_rows)
+        ledger = merged_ledger(self._store.ledger(), ledger_rows)
         try:
             outgoing, receipts = self._output.build(result, now=now, ledger=ledger)
         except PrivacyError as exc:
@@ -1381,7 +789,7 @@ class Bridge:
             rate = round(self._c["items_counted"] / (self._last_count - self._first_count), 1)
         eps: dict[str, float] = {}
         if store is not None and self.config.dp.enabled:
-            for e in store.ledger()[-_LEDGER_PERIODS:]:
+            for e in store.ledger()[-LEDGER_PERIODS:]:
                 eps[datetime.fromtimestamp(e.period_start, UTC).isoformat()] = e.epsilon
         suppressed = Counter(self._suppressions.counts)
         suppressed.update(self._extra_suppressed)
@@ -1417,17 +825,6 @@ class Bridge:
     def poke(self) -> None:
         """Run a tick now instead of waiting for ``tick_seconds`` (after moving the clock)."""
         self._work.set()
-
-
-def _merged_ledger(ledger: Sequence[LedgerEntry], extra: Sequence[LedgerEntry]
-                   ) -> list[LedgerEntry]:
-    by: dict[int, LedgerEntry] = {e.period_start: e for e in ledger}
-    for e in extra:
-        old = by.get(e.period_start)
-        by[e.period_start] = e if old is None else LedgerEntry(
-            period_start=e.period_start, epsilon=old.epsilon + e.epsilon,
-            delta=old.delta + e.delta, cells=old.cells + e.cells)
-    return [by[k] for k in sorted(by)]
 
 
 # -- command line --------------------------------------------------------------------------
