@@ -50,21 +50,16 @@ share. A private source declares its company's identity in the consortium's doma
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import gc
 import hashlib
 import logging
 import random
-import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -83,7 +78,6 @@ from ..errors import (
     TopicError,
     TransportError,
 )
-from ..files import atomic_write
 from ..model.aggregates import (
     AggregateBody,
     LedgerBody,
@@ -151,12 +145,20 @@ __all__ = [
     "check_item",
     "input_hash",
     "item_digest",
-    "register_cli",
     "verify_publication",
     "window_of",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def __getattr__(name: str) -> Any:
+    # Transitional: pear_mqtt/ops/up.py probes this module for register_cli; remove once it
+    # probes pear_mqtt.cli.bridge.
+    if name == "register_cli":
+        from ..cli.bridge import register_cli
+        return register_cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _ITEM_ID_MAX = 128
 # Messages whose items go into one store transaction (one commit, then one ack each): a
@@ -825,106 +827,3 @@ class Bridge:
     def poke(self) -> None:
         """Run a tick now instead of waiting for ``tick_seconds`` (after moving the clock)."""
         self._work.set()
-
-
-# -- command line --------------------------------------------------------------------------
-
-
-
-def _describe(config: BridgeConfig) -> str:
-    inputs = []
-    if config.consortium is not None:
-        inputs.append(f"consortium {config.consortium.network_id} "
-                      f"({config.consortium.broker_url})")
-    inputs += [f"private {s.company_id} ({s.broker_url})" for s in config.private]
-    if config.public.contributions:
-        inputs.append(f"public contributions of {config.public.network_id}")
-    dp = config.dp
-    noise = "no noise" if not dp.enabled else (
-        f"{dp.mechanism} noise, ε {dp.epsilon_per_cell:g} per cell, budget "
-        f"{dp.budget_per_period:g} per {dp.period_seconds} s")
-    return (f"bridge {config.bridge_id}: {', '.join(inputs)} -> public {config.public.network_id}"
-            f" ({config.public.broker_url}); k={config.min_companies}, dominance cap "
-            f"{config.dominance_cap:.0%}, window {config.window_seconds} s, lag "
-            f"{config.publication_lag_seconds} s, {noise}; policy {config.policy_version()}; "
-            f"state {config.state_path}")
-
-
-async def _serve(config: BridgeConfig, *, status_file: Path | None,
-                 status_interval: float) -> BridgeStatus:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    bridge = Bridge(config)
-    await bridge.start(timeout=30.0)
-    print(_describe(config), file=sys.stderr, flush=True)
-    try:
-        while not stop.is_set():
-            if status_file is not None:
-                atomic_write(status_file, bridge.status().model_dump_json(indent=2) + "\n",
-                             fsync=False, make_parents=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), status_interval)
-    finally:
-        final = bridge.status()
-        await bridge.stop()
-        if status_file is not None:
-            down = final.model_copy(update={"health": Health.DOWN, "connected": False})
-            atomic_write(status_file, down.model_dump_json(indent=2) + "\n", make_parents=True)
-    return final
-
-
-def _cmd_bridge(args: argparse.Namespace) -> int:
-    config = BridgeConfigManager.load(file=args.config)
-    for warning in BridgeConfigManager.warnings(config):
-        print(f"warning: {warning}", file=sys.stderr)
-    if args.receipts:
-        store = BridgeStore(config.state_path)
-        try:
-            for _window, _category, payload in store.receipts():
-                sys.stdout.write(payload.decode("utf-8") + "\n")
-        finally:
-            store.close()
-        return 0
-    BridgeConfigManager.validate(config, for_connect=True)
-    if args.check:
-        print(_describe(config))
-        return 0
-    # Long-lived startup objects (modules, schemas, config) stay out of the cyclic collector's
-    # full collections (15-40 ms each over them, measured): see the agent's command.
-    gc.freeze()
-    final = asyncio.run(_serve(config, status_file=args.status_file,
-                               status_interval=args.status_interval))
-    print(final.model_dump_json(indent=2))
-    return 0
-
-
-def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``pear-mqtt bridge``."""
-    parser = subparsers.add_parser(
-        "bridge", help="run the public bridge: k-anonymous aggregates to the public broker",
-        description=(
-            "Read the consortium broker, opted-in private brokers and public contributions "
-            "with the bridge's certificates, verify and policy-check every item, and publish "
-            "retained, signed aggregates per (category, region, window) to the public broker "
-            "once a window is older than the publication lag — only for statistics of at least "
-            "k companies with no company above the dominance cap, optionally with noise "
-            "against an ε budget — plus a disclosure receipt per aggregate. State (open "
-            "windows, counted item ids, ledger, outbox) lives in state_path, so a restart "
-            "neither loses nor double-counts. SIGTERM/SIGINT stop it cleanly; a JSON status "
-            "goes to stdout on exit."))
-    parser.add_argument("--config", type=Path, metavar="FILE", required=True,
-                        help="bridge config (.toml or .json); PEAR_BRIDGE_* variables "
-                             "override it")
-    parser.add_argument("--status-file", type=Path, metavar="PATH",
-                        help="keep the current status as JSON in PATH (for health checks)")
-    parser.add_argument("--status-interval", type=float, default=2.0, metavar="S",
-                        help="seconds between status file updates (default: 2)")
-    parser.add_argument("--check", action="store_true",
-                        help="validate the configuration and key material, print a summary")
-    parser.add_argument("--receipts", action="store_true",
-                        help="print every disclosure receipt issued so far (one signed "
-                             "envelope per line) and exit")
-    parser.set_defaults(handler=_cmd_bridge)
