@@ -13,7 +13,8 @@ from pathlib import Path
 from ..files import atomic_write
 from ..model.insight import Health
 from .config import BridgeConfig
-from .service import Bridge, BridgeStatus
+from .service import Bridge
+from .status import BridgeStatus
 
 __all__ = ["describe", "serve"]
 

@@ -21,24 +21,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pear_mqtt.bridge.service import (
+from pear_mqtt.bridge.admission import check_item, input_hash, item_digest, window_of
+from pear_mqtt.bridge.aggregation import (
+    CellResult,
+    PublishedGroup,
+    WindowResult,
+    aggregate_window,
+)
+from pear_mqtt.bridge.closing import due_windows
+from pear_mqtt.bridge.config import (
     DEFAULT_BOUNDS,
     BridgeConfig,
     BridgeConfigManager,
-    CellResult,
     DPConfig,
-    NoiseMechanism,
-    PublicOutput,
-    PublishedGroup,
     SourceConfig,
-    WindowResult,
-    aggregate_window,
-    check_item,
-    input_hash,
-    item_digest,
-    verify_publication,
-    window_of,
 )
+from pear_mqtt.bridge.ingest import Ingestor
+from pear_mqtt.bridge.links import InputLink, input_links
+from pear_mqtt.bridge.noise import NoiseMechanism
+from pear_mqtt.bridge.output import PublicOutput, verify_publication
 from pear_mqtt.bridge.state import (
     BridgeStore,
     LedgerEntry,
@@ -46,6 +47,7 @@ from pear_mqtt.bridge.state import (
     OutgoingRow,
     StoredContribution,
 )
+from pear_mqtt.bridge.status import BridgeCounters
 from pear_mqtt.cli import main
 from pear_mqtt.errors import ConfigError, OutboxError, PrivacyError
 from pear_mqtt.model.aggregates import AggregateBody, ReceiptBody
@@ -686,32 +688,29 @@ def test_source_config_rules() -> None:
 
 # -- the window clock and the single publish path --------------------------------------------
 
-def test_windows_become_due_after_lag_and_settling(tmp_path: Path) -> None:
-    from pear_mqtt.bridge.service import Bridge
-
+def test_windows_become_due_after_lag_and_settling(store: BridgeStore) -> None:
     config = BridgeConfigManager.load(env={}, **minimal(
         window_seconds=DAY, publication_lag_seconds=DAY, settle_seconds=60,
-        max_settle_seconds=600, state_path=str(tmp_path / "s.sqlite")))
-    bridge = Bridge(config)
-    bridge._store = BridgeStore(config.state_path)
-    try:
-        due_at = W0 + 2 * DAY
-        bridge._store.add([new("a")], now=due_at - 30)  # live: input before it is due
-        assert bridge.due_windows(due_at - 1) == []  # lag not over
-        assert bridge.due_windows(due_at) == []  # input 30 s ago: still settling
-        assert bridge.due_windows(due_at + 30) == [W0]
-        # a trickle holds it back, but not beyond max_settle after it became due
-        bridge._store.add([new("b")], now=due_at + 599)
-        assert bridge.due_windows(due_at + 599) == []
-        assert bridge.due_windows(due_at + 600) == [W0]
-        # backfilled history (first seen long after it was due) settles from its first input
-        old = W0 - 30 * DAY
-        bridge._store.add([new("c", window=old)], now=due_at + 1000)
-        bridge._store.add([new("d", window=old)], now=due_at + 1050)
-        assert old not in bridge.due_windows(due_at + 1100)
-        assert old in bridge.due_windows(due_at + 1110)
-    finally:
-        bridge._store.close()
+        max_settle_seconds=600))
+
+    def due(now: float) -> list[int]:
+        return due_windows(store.open_windows(), config=config, now=now)
+
+    due_at = W0 + 2 * DAY
+    store.add([new("a")], now=due_at - 30)  # live: input before it is due
+    assert due(due_at - 1) == []  # lag not over
+    assert due(due_at) == []  # input 30 s ago: still settling
+    assert due(due_at + 30) == [W0]
+    # a trickle holds it back, but not beyond max_settle after it became due
+    store.add([new("b")], now=due_at + 599)
+    assert due(due_at + 599) == []
+    assert due(due_at + 600) == [W0]
+    # backfilled history (first seen long after it was due) settles from its first input
+    old = W0 - 30 * DAY
+    store.add([new("c", window=old)], now=due_at + 1000)
+    store.add([new("d", window=old)], now=due_at + 1050)
+    assert old not in due(due_at + 1100)
+    assert old in due(due_at + 1110)
 
 
 def test_only_the_public_output_publishes() -> None:
@@ -746,9 +745,13 @@ CATEGORY = "food/milk"
 
 @dataclass
 class Ingest:
-    """A bridge reading the consortium "mkt" without connections, and acme's node codec."""
+    """The ingestor of a bridge reading the consortium "mkt" (no connections), its store and
+    counters, and acme's node codec."""
 
-    bridge: Any
+    ingestor: Ingestor
+    link: InputLink
+    store: BridgeStore
+    counters: BridgeCounters
     node: EnvelopeCodec
     aggregator: Any
     topic: str
@@ -773,7 +776,6 @@ class Ingest:
 
 @pytest.fixture
 def ingest(material: Material, tmp_path: Path) -> Iterator[Ingest]:
-    from pear_mqtt.bridge.service import Bridge
     from pear_mqtt.config.models import EncryptionConfig
     from pear_mqtt.security.envelope import load_x25519_private_key
 
@@ -785,9 +787,10 @@ def ingest(material: Material, tmp_path: Path) -> Iterator[Ingest]:
                     "data_sharing": {"sales_data": "aggregated"}},
         public={"network_id": "mkt", "broker_url": "mqtts://p:8883", "tls": tls(material),
                 "contributions": False}))
-    bridge = Bridge(config, clock=lambda: W0 + DAY)
-    bridge._build_inputs()
-    bridge._store = BridgeStore(config.state_path)
+    (link,) = input_links(config)
+    store = BridgeStore(config.state_path)
+    counters = BridgeCounters()
+    ingestor = Ingestor(config=config, store=store, counters=counters, clock=lambda: W0 + DAY)
     node = EnvelopeCodec(
         signer=Signer.from_files(key_file=material.node.key, cert_file=material.node.cert),
         trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"),
@@ -795,69 +798,64 @@ def ingest(material: Material, tmp_path: Path) -> Iterator[Ingest]:
     aggregator = load_x25519_private_key(material.x25519).public_key()
     topic = TopicScheme(mode="consortium", network="mkt", member="acme").insights(CATEGORY)
     try:
-        yield Ingest(bridge=bridge, node=node, aggregator=aggregator, topic=topic)
+        yield Ingest(ingestor=ingestor, link=link, store=store, counters=counters, node=node,
+                     aggregator=aggregator, topic=topic)
     finally:
-        bridge._store.close()
+        store.close()
 
 
 def test_ingest_counts_a_group_of_messages_as_one_at_a_time_would(
         ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
-    bridge = ingest.bridge
-    (inp,) = bridge._inputs
+    ingestor, counters = ingest.ingestor, ingest.counters
     first = ingest.item("a")
-    admit = bridge._admit
+    admit = ingestor.admit
 
-    def failing(inp: Any, parsed: Any, signer: Any, raw: Any, now: float,
+    def failing(link: Any, parsed: Any, signer: Any, raw: Any, now: float,
                 source: str) -> Any:
         if raw.get("iid") == "boom":
             raise RuntimeError("unexpected")
-        return admit(inp, parsed, signer, raw, now, source)
+        return admit(link, parsed, signer, raw, now, source)
 
-    monkeypatch.setattr(bridge, "_admit", failing)
-    bridge._ingest(inp, [
+    monkeypatch.setattr(ingestor, "admit", failing)
+    ingestor.ingest(ingest.link, [
         ingest.message(first, ingest.item("b")),
         ingest.message(ingest.item("boom"), ingest.item("lost")),  # dropped as a whole
         ingest.message(first, ingest.item("c")),  # a redelivered item, across messages
         ingest.message(ingest.item("d", sealed=first["sealed"])),  # a copied token
     ])
-    status = bridge.status()
-    assert (status.items_received, status.items_counted, status.duplicates) == (7, 3, 1)
-    assert status.dropped == {"internal_error": 1, "copied_token": 1}
-    assert sorted(r.item_id for r in bridge._store.contributions(W0)) == ["a", "b", "c"]
-    (window,) = bridge._store.open_windows()
+    assert (counters.items_received, counters.items_counted, counters.duplicates) == (7, 3, 1)
+    assert counters.dropped == {"internal_error": 1, "copied_token": 1}
+    assert sorted(r.item_id for r in ingest.store.contributions(W0)) == ["a", "b", "c"]
+    (window,) = ingest.store.open_windows()
     assert window.items == 3
 
 
 def test_ingest_loses_only_the_message_whose_items_the_store_refuses(
         ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
-    bridge = ingest.bridge
-    (inp,) = bridge._inputs
-    admit = bridge._admit
+    ingestor, counters = ingest.ingestor, ingest.counters
+    admit = ingestor.admit
 
-    def corrupting(inp: Any, parsed: Any, signer: Any, raw: Any, now: float,
+    def corrupting(link: Any, parsed: Any, signer: Any, raw: Any, now: float,
                    source: str) -> Any:
-        new = admit(inp, parsed, signer, raw, now, source)
+        new = admit(link, parsed, signer, raw, now, source)
         if raw.get("iid") == "nan":  # cannot pass the checks; stands in for a store bug
             return replace(new, values={"sales_data": {"units": math.nan}})
         return new
 
-    monkeypatch.setattr(bridge, "_admit", corrupting)
-    bridge._ingest(inp, [ingest.message(ingest.item("a")),
-                         ingest.message(ingest.item("nan"), ingest.item("x")),
-                         ingest.message(ingest.item("b"))])
-    status = bridge.status()
-    assert (status.items_counted, status.dropped) == (2, {"internal_error": 1})
-    assert sorted(r.item_id for r in bridge._store.contributions(W0)) == ["a", "b"]
+    monkeypatch.setattr(ingestor, "admit", corrupting)
+    ingestor.ingest(ingest.link, [ingest.message(ingest.item("a")),
+                                  ingest.message(ingest.item("nan"), ingest.item("x")),
+                                  ingest.message(ingest.item("b"))])
+    assert (counters.items_counted, counters.dropped) == (2, {"internal_error": 1})
+    assert sorted(r.item_id for r in ingest.store.contributions(W0)) == ["a", "b"]
 
 
 def test_ingest_counts_nothing_of_a_group_the_store_cannot_write(ingest: Ingest) -> None:
-    bridge = ingest.bridge
-    (inp,) = bridge._inputs
     messages = [ingest.message(ingest.item("a")), ingest.message(ingest.item("b"))]
-    bridge._store._db.close()  # every write fails from here on
+    ingest.store.close()  # every write fails from here on
     with pytest.raises(OutboxError):
-        bridge._ingest(inp, messages)
-    assert bridge._c["items_counted"] == 0
+        ingest.ingestor.ingest(ingest.link, messages)
+    assert ingest.counters.items_counted == 0
 
 
 def test_store_batches_classify_redeliveries_and_refuse_non_finite_values(

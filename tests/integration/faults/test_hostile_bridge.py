@@ -64,7 +64,8 @@ from test_bridge import (
     yesterday,
 )
 
-from pear_mqtt.bridge.service import Bridge, BridgeStatus
+from pear_mqtt.bridge.service import Bridge
+from pear_mqtt.bridge.status import BridgeStatus
 from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.model.insight import MarketInsight, SharingLevel
 from pear_mqtt.model.topics import TopicError, TopicScheme, parse_topic
