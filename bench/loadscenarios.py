@@ -160,7 +160,7 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 def bridge_config(env: BenchEnv, workdir: Path) -> Any:
     """The bridge reading the consortium and writing aggregates, both on the one broker."""
-    from pear_mqtt.bridge.service import BridgeConfig, PublicConfig, SourceConfig
+    from pear_mqtt.bridge.config import BridgeConfig, PublicConfig, SourceConfig
     from pear_mqtt.config.models import EncryptionConfig, ReliabilityConfig, TLSConfig
 
     tls = TLSConfig(ca_file=env.ca, cert_file=env.bridge_cert, key_file=env.bridge_key)
@@ -187,7 +187,7 @@ def run_bridge(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
     and time until its status counts all N. CPU time is the bridge process's own
     (/proc/<pid>/stat), so publishers and broker do not enter the per-core rate.
     """
-    from pear_mqtt.bridge.service import BridgeConfigManager
+    from pear_mqtt.bridge.config import BridgeConfigManager
 
     workdir.mkdir(parents=True, exist_ok=True)
     conf, status = workdir / "bridge.json", workdir / "bridge-status.json"

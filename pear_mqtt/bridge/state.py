@@ -1,29 +1,8 @@
-"""The bridge's durable state: open windows, counted items, the ε ledger and the outbox.
-
-One SQLite file (WAL) per bridge. It is what makes a restart lose and duplicate nothing:
-
-``contributions``
-    every counted item of a window that is still open, keyed by (source identity, item id),
-    with the exact values the bridge opened from the sealed token. A redelivered item hits the
-    key and is counted once. The rows of a window are deleted when it closes, so exact values
-    stay on disk only while they are needed (the file is created mode 0600).
-``windows``
-    one row per time window ever seen: ``open`` while inputs are collected, ``ready`` once its
-    aggregates are computed (and their messages sit in the outbox), ``published`` once the
-    public broker acknowledged them. Anything that arrives for a ``ready`` or ``published``
-    window is late and is dropped, so a window is never published twice.
-``outbox``
-    the exact bytes of every message to publish, written in the same transaction that closes
-    the window and spends the ε budget. A crash after that transaction re-sends the same bytes
-    (same noise, same signature) instead of aggregating again, which would draw fresh noise
-    and let an observer average it away.
-``ledger``
-    ε and δ spent per budget period.
-``receipts``
-    every disclosure receipt the bridge issued, for auditors (``pear-mqtt bridge --receipts``).
-
-The class is synchronous and meant for one thread (the bridge's event loop); every method is
-one short transaction.
+"""The bridge's durable state, one SQLite file (WAL, mode 0600): open windows and the items
+counted into them, the ε ledger, the outbox of messages to publish, and the receipts issued.
+Closing a window, spending its budget and queuing its messages are one transaction, so a
+restart neither counts an item twice nor publishes a window again with fresh noise.
+The schema and its guarantees are described in docs/BRIDGE.md.
 """
 
 from __future__ import annotations

@@ -745,7 +745,7 @@ def _write_bridge_config(directory: Path, bridge: dict[str, Any],
     """``bridge/bridge.toml``: the consortium's insights in, the public network's aggregates
     out, with the identities ``_prepare`` issued (None when pear_mqtt.bridge is missing)."""
     try:
-        from ..bridge.service import BridgeConfig, BridgeConfigManager
+        from ..bridge.config import BridgeConfig, BridgeConfigManager
     except Exception:  # a half-written bridge must not take the brokers down
         return None
     ids = bridge["identities"]

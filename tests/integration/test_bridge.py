@@ -28,17 +28,12 @@ from brokers import GROUP_KEY, MosquittoBroker, MqttProbe, NetworkPKI, Received,
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pear_mqtt.bridge.service import (
-    Bridge,
-    BridgeConfig,
-    BridgeStatus,
-    DPConfig,
-    PublicConfig,
-    SourceConfig,
-    input_hash,
-    item_digest,
-    verify_publication,
-)
+from pear_mqtt.bridge.admission import input_hash, item_digest
+from pear_mqtt.bridge.config import BridgeConfig, DPConfig, PublicConfig, SourceConfig
+from pear_mqtt.bridge.output import verify_publication
+from pear_mqtt.bridge.service import Bridge
+from pear_mqtt.bridge.state import BridgeStore
+from pear_mqtt.bridge.status import BridgeStatus
 from pear_mqtt.config.models import (
     EncryptionConfig,
     NetworkConfig,
@@ -509,7 +504,7 @@ async def test_items_disclosing_more_than_the_policy_are_dropped_and_counted(
 
 
 def _presences(bridge: Bridge) -> set[tuple[str, str]]:
-    return {key for inp in bridge._inputs for key in inp.presence}
+    return {key for link in bridge.inputs for key in link.presence}
 
 
 async def test_below_k_and_dominant_cells_are_absent_and_counted(net: Net) -> None:
@@ -720,10 +715,13 @@ async def test_a_window_closed_during_an_outage_is_sent_later_byte_for_byte(net:
         bridge.poke()
         status = await wait(bridge, lambda s: s.windows_open == 0 and s.outbox_depth == 3)
         assert status.windows_published == 0 and status.epsilon_spent  # budget already spent
-        assert bridge._store is not None
-        pending = {row.topic: row.payload for row in bridge._store.pending()}
     finally:
         await bridge.stop(drain=False)  # as a crash would: nothing more is sent
+    store = BridgeStore(config.state_path)
+    try:
+        pending = {row.topic: row.payload for row in store.pending()}
+    finally:
+        store.close()
     net.public.start()
     with probe(net.public, subscribe=["#"]) as spy:
         async with Bridge(config, clock=clock) as again:

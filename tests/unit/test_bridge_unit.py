@@ -21,24 +21,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pear_mqtt.bridge.service import (
+from pear_mqtt.bridge.admission import check_item, input_hash, item_digest, window_of
+from pear_mqtt.bridge.aggregation import (
+    CellResult,
+    PublishedGroup,
+    WindowResult,
+    aggregate_window,
+)
+from pear_mqtt.bridge.closing import due_windows
+from pear_mqtt.bridge.config import (
     DEFAULT_BOUNDS,
     BridgeConfig,
     BridgeConfigManager,
-    CellResult,
     DPConfig,
-    NoiseMechanism,
-    PublicOutput,
-    PublishedGroup,
     SourceConfig,
-    WindowResult,
-    aggregate_window,
-    check_item,
-    input_hash,
-    item_digest,
-    verify_publication,
-    window_of,
 )
+from pear_mqtt.bridge.ingest import Ingestor
+from pear_mqtt.bridge.links import InputLink, input_links
+from pear_mqtt.bridge.noise import NoiseMechanism
+from pear_mqtt.bridge.output import PublicOutput, verify_publication
 from pear_mqtt.bridge.state import (
     BridgeStore,
     LedgerEntry,
@@ -46,6 +47,7 @@ from pear_mqtt.bridge.state import (
     OutgoingRow,
     StoredContribution,
 )
+from pear_mqtt.bridge.status import BridgeCounters
 from pear_mqtt.cli import main
 from pear_mqtt.errors import ConfigError, OutboxError, PrivacyError
 from pear_mqtt.model.aggregates import AggregateBody, ReceiptBody
@@ -611,7 +613,7 @@ def test_output_builds_signed_aggregate_and_receipt(material: Material) -> None:
     assert [c.region for c in body.cells] == ["north", "south"]
     assert receipts == [("food/milk", messages[1][1])]
     for row_id, (topic, payload, retain) in enumerate(messages):
-        out._admit(OutgoingRow(id=row_id, window_start=W0, topic=topic, payload=payload,
+        out.admit(OutgoingRow(id=row_id, window_start=W0, topic=topic, payload=payload,
                                retain=retain))
 
 
@@ -637,7 +639,7 @@ def test_output_refuses_anything_but_its_own_messages(material: Material, topic:
     out, codec = output(material)
     payload = codec.encode(kind=kind, body={"x": 1})
     with pytest.raises(PrivacyError, match="refusing"):
-        out._admit(OutgoingRow(id=1, window_start=W0, topic=topic, payload=payload,
+        out.admit(OutgoingRow(id=1, window_start=W0, topic=topic, payload=payload,
                                retain=True))
 
 
@@ -648,7 +650,7 @@ def test_output_refuses_envelopes_signed_by_someone_else(material: Material) -> 
         trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"))
     for payload in (node_codec.encode(kind="aggregate", body={}), b"raw bytes"):
         with pytest.raises(PrivacyError, match="refusing"):
-            out._admit(OutgoingRow(id=1, window_start=W0, topic="pear/v1/public/mkt/"
+            out.admit(OutgoingRow(id=1, window_start=W0, topic="pear/v1/public/mkt/"
                                    "aggregates/food", payload=payload, retain=True))
 
 
@@ -684,53 +686,54 @@ def test_source_config_rules() -> None:
 
 # -- the window clock and the single publish path --------------------------------------------
 
-def test_windows_become_due_after_lag_and_settling(tmp_path: Path) -> None:
-    from pear_mqtt.bridge.service import Bridge
-
+def test_windows_become_due_after_lag_and_settling(store: BridgeStore) -> None:
     config = BridgeConfigManager.load(env={}, **minimal(
         window_seconds=DAY, publication_lag_seconds=DAY, settle_seconds=60,
-        max_settle_seconds=600, state_path=str(tmp_path / "s.sqlite")))
-    bridge = Bridge(config)
-    bridge._store = BridgeStore(config.state_path)
-    try:
-        due_at = W0 + 2 * DAY
-        bridge._store.add([new("a")], now=due_at - 30)  # live: input before it is due
-        assert bridge.due_windows(due_at - 1) == []  # lag not over
-        assert bridge.due_windows(due_at) == []  # input 30 s ago: still settling
-        assert bridge.due_windows(due_at + 30) == [W0]
-        # a trickle holds it back, but not beyond max_settle after it became due
-        bridge._store.add([new("b")], now=due_at + 599)
-        assert bridge.due_windows(due_at + 599) == []
-        assert bridge.due_windows(due_at + 600) == [W0]
-        # backfilled history (first seen long after it was due) settles from its first input
-        old = W0 - 30 * DAY
-        bridge._store.add([new("c", window=old)], now=due_at + 1000)
-        bridge._store.add([new("d", window=old)], now=due_at + 1050)
-        assert old not in bridge.due_windows(due_at + 1100)
-        assert old in bridge.due_windows(due_at + 1110)
-    finally:
-        bridge._store.close()
+        max_settle_seconds=600))
+
+    def due(now: float) -> list[int]:
+        return due_windows(store.open_windows(), config=config, now=now)
+
+    due_at = W0 + 2 * DAY
+    store.add([new("a")], now=due_at - 30)  # live: input before it is due
+    assert due(due_at - 1) == []  # lag not over
+    assert due(due_at) == []  # input 30 s ago: still settling
+    assert due(due_at + 30) == [W0]
+    # a trickle holds it back, but not beyond max_settle after it became due
+    store.add([new("b")], now=due_at + 599)
+    assert due(due_at + 599) == []
+    assert due(due_at + 600) == [W0]
+    # backfilled history (first seen long after it was due) settles from its first input
+    old = W0 - 30 * DAY
+    store.add([new("c", window=old)], now=due_at + 1000)
+    store.add([new("d", window=old)], now=due_at + 1050)
+    assert old not in due(due_at + 1100)
+    assert old in due(due_at + 1110)
 
 
 def test_only_the_public_output_publishes() -> None:
-    """Structural: the one call that writes to a broker sits in PublicOutput.send."""
+    """Structural: the one call in the bridge that writes to a broker sits in
+    PublicOutput.send."""
     import ast
-    import inspect
+    import pkgutil
 
-    import pear_mqtt.bridge.service as module
+    import pear_mqtt.bridge as package
 
-    tree = ast.parse(inspect.getsource(module))
     functions: list[tuple[str, ast.AST]] = []
-    for top in tree.body:
-        if isinstance(top, ast.ClassDef):
-            functions += [(f"{top.name}.{f.name}", f) for f in top.body
-                          if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
-        elif isinstance(top, ast.FunctionDef | ast.AsyncFunctionDef):
-            functions.append((top.name, top))
+    for info in pkgutil.iter_modules(package.__path__):
+        path = Path(package.__path__[0]) / f"{info.name}.py"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for top in tree.body:
+            if isinstance(top, ast.ClassDef):
+                functions += [(f"{info.name}.{top.name}.{f.name}", f) for f in top.body
+                              if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
+            elif isinstance(top, ast.FunctionDef | ast.AsyncFunctionDef):
+                functions.append((f"{info.name}.{top.name}", top))
+    assert any(name == "output.PublicOutput.send" for name, _ in functions)
     sites = [name for name, fn in functions for call in ast.walk(fn)
              if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
              and call.func.attr in ("publish", "will_set")]
-    assert sites == ["PublicOutput.send"], sites
+    assert sites == ["output.PublicOutput.send"], sites
 
 
 # -- ingesting a backlog ----------------------------------------------------------------------
@@ -740,9 +743,13 @@ CATEGORY = "food/milk"
 
 @dataclass
 class Ingest:
-    """A bridge reading the consortium "mkt" without connections, and acme's node codec."""
+    """The ingestor of a bridge reading the consortium "mkt" (no connections), its store and
+    counters, and acme's node codec."""
 
-    bridge: Any
+    ingestor: Ingestor
+    link: InputLink
+    store: BridgeStore
+    counters: BridgeCounters
     node: EnvelopeCodec
     aggregator: Any
     topic: str
@@ -767,7 +774,6 @@ class Ingest:
 
 @pytest.fixture
 def ingest(material: Material, tmp_path: Path) -> Iterator[Ingest]:
-    from pear_mqtt.bridge.service import Bridge
     from pear_mqtt.config.models import EncryptionConfig
     from pear_mqtt.security.seal import load_x25519_private_key
 
@@ -779,9 +785,10 @@ def ingest(material: Material, tmp_path: Path) -> Iterator[Ingest]:
                     "data_sharing": {"sales_data": "aggregated"}},
         public={"network_id": "mkt", "broker_url": "mqtts://p:8883", "tls": tls(material),
                 "contributions": False}))
-    bridge = Bridge(config, clock=lambda: W0 + DAY)
-    bridge._build_inputs()
-    bridge._store = BridgeStore(config.state_path)
+    (link,) = input_links(config)
+    store = BridgeStore(config.state_path)
+    counters = BridgeCounters()
+    ingestor = Ingestor(config=config, store=store, counters=counters, clock=lambda: W0 + DAY)
     node = EnvelopeCodec(
         signer=Signer.from_files(key_file=material.node.key, cert_file=material.node.cert),
         trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"),
@@ -789,69 +796,64 @@ def ingest(material: Material, tmp_path: Path) -> Iterator[Ingest]:
     aggregator = load_x25519_private_key(material.x25519).public_key()
     topic = TopicScheme(mode="consortium", network="mkt", member="acme").insights(CATEGORY)
     try:
-        yield Ingest(bridge=bridge, node=node, aggregator=aggregator, topic=topic)
+        yield Ingest(ingestor=ingestor, link=link, store=store, counters=counters, node=node,
+                     aggregator=aggregator, topic=topic)
     finally:
-        bridge._store.close()
+        store.close()
 
 
 def test_ingest_counts_a_group_of_messages_as_one_at_a_time_would(
         ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
-    bridge = ingest.bridge
-    (inp,) = bridge._inputs
+    ingestor, counters = ingest.ingestor, ingest.counters
     first = ingest.item("a")
-    admit = bridge._admit
+    admit = ingestor.admit
 
-    def failing(inp: Any, parsed: Any, signer: Any, raw: Any, now: float,
+    def failing(link: Any, parsed: Any, signer: Any, raw: Any, now: float,
                 source: str) -> Any:
         if raw.get("iid") == "boom":
             raise RuntimeError("unexpected")
-        return admit(inp, parsed, signer, raw, now, source)
+        return admit(link, parsed, signer, raw, now, source)
 
-    monkeypatch.setattr(bridge, "_admit", failing)
-    bridge._ingest(inp, [
+    monkeypatch.setattr(ingestor, "admit", failing)
+    ingestor.ingest(ingest.link, [
         ingest.message(first, ingest.item("b")),
         ingest.message(ingest.item("boom"), ingest.item("lost")),  # dropped as a whole
         ingest.message(first, ingest.item("c")),  # a redelivered item, across messages
         ingest.message(ingest.item("d", sealed=first["sealed"])),  # a copied token
     ])
-    status = bridge.status()
-    assert (status.items_received, status.items_counted, status.duplicates) == (7, 3, 1)
-    assert status.dropped == {"internal_error": 1, "copied_token": 1}
-    assert sorted(r.item_id for r in bridge._store.contributions(W0)) == ["a", "b", "c"]
-    (window,) = bridge._store.open_windows()
+    assert (counters.items_received, counters.items_counted, counters.duplicates) == (7, 3, 1)
+    assert counters.dropped == {"internal_error": 1, "copied_token": 1}
+    assert sorted(r.item_id for r in ingest.store.contributions(W0)) == ["a", "b", "c"]
+    (window,) = ingest.store.open_windows()
     assert window.items == 3
 
 
 def test_ingest_loses_only_the_message_whose_items_the_store_refuses(
         ingest: Ingest, monkeypatch: pytest.MonkeyPatch) -> None:
-    bridge = ingest.bridge
-    (inp,) = bridge._inputs
-    admit = bridge._admit
+    ingestor, counters = ingest.ingestor, ingest.counters
+    admit = ingestor.admit
 
-    def corrupting(inp: Any, parsed: Any, signer: Any, raw: Any, now: float,
+    def corrupting(link: Any, parsed: Any, signer: Any, raw: Any, now: float,
                    source: str) -> Any:
-        new = admit(inp, parsed, signer, raw, now, source)
+        new = admit(link, parsed, signer, raw, now, source)
         if raw.get("iid") == "nan":  # cannot pass the checks; stands in for a store bug
             return replace(new, values={"sales_data": {"units": math.nan}})
         return new
 
-    monkeypatch.setattr(bridge, "_admit", corrupting)
-    bridge._ingest(inp, [ingest.message(ingest.item("a")),
-                         ingest.message(ingest.item("nan"), ingest.item("x")),
-                         ingest.message(ingest.item("b"))])
-    status = bridge.status()
-    assert (status.items_counted, status.dropped) == (2, {"internal_error": 1})
-    assert sorted(r.item_id for r in bridge._store.contributions(W0)) == ["a", "b"]
+    monkeypatch.setattr(ingestor, "admit", corrupting)
+    ingestor.ingest(ingest.link, [ingest.message(ingest.item("a")),
+                                  ingest.message(ingest.item("nan"), ingest.item("x")),
+                                  ingest.message(ingest.item("b"))])
+    assert (counters.items_counted, counters.dropped) == (2, {"internal_error": 1})
+    assert sorted(r.item_id for r in ingest.store.contributions(W0)) == ["a", "b"]
 
 
 def test_ingest_counts_nothing_of_a_group_the_store_cannot_write(ingest: Ingest) -> None:
-    bridge = ingest.bridge
-    (inp,) = bridge._inputs
     messages = [ingest.message(ingest.item("a")), ingest.message(ingest.item("b"))]
-    bridge._store._db.close()  # every write fails from here on
+    ingest.store.close()  # every write fails from here on
     with pytest.raises(OutboxError):
-        bridge._ingest(inp, messages)
-    assert bridge._c["items_counted"] == 0
+        ingest.ingestor.ingest(ingest.link, messages)
+    assert ingest.counters.items_counted == 0
 
 
 def test_store_batches_classify_redeliveries_and_refuse_non_finite_values(

@@ -27,7 +27,7 @@ from brokers import MosquittoBroker, NetworkPKI, probe
 from faultkit import wait_until
 from faults_report import record
 
-from pear_mqtt.bridge.service import BridgeConfigManager
+from pear_mqtt.bridge.config import BridgeConfigManager
 from pear_mqtt.config.models import BrokerURL
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.transport import Connection, InboundMessage

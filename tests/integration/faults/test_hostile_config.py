@@ -27,7 +27,7 @@ import pytest
 from brokers import MosquittoBroker, NetworkPKI
 from faults_report import record
 
-from pear_mqtt.bridge.service import BridgeConfigManager
+from pear_mqtt.bridge.config import BridgeConfigManager
 from pear_mqtt.cli.main import main as cli
 from pear_mqtt.config.manager import NetworkConfigManager
 from pear_mqtt.config.models import NetworkConfig, TLSConfig

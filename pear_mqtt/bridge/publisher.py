@@ -1,0 +1,81 @@
+"""The public side of the running bridge: keeps :class:`~pear_mqtt.bridge.output.PublicOutput`
+connected to the public broker, and sends the store's outbox through it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from ..backoff import Backoff
+from ..errors import ConnectError
+from .config import BridgeConfig
+from .endpoints import bridge_connection
+from .output import PublicOutput
+from .state import BridgeStore
+from .status import BridgeCounters
+
+__all__ = ["Publisher"]
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Connects ``output`` and flushes ``store``'s outbox; ``clock`` stamps acknowledgements."""
+
+    def __init__(self, *, config: BridgeConfig, output: PublicOutput, store: BridgeStore,
+                 counters: BridgeCounters, clock: Callable[[], float]) -> None:
+        self._config = config
+        self._output = output
+        self._store = store
+        self._counters = counters
+        self._clock = clock
+
+    @property
+    def connected(self) -> bool:
+        return self._output.connected
+
+    async def run(self, *, first: asyncio.Future[None], closing: Callable[[], bool],
+                  changed: asyncio.Event, work: asyncio.Event) -> None:
+        """Keep the public connection up until ``closing()``; resolve ``first`` once it is up
+        the first time, and set ``work`` on every (re)connect so the outbox goes out."""
+        pub = self._config.public
+        backoff = Backoff(minimum=pub.reliability.reconnect_min_delay,
+                          maximum=pub.reliability.reconnect_max_delay)
+        warned = False
+        while not closing():
+            conn = bridge_connection(url=pub.broker_url, tls=pub.tls, rel=pub.reliability,
+                                     client_id=f"pear-bridge-{self._config.bridge_id}-out")
+            try:
+                await conn.connect()
+            except ConnectError as exc:
+                conn.abort()
+                log.info("bridge output: %s", exc)
+                if not warned and not first.done():
+                    log.warning("public broker %s unreachable: %s", pub.broker_url, exc)
+                    warned = True
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            self._output.attach(conn)
+            if not first.done():
+                first.set_result(None)
+            work.set()
+            changed.set()
+            await conn.closed.wait()
+            self._output.attach(None)
+            changed.set()
+
+    async def flush(self) -> None:
+        """Send what the outbox holds, if connected, and mark what the broker acknowledged."""
+        if not self._output.connected:
+            return
+        rows = self._store.pending()
+        if not rows:
+            return
+        acked = await self._output.send(rows)
+        if acked:
+            self._store.acknowledge(acked, now=self._clock())
+            self._counters.messages_published += len(acked)
+            self._counters.last_publish = datetime.now(UTC)

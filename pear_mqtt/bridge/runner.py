@@ -1,0 +1,68 @@
+"""Running the bridge as a process: a one-line summary of a configuration, and
+:func:`serve`, which runs a :class:`~.service.Bridge` until SIGTERM or SIGINT and keeps
+a status file current (``pear-mqtt bridge``, in :mod:`pear_mqtt.cli.bridge`, calls it)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from ..files import atomic_write
+from ..model.insight import Health
+from .config import BridgeConfig
+from .service import Bridge
+from .status import BridgeStatus
+
+__all__ = ["describe", "serve"]
+
+
+def describe(config: BridgeConfig) -> str:
+    """One line: inputs, output, k, cap, windows, noise, policy version and state file."""
+    inputs = []
+    if config.consortium is not None:
+        inputs.append(f"consortium {config.consortium.network_id} "
+                      f"({config.consortium.broker_url})")
+    inputs += [f"private {s.company_id} ({s.broker_url})" for s in config.private]
+    if config.public.contributions:
+        inputs.append(f"public contributions of {config.public.network_id}")
+    dp = config.dp
+    noise = "no noise" if not dp.enabled else (
+        f"{dp.mechanism} noise, ε {dp.epsilon_per_cell:g} per cell, budget "
+        f"{dp.budget_per_period:g} per {dp.period_seconds} s")
+    return (f"bridge {config.bridge_id}: {', '.join(inputs)} -> public {config.public.network_id}"
+            f" ({config.public.broker_url}); k={config.min_companies}, dominance cap "
+            f"{config.dominance_cap:.0%}, window {config.window_seconds} s, lag "
+            f"{config.publication_lag_seconds} s, {noise}; policy {config.policy_version()}; "
+            f"state {config.state_path}")
+
+
+async def serve(config: BridgeConfig, *, status_file: Path | None,
+                status_interval: float) -> BridgeStatus:
+    """Run a bridge until SIGTERM or SIGINT, rewriting ``status_file`` (if given) every
+    ``status_interval`` seconds; the final status is returned (and written with health
+    ``down``)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    bridge = Bridge(config)
+    await bridge.start(timeout=30.0)
+    print(describe(config), file=sys.stderr, flush=True)
+    try:
+        while not stop.is_set():
+            if status_file is not None:
+                atomic_write(status_file, bridge.status().model_dump_json(indent=2) + "\n",
+                             fsync=False, make_parents=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), status_interval)
+    finally:
+        final = bridge.status()
+        await bridge.stop()
+        if status_file is not None:
+            down = final.model_copy(update={"health": Health.DOWN, "connected": False})
+            atomic_write(status_file, down.model_dump_json(indent=2) + "\n", make_parents=True)
+    return final

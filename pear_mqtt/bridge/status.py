@@ -1,0 +1,99 @@
+"""What the bridge reports about itself (metrics for its operator, never published): the
+counters its tasks keep, and the :class:`BridgeStatus` snapshot built from them."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..model.insight import Health
+from ..privacy.aggregate import SuppressionCounter
+from .state import AddResult
+
+__all__ = ["BridgeCounters", "BridgeStatus"]
+
+
+class BridgeStatus(BaseModel):
+    """A snapshot of the bridge's connections and counters (metrics, never published)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    health: Health
+    connected: bool
+    public_connected: bool
+    sources: dict[str, bool]
+    policy_version: str
+    items_received: int = 0
+    items_counted: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    dropped: dict[str, int] = Field(default_factory=dict)
+    suppressed: dict[str, int] = Field(default_factory=dict)
+    windows_open: int = 0
+    windows_published: int = 0
+    open_items: int = 0
+    cells_published: int = 0
+    messages_published: int = 0
+    outbox_depth: int = 0
+    epsilon_spent: dict[str, float] = Field(default_factory=dict)
+    ticks: int = 0
+    items_per_second: float | None = None
+    started_at: datetime | None = None
+    last_publish: datetime | None = None
+    error: str | None = None  # why the bridge stopped counting (its state failed)
+
+
+@dataclass(slots=True)
+class BridgeCounters:
+    """What the bridge's tasks counted since it was created.
+
+    ``privacy`` holds the k-anonymity and dominance suppressions of
+    :func:`pear_mqtt.privacy.filter.aggregate`; ``suppressed`` the bridge's own reasons
+    (unbounded fields, spent budget).
+    """
+
+    items_received: int = 0
+    items_counted: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    ticks: int = 0
+    cells_published: int = 0
+    messages_published: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    suppressed: Counter[str] = field(default_factory=Counter)
+    privacy: SuppressionCounter = field(default_factory=SuppressionCounter)
+    first_count: float | None = None  # time.monotonic() of the first and latest counted item
+    last_count: float | None = None
+    last_publish: datetime | None = None
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` items (or messages) dropped for ``reason``."""
+        self.dropped[reason] += n
+
+    def add(self, result: AddResult) -> None:
+        """Count what the store did with a batch."""
+        self.items_counted += result.counted
+        self.duplicates += result.duplicates
+        if result.copied:
+            self.drop("copied_token", result.copied)
+        if result.counted:
+            mono = time.monotonic()
+            self.first_count = self.first_count or mono
+            self.last_count = mono
+
+    def items_per_second(self) -> float | None:
+        """Items counted per second between the first and the latest counted item."""
+        if self.first_count is None or self.last_count is None \
+                or self.last_count <= self.first_count:
+            return None
+        return round(self.items_counted / (self.last_count - self.first_count), 1)
+
+    def all_suppressed(self) -> dict[str, int]:
+        """Suppressed statistics per reason."""
+        total = Counter(self.privacy.counts)
+        total.update(self.suppressed)
+        return dict(total)
