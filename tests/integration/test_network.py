@@ -154,9 +154,8 @@ async def test_presence_and_last_will(make_config: Callable[..., NetworkConfig])
         await acme.connect()
         await watcher.wait_peers(lambda ps: any(p.member == "acme" for p in ps), timeout=10)
         # Crash: the socket dies without DISCONNECT, so the broker publishes the will.
-        assert acme._conn is not None
-        acme._conn.abort()
-        acme._closing = True
+        assert acme.supervisor.connection is not None
+        acme.supervisor.crash()
         await watcher.wait_peers(lambda ps: not any(p.member == "acme" for p in ps),
                                  timeout=15)
         await acme.disconnect()

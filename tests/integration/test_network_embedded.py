@@ -54,7 +54,8 @@ async def test_exchange_over_embedded_broker(make_config: Callable[..., NetworkC
         stream = rx.insights()
         iid = await tx.broadcast_market_insight(insight())
         (got,) = await take(stream, 1)
-        assert tx._conn is not None and tx._conn.protocol == 4  # amqtt speaks 3.1.1 only
+        conn = tx.supervisor.connection
+        assert conn is not None and conn.protocol == 4  # amqtt speaks 3.1.1 only
     assert got.item_id == iid and got.member == "acme"
     assert isinstance(got.insight.groups["price_data"]["price"], ValueRange)
 
@@ -71,9 +72,8 @@ async def test_sync_and_presence_over_embedded_broker(
             result = await late.sync(timeout=60)
             elapsed = time.perf_counter() - started
             await late.wait_peers(lambda ps: any(p.member == "acme" for p in ps), timeout=10)
-            assert tx._conn is not None
-            tx._conn.abort()  # a crash: the will marks acme offline
-            tx._closing = True
+            assert tx.supervisor.connection is not None
+            tx.supervisor.crash()  # a crash: the will marks acme offline
             await late.wait_peers(lambda ps: not any(p.member == "acme" for p in ps),
                                   timeout=15)
     assert len(result) == n
