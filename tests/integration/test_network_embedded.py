@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from brokers import GROUP_KEY, NetworkPKI, free_port
-from test_network import insight, take
 
 from pear_mqtt.config.models import (
     EncryptionConfig,
@@ -17,7 +16,7 @@ from pear_mqtt.config.models import (
     PrivacyConfig,
     ReliabilityConfig,
 )
-from pear_mqtt.model.insight import NetworkMode
+from pear_mqtt.model.insight import MarketInsight, NetworkMode
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.ops.embedded import EmbeddedBroker
 from pear_mqtt.privacy.filter import ValueRange
@@ -47,7 +46,9 @@ def make_config(pki: NetworkPKI, embedded: EmbeddedBroker) -> Callable[..., Netw
     return make
 
 
-async def test_exchange_over_embedded_broker(make_config: Callable[..., NetworkConfig]) -> None:
+async def test_exchange_over_embedded_broker(
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
     # "auto" finds out by itself that amqtt does not speak MQTT 5.
     async with PearNetwork(make_config("globex")) as rx, \
             PearNetwork(make_config("acme", mqtt_version="auto")) as tx:
@@ -61,7 +62,7 @@ async def test_exchange_over_embedded_broker(make_config: Callable[..., NetworkC
 
 
 async def test_sync_and_presence_over_embedded_broker(
-        make_config: Callable[..., NetworkConfig]) -> None:
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight]) -> None:
     n = 1000
     async with PearNetwork(make_config("acme")) as tx:
         for i in range(n):
@@ -81,7 +82,8 @@ async def test_sync_and_presence_over_embedded_broker(
 
 
 async def test_outbox_zero_loss_over_embedded_broker(
-        make_config: Callable[..., NetworkConfig], tmp_path: Path) -> None:
+        make_config: Callable[..., NetworkConfig], tmp_path: Path,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
     outbox = tmp_path / "outbox.sqlite"
     async with PearNetwork(make_config("globex")) as rx:
         stream = rx.insights()

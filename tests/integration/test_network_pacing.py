@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from brokers import MosquittoBroker, NetworkPKI, probe
-from test_network import insight, take
 
 from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.model.insight import MarketInsight
 from pear_mqtt.model.topics import TopicScheme
 from pear_mqtt.node import sender
 from pear_mqtt.node.network import PearNetwork
@@ -22,7 +22,8 @@ from pear_mqtt.node.sender import Sender
 
 
 async def test_a_trickle_goes_one_by_one_and_a_stream_in_batches(
-        make_config: Callable[..., NetworkConfig]) -> None:
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
     async with PearNetwork(make_config("globex")) as rx, \
             PearNetwork(make_config("acme")) as tx:
         stream = rx.insights()
@@ -45,7 +46,8 @@ async def test_a_trickle_goes_one_by_one_and_a_stream_in_batches(
 
 
 async def test_a_tight_broadcast_loop_overlaps_with_sending(
-        make_config: Callable[..., NetworkConfig]) -> None:
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
     arrived: list[float] = []
     async with PearNetwork(make_config("globex")) as rx, \
             PearNetwork(make_config("acme")) as tx:
@@ -62,8 +64,8 @@ async def test_a_tight_broadcast_loop_overlaps_with_sending(
 
 
 async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
-        make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
-        mosquitto: MosquittoBroker) -> None:
+        make_config: Callable[..., NetworkConfig], pki: NetworkPKI, mosquitto: MosquittoBroker,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
     config = make_config("acme")
     state_filter = TopicScheme(mode="consortium", network=pki.network,
                                member="acme").node_state_filter("store-1")
@@ -93,8 +95,8 @@ async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
 
 
 async def test_overdue_states_go_a_few_at_a_time_between_paced_insights(
-        make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
-        mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_config: Callable[..., NetworkConfig], pki: NetworkPKI, mosquitto: MosquittoBroker,
+        monkeypatch: pytest.MonkeyPatch, insight: Callable[..., MarketInsight]) -> None:
     monkeypatch.setattr(sender, "STATE_MAX_DEFER", 0.1)
     scheme = TopicScheme(mode="consortium", network=pki.network, member="acme")
     filters = [f"{scheme.member_root}/insights/#", scheme.node_state_filter("store-1")]
