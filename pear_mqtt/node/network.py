@@ -60,7 +60,7 @@ class PearNetwork:
         self._counters = Counters()
         privacy = PrivacyFilter(config=config)
         self._markers = Markers()
-        self._streams = Streams(counters=self._counters, live=self._running)
+        self._streams = Streams(counters=self._counters)
         self._peers = PeerTable(counters=self._counters)
         self._sender = Sender(config=config, counters=self._counters, privacy=privacy)
         self._receiver = Receiver(config=config, clock=clock, counters=self._counters,
@@ -68,10 +68,8 @@ class PearNetwork:
                                   markers=self._markers, pages=self._sender.pages)
         self._supervisor = ConnectionSupervisor(
             config=config, clock=clock, counters=self._counters, privacy=privacy,
-            receiver=self._receiver, sender=self._sender, pages=self._sender.pages)
-
-    def _running(self) -> bool:
-        return self._supervisor.running
+            receiver=self._receiver, sender=self._sender, pages=self._sender.pages,
+            streams=self._streams)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self, *, timeout: float = 10.0, wait: bool = True) -> None:

@@ -34,12 +34,13 @@ class Streams:
 
     The receiver appends to the lists it is given (:attr:`insight_streams`,
     :attr:`aggregate_streams`, :attr:`callbacks`) through :meth:`fan_out`; an iterator ends
-    once it is drained and ``live()`` says the node has stopped.
+    once it is drained and :attr:`live` is False (the node has stopped).
     """
 
-    def __init__(self, *, counters: Counters, live: Callable[[], bool]) -> None:
+    def __init__(self, *, counters: Counters) -> None:
         self._counters = counters
-        self._live = live
+        self.live = False
+        """The node is started (its connection supervisor runs): iterators wait for more."""
         self.insight_streams: list[Stream[ReceivedInsight]] = []
         self.aggregate_streams: list[Stream[ReceivedAggregate]] = []
         self.callbacks: list[Callable[[ReceivedInsight], Any]] = []
@@ -72,14 +73,13 @@ class Streams:
     def _iterate(self, streams: list[Stream[_T]]) -> AsyncIterator[_T]:
         stream: Stream[_T] = Stream()
         streams.append(stream)
-        live = self._live
 
         async def iterate() -> AsyncIterator[_T]:
             try:
                 while True:
                     while stream.queue:
                         yield stream.queue.popleft()
-                    if not live():
+                    if not self.live:
                         return
                     stream.event.clear()
                     await stream.event.wait()

@@ -23,6 +23,7 @@ from .checkpoints import CheckpointPages
 from .counters import Counters
 from .receiver import Receiver
 from .sender import Sender
+from .streams import Streams
 
 __all__ = ["ConnectionSupervisor"]
 
@@ -30,16 +31,18 @@ log = logging.getLogger(__name__)
 
 
 class ConnectionSupervisor:
-    """Owns the broker connection of one node: :meth:`start` it, :meth:`stop` it."""
+    """Owns the broker connection of one node: :meth:`start` it, :meth:`stop` it (the
+    node's streams are :attr:`~Streams.live` from one to the other)."""
 
     def __init__(self, *, config: NetworkConfig, clock: Callable[[], float],
                  counters: Counters, privacy: PrivacyFilter, receiver: Receiver,
-                 sender: Sender, pages: CheckpointPages) -> None:
+                 sender: Sender, pages: CheckpointPages, streams: Streams) -> None:
         self.config = config
         self._clock = clock
         self._counters = counters
         self._filter = privacy
         self._receiver, self._sender, self._pages = receiver, sender, pages
+        self._streams = streams
         self._codec: EnvelopeCodec | None = None
         self._scheme: TopicScheme | None = None
         self._conn: Connection | None = None
@@ -94,6 +97,7 @@ class ConnectionSupervisor:
         connection (or fails with its :class:`ConnectError`)."""
         self._closing = False
         self._task = asyncio.create_task(self._supervise(first))
+        self._streams.live = True
 
     async def stop(self) -> None:
         """Mark presence offline, close the connection and stop reconnecting."""
@@ -108,6 +112,7 @@ class ConnectionSupervisor:
         if self._task is not None:
             await stop_task(self._task)
             self._task = None
+            self._streams.live = False  # drained iterators end from here on
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
