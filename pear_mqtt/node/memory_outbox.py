@@ -21,7 +21,6 @@ class MemoryOutbox:
         self._order: list[int] = []
         self._keys: dict[str, int] = {}
         self._next = 1
-        self.dropped: dict[str, int] = {}
 
     def put_insight(self, *, topic: str, payload: bytes, state_topic: str | None) -> None:
         """Store one insight (``contrib`` when ``state_topic`` is None) and its retained state,
