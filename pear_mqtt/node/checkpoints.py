@@ -87,7 +87,7 @@ class CheckpointPages:
 
     async def send(self, conn: Connection, window: Window, *,
                    burst_end: bool, limit: int) -> bool:
-        """Send the changed pages the pacing allows (all of them after :meth:`flush`),
+        """Send the changed pages the pacing allows (all of them while :attr:`forced`),
         ``limit`` at most (:attr:`cut` tells whether more were due); False if the connection
         broke."""
         self.cut = False
