@@ -157,7 +157,8 @@ def lat_pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 def lat_pear_rx(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     """Receive ``total`` insights; report when each item id reached ``on_insight`` and
     when it came out of ``insights()``."""
-    from pear_mqtt.node.network import PearNetwork, ReceivedInsight
+    from pear_mqtt.node.network import PearNetwork
+    from pear_mqtt.node.records import ReceivedInsight
 
     env: BenchEnv = spec["env"]
     total = spec["total"]

@@ -49,7 +49,8 @@ from .model.insight import (
     SharingLevel,
     TrendData,
 )
-from .node.network import PearNetwork, Peer, ReceivedAggregate, ReceivedInsight, SyncResult
+from .node.network import PearNetwork
+from .node.records import Peer, ReceivedAggregate, ReceivedInsight, SyncResult
 from .node.sync import SyncPearNetwork
 from .privacy.filter import SharedInsight
 from .privacy.ranges import ValueRange

@@ -1,14 +1,7 @@
-"""asyncio MQTT connection over paho-mqtt, without a paho network thread.
+"""asyncio MQTT connections over paho-mqtt, driven by the event loop (no paho thread).
 
-The only module that imports paho. One :class:`Connection` is one MQTT connection: paho's
-socket callbacks register the socket with the running event loop (reads and writes happen on
-the loop), acknowledgements resolve futures matched by message id, and received messages go to
-a queue read by an async iterator; when too many wait unread, the socket stops being read so
-TCP pushes back on the broker instead of memory growing. Reconnecting is the caller's policy
-(:mod:`pear_mqtt.network`): a dropped connection fails every pending future and is not reused.
-
-Blocking parts of paho (DNS, TCP connect, TLS handshake inside ``Client.connect``) run in the
-default executor; the socket callbacks they fire hop back to the loop thread.
+The only module that imports paho. A dropped :class:`Connection` fails its pending futures
+and is spent: reconnecting is the caller's policy. Why not aiomqtt: docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -22,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -75,11 +68,6 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
-
-
-@dataclass(slots=True)
-class _Pending:
-    futures: dict[int, asyncio.Future[None]] = field(default_factory=dict)
 
 
 def build_tls_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -407,10 +395,6 @@ class Connection:
     def queued(self) -> int:
         """Messages received and not yet taken (by :meth:`messages` or :meth:`drain_inbox`)."""
         return len(self._inbox)
-
-    @property
-    def inflight(self) -> int:
-        return len(self._pubs)
 
     def _require(self) -> mqtt.Client:
         if self._client is None or self.closed.is_set():

@@ -1,33 +1,8 @@
 """The on-disk outbox: SQLite (WAL) store-and-forward for an edge node.
 
-Every outgoing item is written here before it is sent and deleted only once the broker (or a
-durable consumer) acknowledged it, so nothing is lost while offline, while the broker restarts,
-or across a restart of this process::
-
-    with Outbox(path=Path("outbox.db"), max_bytes=64 << 20, max_age=7 * 86400) as box:
-        box.put(topic="pear/...", payload=b"...", kind="insight")
-        for item in box.pending(limit=256):
-            ...                                  # publish, then on PUBACK:
-        box.ack([item.id])
-
-Bounds. ``max_bytes`` bounds the payload bytes held (SQLite adds its own overhead on disk).
-When a new item would pass it, the oldest ``insight``/``contrib`` rows are dropped until it
-fits; ``state`` rows are never dropped for space, because the latest state per key is what a
-late joiner needs. A ``state`` row with a key replaces the pending row with the same key
-(counted as ``superseded``, which is not a loss). ``insight``/``contrib`` rows older than
-``max_age`` seconds are deleted (``expire``; also run at most once a second from ``put_many``
-and ``pending``).
-
-Ownership. One process owns an outbox: the database is opened in SQLite's exclusive locking
-mode, so a second process (or a second :class:`Outbox` on the same file) gets an
-:class:`~pear_mqtt.errors.OutboxError` saying the file is locked, instead of both sending the
-same rows.
-
-Full disk. A reserve file (``<path>-reserve``, :data:`RESERVE_BYTES`) is kept next to the
-database. When a write fails because the disk is full, the reserve is released so that acks
-and a checkpoint still have room; new items are then refused with an ``OutboxError`` until the
-reserve can be re-created (tried at most every :data:`RECOVER_INTERVAL` seconds). Items
-already stored are never lost by a failed write.
+Every outgoing item is written here before it is sent and deleted only once acknowledged, so
+nothing is lost while offline, while the broker restarts, or across a restart of this
+process. Bounds, ownership and full-disk behaviour: docs/DESIGN.md (outbox).
 """
 
 from __future__ import annotations
@@ -57,6 +32,7 @@ __all__ = [
     "Outbox",
     "OutboxItem",
     "OutboxStats",
+    "outbox_error",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,7 +44,8 @@ SCHEMA_VERSION: Final = 1
 """The schema version this build writes; a file with a higher version is refused."""
 
 RESERVE_BYTES = 1024 * 1024
-"""Size of the reserve file released when the disk fills up (see the module docstring)."""
+"""Size of the reserve file (``<path>-reserve``) released when the disk fills up, so that
+acks and a checkpoint still have room."""
 
 RECOVER_INTERVAL = 5.0
 """Seconds between attempts to re-create the reserve while new items are refused."""
@@ -81,9 +58,6 @@ _WAL_AUTOCHECKPOINT_PAGES: Final = 128
 # How long an open waits for a lock held by another process. A predecessor that is exiting
 # releases its lock within milliseconds; a live owner never will.
 _BUSY_TIMEOUT = 1.0
-
-# The recovery timer's clock; separate from the injected wall clock, which may jump.
-_monotonic = time.monotonic
 
 _EXPIRE_EVERY: Final = 1.0  # s between opportunistic expiries from put_many/pending
 _ACK_CHUNK: Final = 500  # ids per DELETE statement (well under SQLite's variable limit)
@@ -194,7 +168,10 @@ class _Tally:
 class Outbox:
     """A bounded, persistent, ordered outbox in one SQLite file.
 
-    ``clock`` gives the time stored in ``created`` and used for expiry (inject one in tests).
+    ``clock`` gives the time stored in ``created`` and used for expiry (inject one in tests);
+    ``monotonic`` times the full-disk recovery (separate, since ``clock`` may jump).
+    ``busy_timeout`` is how long opening waits for another process's lock, and ``max_pages``
+    caps the database at that many SQLite pages (a full database without a full disk).
     All methods are thread-safe and short; the network layer calls them from its event loop.
     Raises :class:`~pear_mqtt.errors.OutboxError` naming the file and the cause when the
     database cannot be opened (locked, read-only, not an outbox, from a newer version) or a
@@ -202,7 +179,9 @@ class Outbox:
     """
 
     def __init__(self, *, path: Path, max_bytes: int, max_age: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 busy_timeout: float = _BUSY_TIMEOUT, max_pages: int | None = None) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, not {max_bytes}")
         if not max_age > 0:
@@ -212,6 +191,9 @@ class Outbox:
         self._max_bytes = max_bytes
         self._max_age = float(max_age)
         self._clock = clock
+        self._monotonic = monotonic
+        self._busy_timeout = busy_timeout
+        self._max_pages = max_pages
         self._lock = threading.Lock()
         conn, self._tally = self._open()
         self._conn: sqlite3.Connection | None = conn
@@ -221,7 +203,7 @@ class Outbox:
             conn.close()
             self._conn = None
             raise
-        self._next_recover = _monotonic() + RECOVER_INTERVAL
+        self._next_recover = self._monotonic() + RECOVER_INTERVAL
         if self._disk_full:
             log.warning("outbox %s: no room for the %d-byte reserve; new items are refused "
                         "until the disk has room", self._path, RESERVE_BYTES)
@@ -249,10 +231,10 @@ class Outbox:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT), so
             # a put_many is exactly one transaction. check_same_thread=False: self._lock
             # serialises all use.
-            conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None,
+            conn = sqlite3.connect(path, timeout=self._busy_timeout, isolation_level=None,
                                    check_same_thread=False)
         except sqlite3.Error as exc:
-            raise _outbox_error(path, exc, "opening") from exc
+            raise outbox_error(path, exc, "opening") from exc
         try:
             self._configure(conn)
             self._check_schema(conn)
@@ -260,7 +242,7 @@ class Outbox:
             tally = self._load_tally(conn)
         except sqlite3.Error as exc:
             conn.close()
-            raise _outbox_error(path, exc, "opening") from exc
+            raise outbox_error(path, exc, "opening") from exc
         except BaseException:
             conn.close()
             raise
@@ -287,6 +269,8 @@ class Outbox:
         # deleted payload to the WAL again: an ack would cost as much disk as the put, and fail
         # on a full disk. FAST still zeroes deleted cells on pages that stay in use.
         conn.execute("PRAGMA secure_delete=FAST")
+        if self._max_pages is not None:
+            conn.execute(f"PRAGMA max_page_count={int(self._max_pages)}")
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         tables = {r[0] for r in conn.execute(
@@ -418,7 +402,7 @@ class Outbox:
                     f"SELECT {_COLUMNS} FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
                     (after_id, limit)).fetchall()
             except sqlite3.Error as exc:
-                raise _outbox_error(self._path, exc, "reading pending items") from exc
+                raise outbox_error(self._path, exc, "reading pending items") from exc
         return [OutboxItem(id=r[0], topic=r[1], payload=r[2], kind=cast(Kind, r[3]), key=r[4],
                            retain=bool(r[5]), created=r[6], size=r[7]) for r in rows]
 
@@ -461,7 +445,7 @@ class Outbox:
                 try:
                     conn.close()
                 except sqlite3.Error as exc:
-                    raise _outbox_error(self._path, exc, "closing") from exc
+                    raise outbox_error(self._path, exc, "closing") from exc
 
     def __enter__(self) -> Outbox:
         return self
@@ -500,7 +484,7 @@ class Outbox:
         except sqlite3.Error as exc:
             if _primary_code(exc) == _SQLITE_FULL:
                 self._on_disk_full()
-            raise _outbox_error(self._path, exc, doing) from exc
+            raise outbox_error(self._path, exc, doing) from exc
 
     def _insert(self, conn: sqlite3.Connection, t: _Tally, it: NewItem, now: float) -> int:
         size = len(it.payload)
@@ -627,7 +611,7 @@ class Outbox:
             log.warning("outbox %s: disk full; releasing the reserve and refusing new items "
                         "until there is room again", self._path)
         self._disk_full = True
-        self._next_recover = _monotonic() + RECOVER_INTERVAL
+        self._next_recover = self._monotonic() + RECOVER_INTERVAL
         try:
             self._reserve.unlink(missing_ok=True)
         except OSError as exc:
@@ -648,8 +632,8 @@ class Outbox:
         """Refuse new items while the disk is full; retry the reserve now and then."""
         if not self._disk_full:
             return
-        if _monotonic() >= self._next_recover:
-            self._next_recover = _monotonic() + RECOVER_INTERVAL
+        if self._monotonic() >= self._next_recover:
+            self._next_recover = self._monotonic() + RECOVER_INTERVAL
             conn = self._live()
             try:
                 # Hand pages freed by acks back to the file system before re-creating the
@@ -673,8 +657,9 @@ def _primary_code(exc: sqlite3.Error) -> int | None:
     return code & 0xFF if isinstance(code, int) else None
 
 
-def _outbox_error(path: Path, exc: sqlite3.Error, doing: str) -> OutboxError:
-    """Turn a sqlite3 error into an OutboxError naming the file and the cause."""
+def outbox_error(path: Path, exc: sqlite3.Error, doing: str) -> OutboxError:
+    """Turn a sqlite3 error met while ``doing`` something into an OutboxError naming the file
+    and saying plainly what is wrong (disk full, read-only, not an outbox, corrupt, locked)."""
     code = _primary_code(exc)
     detail = str(exc)
     if code == _SQLITE_FULL or "database or disk is full" in detail:

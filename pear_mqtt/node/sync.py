@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from ..config.models import NetworkConfig
 from ..errors import NotConnectedError
 from ..model.insight import MarketInsight, NetworkStatus
-from .network import PearNetwork, Peer, ReceivedInsight, SyncResult
+from .network import PearNetwork
+from .records import Peer, ReceivedInsight, SyncResult
 
 __all__ = ["SyncPearNetwork"]
 

@@ -12,6 +12,8 @@
 - ``mosquitto_factory`` (function): ``mosquitto_factory(**kwargs)`` starts more brokers
   (``persistence=True``, ``mode=...``, ``network=...``, ``pki=...``); all stop at teardown.
 - ``unique_id`` (function): a fresh id valid as network, company or node id.
+- ``insight`` / ``take`` (function): ``insight(category=..., price=...)`` builds an insight to
+  broadcast; ``await take(stream, n)`` reads the next ``n`` items of an ``insights()`` stream.
 
 Every test in this directory is marked ``integration``; without mosquitto they fail.
 
@@ -23,7 +25,9 @@ every broker it started is attached to its report.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,7 @@ from pear_mqtt.config.models import (
     PrivacyConfig,
     ReliabilityConfig,
 )
-from pear_mqtt.model.insight import NetworkMode
+from pear_mqtt.model.insight import MarketInsight, NetworkMode, PriceData, SalesData, TrendData
 from pear_mqtt.security.seal import SealOpener, generate_x25519_key, save_x25519_public_key
 
 _HERE = Path(__file__).resolve().parent
@@ -165,3 +169,44 @@ def make_config(pki: NetworkPKI, mosquitto: MosquittoBroker, aggregator: tuple[P
     return make
 
 
+
+
+# -- node tests: an insight to broadcast, and the next items of a stream -------------------------
+
+_T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def _make_insight(category: str = "grocery/dairy", price: float = 2.4567,
+                  units: float = 1234.0, change: float = 3.21) -> MarketInsight:
+    return MarketInsight(
+        category=category, region="north", window_start=_T0,
+        window_end=_T0 + timedelta(hours=1), price_data=PriceData(currency="EUR", price=price),
+        sales_data=SalesData(units=units, revenue=units * price),
+        trends=TrendData(price_change_pct=change, direction="up"), sample_size=17)
+
+
+async def _take(it: AsyncIterator[Any], n: int, timeout: float = 20.0) -> list[Any]:
+    out: list[Any] = []
+
+    async def run() -> None:
+        async for r in it:
+            out.append(r)
+            if len(out) >= n:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return out
+
+
+@pytest.fixture
+def insight() -> Callable[..., MarketInsight]:
+    """``insight(category=, price=, units=, change=)``: an hour's insight (from 2026-11-01,
+    region north) with price, sales and trend data."""
+    return _make_insight
+
+
+@pytest.fixture
+def take() -> Callable[..., Awaitable[list[Any]]]:
+    """``await take(stream, n, timeout=20.0)``: the next ``n`` items of an async iterator
+    (:class:`TimeoutError` after ``timeout`` s)."""
+    return _take

@@ -25,8 +25,9 @@ from pear_mqtt.config.models import (
     ReliabilityConfig,
 )
 from pear_mqtt.model.insight import NetworkMode, NetworkStatus
-from pear_mqtt.node.network import PearNetwork, ReceivedInsight
+from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.node.outbox import Outbox
+from pear_mqtt.node.records import ReceivedInsight
 from pear_mqtt.privacy.ranges import ValueRange
 from pear_mqtt.security.seal import generate_x25519_key, save_x25519_public_key
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,8 @@ from typing import Any
 from brokers import MosquittoBroker, NetworkPKI, free_port, probe
 
 from pear_mqtt.config.models import NetworkConfig, PrivacyConfig
-from pear_mqtt.model.insight import MarketInsight, NetworkMode, PriceData, SalesData, TrendData
-from pear_mqtt.node.network import PearNetwork, ReceivedInsight
+from pear_mqtt.model.insight import MarketInsight, NetworkMode
+from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.privacy.filter import Contribution
 from pear_mqtt.privacy.ranges import ValueRange
 from pear_mqtt.security.envelope import EnvelopeCodec
@@ -25,30 +25,9 @@ from pear_mqtt.security.trust import TrustStore
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
-def insight(category: str = "grocery/dairy", price: float = 2.4567, units: float = 1234.0,
-            change: float = 3.21) -> MarketInsight:
-    return MarketInsight(
-        category=category, region="north", window_start=T0, window_end=T0 + timedelta(hours=1),
-        price_data=PriceData(currency="EUR", price=price),
-        sales_data=SalesData(units=units, revenue=units * price),
-        trends=TrendData(price_change_pct=change, direction="up"), sample_size=17)
-
-
-async def take(it: Any, n: int, timeout: float = 20.0) -> list[ReceivedInsight]:
-    out: list[ReceivedInsight] = []
-
-    async def run() -> None:
-        async for r in it:
-            out.append(r)
-            if len(out) >= n:
-                return
-
-    await asyncio.wait_for(run(), timeout)
-    return out
-
-
 async def test_two_nodes_exchange_insights_under_consortium_policy(
-        make_config: Callable[..., NetworkConfig], aggregator: tuple[Path, SealOpener]) -> None:
+        make_config: Callable[..., NetworkConfig], aggregator: tuple[Path, SealOpener],
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
     async with PearNetwork(make_config("globex")) as rx, \
             PearNetwork(make_config("acme")) as tx:
         stream = rx.insights()
@@ -71,7 +50,7 @@ async def test_two_nodes_exchange_insights_under_consortium_policy(
 
 async def test_wire_bytes_hold_no_exact_private_value(
         make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
-        pki: NetworkPKI) -> None:
+        pki: NetworkPKI, insight: Callable[..., MarketInsight]) -> None:
     """An outside subscriber with a valid certificate sees only ciphertext and ranges."""
     with probe(mosquitto, pki.node("initech"), subscribe=["pear/v1/#"]) as spy:
         async with PearNetwork(make_config("acme")) as tx:
@@ -91,7 +70,7 @@ async def test_wire_bytes_hold_no_exact_private_value(
 
 
 async def test_late_joiner_sync_gets_every_retained_state(
-        make_config: Callable[..., NetworkConfig]) -> None:
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight]) -> None:
     n = 10_000
     async with PearNetwork(make_config("acme")) as tx:
         t0 = time.perf_counter()
@@ -113,7 +92,7 @@ async def test_late_joiner_sync_gets_every_retained_state(
 
 
 async def test_checkpoints_follow_updates_and_survive_a_publisher_restart(
-        make_config: Callable[..., NetworkConfig]) -> None:
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight]) -> None:
     """Updated states reach late joiners through refreshed pages; a restarted publisher reads
     its earlier states back before it sends a page, so no page loses them."""
     n = 300
@@ -158,16 +137,16 @@ async def test_presence_and_last_will(make_config: Callable[..., NetworkConfig])
         await acme.connect()
         await watcher.wait_peers(lambda ps: any(p.member == "acme" for p in ps), timeout=10)
         # Crash: the socket dies without DISCONNECT, so the broker publishes the will.
-        assert acme._conn is not None
-        acme._conn.abort()
-        acme._closing = True
+        assert acme.supervisor.connection is not None
+        acme.supervisor.crash()
         await watcher.wait_peers(lambda ps: not any(p.member == "acme" for p in ps),
                                  timeout=15)
         await acme.disconnect()
 
 
 async def test_reconnect_and_resubscribe_after_broker_restart(
-        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker) -> None:
+        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
     async with PearNetwork(make_config("globex")) as rx, \
             PearNetwork(make_config("acme")) as tx:
         stream = rx.insights()
@@ -183,7 +162,8 @@ async def test_reconnect_and_resubscribe_after_broker_restart(
 
 
 async def test_outbox_survives_restart_with_zero_loss(
-        make_config: Callable[..., NetworkConfig], tmp_path: Path) -> None:
+        make_config: Callable[..., NetworkConfig], tmp_path: Path,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
     outbox = tmp_path / "outbox.sqlite"
     n = 300
     async with PearNetwork(make_config("globex")) as rx:
@@ -205,8 +185,8 @@ async def test_outbox_survives_restart_with_zero_loss(
 
 
 async def test_hostile_payloads_are_dropped_and_counted(
-        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
-        pki: NetworkPKI) -> None:
+        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker, pki: NetworkPKI,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
     topic = "pear/v1/consortium/testnet/acme/insights/grocery/dairy"
     initech = pki.node("initech")
     forger = EnvelopeCodec(signer=Signer.from_files(key_file=initech.key, cert_file=initech.cert),
@@ -230,7 +210,8 @@ async def test_hostile_payloads_are_dropped_and_counted(
     assert dropped.get("oversized", 0) == 1 and dropped.get("unsupported_version", 0) >= 1
 
 
-async def test_seed_usage_example(make_config: Callable[..., NetworkConfig]) -> None:
+async def test_seed_usage_example(
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight]) -> None:
     """The design note's example, with a broker and certificates to talk to."""
     base = make_config("acme", mode=NetworkMode.PRIVATE)
     config = base.model_copy(update={"privacy": PrivacyConfig(
@@ -249,7 +230,8 @@ async def test_seed_usage_example(make_config: Callable[..., NetworkConfig]) -> 
 
 
 async def test_status_reports_counters_and_latency(
-        make_config: Callable[..., NetworkConfig]) -> None:
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
     async with PearNetwork(make_config("globex")) as rx, \
             PearNetwork(make_config("acme")) as tx:
         stream = rx.insights()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from brokers import GROUP_KEY, NetworkPKI, free_port
-from test_network import insight, take
 
 from pear_mqtt.config.models import (
     EncryptionConfig,
@@ -17,7 +16,7 @@ from pear_mqtt.config.models import (
     PrivacyConfig,
     ReliabilityConfig,
 )
-from pear_mqtt.model.insight import NetworkMode
+from pear_mqtt.model.insight import MarketInsight, NetworkMode
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.ops.embedded import EmbeddedBroker
 from pear_mqtt.privacy.ranges import ValueRange
@@ -47,20 +46,23 @@ def make_config(pki: NetworkPKI, embedded: EmbeddedBroker) -> Callable[..., Netw
     return make
 
 
-async def test_exchange_over_embedded_broker(make_config: Callable[..., NetworkConfig]) -> None:
+async def test_exchange_over_embedded_broker(
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
     # "auto" finds out by itself that amqtt does not speak MQTT 5.
     async with PearNetwork(make_config("globex")) as rx, \
             PearNetwork(make_config("acme", mqtt_version="auto")) as tx:
         stream = rx.insights()
         iid = await tx.broadcast_market_insight(insight())
         (got,) = await take(stream, 1)
-        assert tx._conn is not None and tx._conn.protocol == 4  # amqtt speaks 3.1.1 only
+        conn = tx.supervisor.connection
+        assert conn is not None and conn.protocol == 4  # amqtt speaks 3.1.1 only
     assert got.item_id == iid and got.member == "acme"
     assert isinstance(got.insight.groups["price_data"]["price"], ValueRange)
 
 
 async def test_sync_and_presence_over_embedded_broker(
-        make_config: Callable[..., NetworkConfig]) -> None:
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight]) -> None:
     n = 1000
     async with PearNetwork(make_config("acme")) as tx:
         for i in range(n):
@@ -71,9 +73,8 @@ async def test_sync_and_presence_over_embedded_broker(
             result = await late.sync(timeout=60)
             elapsed = time.perf_counter() - started
             await late.wait_peers(lambda ps: any(p.member == "acme" for p in ps), timeout=10)
-            assert tx._conn is not None
-            tx._conn.abort()  # a crash: the will marks acme offline
-            tx._closing = True
+            assert tx.supervisor.connection is not None
+            tx.supervisor.crash()  # a crash: the will marks acme offline
             await late.wait_peers(lambda ps: not any(p.member == "acme" for p in ps),
                                   timeout=15)
     assert len(result) == n
@@ -81,7 +82,8 @@ async def test_sync_and_presence_over_embedded_broker(
 
 
 async def test_outbox_zero_loss_over_embedded_broker(
-        make_config: Callable[..., NetworkConfig], tmp_path: Path) -> None:
+        make_config: Callable[..., NetworkConfig], tmp_path: Path,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
     outbox = tmp_path / "outbox.sqlite"
     async with PearNetwork(make_config("globex")) as rx:
         stream = rx.insights()

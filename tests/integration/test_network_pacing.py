@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from brokers import MosquittoBroker, NetworkPKI, probe
-from test_network import insight, take
 
 from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.model.insight import MarketInsight
 from pear_mqtt.model.topics import TopicScheme
-from pear_mqtt.node import network
+from pear_mqtt.node import sender
 from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.node.sender import Sender
 
 
 async def test_a_trickle_goes_one_by_one_and_a_stream_in_batches(
-        make_config: Callable[..., NetworkConfig]) -> None:
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
     async with PearNetwork(make_config("globex")) as rx, \
             PearNetwork(make_config("acme")) as tx:
         stream = rx.insights()
@@ -44,7 +46,8 @@ async def test_a_trickle_goes_one_by_one_and_a_stream_in_batches(
 
 
 async def test_a_tight_broadcast_loop_overlaps_with_sending(
-        make_config: Callable[..., NetworkConfig]) -> None:
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
     arrived: list[float] = []
     async with PearNetwork(make_config("globex")) as rx, \
             PearNetwork(make_config("acme")) as tx:
@@ -61,8 +64,8 @@ async def test_a_tight_broadcast_loop_overlaps_with_sending(
 
 
 async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
-        make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
-        mosquitto: MosquittoBroker) -> None:
+        make_config: Callable[..., NetworkConfig], pki: NetworkPKI, mosquitto: MosquittoBroker,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
     config = make_config("acme")
     state_filter = TopicScheme(mode="consortium", network=pki.network,
                                member="acme").node_state_filter("store-1")
@@ -92,24 +95,24 @@ async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
 
 
 async def test_overdue_states_go_a_few_at_a_time_between_paced_insights(
-        make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
-        mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(network, "_STATE_MAX_DEFER", 0.1)
+        make_config: Callable[..., NetworkConfig], pki: NetworkPKI, mosquitto: MosquittoBroker,
+        monkeypatch: pytest.MonkeyPatch, insight: Callable[..., MarketInsight]) -> None:
+    monkeypatch.setattr(sender, "STATE_MAX_DEFER", 0.1)
     scheme = TopicScheme(mode="consortium", network=pki.network, member="acme")
     filters = [f"{scheme.member_root}/insights/#", scheme.node_state_filter("store-1")]
+    slices: list[tuple[bool, int, float | None]] = []
+    send_states = Sender.send_states
+
+    async def spy(self: Sender, conn: Any, window: Any, *, limit: int,
+                  budget: float | None = None) -> bool:
+        if self.held_states and not self.pages.forced:  # flush() sends all
+            streaming = time.monotonic() - self.last_broadcast < sender.STATE_QUIET
+            slices.append((streaming, limit, budget))
+        return await send_states(self, conn, window, limit=limit, budget=budget)
+
+    monkeypatch.setattr(Sender, "send_states", spy)
     with probe(mosquitto, pki.node("acme", "observer"), subscribe=filters) as p:
         async with PearNetwork(make_config("acme")) as tx:
-            slices: list[tuple[bool, int, float | None]] = []
-            send_states = tx._send_states
-
-            async def spy(conn: Any, window: Any, *, limit: int,
-                          budget: float | None = None) -> bool:
-                if tx._deferred_states and not tx._force_pages:  # flush() sends all
-                    streaming = time.monotonic() - tx._broadcast_at < network._STATE_QUIET
-                    slices.append((streaming, limit, budget))
-                return await send_states(conn, window, limit=limit, budget=budget)
-
-            monkeypatch.setattr(tx, "_send_states", spy)
             # A paced stream (never 20 ms quiet) over 16 categories, well past the 0.1 s a
             # state may be held back: the overdue states must go out while it lasts.
             for i in range(200):
@@ -128,5 +131,5 @@ async def test_overdue_states_go_a_few_at_a_time_between_paced_insights(
     # signing a burst's end allows (that stalled a paced stream once a second).
     mid_stream = [(limit, budget) for streaming, limit, budget in slices if streaming]
     assert mid_stream
-    assert all(limit <= network._BACKGROUND_PER_ROUND and budget == network._MIDSTREAM_BUDGET
+    assert all(limit <= sender.BACKGROUND_PER_ROUND and budget == sender.MIDSTREAM_BUDGET
                for limit, budget in mid_stream), mid_stream

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from test_network import insight
-
-from pear_mqtt import NetworkConfig, SyncPearNetwork
+from pear_mqtt import MarketInsight, NetworkConfig, SyncPearNetwork
 
 
-def test_sync_facade_exchanges_and_syncs(make_config: Callable[..., NetworkConfig]) -> None:
+def test_sync_facade_exchanges_and_syncs(
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight]) -> None:
     with SyncPearNetwork(make_config("globex")) as rx, \
             SyncPearNetwork(make_config("acme")) as tx:
         iid = tx.broadcast_market_insight(insight(category="script/made"))

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from pear_mqtt.errors import OutboxError
 from pear_mqtt.node import outbox as outbox_mod
-from pear_mqtt.node.outbox import Kind, NewItem, Outbox, OutboxItem
+from pear_mqtt.node.outbox import Kind, NewItem, Outbox, OutboxItem, outbox_error
 
 pytestmark = pytest.mark.unit
 
@@ -38,8 +38,9 @@ class FakeClock:
 
 
 def _open(path: Path, *, max_bytes: int = 1 << 20, max_age: float = 3600.0,
-          clock: FakeClock | None = None) -> Outbox:
-    return Outbox(path=path, max_bytes=max_bytes, max_age=max_age, clock=clock or FakeClock())
+          clock: FakeClock | None = None, **seams: Any) -> Outbox:
+    return Outbox(path=path, max_bytes=max_bytes, max_age=max_age, clock=clock or FakeClock(),
+                  **seams)
 
 
 def _all(box: Outbox) -> list[OutboxItem]:
@@ -369,14 +370,12 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
         _open(path)
 
 
-def test_a_second_owner_is_refused_while_the_first_is_open(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(outbox_mod, "_BUSY_TIMEOUT", 0.05)
+def test_a_second_owner_is_refused_while_the_first_is_open(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     with _open(path) as first:
         first.put(topic="t", payload=b"x", kind="insight")
         with pytest.raises(OutboxError, match=r"o\.db is locked by another process"):
-            _open(path)
+            _open(path, busy_timeout=0.05)
         first.put(topic="t", payload=b"y", kind="insight")  # the owner is unaffected
     with _open(path) as second:
         assert second.depth == 2
@@ -448,12 +447,10 @@ def _fill(box: Outbox, payload_size: int) -> list[int]:
     raise AssertionError("the disk never filled up")
 
 
-def test_full_disk_keeps_stored_rows_and_acks_and_reads_working(
-        tiny_fs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_full_disk_keeps_stored_rows_and_acks_and_reads_working(tiny_fs: Path) -> None:
     path = tiny_fs / "node" / "outbox.db"
     clock_offset = [0.0]
-    monkeypatch.setattr(outbox_mod, "_monotonic", lambda: 1e6 + clock_offset[0])
-    with _open(path, max_bytes=1 << 30) as box:
+    with _open(path, max_bytes=1 << 30, monotonic=lambda: 1e6 + clock_offset[0]) as box:
         assert (tiny_fs / "node" / "outbox.db-reserve").stat().st_size == outbox_mod.RESERVE_BYTES
         ids = _fill(box, 20_000)
         assert len(ids) > 50
@@ -479,22 +476,42 @@ def test_full_disk_keeps_stored_rows_and_acks_and_reads_working(
         assert [(r.id, r.payload) for r in _all(box)] == [(new, b"ok")]
 
 
+_FILL_CHILD = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from pear_mqtt.errors import OutboxError
+    from pear_mqtt.node.outbox import Outbox
+
+    box = Outbox(path=Path(sys.argv[1]), max_bytes=1 << 30, max_age=1e9)
+    for i in range(10_000):
+        try:
+            print(box.put(topic=f"t/{i}", payload=bytes([i % 256]) * 30_000, kind="insight"),
+                  flush=True)
+        except OutboxError as exc:
+            print("refused:", exc, flush=True)
+            break
+    os._exit(0)  # no close(), no checkpoint, no atexit
+""")
+
+
 def test_full_disk_error_leaves_earlier_rows_intact_after_a_crash(tiny_fs: Path) -> None:
     path = tiny_fs / "outbox.db"
-    box = _open(path, max_bytes=1 << 30)
-    ids = _fill(box, 30_000)
-    # No close: the next open must recover everything from the WAL on the full disk.
-    box._conn.close()  # type: ignore[union-attr]  # drop the handle the way a crash would
-    box._conn = None
+    # Filled by a process that then dies without closing: the next open must recover
+    # everything from the WAL on the full disk.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", _FILL_CHILD, str(path)], capture_output=True,
+                         text=True, env=env, timeout=120, check=True).stdout.splitlines()
+    assert out and out[-1].startswith("refused:"), "the disk never filled up"
+    assert "disk full" in out[-1] and str(path) in out[-1]
+    ids = [int(line) for line in out[:-1]]
+    assert ids
     with _open(path, max_bytes=1 << 30) as again:
         assert [r.id for r in _all(again)] == ids
 
 
 def test_full_database_via_max_page_count(tmp_path: Path) -> None:
     # The same SQLITE_FULL, for hosts where mounting a tmpfs is not allowed.
-    with _open(tmp_path / "o.db", max_bytes=1 << 30) as box:
-        assert box._conn is not None
-        box._conn.execute("PRAGMA max_page_count=64")
+    with _open(tmp_path / "o.db", max_bytes=1 << 30, max_pages=64) as box:
         ids = _fill(box, 3_000)
         assert ids and box.depth == len(ids)
         with pytest.raises(OutboxError, match="disk full; new items are refused"):
@@ -530,7 +547,7 @@ def test_sqlite_errors_map_to_clear_messages() -> None:
              ("database is locked", 5, "is locked by another process"),
              ("disk I/O error", 10, "I/O error while writing")]
     for msg, code, expected in cases:
-        text = str(outbox_mod._outbox_error(path, err(msg, code), "writing"))
+        text = str(outbox_error(path, err(msg, code), "writing"))
         assert expected in text and "/x/o.db" in text and msg in text
 
 

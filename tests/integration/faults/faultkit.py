@@ -29,7 +29,8 @@ from pear_mqtt.config.models import (
     ReliabilityConfig,
 )
 from pear_mqtt.model.insight import MarketInsight, NetworkMode, PriceData, SalesData, TrendData
-from pear_mqtt.node.network import PearNetwork, ReceivedInsight
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.node.records import ReceivedInsight
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

@@ -67,7 +67,8 @@ from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.errors import TopicError
 from pear_mqtt.model.insight import MarketInsight, PriceData, SalesData, TrendData
 from pear_mqtt.model.topics import TopicScheme, parse_topic
-from pear_mqtt.node.network import PearNetwork, ReceivedInsight
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.node.records import ReceivedInsight
 from pear_mqtt.privacy.filter import PrivacyFilter
 from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.seal import Sealer, SealOpener, load_x25519_public_key

@@ -1,0 +1,188 @@
+"""A node's state checkpoint pages: its current retained states, paged, signed and retained
+so that a late joiner reads a few pages instead of thousands of states (docs/DESIGN.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import zlib
+from collections.abc import Callable
+
+from ..errors import OversizedMessage, TransportError
+from ..model.topics import CHECKPOINT_PAGES, TopicScheme
+from ..security.envelope import EnvelopeCodec
+from ..transport import Connection
+from .counters import Counters
+from .markers import Markers
+from .window import Window
+
+__all__ = ["CheckpointPages"]
+
+log = logging.getLogger(__name__)
+
+# Refreshes are paced so that they cost about as much as the state traffic itself, whatever
+# the update pattern: while states stream, a page is re-sent once the bytes changed in it
+# reach its size (so it at most doubles each time); when a burst ends, the changed pages go
+# out as a byte budget allows (the state bytes sent plus a trickle); flush() and
+# disconnect() send whatever is pending at once.
+_PAGE_BUDGET_TRICKLE = 64 * 1024  # page bytes per second allowed on top of the state bytes
+_PAGE_BUDGET_CAP = 64 * 1024 * 1024
+_PAGE_MIN_GROWTH = 16 * 1024  # changed bytes that justify a refresh mid-stream
+_PAGE_MIN_INTERVAL = 1.0  # s between two refreshes of one page when a burst ends
+
+
+class CheckpointPages:
+    """The pages of one node: page -> {state topic: ``"<category>":<item JSON>``}.
+
+    Pages are sent only once :attr:`seeded` (the node's earlier states were read back, so a
+    page never replaces a fuller one on the broker). The flusher sends them
+    (:meth:`send`); ``wake``, ``wake_later`` and ``settled`` are its hooks: look for work
+    now, look again after a delay, and check whether everything is acknowledged.
+    """
+
+    def __init__(self, *, node_id: str, counters: Counters, seeded: bool,
+                 wake: Callable[[], None], wake_later: Callable[[float], None],
+                 settled: Callable[[], None]) -> None:
+        self._node_id = node_id
+        self._counters = counters
+        self._wake, self._wake_later, self._settled = wake, wake_later, settled
+        self._codec: EnvelopeCodec | None = None
+        self._topics: TopicScheme | None = None
+        self._markers: Markers | None = None
+        self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
+        self._dirty: dict[int, None] = {}  # insertion order: oldest change first
+        self._changed = [0] * CHECKPOINT_PAGES  # bytes changed since the page was sent
+        self._sent = [0] * CHECKPOINT_PAGES  # size of the page when last sent
+        self._sent_at = [0.0] * CHECKPOINT_PAGES  # monotonic time it was last sent
+        self._budget = 0.0
+        self._budget_at = time.monotonic()
+        self._inflight = 0
+        self._seeded = seeded
+        self._seeding = False
+        self.forced = False
+        """A flush is under way: every changed page (and held-back state) goes now."""
+        self.cut = False
+        """The last :meth:`send` stopped at its limit with more pages due."""
+
+    def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme, markers: Markers) -> None:
+        """Sign with ``codec``, name topics with ``topics`` (set on each ``connect()``)."""
+        self._codec, self._topics, self._markers = codec, topics, markers
+
+    @property
+    def seeded(self) -> bool:
+        return self._seeded
+
+    @property
+    def seeding(self) -> bool:
+        """The node's own retained states are being read back (see :meth:`seed`)."""
+        return self._seeding
+
+    @property
+    def settled(self) -> bool:
+        """No page is changed or waiting for its acknowledgement."""
+        return not self._dirty and not self._inflight
+
+    async def send(self, conn: Connection, window: Window, *,
+                   burst_end: bool, limit: int) -> bool:
+        """Send the changed pages the pacing allows (all of them while :attr:`forced`),
+        ``limit`` at most (:attr:`cut` tells whether more were due); False if the connection
+        broke."""
+        self.cut = False
+        if not self._dirty or not self._seeded:
+            return True
+        sent = 0
+        assert self._codec is not None and self._topics is not None
+        now = time.monotonic()
+        self._budget = min(_PAGE_BUDGET_CAP, self._budget
+                           + (now - self._budget_at) * _PAGE_BUDGET_TRICKLE)
+        self._budget_at = now
+        node_json = json.dumps(self._node_id).encode()
+        for page in list(self._dirty):
+            if sent >= limit:
+                self.cut = True
+                break
+            entries = self._pages[page]
+            if not burst_end:
+                # Mid-stream, even after flush(): the page is complete only once the burst is.
+                if self._changed[page] < max(self._sent[page], _PAGE_MIN_GROWTH):
+                    continue
+            elif not self.forced:
+                if now - self._sent_at[page] < _PAGE_MIN_INTERVAL:
+                    # A trickle of updates must not re-send (and re-sign) the page each time.
+                    self._wake_later(self._sent_at[page] + _PAGE_MIN_INTERVAL - now)
+                    continue
+                if self._budget < self._sent[page]:
+                    self._wake_later((self._sent[page] - self._budget) / _PAGE_BUDGET_TRICKLE)
+                    return True
+            body = b'{"node":%s,"page":%d,"states":{%s}}' % (node_json, page,
+                                                               b",".join(entries.values()))
+            if burst_end and not self.forced:
+                self._budget = max(0.0, self._budget - len(body))
+            del self._dirty[page]
+            self._changed[page] = 0
+            self._sent[page] = len(body)
+            self._sent_at[page] = now
+            try:
+                payload = self._codec.encode_json(kind="checkpoint", body_json=body)
+            except OversizedMessage:
+                # Left out of the snapshot and counted: late joiners then lack these states
+                # until the page fits again (a smaller node, or a larger message limit).
+                self._counters.dropped["checkpoint_oversized"] += 1
+                log.warning("checkpoint page %d of %d states exceeds the message size limit",
+                            page, len(entries))
+                continue
+            await window.acquire(len(payload))
+            try:
+                fut = conn.publish(self._topics.checkpoint(self._node_id, page), payload,
+                                   qos=1, retain=True)
+            except TransportError as exc:
+                window.release(len(payload))
+                self._dirty[page] = None
+                log.info("publish stopped: %s", exc)
+                return False
+            self._inflight += 1
+            sent += 1
+            fut.add_done_callback(functools.partial(self._page_done, page=page, window=window,
+                                                    nbytes=len(payload)))
+        return True
+
+    def _page_done(self, f: asyncio.Future[None], *, page: int,
+                   window: Window, nbytes: int) -> None:
+        window.release(nbytes)
+        self._inflight -= 1
+        if f.cancelled() or f.exception() is not None:
+            self._dirty[page] = None  # sent again after reconnecting
+            return
+        self._settled()
+
+    def keep_state(self, topic: str, item_json: bytes, *, only_new: bool = False) -> None:
+        """Record a state item for its checkpoint page."""
+        page = zlib.crc32(topic.encode()) % CHECKPOINT_PAGES
+        entries = self._pages[page]
+        if only_new and topic in entries:
+            return
+        assert self._topics is not None
+        category = self._topics.category_of_state(self._node_id, topic)
+        entry = b"%s:%s" % (json.dumps(category).encode(), item_json)
+        entries[topic] = entry
+        self._dirty[page] = None
+        self._changed[page] += len(entry)
+        self._budget += len(entry)
+
+    async def seed(self, conn: Connection) -> None:
+        """Read back this node's retained states (an earlier run's), so that the first page
+        it sends holds them too."""
+        assert self._topics is not None and self._markers is not None
+        t = self._topics
+        self._seeding = True
+        try:
+            await conn.subscribe([(t.node_state_filter(self._node_id), 1)])
+            await self._markers.round_trip(conn)
+            await conn.unsubscribe([t.node_state_filter(self._node_id)])
+        finally:
+            self._seeding = False
+        self._seeded = True
+        self._wake()

@@ -1,0 +1,22 @@
+"""The tallies a node's collaborators share, read out by ``PearNetwork.status()``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["Counters"]
+
+
+@dataclass(slots=True)
+class Counters:
+    """Messages and insights in and out, and what was dropped, by reason."""
+
+    messages_in: int = 0
+    messages_out: int = 0
+    insights_in: int = 0
+    insights_out: int = 0
+    duplicates: int = 0
+    reconnects: int = 0
+    states_from_checkpoints: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)

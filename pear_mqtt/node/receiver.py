@@ -1,0 +1,257 @@
+"""A node's receiving side: verify each message, check that its signer is the member (and
+node) its topic names, de-duplicate items by id, and deliver them. Anything wrong is dropped
+and counted by reason, never raised."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..config.models import NetworkConfig
+from ..errors import EnvelopeError, TopicError
+from ..model.aggregates import AggregateBody
+from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
+from ..privacy.filter import SharedInsight
+from ..security.envelope import EnvelopeCodec
+from ..security.identity import Identity
+from ..transport import Connection, InboundMessage
+from .checkpoints import CheckpointPages
+from .counters import Counters
+from .markers import Markers
+from .peers import PeerTable
+from .records import ReceivedAggregate, ReceivedInsight
+from .streams import Streams
+
+__all__ = ["Receiver"]
+
+log = logging.getLogger(__name__)
+
+_DEDUP_MEMORY = 200_000  # item ids remembered for de-duplication
+
+# SharedInsight.model_validate without the wrapper's own per-call cost (once per item).
+_validate_shared = SharedInsight.__pydantic_validator__.validate_python
+
+
+class Receiver:
+    """Handles every inbound message of a node inside the socket's read callback (:meth:`run`)
+    and keeps what sync() returns: the latest retained state per topic and aggregate."""
+
+    def __init__(self, *, config: NetworkConfig, clock: Callable[[], float],
+                 counters: Counters, streams: Streams, peers: PeerTable, markers: Markers,
+                 pages: CheckpointPages) -> None:
+        self.config = config
+        self._clock = clock
+        self._counters = counters
+        self._pages = pages
+        self._codec: EnvelopeCodec | None = None
+        self._me: Identity | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._states: dict[str, ReceivedInsight] = {}
+        self._aggregates: dict[str, ReceivedAggregate] = {}
+        # The collaborators' lists and methods, bound once: no lookups per message.
+        self._insight_streams = streams.insight_streams
+        self._aggregate_streams = streams.aggregate_streams
+        self._callbacks = streams.callbacks
+        self._fan_out = streams.fan_out
+        self._handle_presence = peers.handle
+        self._marker_arrived = markers.arrived
+
+    def attach(self, codec: EnvelopeCodec) -> None:
+        """Verify with ``codec`` (set on each ``connect()``)."""
+        self._codec = codec
+        self._me = codec.signer.identity
+
+    @property
+    def states(self) -> dict[str, ReceivedInsight]:
+        """The latest retained state per state topic (live: copy it to keep it)."""
+        return self._states
+
+    @property
+    def aggregates(self) -> dict[str, ReceivedAggregate]:
+        """The latest public aggregate per topic (live: copy it to keep it)."""
+        return self._aggregates
+
+    async def run(self, conn: Connection) -> None:
+        """Handle what ``conn`` receives until it closes."""
+        # Handled in the socket callback as each message is read: no queue, no task switch.
+        conn.dispatch_to(self._handle_guarded)
+        await conn.closed.wait()
+
+    def _handle_guarded(self, msg: InboundMessage) -> None:
+        try:
+            self._handle(msg)
+        except Exception:  # a receiver must never die on one message
+            log.exception("unexpected error handling a message on %r", msg.topic)
+            self._counters.dropped["internal_error"] += 1
+
+    def _handle(self, msg: InboundMessage) -> None:
+        self._counters.messages_in += 1
+        try:
+            parsed = parse_topic(msg.topic)
+        except TopicError:
+            self._counters.dropped["bad_topic"] += 1
+            return
+        if parsed.kind == "sync":
+            self._marker_arrived(msg.payload)
+            return
+        if parsed.kind == "nodes":
+            self._handle_presence(parsed, msg)
+            return
+        if parsed.kind == "checkpoint":
+            self._handle_checkpoint(parsed, msg)
+            return
+        if not msg.payload:
+            if not msg.retain:  # a cleared retained message is legitimate; this is not
+                self._counters.dropped["malformed"] += 1
+            return
+        assert self._codec is not None
+        try:
+            decoded = self._codec.decode(msg.payload, check_replay=not msg.retain)
+        except EnvelopeError as exc:
+            self._counters.dropped[exc.reason] += 1
+            log.debug("dropped message on %s: %s", msg.topic, exc)
+            return
+        signer = decoded.signer
+        # Identity first: our own envelope replayed into another member's subtree is a
+        # mismatch to count, not an echo to ignore.
+        if parsed.company is not None and parsed.company != signer.member:
+            self._counters.dropped["identity_mismatch"] += 1
+            return
+        if parsed.kind == "state" and parsed.node != signer.node:
+            self._counters.dropped["identity_mismatch"] += 1
+            return
+        if signer == self._me:
+            if (self._pages.seeding and parsed.kind == "state"
+                    and decoded.message.kind == "state"):
+                self._pages.keep_state(msg.topic, json.dumps(decoded.message.body,
+                                                             separators=(",", ":")).encode(),
+                                       only_new=True)
+            return  # our own message echoed by a broker without no-local
+        kind = decoded.message.kind
+        body = decoded.message.body
+        if kind == "insights" and parsed.kind in ("insights", "contrib"):
+            items = body.get("items") if isinstance(body, dict) else None
+            if not isinstance(items, list):
+                self._counters.dropped["malformed"] += 1
+                return
+            now = self._clock()
+            for raw in items:
+                self._deliver(raw, msg.topic, msg.retain, signer, dedup=True, now=now)
+        elif kind == "aggregate" and parsed.kind == "aggregates":
+            self._deliver_aggregate(body, msg, signer)
+        elif kind == "state" and parsed.kind == "state":
+            received = self._deliver(body, msg.topic, msg.retain, signer, dedup=False)
+            if received is not None:
+                self._states[msg.topic] = received
+        else:
+            self._counters.dropped["unexpected_kind"] += 1
+
+    def _deliver(self, raw: Any, topic: str, retained: bool, signer: Identity, *,
+                 dedup: bool, now: float | None = None) -> ReceivedInsight | None:
+        if not isinstance(raw, dict) or not isinstance(raw.get("iid"), str):
+            self._counters.dropped["malformed"] += 1
+            return None
+        iid: str = raw["iid"]
+        if dedup and iid in self._seen:
+            # Only ids of items that passed validation are remembered, so skipping the
+            # validation of a repeat cannot let anything new through.
+            self._counters.duplicates += 1
+            return None
+        try:
+            shared = _validate_shared(raw.get("insight"))
+        except ValidationError:
+            self._counters.dropped["malformed"] += 1
+            return None
+        sealed = raw.get("sealed")
+        received = ReceivedInsight(item_id=iid, topic=topic, member=signer.member,
+                                   node=signer.node, insight=shared, retained=retained,
+                                   received_at=self._clock() if now is None else now,
+                                   sealed=sealed if isinstance(sealed, str) else None)
+        if dedup:
+            self._seen[iid] = None
+            if len(self._seen) > _DEDUP_MEMORY:
+                self._seen.popitem(last=False)
+            self._counters.insights_in += 1
+            self._fan_out(self._insight_streams, received)
+            for cb in list(self._callbacks):
+                try:
+                    cb(received)
+                except Exception:
+                    log.exception("insight callback %r failed", cb)
+        return received
+
+    def _deliver_aggregate(self, body: Any, msg: InboundMessage, signer: Identity) -> None:
+        if signer.node != "bridge":
+            self._counters.dropped["identity_mismatch"] += 1
+            return
+        try:
+            aggregate = AggregateBody.model_validate(body)
+        except ValidationError:
+            self._counters.dropped["malformed"] += 1
+            return
+        received = ReceivedAggregate(topic=msg.topic, aggregate=aggregate, retained=msg.retain,
+                                     received_at=self._clock())
+        previous = self._aggregates.get(msg.topic)
+        self._aggregates[msg.topic] = received
+        if previous is not None and previous.aggregate == aggregate:
+            self._counters.duplicates += 1  # the same retained aggregate seen again
+            return
+        self._fan_out(self._aggregate_streams, received)
+
+    def _handle_checkpoint(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
+        if not msg.payload:
+            return  # a cleared page
+        assert self._codec is not None
+        try:
+            decoded = self._codec.decode(msg.payload, check_replay=False)
+        except EnvelopeError as exc:
+            self._counters.dropped[exc.reason] += 1
+            return
+        signer = decoded.signer
+        if signer == self._me:
+            return
+        if signer.member != parsed.company or signer.node != parsed.node:
+            self._counters.dropped["identity_mismatch"] += 1
+            return
+        body = decoded.message.body
+        states = body.get("states") if isinstance(body, dict) else None
+        if (decoded.message.kind != "checkpoint" or not isinstance(states, dict)
+                or body.get("page") != parsed.page or parsed.company is None):
+            self._counters.dropped["malformed"] += 1
+            return
+        # The topic each state would have on its own: built (and its category checked) by the
+        # topic scheme of the signer's member, so a page can only speak for its own node.
+        scheme = TopicScheme(parsed.mode, parsed.network or self.config.network_id,
+                             parsed.company)
+        # A page brings hundreds of acyclic objects at once; without pausing the cyclic
+        # collector it would rescan the growing state map many times per page.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._load_page(parsed, scheme, signer, states)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _load_page(self, parsed: ParsedTopic, scheme: TopicScheme, signer: Identity,
+                   states: dict[str, Any]) -> None:
+        for category, raw in states.items():
+            try:
+                topic = scheme.state(signer.node, category)
+            except TopicError:
+                self._counters.dropped["bad_topic"] += 1
+                continue
+            if zlib.crc32(topic.encode()) % CHECKPOINT_PAGES != parsed.page:
+                self._counters.dropped["malformed"] += 1  # not a state this page may carry
+                continue
+            received = self._deliver(raw, topic, True, signer, dedup=False)
+            if received is not None:
+                self._states[topic] = received
+                self._counters.states_from_checkpoints += 1

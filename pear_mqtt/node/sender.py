@@ -1,0 +1,446 @@
+"""A node's sending side: ``broadcast_market_insight`` into the outbox, and the flusher that
+signs pending items into envelopes, publishes them at QoS 1 and deletes them on PUBACK.
+
+The flusher batches only while the caller works through a backlog, and holds each category's
+retained state back while a burst lasts (only the newest is signed); it also sends the
+checkpoint pages (:mod:`.checkpoints`). Pacing contract: docs/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from ..config.models import NetworkConfig
+from ..errors import NotConnectedError, OutboxError, OversizedMessage, TransportError
+from ..model.insight import MarketInsight, NetworkMode
+from ..model.topics import TopicScheme
+from ..privacy.filter import PrivacyFilter
+from ..security.envelope import EnvelopeCodec
+from ..security.seal import Sealer
+from ..transport import Connection
+from .checkpoints import CheckpointPages
+from .counters import Counters
+from .markers import Markers
+from .memory_outbox import MemoryOutbox
+from .outbox import NewItem, Outbox, OutboxItem
+from .window import Window
+
+__all__ = ["BACKGROUND_PER_ROUND", "MIDSTREAM_BUDGET", "STATE_MAX_DEFER", "STATE_QUIET",
+           "Sender"]
+
+log = logging.getLogger(__name__)
+
+STATE_MAX_DEFER = 1.0
+"""Seconds a retained state may be held back while insights keep coming."""
+STATE_QUIET = 0.02
+"""Seconds without a broadcast that end a burst (held-back states all go then)."""
+BACKGROUND_PER_ROUND = 4
+"""Retained states (and pages) sent per flusher round, so that a live insight never waits
+behind a whole batch of them (each costs a signature)."""
+MIDSTREAM_BUDGET = 0.0003
+"""Seconds of a round that overdue states may take while insights flow."""
+
+_BURST_END_BUDGET = 0.002  # s of signing held-back states between two looks for new insights
+_BURST_END_BATCH = 256
+_MAX_INFLIGHT_ENVELOPES = 256
+# Bytes of unacknowledged envelopes (each also copied into paho's packet): a batch can be a few
+# hundred kB, and a full count window of them would hold tens of MB for no gain in speed (on
+# loopback half a MB in flight keeps the broker busy; the agent's RSS target is 60 MB).
+_MAX_INFLIGHT_BYTES = 512 * 1024
+# broadcast_market_insight never has to wait, so a caller broadcasting in a tight loop would
+# hold the event loop until it is done: nothing sent, no acks read, no keep-alives. It hands
+# the loop over when this much time (s) has passed since it last did, so sending overlaps
+# the caller's own work.
+_BROADCAST_YIELD_INTERVAL = 0.001
+# A broadcast starting this soon (s) after the previous one returned is "back to back": the
+# caller is working through a backlog, and the flusher batches (see Sender._linger).
+_BACK_TO_BACK = 0.0002
+# ... and this many of them since the flusher went idle start a batch: a paced sender that
+# catches up after a stall makes one or two, a loop over a backlog dozens.
+_BUSY_BACK_TO_BACK = 3
+_MAX_LINGER_FACTOR = 10
+_TOPIC_CACHE = 4096  # categories whose topic strings are kept
+_WAKE_MAX = 5.0  # longest wait (s) before a deferred page or held state is considered again
+
+
+class Sender:
+    """The outbox, the flusher task over it (:meth:`run`, one per connection) and the
+    checkpoint pages it keeps (:attr:`pages`)."""
+
+    def __init__(self, *, config: NetworkConfig, counters: Counters,
+                 privacy: PrivacyFilter) -> None:
+        self.config = config
+        self._counters = counters
+        self._filter = privacy
+        self._codec: EnvelopeCodec | None = None
+        self._scheme: TopicScheme | None = None
+        self._sealer: Sealer | None = None
+        self._outbox: Outbox | MemoryOutbox | None = None
+        self._work = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._inflight_ids: set[int] = set()
+        self._send_cursor = 0
+        self._latency: float | None = None
+        self._yielded_at = self._broadcast_at = time.monotonic()
+        self._back_to_back = 0  # broadcasts that started right after the previous one returned
+        self._category_topics: dict[str, tuple[str, str | None]] = {}
+        # State rows held back while a burst lasts: key -> newest row, and since when.
+        # Oldest change first. An OrderedDict: taking the first entry of a plain dict over and
+        # over skips every slot emptied before it (quadratic with 100,000 held states).
+        self._deferred_states: OrderedDict[str, OutboxItem] = OrderedDict()
+        self._deferred_since = 0.0
+        self._pages = CheckpointPages(node_id=config.node_id, counters=counters,
+                                      seeded=config.mode is NetworkMode.PUBLIC,
+                                      wake=self._work.set, wake_later=self._wake_later,
+                                      settled=self._maybe_idle)
+        self._send_pages = self._pages.send
+        self._keep_state = self._pages.keep_state
+
+    def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme, sealer: Sealer | None,
+               outbox: Outbox | MemoryOutbox, markers: Markers) -> None:
+        """What ``connect()`` opened: sign with ``codec``, seal aggregated groups with
+        ``sealer``, and send from ``outbox``."""
+        self._codec, self._scheme, self._sealer, self._outbox = codec, topics, sealer, outbox
+        self._pages.attach(codec=codec, topics=topics, markers=markers)
+        if outbox.depth > 0:
+            self._idle.clear()  # rows left by an earlier run still wait for their acks
+
+    def close_outbox(self) -> None:
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
+
+    @property
+    def pages(self) -> CheckpointPages:
+        return self._pages
+
+    @property
+    def outbox_depth(self) -> int:
+        return self._outbox.depth if self._outbox is not None else 0
+
+    @property
+    def latency(self) -> float | None:
+        """Smoothed PUBACK round trip in ms (None before the first)."""
+        return self._latency
+
+    @property
+    def idle(self) -> bool:
+        """Everything broadcast so far (and every page) is acknowledged."""
+        return self._idle.is_set()
+
+    @property
+    def held_states(self) -> int:
+        """Retained states held back until the burst ends (or they are overdue)."""
+        return len(self._deferred_states)
+
+    @property
+    def last_broadcast(self) -> float:
+        """``time.monotonic()`` when the latest broadcast returned."""
+        return self._broadcast_at
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    def wake(self) -> None:
+        """Look for work now (a new connection, a flush)."""
+        self._work.set()
+
+    def force(self) -> None:
+        """Send everything now: held-back states and changed pages included."""
+        self._pages.forced = True
+        self._work.set()
+
+    def connection_lost(self) -> None:
+        """Forget what was in flight: it is still in the outbox and is fetched again."""
+        self._inflight_ids.clear()
+        self._send_cursor = 0
+        self._deferred_states.clear()
+
+    # -- broadcasting --------------------------------------------------------------------------
+    async def broadcast(self, insight: MarketInsight) -> str:
+        """Filter ``insight``, store it (and its state) in the outbox; returns its item id."""
+        if self._outbox is None or self._scheme is None:
+            raise NotConnectedError("call connect() before broadcasting")
+        if time.monotonic() - self._broadcast_at < _BACK_TO_BACK:
+            self._back_to_back += 1  # the caller produces insights as fast as it can
+        result = self._filter.encode(insight)
+        item_id = os.urandom(16).hex()
+        # The item is spliced from the filter's JSON (one serialisation, no dict round trip);
+        # the id is hex and the sealed token base64url, so neither needs escaping.
+        parts = [b'{"iid":"', item_id.encode(), b'","insight":', result.shared]
+        if result.contribution is not None and self._sealer is not None:
+            token = self._sealer.seal(result.contribution)
+            parts += [b',"sealed":"', token.encode(), b'"']
+        elif result.contribution is not None:
+            self._counters.dropped["aggregated_without_aggregator_key"] += 1
+        parts.append(b"}")
+        payload = b"".join(parts)
+        topics = self._category_topics.get(insight.category)
+        if topics is None:
+            topics = self._topics_for(insight.category)
+        live_topic, state_topic = topics
+        try:
+            if isinstance(self._outbox, MemoryOutbox):
+                self._outbox.put_insight(topic=live_topic, payload=payload,
+                                         state_topic=state_topic)
+            else:
+                new = [NewItem(topic=live_topic, payload=payload,
+                               kind="contrib" if state_topic is None else "insight")]
+                if state_topic is not None:
+                    new.append(NewItem(topic=state_topic, payload=payload, kind="state",
+                                       key=state_topic, retain=True))
+                self._outbox.put_many(new)
+        except OutboxError:
+            self._counters.dropped["outbox_refused"] += 1  # the caller gets the error too
+            raise
+        self._counters.insights_out += 1
+        self._idle.clear()
+        self._work.set()
+        now = self._broadcast_at = time.monotonic()
+        if now - self._yielded_at >= _BROADCAST_YIELD_INTERVAL:
+            self._yielded_at = now
+            await asyncio.sleep(0)
+        return item_id
+
+    def _topics_for(self, category: str) -> tuple[str, str | None]:
+        """(live topic, state topic or None in public mode) of ``category``, remembered."""
+        assert self._scheme is not None
+        live = self._scheme.insights(category)
+        state = (None if self.config.mode is NetworkMode.PUBLIC
+                 else self._scheme.state(self.config.node_id, category))
+        if len(self._category_topics) >= _TOPIC_CACHE:
+            self._category_topics.clear()
+        self._category_topics[category] = (live, state)
+        return live, state
+
+    # -- the flusher ---------------------------------------------------------------------------
+    async def run(self, conn: Connection) -> None:
+        """Send from the outbox over ``conn`` until it closes."""
+        assert self._outbox is not None and self._codec is not None
+        window = Window(count=_MAX_INFLIGHT_ENVELOPES, nbytes=_MAX_INFLIGHT_BYTES)
+        rel = self.config.reliability
+        while not conn.closed.is_set():
+            idle_count, idle_b2b = self._counters.insights_out, self._back_to_back
+            await self._work.wait()
+            self._work.clear()
+            # Batching only pays when the caller produces insights as fast as it can (a loop
+            # over a backlog): then lingering turns them into fewer, larger envelopes. An
+            # insight from a paced stream, however fast, goes at once: waiting would only add
+            # latency. Counted from when the flusher went idle, so that what came during its
+            # own lingering and sending does not keep it lingering.
+            busy = (self._counters.insights_out - idle_count >= 2
+                    and self._back_to_back - idle_b2b >= _BUSY_BACK_TO_BACK)
+            if rel.batch_linger > 0 and busy:
+                await self._linger(rel.batch_linger, rel.batch_max_items)
+            while not conn.closed.is_set():
+                rows = self._outbox.pending(limit=rel.batch_max_items * 2,
+                                            after_id=self._send_cursor)
+                if not rows:
+                    ended = True  # the burst is over: held states and pages may all go
+                    if self._deferred_states and not self._pages.forced:
+                        now = time.monotonic()
+                        quiet = now - self._broadcast_at
+                        if quiet < STATE_QUIET:
+                            if now - self._deferred_since < STATE_MAX_DEFER:
+                                # Insights are still coming: hold the states a little longer.
+                                self._wake_later(STATE_QUIET - quiet)
+                                break
+                            # Overdue while insights still come: small slices with the loop
+                            # handed over between them, so a paced stream's next insight
+                            # never waits behind milliseconds of signing.
+                            ended = False
+                    if not (await self.send_states(
+                                conn, window,
+                                limit=_BURST_END_BATCH if ended else BACKGROUND_PER_ROUND,
+                                budget=_BURST_END_BUDGET if ended else MIDSTREAM_BUDGET)
+                            and await self._send_pages(conn, window, burst_end=ended,
+                                                       limit=BACKGROUND_PER_ROUND)):
+                        return
+                    if self._deferred_states or self._pages.cut:
+                        # One slice at a time: a new insight goes out ahead of the rest.
+                        await asyncio.sleep(0)
+                        continue
+                    self._maybe_idle()
+                    break
+                self._send_cursor = rows[-1].id
+                live = []
+                for row in rows:
+                    if row.kind != "state":
+                        live.append(row)
+                        continue
+                    if not self._deferred_states:
+                        self._deferred_since = time.monotonic()
+                    # A newer state of the same category replaces the held one in the outbox
+                    # too, so only the newest is ever signed and sent.
+                    self._deferred_states.pop(row.key or row.topic, None)
+                    self._deferred_states[row.key or row.topic] = row
+                for batch in _batches(live, rel.batch_max_items):
+                    if not await self._send_batch(conn, window, batch):
+                        return
+                # Mid-stream, what is overdue goes a little per round (about a third of a
+                # millisecond of signing), so the live insights between never stall.
+                if (self._deferred_states
+                        and time.monotonic() - self._deferred_since >= STATE_MAX_DEFER
+                        and not await self.send_states(conn, window,
+                                                       limit=BACKGROUND_PER_ROUND,
+                                                       budget=MIDSTREAM_BUDGET)):
+                    return
+                if not await self._send_pages(conn, window, burst_end=False, limit=1):
+                    return
+
+    async def _send_batch(self, conn: Connection, window: Window,
+                          batch: list[OutboxItem]) -> bool:
+        """Sign and publish ``batch``; False if the connection broke."""
+        for payload, ids in self._encode(batch):
+            await window.acquire(len(payload))
+            try:
+                self._publish(conn, batch[0], payload, ids, window)
+            except TransportError as exc:  # includes NotConnectedError
+                window.release(len(payload))
+                log.info("publish stopped: %s", exc)
+                return False
+        return True
+
+    async def send_states(self, conn: Connection, window: Window, *, limit: int,
+                          budget: float | None = None) -> bool:
+        """Send up to ``limit`` held-back retained states, one message each (oldest change
+        first), and no more once ``budget`` seconds went into it; False if the connection
+        broke.
+
+        During a burst a category's state changes with every insight; it only has to reach
+        the broker eventually (the live insight already went out), so it waits for the burst
+        to end, or :data:`STATE_MAX_DEFER` at most, and one signature covers many updates.
+        """
+        started = time.monotonic()
+        for _ in range(limit):
+            if not self._deferred_states or (
+                    budget is not None and time.monotonic() - started > budget):
+                break
+            _key, row = self._deferred_states.popitem(last=False)
+            if not await self._send_batch(conn, window, [row]):
+                return False
+        return True
+
+    async def _linger(self, linger: float, batch_max: int) -> None:
+        """Let a burst gather into one batch: ``linger`` seconds, and more while insights keep
+        coming back to back, up to :data:`_MAX_LINGER_FACTOR` times ``linger`` or a full
+        batch.
+
+        Each envelope costs a signature here and a verification at every receiver (~25 and
+        ~60 µs), so a caller working through a backlog would spend much of its time on
+        envelopes of two or three insights (one topic per category) unless the flusher waits
+        a little longer.
+        """
+        started = self._counters.insights_out
+        waited = 0.0
+        while True:
+            before = self._back_to_back
+            await asyncio.sleep(linger)
+            waited += linger
+            if (self._back_to_back - before < 2 or waited >= _MAX_LINGER_FACTOR * linger
+                    or self._counters.insights_out - started >= batch_max):
+                return
+
+    def _maybe_idle(self) -> None:
+        if (self._outbox is not None and not self._inflight_ids and self._outbox.depth == 0
+                and self._pages.settled):
+            self._pages.forced = False  # flush() is satisfied
+            self._idle.set()
+
+    def _wake_later(self, delay: float) -> None:
+        if self._timer is None or self._timer.cancelled():
+            def wake() -> None:
+                self._timer = None
+                self._work.set()
+            self._timer = asyncio.get_running_loop().call_later(
+                min(max(delay, 0.05), _WAKE_MAX), wake)
+
+    def _encode(self, batch: list[OutboxItem]) -> list[tuple[bytes, list[int]]]:
+        """Sign ``batch`` as one envelope, or as several when it is over the size limit."""
+        assert self._codec is not None
+        try:
+            # Rows hold each item's JSON as the outbox stored it: join, don't re-serialise.
+            if batch[0].kind == "state":
+                payload = self._codec.encode_json(kind="state", body_json=batch[-1].payload)
+                self._keep_state(batch[-1].topic, batch[-1].payload)
+            else:
+                payload = self._codec.encode_json(
+                    kind="insights",
+                    body_json=b'{"items":[' + b",".join(r.payload for r in batch) + b"]}")
+        except OversizedMessage:
+            if len(batch) == 1:
+                # One insight larger than the envelope limit can never be sent.
+                self._counters.dropped["oversized_outgoing"] += 1
+                self._ack_rows([batch[0].id])
+                return []
+            half = len(batch) // 2
+            return self._encode(batch[:half]) + self._encode(batch[half:])
+        return [(payload, [r.id for r in batch])]
+
+    def _publish(self, conn: Connection, first: OutboxItem, payload: bytes, ids: list[int],
+                 window: Window) -> None:
+        rel = self.config.reliability
+        fut = conn.publish(first.topic, payload, qos=rel.qos, retain=first.retain,
+                           expiry=rel.message_expiry if first.retain else None)
+        self._inflight_ids.update(ids)
+        self._counters.messages_out += 1
+        sent_at = time.perf_counter()
+
+        nbytes = len(payload)
+
+        def done(f: asyncio.Future[None]) -> None:
+            window.release(nbytes)
+            self._inflight_ids.difference_update(ids)
+            if f.cancelled() or f.exception() is not None:
+                return  # the rows stay in the outbox and are sent again after reconnecting
+            rtt = (time.perf_counter() - sent_at) * 1000
+            self._latency = rtt if self._latency is None else 0.9 * self._latency + 0.1 * rtt
+            self._ack_rows(ids)
+
+        fut.add_done_callback(done)
+
+    def _ack_rows(self, ids: list[int]) -> None:
+        if self._outbox is None:
+            return
+        try:
+            self._outbox.ack(ids)
+        except OutboxError as exc:
+            # The rows stay and are sent again: receivers de-duplicate by item id.
+            log.error("outbox could not record acknowledgements: %s", exc)
+            self._counters.dropped["outbox_ack_failed"] += 1
+            return
+        self._maybe_idle()
+
+
+def _batches(rows: list[OutboxItem], limit: int) -> Iterator[list[OutboxItem]]:
+    """Group a page of rows by (topic, kind), in order, at most ``limit`` per batch.
+
+    Order is kept per topic, which is all MQTT promises anyway. A state row is its own batch:
+    each retained state is one message. Live insights go first and states after them: a
+    reader waits for the insight, while the retained state only has to be there eventually
+    (signing it first would add its cost to every insight's latency).
+    """
+    groups: dict[tuple[str, str], list[OutboxItem]] = {}
+    states: list[OutboxItem] = []
+    for row in rows:
+        if row.kind == "state":
+            states.append(row)
+            continue
+        key = (row.topic, row.kind)
+        batch = groups.setdefault(key, [])
+        batch.append(row)
+        if len(batch) >= limit:
+            yield batch
+            groups[key] = []
+    for batch in groups.values():
+        if batch:
+            yield batch
+    for row in states:
+        yield [row]
