@@ -95,16 +95,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from ..errors import BrokerError, ConfigError, PearError
-from ..model.topics import AclRule, acl_rules, validate_identifier
+from ..model.topics import AclRule, acl_rules, filter_covers, topic_matches, validate_identifier
 from ..security.identity import Identity, identity_of
 
 __all__ = [
     "AccessPolicy",
     "EmbeddedBroker",
-    "filter_covers",
     "register_cli",
     "run_embedded",
-    "topic_matches",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,48 +114,6 @@ _PRINCIPAL: Final = "pear_mqtt.principal"
 _CONNECT_STATE: Final = "pear_mqtt.connect_state"
 _OVERRIDDEN: Final = ("_create_ssl_context", "_initialize_client_session", "_delete_session",
                       "_publish_retained_messages_for_subscription", "retain_message")
-
-
-# -- topic filter algebra ---------------------------------------------------------------------
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether the MQTT filter ``topic_filter`` matches the topic name ``topic`` (MQTT 4.7).
-
-    ``#`` matches the parent level too (``a/#`` matches ``a``); filters starting with a wildcard
-    never match ``$`` topics. ``topic_filter`` is assumed well formed.
-    """
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    levels, filter_levels = topic.split("/"), topic_filter.split("/")
-    for i, level in enumerate(filter_levels):
-        if level == "#":
-            return True
-        if i >= len(levels) or (level != "+" and level != levels[i]):
-            return False
-    return len(levels) == len(filter_levels)
-
-
-def filter_covers(outer: str, inner: str) -> bool:
-    """Whether every topic the filter ``inner`` can match is matched by the filter ``outer``.
-
-    This is what a subscription check needs: ``pear/v1/x/#`` covers ``pear/v1/x/+/state/#``,
-    but ``pear/v1/x/+`` does not cover ``pear/v1/x/#`` (which also matches ``pear/v1/x`` and
-    deeper topics).
-    """
-    outer_levels, inner_levels = outer.split("/"), inner.split("/")
-    dollar = inner_levels[0].startswith("$")
-    for i, level in enumerate(outer_levels):
-        if level == "#":
-            return not (i == 0 and dollar)
-        if i >= len(inner_levels) or inner_levels[i] == "#":
-            return False
-        if level == "+":
-            if i == 0 and dollar:
-                return False
-            continue
-        if level != inner_levels[i]:  # also refuses inner "+" under a literal outer level
-            return False
-    return len(inner_levels) == len(outer_levels)
 
 
 # -- access policy ----------------------------------------------------------------------------

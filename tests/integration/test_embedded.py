@@ -33,7 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from pear_mqtt.errors import BrokerError, ConfigError
 from pear_mqtt.model.topics import TopicScheme
-from pear_mqtt.ops.embedded import AccessPolicy, EmbeddedBroker, filter_covers, topic_matches
+from pear_mqtt.ops.embedded import AccessPolicy, EmbeddedBroker
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.pki import CertPaths
 
@@ -198,42 +198,7 @@ def scheme(mode: str, member: str, network: str = "testnet") -> TopicScheme:
     return TopicScheme(mode=mode, network=network, member=member)
 
 
-# -- topic algebra and policy (no broker) -------------------------------------------------------
-
-@pytest.mark.parametrize(("topic_filter", "topic", "expected"), [
-    ("a/b", "a/b", True),
-    ("a/+", "a/b", True),
-    ("a/+", "a/b/c", False),
-    ("a/#", "a", True),
-    ("a/#", "a/b/c", True),
-    ("+/b", "a/b", True),
-    ("#", "$SYS/x", False),
-    ("+/x", "$SYS/x", False),
-    ("$SYS/#", "$SYS/x", True),
-    ("a/b", "a/c", False),
-    ("a/b/c", "a/b", False),
-])
-def test_topic_matches(topic_filter: str, topic: str, expected: bool) -> None:
-    assert topic_matches(topic_filter, topic) is expected
-
-
-@pytest.mark.parametrize(("outer", "inner", "expected"), [
-    ("a/#", "a/#", True),
-    ("a/#", "a/+/c/#", True),
-    ("a/#", "a", True),
-    ("a/+", "a/b", True),
-    ("a/+", "a/+", True),
-    ("a/+", "a/#", False),
-    ("a/b/#", "a/+/#", False),
-    ("a/b", "a/+", False),
-    ("a/+/c", "a/b/c/d", False),
-    ("#", "$SYS/#", False),
-    ("+/#", "$SYS/x", False),
-    ("#", "a/b", True),
-])
-def test_filter_covers(outer: str, inner: str, expected: bool) -> None:
-    assert filter_covers(outer, inner) is expected
-
+# -- access policy (no broker) -------------------------------------------------------------------
 
 def test_policy_semantics() -> None:
     consortium = AccessPolicy.for_network(mode="consortium", network="n", bridge_users=["br"])
