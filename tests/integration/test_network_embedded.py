@@ -19,7 +19,7 @@ from pear_mqtt.config.models import (
 )
 from pear_mqtt.model.insight import NetworkMode
 from pear_mqtt.node.network import PearNetwork
-from pear_mqtt.ops.embedded import EmbeddedBroker
+from pear_mqtt.ops.embedded.broker import EmbeddedBroker
 from pear_mqtt.privacy.filter import ValueRange
 
 

@@ -2,8 +2,8 @@
 
 The mosquitto side of the same rules is checked against a real broker in
 ``tests/integration/test_security.py``; here: the exact rules, their placement, their
-validation, and what they mean under :class:`pear_mqtt.ops.embedded.AccessPolicy` (mosquitto's
-semantics: a deny wins over every grant).
+validation, and what they mean under :class:`pear_mqtt.ops.embedded.policy.AccessPolicy`
+(mosquitto's semantics: a deny wins over every grant).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pear_mqtt.model.topics import (
     revoked_node_rules,
     topic_matches,
 )
-from pear_mqtt.ops.embedded import AccessPolicy
+from pear_mqtt.ops.embedded.policy import AccessPolicy
 
 pytestmark = pytest.mark.unit
 
