@@ -13,7 +13,7 @@ from ...security.pki import CertPaths
 from ..compose import Compose, docker_problem, engine_reachable
 from .backend import Backend, Group
 from .local import render_mosquitto
-from .processes import alive, print_logs, start_ticks, tail
+from .processes import alive, print_logs, start_time, tail
 from .state import BrokerEntry, NodeEntry, Proc, UpState, save_state
 from .topology import HOST, NetworkSpec
 
@@ -60,7 +60,7 @@ class DockerBackend(Backend):
         return self._project
 
     def _container(self, service: str) -> Proc:
-        return Proc(pid=None, start_ticks=None, argv=self._started().argv("up", "-d", service),
+        return Proc(pid=None, start_time=None, argv=self._started().argv("up", "-d", service),
                     log=f"{_LOG_PREFIX}{service}", container=service)
 
     # -- preparing --------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class DockerBackend(Backend):
             pid = c.pid if c is not None and c.running else None
             if pid != proc.pid:
                 proc.pid = pid
-                proc.start_ticks = start_ticks(pid) if pid is not None else None
+                proc.start_time = start_time(pid) if pid is not None else None
 
     def tail(self, state: UpState, log: str, lines: int, *, since: int = 0) -> str:
         if not log.startswith(_LOG_PREFIX):

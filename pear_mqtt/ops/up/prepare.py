@@ -182,7 +182,7 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
             url=url, ca_dir=str(ca_dir), ca=str(ca_dir / pkimod.CA_CERT),
             crl=str(ca_dir / pkimod.CA_CRL), cert=str(broker_certs.cert),
             key=str(broker_certs.key), conf=str(conf) if conf else None,
-            probe_node=probe.name, proc=Proc(pid=None, start_ticks=None, argv=[], log=log)))
+            probe_node=probe.name, proc=Proc(pid=None, start_time=None, argv=[], log=log)))
     config = _write_bridge_config(directory, bridge, net_secrets)
     if config is not None:
         bridge["config"] = str(config)

@@ -11,38 +11,34 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+import psutil
+
 from ...errors import BrokerError
 from .state import Proc, UpState, now_iso
 
-__all__ = ["TAIL_LINES", "alive", "print_logs", "spawn", "start_ticks", "stop_groups", "tail"]
+__all__ = ["TAIL_LINES", "alive", "print_logs", "spawn", "start_time", "stop_groups", "tail"]
 
 TAIL_LINES: Final = 20
+# Start times closer than this are one process (the kernel counts them in clock ticks).
+_SAME_START = 0.05
 
-# Popen objects of the detached children, kept referenced so the interpreter neither warns
-# about them nor reaps them behind `alive`'s back while this command runs.
-_CHILDREN: list[subprocess.Popen[bytes]] = []
+# Popen objects of the detached children by pid, kept referenced so the interpreter neither
+# warns about them nor reaps them behind `alive`'s back while this command runs.
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def start_ticks(pid: int) -> int | None:
-    """The process start time (clock ticks since boot) from /proc, or None off Linux."""
+def _since_boot(process: psutil.Process) -> float:
+    # create_time() is boot time + the process's start after boot; boot time moves with the
+    # wall clock (NTP steps), the start after boot never does.
+    return round(process.create_time() - psutil.boot_time(), 2)
+
+
+def start_time(pid: int) -> float | None:
+    """When process ``pid`` started, in seconds after boot; None if there is no such process."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
+        return _since_boot(psutil.Process(pid))
+    except psutil.Error:
         return None
-    # The command name (field 2) may hold spaces and parentheses; fields after it do not.
-    fields = stat[stat.rfind(")") + 2:].split()
-    try:
-        return int(fields[19])  # field 22 overall
-    except (IndexError, ValueError):
-        return None
-
-
-def _proc_state(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2:].split(" ", 1)[0]
 
 
 def alive(proc: Proc) -> bool:
@@ -50,22 +46,20 @@ def alive(proc: Proc) -> bool:
     pid = proc.pid
     if pid is None:
         return False
-    with contextlib.suppress(ChildProcessError, OSError):
-        # Our own child (when start and status run in one interpreter) is a zombie until
-        # reaped; reaping it here makes it count as gone.
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
+    child = _CHILDREN.get(pid)
+    if child is not None and child.poll() is not None:
+        # Our own child (start and status in one interpreter): reaped now, so gone.
+        return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False
+        started = _since_boot(process)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # exists, owned by someone else: the ticks check below decides
-    if _proc_state(pid) in ("Z", "X"):
-        return False
-    ticks = start_ticks(pid)
-    return proc.start_ticks is None or ticks is None or ticks == proc.start_ticks
+    except psutil.AccessDenied:
+        return True  # exists, owned by someone else
+    return proc.start_time is None or abs(started - proc.start_time) < _SAME_START
 
 
 def _signal(proc: Proc, sig: signal.Signals) -> None:
@@ -105,8 +99,8 @@ def spawn(argv: Sequence[str], *, log: Path, cwd: Path) -> Proc:
                 start_new_session=True)
         except OSError as exc:
             raise BrokerError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    _CHILDREN.append(child)
-    return Proc(pid=child.pid, start_ticks=start_ticks(child.pid), argv=list(argv),
+    _CHILDREN[child.pid] = child
+    return Proc(pid=child.pid, start_time=start_time(child.pid), argv=list(argv),
                 log=str(log), log_offset=offset)
 
 
@@ -137,7 +131,7 @@ def stop_groups(groups: Sequence[Sequence[tuple[str, Proc]]], *, grace: float,
         for _, p in group:
             if not alive(p):  # a process that would not die stays recorded for the next try
                 p.pid = None
-                p.start_ticks = None
+                p.start_time = None
     return stuck
 
 

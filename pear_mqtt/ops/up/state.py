@@ -43,7 +43,7 @@ class Proc:
     """A process ``start`` launched: its pid, and what tells it apart from a recycled pid."""
 
     pid: int | None
-    start_ticks: int | None
+    start_time: float | None  # seconds after boot it started: a recycled pid has another
     argv: list[str]
     log: str
     log_offset: int = 0  # size of the log when this process started: its own output follows
@@ -138,7 +138,10 @@ class UpState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> UpState:
         def proc(d: dict[str, Any]) -> Proc:
-            return Proc(**d)
+            # Written before psutil: clock ticks since boot, which this version cannot
+            # compare; the pid alone then tells whether the process runs.
+            d = {k: v for k, v in d.items() if k != "start_ticks"}
+            return Proc(**{"start_time": None, **d})
 
         return cls(
             version=data["version"], state=data["state"], backend=data["backend"],
