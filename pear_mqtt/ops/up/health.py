@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import errno
 import functools
 import json
 import secrets
 import socket
-import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+from ...config.models import BrokerURL, TLSConfig
+from ...errors import ConnectError
+from ...transport import Connection
 from .backend import Backend
 from .processes import alive
 from .state import STATE_FILE, BrokerEntry, NodeEntry, Proc, UpState
@@ -64,56 +66,44 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _mqtt_connect_packet(client_id: str, keepalive: int = 10) -> bytes:
-    cid = client_id.encode()
-    # MQTT 3.1.1 CONNECT, clean session: the smallest thing both mosquitto and amqtt accept.
-    body = (b"\x00\x04MQTT\x04\x02" + keepalive.to_bytes(2, "big")
-            + len(cid).to_bytes(2, "big") + cid)
-    assert len(body) < 128  # one-byte remaining length
-    return bytes([0x10, len(body)]) + body
-
-
-def _recv_exact(sock: ssl.SSLSocket, count: int) -> bytes:
-    data = b""
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            raise ConnectionError("the broker closed the connection before CONNACK "
-                                  "(certificate refused?)")
-        data += chunk
-    return data
-
-
-_CONNACK_CODES = {1: "unacceptable protocol version", 2: "client id rejected",
-                  3: "server unavailable", 4: "bad user name or password",
-                  5: "not authorised"}
-
-
 def probe_broker(*, host: str, port: int, ca: Path | str, cert: Path | str, key: Path | str,
                  timeout: float = _PROBE_TIMEOUT) -> float:
-    """Connect with a node certificate over mutual TLS and complete an MQTT CONNECT.
+    """Connect with a node certificate over mutual TLS and complete an MQTT 3.1.1 CONNECT.
 
-    Returns the round trip in milliseconds. Raises ``OSError`` (refused, TLS failure,
-    timeout) or ``ConnectionError`` (closed or refused at CONNACK) with the reason.
-    A TLS handshake alone is not enough: with TLS 1.3 the broker judges the client
-    certificate after the handshake, so only a CONNACK proves the node was admitted.
+    Returns the round trip to CONNACK in milliseconds. Raises :class:`ConnectError` (refused,
+    TLS failure, closed or refused at CONNACK, timeout) or ``OSError`` (unreadable CA) with
+    the reason. A TLS handshake alone is not enough: with TLS 1.3 the broker judges the
+    client certificate after the handshake, so only a CONNACK proves the node was admitted.
     """
-    context = ssl.create_default_context(cafile=str(ca))
-    context.load_cert_chain(str(cert), str(key))
-    began = time.perf_counter()
-    client_id = f"pear-up-{secrets.token_hex(6)}"
-    with socket.create_connection((host, port), timeout=timeout) as raw, \
-            context.wrap_socket(raw, server_hostname=host) as tls:
-        tls.sendall(_mqtt_connect_packet(client_id))
-        connack = _recv_exact(tls, 4)
-        if connack[0] != 0x20 or connack[1] != 2:
-            raise ConnectionError(f"unexpected reply to CONNECT: {connack.hex()}")
-        if connack[3] != 0:
-            why = _CONNACK_CODES.get(connack[3], f"code {connack[3]}")
-            raise ConnectionError(f"CONNACK refused: {why}")
-        with contextlib.suppress(OSError):
-            tls.sendall(b"\xe0\x00")  # DISCONNECT: no will, no "unexpected disconnect" log
-    return (time.perf_counter() - began) * 1000
+
+    async def handshake() -> float:
+        connection = Connection(
+            broker=BrokerURL(scheme="mqtts", host=host, port=port),
+            client_id=f"pear-up-{secrets.token_hex(6)}",
+            tls=TLSConfig(ca_file=Path(ca), cert_file=Path(cert), key_file=Path(key)),
+            keepalive=10, clean_start=True, protocol=4)  # 3.1.1: both mosquitto and amqtt
+        began = time.perf_counter()
+        await connection.connect(timeout=timeout)
+        elapsed = (time.perf_counter() - began) * 1000
+        await connection.close()  # DISCONNECT: no will, no "unexpected disconnect" log
+        return elapsed
+
+    return _run_alone(handshake())
+
+
+def _run_alone(coro: Coroutine[Any, Any, float]) -> float:
+    # asyncio.run() without its wait for the default executor: a TLS handshake that hangs
+    # blocks paho's connect (in the executor) for its own 5 s, well past the probe's timeout.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
 
 
 def _probe(broker: BrokerEntry, nodes: Sequence[NodeEntry]) -> tuple[bool, str]:
@@ -123,7 +113,9 @@ def _probe(broker: BrokerEntry, nodes: Sequence[NodeEntry]) -> tuple[bool, str]:
     try:
         ms = probe_broker(host=broker.host, port=broker.port, ca=node.ca, cert=node.cert,
                           key=node.key)
-    except (OSError, ConnectionError, ssl.SSLError) as exc:
+    except ConnectError as exc:  # its message names the broker
+        return False, str(exc)
+    except OSError as exc:
         return False, f"{broker.url}: {type(exc).__name__}: {exc}"
     return True, f"{broker.url} admits {node.member}/{node.node} ({ms:.0f} ms)"
 
