@@ -58,7 +58,7 @@ class Backend(ABC):
         or a name :meth:`tail` understands)."""
 
     def begin(self, *, directory: Path, state: UpState, agent_nodes: Sequence[NodeEntry],
-              with_agents: bool, with_bridge: bool, rate: float | None) -> None:
+              with_agents: bool, rate: float | None) -> None:
         """Set up what every component shares, before the first one starts."""
         return None  # nothing to do unless a backend says otherwise
 

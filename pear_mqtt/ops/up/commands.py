@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -42,22 +41,6 @@ __all__ = ["STOP_GRACE", "logs", "parse_ports", "start", "status", "stop"]
 
 STOP_GRACE: Final = 10.0
 _FAILED_START_GRACE = 3.0
-
-
-def agents_available() -> tuple[bool, str]:
-    """Whether :mod:`pear_mqtt.agent` can run, and the line ``start`` prints about it."""
-    try:
-        module = importlib.import_module("pear_mqtt.agent.runner")
-    except ModuleNotFoundError as exc:
-        if exc.name == "pear_mqtt.agent.runner":
-            return False, "agents: not built yet (pear_mqtt.agent is missing); brokers only"
-        return False, f"agents: pear_mqtt.agent cannot be imported ({exc}); brokers only"
-    except Exception as exc:  # a half-written module must not take the brokers down
-        return False, (f"agents: pear_mqtt.agent cannot be imported ({type(exc).__name__}: "
-                       f"{exc}); brokers only")
-    if getattr(module, "register_cli", None) is None:
-        return False, "agents: pear_mqtt.agent has no command line yet; brokers only"
-    return True, "agents: simulated stores"
 
 
 def parse_ports(text: str | None) -> tuple[int, ...] | None:
@@ -173,8 +156,8 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
         for line in notes:
             out(line)
         port_list = _ports(ports, previous)
-        can_agents, agents_note = agents_available() if with_agents else \
-            (False, "agents: not started (--no-agents)")
+        agents_note = "agents: simulated stores" if with_agents else \
+            "agents: not started (--no-agents)"
 
         runner = chosen()
         plan = prepare(directory, port_list, runner)
@@ -185,12 +168,11 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
                         nodes=plan.nodes, agents_note=agents_note, bridge=plan.bridge)
         deadline = time.monotonic() + timeout
         try:
-            config = plan.bridge.get("config")
             runner.begin(directory=directory, state=state, agent_nodes=plan.agent_nodes,
-                         with_agents=can_agents, with_bridge=config is not None, rate=rate)
+                         with_agents=with_agents, rate=rate)
             _start_components(directory, state, runner, agent_nodes=plan.agent_nodes,
-                              bridge_config=config, with_agents=can_agents, rate=rate,
-                              deadline=deadline, out=out)
+                              bridge_config=plan.bridge["config"], with_agents=with_agents,
+                              rate=rate, deadline=deadline, out=out)
         except BaseException:
             # Nothing worth draining on a failed start: do not make the user wait for it.
             runner.stop(state, grace=_FAILED_START_GRACE, out=lambda _line: None)
@@ -207,7 +189,7 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
 
 
 def _start_components(directory: Path, state: UpState, backend: Backend, *,
-                      agent_nodes: Sequence[NodeEntry], bridge_config: str | None,
+                      agent_nodes: Sequence[NodeEntry], bridge_config: str,
                       with_agents: bool, rate: float | None, deadline: float,
                       out: Callable[[str], None]) -> None:
     """Brokers, then the bridge, then the agents, each group healthy before the next."""
@@ -221,7 +203,7 @@ def _start_components(directory: Path, state: UpState, backend: Backend, *,
     if failing:
         raise BrokerError("brokers did not come up:\n"
                           + failure_report(failing, state=state, backend=backend))
-    if bridge_config is not None and backend.runs_bridge(with_agents=with_agents):
+    if backend.runs_bridge(with_agents=with_agents):
         line = backend.announce_bridge(bridge_config)
         if line is not None:
             out(line)
@@ -329,8 +311,7 @@ def status(*, directory: Path, out: Callable[[str], None] = print,
         out(f"{c.component:<{width}}  {pid:>7}  {'healthy' if c.ok else 'FAILING':<9}  "
             f"{c.detail}")
     if not state.bridges:
-        out(f"{'bridge':<{width}}  {'-':>7}  {'-':<9}  not started (--no-agents, or "
-            "pear_mqtt.bridge unavailable)")
+        out(f"{'bridge':<{width}}  {'-':>7}  {'-':<9}  not started (--no-agents)")
     if not state.agents:
         note = state.agents_note.removeprefix("agents: ")
         out(f"{'agents':<{width}}  {'-':>7}  {'-':<9}  {note}")

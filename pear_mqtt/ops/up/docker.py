@@ -76,10 +76,10 @@ class DockerBackend(Backend):
         return conf, f"{_LOG_PREFIX}broker-{spec.mode}"
 
     def begin(self, *, directory: Path, state: UpState, agent_nodes: Sequence[NodeEntry],
-              with_agents: bool, with_bridge: bool, rate: float | None) -> None:
-        extra = {"PEAR_AGENT_RATE": f"{rate:g}" if rate is not None else "1"}
-        if with_bridge:
-            extra["COMPOSE_PROFILES"] = "bridge"  # recorded, so `stop` takes the bridge down too
+              with_agents: bool, rate: float | None) -> None:
+        extra = {"PEAR_AGENT_RATE": f"{rate:g}" if rate is not None else "1",
+                 # Recorded, so `stop` takes the bridge down too.
+                 "COMPOSE_PROFILES": "bridge"}
         compose = self._project = Compose.for_directory(directory, extra_env=extra)
         compose.write_env_file(directory)
         state.compose = compose.to_json()

@@ -183,20 +183,17 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
             crl=str(ca_dir / pkimod.CA_CRL), cert=str(broker_certs.cert),
             key=str(broker_certs.key), conf=str(conf) if conf else None,
             probe_node=probe.name, proc=Proc(pid=None, start_time=None, argv=[], log=log)))
-    config = _write_bridge_config(directory, bridge, net_secrets)
-    if config is not None:
-        bridge["config"] = str(config)
+    bridge["config"] = str(_write_bridge_config(directory, bridge, net_secrets))
     return Plan(brokers=brokers, nodes=nodes, agent_nodes=agent_nodes, bridge=bridge)
 
 
 def _write_bridge_config(directory: Path, bridge: dict[str, Any],
-                         net_secrets: dict[str, dict[str, str]]) -> Path | None:
+                         net_secrets: dict[str, dict[str, str]]) -> Path:
     """``bridge/bridge.toml``: the consortium's insights in, the public network's aggregates
-    out, with the identities :func:`prepare` issued (None when pear_mqtt.bridge is missing)."""
-    try:
-        from ...bridge.service import BridgeConfig, BridgeConfigManager
-    except Exception:  # a half-written bridge must not take the brokers down
-        return None
+    out, with the identities :func:`prepare` issued."""
+    # Imported here: only `start` writes it, and `status` / `stop` stay quick to load.
+    from ...bridge.service import BridgeConfig, BridgeConfigManager
+
     ids = bridge["identities"]
     consortium = next(s for s in TOPOLOGY if s.mode == "consortium" and s.bridge)
     public = next(s for s in TOPOLOGY if s.mode == "public" and s.bridge)
