@@ -1,43 +1,8 @@
-"""Render mosquitto 2 configuration for a pear_mqtt network.
+"""Render mosquitto 2 configuration for a pear_mqtt network: ``mosquitto.conf`` and its ACL.
 
-:func:`render` writes two files from the templates under ``broker/mosquitto/``:
-
-- ``mosquitto.conf``: a mutual-TLS listener (``require_certificate``,
-  ``use_identity_as_username``, ``crlfile``, ``acl_file``), persistence, retained-message
-  settings and limits sized for the pear_mqtt workload; optionally a plaintext listener for
-  local development.
-- ``acl``: generated from :func:`pear_mqtt.topics.acl_rules`, so the broker enforces exactly
-  the topic scheme the library publishes to: ``pattern`` lines (``%u`` = certificate CN = the
-  member) for every member, ``user <bridge>`` sections for the bridge identities, and
-  ``user <member>`` sections with ``topic deny`` lines for the nodes whose certificate was
-  revoked.
-
-Revocation, and the retained state a revoked node left behind
-    The CRL keeps a revoked node from connecting, but the retained state and presence it
-    published before stay on the broker. mosquitto 2.0 (checked on 2.0.11) hides them with two
-    features together: ``check_retain_source true`` (in ``common.conf.tmpl``) makes it re-check,
-    each time it delivers a retained message, that the message's original publisher -- by
-    username, i.e. the member -- still has *write* access to the topic; and the ACL's
-    ``deny`` lines (which win over every grant, wherever they stand) take the node's
-    ``state/<node>/#``, ``nodes/<node>`` and ``nodes/<node>/sync`` away from its member.
-    Other members' subscribers then stop receiving the node's retained messages
-    (check_retain_source), the member's other stores too (the deny is read access as well),
-    and a revoked node that is still connected cannot write there any more. The member's other
-    stores keep their own topics: the rules are per node.
-
-    Procedure: ``pear-mqtt pki revoke ...``, then ``pear-mqtt broker render --pki CA_DIR ...``
-    (with a ``ca_dir``, :func:`render` reads the revoked nodes from the CA registry, see
-    :func:`pear_mqtt.pki.revoked_nodes`), then SIGHUP mosquitto: it re-reads the ACL file and
-    the CRL. The messages stay stored but are never delivered. There is no "clear retained"
-    step: nobody has write access to those topics any more (that is the point), so nobody
-    could clear them over MQTT, and hiding is enough. Re-keying the node (a new certificate
-    for the same node id) lifts the deny; the old messages are then served again until the
-    node overwrites them, and receivers drop them because their signing certificate is on
-    the CRL.
-
-The broker's certificate and the CA material come from :mod:`pear_mqtt.pki`. mosquitto drops
-root privileges to the ``mosquitto`` user before it reads the key file, so either make the key
-readable by that user or set ``run_as``.
+The ACL comes from :func:`pear_mqtt.model.topics.acl_rules`, so the broker enforces exactly
+the topic scheme the library publishes to; with a CA directory, the nodes its registry lists
+as revoked get ``deny`` rules that hide the retained state they left (docs/ describes how).
 """
 
 from __future__ import annotations
@@ -193,9 +158,9 @@ def render(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, cert_file:
     - queue and in-flight limits: sized for syncing 100,000 retained states in one burst.
     - ``revoked``: ``(member, node)`` pairs whose topics the ACL denies, so that the broker
       stops serving the retained state and presence those nodes published before their
-      certificate was revoked (see the module docstring). Default: read from the CA
-      registry in ``ca_dir`` (:func:`pear_mqtt.pki.revoked_nodes`) when ``ca_dir`` is given,
-      else none. After ``pki revoke``, render again and SIGHUP mosquitto.
+      certificate was revoked (docs/ has the procedure). Default: read from the CA
+      registry in ``ca_dir`` (:func:`pear_mqtt.security.pki.revoked_nodes`) when ``ca_dir``
+      is given, else none. After ``pki revoke``, render again and SIGHUP mosquitto.
 
     Returns the paths written (and the revoked nodes denied). Paths in the configuration are
     absolute.
