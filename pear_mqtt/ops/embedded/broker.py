@@ -216,6 +216,7 @@ class EmbeddedBroker:
         running, self._running = self._running, None
         if running is None:
             return
+        running.listeners.stop_listening()
         try:
             await running.broker.shutdown()
         except Exception as exc:

@@ -98,10 +98,14 @@ class Listeners:
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 
-    async def close(self) -> None:
-        """Stop listening, then drop the connections still open (amqtt closed its own)."""
+    def stop_listening(self) -> None:
+        """Accept no new connection (the open ones carry on)."""
         for server in self._servers:
             server.close()
+
+    async def close(self) -> None:
+        """Stop listening and drop the connections still open (after amqtt closed its own)."""
+        self.stop_listening()
         for writer in list(self._writers):
             writer.close()
         for server in self._servers:
@@ -146,6 +150,7 @@ class Listeners:
                 CONNECTING.reset(token)
             end_turn()
             self._writers.discard(writer)
+            writer.close()  # amqtt is done with it (a no-op when amqtt closed it already)
 
 
 def _nothing() -> None:

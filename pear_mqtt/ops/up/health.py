@@ -8,11 +8,13 @@ import functools
 import json
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from ...config.models import BrokerURL, TLSConfig
 from ...errors import ConnectError
@@ -34,6 +36,8 @@ __all__ = [
     "probe_broker",
     "wait_healthy",
 ]
+
+T = TypeVar("T")
 
 _PROBE_TIMEOUT = 2.0
 # An agent's status file unchanged this long counts as stale: a hung agent would otherwise
@@ -92,9 +96,10 @@ def probe_broker(*, host: str, port: int, ca: Path | str, cert: Path | str, key:
 
 
 def _run_alone(coro: Coroutine[Any, Any, float]) -> float:
-    # asyncio.run() without its wait for the default executor: a TLS handshake that hangs
-    # blocks paho's connect (in the executor) for its own 5 s, well past the probe's timeout.
+    # asyncio.run() would wait for its executor, where paho's blocking connect runs: a broker
+    # that hangs the TLS handshake holds it for paho's own 5 s, well past the probe's timeout.
     loop = asyncio.new_event_loop()
+    loop.set_default_executor(_DaemonThreads())
     try:
         return loop.run_until_complete(coro)
     finally:
@@ -104,6 +109,27 @@ def _run_alone(coro: Coroutine[Any, Any, float]) -> float:
         if pending:
             loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
+
+
+class _DaemonThreads(ThreadPoolExecutor):
+    """Runs each call in a daemon thread of its own: neither the loop nor the interpreter
+    waits for a call that outlives the probe (asyncio takes only a ThreadPoolExecutor)."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+        threading.Thread(target=run, name="pear-up-probe", daemon=True).start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        return None  # nothing pooled to shut down
 
 
 def _probe(broker: BrokerEntry, nodes: Sequence[NodeEntry]) -> tuple[bool, str]:
