@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Final
 
 from ...errors import BrokerError, ConfigError
-from .backend import Backend
+from .backend import Backend, Group
 from .health import (
     Check,
     broker_side,
@@ -29,6 +29,7 @@ from .state import (
     STATE_VERSION,
     AgentEntry,
     NodeEntry,
+    Proc,
     UpState,
     load_state,
     locked,
@@ -195,14 +196,8 @@ def _start_components(directory: Path, state: UpState, backend: Backend, *,
     """Brokers, then the bridge, then the agents, each group healthy before the next."""
     for b in state.brokers:
         b.proc = backend.broker_process(directory=directory, broker=b)
-    backend.launch(directory=directory, state=state, group="broker",
-                   procs=[b.proc for b in state.brokers])
-    # Record pids at once: should this command die now, `stop` still finds them.
-    save_state(directory, state)
-    failing = wait_healthy(state, backend, deadline=deadline, kind="broker")
-    if failing:
-        raise BrokerError("brokers did not come up:\n"
-                          + failure_report(failing, state=state, backend=backend))
+    _launch(directory, state, backend, "broker", [b.proc for b in state.brokers],
+            deadline=deadline, failure="brokers did not come up")
     if backend.runs_bridge(with_agents=with_agents):
         line = backend.announce_bridge(bridge_config)
         if line is not None:
@@ -215,12 +210,8 @@ def _start_components(directory: Path, state: UpState, backend: Backend, *,
                             proc=backend.bridge_process(directory=directory, config=bridge_config,
                                                         status_file=status_file))
         state.bridges.append(bridge)
-        backend.launch(directory=directory, state=state, group="bridge", procs=[bridge.proc])
-        save_state(directory, state)
-        failing = wait_healthy(state, backend, deadline=deadline, kind="bridge")
-        if failing:
-            raise BrokerError("the bridge did not become healthy:\n"
-                              + failure_report(failing, state=state, backend=backend))
+        _launch(directory, state, backend, "bridge", [bridge.proc], deadline=deadline,
+                failure="the bridge did not become healthy")
     if not with_agents:
         return
     out(f"brokers up; starting {len(agent_nodes)} simulated agents{backend.agents_suffix}")
@@ -232,14 +223,24 @@ def _start_components(directory: Path, state: UpState, backend: Backend, *,
             name=node.name, node=node.name, config=node.config, status_file=str(status_file),
             proc=backend.agent_process(directory=directory, node=node, status_file=status_file,
                                        rate=rate)))
-    backend.launch(directory=directory, state=state, group="agent",
-                   procs=[a.proc for a in state.agents])
+    _launch(directory, state, backend, "agent", [a.proc for a in state.agents],
+            deadline=deadline, failure="agents did not become healthy")
+
+
+def _launch(directory: Path, state: UpState, backend: Backend, group: Group,
+            procs: Sequence[Proc], *, deadline: float, failure: str) -> None:
+    """Start ``procs`` and wait until their group is healthy; raise :class:`BrokerError`
+    saying ``failure``, with the log tails, when it does not become so."""
+    backend.launch(directory=directory, state=state, group=group, procs=procs)
+    # Record pids at once: should this command die now, `stop` still finds them.
     save_state(directory, state)
-    failing = wait_healthy(state, backend, deadline=deadline, kind="agent")
+    failing = wait_healthy(state, backend, deadline=deadline, kind=group)
     if failing:
-        raise BrokerError("agents did not become healthy:\n"
-                          + failure_report(failing, state=state, backend=backend)
-                          + broker_side(failing, state=state, backend=backend))
+        # A refused agent is explained in its broker's log, not in its own.
+        explain = broker_side(failing, state=state, backend=backend) if group == "agent" \
+            else ""
+        raise BrokerError(f"{failure}:\n"
+                          + failure_report(failing, state=state, backend=backend) + explain)
 
 
 def stop(*, directory: Path, grace: float = STOP_GRACE,

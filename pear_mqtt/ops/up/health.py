@@ -19,7 +19,7 @@ from typing import Any, Final, TypeVar
 from ...config.models import BrokerURL, TLSConfig
 from ...errors import ConnectError
 from ...transport import Connection
-from .backend import Backend
+from .backend import Backend, Group
 from .processes import alive
 from .state import STATE_FILE, BrokerEntry, NodeEntry, Proc, UpState
 from .topology import HOST
@@ -214,7 +214,7 @@ def check(state: UpState, backend: Backend) -> list[Check]:
 
 
 def wait_healthy(state: UpState, backend: Backend, *, deadline: float,
-                 kind: str) -> list[Check]:
+                 kind: Group) -> list[Check]:
     """Poll :func:`check` until the components of ``kind`` (``broker``, ``agent``,
     ``bridge``) pass, one dies, or the deadline; the failing checks (empty on success).
 
