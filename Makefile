@@ -102,7 +102,7 @@ privacy: $(STAMP)
 	@status=0; \
 	PEAR_PRIVACY_RESULTS=$(PRIVACY_RESULTS) $(BIN)/python -m pytest tests/integration/privacy \
 		-p no:cacheprovider $(PYTEST_ARGS) || status=$$?; \
-	$(BIN)/python tests/integration/privacy/privacy_report.py $(PRIVACY_RESULTS) \
+	$(BIN)/python tests/support/privacy_report.py $(PRIVACY_RESULTS) \
 		docs/PRIVACY.md || status=$${status:-1}; \
 	exit $$status
 

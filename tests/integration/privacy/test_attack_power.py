@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import attacks
+import privacy_attacks as attacks
 from privacy_report import ATTACKS, load, render
 from privacykit import POLICIES, Capture, Observation, WireMessage, first_hour, market
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import attacks
+import privacy_attacks as attacks
 import pytest
 from privacy_report import ATTACKS, record
 from privacykit import POLICIES, Capture, Policy

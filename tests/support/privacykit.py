@@ -5,13 +5,14 @@ and everything one member can read of it.
 - :func:`market`: seeded hourly observations per (company, store) and category, the ground
   truth: prices on a random walk, sales with known transaction counts, trends against the
   previous hour, ``sample_size`` = transactions (as the simulated agents report it).
-- :func:`run_policy`: brings the topology up with :func:`pear_mqtt.ops.up.start` (the CAs,
-  certificates, broker configurations with their ACLs, node and bridge configurations `make
-  up` writes), runs the bridge from `make up`'s ``bridge.toml`` on a test clock, broadcasts
-  the market hour by hour through :class:`PearNetwork` with each company's own configuration,
-  lets the attacker re-send and replay, closes the windows and returns a :class:`Capture`:
-  the ground truth, the attacker's own configuration files, and every message its
-  certificates let it read (decoded with its own keys), live and as a late joiner.
+- :func:`run_policy`: brings the topology up with :func:`pear_mqtt.ops.up.commands.start`
+  (the CAs, certificates, broker configurations with their ACLs, node and bridge
+  configurations `make up` writes), runs the bridge from `make up`'s ``bridge.toml`` on a
+  test clock, broadcasts the market hour by hour through :class:`PearNetwork` with each
+  company's own configuration, lets the attacker re-send and replay, closes the windows and
+  returns a :class:`Capture`: the ground truth, the attacker's own configuration files, and
+  every message its certificates let it read (decoded with its own keys), live and as a
+  late joiner.
 
 The attacker is the consortium's last company. Nothing here sleeps to synchronise: the bridge
 is waited on through its status, brokers through marker messages.
@@ -46,7 +47,9 @@ from pear_mqtt.errors import EnvelopeError, TopicError
 from pear_mqtt.model.insight import MarketInsight, NetworkMode, SharingLevel
 from pear_mqtt.model.topics import TopicScheme, parse_topic
 from pear_mqtt.node.network import PearNetwork
-from pear_mqtt.ops import up
+from pear_mqtt.ops.up.commands import start, stop
+from pear_mqtt.ops.up.state import BrokerEntry, NodeEntry, UpState
+from pear_mqtt.ops.up.topology import TOPOLOGY
 from pear_mqtt.security.base64url import b64url_decode
 from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.identity import Identity, identity_of
@@ -220,7 +223,7 @@ class Spy:
     before the marker first).
     """
 
-    def __init__(self, *, broker: up.BrokerEntry, certs: CertPaths, marker: str) -> None:
+    def __init__(self, *, broker: BrokerEntry, certs: CertPaths, marker: str) -> None:
         self.broker = broker
         self.probe = MqttProbe(host=broker.host, port=broker.port, certs=certs)
         self.marker = marker
@@ -289,22 +292,22 @@ class Clock:
 
 
 @contextlib.contextmanager
-def topology(directory: Path) -> Iterator[up.UpState]:
+def topology(directory: Path) -> Iterator[UpState]:
     """``pear-mqtt up start --no-agents --backend local`` in ``directory``, stopped after."""
-    ports = tuple(free_port() for _ in up.TOPOLOGY)
-    state = up.start(directory=directory, ports=ports, backend="local", with_agents=False,
+    ports = tuple(free_port() for _ in TOPOLOGY)
+    state = start(directory=directory, ports=ports, backend="local", with_agents=False,
                      out=lambda _line: None)
     try:
         yield state
     finally:
-        up.stop(directory=directory, grace=3.0, out=lambda _line: None)
+        stop(directory=directory, grace=3.0, out=lambda _line: None)
 
 
 def _load(path: Path, **overrides: Any) -> NetworkConfig:
     return NetworkConfigManager.load(file=path, env={}, **overrides)
 
 
-def _public_config(state: up.UpState, entry: up.NodeEntry, *, work: Path,
+def _public_config(state: UpState, entry: NodeEntry, *, work: Path,
                    aggregator: Path) -> Path:
     """A public participant's configuration: `make up` writes none (no agents run there), so
     the library's writer writes the least a participant needs: its certificate, the
@@ -351,12 +354,12 @@ def run_policy(policy: Policy, work: Path) -> Capture:
 class _Run:
     """One policy's run over a topology `make up` started."""
 
-    def __init__(self, policy: Policy, state: up.UpState, work: Path) -> None:
+    def __init__(self, policy: Policy, state: UpState, work: Path) -> None:
         self.policy, self.state, self.work = policy, state, work
-        spec = next(s for s in up.TOPOLOGY if s.mode == "consortium")
+        spec = next(s for s in TOPOLOGY if s.mode == "consortium")
         self.companies = spec.companies
         self.attacker = spec.companies[-1]
-        self.stores = tuple(sorted({s for sp in up.TOPOLOGY for s in sp.stores}))
+        self.stores = tuple(sorted({s for sp in TOPOLOGY for s in sp.stores}))
         bridge_file = Path(state.bridge["config"])
         source = ({"consortium": {"data_sharing": policy.overrides}}
                   if policy.mode is NetworkMode.CONSORTIUM and policy.sharing else {})

@@ -3,7 +3,7 @@
 Every attack test calls :func:`record` once per policy with what the attack learned, the bound
 the table allows and whether it held; the rows go to a JSON-lines file
 (``$PEAR_PRIVACY_RESULTS``, default ``.pear/privacy/results.jsonl``). ``python
-tests/integration/privacy/privacy_report.py`` (run by ``make privacy``) renders them into
+tests/support/privacy_report.py`` (run by ``make privacy``) renders them into
 ``docs/PRIVACY.md``. Recording never fails a test: the bound is asserted by the test itself.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = ROOT / ".pear" / "privacy" / "results.jsonl"
 DEFAULT_DOC = ROOT / "docs" / "PRIVACY.md"
 
