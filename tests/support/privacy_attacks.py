@@ -23,14 +23,13 @@ from itertools import combinations
 from typing import Any
 
 from privacykit import EXTRA_COMPANIES, EXTRA_STORES, Capture, Observation, WireMessage
-from pydantic import ValidationError
 
 from pear_mqtt.errors import TopicError
 from pear_mqtt.model.insight import SharingLevel
 from pear_mqtt.model.topics import parse_topic
 from pear_mqtt.privacy.aggregate import aggregate_cell
-from pear_mqtt.privacy.filter import ADDITIVE_FIELDS, Contribution, SharedInsight
-from pear_mqtt.privacy.ranges import RangeScheme, ValueRange
+from pear_mqtt.privacy.filter import ADDITIVE_FIELDS, Contribution
+from pear_mqtt.privacy.ranges import RangeScheme
 from pear_mqtt.security.identity import Identity
 
 EPS = 1e-9
@@ -54,12 +53,49 @@ def _equal(a: float, b: float) -> bool:
 # -- reading the capture -----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
+class Shared:
+    """A shared insight as its JSON says it, read without the library's own checks (an
+    attacker is not bound by them): ranges as ``(lo, hi)``, everything else as sent."""
+
+    category: str
+    region: str
+    product_id: str | None
+    window_start: datetime
+    window_end: datetime
+    company: str | None
+    store: str | None
+    levels: dict[str, str]
+    groups: dict[str, dict[str, Any]]
+    numbers: dict[str, float]  # numeric fields outside the groups (sample_size ...)
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> Shared | None:
+        try:
+            groups = {str(g): dict(f) for g, f in dict(data.get("groups") or {}).items()}
+            return cls(
+                category=str(data["category"]), region=str(data.get("region", "global")),
+                product_id=data.get("product_id"),
+                window_start=datetime.fromisoformat(str(data["window_start"])),
+                window_end=datetime.fromisoformat(str(data["window_end"])),
+                company=data.get("company"), store=data.get("store"),
+                levels={str(g): str(v) for g, v in dict(data.get("levels") or {}).items()},
+                groups=groups,
+                numbers={k: float(v) for k, v in data.items() if _is_number(v)})
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, slots=True)
 class Seen:
     """A competitor's shared insight as the attacker read it."""
 
     signer: Identity
     iid: str
-    insight: SharedInsight
+    insight: Shared
 
 
 def _items(body: Any) -> Iterator[Mapping[str, Any]]:
@@ -84,13 +120,9 @@ def seen_insights(capture: Capture) -> list[Seen]:
         assert msg.signer is not None
         for item in _items(msg.body):
             key = (msg.signer.member, msg.signer.node, str(item["iid"]))
-            if key in out:
-                continue
-            try:
-                shared = SharedInsight.model_validate(item["insight"])
-            except ValidationError:
-                continue
-            out[key] = Seen(signer=msg.signer, iid=key[2], insight=shared)
+            shared = None if key in out else Shared.parse(item["insight"])
+            if shared is not None:
+                out[key] = Seen(signer=msg.signer, iid=key[2], insight=shared)
     return list(out.values())
 
 
@@ -213,14 +245,18 @@ def dictionary(capture: Capture) -> Finding:
 # -- b. combining fields over time ------------------------------------------------------------
 
 def _range(value: Any) -> tuple[float, float] | None:
-    if isinstance(value, ValueRange):
-        return (-INF if value.lo is None else value.lo, INF if value.hi is None else value.hi)
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    """A published number or bucket (``{"lo", "hi"}``, either end open) as ``(lo, hi)``."""
+    if isinstance(value, Mapping) and ("lo" in value or "hi" in value):
+        lo, hi = value.get("lo"), value.get("hi")
+        if (lo is None or _is_number(lo)) and (hi is None or _is_number(hi)):
+            return (-INF if lo is None else float(lo), INF if hi is None else float(hi))
+        return None
+    if _is_number(value):
         return float(value), float(value)
     return None
 
 
-def price_bounds(s: SharedInsight) -> tuple[float, float]:
+def price_bounds(s: Shared) -> tuple[float, float]:
     """What one insight says about its price: its bucket or value, within min/max."""
     lo, hi = 0.0, INF
     group = s.groups.get("price_data", {})
@@ -237,7 +273,7 @@ def price_bounds(s: SharedInsight) -> tuple[float, float]:
     return lo, hi
 
 
-def ratio_bounds(s: SharedInsight) -> tuple[float, float]:
+def ratio_bounds(s: Shared) -> tuple[float, float]:
     """What one insight says about price / previous price (changes are rounded to 0.01)."""
     lo, hi = 0.0, INF
     trends = s.groups.get("trends", {})
@@ -270,7 +306,7 @@ def price_intervals(capture: Capture) -> list[dict[str, Any]]:
     for items in series.values():
         items.sort(key=lambda s: s.insight.window_start)
         lo, hi = 0.0, INF
-        previous: SharedInsight | None = None
+        previous: Shared | None = None
         for s in items:
             i = s.insight
             plo, phi = price_bounds(i)
@@ -286,10 +322,11 @@ def price_intervals(capture: Capture) -> list[dict[str, Any]]:
                 continue
             price = obs.insight.price_data.price
             bucket = scheme.bucket(price, category=i.category)
-            blo, bhi = _range(bucket) or (0.0, INF)
+            blo = -INF if bucket.lo is None else bucket.lo
+            bhi = INF if bucket.hi is None else bucket.hi
             width = _width(lo, hi)
             rows.append({
-                "exact_by_policy": i.levels.get("price_data") is SharingLevel.FULL,
+                "exact_by_policy": i.levels.get("price_data") == SharingLevel.FULL.value,
                 "sound": lo - EPS * price <= price <= hi + EPS * price,
                 "pct": width / price * 100 if price else INF,
                 "ratio": width / _width(blo, bhi) if _width(blo, bhi) > 0 else INF})
@@ -329,15 +366,11 @@ KINDS = {"price": "unit price", "min_price": "unit price", "max_price": "unit pr
          "demand_change_pct": "percent"}
 
 
-def _published_numbers(s: SharedInsight) -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
-    for name, value in s.model_dump(exclude={"groups", "levels"}).items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out.append((name, float(value)))
+def _published_numbers(s: Shared) -> list[tuple[str, float]]:
+    """Every exact number an insight publishes (bucket edges are the scheme's, not data)."""
+    out = list(s.numbers.items())
     for fields in s.groups.values():
-        for name, value in fields.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                out.append((name, float(value)))
+        out += [(name, float(v)) for name, v in fields.items() if _is_number(v)]
     return out
 
 
@@ -350,7 +383,7 @@ def linking(capture: Capture) -> Finding:
         if obs is None:
             continue
         withheld = [(name, v) for (group, name), v in _numbers(obs).items()
-                    if s.insight.levels.get(group) is not SharingLevel.FULL]
+                    if s.insight.levels.get(group) != SharingLevel.FULL.value]
         for name, value in _published_numbers(s.insight):
             published += 1
             match = next((w for w, v in withheld
