@@ -374,10 +374,39 @@ def _published_numbers(s: Shared) -> list[tuple[str, float]]:
     return out
 
 
+#: A published field is linked to a withheld one when they are equal at least this often
+#: (and more than once): the mark of a derivation, not of integers that happen to meet.
+LINK_SHARE = 0.25
+
+
+@dataclass(slots=True)
+class _Pairs:
+    """How often a published field met a withheld one of the same kind, and how often they
+    were equal; ``numbers`` keeps, per published number, the pairs it was equal through."""
+
+    comparable: Counter[tuple[str, str]]
+    equal: Counter[tuple[str, str]]
+    numbers: list[set[tuple[str, str]]]
+
+    def compare(self, published: str, value: float,
+                withheld: Iterable[tuple[str, float]]) -> None:
+        hits: set[tuple[str, str]] = set()
+        for name, v in withheld:
+            pair = (published, name)
+            self.comparable[pair] += 1
+            if _equal(v, value) and pair not in hits:
+                self.equal[pair] += 1
+                hits.add(pair)
+        self.numbers.append(hits)
+
+    def links(self) -> set[tuple[str, str]]:
+        return {p for p, n in self.equal.items()
+                if n >= 2 and n >= LINK_SHARE * self.comparable[p]}
+
+
 def linking(capture: Capture) -> Finding:
     index = truth_index(capture)
-    published = equal = 0
-    by_field: Counter[str] = Counter()
+    pairs = _Pairs(Counter(), Counter(), [])
     for s in seen_insights(capture):
         obs = truth_of(capture, s, index)
         if obs is None:
@@ -385,28 +414,29 @@ def linking(capture: Capture) -> Finding:
         withheld = [(name, v) for (group, name), v in _numbers(obs).items()
                     if s.insight.levels.get(group) != SharingLevel.FULL.value]
         for name, value in _published_numbers(s.insight):
-            published += 1
-            match = next((w for w, v in withheld
-                          if KINDS.get(w) == KINDS.get(name) and _equal(v, value)), None)
-            if match is not None:
-                equal += 1
-                by_field[f"{name}={match}"] += 1
-    agg_published, agg_equal = _aggregate_links(capture, by_field)
-    published += agg_published
-    equal += agg_equal
-    detail = ", ".join(f"{k} {n}x" for k, n in by_field.most_common(3))
-    learned = (f"{equal}/{published} published numbers equal a competitor's withheld value"
-               + (f" ({detail})" if detail else ""))
-    return Finding(learned=learned, bound="0 equal", held=equal == 0,
-                   metrics={"published": published, "equal": equal,
-                            "aggregate_numbers": agg_published, "by_field": dict(by_field)})
+            pairs.compare(name, value, [(w, v) for w, v in withheld
+                                        if KINDS.get(w) == KINDS.get(name)])
+    aggregates = _aggregate_numbers(capture, pairs)
+    links = pairs.links()
+    linked = sum(1 for hits in pairs.numbers if hits & links)
+    coincidences = sum(1 for hits in pairs.numbers if hits and not hits & links)
+    detail = ", ".join(f"{p} = {w} {pairs.equal[(p, w)]}/{pairs.comparable[(p, w)]}"
+                       for p, w in sorted(links))
+    learned = (f"{linked}/{len(pairs.numbers)} published numbers equal a competitor's "
+               f"withheld value" + (f" ({detail})" if detail else "")
+               + (f"; {coincidences} isolated coincidences of integers"
+                  if coincidences else ""))
+    return Finding(learned=learned, bound="0 equal through a link", held=linked == 0,
+                   metrics={"published": len(pairs.numbers), "linked": linked,
+                            "coincidences": coincidences, "aggregate_numbers": aggregates,
+                            "links": sorted(f"{p}={w}" for p, w in links)})
 
 
-def _aggregate_links(capture: Capture, by_field: Counter[str]) -> tuple[int, int]:
-    """Aggregate statistics equal to one competitor's own value in that cell."""
-    published = equal = 0
+def _aggregate_numbers(capture: Capture, pairs: _Pairs) -> int:
+    """Aggregate statistics against each competitor's own values in that cell."""
+    count = 0
     for cell, stats in aggregate_versions(capture):
-        category, region, start, end = cell[0], cell[1], cell[2], cell[3]
+        category, region, start, end = cell
         per_company: dict[str, list[Observation]] = {}
         for o in capture.truth:
             i = o.insight
@@ -414,23 +444,18 @@ def _aggregate_links(capture: Capture, by_field: Counter[str]) -> tuple[int, int
                     and i.region == region and start <= i.window_start.timestamp() < end):
                 per_company.setdefault(o.company, []).append(o)
         for (group, name), values in stats.items():
+            mine: list[tuple[str, float]] = []
+            for obs in per_company.values():
+                vals = [v for o in obs if (v := _numbers(o).get((group, name))) is not None]
+                if vals:
+                    mine.append((name, math.fsum(vals) if name in ADDITIVE_FIELDS
+                                 else math.fsum(vals) / len(vals)))
+                    mine += [(name, v) for v in vals]
             for stat in ("sum", "mean", "stddev"):
-                value = values.get(stat)
-                if not isinstance(value, int | float):
-                    continue
-                published += 1
-                for obs in per_company.values():
-                    own = [_numbers(o).get((group, name)) for o in obs]
-                    vals = [v for v in own if v is not None]
-                    if not vals:
-                        continue
-                    combined = math.fsum(vals) if name in ADDITIVE_FIELDS else \
-                        math.fsum(vals) / len(vals)
-                    if any(_equal(value, v) for v in (*vals, combined)):
-                        equal += 1
-                        by_field[f"aggregate {name}.{stat}"] += 1
-                        break
-    return published, equal
+                if stat in values:
+                    count += 1
+                    pairs.compare(f"aggregate {name}.{stat}", values[stat], mine)
+    return count
 
 
 # -- d. names, presence and timing -------------------------------------------------------------

@@ -29,7 +29,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,7 +43,7 @@ from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.status import BridgeStatus
 from pear_mqtt.config.manager import NetworkConfigManager
 from pear_mqtt.config.models import NetworkConfig, PrivacyConfig
-from pear_mqtt.errors import EnvelopeError, TopicError
+from pear_mqtt.errors import BrokerError, EnvelopeError, TopicError
 from pear_mqtt.model.insight import MarketInsight, NetworkMode, SharingLevel
 from pear_mqtt.model.topics import TopicScheme, parse_topic
 from pear_mqtt.node.network import PearNetwork
@@ -127,15 +127,16 @@ def first_hour(now: float | None = None) -> datetime:
     return datetime.fromtimestamp(today - DAY - 6 * 3600, UTC)
 
 
-def market(outlets: Sequence[tuple[str, str]], *, start: datetime, early: str | None,
+def market(outlets: Mapping[tuple[str, str], str], *, start: datetime, early: str | None,
            seed: int = SEED) -> list[Observation]:
     """:data:`HOURS` hourly observations per outlet (company, store) and category from
-    ``start``; company ``early`` opens an hour before the others."""
+    ``start``; company ``early`` opens an hour before the others. ``outlets`` maps each
+    outlet to the clear name its data is seeded by (its node id may be a fresh pseudonym)."""
     out: list[Observation] = []
-    for company, store in outlets:
+    for (company, store), label in sorted(outlets.items()):
         extra = 1 if company == early else 0
         for category, (base, base_units) in CATEGORIES.items():
-            rng = random.Random(f"{seed}/{company}/{store}/{category}")
+            rng = random.Random(f"{seed}/{label}/{category}")
             price = round(base * rng.uniform(0.9, 1.1), 2)
             scale = base_units * rng.uniform(0.9, 1.1)
             last_price: float | None = None
@@ -293,10 +294,24 @@ class Clock:
 
 @contextlib.contextmanager
 def topology(directory: Path) -> Iterator[UpState]:
-    """``pear-mqtt up start --no-agents --backend local`` in ``directory``, stopped after."""
-    ports = tuple(free_port() for _ in TOPOLOGY)
-    state = start(directory=directory, ports=ports, backend="local", with_agents=False,
-                     out=lambda _line: None)
+    """``pear-mqtt up start --no-agents --backend local`` in ``directory``, stopped after.
+
+    Ports are picked free and released before the brokers bind them; another process on the
+    machine may take one in between, so a start that found a port taken is tried afresh.
+    """
+    for attempt in range(3):
+        ports = {free_port() for _ in TOPOLOGY}
+        if len(ports) < len(TOPOLOGY):
+            continue
+        try:
+            state = start(directory=directory, ports=sorted(ports), backend="local",
+                          with_agents=False, out=lambda _line: None)
+            break
+        except BrokerError as exc:
+            if attempt == 2 or not any(s in str(exc) for s in ("listener", "in use")):
+                raise
+    else:
+        raise BrokerError("no three distinct free ports")
     try:
         yield state
     finally:
@@ -376,9 +391,11 @@ class _Run:
         mode = policy.mode.value
         # The outlets: the stores whose market the run broadcasts, with their own configs.
         self.outlets: dict[tuple[str, str], NetworkConfig] = {}
+        labels: dict[tuple[str, str], str] = {}
         for (m, company, node), entry in entries.items():
             if m != mode:
                 continue
+            labels[(company, node)] = entry.name.removeprefix(f"{m}-")
             if entry.config is not None:
                 self.outlets[(company, node)] = _load(Path(entry.config), **sharing)
             elif policy.mode is NetworkMode.PUBLIC:
@@ -403,7 +420,7 @@ class _Run:
             self.attacker_configs[entry.network] = (config, path)
         start = first_hour()
         early = next(c for c, _ in sorted(self.outlets) if c != self.attacker)
-        self.truth = market(sorted(self.outlets), start=start, early=early)
+        self.truth = market({o: labels[o] for o in self.outlets}, start=start, early=early)
         # The bridge lives an hour after the market's last hour, so neither window is due
         # (or in the future) until the run moves its clock past the publication lag.
         self.clock = Clock()

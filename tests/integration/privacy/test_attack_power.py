@@ -58,7 +58,7 @@ def message(signer: Identity, kind: str, body: Any) -> WireMessage:
 
 
 def truth() -> list[Observation]:
-    return market([(c, "store-1") for c in COMPANIES], start=first_hour(), early="acme")
+    return market({(c, "store-1"): c for c in COMPANIES}, start=first_hour(), early="acme")
 
 
 def aggregate(observations: Sequence[Observation], start: float, end: float,
