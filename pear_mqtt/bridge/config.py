@@ -86,6 +86,8 @@ class SourceConfig(Frozen):
     broker that opted in.
 
     ``tls`` is the bridge's certificate from that network's CA (role ``bridge``).
+    ``crl_file`` (or ``tls.crl_file``) is that CA's CRL: items a revoked certificate signed
+    are dropped (``revoked``); the file is re-read when it changes.
     ``aggregator_key_file`` is the X25519 *private* key whose public half the network's nodes
     seal ``aggregated`` groups to. ``data_sharing`` is the policy the members agreed on
     (unset groups: the mode's default); the bridge drops items that disclose more.
@@ -145,7 +147,8 @@ class SourceConfig(Frozen):
 class PublicConfig(Frozen):
     """The public broker the bridge publishes to (and reads participants' contributions from).
 
-    ``tls`` is the bridge's certificate from the public network's CA. With ``contributions``
+    ``tls`` is the bridge's certificate from the public network's CA (``crl_file`` or
+    ``tls.crl_file``: its CRL, as for a source). With ``contributions``
     the bridge also aggregates what public participants publish to their ``contrib/`` topics;
     ``aggregator_key_file`` is the X25519 private key their contributions are sealed to.
     ``data_sharing`` may only say ``aggregated`` or ``none``.

@@ -31,6 +31,7 @@ from ..model.insight import (
     category_name,
     identifier,
 )
+from ..security.revocation import CRL_CHECK_INTERVAL
 
 __all__ = [
     "RETIRED_PSEUDONYM_SECRET",
@@ -98,9 +99,11 @@ class TLSConfig(Frozen):
     # Check the broker's certificate against its host name; turned off only for brokers
     # reached by an address their certificate does not name.
     check_hostname: bool = True
-    # The network CA's CRL (PEM or DER): the node's receiver drops what a revoked certificate
-    # signed, and re-reads the file when it changes.
+    # The network CA's CRL (PEM or DER): receivers drop what a revoked certificate signed,
+    # and look at the file's modification time every crl_check_interval seconds at most,
+    # re-reading it when it changed.
     crl_file: Path | None = None
+    crl_check_interval: Annotated[float, Field(ge=0, le=86400)] = CRL_CHECK_INTERVAL
 
     def missing(self) -> list[str]:
         """Names of the unset paths, e.g. ``['tls.cert_file']``."""

@@ -190,6 +190,10 @@ def test_for_connect_names_missing_files(pem: dict[str, Path], tmp_path: Path) -
     msg = _raises(M.validate, config, for_connect=True)
     assert f"tls.cert_file: {gone} does not exist" in msg
     assert "tls.ca_file" not in msg and "tls.key_file" not in msg
+    no_crl = M.default_config("private", company_id="acme",
+                              tls=TLSConfig(**pem, crl_file=gone))
+    assert f"tls.crl_file: {gone} does not exist" in _raises(M.validate, no_crl,
+                                                             for_connect=True)
 
 
 def test_for_connect_names_unreadable_files(pem: dict[str, Path], tmp_path: Path) -> None:
