@@ -95,7 +95,8 @@ class SourceConfig(Frozen):
     Identities: items count under ``domain`` (default: the network id) as the member their
     certificate names. A private broker serves one company (``company_id``); give its
     identity in the consortium (``domain`` = the consortium network, ``member`` = its
-    pseudonym there) so that its stores and its consortium nodes count as one company.
+    pseudonym there, from the consortium CA's registry: ``pear-mqtt pki pseudonyms``) so that
+    its stores and its consortium nodes count as one company.
     ``include_full`` also aggregates ``full`` groups (default: yes for private sources, whose
     company opted in explicitly; no for the consortium, whose members shared those with each
     other, not with the public).
