@@ -18,7 +18,7 @@ from pear_mqtt.config.models import (
 )
 from pear_mqtt.model.insight import MarketInsight, NetworkMode
 from pear_mqtt.node.network import PearNetwork
-from pear_mqtt.ops.embedded import EmbeddedBroker
+from pear_mqtt.ops.embedded.broker import EmbeddedBroker
 from pear_mqtt.privacy.ranges import ValueRange
 
 
