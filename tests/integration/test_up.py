@@ -9,60 +9,23 @@ happened, so a failing test leaves no broker behind.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import MqttProbe, free_port, new_unique_id
+from brokers import MqttProbe, new_unique_id
 from paho.mqtt.enums import MQTTProtocolVersion
+from upkit import Up, listening
 
 from pear_mqtt.config.manager import NetworkConfigManager
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.pki import CertPaths
 
 pytestmark = pytest.mark.integration
-
-CLI_TIMEOUT = 60.0
-
-
-class Up:
-    """Runs ``pear-mqtt up ...`` against one state directory with fixed free ports."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.dir = root / "state"
-        ports: set[int] = set()
-        while len(ports) < 3:
-            ports.add(free_port())
-        self.ports = sorted(ports)
-
-    def run(self, *args: str, backend: str | None = None,
-            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ)
-        env.pop("PEAR_UP_PORTS", None)
-        env.pop("PEAR_BACKEND", None)
-        if backend is not None:
-            env["PEAR_BACKEND"] = backend
-        return subprocess.run(
-            [sys.executable, "-m", "pear_mqtt.cli", "up", *args, "--dir", str(self.dir)],
-            cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout,
-            check=False)
-
-    def start(self, *extra: str, backend: str | None = None
-              ) -> subprocess.CompletedProcess[str]:
-        return self.run("start", "--ports", ",".join(map(str, self.ports)), *extra,
-                        backend=backend)
-
-    def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.dir / "up.json").read_text())
-        return data
 
 
 @pytest.fixture
@@ -71,14 +34,6 @@ def up(tmp_path: Path) -> Iterator[Up]:
     yield runner
     if (runner.dir / "up.json").exists():
         runner.run("stop", "--grace", "3")
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _node(state: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -152,7 +107,7 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
             Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
     assert all(p["proc"]["pid"] is None for p in up.state()["brokers"])
     for port in up.ports:
-        assert not _listening(port), f"port {port} still has a listener"
+        assert not listening(port), f"port {port} still has a listener"
 
     after = up.run("status")
     assert after.returncode != 0
@@ -209,7 +164,7 @@ def test_busy_port_is_refused_before_starting_anything(up: Up) -> None:
         result = up.start("--no-agents", backend="embedded")
     assert result.returncode == 1
     assert f"[{up.ports[1]}]" in result.stderr and "--ports" in result.stderr
-    assert not _listening(up.ports[0]) and not _listening(up.ports[2])
+    assert not listening(up.ports[0]) and not listening(up.ports[2])
 
 
 def test_failed_start_prints_log_tail_and_cleans_up(up: Up) -> None:
@@ -225,7 +180,7 @@ def test_failed_start_prints_log_tail_and_cleans_up(up: Up) -> None:
     assert "tail of" in result.stderr and "Unable to load server key" in result.stderr
     assert up.state()["state"] == "failed"
     for port in up.ports:
-        assert not _listening(port)
+        assert not listening(port)
     assert up.run("status").returncode != 0
 
 

@@ -338,7 +338,8 @@ class MosquittoBroker:
                 f"{self.log_text()[log_offset:]}")
 
     # -- lifecycle --------------------------------------------------------------------------
-    def _render(self) -> None:
+    def render(self) -> None:
+        """(Re)write the broker's configuration and ACL from its PKI (after a revocation)."""
         if self.pki is None:
             self._render_plain_only()
             return
@@ -418,7 +419,7 @@ class MosquittoBroker:
                 # grab one in between, so a first start retries with fresh ports.
                 self._port = free_port() if self.plain or self.pki is None else None
                 self._tls_port = free_port() if self.pki is not None else None
-            self._render()
+            self.render()
             offsets = len(self.log_text()), len(self.output_text())
             began = time.perf_counter()
             self._spawn()
