@@ -27,7 +27,7 @@ from ..model.insight import (
     identifier,
 )
 from ..model.topics import validate_identifier
-from .pseudonyms import Pseudonymizer
+from ..security.identity import Identity
 from .ranges import RangeScheme, ValueRange
 
 __all__ = [
@@ -65,8 +65,9 @@ GroupValues = dict[str, Annotated[str | Finite | ValueRange, Field(union_mode="l
 class SharedInsight(Frozen):
     """What a node publishes for one insight: ``full`` and ``ranges_only`` groups only.
 
-    ``company`` and ``store`` are pseudonyms when the network anonymises and has a pseudonym
-    secret, None when it anonymises without one, and the real ids otherwise. ``levels`` names
+    ``company`` and ``store`` are the member and node the sender's certificate names when the
+    network anonymises (the pseudonyms its operator assigned, in an anonymising network), and
+    the configured ids otherwise. ``levels`` names
     the level of each group in ``groups`` (and nothing else: ``aggregated`` and ``none`` groups
     are not even named). A ``ranges_only`` group holds no bare number; the model refuses one,
     so a receiver can rely on it too.
@@ -125,10 +126,11 @@ def _check_contribution(values: Mapping[str, Mapping[str, float]]) -> None:
 class Contribution(Frozen):
     """One insight's ``aggregated`` groups: exact values only an aggregator may open.
 
-    ``company`` is the identity :func:`aggregate` counts distinct companies by (the pseudonym,
-    or the real id when the network has no pseudonym secret: the contribution is sealed to the
-    aggregator). Pseudonyms are per network, so aggregate contributions of one network at a
-    time or one company counts once per network. ``currency`` is the unit of ``price_data``
+    ``company`` is the identity :func:`aggregate` counts distinct companies by: the member the
+    sender's certificate names when the network anonymises (its pseudonym there), else the
+    configured company id; the contribution is sealed to the aggregator. Pseudonyms are per
+    network, so aggregate contributions of one network at a time or one company counts once
+    per network. ``currency`` is the unit of ``price_data``
     values. ``values`` maps group to numeric field to exact value.
     """
 
@@ -210,17 +212,31 @@ class PrivacyFilter:
     The level of each group is ``config.sharing_level(group)``. Public mode may share
     aggregates only: a configuration that would put a group into the published insight is
     refused with :class:`PrivacyError`, when the filter is built and again on every insight.
+
+    With ``anonymize_data`` the identities published are those of ``identity``: the member
+    and node the node's certificate names (:meth:`attach`, on every ``connect()``). Until one
+    is attached no identity is published (the sealed contribution names the configured
+    company id for the aggregator).
     """
 
-    __slots__ = ("_config", "_levels", "_pseudonymizer", "_ranges")
+    __slots__ = ("_config", "_identity", "_levels", "_ranges")
 
-    def __init__(self, *, config: NetworkConfig) -> None:
+    def __init__(self, *, config: NetworkConfig, identity: Identity | None = None) -> None:
         self._config = config
+        self._identity = identity
         self._levels = {group: SharingLevel(config.sharing_level(group))
                         for group in FIELD_GROUPS}
-        self._pseudonymizer = Pseudonymizer.from_config(config)
         self._ranges = RangeScheme.from_config(config.privacy)
         self._check_mode()
+
+    def attach(self, identity: Identity) -> None:
+        """Publish ``identity`` (the node certificate's) from now on (set on ``connect()``)."""
+        self._identity = identity
+
+    @property
+    def identity(self) -> Identity | None:
+        """The certificate identity published when the network anonymises, once attached."""
+        return self._identity
 
     @property
     def levels(self) -> dict[str, SharingLevel]:
@@ -240,26 +256,30 @@ class PrivacyFilter:
                 raise PrivacyError(f"public mode shares aggregates only, but {shared} would be "
                                    "published per insight")
 
-    def _identities(self, store: str) -> tuple[str | None, str | None, str, str | None]:
+    def _identities(self, store: str | None) -> tuple[str | None, str | None, str, str | None]:
         """(shared company, shared store, contribution company, contribution store)."""
         company = self._config.company_id
         if not self._config.privacy.anonymize_data:
+            store = self._config.node_id if store is None else store
             return company, store, company, store
-        p = self._pseudonymizer
-        if p is None:
+        me = self._identity
+        if me is None:
             # Dropped from what is published; the sealed contribution still needs a stable
             # company identity so the aggregator can count distinct companies.
             return None, None, company, None
-        company_p = p.pseudonym("company", company)
-        store_p = p.store_pseudonym(company, store)
-        return company_p, store_p, company_p, store_p
+        if store is not None and store != me.node:
+            # Only the operator can map a store to its pseudonym: publishing another store's
+            # own id would undo the anonymity the certificate gives.
+            raise PrivacyError(f"store {store!r} is not the node this certificate names "
+                               f"({me.node!r}); an anonymising node publishes only that")
+        return me.member, me.node, me.member, me.node
 
     def apply(self, insight: MarketInsight, *, store: str | None = None) -> FilterResult:
         """Split ``insight`` into the published :class:`SharedInsight` and the sealed
         :class:`Contribution` (None when no ``aggregated`` group holds data).
 
         ``store`` is the store identity; it defaults to the config's ``node_id`` (one node
-        per store).
+        per store), and to the certificate's node when the network anonymises.
         """
         sp = self._split(insight, store)
         # Every field comes from a validated MarketInsight, the node's own config or the
@@ -315,9 +335,7 @@ class PrivacyFilter:
 
     def _split(self, insight: MarketInsight, store: str | None) -> _Split:
         self._check_mode()
-        if store is None:
-            store = self._config.node_id
-        else:
+        if store is not None:
             try:
                 validate_identifier(store, what="store")
             except TopicError as exc:

@@ -48,8 +48,7 @@ def make_config(pki: NetworkPKI, aggregator_key: Path) -> Callable[..., NetworkC
         return NetworkConfig(
             mode=NetworkMode.CONSORTIUM, company_id=member, network_id=pki.network,
             node_id="store-1", broker_url=broker.tls_url, tls=pki.tls(member),
-            privacy=PrivacyConfig(aggregator_key_file=aggregator_key,
-                                  pseudonym_secret="s" * 32),
+            privacy=PrivacyConfig(aggregator_key_file=aggregator_key),
             encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
             reliability=ReliabilityConfig(outbox_path=outbox, reconnect_min_delay=0.05,
                                           reconnect_max_delay=0.5))

@@ -8,6 +8,8 @@ happened, so a failing test leaves no broker behind.
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -19,6 +21,8 @@ from brokers import MqttProbe, new_unique_id
 from paho.mqtt.enums import MQTTProtocolVersion
 from upkit import Up, listening
 
+from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.pki import CertPaths
 
 pytestmark = pytest.mark.integration
@@ -178,3 +182,66 @@ def test_failed_start_prints_log_tail_and_cleans_up(up: Up) -> None:
     for port in up.ports:
         assert not listening(port)
     assert up.run("status").returncode != 0
+
+
+def test_an_old_state_directory_is_migrated_to_certificate_pseudonyms(up: Up) -> None:
+    """`make up` over a `.pear/` made before pseudonyms came from certificates (one pseudonym
+    secret in secrets.json and in every member's config, CAs issuing node certificates under
+    the pseudonyms it computed and the stores' own ids): the running topology is stopped,
+    the secret dropped, every store enrolled under its CA's random pseudonyms (the old
+    certificates revoked), the configs rewritten, and the bridge counts afresh."""
+    first = up.start("--no-agents", backend="local")
+    assert first.returncode == 0, first.stdout + first.stderr
+    # Turn the running topology's state back into what the older code left.
+    secrets_file = up.dir / "secrets.json"
+    data = json.loads(secrets_file.read_text())
+    for entry in data.values():
+        entry["pseudonym_secret"] = "shared-with-every-member-0123456789"
+    secrets_file.write_text(json.dumps(data))
+    ca_dir = up.dir / "pki" / "retail-eu" / "ca"
+    (ca_dir / pkimod.PSEUDONYMS).unlink()
+    old = pkimod.issue(ca_dir=ca_dir, out_dir=ca_dir.parent / "nodes", role="node",
+                       member="p" + "a" * 24, node="store-1")
+    old_serial = _cert_serial(old.cert.read_bytes())
+    config_file = up.dir / "nodes" / "consortium-globex-store-1.toml"
+    text = config_file.read_text()
+    text = re.sub(r'(?m)^node_id = ".*"$', 'node_id = "store-1"', text)
+    text = text.replace("[privacy]\n", '[privacy]\npseudonym_secret = "shared"\n', 1)
+    config_file.write_text(text)
+    (up.dir / "bridge").mkdir(exist_ok=True)
+    (up.dir / "bridge" / "state.sqlite").write_bytes(b"counted under the old pseudonyms")
+
+    again = up.start("--no-agents", backend="local")
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out
+    assert "pseudonym secret shared with every member" in out and "stopping it to migrate" in out
+    assert out.count("migrated:") >= 3, out
+    assert "pseudonym_secret" not in secrets_file.read_text()
+    assert pkimod.has_pseudonyms(ca_dir=ca_dir)
+    revoked = {r.serial for r in pkimod.list_certificates(ca_dir=ca_dir) if r.revoked}
+    assert old_serial in revoked
+    assert not old.cert.exists()
+    assert (up.dir / "bridge" / "state.sqlite.before-pseudonyms").is_file()
+
+    state = up.state()
+    registry = {(e.company, e.store): e for e in pkimod.list_pseudonyms(ca_dir=ca_dir)}
+    for node in (n for n in state["nodes"] if n["network"] == "retail-eu"):
+        enrolment = registry[(node["company"], "store-1")]
+        assert (node["member"], node["node"]) == (enrolment.member, enrolment.node)
+    for path in (up.dir / "nodes").glob("*.toml"):
+        assert "pseudonym_secret" not in path.read_text(), path
+    config = NetworkConfigManager.load(file=config_file, env={})
+    assert config.company_id == "globex"
+    assert config.node_id == registry[("globex", "store-1")].node != "store-1"
+    assert config.tls.crl_file == (ca_dir / pkimod.CA_CRL).resolve()
+    _publish_and_receive(state, protocol=MQTTProtocolVersion.MQTTv5)
+
+    current = up.start("--no-agents", backend="local")
+    assert current.returncode == 0 and "already up" in current.stdout
+    assert "migrated" not in current.stdout
+
+
+def _cert_serial(pem: bytes) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem).serial_number

@@ -21,6 +21,7 @@ from .health import (
     port_free,
     wait_healthy,
 )
+from .migrate import migrate, outdated
 from .prepare import prepare
 from .processes import TAIL_LINES, alive, print_logs
 from .selection import backend_for, choose_backend
@@ -127,17 +128,20 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
     :func:`choose_backend`. ``rate`` is passed to the agents; ``timeout`` bounds the wait.
 
     Already up and healthy: returns the recorded state unchanged. Partly up (a process
-    died): stops what remains and starts afresh. Raises :class:`BrokerError` with the log
-    tails of what failed; everything this call started is stopped again before that.
+    died): stops what remains and starts afresh. A state directory made by an older
+    pear-mqtt (a pseudonym secret shared with every member) is stopped and migrated first
+    (:mod:`.migrate`). Raises :class:`BrokerError` with the log tails of what failed;
+    everything this call started is stopped again before that.
     """
     directory = Path(directory).resolve()
     began = time.monotonic()
     with locked(directory):
         previous = load_state(directory)
+        stale = outdated(directory)
         if previous is not None and previous.state == "up":
             earlier = backend_for(previous)
             checks = check(previous, earlier)
-            if all(c.ok for c in checks):
+            if all(c.ok for c in checks) and stale is None:
                 out(f"already up ({previous.backend} backend, since {previous.started_at}); "
                     f"state in {directory / STATE_FILE}")
                 recorded = [b.port for b in previous.brokers]
@@ -146,12 +150,16 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
                         "`pear-mqtt up stop` first to move it")
                 _print_endpoints(previous, out)
                 return previous
-            if any(alive(p) for _, p in previous.processes()):  # check() refreshed them
+            if stale is not None:
+                out(f"{stale}; stopping it to migrate")
+            elif any(alive(p) for _, p in previous.processes()):  # check() refreshed them
                 out("partly up; stopping the rest and starting afresh:")
                 for c in checks:
                     if not c.ok:
                         out(f"  {c.component}: {c.detail}")
             earlier.stop(previous, grace=STOP_GRACE, out=out)
+        for line in migrate(directory):
+            out(line)
 
         chosen, notes = choose_backend(backend)
         for line in notes:

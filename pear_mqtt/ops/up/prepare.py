@@ -1,4 +1,9 @@
-"""Everything ``start`` writes before a process runs: PKI, secrets, node and bridge configs."""
+"""Everything ``start`` writes before a process runs: PKI, secrets, node and bridge configs.
+
+In the anonymising networks every store is enrolled under the random pseudonyms its
+network's CA assigns (company -> CN, store -> OU); the names stay in the CA's registry, and no
+node configuration holds anything that maps them.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,6 @@ from cryptography import x509
 from ...config.manager import NetworkConfigManager
 from ...errors import ConfigError
 from ...files import atomic_write
-from ...privacy.pseudonyms import Pseudonymizer
 from ...security import pki as pkimod
 from .backend import Backend
 from .state import BrokerEntry, NodeEntry, Proc
@@ -63,9 +67,32 @@ def _ensure_cert(*, ca_dir: Path, out_dir: Path, role: pkimod.Role, member: str,
                         hosts=_BROKER_HOSTS, force=True)
 
 
-def _ensure_ca(ca_dir: Path, network: str) -> None:
+def _ensure_node(*, ca_dir: Path, out_dir: Path, company: str, store: str,
+                 enrolled: dict[tuple[str, str], pkimod.Enrolment] | None
+                 ) -> tuple[pkimod.CertPaths, str, str]:
+    """The node certificate of ``store`` of ``company`` and the (member, node) it names:
+    under the CA's pseudonyms when ``enrolled`` holds the network's enrolments (updated
+    here), else under the names. Reused while valid, issued otherwise."""
+    if enrolled is None:
+        certs = _ensure_cert(ca_dir=ca_dir, out_dir=out_dir, role="node", member=company,
+                             node=store)
+        return certs, company, store
+    known = enrolled.get((company, store))
+    if known is not None:
+        stem = f"node-{known.member}-{known.node}"
+        certs = pkimod.CertPaths(cert=out_dir / f"{stem}.crt", key=out_dir / f"{stem}.key",
+                                 ca=out_dir / pkimod.CA_CERT)
+        if certs.key.is_file() and certs.ca.is_file() and _cert_current(certs.cert):
+            return certs, known.member, known.node
+    certs, known = pkimod.enrol(ca_dir=ca_dir, out_dir=out_dir, company=company, store=store,
+                                force=True)
+    enrolled[(company, store)] = known
+    return certs, known.member, known.node
+
+
+def _ensure_ca(ca_dir: Path, network: str, *, pseudonyms: bool) -> None:
     if not (ca_dir / pkimod.CA_CERT).is_file():
-        pkimod.create_ca(directory=ca_dir, network=network)
+        pkimod.create_ca(directory=ca_dir, network=network, pseudonyms=pseudonyms)
         return
     try:
         crl = x509.load_pem_x509_crl((ca_dir / pkimod.CA_CRL).read_bytes())
@@ -80,7 +107,7 @@ def _ensure_ca(ca_dir: Path, network: str) -> None:
 
 
 def _network_secrets(directory: Path) -> dict[str, dict[str, str]]:
-    """Pseudonym secret and group key per network, made once and kept (0600)."""
+    """The group key per network, made once and kept (0600)."""
     path = directory / "secrets.json"
     try:
         data: dict[str, dict[str, str]] = json.loads(path.read_text(encoding="utf-8"))
@@ -91,9 +118,6 @@ def _network_secrets(directory: Path) -> dict[str, dict[str, str]]:
     changed = False
     for spec in TOPOLOGY:
         entry = data.setdefault(spec.network, {})
-        if "pseudonym_secret" not in entry:
-            entry["pseudonym_secret"] = secrets.token_urlsafe(32)
-            changed = True
         if "group_key" not in entry:
             entry["group_key"] = base64.b64encode(secrets.token_bytes(32)).decode()
             changed = True
@@ -138,36 +162,38 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
     for spec, port in zip(TOPOLOGY, ports, strict=True):
         root = pki_root / spec.network
         ca_dir = root / "ca"
-        _ensure_ca(ca_dir, spec.network)
+        _ensure_ca(ca_dir, spec.network, pseudonyms=spec.anonymise)
+        crl = ca_dir / pkimod.CA_CRL
         url = f"mqtts://{HOST}:{port}"
         broker_certs = _ensure_cert(ca_dir=ca_dir, out_dir=root / "broker", role="broker",
                                     member=f"{spec.network}-broker")
         sec = net_secrets[spec.network]
-        pseudo = Pseudonymizer(secret=sec["pseudonym_secret"], network_id=spec.network)
+        enrolled = ({(e.company, e.store): e for e in pkimod.list_pseudonyms(ca_dir=ca_dir)}
+                    if spec.anonymise else None)
         aggregator = _aggregator_key(root / "aggregator") if spec.anonymise else None
         if spec.bridge:
             b = _ensure_cert(ca_dir=ca_dir, out_dir=root / "bridge", role="bridge",
                              member=BRIDGE_USER)
             bridge["identities"][spec.network] = {
                 "broker": spec.mode, "url": url, "ca": str(b.ca), "cert": str(b.cert),
-                "key": str(b.key),
+                "key": str(b.key), "crl": str(crl),
                 "aggregator_key": str(root / "aggregator" / "aggregator.key")
                 if aggregator else None}
         for company in spec.companies:
-            member = pseudo.pseudonym("company", company) if spec.anonymise else company
             for store in spec.stores:
-                certs = _ensure_cert(ca_dir=ca_dir, out_dir=root / "nodes", role="node",
-                                     member=member, node=store)
+                certs, member, node = _ensure_node(ca_dir=ca_dir, out_dir=root / "nodes",
+                                                   company=company, store=store,
+                                                   enrolled=enrolled)
                 name = f"{spec.mode}-{company}-{store}"
                 config_path: Path | None = None
                 if spec.agents:
                     config_path = directory / "nodes" / f"{name}.toml"
                     _write_node_config(path=config_path, spec=spec, company=company,
-                                       store=store, url=url, certs=certs,
+                                       node=node, url=url, certs=certs, crl=crl,
                                        outbox=directory / "outbox" / f"{name}.db",
                                        secret=sec, aggregator=aggregator)
                 entry = NodeEntry(name=name, mode=spec.mode, network=spec.network,
-                                  company=company, member=member, node=store,
+                                  company=company, member=member, node=node,
                                   broker=spec.mode, url=url, ca=str(certs.ca),
                                   cert=str(certs.cert), key=str(certs.key),
                                   config=str(config_path) if config_path else None)
@@ -200,12 +226,14 @@ def _write_bridge_config(directory: Path, bridge: dict[str, Any],
     c, p = ids[consortium.network], ids[public.network]
     config = BridgeConfig.model_validate({
         "consortium": {"network_id": consortium.network, "broker_url": c["url"],
-                       "tls": {"ca_file": c["ca"], "cert_file": c["cert"], "key_file": c["key"]},
+                       "tls": {"ca_file": c["ca"], "cert_file": c["cert"], "key_file": c["key"],
+                               "crl_file": c["crl"]},
                        "aggregator_key_file": c["aggregator_key"],
                        "encryption": {"keys": {
                            "k1": net_secrets[consortium.network]["group_key"]}}},
         "public": {"network_id": public.network, "broker_url": p["url"],
-                   "tls": {"ca_file": p["ca"], "cert_file": p["cert"], "key_file": p["key"]},
+                   "tls": {"ca_file": p["ca"], "cert_file": p["cert"], "key_file": p["key"],
+                           "crl_file": p["crl"]},
                    "aggregator_key_file": p["aggregator_key"]},
         "window_seconds": _BRIDGE_WINDOW, "publication_lag_seconds": _BRIDGE_LAG,
         "settle_seconds": _BRIDGE_SETTLE,
@@ -215,22 +243,23 @@ def _write_bridge_config(directory: Path, bridge: dict[str, Any],
     return path
 
 
-def _write_node_config(*, path: Path, spec: NetworkSpec, company: str, store: str, url: str,
-                       certs: pkimod.CertPaths, outbox: Path, secret: dict[str, str],
-                       aggregator: Path | None) -> None:
+def _write_node_config(*, path: Path, spec: NetworkSpec, company: str, node: str, url: str,
+                       certs: pkimod.CertPaths, crl: Path, outbox: Path,
+                       secret: dict[str, str], aggregator: Path | None) -> None:
+    """``node`` is the node its certificate names (the store's pseudonym where the network
+    anonymises); ``company_id`` stays the company's own id, which only this file holds."""
     overrides: dict[str, Any] = {
-        "network_id": spec.network, "node_id": store, "broker_url": url,
+        "network_id": spec.network, "node_id": node, "broker_url": url,
         "tls": {"ca_file": certs.ca.resolve(), "cert_file": certs.cert.resolve(),
-                "key_file": certs.key.resolve()},
+                "key_file": certs.key.resolve(), "crl_file": crl.resolve()},
         "reliability": {"outbox_path": outbox.resolve()},
     }
     if spec.anonymise:
-        overrides["privacy"] = {"pseudonym_secret": secret["pseudonym_secret"],
-                                "aggregator_key_file": aggregator.resolve() if aggregator
+        overrides["privacy"] = {"aggregator_key_file": aggregator.resolve() if aggregator
                                 else None}
         overrides["encryption"] = {"keys": {"k1": secret["group_key"]}, "active": "k1"}
     config = NetworkConfigManager.default_config(spec.mode, company_id=company, **overrides)
     path.parent.mkdir(parents=True, exist_ok=True)
     outbox.parent.mkdir(parents=True, exist_ok=True)
-    # The pseudonym secret and group key belong in the file: the agent runs from it alone.
+    # The group key belongs in the file: the agent runs from it alone.
     NetworkConfigManager.save(config, path, include_secrets=True)

@@ -37,7 +37,7 @@ class NetworkSpec:
     stores: tuple[str, ...]
     agents: bool  # start a simulated agent per (company, store)
     bridge: bool  # issue a bridge identity and grant it the bridge's ACL rights
-    anonymise: bool  # certificate CNs are keyed pseudonyms of the companies
+    anonymise: bool  # the CA enrols stores under random pseudonyms (CN, OU)
 
 
 _CONSORTIUM = ("acme", "globex", "initech", "umbrella", "hooli", "wayne")
