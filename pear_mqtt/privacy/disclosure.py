@@ -58,6 +58,13 @@ bucket."""
 SAMPLE_SIZE_SOURCE = "sales_data"
 """``sample_size`` is the window's transaction count: it follows the sales group's level."""
 
+# Per group, per field: (holds text, source group of a derived field, is a change). Built once
+# so that checking a received insight costs a dict lookup per field.
+_SPEC: dict[str, dict[str, tuple[bool, str | None, bool]]] = {
+    group: {name: ((group, name) in TEXT_FIELDS, DERIVED_FROM.get((group, name)),
+                   (group, name) in CHANGE_FIELDS) for name in names}
+    for group, names in FIELDS.items()}
+
 _RANK = {SharingLevel.NONE: 0, SharingLevel.AGGREGATED: 1, SharingLevel.RANGES_ONLY: 2,
          SharingLevel.FULL: 3}
 _SHAREABLE = (SharingLevel.FULL, SharingLevel.RANGES_ONLY)
@@ -117,52 +124,62 @@ def check_shared(levels: Mapping[str, SharingLevel], groups: Mapping[str, Mappin
     """
     if levels.keys() != groups.keys():
         raise ValueError("levels must name exactly the groups present")
-    sources: set[str] = set()
+    full, ranges = SharingLevel.FULL, SharingLevel.RANGES_ONLY
     for group, level in levels.items():
-        known = FIELDS.get(group)
-        if known is None:
+        spec = _SPEC.get(group)
+        if spec is None:
             raise ValueError(f"unknown field group {group!r}")
-        if level is not SharingLevel.FULL and level is not SharingLevel.RANGES_ONLY:
+        if level is not full and level is not ranges:
             raise ValueError(f"group {group!r} at level {SharingLevel(level).value!r} cannot "
                              "be shared in an insight")
         for name, value in groups[group].items():
-            if name not in known:
+            field = spec.get(name)
+            if field is None:
                 raise ValueError(f"{group}.{name}: not a field of {group}")
+            text, source, change = field
             kind = type(value)
-            if (group, name) in TEXT_FIELDS:
+            if text:
                 if not isinstance(value, str) or not _valid_text(name, value):
                     raise ValueError(f"{group}.{name}: not a valid {name}")
             # Fast path for the allowed cases (isinstance on a pydantic model is slow).
-            elif not (kind is float if level is SharingLevel.FULL else kind is ValueRange):
+            elif not (kind is float if level is full else kind is ValueRange):
                 if isinstance(value, bool) or not isinstance(value, int | float | ValueRange):
                     raise ValueError(f"{group}.{name}: not a number")
-                if level is SharingLevel.FULL:
+                if level is full:
                     if isinstance(value, ValueRange):
                         raise ValueError(f"{group}.{name}: a full group holds exact values")
                 elif not isinstance(value, ValueRange):
                     raise ValueError(f"{group}.{name}: a ranges_only group holds no exact "
                                      "numbers")
-            source = DERIVED_FROM.get((group, name))
             if source is not None:
-                allowed = field_action(levels, group, name)
-                if allowed == "drop" or allowed == "seal":
+                # Its effective level (the more restrictive of its group's and its source's)
+                # must publish it: a change only at full, text at full or ranges_only.
+                src = levels.get(source)
+                if not ((level is full and src is full) if change
+                        else (src is full or src is ranges)):
                     raise ValueError(f"{group}.{name}: not published at {group} "
                                      f"{SharingLevel(level).value!r} with {source} at "
                                      f"{_named(levels, source)}")
-                sources.add(source)
     if sample_size is not None:
         source_level = levels.get(SAMPLE_SIZE_SOURCE)
         exact = type(sample_size) is int
-        if not ((source_level is SharingLevel.FULL and exact)
-                or (source_level is SharingLevel.RANGES_ONLY
-                    and isinstance(sample_size, ValueRange))):
+        if not ((source_level is full and exact)
+                or (source_level is ranges and isinstance(sample_size, ValueRange))):
             raise ValueError(f"sample_size: {'an exact' if exact else 'a bucketed'} sample size "
                              f"needs sales_data at {'full' if exact else 'ranges_only'}, not "
                              f"{_named(levels, SAMPLE_SIZE_SOURCE)}")
-        sources.add(SAMPLE_SIZE_SOURCE)
     for group, fields in groups.items():
-        if not fields and group not in sources:
+        if not fields and group not in _sources(groups, sample_size):
             raise ValueError(f"group {group!r} is empty and no published field derives from it")
+
+
+def _sources(groups: Mapping[str, Mapping[str, object]], sample_size: object) -> set[str]:
+    """The groups the published derived fields (and sample size) of ``groups`` derive from."""
+    out = {SAMPLE_SIZE_SOURCE} if sample_size is not None else set()
+    for group, fields in groups.items():
+        out.update(source for name in fields
+                   if (source := DERIVED_FROM.get((group, name))) is not None)
+    return out
 
 
 def check_contribution(values: Mapping[str, Mapping[str, float]]) -> None:

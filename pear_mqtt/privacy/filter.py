@@ -208,14 +208,15 @@ class PrivacyFilter:
         self._config = config
         self._levels = {group: SharingLevel(config.sharing_level(group))
                         for group in FIELD_GROUPS}
-        # What happens to each field, decided once per config; None: the group is never read
-        # (every field of it is left out).
-        self._actions: dict[str, dict[str, Action] | None] = {}
+        # What happens to each field, and which group a published derived field names as
+        # its source, decided once per config; None: the group is never read (every field
+        # of it is left out).
+        self._actions: dict[str, dict[str, tuple[Action, str | None]] | None] = {}
         for group in FIELD_GROUPS:
-            actions = {name: field_action(self._levels, group, name)
-                       for name in FIELDS[group]}
-            self._actions[group] = (None if all(a == "drop" for a in actions.values())
-                                    else actions)
+            actions = {name: field_action(self._levels, group, name) for name in FIELDS[group]}
+            self._actions[group] = None if all(a == "drop" for a in actions.values()) else {
+                name: (a, DERIVED_FROM.get((group, name)) if a != "seal" else None)
+                for name, a in actions.items()}
         self._sample_size_level = sample_size_level(self._levels)
         self._pseudonymizer = Pseudonymizer.from_config(config)
         self._ranges = RangeScheme.from_config(config.privacy)
@@ -349,7 +350,7 @@ class PrivacyFilter:
             published: GroupValues = {}
             sealed: dict[str, float] = {}
             for name, value in fields.items():
-                action = actions[name]
+                action, source = actions[name]
                 if action == "exact" or action == "text":
                     published[name] = value
                 elif action == "bucket":
@@ -358,10 +359,8 @@ class PrivacyFilter:
                     sealed[name] = value
                 else:
                     continue
-                if action != "seal":
-                    source = DERIVED_FROM.get((group, name))
-                    if source is not None:
-                        sources.add(source)
+                if source is not None:
+                    sources.add(source)
             if published:
                 levels[group] = self._levels[group]
                 groups[group] = published
