@@ -87,7 +87,7 @@ faults soak: $(STAMP)
 	PEAR_FAULTS_RESULTS=$(FAULTS_RESULTS) PEAR_FUZZ_N=$(FUZZ_N) $(if $(filter soak,$@),PEAR_SOAK=1) \
 		$(BIN)/python -m pytest tests/integration/faults -p no:cacheprovider \
 		--durations=10 $(PYTEST_ARGS) || status=$$?; \
-	$(BIN)/python tests/integration/faults/faults_report.py $(FAULTS_RESULTS) \
+	$(BIN)/python tests/support/faults_report.py $(FAULTS_RESULTS) \
 		docs/RELIABILITY.md || status=$${status:-1}; \
 	exit $$status
 

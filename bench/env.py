@@ -65,7 +65,6 @@ class BenchEnv:
     bridge_cert: Path
     bridge_key: Path
     group_key: str
-    pseudonym_secret: str
     host: str = "localhost"
     port: int = 0
 
@@ -115,8 +114,7 @@ def build_env(root: Path) -> BenchEnv:
                     broker_cert=broker.cert, broker_key=broker.key, certs=certs,
                     aggregator_pub=aggregator, aggregator_key=aggregator_key,
                     bridge_cert=bridge.cert, bridge_key=bridge.key,
-                    group_key=base64.b64encode(os.urandom(32)).decode(),
-                    pseudonym_secret=base64.b64encode(os.urandom(32)).decode())
+                    group_key=base64.b64encode(os.urandom(32)).decode())
 
 
 def issue_shard(env: BenchEnv, shard: Path, members: list[str],

@@ -218,8 +218,7 @@ def fanin(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
             mode=mode, company_id=member, network_id=env.network, node_id=NODE,
             broker_url=f"mqtts://{env.host}:{env.port}",
             tls=TLSConfig(ca_file=env.ca, cert_file=cert, key_file=key),
-            privacy=PrivacyConfig(aggregator_key_file=env.aggregator_pub,
-                                  pseudonym_secret=env.pseudonym_secret),
+            privacy=PrivacyConfig(aggregator_key_file=env.aggregator_pub),
             encryption=(EncryptionConfig(keys={"k1": env.group_key}, active="k1")
                         if consortium else EncryptionConfig()))
 

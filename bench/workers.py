@@ -153,7 +153,7 @@ def raw_sync(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
                 outbox: Path | None = None, linger: float | None = None) -> Any:
     """A consortium :class:`~pear_mqtt.types.NetworkConfig` for ``member`` (as the
-    integration tests build one): aggregator key, pseudonyms, group-key encryption; the
+    integration tests build one): aggregator key, group-key encryption; the
     in-memory outbox unless ``outbox`` names an SQLite file (sized to never drop here);
     ``linger`` overrides ``ReliabilityConfig.batch_linger`` (None: pear's default)."""
     from pear_mqtt.config.models import (
@@ -169,8 +169,7 @@ def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
         mode=NetworkMode.CONSORTIUM, company_id=member, network_id=env.network, node_id=node,
         broker_url=f"mqtts://{env.host}:{env.port}",
         tls=TLSConfig(ca_file=env.ca, cert_file=cert, key_file=key),
-        privacy=PrivacyConfig(aggregator_key_file=env.aggregator_pub,
-                              pseudonym_secret=env.pseudonym_secret),
+        privacy=PrivacyConfig(aggregator_key_file=env.aggregator_pub),
         encryption=EncryptionConfig(keys={"k1": env.group_key}, active="k1"),
         reliability=ReliabilityConfig(
             outbox_path=outbox, outbox_max_bytes=4 * 1024**3,

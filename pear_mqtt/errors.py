@@ -15,6 +15,7 @@ pydantic, sqlite3) are mapped to these at the module that talks to the library.
     │   ├── OversizedMessage        larger than the configured limit
     │   ├── UnsupportedVersion      an envelope schema version this build does not read
     │   ├── SignatureError          unsigned, bad signature, or signer not trusted
+    │   │   └── RevokedCertificate  the signer's certificate is on a CRL the receiver holds
     │   ├── UnknownKeyError         encrypted with a group key id this node does not hold
     │   ├── DecryptionError         the ciphertext failed authentication
     │   ├── ReplayedMessage         a message id or sequence number already seen
@@ -46,6 +47,7 @@ __all__ = [
     "PearError",
     "PrivacyError",
     "ReplayedMessage",
+    "RevokedCertificate",
     "SignatureError",
     "StaleMessage",
     "TopicError",
@@ -91,6 +93,10 @@ class UnsupportedVersion(EnvelopeError):
 
 class SignatureError(EnvelopeError):
     reason = "bad_signature"
+
+
+class RevokedCertificate(SignatureError):
+    reason = "revoked"
 
 
 class UnknownKeyError(EnvelopeError):

@@ -86,6 +86,8 @@ class SourceConfig(Frozen):
     broker that opted in.
 
     ``tls`` is the bridge's certificate from that network's CA (role ``bridge``).
+    ``crl_file`` (or ``tls.crl_file``) is that CA's CRL: items a revoked certificate signed
+    are dropped (``revoked``); the file is re-read when it changes.
     ``aggregator_key_file`` is the X25519 *private* key whose public half the network's nodes
     seal ``aggregated`` groups to. ``data_sharing`` is the policy the members agreed on
     (unset groups: the mode's default); the bridge drops items that disclose more.
@@ -93,7 +95,8 @@ class SourceConfig(Frozen):
     Identities: items count under ``domain`` (default: the network id) as the member their
     certificate names. A private broker serves one company (``company_id``); give its
     identity in the consortium (``domain`` = the consortium network, ``member`` = its
-    pseudonym there) so that its stores and its consortium nodes count as one company.
+    pseudonym there, from the consortium CA's registry: ``pear-mqtt pki pseudonyms``) so that
+    its stores and its consortium nodes count as one company.
     ``include_full`` also aggregates ``full`` groups (default: yes for private sources, whose
     company opted in explicitly; no for the consortium, whose members shared those with each
     other, not with the public).
@@ -145,7 +148,8 @@ class SourceConfig(Frozen):
 class PublicConfig(Frozen):
     """The public broker the bridge publishes to (and reads participants' contributions from).
 
-    ``tls`` is the bridge's certificate from the public network's CA. With ``contributions``
+    ``tls`` is the bridge's certificate from the public network's CA (``crl_file`` or
+    ``tls.crl_file``: its CRL, as for a source). With ``contributions``
     the bridge also aggregates what public participants publish to their ``contrib/`` topics;
     ``aggregator_key_file`` is the X25519 private key their contributions are sealed to.
     ``data_sharing`` may only say ``aggregated`` or ``none``.

@@ -23,7 +23,8 @@ _MIN_SESSION_EXPIRY = 7 * 86400
 def bridge_codec(*, tls: TLSConfig, network: str, encryption: EncryptionConfig | None,
                  crl: Path | None, rel: ReliabilityConfig, what: str) -> EnvelopeCodec:
     """The codec for ``network``; :class:`ConfigError` (naming ``what``) unless ``tls`` holds
-    a bridge certificate of that network."""
+    a bridge certificate of that network. Signers are checked against the CRL ``crl`` (else
+    ``tls.crl_file``), re-read when it changes (every ``tls.crl_check_interval`` s at most)."""
     missing = tls.missing()
     if missing:
         raise ConfigError(f"{what}: {', '.join(missing)} required")
@@ -36,8 +37,9 @@ def bridge_codec(*, tls: TLSConfig, network: str, encryption: EncryptionConfig |
     if me.node != BRIDGE_NODE:
         raise ConfigError(f"{what}: certificate {tls.cert_file} is a {me.node!r} certificate; "
                           "the bridge needs one issued with role 'bridge'")
+    crl = crl if crl is not None else tls.crl_file
     trust = TrustStore.from_files(ca_files=[tls.ca_file], crl_files=[crl] if crl else [],
-                                  network=network)
+                                  network=network, crl_check_interval=tls.crl_check_interval)
     return EnvelopeCodec(signer=signer, trust=trust, encryption=encryption,
                          max_bytes=rel.max_message_bytes, max_clock_skew=rel.max_clock_skew,
                          max_age=rel.max_message_age)

@@ -17,18 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from ..errors import ConnectError, OutboxError, PearError
 from ..model.insight import Health
 from ..transport import stop_task
 from .closing import WindowCloser, due_windows
-
-# Transitional, like __getattr__ below: pear_mqtt/ops/up.py imports the configuration from
-# here and probes this module for register_cli. Remove these once it imports
-# pear_mqtt.bridge.config and probes pear_mqtt.cli.bridge.
-from .config import BridgeConfig as BridgeConfig
-from .config import BridgeConfigManager as BridgeConfigManager
+from .config import BridgeConfig
 from .endpoints import bridge_codec
 from .ingest import Ingestor
 from .links import InputLink, input_links, read_input
@@ -41,13 +35,6 @@ from .status import BridgeCounters, BridgeStatus
 __all__ = ["Bridge"]
 
 log = logging.getLogger(__name__)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "register_cli":
-        from ..cli.bridge import register_cli
-        return register_cli
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(slots=True, kw_only=True)

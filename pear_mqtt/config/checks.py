@@ -11,14 +11,14 @@ import re
 from pathlib import Path
 
 from ..model.insight import FIELD_GROUPS, NetworkMode, SharingLevel
+from ..security.identity import Identity
 from ..security.tlscheck import tls_problems
 from .models import NetworkConfig
 
 __all__ = ["GROUP_KEY_BYTES", "config_problems", "config_warnings", "decode_key",
-           "effective_sharing"]
+           "effective_sharing", "identity_mismatch"]
 
 GROUP_KEY_BYTES = 32  # AES-256
-_MIN_SECRET_CHARS = 16
 # Same floor as PrivacyConfig.range_ratio: narrower buckets would all but give away the value.
 _MIN_EDGE_RATIO = 1.01
 _TLS_FILES = ("ca_file", "cert_file", "key_file")
@@ -95,15 +95,6 @@ def config_warnings(config: NetworkConfig) -> list[str]:
     """What is allowed but probably not meant, one sentence per finding."""
     out: list[str] = []
     privacy = config.privacy
-    if (config.mode is not NetworkMode.PRIVATE and privacy.anonymize_data
-            and privacy.pseudonym_secret is None):
-        out.append(f"privacy.pseudonym_secret is not set: with anonymize_data in a "
-                   f"{config.mode.value} network, company and store identities are dropped "
-                   f"rather than replaced by stable pseudonyms")
-    if (privacy.pseudonym_secret is not None
-            and len(privacy.pseudonym_secret.get_secret_value()) < _MIN_SECRET_CHARS):
-        out.append(f"privacy.pseudonym_secret is shorter than {_MIN_SECRET_CHARS} "
-                   "characters; pseudonyms could be reversed by guessing it")
     if config.mode is NetworkMode.PUBLIC and not privacy.anonymize_data:
         out.append("privacy.anonymize_data is off in a public network: the company "
                    "identity travels with every contribution")
@@ -145,6 +136,7 @@ def _connect_problems(config: NetworkConfig) -> list[str]:
             problems.append(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                             f"required to connect to a {config.mode.value} network{over}")
     files = [(f"tls.{name}", getattr(config.tls, name)) for name in _TLS_FILES]
+    files.append(("tls.crl_file", config.tls.crl_file))
     files.append(("privacy.aggregator_key_file", config.privacy.aggregator_key_file))
     readable = True
     for field, path in files:
@@ -162,3 +154,24 @@ def _connect_problems(config: NetworkConfig) -> list[str]:
                                      cert_file=Path(tls.cert_file),
                                      key_file=Path(tls.key_file)))
     return problems
+
+
+def identity_mismatch(config: NetworkConfig, identity: Identity) -> str | None:
+    """Why ``config`` cannot speak for ``identity`` (its certificate's), in one line, or None.
+
+    ``node_id`` must be the certificate's node (OU): peers drop every envelope whose topic
+    names another. ``company_id`` must be its member (CN) wherever the company id is
+    published: a private network, or ``anonymize_data`` off. An anonymising node publishes
+    the certificate's identity, which may be a pseudonym of ``company_id``.
+    """
+    cert = config.tls.cert_file
+    if config.node_id != identity.node:
+        return (f"node_id {config.node_id!r} is not the node certificate {cert} names (OU "
+                f"{identity.node!r}): set node_id = \"{identity.node}\" in the config")
+    publishes_company = (config.mode is NetworkMode.PRIVATE
+                         or not config.privacy.anonymize_data)
+    if publishes_company and config.company_id != identity.member:
+        return (f"company_id {config.company_id!r} is not the member certificate {cert} "
+                f"names (CN {identity.member!r}): set company_id = \"{identity.member}\" "
+                "in the config")
+    return None

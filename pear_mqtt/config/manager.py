@@ -20,7 +20,7 @@ from .dump import MASK, SecretMode, plain_data
 from .env import ENV_NESTED_DELIMITER, ENV_PREFIX, EnvReader
 from .files import SUFFIXES, config_suffix, dumps_toml, read_table_file, write_config_file
 from .layers import deep_merge, explicit, partial_dump, partial_model
-from .models import NetworkConfig
+from .models import RETIRED_PSEUDONYM_SECRET, NetworkConfig, retired_setting
 from .problems import ProblemWriter, config_error
 
 __all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "NetworkConfigManager"]
@@ -64,6 +64,7 @@ class NetworkConfigManager:
         :class:`NetworkConfig`; nested values as dicts or models) are merged over the defaults.
         """
         net_mode = cls._mode(mode)
+        _refuse_retired(overrides, "arguments")
         data = deep_merge(_MODE_DEFAULTS[net_mode], cls._overrides(overrides),
                            {"mode": net_mode, "company_id": company_id})
         config = cls._build(data, "invalid configuration")
@@ -96,6 +97,7 @@ class NetworkConfigManager:
         env_layer = cls.from_env(env)
         if env_layer:
             sources.append("environment")
+        _refuse_retired(overrides, "arguments")
         kw_layer = cls._overrides(overrides)
         if kw_layer:
             sources.append("arguments")
@@ -118,16 +120,22 @@ class NetworkConfigManager:
         (``PEAR_PRIVACY__RANGE_EDGES``) are JSON. Names are case-insensitive, so key ids set
         through ``PEAR_ENCRYPTION__KEYS__<ID>`` are lower-case.
         """
+        environ = os.environ if env is None else env
+        retired = f"{ENV_PREFIX}PRIVACY{ENV_NESTED_DELIMITER}PSEUDONYM_SECRET"
+        if any(name.upper() == retired and value for name, value in environ.items()):
+            raise ConfigError(f"environment: {retired} {RETIRED_PSEUDONYM_SECRET}")
         try:
-            return _ENV.read(os.environ if env is None else env)
+            return _ENV.read(environ)
         except ValidationError as exc:
             raise _PROBLEMS.error(exc, "environment: invalid configuration", env=True) from exc
 
     @classmethod
     def read_file(cls, path: Path | str) -> dict[str, Any]:
         """The settings a TOML or JSON file holds, checked for syntax, unknown keys and types."""
+        table = read_table_file(Path(path))
+        _refuse_retired(table, str(path))
         try:
-            return partial_dump(_PARTIAL.model_validate(read_table_file(Path(path))))
+            return partial_dump(_PARTIAL.model_validate(table))
         except ValidationError as exc:
             raise _PROBLEMS.error(exc, f"{path}: invalid configuration") from exc
 
@@ -230,3 +238,10 @@ class NetworkConfigManager:
             return NetworkConfig.model_validate(data)
         except ValidationError as exc:
             raise _PROBLEMS.error(exc, header, layered=layered) from exc
+
+
+def _refuse_retired(layer: Mapping[str, Any], origin: str) -> None:
+    """A retired setting in ``layer`` as a one-line :class:`ConfigError` saying what to do."""
+    problem = retired_setting(layer.get("privacy"))
+    if problem is not None:
+        raise ConfigError(f"{origin}: {problem}")

@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 import re
 import socket
+from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -30,9 +31,19 @@ from ..model.insight import (
     category_name,
     identifier,
 )
+from ..security.revocation import CRL_CHECK_INTERVAL
 
-__all__ = ["BrokerURL", "EncryptionConfig", "NetworkConfig", "PrivacyConfig", "ReliabilityConfig",
-           "TLSConfig", "default_sharing"]
+__all__ = [
+    "RETIRED_PSEUDONYM_SECRET",
+    "BrokerURL",
+    "EncryptionConfig",
+    "NetworkConfig",
+    "PrivacyConfig",
+    "ReliabilityConfig",
+    "TLSConfig",
+    "default_sharing",
+    "retired_setting",
+]
 
 _DEFAULT_SHARING: dict[NetworkMode, dict[str, SharingLevel]] = {
     NetworkMode.PRIVATE: {
@@ -58,6 +69,22 @@ def default_sharing(mode: NetworkMode) -> dict[str, SharingLevel]:
     return dict(_DEFAULT_SHARING[NetworkMode(mode)])
 
 
+_PSEUDONYM_SECRET = "pseudonym_secret"
+RETIRED_PSEUDONYM_SECRET = (
+    "is no longer used: pseudonyms now come from the node's certificate, assigned by the "
+    "network's operator (CN = company, OU = store); delete the setting, have the operator "
+    "enrol this store (`pear-mqtt pki enrol`) and set node_id to the new certificate's OU")
+"""What a config that still sets ``privacy.pseudonym_secret`` is told (after the key's name)."""
+
+
+def retired_setting(privacy: object, *, where: str = "privacy.pseudonym_secret") -> str | None:
+    """The one-line refusal of a retired setting in ``privacy`` (a config's privacy table),
+    or None when it holds none."""
+    if isinstance(privacy, Mapping) and _PSEUDONYM_SECRET in privacy:
+        return f"{where} {RETIRED_PSEUDONYM_SECRET}"
+    return None
+
+
 # -- configuration ------------------------------------------------------------------------
 
 class TLSConfig(Frozen):
@@ -72,6 +99,11 @@ class TLSConfig(Frozen):
     # Check the broker's certificate against its host name; turned off only for brokers
     # reached by an address their certificate does not name.
     check_hostname: bool = True
+    # The network CA's CRL (PEM or DER): receivers drop what a revoked certificate signed,
+    # and look at the file's modification time every crl_check_interval seconds at most,
+    # re-reading it when it changed.
+    crl_file: Path | None = None
+    crl_check_interval: Annotated[float, Field(ge=0, le=86400)] = CRL_CHECK_INTERVAL
 
     def missing(self) -> list[str]:
         """Names of the unset paths, e.g. ``['tls.cert_file']``."""
@@ -143,10 +175,16 @@ class PrivacyConfig(Frozen):
     range_edges: dict[str, tuple[float, ...]] = Field(default_factory=dict)
     # Ratio between consecutive edges of the fixed relative (geometric) bucket scheme.
     range_ratio: Annotated[float, Field(gt=1.01, le=10)] = 1.25
-    # Secret for keyed pseudonyms (HMAC-SHA256); shared inside one network only.
-    pseudonym_secret: SecretStr | None = None
     # X25519 public key (PEM file) of the aggregator that may open ``aggregated`` groups.
     aggregator_key_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        problem = retired_setting(data)
+        if problem is not None:
+            raise ValueError(problem)
+        return data
 
     @field_validator("data_sharing")
     @classmethod

@@ -38,8 +38,10 @@ __all__ = [
     "ParsedTopic",
     "TopicScheme",
     "acl_rules",
+    "filter_covers",
     "parse_topic",
     "revoked_node_rules",
+    "topic_matches",
     "validate_category",
     "validate_identifier",
 ]
@@ -348,6 +350,48 @@ def _parse_public(topic: str, parts: list[str]) -> ParsedTopic:
     raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
 
 
+# -- filter matching ------------------------------------------------------------------------
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """Whether the MQTT filter ``topic_filter`` matches the topic name ``topic`` (MQTT 4.7).
+
+    ``#`` matches the parent level too (``a/#`` matches ``a``); filters starting with a wildcard
+    never match ``$`` topics. ``topic_filter`` is assumed well formed.
+    """
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    levels, filter_levels = topic.split("/"), topic_filter.split("/")
+    for i, level in enumerate(filter_levels):
+        if level == "#":
+            return True
+        if i >= len(levels) or (level != "+" and level != levels[i]):
+            return False
+    return len(levels) == len(filter_levels)
+
+
+def filter_covers(outer: str, inner: str) -> bool:
+    """Whether every topic the filter ``inner`` can match is matched by the filter ``outer``.
+
+    What a subscription check needs: ``pear/v1/x/#`` covers ``pear/v1/x/+/state/#``, but
+    ``pear/v1/x/+`` does not cover ``pear/v1/x/#`` (which also matches ``pear/v1/x`` and
+    deeper topics).
+    """
+    outer_levels, inner_levels = outer.split("/"), inner.split("/")
+    dollar = inner_levels[0].startswith("$")
+    for i, level in enumerate(outer_levels):
+        if level == "#":
+            return not (i == 0 and dollar)
+        if i >= len(inner_levels) or inner_levels[i] == "#":
+            return False
+        if level == "+":
+            if i == 0 and dollar:
+                return False
+            continue
+        if level != inner_levels[i]:  # also refuses inner "+" under a literal outer level
+            return False
+    return len(inner_levels) == len(outer_levels)
+
+
 # -- access control -----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +465,7 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
     ``revoked`` lists ``(member, node)`` pairs whose certificate was revoked (see
     :func:`pear_mqtt.pki.revoked_nodes`); their ``deny`` rules (:func:`revoked_node_rules`)
     come first. A deny wins over every grant in both mosquitto 2 and
-    :class:`pear_mqtt.embedded.AccessPolicy`, so the order is for the reader.
+    :class:`pear_mqtt.ops.embedded.policy.AccessPolicy`, so the order is for the reader.
     """
     if mode not in _MODES:
         raise TopicError(f"mode must be one of {_MODES}, got {mode!r}")

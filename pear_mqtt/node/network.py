@@ -15,9 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ..config.checks import identity_mismatch
 from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
-from ..errors import ConnectError, NotConnectedError, PearError, TransportError
+from ..errors import ConfigError, ConnectError, NotConnectedError, PearError, TransportError
 from ..model.insight import Health, MarketInsight, NetworkMode, NetworkStatus
 from ..model.topics import TopicScheme
 from ..privacy.filter import PrivacyFilter
@@ -59,7 +60,7 @@ class PearNetwork:
         self._scheme: TopicScheme | None = None
         self._last_sync: float | None = None
         self._counters = Counters()
-        privacy = PrivacyFilter(config=config)
+        self._privacy = privacy = PrivacyFilter(config=config)
         self._markers = Markers()
         self._streams = Streams(counters=self._counters)
         self._peers = PeerTable(counters=self._counters)
@@ -76,15 +77,21 @@ class PearNetwork:
     async def connect(self, *, timeout: float = 10.0, wait: bool = True) -> None:
         """Join the network.
 
-        Checks the config (certificate paths present and readable), opens the outbox, and
-        connects. With ``wait`` (default) it returns once connected or raises
+        Checks the config (certificate paths present and readable, ``node_id`` the node its
+        certificate names: :class:`ConfigError` naming both, before any traffic), opens the
+        outbox, and connects. With ``wait`` (default) it returns once connected or raises
         :class:`ConnectError` after ``timeout``; with ``wait=False`` it returns at once and
         keeps trying in the background (insights queue in the outbox meanwhile).
         """
         if self._supervisor.running:
             return
         NetworkConfigManager.validate(self.config, for_connect=True)
-        self._codec = codec = EnvelopeCodec.from_config(self.config, clock=self._clock)
+        codec = EnvelopeCodec.from_config(self.config, clock=self._clock)
+        mismatch = identity_mismatch(self.config, codec.signer.identity)
+        if mismatch is not None:
+            raise ConfigError(mismatch)
+        self._codec = codec
+        self._privacy.attach(codec.signer.identity)
         if self._outbox_path is not None:
             # Kept next to the durable outbox: the node's other state across restarts.
             codec.persist_sequence(self._outbox_path.with_name(self._outbox_path.name + ".seq"))

@@ -1,50 +1,13 @@
-"""Render mosquitto 2 configuration for a pear_mqtt network.
+"""Render mosquitto 2 configuration for a pear_mqtt network: ``mosquitto.conf`` and its ACL.
 
-:func:`render` writes two files from the templates under ``broker/mosquitto/``:
-
-- ``mosquitto.conf``: a mutual-TLS listener (``require_certificate``,
-  ``use_identity_as_username``, ``crlfile``, ``acl_file``), persistence, retained-message
-  settings and limits sized for the pear_mqtt workload; optionally a plaintext listener for
-  local development.
-- ``acl``: generated from :func:`pear_mqtt.topics.acl_rules`, so the broker enforces exactly
-  the topic scheme the library publishes to: ``pattern`` lines (``%u`` = certificate CN = the
-  member) for every member, ``user <bridge>`` sections for the bridge identities, and
-  ``user <member>`` sections with ``topic deny`` lines for the nodes whose certificate was
-  revoked.
-
-Revocation, and the retained state a revoked node left behind
-    The CRL keeps a revoked node from connecting, but the retained state and presence it
-    published before stay on the broker. mosquitto 2.0 (checked on 2.0.11) hides them with two
-    features together: ``check_retain_source true`` (in ``common.conf.tmpl``) makes it re-check,
-    each time it delivers a retained message, that the message's original publisher -- by
-    username, i.e. the member -- still has *write* access to the topic; and the ACL's
-    ``deny`` lines (which win over every grant, wherever they stand) take the node's
-    ``state/<node>/#``, ``nodes/<node>`` and ``nodes/<node>/sync`` away from its member.
-    Other members' subscribers then stop receiving the node's retained messages
-    (check_retain_source), the member's other stores too (the deny is read access as well),
-    and a revoked node that is still connected cannot write there any more. The member's other
-    stores keep their own topics: the rules are per node.
-
-    Procedure: ``pear-mqtt pki revoke ...``, then ``pear-mqtt broker render --pki CA_DIR ...``
-    (with a ``ca_dir``, :func:`render` reads the revoked nodes from the CA registry, see
-    :func:`pear_mqtt.pki.revoked_nodes`), then SIGHUP mosquitto: it re-reads the ACL file and
-    the CRL. The messages stay stored but are never delivered. There is no "clear retained"
-    step: nobody has write access to those topics any more (that is the point), so nobody
-    could clear them over MQTT, and hiding is enough. Re-keying the node (a new certificate
-    for the same node id) lifts the deny; the old messages are then served again until the
-    node overwrites them, and receivers drop them because their signing certificate is on
-    the CRL.
-
-The broker's certificate and the CA material come from :mod:`pear_mqtt.pki`. mosquitto drops
-root privileges to the ``mosquitto`` user before it reads the key file, so either make the key
-readable by that user or set ``run_as``.
+The ACL comes from :func:`pear_mqtt.model.topics.acl_rules`, so the broker enforces exactly
+the topic scheme the library publishes to; with a CA directory, the nodes its registry lists
+as revoked get ``deny`` rules that hide the retained state they left (docs/ describes how).
 """
 
 from __future__ import annotations
 
-import argparse
 import string
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,14 +15,14 @@ from typing import Literal, get_args
 
 from ..errors import BrokerError, ConfigError, PKIError, TopicError
 from ..model.topics import AclRule, acl_rules, validate_identifier
-from ..security.pki import REGISTRY, revoked_nodes
+from ..security.pki import revoked_nodes
 
 __all__ = [
     "DEFAULT_TEMPLATE_DIR",
     "Mode",
     "RenderedBroker",
     "acl_text",
-    "register_cli",
+    "broker_cert_in",
     "render",
 ]
 
@@ -195,9 +158,9 @@ def render(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, cert_file:
     - queue and in-flight limits: sized for syncing 100,000 retained states in one burst.
     - ``revoked``: ``(member, node)`` pairs whose topics the ACL denies, so that the broker
       stops serving the retained state and presence those nodes published before their
-      certificate was revoked (see the module docstring). Default: read from the CA
-      registry in ``ca_dir`` (:func:`pear_mqtt.pki.revoked_nodes`) when ``ca_dir`` is given,
-      else none. After ``pki revoke``, render again and SIGHUP mosquitto.
+      certificate was revoked (docs/ has the procedure). Default: read from the CA
+      registry in ``ca_dir`` (:func:`pear_mqtt.security.pki.revoked_nodes`) when ``ca_dir``
+      is given, else none. After ``pki revoke``, render again and SIGHUP mosquitto.
 
     Returns the paths written (and the revoked nodes denied). Paths in the configuration are
     absolute.
@@ -292,83 +255,12 @@ def render(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, cert_file:
     return RenderedBroker(conf_path=conf_path, acl_path=acl_path, revoked=denied)
 
 
-# -- command line -----------------------------------------------------------------------
-
-def _find_broker_cert(pki_dir: Path) -> tuple[Path, Path]:
+def broker_cert_in(pki_dir: Path) -> tuple[Path, Path]:
+    """The one broker certificate (``broker-*.crt``) in a CA directory, and its key beside it."""
     found = sorted(pki_dir.glob("broker-*.crt"))
     if len(found) != 1:
         names = ", ".join(p.name for p in found) or "none"
-        raise ConfigError(f"expected exactly one broker-*.crt in {pki_dir} (found {names}); "
-                          "pass --cert and --key")
+        raise ConfigError(f"expected exactly one broker certificate (broker-*.crt) in {pki_dir}, "
+                          f"found {names}; issue one with `pear-mqtt pki issue --role broker` "
+                          "or pass --cert and --key")
     return found[0], found[0].with_suffix(".key")
-
-
-def _cmd_render(args: argparse.Namespace) -> int:
-    pki_dir: Path = args.pki
-    if bool(args.cert) != bool(args.key):
-        raise ConfigError("--cert and --key go together")
-    cert, key = (args.cert, args.key) if args.cert else _find_broker_cert(pki_dir)
-    revoked = [_member_node(text) for text in args.revoked_node or ()]
-    has_registry = (pki_dir / REGISTRY).is_file()
-    if has_registry:
-        try:
-            revoked += revoked_nodes(ca_dir=pki_dir)
-        except PKIError as exc:
-            raise ConfigError(f"cannot read the revoked nodes from the CA registry: {exc}") \
-                from None
-    rendered = render(
-        mode=args.mode, network=args.network, out_dir=args.out, ca_file=pki_dir / "ca.crt",
-        cert_file=cert, key_file=key, crl_file=pki_dir / "ca.crl", tls_port=args.tls_port,
-        plain_port=args.plain_port, bridge_users=tuple(args.bridge_user or ()),
-        persistence_dir=args.persistence_dir, bind_address=args.bind, run_as=args.user,
-        max_message_bytes=args.max_message_bytes, revoked=revoked)
-    denied = ", ".join(f"{m}/{n}" for m, n in rendered.revoked) or "none"
-    print(f"configuration: {rendered.conf_path}\nACL:           {rendered.acl_path}\n"
-          f"revoked nodes: {denied}\n"
-          f"run:           mosquitto -c {rendered.conf_path}  (running: kill -HUP it)")
-    if not has_registry:
-        print(f"note: no {REGISTRY} in {pki_dir}, so revoked nodes are not known here beyond "
-              "--revoked-node; their retained state stays visible until they are listed",
-              file=sys.stderr)
-    return 0
-
-
-def _member_node(text: str) -> tuple[str, str]:
-    member, sep, node = text.partition("/")
-    if not sep:
-        raise ConfigError(f"--revoked-node {text!r} must be MEMBER/NODE")
-    try:
-        return (validate_identifier(member, what="--revoked-node member"),
-                validate_identifier(node, what="--revoked-node node"))
-    except TopicError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``pear-mqtt broker render``."""
-    broker = subparsers.add_parser("broker", help="render broker (mosquitto) configuration")
-    sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
-    p = sub.add_parser("render", help="write mosquitto.conf and acl for one network")
-    p.add_argument("--mode", choices=list(get_args(Mode)), required=True)
-    p.add_argument("--network", required=True, help="network id")
-    p.add_argument("--pki", type=Path, required=True,
-                   help="CA directory holding ca.crt and ca.crl (and, unless --cert/--key "
-                        "are given, the one broker-*.crt/.key pair)")
-    p.add_argument("--out", type=Path, required=True, help="where to write the files")
-    p.add_argument("--cert", type=Path, help="broker certificate")
-    p.add_argument("--key", type=Path, help="broker private key")
-    p.add_argument("--tls-port", type=int, default=8883)
-    p.add_argument("--plain-port", type=int, default=None,
-                   help="also open an unauthenticated plaintext listener (development only)")
-    p.add_argument("--bridge-user", action="append",
-                   help="CN of a bridge certificate (repeat)")
-    p.add_argument("--persistence-dir", type=Path, default=None,
-                   help="where mosquitto.db lives (default OUT/data)")
-    p.add_argument("--bind", default=None, help="listen address (default: all)")
-    p.add_argument("--user", default=None,
-                   help="user mosquitto switches to when started as root")
-    p.add_argument("--max-message-bytes", type=int, default=1024 * 1024)
-    p.add_argument("--revoked-node", action="append", metavar="MEMBER/NODE",
-                   help="deny this node's topics, so its retained state is no longer served "
-                        "(repeat; revoked nodes in the --pki registry are denied anyway)")
-    p.set_defaults(handler=_cmd_render)

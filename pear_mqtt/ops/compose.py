@@ -1,15 +1,9 @@
-"""Docker Compose driver for ``pear-mqtt up --backend docker``.
+"""Docker Compose driver for ``pear-mqtt up --backend docker``: runs ``deploy/compose.yaml``.
 
-:mod:`pear_mqtt.up` prepares the PKI and every configuration under its state directory, then
-uses :class:`Compose` to run ``deploy/compose.yaml`` with that directory mounted at its own
-path. This module knows how to find a Compose (v2 ``docker compose`` or Debian's
-``docker-compose`` 1.29), whether the engine and the images are there, and how to read the
-containers' state and logs through the ``docker`` command line, so pear_mqtt needs no Docker
-library at run time.
-
-Containers are found by the labels every Compose version sets
-(``com.docker.compose.project`` / ``com.docker.compose.service``), never by container names,
-which differ between Compose v1 (``p_service_1``) and v2 (``p-service-1``).
+Finds a Compose (v2 ``docker compose`` or Debian's ``docker-compose`` 1.29), tells whether the
+engine and images are there, and reads containers' state and logs through the ``docker``
+command line (no Docker library at run time). Containers are found by Compose's labels, never
+by their names, which differ between Compose v1 and v2.
 """
 
 from __future__ import annotations

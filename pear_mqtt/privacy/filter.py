@@ -27,6 +27,7 @@ from ..model.insight import (
     identifier,
 )
 from ..model.topics import validate_identifier
+from ..security.identity import Identity
 from .disclosure import (
     ADDITIVE_FIELDS,
     DERIVED_FROM,
@@ -38,7 +39,6 @@ from .disclosure import (
     field_action,
     sample_size_level,
 )
-from .pseudonyms import Pseudonymizer
 from .ranges import RangeScheme, ValueRange
 
 __all__ = [
@@ -75,14 +75,14 @@ class SharedInsight(Frozen):
     """What a node publishes for one insight: the fields whose effective level is ``full`` or
     ``ranges_only`` (:mod:`.disclosure`), and nothing when there are none (no message).
 
-    ``company`` and ``store`` are pseudonyms when the network anonymises and has a pseudonym
-    secret, None when it anonymises without one, and the real ids otherwise. ``levels`` names
-    the level of each group in ``groups``: the groups with published fields and the sources
-    of published derived fields (``aggregated`` and ``none`` groups are not even named).
-    ``sample_size`` follows ``sales_data``: exact at ``full``, a bucket at ``ranges_only``,
-    absent otherwise. The model refuses anything the rules forbid (a bare number in a
-    ``ranges_only`` group, a change whose source is not ``full``, an empty insight), so a
-    receiver can rely on it too.
+    ``company`` and ``store`` are the member and node the sender's certificate names when the
+    network anonymises (the pseudonyms its operator assigned, in an anonymising network), and
+    the configured ids otherwise. ``levels`` names the level of each group in ``groups``: the
+    groups with published fields and the sources of published derived fields (``aggregated``
+    and ``none`` groups are not even named). ``sample_size`` follows ``sales_data``: exact at
+    ``full``, a bucket at ``ranges_only``, absent otherwise. The model refuses anything the
+    rules forbid (a bare number in a ``ranges_only`` group, a change whose source is not
+    ``full``, an empty insight), so a receiver can rely on it too.
     """
 
     category: Category
@@ -108,13 +108,13 @@ class SharedInsight(Frozen):
 class Contribution(Frozen):
     """One insight's ``aggregated`` fields: exact values only an aggregator may open.
 
-    ``company`` is the identity :func:`aggregate` counts distinct companies by (the pseudonym,
-    or the real id when the network has no pseudonym secret: the contribution is sealed to the
-    aggregator). Pseudonyms are per network, so aggregate contributions of one network at a
-    time or one company counts once per network. ``currency`` is the unit of ``price_data``
-    values. ``values`` maps group to numeric field to exact value (derived fields included
-    where their effective level is ``aggregated``); ``sample_size`` is there when
-    ``sales_data`` is ``aggregated``.
+    ``company`` is the identity :func:`aggregate` counts distinct companies by: the member the
+    sender's certificate names when the network anonymises (its pseudonym there), else the
+    configured company id; the contribution is sealed to the aggregator. Pseudonyms are per
+    network, so aggregate contributions of one network at a time or one company counts once
+    per network. ``currency`` is the unit of ``price_data`` values. ``values`` maps group to
+    numeric field to exact value (derived fields included where their effective level is
+    ``aggregated``); ``sample_size`` is there when ``sales_data`` is ``aggregated``.
     """
 
     company: _Identifier
@@ -199,13 +199,18 @@ class PrivacyFilter:
     The level of each group is ``config.sharing_level(group)``. Public mode may share
     aggregates only: a configuration that would put a group into the published insight is
     refused with :class:`PrivacyError`, when the filter is built and again on every insight.
+
+    With ``anonymize_data`` the identities published are those of ``identity``: the member
+    and node the node's certificate names (:meth:`attach`, on every ``connect()``). Until one
+    is attached no identity is published (the sealed contribution names the configured
+    company id for the aggregator).
     """
 
-    __slots__ = ("_actions", "_config", "_levels", "_pseudonymizer", "_ranges",
-                 "_sample_size_level")
+    __slots__ = ("_actions", "_config", "_identity", "_levels", "_ranges", "_sample_size_level")
 
-    def __init__(self, *, config: NetworkConfig) -> None:
+    def __init__(self, *, config: NetworkConfig, identity: Identity | None = None) -> None:
         self._config = config
+        self._identity = identity
         self._levels = {group: SharingLevel(config.sharing_level(group))
                         for group in FIELD_GROUPS}
         # What happens to each field, and which group a published derived field names as
@@ -218,9 +223,17 @@ class PrivacyFilter:
                 name: (a, DERIVED_FROM.get((group, name)) if a != "seal" else None)
                 for name, a in actions.items()}
         self._sample_size_level = sample_size_level(self._levels)
-        self._pseudonymizer = Pseudonymizer.from_config(config)
         self._ranges = RangeScheme.from_config(config.privacy)
         self._check_mode()
+
+    def attach(self, identity: Identity) -> None:
+        """Publish ``identity`` (the node certificate's) from now on (set on ``connect()``)."""
+        self._identity = identity
+
+    @property
+    def identity(self) -> Identity | None:
+        """The certificate identity published when the network anonymises, once attached."""
+        return self._identity
 
     @property
     def levels(self) -> dict[str, SharingLevel]:
@@ -240,19 +253,23 @@ class PrivacyFilter:
                 raise PrivacyError(f"public mode shares aggregates only, but {shared} would be "
                                    "published per insight")
 
-    def _identities(self, store: str) -> tuple[str | None, str | None, str, str | None]:
+    def _identities(self, store: str | None) -> tuple[str | None, str | None, str, str | None]:
         """(shared company, shared store, contribution company, contribution store)."""
         company = self._config.company_id
         if not self._config.privacy.anonymize_data:
+            store = self._config.node_id if store is None else store
             return company, store, company, store
-        p = self._pseudonymizer
-        if p is None:
+        me = self._identity
+        if me is None:
             # Dropped from what is published; the sealed contribution still needs a stable
             # company identity so the aggregator can count distinct companies.
             return None, None, company, None
-        company_p = p.pseudonym("company", company)
-        store_p = p.store_pseudonym(company, store)
-        return company_p, store_p, company_p, store_p
+        if store is not None and store != me.node:
+            # Only the operator can map a store to its pseudonym: publishing another store's
+            # own id would undo the anonymity the certificate gives.
+            raise PrivacyError(f"store {store!r} is not the node this certificate names "
+                               f"({me.node!r}); an anonymising node publishes only that")
+        return me.member, me.node, me.member, me.node
 
     def apply(self, insight: MarketInsight, *, store: str | None = None) -> FilterResult:
         """Split ``insight`` into the published :class:`SharedInsight` (None when no field is
@@ -260,7 +277,7 @@ class PrivacyFilter:
         holds data).
 
         ``store`` is the store identity; it defaults to the config's ``node_id`` (one node
-        per store).
+        per store), and to the certificate's node when the network anonymises.
         """
         sp = self._split(insight, store)
         # Every field comes from a validated MarketInsight, the node's own config or the
@@ -323,9 +340,7 @@ class PrivacyFilter:
 
     def _split(self, insight: MarketInsight, store: str | None) -> _Split:
         self._check_mode()
-        if store is None:
-            store = self._config.node_id
-        else:
+        if store is not None:
             try:
                 validate_identifier(store, what="store")
             except TopicError as exc:

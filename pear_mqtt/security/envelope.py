@@ -169,16 +169,24 @@ class EnvelopeCodec:
     def from_config(cls, config: NetworkConfig, *, crl_files: Sequence[Path] = (),
                     clock: Callable[[], float] = time.time,
                     embed_certificate: bool = True) -> EnvelopeCodec:
-        """Build the codec a node of ``config`` uses (its TLS material signs and verifies)."""
-        missing = config.tls.missing()
+        """Build the codec a node of ``config`` uses (its TLS material signs and verifies).
+
+        Signers are checked against ``crl_files``, by default ``tls.crl_file`` if set (re-read
+        when it changes, every ``tls.crl_check_interval`` seconds at most).
+        """
+        tls = config.tls
+        missing = tls.missing()
         if missing:
             raise ConfigError(f"envelopes need {', '.join(missing)} to sign and verify")
-        assert config.tls.ca_file and config.tls.cert_file and config.tls.key_file
+        assert tls.ca_file and tls.cert_file and tls.key_file
+        if not crl_files and tls.crl_file is not None:
+            crl_files = (tls.crl_file,)
         rel = config.reliability
         return cls(
-            signer=Signer.from_files(key_file=config.tls.key_file, cert_file=config.tls.cert_file),
-            trust=TrustStore.from_files(ca_files=[config.tls.ca_file], crl_files=crl_files,
-                                        network=config.network_id),
+            signer=Signer.from_files(key_file=tls.key_file, cert_file=tls.cert_file),
+            trust=TrustStore.from_files(ca_files=[tls.ca_file], crl_files=crl_files,
+                                        network=config.network_id,
+                                        crl_check_interval=tls.crl_check_interval),
             encryption=config.encryption, max_bytes=rel.max_message_bytes,
             max_clock_skew=rel.max_clock_skew, max_age=rel.max_message_age,
             embed_certificate=embed_certificate, clock=clock,

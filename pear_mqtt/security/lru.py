@@ -8,6 +8,7 @@ validated or a token opened), peeked without computing, and hold mutable per-key
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 __all__ = ["LRU"]
@@ -40,6 +41,11 @@ class LRU(Generic[_K, _V]):
 
     def clear(self) -> None:
         self._data.clear()
+
+    def discard_where(self, predicate: Callable[[_V], bool]) -> None:
+        """Remove every entry whose value satisfies ``predicate`` (O(n))."""
+        for key in [k for k, v in self._data.items() if predicate(v)]:
+            del self._data[key]
 
     def __len__(self) -> int:
         return len(self._data)

@@ -2,8 +2,10 @@
 bridge certificates, revokes them (CRL) and keeps the registry of what it issued.
 
 A CA directory holds ``ca.crt``, ``ca.key`` (0600), ``ca.crl``, ``registry.json``,
-``issued/`` (one copy per serial) and ``.lock`` (flock around every change). Validity
-periods and key types are explained in docs/.
+``issued/`` (one copy per serial) and ``.lock`` (flock around every change). The CA of an
+anonymising network also holds ``pseudonyms.json`` (0600, :mod:`.pseudonyms`): it enrols each
+store under random pseudonyms (:func:`enrol`). Validity periods and key types are explained in
+docs/.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..files import atomic_write
 from ..model.topics import validate_identifier
 from .identity import identity_of, subject_for
 from .keys import SigningKey, issued_by, read_material, spki
+from .pseudonyms import PSEUDONYMS, Enrolment, PseudonymBook
 
 __all__ = [
     "CA_CERT",
@@ -37,17 +40,23 @@ __all__ = [
     "CA_KEY",
     "CRL_DAYS",
     "DEFAULT_KEY_TYPE",
+    "PSEUDONYMS",
     "REGISTRY",
     "CertPaths",
     "CertRecord",
+    "Enrolment",
     "KeyType",
     "Role",
     "create_ca",
+    "enrol",
+    "has_pseudonyms",
     "issue",
     "list_certificates",
+    "list_pseudonyms",
     "refresh_crl",
     "revoke",
     "revoked_nodes",
+    "rotate_pseudonyms",
 ]
 
 KeyType = Literal["ed25519", "ec-p256"]
@@ -210,7 +219,10 @@ def _load_registry(ca_dir: Path) -> dict[str, Any]:
 
 def _save_registry(ca_dir: Path, registry: dict[str, Any]) -> None:
     text = json.dumps(registry, indent=2, sort_keys=True) + "\n"
-    atomic_write(ca_dir / REGISTRY, text.encode(), mode=0o644)
+    # Under pseudonyms the registry's certificate paths may name the company an operator
+    # filed them under: it is as private as the pseudonym registry itself.
+    mode = 0o600 if (ca_dir / PSEUDONYMS).exists() else 0o644
+    atomic_write(ca_dir / REGISTRY, text.encode(), mode=mode)
 
 
 def _record_of(entry: dict[str, Any]) -> CertRecord:
@@ -260,12 +272,16 @@ def _sign_crl(ca_dir: Path, registry: dict[str, Any], *, days: int = CRL_DAYS) -
 # -- public API ---------------------------------------------------------------------------
 
 def create_ca(*, directory: Path, network: str, days: int = 3650,
-              key_type: KeyType = DEFAULT_KEY_TYPE, force: bool = False) -> Path:
+              key_type: KeyType = DEFAULT_KEY_TYPE, force: bool = False,
+              pseudonyms: bool = False) -> Path:
     """Create the CA of ``network`` in ``directory``; return the CA certificate's path.
 
-    Writes ``ca.crt``, ``ca.key`` (0600), an empty ``registry.json`` and an empty ``ca.crl``.
+    Writes ``ca.crt``, ``ca.key`` (0600), an empty ``registry.json`` and an empty ``ca.crl``;
+    with ``pseudonyms`` (an anonymising network: consortium, public) also an empty pseudonym
+    registry, so that stores are enrolled under random pseudonyms (:func:`enrol`).
     Refuses (:class:`PKIError` naming the file) to overwrite an existing CA unless ``force``,
-    because replacing a CA silently invalidates every certificate of the network.
+    because replacing a CA silently invalidates every certificate of the network; a replaced
+    CA's pseudonyms go with it.
     """
     try:
         validate_identifier(network, what="network")
@@ -311,6 +327,9 @@ def create_ca(*, directory: Path, network: str, days: int = 3650,
         )
         shutil.rmtree(directory / _ISSUED, ignore_errors=True)
         (directory / _ISSUED).mkdir()
+        (directory / PSEUDONYMS).unlink(missing_ok=True)
+        if pseudonyms:
+            PseudonymBook(network=network).save(directory)
         atomic_write(directory / CA_KEY, _key_pem(key), mode=0o600)
         atomic_write(directory / CA_CERT, _cert_pem(cert), mode=0o644)
         registry: dict[str, Any] = {"version": _REGISTRY_VERSION, "network": network,
@@ -349,7 +368,9 @@ def issue(*, ca_dir: Path, out_dir: Path, role: Role, member: str, node: str | N
     ``out_dir``.
 
     - ``role="node"``: a store agent. Subject ``CN=member, OU=node, O=network``; extended key
-      usage clientAuth. ``member`` is the company id (or its pseudonym), ``node`` the store.
+      usage clientAuth. ``member`` is the company id, ``node`` the store, as given: in an
+      anonymising network enrol stores with :func:`enrol` instead, which issues under the
+      pseudonyms the CA assigns (``pear-mqtt pki issue`` refuses node certificates there).
     - ``role="broker"``: ``member`` names the broker; OU is ``broker``; ``hosts`` become DNS
       and IP subject alternative names; extended key usage serverAuth.
     - ``role="bridge"``: ``member`` is the bridge's MQTT username (list it in the broker's
@@ -389,82 +410,92 @@ def issue(*, ca_dir: Path, out_dir: Path, role: Role, member: str, node: str | N
                 sans.append(x509.DNSName(host))
 
     with _locked(ca_dir):
-        ca_cert, ca_key = _load_ca(ca_dir)
-        network = _ca_network(ca_cert)
-        try:
-            subject = subject_for(network=network, member=member, node=node)
-        except TopicError as exc:
-            raise PKIError(str(exc)) from None
-        registry = _load_registry(ca_dir)
-        now = _now()
-        for entry in registry["certificates"]:
-            if entry["member"] == member and entry["role"] != role \
-                    and not entry.get("revoked_at") \
-                    and dt.datetime.fromisoformat(entry["not_after"]) > now:
-                raise PKIError(f"member {member!r} already holds a {entry['role']} certificate "
-                               f"(serial {entry['serial']}); one name cannot serve two roles")
-        start, end = _validity(ca_cert=ca_cert, days=days, not_before=not_before,
-                               not_after=not_after)
+        return _issue_locked(ca_dir=ca_dir, out_dir=out_dir, role=role, member=member,
+                             node=node, sans=sans, days=days, key_type=key_type,
+                             not_before=not_before, not_after=not_after, force=force)
 
-        stem = f"{role}-{member}" if role != "node" else f"node-{member}-{node}"
-        cert_path, key_path = out_dir / f"{stem}.crt", out_dir / f"{stem}.key"
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PKIError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
-        if not force:
-            for path in (cert_path, key_path):
-                if path.exists():
-                    raise PKIError(f"{path} already exists; pass force=True (--force) "
-                                   "to replace it")
 
-        key = _new_key(key_type)
-        public = key.public_key()
-        eku = ExtendedKeyUsageOID.SERVER_AUTH if role == "broker" \
-            else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_cert.subject)
-            .public_key(public)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=False, crl_sign=False,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(ca_key, _sign_algorithm(ca_key))
+def _issue_locked(*, ca_dir: Path, out_dir: Path, role: Role, member: str, node: str,
+                  sans: list[x509.GeneralName], days: int, key_type: KeyType,
+                  not_before: dt.datetime | None, not_after: dt.datetime | None,
+                  force: bool) -> CertPaths:
+    # issue() under the CA lock, its arguments checked.
+    ca_cert, ca_key = _load_ca(ca_dir)
+    network = _ca_network(ca_cert)
+    try:
+        subject = subject_for(network=network, member=member, node=node)
+    except TopicError as exc:
+        raise PKIError(str(exc)) from None
+    registry = _load_registry(ca_dir)
+    now = _now()
+    for entry in registry["certificates"]:
+        if entry["member"] == member and entry["role"] != role \
+                and not entry.get("revoked_at") \
+                and dt.datetime.fromisoformat(entry["not_after"]) > now:
+            raise PKIError(f"member {member!r} already holds a {entry['role']} certificate "
+                           f"(serial {entry['serial']}); one name cannot serve two roles")
+    start, end = _validity(ca_cert=ca_cert, days=days, not_before=not_before,
+                           not_after=not_after)
 
-        atomic_write(key_path, _key_pem(key), mode=0o600)
-        atomic_write(cert_path, _cert_pem(cert), mode=0o644)
-        ca_copy = out_dir / CA_CERT
-        if ca_copy.resolve() != (ca_dir / CA_CERT).resolve():
-            atomic_write(ca_copy, _cert_pem(ca_cert), mode=0o644)
-        (ca_dir / _ISSUED).mkdir(exist_ok=True)
-        atomic_write(ca_dir / _ISSUED / f"{cert.serial_number:x}.pem", _cert_pem(cert),
-                      mode=0o644)
-        registry["certificates"].append({
-            "serial": f"{cert.serial_number:x}",
-            "role": role,
-            "member": member,
-            "node": node,
-            "not_before": start.isoformat(),
-            "not_after": end.isoformat(),
-            "revoked_at": None,
-            "key_type": key_type,
-            "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(),
-            "cert_path": str(cert_path.resolve()),
-        })
-        _save_registry(ca_dir, registry)
+    stem = f"{role}-{member}" if role != "node" else f"node-{member}-{node}"
+    cert_path, key_path = out_dir / f"{stem}.crt", out_dir / f"{stem}.key"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PKIError(f"cannot create {out_dir}: {exc.strerror or exc}") from None
+    if not force:
+        for path in (cert_path, key_path):
+            if path.exists():
+                raise PKIError(f"{path} already exists; pass force=True (--force) "
+                               "to replace it")
+
+    key = _new_key(key_type)
+    public = key.public_key()
+    eku = ExtendedKeyUsageOID.SERVER_AUTH if role == "broker" \
+        else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=False, crl_sign=False,
+            content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_cert.public_key()), critical=False)  # type: ignore[arg-type]
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, _sign_algorithm(ca_key))
+
+    atomic_write(key_path, _key_pem(key), mode=0o600)
+    atomic_write(cert_path, _cert_pem(cert), mode=0o644)
+    ca_copy = out_dir / CA_CERT
+    if ca_copy.resolve() != (ca_dir / CA_CERT).resolve():
+        atomic_write(ca_copy, _cert_pem(ca_cert), mode=0o644)
+    (ca_dir / _ISSUED).mkdir(exist_ok=True)
+    atomic_write(ca_dir / _ISSUED / f"{cert.serial_number:x}.pem", _cert_pem(cert),
+                  mode=0o644)
+    registry["certificates"].append({
+        "serial": f"{cert.serial_number:x}",
+        "role": role,
+        "member": member,
+        "node": node,
+        "not_before": start.isoformat(),
+        "not_after": end.isoformat(),
+        "revoked_at": None,
+        "key_type": key_type,
+        "fingerprint_sha256": cert.fingerprint(hashes.SHA256()).hex(),
+        "cert_path": str(cert_path.resolve()),
+    })
+    _save_registry(ca_dir, registry)
     return CertPaths(cert=cert_path, key=key_path, ca=ca_copy)
 
 
@@ -570,3 +601,80 @@ def revoked_nodes(*, ca_dir: Path) -> list[tuple[str, str]]:
         if key not in newest or candidate[:2] > newest[key][:2]:
             newest[key] = candidate
     return sorted(key for key, (_, _, revoked) in newest.items() if revoked)
+
+
+# -- pseudonyms -----------------------------------------------------------------------------
+
+def has_pseudonyms(*, ca_dir: Path) -> bool:
+    """Whether the CA in ``ca_dir`` enrols stores under pseudonyms."""
+    return (Path(ca_dir) / PSEUDONYMS).is_file()
+
+
+def _book(ca_dir: Path) -> PseudonymBook:
+    book = PseudonymBook.load(ca_dir)
+    if book is None:
+        raise PKIError(f"the CA in {ca_dir} assigns no pseudonyms (create it with "
+                       "`pear-mqtt pki init --pseudonyms`, or turn them on for this CA with "
+                       "`pear-mqtt pki rotate-pseudonyms`)")
+    return book
+
+
+def enrol(*, ca_dir: Path, out_dir: Path, company: str, store: str, days: int = 397,
+          key_type: KeyType = DEFAULT_KEY_TYPE, not_before: dt.datetime | None = None,
+          not_after: dt.datetime | None = None,
+          force: bool = False) -> tuple[CertPaths, Enrolment]:
+    """Issue the node certificate of ``store`` of ``company`` under the pseudonyms the CA
+    assigns (``CN`` = the company's, ``OU`` = the store's); return its files and enrolment.
+
+    A company or store enrolled for the first time gets a fresh random pseudonym; later
+    enrolments (re-issues) reuse it until :func:`rotate_pseudonyms`. The names stay in the
+    CA's pseudonym registry; nothing issued or written to ``out_dir`` holds them (files are
+    named by pseudonym). The node's ``node_id`` must be ``enrolment.node``. Other arguments
+    as for :func:`issue`.
+    """
+    if days < 1:
+        raise PKIError(f"days must be at least 1, got {days}")
+    key_type = _check_key_type(key_type)
+    ca_dir, out_dir = Path(ca_dir), Path(out_dir)
+    with _locked(ca_dir):
+        book = _book(ca_dir)
+        enrolment = book.enrol(company, store)
+        book.save(ca_dir)
+        paths = _issue_locked(ca_dir=ca_dir, out_dir=out_dir, role="node",
+                              member=enrolment.member, node=enrolment.node, sans=[], days=days,
+                              key_type=key_type, not_before=not_before, not_after=not_after,
+                              force=force)
+    return paths, enrolment
+
+
+def list_pseudonyms(*, ca_dir: Path) -> list[Enrolment]:
+    """Every enrolled store and its pseudonyms (operator only: this maps names to
+    pseudonyms)."""
+    ca_dir = Path(ca_dir)
+    with _locked(ca_dir):
+        return _book(ca_dir).enrolments()
+
+
+def rotate_pseudonyms(*, ca_dir: Path) -> list[Enrolment]:
+    """Give every company and store of the network new pseudonyms; return the new enrolments.
+
+    Every live node certificate is revoked (its subject names the old pseudonyms, or the
+    plain names of a CA that had none: this turns pseudonyms on for it), so each store must
+    be enrolled again (:func:`enrol`), and the brokers need the new CRL and ACL as after any
+    revocation. The old and new pseudonyms of a company are not linked by anything a member
+    holds.
+    """
+    ca_dir = Path(ca_dir)
+    with _locked(ca_dir):
+        ca_cert, _ = _load_ca(ca_dir)
+        book = PseudonymBook.load(ca_dir) or PseudonymBook(network=_ca_network(ca_cert))
+        enrolments = book.rotate()
+        book.save(ca_dir)
+        registry = _load_registry(ca_dir)
+        now = _now()
+        for entry in registry["certificates"]:
+            if entry["role"] == "node" and not entry.get("revoked_at"):
+                entry["revoked_at"] = now.isoformat()
+        _sign_crl(ca_dir, registry)
+        _save_registry(ca_dir, registry)
+    return enrolments

@@ -4,6 +4,7 @@ certificate is validated once and its verdict cached (:class:`TrustStore`)."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from ..errors import (
     EnvelopeError,
     MalformedMessage,
     PKIError,
+    RevokedCertificate,
     SignatureError,
     TopicError,
 )
@@ -27,9 +29,12 @@ from .base64url import b64url_decode
 from .identity import identity_of
 from .keys import issued_by, read_material, signature_algorithm
 from .lru import LRU
+from .revocation import CRL_CHECK_INTERVAL, CrlFiles
 from .signing import VerifiedSigner
 
 __all__ = ["TrustStore"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,15 +51,18 @@ class TrustStore:
     Certificate verdicts are cached by the SHA-256 of the DER bytes (bounded LRU), so the chain
     signature is checked once per certificate, not once per message. The validity window is
     compared with ``now`` on every call. CRLs are taken as given (their ``next_update`` is not
-    enforced); call :meth:`update_crls` with fresh ones, which also empties the cache.
+    enforced); :meth:`update_crls` replaces them and drops the verdicts they change. With
+    ``revocation`` (CRL files, :meth:`from_files`) every check first looks whether a file
+    changed, at most once per its interval, and takes the new revocations in.
     """
 
     __slots__ = ("_by_subject", "_by_text", "_cache", "_cas", "_lock", "_network", "_rejected",
-                 "_revoked", "_validations")
+                 "_revocation", "_revoked", "_validations")
 
     def __init__(self, *, cas: Sequence[x509.Certificate],
                  crls: Sequence[x509.CertificateRevocationList] = (),
-                 network: str | None = None, cache_size: int = 4096) -> None:
+                 network: str | None = None, cache_size: int = 4096,
+                 revocation: CrlFiles | None = None) -> None:
         if not cas:
             raise ConfigError("a trust store needs at least one CA certificate")
         if cache_size < 1:
@@ -78,26 +86,24 @@ class TrustStore:
         self._revoked: dict[bytes, frozenset[int]] = {}
         self._validations = 0
         self.update_crls(crls)
+        self._revocation = revocation
 
     @classmethod
     def from_files(cls, *, ca_files: Sequence[Path], crl_files: Sequence[Path] = (),
-                   network: str | None = None) -> TrustStore:
-        """Load PEM CA certificates (several per file allowed) and PEM or DER CRLs."""
+                   network: str | None = None,
+                   crl_check_interval: float = CRL_CHECK_INTERVAL) -> TrustStore:
+        """Load PEM CA certificates (several per file allowed) and PEM or DER CRLs; the CRL
+        files are looked at again every ``crl_check_interval`` seconds and re-read when they
+        changed."""
         cas: list[x509.Certificate] = []
         for path in ca_files:
             try:
                 cas.extend(x509.load_pem_x509_certificates(read_material(path, "CA file")))
             except (ValueError, x509.InvalidVersion) as exc:
                 raise PKIError(f"cannot load CA certificates from {str(path)!r}: {exc}") from None
-        crls: list[x509.CertificateRevocationList] = []
-        for path in crl_files:
-            data = read_material(path, "CRL file")
-            try:
-                crls.append(x509.load_pem_x509_crl(data) if data.lstrip().startswith(b"-----")
-                            else x509.load_der_x509_crl(data))
-            except ValueError as exc:
-                raise PKIError(f"cannot load CRL {str(path)!r}: {exc}") from None
-        return cls(cas=cas, crls=crls, network=network)
+        files = CrlFiles(crl_files, interval=crl_check_interval) if crl_files else None
+        crls = files.load() if files is not None else []
+        return cls(cas=cas, crls=crls, network=network, revocation=files)
 
     @property
     def network(self) -> str | None:
@@ -114,8 +120,32 @@ class TrustStore:
         rejected; a known certificate costs none."""
         return self._validations
 
+    @property
+    def revocation(self) -> CrlFiles | None:
+        """The CRL files this store re-reads when they change, if any."""
+        return self._revocation
+
+    def refresh_crls(self) -> bool:
+        """Take in the CRL files' revocations if it is time to look and one changed; True
+        when the revocations were replaced. A CRL that is not signed by a trusted CA is
+        refused (logged), keeping the revocations loaded before. Every check calls this."""
+        files = self._revocation
+        crls = files.poll() if files is not None else None
+        if crls is None:
+            return False
+        try:
+            self.update_crls(crls)
+        except PKIError as exc:
+            log.warning("keeping the revocations loaded before: %s", exc)
+            return False
+        return True
+
     def update_crls(self, crls: Sequence[x509.CertificateRevocationList]) -> None:
-        """Replace the revocation lists; each must be signed by one of the CAs."""
+        """Replace the revocation lists; each must be signed by one of the CAs.
+
+        Cached verdicts of certificates these lists revoke are dropped, and every refusal is
+        forgotten, so the next message of each is judged again.
+        """
         revoked: dict[bytes, set[int]] = {}
         for crl in crls:
             issuer = next((ca for ca in self._by_subject.get(crl.issuer, ())
@@ -125,11 +155,11 @@ class TrustStore:
                                "trusted CA")
             revoked.setdefault(issuer.fingerprint(hashes.SHA256()), set()).update(
                 r.serial_number for r in crl)
+        serials = frozenset().union(*revoked.values())
         with self._lock:
             self._revoked = {k: frozenset(v) for k, v in revoked.items()}
-            self._cache.clear()
+            self._cache.discard_where(lambda signer: signer.serial in serials)
             self._rejected.clear()
-            self._by_text.clear()
 
     @staticmethod
     def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
@@ -147,6 +177,8 @@ class TrustStore:
         key type, wrong network, subject outside the identity scheme, outside its validity
         window) or :class:`MalformedMessage` if ``der`` is not a certificate.
         """
+        if self._revocation is not None and self._revocation.due():
+            self.refresh_crls()
         fingerprint = hashlib.sha256(der).digest()
         with self._lock:
             entry: VerifiedSigner | _Rejected | None = (
@@ -166,6 +198,8 @@ class TrustStore:
 
         Keyed on the text itself so that a known certificate costs one dictionary lookup.
         """
+        if self._revocation is not None and self._revocation.due():
+            self.refresh_crls()
         with self._lock:
             fingerprint = self._by_text.get(text)
             entry = None if fingerprint is None else self._cache.get(fingerprint)
@@ -182,6 +216,8 @@ class TrustStore:
 
         Raises :class:`SignatureError` if that certificate was rejected or is out of its window.
         """
+        if self._revocation is not None and self._revocation.due():
+            self.refresh_crls()
         with self._lock:
             entry: VerifiedSigner | _Rejected | None = (
                 self._cache.get(fingerprint) or self._rejected.get(fingerprint))
@@ -211,8 +247,8 @@ class TrustStore:
             return _Rejected(SignatureError,
                              f"certificate {subject!r} is not issued by a trusted CA")
         if cert.serial_number in self._revoked.get(issuer.fingerprint(hashes.SHA256()), ()):
-            return _Rejected(SignatureError, f"certificate {subject!r} (serial "
-                                             f"{cert.serial_number:x}) is revoked")
+            return _Rejected(RevokedCertificate, f"certificate {subject!r} (serial "
+                                                 f"{cert.serial_number:x}) is revoked")
         key = cert.public_key()
         algorithm = signature_algorithm(key)
         if algorithm is None or not isinstance(

@@ -8,13 +8,7 @@ These tests need a Docker engine and the pear images, so ``make test`` does not 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-# The broker harness (brokers.py, container_backend.py) lives beside the integration tests.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "integration"))
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pear_mqtt.ops.compose import COMPOSE_FILE
-from pear_mqtt.ops.up import TOPOLOGY
+from pear_mqtt.ops.up.topology import TOPOLOGY
 
 pytestmark = pytest.mark.unit
 

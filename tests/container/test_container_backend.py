@@ -32,7 +32,7 @@ def broker(pki: NetworkPKI, tmp_path: Path) -> Iterator[ContainerMosquittoBroker
 
 
 def _attrs(broker: ContainerMosquittoBroker) -> dict[str, Any]:
-    attrs: dict[str, Any] = broker._docker().attrs
+    attrs: dict[str, Any] = broker.docker().attrs
     return attrs
 
 

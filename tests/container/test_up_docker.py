@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from brokers import MqttProbe, new_unique_id
-from test_up import Up, _listening
+from upkit import Up, listening
 
 from pear_mqtt.ops.compose import Compose, project_name
 from pear_mqtt.security.pki import CertPaths
@@ -87,7 +87,7 @@ def test_docker_backend_lifecycle(up: DockerUp) -> None:
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert compose.containers() == {}
     for port in up.ports:
-        assert not _listening(port), f"port {port} still has a listener"
+        assert not listening(port), f"port {port} still has a listener"
     after = up.run("status")
     assert after.returncode != 0 and "stopped" in after.stdout
 
@@ -106,4 +106,4 @@ def test_broken_broker_fails_start_with_its_container_log(up: DockerUp) -> None:
     assert up.state()["state"] == "failed"
     assert Compose.from_json(up.state()["compose"]).containers() == {}
     for port in up.ports:
-        assert not _listening(port)
+        assert not listening(port)

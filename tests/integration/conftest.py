@@ -3,8 +3,10 @@
 - ``pki`` (session): a :class:`brokers.NetworkPKI` for network ``pki.network`` ("testnet"):
   CA, broker certificate (localhost, 127.0.0.1, ::1), node certificates ``pki.nodes[c]`` for
   acme, globex, initech, umbrella, hooli (node ``store-1``), ``pki.node(member, node)`` for
-  more, the bridge certificate ``pki.bridge`` (username ``pki.bridge_user``), and the refused
-  ones: ``pki.expired``, ``pki.not_yet_valid``, ``pki.revoked``, ``pki.foreign``.
+  more, ``pki.enrolled(company, store)`` for a store enrolled under the pseudonyms the CA
+  assigns (an anonymising consortium), the bridge certificate ``pki.bridge`` (username
+  ``pki.bridge_user``), and the refused ones: ``pki.expired``, ``pki.not_yet_valid``,
+  ``pki.revoked``, ``pki.foreign``.
   ``pki.tls("acme")`` gives a :class:`pear_mqtt.types.TLSConfig`.
 - ``mosquitto`` (function): a started :class:`brokers.MosquittoBroker`: ``.url`` / ``.port``
   plaintext anonymous, ``.tls_url`` / ``.tls_port`` mutual TLS with the ACL of all three modes
@@ -158,11 +160,18 @@ def make_config(pki: NetworkPKI, mosquitto: MosquittoBroker, aggregator: tuple[P
                 ) -> Callable[..., NetworkConfig]:
     def make(member: str, *, mode: NetworkMode = NetworkMode.CONSORTIUM, node: str = "store-1",
              broker_url: str | None = None, outbox: Path | None = None,
-             **reliability: Any) -> NetworkConfig:
+             pseudonymous: bool = False, **reliability: Any) -> NetworkConfig:
+        """``member``'s ``node``; ``pseudonymous``: enrolled under the CA's pseudonyms (the
+        config keeps the company's own id; node_id is the store's pseudonym)."""
+        if pseudonymous:
+            certs, enrolment = pki.enrolled(member, node)
+            node = enrolment.node
+        else:
+            certs = pki.node(member, node)
         return NetworkConfig(
             mode=mode, company_id=member, network_id=pki.network, node_id=node,
-            broker_url=broker_url or mosquitto.tls_url, tls=pki.tls(pki.node(member, node)),
-            privacy=PrivacyConfig(aggregator_key_file=aggregator[0], pseudonym_secret="s" * 32),
+            broker_url=broker_url or mosquitto.tls_url, tls=pki.tls(certs),
+            privacy=PrivacyConfig(aggregator_key_file=aggregator[0]),
             encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
             reliability=ReliabilityConfig(**{"outbox_path": outbox, "reconnect_min_delay": 0.05,
                                              "reconnect_max_delay": 0.5, **reliability}))

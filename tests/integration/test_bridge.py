@@ -54,8 +54,9 @@ from pear_mqtt.model.topics import TopicScheme
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.privacy.aggregate import aggregate_cell
 from pear_mqtt.privacy.filter import Contribution
-from pear_mqtt.privacy.pseudonyms import Pseudonymizer
+from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.envelope import EnvelopeCodec
+from pear_mqtt.security.pki import CertPaths
 from pear_mqtt.security.seal import (
     generate_x25519_key,
     save_x25519_private_key,
@@ -64,7 +65,6 @@ from pear_mqtt.security.seal import (
 from pear_mqtt.security.signing import Signer
 from pear_mqtt.security.trust import TrustStore
 
-SECRET = "s" * 32
 DAY = 86400
 K = 5
 CAP = 0.25
@@ -115,7 +115,8 @@ class Net:
 
     def node_config(self, member: str, *, node: str = "store-1",
                     mode: NetworkMode = NetworkMode.CONSORTIUM,
-                    levels: dict[str, SharingLevel] | None = None) -> NetworkConfig:
+                    levels: dict[str, SharingLevel] | None = None,
+                    certs: CertPaths | None = None) -> NetworkConfig:
         # Private networks have their own broker in production; here the consortium broker,
         # whose ACL covers every mode of the test network, stands in for it.
         broker = self.public if mode is NetworkMode.PUBLIC else self.consortium
@@ -123,12 +124,17 @@ class Net:
             POLICY if mode is NetworkMode.CONSORTIUM else {})
         return NetworkConfig(
             mode=mode, company_id=member, network_id=self.pki.network, node_id=node,
-            broker_url=broker.tls_url, tls=self.pki.tls(self.pki.node(member, node)),
-            privacy=PrivacyConfig(aggregator_key_file=self.pub_file, pseudonym_secret=SECRET,
-                                  data_sharing=sharing),
+            broker_url=broker.tls_url, tls=self.pki.tls(certs or self.pki.node(member, node)),
+            privacy=PrivacyConfig(aggregator_key_file=self.pub_file, data_sharing=sharing),
             encryption=(EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1")
                         if mode is NetworkMode.CONSORTIUM else EncryptionConfig()),
             reliability=FAST)
+
+    def enrolled_config(self, company: str, *, store: str = "store-1") -> NetworkConfig:
+        """A consortium node of ``company`` enrolled under the CA's pseudonyms: its config
+        keeps the company's own id, its node id is the store's pseudonym."""
+        certs, who = self.pki.enrolled(company, store)
+        return self.node_config(company, node=who.node, certs=certs)
 
     def bridge_config(self, *, bridge_id: str = "bridge", state: str = "bridge.sqlite",
                       consortium: bool = True, contributions: bool = False,
@@ -279,13 +285,12 @@ def assert_nothing_individual(net: Net, messages: Sequence[Received],
     """
     readable = [m for m in messages if "/contrib/" not in m.topic and "/nodes/" not in m.topic]
     wire = b"\n".join(m.topic.encode() + b" " + m.payload for m in readable)
-    p = Pseudonymizer(secret=SECRET, network_id=net.pki.network)
     for company in {i.company for i in inputs}:
         member = net.member(company)
         assert member.encode() not in wire
-        assert p.pseudonym("company", member).encode() not in wire
-        for store in {i.store for i in inputs if i.company == company}:
-            assert p.store_pseudonym(member, store).encode() not in wire
+    # Every pseudonym the CA assigned, of companies and stores (the ids are the CA's to keep).
+    for _, who in net.pki.enrolments.values():
+        assert who.member.encode() not in wire and who.node.encode() not in wire
     for i in inputs:
         it = i.insight
         numbers = [it.price_data.price if it.price_data else None,
@@ -667,6 +672,84 @@ async def test_private_source_merges_with_its_consortium_identity(net: Net) -> N
     # Five companies, six contributions: m0's private store is m0, not a sixth company.
     assert (units["companies"], units["count"]) == (5, 6)
     assert units["sum"] == pytest.approx(sum(100.0 + n for n in range(5)) + 15.0)
+
+
+async def test_certificate_pseudonyms_count_each_company_once(net: Net) -> None:
+    """Members enrolled under the CA's pseudonyms count once per company (a company's two
+    stores are one company), and a company's private broker, where it is named by its own id,
+    merges with its consortium pseudonym through the source's ``domain``/``member`` (from the
+    operator's pseudonym registry)."""
+    start = yesterday()
+    names = [f"e{n}{uuid.uuid4().hex[:8]}" for n in range(5)]
+    stores = {names[0]: ("store-1", "store-2")}
+    # names[0]: 40 per store, x 2, + 20 privately; no company above the 25 % cap, and no
+    # statistic equal to an input
+    units = dict(zip(names, (40.0, 101.5, 117.25, 98.75, 133.0), strict=True))
+    inputs = [Input(company=c, store=s, insight=insight("pseud/cat", start=start,
+                                                        units=units[c]))
+              for c in names for s in stores.get(c, ("store-1",))]
+    own_id = names[0]
+    for i in inputs:  # the operator enrols every store
+        net.pki.enrolled(i.company, i.store)
+    # The bridge's operator looks the company's consortium pseudonym up in the registry.
+    registry = {e.company: e.member for e in pkimod.list_pseudonyms(ca_dir=net.pki.ca_dir)}
+    private = SourceConfig(
+        mode="private", network_id=net.pki.network, broker_url=net.consortium.tls_url,
+        tls=net.pki.tls(net.pki.bridge), company_id=own_id, domain=net.pki.network,
+        member=registry[own_id], reliability=FAST)
+    clock = Clock()
+    async with Bridge(net.bridge_config(private=[private]), clock=clock) as bridge:
+        for i in inputs:
+            async with PearNetwork(net.enrolled_config(i.company, store=i.store)) as node:
+                assert node.identity.member == registry[i.company] != i.company
+                await node.broadcast_market_insight(i.insight)
+                await node.flush(timeout=WAIT)
+        async with PearNetwork(net.node_config(own_id, node="store-9",
+                                               mode=NetworkMode.PRIVATE)) as node:
+            await node.broadcast_market_insight(insight("pseud/cat", start=start, units=20.0))
+            await node.flush(timeout=WAIT)
+        await wait(bridge, lambda s: s.items_counted >= len(inputs) + 1)
+        await close_window(bridge, clock)
+    messages = net.marker()
+    (cell,) = cells_of(published(messages, net.pki.network)["pseud/cat"].payload).values()
+    got = cell["sales_data"]["units"]
+    assert (got["companies"], got["count"]) == (5, len(inputs) + 1)
+    assert got["sum"] == pytest.approx(40.0 * 2 + 20.0 + 101.5 + 117.25 + 98.75 + 133.0)
+    assert_nothing_individual(net, messages, inputs)
+
+
+async def test_a_revoked_members_items_are_dropped_by_a_bridge_holding_the_crl(
+        net: Net) -> None:
+    """The bridge checks signers against the CA's CRL (re-read when it changes): a member
+    revoked after the bridge started is dropped as ``revoked``, while the broker, not yet
+    told, still lets its open connection publish."""
+    start = yesterday()
+    names = [f"r{n}{uuid.uuid4().hex[:8]}" for n in range(6)]
+    base = net.bridge_config()
+    assert base.consortium is not None
+    tls = base.consortium.tls.model_copy(update={"crl_file": net.pki.crl,
+                                                 "crl_check_interval": 0})
+    config = base.model_copy(update={
+        "consortium": base.consortium.model_copy(update={"tls": tls})})
+    clock = Clock()
+    async with Bridge(config, clock=clock) as bridge, \
+            PearNetwork(net.enrolled_config(names[0])) as lost:
+        pkimod.revoke(ca_dir=net.pki.ca_dir, cert=net.pki.enrolled(names[0])[0].cert)
+        await lost.broadcast_market_insight(insight("crl/cat", start=start, units=999.0))
+        await lost.flush(timeout=WAIT)
+        for n, name in enumerate(names[1:]):
+            async with PearNetwork(net.enrolled_config(name)) as node:
+                await node.broadcast_market_insight(insight("crl/cat", start=start,
+                                                            units=100.0 + n * n))
+                await node.flush(timeout=WAIT)
+        status = await wait(bridge, lambda s: s.items_counted >= 5
+                            and s.dropped.get("revoked", 0) >= 1)
+        assert status.items_counted == 5
+        await close_window(bridge, clock)
+    (cell,) = cells_of(published(net.marker(), net.pki.network)["crl/cat"].payload).values()
+    units = cell["sales_data"]["units"]
+    assert (units["companies"], units["count"]) == (5, 5)
+    assert units["sum"] == pytest.approx(sum(100.0 + n * n for n in range(5)))
 
 
 # -- noise and the ε ledger ------------------------------------------------------------------

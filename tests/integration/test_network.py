@@ -28,12 +28,13 @@ T0 = datetime(2026, 11, 1, tzinfo=UTC)
 async def test_two_nodes_exchange_insights_under_consortium_policy(
         make_config: Callable[..., NetworkConfig], aggregator: tuple[Path, SealOpener],
         insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
-    async with PearNetwork(make_config("globex")) as rx, \
-            PearNetwork(make_config("acme")) as tx:
+    async with PearNetwork(make_config("globex", pseudonymous=True)) as rx, \
+            PearNetwork(make_config("acme", pseudonymous=True)) as tx:
         stream = rx.insights()
         iid = await tx.broadcast_market_insight(insight())
         (got,) = await take(stream, 1)
-    assert got.item_id == iid and got.member == "acme" and got.node == "store-1"
+        me = tx.identity  # what the operator's CA put in acme's certificate
+    assert got.item_id == iid and (got.member, got.node) == (me.member, me.node)
     shared = got.insight
     # consortium defaults: price ranges_only, sales aggregated (sealed), trends full
     assert isinstance(shared.groups["price_data"]["price"], ValueRange)
@@ -44,6 +45,7 @@ async def test_two_nodes_exchange_insights_under_consortium_policy(
     assert shared.groups["trends"] == {"direction": "up"} and shared.sample_size is None
     # anonymised: pseudonyms, not the real ids
     assert shared.company not in (None, "acme") and shared.store not in (None, "store-1")
+    assert (shared.company, shared.store) == (me.member, me.node)
     # the sealed contribution opens only with the aggregator's key and holds the exact sales
     assert got.sealed is not None
     contribution = Contribution.model_validate_json(aggregator[1].open(got.sealed))

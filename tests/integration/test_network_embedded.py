@@ -18,7 +18,7 @@ from pear_mqtt.config.models import (
 )
 from pear_mqtt.model.insight import MarketInsight, NetworkMode
 from pear_mqtt.node.network import PearNetwork
-from pear_mqtt.ops.embedded import EmbeddedBroker
+from pear_mqtt.ops.embedded.broker import EmbeddedBroker
 from pear_mqtt.privacy.ranges import ValueRange
 
 
@@ -38,7 +38,7 @@ def make_config(pki: NetworkPKI, embedded: EmbeddedBroker) -> Callable[..., Netw
             mode=NetworkMode.CONSORTIUM, company_id=member, network_id=pki.network,
             node_id="store-1",
             broker_url=broker_url or f"mqtts://localhost:{embedded.tls_port}",
-            tls=pki.tls(member), privacy=PrivacyConfig(pseudonym_secret="s" * 32),
+            tls=pki.tls(member), privacy=PrivacyConfig(),
             encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
             reliability=ReliabilityConfig(outbox_path=outbox, reconnect_min_delay=0.05,
                                           reconnect_max_delay=0.5,

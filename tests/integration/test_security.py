@@ -226,7 +226,7 @@ def test_revoked_nodes_retained_state_is_no_longer_served(
         pkimod.revoke(ca_dir=own.ca_dir, cert=store9.cert)
         # `pear-mqtt broker render` again (the harness renders with the same arguments as
         # at start): the ACL now denies acme/store-9's topics to acme. Then SIGHUP.
-        broker._render()
+        broker.render()
         assert f"user acme\ntopic deny {acme.member_root}/state/store-9/#" in \
             broker.acl_path.read_text()
         reload_and_wait(broker)

@@ -9,57 +9,23 @@ happened, so a failing test leaves no broker behind.
 from __future__ import annotations
 
 import json
-import os
+import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import MqttProbe, free_port, new_unique_id
+from brokers import MqttProbe, new_unique_id
 from paho.mqtt.enums import MQTTProtocolVersion
+from upkit import Up, listening
 
+from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.pki import CertPaths
 
 pytestmark = pytest.mark.integration
-
-CLI_TIMEOUT = 60.0
-
-
-class Up:
-    """Runs ``pear-mqtt up ...`` against one state directory with fixed free ports."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.dir = root / "state"
-        ports: set[int] = set()
-        while len(ports) < 3:
-            ports.add(free_port())
-        self.ports = sorted(ports)
-
-    def run(self, *args: str, backend: str | None = None,
-            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ)
-        env.pop("PEAR_UP_PORTS", None)
-        env.pop("PEAR_BACKEND", None)
-        if backend is not None:
-            env["PEAR_BACKEND"] = backend
-        return subprocess.run(
-            [sys.executable, "-m", "pear_mqtt.cli", "up", *args, "--dir", str(self.dir)],
-            cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout,
-            check=False)
-
-    def start(self, *extra: str, backend: str | None = None
-              ) -> subprocess.CompletedProcess[str]:
-        return self.run("start", "--ports", ",".join(map(str, self.ports)), *extra,
-                        backend=backend)
-
-    def state(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.dir / "up.json").read_text())
-        return data
 
 
 @pytest.fixture
@@ -68,14 +34,6 @@ def up(tmp_path: Path) -> Iterator[Up]:
     yield runner
     if (runner.dir / "up.json").exists():
         runner.run("stop", "--grace", "3")
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _node(state: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -149,7 +107,7 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
             Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
     assert all(p["proc"]["pid"] is None for p in up.state()["brokers"])
     for port in up.ports:
-        assert not _listening(port), f"port {port} still has a listener"
+        assert not listening(port), f"port {port} still has a listener"
 
     after = up.run("status")
     assert after.returncode != 0
@@ -206,7 +164,7 @@ def test_busy_port_is_refused_before_starting_anything(up: Up) -> None:
         result = up.start("--no-agents", backend="embedded")
     assert result.returncode == 1
     assert f"[{up.ports[1]}]" in result.stderr and "--ports" in result.stderr
-    assert not _listening(up.ports[0]) and not _listening(up.ports[2])
+    assert not listening(up.ports[0]) and not listening(up.ports[2])
 
 
 def test_failed_start_prints_log_tail_and_cleans_up(up: Up) -> None:
@@ -222,5 +180,68 @@ def test_failed_start_prints_log_tail_and_cleans_up(up: Up) -> None:
     assert "tail of" in result.stderr and "Unable to load server key" in result.stderr
     assert up.state()["state"] == "failed"
     for port in up.ports:
-        assert not _listening(port)
+        assert not listening(port)
     assert up.run("status").returncode != 0
+
+
+def test_an_old_state_directory_is_migrated_to_certificate_pseudonyms(up: Up) -> None:
+    """`make up` over a `.pear/` made before pseudonyms came from certificates (one pseudonym
+    secret in secrets.json and in every member's config, CAs issuing node certificates under
+    the pseudonyms it computed and the stores' own ids): the running topology is stopped,
+    the secret dropped, every store enrolled under its CA's random pseudonyms (the old
+    certificates revoked), the configs rewritten, and the bridge counts afresh."""
+    first = up.start("--no-agents", backend="local")
+    assert first.returncode == 0, first.stdout + first.stderr
+    # Turn the running topology's state back into what the older code left.
+    secrets_file = up.dir / "secrets.json"
+    data = json.loads(secrets_file.read_text())
+    for entry in data.values():
+        entry["pseudonym_secret"] = "shared-with-every-member-0123456789"
+    secrets_file.write_text(json.dumps(data))
+    ca_dir = up.dir / "pki" / "retail-eu" / "ca"
+    (ca_dir / pkimod.PSEUDONYMS).unlink()
+    old = pkimod.issue(ca_dir=ca_dir, out_dir=ca_dir.parent / "nodes", role="node",
+                       member="p" + "a" * 24, node="store-1")
+    old_serial = _cert_serial(old.cert.read_bytes())
+    config_file = up.dir / "nodes" / "consortium-globex-store-1.toml"
+    text = config_file.read_text()
+    text = re.sub(r'(?m)^node_id = ".*"$', 'node_id = "store-1"', text)
+    text = text.replace("[privacy]\n", '[privacy]\npseudonym_secret = "shared"\n', 1)
+    config_file.write_text(text)
+    (up.dir / "bridge").mkdir(exist_ok=True)
+    (up.dir / "bridge" / "state.sqlite").write_bytes(b"counted under the old pseudonyms")
+
+    again = up.start("--no-agents", backend="local")
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out
+    assert "pseudonym secret shared with every member" in out and "stopping it to migrate" in out
+    assert out.count("migrated:") >= 3, out
+    assert "pseudonym_secret" not in secrets_file.read_text()
+    assert pkimod.has_pseudonyms(ca_dir=ca_dir)
+    revoked = {r.serial for r in pkimod.list_certificates(ca_dir=ca_dir) if r.revoked}
+    assert old_serial in revoked
+    assert not old.cert.exists()
+    assert (up.dir / "bridge" / "state.sqlite.before-pseudonyms").is_file()
+
+    state = up.state()
+    registry = {(e.company, e.store): e for e in pkimod.list_pseudonyms(ca_dir=ca_dir)}
+    for node in (n for n in state["nodes"] if n["network"] == "retail-eu"):
+        enrolment = registry[(node["company"], "store-1")]
+        assert (node["member"], node["node"]) == (enrolment.member, enrolment.node)
+    for path in (up.dir / "nodes").glob("*.toml"):
+        assert "pseudonym_secret" not in path.read_text(), path
+    config = NetworkConfigManager.load(file=config_file, env={})
+    assert config.company_id == "globex"
+    assert config.node_id == registry[("globex", "store-1")].node != "store-1"
+    assert config.tls.crl_file == (ca_dir / pkimod.CA_CRL).resolve()
+    _publish_and_receive(state, protocol=MQTTProtocolVersion.MQTTv5)
+
+    current = up.start("--no-agents", backend="local")
+    assert current.returncode == 0 and "already up" in current.stdout
+    assert "migrated" not in current.stdout
+
+
+def _cert_serial(pem: bytes) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem).serial_number

@@ -25,7 +25,6 @@ from pear_mqtt.config.manager import NetworkConfigManager
 from pear_mqtt.config.models import (
     EncryptionConfig,
     NetworkConfig,
-    PrivacyConfig,
     ReliabilityConfig,
     TLSConfig,
 )
@@ -531,7 +530,6 @@ def agent_config(tmp_path: Path, **over: Any) -> Path:
     config = NetworkConfig(
         mode=NetworkMode.CONSORTIUM, company_id="acme", network_id="testnet", node_id="till-3",
         broker_url="mqtts://localhost:1", tls=TLSConfig(**tls),
-        privacy=PrivacyConfig(pseudonym_secret="s" * 32),
         encryption=EncryptionConfig(keys={"k1": base64.b64encode(bytes(32)).decode()},
                                     active="k1"), **over)
     path = tmp_path / "agent.toml"

@@ -35,7 +35,6 @@ pytestmark = pytest.mark.unit
 
 M = NetworkConfigManager
 KEY32 = base64.b64encode(bytes(range(32))).decode()
-SECRET = "a-long-pseudonym-secret-0123456789"
 
 
 @pytest.fixture(autouse=True)
@@ -144,8 +143,8 @@ def test_model_errors_list_every_failing_field() -> None:
 
 def test_secret_values_never_appear_in_errors() -> None:
     msg = _raises(M.default_config, "private", company_id="acme",
-                  privacy={"pseudonym_secret": ["not", "a", "string", "hunter2"]})
-    assert "privacy.pseudonym_secret" in msg
+                  encryption={"keys": {"k1": ["not", "a", "string", "hunter2"]}})
+    assert "encryption.keys.k1" in msg
     assert "hunter2" not in msg
 
 
@@ -191,6 +190,10 @@ def test_for_connect_names_missing_files(pem: dict[str, Path], tmp_path: Path) -
     msg = _raises(M.validate, config, for_connect=True)
     assert f"tls.cert_file: {gone} does not exist" in msg
     assert "tls.ca_file" not in msg and "tls.key_file" not in msg
+    no_crl = M.default_config("private", company_id="acme",
+                              tls=TLSConfig(**pem, crl_file=gone))
+    assert f"tls.crl_file: {gone} does not exist" in _raises(M.validate, no_crl,
+                                                             for_connect=True)
 
 
 def test_for_connect_names_unreadable_files(pem: dict[str, Path], tmp_path: Path) -> None:
@@ -301,21 +304,32 @@ def _has(warnings: list[str], needle: str) -> bool:
     return any(needle in w for w in warnings)
 
 
-def test_warnings_anonymize_without_pseudonym_secret() -> None:
-    config = M.default_config("consortium", company_id="acme")
-    assert _has(M.warnings(config), "privacy.pseudonym_secret is not set")
-    assert _has(M.warnings(config), "identities are dropped")
-    keyed = M.default_config("consortium", company_id="acme",
-                             privacy={"pseudonym_secret": SECRET})
-    assert not _has(M.warnings(keyed), "pseudonym_secret")
-    assert not _has(M.warnings(M.default_config("private", company_id="acme")),
-                    "pseudonym_secret")
-
-
-def test_warnings_short_pseudonym_secret() -> None:
-    config = M.default_config("consortium", company_id="acme",
-                              privacy={"pseudonym_secret": "short"})
-    assert _has(M.warnings(config), "privacy.pseudonym_secret is shorter than 16")
+def test_pseudonym_secret_is_refused_in_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    """Pseudonyms come from certificates now: a config still holding the old shared secret
+    (which let every member compute every pseudonym) is refused in every layer."""
+    secret = "a-long-pseudonym-secret-0123456789"
+    file = tmp_path / "old.toml"
+    file.write_text(f'mode = "consortium"\ncompany_id = "acme"\n'
+                    f'[privacy]\npseudonym_secret = "{secret}"\n')
+    messages = [
+        _raises(M.load, file=file, env={}),
+        _raises(M.load, env={"PEAR_MODE": "consortium", "PEAR_COMPANY_ID": "acme",
+                             "PEAR_PRIVACY__PSEUDONYM_SECRET": secret}),
+        _raises(M.load, env={}, mode="consortium", company_id="acme",
+                privacy={"pseudonym_secret": secret}),
+        _raises(M.default_config, "consortium", company_id="acme",
+                privacy={"pseudonym_secret": secret}),
+    ]
+    for msg in messages:
+        assert "\n" not in msg, msg
+        assert "no longer used" in msg and "pki enrol" in msg and "node_id" in msg, msg
+        assert secret not in msg
+    assert messages[0].startswith(f"{file}: privacy.pseudonym_secret ")
+    assert messages[1].startswith("environment: PEAR_PRIVACY__PSEUDONYM_SECRET ")
+    with pytest.raises(ValidationError, match="pki enrol"):
+        PrivacyConfig(pseudonym_secret=secret)  # type: ignore[call-arg]
+    assert not _has(M.warnings(M.default_config("consortium", company_id="acme")),
+                    "pseudonym")
 
 
 def test_warnings_consortium_without_active_group_key() -> None:
@@ -334,8 +348,7 @@ def test_warnings_aggregated_without_aggregator_key(tmp_path: Path) -> None:
     private = M.default_config("private", company_id="acme")
     assert not _has(M.warnings(private), "aggregator_key_file")
     with_key = M.default_config("public", company_id="acme",
-                                privacy={"aggregator_key_file": tmp_path / "agg.pem",
-                                         "pseudonym_secret": SECRET})
+                                privacy={"aggregator_key_file": tmp_path / "agg.pem"})
     assert M.warnings(with_key) == []
 
 
@@ -361,7 +374,6 @@ def test_env_nested_loading() -> None:
         "PEAR_COMPANY_ID": "acme",
         "PEAR_PRIVACY__DATA_SHARING__PRICE_DATA": "none",
         "PEAR_TLS__CA_FILE": "/x",
-        "PEAR_PRIVACY__PSEUDONYM_SECRET": SECRET,
         "PEAR_PRIVACY__ANONYMIZE_DATA": "true",
         "PEAR_RELIABILITY__QOS": "0",
         "PEAR_PRIVACY__RANGE_EDGES": '{"grocery/dairy": [1, 2, 4]}',
@@ -377,8 +389,7 @@ def test_env_nested_loading() -> None:
     assert config.sharing_level("price_data") is SharingLevel.NONE
     assert config.sharing_level("sales_data") is SharingLevel.AGGREGATED  # mode default
     assert config.tls.ca_file == Path("/x")
-    assert config.privacy.pseudonym_secret is not None
-    assert config.privacy.pseudonym_secret.get_secret_value() == SECRET
+    assert config.encryption.keys["k1"].get_secret_value() == KEY32
     assert config.reliability.qos == 0
     assert config.privacy.range_edges == {"grocery/dairy": (1.0, 2.0, 4.0)}
     assert config.encryption.active == "k1"
@@ -573,7 +584,7 @@ def _full_config(**extra: Any) -> NetworkConfig:
         "consortium", company_id="acme", network_id="grocers", node_id='store "7" \\ ü',
         tls={"ca_file": Path("/etc/pear/ca.pem"), "cert_file": "/etc/pear/n.crt",
              "key_file": "/etc/pear/n.key"},
-        privacy={"pseudonym_secret": SECRET, "data_sharing": {"price_data": "none"},
+        privacy={"data_sharing": {"price_data": "none"},
                  "range_edges": {"grocery/dairy": (1.0, 2.5, 10.0)}, "min_companies": 6},
         encryption={"keys": {"k1": KEY32, "k2": KEY32}, "active": "k2"},
         reliability={"outbox_path": "/var/lib/pear/outbox.db", "max_clock_skew": 1e-05},
@@ -588,7 +599,7 @@ def test_save_load_round_trip_with_secrets(tmp_path: Path, suffix: str) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert M.load(file=path, env={}) == config
     text = path.read_text()
-    assert SECRET in text
+    assert KEY32 in text
     assert '"consortium"' in text  # enums as values
     assert '"/etc/pear/ca.pem"' in text  # paths as strings
 
@@ -599,15 +610,14 @@ def test_save_without_secrets(tmp_path: Path, suffix: str,
     config = _full_config()
     path = tmp_path / f"pear{suffix}"
     omitted = M.save(config, path)
-    assert omitted == ["privacy.pseudonym_secret", "encryption.keys.k1", "encryption.keys.k2"]
+    assert omitted == ["encryption.keys.k1", "encryption.keys.k2"]
     text = path.read_text()
-    assert SECRET not in text and KEY32 not in text
+    assert KEY32 not in text
     assert "secrets not written" in caplog.text
     if suffix == ".toml":
-        assert "# secrets omitted: privacy.pseudonym_secret" in text
+        assert "# secrets omitted: encryption.keys.k1" in text
     # The secrets come back from the environment; the rest round-trips from the file.
-    env = {"PEAR_PRIVACY__PSEUDONYM_SECRET": SECRET,
-           "PEAR_ENCRYPTION__KEYS__K1": KEY32, "PEAR_ENCRYPTION__KEYS__K2": KEY32}
+    env = {"PEAR_ENCRYPTION__KEYS__K1": KEY32, "PEAR_ENCRYPTION__KEYS__K2": KEY32}
     assert M.load(file=path, env=env) == config
     # Without them the file still fails closed: the active key is named but absent.
     assert "active key id 'k2' is not among keys" in _raises(M.load, file=path, env={})
@@ -650,7 +660,8 @@ def _coarse(edges: list[float]) -> bool:
     qos=st.sampled_from([0, 1]),
     linger=st.floats(min_value=0, max_value=5),
     port=st.integers(min_value=1, max_value=65535),
-    secret=st.none() | st.text(min_size=1, max_size=40),
+    secret=st.none() | st.binary(min_size=32, max_size=32).map(
+        lambda b: base64.b64encode(b).decode()),
     edges=st.lists(st.floats(min_value=-1e6, max_value=1e6), min_size=2, max_size=5,
                    unique=True).filter(_coarse),
     suffix=st.sampled_from([".toml", ".json"]),
@@ -660,12 +671,14 @@ def test_round_trip_property(tmp_path: Path, mode: NetworkMode, company: str, no
                              linger: float, port: int, secret: str | None, edges: list[float],
                              suffix: str) -> None:
     privacy: dict[str, Any] = {"anonymize_data": anonymize, "min_companies": min_companies,
-                               "dominance_cap": dominance, "pseudonym_secret": secret,
+                               "dominance_cap": dominance,
                                "range_edges": {"cat": tuple(sorted(edges))}}
+    encryption = {"keys": {"k1": secret}, "active": "k1"} if secret is not None else {}
     if mode is NetworkMode.PUBLIC:
         privacy["data_sharing"] = {"trends": "none"}
     config = NetworkConfig(mode=mode, company_id=company, node_id=node,
                            broker_url=f"mqtts://broker.example:{port}", privacy=privacy,
+                           encryption=encryption,
                            reliability={"qos": qos, "batch_linger": linger})
     path = tmp_path / f"prop{suffix}"
     M.save(config, path, include_secrets=True)
@@ -733,9 +746,8 @@ def test_cli_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr()
     shown = tomllib.loads(out.out)
     assert shown["mode"] == "consortium"
-    assert shown["privacy"]["pseudonym_secret"] == "**********"
     assert shown["encryption"]["keys"] == {"k1": "**********", "k2": "**********"}
-    assert SECRET not in out.out and KEY32 not in out.out
+    assert KEY32 not in out.out
     assert "price_data = none, sales_data = aggregated, trends = full" in out.out
 
 

@@ -27,6 +27,7 @@ from pear_mqtt.errors import (
     OversizedMessage,
     PKIError,
     ReplayedMessage,
+    RevokedCertificate,
     SignatureError,
     StaleMessage,
     UnknownKeyError,
@@ -34,6 +35,7 @@ from pear_mqtt.errors import (
 )
 from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.identity import Identity, subject_for
+from pear_mqtt.security.revocation import CrlFiles
 from pear_mqtt.security.seal import (
     SealOpener,
     generate_x25519_key,
@@ -408,13 +410,117 @@ def test_untrusted_certificates_are_refused(pki: PKI, case: str, words: str) -> 
         rx.decode(wire)
     with pytest.raises(SignatureError, match=words):  # the cached verdict says the same
         rx.decode(wire)
-    assert rx.stats == {"bad_signature": 2}
+    # A revocation is a refusal of its own (RevokedCertificate, a SignatureError).
+    assert rx.stats == {"revoked" if case == "revoked" else "bad_signature": 2}
 
 
 def test_revocation_only_hits_the_listed_certificate(pki: PKI) -> None:
     _key, cert = pki.ca.issue()
     rx = pki.codec("bob", trust=pki.trust(crls=[pki.ca.crl(cert)]))
     assert rx.decode(pki.codec().encode(kind="state", body=1)).message.body == 1
+
+
+@dataclass
+class Monotonic:
+    t: float = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _write_crl(path: Path, crl: x509.CertificateRevocationList) -> None:
+    tmp = path.with_suffix(".tmp")  # replaced whole, as the CA writes it
+    tmp.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    tmp.replace(path)
+
+
+def test_crl_file_is_refreshed_when_it_changes_at_most_once_per_interval(
+        pki: PKI, tmp_path: Path) -> None:
+    """A receiver learns of a revocation from the CRL file without a restart; the file is
+    looked at (one stat) at most once per interval."""
+    ca_file, crl_file = tmp_path / "ca.pem", tmp_path / "ca.crl"
+    ca_file.write_bytes(_pem(pki.ca.cert))
+    _write_crl(crl_file, pki.ca.crl())
+    key, cert = pki.ca.issue(member="initech", node="store-3")
+    tx = EnvelopeCodec(signer=Signer(private_key=key, certificate=cert), trust=pki.trust(),
+                       clock=Clock())
+    mono = Monotonic()
+    files = CrlFiles([crl_file], interval=5.0, clock=mono)
+    trust = TrustStore(cas=[pki.ca.cert], crls=files.load(), network=NET, revocation=files)
+    rx = pki.codec("bob", trust=trust)
+    assert trust.revocation is files and files.interval == 5.0
+    assert rx.decode(tx.encode(kind="state", body=1)).signer.node == "store-3"
+    alice = pki.codec()
+    assert rx.decode(alice.encode(kind="state", body=1)).signer.member == "acme"
+
+    _write_crl(crl_file, pki.ca.crl(cert))
+    mono.t = 4.9  # not yet time to look: the cached verdict stands
+    assert rx.decode(tx.encode(kind="state", body=2)).message.body == 2
+    mono.t = 5.0
+    with pytest.raises(RevokedCertificate, match="is revoked"):
+        rx.decode(tx.encode(kind="state", body=3))
+    with pytest.raises(RevokedCertificate):
+        rx.decode(tx.encode(kind="state", body=4, embed_certificate=False))
+    assert rx.stats["revoked"] == 2
+    # Other signers keep their cached verdicts.
+    validations = trust.validations
+    assert rx.decode(alice.encode(kind="state", body=5)).signer.member == "acme"
+    assert trust.validations == validations
+    # Unchanged file: nothing is re-read; a lifted revocation is taken in like any change.
+    mono.t = 10.0
+    assert not trust.refresh_crls()
+    _write_crl(crl_file, pki.ca.crl())
+    assert not trust.refresh_crls()  # checked at 10.0 already
+    mono.t = 15.0
+    assert trust.refresh_crls()
+    assert rx.decode(tx.encode(kind="state", body=6)).message.body == 6
+
+
+def test_unusable_crl_update_keeps_the_revocations_loaded_before(
+        pki: PKI, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ca_file, crl_file = tmp_path / "ca.pem", tmp_path / "ca.crl"
+    ca_file.write_bytes(_pem(pki.ca.cert))
+    key, cert = pki.ca.issue(member="initech", node="store-4")
+    _write_crl(crl_file, pki.ca.crl(cert))
+    trust = TrustStore.from_files(ca_files=[ca_file], crl_files=[crl_file], network=NET,
+                                  crl_check_interval=0)
+    assert trust.revocation is not None and trust.revocation.paths == (crl_file,)
+    rx = pki.codec("bob", trust=trust)
+    tx = EnvelopeCodec(signer=Signer(private_key=key, certificate=cert), trust=pki.trust(),
+                       clock=Clock())
+    for broken in (b"half a CRL", None, CA.make("Evil CA").crl()):
+        if broken is None:
+            crl_file.unlink()
+        elif isinstance(broken, bytes):
+            crl_file.write_bytes(broken)
+        else:
+            _write_crl(crl_file, broken)
+        assert not trust.refresh_crls()
+        with pytest.raises(RevokedCertificate):
+            rx.decode(tx.encode(kind="state", body=1))
+    assert "keeping the revocations loaded before" in caplog.text
+    with pytest.raises(PKIError, match="cannot load CRL"):
+        crl_file.write_bytes(b"junk")
+        TrustStore.from_files(ca_files=[ca_file], crl_files=[crl_file], network=NET)
+
+
+def test_codec_from_config_reads_tls_crl_file(pki: PKI, tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_bytes(_pem(pki.ca.cert))
+    (tmp_path / "node.pem").write_bytes(_pem(pki.bob))
+    (tmp_path / "node.key").write_bytes(pki.bob_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    _write_crl(tmp_path / "ca.crl", pki.ca.crl(pki.alice))
+    config = NetworkConfig(
+        mode="consortium", company_id="globex", network_id=NET, node_id="store-9",
+        broker_url="mqtts://localhost:8883",
+        tls=TLSConfig(ca_file=tmp_path / "ca.pem", cert_file=tmp_path / "node.pem",
+                      key_file=tmp_path / "node.key", crl_file=tmp_path / "ca.crl",
+                      crl_check_interval=3))
+    rx = EnvelopeCodec.from_config(config, clock=Clock())
+    assert rx.trust.revocation is not None and rx.trust.revocation.interval == 3
+    with pytest.raises(RevokedCertificate):
+        rx.decode(pki.codec().encode(kind="state", body=1))
 
 
 def test_network_check_is_optional(pki: PKI) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -303,3 +304,140 @@ def test_cli_init_issue_revoke_list(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "revoked" in text and "mqtt" in text
     assert main(["pki", "crl", "--dir", str(d), "--days", "30"]) == 0
     assert main(["pki", "revoke", "--dir", str(d), "--serial", "xyz"]) == 2
+
+
+# -- pseudonyms ----------------------------------------------------------------------------
+
+@pytest.fixture
+def anon_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "anon-ca"
+    pki.create_ca(directory=d, network="anon1", pseudonyms=True)
+    return d
+
+
+def test_pseudonym_registry_is_operator_only(anon_dir: Path, tmp_path: Path) -> None:
+    assert pki.has_pseudonyms(ca_dir=anon_dir)
+    pki.enrol(ca_dir=anon_dir, out_dir=tmp_path / "out", company="acme", store="store-1")
+    for name in (pki.PSEUDONYMS, pki.REGISTRY):
+        assert stat.S_IMODE((anon_dir / name).stat().st_mode) == 0o600, name
+    # Nothing outside the two 0600 registries links a name to its pseudonym.
+    for path in [*(tmp_path / "out").iterdir(), anon_dir / pki.CA_CRL,
+                 *(anon_dir / "issued").iterdir()]:
+        assert b"acme" not in path.read_bytes() and "acme" not in path.name, path
+        assert b"store-1" not in path.read_bytes() and "store-1" not in path.name, path
+
+
+def test_enrol_issues_under_random_pseudonyms_stable_for_reissue(anon_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    paths, who = pki.enrol(ca_dir=anon_dir, out_dir=tmp_path / "a", company="acme",
+                           store="store-1")
+    assert (who.company, who.store) == ("acme", "store-1")
+    for pseudonym in (who.member, who.node):
+        assert re.fullmatch(r"p[a-z2-7]{24}", pseudonym)
+    ident = identity_of(_cert(paths.cert))
+    assert (ident.network, ident.member, ident.node) == ("anon1", who.member, who.node)
+    assert paths.cert.name == f"node-{who.member}-{who.node}.crt"
+    # A re-issue (and another store of the same company) keeps the company's pseudonym.
+    again, same = pki.enrol(ca_dir=anon_dir, out_dir=tmp_path / "b", company="acme",
+                            store="store-1")
+    assert same == who and identity_of(_cert(again.cert)) == ident
+    _, second = pki.enrol(ca_dir=anon_dir, out_dir=tmp_path / "b", company="acme",
+                          store="store-2")
+    assert second.member == who.member and second.node != who.node
+    _, other = pki.enrol(ca_dir=anon_dir, out_dir=tmp_path / "b", company="globex",
+                         store="store-1")
+    assert other.member != who.member and other.node not in (who.node, second.node)
+    assert pki.list_pseudonyms(ca_dir=anon_dir) == [who, second, other]
+    registry = pki.list_certificates(ca_dir=anon_dir)
+    assert {r.member for r in registry} == {who.member, other.member}
+
+
+def test_each_network_draws_its_own_pseudonyms(tmp_path: Path) -> None:
+    seen: list[pki.Enrolment] = []
+    for n in range(3):
+        d = tmp_path / f"ca{n}"
+        pki.create_ca(directory=d, network="same-net", pseudonyms=True)
+        seen.append(pki.enrol(ca_dir=d, out_dir=tmp_path / f"o{n}", company="acme",
+                              store="store-1")[1])
+    assert len({e.member for e in seen}) == 3 and len({e.node for e in seen}) == 3
+    # Replacing a CA replaces its pseudonyms too.
+    d = tmp_path / "ca0"
+    pki.create_ca(directory=d, network="same-net", pseudonyms=True, force=True)
+    assert pki.list_pseudonyms(ca_dir=d) == []
+    pki.create_ca(directory=d, network="same-net", force=True)
+    assert not pki.has_pseudonyms(ca_dir=d)
+
+
+def test_rotation_redraws_every_pseudonym_and_revokes_node_certificates(
+        anon_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    old = [pki.enrol(ca_dir=anon_dir, out_dir=out, company=c, store=s)[1]
+           for c, s in (("acme", "store-1"), ("acme", "store-2"), ("globex", "store-1"))]
+    bridge = pki.issue(ca_dir=anon_dir, out_dir=out, role="bridge", member="bridge")
+    new = pki.rotate_pseudonyms(ca_dir=anon_dir)
+    assert [(e.company, e.store) for e in new] == [(e.company, e.store) for e in old]
+    old_names = {p for e in old for p in (e.member, e.node)}
+    assert not old_names & {p for e in new for p in (e.member, e.node)}
+    assert new[0].member == new[1].member != new[2].member
+    records = pki.list_certificates(ca_dir=anon_dir)
+    assert {r.role for r in records if r.revoked} == {"node"}
+    assert all(r.revoked for r in records if r.role == "node")
+    assert {r.serial for r in records if r.revoked} == {
+        e.serial_number for e in _crl(anon_dir)}
+    assert _cert(bridge.cert).serial_number not in {e.serial_number for e in _crl(anon_dir)}
+    # Re-enrolment issues under the new pseudonyms, again stable.
+    _, again = pki.enrol(ca_dir=anon_dir, out_dir=out, company="acme", store="store-1")
+    assert again == new[0]
+
+
+def test_rotation_turns_pseudonyms_on_for_a_plain_ca(ca_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PKIError, match="assigns no pseudonyms"):
+        pki.enrol(ca_dir=ca_dir, out_dir=tmp_path, company="acme", store="s1")
+    pki.issue(ca_dir=ca_dir, out_dir=tmp_path, role="node", member="acme", node="s1")
+    assert stat.S_IMODE((ca_dir / pki.REGISTRY).stat().st_mode) == 0o644
+    assert pki.rotate_pseudonyms(ca_dir=ca_dir) == []
+    assert pki.revoked_nodes(ca_dir=ca_dir) == [("acme", "s1")]
+    _, who = pki.enrol(ca_dir=ca_dir, out_dir=tmp_path, company="acme", store="s1")
+    assert who.member != "acme" and who.node != "s1"
+    assert stat.S_IMODE((ca_dir / pki.REGISTRY).stat().st_mode) == 0o600
+
+
+def test_enrol_refuses_bad_names_and_a_broken_registry(anon_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(PKIError, match="company"):
+        pki.enrol(ca_dir=anon_dir, out_dir=tmp_path, company="a/b", store="s1")
+    with pytest.raises(PKIError, match="store"):
+        pki.enrol(ca_dir=anon_dir, out_dir=tmp_path, company="acme", store="")
+    assert pki.list_pseudonyms(ca_dir=anon_dir) == []
+    (anon_dir / pki.PSEUDONYMS).write_text("{")
+    with pytest.raises(PKIError, match="not valid JSON"):
+        pki.list_pseudonyms(ca_dir=anon_dir)
+    (anon_dir / pki.PSEUDONYMS).write_text(json.dumps({"version": 9}))
+    with pytest.raises(PKIError, match="unknown layout"):
+        pki.enrol(ca_dir=anon_dir, out_dir=tmp_path, company="acme", store="s1")
+
+
+def test_cli_pseudonyms(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d, out = tmp_path / "ca", tmp_path / "out"
+    assert main(["pki", "init", "--dir", str(d), "--network", "anon", "--pseudonyms"]) == 0
+    capsys.readouterr()
+    # A node certificate under plain names would undo the anonymity: refused, with the way.
+    assert main(["pki", "issue", "--dir", str(d), "--out", str(out), "--role", "node",
+                 "--member", "acme", "--node", "s1"]) == 2
+    assert "pki enrol" in capsys.readouterr().err
+    assert main(["pki", "enrol", "--dir", str(d), "--out", str(out), "--company", "acme",
+                 "--store", "s1"]) == 0
+    text = capsys.readouterr().out
+    (listed,) = pki.list_pseudonyms(ca_dir=d)
+    assert f'node_id = "{listed.node}"' in text and listed.member in text
+    assert main(["pki", "pseudonyms", "--dir", str(d), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [listed.to_json()]
+    assert main(["pki", "pseudonyms", "--dir", str(d)]) == 0
+    assert listed.node in capsys.readouterr().out
+    assert main(["pki", "rotate-pseudonyms", "--dir", str(d)]) == 2
+    assert "--yes" in capsys.readouterr().err
+    assert pki.list_pseudonyms(ca_dir=d) == [listed]
+    assert main(["pki", "rotate-pseudonyms", "--dir", str(d), "--yes"]) == 0
+    assert "revoked" in capsys.readouterr().out
+    (rotated,) = pki.list_pseudonyms(ca_dir=d)
+    assert rotated.member != listed.member
+    assert pki.revoked_nodes(ca_dir=d) == [(listed.member, listed.node)]

@@ -1,4 +1,4 @@
-"""The privacy filter, range buckets, pseudonyms and k-anonymous aggregation."""
+"""The privacy filter, range buckets, published identities and k-anonymous aggregation."""
 
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from pear_mqtt.model.insight import (
     SharingLevel,
     TrendData,
 )
-from pear_mqtt.model.topics import validate_identifier
 from pear_mqtt.privacy.aggregate import (
     AggregateOutcome,
     SuppressionCounter,
@@ -35,8 +34,9 @@ from pear_mqtt.privacy.aggregate import (
     aggregate_cell,
 )
 from pear_mqtt.privacy.filter import ADDITIVE_FIELDS, Contribution, PrivacyFilter, SharedInsight
-from pear_mqtt.privacy.pseudonyms import Pseudonymizer
 from pear_mqtt.privacy.ranges import RangeScheme, ValueRange
+from pear_mqtt.security.identity import Identity
+from pear_mqtt.security.pseudonyms import draw_pseudonym
 
 pytestmark = pytest.mark.unit
 
@@ -173,7 +173,6 @@ def configs(draw: st.DrawFn) -> NetworkConfig:
         mode=mode, company=draw(company_ids), network=draw(st.sampled_from(["net-1", "net-2"])),
         data_sharing=sharing,
         anonymize_data=draw(st.booleans()),
-        pseudonym_secret=draw(st.none() | st.sampled_from(["s3cret-one", "s3cret-two"])),
         range_edges=draw(st.sampled_from([{}, CONFIGURED_EDGES])),
         range_ratio=draw(st.sampled_from([1.02, 1.25, 1.5, 2.0, 10.0])),
     )
@@ -333,85 +332,60 @@ def test_filtered_insight_never_discloses_protected_values(
         assert result.contribution is None
 
 
-# -- (c) pseudonyms ------------------------------------------------------------------------
+# -- (c) identities: the certificate's when anonymising -------------------------------------
+
+def certificate_identity(config: NetworkConfig) -> Identity:
+    """What an operator's CA would put in this node's certificate: random pseudonyms."""
+    return Identity(network=config.network_id, member=draw_pseudonym(), node=draw_pseudonym())
+
 
 @FAST
-@given(config=configs(), insight=insights, store=store_ids)
+@given(config=configs(), insight=insights, store=store_ids, attached=st.booleans())
 def test_real_identities_never_published_when_anonymising(
-        config: NetworkConfig, insight: MarketInsight, store: str) -> None:
-    shared = PrivacyFilter(config=config).apply(insight, store=store).shared
-    if shared is None:
+        config: NetworkConfig, insight: MarketInsight, store: str, attached: bool) -> None:
+    me = certificate_identity(config)
+    f = PrivacyFilter(config=config, identity=me if attached else None)
+    result = f.apply(insight) if attached else f.apply(insight, store=store)
+    if result.shared is None:
         return  # nothing published, no identity either
-    raw = shared.model_dump_json()
+    raw = result.shared.model_dump_json()
+    parsed = json.loads(raw)
     if config.privacy.anonymize_data:
         assert config.company_id not in raw
-        assert store not in raw
+        assert store not in raw and config.node_id not in raw
+        # Only what the certificate names (and every peer sees on the envelope anyway).
+        expected = (me.member, me.node) if attached else (None, None)
+        assert (parsed.get("company"), parsed.get("store")) == expected
+        if result.contribution is not None and attached:
+            assert (result.contribution.company, result.contribution.store) == expected
+    elif attached:
+        assert (parsed["company"], parsed["store"]) == (config.company_id, config.node_id)
     else:
-        parsed = json.loads(raw)
         assert (parsed["company"], parsed["store"]) == (config.company_id, store)
 
 
-@settings(max_examples=100, deadline=None)
-@given(secret=st.binary(min_size=1, max_size=40), other_secret=st.binary(min_size=1, max_size=40),
-       network=st.sampled_from(["net-1", "net-2", "a", "ab"]),
-       other_network=st.sampled_from(["net-1", "net-2", "a", "ab"]),
-       company=company_ids, store=store_ids)
-def test_pseudonyms_stable_within_and_unlinkable_across_networks(
-        secret: bytes, other_secret: bytes, network: str, other_network: str,
-        company: str, store: str) -> None:
-    p = Pseudonymizer(secret=secret, network_id=network)
-    again = Pseudonymizer(secret=secret, network_id=network)
-    name = p.pseudonym("company", company)
-    assert name == again.pseudonym("company", company)
-    assert re.fullmatch(r"p[a-z2-7]{24}", name)
-    assert validate_identifier(name) == name
-    assert p.pseudonym("store", company) != name  # the kind is part of the input
-    assert p.store_pseudonym(company, store) == again.store_pseudonym(company, store)
-    other = Pseudonymizer(secret=other_secret, network_id=other_network)
-    if (other_secret, other_network) != (secret, network):
-        assert other.pseudonym("company", company) != name
-        assert other.store_pseudonym(company, store) != p.store_pseudonym(company, store)
-
-
-def test_pseudonym_accepts_str_and_bytes_secret_and_hides_it() -> None:
-    a = Pseudonymizer(secret="sekrit", network_id="n")
-    b = Pseudonymizer(secret=b"sekrit", network_id="n")
-    assert a.pseudonym("company", "acme") == b.pseudonym("company", "acme")
-    assert "sekrit" not in repr(a)
-
-
-def test_pseudonym_framing_is_unambiguous() -> None:
-    # Naive concatenation would make ("ab", "c") and ("a", "bc") collide.
-    assert (Pseudonymizer(secret="k", network_id="ab").pseudonym("company", "c")
-            != Pseudonymizer(secret="k", network_id="a").pseudonym("company", "bc"))
-
-
-def test_store_pseudonym_depends_on_company() -> None:
-    p = Pseudonymizer(secret="k", network_id="n")
-    assert p.store_pseudonym("acme", "store-1") != p.store_pseudonym("bolt", "store-1")
-
-
-@pytest.mark.parametrize("kwargs", [{"secret": "", "network_id": "n"},
-                                    {"secret": b"", "network_id": "n"},
-                                    {"secret": "k", "network_id": "a/b"},
-                                    {"secret": "k", "network_id": ""}])
-def test_pseudonymizer_rejects_bad_setup(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ConfigError):
-        Pseudonymizer(**kwargs)
-
-
-def test_pseudonym_rejects_bad_kind_and_value() -> None:
-    p = Pseudonymizer(secret="k", network_id="n")
-    with pytest.raises(PrivacyError):
-        p.pseudonym("node", "x")  # type: ignore[arg-type]
-    with pytest.raises(PrivacyError):
-        p.pseudonym("company", "")
-
-
-def test_pseudonymizer_from_config() -> None:
-    assert Pseudonymizer.from_config(make_config()) is None
-    p = Pseudonymizer.from_config(make_config(pseudonym_secret="abc"))
-    assert p is not None and p.network_id == "net-1"
+def test_anonymising_filter_publishes_the_identity_attached_on_connect() -> None:
+    # (sales in ranges: with prices and sales aggregated nothing of FULL_INSIGHT is published)
+    config = make_config(data_sharing={"price_data": "aggregated", "sales_data": "ranges_only"})
+    f = PrivacyFilter(config=config)
+    assert f.identity is None
+    me = Identity(network="net-1", member="pcompany", node="pstore")
+    f.attach(me)
+    assert f.identity == me
+    for result in (f.apply(FULL_INSIGHT), f.apply(FULL_INSIGHT, store="pstore")):
+        assert (result.shared.company, result.shared.store) == ("pcompany", "pstore")
+        assert result.contribution is not None
+        assert (result.contribution.company, result.contribution.store) == ("pcompany",
+                                                                            "pstore")
+    encoded = json.loads(f.encode(FULL_INSIGHT).shared)
+    assert (encoded["company"], encoded["store"]) == ("pcompany", "pstore")
+    # A store's own id cannot be published in its place: only the operator maps it.
+    with pytest.raises(PrivacyError, match="not the node this certificate names"):
+        f.apply(FULL_INSIGHT, store="St-TWO")
+    # Without anonymize_data the configured ids go out, certificate or not.
+    plain = PrivacyFilter(config=make_config(anonymize_data=False), identity=me)
+    shared = plain.apply(FULL_INSIGHT).shared
+    assert (shared.company, shared.store) == ("Co-ACME", "St-ONE")
 
 
 # -- ranges --------------------------------------------------------------------------------
@@ -555,9 +529,9 @@ def test_private_defaults_share_everything_with_real_ids() -> None:
 
 
 def test_consortium_defaults_split_ranges_aggregates_and_full() -> None:
-    config = make_config(pseudonym_secret="k" * 32,
-                         range_edges={"grocery": (1.0, 1.25, 1.5)})
-    result = PrivacyFilter(config=config).apply(FULL_INSIGHT)
+    config = make_config(range_edges={"grocery": (1.0, 1.25, 1.5)})
+    me = certificate_identity(config)
+    result = PrivacyFilter(config=config, identity=me).apply(FULL_INSIGHT)
     shared = result.shared
     assert shared is not None
     assert shared.levels == {"price_data": SharingLevel.RANGES_ONLY,
@@ -579,9 +553,8 @@ def test_consortium_defaults_split_ranges_aggregates_and_full() -> None:
                                                   "transactions": 42.0},
                                    "trends": {"demand_change_pct": 4.25}}
     assert contribution.sample_size == 7
-    p = Pseudonymizer(secret="k" * 32, network_id="net-1")
-    assert shared.company == contribution.company == p.pseudonym("company", "Co-ACME")
-    assert shared.store == contribution.store == p.store_pseudonym("Co-ACME", "St-ONE")
+    assert shared.company == contribution.company == me.member
+    assert shared.store == contribution.store == me.node
     assert contribution.currency is None  # no aggregated prices
 
 
@@ -594,7 +567,7 @@ def test_ranges_only_non_price_fields_use_the_geometric_scheme() -> None:
     assert units.lo <= 123.0 < units.hi and units.lo > 2.0
 
 
-def test_anonymising_without_secret_drops_identities() -> None:
+def test_anonymising_without_an_identity_drops_identities() -> None:
     config = make_config(data_sharing={"price_data": "aggregated",
                                        "sales_data": "ranges_only"})
     result = PrivacyFilter(config=config).apply(FULL_INSIGHT, store="St-TWO")
@@ -840,7 +813,7 @@ def test_sample_size_never_shows_a_sealed_value_under_consortium_defaults(
     sales = SalesData(units=float(transactions) * 3, revenue=float(transactions) * 7.5,
                       transactions=float(transactions))
     insight = insight.model_copy(update={"sales_data": sales, "sample_size": transactions})
-    f = PrivacyFilter(config=make_config(pseudonym_secret="k" * 32))
+    f = PrivacyFilter(config=make_config())
     result = f.apply(insight)
     encoded = f.encode(insight)
     if result.shared is None:
@@ -857,9 +830,9 @@ def test_sample_size_never_shows_a_sealed_value_under_consortium_defaults(
 
 
 def test_shared_insight_round_trips_through_json() -> None:
-    config = make_config(data_sharing={"price_data": "ranges_only", "trends": "full"},
-                         pseudonym_secret="x" * 32)
-    shared = PrivacyFilter(config=config).apply(FULL_INSIGHT).shared
+    config = make_config(data_sharing={"price_data": "ranges_only", "trends": "full"})
+    shared = PrivacyFilter(config=config, identity=certificate_identity(config)).apply(
+        FULL_INSIGHT).shared
     assert SharedInsight.model_validate_json(shared.model_dump_json()) == shared
 
 

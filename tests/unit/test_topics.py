@@ -2,8 +2,8 @@
 
 The mosquitto side of the same rules is checked against a real broker in
 ``tests/integration/test_security.py``; here: the exact rules, their placement, their
-validation, and what they mean under :class:`pear_mqtt.ops.embedded.AccessPolicy` (mosquitto's
-semantics: a deny wins over every grant).
+validation, and what they mean under :class:`pear_mqtt.ops.embedded.policy.AccessPolicy`
+(mosquitto's semantics: a deny wins over every grant).
 """
 
 from __future__ import annotations
@@ -11,8 +11,15 @@ from __future__ import annotations
 import pytest
 
 from pear_mqtt.errors import TopicError
-from pear_mqtt.model.topics import AclRule, TopicScheme, acl_rules, revoked_node_rules
-from pear_mqtt.ops.embedded import AccessPolicy, topic_matches
+from pear_mqtt.model.topics import (
+    AclRule,
+    TopicScheme,
+    acl_rules,
+    filter_covers,
+    revoked_node_rules,
+    topic_matches,
+)
+from pear_mqtt.ops.embedded.policy import AccessPolicy
 
 pytestmark = pytest.mark.unit
 
@@ -139,3 +146,40 @@ def test_checkpoint_topics_round_trip_and_stay_in_the_member_subtree() -> None:
             parse_topic(f"{acme.presence('store-9')}/checkpoint/{bad}")
     with pytest.raises(TopicError):
         TopicScheme("public", NET, "acme").checkpoint("acme", 0)
+
+
+# -- the filter matcher ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("topic_filter", "topic", "expected"), [
+    ("a/b", "a/b", True),
+    ("a/+", "a/b", True),
+    ("a/+", "a/b/c", False),
+    ("a/#", "a", True),
+    ("a/#", "a/b/c", True),
+    ("+/b", "a/b", True),
+    ("#", "$SYS/x", False),
+    ("+/x", "$SYS/x", False),
+    ("$SYS/#", "$SYS/x", True),
+    ("a/b", "a/c", False),
+    ("a/b/c", "a/b", False),
+])
+def test_topic_matches(topic_filter: str, topic: str, expected: bool) -> None:
+    assert topic_matches(topic_filter, topic) is expected
+
+
+@pytest.mark.parametrize(("outer", "inner", "expected"), [
+    ("a/#", "a/#", True),
+    ("a/#", "a/+/c/#", True),
+    ("a/#", "a", True),
+    ("a/+", "a/b", True),
+    ("a/+", "a/+", True),
+    ("a/+", "a/#", False),
+    ("a/b/#", "a/+/#", False),
+    ("a/b", "a/+", False),
+    ("a/+/c", "a/b/c/d", False),
+    ("#", "$SYS/#", False),
+    ("+/#", "$SYS/x", False),
+    ("#", "a/b", True),
+])
+def test_filter_covers(outer: str, inner: str, expected: bool) -> None:
+    assert filter_covers(outer, inner) is expected

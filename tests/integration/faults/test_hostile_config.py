@@ -8,7 +8,8 @@ exit status 2 from the CLI) whose message names the file or field and says what 
 promptly, with no traceback and no hang. Entry points: ``NetworkConfigManager.load(file=...)``,
 ``pear-mqtt config check [--for-connect]``, ``pear-mqtt agent --config``,
 ``PearNetwork.connect`` and the bridge's ``BridgeConfigManager.load`` / ``pear-mqtt bridge
---check``. A certificate only the broker can refuse (revoked: nodes hold no CRL) ends in a
+--check``. A certificate only the broker can refuse (revoked, to a node without
+``tls.crl_file``) ends in a
 :class:`~pear_mqtt.errors.ConnectError` within the connect timeout.
 """
 
@@ -224,10 +225,11 @@ async def test_bad_tls_material_at_connect(make_config: Callable[..., NetworkCon
 async def test_a_certificate_only_the_broker_can_refuse(
         make_config: Callable[..., NetworkConfig], pki: NetworkPKI,
         mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
-    """Revoked: the node holds no CRL, so the broker's refusal is the first word on it; the
+    """Revoked: this node holds no CRL, so the broker's refusal is the first word on it; the
     node gives up at the timeout with a ConnectError and nothing escapes into asyncio."""
     config = _config(make_config, pki, {"cert_file": pki.revoked.cert,
                                         "key_file": pki.revoked.key})
+    config = config.model_copy(update={"node_id": "store-revoked"})  # the node it names
     began = time.perf_counter()
     with pytest.raises(ConnectError) as err:
         await PearNetwork(config).connect(timeout=3)

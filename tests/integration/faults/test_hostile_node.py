@@ -60,13 +60,12 @@ from hostile_fuzz import (
     rss_bound_mb,
     sign_raw,
     structured_cases,
-    topic_matches,
 )
 
 from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.errors import TopicError
 from pear_mqtt.model.insight import MarketInsight, PriceData, SalesData, TrendData
-from pear_mqtt.model.topics import TopicScheme, parse_topic
+from pear_mqtt.model.topics import TopicScheme, parse_topic, topic_matches
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.node.records import ReceivedInsight
 from pear_mqtt.privacy.filter import PrivacyFilter

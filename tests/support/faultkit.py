@@ -43,7 +43,7 @@ def node_config(pki: NetworkPKI, aggregator_key: Path, member: str, url: str, *,
     return NetworkConfig(
         mode=mode, company_id=member, network_id=pki.network, node_id=node, broker_url=url,
         tls=pki.tls(cert if cert is not None else pki.node(member, node)),
-        privacy=PrivacyConfig(aggregator_key_file=aggregator_key, pseudonym_secret="s" * 32),
+        privacy=PrivacyConfig(aggregator_key_file=aggregator_key),
         encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
         reliability=ReliabilityConfig(**{"outbox_path": outbox, "reconnect_min_delay": 0.05,
                                          "reconnect_max_delay": 0.5, **reliability}))

@@ -135,17 +135,6 @@ def rss_bound_mb(sent_bytes: int) -> float:
     return 150.0 + sent_bytes / 1e6
 
 
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT topic-filter matching (``+`` one level, ``#`` the rest, including the parent)."""
-    f, t = topic_filter.split("/"), topic.split("/")
-    for i, level in enumerate(f):
-        if level == "#":
-            return True
-        if i >= len(t) or (level != "+" and level != t[i]):
-            return False
-    return len(f) == len(t)
-
-
 # -- the attacker's client -------------------------------------------------------------------
 
 @dataclass

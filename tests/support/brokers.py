@@ -102,7 +102,9 @@ class NetworkPKI:
     """Certificates for one test network, all minted by :mod:`pear_mqtt.security.pki`.
 
     ``nodes[c]`` is the ``store-1`` certificate of company ``c`` for every ``c`` in
-    :data:`COMPANIES`; :meth:`node` mints more on demand (any member, any node). ``expired``,
+    :data:`COMPANIES`; :meth:`node` mints more on demand (any member, any node), named as
+    given. :meth:`enrolled` mints a store's certificate under the random pseudonyms the CA
+    assigns, as in an anonymising consortium (the CA keeps the names). ``expired``,
     ``not_yet_valid`` and ``revoked`` are acme node certificates that the broker must refuse;
     ``foreign`` carries the very same subject (acme / store-1 / network) but comes from
     another CA (``foreign_ca``).
@@ -121,6 +123,8 @@ class NetworkPKI:
     foreign: CertPaths
     foreign_ca: Path
     key_type: pkimod.KeyType
+    enrolments: dict[tuple[str, str], tuple[CertPaths, pkimod.Enrolment]] = field(
+        default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
@@ -146,6 +150,17 @@ class NetworkPKI:
                     member=member, node=node, key_type=self.key_type)
             return self.nodes[key]
 
+    def enrolled(self, company: str, store: str = DEFAULT_NODE
+                 ) -> tuple[CertPaths, pkimod.Enrolment]:
+        """The certificate of ``company``'s ``store`` under the pseudonyms the CA assigns
+        (CN = the company's, OU = the store's), and that enrolment; minted on first use."""
+        with self._lock:
+            if (company, store) not in self.enrolments:
+                self.enrolments[(company, store)] = pkimod.enrol(
+                    ca_dir=self.ca_dir, out_dir=self.root / "enrolled", company=company,
+                    store=store, key_type=self.key_type)
+            return self.enrolments[(company, store)]
+
     def tls(self, paths: CertPaths | str, *, check_hostname: bool = True) -> TLSConfig:
         """A :class:`TLSConfig` for ``paths`` or for member ``paths``'s ``store-1``."""
         certs = self.node(paths) if isinstance(paths, str) else paths
@@ -156,9 +171,13 @@ class NetworkPKI:
 def build_pki(root: Path, *, network: str = "testnet",
               key_type: pkimod.KeyType = pkimod.DEFAULT_KEY_TYPE,
               bridge_user: str = "bridge") -> NetworkPKI:
-    """Create a CA for ``network`` under ``root`` and every certificate the tests need."""
+    """Create a CA for ``network`` under ``root`` and every certificate the tests need.
+
+    The CA assigns pseudonyms (:meth:`NetworkPKI.enrolled`) and issues certificates under
+    given names (:meth:`NetworkPKI.node`) alike: one test network serves every mode.
+    """
     ca_dir = root / "ca"
-    pkimod.create_ca(directory=ca_dir, network=network, key_type=key_type)
+    pkimod.create_ca(directory=ca_dir, network=network, key_type=key_type, pseudonyms=True)
     out = root / "nodes"
     broker = pkimod.issue(ca_dir=ca_dir, out_dir=root / "broker", role="broker",
                           member="testbroker", hosts=("localhost", "127.0.0.1", "::1"),
@@ -319,7 +338,8 @@ class MosquittoBroker:
                 f"{self.log_text()[log_offset:]}")
 
     # -- lifecycle --------------------------------------------------------------------------
-    def _render(self) -> None:
+    def render(self) -> None:
+        """(Re)write the broker's configuration and ACL from its PKI (after a revocation)."""
         if self.pki is None:
             self._render_plain_only()
             return
@@ -399,7 +419,7 @@ class MosquittoBroker:
                 # grab one in between, so a first start retries with fresh ports.
                 self._port = free_port() if self.plain or self.pki is None else None
                 self._tls_port = free_port() if self.pki is not None else None
-            self._render()
+            self.render()
             offsets = len(self.log_text()), len(self.output_text())
             began = time.perf_counter()
             self._spawn()

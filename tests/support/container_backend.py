@@ -114,7 +114,7 @@ class ContainerMosquittoBroker(MosquittoBroker):
         return [p for p in wanted
                 if not any(q != p and q in p.parents for q in wanted)]
 
-    def _docker(self) -> Any:
+    def docker(self) -> Any:
         """The docker-py container object (refreshed)."""
         assert self._container is not None
         wrapped = self._container.get_wrapped_container()
@@ -145,7 +145,7 @@ class ContainerMosquittoBroker(MosquittoBroker):
             raise BrokerError(f"cannot start the broker container ({IMAGE}): {exc}") from None
 
     def _exit_status(self) -> int | None:
-        state = self._docker().attrs["State"]
+        state = self.docker().attrs["State"]
         if state["Status"] in _STOPPED:
             return int(state.get("ExitCode", -1))
         return None
@@ -155,7 +155,7 @@ class ContainerMosquittoBroker(MosquittoBroker):
         """The host pid of the containerised mosquitto, None when it does not run."""
         if self._container is None:
             return None
-        pid = int(self._docker().attrs["State"].get("Pid") or 0)
+        pid = int(self.docker().attrs["State"].get("Pid") or 0)
         return pid or None
 
     @property
@@ -187,7 +187,7 @@ class ContainerMosquittoBroker(MosquittoBroker):
         """SIGTERM and wait: mosquitto saves its persistence file on the way out."""
         if self._container is None or not self.running:
             return
-        wrapped = self._docker()
+        wrapped = self.docker()
         if wrapped.attrs["State"].get("Paused"):
             wrapped.unpause()  # a frozen broker cannot act on SIGTERM
         with contextlib.suppress(docker.errors.APIError):  # it may have exited meanwhile
@@ -201,24 +201,24 @@ class ContainerMosquittoBroker(MosquittoBroker):
         if self._container is None or not self.running:
             return
         with contextlib.suppress(docker.errors.APIError):
-            self._docker().kill()  # SIGKILL; a paused container is killed too
+            self.docker().kill()  # SIGKILL; a paused container is killed too
         if not self._wait_exited(10.0):
             raise BrokerError(f"container {self.container_name} did not die on SIGKILL")
 
     def pause(self) -> None:
         """Freeze the container: the broker holds its sockets but answers nothing."""
         if self.running:
-            self._docker().pause()
+            self.docker().pause()
 
     def resume(self) -> None:
         """Thaw the container after :meth:`pause`."""
-        if self._container is not None and self._docker().attrs["State"].get("Paused"):
-            self._docker().unpause()
+        if self._container is not None and self.docker().attrs["State"].get("Paused"):
+            self.docker().unpause()
 
     def reload(self) -> None:
         """SIGHUP: mosquitto re-reads its configuration (and the ACL and CRL files)."""
         if self.running:
-            self._docker().kill(signal="SIGHUP")
+            self.docker().kill(signal="SIGHUP")
 
     def close(self) -> None:
         """Remove the container (killing it if it still runs)."""

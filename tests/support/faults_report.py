@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = ROOT / ".pear" / "faults" / "results.jsonl"
 DEFAULT_DOC = ROOT / "docs" / "RELIABILITY.md"
 

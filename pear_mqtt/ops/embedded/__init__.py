@@ -1,0 +1,1 @@
+"""The embedded broker: amqtt with the identity, ACL and revocation of the mosquitto setup."""

@@ -1,0 +1,56 @@
+"""Drives ``pear-mqtt up`` as a user would: one state directory, fixed free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from brokers import free_port
+
+CLI_TIMEOUT = 60.0
+
+
+class Up:
+    """Runs ``pear-mqtt up ...`` against one state directory with fixed free ports."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / "state"
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(free_port())
+        self.ports = sorted(ports)
+
+    def run(self, *args: str, backend: str | None = None,
+            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ)
+        env.pop("PEAR_UP_PORTS", None)
+        env.pop("PEAR_BACKEND", None)
+        if backend is not None:
+            env["PEAR_BACKEND"] = backend
+        return subprocess.run(
+            [sys.executable, "-m", "pear_mqtt.cli", "up", *args, "--dir", str(self.dir)],
+            cwd=self.root, env=env, capture_output=True, text=True, timeout=timeout,
+            check=False)
+
+    def start(self, *extra: str, backend: str | None = None
+              ) -> subprocess.CompletedProcess[str]:
+        return self.run("start", "--ports", ",".join(map(str, self.ports)), *extra,
+                        backend=backend)
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.dir / "up.json").read_text())
+        return data
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
