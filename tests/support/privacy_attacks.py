@@ -28,7 +28,8 @@ from pear_mqtt.errors import TopicError
 from pear_mqtt.model.insight import SharingLevel
 from pear_mqtt.model.topics import parse_topic
 from pear_mqtt.privacy.aggregate import aggregate_cell
-from pear_mqtt.privacy.filter import ADDITIVE_FIELDS, Contribution
+from pear_mqtt.privacy.disclosure import ADDITIVE_FIELDS
+from pear_mqtt.privacy.filter import Contribution
 from pear_mqtt.privacy.ranges import RangeScheme
 from pear_mqtt.security.identity import Identity
 
