@@ -641,7 +641,7 @@ def skew(capture: Capture) -> Finding:
     refused = sum(v for k, v in r.items() if k.endswith("_refused_by_broker"))
     replayed = sum(v for k, v in r.items() if not k.endswith("_refused_by_broker"))
     drops = Counter(capture.bridge.dropped)
-    drops["malformed"] -= 1 if capture.resent else 0  # the run's barrier
+    drops["malformed"] -= capture.barriers
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(drops.items()) if v > 0)
     changed = moved + missing + extra
     learned = (f"re-sent {len(capture.resent)} observations, replayed {replayed} envelopes "

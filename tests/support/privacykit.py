@@ -268,6 +268,7 @@ class Capture:
     snapshot: tuple[WireMessage, ...]
     resent: tuple[Observation, ...]
     replays: dict[str, int]
+    barriers: int  # empty messages the bridge counted as malformed, to know it read all
     bridge: BridgeStatus
     min_companies: int
     dominance_cap: float
@@ -290,6 +291,9 @@ class Clock:
 
     def __call__(self) -> float:
         return time.time() + self.offset
+
+    def set(self, now: float) -> None:
+        self.offset = now - time.time()
 
 
 @contextlib.contextmanager
@@ -421,10 +425,11 @@ class _Run:
         start = first_hour()
         early = next(c for c, _ in sorted(self.outlets) if c != self.attacker)
         self.truth = market({o: labels[o] for o in self.outlets}, start=start, early=early)
-        # The bridge lives an hour after the market's last hour, so neither window is due
-        # (or in the future) until the run moves its clock past the publication lag.
+        # The bridge lives in the market's time: each hour is reported as it ends, so a window
+        # becomes due (for a lag as short as an hour) only after everything in it was read.
+        self.barriers = 0
         self.clock = Clock()
-        self.clock.offset = (start.timestamp() + (HOURS + 1) * 3600) - time.time()
+        self.clock.set(min(o.insight.window_end for o in self.truth).timestamp())
 
     # -- the run ------------------------------------------------------------------------------
     async def run(self) -> Capture:
@@ -441,7 +446,7 @@ class _Run:
                 await asyncio.gather(*(n.connect(timeout=WAIT) for n in nodes.values()))
                 identities = {(n.identity.member, n.identity.node): outlet
                               for outlet, n in nodes.items()}
-                await self._broadcast(nodes)
+                await self._broadcast(nodes, spies, bridge)
                 resent, replays = await self._attack_traffic(nodes, spies, bridge)
                 await self._close_windows(bridge)
                 live = {net: await asyncio.to_thread(spy.collect)
@@ -469,7 +474,7 @@ class _Run:
             attacker_files=tuple(p for _, p in self.attacker_configs.values()),
             scheme=some.privacy, companies=self.companies, stores=self.stores,
             truth=tuple(self.truth), identities=identities, wire=wire, snapshot=retained,
-            resent=tuple(resent), replays=replays, bridge=status,
+            resent=tuple(resent), replays=replays, barriers=self.barriers, bridge=status,
             min_companies=self.bridge_config.min_companies,
             dominance_cap=self.bridge_config.dominance_cap,
             window_seconds=self.bridge_config.window_seconds,
@@ -477,9 +482,11 @@ class _Run:
                              if self.policy.mode is NetworkMode.PRIVATE else None),
             seconds=0.0)
 
-    async def _broadcast(self, nodes: Mapping[tuple[str, str], PearNetwork]) -> None:
-        """Hour by hour, every outlet its observations; each hour acknowledged before the
-        next, as stores reporting over time would."""
+    async def _broadcast(self, nodes: Mapping[tuple[str, str], PearNetwork],
+                         spies: Mapping[str, Spy], bridge: Bridge) -> None:
+        """Hour by hour, every outlet its observations as the hour ends; each hour
+        acknowledged by the broker and read by the bridge before the next, as stores
+        reporting over time would."""
         hours: dict[datetime, list[Observation]] = {}
         for obs in self.truth:
             hours.setdefault(obs.insight.window_start, []).append(obs)
@@ -489,18 +496,36 @@ class _Run:
                 await nodes[outlet].broadcast_market_insight(obs.insight)
 
         for hour in sorted(hours):
+            self.clock.set((hour + timedelta(hours=1)).timestamp())
             by_outlet: dict[tuple[str, str], list[Observation]] = {}
             for obs in hours[hour]:
                 by_outlet.setdefault((obs.company, obs.store), []).append(obs)
             await asyncio.gather(*(one(o, items) for o, items in by_outlet.items()))
             await asyncio.gather(*(nodes[o].flush(timeout=WAIT) for o in by_outlet))
+            await self._barrier(spies, bridge)
+
+    async def _barrier(self, spies: Mapping[str, Spy], bridge: Bridge) -> None:
+        """Wait until the bridge read everything published so far: the attacker sends an
+        empty message on its own insights topic, which the bridge counts as malformed after
+        everything the broker accepted before it. (No bridge input reads a private network.)"""
+        network = next(iter(self.outlets.values())).network_id
+        if self.policy.mode is NetworkMode.PRIVATE or network not in self.attacker_configs:
+            return
+        config, _ = self.attacker_configs[network]
+        scheme = TopicScheme(mode=config.mode.value, network=network,
+                             member=_identity(config).member)
+        self.barriers += 1
+        before = bridge.status().dropped.get("malformed", 0)
+        await asyncio.to_thread(spies[network].probe.publish, scheme.insights("zz-barrier/x"),
+                                b"")
+        await bridge.wait_for(lambda s: s.dropped.get("malformed", 0) > before, timeout=WAIT)
 
     async def _attack_traffic(self, nodes: Mapping[tuple[str, str], PearNetwork],
                               spies: Mapping[str, Spy], bridge: Bridge
                               ) -> tuple[list[Observation], dict[str, int]]:
-        """The attacker re-sends its last hour's observations, replays captured envelopes
-        (others' on its own topics and on theirs, its own verbatim), then sends a barrier the
-        bridge counts as malformed, so everything before it has been read."""
+        """The attacker re-sends its last hour's observations and replays captured envelopes
+        (others' on its own topics and on theirs, its own verbatim), all read by the bridge
+        before this returns."""
         replays: Counter[str] = Counter()
         resent: list[Observation] = []
         mine = [o for o in nodes if o[0] == self.attacker]
@@ -543,11 +568,9 @@ class _Run:
             for msg in own[:REPLAYS]:
                 spy.probe.publish(msg.topic, msg.payload)
                 replays["own_verbatim"] += 1
-            spy.probe.publish(scheme.insights("zz-barrier/x"), b"")
 
-        before = bridge.status().dropped.get("malformed", 0)
         await asyncio.to_thread(replay)
-        await bridge.wait_for(lambda s: s.dropped.get("malformed", 0) > before, timeout=WAIT)
+        await self._barrier(spies, bridge)
         return resent, dict(replays)
 
     async def _close_windows(self, bridge: Bridge) -> None:
