@@ -437,12 +437,9 @@ def _aggregate_numbers(capture: Capture, pairs: _Pairs) -> int:
     """Aggregate statistics against each competitor's own values in that cell."""
     count = 0
     for cell, stats in aggregate_versions(capture):
-        category, region, start, end = cell
         per_company: dict[str, list[Observation]] = {}
         for o in capture.truth:
-            i = o.insight
-            if (o.company != capture.attacker and i.category == category
-                    and i.region == region and start <= i.window_start.timestamp() < end):
+            if o.company != capture.attacker and _in_cell(o, cell):
                 per_company.setdefault(o.company, []).append(o)
         for (group, name), values in stats.items():
             mine: list[tuple[str, float]] = []
@@ -582,6 +579,33 @@ def aggregate_versions(capture: Capture
     return out
 
 
+def histogram_versions(capture: Capture) -> list[tuple[Cell, str, int, int]]:
+    """Every bucket histogram of a published cell: (cell, field, companies it says it
+    counts, the sum of its buckets' counts)."""
+    out: list[tuple[Cell, str, int, int]] = []
+    for msg in capture.wire:
+        body = msg.body
+        if msg.kind != "aggregate" or not isinstance(body, Mapping):
+            continue
+        try:
+            start = datetime.fromisoformat(str(body["window_start"])).timestamp()
+            end = datetime.fromisoformat(str(body["window_end"])).timestamp()
+            for cell in body["cells"]:
+                key: Cell = (str(body["category"]), str(cell.get("region")), start, end)
+                for h in cell.get("histograms") or []:
+                    counted = sum(int(b["companies"]) for b in h["buckets"])
+                    out.append((key, str(h["field"]), int(h["companies"]), counted))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def _in_cell(o: Observation, cell: Cell) -> bool:
+    i = o.insight
+    return (i.category == cell[0] and i.region == cell[1]
+            and cell[2] <= i.window_start.timestamp() < cell[3])
+
+
 def reference_cells(capture: Capture) -> dict[Cell, dict[tuple[str, str], dict[str, float]]]:
     """What the aggregates should say: each observation counted once, by the library's own
     k-anonymous aggregation (companies by clear name)."""
@@ -637,6 +661,15 @@ def skew(capture: Capture) -> Finding:
     for cell, want in reference.items():
         missing += sum(1 for f in want if f in fields and f[0] in sealed
                        and f not in published.get(cell, set()))
+    histograms = histogram_versions(capture)
+    for cell, name, companies, counted in histograms:
+        # Each company once per cell: as many as report the field, and every bucket's count
+        # adds up to that.
+        truth = {o.company for o in capture.truth if _in_cell(o, cell)
+                 and any(f == name for _, f in _numbers(o))}
+        compared += 1
+        if companies != len(truth) or counted != companies:
+            moved += 1
     r = capture.replays
     refused = sum(v for k, v in r.items() if k.endswith("_refused_by_broker"))
     replayed = sum(v for k, v in r.items() if not k.endswith("_refused_by_broker"))
@@ -652,7 +685,8 @@ def skew(capture: Capture) -> Finding:
     return Finding(learned=learned, bound="0 statistics moved (each company once per cell)",
                    held=changed == 0,
                    metrics={"compared": compared, "moved": moved, "missing": missing,
-                            "extra": extra, "worst_sum": worst, "resent": len(capture.resent),
+                            "extra": extra, "worst_sum": worst, "histograms": len(histograms),
+                            "resent": len(capture.resent),
                             "replays": dict(r), "bridge_dropped": dict(capture.bridge.dropped),
                             "items_counted": capture.bridge.items_counted})
 
@@ -698,9 +732,7 @@ def residues(capture: Capture) -> list[Residue]:
         out: set[float] = set()
         for pool in (capture.truth, (*capture.truth, *capture.resent)):
             v = _company_value([o for o in pool if o.company == capture.attacker
-                                and o.insight.category == cell[0]
-                                and cell[2] <= o.insight.window_start.timestamp() < cell[3]],
-                               field)
+                                and _in_cell(o, cell)], field)
             if v is not None:
                 out.add(v)
         return out
@@ -734,9 +766,7 @@ def differencing(capture: Capture) -> Finding:
     derived = 0
     for r in found:
         for company in {o.company for o in capture.truth if o.company != capture.attacker}:
-            obs = [o for o in capture.truth if o.company == company
-                   and o.insight.category == r.cell[0] and o.insight.region == r.cell[1]
-                   and r.cell[2] <= o.insight.window_start.timestamp() < r.cell[3]]
+            obs = [o for o in capture.truth if o.company == company and _in_cell(o, r.cell)]
             fields = {f for o in obs for f in _numbers(o)}
             values = [v for f in fields for v in
                       ([_company_value(obs, f)] if r.what == "company_cell" else
