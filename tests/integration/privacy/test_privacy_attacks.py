@@ -1,6 +1,6 @@
 """Attacks of one member (or public participant) on every default policy, and explicit ones.
 
-Each test runs one attack (see :mod:`attacks`) over a policy's run, records what it learned
+Each test runs one attack (see :mod:`privacy_attacks`) over a policy's run, records what it learned
 for docs/PRIVACY.md, and asserts the bound of the table: it fails when a default lets the
 attack learn more. Checks of the harness itself (the attack had material, its derivations
 are sound) come first, so a broken harness never passes as a held bound.
