@@ -233,8 +233,10 @@ def _write_bridge_config(directory: Path, bridge: dict[str, Any],
                        "tls": {"ca_file": c["ca"], "cert_file": c["cert"], "key_file": c["key"],
                                "crl_file": c["crl"]},
                        "aggregator_key_file": c["aggregator_key"],
+                       # active: the consortium's own aggregates go out under it
                        "encryption": {"keys": {
-                           "k1": net_secrets[consortium.network]["group_key"]}}},
+                           "k1": net_secrets[consortium.network]["group_key"]},
+                                      "active": "k1"}},
         "public": {"network_id": public.network, "broker_url": p["url"],
                    "tls": {"ca_file": p["ca"], "cert_file": p["cert"], "key_file": p["key"],
                            "crl_file": p["crl"]},
