@@ -1056,3 +1056,25 @@ def test_due_windows_for_the_consortium_come_first(material: Material,
                        lag=config.consortium_lag_seconds) == [W0]
     assert due_windows(windows, config=config, now=at) == []
     assert due_windows(windows, config=config, now=W0 + 2 * DAY) == [W0]
+
+
+def test_ingest_keeps_ranges_only_price_buckets_until_the_consortium_close(
+        ingest: Ingest) -> None:
+    def published(iid: str, lo: float, hi: float) -> dict[str, Any]:
+        shared = SharedInsight(category=CATEGORY, region="north", window_start=T0,
+                               window_end=T0 + timedelta(hours=1),
+                               levels={"price_data": SharingLevel.RANGES_ONLY},
+                               groups={"price_data": {"currency": "EUR",
+                                                      "price": ValueRange(lo=lo, hi=hi)}})
+        return {"iid": iid, "insight": shared.model_dump(mode="json")}
+
+    ingest.ingestor.ingest(ingest.link, [ingest.message(published("p1", 1.0, 1.25))])
+    assert ingest.counters.items_counted == 1 and ingest.counters.ignored == 0
+    (row,) = ingest.store.contributions(W0)
+    assert row.currency == "EUR"
+    assert row.values == {BUCKETS: {"price.lo": 1.0, "price.hi": 1.25, "price.set": 1.0,
+                                    "at": float(W0)}}
+    ingest.store.close_consortium(W0, now=W0 + DAY, outgoing=[])
+    ingest.ingestor.ingest(ingest.link, [ingest.message(published("p2", 1.25, 1.5625))])
+    assert ingest.counters.dropped == {"late": 1}
+    assert [r.item_id for r in ingest.store.contributions(W0)] == ["p1"]
