@@ -28,7 +28,7 @@ from pear_mqtt.bridge.aggregation import (
     WindowResult,
     aggregate_window,
 )
-from pear_mqtt.bridge.closing import due_windows
+from pear_mqtt.bridge.closing import WindowCloser, due_windows
 from pear_mqtt.bridge.config import (
     DEFAULT_BOUNDS,
     BridgeConfig,
@@ -1078,3 +1078,39 @@ def test_ingest_keeps_ranges_only_price_buckets_until_the_consortium_close(
     ingest.ingestor.ingest(ingest.link, [ingest.message(published("p2", 1.25, 1.5625))])
     assert ingest.counters.dropped == {"late": 1}
     assert [r.item_id for r in ingest.store.contributions(W0)] == ["p1"]
+
+
+def test_consortium_close_with_noise_on_carries_only_histograms_and_spends_nothing(
+        material: Material, tmp_path: Path) -> None:
+    config = bridge_config(material, consortium_output=True, consortium_lag_seconds=3600,
+                           state_path=str(tmp_path / "s.sqlite"),
+                           dp={"mechanism": "laplace", "budget_per_period": 5.0})
+    codec = EnvelopeCodec(
+        signer=Signer.from_files(key_file=material.bridge.key, cert_file=material.bridge.cert),
+        trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"))
+    store = BridgeStore(config.state_path)
+    try:
+        store.add([NewContribution(
+            source_key=f"c/grp/co{n}", item_id=f"i{n}", window_start=W0, category="food/milk",
+            region="north", domain="grp", company=f"co{n}", currency="EUR",
+            values={"sales_data": {"units": 10.0 + n},
+                    BUCKETS: {"at": float(W0), "price.lo": 1.0, "price.hi": 1.25,
+                              "price.set": 1.0}},
+            digest=bytes([n]) * 32, token_digest=None) for n in range(6)], now=float(W0))
+        closer = WindowCloser(
+            config=config, store=store, noise=NoiseMechanism(config.dp, rng=random.Random(1)),
+            output=PublicOutput(config=config, codec=codec), counters=BridgeCounters(),
+            consortium=PublicOutput(config=config, codec=codec, audience="consortium"))
+        assert closer.consortium_due(store.open_windows(), W0 + DAY + 3600) == [W0]
+        closer.close_consortium(W0, W0 + DAY + 3600)
+        assert closer.consortium_due(store.open_windows(), W0 + DAY + 3600) == []
+        (row,) = store.consortium_pending()
+        body = AggregateBody.model_validate(codec.decode(row.payload, check_replay=False)
+                                            .message.body)
+        (cell,) = body.cells
+        assert cell.groups == [] and body.noise is None  # no noisy statistic for members
+        assert [h.companies for h in cell.histograms or ()] == [6]
+        assert store.ledger() == [] and store.pending() == []
+        assert len(store.contributions(W0)) == 6  # kept for the public close
+    finally:
+        store.close()
