@@ -1,6 +1,7 @@
 """One window's counted items into cells (category, region): k-anonymity and dominance per
 field with :func:`pear_mqtt.privacy.filter.aggregate`, the conservative test for cells that
-mix identity domains, and noise against the period's budget."""
+mix identity domains, noise against the period's budget, and the price bucket histograms
+(:mod:`.histogram`) under the same k and dominance tests."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ..errors import ConfigError
+from ..model.aggregates import PriceHistogram
 from ..model.insight import FIELD_GROUPS
 from ..privacy.aggregate import FieldStatistics, SuppressionCounter, aggregate
 from ..privacy.filter import ADDITIVE_FIELDS, Contribution
 from .admission import input_hash
 from .config import DPConfig
+from .histogram import BUCKETS, BucketSet, bucket_histograms
 from .noise import NoiseMechanism, NoisyField, add_noise
 from .state import StoredContribution
 
@@ -36,9 +39,9 @@ class PublishedGroup:
 class CellResult:
     """One (category, region) cell of a window: what may be published, and its receipt data.
 
-    ``groups`` is empty when everything was suppressed; ``suppressed`` counts suppressed
-    statistics per reason (metrics only). ``contributors`` counts distinct identities,
-    ``domains`` the identity domains they came from.
+    ``groups`` (and ``histograms``) are empty when everything was suppressed;
+    ``suppressed`` counts suppressed statistics per reason (metrics only). ``contributors``
+    counts distinct identities, ``domains`` the identity domains they came from.
     """
 
     category: str
@@ -51,10 +54,11 @@ class CellResult:
     epsilon: float = 0.0
     delta: float = 0.0
     suppressed: dict[str, int] = field(default_factory=dict)
+    histograms: list[PriceHistogram] = field(default_factory=list)
 
     @property
     def published(self) -> bool:
-        return bool(self.groups)
+        return bool(self.groups) or bool(self.histograms)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,7 +104,8 @@ def aggregate_window(window_start: int, contributions: Sequence[StoredContributi
                      window_seconds: int,
                      min_companies: int, dominance_cap: float, dp: DPConfig,
                      noise: NoiseMechanism | None = None, budget_spent: float = 0.0,
-                     counter: SuppressionCounter | None = None) -> WindowResult:
+                     counter: SuppressionCounter | None = None,
+                     statistics: bool = True) -> WindowResult:
     """Aggregate one window's counted items into cells (category, region).
 
     ``contributions`` are the counted items of the window
@@ -111,7 +116,9 @@ def aggregate_window(window_start: int, contributions: Sequence[StoredContributi
     same company may appear once per domain: k counts the largest domain alone and the
     dominance test adds up each domain's largest share. With noise on, each cell whose
     statistics survive spends ``dp.epsilon_per_cell`` from the budget of its period
-    (``budget_spent`` already gone), or is suppressed as ``budget``.
+    (``budget_spent`` already gone), or is suppressed as ``budget``. Price bucket histograms
+    (one latest bucket per company) pass the same k and dominance tests and carry no noise.
+    ``statistics=False`` leaves out everything but the histograms.
     """
     if dp.enabled and noise is None:
         raise ConfigError("noise is on (dp.mechanism) but no NoiseMechanism was given")
@@ -127,15 +134,23 @@ def aggregate_window(window_start: int, contributions: Sequence[StoredContributi
     for (category, region), items in sorted(by_cell.items()):
         domain_of: dict[str, str] = {}
         converted: list[Contribution] = []
+        buckets: list[tuple[str, str, str | None, Mapping[str, float]]] = []
         for c in items:
             key = _identity_key(c.domain, c.company)
             domain_of[key] = c.domain
-            converted.append(Contribution(company=key, category=category, region=region,
-                                          window_start=ws, window_end=we, currency=c.currency,
-                                          values=c.values))
+            values = c.values
+            if BUCKETS in values:
+                buckets.append((key, c.item_id, c.currency, values[BUCKETS]))
+                values = {g: fs for g, fs in values.items() if g != BUCKETS}
+            if values and statistics:
+                converted.append(Contribution(company=key, category=category, region=region,
+                                              window_start=ws, window_end=we,
+                                              currency=c.currency, values=values))
         suppressed: Counter[str] = Counter()
         candidates = _candidates(converted, domain_of, suppressed, min_companies=min_companies,
                                  dominance_cap=dominance_cap, dp=dp, counter=counter)
+        histograms = _histograms(bucket_histograms(buckets), domain_of, suppressed,
+                                 min_companies=min_companies, dominance_cap=dominance_cap)
         eps = dlt = 0.0
         if candidates and dp.enabled:
             assert noise is not None
@@ -162,7 +177,7 @@ def aggregate_window(window_start: int, contributions: Sequence[StoredContributi
                     for (g, cur), fs in groups.items()],
             contributors=len(domain_of), domains=len(set(domain_of.values())),
             inputs=len(items), input_hash=input_hash(c.digest for c in items),
-            epsilon=eps, delta=dlt, suppressed=dict(suppressed)))
+            epsilon=eps, delta=dlt, suppressed=dict(suppressed), histograms=histograms))
     return WindowResult(window_start=window_start, window_end=window_end, cells=cells,
                         epsilon=epsilon_total, delta=delta_total,
                         period_start=dp.period_of(window_start))
@@ -206,6 +221,29 @@ def _candidates(converted: Sequence[Contribution], domain_of: Mapping[str, str],
                 candidates.append(_Candidate(group=group, currency=currency, name=name,
                                              stats=stats, per_company=per_company))
     return candidates
+
+
+def _histograms(sets: Sequence[BucketSet], domain_of: Mapping[str, str],
+                suppressed: Counter[str], *, min_companies: int,
+                dominance_cap: float) -> list[PriceHistogram]:
+    """The histograms of one cell that pass k and the dominance cap (each company weighs
+    one: its latest bucket), with the same conservative test for mixed identity domains."""
+    out: list[PriceHistogram] = []
+    for hs in sets:
+        n = len(hs.per_company)
+        if n < min_companies:
+            reason: str | None = "below_k"
+        elif 1 / n > dominance_cap:
+            reason = "dominance"
+        else:
+            reason = _cross_domain(hs.field, {c: [1.0] for c in hs.per_company}, domain_of,
+                                   min_companies=min_companies, dominance_cap=dominance_cap)
+        if reason is not None:
+            suppressed[reason] += 1
+            continue
+        out.append(PriceHistogram(field=hs.field, currency=hs.currency, companies=n,
+                                  buckets=hs.buckets(), median=hs.median()))
+    return out
 
 
 def _cross_domain(name: str, per_company: Mapping[str, Sequence[float]],

@@ -247,7 +247,13 @@ class BridgeConfig(Frozen):
     the last ``settle_seconds`` (but no later than ``max_settle_seconds`` after it became due,
     or after its first input for a window backfilled later, so a trickle cannot hold it back
     forever). ``state_path`` is the SQLite file that carries
-    windows, counted item ids, the ε ledger and the outbox across restarts.
+    windows, counted item ids, the ε ledger and the outboxes across restarts.
+
+    With ``consortium_output`` (needs a consortium source) the bridge also publishes the
+    consortium's own aggregates on the consortium broker, signed with its consortium
+    certificate, once a window ended ``consortium_lag_seconds`` ago (at most the
+    publication lag); from then on the window takes no more items, so the public later
+    gets statistics over exactly the same items (see docs/BRIDGE.md).
     """
 
     bridge_id: NodeId = "bridge"
@@ -258,6 +264,8 @@ class BridgeConfig(Frozen):
     dominance_cap: Annotated[float, Field(gt=0, le=1)] = 0.25
     window_seconds: Annotated[int, Field(ge=60, le=366 * 86400)] = 86400
     publication_lag_seconds: Annotated[int, Field(ge=0)] = 90 * 86400
+    consortium_output: bool = False
+    consortium_lag_seconds: Annotated[int, Field(ge=0)] = 7 * 86400
     settle_seconds: Annotated[float, Field(ge=0)] = 60.0
     max_settle_seconds: Annotated[float, Field(ge=0)] = 3600.0
     max_clock_skew: Annotated[float, Field(ge=0)] = 300.0
@@ -281,6 +289,13 @@ class BridgeConfig(Frozen):
         if self.consortium is None and not self.private and not self.public.contributions:
             raise ValueError("nothing to aggregate: configure consortium, private sources, or "
                              "public.contributions")
+        if self.consortium_output and self.consortium is None:
+            raise ValueError("consortium_output needs a consortium source (its broker and "
+                             "the bridge's certificate there)")
+        if self.consortium_output and self.consortium_lag_seconds > \
+                self.publication_lag_seconds:
+            raise ValueError("consortium_lag_seconds must not exceed publication_lag_seconds "
+                             "(the consortium's aggregates come first)")
         if self.max_settle_seconds < self.settle_seconds:
             raise ValueError("max_settle_seconds must not be below settle_seconds")
         if self.dp.enabled and self.dp.period_seconds < self.window_seconds:
@@ -300,6 +315,10 @@ class BridgeConfig(Frozen):
             sources.append({"mode": "public", "network": self.public.network_id,
                             "levels": {g: v.value for g, v in self.public.policy().items()}})
         dp: dict[str, Any] = {"mechanism": self.dp.mechanism}
+        # Only when on, so that the policy version of a bridge without it stays as it was.
+        consortium: dict[str, Any] = (
+            {"consortium_lag_seconds": self.consortium_lag_seconds}
+            if self.consortium_output else {})
         if self.dp.enabled:
             dp.update(epsilon_per_cell=self.dp.epsilon_per_cell,
                       budget_per_period=self.dp.budget_per_period,
@@ -310,7 +329,7 @@ class BridgeConfig(Frozen):
         return {"network": self.public.network_id, "min_companies": self.min_companies,
                 "dominance_cap": self.dominance_cap, "window_seconds": self.window_seconds,
                 "publication_lag_seconds": self.publication_lag_seconds, "dp": dp,
-                "sources": sources}
+                "sources": sources, **consortium}
 
     def policy_version(self) -> str:
         """A short hash of :meth:`policy_document`: changes whenever the disclosure rules do."""

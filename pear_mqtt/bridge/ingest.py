@@ -19,6 +19,7 @@ from ..security.identity import Identity
 from ..transport import InboundMessage
 from .admission import check_item, item_digest, window_of
 from .config import BridgeConfig
+from .histogram import BUCKETS, bucket_values
 from .links import InputLink
 from .state import BridgeStore, NewContribution
 from .status import BridgeCounters
@@ -240,6 +241,10 @@ class Ingestor:
                     values[group] = numbers
                 if group == "price_data" and isinstance(fields.get("currency"), str):
                     currency = str(fields["currency"])
+        buckets = bucket_values(shared) if shared is not None else None
+        if buckets is not None:
+            values[BUCKETS], bucket_currency = buckets
+            currency = currency or bucket_currency
         if not values:
             self._counters.ignored += 1  # nothing this item may contribute to an aggregate
             return None
@@ -251,7 +256,8 @@ class Ingestor:
         if about.window_start.timestamp() > now + self._config.max_clock_skew:
             drop("future")
             return None
-        if self._store.window_state(start) in ("ready", "published"):
+        if self._store.window_state(start) in ("ready", "published") \
+                or self._store.frozen(start):
             drop("late")
             return None
         member = link.member_alias or signer.member

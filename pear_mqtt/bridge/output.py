@@ -1,4 +1,5 @@
-"""The one path from the bridge to the public broker (:class:`PublicOutput`), the check an
+"""The one path from the bridge to each broker it writes to (:class:`PublicOutput`: the
+public broker, and the consortium broker for the consortium's own aggregates), the check an
 auditor runs on what it published (:func:`verify_publication`), and the ε ledger."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Literal
 
 from pydantic import ValidationError
 
@@ -41,6 +43,9 @@ LEDGER_PERIODS = 24
 
 _ALLOWED_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt",
                                   "bridge_state": "ledger"}
+_CONSORTIUM_KINDS: dict[str, str] = {"aggregates": "aggregate"}
+
+Audience = Literal["public", "consortium"]
 
 
 class PublicOutput:
@@ -52,14 +57,26 @@ class PublicOutput:
     publishes outbox rows, and refuses anything that is not a bridge-signed aggregate,
     receipt or ledger on this network's ``aggregates/`` or ``state/bridge/`` topics. The
     connection it writes with is private to it.
+
+    With ``audience="consortium"`` it writes the consortium's own aggregates, on the
+    consortium broker (``pear/v1/consortium/<network>/aggregates/<category>``) with the
+    bridge's consortium certificate (``codec``), encrypted under the group key when one is
+    active: aggregate messages only (no receipts, no ledger: they carry no noise).
     """
 
-    def __init__(self, *, config: BridgeConfig, codec: EnvelopeCodec) -> None:
+    def __init__(self, *, config: BridgeConfig, codec: EnvelopeCodec,
+                 audience: Audience = "public") -> None:
         self._config = config
         self._codec = codec
-        self._network = config.public.network_id
-        self._scheme = TopicScheme(mode="public", network=self._network,
+        self._audience = audience
+        if audience == "consortium":
+            assert config.consortium is not None
+            self._network = config.consortium.network_id
+        else:
+            self._network = config.public.network_id
+        self._scheme = TopicScheme(mode=audience, network=self._network,
                                    member=codec.signer.identity.member)
+        self._kinds = _CONSORTIUM_KINDS if audience == "consortium" else _ALLOWED_KINDS
         self._policy_version = config.policy_version()
         self._conn: Connection | None = None
         self._sender = codec.signer.sender
@@ -80,6 +97,12 @@ class PublicOutput:
     def _check(self, body: AggregateBody) -> None:
         k = self._config.min_companies
         for cell in body.cells:
+            for hist in cell.histograms or ():
+                if hist.companies < k or sum(b.companies for b in hist.buckets) != \
+                        hist.companies:
+                    raise PrivacyError(f"refusing to publish {body.category}/{cell.region} "
+                                       f"{hist.field} histogram: {hist.companies} companies "
+                                       f"< k = {k}")
             for group in cell.groups:
                 for name, stat in group.fields.items():
                     if stat.companies < k:
@@ -96,9 +119,10 @@ class PublicOutput:
         """Signed (topic, payload, retain) messages for ``result``, and (category, receipt)
         pairs for the archive. ``ledger`` is the ledger including ``result``'s spending."""
         dp = self._config.dp
+        consortium = self._audience == "consortium"
         noise = (NoiseInfo(mechanism=dp.mechanism, epsilon_per_cell=dp.epsilon_per_cell,
                            delta=dp.delta if dp.mechanism == "gaussian" else None)
-                 if dp.mechanism != "none" else None)
+                 if dp.mechanism != "none" and not consortium else None)
         ws = datetime.fromtimestamp(result.window_start, UTC)
         we = datetime.fromtimestamp(result.window_end, UTC)
         by_category: dict[str, list[CellResult]] = {}
@@ -117,15 +141,21 @@ class PublicOutput:
                         n: PublishedStatistic(count=s.count, companies=s.companies,
                                               mean=s.mean, stddev=s.stddev, sum=s.sum)
                         for n, s in g.fields.items()})
-                    for g in c.groups]) for c in cells])
+                    for g in c.groups], histograms=c.histograms or None) for c in cells])
             self._check(body)
-            topic = self._scheme.aggregate(category)
+            topic = (self._scheme.consortium_aggregate(category) if consortium
+                     else self._scheme.aggregate(category))
             try:
+                # Public: plain, anyone may verify it. Consortium: under the group key when
+                # one is active, like every other message there.
                 payload = self._codec.encode(kind="aggregate", body=body.model_dump(mode="json"),
-                                             encrypt=False)
+                                             encrypt=None if consortium else False)
             except OversizedMessage as exc:
                 log.error("aggregate of %s for %s is too large to publish: %s", category,
                           ws.isoformat(), exc)
+                continue
+            if consortium:
+                out.append((topic, payload, True))
                 continue
             receipt = ReceiptBody(
                 network=self._network, category=category, window_start=ws, window_end=we,
@@ -142,7 +172,7 @@ class PublicOutput:
             out += [(topic, payload, True), (self._scheme.bridge_receipt(category), rpayload,
                                              True)]
             receipts.append((category, rpayload))
-        if dp.mechanism != "none" and result.epsilon > 0:
+        if dp.mechanism != "none" and result.epsilon > 0 and not consortium:
             out.append((self._scheme.bridge_state("ledger"), self.ledger_message(ledger), True))
         return out, receipts
 
@@ -173,8 +203,8 @@ class PublicOutput:
         except TopicError:
             raise PrivacyError(f"refusing to publish to {row.topic!r}: not a pear_mqtt "
                                "topic") from None
-        kind = _ALLOWED_KINDS.get(parsed.kind)
-        if parsed.mode != "public" or parsed.network != self._network or kind is None:
+        kind = self._kinds.get(parsed.kind)
+        if parsed.mode != self._audience or parsed.network != self._network or kind is None:
             raise PrivacyError(f"refusing to publish to {row.topic!r}: the bridge writes "
                                "aggregates and its own state only")
         try:
@@ -182,7 +212,8 @@ class PublicOutput:
         except ValueError:
             raise PrivacyError(f"refusing to publish a non-envelope to {row.topic!r}") from None
         if not isinstance(head, dict) or head.get("kind") != kind \
-                or head.get("from") != self._sender or "body" not in head:
+                or head.get("from") != self._sender \
+                or not ("body" in head or (self._audience == "consortium" and "enc" in head)):
             raise PrivacyError(f"refusing to publish to {row.topic!r}: not a plain "
                                f"bridge-signed {kind!r} envelope")
 

@@ -1,5 +1,6 @@
-"""The public side of the running bridge: keeps :class:`~pear_mqtt.bridge.output.PublicOutput`
-connected to the public broker, and sends the store's outbox through it."""
+"""The output side of the running bridge: keeps a :class:`~pear_mqtt.bridge.output.PublicOutput`
+connected to its broker (the public one, or the consortium's for its own aggregates), and
+sends the store's matching outbox through it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from datetime import UTC, datetime
 
 from ..backoff import Backoff
 from ..errors import ConnectError
-from .config import BridgeConfig
+from .config import BridgeConfig, PublicConfig, SourceConfig
 from .endpoints import bridge_connection
-from .output import PublicOutput
+from .output import Audience, PublicOutput
 from .state import BridgeStore
 from .status import BridgeCounters
 
@@ -22,15 +23,20 @@ log = logging.getLogger(__name__)
 
 
 class Publisher:
-    """Connects ``output`` and flushes ``store``'s outbox; ``clock`` stamps acknowledgements."""
+    """Connects ``output`` and flushes ``store``'s outbox; ``clock`` stamps acknowledgements.
+
+    ``audience="consortium"``: the consortium broker and the consortium outbox.
+    """
 
     def __init__(self, *, config: BridgeConfig, output: PublicOutput, store: BridgeStore,
-                 counters: BridgeCounters, clock: Callable[[], float]) -> None:
+                 counters: BridgeCounters, clock: Callable[[], float],
+                 audience: Audience = "public") -> None:
         self._config = config
         self._output = output
         self._store = store
         self._counters = counters
         self._clock = clock
+        self._audience = audience
 
     @property
     def connected(self) -> bool:
@@ -40,20 +46,25 @@ class Publisher:
                   changed: asyncio.Event, work: asyncio.Event) -> None:
         """Keep the public connection up until ``closing()``; resolve ``first`` once it is up
         the first time, and set ``work`` on every (re)connect so the outbox goes out."""
-        pub = self._config.public
+        pub: PublicConfig | SourceConfig | None = self._config.public
+        suffix = "out"
+        if self._audience == "consortium":
+            pub, suffix = self._config.consortium, "cout"
+        assert pub is not None
         backoff = Backoff(minimum=pub.reliability.reconnect_min_delay,
                           maximum=pub.reliability.reconnect_max_delay)
         warned = False
         while not closing():
             conn = bridge_connection(url=pub.broker_url, tls=pub.tls, rel=pub.reliability,
-                                     client_id=f"pear-bridge-{self._config.bridge_id}-out")
+                                     client_id=f"pear-bridge-{self._config.bridge_id}-{suffix}")
             try:
                 await conn.connect()
             except ConnectError as exc:
                 conn.abort()
                 log.info("bridge output: %s", exc)
                 if not warned and not first.done():
-                    log.warning("public broker %s unreachable: %s", pub.broker_url, exc)
+                    log.warning("%s broker %s unreachable: %s", self._audience,
+                                pub.broker_url, exc)
                     warned = True
                 await asyncio.sleep(backoff.next_delay())
                 continue
@@ -71,11 +82,15 @@ class Publisher:
         """Send what the outbox holds, if connected, and mark what the broker acknowledged."""
         if not self._output.connected:
             return
-        rows = self._store.pending()
+        consortium = self._audience == "consortium"
+        rows = self._store.consortium_pending() if consortium else self._store.pending()
         if not rows:
             return
         acked = await self._output.send(rows)
         if acked:
-            self._store.acknowledge(acked, now=self._clock())
+            if consortium:
+                self._store.acknowledge_consortium(acked)
+            else:
+                self._store.acknowledge(acked, now=self._clock())
             self._counters.messages_published += len(acked)
             self._counters.last_publish = datetime.now(UTC)

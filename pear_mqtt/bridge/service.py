@@ -3,7 +3,8 @@
 A facade over its collaborators: the input links (:mod:`.links`) feed the
 :class:`~.ingest.Ingestor`, which counts items into the store (:mod:`.state`); a clock
 closes due windows (:mod:`.closing`), and the :class:`~.publisher.Publisher` sends the
-outbox through :class:`~.output.PublicOutput`, the only writer to the public broker.
+outbox through :class:`~.output.PublicOutput`, the only writer to the public broker (and,
+with ``consortium_output``, a second pair writes the consortium's own aggregates).
 The contract is in docs/BRIDGE.md.
 """
 
@@ -46,6 +47,8 @@ class _Parts:
     ingestor: Ingestor
     closer: WindowCloser
     publisher: Publisher
+    consortium: Publisher | None = None  # the consortium's own aggregates (consortium_output)
+    consortium_output: PublicOutput | None = None
 
 
 class Bridge:
@@ -68,6 +71,7 @@ class Bridge:
         self._links: list[InputLink] = []
         self._parts: _Parts | None = None
         self._out_task: asyncio.Task[None] | None = None
+        self._cout_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._closing = False
         self._changed = asyncio.Event()
@@ -105,17 +109,34 @@ class Bridge:
                         self._policy_version)
         store.set_meta("policy_version", self._policy_version)
         counters = self._counters
+        cout: PublicOutput | None = None
+        if cfg.consortium_output:
+            src = cfg.consortium
+            assert src is not None
+            cout = PublicOutput(config=cfg, audience="consortium", codec=bridge_codec(
+                tls=src.tls, network=src.network_id, encryption=src.encryption,
+                crl=src.crl_file, rel=src.reliability, what=f"consortium {src.network_id}"))
         parts = self._parts = _Parts(
             store=store, output=output,
             ingestor=Ingestor(config=cfg, store=store, counters=counters, clock=self._clock),
             closer=WindowCloser(config=cfg, store=store, output=output, noise=self._noise,
-                                counters=counters),
+                                counters=counters, consortium=cout),
             publisher=Publisher(config=cfg, output=output, store=store, counters=counters,
-                                clock=self._clock))
+                                clock=self._clock),
+            consortium=None if cout is None else Publisher(
+                config=cfg, output=cout, store=store, counters=counters, clock=self._clock,
+                audience="consortium"),
+            consortium_output=cout)
         self._started_at = datetime.now(UTC)
-        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[None] = loop.create_future()
         self._out_task = asyncio.create_task(parts.publisher.run(
             first=first, closing=self._is_closing, changed=self._changed, work=self._work))
+        if parts.consortium is not None:
+            # The consortium output connects in the background: the bridge starts without it.
+            self._cout_task = asyncio.create_task(parts.consortium.run(
+                first=loop.create_future(), closing=self._is_closing, changed=self._changed,
+                work=self._work))
         for link in self._links:
             link.task = asyncio.create_task(self._read(link, parts.ingestor))
         self._tick_task = asyncio.create_task(self._run_ticks())
@@ -152,19 +173,25 @@ class Bridge:
                 log.error("input %s failed while stopping: %r", link.name, task.exception())
             link.task = None
         parts = self._parts
-        if drain and parts is not None:
-            with contextlib.suppress(PearError, TimeoutError):
-                await asyncio.wait_for(parts.publisher.flush(), timeout)
-        if self._out_task is not None:
-            await stop_task(self._out_task)
-            self._out_task = None
+        publishers = [] if parts is None else [
+            p for p in (parts.publisher, parts.consortium) if p is not None]
+        if drain:
+            for publisher in publishers:
+                with contextlib.suppress(PearError, TimeoutError):
+                    await asyncio.wait_for(publisher.flush(), timeout)
+        for attr in ("_out_task", "_cout_task"):
+            task = getattr(self, attr)
+            if task is not None:
+                await stop_task(task)
+                setattr(self, attr, None)
         if parts is not None:
-            out_conn = parts.output.detach()
-            if out_conn is not None:
-                if drain:
-                    await out_conn.close()
-                else:
-                    out_conn.abort()
+            for out in (parts.output, parts.consortium_output):
+                out_conn = out.detach() if out is not None else None
+                if out_conn is not None:
+                    if drain:
+                        await out_conn.close()
+                    else:
+                        out_conn.abort()
             parts.store.close()
             self._parts = None
         self._changed.set()
@@ -216,8 +243,13 @@ class Bridge:
         if parts is None:
             return
         now = self._clock()
+        # Consortium first: a window due for both in one tick reaches the consortium first.
+        for start in parts.closer.consortium_due(parts.store.open_windows(), now):
+            parts.closer.close_consortium(start, now)
         for start in self.due_windows(now):
             parts.closer.close(start, now)
+        if parts.consortium is not None:
+            await parts.consortium.flush()
         await parts.publisher.flush()
         self._counters.ticks += 1
         self._changed.set()
@@ -255,6 +287,10 @@ class Bridge:
             open_items=counts.get("open_items", 0), cells_published=c.cells_published,
             messages_published=c.messages_published,
             outbox_depth=store.outbox_depth if store is not None else 0, epsilon_spent=eps,
+            consortium_outbox_depth=store.consortium_outbox_depth if store is not None else 0,
+            consortium_connected=(self._parts.consortium.connected
+                                  if self._parts is not None
+                                  and self._parts.consortium is not None else None),
             ticks=c.ticks, items_per_second=c.items_per_second(),
             started_at=self._started_at, last_publish=c.last_publish, error=self._fatal)
 

@@ -1,8 +1,9 @@
 """The bridge's durable state, one SQLite file (WAL, mode 0600): open windows and the items
 counted into them (one row per sender and item id: a later copy replaces the earlier one), the
-ε ledger, the outbox of messages to publish, and the receipts issued.
-Closing a window, spending its budget and queuing its messages are one transaction, so a
-restart neither counts an item twice nor publishes a window again with fresh noise.
+ε ledger, the outboxes of messages to publish (public and consortium), and the receipts
+issued. Closing a window (for the consortium, then for the public), spending its budget and
+queuing its messages are one transaction each, so a restart neither counts an item twice
+nor publishes a window again with fresh noise.
 The schema and its guarantees are described in docs/BRIDGE.md.
 """
 
@@ -85,6 +86,17 @@ CREATE TABLE IF NOT EXISTS ledger (
     epsilon      REAL NOT NULL,
     delta        REAL NOT NULL,
     cells        INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consortium_windows (
+    start     INTEGER PRIMARY KEY,
+    closed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consortium_outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    window_start INTEGER NOT NULL,
+    topic        TEXT NOT NULL,
+    payload      BLOB NOT NULL,
+    retain       INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS receipts (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -218,6 +230,8 @@ class BridgeStore:
             self._states: dict[int, WindowState] = {
                 int(start): state for start, state in
                 self._db.execute("SELECT start, state FROM windows")}
+            self._frozen: set[int] = {int(start) for (start,) in self._db.execute(
+                "SELECT start FROM consortium_windows")}
         except sqlite3.Error as exc:
             raise OutboxError(f"{self.path}: cannot open the bridge state: {exc}") from exc
 
@@ -274,9 +288,10 @@ class BridgeStore:
         for it in items:
             start = it.window_start
             state = states.get(start)
-            if state is not None and state != "open":
-                raise OutboxError(f"window {start} is {state}; late items must "
-                                  "be dropped before they reach the store")
+            if (state is not None and state != "open") or start in self._frozen:
+                raise OutboxError(f"window {start} is {state or 'open'} and closed for the "
+                                  "consortium; late items must be dropped before they "
+                                  "reach the store")
             touched[start] = touched.get(start, 0) + 1
             rows.append((it.source_key, it.item_id, start, it.category, it.region,
                          it.domain, it.company, it.currency,
@@ -343,6 +358,37 @@ class BridgeStore:
             return "counted" if db.execute(_INSERT, row).rowcount == 1 else "copied"
         changed = db.execute(_REPLACE, (*row[2:], *key)).rowcount
         return "replaced" if changed == 1 else "copied"
+
+    def frozen(self, start: int) -> bool:
+        """Whether the window starting at ``start`` was closed for the consortium: its items
+        are fixed from then on (what the public gets later is over the very same items)."""
+        return start in self._frozen
+
+    def close_consortium(self, window_start: int, *, now: float,
+                         outgoing: Sequence[tuple[str, bytes, bool]]) -> None:
+        """Close a window for the consortium in one transaction: it takes no more items, and
+        its consortium messages go to the consortium outbox. Its items stay for the public
+        close."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO consortium_windows VALUES (?, ?)",
+                       (window_start, now))
+            db.executemany("INSERT INTO consortium_outbox (window_start, topic, payload, "
+                           "retain) VALUES (?, ?, ?, ?)",
+                           [(window_start, t, p, int(r)) for t, p, r in outgoing])
+        self._frozen.add(window_start)
+
+    def consortium_pending(self) -> list[OutgoingRow]:
+        """Consortium messages not yet acknowledged by the consortium broker, in order."""
+        return [OutgoingRow(id=int(i), window_start=int(w), topic=t, payload=bytes(p),
+                            retain=bool(r))
+                for i, w, t, p, r in self._db.execute(
+                    "SELECT id, window_start, topic, payload, retain FROM consortium_outbox "
+                    "ORDER BY id")]
+
+    def acknowledge_consortium(self, ids: Sequence[int]) -> None:
+        """Drop consortium messages the consortium broker acknowledged."""
+        with self._tx() as db:
+            db.executemany("DELETE FROM consortium_outbox WHERE id=?", [(i,) for i in ids])
 
     def open_windows(self) -> list[WindowInfo]:
         """Every open window, oldest first."""
@@ -421,6 +467,10 @@ class BridgeStore:
     @property
     def outbox_depth(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    @property
+    def consortium_outbox_depth(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM consortium_outbox").fetchone()[0])
 
     # -- ledger and receipts -------------------------------------------------------------
     def ledger(self) -> list[LedgerEntry]:

@@ -40,6 +40,8 @@ class BridgeStatus(BaseModel):
     cells_published: int = 0
     messages_published: int = 0
     outbox_depth: int = 0
+    consortium_outbox_depth: int = 0  # the consortium's own aggregates not yet acknowledged
+    consortium_connected: bool | None = None  # None: consortium_output is off
     epsilon_spent: dict[str, float] = Field(default_factory=dict)
     ticks: int = 0
     items_per_second: float | None = None

@@ -7,13 +7,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "AggregateBody",
+    "BucketCount",
     "LedgerBody",
     "LedgerPeriod",
     "NoiseInfo",
+    "PriceHistogram",
     "PublishedCell",
     "PublishedGroupBody",
     "PublishedStatistic",
@@ -45,11 +47,35 @@ class PublishedGroupBody(_Out):
     fields: dict[str, PublishedStatistic]
 
 
+class BucketCount(_Out):
+    """One price bucket ``[lo, hi)`` (``None``: open end) and how many companies' latest
+    bucket in the cell it is."""
+
+    lo: float | None = None
+    hi: float | None = None
+    companies: int
+
+
+class PriceHistogram(_Out):
+    """The ``ranges_only`` buckets of one price field in one currency over a cell: each
+    company counted once (its latest bucket), published only with at least k companies.
+    ``median`` is the bucket holding the median company (the lower one for an even count)."""
+
+    field: str
+    currency: str | None = None
+    companies: int
+    buckets: list[BucketCount]
+    median: BucketCount
+
+
 class PublishedCell(_Out):
-    """One region's statistics in an aggregate message."""
+    """One region's statistics in an aggregate message; ``histograms`` (absent when there
+    are none, so older readers still parse such messages) are the price bucket histograms."""
 
     region: str
     groups: list[PublishedGroupBody]
+    histograms: list[PriceHistogram] | None = Field(default=None,
+                                                    exclude_if=lambda v: v is None)
 
 
 class NoiseInfo(_Out):

@@ -10,6 +10,7 @@
     pear/v1/consortium/<network>/<company>/insights/<category path>
     pear/v1/consortium/<network>/<company>/state/<node>/<category path>
     pear/v1/consortium/<network>/<company>/nodes/<node>[/sync|/checkpoint/<page>]
+    pear/v1/consortium/<network>/aggregates/<category path>        retained, bridge only
     pear/v1/public/<network>/aggregates/<category path>            retained, bridge only
     pear/v1/public/<network>/contrib/<participant>/<category path> bridge reads only
     pear/v1/public/<network>/nodes/<participant>[/sync]
@@ -18,8 +19,10 @@
 
 ``<company>`` is the member identity the broker authenticates (the node certificate's CN, see
 :mod:`pear_mqtt.pki`): the real company id, or its network pseudonym where the mode
-anonymises. The state topic carries the node so that every store of a company keeps its own
-retained state; DESIGN.md's ``state/<category path>`` would let stores overwrite each other.
+anonymises; ``aggregates`` is reserved (the bridge's consortium aggregates use that level),
+so no member may be named so. The state topic carries the node so that every store of a
+company keeps its own retained state; DESIGN.md's ``state/<category path>`` would let
+stores overwrite each other.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Literal
 from ..errors import TopicError
 
 __all__ = [
+    "CONSORTIUM_AGGREGATES",
     "MAX_CATEGORY_DEPTH",
     "MAX_IDENTIFIER_LENGTH",
     "PREFIX",
@@ -51,6 +55,10 @@ MAX_IDENTIFIER_LENGTH = 64
 MAX_CATEGORY_DEPTH = 8
 
 _MODES = ("private", "consortium", "public")
+
+CONSORTIUM_AGGREGATES = "aggregates"
+"""The level under a consortium network where the bridge's aggregates live: where members
+have their identities, so no member may be named so (:class:`TopicScheme` refuses it)."""
 
 Kind = Literal["insights", "state", "nodes", "sync", "checkpoint", "aggregates", "contrib",
                "bridge_state", "bridge_receipt"]
@@ -152,6 +160,9 @@ class TopicScheme:
             raise TopicError(f"mode must be one of {_MODES}, got {self.mode!r}")
         validate_identifier(self.network, what="network_id")
         validate_identifier(self.member, what="company_id")
+        if self.mode == "consortium" and self.member == CONSORTIUM_AGGREGATES:
+            raise TopicError(f"{CONSORTIUM_AGGREGATES!r} is reserved in consortium topics (the "
+                             "bridge's aggregates); no member may be named so")
 
     # -- scopes ---------------------------------------------------------------------------
     @property
@@ -226,6 +237,12 @@ class TopicScheme:
         validate_category(category)
         return f"{PREFIX}/public/{self.network}/aggregates/{category}"
 
+    def consortium_aggregate(self, category: str) -> str:
+        """The consortium's own aggregate for ``category`` on its broker (written by the
+        bridge only, read by every member)."""
+        validate_category(category)
+        return f"{PREFIX}/consortium/{self.network}/{CONSORTIUM_AGGREGATES}/{category}"
+
     def bridge_state(self, name: str) -> str:
         """Retained bridge records on the public broker (ledger, receipts)."""
         validate_identifier(name, what="bridge state name")
@@ -255,6 +272,15 @@ class TopicScheme:
             return f"{self.network_root}/state/#"
         if self.mode == "consortium":
             return f"{self.network_root}/+/state/#"
+        return f"{PREFIX}/public/{self.network}/aggregates/#"
+
+    def aggregates_filter(self) -> str:
+        """Filter for the bridge's aggregates this member reads: the public ones in public
+        mode, the consortium's own in consortium mode (private networks get none)."""
+        if self.mode == "private":
+            raise TopicError("private networks receive no aggregates")
+        if self.mode == "consortium":
+            return f"{self.network_root}/{CONSORTIUM_AGGREGATES}/#"
         return f"{PREFIX}/public/{self.network}/aggregates/#"
 
     def checkpoint_filter(self) -> str:
@@ -293,6 +319,9 @@ def parse_topic(topic: str) -> ParsedTopic:
             company, rest, network = parts[1], parts[2:], None
         elif mode == "consortium":
             network, company, rest = parts[1], parts[2], parts[3:]
+            if company == CONSORTIUM_AGGREGATES and rest:
+                return ParsedTopic(mode, validate_identifier(network, what="network"), None,
+                                   "aggregates", category=validate_category("/".join(rest)))
         elif mode == "public":
             return _parse_public(topic, parts)
         else:
@@ -456,7 +485,9 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
     """The ACL a broker of ``mode`` needs: each member writes only its own subtree.
 
     - private: a company reads and writes ``pear/v1/private/<itself>/#``.
-    - consortium: members read the whole network, write only under their own identity.
+    - consortium: members read the whole network, write only under their own identity;
+      the ``bridge_users`` alone write the consortium's ``aggregates/`` (no member can be
+      named ``aggregates``: :class:`TopicScheme` and the CA refuse it).
     - public: participants write their own ``contrib/`` and presence and read aggregates;
       the ``bridge_users`` alone write ``aggregates/`` and bridge state, and read ``contrib/``.
 
@@ -480,7 +511,8 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
         root = f"{PREFIX}/consortium/{network}"
         rules += [AclRule("read", f"{root}/#"), AclRule("write", f"{root}/%u/#")]
         for b in bridges:
-            rules.append(AclRule("read", f"{root}/#", user=b))
+            rules += [AclRule("read", f"{root}/#", user=b),
+                      AclRule("readwrite", f"{root}/{CONSORTIUM_AGGREGATES}/#", user=b)]
     else:
         root = f"{PREFIX}/public/{network}"
         rules += [

@@ -197,10 +197,13 @@ class PearNetwork:
         return self._streams.insights()
 
     def aggregates(self) -> AsyncIterator[ReceivedAggregate]:
-        """Every verified public aggregate from now on (public mode), until ``disconnect()``.
+        """Every verified aggregate from now on, until ``disconnect()``: the public ones in
+        public mode, the consortium's own (``consortium_output`` of the bridge) in
+        consortium mode.
 
         Only the bridge may write aggregates (broker ACL); a receiver also checks that the
-        signer's certificate is a bridge's (node ``bridge``) before it believes one.
+        signer's certificate is a bridge's (node ``bridge``) of this network, and that the
+        body names the topic's network and category, before it believes one.
         """
         return self._streams.aggregates()
 

@@ -52,7 +52,7 @@ class SyncResult:
 
     states: dict[str, ReceivedInsight]
     duration: float
-    # Public mode: the retained aggregates, one per category.
+    # Public and consortium modes: the bridge's retained aggregates, one per category.
     aggregates: dict[str, ReceivedAggregate] = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -218,8 +218,12 @@ class ConnectionSupervisor:
         assert self._scheme is not None
         t = self._scheme
         qos = self.config.reliability.qos
-        granted = await conn.subscribe(
-            [(t.presence_filter(), 1), (t.live_filter(), qos)], no_local=True)
+        filters = [(t.presence_filter(), 1), (t.live_filter(), qos)]
+        if t.mode == "consortium":
+            # The bridge's consortium aggregates (retained, so they arrive on connect too);
+            # in public mode the live filter already is the aggregates'.
+            filters.append((t.aggregates_filter(), 1))
+        granted = await conn.subscribe(filters, no_local=True)
         # The sync marker must come back to us, so that one subscription allows local echo.
         granted += await conn.subscribe([(t.sync_marker(self.config.node_id), 1)])
         if any(g >= 128 for g in granted):

@@ -1,5 +1,6 @@
 """The bridge in ``make up``'s topology: it starts with the brokers and agents, reports
-healthy, and publishes aggregates of the simulated consortium to the public broker."""
+healthy, and publishes aggregates of the simulated consortium to the public broker (with
+price histograms) and to the consortium's own members."""
 
 from __future__ import annotations
 
@@ -56,11 +57,28 @@ def test_make_up_runs_the_bridge_and_it_publishes_aggregates(tmp_path: Path) -> 
             rec, _ = reader.expect(lambda m: "/state/bridge/receipts/" in m.topic, timeout=30)
         finally:
             reader.close()
+        # the consortium's own aggregates reach its members (encrypted under the group key)
+        cbroker = next(b for b in state["brokers"] if b["name"] == "consortium")
+        cnode = next(n for n in state["nodes"] if n["network"] == "retail-eu")
+        member = MqttProbe(host="localhost", port=cbroker["port"],
+                           certs=CertPaths(cert=Path(cnode["cert"]), key=Path(cnode["key"]),
+                                           ca=Path(cnode["ca"])))
+        try:
+            assert not member.connect().is_failure
+            member.subscribe("pear/v1/consortium/retail-eu/aggregates/#")
+            cagg, _ = member.expect(lambda m: "/aggregates/" in m.topic, timeout=30)
+        finally:
+            member.close()
+        head = json.loads(cagg.payload)
+        assert head["kind"] == "aggregate" and "enc" in head
         body = AggregateBody.model_validate(json.loads(agg.payload)["body"])
         receipt = ReceiptBody.model_validate(json.loads(rec.payload)["body"])
         assert body.network == "market" and body.min_companies == 5
         assert all(f.companies >= 5 for c in body.cells for g in c.groups
                    for f in g.fields.values())
+        # prices are ranges_only in the consortium, and still the public gets a price signal
+        assert all(h.companies >= 5 for c in body.cells for h in c.histograms or ())
+        assert any(c.histograms for c in body.cells), body
         assert receipt.cells and all(c.contributors >= 5 for c in receipt.cells)
         # publication lag of one day in the demo: nothing of today or yesterday
         assert body.window_end.timestamp() <= time.time() - 86400

@@ -8,18 +8,22 @@ validation, and what they mean under :class:`pear_mqtt.ops.embedded.policy.Acces
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from pear_mqtt.errors import TopicError
+from pear_mqtt.errors import PKIError, TopicError
 from pear_mqtt.model.topics import (
     AclRule,
     TopicScheme,
     acl_rules,
     filter_covers,
+    parse_topic,
     revoked_node_rules,
     topic_matches,
 )
 from pear_mqtt.ops.embedded.policy import AccessPolicy
+from pear_mqtt.security import pki as pkimod
 
 pytestmark = pytest.mark.unit
 
@@ -183,3 +187,36 @@ def test_topic_matches(topic_filter: str, topic: str, expected: bool) -> None:
 ])
 def test_filter_covers(outer: str, inner: str, expected: bool) -> None:
     assert filter_covers(outer, inner) is expected
+
+
+def test_consortium_aggregates_topic_parse_and_acl() -> None:
+    bridge = TopicScheme("consortium", NET, "br")
+    topic = bridge.consortium_aggregate("insights/dairy")
+    assert topic == f"{CONSORTIUM}/aggregates/insights/dairy"
+    parsed = parse_topic(topic)
+    assert (parsed.mode, parsed.network, parsed.company, parsed.kind, parsed.category) == (
+        "consortium", NET, None, "aggregates", "insights/dairy")
+    acme = TopicScheme("consortium", NET, "acme")
+    assert acme.aggregates_filter() == f"{CONSORTIUM}/aggregates/#"
+    assert topic_matches(acme.aggregates_filter(), topic)
+    assert TopicScheme("public", NET, "p1").aggregates_filter() == \
+        "pear/v1/public/grp/aggregates/#"
+    with pytest.raises(TopicError):
+        TopicScheme("private", NET, "acme").aggregates_filter()
+    # nobody may be the member "aggregates" in a consortium, so no member's subtree is it
+    with pytest.raises(TopicError, match="reserved"):
+        TopicScheme("consortium", NET, "aggregates")
+    policy = AccessPolicy.for_network(mode="consortium", network=NET, bridge_users=["br"])
+    assert policy.may_publish(username="br", topic=topic)
+    assert not policy.may_publish(username="acme", topic=topic)
+    assert policy.may_read(username="acme", topic=topic)
+    assert policy.may_subscribe(username="acme", topic_filter=acme.aggregates_filter())
+    # the bridge still writes nothing else of the members'
+    assert not policy.may_publish(username="br", topic=acme.insights("dairy"))
+
+
+def test_ca_refuses_the_reserved_member_name(tmp_path: Path) -> None:
+    pkimod.create_ca(directory=tmp_path / "ca", network=NET)
+    with pytest.raises(PKIError, match="reserved"):
+        pkimod.issue(ca_dir=tmp_path / "ca", out_dir=tmp_path / "out", role="node",
+                     member="aggregates", node="store-1")
