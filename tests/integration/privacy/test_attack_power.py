@@ -1,17 +1,17 @@
 """The attacks can see what they look for: each is run on a capture built to leak it.
 
-A held bound means something only if the attack would have noticed the leak. The live runs
-show attacks a to e learning on today's defaults; these give b, e and f a leak each by
-construction, independent of what the library publishes by then: exact changes beside
-buckets (b), aggregates that count a re-sent observation twice (e), and hourly cells beside
-their day with one hour suppressed (f).
+A held bound means something only if the attack would have noticed the leak, so each attack
+gets one by construction, independent of what the library publishes: pseudonyms keyed by a
+secret in the attacker's config (a), exact changes beside buckets (b), the sample size equal
+to the sealed transactions (c), a clear store name in a topic (d), aggregates that count a
+re-sent observation twice (e), and hourly cells beside their day with one hour suppressed (f).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,14 +36,14 @@ BRIDGE = Identity(network=NETWORK, member="bridge", node="bridge")
 
 
 def capture(truth: Sequence[Observation], wire: Iterable[WireMessage], *,
-            resent: Sequence[Observation] = (), levels: dict[str, str] | None = None
-            ) -> Capture:
+            resent: Sequence[Observation] = (), ids: Mapping[str, Identity] = IDS,
+            files: tuple[Path, ...] = ()) -> Capture:
     return Capture(
-        policy=POLICIES[1], levels=levels or {"price_data": "ranges_only",
-                                              "sales_data": "aggregated", "trends": "full"},
-        attacker=ATTACKER, attacker_ids=frozenset({IDS[ATTACKER]}), attacker_files=(),
+        policy=POLICIES[1], levels={"price_data": "ranges_only", "sales_data": "aggregated",
+                                    "trends": "full"},
+        attacker=ATTACKER, attacker_ids=frozenset({ids[ATTACKER]}), attacker_files=files,
         scheme=PrivacyConfig(), companies=COMPANIES, stores=("store-1",), truth=tuple(truth),
-        identities={(i.member, i.node): (c, "store-1") for c, i in IDS.items()},
+        identities={(i.member, i.node): (c, "store-1") for c, i in ids.items()},
         wire=tuple(wire), snapshot=(), resent=tuple(resent), replays={}, barriers=0,
         bridge=BridgeStatus(health=Health.OK, connected=True, public_connected=True,
                             sources={}, policy_version="p"),
@@ -51,10 +51,21 @@ def capture(truth: Sequence[Observation], wire: Iterable[WireMessage], *,
         seconds=0.0)
 
 
-def message(signer: Identity, kind: str, body: Any) -> WireMessage:
-    return WireMessage(network=NETWORK, topic=f"pear/v1/consortium/{NETWORK}/x", payload=b"",
-                       snapshot=False, signer=signer, kind=kind, body=body, cert_names=(),
-                       error=None)
+def message(signer: Identity, kind: str, body: Any, *, topic: str | None = None
+            ) -> WireMessage:
+    return WireMessage(network=NETWORK, topic=topic or f"pear/v1/consortium/{NETWORK}/x",
+                       payload=b"", snapshot=False, signer=signer, kind=kind, body=body,
+                       cert_names=(), error=None)
+
+
+def shared(o: Observation, groups: dict[str, Any], levels: dict[str, str], *,
+           sample_size: float = 1) -> dict[str, Any]:
+    """A state body holding ``o`` as an insight publishing ``groups``."""
+    i = o.insight
+    return {"iid": f"{o.company}{i.category}{i.window_start}", "insight": {
+        "category": i.category, "region": i.region, "window_start": i.window_start,
+        "window_end": i.window_end, "sample_size": sample_size, "levels": levels,
+        "groups": groups}}
 
 
 def truth() -> list[Observation]:
@@ -82,6 +93,21 @@ def aggregate(observations: Sequence[Observation], start: float, end: float,
         "cells": [{"region": "global", "groups": [{"group": "sales_data", "fields": fields}]}]})
 
 
+def test_a_finds_pseudonyms_keyed_by_a_secret_in_its_config(tmp_path: Path) -> None:
+    secret = b"the-network-secret"
+    config = tmp_path / "attacker.toml"
+    config.write_text(f'[privacy]\npseudonym_secret = "{secret.decode()}"\n')
+    ids = {c: Identity(network=NETWORK,
+                       member=attacks.keyed_pseudonym(secret, NETWORK, "company", c),
+                       node=attacks.keyed_pseudonym(secret, NETWORK, "store", f"{c}/store-1"))
+           for c in COMPANIES}
+    wire = [message(i, "presence", {"online": True}) for i in ids.values()]
+    finding = attacks.dictionary(capture(truth(), wire, ids=ids, files=(config,)))
+    assert finding.metrics["own_reproduced"]
+    assert not finding.held and len(finding.metrics["reversed_companies"]) == 5, \
+        finding.learned
+
+
 def test_b_finds_a_price_narrowed_by_exact_changes() -> None:
     obs = truth()
     scheme = RangeScheme.from_config(PrivacyConfig())
@@ -95,14 +121,28 @@ def test_b_finds_a_price_narrowed_by_exact_changes() -> None:
         if i.trends.price_change_pct is not None:
             groups["trends"] = {"price_change_pct": i.trends.price_change_pct}
             levels["trends"] = "full"
-        body = {"iid": f"{o.company}{i.category}{i.window_start}", "insight": {
-            "category": i.category, "region": i.region, "window_start": i.window_start,
-            "window_end": i.window_end, "sample_size": 1, "levels": levels,
-            "groups": groups}}
-        wire.append(message(IDS[o.company], "state", body))
+        wire.append(message(IDS[o.company], "state", shared(o, groups, levels)))
     finding = attacks.interval(capture(obs, wire))
     assert finding.metrics["unsound"] == 0
     assert not finding.held and finding.metrics["narrower"] > 0, finding.learned
+
+
+def test_c_finds_a_sample_size_equal_to_the_sealed_transactions() -> None:
+    obs = truth()
+    wire = [message(IDS[o.company], "state",
+                    shared(o, {}, {}, sample_size=o.insight.sales_data.transactions or 0))
+            for o in obs if o.insight.sales_data is not None]
+    finding = attacks.linking(capture(obs, wire))
+    assert not finding.held and finding.metrics["links"] == ["sample_size=transactions"], \
+        finding.learned
+
+
+def test_d_finds_a_clear_store_name_in_a_topic() -> None:
+    acme = IDS["acme"]
+    topic = f"pear/v1/consortium/{NETWORK}/{acme.member}/nodes/store-1"
+    finding = attacks.names(capture(truth(), [message(acme, "presence", {}, topic=topic)]))
+    assert not finding.held and finding.metrics["named"] == {"acme": ["store-1"]}, \
+        finding.learned
 
 
 def test_e_finds_an_aggregate_that_counts_a_resend_twice() -> None:
