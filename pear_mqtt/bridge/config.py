@@ -15,11 +15,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, ValidationError, create_model, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsError
+from pydantic import Field, ValidationError, model_validator
 
 from ..config.checks import decode_key
 from ..config.dump import plain_data
+from ..config.env import EnvReader
 from ..config.files import SUFFIXES, config_suffix, dumps_toml, read_table_file, write_config_file
 from ..config.layers import deep_merge
 from ..config.models import (
@@ -346,34 +346,20 @@ def _source_policy(src: SourceConfig) -> dict[str, Any]:
 
 # -- loading and saving --------------------------------------------------------------------
 
-# BridgeConfig's fields, so that the environment source knows which names are tables or
-# arrays (JSON) and how ``__`` descends into them. It is never instantiated: the raw values
-# are merged with the other layers and BridgeConfig checks the result once.
-_ENV_FIELDS: dict[str, Any] = {name: (info.annotation, None)
-                               for name, info in BridgeConfig.model_fields.items()}
-_EnvFields: type[BaseSettings] = create_model("BridgeEnvSettings", __base__=BaseSettings,
-                                              **_ENV_FIELDS)
-
-
 def _env_layer(environ: Mapping[str, str], prefix: str) -> dict[str, Any]:
-    source = EnvSettingsSource(_EnvFields, env_prefix=prefix, env_nested_delimiter="__",
-                               case_sensitive=False)
-    # The source snapshots os.environ on creation; it reads the caller's mapping instead,
-    # normalised as it would be: names case-insensitive, empty values unset.
-    source.env_vars = {name.lower(): value for name, value in environ.items() if value != ""}
-    try:
-        layer = source()
-    except (SettingsError, ValueError) as exc:
-        raise ConfigError(f"environment: {exc}") from exc
-    # The source reads known fields only; an unknown top-level name is passed on as given so
-    # that BridgeConfig refuses it like an unknown key in the file.
-    start = len(prefix)
-    for name, value in source.env_vars.items():
-        if name.startswith(prefix.lower()):
-            key = name[start:].split("__", 1)[0]
+    # The shared reader skips names that are no field; under the bridge's own prefix such a
+    # name is a typo, refused as an unknown key in the file would be.
+    for name, value in environ.items():
+        upper = name.upper()
+        if value != "" and upper.startswith(prefix):
+            key = upper[len(prefix):].split("__", 1)[0].lower()
             if key not in BridgeConfig.model_fields:
-                layer[key] = value
-    return layer
+                raise ConfigError(f"environment: {upper} is not a bridge setting (known: "
+                                  f"{', '.join(sorted(BridgeConfig.model_fields))})")
+    try:
+        return EnvReader(BridgeConfig, prefix=prefix).read(environ)
+    except ValidationError as exc:
+        raise _validation_error(exc, "environment: invalid bridge configuration") from exc
 
 
 def _validation_error(exc: ValidationError, header: str) -> ConfigError:

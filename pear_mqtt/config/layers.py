@@ -4,8 +4,9 @@ a layer is checked against, and the merge of layers key by key down to the leave
 
 from __future__ import annotations
 
+import types
 from collections.abc import Mapping
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, create_model
 
@@ -25,6 +26,11 @@ def partial_fields(model: type[BaseModel]) -> dict[str, Any]:
         annotation: Any = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             annotation = partial_model(annotation)
+        elif get_origin(annotation) in (Union, types.UnionType):
+            # ``Model | None``: a layer may set part of the nested table too.
+            annotation = Union[tuple(  # noqa: UP007  (built from a runtime tuple)
+                partial_model(a) if isinstance(a, type) and issubclass(a, BaseModel) else a
+                for a in get_args(annotation))]
         elif get_origin(annotation) is Literal:
             # Environment values are strings and pydantic will not read "1" as Literal[1];
             # the base type converts it and the full model then checks the allowed values.
