@@ -1,21 +1,24 @@
-"""What the public bridge publishes (aggregates, receipts, ledger): the wire types nodes and
-the bridge both read. Contracts: docs/BRIDGE.md.
+"""What the bridge publishes, to the public and to the consortium's members (aggregates,
+receipts, ledger): the wire types nodes and the bridge both read. Contracts: docs/BRIDGE.md.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
     "AggregateBody",
+    "BucketBody",
+    "HistogramBucket",
     "LedgerBody",
     "LedgerPeriod",
     "NoiseInfo",
     "PublishedCell",
     "PublishedGroupBody",
+    "PublishedHistogram",
     "PublishedStatistic",
     "ReceiptBody",
     "ReceiptCell",
@@ -37,12 +40,41 @@ class PublishedStatistic(_Out):
     sum: float | None = None
 
 
+class BucketBody(_Out):
+    """A ``ranges_only`` bucket ``[lo, hi)`` as members publish it (None: an open end)."""
+
+    lo: float | None = None
+    hi: float | None = None
+
+
+class HistogramBucket(BucketBody):
+    """One bucket of a histogram and the number of companies whose latest value in the cell
+    fell in it."""
+
+    companies: int
+
+
+class PublishedHistogram(_Out):
+    """How many companies published each bucket of one ``ranges_only`` field in a cell (each
+    company once, with its latest bucket), over at least k companies, and the bucket that
+    holds the median company. Buckets ascend; only buckets holding a company are listed."""
+
+    companies: int
+    buckets: list[HistogramBucket]
+    median: BucketBody
+
+
 class PublishedGroupBody(_Out):
-    """A group's published fields; ``currency`` for price statistics."""
+    """A group's published fields; ``currency`` for price statistics.
+
+    ``histograms`` (per field, from the buckets members publish under ``ranges_only``) is
+    left out of the message when there is none, so such a message reads as before.
+    """
 
     group: str
     currency: str | None = None
     fields: dict[str, PublishedStatistic]
+    histograms: dict[str, PublishedHistogram] | None = None
 
 
 class PublishedCell(_Out):
@@ -60,7 +92,11 @@ class NoiseInfo(_Out):
 
 class AggregateBody(_Out):
     """The body of a retained ``aggregates/<category>`` message (envelope kind
-    ``aggregate``): the category's cells of one window that passed every test."""
+    ``aggregate``): the category's cells of one window that passed every test. ``network``
+    names the audience: the public network, or the consortium whose members it is for.
+
+    :meth:`wire` is the JSON the bridge signs: unset optional parts (histograms) are left
+    out, so an aggregate without them has the fields it always had."""
 
     network: str
     category: str
@@ -71,6 +107,15 @@ class AggregateBody(_Out):
     dominance_cap: float
     noise: NoiseInfo | None = None
     cells: list[PublishedCell]
+
+    def wire(self) -> dict[str, Any]:
+        """The body as the envelope carries it (histograms only where there are some)."""
+        data = self.model_dump(mode="json")
+        for cell in data["cells"]:
+            for group in cell["groups"]:
+                if group["histograms"] is None:
+                    del group["histograms"]
+        return data
 
 
 class ReceiptCell(_Out):
