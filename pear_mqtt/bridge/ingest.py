@@ -19,6 +19,7 @@ from ..security.identity import Identity
 from ..transport import InboundMessage
 from .admission import check_item, item_digest, window_of
 from .config import BridgeConfig
+from .histograms import price_buckets, shared_currency
 from .links import InputLink
 from .state import BridgeStore, NewContribution
 from .status import BridgeCounters
@@ -222,7 +223,10 @@ class Ingestor:
                     values[group] = numbers
                 if group == "price_data" and isinstance(fields.get("currency"), str):
                     currency = str(fields["currency"])
-        if not values:
+        ranges = price_buckets(shared)
+        if ranges and currency is None:
+            currency = shared_currency(shared)
+        if not values and not ranges:
             self._counters.ignored += 1  # nothing this item may contribute to an aggregate
             return None
         start = window_of(shared.window_start, shared.window_end,
@@ -233,8 +237,9 @@ class Ingestor:
         if shared.window_start.timestamp() > now + self._config.max_clock_skew:
             drop("future")
             return None
-        if self._store.window_state(start) in ("ready", "published"):
-            drop("late")
+        if self._store.window_state(start) in ("ready", "published") or (
+                link.kind == "consortium" and self._store.consortium_closed(start)):
+            drop("late")  # (the consortium's aggregate of the window covers what it had)
             return None
         member = link.member_alias or signer.member
         token = hashlib.sha256(sealed.encode()).digest() if isinstance(sealed, str) else None
@@ -243,4 +248,4 @@ class Ingestor:
             window_start=start, category=shared.category, region=shared.region,
             domain=link.domain, company=member, currency=currency, values=values,
             digest=item_digest(network=link.network, member=signer.member, item=raw),
-            token_digest=token)
+            token_digest=token, ranges=ranges, observed=shared.window_end.timestamp())

@@ -2,8 +2,9 @@
 
 A facade over its collaborators: the input links (:mod:`.links`) feed the
 :class:`~.ingest.Ingestor`, which counts items into the store (:mod:`.state`); a clock
-closes due windows (:mod:`.closing`), and the :class:`~.publisher.Publisher` sends the
-outbox through :class:`~.output.PublicOutput`, the only writer to the public broker.
+closes due windows (:mod:`.closing`), and a :class:`~.publisher.Publisher` per output sends
+the outbox through its :class:`~.output.BridgeOutput`, the only writer to the public broker
+(and, with the consortium output on, to the consortium broker's aggregates).
 The contract is in docs/BRIDGE.md.
 """
 
@@ -27,7 +28,7 @@ from .endpoints import bridge_codec
 from .ingest import Ingestor
 from .links import InputLink, input_links, read_input
 from .noise import NoiseMechanism
-from .output import LEDGER_PERIODS, PublicOutput
+from .output import LEDGER_PERIODS, BridgeOutput
 from .publisher import Publisher
 from .state import BridgeStore
 from .status import BridgeCounters, BridgeStatus
@@ -42,10 +43,11 @@ class _Parts:
     """What :meth:`Bridge.start` opens and :meth:`Bridge.stop` closes."""
 
     store: BridgeStore
-    output: PublicOutput
+    output: BridgeOutput
     ingestor: Ingestor
     closer: WindowCloser
     publisher: Publisher
+    consortium: Publisher | None = None  # the consortium output's
 
 
 class Bridge:
@@ -68,6 +70,7 @@ class Bridge:
         self._links: list[InputLink] = []
         self._parts: _Parts | None = None
         self._out_task: asyncio.Task[None] | None = None
+        self._consortium_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._closing = False
         self._changed = asyncio.Event()
@@ -96,7 +99,17 @@ class Bridge:
         codec = bridge_codec(tls=cfg.public.tls, network=cfg.public.network_id,
                              encryption=None, crl=cfg.public.crl_file,
                              rel=cfg.public.reliability, what="public")
-        output = PublicOutput(config=cfg, codec=codec)
+        output = BridgeOutput(config=cfg, codec=codec)
+        consortium: BridgeOutput | None = None
+        if cfg.consortium_output.enabled:
+            src = cfg.consortium
+            assert src is not None
+            consortium = BridgeOutput(
+                config=cfg, audience="consortium",
+                codec=bridge_codec(tls=src.tls, network=src.network_id,
+                                   encryption=src.encryption, crl=src.crl_file,
+                                   rel=src.reliability,
+                                   what=f"consortium {src.network_id} output"))
         store = BridgeStore(cfg.state_path)
         previous = store.get_meta("policy_version")
         if previous is not None and previous != self._policy_version:
@@ -109,13 +122,21 @@ class Bridge:
             store=store, output=output,
             ingestor=Ingestor(config=cfg, store=store, counters=counters, clock=self._clock),
             closer=WindowCloser(config=cfg, store=store, output=output, noise=self._noise,
-                                counters=counters),
+                                counters=counters, consortium=consortium),
             publisher=Publisher(config=cfg, output=output, store=store, counters=counters,
-                                clock=self._clock))
+                                clock=self._clock),
+            consortium=Publisher(config=cfg, output=consortium, store=store,
+                                 counters=counters, clock=self._clock)
+            if consortium is not None else None)
         self._started_at = datetime.now(UTC)
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._out_task = asyncio.create_task(parts.publisher.run(
             first=first, closing=self._is_closing, changed=self._changed, work=self._work))
+        if parts.consortium is not None:
+            # Like an input, the consortium output connects in the background.
+            self._consortium_task = asyncio.create_task(parts.consortium.run(
+                first=asyncio.get_running_loop().create_future(), closing=self._is_closing,
+                changed=self._changed, work=self._work))
         for link in self._links:
             link.task = asyncio.create_task(self._read(link, parts.ingestor))
         self._tick_task = asyncio.create_task(self._run_ticks())
@@ -152,19 +173,24 @@ class Bridge:
                 log.error("input %s failed while stopping: %r", link.name, task.exception())
             link.task = None
         parts = self._parts
-        if drain and parts is not None:
-            with contextlib.suppress(PearError, TimeoutError):
-                await asyncio.wait_for(parts.publisher.flush(), timeout)
-        if self._out_task is not None:
-            await stop_task(self._out_task)
-            self._out_task = None
+        publishers = [p for p in (parts.publisher, parts.consortium) if p is not None] \
+            if parts is not None else []
+        if drain:
+            for publisher in publishers:
+                with contextlib.suppress(PearError, TimeoutError):
+                    await asyncio.wait_for(publisher.flush(), timeout)
+        for task in (self._out_task, self._consortium_task):
+            if task is not None:
+                await stop_task(task)
+        self._out_task = self._consortium_task = None
         if parts is not None:
-            out_conn = parts.output.detach()
-            if out_conn is not None:
-                if drain:
-                    await out_conn.close()
-                else:
-                    out_conn.abort()
+            for publisher in publishers:
+                out_conn = publisher.detach()
+                if out_conn is not None:
+                    if drain:
+                        await out_conn.close()
+                    else:
+                        out_conn.abort()
             parts.store.close()
             self._parts = None
         self._changed.set()
@@ -216,9 +242,14 @@ class Bridge:
         if parts is None:
             return
         now = self._clock()
-        for start in self.due_windows(now):
-            parts.closer.close(start, now)
+        for start, for_consortium in parts.closer.due(now):
+            if for_consortium:
+                parts.closer.close_for_consortium(start, now)
+            else:
+                parts.closer.close(start, now)
         await parts.publisher.flush()
+        if parts.consortium is not None:
+            await parts.consortium.flush()
         self._counters.ticks += 1
         self._changed.set()
 
@@ -233,7 +264,10 @@ class Bridge:
         counts = store.counts() if store is not None else {}
         sources = {link.name: link.connected for link in self._links}
         public = self._parts is not None and self._parts.publisher.connected
-        connected = public and all(sources.values())
+        enabled = self.config.consortium_output.enabled
+        consortium = self._parts is not None and self._parts.consortium is not None \
+            and self._parts.consortium.connected
+        connected = public and (consortium or not enabled) and all(sources.values())
         if store is None or self._fatal is not None:
             health = Health.DOWN
         elif connected:
@@ -253,6 +287,8 @@ class Bridge:
             windows_open=counts.get("open", 0), windows_published=counts.get("published", 0),
             open_items=counts.get("open_items", 0), cells_published=c.cells_published,
             messages_published=c.messages_published,
+            consortium_connected=consortium if enabled else None,
+            consortium_cells_published=c.consortium_cells_published,
             outbox_depth=store.outbox_depth if store is not None else 0, epsilon_spent=eps,
             ticks=c.ticks, items_per_second=c.items_per_second(),
             started_at=self._started_at, last_publish=c.last_publish, error=self._fatal)

@@ -38,6 +38,9 @@ class BridgeStatus(BaseModel):
     open_items: int = 0
     cells_published: int = 0
     messages_published: int = 0
+    # The consortium output (None: off): connected to the consortium broker, cells published.
+    consortium_connected: bool | None = None
+    consortium_cells_published: int = 0
     outbox_depth: int = 0
     epsilon_spent: dict[str, float] = Field(default_factory=dict)
     ticks: int = 0
@@ -62,6 +65,7 @@ class BridgeCounters:
     ignored: int = 0
     ticks: int = 0
     cells_published: int = 0
+    consortium_cells_published: int = 0
     messages_published: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     suppressed: Counter[str] = field(default_factory=Counter)

@@ -39,7 +39,7 @@ from pear_mqtt.bridge.config import (
 from pear_mqtt.bridge.ingest import Ingestor
 from pear_mqtt.bridge.links import InputLink, input_links
 from pear_mqtt.bridge.noise import NoiseMechanism
-from pear_mqtt.bridge.output import PublicOutput, verify_publication
+from pear_mqtt.bridge.output import BridgeOutput, verify_publication
 from pear_mqtt.bridge.state import (
     BridgeStore,
     LedgerEntry,
@@ -579,11 +579,11 @@ def bridge_config(m: Material, **kw: Any) -> BridgeConfig:
     return BridgeConfigManager.load(env={}, **minimal(m, **kw))
 
 
-def output(m: Material, **kw: Any) -> tuple[PublicOutput, EnvelopeCodec]:
+def output(m: Material, **kw: Any) -> tuple[BridgeOutput, EnvelopeCodec]:
     codec = EnvelopeCodec(
         signer=Signer.from_files(key_file=m.bridge.key, cert_file=m.bridge.cert),
         trust=TrustStore.from_files(ca_files=[m.ca], network="mkt"))
-    return PublicOutput(config=bridge_config(m, **kw), codec=codec), codec
+    return BridgeOutput(config=bridge_config(m, **kw), codec=codec), codec
 
 
 def cell(companies: int, *, region: str = "north", stddev: float | None = None) -> CellResult:
@@ -713,7 +713,7 @@ def test_windows_become_due_after_lag_and_settling(store: BridgeStore) -> None:
 
 def test_only_the_public_output_publishes() -> None:
     """Structural: the one call in the bridge that writes to a broker sits in
-    PublicOutput.send."""
+    BridgeOutput.send (one instance per broker it writes to)."""
     import ast
     import pkgutil
 
@@ -729,11 +729,11 @@ def test_only_the_public_output_publishes() -> None:
                               if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
             elif isinstance(top, ast.FunctionDef | ast.AsyncFunctionDef):
                 functions.append((f"{info.name}.{top.name}", top))
-    assert any(name == "output.PublicOutput.send" for name, _ in functions)
+    assert any(name == "output.BridgeOutput.send" for name, _ in functions)
     sites = [name for name, fn in functions for call in ast.walk(fn)
              if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
              and call.func.attr in ("publish", "will_set")]
-    assert sites == ["output.PublicOutput.send"], sites
+    assert sites == ["output.BridgeOutput.send"], sites
 
 
 # -- ingesting a backlog ----------------------------------------------------------------------
