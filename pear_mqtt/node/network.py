@@ -194,10 +194,13 @@ class PearNetwork:
         return self._streams.insights()
 
     def aggregates(self) -> AsyncIterator[ReceivedAggregate]:
-        """Every verified public aggregate from now on (public mode), until ``disconnect()``.
+        """Every verified aggregate from now on, until ``disconnect()``: the public ones in
+        public mode, the consortium's own (published by the bridge for its members) in
+        consortium mode.
 
         Only the bridge may write aggregates (broker ACL); a receiver also checks that the
-        signer's certificate is a bridge's (node ``bridge``) before it believes one.
+        signer's certificate is a bridge's (node ``bridge``) of this network before it
+        believes one.
         """
         return self._streams.aggregates()
 
@@ -225,9 +228,14 @@ class PearNetwork:
         try:
             async with asyncio.timeout(timeout):
                 # Nodes' checkpoint pages carry their states (one signature per page); public
-                # mode has no node state, only the bridge's retained aggregates.
+                # mode has no node state, only the bridge's retained aggregates. A consortium
+                # node takes the bridge's retained aggregates for its members along (its live
+                # subscription stays).
                 state_filter = t.state_filter() if public else t.checkpoint_filter()
-                await conn.subscribe([(state_filter, 1)])
+                filters = [(state_filter, 1)]
+                if self.config.mode is NetworkMode.CONSORTIUM:
+                    filters.append((t.aggregates_filter(), 1))
+                await conn.subscribe(filters)
                 await self._markers.round_trip(conn)
                 if not public:  # public mode reads state and live aggregates as one
                     await conn.unsubscribe([state_filter])

@@ -75,7 +75,7 @@ class Receiver:
 
     @property
     def aggregates(self) -> dict[str, ReceivedAggregate]:
-        """The latest public aggregate per topic (live: copy it to keep it)."""
+        """The latest aggregate per topic (live: copy it to keep it)."""
         return self._aggregates
 
     async def run(self, conn: Connection) -> None:
@@ -145,7 +145,7 @@ class Receiver:
             for raw in items:
                 self._deliver(raw, msg.topic, msg.retain, signer, dedup=True, now=now)
         elif kind == "aggregate" and parsed.kind == "aggregates":
-            self._deliver_aggregate(body, msg, signer)
+            self._deliver_aggregate(body, msg, signer, parsed)
         elif kind == "state" and parsed.kind == "state":
             received = self._deliver(body, msg.topic, msg.retain, signer, dedup=False)
             if received is not None:
@@ -187,7 +187,10 @@ class Receiver:
                     log.exception("insight callback %r failed", cb)
         return received
 
-    def _deliver_aggregate(self, body: Any, msg: InboundMessage, signer: Identity) -> None:
+    def _deliver_aggregate(self, body: Any, msg: InboundMessage, signer: Identity,
+                           parsed: ParsedTopic) -> None:
+        # The bridge's own aggregates only (public, or a consortium's for its members): a
+        # bridge certificate of this network (the codec's trust), for the topic's network.
         if signer.node != "bridge":
             self._counters.dropped["identity_mismatch"] += 1
             return
@@ -195,6 +198,9 @@ class Receiver:
             aggregate = AggregateBody.model_validate(body)
         except ValidationError:
             self._counters.dropped["malformed"] += 1
+            return
+        if aggregate.network != parsed.network or aggregate.category != parsed.category:
+            self._counters.dropped["mismatch"] += 1
             return
         received = ReceivedAggregate(topic=msg.topic, aggregate=aggregate, retained=msg.retain,
                                      received_at=self._clock())

@@ -27,7 +27,8 @@ class ReceivedInsight:
 
 @dataclass(frozen=True, slots=True)
 class ReceivedAggregate:
-    """A public aggregate as the bridge signed it (see docs/BRIDGE.md for the fields)."""
+    """An aggregate as the bridge signed it, public or for the consortium's members (see
+    docs/BRIDGE.md for the fields)."""
 
     topic: str
     aggregate: AggregateBody
@@ -52,7 +53,8 @@ class SyncResult:
 
     states: dict[str, ReceivedInsight]
     duration: float
-    # Public mode: the retained aggregates, one per category.
+    # The bridge's retained aggregates (public mode, or the consortium's own), one per
+    # category.
     aggregates: dict[str, ReceivedAggregate] = field(default_factory=dict)
 
     def __len__(self) -> int:

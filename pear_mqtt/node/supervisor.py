@@ -14,6 +14,7 @@ from typing import Any
 from ..backoff import retrying
 from ..config.models import NetworkConfig
 from ..errors import ConnectError, PearError, TransportError
+from ..model.insight import NetworkMode
 from ..model.topics import TopicScheme
 from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
@@ -218,8 +219,10 @@ class ConnectionSupervisor:
         assert self._scheme is not None
         t = self._scheme
         qos = self.config.reliability.qos
-        granted = await conn.subscribe(
-            [(t.presence_filter(), 1), (t.live_filter(), qos)], no_local=True)
+        filters = [(t.presence_filter(), 1), (t.live_filter(), qos)]
+        if self.config.mode is NetworkMode.CONSORTIUM:
+            filters.append((t.aggregates_filter(), qos))  # the bridge's, for the members
+        granted = await conn.subscribe(filters, no_local=True)
         # The sync marker must come back to us, so that one subscription allows local echo.
         granted += await conn.subscribe([(t.sync_marker(self.config.node_id), 1)])
         if any(g >= 128 for g in granted):
