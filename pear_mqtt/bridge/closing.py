@@ -95,11 +95,9 @@ class WindowCloser:
                                   min_companies=cfg.min_companies,
                                   dominance_cap=cfg.dominance_cap, dp=cfg.dp,
                                   noise=self._noise, budget_spent=spent,
-                                  counter=counters.privacy, released=released)
+                                  released=released)
         for cell in result.cells:
-            for reason, n in cell.suppressed.items():
-                if reason not in ("below_k", "dominance"):
-                    counters.suppressed[reason] += n  # counters.privacy has the others
+            counters.suppressed.update(cell.suppressed)
         ledger_rows: list[LedgerEntry] = []
         charged = sum(1 for c in result.cells if c.epsilon > 0)
         if period_start is not None and charged:
