@@ -177,7 +177,9 @@ def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
 
 
 def make_insights(n: int, categories: int | None) -> list[Any]:
-    """``n`` market insights cycling over ``categories`` categories (None: one each)."""
+    """``n`` market insights cycling over ``categories`` categories (None: one each), each a
+    distinct observation (its own product): the same observation sent again keeps its item
+    id, and receivers would count it once."""
     from pear_mqtt.model.insight import MarketInsight, PriceData, SalesData, TrendData
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     start = end - timedelta(hours=1)
@@ -187,7 +189,8 @@ def make_insights(n: int, categories: int | None) -> list[Any]:
         price = 1.0 + (i % 997) * 0.37
         units = 10.0 + i % 113
         out.append(MarketInsight(
-            category=cat, region="north", window_start=start, window_end=end,
+            category=cat, product_id=f"sku-{i}", region="north", window_start=start,
+            window_end=end,
             price_data=PriceData(currency="EUR", price=price),
             sales_data=SalesData(units=units, revenue=units * price),
             trends=TrendData(price_change_pct=(i % 21) - 10.0, direction="up"),

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from ..model.insight import SharingLevel
+from ..privacy.disclosure import field_level, sample_size_level
 from ..privacy.filter import Contribution, SharedInsight
 
 __all__ = ["check_item", "input_hash", "item_digest", "window_of"]
@@ -21,36 +22,36 @@ _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"),
                                    ensure_ascii=False).encode
 
 
-def check_item(*, shared: SharedInsight, contribution: Contribution | None,
+def check_item(*, shared: SharedInsight | None, contribution: Contribution | None,
                policy: Mapping[str, SharingLevel],
                announced: Mapping[str, SharingLevel] | None = None) -> str | None:
     """Why an item must be dropped, or None when it discloses no more than allowed.
 
+    ``shared`` is the published part (None when the item is a sealed part alone). The
+    published part obeys the disclosure rules by construction (:class:`SharedInsight` refuses
+    anything else, derived fields included), given the levels it names; those must be the
+    policy's.
+
     - ``policy_violation``: a group is shared at another level than ``policy`` says (e.g. an
       exact ``full`` price where the policy says ``ranges_only``, or any shared group the
-      policy keeps ``aggregated`` or ``none``), or a sealed group the policy does not say
-      ``aggregated``;
-    - ``presence_mismatch``: a group at another level than the sender's node announced in its
+      policy keeps ``aggregated`` or ``none``), or a sealed field whose effective level under
+      the policy is not ``aggregated`` (a derived field follows its source, ``sample_size``
+      follows ``sales_data``);
+    - ``presence_mismatch``: the same, against the levels the sender's node announced in its
       presence (``announced``; not checked when unknown);
     - ``mismatch``: the sealed contribution describes another category, product, region or
       window than the insight that carries it.
     """
-    sealed = {g for g, fields in (contribution.values if contribution else {}).items()
-              if fields}
-    for group, level in shared.levels.items():
-        if policy.get(group) is not level:
-            return "policy_violation"
-    for group in sealed:
-        if policy.get(group) is not SharingLevel.AGGREGATED:
-            return "policy_violation"
-    if announced is not None:
-        for group, level in shared.levels.items():
-            if announced.get(group) is not level:
-                return "presence_mismatch"
-        for group in sealed:
-            if announced.get(group) is not SharingLevel.AGGREGATED:
-                return "presence_mismatch"
-    if contribution is not None and (
+    for levels, reason in ((policy, "policy_violation"), (announced, "presence_mismatch")):
+        if levels is None:
+            continue
+        if shared is not None:
+            for group, level in shared.levels.items():
+                if levels.get(group) is not level:
+                    return reason
+        if contribution is not None and not _sealable(contribution, levels):
+            return reason
+    if shared is not None and contribution is not None and (
             contribution.category != shared.category
             or contribution.product_id != shared.product_id
             or contribution.region != shared.region
@@ -58,6 +59,15 @@ def check_item(*, shared: SharedInsight, contribution: Contribution | None,
             or contribution.window_end != shared.window_end):
         return "mismatch"
     return None
+
+
+def _sealable(contribution: Contribution, levels: Mapping[str, SharingLevel]) -> bool:
+    """Whether every value ``contribution`` seals is ``aggregated`` under ``levels``."""
+    if (contribution.sample_size is not None
+            and sample_size_level(levels) is not SharingLevel.AGGREGATED):
+        return False
+    return all(field_level(levels, group, name) is SharingLevel.AGGREGATED
+               for group, fields in contribution.values.items() for name in fields)
 
 
 def window_of(start: datetime, end: datetime, *, window_seconds: int) -> int | None:

@@ -175,15 +175,21 @@ class Ingestor:
         if not isinstance(iid, str) or not 0 < len(iid) <= _ITEM_ID_MAX:
             drop("malformed")
             return None
-        try:
-            shared: SharedInsight = _validate_shared(raw.get("insight"))
-        except ValidationError:
-            drop("malformed")
-            return None
-        if shared.category != parsed.category:
-            drop("mismatch")
-            return None
+        body = raw.get("insight")
         sealed = raw.get("sealed")
+        shared: SharedInsight | None = None
+        if body is not None:
+            try:
+                shared = _validate_shared(body)
+            except ValidationError:
+                drop("malformed")
+                return None
+            if shared.category != parsed.category:
+                drop("mismatch")
+                return None
+        elif sealed is None:
+            drop("malformed")  # neither a published nor a sealed part
+            return None
         contribution: Contribution | None = None
         if sealed is not None:
             if not isinstance(sealed, str):
@@ -200,6 +206,18 @@ class Ingestor:
             except ValidationError:
                 drop("malformed")
                 return None
+        # What the item describes: its published part, else (sent alone) its sealed part.
+        about: SharedInsight | Contribution
+        if shared is not None:
+            about = shared
+        elif contribution is not None:
+            about = contribution
+            if about.category != parsed.category:
+                drop("mismatch")
+                return None
+        else:  # unreachable: an item with neither part was dropped above
+            drop("malformed")
+            return None
         reason = check_item(shared=shared, contribution=contribution, policy=link.policy,
                             announced=link.presence.get((signer.member, signer.node)))
         if reason is not None:
@@ -212,7 +230,7 @@ class Ingestor:
         if contribution is not None:
             values.update({g: dict(f) for g, f in contribution.values.items() if f})
             currency = contribution.currency
-        if link.include_full:
+        if link.include_full and shared is not None:
             for group, level in shared.levels.items():
                 if level is not SharingLevel.FULL:
                     continue
@@ -229,12 +247,12 @@ class Ingestor:
         if not values and not ranges:
             self._counters.ignored += 1  # nothing this item may contribute to an aggregate
             return None
-        start = window_of(shared.window_start, shared.window_end,
+        start = window_of(about.window_start, about.window_end,
                           window_seconds=self._config.window_seconds)
         if start is None:
             drop("spans_windows")
             return None
-        if shared.window_start.timestamp() > now + self._config.max_clock_skew:
+        if about.window_start.timestamp() > now + self._config.max_clock_skew:
             drop("future")
             return None
         if self._store.window_state(start) in ("ready", "published") or (
@@ -245,7 +263,7 @@ class Ingestor:
         token = hashlib.sha256(sealed.encode()).digest() if isinstance(sealed, str) else None
         return NewContribution(
             source_key=source, item_id=iid,
-            window_start=start, category=shared.category, region=shared.region,
+            window_start=start, category=about.category, region=about.region,
             domain=link.domain, company=member, currency=currency, values=values,
             digest=item_digest(network=link.network, member=signer.member, item=raw),
-            token_digest=token, ranges=ranges, observed=shared.window_end.timestamp())
+            token_digest=token, ranges=ranges, observed=about.window_end.timestamp())

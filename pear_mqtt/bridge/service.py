@@ -282,7 +282,8 @@ class Bridge:
         return BridgeStatus(
             health=health, connected=connected, public_connected=public, sources=sources,
             policy_version=self._policy_version, items_received=c.items_received,
-            items_counted=c.items_counted, duplicates=c.duplicates, ignored=c.ignored,
+            items_counted=c.items_counted, duplicates=c.duplicates, replaced=c.replaced,
+            ignored=c.ignored,
             dropped=dict(c.dropped), suppressed=c.all_suppressed(),
             windows_open=counts.get("open", 0), windows_published=counts.get("published", 0),
             open_items=counts.get("open_items", 0), cells_published=c.cells_published,

@@ -1,9 +1,9 @@
 """The bridge's durable state, one SQLite file (WAL, mode 0600): open windows and the items
-counted into them, the ε ledger, the outbox of messages to publish (to the public broker, and
-to the consortium's), and the receipts issued. Closing a window (for the public, or earlier
-for the consortium's members), spending its budget and queuing its messages are one
-transaction, so a restart neither counts an item twice nor publishes a window again with
-fresh noise.
+counted into them (one row per sender and item id: a later copy replaces the earlier one), the
+ε ledger, the outbox of messages to publish (to the public broker, and to the consortium's),
+and the receipts issued. Closing a window (for the public, or earlier for the consortium's
+members), spending its budget and queuing its messages are one transaction, so a restart
+neither counts an item twice nor publishes a window again with fresh noise.
 The schema and its guarantees are described in docs/BRIDGE.md.
 """
 
@@ -69,6 +69,12 @@ CREATE TABLE IF NOT EXISTS contributions (
     PRIMARY KEY (source_key, item_id)
 );
 CREATE INDEX IF NOT EXISTS contributions_window ON contributions (window_start);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_digest BLOB PRIMARY KEY,
+    window_start INTEGER NOT NULL,
+    source_key   TEXT NOT NULL,
+    item_id      TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     window_start INTEGER NOT NULL,
@@ -95,6 +101,10 @@ CREATE TABLE IF NOT EXISTS consortium_closed (
 """
 
 _INSERT = "INSERT OR IGNORE INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_REPLACE = ("UPDATE OR IGNORE contributions SET window_start=?, category=?, region=?, domain=?, "
+            "company=?, currency=?, vals=?, digest=?, token_digest=?, received_at=? "
+            "WHERE source_key=? AND item_id=?")
+_TOKEN = "INSERT OR IGNORE INTO tokens VALUES (?, ?, ?, ?)"
 
 
 Bucket = tuple[float | None, float | None]
@@ -154,11 +164,14 @@ class NewContribution:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AddResult:
-    """What :meth:`BridgeStore.add` did with a batch."""
+    """What :meth:`BridgeStore.add` did with a batch: new items ``counted``, earlier items
+    ``replaced`` by a changed copy, unchanged copies (``duplicates``) and items refused for
+    a sealed token another item carried (``copied``)."""
 
     counted: int
     duplicates: int
     copied: int
+    replaced: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -233,6 +246,10 @@ class BridgeStore:
             # only a power cut may lose the last transactions.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            # A file written before the tokens table existed: its open items' tokens.
+            self._db.execute("INSERT OR IGNORE INTO tokens SELECT token_digest, window_start, "
+                             "source_key, item_id FROM contributions "
+                             "WHERE token_digest IS NOT NULL")
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
@@ -283,16 +300,21 @@ class BridgeStore:
     def add(self, items: Sequence[NewContribution], *, now: float) -> AddResult:
         """Count ``items`` (their windows must be open or new).
 
-        An item whose (source, id) was already counted is a duplicate (a redelivery) and
-        changes nothing; so is one whose sealed token another item already carried, which is
-        reported apart (``copied``): only a sender replaying someone else's token does that.
+        One row per (source, item id): an item seen before with the same digest is a
+        duplicate (a redelivery) and changes nothing, and so is a redelivery of a version the
+        item has since replaced (its sealed token is one the item carried before); with
+        another digest it is a later copy of the same observation (re-sent or re-read) and
+        replaces the earlier values, so the observation counts once with its latest values.
+        An item whose sealed token another item of an open window carried, even one since
+        replaced, is refused (``copied``): only a sender replaying someone else's token does
+        that.
         """
-        counted = duplicates = copied = 0
         if not items:
             return AddResult(counted=0, duplicates=0, copied=0)
         states = self._states
         touched: dict[int, int] = {}
         rows: list[tuple[object, ...]] = []
+        tokens: list[tuple[bytes, int, str, str]] = []
         for it in items:
             start = it.window_start
             state = states.get(start)
@@ -304,26 +326,34 @@ class BridgeStore:
                          it.domain, it.company, it.currency,
                          _values_json(it.values, it.ranges, it.observed), it.digest,
                          it.token_digest, now))
+            if it.token_digest is not None:
+                tokens.append((it.token_digest, start, it.source_key, it.item_id))
+        counted = duplicates = copied = replaced = 0
         with self._tx() as db:
-            # One statement for the whole batch. Redeliveries and copied tokens are rare, so
-            # only a batch that hit one (fewer rows inserted than given) is undone and
-            # classified row by row.
+            # One statement per table for the whole batch. Redeliveries, later copies and
+            # copied tokens are rare, so only a batch that hit one (fewer rows inserted than
+            # given) is undone and classified row by row.
             db.execute("SAVEPOINT batch")
-            if db.executemany(_INSERT, rows).rowcount == len(rows):
+            if (db.executemany(_INSERT, rows).rowcount == len(rows)
+                    and db.executemany(_TOKEN, tokens).rowcount == len(tokens)):
                 counted = len(rows)
             else:
                 db.execute("ROLLBACK TO batch")
                 touched = {}
                 for it, row in zip(items, rows, strict=True):
-                    if db.execute(_INSERT, row).rowcount == 1:
+                    outcome = self._add_one(db, it, row)
+                    if outcome == "counted":
                         counted += 1
-                        touched[it.window_start] = touched.get(it.window_start, 0) + 1
-                    elif db.execute("SELECT 1 FROM contributions WHERE source_key=? AND "
-                                    "item_id=?", (it.source_key, it.item_id)
-                                    ).fetchone() is not None:
+                    elif outcome == "replaced":
+                        replaced += 1
+                    elif outcome == "duplicate":
                         duplicates += 1
+                        continue
                     else:
                         copied += 1
+                        continue
+                    touched[it.window_start] = (touched.get(it.window_start, 0)
+                                                + (outcome == "counted"))
             db.execute("RELEASE batch")
             for start, n in touched.items():
                 db.execute(
@@ -333,7 +363,31 @@ class BridgeStore:
                     (start, now, now, n))
         for start in touched:
             self._states.setdefault(start, "open")
-        return AddResult(counted=counted, duplicates=duplicates, copied=copied)
+        return AddResult(counted=counted, duplicates=duplicates, copied=copied,
+                         replaced=replaced)
+
+    @staticmethod
+    def _add_one(db: sqlite3.Connection, it: NewContribution, row: tuple[object, ...]
+                 ) -> Literal["counted", "replaced", "duplicate", "copied"]:
+        """Store one item inside :meth:`add`'s transaction and say what it was."""
+        key = (it.source_key, it.item_id)
+        found = db.execute("SELECT digest, token_digest FROM contributions "
+                           "WHERE source_key=? AND item_id=?", key).fetchone()
+        if found is not None and bytes(found[0]) == it.digest:
+            return "duplicate"
+        if it.token_digest is not None:
+            owner = db.execute("SELECT source_key, item_id FROM tokens WHERE token_digest=?",
+                               (it.token_digest,)).fetchone()
+            if owner is None:
+                db.execute(_TOKEN, (it.token_digest, it.window_start, *key))
+            elif tuple(owner) != key:
+                return "copied"
+            elif found is None or found[1] is None or bytes(found[1]) != it.token_digest:
+                return "duplicate"  # an earlier version of this item, delivered again
+        if found is None:
+            return "counted" if db.execute(_INSERT, row).rowcount == 1 else "copied"
+        changed = db.execute(_REPLACE, (*row[2:], *key)).rowcount
+        return "replaced" if changed == 1 else "copied"
 
     def open_windows(self) -> list[WindowInfo]:
         """Every open window, oldest first."""
@@ -392,6 +446,7 @@ class BridgeStore:
             db.execute("UPDATE windows SET state='ready', closed_at=? WHERE start=?",
                        (now, window_start))
             db.execute("DELETE FROM contributions WHERE window_start=?", (window_start,))
+            db.execute("DELETE FROM tokens WHERE window_start=?", (window_start,))
             db.executemany("INSERT INTO outbox (window_start, topic, payload, retain) "
                            "VALUES (?, ?, ?, ?)",
                            [(window_start, t, p, int(r)) for t, p, r in outgoing])

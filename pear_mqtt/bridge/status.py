@@ -29,6 +29,7 @@ class BridgeStatus(BaseModel):
     items_received: int = 0
     items_counted: int = 0
     duplicates: int = 0
+    replaced: int = 0  # counted items a later copy of the same observation replaced
     ignored: int = 0
     dropped: dict[str, int] = Field(default_factory=dict)
     suppressed: dict[str, int] = Field(default_factory=dict)
@@ -60,6 +61,7 @@ class BridgeCounters:
     items_received: int = 0
     items_counted: int = 0
     duplicates: int = 0
+    replaced: int = 0
     ignored: int = 0
     ticks: int = 0
     cells_published: int = 0
@@ -79,6 +81,7 @@ class BridgeCounters:
         """Count what the store did with a batch."""
         self.items_counted += result.counted
         self.duplicates += result.duplicates
+        self.replaced += result.replaced
         if result.copied:
             self.drop("copied_token", result.copied)
         if result.counted:

@@ -143,7 +143,12 @@ class SalesData(Frozen):
 
 
 class TrendData(Frozen):
-    """Changes over the previous window, in percent."""
+    """Changes over the previous window, in percent, and the price's direction.
+
+    Derived from prices and sales, so never shared beyond them: the price change and the
+    direction follow ``price_data``'s level, the demand change ``sales_data``'s, and a change
+    is not shared at all under ``ranges_only`` (:mod:`pear_mqtt.privacy.disclosure`).
+    """
 
     price_change_pct: Finite | None = None
     demand_change_pct: Finite | None = None
@@ -154,6 +159,8 @@ class MarketInsight(Frozen):
     """One store's observation of one category (optionally one product) over a window.
 
     This is what a node holds; what leaves it is decided by :mod:`pear_mqtt.privacy`.
+    ``sample_size`` is the window's transaction count: it is shared as ``sales_data`` is.
+    Category, product, region and window identify the observation (its item id).
     """
 
     category: Category

@@ -166,7 +166,10 @@ class PearNetwork:
         """Share ``insight`` as the privacy policy allows; returns its item id.
 
         Returns once the filtered insight is in the outbox (on disk when one is configured);
-        delivery continues in the background. ``flush()`` waits for the broker's acks.
+        delivery continues in the background. ``flush()`` waits for the broker's acks. The id
+        is derived from what the insight describes: sending the same observation again (with
+        the same or corrected values) reuses it. When the policy lets nothing of the insight
+        leave the node, nothing is sent.
         """
         return await self._sender.broadcast(insight)
 

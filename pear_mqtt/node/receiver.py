@@ -1,6 +1,6 @@
 """A node's receiving side: verify each message, check that its signer is the member (and
-node) its topic names, de-duplicate items by id, and deliver them. Anything wrong is dropped
-and counted by reason, never raised."""
+node) its topic names, de-duplicate items by sender and id, and deliver them. Anything wrong
+is dropped and counted by reason, never raised."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ __all__ = ["Receiver"]
 
 log = logging.getLogger(__name__)
 
-_DEDUP_MEMORY = 200_000  # item ids remembered for de-duplication
+_DEDUP_MEMORY = 200_000  # (sender, item id) pairs remembered for de-duplication
 
 # SharedInsight.model_validate without the wrapper's own per-call cost (once per item).
 _validate_shared = SharedInsight.__pydantic_validator__.validate_python
@@ -159,23 +159,29 @@ class Receiver:
             self._counters.dropped["malformed"] += 1
             return None
         iid: str = raw["iid"]
-        if dedup and iid in self._seen:
+        # Ids are derived from what an item describes: one sender's repeat of an observation
+        # has the same id, and only that sender's own items can be repeats of it.
+        key = f"{signer.sender}\x00{iid}"
+        if dedup and key in self._seen:
             # Only ids of items that passed validation are remembered, so skipping the
             # validation of a repeat cannot let anything new through.
             self._counters.duplicates += 1
             return None
+        body = raw.get("insight")
+        sealed = raw.get("sealed")
+        if body is None and isinstance(sealed, str):
+            return None  # only a sealed part, for the aggregator: nothing a peer can read
         try:
-            shared = _validate_shared(raw.get("insight"))
+            shared = _validate_shared(body)
         except ValidationError:
             self._counters.dropped["malformed"] += 1
             return None
-        sealed = raw.get("sealed")
         received = ReceivedInsight(item_id=iid, topic=topic, member=signer.member,
                                    node=signer.node, insight=shared, retained=retained,
                                    received_at=self._clock() if now is None else now,
                                    sealed=sealed if isinstance(sealed, str) else None)
         if dedup:
-            self._seen[iid] = None
+            self._seen[key] = None
             if len(self._seen) > _DEDUP_MEMORY:
                 self._seen.popitem(last=False)
             self._counters.insights_in += 1

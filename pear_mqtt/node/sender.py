@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from ..security.seal import Sealer
 from ..transport import Connection
 from .checkpoints import CheckpointPages
 from .counters import Counters
+from .item_ids import ItemIds
 from .markers import Markers
 from .memory_outbox import MemoryOutbox
 from .outbox import NewItem, Outbox, OutboxItem
@@ -80,6 +80,7 @@ class Sender:
         self._codec: EnvelopeCodec | None = None
         self._scheme: TopicScheme | None = None
         self._sealer: Sealer | None = None
+        self._item_ids: ItemIds | None = None
         self._outbox: Outbox | MemoryOutbox | None = None
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
@@ -108,6 +109,7 @@ class Sender:
         """What ``connect()`` opened: sign with ``codec``, seal aggregated groups with
         ``sealer``, and send from ``outbox``."""
         self._codec, self._scheme, self._sealer, self._outbox = codec, topics, sealer, outbox
+        self._item_ids = ItemIds(codec.signer)
         self._pages.attach(codec=codec, topics=topics, markers=markers)
         if outbox.depth > 0:
             self._idle.clear()  # rows left by an earlier run still wait for their acks
@@ -165,27 +167,42 @@ class Sender:
 
     # -- broadcasting --------------------------------------------------------------------------
     async def broadcast(self, insight: MarketInsight) -> str:
-        """Filter ``insight``, store it (and its state) in the outbox; returns its item id."""
-        if self._outbox is None or self._scheme is None:
+        """Filter ``insight``, store it (and its state) in the outbox; returns its item id.
+
+        The id is derived from what the insight describes (:class:`ItemIds`): broadcasting
+        the same observation again sends it with the same id. An insight of which nothing
+        is published and nothing sealed sends nothing; one of which only the sealed part
+        goes out is sent as that part alone, with no state.
+        """
+        if self._outbox is None or self._scheme is None or self._item_ids is None:
             raise NotConnectedError("call connect() before broadcasting")
         if time.monotonic() - self._broadcast_at < _BACK_TO_BACK:
             self._back_to_back += 1  # the caller produces insights as fast as it can
         result = self._filter.encode(insight)
-        item_id = os.urandom(16).hex()
+        item_id = self._item_ids.of(insight)
+        token: str | None = None
+        if result.contribution is not None:
+            if self._sealer is not None:
+                token = self._sealer.seal(result.contribution)
+            else:
+                self._counters.dropped["aggregated_without_aggregator_key"] += 1
+        if result.shared is None and token is None:
+            return item_id  # the policy lets nothing of it leave the node
         # The item is spliced from the filter's JSON (one serialisation, no dict round trip);
         # the id is hex and the sealed token base64url, so neither needs escaping.
-        parts = [b'{"iid":"', item_id.encode(), b'","insight":', result.shared]
-        if result.contribution is not None and self._sealer is not None:
-            token = self._sealer.seal(result.contribution)
+        parts = [b'{"iid":"', item_id.encode(), b'"']
+        if result.shared is not None:
+            parts += [b',"insight":', result.shared]
+        if token is not None:
             parts += [b',"sealed":"', token.encode(), b'"']
-        elif result.contribution is not None:
-            self._counters.dropped["aggregated_without_aggregator_key"] += 1
         parts.append(b"}")
         payload = b"".join(parts)
         topics = self._category_topics.get(insight.category)
         if topics is None:
             topics = self._topics_for(insight.category)
         live_topic, state_topic = topics
+        if result.shared is None:
+            state_topic = None  # a sealed part alone tells peers nothing worth keeping
         try:
             if isinstance(self._outbox, MemoryOutbox):
                 self._outbox.put_insight(topic=live_topic, payload=payload,

@@ -1,12 +1,12 @@
-"""The privacy filter: splits a :class:`~pear_mqtt.model.insight.MarketInsight` by the sharing
-level of each field group into what is published (:class:`SharedInsight`: ``full`` values and
-``ranges_only`` buckets) and what is sealed to the aggregator (:class:`Contribution`:
-``aggregated`` values); ``none`` groups are never read. The levels are specified in docs/.
+"""The privacy filter: splits a :class:`~pear_mqtt.model.insight.MarketInsight` by the effective
+sharing level of each field (:mod:`.disclosure`: a derived field follows its source) into what
+is published (:class:`SharedInsight`: ``full`` values and ``ranges_only`` buckets; None when
+nothing is) and what is sealed to the aggregator (:class:`Contribution`: ``aggregated``
+values); ``none`` groups are never read. The levels are specified in docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -28,6 +28,17 @@ from ..model.insight import (
 )
 from ..model.topics import validate_identifier
 from ..security.identity import Identity
+from .disclosure import (
+    ADDITIVE_FIELDS,
+    DERIVED_FROM,
+    FIELDS,
+    SAMPLE_SIZE_SOURCE,
+    Action,
+    check_contribution,
+    check_shared,
+    field_action,
+    sample_size_level,
+)
 from .ranges import RangeScheme, ValueRange
 
 __all__ = [
@@ -38,9 +49,6 @@ __all__ = [
     "PrivacyFilter",
     "SharedInsight",
 ]
-
-ADDITIVE_FIELDS: frozenset[str] = frozenset({"units", "revenue", "transactions"})
-"""Numeric fields that add up across stores of a company (sums); every other field is averaged."""
 
 # Fields that qualify a group's numbers instead of observing anything: a group holding only
 # these (e.g. a PriceData with just its default currency) carries no observation to share.
@@ -53,6 +61,7 @@ _PRICE_FIELDS: frozenset[str] = frozenset({"price", "min_price", "max_price"})
 
 
 _Identifier = Annotated[str, identifier("identifier")]
+_Count = Annotated[int, Field(ge=1)]
 
 
 # -- wire bodies ---------------------------------------------------------------------------
@@ -63,14 +72,17 @@ GroupValues = dict[str, Annotated[str | Finite | ValueRange, Field(union_mode="l
 
 
 class SharedInsight(Frozen):
-    """What a node publishes for one insight: ``full`` and ``ranges_only`` groups only.
+    """What a node publishes for one insight: the fields whose effective level is ``full`` or
+    ``ranges_only`` (:mod:`.disclosure`), and nothing when there are none (no message).
 
     ``company`` and ``store`` are the member and node the sender's certificate names when the
     network anonymises (the pseudonyms its operator assigned, in an anonymising network), and
-    the configured ids otherwise. ``levels`` names
-    the level of each group in ``groups`` (and nothing else: ``aggregated`` and ``none`` groups
-    are not even named). A ``ranges_only`` group holds no bare number; the model refuses one,
-    so a receiver can rely on it too.
+    the configured ids otherwise. ``levels`` names the level of each group in ``groups``: the
+    groups with published fields and the sources of published derived fields (``aggregated``
+    and ``none`` groups are not even named). ``sample_size`` follows ``sales_data``: exact at
+    ``full``, a bucket at ``ranges_only``, absent otherwise. The model refuses anything the
+    rules forbid (a bare number in a ``ranges_only`` group, a change whose source is not
+    ``full``, an empty insight), so a receiver can rely on it too.
     """
 
     category: Category
@@ -78,7 +90,8 @@ class SharedInsight(Frozen):
     region: _Identifier
     window_start: AwareDatetime
     window_end: AwareDatetime
-    sample_size: int
+    sample_size: Annotated[_Count | ValueRange | None,
+                           Field(union_mode="left_to_right")] = None
     company: _Identifier | None = None
     store: _Identifier | None = None
     levels: dict[str, SharingLevel]
@@ -86,52 +99,22 @@ class SharedInsight(Frozen):
 
     @model_validator(mode="after")
     def _disclosure(self) -> SharedInsight:
-        _check_disclosure(self.levels, self.groups)
+        check_shared(self.levels, self.groups, self.sample_size)
+        if not self.levels:
+            raise ValueError("an insight that shares nothing is not published")
         return self
 
 
-def _check_disclosure(levels: Mapping[str, SharingLevel],
-                      groups: Mapping[str, Mapping[str, object]]) -> None:
-    """The disclosure rules of a shared insight (ValueError naming the offending field)."""
-    if set(levels) != set(groups):
-        raise ValueError("levels must name exactly the groups present")
-    for group, level in levels.items():
-        if group not in FIELD_GROUPS:
-            raise ValueError(f"unknown field group {group!r}")
-        if level is not SharingLevel.FULL and level is not SharingLevel.RANGES_ONLY:
-            raise ValueError(f"group {group!r} at level {SharingLevel(level).value!r} cannot "
-                             "be shared in an insight")
-        for name, value in groups[group].items():
-            kind = type(value)
-            # Fast path for the allowed cases (isinstance on a pydantic model is slow).
-            if kind is str or (kind is float if level is SharingLevel.FULL
-                               else kind is ValueRange):
-                continue
-            if isinstance(value, ValueRange) and level is SharingLevel.FULL:
-                raise ValueError(f"{group}.{name}: a full group holds exact values")
-            if isinstance(value, int | float) and level is SharingLevel.RANGES_ONLY:
-                raise ValueError(f"{group}.{name}: a ranges_only group holds no exact "
-                                 "numbers")
-
-
-def _check_contribution(values: Mapping[str, Mapping[str, float]]) -> None:
-    for group, fields in values.items():
-        if group not in FIELD_GROUPS:
-            raise ValueError(f"unknown field group {group!r}")
-        for name, value in fields.items():
-            if name in ADDITIVE_FIELDS and value < 0:
-                raise ValueError(f"{group}.{name}: an additive metric cannot be negative")
-
-
 class Contribution(Frozen):
-    """One insight's ``aggregated`` groups: exact values only an aggregator may open.
+    """One insight's ``aggregated`` fields: exact values only an aggregator may open.
 
     ``company`` is the identity :func:`aggregate` counts distinct companies by: the member the
     sender's certificate names when the network anonymises (its pseudonym there), else the
     configured company id; the contribution is sealed to the aggregator. Pseudonyms are per
     network, so aggregate contributions of one network at a time or one company counts once
-    per network. ``currency`` is the unit of ``price_data``
-    values. ``values`` maps group to numeric field to exact value.
+    per network. ``currency`` is the unit of ``price_data`` values. ``values`` maps group to
+    numeric field to exact value (derived fields included where their effective level is
+    ``aggregated``); ``sample_size`` is there when ``sales_data`` is ``aggregated``.
     """
 
     company: _Identifier
@@ -143,27 +126,29 @@ class Contribution(Frozen):
     window_end: AwareDatetime
     currency: str | None = None
     values: dict[str, dict[str, Finite]]
+    sample_size: _Count | None = None
 
     @model_validator(mode="after")
     def _known(self) -> Contribution:
-        _check_contribution(self.values)
+        check_contribution(self.values)
         return self
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FilterResult:
-    """The two outputs of :meth:`PrivacyFilter.apply`."""
+    """The two outputs of :meth:`PrivacyFilter.apply`; either may be None (nothing to
+    publish, nothing to seal)."""
 
-    shared: SharedInsight
+    shared: SharedInsight | None
     contribution: Contribution | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EncodedResult:
-    """:meth:`PrivacyFilter.encode`'s outputs: the JSON of :class:`SharedInsight` and of
-    :class:`Contribution` (None when no ``aggregated`` group holds data)."""
+    """:meth:`PrivacyFilter.encode`'s outputs: the JSON of :class:`SharedInsight` (None when
+    nothing is published) and of :class:`Contribution` (None when nothing is sealed)."""
 
-    shared: bytes
+    shared: bytes | None
     contribution: bytes | None
 
 
@@ -175,7 +160,9 @@ class _Split:
     contrib_store: str | None
     levels: dict[str, SharingLevel]
     groups: dict[str, GroupValues]
+    sample_size: int | ValueRange | None
     aggregated: dict[str, dict[str, float]]
+    sealed_sample_size: int | None
     currency: str | None
 
 
@@ -219,13 +206,23 @@ class PrivacyFilter:
     company id for the aggregator).
     """
 
-    __slots__ = ("_config", "_identity", "_levels", "_ranges")
+    __slots__ = ("_actions", "_config", "_identity", "_levels", "_ranges", "_sample_size_level")
 
     def __init__(self, *, config: NetworkConfig, identity: Identity | None = None) -> None:
         self._config = config
         self._identity = identity
         self._levels = {group: SharingLevel(config.sharing_level(group))
                         for group in FIELD_GROUPS}
+        # What happens to each field, and which group a published derived field names as
+        # its source, decided once per config; None: the group is never read (every field
+        # of it is left out).
+        self._actions: dict[str, dict[str, tuple[Action, str | None]] | None] = {}
+        for group in FIELD_GROUPS:
+            actions = {name: field_action(self._levels, group, name) for name in FIELDS[group]}
+            self._actions[group] = None if all(a == "drop" for a in actions.values()) else {
+                name: (a, DERIVED_FROM.get((group, name)) if a != "seal" else None)
+                for name, a in actions.items()}
+        self._sample_size_level = sample_size_level(self._levels)
         self._ranges = RangeScheme.from_config(config.privacy)
         self._check_mode()
 
@@ -275,8 +272,9 @@ class PrivacyFilter:
         return me.member, me.node, me.member, me.node
 
     def apply(self, insight: MarketInsight, *, store: str | None = None) -> FilterResult:
-        """Split ``insight`` into the published :class:`SharedInsight` and the sealed
-        :class:`Contribution` (None when no ``aggregated`` group holds data).
+        """Split ``insight`` into the published :class:`SharedInsight` (None when no field is
+        published) and the sealed :class:`Contribution` (None when no ``aggregated`` field
+        holds data).
 
         ``store`` is the store identity; it defaults to the config's ``node_id`` (one node
         per store), and to the certificate's node when the network anonymises.
@@ -285,19 +283,22 @@ class PrivacyFilter:
         # Every field comes from a validated MarketInsight, the node's own config or the
         # scheme's cached buckets, and _split checked the disclosure rules: the models are
         # built without re-validating formats (which would dominate the filter's time).
-        shared = SharedInsight.model_construct(
-            category=insight.category, product_id=insight.product_id,
-            region=insight.region, window_start=insight.window_start,
-            window_end=insight.window_end, sample_size=insight.sample_size,
-            company=sp.shared_company, store=sp.shared_store, levels=sp.levels,
-            groups=sp.groups)
+        shared = None
+        if sp.levels:
+            shared = SharedInsight.model_construct(
+                category=insight.category, product_id=insight.product_id,
+                region=insight.region, window_start=insight.window_start,
+                window_end=insight.window_end, sample_size=sp.sample_size,
+                company=sp.shared_company, store=sp.shared_store, levels=sp.levels,
+                groups=sp.groups)
         contribution = None
         if sp.aggregated:
             contribution = Contribution.model_construct(
                 company=sp.contrib_company, store=sp.contrib_store, category=insight.category,
                 product_id=insight.product_id, region=insight.region,
                 window_start=insight.window_start, window_end=insight.window_end,
-                currency=sp.currency, values=sp.aggregated)
+                currency=sp.currency, values=sp.aggregated,
+                sample_size=sp.sealed_sample_size)
         return FilterResult(shared=shared, contribution=contribution)
 
     def encode(self, insight: MarketInsight, *, store: str | None = None) -> EncodedResult:
@@ -309,20 +310,24 @@ class PrivacyFilter:
         :class:`Contribution`.
         """
         sp = self._split(insight, store)
-        shared: dict[str, object] = {"category": insight.category}
-        if insight.product_id is not None:
-            shared["product_id"] = insight.product_id
-        shared["region"] = insight.region
-        shared["window_start"] = insight.window_start
-        shared["window_end"] = insight.window_end
-        shared["sample_size"] = insight.sample_size
-        if sp.shared_company is not None:
-            shared["company"] = sp.shared_company
-        if sp.shared_store is not None:
-            shared["store"] = sp.shared_store
-        # Plain strings: pydantic_core serialises an Enum member through a Python fallback.
-        shared["levels"] = {group: level.value for group, level in sp.levels.items()}
-        shared["groups"] = sp.groups
+        shared_json = None
+        if sp.levels:
+            shared: dict[str, object] = {"category": insight.category}
+            if insight.product_id is not None:
+                shared["product_id"] = insight.product_id
+            shared["region"] = insight.region
+            shared["window_start"] = insight.window_start
+            shared["window_end"] = insight.window_end
+            if sp.sample_size is not None:
+                shared["sample_size"] = sp.sample_size
+            if sp.shared_company is not None:
+                shared["company"] = sp.shared_company
+            if sp.shared_store is not None:
+                shared["store"] = sp.shared_store
+            # Plain strings: pydantic_core serialises an Enum member through a Python fallback.
+            shared["levels"] = {group: level.value for group, level in sp.levels.items()}
+            shared["groups"] = sp.groups
+            shared_json = to_json(shared)
         contribution = None
         if sp.aggregated:
             contribution = to_json({
@@ -330,8 +335,8 @@ class PrivacyFilter:
                 "category": insight.category, "product_id": insight.product_id,
                 "region": insight.region, "window_start": insight.window_start,
                 "window_end": insight.window_end, "currency": sp.currency,
-                "values": sp.aggregated})
-        return EncodedResult(shared=to_json(shared), contribution=contribution)
+                "values": sp.aggregated, "sample_size": sp.sealed_sample_size})
+        return EncodedResult(shared=shared_json, contribution=contribution)
 
     def _split(self, insight: MarketInsight, store: str | None) -> _Split:
         self._check_mode()
@@ -345,10 +350,11 @@ class PrivacyFilter:
         levels: dict[str, SharingLevel] = {}
         groups: dict[str, GroupValues] = {}
         aggregated: dict[str, dict[str, float]] = {}
+        sources: set[str] = set()
         currency: str | None = None
         for group in FIELD_GROUPS:
-            level = self._levels[group]
-            if level is SharingLevel.NONE:
+            actions = self._actions[group]
+            if actions is None:
                 continue  # never read, so it cannot leak
             data = getattr(insight, group)
             if data is None:
@@ -356,31 +362,58 @@ class PrivacyFilter:
             fields = _observations(data)
             if not fields:
                 continue
-            if level is SharingLevel.FULL:
-                groups[group] = dict(fields)
-            elif level is SharingLevel.RANGES_ONLY:
-                groups[group] = {name: self._bucket(name, v, insight.category)
-                                 for name, v in fields.items()}
-            else:
-                numbers = {n: v for n, v in fields.items() if isinstance(v, float)}
-                if numbers:
-                    aggregated[group] = numbers
-                    if group == "price_data":
-                        c = fields.get("currency")
-                        currency = c if isinstance(c, str) else None
-                continue
-            levels[group] = level
+            published: GroupValues = {}
+            sealed: dict[str, float] = {}
+            for name, value in fields.items():
+                action, source = actions[name]
+                if action == "exact" or action == "text":
+                    published[name] = value
+                elif action == "bucket":
+                    published[name] = self._bucket(name, value, insight.category)
+                elif action == "seal" and isinstance(value, float):
+                    sealed[name] = value
+                else:
+                    continue
+                if source is not None:
+                    sources.add(source)
+            if published:
+                levels[group] = self._levels[group]
+                groups[group] = published
+            if sealed:
+                aggregated[group] = sealed
+                if group == "price_data":
+                    c = fields.get("currency")
+                    currency = c if isinstance(c, str) else None
 
-        if self._config.mode is NetworkMode.PUBLIC and groups:
+        sample_size: int | ValueRange | None = None
+        sealed_sample_size: int | None = None
+        level = self._sample_size_level
+        if level is SharingLevel.FULL:
+            sample_size = insight.sample_size
+        elif level is SharingLevel.RANGES_ONLY:
+            sample_size = self._ranges.bucket(float(insight.sample_size), category=None)
+        elif level is SharingLevel.AGGREGATED and aggregated:
+            # Sealed with the values it counts; on its own it is no contribution.
+            sealed_sample_size = insight.sample_size
+        if sample_size is not None:
+            sources.add(SAMPLE_SIZE_SOURCE)
+        for source in sources:
+            if source not in levels:
+                # Named for the derived fields it governs, so receivers can check them.
+                levels[source] = self._levels[source]
+                groups[source] = {}
+
+        if self._config.mode is NetworkMode.PUBLIC and levels:
             raise PrivacyError(f"public mode must not publish insight groups, got "
-                               f"{sorted(groups)}")
+                               f"{sorted(levels)}")
         try:
-            _check_disclosure(levels, groups)
-            _check_contribution(aggregated)
+            if levels:
+                check_shared(levels, groups, sample_size)
+            check_contribution(aggregated)
         except ValueError as exc:
             raise PrivacyError(f"filtered insight violates the disclosure rules: {exc}") from None
         return _Split(shared_company, shared_store, contrib_company, contrib_store, levels,
-                      groups, aggregated, currency)
+                      groups, sample_size, aggregated, sealed_sample_size, currency)
 
     def _bucket(self, name: str, value: float | str, category: str) -> ValueRange | str:
         if isinstance(value, str):

@@ -109,6 +109,16 @@ class Signer:
         """``"ed25519"`` or ``"ecdsa-p256"``."""
         return self._algorithm
 
+    def derive_secret(self, label: bytes) -> bytes:
+        """A 32-byte secret for ``label``, derived from the private key (keyed BLAKE2b): stable
+        for this key, unpredictable to anyone without it, and unrelated across labels."""
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            material = self._key.private_bytes_raw()
+        else:
+            material = self._key.private_numbers().private_value.to_bytes(32, "big")
+        return hashlib.blake2b(label, key=material, digest_size=32,
+                               person=b"pear_mqtt secret").digest()
+
     def sign(self, data: bytes) -> bytes:
         """Sign ``data`` with the node key."""
         if self._sodium_key is not None:

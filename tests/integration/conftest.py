@@ -186,9 +186,10 @@ _T0 = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def _make_insight(category: str = "grocery/dairy", price: float = 2.4567,
-                  units: float = 1234.0, change: float = 3.21) -> MarketInsight:
+                  units: float = 1234.0, change: float = 3.21,
+                  product: str | None = None) -> MarketInsight:
     return MarketInsight(
-        category=category, region="north", window_start=_T0,
+        category=category, product_id=product, region="north", window_start=_T0,
         window_end=_T0 + timedelta(hours=1), price_data=PriceData(currency="EUR", price=price),
         sales_data=SalesData(units=units, revenue=units * price),
         trends=TrendData(price_change_pct=change, direction="up"), sample_size=17)
@@ -209,8 +210,10 @@ async def _take(it: AsyncIterator[Any], n: int, timeout: float = 20.0) -> list[A
 
 @pytest.fixture
 def insight() -> Callable[..., MarketInsight]:
-    """``insight(category=, price=, units=, change=)``: an hour's insight (from 2026-11-01,
-    region north) with price, sales and trend data."""
+    """``insight(category=, price=, units=, change=, product=)``: an hour's insight (from
+    2026-11-01, region north) with price, sales and trend data. Insights that differ only in
+    their values are the same observation (same item id: receivers take a repeat for a
+    duplicate); give each its own ``product`` (or category) to send distinct ones."""
     return _make_insight
 
 

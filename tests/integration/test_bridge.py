@@ -68,8 +68,8 @@ from pear_mqtt.security.trust import TrustStore
 DAY = 86400
 K = 5
 CAP = 0.25
-# Price and sales are sealed to the aggregator; trends are shared in full with the consortium
-# (and must not reach the public: the consortium source does not aggregate full groups).
+# Price and sales are sealed to the aggregator; trends are "full", but a derived field follows
+# its source: the price change is sealed (and aggregated) with the prices it derives from.
 POLICY = {"price_data": SharingLevel.AGGREGATED, "sales_data": SharingLevel.AGGREGATED,
           "trends": SharingLevel.FULL}
 FAST = ReliabilityConfig(reconnect_min_delay=0.05, reconnect_max_delay=0.5, batch_linger=0)
@@ -180,9 +180,10 @@ def net(pki: NetworkPKI, mosquitto_factory: Callable[..., MosquittoBroker],
 
 def insight(category: str, *, start: datetime, price: float | None = None,
             units: float | None = None, revenue: float | None = None,
-            change: float | None = None, region: str = "north") -> MarketInsight:
+            change: float | None = None, region: str = "north",
+            product: str | None = None) -> MarketInsight:
     return MarketInsight(
-        category=category, region=region, window_start=start,
+        category=category, product_id=product, region=region, window_start=start,
         window_end=start + timedelta(hours=1),
         price_data=PriceData(currency="EUR", price=price) if price is not None else None,
         sales_data=SalesData(units=units, revenue=revenue) if units is not None else None,
@@ -226,6 +227,9 @@ def reference(net: Net, inputs: Sequence[Input], *, min_companies: int = K,
         if it.sales_data is not None:
             values["sales_data"] = {k: v for k, v in it.sales_data.model_dump().items()
                                     if v is not None}
+        # The price change follows the (aggregated) price: sealed, so aggregated too.
+        if it.trends is not None and it.trends.price_change_pct is not None:
+            values["trends"] = {"price_change_pct": it.trends.price_change_pct}
         if not values:
             continue
         cells.setdefault((it.category, it.region), []).append(Contribution(
@@ -367,9 +371,8 @@ def test_aggregates_match_reference_and_nothing_individual_is_published(
         cells = cells_of(got[category].payload) if category in got else {}
         assert set(cells) == {key for key in want if key[0] == category}
         for key, groups in cells.items():
+            # (trends appear as statistics of the sealed price changes, never as a company's)
             assert_same(groups, want[key])
-            # trends were shared in full with the consortium only; never aggregated publicly
-            assert "trends" not in groups
             for fields in groups.values():
                 assert all(f["companies"] >= K for f in fields.values())
     # (the spy was subscribed already, so it saw them live: retained delivery to a late
@@ -485,11 +488,13 @@ async def test_items_disclosing_more_than_the_policy_are_dropped_and_counted(
         result = PrivacyFilter(config=liar).apply(
             insight("home/garden", start=start, units=30.0, change=5.5))
         from pear_mqtt.security.seal import load_x25519_public_key, seal
+        # Nothing is published under this policy (the change follows the aggregated price):
+        # the item is its sealed part alone, with a trend field the liar announced as none.
+        assert result.shared is None and result.contribution is not None
+        assert "trends" in result.contribution.values
         item = {"iid": uuid.uuid4().hex,
-                "insight": result.shared.model_dump(mode="json", exclude_none=True),
                 "sealed": seal(load_x25519_public_key(net.pub_file),
-                               result.contribution.model_dump_json().encode())
-                if result.contribution else None}
+                               result.contribution.model_dump_json().encode())}
         scheme = TopicScheme(mode="consortium", network=net.pki.network, member=member)
         with probe(net.consortium, net.pki.node(member)) as p:
             await wait(bridge, lambda s: (member, "store-1") in _presences(bridge))
@@ -506,6 +511,40 @@ async def test_items_disclosing_more_than_the_policy_are_dropped_and_counted(
     assert cell["sales_data"]["units"]["companies"] == 5  # the two offenders are not in it
     assert cell["sales_data"]["units"]["sum"] == pytest.approx(sum(10.0 + n for n in range(5)))
     assert number_pattern(777.123).search(b"".join(m.payload for m in messages)) is None
+
+
+async def test_a_re_sent_and_re_read_observation_counts_once_with_its_latest_values(
+        net: Net) -> None:
+    """A company sends the same observation twice, then (as ``agent --watch`` re-reading a
+    changed file, from a new process) again with other values: the bridge replaces the
+    earlier copies, and the aggregate counts the company once, with the latest values."""
+    start = yesterday()
+    others = [Input(company=f"o{n}", store="store-1",
+                    insight=insight("resent/cat", start=start, units=200.0, price=2.0))
+              for n in range(4)]
+    first = insight("resent/cat", start=start, units=100.0, price=1.0)
+    reread = insight("resent/cat", start=start, units=150.0, price=1.5)
+    config = net.node_config(net.member("resender"))
+    clock = Clock()
+    async with Bridge(net.bridge_config(), clock=clock) as bridge:
+        await publish(net, others)
+        async with PearNetwork(config) as node:
+            ids = {await node.broadcast_market_insight(first) for _ in range(2)}
+            await node.flush(timeout=WAIT)
+        async with PearNetwork(config) as node:  # a new process reading the file again
+            ids.add(await node.broadcast_market_insight(reread))
+            await node.flush(timeout=WAIT)
+        assert len(ids) == 1
+        status = await wait(bridge, lambda s: s.items_counted >= len(others) + 1
+                            and s.replaced >= 2)
+        assert (status.items_counted, status.replaced, status.open_items) == (5, 2, 5)
+        assert status.dropped == {}
+        await close_window(bridge, clock)
+    (cell,) = cells_of(published(net.marker(), net.pki.network)["resent/cat"].payload).values()
+    units = cell["sales_data"]["units"]
+    assert (units["companies"], units["count"]) == (5, 5)
+    assert units["sum"] == pytest.approx(4 * 200.0 + 150.0)
+    assert cell["price_data"]["price"]["mean"] == pytest.approx((4 * 2.0 + 1.5) / 5)
 
 
 def _presences(bridge: Bridge) -> set[tuple[str, str]]:
@@ -759,7 +798,8 @@ async def test_throughput(net: Net) -> None:
     async with Bridge(net.bridge_config(), clock=clock) as bridge:
         inputs = [Input(company=f"c{n}", store="store-1",
                         insight=insight(f"tp/c{i % 8}", start=start + timedelta(hours=i % 23),
-                                        units=float(i + 1), price=1.0 + i / 1000))
+                                        units=float(i + 1), price=1.0 + i / 1000,
+                                        product=f"sku-{i}"))
                   for n in range(5) for i in range(per_company)]
         began = time.perf_counter()
         await publish(net, inputs)

@@ -90,7 +90,8 @@ async def test_outbox_zero_loss_over_embedded_broker(
         offline = PearNetwork(make_config(
             "acme", broker_url=f"mqtts://localhost:{free_port()}", outbox=outbox))
         await offline.connect(wait=False)
-        sent = {await offline.broadcast_market_insight(insight(price=1.0 + i))
+        sent = {await offline.broadcast_market_insight(insight(price=1.0 + i,
+                                                               product=f"sku-{i}"))
                 for i in range(100)}
         await offline.disconnect()
         async with PearNetwork(make_config("acme", outbox=outbox)):

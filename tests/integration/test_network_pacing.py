@@ -30,13 +30,13 @@ async def test_a_trickle_goes_one_by_one_and_a_stream_in_batches(
         before = rx.status().messages_in
         for i in range(5):
             # Each waits until the previous one arrived: nothing to batch it with.
-            await tx.broadcast_market_insight(insight(price=1.0 + i))
+            await tx.broadcast_market_insight(insight(price=1.0 + i, product=f"sku-{i}"))
             await take(stream, 1)
         trickle = rx.status().messages_in - before
         before = rx.status().messages_in
         for i in range(2000):
             await tx.broadcast_market_insight(insight(category=f"grocery/c{i % 4}",
-                                                      price=1.0 + i))
+                                                      price=1.0 + i, product=f"sku-{i}"))
         got = await take(stream, 2000, timeout=60)
         burst = rx.status().messages_in - before
     assert trickle == 5  # the default batch_linger does not hold back a lone insight
@@ -54,7 +54,7 @@ async def test_a_tight_broadcast_loop_overlaps_with_sending(
         rx.on_insight(lambda _got: arrived.append(time.monotonic()))
         stream = rx.insights()
         for i in range(3000):
-            await tx.broadcast_market_insight(insight(price=1.0 + i))
+            await tx.broadcast_market_insight(insight(price=1.0 + i, product=f"sku-{i}"))
         loop_done = time.monotonic()
         got = await take(stream, 3000, timeout=60)
     # broadcast_market_insight never has to wait, yet it hands the event loop over now and
@@ -75,7 +75,7 @@ async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
             for i in range(300):
                 # One at a time (each is received before the next goes): without holding
                 # the state back, every insight would also cost a retained state message.
-                await tx.broadcast_market_insight(insight(price=1.0 + i))
+                await tx.broadcast_market_insight(insight(price=1.0 + i, product=f"sku-{i}"))
                 await take(stream, 1)
             # Held back, not withheld: a state goes out without flush().
             states = [await asyncio.to_thread(p.messages.get, True, 10)]
@@ -89,9 +89,10 @@ async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
     async with PearNetwork(make_config("globex")) as late:
         result = await late.sync(timeout=20)
     (latest,) = [r for r in result if r.member == "acme"]
-    assert latest.insight.groups["trends"]["price_change_pct"] == 3.21
+    assert latest.insight.groups["trends"] == {"direction": "up"}
     # The newest (price 300.0) is what the late joiner reads.
     assert 300.0 in latest.insight.groups["price_data"]["price"]
+    assert latest.insight.product_id == "sku-299"
 
 
 async def test_overdue_states_go_a_few_at_a_time_between_paced_insights(

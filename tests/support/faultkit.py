@@ -50,9 +50,10 @@ def node_config(pki: NetworkPKI, aggregator_key: Path, member: str, url: str, *,
 
 
 def insight(i: int, category: str = "grocery/dairy") -> MarketInsight:
-    """The ``i``-th test insight (values vary so every payload differs)."""
+    """The ``i``-th test insight: its own observation (product), so every one has its own
+    item id, and values that vary so every payload differs."""
     return MarketInsight(
-        category=category, region="north", window_start=T0,
+        category=category, product_id=f"sku-{i}", region="north", window_start=T0,
         window_end=T0 + timedelta(hours=1),
         price_data=PriceData(currency="EUR", price=1.0 + i / 100),
         sales_data=SalesData(units=float(i), revenue=float(i) * 2.0),

@@ -290,11 +290,11 @@ def test_cli_check_and_receipts(material: Material, tmp_path: Path,
 
 # -- input checks -----------------------------------------------------------------------------
 
-def shared(levels: dict[str, SharingLevel] | None = None,
-           groups: dict[str, dict[str, Any]] | None = None, **kw: Any) -> SharedInsight:
+def shared(levels: dict[str, SharingLevel], groups: dict[str, dict[str, Any]],
+           **kw: Any) -> SharedInsight:
     return SharedInsight(category=kw.get("category", "food/milk"), region="north",
-                         window_start=T0, window_end=T0 + timedelta(hours=1), sample_size=1,
-                         levels=levels or {}, groups=groups or {})
+                         window_start=T0, window_end=T0 + timedelta(hours=1),
+                         levels=levels, groups=groups)
 
 
 def contribution(values: dict[str, dict[str, float]], **kw: Any) -> Contribution:
@@ -308,9 +308,14 @@ RANGE = {"price": ValueRange(lo=1.0, hi=1.25)}
 
 
 @pytest.mark.parametrize("item, policy, announced, reason", [
-    # as the consortium default says: fine
-    ((shared({"price_data": R, "trends": F}, {"price_data": RANGE, "trends": {"x": 1.0}}),
-      contribution({"sales_data": {"units": 3}})), CONSORTIUM, None, None),
+    # as the consortium default says: fine (the direction follows the price ranges; the
+    # demand change and the sample size follow sales into the sealed part)
+    ((shared({"price_data": R, "trends": F},
+             {"price_data": RANGE, "trends": {"direction": "up"}}),
+      contribution({"sales_data": {"units": 3}, "trends": {"demand_change_pct": 2.0}},
+                   sample_size=4)), CONSORTIUM, None, None),
+    # a sealed part alone, as the consortium default says: fine
+    ((None, contribution({"sales_data": {"units": 3}}, sample_size=4)), CONSORTIUM, None, None),
     # an exact price where the policy says ranges_only
     ((shared({"price_data": F}, {"price_data": {"price": 1.1}}), None), CONSORTIUM, None,
      "policy_violation"),
@@ -318,25 +323,39 @@ RANGE = {"price": ValueRange(lo=1.0, hi=1.25)}
     ((shared({"sales_data": R}, {"sales_data": {"units": ValueRange(lo=1, hi=2)}}), None),
      CONSORTIUM, None, "policy_violation"),
     # a group the policy says none, even sealed
-    ((shared(), contribution({"trends": {"x": 1.0}})), {**CONSORTIUM, "trends": N}, None,
-     "policy_violation"),
+    ((None, contribution({"trends": {"demand_change_pct": 1.0}})),
+     {**CONSORTIUM, "trends": N}, None, "policy_violation"),
     # a sealed price where the policy says ranges_only
-    ((shared(), contribution({"price_data": {"price": 1.1}})), CONSORTIUM, None,
+    ((None, contribution({"price_data": {"price": 1.1}})), CONSORTIUM, None,
      "policy_violation"),
+    # a sealed price change whose source the policy keeps in ranges: not sent at all
+    ((None, contribution({"trends": {"price_change_pct": 1.1}})), CONSORTIUM, None,
+     "policy_violation"),
+    # a sealed sample size where the policy keeps sales in ranges
+    ((None, contribution({"price_data": {"price": 1.1}}, sample_size=3)),
+     {"price_data": A, "sales_data": R, "trends": F}, None, "policy_violation"),
     # the node announced trends none but shares them in full
-    ((shared({"trends": F}, {"trends": {"x": 1.0}}), None), CONSORTIUM,
+    ((shared({"price_data": R, "trends": F},
+             {"price_data": {}, "trends": {"direction": "up"}}), None), CONSORTIUM,
      {**CONSORTIUM, "trends": N}, "presence_mismatch"),
     # the node announced sales in ranges but seals them
-    ((shared(), contribution({"sales_data": {"units": 1}})), CONSORTIUM,
+    ((None, contribution({"sales_data": {"units": 1}})), CONSORTIUM,
      {**CONSORTIUM, "sales_data": R}, "presence_mismatch"),
+    # the node announced sales in ranges but seals the sample size
+    ((None, contribution({"trends": {"price_change_pct": 1.0}}, sample_size=2)),
+     {**CONSORTIUM, "price_data": A, "trends": A}, {**CONSORTIUM, "price_data": A,
+                                                   "trends": A, "sales_data": R},
+     "presence_mismatch"),
     # the sealed part describes another region
-    ((shared(), contribution({"sales_data": {"units": 1}}, region="south")), CONSORTIUM,
+    ((shared({"price_data": R}, {"price_data": RANGE}),
+      contribution({"sales_data": {"units": 1}}, region="south")), CONSORTIUM,
      None, "mismatch"),
     # public: only sealed groups
-    ((shared({"trends": F}, {"trends": {"x": 1.0}}), None),
+    ((shared({"price_data": F, "trends": F},
+             {"price_data": {}, "trends": {"price_change_pct": 1.0}}), None),
      {"price_data": A, "sales_data": A, "trends": A}, None, "policy_violation"),
 ])
-def test_check_item(item: tuple[SharedInsight, Contribution | None],
+def test_check_item(item: tuple[SharedInsight | None, Contribution | None],
                     policy: dict[str, SharingLevel], announced: dict[str, SharingLevel] | None,
                     reason: str | None) -> None:
     s, c = item
@@ -447,10 +466,12 @@ def test_identities_from_different_domains_are_judged_conservatively() -> None:
 
 
 def test_noise_spends_the_budget_and_suppresses_when_it_is_gone() -> None:
-    dp = DPConfig(mechanism="laplace", epsilon_per_cell=1.0, budget_per_period=2.5,
-                  bounds={"sales_data.units": (0, 1000)})
+    dp = DPConfig(mechanism="laplace", epsilon_per_cell=1.0, budget_per_period=2.5)
+    # Without the default bounds (model_copy does not merge them): only units are bounded.
+    dp = dp.model_copy(update={"bounds": {"sales_data.units": (0, 1000)}})
     noise = NoiseMechanism(dp, rng=random.Random(7))
-    rows = [stored(f"c{n}", {"sales_data": {"units": 100.0 + n}, "trends": {"x_pct": 1.0}},
+    rows = [stored(f"c{n}", {"sales_data": {"units": 100.0 + n},
+                             "trends": {"price_change_pct": 1.0}},
                    category=f"cat{c}") for c in range(4) for n in range(5)]
     result = run(rows, dp=dp, noise=noise, spent=0.5)
     published = [c for c in result.cells if c.published]
@@ -459,7 +480,7 @@ def test_noise_spends_the_budget_and_suppresses_when_it_is_gone() -> None:
         dp.period_seconds
     for cell in published:
         assert cell.epsilon == 1.0
-        # trends.x_pct has no bounds: never published under noise
+        # trends.price_change_pct has no bounds: never published under noise
         assert cell.suppressed == {"unbounded": 1}
         units = stats_of(cell)["sales_data"]["units"]
         assert units.stddev is None and units.companies == 5
@@ -547,6 +568,40 @@ def test_store_counts_each_item_once_across_restarts(store: BridgeStore) -> None
         assert again.window_state(W0) == "open" and again.window_state(W0 + DAY) is None
     finally:
         again.close()
+
+
+def test_store_replaces_a_later_copy_of_the_same_item(store: BridgeStore) -> None:
+    """One row per (source, item id): a changed copy (a re-sent or re-read observation)
+    replaces the earlier values, an unchanged one is a duplicate, and a token, once seen in an
+    open window, stays refused to others even after its item was replaced."""
+    first = new("a", token=b"t1")
+    assert store.add([first, new("b")], now=1.0).counted == 2
+    later = replace(first, values={"sales_data": {"units": 9.0}}, digest=b"d2",
+                    token_digest=b"t2")
+    r = store.add([later, first], now=2.0)
+    # the later copy replaces; the first copy delivered again after it changes nothing
+    assert (r.counted, r.replaced, r.duplicates, r.copied) == (0, 1, 1, 0)
+    r = store.add([later], now=3.0)
+    assert (r.counted, r.replaced, r.duplicates) == (0, 0, 1)
+    # a re-read (sealed anew) with the same values replaces them with themselves
+    again = replace(later, digest=b"d3", token_digest=b"t5")
+    r = store.add([again], now=4.0)
+    assert (r.counted, r.replaced, r.duplicates) == (0, 1, 0)
+    rows = {c.item_id: c for c in store.contributions(W0)}
+    assert set(rows) == {"a", "b"} and rows["a"].values == {"sales_data": {"units": 9.0}}
+    (w,) = store.open_windows()
+    assert (w.items, w.last_input) == (2, 4.0)  # replaced, not added
+    # another sender replaying the replaced item's first token, or its current one
+    r = store.add([new("x", source="c/grp/evil", token=b"t1"),
+                   new("y", source="c/grp/evil", token=b"t2")], now=5.0)
+    assert (r.counted, r.copied) == (0, 2)
+    # a batch that is all new still takes the one-statement path, tokens included
+    r = store.add([new("c", token=b"t3"), new("d", token=b"t4")], now=6.0)
+    assert (r.counted, r.replaced) == (2, 0)
+    assert store.add([new("e", source="c/grp/evil", token=b"t3")], now=7.0).copied == 1
+    # closing the window forgets its tokens with its values
+    store.close_window(W0, now=8.0, outgoing=[], receipts=[], ledger=[])
+    assert store.add([new("z", window=W0 + DAY, token=b"t1")], now=9.0).counted == 1
 
 
 def test_store_closes_windows_through_the_outbox(store: BridgeStore) -> None:
@@ -756,14 +811,12 @@ class Ingest:
 
     def item(self, iid: str, *, units: float = 2.0, sealed: str | None = None
              ) -> dict[str, Any]:
-        shared = SharedInsight(category=CATEGORY, region="north", window_start=T0,
-                               window_end=T0 + timedelta(hours=1), sample_size=1,
-                               levels={}, groups={})
+        """A sealed part alone (sales aggregated, nothing published), as a node sends it."""
         contribution = Contribution(company="acme", category=CATEGORY, region="north",
                                     window_start=T0, window_end=T0 + timedelta(hours=1),
-                                    values={"sales_data": {"units": units}})
+                                    values={"sales_data": {"units": units}}, sample_size=1)
         token = sealed or seal(self.aggregator, contribution.model_dump_json().encode())
-        return {"iid": iid, "insight": shared.model_dump(mode="json"), "sealed": token}
+        return {"iid": iid, "sealed": token}
 
     def message(self, *items: dict[str, Any]) -> Any:
         from pear_mqtt.transport import InboundMessage
@@ -826,6 +879,19 @@ def test_ingest_counts_a_group_of_messages_as_one_at_a_time_would(
     assert sorted(r.item_id for r in ingest.store.contributions(W0)) == ["a", "b", "c"]
     (window,) = ingest.store.open_windows()
     assert window.items == 3
+
+
+def test_ingest_counts_a_re_sent_observation_once_with_its_latest_values(
+        ingest: Ingest) -> None:
+    ingestor, counters = ingest.ingestor, ingest.counters
+    first = ingest.item("obs", units=2.0)
+    ingestor.ingest(ingest.link, [ingest.message(first)])
+    ingestor.ingest(ingest.link, [ingest.message(first)])  # re-sent as it was
+    ingestor.ingest(ingest.link, [ingest.message(ingest.item("obs", units=5.0))])  # re-read
+    assert (counters.items_counted, counters.duplicates, counters.replaced) == (1, 1, 1)
+    assert counters.dropped == {}
+    (row,) = ingest.store.contributions(W0)
+    assert row.values == {"sales_data": {"units": 5.0}}
 
 
 def test_ingest_loses_only_the_message_whose_items_the_store_refuses(

@@ -180,15 +180,60 @@ def configs(draw: st.DrawFn) -> NetworkConfig:
 
 # -- (a) nothing of a none / ranges_only / aggregated group leaks --------------------------
 
+# The rules, restated independently of pear_mqtt.privacy.disclosure: a derived field takes
+# the more restrictive of its group's level and its source's; a change is never published
+# under ranges_only; text is never sealed.
+_REF_ORDER = ["none", "aggregated", "ranges_only", "full"]
+_REF_SOURCE = {("trends", "price_change_pct"): "price_data",
+               ("trends", "direction"): "price_data",
+               ("trends", "demand_change_pct"): "sales_data"}
+_REF_CHANGES = {("trends", "price_change_pct"), ("trends", "demand_change_pct")}
+
+
+def ref_level(levels: dict[str, SharingLevel], group: str, field: str) -> str:
+    own = levels[group].value
+    source = _REF_SOURCE.get((group, field))
+    if source is None:
+        return own
+    return min(own, levels[source].value, key=_REF_ORDER.index)
+
+
+def ref_published(levels: dict[str, SharingLevel], group: str, field: str) -> bool:
+    level = ref_level(levels, group, field)
+    if level == "ranges_only":
+        return (group, field) not in _REF_CHANGES
+    return level == "full"
+
+
 @FAST
 @given(config=configs(), insight=insights, store=store_ids)
 def test_filtered_insight_never_discloses_protected_values(
         config: NetworkConfig, insight: MarketInsight, store: str) -> None:
     result = PrivacyFilter(config=config).apply(insight, store=store)
-    raw = result.shared.model_dump_json().encode()
-    parsed = json.loads(raw)
     privacy = config.privacy
     levels = {g: config.sharing_level(g) for g in FIELD_GROUPS}
+    sales = levels["sales_data"].value
+
+    def observed(g: str) -> dict[str, Any]:
+        data = getattr(insight, g)
+        values = {} if data is None else {k: v for k, v in data.model_dump().items()
+                                          if v is not None}
+        return {} if set(values) <= {"currency"} else values
+
+    # Every field the rules let out is there; nothing else is.
+    expected_fields = {(g, name) for g in FIELD_GROUPS for name in observed(g)
+                       if ref_published(levels, g, name)}
+    expected_size = sales in ("full", "ranges_only")
+    if not expected_fields and not expected_size:
+        assert result.shared is None
+        raw = b""
+        parsed: dict[str, Any] = {"levels": {}, "groups": {}}
+    else:
+        assert result.shared is not None
+        raw = result.shared.model_dump_json().encode()
+        parsed = json.loads(raw)
+    got_fields = {(g, name) for g, fields in parsed["groups"].items() for name in fields}
+    assert got_fields == expected_fields
 
     def is_edge(x: float, field: str) -> bool:
         edges = (ref_edges_for(insight.category, privacy.range_edges)
@@ -200,21 +245,29 @@ def test_filtered_insight_never_discloses_protected_values(
     def any_edge(x: float) -> bool:
         return is_edge(x, "price") or is_edge(x, "units")
 
-    exact_allowed = {float(insight.sample_size)}
-    for g in FIELD_GROUPS:
-        if levels[g] is SharingLevel.FULL:
-            exact_allowed.update(group_numbers(insight, g))
+    # Exact numbers allowed out: the sample size at full sales, fields at an effective full.
+    exact_allowed = {float(insight.sample_size)} if sales == "full" else set()
+    for g, name in expected_fields:
+        value = observed(g)[name]
+        if ref_level(levels, g, name) == "full" and not isinstance(value, str):
+            exact_allowed.add(float(value))
 
-    # Structure: only full / ranges_only groups, exact values only in full groups, every
-    # range a data-independent bucket that holds the value it replaced.
+    # Structure: levels name the published groups and the sources of published derived
+    # fields, at their configured level; exact values only at an effective full, every range
+    # a data-independent bucket that holds the value it replaced.
+    named = {g for g, _ in expected_fields}
+    named |= {_REF_SOURCE[key] for key in expected_fields if key in _REF_SOURCE}
+    if expected_size:
+        named.add("sales_data")
+    if result.shared is not None:
+        assert set(parsed["levels"]) == named == set(parsed["groups"])
     for g, level in parsed["levels"].items():
         assert level in ("full", "ranges_only")
         assert levels[g].value == level
-    assert set(parsed["groups"]) == set(parsed["levels"])
     for g, fields in parsed["groups"].items():
-        original = getattr(insight, g).model_dump()
+        original = observed(g)
         for name, value in fields.items():
-            if parsed["levels"][g] == "full" or isinstance(original[name], str):
+            if ref_level(levels, g, name) == "full" or isinstance(original[name], str):
                 assert value == original[name]
             else:
                 assert isinstance(value, dict) and set(value) == {"lo", "hi"}
@@ -224,41 +277,57 @@ def test_filtered_insight_never_discloses_protected_values(
                 for end in (value["lo"], value["hi"]):
                     assert end is None or is_edge(end, name), (g, name, end)
 
+    # sample_size follows the sales group: exact at full, a bucket at ranges_only, else absent.
+    size = parsed.get("sample_size")
+    if sales == "full":
+        assert size == insight.sample_size
+    elif sales == "ranges_only":
+        assert isinstance(size, dict) and (size["lo"] is None or size["lo"] <= insight.sample_size)
+        assert size["hi"] is None or insight.sample_size < size["hi"]
+        for end in (size["lo"], size["hi"]):
+            assert end is None or is_edge(end, "units")
+    else:
+        assert size is None
+
     leaves = numeric_leaves(parsed)
     for x in leaves:
         assert x in exact_allowed or any_edge(x), x
 
     tokens = set(_NUMBER.findall(raw))
+    protected = [float(v) for g in FIELD_GROUPS for name, v in observed(g).items()
+                 if not isinstance(v, str) and ref_level(levels, g, name) != "full"]
+    if sales != "full":
+        protected.append(float(insight.sample_size))
+    for v in protected:
+        # Parsed level: a protected value shows up only as something data-independent
+        # (an edge) or as an exact value that is itself allowed (a coincidence with a full
+        # field's value or the sample size).
+        if v in leaves:
+            assert v in exact_allowed or any_edge(v), v
+        # Byte level: the value's text, as Python and as pydantic render it.
+        if significant_digits(v) >= 4:
+            for text in {repr(v).encode(), pydantic_core.to_json(v)}:
+                if text in tokens:
+                    assert v in exact_allowed or any_edge(v), (v, text)
     for g in FIELD_GROUPS:
-        if levels[g] is SharingLevel.FULL:
-            continue
-        for v in group_numbers(insight, g):
-            # Parsed level: a protected value shows up only as something data-independent
-            # (an edge) or as an exact value that is itself allowed (a coincidence with a full
-            # group's value or the sample size).
-            if v in leaves:
-                assert v in exact_allowed or any_edge(v), (g, v)
-            # Byte level: the value's text, as Python and as pydantic render it.
-            if significant_digits(v) >= 4:
-                for text in {repr(v).encode(), pydantic_core.to_json(v)}:
-                    if text in tokens:
-                        assert v in exact_allowed or any_edge(v), (g, v, text)
         if levels[g] in (SharingLevel.AGGREGATED, SharingLevel.NONE):
             assert g.encode() not in raw
 
     if config.mode is NetworkMode.PUBLIC:
-        assert parsed["groups"] == {} and parsed["levels"] == {}
+        assert result.shared is None
 
-    # What went to the aggregator is exactly the aggregated groups that hold numbers.
-    expected = {g for g in FIELD_GROUPS
-                if levels[g] is SharingLevel.AGGREGATED and group_numbers(insight, g)}
+    # What went to the aggregator is exactly the fields at an effective aggregated.
+    expected = {}
+    for g in FIELD_GROUPS:
+        sealed = {name: float(v) for name, v in observed(g).items()
+                  if not isinstance(v, str) and ref_level(levels, g, name) == "aggregated"}
+        if sealed:
+            expected[g] = sealed
     if expected:
         assert result.contribution is not None
-        assert set(result.contribution.values) == expected
-        for g in expected:
-            data = getattr(insight, g).model_dump()
-            assert result.contribution.values[g] == {
-                k: v for k, v in data.items() if isinstance(v, float)}
+        assert result.contribution.values == expected
+        assert result.contribution.sample_size == (insight.sample_size
+                                                   if sales == "aggregated" else None)
     else:
         assert result.contribution is None
 
@@ -277,6 +346,8 @@ def test_real_identities_never_published_when_anonymising(
     me = certificate_identity(config)
     f = PrivacyFilter(config=config, identity=me if attached else None)
     result = f.apply(insight) if attached else f.apply(insight, store=store)
+    if result.shared is None:
+        return  # nothing published, no identity either
     raw = result.shared.model_dump_json()
     parsed = json.loads(raw)
     if config.privacy.anonymize_data:
@@ -294,7 +365,8 @@ def test_real_identities_never_published_when_anonymising(
 
 
 def test_anonymising_filter_publishes_the_identity_attached_on_connect() -> None:
-    config = make_config(data_sharing={"price_data": "aggregated"})
+    # (sales in ranges: with prices and sales aggregated nothing of FULL_INSIGHT is published)
+    config = make_config(data_sharing={"price_data": "aggregated", "sales_data": "ranges_only"})
     f = PrivacyFilter(config=config)
     assert f.identity is None
     me = Identity(network="net-1", member="pcompany", node="pstore")
@@ -461,17 +533,26 @@ def test_consortium_defaults_split_ranges_aggregates_and_full() -> None:
     me = certificate_identity(config)
     result = PrivacyFilter(config=config, identity=me).apply(FULL_INSIGHT)
     shared = result.shared
+    assert shared is not None
     assert shared.levels == {"price_data": SharingLevel.RANGES_ONLY,
                              "trends": SharingLevel.FULL}
     # Category edges (via the "grocery" ancestor) apply to prices only.
     assert shared.groups["price_data"] == {
         "currency": "EUR", "price": ValueRange(lo=1.0, hi=1.25),
         "min_price": ValueRange(lo=1.0, hi=1.25), "max_price": ValueRange(lo=1.25, hi=1.5)}
-    assert "sales_data" not in shared.model_dump_json()
+    # Derived fields follow their source: the price change is not published next to price
+    # ranges (it would narrow them), the direction is; the demand change and the sample size
+    # (the transaction count) are sealed with the sales they derive from.
+    assert shared.groups["trends"] == {"direction": "up"}
+    assert shared.sample_size is None
+    wire = shared.model_dump_json()
+    assert "sales_data" not in wire and "-2.5" not in wire and "4.25" not in wire
     contribution = result.contribution
     assert contribution is not None
     assert contribution.values == {"sales_data": {"units": 123.0, "revenue": 4567.89,
-                                                  "transactions": 42.0}}
+                                                  "transactions": 42.0},
+                                   "trends": {"demand_change_pct": 4.25}}
+    assert contribution.sample_size == 7
     assert shared.company == contribution.company == me.member
     assert shared.store == contribution.store == me.node
     assert contribution.currency is None  # no aggregated prices
@@ -487,8 +568,10 @@ def test_ranges_only_non_price_fields_use_the_geometric_scheme() -> None:
 
 
 def test_anonymising_without_an_identity_drops_identities() -> None:
-    config = make_config(data_sharing={"price_data": "aggregated"})
+    config = make_config(data_sharing={"price_data": "aggregated",
+                                       "sales_data": "ranges_only"})
     result = PrivacyFilter(config=config).apply(FULL_INSIGHT, store="St-TWO")
+    assert result.shared is not None
     assert result.shared.company is None and result.shared.store is None
     raw = result.shared.model_dump_json()
     assert "Co-ACME" not in raw and "St-TWO" not in raw
@@ -509,12 +592,21 @@ def test_store_defaults_to_node_id() -> None:
 def test_empty_groups_are_absent() -> None:
     config = make_config(mode=NetworkMode.PRIVATE)
     result = PrivacyFilter(config=config).apply(make_insight())
-    assert result.shared.groups == {} and result.shared.levels == {}
+    # The sample size is the only observation; its source group is named (empty) so that a
+    # receiver can check the level it is published at.
+    assert result.shared is not None and result.shared.sample_size == 1
+    assert result.shared.groups == {"sales_data": {}}
+    assert result.shared.levels == {"sales_data": SharingLevel.FULL}
     assert result.contribution is None
     # A price group with nothing but its (default) currency holds no observation.
     only_unit = make_insight(price_data=PriceData(), trends=TrendData(direction="flat"))
     shared = PrivacyFilter(config=config).apply(only_unit).shared
-    assert shared.groups == {"trends": {"direction": "flat"}}
+    assert shared is not None
+    assert shared.groups == {"trends": {"direction": "flat"}, "price_data": {},
+                             "sales_data": {}}
+    # Nothing to publish at all: no insight.
+    quiet = make_config(mode=NetworkMode.PRIVATE, data_sharing={"sales_data": "none"})
+    assert PrivacyFilter(config=quiet).apply(make_insight()).shared is None
 
 
 def test_aggregated_group_without_numbers_gives_no_contribution() -> None:
@@ -526,23 +618,31 @@ def test_aggregated_group_without_numbers_gives_no_contribution() -> None:
 def test_zero_and_negative_values_in_ranges() -> None:
     config = make_config(mode=NetworkMode.PRIVATE,
                          data_sharing={"trends": "ranges_only", "sales_data": "ranges_only"})
-    insight = make_insight(trends=TrendData(price_change_pct=-3.3, demand_change_pct=0.0),
-                           sales_data=SalesData(units=0.0))
-    shared = PrivacyFilter(config=config).apply(insight).shared
+    insight = make_insight(trends=TrendData(price_change_pct=-3.3, demand_change_pct=0.0,
+                                            direction="down"),
+                           sales_data=SalesData(units=0.0), sample_size=3)
+    f = PrivacyFilter(config=config)
+    shared = f.apply(insight).shared
+    assert shared is not None
     tiny = float(f"{1.25 ** -20:.6g}")
-    assert shared.groups["trends"]["demand_change_pct"] == ValueRange(lo=0.0, hi=tiny)
     assert shared.groups["sales_data"]["units"] == ValueRange(lo=0.0, hi=tiny)
-    change = shared.groups["trends"]["price_change_pct"]
-    assert isinstance(change, ValueRange) and change.hi is not None and change.hi < 0
-    assert -3.3 in change
+    # Under ranges_only a change is not published, neither exact nor bucketed (with the
+    # buckets of successive windows it would narrow the value below its bucket); the
+    # direction is.
+    assert shared.groups["trends"] == {"direction": "down"}
+    assert isinstance(shared.sample_size, ValueRange) and 3 in shared.sample_size
+    # Negative numbers (only changes are) fall in the mirrored buckets.
+    change = f.ranges.bucket(-3.3, category=None)
+    assert change.hi is not None and change.hi < 0 and -3.3 in change
 
 
 def test_public_mode_publishes_no_groups() -> None:
     config = make_config(mode=NetworkMode.PUBLIC, data_sharing={"trends": "none"})
     result = PrivacyFilter(config=config).apply(FULL_INSIGHT)
-    assert result.shared.groups == {} and result.shared.levels == {}
+    assert result.shared is None  # no message with category, window or sample size
     assert result.contribution is not None
     assert set(result.contribution.values) == {"price_data", "sales_data"}
+    assert result.contribution.sample_size == 7
 
 
 def test_public_mode_invariant_is_enforced_even_past_config_validation() -> None:
@@ -555,18 +655,178 @@ def test_public_mode_invariant_is_enforced_even_past_config_validation() -> None
 
 def test_shared_insight_refuses_disclosing_shapes() -> None:
     common: dict[str, Any] = {"category": "grocery", "region": "global", "window_start": T0,
-                              "window_end": T0, "sample_size": 1}
-    with pytest.raises(pydantic.ValidationError):
+                              "window_end": T0}
+    with pytest.raises(pydantic.ValidationError, match="holds no exact numbers"):
         SharedInsight(**common, levels={"price_data": SharingLevel.RANGES_ONLY},
                       groups={"price_data": {"price": 1.5}})
-    with pytest.raises(pydantic.ValidationError):
+    with pytest.raises(pydantic.ValidationError, match="cannot be shared"):
         SharedInsight(**common, levels={"sales_data": SharingLevel.AGGREGATED},
                       groups={"sales_data": {}})
-    with pytest.raises(pydantic.ValidationError):
+    with pytest.raises(pydantic.ValidationError, match="exactly the groups"):
         SharedInsight(**common, levels={}, groups={"trends": {"direction": "up"}})
-    with pytest.raises(pydantic.ValidationError):
+    with pytest.raises(pydantic.ValidationError, match="holds exact values"):
         SharedInsight(**common, levels={"price_data": SharingLevel.FULL},
                       groups={"price_data": {"price": ValueRange(lo=1.0, hi=2.0)}})
+
+
+F_, R_ = SharingLevel.FULL, SharingLevel.RANGES_ONLY
+RANGE_ = ValueRange(lo=1.0, hi=1.25)
+
+
+@pytest.mark.parametrize(("levels", "groups", "size", "match"), [
+    # an exact price change next to price ranges: combined, they narrow the price
+    ({"price_data": R_, "trends": F_}, {"price_data": {"price": RANGE_},
+                                        "trends": {"price_change_pct": 1.5}}, None,
+     "price_change_pct: not published"),
+    # a bucketed change (under ranges_only a change is not published at all)
+    ({"price_data": F_, "trends": R_}, {"price_data": {}, "trends": {
+        "price_change_pct": RANGE_}}, None, "price_change_pct: not published"),
+    ({"sales_data": R_, "trends": R_}, {"sales_data": {"units": RANGE_}, "trends": {
+        "demand_change_pct": RANGE_}}, None, "demand_change_pct: not published"),
+    # a change or direction whose source's level is not named (aggregated or none)
+    ({"trends": F_}, {"trends": {"demand_change_pct": 2.0}}, None,
+     "demand_change_pct: not published"),
+    ({"trends": F_}, {"trends": {"direction": "up"}}, None, "direction: not published"),
+    # the sample size follows sales: exact only at full, a bucket only at ranges_only
+    ({"sales_data": R_}, {"sales_data": {"units": RANGE_}}, 7, "needs sales_data at full"),
+    ({"price_data": F_}, {"price_data": {"price": 1.0}}, 7, "needs sales_data at full"),
+    ({"sales_data": F_}, {"sales_data": {"units": 2.0}}, RANGE_,
+     "needs sales_data at ranges_only"),
+    # fields a group does not have, and text where numbers go (or bad text)
+    ({"trends": F_, "price_data": F_}, {"trends": {"price_change": 1.0}, "price_data": {}},
+     None, "not a field of trends"),
+    ({"price_data": F_}, {"price_data": {"price": "1.2345"}}, None, "not a number"),
+    ({"price_data": F_, "trends": F_}, {"price_data": {}, "trends": {"direction": "1.2345"}},
+     None, "not a valid direction"),
+    ({"price_data": F_}, {"price_data": {"currency": "1.23", "price": 1.0}}, None,
+     "not a valid currency"),
+    # a group named with nothing that needs it
+    ({"price_data": F_, "sales_data": F_}, {"price_data": {"price": 1.0}, "sales_data": {}},
+     None, "is empty"),
+    # nothing shared at all: no insight
+    ({}, {}, None, "shares nothing"),
+])
+def test_shared_insight_refuses_what_derived_fields_may_not_disclose(
+        levels: dict[str, SharingLevel], groups: dict[str, Any], size: Any,
+        match: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=match):
+        SharedInsight(category="grocery", region="global", window_start=T0, window_end=T0,
+                      sample_size=size, levels=levels, groups=groups)
+
+
+def test_shared_insight_accepts_what_the_rules_allow() -> None:
+    common: dict[str, Any] = {"category": "grocery", "region": "global", "window_start": T0,
+                              "window_end": T0}
+    # the direction next to price ranges; the source group named, empty
+    SharedInsight(**common, levels={"price_data": R_, "trends": F_},
+                  groups={"price_data": {}, "trends": {"direction": "up"}})
+    # exact changes where their sources are exact; the exact sample size with full sales
+    SharedInsight(**common, sample_size=3, levels={"price_data": F_, "sales_data": F_,
+                                                   "trends": F_},
+                  groups={"price_data": {"price": 1.0}, "sales_data": {},
+                          "trends": {"price_change_pct": -1.0, "demand_change_pct": 2.0}})
+    # a bucketed sample size with sales ranges
+    SharedInsight(**common, sample_size=RANGE_, levels={"sales_data": R_},
+                  groups={"sales_data": {}})
+
+
+LEVELS = ["full", "ranges_only", "aggregated", "none"]
+
+
+@pytest.mark.parametrize("trends", LEVELS)
+@pytest.mark.parametrize("prices", LEVELS)
+@pytest.mark.parametrize("sales", LEVELS)
+def test_derived_fields_follow_their_source(trends: str, prices: str, sales: str) -> None:
+    """Every combination of levels in a consortium: where each trend field and the sample
+    size go (published exact, published as a bucket, sealed, or nowhere)."""
+    config = make_config(data_sharing={"trends": trends, "price_data": prices,
+                                       "sales_data": sales})
+    result = PrivacyFilter(config=config).apply(FULL_INSIGHT)
+    published = result.shared.groups.get("trends", {}) if result.shared else {}
+    sealed = result.contribution.values.get("trends", {}) if result.contribution else {}
+
+    def where(source: str) -> str:
+        effective = min(trends, source, key=LEVELS[::-1].index)
+        return {"full": "exact", "ranges_only": "absent", "aggregated": "sealed",
+                "none": "absent"}[effective]
+
+    for name, source, value in (("price_change_pct", prices, -2.5),
+                                ("demand_change_pct", sales, 4.25)):
+        want = where(source)
+        assert (published.get(name) == value) == (want == "exact"), name
+        assert (sealed.get(name) == value) == (want == "sealed"), name
+        assert (name in published) == (want == "exact") and (name in sealed) == (
+            want == "sealed"), name
+    direction_out = min(trends, prices, key=LEVELS[::-1].index) in ("full", "ranges_only")
+    assert (published.get("direction") == "up") == direction_out
+    size = result.shared.sample_size if result.shared else None
+    if sales == "full":
+        assert size == 7
+    elif sales == "ranges_only":
+        assert isinstance(size, ValueRange) and 7 in size
+    else:
+        assert size is None
+    assert (result.contribution.sample_size if result.contribution else None) == (
+        7 if sales == "aggregated" else None)
+    # every group the message names is at its configured level
+    if result.shared is not None:
+        for g, level in result.shared.levels.items():
+            assert level.value == {"price_data": prices, "sales_data": sales,
+                                   "trends": trends}[g]
+
+
+@pytest.mark.parametrize("mode", list(NetworkMode))
+def test_none_for_every_group_publishes_and_seals_nothing(mode: NetworkMode) -> None:
+    config = make_config(mode=mode, data_sharing=dict.fromkeys(FIELD_GROUPS, "none"))
+    result = PrivacyFilter(config=config).apply(FULL_INSIGHT)
+    assert result.shared is None and result.contribution is None
+    encoded = PrivacyFilter(config=config).encode(FULL_INSIGHT)
+    assert encoded.shared is None and encoded.contribution is None
+
+
+@pytest.mark.parametrize(("mode", "published", "sealed"), [
+    (NetworkMode.PRIVATE, {"price_data", "sales_data", "trends"}, set()),
+    (NetworkMode.CONSORTIUM, {"price_data", "trends"}, {"sales_data", "trends"}),
+    (NetworkMode.PUBLIC, set(), {"price_data", "sales_data", "trends"}),
+])
+def test_each_modes_defaults(mode: NetworkMode, published: set[str], sealed: set[str]) -> None:
+    result = PrivacyFilter(config=make_config(mode=mode)).apply(FULL_INSIGHT)
+    assert set(result.shared.groups if result.shared else ()) == published
+    assert set(result.contribution.values if result.contribution else ()) == sealed
+    if mode is NetworkMode.PRIVATE:
+        assert result.shared is not None and result.shared.sample_size == 7
+        assert result.shared.groups["trends"] == {"price_change_pct": -2.5,
+                                                  "demand_change_pct": 4.25,
+                                                  "direction": "up"}
+    elif mode is NetworkMode.PUBLIC:
+        assert result.contribution is not None and result.contribution.sample_size == 7
+        assert result.contribution.values["trends"] == {"price_change_pct": -2.5,
+                                                        "demand_change_pct": 4.25}
+
+
+@settings(max_examples=200, deadline=None)
+@given(insight=insights, transactions=st.integers(min_value=1, max_value=10**6))
+def test_sample_size_never_shows_a_sealed_value_under_consortium_defaults(
+        insight: MarketInsight, transactions: int) -> None:
+    """The simulator (and most sources) set the sample size to the transaction count, which
+    the consortium seals: no published number may equal it unless it is a bucket edge."""
+    sales = SalesData(units=float(transactions) * 3, revenue=float(transactions) * 7.5,
+                      transactions=float(transactions))
+    insight = insight.model_copy(update={"sales_data": sales, "sample_size": transactions})
+    f = PrivacyFilter(config=make_config())
+    result = f.apply(insight)
+    encoded = f.encode(insight)
+    if result.shared is None:
+        assert encoded.shared is None
+    else:
+        assert result.shared.sample_size is None
+        assert encoded.shared is not None and b"sample_size" not in encoded.shared
+        sealed = {float(v) for v in sales.model_dump().values()}
+        for x in numeric_leaves(json.loads(encoded.shared)):
+            assert x not in sealed or f.ranges.is_edge(x, category=insight.category) or (
+                f.ranges.is_edge(x, category=None)), x
+    assert result.contribution is not None
+    assert result.contribution.sample_size == transactions
 
 
 def test_shared_insight_round_trips_through_json() -> None:
@@ -809,7 +1069,11 @@ def test_encode_is_apply_serialised(config: NetworkConfig, insight: MarketInsigh
             f.encode(insight, store=store)
         return
     got = f.encode(insight, store=store)
-    assert SharedInsight.model_validate_json(got.shared) == expected.shared
+    if expected.shared is None:
+        assert got.shared is None
+    else:
+        assert got.shared is not None
+        assert SharedInsight.model_validate_json(got.shared) == expected.shared
     if expected.contribution is None:
         assert got.contribution is None
     else:

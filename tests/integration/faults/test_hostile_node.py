@@ -83,7 +83,8 @@ KNOWN_REASONS = {"malformed", "oversized", "unsupported_version", "bad_signature
 def market_insight(i: int, category: str = "grocery/dairy") -> MarketInsight:
     t0 = datetime(2026, 11, 1, tzinfo=UTC) + timedelta(hours=i % 24)
     return MarketInsight(
-        category=category, region="north", window_start=t0, window_end=t0 + timedelta(hours=1),
+        category=category, product_id=f"sku-{i}", region="north", window_start=t0,
+        window_end=t0 + timedelta(hours=1),
         price_data=PriceData(currency="EUR", price=1.0 + i / 100),
         sales_data=SalesData(units=10.0 + i, revenue=20.0 + i),
         trends=TrendData(price_change_pct=0.5, direction="up"), sample_size=3)
