@@ -766,7 +766,7 @@ def test_windows_become_due_after_lag_and_settling(store: BridgeStore) -> None:
     assert old in due(due_at + 1110)
 
 
-def test_only_the_public_output_publishes() -> None:
+def test_only_the_bridge_output_publishes() -> None:
     """Structural: the one call in the bridge that writes to a broker sits in
     BridgeOutput.send (one instance per broker it writes to)."""
     import ast

@@ -16,6 +16,7 @@ from pear_mqtt.model.topics import (
     TopicScheme,
     acl_rules,
     filter_covers,
+    parse_topic,
     revoked_node_rules,
     topic_matches,
 )
@@ -183,3 +184,44 @@ def test_topic_matches(topic_filter: str, topic: str, expected: bool) -> None:
 ])
 def test_filter_covers(outer: str, inner: str, expected: bool) -> None:
     assert filter_covers(outer, inner) is expected
+
+
+# -- the bridge's topics in a consortium ----------------------------------------------------
+
+def test_consortium_bridge_topics_round_trip_and_are_reserved() -> None:
+    acme = TopicScheme("consortium", NET, "acme")
+    assert acme.bridge_root == CONSORTIUM
+    assert acme.aggregates_filter() == f"{CONSORTIUM}/aggregates/#"
+    for topic, kind, extra in (
+            (acme.aggregate("food/milk"), "aggregates", {"category": "food/milk"}),
+            (acme.bridge_receipt("food/milk"), "bridge_receipt", {"category": "food/milk"}),
+            (acme.bridge_state("ledger"), "bridge_state", {"node": "ledger"})):
+        parsed = parse_topic(topic)
+        assert (parsed.mode, parsed.network, parsed.company, parsed.kind) == (
+            "consortium", NET, None, kind)
+        assert all(getattr(parsed, k) == v for k, v in extra.items())
+    # a member's own topics parse as before; public ones are unchanged
+    assert parse_topic(acme.insights("food")).company == "acme"
+    public = TopicScheme("public", NET, "acme")
+    assert public.aggregate("food") == f"pear/v1/public/{NET}/aggregates/food"
+    assert public.live_filter() == public.aggregates_filter()
+    for name in ("aggregates", "state"):
+        with pytest.raises(TopicError, match="reserved"):
+            TopicScheme("consortium", NET, name)
+    with pytest.raises(TopicError):
+        TopicScheme("private", NET, "acme").aggregates_filter()
+
+
+def test_only_bridge_users_write_the_consortium_aggregates() -> None:
+    policy = AccessPolicy.for_network(mode="consortium", network=NET, bridge_users=["br"])
+    acme = TopicScheme("consortium", NET, "acme")
+    topics = [acme.aggregate("food"), acme.bridge_receipt("food"), acme.bridge_state("ledger")]
+    for topic in topics:
+        assert policy.may_publish(username="br", topic=topic)
+        assert not policy.may_publish(username="acme", topic=topic)
+        assert policy.may_read(username="acme", topic=topic)
+    assert policy.may_subscribe(username="acme", topic_filter=acme.aggregates_filter())
+    # a certificate named like a reserved level gains nothing from the members' pattern
+    assert not policy.may_publish(username="aggregates", topic=acme.aggregate("food"))
+    assert not policy.may_publish(username="state", topic=acme.bridge_state("ledger"))
+    assert policy.may_publish(username="acme", topic=acme.insights("food"))
