@@ -1,25 +1,25 @@
 """One window's counted items into cells (category, region): k-anonymity and dominance per
-field with :func:`pear_mqtt.privacy.aggregate.aggregate`, bucket histograms of published
-price ranges (:mod:`.histograms`), the conservative test for cells that mix identity domains,
-the differencing test against an earlier release of the window, and noise against the
-period's budget."""
+field with :func:`pear_mqtt.privacy.filter.aggregate`, the conservative test for cells that
+mix identity domains, noise against the period's budget, and the price bucket histograms
+(:mod:`.histogram`) under the same k and dominance tests."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ..errors import ConfigError
+from ..model.aggregates import PriceHistogram
 from ..model.insight import FIELD_GROUPS
 from ..privacy.aggregate import FieldStatistics, SuppressionCounter, aggregate
 from ..privacy.filter import ADDITIVE_FIELDS, Contribution
 from .admission import input_hash
 from .config import DPConfig
-from .histograms import HISTOGRAM_GROUP, Histogram, bucket_histogram
+from .histogram import BUCKETS, BucketSet, bucket_histograms
 from .noise import NoiseMechanism, NoisyField, add_noise
 from .state import StoredContribution
 
@@ -28,22 +28,20 @@ __all__ = ["CellResult", "PublishedGroup", "WindowResult", "aggregate_window"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PublishedGroup:
-    """The statistics of one group (price statistics per currency) that passed every test,
-    and the histograms of its published buckets (price ranges)."""
+    """The statistics of one group (price statistics per currency) that passed every test."""
 
     group: str
     currency: str | None
     fields: dict[str, FieldStatistics]
-    histograms: dict[str, Histogram] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CellResult:
     """One (category, region) cell of a window: what may be published, and its receipt data.
 
-    ``groups`` is empty when everything was suppressed; ``suppressed`` counts suppressed
-    statistics per reason (metrics only). ``contributors`` counts distinct identities,
-    ``domains`` the identity domains they came from.
+    ``groups`` (and ``histograms``) are empty when everything was suppressed;
+    ``suppressed`` counts suppressed statistics per reason (metrics only). ``contributors``
+    counts distinct identities, ``domains`` the identity domains they came from.
     """
 
     category: str
@@ -56,10 +54,11 @@ class CellResult:
     epsilon: float = 0.0
     delta: float = 0.0
     suppressed: dict[str, int] = field(default_factory=dict)
+    histograms: list[PriceHistogram] = field(default_factory=list)
 
     @property
     def published(self) -> bool:
-        return bool(self.groups)
+        return bool(self.groups) or bool(self.histograms)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,28 +105,20 @@ def aggregate_window(window_start: int, contributions: Sequence[StoredContributi
                      min_companies: int, dominance_cap: float, dp: DPConfig,
                      noise: NoiseMechanism | None = None, budget_spent: float = 0.0,
                      counter: SuppressionCounter | None = None,
-                     released: Callable[[StoredContribution], bool] | None = None
-                     ) -> WindowResult:
+                     statistics: bool = True) -> WindowResult:
     """Aggregate one window's counted items into cells (category, region).
 
     ``contributions`` are the counted items of the window
     (:class:`pear_mqtt.bridge.state.StoredContribution`).
-    Each group is aggregated with :func:`pear_mqtt.privacy.aggregate.aggregate` (price
-    statistics per currency), counting companies by identity within their domain; the
-    buckets of ``ranges_only`` prices become histograms (:func:`.histograms.bucket_histogram`;
-    not while noise is on: the open-ended buckets would show exactly which are occupied, so
-    they are suppressed as ``noise``). Identities of different networks are unlinkable, so
-    a cell that mixes identity domains assumes the same company may appear once per domain:
-    k counts the largest domain alone and the dominance test adds up each domain's largest
-    share. With noise on, each cell whose statistics survive spends ``dp.epsilon_per_cell``
-    from the budget of its period (``budget_spent`` already gone), or is suppressed as
-    ``budget``.
-
-    ``released`` marks the items an earlier release of this window covered (the consortium's
-    aggregate). Whoever read both releases could subtract one from the other, so a statistic
-    or histogram the earlier items alone would have passed, and that now adds other items,
-    is published only if those other items pass k and dominance on their own (else
-    ``differencing``).
+    Each group is aggregated with :func:`pear_mqtt.privacy.filter.aggregate` (price
+    statistics per currency), counting companies by identity within their domain. Identities
+    of different networks are unlinkable, so a cell that mixes identity domains assumes the
+    same company may appear once per domain: k counts the largest domain alone and the
+    dominance test adds up each domain's largest share. With noise on, each cell whose
+    statistics survive spends ``dp.epsilon_per_cell`` from the budget of its period
+    (``budget_spent`` already gone), or is suppressed as ``budget``. Price bucket histograms
+    (one latest bucket per company) pass the same k and dominance tests and carry no noise.
+    ``statistics=False`` leaves out everything but the histograms.
     """
     if dp.enabled and noise is None:
         raise ConfigError("noise is on (dp.mechanism) but no NoiseMechanism was given")
@@ -143,24 +134,23 @@ def aggregate_window(window_start: int, contributions: Sequence[StoredContributi
     for (category, region), items in sorted(by_cell.items()):
         domain_of: dict[str, str] = {}
         converted: list[Contribution] = []
-        earlier: list[bool] | None = [] if released is not None else None
+        buckets: list[tuple[str, str, str | None, Mapping[str, float]]] = []
         for c in items:
             key = _identity_key(c.domain, c.company)
             domain_of[key] = c.domain
-            if not c.values:
-                continue  # buckets only: for the histograms
-            converted.append(Contribution(company=key, category=category, region=region,
-                                          window_start=ws, window_end=we, currency=c.currency,
-                                          values=c.values))
-            if earlier is not None and released is not None:
-                earlier.append(released(c))
+            values = c.values
+            if BUCKETS in values:
+                buckets.append((key, c.item_id, c.currency, values[BUCKETS]))
+                values = {g: fs for g, fs in values.items() if g != BUCKETS}
+            if values and statistics:
+                converted.append(Contribution(company=key, category=category, region=region,
+                                              window_start=ws, window_end=we,
+                                              currency=c.currency, values=values))
         suppressed: Counter[str] = Counter()
         candidates = _candidates(converted, domain_of, suppressed, min_companies=min_companies,
-                                 dominance_cap=dominance_cap, dp=dp, counter=counter,
-                                 earlier=earlier)
-        histograms = _histograms(items, domain_of, suppressed, min_companies=min_companies,
-                                 dominance_cap=dominance_cap, noise_on=dp.enabled,
-                                 released=released)
+                                 dominance_cap=dominance_cap, dp=dp, counter=counter)
+        histograms = _histograms(bucket_histograms(buckets), domain_of, suppressed,
+                                 min_companies=min_companies, dominance_cap=dominance_cap)
         eps = dlt = 0.0
         if candidates and dp.enabled:
             assert noise is not None
@@ -178,106 +168,27 @@ def aggregate_window(window_start: int, contributions: Sequence[StoredContributi
                 spent += eps
                 epsilon_total += eps
                 delta_total += dlt
-        groups: dict[tuple[str, str | None], PublishedGroup] = {}
+        groups: dict[tuple[str, str | None], dict[str, FieldStatistics]] = {}
         for cand in candidates:
-            groups.setdefault((cand.group, cand.currency), PublishedGroup(
-                group=cand.group, currency=cand.currency, fields={})
-            ).fields[cand.name] = cand.stats
-        for (currency, name), hist in histograms.items():
-            groups.setdefault((HISTOGRAM_GROUP, currency), PublishedGroup(
-                group=HISTOGRAM_GROUP, currency=currency, fields={})
-            ).histograms[name] = hist
+            groups.setdefault((cand.group, cand.currency), {})[cand.name] = cand.stats
         cells.append(CellResult(
             category=category, region=region,
-            groups=list(groups.values()),
+            groups=[PublishedGroup(group=g, currency=cur, fields=fs)
+                    for (g, cur), fs in groups.items()],
             contributors=len(domain_of), domains=len(set(domain_of.values())),
             inputs=len(items), input_hash=input_hash(c.digest for c in items),
-            epsilon=eps, delta=dlt, suppressed=dict(suppressed)))
+            epsilon=eps, delta=dlt, suppressed=dict(suppressed), histograms=histograms))
     return WindowResult(window_start=window_start, window_end=window_end, cells=cells,
                         epsilon=epsilon_total, delta=delta_total,
                         period_start=dp.period_of(window_start))
 
 
-def _histograms(items: Sequence[StoredContribution], domain_of: Mapping[str, str],
-                suppressed: Counter[str], *, min_companies: int, dominance_cap: float,
-                noise_on: bool, released: Callable[[StoredContribution], bool] | None
-                ) -> dict[tuple[str | None, str], Histogram]:
-    """The bucket histograms of one cell that pass every test, by (currency, field)."""
-    by_part: dict[tuple[str | None, str], list[StoredContribution]] = {}
-    for c in items:
-        for name in c.ranges:
-            by_part.setdefault((c.currency, name), []).append(c)
-    out: dict[tuple[str | None, str], Histogram] = {}
-
-    def histogram(part: Sequence[StoredContribution], name: str) -> Histogram | str:
-        return bucket_histogram(part, name, identity=lambda c: _identity_key(c.domain,
-                                                                            c.company),
-                                domain_of=domain_of, min_companies=min_companies,
-                                dominance_cap=dominance_cap)
-
-    for (currency, name), part in sorted(by_part.items(), key=lambda kv: (kv[0][0] or "",
-                                                                         kv[0][1])):
-        result = histogram(part, name)
-        if isinstance(result, str):
-            suppressed[result] += 1
-            continue
-        if released is not None:
-            before = [c for c in part if released(c)]
-            others = [c for c in part if not released(c)]
-            if before and others and not isinstance(histogram(before, name), str) \
-                    and isinstance(histogram(others, name), str):
-                suppressed["differencing"] += 1
-                continue
-        if noise_on:
-            suppressed["noise"] += 1
-            continue
-        out[(currency, name)] = result
-    return out
-
-
-def _passes(part: Sequence[Contribution], group: str, name: str,
-            domain_of: Mapping[str, str], *, min_companies: int, dominance_cap: float) -> bool:
-    """Whether field ``group.name`` over ``part`` alone passes k, dominance and the
-    cross-domain test."""
-    outcome = aggregate(part, group=group, min_companies=min_companies,
-                        dominance_cap=dominance_cap)
-    if name not in outcome.statistics:
-        return False
-    per_company: dict[str, list[float]] = {}
-    for conv in part:
-        value = conv.values[group].get(name)
-        if value is not None:
-            per_company.setdefault(conv.company, []).append(value)
-    return _cross_domain(name, per_company, domain_of, min_companies=min_companies,
-                         dominance_cap=dominance_cap) is None
-
-
-def _differencing(part: Sequence[Contribution], earlier: Mapping[int, bool], group: str,
-                  name: str, domain_of: Mapping[str, str], *, min_companies: int,
-                  dominance_cap: float) -> bool:
-    """Whether publishing ``group.name`` over ``part`` would let a reader of the earlier
-    release subtract it and learn about the items it adds."""
-    holding = [conv for conv in part if conv.values[group].get(name) is not None]
-    before = [conv for conv in holding if earlier[id(conv)]]
-    others = [conv for conv in holding if not earlier[id(conv)]]
-    if not (before and others):
-        return False
-    return _passes(before, group, name, domain_of, min_companies=min_companies,
-                   dominance_cap=dominance_cap) and not _passes(
-        others, group, name, domain_of, min_companies=min_companies,
-        dominance_cap=dominance_cap)
-
-
 def _candidates(converted: Sequence[Contribution], domain_of: Mapping[str, str],
                 suppressed: Counter[str], *, min_companies: int, dominance_cap: float,
-                dp: DPConfig, counter: SuppressionCounter | None,
-                earlier: Sequence[bool] | None = None) -> list[_Candidate]:
-    """The statistics of one cell that pass k, dominance, the differencing test (against
-    the items ``earlier`` marks) and (with noise) the bounds test; everything else is
-    counted in ``suppressed``."""
+                dp: DPConfig, counter: SuppressionCounter | None) -> list[_Candidate]:
+    """The statistics of one cell that pass k, dominance and (with noise) the bounds test;
+    everything else is counted in ``suppressed``."""
     candidates: list[_Candidate] = []
-    was_released = ({id(conv): flag for conv, flag in zip(converted, earlier, strict=True)}
-                    if earlier is not None else None)
     present = {g for conv in converted for g, fs in conv.values.items() if fs}
     for group in (g for g in FIELD_GROUPS if g in present):
         holding = [conv for conv in converted if conv.values.get(group)]
@@ -302,10 +213,6 @@ def _candidates(converted: Sequence[Contribution], domain_of: Mapping[str, str],
                 reason = _cross_domain(name, per_company, domain_of,
                                        min_companies=min_companies,
                                        dominance_cap=dominance_cap)
-                if reason is None and was_released is not None and _differencing(
-                        part, was_released, group, name, domain_of,
-                        min_companies=min_companies, dominance_cap=dominance_cap):
-                    reason = "differencing"
                 if reason is None and dp.enabled and f"{group}.{name}" not in dp.bounds:
                     reason = "unbounded"
                 if reason is not None:
@@ -314,6 +221,29 @@ def _candidates(converted: Sequence[Contribution], domain_of: Mapping[str, str],
                 candidates.append(_Candidate(group=group, currency=currency, name=name,
                                              stats=stats, per_company=per_company))
     return candidates
+
+
+def _histograms(sets: Sequence[BucketSet], domain_of: Mapping[str, str],
+                suppressed: Counter[str], *, min_companies: int,
+                dominance_cap: float) -> list[PriceHistogram]:
+    """The histograms of one cell that pass k and the dominance cap (each company weighs
+    one: its latest bucket), with the same conservative test for mixed identity domains."""
+    out: list[PriceHistogram] = []
+    for hs in sets:
+        n = len(hs.per_company)
+        if n < min_companies:
+            reason: str | None = "below_k"
+        elif 1 / n > dominance_cap:
+            reason = "dominance"
+        else:
+            reason = _cross_domain(hs.field, {c: [1.0] for c in hs.per_company}, domain_of,
+                                   min_companies=min_companies, dominance_cap=dominance_cap)
+        if reason is not None:
+            suppressed[reason] += 1
+            continue
+        out.append(PriceHistogram(field=hs.field, currency=hs.currency, companies=n,
+                                  buckets=hs.buckets(), median=hs.median()))
+    return out
 
 
 def _cross_domain(name: str, per_company: Mapping[str, Sequence[float]],

@@ -1,5 +1,4 @@
-"""The bridge's configuration: its sources, the public side, the consortium's own output,
-noise, and the loader.
+"""The bridge's configuration: its sources, the public side, noise, and the loader.
 
 :class:`BridgeConfigManager` layers a TOML or JSON file, the ``PEAR_BRIDGE_*`` environment
 (read with pydantic-settings) and keyword arguments into a checked :class:`BridgeConfig`,
@@ -46,7 +45,6 @@ __all__ = [
     "DEFAULT_BOUNDS",
     "BridgeConfig",
     "BridgeConfigManager",
-    "ConsortiumOutputConfig",
     "DPConfig",
     "PublicConfig",
     "SourceConfig",
@@ -185,23 +183,6 @@ class PublicConfig(Frozen):
         return levels
 
 
-class ConsortiumOutputConfig(Frozen):
-    """Aggregates for the consortium's own members, on the consortium broker.
-
-    With ``enabled`` the bridge publishes the same kind of aggregates as to the public (k
-    distinct companies, the dominance cap, receipts, noise when on), computed over the
-    consortium's items only, to ``pear/v1/consortium/<network>/aggregates/<category>``, once a
-    window ended ``publication_lag_seconds`` ago (and settled). It writes with its consortium
-    certificate; the consortium broker's ACL must grant the bridge user those topics
-    (:func:`pear_mqtt.model.topics.acl_rules`). Consortium items arriving for a window after
-    its consortium aggregate are dropped as ``late``, so the public aggregate of the window
-    covers the same consortium items.
-    """
-
-    enabled: bool = False
-    publication_lag_seconds: Annotated[int, Field(ge=0)] = 7 * 86400
-
-
 class DPConfig(Frozen):
     """Optional noise on published statistics, against a per-period ε budget.
 
@@ -266,18 +247,25 @@ class BridgeConfig(Frozen):
     the last ``settle_seconds`` (but no later than ``max_settle_seconds`` after it became due,
     or after its first input for a window backfilled later, so a trickle cannot hold it back
     forever). ``state_path`` is the SQLite file that carries
-    windows, counted item ids, the ε ledger and the outbox across restarts.
+    windows, counted item ids, the ε ledger and the outboxes across restarts.
+
+    With ``consortium_output`` (needs a consortium source) the bridge also publishes the
+    consortium's own aggregates on the consortium broker, signed with its consortium
+    certificate, once a window ended ``consortium_lag_seconds`` ago (at most the
+    publication lag); from then on the window takes no more items, so the public later
+    gets statistics over exactly the same items (see docs/BRIDGE.md).
     """
 
     bridge_id: NodeId = "bridge"
     consortium: SourceConfig | None = None
     private: list[SourceConfig] = Field(default_factory=list)
     public: PublicConfig
-    consortium_output: ConsortiumOutputConfig = Field(default_factory=ConsortiumOutputConfig)
     min_companies: Annotated[int, Field(ge=2, le=100_000)] = 5
     dominance_cap: Annotated[float, Field(gt=0, le=1)] = 0.25
     window_seconds: Annotated[int, Field(ge=60, le=366 * 86400)] = 86400
     publication_lag_seconds: Annotated[int, Field(ge=0)] = 90 * 86400
+    consortium_output: bool = False
+    consortium_lag_seconds: Annotated[int, Field(ge=0)] = 7 * 86400
     settle_seconds: Annotated[float, Field(ge=0)] = 60.0
     max_settle_seconds: Annotated[float, Field(ge=0)] = 3600.0
     max_clock_skew: Annotated[float, Field(ge=0)] = 300.0
@@ -301,13 +289,13 @@ class BridgeConfig(Frozen):
         if self.consortium is None and not self.private and not self.public.contributions:
             raise ValueError("nothing to aggregate: configure consortium, private sources, or "
                              "public.contributions")
-        if self.consortium_output.enabled:
-            if self.consortium is None:
-                raise ValueError("consortium_output needs a consortium source")
-            if self.consortium_output.publication_lag_seconds > self.publication_lag_seconds:
-                raise ValueError("consortium_output.publication_lag_seconds must not exceed "
-                                 "publication_lag_seconds (the consortium's aggregate of a "
-                                 "window comes first)")
+        if self.consortium_output and self.consortium is None:
+            raise ValueError("consortium_output needs a consortium source (its broker and "
+                             "the bridge's certificate there)")
+        if self.consortium_output and self.consortium_lag_seconds > \
+                self.publication_lag_seconds:
+            raise ValueError("consortium_lag_seconds must not exceed publication_lag_seconds "
+                             "(the consortium's aggregates come first)")
         if self.max_settle_seconds < self.settle_seconds:
             raise ValueError("max_settle_seconds must not be below settle_seconds")
         if self.dp.enabled and self.dp.period_seconds < self.window_seconds:
@@ -327,6 +315,10 @@ class BridgeConfig(Frozen):
             sources.append({"mode": "public", "network": self.public.network_id,
                             "levels": {g: v.value for g, v in self.public.policy().items()}})
         dp: dict[str, Any] = {"mechanism": self.dp.mechanism}
+        # Only when on, so that the policy version of a bridge without it stays as it was.
+        consortium: dict[str, Any] = (
+            {"consortium_lag_seconds": self.consortium_lag_seconds}
+            if self.consortium_output else {})
         if self.dp.enabled:
             dp.update(epsilon_per_cell=self.dp.epsilon_per_cell,
                       budget_per_period=self.dp.budget_per_period,
@@ -334,15 +326,10 @@ class BridgeConfig(Frozen):
                       bounds={k: list(v) for k, v in sorted(self.dp.bounds.items())})
             if self.dp.mechanism == "gaussian":
                 dp["delta"] = self.dp.delta
-        doc = {"network": self.public.network_id, "min_companies": self.min_companies,
-               "dominance_cap": self.dominance_cap, "window_seconds": self.window_seconds,
-               "publication_lag_seconds": self.publication_lag_seconds, "dp": dp,
-               "sources": sources}
-        if self.consortium_output.enabled:
-            # Only when on: a configuration without it keeps the policy version it had.
-            doc["consortium_output"] = {
-                "publication_lag_seconds": self.consortium_output.publication_lag_seconds}
-        return doc
+        return {"network": self.public.network_id, "min_companies": self.min_companies,
+                "dominance_cap": self.dominance_cap, "window_seconds": self.window_seconds,
+                "publication_lag_seconds": self.publication_lag_seconds, "dp": dp,
+                "sources": sources, **consortium}
 
     def policy_version(self) -> str:
         """A short hash of :meth:`policy_document`: changes whenever the disclosure rules do."""
@@ -499,15 +486,6 @@ class BridgeConfigManager:
             out.append(f"publication_lag_seconds is {config.publication_lag_seconds} s "
                        f"({config.publication_lag_seconds / 86400:.1f} days); public price "
                        "statistics are usually held back at least 90 days")
-        co = config.consortium_output
-        if co.enabled and co.publication_lag_seconds < 7 * 86400:
-            out.append(f"consortium_output.publication_lag_seconds is "
-                       f"{co.publication_lag_seconds} s ({co.publication_lag_seconds / 86400:.1f}"
-                       " days); the members are competitors, and statistics of recent windows "
-                       "come close to signalling current prices")
-        elif not co.enabled and config.consortium is not None:
-            out.append("consortium_output is off: the consortium's members receive no "
-                       "aggregates of their own data")
         for name, src in config.sources():
             levels = src.policy()
             if SharingLevel.AGGREGATED in levels.values() and src.aggregator_key_file is None:

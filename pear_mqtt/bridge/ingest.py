@@ -19,7 +19,7 @@ from ..security.identity import Identity
 from ..transport import InboundMessage
 from .admission import check_item, item_digest, window_of
 from .config import BridgeConfig
-from .histograms import price_buckets, shared_currency
+from .histogram import BUCKETS, bucket_values
 from .links import InputLink
 from .state import BridgeStore, NewContribution
 from .status import BridgeCounters
@@ -241,10 +241,11 @@ class Ingestor:
                     values[group] = numbers
                 if group == "price_data" and isinstance(fields.get("currency"), str):
                     currency = str(fields["currency"])
-        ranges = price_buckets(shared)
-        if ranges and currency is None:
-            currency = shared_currency(shared)
-        if not values and not ranges:
+        buckets = bucket_values(shared) if shared is not None else None
+        if buckets is not None:
+            values[BUCKETS], bucket_currency = buckets
+            currency = currency or bucket_currency
+        if not values:
             self._counters.ignored += 1  # nothing this item may contribute to an aggregate
             return None
         start = window_of(about.window_start, about.window_end,
@@ -255,9 +256,9 @@ class Ingestor:
         if about.window_start.timestamp() > now + self._config.max_clock_skew:
             drop("future")
             return None
-        if self._store.window_state(start) in ("ready", "published") or (
-                link.kind == "consortium" and self._store.consortium_closed(start)):
-            drop("late")  # (the consortium's aggregate of the window covers what it had)
+        if self._store.window_state(start) in ("ready", "published") \
+                or self._store.frozen(start):
+            drop("late")
             return None
         member = link.member_alias or signer.member
         token = hashlib.sha256(sealed.encode()).digest() if isinstance(sealed, str) else None
@@ -266,4 +267,4 @@ class Ingestor:
             window_start=start, category=about.category, region=about.region,
             domain=link.domain, company=member, currency=currency, values=values,
             digest=item_digest(network=link.network, member=signer.member, item=raw),
-            token_digest=token, ranges=ranges, observed=about.window_end.timestamp())
+            token_digest=token)

@@ -1,6 +1,6 @@
-"""The one path from the bridge to a broker (:class:`BridgeOutput`: the public's, or the
-consortium's for its members), the check an auditor runs on what it published
-(:func:`verify_publication`), and the ε ledger."""
+"""The one path from the bridge to each broker it writes to (:class:`PublicOutput`: the
+public broker, and the consortium broker for the consortium's own aggregates), the check an
+auditor runs on what it published (:func:`verify_publication`), and the ε ledger."""
 
 from __future__ import annotations
 
@@ -17,14 +17,11 @@ from pydantic import ValidationError
 from ..errors import OversizedMessage, PrivacyError, TopicError, TransportError
 from ..model.aggregates import (
     AggregateBody,
-    BucketBody,
-    HistogramBucket,
     LedgerBody,
     LedgerPeriod,
     NoiseInfo,
     PublishedCell,
     PublishedGroupBody,
-    PublishedHistogram,
     PublishedStatistic,
     ReceiptBody,
     ReceiptCell,
@@ -32,12 +29,12 @@ from ..model.aggregates import (
 from ..model.topics import TopicScheme, parse_topic
 from ..security.envelope import EnvelopeCodec
 from ..transport import Connection
-from .aggregation import CellResult, PublishedGroup, WindowResult
+from .aggregation import CellResult, WindowResult
 from .config import BridgeConfig
 from .endpoints import BRIDGE_NODE
 from .state import LedgerEntry, OutgoingRow
 
-__all__ = ["LEDGER_PERIODS", "Audience", "BridgeOutput", "merged_ledger", "verify_publication"]
+__all__ = ["LEDGER_PERIODS", "PublicOutput", "merged_ledger", "verify_publication"]
 
 log = logging.getLogger(__name__)
 
@@ -46,61 +43,43 @@ LEDGER_PERIODS = 24
 
 _ALLOWED_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt",
                                   "bridge_state": "ledger"}
-
+_CONSORTIUM_KINDS: dict[str, str] = {"aggregates": "aggregate"}
 
 Audience = Literal["public", "consortium"]
-"""Who an output's messages are for: the public network, or the consortium's members."""
 
 
-def _group_body(g: PublishedGroup) -> PublishedGroupBody:
-    return PublishedGroupBody(
-        group=g.group, currency=g.currency,
-        fields={n: PublishedStatistic(count=s.count, companies=s.companies, mean=s.mean,
-                                      stddev=s.stddev, sum=s.sum)
-                for n, s in g.fields.items()},
-        histograms={n: PublishedHistogram(
-            companies=h.companies,
-            buckets=[HistogramBucket(lo=lo, hi=hi, companies=n_) for (lo, hi), n_ in h.buckets],
-            median=BucketBody(lo=h.median[0], hi=h.median[1]))
-            for n, h in g.histograms.items()} or None)
-
-
-class BridgeOutput:
-    """The one path from the bridge to one broker: the public's (``audience="public"``), or
-    the consortium's, whose members get their own aggregates (``"consortium"``).
+class PublicOutput:
+    """The one path from the bridge to the public broker.
 
     :meth:`build` turns a :class:`WindowResult` into signed messages — an aggregate and a
     receipt per category with at least one published cell, and the ledger when noise is on —
-    and refuses (:class:`PrivacyError`) any statistic or histogram below k companies.
-    :meth:`send` publishes outbox rows, and refuses anything that is not a bridge-signed
-    aggregate, receipt or ledger on its audience's ``aggregates/`` or ``state/bridge/``
-    topics. The connection it writes with is private to it. ``codec`` signs with the bridge
-    certificate of the audience's network; the consortium's messages are encrypted when the
-    codec has an active group key, the public's never.
+    and refuses (:class:`PrivacyError`) any statistic below k companies. :meth:`send`
+    publishes outbox rows, and refuses anything that is not a bridge-signed aggregate,
+    receipt or ledger on this network's ``aggregates/`` or ``state/bridge/`` topics. The
+    connection it writes with is private to it.
+
+    With ``audience="consortium"`` it writes the consortium's own aggregates, on the
+    consortium broker (``pear/v1/consortium/<network>/aggregates/<category>``) with the
+    bridge's consortium certificate (``codec``), encrypted under the group key when one is
+    active: aggregate messages only (no receipts, no ledger: they carry no noise).
     """
 
     def __init__(self, *, config: BridgeConfig, codec: EnvelopeCodec,
                  audience: Audience = "public") -> None:
         self._config = config
         self._codec = codec
-        self.audience: Audience = audience
+        self._audience = audience
         if audience == "consortium":
-            if config.consortium is None:
-                raise PrivacyError("a consortium output needs a consortium source")
+            assert config.consortium is not None
             self._network = config.consortium.network_id
         else:
             self._network = config.public.network_id
         self._scheme = TopicScheme(mode=audience, network=self._network,
                                    member=codec.signer.identity.member)
-        self._encrypt: bool | None = None if audience == "consortium" else False
+        self._kinds = _CONSORTIUM_KINDS if audience == "consortium" else _ALLOWED_KINDS
         self._policy_version = config.policy_version()
         self._conn: Connection | None = None
         self._sender = codec.signer.sender
-
-    @property
-    def topic_root(self) -> str:
-        """The prefix of every topic this output writes (its rows in the outbox)."""
-        return self._scheme.bridge_root + "/"
 
     @property
     def connected(self) -> bool:
@@ -118,13 +97,13 @@ class BridgeOutput:
     def _check(self, body: AggregateBody) -> None:
         k = self._config.min_companies
         for cell in body.cells:
+            for hist in cell.histograms or ():
+                if hist.companies < k or sum(b.companies for b in hist.buckets) != \
+                        hist.companies:
+                    raise PrivacyError(f"refusing to publish {body.category}/{cell.region} "
+                                       f"{hist.field} histogram: {hist.companies} companies "
+                                       f"< k = {k}")
             for group in cell.groups:
-                for name, hist in (group.histograms or {}).items():
-                    if hist.companies < k or body.noise is not None or hist.companies != sum(
-                            b.companies for b in hist.buckets):
-                        raise PrivacyError(f"refusing to publish the histogram of "
-                                           f"{body.category}/{cell.region} {group.group}."
-                                           f"{name}: {hist.companies} companies (k = {k})")
                 for name, stat in group.fields.items():
                     if stat.companies < k:
                         raise PrivacyError(f"refusing to publish {body.category}/{cell.region}"
@@ -140,9 +119,10 @@ class BridgeOutput:
         """Signed (topic, payload, retain) messages for ``result``, and (category, receipt)
         pairs for the archive. ``ledger`` is the ledger including ``result``'s spending."""
         dp = self._config.dp
+        consortium = self._audience == "consortium"
         noise = (NoiseInfo(mechanism=dp.mechanism, epsilon_per_cell=dp.epsilon_per_cell,
                            delta=dp.delta if dp.mechanism == "gaussian" else None)
-                 if dp.mechanism != "none" else None)
+                 if dp.mechanism != "none" and not consortium else None)
         ws = datetime.fromtimestamp(result.window_start, UTC)
         we = datetime.fromtimestamp(result.window_end, UTC)
         by_category: dict[str, list[CellResult]] = {}
@@ -156,16 +136,26 @@ class BridgeOutput:
                 network=self._network, category=category, window_start=ws, window_end=we,
                 policy_version=self._policy_version, min_companies=self._config.min_companies,
                 dominance_cap=self._config.dominance_cap, noise=noise,
-                cells=[PublishedCell(region=c.region, groups=[_group_body(g) for g in c.groups])
-                       for c in cells])
+                cells=[PublishedCell(region=c.region, groups=[
+                    PublishedGroupBody(group=g.group, currency=g.currency, fields={
+                        n: PublishedStatistic(count=s.count, companies=s.companies,
+                                              mean=s.mean, stddev=s.stddev, sum=s.sum)
+                        for n, s in g.fields.items()})
+                    for g in c.groups], histograms=c.histograms or None) for c in cells])
             self._check(body)
-            topic = self._scheme.aggregate(category)
+            topic = (self._scheme.consortium_aggregate(category) if consortium
+                     else self._scheme.aggregate(category))
             try:
-                payload = self._codec.encode(kind="aggregate", body=body.wire(),
-                                             encrypt=self._encrypt)
+                # Public: plain, anyone may verify it. Consortium: under the group key when
+                # one is active, like every other message there.
+                payload = self._codec.encode(kind="aggregate", body=body.model_dump(mode="json"),
+                                             encrypt=None if consortium else False)
             except OversizedMessage as exc:
                 log.error("aggregate of %s for %s is too large to publish: %s", category,
                           ws.isoformat(), exc)
+                continue
+            if consortium:
+                out.append((topic, payload, True))
                 continue
             receipt = ReceiptBody(
                 network=self._network, category=category, window_start=ws, window_end=we,
@@ -178,11 +168,11 @@ class BridgeOutput:
                                    delta_spent=c.delta) for c in cells],
                 issued_at=datetime.fromtimestamp(now, UTC))
             rpayload = self._codec.encode(kind="receipt", body=receipt.model_dump(mode="json"),
-                                          encrypt=self._encrypt)
+                                          encrypt=False)
             out += [(topic, payload, True), (self._scheme.bridge_receipt(category), rpayload,
                                              True)]
             receipts.append((category, rpayload))
-        if dp.mechanism != "none" and result.epsilon > 0:
+        if dp.mechanism != "none" and result.epsilon > 0 and not consortium:
             out.append((self._scheme.bridge_state("ledger"), self.ledger_message(ledger), True))
         return out, receipts
 
@@ -202,30 +192,29 @@ class BridgeOutput:
                           period_seconds=dp.period_seconds,
                           policy_version=self._policy_version, periods=periods)
         return self._codec.encode(kind="ledger", body=body.model_dump(mode="json"),
-                                  encrypt=self._encrypt)
+                                  encrypt=False)
 
     def admit(self, row: OutgoingRow) -> None:
-        """Raise :class:`PrivacyError` unless ``row`` is an envelope this bridge signed (plain,
-        or for the consortium also encrypted), of the kind its topic carries, on this
-        audience's aggregates or bridge-state topics. :meth:`send` checks every row with it."""
+        """Raise :class:`PrivacyError` unless ``row`` is a plain envelope this bridge signed,
+        of the kind its topic carries, on this network's aggregates or bridge-state topics.
+        :meth:`send` checks every row with it."""
         try:
             parsed = parse_topic(row.topic)
         except TopicError:
             raise PrivacyError(f"refusing to publish to {row.topic!r}: not a pear_mqtt "
                                "topic") from None
-        kind = _ALLOWED_KINDS.get(parsed.kind)
-        if parsed.mode != self.audience or parsed.network != self._network or kind is None:
+        kind = self._kinds.get(parsed.kind)
+        if parsed.mode != self._audience or parsed.network != self._network or kind is None:
             raise PrivacyError(f"refusing to publish to {row.topic!r}: the bridge writes "
                                "aggregates and its own state only")
         try:
             head = json.loads(row.payload)
         except ValueError:
             raise PrivacyError(f"refusing to publish a non-envelope to {row.topic!r}") from None
-        # The public's are always plain; the consortium's are encrypted when a key is active.
-        readable = isinstance(head, dict) and (
-            "body" in head or ("enc" in head and self._encrypt is not False))
-        if not readable or head.get("kind") != kind or head.get("from") != self._sender:
-            raise PrivacyError(f"refusing to publish to {row.topic!r}: not a "
+        if not isinstance(head, dict) or head.get("kind") != kind \
+                or head.get("from") != self._sender \
+                or not ("body" in head or (self._audience == "consortium" and "enc" in head)):
+            raise PrivacyError(f"refusing to publish to {row.topic!r}: not a plain "
                                f"bridge-signed {kind!r} envelope")
 
     async def send(self, rows: Sequence[OutgoingRow], *, timeout: float = 30.0) -> list[int]:
@@ -267,12 +256,10 @@ def verify_publication(*, aggregate_payload: bytes, receipt_payload: bytes,
                        codec: EnvelopeCodec) -> tuple[AggregateBody, ReceiptBody]:
     """Check an aggregate message against its receipt, as an auditor would.
 
-    ``codec`` must trust the CA of the aggregate's network (the public's, or for a
-    consortium's aggregate the consortium's, with its group key to read encrypted ones).
-    Both envelopes must verify and be signed by a bridge certificate (OU ``bridge``), the
-    receipt must name the aggregate's exact bytes (SHA-256), its topic, window and category,
-    and every cell of the aggregate must have a receipt entry with at least
-    ``min_companies`` contributors (and every histogram that many companies). Raises
+    ``codec`` must trust the public network's CA. Both envelopes must verify and be signed by
+    a bridge certificate (OU ``bridge``), the receipt must name the aggregate's exact bytes
+    (SHA-256), its topic, window and category, and every cell of the aggregate must have a
+    receipt entry with at least ``min_companies`` contributors. Raises
     :class:`~pear_mqtt.errors.PearError` (``EnvelopeError`` or ``PrivacyError``) otherwise.
     """
     agg = codec.decode(aggregate_payload, check_replay=False, max_age=float("inf"))
@@ -296,11 +283,6 @@ def verify_publication(*, aggregate_payload: bytes, receipt_payload: bytes,
         entry = by_region.get(cell.region)
         if entry is None or entry.contributors < receipt.min_companies:
             raise PrivacyError(f"cell {cell.region} has no receipt with enough contributors")
-        for group in cell.groups:
-            for hist in (group.histograms or {}).values():
-                if hist.companies < receipt.min_companies:
-                    raise PrivacyError(f"cell {cell.region} has a histogram over fewer than "
-                                       f"{receipt.min_companies} companies")
     return body, receipt
 
 

@@ -20,7 +20,7 @@ __all__ = ["describe", "serve"]
 
 
 def describe(config: BridgeConfig) -> str:
-    """One line: inputs, outputs, k, cap, windows, noise, policy version and state file."""
+    """One line: inputs, output, k, cap, windows, noise, policy version and state file."""
     inputs = []
     if config.consortium is not None:
         inputs.append(f"consortium {config.consortium.network_id} "
@@ -32,12 +32,12 @@ def describe(config: BridgeConfig) -> str:
     noise = "no noise" if not dp.enabled else (
         f"{dp.mechanism} noise, ε {dp.epsilon_per_cell:g} per cell, budget "
         f"{dp.budget_per_period:g} per {dp.period_seconds} s")
-    members = ""
-    if config.consortium is not None and config.consortium_output.enabled:
-        members = (f" and consortium {config.consortium.network_id} (lag "
-                   f"{config.consortium_output.publication_lag_seconds} s)")
-    return (f"bridge {config.bridge_id}: {', '.join(inputs)} -> public {config.public.network_id}"
-            f" ({config.public.broker_url}){members}; k={config.min_companies}, dominance cap "
+    outputs = f"public {config.public.network_id} ({config.public.broker_url})"
+    if config.consortium_output and config.consortium is not None:
+        outputs += (f" and consortium {config.consortium.network_id} (lag "
+                    f"{config.consortium_lag_seconds} s)")
+    return (f"bridge {config.bridge_id}: {', '.join(inputs)} -> {outputs}"
+            f"; k={config.min_companies}, dominance cap "
             f"{config.dominance_cap:.0%}, window {config.window_seconds} s, lag "
             f"{config.publication_lag_seconds} s, {noise}; policy {config.policy_version()}; "
             f"state {config.state_path}")

@@ -2,9 +2,9 @@
 
 A facade over its collaborators: the input links (:mod:`.links`) feed the
 :class:`~.ingest.Ingestor`, which counts items into the store (:mod:`.state`); a clock
-closes due windows (:mod:`.closing`), and a :class:`~.publisher.Publisher` per output sends
-the outbox through its :class:`~.output.BridgeOutput`, the only writer to the public broker
-(and, with the consortium output on, to the consortium broker's aggregates).
+closes due windows (:mod:`.closing`), and the :class:`~.publisher.Publisher` sends the
+outbox through :class:`~.output.PublicOutput`, the only writer to the public broker (and,
+with ``consortium_output``, a second pair writes the consortium's own aggregates).
 The contract is in docs/BRIDGE.md.
 """
 
@@ -28,7 +28,7 @@ from .endpoints import bridge_codec
 from .ingest import Ingestor
 from .links import InputLink, input_links, read_input
 from .noise import NoiseMechanism
-from .output import LEDGER_PERIODS, BridgeOutput
+from .output import LEDGER_PERIODS, PublicOutput
 from .publisher import Publisher
 from .state import BridgeStore
 from .status import BridgeCounters, BridgeStatus
@@ -43,11 +43,12 @@ class _Parts:
     """What :meth:`Bridge.start` opens and :meth:`Bridge.stop` closes."""
 
     store: BridgeStore
-    output: BridgeOutput
+    output: PublicOutput
     ingestor: Ingestor
     closer: WindowCloser
     publisher: Publisher
-    consortium: Publisher | None = None  # the consortium output's
+    consortium: Publisher | None = None  # the consortium's own aggregates (consortium_output)
+    consortium_output: PublicOutput | None = None
 
 
 class Bridge:
@@ -70,7 +71,7 @@ class Bridge:
         self._links: list[InputLink] = []
         self._parts: _Parts | None = None
         self._out_task: asyncio.Task[None] | None = None
-        self._consortium_task: asyncio.Task[None] | None = None
+        self._cout_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
         self._closing = False
         self._changed = asyncio.Event()
@@ -99,17 +100,7 @@ class Bridge:
         codec = bridge_codec(tls=cfg.public.tls, network=cfg.public.network_id,
                              encryption=None, crl=cfg.public.crl_file,
                              rel=cfg.public.reliability, what="public")
-        output = BridgeOutput(config=cfg, codec=codec)
-        consortium: BridgeOutput | None = None
-        if cfg.consortium_output.enabled:
-            src = cfg.consortium
-            assert src is not None
-            consortium = BridgeOutput(
-                config=cfg, audience="consortium",
-                codec=bridge_codec(tls=src.tls, network=src.network_id,
-                                   encryption=src.encryption, crl=src.crl_file,
-                                   rel=src.reliability,
-                                   what=f"consortium {src.network_id} output"))
+        output = PublicOutput(config=cfg, codec=codec)
         store = BridgeStore(cfg.state_path)
         previous = store.get_meta("policy_version")
         if previous is not None and previous != self._policy_version:
@@ -118,25 +109,34 @@ class Bridge:
                         self._policy_version)
         store.set_meta("policy_version", self._policy_version)
         counters = self._counters
+        cout: PublicOutput | None = None
+        if cfg.consortium_output:
+            src = cfg.consortium
+            assert src is not None
+            cout = PublicOutput(config=cfg, audience="consortium", codec=bridge_codec(
+                tls=src.tls, network=src.network_id, encryption=src.encryption,
+                crl=src.crl_file, rel=src.reliability, what=f"consortium {src.network_id}"))
         parts = self._parts = _Parts(
             store=store, output=output,
             ingestor=Ingestor(config=cfg, store=store, counters=counters, clock=self._clock),
             closer=WindowCloser(config=cfg, store=store, output=output, noise=self._noise,
-                                counters=counters, consortium=consortium),
+                                counters=counters, consortium=cout),
             publisher=Publisher(config=cfg, output=output, store=store, counters=counters,
                                 clock=self._clock),
-            consortium=Publisher(config=cfg, output=consortium, store=store,
-                                 counters=counters, clock=self._clock)
-            if consortium is not None else None)
+            consortium=None if cout is None else Publisher(
+                config=cfg, output=cout, store=store, counters=counters, clock=self._clock,
+                audience="consortium"),
+            consortium_output=cout)
         self._started_at = datetime.now(UTC)
-        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        first: asyncio.Future[None] = loop.create_future()
         self._out_task = asyncio.create_task(parts.publisher.run(
             first=first, closing=self._is_closing, changed=self._changed, work=self._work))
         if parts.consortium is not None:
-            # Like an input, the consortium output connects in the background.
-            self._consortium_task = asyncio.create_task(parts.consortium.run(
-                first=asyncio.get_running_loop().create_future(), closing=self._is_closing,
-                changed=self._changed, work=self._work))
+            # The consortium output connects in the background: the bridge starts without it.
+            self._cout_task = asyncio.create_task(parts.consortium.run(
+                first=loop.create_future(), closing=self._is_closing, changed=self._changed,
+                work=self._work))
         for link in self._links:
             link.task = asyncio.create_task(self._read(link, parts.ingestor))
         self._tick_task = asyncio.create_task(self._run_ticks())
@@ -173,19 +173,20 @@ class Bridge:
                 log.error("input %s failed while stopping: %r", link.name, task.exception())
             link.task = None
         parts = self._parts
-        publishers = [p for p in (parts.publisher, parts.consortium) if p is not None] \
-            if parts is not None else []
+        publishers = [] if parts is None else [
+            p for p in (parts.publisher, parts.consortium) if p is not None]
         if drain:
             for publisher in publishers:
                 with contextlib.suppress(PearError, TimeoutError):
                     await asyncio.wait_for(publisher.flush(), timeout)
-        for task in (self._out_task, self._consortium_task):
+        for attr in ("_out_task", "_cout_task"):
+            task = getattr(self, attr)
             if task is not None:
                 await stop_task(task)
-        self._out_task = self._consortium_task = None
+                setattr(self, attr, None)
         if parts is not None:
-            for publisher in publishers:
-                out_conn = publisher.detach()
+            for out in (parts.output, parts.consortium_output):
+                out_conn = out.detach() if out is not None else None
                 if out_conn is not None:
                     if drain:
                         await out_conn.close()
@@ -242,14 +243,14 @@ class Bridge:
         if parts is None:
             return
         now = self._clock()
-        for start, for_consortium in parts.closer.due(now):
-            if for_consortium:
-                parts.closer.close_for_consortium(start, now)
-            else:
-                parts.closer.close(start, now)
-        await parts.publisher.flush()
+        # Consortium first: a window due for both in one tick reaches the consortium first.
+        for start in parts.closer.consortium_due(parts.store.open_windows(), now):
+            parts.closer.close_consortium(start, now)
+        for start in self.due_windows(now):
+            parts.closer.close(start, now)
         if parts.consortium is not None:
             await parts.consortium.flush()
+        await parts.publisher.flush()
         self._counters.ticks += 1
         self._changed.set()
 
@@ -264,10 +265,7 @@ class Bridge:
         counts = store.counts() if store is not None else {}
         sources = {link.name: link.connected for link in self._links}
         public = self._parts is not None and self._parts.publisher.connected
-        enabled = self.config.consortium_output.enabled
-        consortium = self._parts is not None and self._parts.consortium is not None \
-            and self._parts.consortium.connected
-        connected = public and (consortium or not enabled) and all(sources.values())
+        connected = public and all(sources.values())
         if store is None or self._fatal is not None:
             health = Health.DOWN
         elif connected:
@@ -288,9 +286,11 @@ class Bridge:
             windows_open=counts.get("open", 0), windows_published=counts.get("published", 0),
             open_items=counts.get("open_items", 0), cells_published=c.cells_published,
             messages_published=c.messages_published,
-            consortium_connected=consortium if enabled else None,
-            consortium_cells_published=c.consortium_cells_published,
             outbox_depth=store.outbox_depth if store is not None else 0, epsilon_spent=eps,
+            consortium_outbox_depth=store.consortium_outbox_depth if store is not None else 0,
+            consortium_connected=(self._parts.consortium.connected
+                                  if self._parts is not None
+                                  and self._parts.consortium is not None else None),
             ticks=c.ticks, items_per_second=c.items_per_second(),
             started_at=self._started_at, last_publish=c.last_publish, error=self._fatal)
 

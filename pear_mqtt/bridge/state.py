@@ -1,9 +1,9 @@
 """The bridge's durable state, one SQLite file (WAL, mode 0600): open windows and the items
 counted into them (one row per sender and item id: a later copy replaces the earlier one), the
-ε ledger, the outbox of messages to publish (to the public broker, and to the consortium's),
-and the receipts issued. Closing a window (for the public, or earlier for the consortium's
-members), spending its budget and queuing its messages are one transaction, so a restart
-neither counts an item twice nor publishes a window again with fresh noise.
+ε ledger, the outboxes of messages to publish (public and consortium), and the receipts
+issued. Closing a window (for the consortium, then for the public), spending its budget and
+queuing its messages are one transaction each, so a restart neither counts an item twice
+nor publishes a window again with fresh noise.
 The schema and its guarantees are described in docs/BRIDGE.md.
 """
 
@@ -15,9 +15,9 @@ import math
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic_core import to_json
 
@@ -26,7 +26,6 @@ from ..errors import OutboxError
 __all__ = [
     "AddResult",
     "BridgeStore",
-    "Bucket",
     "LedgerEntry",
     "NewContribution",
     "OutgoingRow",
@@ -88,15 +87,22 @@ CREATE TABLE IF NOT EXISTS ledger (
     delta        REAL NOT NULL,
     cells        INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS consortium_windows (
+    start     INTEGER PRIMARY KEY,
+    closed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consortium_outbox (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    window_start INTEGER NOT NULL,
+    topic        TEXT NOT NULL,
+    payload      BLOB NOT NULL,
+    retain       INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS receipts (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     window_start INTEGER NOT NULL,
     category     TEXT NOT NULL,
     payload      BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS consortium_closed (
-    start     INTEGER PRIMARY KEY,
-    closed_at REAL NOT NULL
 );
 """
 
@@ -107,38 +113,15 @@ _REPLACE = ("UPDATE OR IGNORE contributions SET window_start=?, category=?, regi
 _TOKEN = "INSERT OR IGNORE INTO tokens VALUES (?, ?, ?, ?)"
 
 
-Bucket = tuple[float | None, float | None]
-"""A ``ranges_only`` bucket ``[lo, hi)`` (None: an open end)."""
-
-# Keys of the ``vals`` document next to the groups: an item's buckets and when its
-# observation ended. Rows written before they existed simply have neither.
-_RANGES_KEY = "_ranges"
-_OBSERVED_KEY = "_observed"
-
-
-def _values_json(values: Mapping[str, Mapping[str, float]],
-                 ranges: Mapping[str, Bucket] | None = None, observed: float = 0.0) -> str:
-    """``values`` (and an item's buckets) as JSON for the ``vals`` column (read back with
-    :func:`_read_values`)."""
+def _values_json(values: Mapping[str, Mapping[str, float]]) -> str:
+    """``values`` as JSON for the ``vals`` column (read back with :func:`json.loads`)."""
     for fields in values.values():
         for value in fields.values():
             if not math.isfinite(value):
                 raise ValueError(f"a stored value must be a finite number, got {value!r}")
-    doc: dict[str, Any] = dict(values)
-    if ranges:
-        doc[_RANGES_KEY] = {name: list(bucket) for name, bucket in ranges.items()}
-        doc[_OBSERVED_KEY] = observed
     # pydantic-core writes this small document ~4x faster than json.dumps, and its shortest
     # round-trip floats read back as the same values.
-    return to_json(doc).decode()
-
-
-def _read_values(text: str) -> tuple[dict[str, dict[str, float]], dict[str, Bucket], float]:
-    """The values, buckets and observation end :func:`_values_json` stored."""
-    doc = json.loads(text)
-    raw = doc.pop(_RANGES_KEY, None) or {}
-    observed = float(doc.pop(_OBSERVED_KEY, 0.0))
-    return doc, {name: (lo, hi) for name, (lo, hi) in raw.items()}, observed
+    return to_json(values).decode()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,10 +139,6 @@ class NewContribution:
     values: dict[str, dict[str, float]]
     digest: bytes  # the item digest that goes into the receipt's input hash
     token_digest: bytes | None  # SHA-256 of the sealed token: a copied token is refused
-    # The price buckets the item published (ranges_only), by field, and when its
-    # observation ended (a company's latest bucket in a cell is the one that counts).
-    ranges: dict[str, Bucket] = field(default_factory=dict)
-    observed: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,14 +165,6 @@ class StoredContribution:
     currency: str | None
     values: dict[str, dict[str, float]]
     digest: bytes
-    source_key: str = ""
-    ranges: dict[str, Bucket] = field(default_factory=dict)
-    observed: float = 0.0
-
-    @property
-    def source(self) -> str:
-        """The kind of input it came from: ``consortium``, ``private`` or ``public``."""
-        return self.source_key.split("/", 1)[0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -259,9 +230,8 @@ class BridgeStore:
             self._states: dict[int, WindowState] = {
                 int(start): state for start, state in
                 self._db.execute("SELECT start, state FROM windows")}
-            self._consortium_closed: set[int] = {
-                int(start) for (start,) in
-                self._db.execute("SELECT start FROM consortium_closed")}
+            self._frozen: set[int] = {int(start) for (start,) in self._db.execute(
+                "SELECT start FROM consortium_windows")}
         except sqlite3.Error as exc:
             raise OutboxError(f"{self.path}: cannot open the bridge state: {exc}") from exc
 
@@ -318,14 +288,14 @@ class BridgeStore:
         for it in items:
             start = it.window_start
             state = states.get(start)
-            if state is not None and state != "open":
-                raise OutboxError(f"window {start} is {state}; late items must "
-                                  "be dropped before they reach the store")
+            if (state is not None and state != "open") or start in self._frozen:
+                raise OutboxError(f"window {start} is {state or 'open'} and closed for the "
+                                  "consortium; late items must be dropped before they "
+                                  "reach the store")
             touched[start] = touched.get(start, 0) + 1
             rows.append((it.source_key, it.item_id, start, it.category, it.region,
                          it.domain, it.company, it.currency,
-                         _values_json(it.values, it.ranges, it.observed), it.digest,
-                         it.token_digest, now))
+                         _values_json(it.values), it.digest, it.token_digest, now))
             if it.token_digest is not None:
                 tokens.append((it.token_digest, start, it.source_key, it.item_id))
         counted = duplicates = copied = replaced = 0
@@ -389,6 +359,37 @@ class BridgeStore:
         changed = db.execute(_REPLACE, (*row[2:], *key)).rowcount
         return "replaced" if changed == 1 else "copied"
 
+    def frozen(self, start: int) -> bool:
+        """Whether the window starting at ``start`` was closed for the consortium: its items
+        are fixed from then on (what the public gets later is over the very same items)."""
+        return start in self._frozen
+
+    def close_consortium(self, window_start: int, *, now: float,
+                         outgoing: Sequence[tuple[str, bytes, bool]]) -> None:
+        """Close a window for the consortium in one transaction: it takes no more items, and
+        its consortium messages go to the consortium outbox. Its items stay for the public
+        close."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO consortium_windows VALUES (?, ?)",
+                       (window_start, now))
+            db.executemany("INSERT INTO consortium_outbox (window_start, topic, payload, "
+                           "retain) VALUES (?, ?, ?, ?)",
+                           [(window_start, t, p, int(r)) for t, p, r in outgoing])
+        self._frozen.add(window_start)
+
+    def consortium_pending(self) -> list[OutgoingRow]:
+        """Consortium messages not yet acknowledged by the consortium broker, in order."""
+        return [OutgoingRow(id=int(i), window_start=int(w), topic=t, payload=bytes(p),
+                            retain=bool(r))
+                for i, w, t, p, r in self._db.execute(
+                    "SELECT id, window_start, topic, payload, retain FROM consortium_outbox "
+                    "ORDER BY id")]
+
+    def acknowledge_consortium(self, ids: Sequence[int]) -> None:
+        """Drop consortium messages the consortium broker acknowledged."""
+        with self._tx() as db:
+            db.executemany("DELETE FROM consortium_outbox WHERE id=?", [(i,) for i in ids])
+
     def open_windows(self) -> list[WindowInfo]:
         """Every open window, oldest first."""
         return [WindowInfo(start=int(s), first_input=float(f), last_input=float(la),
@@ -399,41 +400,13 @@ class BridgeStore:
 
     def contributions(self, window_start: int) -> list[StoredContribution]:
         """The counted items of a window, in a stable order."""
-        out: list[StoredContribution] = []
-        for src, iid, cat, reg, dom, comp, cur, vals, dig in self._db.execute(
-                "SELECT source_key, item_id, category, region, domain, company, currency, vals,"
-                " digest FROM contributions WHERE window_start=? "
-                "ORDER BY category, region, source_key, item_id", (window_start,)):
-            values, ranges, observed = _read_values(vals)
-            out.append(StoredContribution(
-                item_id=iid, category=cat, region=reg, domain=dom, company=comp, currency=cur,
-                values=values, digest=bytes(dig), source_key=src, ranges=ranges,
-                observed=observed))
-        return out
-
-    def consortium_closed(self, window_start: int) -> bool:
-        """Whether the consortium's aggregate of the window was built (its consortium items
-        are final from then on)."""
-        return window_start in self._consortium_closed
-
-    def close_for_consortium(self, window_start: int, *, now: float,
-                             outgoing: Sequence[tuple[str, bytes, bool]],
-                             receipts: Sequence[tuple[str, bytes]],
-                             ledger: Sequence[LedgerEntry]) -> None:
-        """Record the consortium's aggregate of an open window in one transaction: its
-        messages go to the outbox, ``ledger`` amounts are spent and its receipts archived.
-        The window stays open (its values stay until the public aggregate)."""
-        with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO consortium_closed VALUES (?, ?)",
-                       (window_start, now))
-            db.executemany("INSERT INTO outbox (window_start, topic, payload, retain) "
-                           "VALUES (?, ?, ?, ?)",
-                           [(window_start, t, p, int(r)) for t, p, r in outgoing])
-            db.executemany("INSERT INTO receipts (window_start, category, payload) "
-                           "VALUES (?, ?, ?)",
-                           [(window_start, c, p) for c, p in receipts])
-            self._spend(db, ledger)
-        self._consortium_closed.add(window_start)
+        return [StoredContribution(item_id=iid, category=cat, region=reg, domain=dom,
+                                   company=comp, currency=cur, values=json.loads(vals),
+                                   digest=bytes(dig))
+                for iid, cat, reg, dom, comp, cur, vals, dig in self._db.execute(
+                    "SELECT item_id, category, region, domain, company, currency, vals, digest "
+                    "FROM contributions WHERE window_start=? "
+                    "ORDER BY category, region, source_key, item_id", (window_start,))]
 
     def close_window(self, window_start: int, *, now: float,
                      outgoing: Sequence[tuple[str, bytes, bool]],
@@ -453,34 +426,27 @@ class BridgeStore:
             db.executemany("INSERT INTO receipts (window_start, category, payload) "
                            "VALUES (?, ?, ?)",
                            [(window_start, c, p) for c, p in receipts])
-            self._spend(db, ledger)
+            for e in ledger:
+                db.execute(
+                    "INSERT INTO ledger VALUES (?, ?, ?, ?) ON CONFLICT (period_start) DO "
+                    "UPDATE SET epsilon=epsilon+excluded.epsilon, delta=delta+excluded.delta, "
+                    "cells=cells+excluded.cells",
+                    (e.period_start, e.epsilon, e.delta, e.cells))
             if not outgoing:
                 db.execute("UPDATE windows SET state='published', published_at=? WHERE start=?",
                            (now, window_start))
         self._states[window_start] = "ready" if outgoing else "published"
 
-    @staticmethod
-    def _spend(db: sqlite3.Connection, ledger: Sequence[LedgerEntry]) -> None:
-        for e in ledger:
-            db.execute(
-                "INSERT INTO ledger VALUES (?, ?, ?, ?) ON CONFLICT (period_start) DO "
-                "UPDATE SET epsilon=epsilon+excluded.epsilon, delta=delta+excluded.delta, "
-                "cells=cells+excluded.cells",
-                (e.period_start, e.epsilon, e.delta, e.cells))
-
     # -- outbox --------------------------------------------------------------------------
-    def pending(self, prefix: str = "") -> list[OutgoingRow]:
-        """Messages not yet acknowledged by their broker, in the order to send them; with
-        ``prefix`` only those whose topic starts with it (one broker's)."""
+    def pending(self) -> list[OutgoingRow]:
+        """Messages not yet acknowledged by the public broker, in the order to send them."""
         return [OutgoingRow(id=int(i), window_start=int(w), topic=t, payload=bytes(p),
                             retain=bool(r))
                 for i, w, t, p, r in self._db.execute(
-                    "SELECT id, window_start, topic, payload, retain FROM outbox "
-                    "WHERE substr(topic, 1, ?) = ? ORDER BY id", (len(prefix), prefix))]
+                    "SELECT id, window_start, topic, payload, retain FROM outbox ORDER BY id")]
 
     def acknowledge(self, ids: Sequence[int], *, now: float) -> list[int]:
-        """Drop acknowledged messages; returns the windows that are now fully published (an
-        open window whose consortium messages went out stays open)."""
+        """Drop acknowledged messages; returns the windows that are now fully published."""
         done: list[int] = []
         with self._tx() as db:
             windows = {int(w) for (w,) in db.execute(
@@ -490,9 +456,9 @@ class BridgeStore:
             for w in sorted(windows):
                 left = db.execute("SELECT COUNT(*) FROM outbox WHERE window_start=?",
                                   (w,)).fetchone()[0]
-                if left == 0 and db.execute(
-                        "UPDATE windows SET state='published', published_at=? "
-                        "WHERE start=? AND state='ready'", (now, w)).rowcount == 1:
+                if left == 0:
+                    db.execute("UPDATE windows SET state='published', published_at=? "
+                               "WHERE start=?", (now, w))
                     done.append(w)
         for w in done:
             self._states[w] = "published"
@@ -501,6 +467,10 @@ class BridgeStore:
     @property
     def outbox_depth(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    @property
+    def consortium_outbox_depth(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM consortium_outbox").fetchone()[0])
 
     # -- ledger and receipts -------------------------------------------------------------
     def ledger(self) -> list[LedgerEntry]:

@@ -11,6 +11,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..model.insight import Health
+from ..privacy.aggregate import SuppressionCounter
 from .state import AddResult
 
 __all__ = ["BridgeCounters", "BridgeStatus"]
@@ -38,10 +39,9 @@ class BridgeStatus(BaseModel):
     open_items: int = 0
     cells_published: int = 0
     messages_published: int = 0
-    # The consortium output (None: off): connected to the consortium broker, cells published.
-    consortium_connected: bool | None = None
-    consortium_cells_published: int = 0
     outbox_depth: int = 0
+    consortium_outbox_depth: int = 0  # the consortium's own aggregates not yet acknowledged
+    consortium_connected: bool | None = None  # None: consortium_output is off
     epsilon_spent: dict[str, float] = Field(default_factory=dict)
     ticks: int = 0
     items_per_second: float | None = None
@@ -54,8 +54,9 @@ class BridgeStatus(BaseModel):
 class BridgeCounters:
     """What the bridge's tasks counted since it was created.
 
-    ``suppressed`` counts withheld statistics and histograms per reason (``below_k``,
-    ``dominance``, ``differencing``, ``unbounded``, ``budget``, ``noise``), over both outputs.
+    ``privacy`` holds the k-anonymity and dominance suppressions of
+    :func:`pear_mqtt.privacy.filter.aggregate`; ``suppressed`` the bridge's own reasons
+    (unbounded fields, spent budget).
     """
 
     items_received: int = 0
@@ -65,10 +66,10 @@ class BridgeCounters:
     ignored: int = 0
     ticks: int = 0
     cells_published: int = 0
-    consortium_cells_published: int = 0
     messages_published: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     suppressed: Counter[str] = field(default_factory=Counter)
+    privacy: SuppressionCounter = field(default_factory=SuppressionCounter)
     first_count: float | None = None  # time.monotonic() of the first and latest counted item
     last_count: float | None = None
     last_publish: datetime | None = None
@@ -98,4 +99,6 @@ class BridgeCounters:
 
     def all_suppressed(self) -> dict[str, int]:
         """Suppressed statistics per reason."""
-        return dict(self.suppressed)
+        total = Counter(self.privacy.counts)
+        total.update(self.suppressed)
+        return dict(total)

@@ -50,7 +50,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
             "retained, signed aggregates per (category, region, window) to the public broker "
             "once a window is older than the publication lag — only for statistics of at least "
             "k companies with no company above the dominance cap, optionally with noise "
-            "against an ε budget — plus a disclosure receipt per aggregate. State (open "
+            "against an ε budget — plus a disclosure receipt per aggregate; with "
+            "consortium_output, the same statistics to the consortium's members on its own "
+            "broker after a shorter lag. State (open "
             "windows, counted item ids, ledger, outbox) lives in state_path, so a restart "
             "neither loses nor double-counts. SIGTERM/SIGINT stop it cleanly; a JSON status "
             "goes to stdout on exit."))

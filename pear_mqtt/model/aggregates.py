@@ -1,24 +1,23 @@
-"""What the bridge publishes, to the public and to the consortium's members (aggregates,
-receipts, ledger): the wire types nodes and the bridge both read. Contracts: docs/BRIDGE.md.
+"""What the public bridge publishes (aggregates, receipts, ledger): the wire types nodes and
+the bridge both read. Contracts: docs/BRIDGE.md.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "AggregateBody",
-    "BucketBody",
-    "HistogramBucket",
+    "BucketCount",
     "LedgerBody",
     "LedgerPeriod",
     "NoiseInfo",
+    "PriceHistogram",
     "PublishedCell",
     "PublishedGroupBody",
-    "PublishedHistogram",
     "PublishedStatistic",
     "ReceiptBody",
     "ReceiptCell",
@@ -40,48 +39,43 @@ class PublishedStatistic(_Out):
     sum: float | None = None
 
 
-class BucketBody(_Out):
-    """A ``ranges_only`` bucket ``[lo, hi)`` as members publish it (None: an open end)."""
-
-    lo: float | None = None
-    hi: float | None = None
-
-
-class HistogramBucket(BucketBody):
-    """One bucket of a histogram and the number of companies whose latest value in the cell
-    fell in it."""
-
-    companies: int
-
-
-class PublishedHistogram(_Out):
-    """How many companies published each bucket of one ``ranges_only`` field in a cell (each
-    company once, with its latest bucket), over at least k companies, and the bucket that
-    holds the median company. Buckets ascend; only buckets holding a company are listed."""
-
-    companies: int
-    buckets: list[HistogramBucket]
-    median: BucketBody
-
-
 class PublishedGroupBody(_Out):
-    """A group's published fields; ``currency`` for price statistics.
-
-    ``histograms`` (per field, from the buckets members publish under ``ranges_only``) is
-    left out of the message when there is none, so such a message reads as before.
-    """
+    """A group's published fields; ``currency`` for price statistics."""
 
     group: str
     currency: str | None = None
     fields: dict[str, PublishedStatistic]
-    histograms: dict[str, PublishedHistogram] | None = None
+
+
+class BucketCount(_Out):
+    """One price bucket ``[lo, hi)`` (``None``: open end) and how many companies' latest
+    bucket in the cell it is."""
+
+    lo: float | None = None
+    hi: float | None = None
+    companies: int
+
+
+class PriceHistogram(_Out):
+    """The ``ranges_only`` buckets of one price field in one currency over a cell: each
+    company counted once (its latest bucket), published only with at least k companies.
+    ``median`` is the bucket holding the median company (the lower one for an even count)."""
+
+    field: str
+    currency: str | None = None
+    companies: int
+    buckets: list[BucketCount]
+    median: BucketCount
 
 
 class PublishedCell(_Out):
-    """One region's statistics in an aggregate message."""
+    """One region's statistics in an aggregate message; ``histograms`` (absent when there
+    are none, so older readers still parse such messages) are the price bucket histograms."""
 
     region: str
     groups: list[PublishedGroupBody]
+    histograms: list[PriceHistogram] | None = Field(default=None,
+                                                    exclude_if=lambda v: v is None)
 
 
 class NoiseInfo(_Out):
@@ -92,11 +86,7 @@ class NoiseInfo(_Out):
 
 class AggregateBody(_Out):
     """The body of a retained ``aggregates/<category>`` message (envelope kind
-    ``aggregate``): the category's cells of one window that passed every test. ``network``
-    names the audience: the public network, or the consortium whose members it is for.
-
-    :meth:`wire` is the JSON the bridge signs: unset optional parts (histograms) are left
-    out, so an aggregate without them has the fields it always had."""
+    ``aggregate``): the category's cells of one window that passed every test."""
 
     network: str
     category: str
@@ -107,15 +97,6 @@ class AggregateBody(_Out):
     dominance_cap: float
     noise: NoiseInfo | None = None
     cells: list[PublishedCell]
-
-    def wire(self) -> dict[str, Any]:
-        """The body as the envelope carries it (histograms only where there are some)."""
-        data = self.model_dump(mode="json")
-        for cell in data["cells"]:
-            for group in cell["groups"]:
-                if group["histograms"] is None:
-                    del group["histograms"]
-        return data
 
 
 class ReceiptCell(_Out):

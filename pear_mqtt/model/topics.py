@@ -11,8 +11,6 @@
     pear/v1/consortium/<network>/<company>/state/<node>/<category path>
     pear/v1/consortium/<network>/<company>/nodes/<node>[/sync|/checkpoint/<page>]
     pear/v1/consortium/<network>/aggregates/<category path>        retained, bridge only
-    pear/v1/consortium/<network>/state/bridge/<name>               bridge ledger (retained)
-    pear/v1/consortium/<network>/state/bridge/receipts/<category path>   receipts (retained)
     pear/v1/public/<network>/aggregates/<category path>            retained, bridge only
     pear/v1/public/<network>/contrib/<participant>/<category path> bridge reads only
     pear/v1/public/<network>/nodes/<participant>[/sync]
@@ -21,10 +19,10 @@
 
 ``<company>`` is the member identity the broker authenticates (the node certificate's CN, see
 :mod:`pear_mqtt.pki`): the real company id, or its network pseudonym where the mode
-anonymises. In a consortium ``aggregates`` and ``state`` are reserved (the bridge's topics
-sit at the company level), so no member may be named so. The state topic carries the node so
-that every store of a company keeps its own retained state; DESIGN.md's
-``state/<category path>`` would let stores overwrite each other.
+anonymises; ``aggregates`` is reserved (the bridge's consortium aggregates use that level),
+so no member may be named so. The state topic carries the node so that every store of a
+company keeps its own retained state; DESIGN.md's ``state/<category path>`` would let
+stores overwrite each other.
 """
 
 from __future__ import annotations
@@ -36,10 +34,10 @@ from typing import Literal
 from ..errors import TopicError
 
 __all__ = [
+    "CONSORTIUM_AGGREGATES",
     "MAX_CATEGORY_DEPTH",
     "MAX_IDENTIFIER_LENGTH",
     "PREFIX",
-    "RESERVED_MEMBERS",
     "AclRule",
     "ParsedTopic",
     "TopicScheme",
@@ -58,8 +56,9 @@ MAX_CATEGORY_DEPTH = 8
 
 _MODES = ("private", "consortium", "public")
 
-RESERVED_MEMBERS: frozenset[str] = frozenset({"aggregates", "state"})
-"""Names no consortium member may have: the bridge's topics use them at the company level."""
+CONSORTIUM_AGGREGATES = "aggregates"
+"""The level under a consortium network where the bridge's aggregates live: where members
+have their identities, so no member may be named so (:class:`TopicScheme` refuses it)."""
 
 Kind = Literal["insights", "state", "nodes", "sync", "checkpoint", "aggregates", "contrib",
                "bridge_state", "bridge_receipt"]
@@ -161,9 +160,9 @@ class TopicScheme:
             raise TopicError(f"mode must be one of {_MODES}, got {self.mode!r}")
         validate_identifier(self.network, what="network_id")
         validate_identifier(self.member, what="company_id")
-        if self.mode == "consortium" and self.member in RESERVED_MEMBERS:
-            raise TopicError(f"company_id {self.member!r} is reserved in a consortium (the "
-                             f"bridge's topics use {sorted(RESERVED_MEMBERS)})")
+        if self.mode == "consortium" and self.member == CONSORTIUM_AGGREGATES:
+            raise TopicError(f"{CONSORTIUM_AGGREGATES!r} is reserved in consortium topics (the "
+                             "bridge's aggregates); no member may be named so")
 
     # -- scopes ---------------------------------------------------------------------------
     @property
@@ -233,25 +232,21 @@ class TopicScheme:
             raise TopicError(f"checkpoint page must be in [0, {CHECKPOINT_PAGES}), got {page!r}")
         return f"{self.presence(node)}/checkpoint/{page:02x}"
 
-    @property
-    def bridge_root(self) -> str:
-        """Where the bridge publishes on this broker: the public network's root, or the
-        consortium's (a private broker gets nothing from the bridge; its scheme names the
-        public topics, as it always has)."""
-        if self.mode == "consortium":
-            return self.network_root
-        return f"{PREFIX}/public/{self.network}"
-
     def aggregate(self, category: str) -> str:
-        """The aggregate for ``category`` (written by the bridge only): the public one, or in
-        a consortium the one for its members."""
+        """Public aggregate for ``category`` (written by the bridge only)."""
         validate_category(category)
-        return f"{self.bridge_root}/aggregates/{category}"
+        return f"{PREFIX}/public/{self.network}/aggregates/{category}"
+
+    def consortium_aggregate(self, category: str) -> str:
+        """The consortium's own aggregate for ``category`` on its broker (written by the
+        bridge only, read by every member)."""
+        validate_category(category)
+        return f"{PREFIX}/consortium/{self.network}/{CONSORTIUM_AGGREGATES}/{category}"
 
     def bridge_state(self, name: str) -> str:
-        """Retained bridge records next to the aggregates (the ε ledger)."""
+        """Retained bridge records on the public broker (ledger, receipts)."""
         validate_identifier(name, what="bridge state name")
-        return f"{self.bridge_root}/state/bridge/{name}"
+        return f"{PREFIX}/public/{self.network}/state/bridge/{name}"
 
     def bridge_receipt(self, category: str) -> str:
         """Retained disclosure receipt of the latest aggregate of ``category`` (bridge only).
@@ -260,22 +255,16 @@ class TopicScheme:
         level cannot clash with :meth:`bridge_state`, whose names are a single level.
         """
         validate_category(category)
-        return f"{self.bridge_root}/state/bridge/receipts/{category}"
+        return f"{PREFIX}/public/{self.network}/state/bridge/receipts/{category}"
 
     # -- subscription filters -------------------------------------------------------------
     def live_filter(self) -> str:
-        """Filter for the live insights this member may read (public: the aggregates)."""
+        """Filter for the live insights this member may read."""
         if self.mode == "private":
             return f"{self.network_root}/insights/#"
         if self.mode == "consortium":
             return f"{self.network_root}/+/insights/#"
-        return self.aggregates_filter()
-
-    def aggregates_filter(self) -> str:
-        """Filter for the bridge's aggregates this member may read (public or consortium)."""
-        if self.mode == "private":
-            raise TopicError("the bridge publishes no aggregates to a private broker")
-        return f"{self.bridge_root}/aggregates/#"
+        return f"{PREFIX}/public/{self.network}/aggregates/#"
 
     def state_filter(self) -> str:
         """Filter for the retained state this member may read (what ``sync()`` collects)."""
@@ -283,7 +272,16 @@ class TopicScheme:
             return f"{self.network_root}/state/#"
         if self.mode == "consortium":
             return f"{self.network_root}/+/state/#"
-        return self.aggregates_filter()
+        return f"{PREFIX}/public/{self.network}/aggregates/#"
+
+    def aggregates_filter(self) -> str:
+        """Filter for the bridge's aggregates this member reads: the public ones in public
+        mode, the consortium's own in consortium mode (private networks get none)."""
+        if self.mode == "private":
+            raise TopicError("private networks receive no aggregates")
+        if self.mode == "consortium":
+            return f"{self.network_root}/{CONSORTIUM_AGGREGATES}/#"
+        return f"{PREFIX}/public/{self.network}/aggregates/#"
 
     def checkpoint_filter(self) -> str:
         """Filter for the state checkpoints of every node whose state this member reads."""
@@ -320,9 +318,10 @@ def parse_topic(topic: str) -> ParsedTopic:
         if mode == "private":
             company, rest, network = parts[1], parts[2:], None
         elif mode == "consortium":
-            if parts[2] in RESERVED_MEMBERS:
-                return _parse_bridge(topic, "consortium", parts)
             network, company, rest = parts[1], parts[2], parts[3:]
+            if company == CONSORTIUM_AGGREGATES and rest:
+                return ParsedTopic(mode, validate_identifier(network, what="network"), None,
+                                   "aggregates", category=validate_category("/".join(rest)))
         elif mode == "public":
             return _parse_public(topic, parts)
         else:
@@ -352,31 +351,13 @@ def parse_topic(topic: str) -> ParsedTopic:
     raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
 
 
-def _parse_bridge(topic: str, mode: str, parts: list[str]) -> ParsedTopic:
-    """The bridge's topics under ``<mode>/<network>/``: aggregates, its state and receipts."""
-    try:
-        network = validate_identifier(parts[1], what="network")
-        kind, rest = parts[2], parts[3:]
-        if kind == "aggregates" and rest:
-            return ParsedTopic(mode, network, None, "aggregates",
-                               category=validate_category("/".join(rest)))
-        if kind == "state" and len(rest) == 2 and rest[0] == "bridge":
-            return ParsedTopic(mode, network, None, "bridge_state",
-                               node=validate_identifier(rest[1], what="bridge state name"))
-        if kind == "state" and len(rest) >= 3 and rest[:2] == ["bridge", "receipts"]:
-            return ParsedTopic(mode, network, None, "bridge_receipt",
-                               category=validate_category("/".join(rest[2:])))
-    except IndexError:
-        pass
-    raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
-
-
 def _parse_public(topic: str, parts: list[str]) -> ParsedTopic:
     try:
         network = validate_identifier(parts[1], what="network")
         kind, rest = parts[2], parts[3:]
-        if kind in ("aggregates", "state"):
-            return _parse_bridge(topic, "public", parts)
+        if kind == "aggregates" and rest:
+            return ParsedTopic("public", network, None, "aggregates",
+                               category=validate_category("/".join(rest)))
         if kind == "contrib" and len(rest) >= 2:
             participant = validate_identifier(rest[0], what="participant")
             return ParsedTopic("public", network, participant, "contrib",
@@ -387,6 +368,12 @@ def _parse_public(topic: str, parts: list[str]) -> ParsedTopic:
                 return ParsedTopic("public", network, participant, "nodes", node=participant)
             if rest[1] == "sync":
                 return ParsedTopic("public", network, participant, "sync", node=participant)
+        if kind == "state" and len(rest) == 2 and rest[0] == "bridge":
+            return ParsedTopic("public", network, None, "bridge_state",
+                               node=validate_identifier(rest[1], what="bridge state name"))
+        if kind == "state" and len(rest) >= 3 and rest[:2] == ["bridge", "receipts"]:
+            return ParsedTopic("public", network, None, "bridge_receipt",
+                               category=validate_category("/".join(rest[2:])))
     except IndexError:
         pass
     raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
@@ -499,9 +486,8 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
 
     - private: a company reads and writes ``pear/v1/private/<itself>/#``.
     - consortium: members read the whole network, write only under their own identity;
-      the ``bridge_users`` alone write the members' ``aggregates/`` and bridge state. The
-      reserved names (:data:`RESERVED_MEMBERS`) are denied there, so a certificate so named
-      cannot write the bridge's topics through the members' pattern.
+      the ``bridge_users`` alone write the consortium's ``aggregates/`` (no member can be
+      named ``aggregates``: :class:`TopicScheme` and the CA refuse it).
     - public: participants write their own ``contrib/`` and presence and read aggregates;
       the ``bridge_users`` alone write ``aggregates/`` and bridge state, and read ``contrib/``.
 
@@ -523,15 +509,10 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
             rules.append(AclRule("read", f"{PREFIX}/private/#", user=b))
     elif mode == "consortium":
         root = f"{PREFIX}/consortium/{network}"
-        rules += [AclRule("deny", f"{root}/{name}/#", user=name)
-                  for name in sorted(RESERVED_MEMBERS)]
         rules += [AclRule("read", f"{root}/#"), AclRule("write", f"{root}/%u/#")]
         for b in bridges:
-            rules += [
-                AclRule("read", f"{root}/#", user=b),
-                AclRule("readwrite", f"{root}/aggregates/#", user=b),
-                AclRule("readwrite", f"{root}/state/bridge/#", user=b),
-            ]
+            rules += [AclRule("read", f"{root}/#", user=b),
+                      AclRule("readwrite", f"{root}/{CONSORTIUM_AGGREGATES}/#", user=b)]
     else:
         root = f"{PREFIX}/public/{network}"
         rules += [

@@ -198,12 +198,12 @@ class PearNetwork:
 
     def aggregates(self) -> AsyncIterator[ReceivedAggregate]:
         """Every verified aggregate from now on, until ``disconnect()``: the public ones in
-        public mode, the consortium's own (published by the bridge for its members) in
+        public mode, the consortium's own (``consortium_output`` of the bridge) in
         consortium mode.
 
         Only the bridge may write aggregates (broker ACL); a receiver also checks that the
-        signer's certificate is a bridge's (node ``bridge``) of this network before it
-        believes one.
+        signer's certificate is a bridge's (node ``bridge``) of this network, and that the
+        body names the topic's network and category, before it believes one.
         """
         return self._streams.aggregates()
 
@@ -231,14 +231,9 @@ class PearNetwork:
         try:
             async with asyncio.timeout(timeout):
                 # Nodes' checkpoint pages carry their states (one signature per page); public
-                # mode has no node state, only the bridge's retained aggregates. A consortium
-                # node takes the bridge's retained aggregates for its members along (its live
-                # subscription stays).
+                # mode has no node state, only the bridge's retained aggregates.
                 state_filter = t.state_filter() if public else t.checkpoint_filter()
-                filters = [(state_filter, 1)]
-                if self.config.mode is NetworkMode.CONSORTIUM:
-                    filters.append((t.aggregates_filter(), 1))
-                await conn.subscribe(filters)
+                await conn.subscribe([(state_filter, 1)])
                 await self._markers.round_trip(conn)
                 if not public:  # public mode reads state and live aggregates as one
                     await conn.unsubscribe([state_filter])

@@ -145,7 +145,7 @@ class Receiver:
             for raw in items:
                 self._deliver(raw, msg.topic, msg.retain, signer, dedup=True, now=now)
         elif kind == "aggregate" and parsed.kind == "aggregates":
-            self._deliver_aggregate(body, msg, signer, parsed)
+            self._deliver_aggregate(body, msg, parsed, signer)
         elif kind == "state" and parsed.kind == "state":
             received = self._deliver(body, msg.topic, msg.retain, signer, dedup=False)
             if received is not None:
@@ -193,10 +193,8 @@ class Receiver:
                     log.exception("insight callback %r failed", cb)
         return received
 
-    def _deliver_aggregate(self, body: Any, msg: InboundMessage, signer: Identity,
-                           parsed: ParsedTopic) -> None:
-        # The bridge's own aggregates only (public, or a consortium's for its members): a
-        # bridge certificate of this network (the codec's trust), for the topic's network.
+    def _deliver_aggregate(self, body: Any, msg: InboundMessage, parsed: ParsedTopic,
+                           signer: Identity) -> None:
         if signer.node != "bridge":
             self._counters.dropped["identity_mismatch"] += 1
             return
@@ -205,8 +203,8 @@ class Receiver:
         except ValidationError:
             self._counters.dropped["malformed"] += 1
             return
-        if aggregate.network != parsed.network or aggregate.category != parsed.category:
-            self._counters.dropped["mismatch"] += 1
+        if (aggregate.network, aggregate.category) != (parsed.network, parsed.category):
+            self._counters.dropped["mismatch"] += 1  # a bridge message moved to another topic
             return
         received = ReceivedAggregate(topic=msg.topic, aggregate=aggregate, retained=msg.retain,
                                      received_at=self._clock())

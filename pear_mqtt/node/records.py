@@ -27,8 +27,7 @@ class ReceivedInsight:
 
 @dataclass(frozen=True, slots=True)
 class ReceivedAggregate:
-    """An aggregate as the bridge signed it, public or for the consortium's members (see
-    docs/BRIDGE.md for the fields)."""
+    """A public aggregate as the bridge signed it (see docs/BRIDGE.md for the fields)."""
 
     topic: str
     aggregate: AggregateBody
@@ -53,8 +52,7 @@ class SyncResult:
 
     states: dict[str, ReceivedInsight]
     duration: float
-    # The bridge's retained aggregates (public mode, or the consortium's own), one per
-    # category.
+    # Public and consortium modes: the bridge's retained aggregates, one per category.
     aggregates: dict[str, ReceivedAggregate] = field(default_factory=dict)
 
     def __len__(self) -> int:

@@ -14,7 +14,6 @@ from typing import Any
 from ..backoff import retrying
 from ..config.models import NetworkConfig
 from ..errors import ConnectError, PearError, TransportError
-from ..model.insight import NetworkMode
 from ..model.topics import TopicScheme
 from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
@@ -220,8 +219,10 @@ class ConnectionSupervisor:
         t = self._scheme
         qos = self.config.reliability.qos
         filters = [(t.presence_filter(), 1), (t.live_filter(), qos)]
-        if self.config.mode is NetworkMode.CONSORTIUM:
-            filters.append((t.aggregates_filter(), qos))  # the bridge's, for the members
+        if t.mode == "consortium":
+            # The bridge's consortium aggregates (retained, so they arrive on connect too);
+            # in public mode the live filter already is the aggregates'.
+            filters.append((t.aggregates_filter(), 1))
         granted = await conn.subscribe(filters, no_local=True)
         # The sync marker must come back to us, so that one subscription allows local echo.
         granted += await conn.subscribe([(t.sync_marker(self.config.node_id), 1)])

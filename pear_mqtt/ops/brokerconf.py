@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from ..errors import BrokerError, ConfigError, PKIError, TopicError
-from ..model.topics import RESERVED_MEMBERS, AclRule, acl_rules, validate_identifier
+from ..model.topics import AclRule, acl_rules, validate_identifier
 from ..security.pki import revoked_nodes
 
 __all__ = [
@@ -85,21 +85,14 @@ def acl_text(*, modes: Iterable[str], network: str, bridge_users: Iterable[str] 
         "",
         *patterns,
     ]
-    # Bridges, then the reserved names (every consortium ACL has them), then members with
-    # revoked nodes: a list without revocations is the head of the same list with them.
-    named = [r.user for r in rules if r.user is not None]
-    users = list(dict.fromkeys([*bridges, *(u for u in named if u in RESERVED_MEMBERS),
-                                *named]))
+    users = list(dict.fromkeys([*bridges, *(r.user for r in rules if r.user is not None)]))
     for user in users:
         own = [r for r in rules if r.user == user]
         # A stable sort: deny lines move to the front, everything else keeps its order.
         own.sort(key=lambda r: r.access != "deny")
         if own:
             lines += [""]
-            if user in RESERVED_MEMBERS:
-                lines += ["# A name the bridge's consortium topics use: a certificate so named",
-                          "# must not write them through the members' pattern."]
-            elif any(r.access == "deny" for r in own):
+            if any(r.access == "deny" for r in own):
                 lines += ["# Nodes of this member whose certificate is revoked: their retained",
                           "# state stops being served (check_retain_source), nobody writes it."]
             lines += [f"user {user}", *dict.fromkeys(r.mosquitto() for r in own)]

@@ -39,6 +39,7 @@ from pear_mqtt.config.models import (
     NetworkConfig,
     PrivacyConfig,
     ReliabilityConfig,
+    default_sharing,
 )
 from pear_mqtt.errors import PearError
 from pear_mqtt.model.aggregates import AggregateBody, LedgerBody, ReceiptBody
@@ -54,6 +55,7 @@ from pear_mqtt.model.topics import TopicScheme
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.privacy.aggregate import aggregate_cell
 from pear_mqtt.privacy.filter import Contribution
+from pear_mqtt.privacy.ranges import RangeScheme
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.pki import CertPaths
@@ -144,14 +146,16 @@ class Net:
             bridge_id=bridge_id,
             consortium=SourceConfig(
                 network_id=self.pki.network, broker_url=self.consortium.tls_url, tls=tls,
-                encryption=EncryptionConfig(keys={"k1": GROUP_KEY}), data_sharing=POLICY,
+                encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active=kw.pop("active", None)),
+                data_sharing=kw.pop("sharing", POLICY),
                 aggregator_key_file=self.key_file, reliability=FAST) if consortium else None,
             private=list(private),
             public=PublicConfig(network_id=self.pki.network, broker_url=self.public.tls_url,
                                 tls=tls, aggregator_key_file=self.key_file,
                                 contributions=contributions, reliability=FAST),
             min_companies=kw.pop("min_companies", K), dominance_cap=kw.pop("dominance_cap", CAP),
-            window_seconds=DAY, publication_lag_seconds=DAY, settle_seconds=0,
+            window_seconds=DAY, publication_lag_seconds=kw.pop("publication_lag_seconds", DAY),
+            settle_seconds=0,
             state_path=self.root / state, tick_seconds=0.05, **kw)
 
     def marker(self) -> list[Received]:
@@ -198,7 +202,8 @@ class Input:
 
 
 async def publish(net: Net, inputs: Sequence[Input], *,
-                  mode: NetworkMode = NetworkMode.CONSORTIUM) -> None:
+                  mode: NetworkMode = NetworkMode.CONSORTIUM,
+                  levels: dict[str, SharingLevel] | None = None) -> None:
     """Each (company, store) as its own node, as in production."""
     by_node: dict[tuple[str, str], list[MarketInsight]] = {}
     for i in inputs:
@@ -206,7 +211,7 @@ async def publish(net: Net, inputs: Sequence[Input], *,
 
     async def one(company: str, store: str, items: list[MarketInsight]) -> None:
         async with PearNetwork(net.node_config(net.member(company), node=store,
-                                               mode=mode)) as node:
+                                               mode=mode, levels=levels)) as node:
             for it in items:
                 await node.broadcast_market_insight(it)
             await node.flush(timeout=WAIT)
@@ -855,3 +860,120 @@ async def test_a_window_closed_during_an_outage_is_sent_later_byte_for_byte(net:
                       scheme.bridge_state("ledger")):
             msg, _ = spy.expect(topic, timeout=WAIT)
             assert msg.payload == pending[topic]
+
+
+# -- the consortium's own aggregates and price histograms -------------------------------------
+
+NOT_AUTHORIZED = 0x87
+
+
+def consortium_marker(net: Net, spy: MqttProbe) -> list[Received]:
+    """Everything ``spy`` (on the consortium broker's aggregates) received so far, proved
+    complete by a marker published after it (on the plaintext listener, which has no ACL)."""
+    topic = f"pear/v1/consortium/{net.pki.network}/aggregates/spy/{uuid.uuid4().hex}"
+    with probe(net.consortium) as p:
+        p.publish(topic, b"marker")
+    _, before = spy.expect(topic, timeout=WAIT)
+    return before
+
+
+def histograms_of(body: AggregateBody) -> dict[str, Any]:
+    return {c.region: [h.model_dump(mode="json") for h in c.histograms or ()]
+            for c in body.cells}
+
+
+async def test_price_histograms_reach_the_consortium_first_then_the_public(net: Net) -> None:
+    """Under the default consortium policy prices are ranges_only (buckets, nothing sealed):
+    the bridge counts each company's latest bucket per cell and publishes the histogram with
+    k companies or more — to the consortium's members after the consortium lag (a member
+    node receives it through aggregates() and sync()), and the same one to the public after
+    the publication lag. A cell of fewer than k companies yields nothing on either side."""
+    levels = default_sharing(NetworkMode.CONSORTIUM)
+    assert levels["price_data"] is SharingLevel.RANGES_ONLY
+    start = yesterday()
+    prices = [1.05, 1.1, 1.2, 1.6, 1.7, 2.6]  # none a bucket edge (those are public)
+    inputs = [Input(company=f"h{n}", store="store-1",
+                    insight=insight("fruit/apples", start=start + timedelta(hours=n + 1),
+                                    price=p)) for n, p in enumerate(prices)]
+    # h0's other store saw 9.0 earlier in the window: the company counts once, latest bucket
+    inputs.append(Input(company="h0", store="store-2",
+                        insight=insight("fruit/apples", start=start, price=9.0)))
+    few = [Input(company=f"f{n}", store="store-1",
+                 insight=insight("fruit/pears", start=start, price=1.01 + n / 10))
+           for n in range(K - 1)]
+    ranges = RangeScheme.from_config(PrivacyConfig())
+    counts: dict[tuple[float | None, float | None], int] = {}
+    for p in prices:
+        b = ranges.bucket(p, category="fruit/apples")
+        counts[(b.lo, b.hi)] = counts.get((b.lo, b.hi), 0) + 1
+    want = [{"lo": lo, "hi": hi, "companies": n} for (lo, hi), n in sorted(counts.items())]
+    median = ranges.bucket(sorted(prices)[2], category="fruit/apples")
+
+    config = net.bridge_config(sharing=levels, consortium_output=True, active="k1",
+                               consortium_lag_seconds=DAY, publication_lag_seconds=3 * DAY)
+    ours = TopicScheme(mode="consortium", network=net.pki.network, member="x")
+    theirs = TopicScheme(mode="public", network=net.pki.network, member="x")
+    clock = Clock()
+    with probe(net.consortium, subscribe=[ours.aggregates_filter()]) as cspy:
+        async with Bridge(config, clock=clock) as bridge, \
+                PearNetwork(net.node_config(net.member("reader"), levels=levels)) as member:
+            stream = member.aggregates()
+            first = asyncio.ensure_future(anext(stream))
+            await publish(net, [*inputs, *few], levels=levels)
+            await wait(bridge, lambda s: s.items_counted >= len(inputs) + len(few))
+            clock.advance(2 * DAY + 1)  # past the consortium lag, not the public one
+            bridge.poke()
+            received = await asyncio.wait_for(first, WAIT)
+            # (the probe blocks: ask it only once the message is known to be there)
+            cmsg, _ = cspy.expect(ours.consortium_aggregate("fruit/apples"), timeout=WAIT)
+            assert b'"enc"' in cmsg.payload  # under the group key, like all else there
+            assert received.topic == cmsg.topic
+            got = received.aggregate
+            assert got.network == net.pki.network and got.min_companies == K
+            (cell,) = got.cells
+            assert cell.groups == []  # prices only as buckets: no mean, nothing sealed
+            (hist,) = cell.histograms or ()
+            assert (hist.field, hist.currency, hist.companies) == ("price", "EUR", 6)
+            assert [b.model_dump(mode="json") for b in hist.buckets] == want
+            assert (hist.median.lo, hist.median.hi) == (median.lo, median.hi)
+            synced = await member.sync()
+            assert synced.aggregates[received.topic].aggregate == got
+            # nothing public yet
+            assert not [m for m in net.marker() if "/aggregates/" in m.topic]
+            assert bridge.status().windows_published == 0
+            # the window is fixed now: what comes later is dropped, so the public gets
+            # exactly what the consortium got (no difference to learn a company from)
+            await publish(net, [Input(company="h9", store="store-1", insight=insight(
+                "fruit/apples", start=start + timedelta(hours=3), price=5.0))], levels=levels)
+            await wait(bridge, lambda s: s.dropped.get("late") == 1)
+            clock.advance(2 * DAY)
+            bridge.poke()
+            await wait(bridge, lambda s: s.windows_published == 1 and s.outbox_depth == 0)
+        # one consortium aggregate in all: none for the pears, none again for the apples
+        assert consortium_marker(net, cspy) == []
+    messages = net.marker()
+    public = published(messages, net.pki.network)
+    assert set(public) == {"fruit/apples"}
+    receipt = next(m for m in messages if m.topic == theirs.bridge_receipt("fruit/apples"))
+    codec = EnvelopeCodec(signer=Signer.from_files(key_file=net.pki.bridge.key,
+                                                   cert_file=net.pki.bridge.cert),
+                          trust=TrustStore.from_files(ca_files=[net.pki.ca],
+                                                      network=net.pki.network))
+    body, rec = verify_publication(aggregate_payload=public["fruit/apples"].payload,
+                                   receipt_payload=receipt.payload, codec=codec)
+    assert histograms_of(body) == histograms_of(got)  # the same signal, later
+    assert rec.cells[0].contributors == 6
+    assert_nothing_individual(net, messages, [*inputs, *few])
+
+
+async def test_a_member_cannot_publish_on_the_consortium_aggregates_topic(net: Net) -> None:
+    scheme = TopicScheme(mode="consortium", network=net.pki.network, member="x")
+    topic = scheme.consortium_aggregate("fruit/apples")
+    with probe(net.consortium, subscribe=[scheme.aggregates_filter()]) as spy:
+        with probe(net.consortium, net.pki.node(net.member("intruder"))) as intruder:
+            rc = intruder.publish(topic, b"forged", retain=True)
+            assert rc is not None and rc.value == NOT_AUTHORIZED, rc
+        with probe(net.consortium, net.pki.bridge) as bridge:
+            rc = bridge.publish(topic, b"", retain=True)  # the bridge may (clears nothing)
+            assert rc is not None and not rc.is_failure, rc
+        assert [m.payload for m in consortium_marker(net, spy)] == [b""]

@@ -333,6 +333,25 @@ async def test_company_cannot_publish_into_another_subtree(start_broker: StartBr
     assert all(not m.topic.startswith(globex.member_root) for m in retained), retained
 
 
+async def test_only_the_bridge_writes_the_consortium_aggregates(start_broker: StartBroker,
+                                                                peers: MakePeer,
+                                                                pki: NetworkPKI) -> None:
+    broker = await start_broker("consortium")
+    acme = scheme("consortium", "acme")
+    topic = scheme("consortium", pki.bridge_user).consortium_aggregate("dairy")
+    reader = await peers(port=broker.tls_port, certs=pki.nodes["initech"],
+                         client_id="reader").connected()
+    assert await reader.subscribe(acme.aggregates_filter())  # every member reads them
+    intruder = await peers(port=broker.tls_port, certs=pki.nodes["acme"],
+                           client_id="intruder").connected()
+    await intruder.publish(topic, b"forged", retain=True)
+    bridge = await peers(port=broker.tls_port, certs=pki.bridge,
+                         client_id="bridge").connected()
+    await bridge.publish(topic, b"genuine", retain=True)
+    # the forged one never arrives: the bridge's, published after it, is the first
+    assert (await reader.next_message()).payload == b"genuine"
+
+
 async def test_public_participant_rights(start_broker: StartBroker, peers: MakePeer,
                                          pki: NetworkPKI) -> None:
     broker = await start_broker("public")

@@ -28,7 +28,7 @@ from pear_mqtt.bridge.aggregation import (
     WindowResult,
     aggregate_window,
 )
-from pear_mqtt.bridge.closing import due_windows
+from pear_mqtt.bridge.closing import WindowCloser, due_windows
 from pear_mqtt.bridge.config import (
     DEFAULT_BOUNDS,
     BridgeConfig,
@@ -36,10 +36,11 @@ from pear_mqtt.bridge.config import (
     DPConfig,
     SourceConfig,
 )
+from pear_mqtt.bridge.histogram import BUCKETS
 from pear_mqtt.bridge.ingest import Ingestor
 from pear_mqtt.bridge.links import InputLink, input_links
 from pear_mqtt.bridge.noise import NoiseMechanism
-from pear_mqtt.bridge.output import BridgeOutput, verify_publication
+from pear_mqtt.bridge.output import PublicOutput, verify_publication
 from pear_mqtt.bridge.state import (
     BridgeStore,
     LedgerEntry,
@@ -634,11 +635,11 @@ def bridge_config(m: Material, **kw: Any) -> BridgeConfig:
     return BridgeConfigManager.load(env={}, **minimal(m, **kw))
 
 
-def output(m: Material, **kw: Any) -> tuple[BridgeOutput, EnvelopeCodec]:
+def output(m: Material, **kw: Any) -> tuple[PublicOutput, EnvelopeCodec]:
     codec = EnvelopeCodec(
         signer=Signer.from_files(key_file=m.bridge.key, cert_file=m.bridge.cert),
         trust=TrustStore.from_files(ca_files=[m.ca], network="mkt"))
-    return BridgeOutput(config=bridge_config(m, **kw), codec=codec), codec
+    return PublicOutput(config=bridge_config(m, **kw), codec=codec), codec
 
 
 def cell(companies: int, *, region: str = "north", stddev: float | None = None) -> CellResult:
@@ -766,9 +767,9 @@ def test_windows_become_due_after_lag_and_settling(store: BridgeStore) -> None:
     assert old in due(due_at + 1110)
 
 
-def test_only_the_bridge_output_publishes() -> None:
+def test_only_the_public_output_publishes() -> None:
     """Structural: the one call in the bridge that writes to a broker sits in
-    BridgeOutput.send (one instance per broker it writes to)."""
+    PublicOutput.send."""
     import ast
     import pkgutil
 
@@ -784,11 +785,11 @@ def test_only_the_bridge_output_publishes() -> None:
                               if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
             elif isinstance(top, ast.FunctionDef | ast.AsyncFunctionDef):
                 functions.append((f"{info.name}.{top.name}", top))
-    assert any(name == "output.BridgeOutput.send" for name, _ in functions)
+    assert any(name == "output.PublicOutput.send" for name, _ in functions)
     sites = [name for name, fn in functions for call in ast.walk(fn)
              if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
              and call.func.attr in ("publish", "will_set")]
-    assert sites == ["output.BridgeOutput.send"], sites
+    assert sites == ["output.PublicOutput.send"], sites
 
 
 # -- ingesting a backlog ----------------------------------------------------------------------
@@ -933,3 +934,183 @@ def test_store_batches_classify_redeliveries_and_refuse_non_finite_values(
     with pytest.raises(ValueError, match="finite"):
         store.add([new("h"), bad], now=3.0)
     assert sorted(c.item_id for c in store.contributions(W0)) == ["a", "b", "c", "d", "f"]
+
+
+# -- price histograms and the consortium output -----------------------------------------------
+
+def bucketed(company: str, lo: float | None, hi: float | None, *, at: float = 0.0,
+             domain: str = "grp", iid: str | None = None) -> StoredContribution:
+    stored_buckets: dict[str, float] = {"at": at, "price.set": 1.0}
+    if lo is not None:
+        stored_buckets["price.lo"] = lo
+    if hi is not None:
+        stored_buckets["price.hi"] = hi
+    return stored(company, {BUCKETS: stored_buckets}, domain=domain,
+                  iid=iid or f"{company}-{at}")
+
+
+def test_histogram_counts_each_companys_latest_bucket_only_with_k_companies() -> None:
+    rows = [bucketed(f"co{n}", 1.0, 1.25) for n in range(3)]
+    rows += [bucketed("co3", 1.25, 1.5), bucketed("co4", 1.5, None)]
+    # co0 reported a higher bucket later in the window: its latest counts, once.
+    rows.append(bucketed("co0", 1.5, None, at=3600.0))
+    (c,) = run(rows).cells
+    assert c.groups == [] and c.published
+    (h,) = c.histograms
+    assert (h.field, h.currency, h.companies) == ("price", "EUR", 5)
+    assert [(b.lo, b.hi, b.companies) for b in h.buckets] == [(1.0, 1.25, 2), (1.25, 1.5, 1),
+                                                              (1.5, None, 2)]
+    assert (h.median.lo, h.median.hi) == (1.25, 1.5)
+    # four companies: nothing, and counted as below_k
+    few = run([r for r in rows if r.company != "co4"]).cells[0]
+    assert few.histograms == [] and not few.published
+    assert few.suppressed == {"below_k": 1}
+    # a dominance cap below 1/k withholds it too
+    assert run(rows, cap=0.1).cells[0].histograms == []
+
+
+def test_histogram_across_identity_domains_counts_the_largest_domain_alone() -> None:
+    rows = [bucketed(f"co{n}", 1.0, 1.25, domain="grp") for n in range(3)]
+    rows += [bucketed(f"pub{n}", 1.0, 1.25, domain="mkt") for n in range(3)]
+    assert run(rows).cells[0].histograms == []
+    rows += [bucketed(f"co{n}", 1.0, 1.25, domain="grp") for n in range(3, 5)]
+    assert [h.companies for h in run(rows, cap=0.5).cells[0].histograms] == [8]
+
+
+def test_statistics_off_leaves_only_histograms() -> None:
+    rows = [stored(f"co{n}", {"sales_data": {"units": 10.0 + n}}) for n in range(5)]
+    rows += [bucketed(f"co{n}", 1.0, 1.25) for n in range(5)]
+    full = run(rows).cells[0]
+    assert full.groups and full.histograms
+    only = aggregate_window(W0, rows, window_seconds=DAY, min_companies=5,
+                            dominance_cap=0.25, dp=NO_DP, statistics=False).cells[0]
+    assert only.groups == [] and only.histograms == full.histograms
+
+
+def test_store_closes_a_window_for_the_consortium_first(store: BridgeStore) -> None:
+    store.add([new("a")], now=10.0)
+    assert not store.frozen(W0)
+    store.close_consortium(W0, now=20.0, outgoing=[("c/t", b"C", True)])
+    assert store.frozen(W0) and store.consortium_outbox_depth == 1
+    with pytest.raises(OutboxError, match="consortium"):
+        store.add([new("b")], now=21.0)
+    # the items stay for the public close; the public outbox is untouched
+    assert [c.item_id for c in store.contributions(W0)] == ["a"]
+    assert store.pending() == [] and store.window_state(W0) == "open"
+    (row,) = store.consortium_pending()
+    store.acknowledge_consortium([row.id])
+    assert store.consortium_pending() == []
+    reopened = BridgeStore(store.path)
+    try:
+        assert reopened.frozen(W0)
+    finally:
+        reopened.close()
+
+
+def test_consortium_output_publishes_aggregates_only_on_the_consortium_topic(
+        material: Material) -> None:
+    codec = EnvelopeCodec(
+        signer=Signer.from_files(key_file=material.bridge.key, cert_file=material.bridge.cert),
+        trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"))
+    config = bridge_config(material, consortium_output=True, consortium_lag_seconds=3600)
+    out = PublicOutput(config=config, codec=codec, audience="consortium")
+    messages, receipts = out.build(window(cell(5)), now=W0 + DAY)
+    scheme = TopicScheme(mode="consortium", network="grp", member="bridge")
+    assert [(t, r) for t, _, r in messages] == [(scheme.consortium_aggregate("food/milk"), True)]
+    assert receipts == []
+    body = AggregateBody.model_validate(codec.decode(messages[0][1], check_replay=False)
+                                        .message.body)
+    assert body.network == "grp" and body.noise is None
+    out.admit(OutgoingRow(id=1, window_start=W0, topic=messages[0][0], payload=messages[0][1],
+                          retain=True))
+    public, _ = output(material)
+    pub_messages, _ = public.build(window(cell(5)), now=W0 + DAY)
+    for topic, payload in ((pub_messages[0][0], pub_messages[0][1]),
+                           (pub_messages[1][0], pub_messages[1][1])):
+        with pytest.raises(PrivacyError, match="refusing"):  # the public's topics: not here
+            out.admit(OutgoingRow(id=2, window_start=W0, topic=topic, payload=payload,
+                                  retain=True))
+
+
+def test_consortium_output_config_rules(material: Material) -> None:
+    with pytest.raises(ConfigError, match="consortium_lag_seconds"):
+        bridge_config(material, consortium_output=True, publication_lag_seconds=3600,
+                      consortium_lag_seconds=7200)
+    with pytest.raises(ConfigError, match="needs a consortium source"):
+        BridgeConfigManager.load(env={}, consortium_output=True, public={
+            "network_id": "mkt", "broker_url": "mqtts://p:8883"})
+    off = bridge_config(material)
+    on = bridge_config(material, consortium_output=True)
+    assert on.policy_version() != off.policy_version()
+    assert "consortium_lag_seconds" not in off.policy_document()
+
+
+def test_due_windows_for_the_consortium_come_first(material: Material,
+                                                   store: BridgeStore) -> None:
+    config = bridge_config(material, consortium_output=True, consortium_lag_seconds=3600,
+                           publication_lag_seconds=DAY, settle_seconds=0)
+    store.add([new("a")], now=float(W0))
+    windows = store.open_windows()
+    at = W0 + DAY + 3600
+    assert due_windows(windows, config=config, now=at,
+                       lag=config.consortium_lag_seconds) == [W0]
+    assert due_windows(windows, config=config, now=at) == []
+    assert due_windows(windows, config=config, now=W0 + 2 * DAY) == [W0]
+
+
+def test_ingest_keeps_ranges_only_price_buckets_until_the_consortium_close(
+        ingest: Ingest) -> None:
+    def published(iid: str, lo: float, hi: float) -> dict[str, Any]:
+        shared = SharedInsight(category=CATEGORY, region="north", window_start=T0,
+                               window_end=T0 + timedelta(hours=1),
+                               levels={"price_data": SharingLevel.RANGES_ONLY},
+                               groups={"price_data": {"currency": "EUR",
+                                                      "price": ValueRange(lo=lo, hi=hi)}})
+        return {"iid": iid, "insight": shared.model_dump(mode="json")}
+
+    ingest.ingestor.ingest(ingest.link, [ingest.message(published("p1", 1.0, 1.25))])
+    assert ingest.counters.items_counted == 1 and ingest.counters.ignored == 0
+    (row,) = ingest.store.contributions(W0)
+    assert row.currency == "EUR"
+    assert row.values == {BUCKETS: {"price.lo": 1.0, "price.hi": 1.25, "price.set": 1.0,
+                                    "at": float(W0)}}
+    ingest.store.close_consortium(W0, now=W0 + DAY, outgoing=[])
+    ingest.ingestor.ingest(ingest.link, [ingest.message(published("p2", 1.25, 1.5625))])
+    assert ingest.counters.dropped == {"late": 1}
+    assert [r.item_id for r in ingest.store.contributions(W0)] == ["p1"]
+
+
+def test_consortium_close_with_noise_on_carries_only_histograms_and_spends_nothing(
+        material: Material, tmp_path: Path) -> None:
+    config = bridge_config(material, consortium_output=True, consortium_lag_seconds=3600,
+                           state_path=str(tmp_path / "s.sqlite"),
+                           dp={"mechanism": "laplace", "budget_per_period": 5.0})
+    codec = EnvelopeCodec(
+        signer=Signer.from_files(key_file=material.bridge.key, cert_file=material.bridge.cert),
+        trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"))
+    store = BridgeStore(config.state_path)
+    try:
+        store.add([NewContribution(
+            source_key=f"c/grp/co{n}", item_id=f"i{n}", window_start=W0, category="food/milk",
+            region="north", domain="grp", company=f"co{n}", currency="EUR",
+            values={"sales_data": {"units": 10.0 + n},
+                    BUCKETS: {"at": float(W0), "price.lo": 1.0, "price.hi": 1.25,
+                              "price.set": 1.0}},
+            digest=bytes([n]) * 32, token_digest=None) for n in range(6)], now=float(W0))
+        closer = WindowCloser(
+            config=config, store=store, noise=NoiseMechanism(config.dp, rng=random.Random(1)),
+            output=PublicOutput(config=config, codec=codec), counters=BridgeCounters(),
+            consortium=PublicOutput(config=config, codec=codec, audience="consortium"))
+        assert closer.consortium_due(store.open_windows(), W0 + DAY + 3600) == [W0]
+        closer.close_consortium(W0, W0 + DAY + 3600)
+        assert closer.consortium_due(store.open_windows(), W0 + DAY + 3600) == []
+        (row,) = store.consortium_pending()
+        body = AggregateBody.model_validate(codec.decode(row.payload, check_replay=False)
+                                            .message.body)
+        (cell,) = body.cells
+        assert cell.groups == [] and body.noise is None  # no noisy statistic for members
+        assert [h.companies for h in cell.histograms or ()] == [6]
+        assert store.ledger() == [] and store.pending() == []
+        assert len(store.contributions(W0)) == 6  # kept for the public close
+    finally:
+        store.close()

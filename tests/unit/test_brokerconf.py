@@ -233,8 +233,9 @@ def test_deny_lines_lead_a_bridge_users_section() -> None:
     lines = _acl_lines(brokerconf.acl_text(modes=["consortium"], network="grp",
                                            bridge_users=["br"], revoked=[("br", "n1")]))
     section = lines[lines.index("user br") + 1:]
-    section = section[:next(i for i, ln in enumerate(section) if ln.startswith("user "))]
-    assert [ln.split()[1] for ln in section] == ["deny"] * 4 + ["read"] + ["readwrite"] * 2
+    # then its grants: read the network, write the consortium's aggregates
+    assert [ln.split()[1] for ln in section] == ["deny"] * 4 + ["read", "readwrite"]
+    assert section[-1] == "topic readwrite pear/v1/consortium/grp/aggregates/#"
     assert lines.count("user br") == 1
 
 

@@ -8,9 +8,11 @@ validation, and what they mean under :class:`pear_mqtt.ops.embedded.policy.Acces
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from pear_mqtt.errors import TopicError
+from pear_mqtt.errors import PKIError, TopicError
 from pear_mqtt.model.topics import (
     AclRule,
     TopicScheme,
@@ -21,6 +23,7 @@ from pear_mqtt.model.topics import (
     topic_matches,
 )
 from pear_mqtt.ops.embedded.policy import AccessPolicy
+from pear_mqtt.security import pki as pkimod
 
 pytestmark = pytest.mark.unit
 
@@ -186,42 +189,34 @@ def test_filter_covers(outer: str, inner: str, expected: bool) -> None:
     assert filter_covers(outer, inner) is expected
 
 
-# -- the bridge's topics in a consortium ----------------------------------------------------
-
-def test_consortium_bridge_topics_round_trip_and_are_reserved() -> None:
+def test_consortium_aggregates_topic_parse_and_acl() -> None:
+    bridge = TopicScheme("consortium", NET, "br")
+    topic = bridge.consortium_aggregate("insights/dairy")
+    assert topic == f"{CONSORTIUM}/aggregates/insights/dairy"
+    parsed = parse_topic(topic)
+    assert (parsed.mode, parsed.network, parsed.company, parsed.kind, parsed.category) == (
+        "consortium", NET, None, "aggregates", "insights/dairy")
     acme = TopicScheme("consortium", NET, "acme")
-    assert acme.bridge_root == CONSORTIUM
     assert acme.aggregates_filter() == f"{CONSORTIUM}/aggregates/#"
-    for topic, kind, extra in (
-            (acme.aggregate("food/milk"), "aggregates", {"category": "food/milk"}),
-            (acme.bridge_receipt("food/milk"), "bridge_receipt", {"category": "food/milk"}),
-            (acme.bridge_state("ledger"), "bridge_state", {"node": "ledger"})):
-        parsed = parse_topic(topic)
-        assert (parsed.mode, parsed.network, parsed.company, parsed.kind) == (
-            "consortium", NET, None, kind)
-        assert all(getattr(parsed, k) == v for k, v in extra.items())
-    # a member's own topics parse as before; public ones are unchanged
-    assert parse_topic(acme.insights("food")).company == "acme"
-    public = TopicScheme("public", NET, "acme")
-    assert public.aggregate("food") == f"pear/v1/public/{NET}/aggregates/food"
-    assert public.live_filter() == public.aggregates_filter()
-    for name in ("aggregates", "state"):
-        with pytest.raises(TopicError, match="reserved"):
-            TopicScheme("consortium", NET, name)
+    assert topic_matches(acme.aggregates_filter(), topic)
+    assert TopicScheme("public", NET, "p1").aggregates_filter() == \
+        "pear/v1/public/grp/aggregates/#"
     with pytest.raises(TopicError):
         TopicScheme("private", NET, "acme").aggregates_filter()
-
-
-def test_only_bridge_users_write_the_consortium_aggregates() -> None:
+    # nobody may be the member "aggregates" in a consortium, so no member's subtree is it
+    with pytest.raises(TopicError, match="reserved"):
+        TopicScheme("consortium", NET, "aggregates")
     policy = AccessPolicy.for_network(mode="consortium", network=NET, bridge_users=["br"])
-    acme = TopicScheme("consortium", NET, "acme")
-    topics = [acme.aggregate("food"), acme.bridge_receipt("food"), acme.bridge_state("ledger")]
-    for topic in topics:
-        assert policy.may_publish(username="br", topic=topic)
-        assert not policy.may_publish(username="acme", topic=topic)
-        assert policy.may_read(username="acme", topic=topic)
+    assert policy.may_publish(username="br", topic=topic)
+    assert not policy.may_publish(username="acme", topic=topic)
+    assert policy.may_read(username="acme", topic=topic)
     assert policy.may_subscribe(username="acme", topic_filter=acme.aggregates_filter())
-    # a certificate named like a reserved level gains nothing from the members' pattern
-    assert not policy.may_publish(username="aggregates", topic=acme.aggregate("food"))
-    assert not policy.may_publish(username="state", topic=acme.bridge_state("ledger"))
-    assert policy.may_publish(username="acme", topic=acme.insights("food"))
+    # the bridge still writes nothing else of the members'
+    assert not policy.may_publish(username="br", topic=acme.insights("dairy"))
+
+
+def test_ca_refuses_the_reserved_member_name(tmp_path: Path) -> None:
+    pkimod.create_ca(directory=tmp_path / "ca", network=NET)
+    with pytest.raises(PKIError, match="reserved"):
+        pkimod.issue(ca_dir=tmp_path / "ca", out_dir=tmp_path / "out", role="node",
+                     member="aggregates", node="store-1")

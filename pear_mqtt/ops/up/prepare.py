@@ -31,10 +31,11 @@ __all__ = ["Plan", "prepare"]
 _BROKER_HOSTS = ("localhost", "127.0.0.1", "::1")
 _RENEW_BEFORE = dt.timedelta(days=30)  # re-issue certificates / re-sign CRLs this close to expiry
 # The simulated stores report the last week, so the demo bridge publishes daily windows one
-# day after they end, and to the consortium's members an hour after they end; a real
-# deployment keeps pear_mqtt.bridge's defaults (90 days public, 7 days for the members).
+# day after they end; a real deployment keeps pear_mqtt.bridge's 90-day default lag.
 _BRIDGE_WINDOW: Final = 86400
 _BRIDGE_LAG: Final = 86400
+# The consortium's own aggregates come first: a window reaches the members once it
+# ended an hour ago (the simulated stores report the last week, so most appear right away).
 _BRIDGE_CONSORTIUM_LAG: Final = 3600
 _BRIDGE_SETTLE: Final = 20.0
 
@@ -217,9 +218,9 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
 
 def _write_bridge_config(directory: Path, bridge: dict[str, Any],
                          net_secrets: dict[str, dict[str, str]]) -> Path:
-    """``bridge/bridge.toml``: the consortium's insights in; aggregates out to the public
-    network and to the consortium's members (encrypted under their group key), with the
-    identities :func:`prepare` issued."""
+    """``bridge/bridge.toml``: the consortium's insights in, the public network's aggregates
+    out and the consortium's own aggregates back to its members, with the identities
+    :func:`prepare` issued."""
     # Imported here: only `start` writes it, and `status` / `stop` stay quick to load.
     from ...bridge.config import BridgeConfig, BridgeConfigManager
 
@@ -232,6 +233,7 @@ def _write_bridge_config(directory: Path, bridge: dict[str, Any],
                        "tls": {"ca_file": c["ca"], "cert_file": c["cert"], "key_file": c["key"],
                                "crl_file": c["crl"]},
                        "aggregator_key_file": c["aggregator_key"],
+                       # active: the consortium's own aggregates go out under it
                        "encryption": {"keys": {
                            "k1": net_secrets[consortium.network]["group_key"]},
                                       "active": "k1"}},
@@ -239,9 +241,8 @@ def _write_bridge_config(directory: Path, bridge: dict[str, Any],
                    "tls": {"ca_file": p["ca"], "cert_file": p["cert"], "key_file": p["key"],
                            "crl_file": p["crl"]},
                    "aggregator_key_file": p["aggregator_key"]},
-        "consortium_output": {"enabled": True,
-                              "publication_lag_seconds": _BRIDGE_CONSORTIUM_LAG},
         "window_seconds": _BRIDGE_WINDOW, "publication_lag_seconds": _BRIDGE_LAG,
+        "consortium_output": True, "consortium_lag_seconds": _BRIDGE_CONSORTIUM_LAG,
         "settle_seconds": _BRIDGE_SETTLE,
         "state_path": str(directory / "bridge" / "state.sqlite")})
     path = directory / "bridge" / "bridge.toml"

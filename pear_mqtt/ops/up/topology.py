@@ -24,8 +24,7 @@ DEFAULT_PORTS: Final = (18883, 18884, 18885)
 
 HOST: Final = "127.0.0.1"
 BRIDGE_USER: Final = "bridge"
-BRIDGE_LINE: Final = ("bridge: retail-eu -> market, k-anonymous aggregates (and to the "
-                      "retail-eu members, docs/BRIDGE.md)")
+BRIDGE_LINE: Final = "bridge: retail-eu -> market, k-anonymous aggregates (docs/BRIDGE.md)"
 
 
 @dataclass(frozen=True, slots=True)
