@@ -82,6 +82,8 @@ class WindowCloser:
                                   min_companies=cfg.min_companies,
                                   dominance_cap=cfg.dominance_cap, dp=_NO_NOISE,
                                   statistics=not cfg.dp.enabled)
+        for cell in result.cells:
+            self._counters.suppressed.update(cell.suppressed)
         try:
             outgoing, _ = self._consortium.build(result, now=now)
         except PrivacyError as exc:
@@ -103,12 +105,9 @@ class WindowCloser:
         result = aggregate_window(start, rows, window_seconds=cfg.window_seconds,
                                   min_companies=cfg.min_companies,
                                   dominance_cap=cfg.dominance_cap, dp=cfg.dp,
-                                  noise=self._noise, budget_spent=spent,
-                                  counter=counters.privacy)
+                                  noise=self._noise, budget_spent=spent)
         for cell in result.cells:
-            for reason, n in cell.suppressed.items():
-                if reason not in ("below_k", "dominance"):
-                    counters.suppressed[reason] += n  # counters.privacy has the others
+            counters.suppressed.update(cell.suppressed)
         ledger_rows: list[LedgerEntry] = []
         charged = sum(1 for c in result.cells if c.epsilon > 0)
         if period_start is not None and charged:

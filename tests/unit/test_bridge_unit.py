@@ -1114,3 +1114,34 @@ def test_consortium_close_with_noise_on_carries_only_histograms_and_spends_nothi
         assert len(store.contributions(W0)) == 6  # kept for the public close
     finally:
         store.close()
+
+
+def test_every_withheld_statistic_and_histogram_is_counted_in_the_status(
+        material: Material, tmp_path: Path) -> None:
+    config = bridge_config(material, state_path=str(tmp_path / "s.sqlite"))
+    codec = EnvelopeCodec(
+        signer=Signer.from_files(key_file=material.bridge.key, cert_file=material.bridge.cert),
+        trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"))
+    store = BridgeStore(config.state_path)
+    counters = BridgeCounters()
+    try:
+        # Four companies' price buckets (a histogram below k), and units of five identities
+        # in two domains (three and two: below k for the cross-domain test only).
+        store.add([NewContribution(
+            source_key=f"consortium/grp/co{n}", item_id=f"b{n}", window_start=W0,
+            category="food/milk", region="north", domain="grp", company=f"co{n}",
+            currency="EUR", values={BUCKETS: {"at": float(W0), "price.lo": 1.0,
+                                              "price.hi": 1.25, "price.set": 1.0}},
+            digest=bytes([n]) * 32, token_digest=None) for n in range(4)] + [NewContribution(
+                source_key=f"private/p/co{n}", item_id=f"u{n}", window_start=W0,
+                category="food/milk", region="north", domain="grp" if n < 3 else "mkt",
+                company=f"co{n}", currency=None, values={"sales_data": {"units": 10.0}},
+                digest=bytes([10 + n]) * 32, token_digest=None) for n in range(5)],
+            now=float(W0))
+        closer = WindowCloser(config=config, store=store, noise=None, counters=counters,
+                              output=PublicOutput(config=config, codec=codec))
+        closer.close(W0, W0 + 100 * DAY)
+        assert counters.all_suppressed() == {"below_k": 2}
+        assert counters.cells_published == 0
+    finally:
+        store.close()
