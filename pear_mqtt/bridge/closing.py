@@ -74,10 +74,18 @@ class WindowCloser:
         over the same items; with noise on, the consortium gets only what carries none (the
         price histograms, which the public gets exactly too), so the ledger is charged once,
         by the public close.
+
+        Only cells made of the consortium's own items: a private source and a public
+        participant agreed to the public lag, not to the members' shorter one, so a cell
+        holding any of their items goes to the public alone (``other_sources``).
         """
         assert self._consortium is not None
         cfg = self._config
         rows = self._store.contributions(start)
+        mixed = {(r.category, r.region) for r in rows if r.source != "consortium"}
+        if mixed:
+            self._counters.suppressed["other_sources"] += len(mixed)
+            rows = [r for r in rows if (r.category, r.region) not in mixed]
         result = aggregate_window(start, rows, window_seconds=cfg.window_seconds,
                                   min_companies=cfg.min_companies,
                                   dominance_cap=cfg.dominance_cap, dp=_NO_NOISE,

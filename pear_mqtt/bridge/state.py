@@ -165,6 +165,12 @@ class StoredContribution:
     currency: str | None
     values: dict[str, dict[str, float]]
     digest: bytes
+    source_key: str = ""
+
+    @property
+    def source(self) -> str:
+        """The kind of input it came from: ``consortium``, ``private`` or ``public``."""
+        return self.source_key.split("/", 1)[0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -402,10 +408,10 @@ class BridgeStore:
         """The counted items of a window, in a stable order."""
         return [StoredContribution(item_id=iid, category=cat, region=reg, domain=dom,
                                    company=comp, currency=cur, values=json.loads(vals),
-                                   digest=bytes(dig))
-                for iid, cat, reg, dom, comp, cur, vals, dig in self._db.execute(
-                    "SELECT item_id, category, region, domain, company, currency, vals, digest "
-                    "FROM contributions WHERE window_start=? "
+                                   digest=bytes(dig), source_key=src)
+                for src, iid, cat, reg, dom, comp, cur, vals, dig in self._db.execute(
+                    "SELECT source_key, item_id, category, region, domain, company, currency, "
+                    "vals, digest FROM contributions WHERE window_start=? "
                     "ORDER BY category, region, source_key, item_id", (window_start,))]
 
     def close_window(self, window_start: int, *, now: float,

@@ -1091,8 +1091,8 @@ def test_consortium_close_with_noise_on_carries_only_histograms_and_spends_nothi
     store = BridgeStore(config.state_path)
     try:
         store.add([NewContribution(
-            source_key=f"c/grp/co{n}", item_id=f"i{n}", window_start=W0, category="food/milk",
-            region="north", domain="grp", company=f"co{n}", currency="EUR",
+            source_key=f"consortium/grp/co{n}", item_id=f"i{n}", window_start=W0,
+            category="food/milk", region="north", domain="grp", company=f"co{n}", currency="EUR",
             values={"sales_data": {"units": 10.0 + n},
                     BUCKETS: {"at": float(W0), "price.lo": 1.0, "price.hi": 1.25,
                               "price.set": 1.0}},
@@ -1143,5 +1143,47 @@ def test_every_withheld_statistic_and_histogram_is_counted_in_the_status(
         closer.close(W0, W0 + 100 * DAY)
         assert counters.all_suppressed() == {"below_k": 2}
         assert counters.cells_published == 0
+    finally:
+        store.close()
+
+
+def test_the_members_get_only_cells_of_their_own_items(material: Material,
+                                                       tmp_path: Path) -> None:
+    """A private source's or public participant's items reach the members neither early nor
+    mixed in: their cell goes to the public alone, after the public lag."""
+    config = bridge_config(material, consortium_output=True, consortium_lag_seconds=3600,
+                           state_path=str(tmp_path / "s.sqlite"))
+    codec = EnvelopeCodec(
+        signer=Signer.from_files(key_file=material.bridge.key, cert_file=material.bridge.cert),
+        trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"))
+    store = BridgeStore(config.state_path)
+    counters = BridgeCounters()
+
+    def units(source: str, company: str, region: str) -> NewContribution:
+        iid = f"{source}-{company}-{region}"
+        return NewContribution(
+            source_key=f"{source}/grp/{company}", item_id=iid, window_start=W0,
+            category="food/milk", region=region, domain="grp", company=company, currency=None,
+            values={"sales_data": {"units": 10.0}},
+            digest=hashlib.sha256(iid.encode()).digest(), token_digest=None)
+
+    try:
+        store.add([units("consortium", f"co{n}", region) for n in range(5)
+                   for region in ("north", "south")]
+                  + [units("private", "p9", "south")], now=float(W0))
+        closer = WindowCloser(
+            config=config, store=store, noise=None, counters=counters,
+            output=PublicOutput(config=config, codec=codec),
+            consortium=PublicOutput(config=config, codec=codec, audience="consortium"))
+        closer.close_consortium(W0, W0 + DAY + 3600)
+        (row,) = store.consortium_pending()
+        body = AggregateBody.model_validate(codec.decode(row.payload, check_replay=False)
+                                            .message.body)
+        assert [c.region for c in body.cells] == ["north"]
+        assert counters.all_suppressed() == {"other_sources": 1}
+        closer.close(W0, W0 + 100 * DAY)
+        (agg, _) = store.pending()
+        public = AggregateBody.model_validate(json.loads(agg.payload)["body"])
+        assert [c.region for c in public.cells] == ["north", "south"]
     finally:
         store.close()
