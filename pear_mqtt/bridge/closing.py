@@ -93,12 +93,12 @@ class WindowCloser:
         for cell in result.cells:
             self._counters.suppressed.update(cell.suppressed)
         try:
-            outgoing, _ = self._consortium.build(result, now=now)
+            outgoing, receipts = self._consortium.build(result, now=now)
         except PrivacyError as exc:
             log.error("window %s not published to the consortium: %s", start, exc)
             self._counters.drop("publisher_refused")
-            outgoing = []
-        self._store.close_consortium(start, now=now, outgoing=outgoing)
+            outgoing, receipts = [], []
+        self._store.close_consortium(start, now=now, outgoing=outgoing, receipts=receipts)
         log.info("window %s closed for the consortium: %d items, %d of %d cells published",
                  datetime.fromtimestamp(start, UTC).isoformat(), len(rows),
                  sum(1 for c in result.cells if c.published), len(result.cells))

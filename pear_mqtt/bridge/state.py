@@ -371,16 +371,20 @@ class BridgeStore:
         return start in self._frozen
 
     def close_consortium(self, window_start: int, *, now: float,
-                         outgoing: Sequence[tuple[str, bytes, bool]]) -> None:
-        """Close a window for the consortium in one transaction: it takes no more items, and
-        its consortium messages go to the consortium outbox. Its items stay for the public
-        close."""
+                         outgoing: Sequence[tuple[str, bytes, bool]],
+                         receipts: Sequence[tuple[str, bytes]] = ()) -> None:
+        """Close a window for the consortium in one transaction: it takes no more items, its
+        consortium messages go to the consortium outbox and its receipts to the archive. Its
+        items stay for the public close."""
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO consortium_windows VALUES (?, ?)",
                        (window_start, now))
             db.executemany("INSERT INTO consortium_outbox (window_start, topic, payload, "
                            "retain) VALUES (?, ?, ?, ?)",
                            [(window_start, t, p, int(r)) for t, p, r in outgoing])
+            db.executemany("INSERT INTO receipts (window_start, category, payload) "
+                           "VALUES (?, ?, ?)",
+                           [(window_start, c, p) for c, p in receipts])
         self._frozen.add(window_start)
 
     def consortium_pending(self) -> list[OutgoingRow]:

@@ -1007,7 +1007,7 @@ def test_store_closes_a_window_for_the_consortium_first(store: BridgeStore) -> N
         reopened.close()
 
 
-def test_consortium_output_publishes_aggregates_only_on_the_consortium_topic(
+def test_consortium_output_publishes_aggregates_and_receipts_on_the_consortium_topics(
         material: Material) -> None:
     codec = EnvelopeCodec(
         signer=Signer.from_files(key_file=material.bridge.key, cert_file=material.bridge.cert),
@@ -1016,13 +1016,18 @@ def test_consortium_output_publishes_aggregates_only_on_the_consortium_topic(
     out = PublicOutput(config=config, codec=codec, audience="consortium")
     messages, receipts = out.build(window(cell(5)), now=W0 + DAY)
     scheme = TopicScheme(mode="consortium", network="grp", member="bridge")
-    assert [(t, r) for t, _, r in messages] == [(scheme.consortium_aggregate("food/milk"), True)]
-    assert receipts == []
-    body = AggregateBody.model_validate(codec.decode(messages[0][1], check_replay=False)
-                                        .message.body)
+    assert [(t, r) for t, _, r in messages] == [(scheme.consortium_aggregate("food/milk"), True),
+                                                (scheme.consortium_receipt("food/milk"), True)]
+    assert parse_topic(messages[1][0]).kind == "bridge_receipt"
+    assert receipts == [("food/milk", messages[1][1])]  # archived like the public ones
+    body, receipt = verify_publication(aggregate_payload=messages[0][1],
+                                       receipt_payload=messages[1][1], codec=codec)
     assert body.network == "grp" and body.noise is None
-    out.admit(OutgoingRow(id=1, window_start=W0, topic=messages[0][0], payload=messages[0][1],
-                          retain=True))
+    assert (receipt.network, receipt.mechanism, receipt.aggregate_topic) == (
+        "grp", "none", scheme.consortium_aggregate("food/milk"))
+    for i, (topic, payload, retain) in enumerate(messages):
+        out.admit(OutgoingRow(id=i, window_start=W0, topic=topic, payload=payload,
+                              retain=retain))
     public, _ = output(material)
     pub_messages, _ = public.build(window(cell(5)), now=W0 + DAY)
     for topic, payload in ((pub_messages[0][0], pub_messages[0][1]),
@@ -1104,9 +1109,10 @@ def test_consortium_close_with_noise_on_carries_only_histograms_and_spends_nothi
         assert closer.consortium_due(store.open_windows(), W0 + DAY + 3600) == [W0]
         closer.close_consortium(W0, W0 + DAY + 3600)
         assert closer.consortium_due(store.open_windows(), W0 + DAY + 3600) == []
-        (row,) = store.consortium_pending()
+        row, receipt_row = store.consortium_pending()
         body = AggregateBody.model_validate(codec.decode(row.payload, check_replay=False)
                                             .message.body)
+        assert parse_topic(receipt_row.topic).kind == "bridge_receipt"
         (cell,) = body.cells
         assert cell.groups == [] and body.noise is None  # no noisy statistic for members
         assert [h.companies for h in cell.histograms or ()] == [6]
@@ -1176,7 +1182,7 @@ def test_the_members_get_only_cells_of_their_own_items(material: Material,
             output=PublicOutput(config=config, codec=codec),
             consortium=PublicOutput(config=config, codec=codec, audience="consortium"))
         closer.close_consortium(W0, W0 + DAY + 3600)
-        (row,) = store.consortium_pending()
+        row, _ = store.consortium_pending()
         body = AggregateBody.model_validate(codec.decode(row.payload, check_replay=False)
                                             .message.body)
         assert [c.region for c in body.cells] == ["north"]
