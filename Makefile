@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: help venv test unit integration lint up status logs down bench bench-quick images \
-	container-test faults soak clean
+	container-test faults soak privacy clean
 
 help:
 	@echo "make up        bring up the topology (brokers, bridge, simulated agents)"
@@ -20,6 +20,7 @@ help:
 	@echo "make container-test  the suite against brokers in containers (starts dockerd)"
 	@echo "make faults    fault injection (CI subset, ~3 min) -> docs/RELIABILITY.md"
 	@echo "make soak      fault injection incl. the long scenarios (~10 min) -> docs/RELIABILITY.md"
+	@echo "make privacy   a member's attacks on every privacy policy (~1 min) -> docs/PRIVACY.md"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -89,6 +90,20 @@ faults soak: $(STAMP)
 		--durations=10 $(PYTEST_ARGS) || status=$$?; \
 	$(BIN)/python tests/support/faults_report.py $(FAULTS_RESULTS) \
 		docs/RELIABILITY.md || status=$${status:-1}; \
+	exit $$status
+
+# Privacy attacks (tests/integration/privacy, also part of `make test`): what one member learns
+# under every policy goes to a fresh results file, rendered into docs/PRIVACY.md even when an
+# attack learns more than allowed (so the table shows it); the exit status is the tests'.
+PRIVACY_RESULTS := .pear/privacy/results.jsonl
+
+privacy: $(STAMP)
+	@mkdir -p $(dir $(PRIVACY_RESULTS)) && rm -f $(PRIVACY_RESULTS)
+	@status=0; \
+	PEAR_PRIVACY_RESULTS=$(PRIVACY_RESULTS) $(BIN)/python -m pytest tests/integration/privacy \
+		-p no:cacheprovider $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/python tests/support/privacy_report.py $(PRIVACY_RESULTS) \
+		docs/PRIVACY.md || status=$${status:-1}; \
 	exit $$status
 
 clean:

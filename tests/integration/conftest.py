@@ -7,13 +7,15 @@
   assigns (an anonymising consortium), the bridge certificate ``pki.bridge`` (username
   ``pki.bridge_user``), and the refused ones: ``pki.expired``, ``pki.not_yet_valid``,
   ``pki.revoked``, ``pki.foreign``.
-  ``pki.tls("acme")`` gives a :class:`pear_mqtt.types.TLSConfig`.
+  ``pki.tls("acme")`` gives a :class:`pear_mqtt.config.models.TLSConfig`.
 - ``mosquitto`` (function): a started :class:`brokers.MosquittoBroker`: ``.url`` / ``.port``
   plaintext anonymous, ``.tls_url`` / ``.tls_port`` mutual TLS with the ACL of all three modes
   of ``pki.network``; no persistence. Fresh per test, so nothing retained leaks between tests.
 - ``mosquitto_factory`` (function): ``mosquitto_factory(**kwargs)`` starts more brokers
   (``persistence=True``, ``mode=...``, ``network=...``, ``pki=...``); all stop at teardown.
 - ``unique_id`` (function): a fresh id valid as network, company or node id.
+- ``net`` (function): the bridge tests' two brokers (consortium, public), an aggregator key
+  pair and a spy on the public broker (:class:`bridgekit.Net`).
 - ``insight`` / ``take`` (function): ``insight(category=..., price=...)`` builds an insight to
   broadcast; ``await take(stream, n)`` reads the next ``n`` items of an ``insights()`` stream.
 
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bridgekit import Net
 from brokers import (
     BACKEND,
     GROUP_KEY,
@@ -43,6 +46,7 @@ from brokers import (
     build_pki,
     make_broker,
     new_unique_id,
+    probe,
 )
 
 from pear_mqtt.config.models import (
@@ -52,7 +56,12 @@ from pear_mqtt.config.models import (
     ReliabilityConfig,
 )
 from pear_mqtt.model.insight import MarketInsight, NetworkMode, PriceData, SalesData, TrendData
-from pear_mqtt.security.seal import SealOpener, generate_x25519_key, save_x25519_public_key
+from pear_mqtt.security.seal import (
+    SealOpener,
+    generate_x25519_key,
+    save_x25519_private_key,
+    save_x25519_public_key,
+)
 
 _HERE = Path(__file__).resolve().parent
 
@@ -222,3 +231,17 @@ def take() -> Callable[..., Awaitable[list[Any]]]:
     """``await take(stream, n, timeout=20.0)``: the next ``n`` items of an async iterator
     (:class:`TimeoutError` after ``timeout`` s)."""
     return _take
+
+
+@pytest.fixture
+def net(pki: NetworkPKI, mosquitto_factory: Callable[..., MosquittoBroker],
+        tmp_path: Path) -> Iterator[Net]:
+    consortium = mosquitto_factory(mode="consortium")
+    public = mosquitto_factory(mode="public")
+    key = generate_x25519_key()
+    key_file, pub_file = tmp_path / "aggregator.key", tmp_path / "aggregator.pub"
+    save_x25519_private_key(key, key_file)
+    save_x25519_public_key(key.public_key(), pub_file)
+    with probe(public, subscribe=["#"]) as spy:
+        yield Net(pki=pki, consortium=consortium, public=public, key_file=key_file,
+                  pub_file=pub_file, root=tmp_path, spy=spy)

@@ -23,6 +23,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from bridgekit import Net, insight, yesterday
 from brokers import MosquittoBroker, NetworkPKI, probe
 from faultkit import wait_until
 from faults_report import record
@@ -31,11 +32,6 @@ from pear_mqtt.bridge.config import BridgeConfigManager
 from pear_mqtt.config.models import BrokerURL
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.transport import Connection, InboundMessage
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_bridge import Net, insight, net, yesterday
-
-__all__ = ["net"]  # the fixture, used by name below
 
 COMPANIES = 6
 PER_COMPANY = 1000  # one category each: an envelope per item, so the kill lands mid-stream

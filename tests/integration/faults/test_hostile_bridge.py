@@ -28,6 +28,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bridgekit import (
+    POLICY,
+    Clock,
+    Input,
+    Net,
+    assert_same,
+    cells_of,
+    close_window,
+    insight,
+    publish,
+    published,
+    reference,
+    wait,
+    yesterday,
+)
 from brokers import GROUP_KEY, NetworkPKI, probe
 from faults_report import record
 from hostile_fuzz import (
@@ -46,22 +61,6 @@ from hostile_fuzz import (
     sign_raw,
     structured_cases,
 )
-from test_bridge import (
-    POLICY,
-    Clock,
-    Input,
-    Net,
-    assert_same,
-    cells_of,
-    close_window,
-    insight,
-    net,
-    publish,
-    published,
-    reference,
-    wait,
-    yesterday,
-)
 
 from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.status import BridgeStatus
@@ -72,8 +71,6 @@ from pear_mqtt.model.topics import TopicScheme, parse_topic, topic_matches
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.privacy.filter import PrivacyFilter
 from pear_mqtt.security.seal import load_x25519_public_key, seal
-
-__all__ = ["net"]  # test_bridge's fixture, used by name
 
 OTHER_KEY = "A" * 43 + "="
 SEED = 20261108
