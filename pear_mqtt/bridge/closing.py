@@ -74,21 +74,31 @@ class WindowCloser:
         over the same items; with noise on, the consortium gets only what carries none (the
         price histograms, which the public gets exactly too), so the ledger is charged once,
         by the public close.
+
+        Only cells made of the consortium's own items: a private source and a public
+        participant agreed to the public lag, not to the members' shorter one, so a cell
+        holding any of their items goes to the public alone (``other_sources``).
         """
         assert self._consortium is not None
         cfg = self._config
         rows = self._store.contributions(start)
+        mixed = {(r.category, r.region) for r in rows if r.source != "consortium"}
+        if mixed:
+            self._counters.suppressed["other_sources"] += len(mixed)
+            rows = [r for r in rows if (r.category, r.region) not in mixed]
         result = aggregate_window(start, rows, window_seconds=cfg.window_seconds,
                                   min_companies=cfg.min_companies,
                                   dominance_cap=cfg.dominance_cap, dp=_NO_NOISE,
                                   statistics=not cfg.dp.enabled)
+        for cell in result.cells:
+            self._counters.suppressed.update(cell.suppressed)
         try:
-            outgoing, _ = self._consortium.build(result, now=now)
+            outgoing, receipts = self._consortium.build(result, now=now)
         except PrivacyError as exc:
             log.error("window %s not published to the consortium: %s", start, exc)
             self._counters.drop("publisher_refused")
-            outgoing = []
-        self._store.close_consortium(start, now=now, outgoing=outgoing)
+            outgoing, receipts = [], []
+        self._store.close_consortium(start, now=now, outgoing=outgoing, receipts=receipts)
         log.info("window %s closed for the consortium: %d items, %d of %d cells published",
                  datetime.fromtimestamp(start, UTC).isoformat(), len(rows),
                  sum(1 for c in result.cells if c.published), len(result.cells))
@@ -103,12 +113,9 @@ class WindowCloser:
         result = aggregate_window(start, rows, window_seconds=cfg.window_seconds,
                                   min_companies=cfg.min_companies,
                                   dominance_cap=cfg.dominance_cap, dp=cfg.dp,
-                                  noise=self._noise, budget_spent=spent,
-                                  counter=counters.privacy)
+                                  noise=self._noise, budget_spent=spent)
         for cell in result.cells:
-            for reason, n in cell.suppressed.items():
-                if reason not in ("below_k", "dominance"):
-                    counters.suppressed[reason] += n  # counters.privacy has the others
+            counters.suppressed.update(cell.suppressed)
         ledger_rows: list[LedgerEntry] = []
         charged = sum(1 for c in result.cells if c.epsilon > 0)
         if period_start is not None and charged:

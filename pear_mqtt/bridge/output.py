@@ -43,7 +43,7 @@ LEDGER_PERIODS = 24
 
 _ALLOWED_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt",
                                   "bridge_state": "ledger"}
-_CONSORTIUM_KINDS: dict[str, str] = {"aggregates": "aggregate"}
+_CONSORTIUM_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt"}
 
 Audience = Literal["public", "consortium"]
 
@@ -59,9 +59,9 @@ class PublicOutput:
     connection it writes with is private to it.
 
     With ``audience="consortium"`` it writes the consortium's own aggregates, on the
-    consortium broker (``pear/v1/consortium/<network>/aggregates/<category>``) with the
-    bridge's consortium certificate (``codec``), encrypted under the group key when one is
-    active: aggregate messages only (no receipts, no ledger: they carry no noise).
+    consortium broker (``pear/v1/consortium/<network>/aggregates/<category>``, their receipts
+    under ``state/bridge/receipts/``) with the bridge's consortium certificate (``codec``),
+    encrypted under the group key when one is active; no ledger (they carry no noise).
     """
 
     def __init__(self, *, config: BridgeConfig, codec: EnvelopeCodec,
@@ -154,23 +154,22 @@ class PublicOutput:
                 log.error("aggregate of %s for %s is too large to publish: %s", category,
                           ws.isoformat(), exc)
                 continue
-            if consortium:
-                out.append((topic, payload, True))
-                continue
             receipt = ReceiptBody(
                 network=self._network, category=category, window_start=ws, window_end=we,
                 aggregate_topic=topic, aggregate_sha256=hashlib.sha256(payload).hexdigest(),
                 policy_version=self._policy_version, min_companies=self._config.min_companies,
-                dominance_cap=self._config.dominance_cap, mechanism=dp.mechanism,
+                dominance_cap=self._config.dominance_cap,
+                mechanism="none" if consortium else dp.mechanism,
                 cells=[ReceiptCell(region=c.region, contributors=c.contributors,
                                    identity_domains=c.domains, inputs=c.inputs,
                                    input_hash=c.input_hash, epsilon_spent=c.epsilon,
                                    delta_spent=c.delta) for c in cells],
                 issued_at=datetime.fromtimestamp(now, UTC))
             rpayload = self._codec.encode(kind="receipt", body=receipt.model_dump(mode="json"),
-                                          encrypt=False)
-            out += [(topic, payload, True), (self._scheme.bridge_receipt(category), rpayload,
-                                             True)]
+                                          encrypt=None if consortium else False)
+            rtopic = (self._scheme.consortium_receipt(category) if consortium
+                      else self._scheme.bridge_receipt(category))
+            out += [(topic, payload, True), (rtopic, rpayload, True)]
             receipts.append((category, rpayload))
         if dp.mechanism != "none" and result.epsilon > 0 and not consortium:
             out.append((self._scheme.bridge_state("ledger"), self.ledger_message(ledger), True))

@@ -165,6 +165,12 @@ class StoredContribution:
     currency: str | None
     values: dict[str, dict[str, float]]
     digest: bytes
+    source_key: str = ""
+
+    @property
+    def source(self) -> str:
+        """The kind of input it came from: ``consortium``, ``private`` or ``public``."""
+        return self.source_key.split("/", 1)[0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -365,16 +371,20 @@ class BridgeStore:
         return start in self._frozen
 
     def close_consortium(self, window_start: int, *, now: float,
-                         outgoing: Sequence[tuple[str, bytes, bool]]) -> None:
-        """Close a window for the consortium in one transaction: it takes no more items, and
-        its consortium messages go to the consortium outbox. Its items stay for the public
-        close."""
+                         outgoing: Sequence[tuple[str, bytes, bool]],
+                         receipts: Sequence[tuple[str, bytes]] = ()) -> None:
+        """Close a window for the consortium in one transaction: it takes no more items, its
+        consortium messages go to the consortium outbox and its receipts to the archive. Its
+        items stay for the public close."""
         with self._tx() as db:
             db.execute("INSERT OR IGNORE INTO consortium_windows VALUES (?, ?)",
                        (window_start, now))
             db.executemany("INSERT INTO consortium_outbox (window_start, topic, payload, "
                            "retain) VALUES (?, ?, ?, ?)",
                            [(window_start, t, p, int(r)) for t, p, r in outgoing])
+            db.executemany("INSERT INTO receipts (window_start, category, payload) "
+                           "VALUES (?, ?, ?)",
+                           [(window_start, c, p) for c, p in receipts])
         self._frozen.add(window_start)
 
     def consortium_pending(self) -> list[OutgoingRow]:
@@ -402,10 +412,10 @@ class BridgeStore:
         """The counted items of a window, in a stable order."""
         return [StoredContribution(item_id=iid, category=cat, region=reg, domain=dom,
                                    company=comp, currency=cur, values=json.loads(vals),
-                                   digest=bytes(dig))
-                for iid, cat, reg, dom, comp, cur, vals, dig in self._db.execute(
-                    "SELECT item_id, category, region, domain, company, currency, vals, digest "
-                    "FROM contributions WHERE window_start=? "
+                                   digest=bytes(dig), source_key=src)
+                for src, iid, cat, reg, dom, comp, cur, vals, dig in self._db.execute(
+                    "SELECT source_key, item_id, category, region, domain, company, currency, "
+                    "vals, digest FROM contributions WHERE window_start=? "
                     "ORDER BY category, region, source_key, item_id", (window_start,))]
 
     def close_window(self, window_start: int, *, now: float,

@@ -11,7 +11,6 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..model.insight import Health
-from ..privacy.aggregate import SuppressionCounter
 from .state import AddResult
 
 __all__ = ["BridgeCounters", "BridgeStatus"]
@@ -54,9 +53,8 @@ class BridgeStatus(BaseModel):
 class BridgeCounters:
     """What the bridge's tasks counted since it was created.
 
-    ``privacy`` holds the k-anonymity and dominance suppressions of
-    :func:`pear_mqtt.privacy.filter.aggregate`; ``suppressed`` the bridge's own reasons
-    (unbounded fields, spent budget).
+    ``suppressed`` counts withheld statistics and histograms per reason (``below_k``,
+    ``dominance``, ``unbounded``, ``budget``, ...), over both outputs.
     """
 
     items_received: int = 0
@@ -69,7 +67,6 @@ class BridgeCounters:
     messages_published: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
     suppressed: Counter[str] = field(default_factory=Counter)
-    privacy: SuppressionCounter = field(default_factory=SuppressionCounter)
     first_count: float | None = None  # time.monotonic() of the first and latest counted item
     last_count: float | None = None
     last_publish: datetime | None = None
@@ -99,6 +96,4 @@ class BridgeCounters:
 
     def all_suppressed(self) -> dict[str, int]:
         """Suppressed statistics per reason."""
-        total = Counter(self.privacy.counts)
-        total.update(self.suppressed)
-        return dict(total)
+        return dict(self.suppressed)

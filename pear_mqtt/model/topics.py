@@ -11,6 +11,7 @@
     pear/v1/consortium/<network>/<company>/state/<node>/<category path>
     pear/v1/consortium/<network>/<company>/nodes/<node>[/sync|/checkpoint/<page>]
     pear/v1/consortium/<network>/aggregates/<category path>        retained, bridge only
+    pear/v1/consortium/<network>/state/bridge/receipts/<category path>   their receipts
     pear/v1/public/<network>/aggregates/<category path>            retained, bridge only
     pear/v1/public/<network>/contrib/<participant>/<category path> bridge reads only
     pear/v1/public/<network>/nodes/<participant>[/sync]
@@ -19,10 +20,10 @@
 
 ``<company>`` is the member identity the broker authenticates (the node certificate's CN, see
 :mod:`pear_mqtt.pki`): the real company id, or its network pseudonym where the mode
-anonymises; ``aggregates`` is reserved (the bridge's consortium aggregates use that level),
-so no member may be named so. The state topic carries the node so that every store of a
-company keeps its own retained state; DESIGN.md's ``state/<category path>`` would let
-stores overwrite each other.
+anonymises; ``aggregates`` and ``state`` are reserved (the bridge's consortium aggregates
+and their receipts use those levels), so no member may be named so. The state topic carries
+the node so that every store of a company keeps its own retained state; DESIGN.md's
+``state/<category path>`` would let stores overwrite each other.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..errors import TopicError
 
 __all__ = [
     "CONSORTIUM_AGGREGATES",
+    "CONSORTIUM_RESERVED",
     "MAX_CATEGORY_DEPTH",
     "MAX_IDENTIFIER_LENGTH",
     "PREFIX",
@@ -59,6 +61,10 @@ _MODES = ("private", "consortium", "public")
 CONSORTIUM_AGGREGATES = "aggregates"
 """The level under a consortium network where the bridge's aggregates live: where members
 have their identities, so no member may be named so (:class:`TopicScheme` refuses it)."""
+
+CONSORTIUM_RESERVED: frozenset[str] = frozenset({CONSORTIUM_AGGREGATES, "state"})
+"""Every level under a consortium network the bridge uses (aggregates; ``state/bridge/`` for
+their receipts): no member may be named like one."""
 
 Kind = Literal["insights", "state", "nodes", "sync", "checkpoint", "aggregates", "contrib",
                "bridge_state", "bridge_receipt"]
@@ -160,9 +166,9 @@ class TopicScheme:
             raise TopicError(f"mode must be one of {_MODES}, got {self.mode!r}")
         validate_identifier(self.network, what="network_id")
         validate_identifier(self.member, what="company_id")
-        if self.mode == "consortium" and self.member == CONSORTIUM_AGGREGATES:
-            raise TopicError(f"{CONSORTIUM_AGGREGATES!r} is reserved in consortium topics (the "
-                             "bridge's aggregates); no member may be named so")
+        if self.mode == "consortium" and self.member in CONSORTIUM_RESERVED:
+            raise TopicError(f"{self.member!r} is reserved in consortium topics (the bridge's "
+                             "aggregates and receipts); no member may be named so")
 
     # -- scopes ---------------------------------------------------------------------------
     @property
@@ -243,6 +249,12 @@ class TopicScheme:
         validate_category(category)
         return f"{PREFIX}/consortium/{self.network}/{CONSORTIUM_AGGREGATES}/{category}"
 
+    def consortium_receipt(self, category: str) -> str:
+        """The disclosure receipt of the consortium's own latest aggregate of ``category``
+        (written by the bridge only, read by every member), laid out as the public one."""
+        validate_category(category)
+        return f"{PREFIX}/consortium/{self.network}/state/bridge/receipts/{category}"
+
     def bridge_state(self, name: str) -> str:
         """Retained bridge records on the public broker (ledger, receipts)."""
         validate_identifier(name, what="bridge state name")
@@ -322,6 +334,12 @@ def parse_topic(topic: str) -> ParsedTopic:
             if company == CONSORTIUM_AGGREGATES and rest:
                 return ParsedTopic(mode, validate_identifier(network, what="network"), None,
                                    "aggregates", category=validate_category("/".join(rest)))
+            if company == "state" and len(rest) >= 3 and rest[:2] == ["bridge", "receipts"]:
+                return ParsedTopic(mode, validate_identifier(network, what="network"), None,
+                                   "bridge_receipt",
+                                   category=validate_category("/".join(rest[2:])))
+            if company in CONSORTIUM_RESERVED:
+                raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
         elif mode == "public":
             return _parse_public(topic, parts)
         else:
@@ -512,7 +530,8 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
         rules += [AclRule("read", f"{root}/#"), AclRule("write", f"{root}/%u/#")]
         for b in bridges:
             rules += [AclRule("read", f"{root}/#", user=b),
-                      AclRule("readwrite", f"{root}/{CONSORTIUM_AGGREGATES}/#", user=b)]
+                      AclRule("readwrite", f"{root}/{CONSORTIUM_AGGREGATES}/#", user=b),
+                      AclRule("readwrite", f"{root}/state/bridge/receipts/#", user=b)]
     else:
         root = f"{PREFIX}/public/{network}"
         rules += [

@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import PKIError, TopicError
 from ..files import atomic_write
-from ..model.topics import CONSORTIUM_AGGREGATES, validate_identifier
+from ..model.topics import CONSORTIUM_RESERVED, validate_identifier
 from .identity import identity_of, subject_for
 from .keys import SigningKey, issued_by, read_material, spki
 from .pseudonyms import PSEUDONYMS, Enrolment, PseudonymBook
@@ -389,9 +389,9 @@ def issue(*, ca_dir: Path, out_dir: Path, role: Role, member: str, node: str | N
     if role == "node":
         if node is None:
             raise PKIError("a node certificate needs node= (the store / node id)")
-        if member == CONSORTIUM_AGGREGATES:
-            raise PKIError(f"member {member!r} is reserved (the bridge's consortium "
-                           "aggregates topic level)")
+        if member in CONSORTIUM_RESERVED:
+            raise PKIError(f"member {member!r} is reserved (a topic level of the bridge's "
+                           "consortium aggregates and receipts)")
     elif node is None:
         node = role
     elif node != role:

@@ -661,7 +661,8 @@ async def test_price_histograms_reach_the_consortium_first_then_the_public(net: 
     ours = TopicScheme(mode="consortium", network=net.pki.network, member="x")
     theirs = TopicScheme(mode="public", network=net.pki.network, member="x")
     clock = Clock()
-    with probe(net.consortium, subscribe=[ours.aggregates_filter()]) as cspy:
+    with probe(net.consortium, subscribe=[ours.aggregates_filter(),
+                                          ours.consortium_receipt("fruit/apples")]) as cspy:
         async with Bridge(config, clock=clock) as bridge, \
                 PearNetwork(net.node_config(net.member("reader"), levels=levels)) as member:
             stream = member.aggregates()
@@ -674,6 +675,16 @@ async def test_price_histograms_reach_the_consortium_first_then_the_public(net: 
             # (the probe blocks: ask it only once the message is known to be there)
             cmsg, _ = cspy.expect(ours.consortium_aggregate("fruit/apples"), timeout=WAIT)
             assert b'"enc"' in cmsg.payload  # under the group key, like all else there
+            # ... with its receipt, which a member verifies with what its config holds
+            crec, _ = cspy.expect(ours.consortium_receipt("fruit/apples"), timeout=WAIT)
+            member_codec = EnvelopeCodec(
+                signer=Signer.from_files(key_file=net.pki.bridge.key,
+                                         cert_file=net.pki.bridge.cert),
+                trust=TrustStore.from_files(ca_files=[net.pki.ca], network=net.pki.network),
+                encryption=EncryptionConfig(keys={"k1": GROUP_KEY}))
+            _, creceipt = verify_publication(aggregate_payload=cmsg.payload,
+                                             receipt_payload=crec.payload, codec=member_codec)
+            assert creceipt.cells[0].contributors == 6 and creceipt.mechanism == "none"
             assert received.topic == cmsg.topic
             got = received.aggregate
             assert got.network == net.pki.network and got.min_companies == K
@@ -715,12 +726,15 @@ async def test_price_histograms_reach_the_consortium_first_then_the_public(net: 
 
 async def test_a_member_cannot_publish_on_the_consortium_aggregates_topic(net: Net) -> None:
     scheme = TopicScheme(mode="consortium", network=net.pki.network, member="x")
-    topic = scheme.consortium_aggregate("fruit/apples")
-    with probe(net.consortium, subscribe=[scheme.aggregates_filter()]) as spy:
+    topics = [scheme.consortium_aggregate("fruit/apples"),
+              scheme.consortium_receipt("fruit/apples")]
+    with probe(net.consortium, subscribe=[scheme.aggregates_filter(), topics[1]]) as spy:
         with probe(net.consortium, net.pki.node(net.member("intruder"))) as intruder:
-            rc = intruder.publish(topic, b"forged", retain=True)
-            assert rc is not None and rc.value == NOT_AUTHORIZED, rc
+            for topic in topics:
+                rc = intruder.publish(topic, b"forged", retain=True)
+                assert rc is not None and rc.value == NOT_AUTHORIZED, (topic, rc)
         with probe(net.consortium, net.pki.bridge) as bridge:
-            rc = bridge.publish(topic, b"", retain=True)  # the bridge may (clears nothing)
-            assert rc is not None and not rc.is_failure, rc
-        assert [m.payload for m in consortium_marker(net, spy)] == [b""]
+            for topic in topics:
+                rc = bridge.publish(topic, b"", retain=True)  # the bridge may (clears nothing)
+                assert rc is not None and not rc.is_failure, (topic, rc)
+        assert [m.payload for m in consortium_marker(net, spy)] == [b"", b""]

@@ -1007,7 +1007,7 @@ def test_store_closes_a_window_for_the_consortium_first(store: BridgeStore) -> N
         reopened.close()
 
 
-def test_consortium_output_publishes_aggregates_only_on_the_consortium_topic(
+def test_consortium_output_publishes_aggregates_and_receipts_on_the_consortium_topics(
         material: Material) -> None:
     codec = EnvelopeCodec(
         signer=Signer.from_files(key_file=material.bridge.key, cert_file=material.bridge.cert),
@@ -1016,13 +1016,18 @@ def test_consortium_output_publishes_aggregates_only_on_the_consortium_topic(
     out = PublicOutput(config=config, codec=codec, audience="consortium")
     messages, receipts = out.build(window(cell(5)), now=W0 + DAY)
     scheme = TopicScheme(mode="consortium", network="grp", member="bridge")
-    assert [(t, r) for t, _, r in messages] == [(scheme.consortium_aggregate("food/milk"), True)]
-    assert receipts == []
-    body = AggregateBody.model_validate(codec.decode(messages[0][1], check_replay=False)
-                                        .message.body)
+    assert [(t, r) for t, _, r in messages] == [(scheme.consortium_aggregate("food/milk"), True),
+                                                (scheme.consortium_receipt("food/milk"), True)]
+    assert parse_topic(messages[1][0]).kind == "bridge_receipt"
+    assert receipts == [("food/milk", messages[1][1])]  # archived like the public ones
+    body, receipt = verify_publication(aggregate_payload=messages[0][1],
+                                       receipt_payload=messages[1][1], codec=codec)
     assert body.network == "grp" and body.noise is None
-    out.admit(OutgoingRow(id=1, window_start=W0, topic=messages[0][0], payload=messages[0][1],
-                          retain=True))
+    assert (receipt.network, receipt.mechanism, receipt.aggregate_topic) == (
+        "grp", "none", scheme.consortium_aggregate("food/milk"))
+    for i, (topic, payload, retain) in enumerate(messages):
+        out.admit(OutgoingRow(id=i, window_start=W0, topic=topic, payload=payload,
+                              retain=retain))
     public, _ = output(material)
     pub_messages, _ = public.build(window(cell(5)), now=W0 + DAY)
     for topic, payload in ((pub_messages[0][0], pub_messages[0][1]),
@@ -1091,8 +1096,8 @@ def test_consortium_close_with_noise_on_carries_only_histograms_and_spends_nothi
     store = BridgeStore(config.state_path)
     try:
         store.add([NewContribution(
-            source_key=f"c/grp/co{n}", item_id=f"i{n}", window_start=W0, category="food/milk",
-            region="north", domain="grp", company=f"co{n}", currency="EUR",
+            source_key=f"consortium/grp/co{n}", item_id=f"i{n}", window_start=W0,
+            category="food/milk", region="north", domain="grp", company=f"co{n}", currency="EUR",
             values={"sales_data": {"units": 10.0 + n},
                     BUCKETS: {"at": float(W0), "price.lo": 1.0, "price.hi": 1.25,
                               "price.set": 1.0}},
@@ -1104,13 +1109,87 @@ def test_consortium_close_with_noise_on_carries_only_histograms_and_spends_nothi
         assert closer.consortium_due(store.open_windows(), W0 + DAY + 3600) == [W0]
         closer.close_consortium(W0, W0 + DAY + 3600)
         assert closer.consortium_due(store.open_windows(), W0 + DAY + 3600) == []
-        (row,) = store.consortium_pending()
+        row, receipt_row = store.consortium_pending()
         body = AggregateBody.model_validate(codec.decode(row.payload, check_replay=False)
                                             .message.body)
+        assert parse_topic(receipt_row.topic).kind == "bridge_receipt"
         (cell,) = body.cells
         assert cell.groups == [] and body.noise is None  # no noisy statistic for members
         assert [h.companies for h in cell.histograms or ()] == [6]
         assert store.ledger() == [] and store.pending() == []
         assert len(store.contributions(W0)) == 6  # kept for the public close
+    finally:
+        store.close()
+
+
+def test_every_withheld_statistic_and_histogram_is_counted_in_the_status(
+        material: Material, tmp_path: Path) -> None:
+    config = bridge_config(material, state_path=str(tmp_path / "s.sqlite"))
+    codec = EnvelopeCodec(
+        signer=Signer.from_files(key_file=material.bridge.key, cert_file=material.bridge.cert),
+        trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"))
+    store = BridgeStore(config.state_path)
+    counters = BridgeCounters()
+    try:
+        # Four companies' price buckets (a histogram below k), and units of five identities
+        # in two domains (three and two: below k for the cross-domain test only).
+        store.add([NewContribution(
+            source_key=f"consortium/grp/co{n}", item_id=f"b{n}", window_start=W0,
+            category="food/milk", region="north", domain="grp", company=f"co{n}",
+            currency="EUR", values={BUCKETS: {"at": float(W0), "price.lo": 1.0,
+                                              "price.hi": 1.25, "price.set": 1.0}},
+            digest=bytes([n]) * 32, token_digest=None) for n in range(4)] + [NewContribution(
+                source_key=f"private/p/co{n}", item_id=f"u{n}", window_start=W0,
+                category="food/milk", region="north", domain="grp" if n < 3 else "mkt",
+                company=f"co{n}", currency=None, values={"sales_data": {"units": 10.0}},
+                digest=bytes([10 + n]) * 32, token_digest=None) for n in range(5)],
+            now=float(W0))
+        closer = WindowCloser(config=config, store=store, noise=None, counters=counters,
+                              output=PublicOutput(config=config, codec=codec))
+        closer.close(W0, W0 + 100 * DAY)
+        assert counters.all_suppressed() == {"below_k": 2}
+        assert counters.cells_published == 0
+    finally:
+        store.close()
+
+
+def test_the_members_get_only_cells_of_their_own_items(material: Material,
+                                                       tmp_path: Path) -> None:
+    """A private source's or public participant's items reach the members neither early nor
+    mixed in: their cell goes to the public alone, after the public lag."""
+    config = bridge_config(material, consortium_output=True, consortium_lag_seconds=3600,
+                           state_path=str(tmp_path / "s.sqlite"))
+    codec = EnvelopeCodec(
+        signer=Signer.from_files(key_file=material.bridge.key, cert_file=material.bridge.cert),
+        trust=TrustStore.from_files(ca_files=[material.ca], network="mkt"))
+    store = BridgeStore(config.state_path)
+    counters = BridgeCounters()
+
+    def units(source: str, company: str, region: str) -> NewContribution:
+        iid = f"{source}-{company}-{region}"
+        return NewContribution(
+            source_key=f"{source}/grp/{company}", item_id=iid, window_start=W0,
+            category="food/milk", region=region, domain="grp", company=company, currency=None,
+            values={"sales_data": {"units": 10.0}},
+            digest=hashlib.sha256(iid.encode()).digest(), token_digest=None)
+
+    try:
+        store.add([units("consortium", f"co{n}", region) for n in range(5)
+                   for region in ("north", "south")]
+                  + [units("private", "p9", "south")], now=float(W0))
+        closer = WindowCloser(
+            config=config, store=store, noise=None, counters=counters,
+            output=PublicOutput(config=config, codec=codec),
+            consortium=PublicOutput(config=config, codec=codec, audience="consortium"))
+        closer.close_consortium(W0, W0 + DAY + 3600)
+        row, _ = store.consortium_pending()
+        body = AggregateBody.model_validate(codec.decode(row.payload, check_replay=False)
+                                            .message.body)
+        assert [c.region for c in body.cells] == ["north"]
+        assert counters.all_suppressed() == {"other_sources": 1}
+        closer.close(W0, W0 + 100 * DAY)
+        (agg, _) = store.pending()
+        public = AggregateBody.model_validate(json.loads(agg.payload)["body"])
+        assert [c.region for c in public.cells] == ["north", "south"]
     finally:
         store.close()

@@ -215,8 +215,32 @@ def test_consortium_aggregates_topic_parse_and_acl() -> None:
     assert not policy.may_publish(username="br", topic=acme.insights("dairy"))
 
 
-def test_ca_refuses_the_reserved_member_name(tmp_path: Path) -> None:
+def test_consortium_receipts_topic_parse_and_acl() -> None:
+    bridge = TopicScheme("consortium", NET, "br")
+    topic = bridge.consortium_receipt("insights/dairy")
+    assert topic == f"{CONSORTIUM}/state/bridge/receipts/insights/dairy"
+    parsed = parse_topic(topic)
+    assert (parsed.mode, parsed.network, parsed.company, parsed.kind, parsed.category) == (
+        "consortium", NET, None, "bridge_receipt", "insights/dairy")
+    # "state" is reserved like "aggregates": nothing else under it is a member's topic
+    with pytest.raises(TopicError, match="reserved"):
+        TopicScheme("consortium", NET, "state")
+    for other in (f"{CONSORTIUM}/state/insights/dairy", f"{CONSORTIUM}/state/bridge/ledger"):
+        with pytest.raises(TopicError):
+            parse_topic(other)
+    policy = AccessPolicy.for_network(mode="consortium", network=NET, bridge_users=["br"])
+    acme = TopicScheme("consortium", NET, "acme")
+    assert policy.may_publish(username="br", topic=topic)
+    assert not policy.may_publish(username="acme", topic=topic)
+    assert policy.may_read(username="acme", topic=topic)
+    assert not policy.may_publish(username="br", topic=f"{CONSORTIUM}/state/other")
+    assert topic_matches(f"{CONSORTIUM}/#", topic) and not topic_matches(acme.live_filter(),
+                                                                          topic)
+
+
+@pytest.mark.parametrize("name", ["aggregates", "state"])
+def test_ca_refuses_the_reserved_member_name(tmp_path: Path, name: str) -> None:
     pkimod.create_ca(directory=tmp_path / "ca", network=NET)
     with pytest.raises(PKIError, match="reserved"):
         pkimod.issue(ca_dir=tmp_path / "ca", out_dir=tmp_path / "out", role="node",
-                     member="aggregates", node="store-1")
+                     member=name, node="store-1")
