@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,13 @@ class PearNetwork:
         leave the node, nothing is sent.
         """
         return await self._sender.broadcast(insight)
+
+    async def broadcast_many(self, insights: Sequence[MarketInsight]) -> list[str]:
+        """Share a batch of insights: like :meth:`broadcast_market_insight` for each, but
+        stored in one outbox transaction and signed in as few envelopes as the batch limits
+        allow; returns their item ids in order. All or nothing: when one insight is refused
+        (the error names its position), none of the batch is stored."""
+        return await self._sender.broadcast_many(insights)
 
     async def flush(self, *, timeout: float | None = None) -> None:
         """Wait until the broker acknowledged everything broadcast so far, including the

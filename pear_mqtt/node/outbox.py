@@ -490,13 +490,12 @@ class Outbox:
         size = len(it.payload)
         is_state = it.kind == "state"
         if is_state and it.key is not None:
-            old = conn.execute("SELECT id, size FROM outbox WHERE kind = 'state' AND key = ?",
-                               (it.key,)).fetchone()
+            old = conn.execute("DELETE FROM outbox WHERE kind = 'state' AND key = ?"
+                               " RETURNING size", (it.key,)).fetchone()
             if old is not None:
-                conn.execute("DELETE FROM outbox WHERE id = ?", (old[0],))
                 t.depth -= 1
-                t.size -= old[1]
-                t.state_bytes -= old[1]
+                t.size -= old[0]
+                t.state_bytes -= old[0]
                 t.superseded += 1
         if t.size + size > self._max_bytes:
             self._make_room(conn, t, it, size)

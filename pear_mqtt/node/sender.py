@@ -12,10 +12,17 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from ..config.models import NetworkConfig
-from ..errors import NotConnectedError, OutboxError, OversizedMessage, TransportError
+from ..errors import (
+    NotConnectedError,
+    OutboxError,
+    OversizedMessage,
+    PrivacyError,
+    TransportError,
+)
 from ..model.insight import MarketInsight, NetworkMode
 from ..model.topics import TopicScheme
 from ..privacy.filter import PrivacyFilter
@@ -68,6 +75,15 @@ _TOPIC_CACHE = 4096  # categories whose topic strings are kept
 _WAKE_MAX = 5.0  # longest wait (s) before a deferred page or held state is considered again
 
 
+class _Prepared(NamedTuple):
+    """One filtered insight ready for the outbox: its live topic, payload and state topic
+    (None when it has no retained state)."""
+
+    topic: str
+    payload: bytes
+    state_topic: str | None
+
+
 class Sender:
     """The outbox, the flusher task over it (:meth:`run`, one per connection) and the
     checkpoint pages it keeps (:attr:`pages`)."""
@@ -87,6 +103,8 @@ class Sender:
         self._idle.set()
         self._timer: asyncio.TimerHandle | None = None
         self._inflight_ids: set[int] = set()
+        self._acks: list[int] = []  # acknowledged rows not yet deleted (see _ack_rows)
+        self._ack_scheduled = False
         self._send_cursor = 0
         self._latency: float | None = None
         self._yielded_at = self._broadcast_at = time.monotonic()
@@ -116,6 +134,7 @@ class Sender:
 
     def close_outbox(self) -> None:
         if self._outbox is not None:
+            self._flush_acks()
             self._outbox.close()
             self._outbox = None
 
@@ -174,10 +193,46 @@ class Sender:
         is published and nothing sealed sends nothing; one of which only the sealed part
         goes out is sent as that part alone, with no state.
         """
-        if self._outbox is None or self._scheme is None or self._item_ids is None:
-            raise NotConnectedError("call connect() before broadcasting")
+        self._require_attached()
         if time.monotonic() - self._broadcast_at < _BACK_TO_BACK:
             self._back_to_back += 1  # the caller produces insights as fast as it can
+        item_id, item = self._prepare(insight)
+        if item is not None:
+            self._store([item])
+        return await self._broadcasted(1 if item is not None else 0, item_id)
+
+    async def broadcast_many(self, insights: Sequence[MarketInsight]) -> list[str]:
+        """:meth:`broadcast` for a batch: every insight is filtered first, then all are
+        stored in one outbox transaction; returns their item ids in order.
+
+        All or nothing: when one insight is refused (the error names its position) or the
+        outbox refuses the batch, none of them is stored.
+        """
+        self._require_attached()
+        ids: list[str] = []
+        items: list[_Prepared] = []
+        for position, insight in enumerate(insights):
+            try:
+                item_id, item = self._prepare(insight)
+            except PrivacyError as exc:
+                raise type(exc)(f"insight {position} of the batch: {exc}") from exc
+            ids.append(item_id)
+            if item is not None:
+                items.append(item)
+        if items:
+            # A batch is a backlog by definition: the flusher may linger and batch it.
+            self._back_to_back += len(items)
+            self._store(items)
+        await self._broadcasted(len(items), ids[-1] if ids else "")
+        return ids
+
+    def _require_attached(self) -> None:
+        if self._outbox is None or self._scheme is None or self._item_ids is None:
+            raise NotConnectedError("call connect() before broadcasting")
+
+    def _prepare(self, insight: MarketInsight) -> tuple[str, _Prepared | None]:
+        """The item id of ``insight`` and what goes into the outbox for it (None: nothing)."""
+        assert self._item_ids is not None
         result = self._filter.encode(insight)
         item_id = self._item_ids.of(insight)
         token: str | None = None
@@ -187,7 +242,7 @@ class Sender:
             else:
                 self._counters.dropped["aggregated_without_aggregator_key"] += 1
         if result.shared is None and token is None:
-            return item_id  # the policy lets nothing of it leave the node
+            return item_id, None  # the policy lets nothing of it leave the node
         # The item is spliced from the filter's JSON (one serialisation, no dict round trip);
         # the id is hex and the sealed token base64url, so neither needs escaping.
         parts = [b'{"iid":"', item_id.encode(), b'"']
@@ -196,30 +251,42 @@ class Sender:
         if token is not None:
             parts += [b',"sealed":"', token.encode(), b'"']
         parts.append(b"}")
-        payload = b"".join(parts)
         topics = self._category_topics.get(insight.category)
         if topics is None:
             topics = self._topics_for(insight.category)
         live_topic, state_topic = topics
         if result.shared is None:
             state_topic = None  # a sealed part alone tells peers nothing worth keeping
+        return item_id, _Prepared(live_topic, b"".join(parts), state_topic)
+
+    def _store(self, items: Sequence[_Prepared]) -> None:
+        """Put ``items`` (and their states) into the outbox: one transaction on disk."""
+        outbox = self._outbox
         try:
-            if isinstance(self._outbox, MemoryOutbox):
-                self._outbox.put_insight(topic=live_topic, payload=payload,
-                                         state_topic=state_topic)
+            if isinstance(outbox, MemoryOutbox):
+                for it in items:
+                    outbox.put_insight(topic=it.topic, payload=it.payload,
+                                       state_topic=it.state_topic)
             else:
-                new = [NewItem(topic=live_topic, payload=payload,
-                               kind="contrib" if state_topic is None else "insight")]
-                if state_topic is not None:
-                    new.append(NewItem(topic=state_topic, payload=payload, kind="state",
-                                       key=state_topic, retain=True))
-                self._outbox.put_many(new)
+                assert outbox is not None
+                new: list[NewItem] = []
+                for it in items:
+                    new.append(NewItem(topic=it.topic, payload=it.payload,
+                                       kind="contrib" if it.state_topic is None else "insight"))
+                    if it.state_topic is not None:
+                        new.append(NewItem(topic=it.state_topic, payload=it.payload,
+                                           kind="state", key=it.state_topic, retain=True))
+                outbox.put_many(new)
         except OutboxError:
-            self._counters.dropped["outbox_refused"] += 1  # the caller gets the error too
+            self._counters.dropped["outbox_refused"] += len(items)  # the caller gets it too
             raise
-        self._counters.insights_out += 1
-        self._idle.clear()
-        self._work.set()
+
+    async def _broadcasted(self, stored: int, item_id: str) -> str:
+        """Count ``stored`` items, wake the flusher and hand the loop over now and then."""
+        if stored:
+            self._counters.insights_out += stored
+            self._idle.clear()
+            self._work.set()
         now = self._broadcast_at = time.monotonic()
         if now - self._yielded_at >= _BROADCAST_YIELD_INTERVAL:
             self._yielded_at = now
@@ -424,7 +491,17 @@ class Sender:
         fut.add_done_callback(done)
 
     def _ack_rows(self, ids: list[int]) -> None:
-        if self._outbox is None:
+        # The PUBACKs one read of the socket brings are deleted in one outbox transaction:
+        # their callbacks all run before the flush scheduled by the first of them.
+        self._acks.extend(ids)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        ids, self._acks = self._acks, []
+        if self._outbox is None or not ids:
             return
         try:
             self._outbox.ack(ids)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -83,6 +83,10 @@ class SyncPearNetwork:
     def broadcast_market_insight(self, insight: MarketInsight) -> str:
         """Queue ``insight`` for sharing; returns its item id."""
         return self._run(self._net().broadcast_market_insight(insight))
+
+    def broadcast_many(self, insights: Sequence[MarketInsight]) -> list[str]:
+        """Queue a batch of insights in one outbox transaction; returns their item ids."""
+        return self._run(self._net().broadcast_many(insights))
 
     def flush(self, *, timeout: float | None = None) -> None:
         """Block until the broker acknowledged everything broadcast so far."""
