@@ -54,6 +54,9 @@ class CheckpointPages:
         self._markers: Markers | None = None
         self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
         self._dirty: dict[int, None] = {}  # insertion order: oldest change first
+        # Dirty pages whose changes justify a refresh mid-stream, so that a flusher round
+        # does not scan every dirty page to find the few that are due.
+        self._due: dict[int, None] = {}
         self._changed = [0] * CHECKPOINT_PAGES  # bytes changed since the page was sent
         self._sent = [0] * CHECKPOINT_PAGES  # size of the page when last sent
         self._sent_at = [0.0] * CHECKPOINT_PAGES  # monotonic time it was last sent
@@ -100,7 +103,10 @@ class CheckpointPages:
                            + (now - self._budget_at) * _PAGE_BUDGET_TRICKLE)
         self._budget_at = now
         node_json = json.dumps(self._node_id).encode()
-        for page in list(self._dirty):
+        for page in list(self._dirty if burst_end else self._due):
+            if page not in self._dirty:
+                self._due.pop(page, None)
+                continue
             if sent >= limit:
                 self.cut = True
                 break
@@ -122,6 +128,7 @@ class CheckpointPages:
             if burst_end and not self.forced:
                 self._budget = max(0.0, self._budget - len(body))
             del self._dirty[page]
+            self._due.pop(page, None)
             self._changed[page] = 0
             self._sent[page] = len(body)
             self._sent_at[page] = now
@@ -170,6 +177,8 @@ class CheckpointPages:
         entries[topic] = entry
         self._dirty[page] = None
         self._changed[page] += len(entry)
+        if self._changed[page] >= max(self._sent[page], _PAGE_MIN_GROWTH):
+            self._due[page] = None
         self._budget += len(entry)
 
     async def seed(self, conn: Connection) -> None:
