@@ -30,6 +30,9 @@ __all__ = ["AgentReport", "default_outbox_path", "load_agent_config", "run_agent
 log = logging.getLogger(__name__)
 
 _MAX_REPORTED_REJECTIONS = 100  # kept in the report; every one is still logged and counted
+# Insights stored per outbox transaction (and filtered in one go): large enough that the
+# transaction's commit is a small share, small enough that the loop is handed over often.
+_BATCH = 256
 _DRAIN_POLL = 0.05  # s between outbox-depth checks while draining
 _OUTBOX_RETRY_MIN, _OUTBOX_RETRY_MAX = 1.0, 30.0  # s between tries while the outbox refuses
 
@@ -223,41 +226,51 @@ async def _report_every(interval: float, net: PearNetwork, tally: _Tally,
 
 async def _pump(source: InsightSource, net: PearNetwork, stop: asyncio.Event,
                 tally: _Tally) -> None:
-    items = source.insights(stop=stop, reject=tally.reject)
+    batches = source.batches(stop=stop, reject=tally.reject, max_items=_BATCH)
     try:
-        async for insight in items:
-            tally.read += 1
+        async for batch in batches:
+            tally.read += len(batch)
             try:
-                stored = await _store(net, insight, stop)
-            except (PrivacyError, TopicError) as exc:
-                tally.failed += 1
-                log.warning("not shared (%s %s): %s", insight.category,
-                            insight.window_start.isoformat(), exc)
+                stored = await _store(net, batch, stop)
+            except (PrivacyError, TopicError):
+                # One of them is refused: store the others one by one, counting each refusal.
+                for insight in batch:
+                    try:
+                        stored = await _store(net, [insight], stop)
+                    except (PrivacyError, TopicError) as exc:
+                        tally.failed += 1
+                        log.warning("not shared (%s %s): %s", insight.category,
+                                    insight.window_start.isoformat(), exc)
+                        continue
+                    if not stored:
+                        return
+                    tally.sent += 1
                 continue
             if not stored:
                 return  # stopped while the outbox refused it: the source is not advanced
-            tally.sent += 1
+            tally.sent += len(batch)
             # No yield of our own: broadcast hands the loop to the flusher and the status
-            # reporter every millisecond, and insights read back to back get batched.
+            # reporter every millisecond.
     finally:
-        aclose = getattr(items, "aclose", None)
+        aclose = getattr(batches, "aclose", None)
         if aclose is not None:
             await aclose()
 
 
-async def _store(net: PearNetwork, insight: MarketInsight, stop: asyncio.Event) -> bool:
-    """Put ``insight`` into the outbox, retrying while it refuses (a full disk); false if
-    ``stop`` came first."""
+async def _store(net: PearNetwork, batch: list[MarketInsight], stop: asyncio.Event) -> bool:
+    """Put ``batch`` into the outbox in one transaction, retrying while it refuses (a full
+    disk); false if ``stop`` came first."""
     backoff = Backoff(minimum=_OUTBOX_RETRY_MIN, maximum=_OUTBOX_RETRY_MAX)
     while True:
         try:
-            await net.broadcast_market_insight(insight)
+            await net.broadcast_many(batch)
             return True
         except OutboxError as exc:
             # Holding the source still loses nothing: the outbox recovers once the disk has
-            # room, and a stop leaves the insight (and a watched file) unread.
+            # room, and a stop leaves the batch (and a watched file) unread.
             delay = backoff.next_delay()
-            log.warning("outbox refused an insight (%s); retrying in %.1f s", exc, delay)
+            log.warning("outbox refused %d insight(s) (%s); retrying in %.1f s", len(batch),
+                        exc, delay)
         # Waiting on the event, not sleeping, so a stop request ends the wait at once.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)

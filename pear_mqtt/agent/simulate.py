@@ -203,20 +203,29 @@ class SimulatedSource:
         except ValidationError as exc:
             raise ConfigError(f"simulation: {describe_invalid(exc)}") from None
 
-    async def insights(self, *, stop: asyncio.Event,
-                       reject: RejectCallback) -> AsyncIterator[MarketInsight]:
-        """Yield :meth:`generate`'s insights at ``rate`` per second until done or stopped."""
+    async def batches(self, *, stop: asyncio.Event, reject: RejectCallback,
+                      max_items: int) -> AsyncIterator[list[MarketInsight]]:
+        """Yield :meth:`generate`'s insights at ``rate`` per second until done or stopped:
+        each batch holds what fell due since the previous one (``max_items`` at most)."""
         loop = asyncio.get_running_loop()
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
         due = loop.time()
+        batch: list[MarketInsight] = []
         for insight in self.generate():
             delay = due - loop.time()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+            if delay > 0 or len(batch) >= max_items:
+                if batch:
+                    yield batch
+                    batch = []
+                    delay = due - loop.time()
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set():
-                return
-            yield insight
+                break
+            batch.append(insight)
             # After a stall (a slow disk, a suspended laptop) carry on at the rate rather
             # than bursting out everything that fell due meanwhile.
             due = max(due + interval, loop.time() - interval)
+        if batch:
+            yield batch

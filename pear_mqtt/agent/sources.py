@@ -36,22 +36,25 @@ log = logging.getLogger(__name__)
 class InsightSource(Protocol):
     """Where an agent's insights come from.
 
-    ``insights`` yields valid insights and reports each bad record through ``reject``. It must
-    end soon after ``stop`` is set (a source may finish a unit of work first, as
-    :class:`WatchSource` finishes the file at hand) and may end on its own (a file is read).
+    ``batches`` yields valid insights in lists of at most ``max_items`` (as many as are at
+    hand) and reports each bad record through ``reject``. The consumer stores each batch
+    before it asks for the next, so a source may record its progress then (as
+    :class:`WatchSource` files a file away). It must end soon after ``stop`` is set (a source
+    may finish a unit of work first, as :class:`WatchSource` finishes the file at hand) and may
+    end on its own (a file is read).
     """
 
-    def insights(self, *, stop: asyncio.Event,
-                 reject: RejectCallback) -> AsyncIterator[MarketInsight]:
-        """Yield insights until the source is exhausted or ``stop`` is set."""
+    def batches(self, *, stop: asyncio.Event, reject: RejectCallback,
+                max_items: int) -> AsyncIterator[list[MarketInsight]]:
+        """Yield batches of insights until the source is exhausted or ``stop`` is set."""
         ...
 
 
 class NoSource:
     """Reads nothing: the agent only delivers what its outbox holds (``--drain-only``)."""
 
-    async def insights(self, *, stop: asyncio.Event,
-                       reject: RejectCallback) -> AsyncIterator[MarketInsight]:
+    async def batches(self, *, stop: asyncio.Event, reject: RejectCallback,
+                      max_items: int) -> AsyncIterator[list[MarketInsight]]:
         """End at once."""
         return
         yield  # unreachable: makes this an async generator that yields nothing
@@ -73,16 +76,22 @@ class FileSource:
         if why is not None:
             raise ConfigError(f"--input {self.path}: {why}")
 
-    async def insights(self, *, stop: asyncio.Event,
-                       reject: RejectCallback) -> AsyncIterator[MarketInsight]:
+    async def batches(self, *, stop: asyncio.Event, reject: RejectCallback,
+                      max_items: int) -> AsyncIterator[list[MarketInsight]]:
         """Yield the file's good lines in order; report the bad ones."""
+        batch: list[MarketInsight] = []
         for record in read_insights(self.path, fmt=self.format):
             if stop.is_set():
-                return
+                break
             if isinstance(record, Rejection):
                 reject(record)
-            else:
-                yield record
+                continue
+            batch.append(record)
+            if len(batch) >= max_items:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
 
 def _unreadable(path: Path) -> str | None:
@@ -160,8 +169,8 @@ class WatchSource:
         self._stuck = {p: s for p, s in self._stuck.items() if p in seen}
         return sorted(ready, key=lambda p: (seen[p][1], p.name))
 
-    async def insights(self, *, stop: asyncio.Event,
-                       reject: RejectCallback) -> AsyncIterator[MarketInsight]:
+    async def batches(self, *, stop: asyncio.Event, reject: RejectCallback,
+                      max_items: int) -> AsyncIterator[list[MarketInsight]]:
         """Yield the good lines of each new file until ``stop`` is set."""
         self.check()
         leftovers = _input_files(self.processing_dir)
@@ -170,16 +179,16 @@ class WatchSource:
                 return
             log.warning("%s was being read when an earlier run stopped; reading it again "
                         "(what it sent then is sent twice)", path)
-            async for insight in self._read(path, reject):
-                yield insight
+            async for batch in self._read(path, reject, max_items):
+                yield batch
         while not stop.is_set():
             for path in self.ready_files():
                 if stop.is_set():
                     return
                 claimed = self._claim(path)
                 if claimed is not None:
-                    async for insight in self._read(claimed, reject):
-                        yield insight
+                    async for batch in self._read(claimed, reject, max_items):
+                        yield batch
             # Waiting on the event, not sleeping, so a stop request ends the wait at once.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_interval)
@@ -197,22 +206,29 @@ class WatchSource:
             return None
         return claimed
 
-    async def _read(self, path: Path, reject: RejectCallback) -> AsyncIterator[MarketInsight]:
+    async def _read(self, path: Path, reject: RejectCallback,
+                    max_items: int) -> AsyncIterator[list[MarketInsight]]:
         bad: list[Rejection] = []
         count = 0
+        batch: list[MarketInsight] = []
         try:
             for record in read_insights(path, name=path.name):
                 if isinstance(record, Rejection):
                     bad.append(record)
                     reject(record)
-                else:
-                    count += 1
-                    yield record
+                    continue
+                count += 1
+                batch.append(record)
+                if len(batch) >= max_items:
+                    yield batch
+                    batch = []
         except OSError as exc:
             failure = Rejection(path.name, 0, f"cannot read the file: {exc.strerror or exc}",
                                 fatal=True)
             bad.append(failure)
             reject(failure)
+        if batch:
+            yield batch
         # Only after the last line: if the consumer stops early (closing this generator) the
         # file stays in processing/ to be read again.
         try:

@@ -217,10 +217,10 @@ def test_csv_bad_header_is_fatal(tmp_path: Path, header: str, error: str) -> Non
 
 # -- FileSource -------------------------------------------------------------------------------
 
-async def drain(gen: AsyncIterator[MarketInsight], timeout: float = TIMEOUT
+async def drain(gen: AsyncIterator[list[MarketInsight]], timeout: float = TIMEOUT
                 ) -> list[MarketInsight]:
     async def run() -> list[MarketInsight]:
-        return [x async for x in gen]
+        return [x async for batch in gen for x in batch]
     return await asyncio.wait_for(run(), timeout)
 
 
@@ -228,7 +228,8 @@ async def test_file_source_yields_good_and_reports_bad(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text(jsonl(good_obj(), "{", good_obj(region="south")))
     rejects: list[Rejection] = []
-    got = await drain(FileSource(path).insights(stop=asyncio.Event(), reject=rejects.append))
+    got = await drain(FileSource(path).batches(
+        max_items=64, stop=asyncio.Event(), reject=rejects.append))
     assert [g.region for g in got] == ["north", "south"]
     assert [str(r).split(": ")[0] for r in rejects] == [f"{path}:2"]
 
@@ -237,10 +238,10 @@ async def test_file_source_stops_between_lines(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text(jsonl(*(good_obj() for _ in range(10))))
     stop = asyncio.Event()
-    gen = FileSource(path).insights(stop=stop, reject=lambda r: None)
+    gen = FileSource(path).batches(max_items=3, stop=stop, reject=lambda r: None)
     first = await asyncio.wait_for(anext(gen), TIMEOUT)
     stop.set()
-    assert first.category == "grocery/dairy"
+    assert [x.category for x in first] == ["grocery/dairy"] * 3
     assert await drain(gen) == []
 
 
@@ -261,8 +262,12 @@ def drop(directory: Path, name: str, text: str) -> Path:
     return tmp.rename(directory / name)
 
 
-async def take(gen: AsyncIterator[MarketInsight], n: int) -> list[MarketInsight]:
-    return [await asyncio.wait_for(anext(gen), TIMEOUT) for _ in range(n)]
+async def take(gen: AsyncIterator[list[MarketInsight]], n: int) -> list[MarketInsight]:
+    """Batches until ``n`` insights came (a source batches what it has: maybe more)."""
+    out: list[MarketInsight] = []
+    while len(out) < n:
+        out += await asyncio.wait_for(anext(gen), TIMEOUT)
+    return out
 
 
 async def test_watch_processes_each_file_once_and_files_rejects(tmp_path: Path) -> None:
@@ -275,7 +280,7 @@ async def test_watch_processes_each_file_once_and_files_rejects(tmp_path: Path) 
     rejects: list[Rejection] = []
     stop = asyncio.Event()
     watch = WatchSource(inbox, poll_interval=0.01, on_file=files.append)
-    gen = watch.insights(stop=stop, reject=rejects.append)
+    gen = watch.batches(max_items=64, stop=stop, reject=rejects.append)
 
     assert [g.region for g in await take(gen, 2)] == ["a1", "a2"]
     drop(inbox, "b.csv", "\n".join([HEADER, csv_row(region="b1"), csv_row(price="x"),
@@ -302,7 +307,8 @@ async def test_watch_processes_each_file_once_and_files_rejects(tmp_path: Path) 
 
     # A new agent on the same directory only sees new files.
     stop2 = asyncio.Event()
-    gen2 = WatchSource(inbox, poll_interval=0.01).insights(stop=stop2, reject=rejects.append)
+    gen2 = WatchSource(inbox, poll_interval=0.01).batches(
+        max_items=64, stop=stop2, reject=rejects.append)
     drop(inbox, "c.jsonl", jsonl(good_obj(region="c1")))
     assert [g.region for g in await take(gen2, 1)] == ["c1"]
     stop2.set()
@@ -312,11 +318,12 @@ async def test_watch_processes_each_file_once_and_files_rejects(tmp_path: Path) 
 async def test_watch_finishes_the_file_at_hand_on_stop(tmp_path: Path) -> None:
     drop(tmp_path, "big.jsonl", jsonl(*(good_obj(sample_size=i + 1) for i in range(5))))
     stop = asyncio.Event()
-    gen = WatchSource(tmp_path, poll_interval=0.01).insights(stop=stop, reject=lambda r: None)
-    (first,) = await take(gen, 1)
+    gen = WatchSource(tmp_path, poll_interval=0.01).batches(max_items=2, stop=stop,
+                                                            reject=lambda r: None)
+    first = await take(gen, 2)
     stop.set()
     rest = await drain(gen)
-    assert [x.sample_size for x in [first, *rest]] == [1, 2, 3, 4, 5]
+    assert [x.sample_size for x in [*first, *rest]] == [1, 2, 3, 4, 5]
     assert [p.name for p in (tmp_path / "done").iterdir()] == ["big.jsonl"]
     assert list((tmp_path / "rejected").iterdir()) == []
 
@@ -332,7 +339,7 @@ async def test_watch_moves_a_file_with_a_bad_header_to_rejected_whole(tmp_path: 
         stop.set()
 
     watch = WatchSource(tmp_path, poll_interval=0.01, on_file=filed)
-    assert await drain(watch.insights(stop=stop, reject=lambda r: None)) == []
+    assert await drain(watch.batches(max_items=64, stop=stop, reject=lambda r: None)) == []
     assert files[0].path == tmp_path / "rejected" / "bad.csv"
     assert (tmp_path / "rejected" / "bad.csv").read_text() == text
     assert "bad.csv:1: CSV header: unknown column(s) ['when']" in (
@@ -342,7 +349,8 @@ async def test_watch_moves_a_file_with_a_bad_header_to_rejected_whole(tmp_path: 
 
 async def test_watch_keeps_both_files_when_a_name_comes_again(tmp_path: Path) -> None:
     stop = asyncio.Event()
-    gen = WatchSource(tmp_path, poll_interval=0.01).insights(stop=stop, reject=lambda r: None)
+    gen = WatchSource(tmp_path, poll_interval=0.01).batches(
+        max_items=64, stop=stop, reject=lambda r: None)
     drop(tmp_path, "day.jsonl", jsonl(good_obj(region="first")))
     assert [g.region for g in await take(gen, 1)] == ["first"]
     drop(tmp_path, "day.jsonl", jsonl(good_obj(region="second")))
@@ -359,7 +367,8 @@ async def test_watch_rereads_a_file_an_earlier_run_left_in_processing(tmp_path: 
     drop(tmp_path / "processing", "half.jsonl", jsonl(good_obj(region="left")))
     drop(tmp_path, "new.jsonl", jsonl(good_obj(region="new")))
     stop = asyncio.Event()
-    gen = WatchSource(tmp_path, poll_interval=0.01).insights(stop=stop, reject=lambda r: None)
+    gen = WatchSource(tmp_path, poll_interval=0.01).batches(
+        max_items=64, stop=stop, reject=lambda r: None)
     assert [g.region for g in await take(gen, 2)] == ["left", "new"]
     stop.set()
     await drain(gen)
@@ -371,7 +380,7 @@ async def test_watch_leaves_the_file_in_processing_when_the_reader_quits(
         tmp_path: Path) -> None:
     """An outbox that refuses writes until stop closes the source mid-file: nothing is lost."""
     drop(tmp_path, "f.jsonl", jsonl(good_obj(), good_obj()))
-    gen = WatchSource(tmp_path, poll_interval=0.01).insights(stop=asyncio.Event(),
+    gen = WatchSource(tmp_path, poll_interval=0.01).batches(max_items=64, stop=asyncio.Event(),
                                                              reject=lambda r: None)
     await take(gen, 1)
     await gen.aclose()  # type: ignore[attr-defined]
@@ -506,10 +515,10 @@ def test_simulated_windows_lie_in_the_past_by_default(count: int) -> None:
 async def test_simulation_paces_and_stops_promptly() -> None:
     stop = asyncio.Event()
     fast = SimulatedSource(seed=1, rate=0, count=50, start=START)
-    assert len(await drain(fast.insights(stop=stop, reject=lambda r: None))) == 50
+    assert len(await drain(fast.batches(max_items=64, stop=stop, reject=lambda r: None))) == 50
     # At one insight an hour the next is far off: a stop must end the wait at once.
     slow = SimulatedSource(seed=1, rate=1 / 3600, count=5, start=START)
-    gen = slow.insights(stop=stop, reject=lambda r: None)
+    gen = slow.batches(max_items=64, stop=stop, reject=lambda r: None)
     await asyncio.wait_for(anext(gen), TIMEOUT)
     waiting = asyncio.create_task(drain(gen, timeout=TIMEOUT))
     await asyncio.sleep(0)
@@ -606,3 +615,25 @@ def test_report_as_json() -> None:
     data = json.loads(json.dumps(report.to_dict()))
     assert data["rejections"] == ["a.csv:4: price: bad"]
     assert data["duration"] == 1.235 and data["status"]["connected"] is False
+
+
+async def test_watch_files_a_file_away_only_once_its_last_batch_was_taken(tmp_path: Path
+                                                                        ) -> None:
+    # The consumer stores a batch before asking for the next: a file still in processing/
+    # when the agent dies is read again, so nothing it held can be lost.
+    drop(tmp_path, "f.jsonl", jsonl(*(good_obj(sample_size=i + 1) for i in range(4))))
+    gen = WatchSource(tmp_path, poll_interval=0.01).batches(max_items=2, stop=asyncio.Event(),
+                                                            reject=lambda r: None)
+    assert [x.sample_size for x in await take(gen, 2)] == [1, 2]
+    assert [x.sample_size for x in await take(gen, 2)] == [3, 4]
+    assert [p.name for p in (tmp_path / "processing").iterdir()] == ["f.jsonl"]
+    assert list((tmp_path / "done").iterdir()) == []
+    await gen.aclose()  # type: ignore[attr-defined]
+
+
+async def test_file_source_batches_hold_at_most_max_items(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text(jsonl(*(good_obj(sample_size=i + 1) for i in range(7))))
+    gen = FileSource(path).batches(max_items=3, stop=asyncio.Event(), reject=lambda r: None)
+    sizes = [len(b) async for b in gen]
+    assert sizes == [3, 3, 1]
