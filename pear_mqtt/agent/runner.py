@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _MAX_REPORTED_REJECTIONS = 100  # kept in the report; every one is still logged and counted
 # Insights stored per outbox transaction (and filtered in one go): large enough that the
 # transaction's commit is a small share, small enough that the loop is handed over often.
-_BATCH = 256
+_BATCH = 128
 _DRAIN_POLL = 0.05  # s between outbox-depth checks while draining
 _OUTBOX_RETRY_MIN, _OUTBOX_RETRY_MAX = 1.0, 30.0  # s between tries while the outbox refuses
 
