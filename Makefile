@@ -6,15 +6,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv test unit integration lint up status logs down bench bench-quick images \
-	container-test faults soak privacy clean
+.PHONY: help venv needs test test-standalone unit integration lint up status logs down bench \
+	bench-quick images container-test faults soak privacy clean
 
 help:
 	@echo "make up        bring up the topology (brokers, bridge, simulated agents)"
 	@echo "make status    exit 0 only when everything is healthy"
 	@echo "make logs      tail the logs of the running topology"
 	@echo "make down      stop everything make up started"
-	@echo "make test      create .venv, install, run the whole test suite"
+	@echo "make test      create .venv, install (mosquitto too, when root/sudo), run the whole suite"
+	@echo "make test-standalone  unit tests + the embedded amqtt broker tests: Python only"
 	@echo "make lint      ruff + mypy --strict"
 	@echo "make bench     benchmarks vs raw paho and mosquitto's C clients (bench-quick: ~1 min)"
 	@echo "make container-test  the suite against brokers in containers (starts dockerd)"
@@ -22,28 +23,41 @@ help:
 	@echo "make soak      fault injection incl. the long scenarios (~10 min) -> docs/RELIABILITY.md"
 	@echo "make privacy   a member's attacks on every privacy policy (~1 min) -> docs/PRIVACY.md"
 
+# A half-made .venv (an interrupted install, a Python that moved) is made again, not fatal.
 $(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -c 'import pip' >/dev/null 2>&1 || { rm -rf $(VENV); \
+		$(PY) -m venv $(VENV) || { echo "cannot create $(VENV): install Python >= 3.11 with venv (Debian: apt-get install python3-venv)" >&2; rm -rf $(VENV); exit 1; }; }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# System packages (Debian's mosquitto): installed when missing and allowed, else one line.
+needs:
+	@bash deploy/bootstrap.sh
+
+test: needs $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# No system package needed: unit tests and the broker tests on the embedded amqtt broker.
+STANDALONE_TESTS := tests/unit tests/integration/test_embedded.py \
+	tests/integration/test_network_embedded.py
+
+test-standalone: $(STAMP)
+	$(BIN)/python -m pytest $(STANDALONE_TESTS) -m "not uses_broker" $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: $(STAMP)
+integration: needs $(STAMP)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pear_mqtt tests bench
 	$(BIN)/mypy pear_mqtt bench
 
-up: $(STAMP)
+up: needs $(STAMP)
 	$(BIN)/pear-mqtt up start
 
 status: $(STAMP)
@@ -82,7 +96,7 @@ FAULTS_RESULTS := .pear/faults/results.jsonl
 # Fuzzed payloads per bulk hostile-input test (make test runs 10,000; the issue asks >= 100,000).
 FUZZ_N ?= 100000
 
-faults soak: $(STAMP)
+faults soak: needs $(STAMP)
 	@mkdir -p $(dir $(FAULTS_RESULTS)) && rm -f $(FAULTS_RESULTS)
 	@status=0; \
 	PEAR_FAULTS_RESULTS=$(FAULTS_RESULTS) PEAR_FUZZ_N=$(FUZZ_N) $(if $(filter soak,$@),PEAR_SOAK=1) \
@@ -97,7 +111,7 @@ faults soak: $(STAMP)
 # attack learns more than allowed (so the table shows it); the exit status is the tests'.
 PRIVACY_RESULTS := .pear/privacy/results.jsonl
 
-privacy: $(STAMP)
+privacy: needs $(STAMP)
 	@mkdir -p $(dir $(PRIVACY_RESULTS)) && rm -f $(PRIVACY_RESULTS)
 	@status=0; \
 	PEAR_PRIVACY_RESULTS=$(PRIVACY_RESULTS) $(BIN)/python -m pytest tests/integration/privacy \
