@@ -9,6 +9,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -29,7 +30,8 @@ __all__ = ["AgentReport", "default_outbox_path", "load_agent_config", "run_agent
 
 log = logging.getLogger(__name__)
 
-_MAX_REPORTED_REJECTIONS = 100  # kept in the report; every one is still logged and counted
+_MAX_REPORTED_REJECTIONS = 100  # kept in the report; every one is counted by reason
+_LOGGED_REJECTIONS = 20  # logged one by one; the rest only in the summary at the end
 # Insights stored per outbox transaction (and filtered in one go): large enough that the
 # transaction's commit is a small share, small enough that the loop is handed over often.
 _BATCH = 128
@@ -42,13 +44,16 @@ class AgentReport:
     """What one :func:`run_agent` run did.
 
     ``read``: insights the source produced; ``rejected``: input lines that were not insights;
-    ``sent``: insights accepted into the outbox (delivery is confirmed when ``outbox_depth``
-    reaches 0); ``failed``: insights the privacy filter refused. ``drained`` is true when the
-    outbox was empty at the end; otherwise its ``outbox_depth`` rows wait on disk for the next
-    run. ``stopped`` is true when ``stop`` ended the run rather than the source running out.
+    ``queued``: insights accepted into the outbox; ``sent``: insights a broker acknowledged
+    during this run (an earlier run's leftovers included); ``failed``: insights the privacy
+    filter refused. ``drained`` is true when the outbox was empty at the end; otherwise its
+    ``outbox_depth`` rows wait on disk for the next run. ``stopped`` is true when ``stop`` ended the
+    run rather than the source running out. ``broker`` is the broker tried and ``error`` why
+    the last connection attempt failed (None once connected).
     """
 
     read: int
+    queued: int
     sent: int
     rejected: int
     failed: int
@@ -58,11 +63,23 @@ class AgentReport:
     duration: float
     status: NetworkStatus
     rejections: tuple[Rejection, ...] = ()
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def broker(self) -> str | None:
+        return self.status.broker
+
+    @property
+    def error(self) -> str | None:
+        return self.status.last_error
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (at most the first 100 rejections are listed)."""
-        return {"read": self.read, "sent": self.sent, "rejected": self.rejected,
+        return {"read": self.read, "queued": self.queued, "sent": self.sent,
+                "rejected": self.rejected,
+                "rejected_by_reason": dict(self.rejected_by_reason),
                 "failed": self.failed, "outbox_depth": self.outbox_depth,
+                "broker": self.broker, "error": self.error,
                 "drained": self.drained, "stopped": self.stopped,
                 "duration": round(self.duration, 3),
                 "rejections": [str(r) for r in self.rejections],
@@ -72,16 +89,35 @@ class AgentReport:
 @dataclass(slots=True)
 class _Tally:
     read: int = 0
-    sent: int = 0
+    queued: int = 0
     rejected: int = 0
     failed: int = 0
     rejections: list[Rejection] = field(default_factory=list)
+    by_reason: Counter[str] = field(default_factory=Counter)
 
     def reject(self, rejection: Rejection) -> None:
         self.rejected += 1
+        self.by_reason[_reason(rejection)] += 1
         if len(self.rejections) < _MAX_REPORTED_REJECTIONS:
             self.rejections.append(rejection)
-        log.warning("rejected %s", rejection)
+        if self.rejected <= _LOGGED_REJECTIONS:
+            log.warning("rejected %s", rejection)
+        elif self.rejected == _LOGGED_REJECTIONS + 1:
+            log.warning("more rejected lines: counted by reason, summed up at the end")
+
+    def summary(self) -> str | None:
+        """One line: the rejected lines by reason, most frequent first."""
+        if not self.rejected:
+            return None
+        reasons = ", ".join(f"{n} x {why}" for why, n in self.by_reason.most_common(10))
+        more = len(self.by_reason) - 10
+        return (f"rejected {self.rejected} line(s): {reasons}"
+                + (f" and {more} other reason(s)" if more > 0 else ""))
+
+
+def _reason(rejection: Rejection) -> str:
+    """A rejection's reason without the line's particulars (its first clause)."""
+    return rejection.error.split(":", 1)[0].strip()[:80] or "unknown"
 
 
 def default_outbox_path(*, config: NetworkConfig, config_file: Path | None) -> Path:
@@ -107,7 +143,8 @@ def load_agent_config(*, file: Path | None, outbox: Path | None = None) -> Netwo
 
 
 def _status_line(tally: _Tally, status: NetworkStatus) -> str:
-    return (f"pear-mqtt agent: read={tally.read} sent={tally.sent} rejected={tally.rejected} "
+    return (f"pear-mqtt agent: read={tally.read} queued={tally.queued} "
+            f"sent={status.insights_acknowledged} rejected={tally.rejected} "
             f"failed={tally.failed} outbox={status.outbox_depth} "
             f"connected={'yes' if status.connected else 'no'} "
             f"dropped={sum(status.dropped.values())} health={status.health.value}")
@@ -119,10 +156,11 @@ class _StatusWriter:
         self._stream = stream
         self._warned = False
 
-    def write(self, tally: _Tally, status: NetworkStatus, *, line: bool = True) -> None:
+    def write(self, tally: _Tally, status: NetworkStatus, *, line: bool = True,
+              file: bool = True) -> None:
         if line and self._stream is not None:
             print(_status_line(tally, status), file=self._stream, flush=True)
-        if self._path is None:
+        if self._path is None or not file:
             return
         try:
             # Readers (health checks) must never see a half-written file.
@@ -205,16 +243,24 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
             # wait(), unlike awaiting the task, does not raise its CancelledError, which could
             # not be told apart from a cancellation of this run.
             await asyncio.wait([reporter])
-        # Taken before disconnecting, which closes the outbox and so zeroes its depth.
+        # Taken before disconnecting, which closes the outbox and so zeroes its depth; the
+        # last line shows the connection as it was, the status file that it is closed now.
         final = net.status()
+        writer.write(tally, final, line=True, file=False)
         await net.disconnect()
         final = final.model_copy(update={"connected": False, "health": Health.DOWN})
-        writer.write(tally, final)
-    return AgentReport(read=tally.read, sent=tally.sent, rejected=tally.rejected,
+        writer.write(tally, final, line=False)
+        summary = tally.summary()
+        if summary is not None:
+            log.warning("%s", summary)
+    return AgentReport(read=tally.read, queued=tally.queued,
+                       sent=final.insights_acknowledged,
+                       rejected=tally.rejected,
                        failed=tally.failed, outbox_depth=final.outbox_depth,
                        drained=drained and final.outbox_depth == 0, stopped=stop.is_set(),
                        duration=time.monotonic() - started, status=final,
-                       rejections=tuple(tally.rejections))
+                       rejections=tuple(tally.rejections),
+                       rejected_by_reason=dict(tally.by_reason))
 
 
 async def _report_every(interval: float, net: PearNetwork, tally: _Tally,
@@ -244,11 +290,11 @@ async def _pump(source: InsightSource, net: PearNetwork, stop: asyncio.Event,
                         continue
                     if not stored:
                         return
-                    tally.sent += 1
+                    tally.queued += 1
                 continue
             if not stored:
                 return  # stopped while the outbox refused it: the source is not advanced
-            tally.sent += len(batch)
+            tally.queued += len(batch)
             # No yield of our own: broadcast hands the loop to the flusher and the status
             # reporter every millisecond.
     finally:

@@ -18,7 +18,10 @@ from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
 from ..errors import ConfigError, PearError, PKIError
 
-__all__ = ["register_cli"]
+__all__ = ["EX_TEMPFAIL", "register_cli"]
+
+EX_TEMPFAIL = 75
+"""Exit status of a one-shot run (--input, --simulate) that could not deliver (sysexits.h)."""
 
 
 def _make_source(args: argparse.Namespace) -> InsightSource:
@@ -101,11 +104,19 @@ async def _serve(args: argparse.Namespace, config: NetworkConfig,
             loop.remove_signal_handler(sig)
     where = ("everything delivered" if report.drained else
              f"{report.outbox_depth} outbox row(s) kept in {config.reliability.outbox_path}")
-    print(f"pear-mqtt agent: done: read {report.read}, sent {report.sent}, rejected "
-          f"{report.rejected}, failed {report.failed}; {where}", file=sys.stderr)
+    print(f"pear-mqtt agent: done: read {report.read}, queued {report.queued}, sent (acknowledged) "
+          f"{report.sent}, rejected {report.rejected}, failed {report.failed}; {where}",
+          file=sys.stderr)
     print(json.dumps(report.to_dict()), flush=True)
     if args.drain_only and not report.drained:
         return 1
+    if (args.input is not None or args.simulate) and not report.drained and not report.stopped:
+        # A one-shot run that could not deliver: a temporary failure, to try again later.
+        why = report.error or f"no acknowledgement within --drain-timeout {args.drain_timeout:g} s"
+        print(f"pear-mqtt agent: not delivered: broker {report.broker}: {why}; "
+              f"{report.outbox_depth} row(s) wait in {config.reliability.outbox_path} for the "
+              f"next run", file=sys.stderr)
+        return EX_TEMPFAIL
     return 0
 
 
@@ -121,9 +132,11 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
             "overrides both). SIGTERM or SIGINT stops it: it stops reading, delivers for up to "
             "--drain-timeout seconds, and leaves the rest in the outbox for the next run (a "
             "second signal stops at once). Bad input lines are logged as FILE:LINE: ERROR and "
-            "skipped. On exit a JSON report goes to stdout. Exit status: 0 on a clean stop, 1 "
-            "if stopped by a second signal or if --drain-only left rows undelivered, 2 on "
-            "configuration errors."))
+            "skipped (the first 20 one by one, then a summary by reason at the end). On exit a "
+            "JSON report goes to stdout ('sent' counts what a broker acknowledged). Exit status: "
+            "0 on a clean stop, 75 if a one-shot run (--input, --simulate) could not deliver "
+            "everything (it says why, and how many rows wait in the outbox), 1 if stopped by a "
+            "second signal or if --drain-only left rows undelivered, 2 on configuration errors."))
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="network config (.toml or .json); PEAR_* environment variables "
                              "override it")

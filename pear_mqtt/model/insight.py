@@ -199,6 +199,10 @@ class NetworkStatus(Frozen):
     last_sync: datetime | None = None
     messages_in: int = 0
     messages_out: int = 0
+    # Insights this node broadcast since it was created, and how many of them the broker
+    # acknowledged (the rest wait in the outbox).
+    insights_out: int = 0
+    insights_acknowledged: int = 0
     dropped: dict[str, int] = Field(default_factory=dict)
     duplicates: int = 0
     # Retained states read from nodes' checkpoint pages (see PearNetwork.sync).

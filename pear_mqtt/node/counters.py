@@ -16,6 +16,7 @@ class Counters:
     messages_out: int = 0
     insights_in: int = 0
     insights_out: int = 0
+    insights_acked: int = 0  # of insights_out, acknowledged by the broker
     duplicates: int = 0
     reconnects: int = 0
     states_from_checkpoints: int = 0

@@ -284,7 +284,8 @@ class PearNetwork:
             connected=connected, broker=self.config.broker_url, peers=len(self.peers()),
             last_sync=(None if self._last_sync is None else
                        datetime.fromtimestamp(self._last_sync, UTC)),
-            messages_in=c.messages_in, messages_out=c.messages_out, dropped=dropped,
+            messages_in=c.messages_in, messages_out=c.messages_out,
+            insights_out=c.insights_out, insights_acknowledged=c.insights_acked, dropped=dropped,
             duplicates=c.duplicates, states_from_checkpoints=c.states_from_checkpoints,
             latency_ms=None if latency is None else round(latency, 3),
             outbox_depth=depth, reconnects=c.reconnects, health=health,

@@ -478,6 +478,7 @@ class Sender:
         sent_at = time.perf_counter()
 
         nbytes = len(payload)
+        live = first.kind != "state"  # one row per insight (or sealed part)
 
         def done(f: asyncio.Future[None]) -> None:
             window.release(nbytes)
@@ -486,6 +487,8 @@ class Sender:
                 return  # the rows stay in the outbox and are sent again after reconnecting
             rtt = (time.perf_counter() - sent_at) * 1000
             self._latency = rtt if self._latency is None else 0.9 * self._latency + 0.1 * rtt
+            if live:
+                self._counters.insights_acked += len(ids)
             self._ack_rows(ids)
 
         fut.add_done_callback(done)

@@ -31,7 +31,7 @@ from pear_mqtt.node.records import ReceivedInsight
 from pear_mqtt.privacy.ranges import ValueRange
 from pear_mqtt.security.seal import generate_x25519_key, save_x25519_public_key
 
-SENT = re.compile(r"\bsent=(\d+)\b")
+QUEUED = re.compile(r"\bqueued=(\d+)\b")
 
 
 @pytest.fixture
@@ -95,8 +95,8 @@ async def test_simulated_agent_delivers_every_insight(
         await collect(stream, received, 200, timeout=60)
         code, report = await agent.finish(timeout=60)
     assert code == 0, agent.stderr
-    assert (report["read"], report["sent"], report["rejected"], report["failed"]) == \
-        (200, 200, 0, 0)
+    assert (report["read"], report["queued"], report["sent"], report["rejected"],
+            report["failed"]) == (200, 200, 200, 0, 0)
     assert report["drained"] and report["outbox_depth"] == 0 and not report["stopped"]
     assert len(received) == 200
     got = list(received.values())
@@ -109,7 +109,10 @@ async def test_simulated_agent_delivers_every_insight(
     assert (config_file.parent / ".pear" / "outbox-store-1.sqlite").is_file()
     status = NetworkStatus.model_validate_json(status_file.read_text())
     assert not status.connected and status.messages_out >= 1 and status.outbox_depth == 0
-    assert any(SENT.search(line) for line in agent.stderr)
+    assert any(QUEUED.search(line) for line in agent.stderr)
+    # The last status line shows the run as it ended, not the closed connection.
+    last = [line for line in agent.stderr if QUEUED.search(line)][-1]
+    assert "connected=yes" in last and "sent=200" in last
     assert any("simulating 8 categories with seed 11" in line for line in agent.stderr)
 
 
@@ -134,14 +137,15 @@ async def test_sigterm_while_offline_keeps_the_outbox_and_a_later_run_delivers_i
         agent.forget()
         await asyncio.to_thread(broker.stop)
         first_offline = await agent.wait_line(lambda s: "connected=no" in s, timeout=20)
-        offline_from = int(SENT.findall(first_offline)[0])
+        offline_from = int(QUEUED.findall(first_offline)[0])
         await agent.wait_line(lambda s: "connected=no" in s
-                              and int(SENT.findall(s)[0]) >= offline_from + 25, timeout=20)
+                              and int(QUEUED.findall(s)[0]) >= offline_from + 25, timeout=20)
         agent.terminate()
         code, report = await agent.finish(timeout=30)
         assert code == 0, agent.stderr
         assert report["stopped"] and not report["drained"] and report["rejected"] == 0
-        total = report["sent"]
+        total = report["queued"]
+        assert report["sent"] <= offline_from  # only what a broker acknowledged
         assert total >= offline_from + 25 and report["outbox_depth"] > 0
 
         # What never reached the broker is on disk.
@@ -149,6 +153,7 @@ async def test_sigterm_while_offline_keeps_the_outbox_and_a_later_run_delivers_i
             rows = box.pending(limit=1_000_000)
         assert len(rows) == report["outbox_depth"]
         waiting = {json.loads(r.payload)["iid"] for r in rows if r.kind == "insight"}
+        live_rows = sum(1 for r in rows if r.kind != "state")
         assert len(waiting) >= total - offline_from
 
         # Broker back, then a run that only empties the outbox: zero loss.
@@ -158,7 +163,8 @@ async def test_sigterm_while_offline_keeps_the_outbox_and_a_later_run_delivers_i
             "--drain-timeout", "60", "--status-interval", "0")
         code, drained = await drainer.finish(timeout=90)
         assert code == 0, drainer.stderr
-        assert drained["drained"] and drained["outbox_depth"] == 0 and drained["sent"] == 0
+        assert drained["drained"] and drained["outbox_depth"] == 0
+        assert (drained["queued"], drained["sent"]) == (0, live_rows)
         await collect(stream, received, total, timeout=60)
     assert len(received) == total
     assert waiting <= received.keys()
@@ -225,3 +231,38 @@ async def test_watch_directory_until_sigterm(
     assert sorted(p.name for p in (inbox / "rejected").iterdir()) == [
         "a.jsonl", "a.jsonl.err", "b.jsonl", "b.jsonl.err"]
     assert "a.jsonl:4: invalid JSON" in (inbox / "rejected" / "a.jsonl.err").read_text()
+
+
+async def test_a_one_shot_run_that_cannot_deliver_exits_75_and_says_why(
+        mosquitto: MosquittoBroker, agent_config: Callable[[MosquittoBroker], Path],
+        tmp_path: Path) -> None:
+    config_file = agent_config(mosquitto)
+    await asyncio.to_thread(mosquitto.stop)  # the broker is down for the whole run
+    data = tmp_path / "rows.jsonl"
+    row = ('{{"category": "grocery/dairy", "product_id": "p{}", "window_start": '
+           '"2026-11-02T09:00:00Z", "window_end": "2026-11-02T10:00:00Z", '
+           '"price_data": {{"price": 2.5}}}}\n')
+    data.write_text("".join(row.format(i) for i in range(2)))
+    agent = await AgentProcess.start("--config", config_file, "--input", data,
+                                     "--drain-timeout", "1", "--status-interval", "0")
+    code, report = await agent.finish(timeout=30)
+    assert code == 75, agent.stderr
+    assert (report["queued"], report["sent"], report["drained"]) == (2, 0, False)
+    (line,) = [s for s in agent.stderr if "not delivered" in s]
+    assert mosquitto.tls_url in line and f"{report['outbox_depth']} row(s) wait" in line
+    assert report["broker"] == mosquitto.tls_url and report["error"]
+
+
+async def test_many_bad_lines_are_summed_up_by_reason(
+        mosquitto: MosquittoBroker, agent_config: Callable[[MosquittoBroker], Path],
+        tmp_path: Path) -> None:
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{broken\n" * 300 + '{"category": "grocery/dairy"}\n' * 200)
+    agent = await AgentProcess.start("--config", agent_config(mosquitto), "--input", data,
+                                     "--status-interval", "0")
+    code, report = await agent.finish(timeout=30)
+    assert code == 0, agent.stderr
+    assert report["rejected"] == 500 and sum(report["rejected_by_reason"].values()) == 500
+    assert len(report["rejected_by_reason"]) == 2
+    assert sum(1 for s in agent.stderr if "rejected " in s and ".jsonl:" in s) <= 21
+    assert any("rejected 500 line(s): 300 x" in s for s in agent.stderr)

@@ -63,8 +63,8 @@ def test_with_everything_present_it_does_nothing(tmp_path: Path) -> None:
 
 
 def _make_n(target: str) -> str:
-    return subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), target], capture_output=True,
-                          text=True, timeout=60, check=True).stdout
+    return subprocess.run(["make", "-n", "--no-print-directory", "-C", str(ROOT), target],
+                          capture_output=True, text=True, timeout=60, check=True).stdout
 
 
 def test_make_test_and_up_install_their_system_packages_first() -> None:
