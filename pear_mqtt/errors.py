@@ -25,7 +25,11 @@ pydantic, sqlite3) are mapped to these at the module that talks to the library.
     │   ├── ConnectError            could not connect (network, TLS, or CONNACK refusal)
     │   └── NotConnectedError       an operation needs a connection that is not up
     ├── OutboxError                 the on-disk outbox failed (full disk, corrupt file)
-    └── BrokerError                 a broker could not be rendered, started or reached
+    ├── BrokerError                 a broker could not be rendered, started or reached
+    └── HistoryError                a verified-history log failed or did not verify
+        ├── LogTruncated            entries asked for lie before what retention kept
+        ├── ProofFailed             entries, a proof or a tree head did not verify
+        └── ForkDetected            two signed heads of one log that cannot both be true
 
 ``EnvelopeError.reason`` is a short stable string used as the key of the drop counters in
 :class:`pear_mqtt.types.NetworkStatus`.
@@ -39,6 +43,9 @@ __all__ = [
     "ConnectError",
     "DecryptionError",
     "EnvelopeError",
+    "ForkDetected",
+    "HistoryError",
+    "LogTruncated",
     "MalformedMessage",
     "NotConnectedError",
     "OutboxError",
@@ -46,6 +53,7 @@ __all__ = [
     "PKIError",
     "PearError",
     "PrivacyError",
+    "ProofFailed",
     "ReplayedMessage",
     "RevokedCertificate",
     "SignatureError",
@@ -137,3 +145,19 @@ class OutboxError(PearError):
 
 class BrokerError(PearError):
     """A broker could not be rendered, started, or reached."""
+
+
+class HistoryError(PearError):
+    """A verified-history log could not be read or written, or did not verify."""
+
+
+class LogTruncated(HistoryError):
+    """The entries asked for lie before the first one the log still holds (retention)."""
+
+
+class ProofFailed(HistoryError):
+    """Entries, a Merkle proof or a signed tree head did not verify."""
+
+
+class ForkDetected(HistoryError):
+    """Two signed tree heads of one log that cannot both be true: the log was rewritten."""

@@ -1,0 +1,227 @@
+"""RFC 9162 (Certificate Transparency v2) Merkle trees over a log's entries: the tree head,
+inclusion, consistency and range proofs, and their verifiers. Format and rationale:
+docs/HISTORY.md."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+__all__ = ["EMPTY_ROOT", "MerkleTree", "leaf_hash", "node_hash", "verify_consistency",
+           "verify_inclusion", "verify_range"]
+
+HASH_SIZE = 32
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+_LEAF, _NODE = b"\x00", b"\x01"
+
+
+def leaf_hash(entry: bytes) -> bytes:
+    """The hash of one entry as a leaf: SHA-256(0x00 || entry)."""
+    return hashlib.sha256(_LEAF + entry).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """The hash of an inner node: SHA-256(0x01 || left || right)."""
+    return hashlib.sha256(_NODE + left + right).digest()
+
+
+def _split(n: int) -> int:
+    """The largest power of two smaller than ``n`` (n >= 2): where RFC 9162 splits a tree."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+class MerkleTree:
+    """The leaf hashes of a log and the hashes of its complete subtrees.
+
+    ``_levels[h]`` holds, 32 bytes each, the hash of every complete subtree of ``2**h``
+    leaves in order, so the root of any prefix and every proof cost O(log n) hashes. Appending
+    is amortised O(1). Memory: about 64 bytes per leaf.
+    """
+
+    def __init__(self, leaves: Sequence[bytes] = ()) -> None:
+        self._levels: list[bytearray] = [bytearray()]
+        self._size = 0
+        for leaf in leaves:
+            self.append(leaf)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def append(self, leaf: bytes) -> int:
+        """Add a leaf hash; returns its index."""
+        if len(leaf) != HASH_SIZE:
+            raise ValueError(f"a leaf hash has {HASH_SIZE} bytes, not {len(leaf)}")
+        index = self._size
+        self._levels[0] += leaf
+        self._size += 1
+        n, h = self._size, 0
+        while n % 2 == 0:  # the newest subtree of 2**(h+1) leaves is complete
+            level = self._levels[h]
+            if h + 1 == len(self._levels):
+                self._levels.append(bytearray())
+            self._levels[h + 1] += node_hash(bytes(level[-2 * HASH_SIZE:-HASH_SIZE]),
+                                             bytes(level[-HASH_SIZE:]))
+            n //= 2
+            h += 1
+        return index
+
+    def leaf(self, index: int) -> bytes:
+        if not 0 <= index < self._size:
+            raise IndexError(f"leaf {index} of a tree of {self._size}")
+        return bytes(self._levels[0][index * HASH_SIZE:(index + 1) * HASH_SIZE])
+
+    def root(self, size: int | None = None) -> bytes:
+        """The tree head hash of the first ``size`` leaves (all by default)."""
+        n = self._size if size is None else self._check_size(size)
+        return EMPTY_ROOT if n == 0 else self._hash(0, n)
+
+    def _check_size(self, size: int) -> int:
+        if not 0 <= size <= self._size:
+            raise ValueError(f"tree size {size} is not within 0..{self._size}")
+        return size
+
+    def _hash(self, lo: int, hi: int) -> bytes:
+        """MTH of leaves [lo, hi): a stored complete subtree, or split as RFC 9162 does."""
+        n = hi - lo
+        if n & (n - 1) == 0 and lo % n == 0:
+            h = n.bit_length() - 1
+            i = lo >> h
+            return bytes(self._levels[h][i * HASH_SIZE:(i + 1) * HASH_SIZE])
+        k = _split(n)
+        return node_hash(self._hash(lo, lo + k), self._hash(lo + k, hi))
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """The audit path of leaf ``index`` in the tree of ``size`` leaves (RFC 9162 PATH)."""
+        n = self._size if size is None else self._check_size(size)
+        if not 0 <= index < n:
+            raise ValueError(f"leaf {index} is not in a tree of {n}")
+        path: list[bytes] = []
+        lo, hi = 0, n
+        while hi - lo > 1:
+            k = _split(hi - lo)
+            if index < lo + k:
+                path.append(self._hash(lo + k, hi))
+                hi = lo + k
+            else:
+                path.append(self._hash(lo, lo + k))
+                lo += k
+        path.reverse()
+        return path
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        """That the tree of ``new_size`` leaves extends the one of ``old_size`` (RFC 9162)."""
+        n = self._size if new_size is None else self._check_size(new_size)
+        if not 0 < old_size <= n:
+            raise ValueError(f"old size {old_size} is not within 1..{n}")
+        return self._subproof(old_size, 0, n, True)
+
+    def _subproof(self, m: int, lo: int, hi: int, whole: bool) -> list[bytes]:
+        n = hi - lo
+        if m == n:
+            return [] if whole else [self._hash(lo, hi)]
+        k = _split(n)
+        if m <= k:
+            return self._subproof(m, lo, lo + k, whole) + [self._hash(lo + k, hi)]
+        return self._subproof(m - k, lo + k, hi, False) + [self._hash(lo, lo + k)]
+
+    def range_proof(self, start: int, end: int, size: int | None = None) -> list[bytes]:
+        """The hashes that, with leaves [start, end), give the root of ``size`` leaves: one per
+        maximal subtree outside the range, left to right (at most ~2 log2 n)."""
+        n = self._size if size is None else self._check_size(size)
+        if not 0 <= start < end <= n:
+            raise ValueError(f"range [{start}, {end}) is not a non-empty part of 0..{n}")
+        out: list[bytes] = []
+        self._range(0, n, start, end, out)
+        return out
+
+    def _range(self, lo: int, hi: int, start: int, end: int, out: list[bytes]) -> None:
+        if hi <= start or lo >= end:
+            out.append(self._hash(lo, hi))
+        elif not (start <= lo and hi <= end):
+            k = _split(hi - lo)
+            self._range(lo, lo + k, start, end, out)
+            self._range(lo + k, hi, start, end, out)
+
+
+def verify_inclusion(*, leaf: bytes, index: int, size: int, proof: Sequence[bytes],
+                     root: bytes) -> bool:
+    """Whether ``leaf`` (a leaf hash) is leaf ``index`` of the tree of ``size`` with ``root``
+    (RFC 9162, 2.1.3.2)."""
+    if not 0 <= index < size:
+        return False
+    fn, sn, r = index, size - 1, leaf
+    for p in proof:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
+
+
+def verify_consistency(*, old_size: int, new_size: int, old_root: bytes, new_root: bytes,
+                       proof: Sequence[bytes]) -> bool:
+    """Whether the tree of ``new_size`` with ``new_root`` extends the one of ``old_size``
+    with ``old_root`` (RFC 9162, 2.1.4.2)."""
+    if not 0 < old_size <= new_size:
+        return False
+    if old_size == new_size:
+        return not proof and old_root == new_root
+    path = list(proof)
+    if old_size & (old_size - 1) == 0:
+        path.insert(0, old_root)
+    if not path:
+        return False
+    fn, sn = old_size - 1, new_size - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = node_hash(c, fr)
+            sr = node_hash(c, sr)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and fr == old_root and sr == new_root
+
+
+def verify_range(*, leaves: Sequence[bytes], start: int, size: int, proof: Sequence[bytes],
+                 root: bytes) -> bool:
+    """Whether ``leaves`` (leaf hashes) are exactly leaves [start, start + len) of the tree
+    of ``size`` with ``root``, given :meth:`MerkleTree.range_proof`'s hashes."""
+    end = start + len(leaves)
+    if not leaves or not 0 <= start < end <= size:
+        return False
+    hashes = iter(proof)
+    missing = object()
+
+    def walk(lo: int, hi: int) -> bytes | None:
+        if hi <= start or lo >= end:
+            got = next(hashes, missing)
+            return got if isinstance(got, bytes) else None
+        if hi - lo == 1:
+            return leaves[lo - start]
+        k = _split(hi - lo)
+        left = walk(lo, lo + k)
+        right = walk(lo + k, hi) if left is not None else None
+        return None if left is None or right is None else node_hash(left, right)
+
+    computed = walk(0, size)
+    return computed is not None and next(hashes, missing) is missing and computed == root
