@@ -122,8 +122,8 @@ class MerkleTree:
             return [] if whole else [self._hash(lo, hi)]
         k = _split(n)
         if m <= k:
-            return self._subproof(m, lo, lo + k, whole) + [self._hash(lo + k, hi)]
-        return self._subproof(m - k, lo + k, hi, False) + [self._hash(lo, lo + k)]
+            return [*self._subproof(m, lo, lo + k, whole), self._hash(lo + k, hi)]
+        return [*self._subproof(m - k, lo + k, hi, False), self._hash(lo, lo + k)]
 
     def range_proof(self, start: int, end: int, size: int | None = None) -> list[bytes]:
         """The hashes that, with leaves [start, end), give the root of ``size`` leaves: one per

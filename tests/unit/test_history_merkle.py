@@ -41,7 +41,7 @@ def path(m: int, d: list[bytes]) -> list[bytes]:
     if len(d) == 1:
         return []
     k = _k(len(d))
-    return path(m, d[:k]) + [mth(d[k:])] if m < k else path(m - k, d[k:]) + [mth(d[:k])]
+    return [*path(m, d[:k]), mth(d[k:])] if m < k else [*path(m - k, d[k:]), mth(d[:k])]
 
 
 def subproof(m: int, d: list[bytes], b: bool) -> list[bytes]:
@@ -50,8 +50,8 @@ def subproof(m: int, d: list[bytes], b: bool) -> list[bytes]:
         return [] if b else [mth(d)]
     k = _k(n)
     if m <= k:
-        return subproof(m, d[:k], b) + [mth(d[k:])]
-    return subproof(m - k, d[k:], False) + [mth(d[:k])]
+        return [*subproof(m, d[:k], b), mth(d[k:])]
+    return [*subproof(m - k, d[k:], False), mth(d[:k])]
 
 
 ENTRIES = [f"entry {i}".encode() for i in range(N)]
