@@ -216,7 +216,7 @@ class NetworkStatus(Frozen):
 
 
 MessageKind = Literal["insights", "state", "presence", "aggregate", "receipt", "ledger", "ack",
-                      "checkpoint"]
+                      "checkpoint", "loghead", "logreq", "logrange"]
 
 
 class NetworkMessage(Frozen):
@@ -235,3 +235,4 @@ class NetworkMessage(Frozen):
     timestamp: Annotated[float, Field(ge=0)]
     body: Any
     key_id: str | None = None
+    log_index: Annotated[int, Field(ge=0)] | None = None  # in the sender's history log

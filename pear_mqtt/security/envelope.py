@@ -78,8 +78,10 @@ _NONCE_BYTES = 12
 _GCM_TAG_BYTES = 16
 
 _HEAD = ("v", "kind", "id", "from", "seq", "ts")
+# "log": the message's index in its sender's verified-history log (docs/HISTORY.md).
 _LAYOUTS: frozenset[tuple[str, ...]] = frozenset(
-    (*_HEAD, *payload, ref, "sig")
+    (*_HEAD, *logged, *payload, ref, "sig")
+    for logged in ((), ("log",))
     for payload in (("body",), ("kid", "nonce", "enc"))
     for ref in ("cert", "sk")
 )
@@ -266,12 +268,14 @@ class EnvelopeCodec:
                                 embed_certificate=embed_certificate)
 
     def encode_json(self, *, kind: str, body_json: bytes, encrypt: bool | None = None,
-                    embed_certificate: bool | None = None) -> bytes:
+                    embed_certificate: bool | None = None, log_index: int | None = None
+                    ) -> bytes:
         """:meth:`encode` for a body that is already JSON text (UTF-8 bytes).
 
         For a sender that stored its items as JSON (the outbox): a batch is their join, with
         no parse and re-serialise per item. The caller vouches that ``body_json`` is one JSON
-        value; receivers drop the envelope as malformed otherwise.
+        value; receivers drop the envelope as malformed otherwise. ``log_index`` is the
+        envelope's index in this node's history log (signed with the rest).
         """
         if kind not in _KINDS:
             raise MalformedMessage(f"cannot encode kind {kind!r}; known kinds: {sorted(_KINDS)}")
@@ -300,6 +304,8 @@ class EnvelopeCodec:
                          secrets.token_urlsafe(16).encode("ascii"), b'","from":', self._from,
                          b',"seq":', str(seq).encode("ascii"), b',"ts":',
                          repr(ts).encode("ascii")))
+        if log_index is not None:
+            head += b',"log":' + str(int(log_index)).encode("ascii")
         embed = self._embed if embed_certificate is None else embed_certificate
         ref = self._cert_member if embed else self._sk_member
         if kid is None:
@@ -437,9 +443,14 @@ class EnvelopeCodec:
             body = parse_json(data[body_from:ref_at], "body", unique_keys=False)
         else:
             raise MalformedMessage("'body' is not where the layout puts it")
+        log_index = obj.get("log")
+        if log_index is not None and (type(log_index) is not int
+                                      or not 0 <= log_index <= _MAX_SEQ):
+            raise MalformedMessage(f"'log' must be an integer in [0, 2**63), got {log_index!r}")
         try:
             message = NetworkMessage(kind=obj["kind"], message_id=obj["id"], sender=sender,
-                                     sequence=seq, timestamp=ts, body=body, key_id=kid)
+                                     sequence=seq, timestamp=ts, body=body, key_id=kid,
+                                     log_index=log_index)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                  for e in exc.errors(include_url=False, include_input=False))
