@@ -19,7 +19,7 @@ from .merkle import HASH_SIZE, MerkleTree, leaf_hash
 
 __all__ = ["AppendLog", "Retention"]
 
-_HEADER = struct.Struct(">Id")  # entry length, append time (epoch seconds)
+_HEADER = struct.Struct(">IdH")  # entry length, append time (epoch seconds), tag length
 _MAX_ENTRY = 64 * 1024 * 1024
 _FILE_HEADER = struct.Struct(">8sQ")  # magic, index of the first entry in the file
 _MAGIC = b"PEARLOG1"
@@ -88,6 +88,11 @@ class AppendLog:
 
     def range(self, start: int, end: int) -> list[bytes]:
         """Entries [start, end); :class:`LogTruncated` if some lie before :attr:`start`."""
+        return [entry for _tag, entry in self.records(start, end)]
+
+    def records(self, start: int, end: int) -> list[tuple[str, bytes]]:
+        """(tag, entry) of entries [start, end): the tag is what the writer kept beside the
+        entry, outside the tree (a node keeps the topic it published the entry on)."""
         if not 0 <= start <= end <= self.length:
             raise HistoryError(f"log {self.path}: entries [{start}, {end}) are not within "
                                f"0..{self.length}")
@@ -103,30 +108,35 @@ class AppendLog:
         with (self.path / _ENTRIES).open("rb") as fh:
             fh.seek(_FILE_HEADER.size + first)
             data = fh.read(last - first)
-        out: list[bytes] = []
+        out: list[tuple[str, bytes]] = []
         pos = 0
         for _ in range(end - start):
-            n, _t = _HEADER.unpack_from(data, pos)
+            n, _t, tn = _HEADER.unpack_from(data, pos)
             pos += _HEADER.size
-            out.append(data[pos:pos + n])
+            tag = data[pos:pos + tn].decode("utf-8", "replace")
+            pos += tn
+            out.append((tag, data[pos:pos + n]))
             pos += n
         return out
 
     # -- writing ------------------------------------------------------------------------------
-    def append(self, entry: bytes, *, now: float | None = None) -> int:
-        """Add ``entry``; returns its index. Durable after :meth:`flush`."""
-        return self.append_many([entry], now=now)
+    def append(self, entry: bytes, *, tag: str = "", now: float | None = None) -> int:
+        """Add ``entry`` (with ``tag`` beside it); returns its index. Durable after
+        :meth:`flush`."""
+        return self.append_many([entry], tags=[tag], now=now)
 
-    def append_many(self, entries: Sequence[bytes], *, now: float | None = None) -> int:
+    def append_many(self, entries: Sequence[bytes], *, tags: Sequence[str] | None = None,
+                    now: float | None = None) -> int:
         """Add ``entries`` in order; returns the index of the first."""
         fh, hh = self._files()
         first = self.length
         t = time.time() if now is None else now
-        for entry in entries:
+        for i, entry in enumerate(entries):
+            tag = tags[i].encode() if tags is not None else b""
             if len(entry) > _MAX_ENTRY:
                 raise HistoryError(f"log {self.path}: an entry of {len(entry)} bytes is over "
                                    f"the {_MAX_ENTRY} byte limit")
-            record = _HEADER.pack(len(entry), t) + entry
+            record = _HEADER.pack(len(entry), t, len(tag)) + tag + entry
             leaf = leaf_hash(entry)
             try:
                 fh.write(record)
@@ -214,12 +224,12 @@ class AppendLog:
         # Complete records only: a crash may have torn the last one (or its hash).
         pos, complete = 0, 0
         while pos + _HEADER.size <= len(entries):
-            n, t = _HEADER.unpack_from(entries, pos)
-            if pos + _HEADER.size + n > len(entries):
+            n, t, tn = _HEADER.unpack_from(entries, pos)
+            if pos + _HEADER.size + tn + n > len(entries):
                 break
             self._offsets.append(pos)
             self._times.append(t)
-            pos += _HEADER.size + n
+            pos += _HEADER.size + tn + n
             complete += 1
         held_hashes = len(hashes) // HASH_SIZE - self._start
         keep = min(complete, max(held_hashes, 0))

@@ -25,11 +25,13 @@ def test_appends_read_back_and_survive_reopening(tmp_path: Path) -> None:
         log.flush()
         root = log.root()
         assert log.range(10, 20) == data[10:20] and log.get(49) == data[49]
+        log.append(b"tagged", tag="pear/v1/x")
+        assert log.records(50, 51) == [("pear/v1/x", b"tagged")]
     with AppendLog.open(tmp_path / "log") as again:
-        assert (again.length, again.start) == (50, 0)
-        assert again.root() == root == MerkleTree([leaf_hash(e) for e in data]).root()
+        assert (again.length, again.start) == (51, 0)
+        assert again.root(50) == root == MerkleTree([leaf_hash(e) for e in data]).root()
         assert again.range(0, 50) == data
-        assert again.append(b"more") == 50
+        assert again.append(b"more") == 51
 
 
 def test_a_torn_tail_is_dropped_on_open(tmp_path: Path) -> None:
