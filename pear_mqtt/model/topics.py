@@ -67,7 +67,7 @@ CONSORTIUM_RESERVED: frozenset[str] = frozenset({CONSORTIUM_AGGREGATES, "state"}
 their receipts): no member may be named like one."""
 
 Kind = Literal["insights", "state", "nodes", "sync", "checkpoint", "aggregates", "contrib",
-               "bridge_state", "bridge_receipt"]
+               "bridge_state", "bridge_receipt", "log_head", "log_req", "log_reply"]
 
 #: Pages a node's state checkpoint is split into (state topic -> page by CRC-32 of the topic).
 #: 256 keeps a page of a node with 100,000 states near 250 kB, well inside one message.
@@ -238,6 +238,24 @@ class TopicScheme:
             raise TopicError(f"checkpoint page must be in [0, {CHECKPOINT_PAGES}), got {page!r}")
         return f"{self.presence(node)}/checkpoint/{page:02x}"
 
+    def log_head(self, node: str) -> str:
+        """Retained signed head of ``node``'s history log (private and consortium modes)."""
+        return self._log(node, "head")
+
+    def log_request(self, node: str) -> str:
+        """Where others ask ``node`` for entries of its history log."""
+        return self._log(node, "req")
+
+    def log_reply(self, node: str) -> str:
+        """Where ``node`` (of this member) receives the entries it asked for: only it reads
+        them (docs/HISTORY.md)."""
+        return self._log(node, "reply")
+
+    def _log(self, node: str, leaf: str) -> str:
+        if self.mode == "public":
+            raise TopicError("public participants keep no history log")
+        return f"{self.presence(node)}/log/{leaf}"
+
     def aggregate(self, category: str) -> str:
         """Public aggregate for ``category`` (written by the bridge only)."""
         validate_category(category)
@@ -303,6 +321,14 @@ class TopicScheme:
             return f"{self.network_root}/+/nodes/+/checkpoint/+"
         raise TopicError("public participants keep no state, so no checkpoints")
 
+    def log_head_filter(self) -> str:
+        """Filter for the history-log heads of every node whose data this member reads."""
+        if self.mode == "private":
+            return f"{self.network_root}/nodes/+/log/head"
+        if self.mode == "consortium":
+            return f"{self.network_root}/+/nodes/+/log/head"
+        raise TopicError("public participants keep no history log")
+
     def contrib_filter(self) -> str:
         """Filter for every public participant's contributions (what only the bridge reads)."""
         return f"{PREFIX}/public/{self.network}/contrib/#"
@@ -314,6 +340,9 @@ class TopicScheme:
         if self.mode == "consortium":
             return f"{self.network_root}/+/nodes/+"
         return f"{self.network_root}/nodes/{self.member}"
+
+
+_LOG_LEAVES: dict[str, Kind] = {"head": "log_head", "req": "log_req", "reply": "log_reply"}
 
 
 def _split(topic: str) -> list[str]:
@@ -355,6 +384,9 @@ def parse_topic(topic: str) -> ParsedTopic:
             return ParsedTopic(mode, network, company, "state",
                                node=validate_identifier(rest[1], what="node"),
                                category=validate_category("/".join(rest[2:])))
+        if kind == "nodes" and len(rest) == 4 and rest[2] == "log" and rest[3] in _LOG_LEAVES:
+            return ParsedTopic(mode, network, company, _LOG_LEAVES[rest[3]],
+                               node=validate_identifier(rest[1], what="node"))
         if kind == "nodes" and len(rest) in (2, 3, 4):
             node = validate_identifier(rest[1], what="node")
             if len(rest) == 2:
@@ -498,6 +530,11 @@ def revoked_node_rules(*, mode: str, network: str = "default",
     return list(dict.fromkeys(rules))
 
 
+_CONSORTIUM_READ = ("+/insights/#", "+/state/#", "+/nodes/+", "+/nodes/+/checkpoint/+",
+                    "+/nodes/+/log/head", "+/nodes/+/log/req", f"{CONSORTIUM_AGGREGATES}/#",
+                    "state/bridge/receipts/#")
+
+
 def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str] = (),
               revoked: Iterable[tuple[str, str]] = ()) -> list[AclRule]:
     """The ACL a broker of ``mode`` needs: each member writes only its own subtree.
@@ -527,7 +564,13 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
             rules.append(AclRule("read", f"{PREFIX}/private/#", user=b))
     elif mode == "consortium":
         root = f"{PREFIX}/consortium/{network}"
-        rules += [AclRule("read", f"{root}/#"), AclRule("write", f"{root}/%u/#")]
+        # Members read everything of the network but one another's history-log replies
+        # (those go only to the node that asked); they write their own subtree, and ask
+        # other nodes for log entries and answer such requests in the asker's subtree.
+        rules += [AclRule("read", f"{root}/{pattern}") for pattern in _CONSORTIUM_READ]
+        rules += [AclRule("readwrite", f"{root}/%u/#"),
+                  AclRule("write", f"{root}/+/nodes/+/log/req"),
+                  AclRule("write", f"{root}/+/nodes/+/log/reply")]
         for b in bridges:
             rules += [AclRule("read", f"{root}/#", user=b),
                       AclRule("readwrite", f"{root}/{CONSORTIUM_AGGREGATES}/#", user=b),

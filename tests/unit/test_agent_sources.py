@@ -608,13 +608,16 @@ def test_cli_help_names_the_outbox_default(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_report_as_json() -> None:
-    report = AgentReport(read=3, sent=2, rejected=1, failed=0, outbox_depth=0, drained=True,
-                         stopped=False, duration=1.23456,
-                         status=NetworkStatus(connected=False),
+    report = AgentReport(read=3, queued=3, sent=2, rejected=1, failed=0, outbox_depth=0,
+                         drained=True, stopped=False, duration=1.23456,
+                         status=NetworkStatus(connected=False, broker="mqtts://b:8883",
+                                              last_error="refused"),
                          rejections=(Rejection("a.csv", 4, "price: bad", text="x"),))
     data = json.loads(json.dumps(report.to_dict()))
     assert data["rejections"] == ["a.csv:4: price: bad"]
     assert data["duration"] == 1.235 and data["status"]["connected"] is False
+    assert (data["queued"], data["sent"], data["broker"], data["error"]) == (
+        3, 2, "mqtts://b:8883", "refused")
 
 
 async def test_watch_files_a_file_away_only_once_its_last_batch_was_taken(tmp_path: Path

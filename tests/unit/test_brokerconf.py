@@ -107,9 +107,13 @@ def test_acl_is_generated_from_topics_acl_rules(material: dict[str, Path],
 def test_consortium_acl_confines_writes_to_own_subtree(material: dict[str, Path],
                                                        tmp_path: Path) -> None:
     acl = _render(material, tmp_path).acl_path.read_text()
-    assert "pattern read pear/v1/consortium/grp/#" in acl
-    assert "pattern write pear/v1/consortium/grp/%u/#" in acl
+    assert "pattern read pear/v1/consortium/grp/+/insights/#" in acl
+    assert "pattern readwrite pear/v1/consortium/grp/%u/#" in acl
     assert not re.search(r"^pattern (write|readwrite) pear/v1/consortium/grp/#", acl, re.M)
+    # history-log replies go only to the node that asked: nobody reads others' replies
+    assert "pattern write pear/v1/consortium/grp/+/nodes/+/log/reply" in acl
+    assert not re.search(r"^pattern (read|readwrite) pear/v1/consortium/grp/(#|\+/#|"
+                         r"\+/nodes/\+/log/(reply|#))$", acl, re.M)
 
 
 def test_acl_modes_combine_subtrees_without_duplicates(material: dict[str, Path],
@@ -117,7 +121,7 @@ def test_acl_modes_combine_subtrees_without_duplicates(material: dict[str, Path]
     acl = _render(material, tmp_path, acl_modes=("private", "consortium", "public"),
                   bridge_users=("b1", "b2")).acl_path.read_text()
     assert "pattern readwrite pear/v1/private/%u/#" in acl
-    assert "pattern write pear/v1/consortium/grp/%u/#" in acl
+    assert "pattern readwrite pear/v1/consortium/grp/%u/#" in acl
     assert "pattern write pear/v1/public/grp/contrib/%u/#" in acl
     assert acl.count("user b1") == 1 and acl.count("user b2") == 1
     sections = acl.split("\n\n")
