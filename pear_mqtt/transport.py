@@ -281,17 +281,25 @@ class Connection:
         client.ack(msg.mid, msg.qos)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                expiry: int | None = None) -> asyncio.Future[None]:
+                expiry: int | None = None, response_topic: str | None = None,
+                correlation: bytes | None = None) -> asyncio.Future[None]:
         """Queue a publish; the future resolves on PUBACK (at once for QoS 0).
 
         Many publishes may be in flight at once; do not await each before the next.
+        ``response_topic`` and ``correlation`` are MQTT 5's request/response properties
+        (left out over 3.1.1, where the payload must carry them).
         """
         client = self._require()
         assert self._loop is not None
         props: Properties | None = None
-        if expiry is not None and self.protocol == 5:
+        if self.protocol == 5 and (expiry is not None or response_topic or correlation):
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.MessageExpiryInterval = expiry
+            if expiry is not None:
+                props.MessageExpiryInterval = expiry
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
         fut: asyncio.Future[None] = self._loop.create_future()
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_QUEUE_SIZE):

@@ -155,6 +155,24 @@ class ReliabilityConfig(Frozen):
     # more before signing a batch, and longer (up to 10x) while they keep coming; an insight
     # arriving alone goes at once. 0: never wait.
     batch_linger: Annotated[float, Field(ge=0, le=5)] = 0.002
+    # Verified history (docs/HISTORY.md): every envelope the node publishes is kept in an
+    # append-only Merkle log on disk, at history_path (default: next to outbox_path as
+    # "<outbox>.history"; a node with neither keeps no log). Retention bounds what it keeps.
+    history: bool = True
+    history_path: Path | None = None
+    history_max_age: Annotated[float, Field(gt=0)] | None = None
+    history_max_bytes: Annotated[int, Field(gt=0)] | None = None
+
+    @property
+    def history_dir(self) -> Path | None:
+        """Where this node's history log lives, or None when it keeps none."""
+        if not self.history:
+            return None
+        if self.history_path is not None:
+            return self.history_path
+        if self.outbox_path is not None:
+            return self.outbox_path.with_name(self.outbox_path.name + ".history")
+        return None
 
 
 class PrivacyConfig(Frozen):

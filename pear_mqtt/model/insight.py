@@ -213,6 +213,12 @@ class NetworkStatus(Frozen):
     health: Health = Health.DOWN
     connected_since: datetime | None = None
     last_error: str | None = None  # why the last connection attempt failed, while it matters
+    # Verified history: gaps seen in other nodes' logs, entries repaired, entries no holder
+    # could supply (with the sender in the log), senders caught rewriting their history.
+    log_gaps: int = 0
+    log_repaired: int = 0
+    log_unrepairable: int = 0
+    log_forks: int = 0
 
 
 MessageKind = Literal["insights", "state", "presence", "aggregate", "receipt", "ledger", "ack",
@@ -235,4 +241,4 @@ class NetworkMessage(Frozen):
     timestamp: Annotated[float, Field(ge=0)]
     body: Any
     key_id: str | None = None
-    log_index: Annotated[int, Field(ge=0)] | None = None  # in the sender's history log
+    log_ref: str | None = None  # "<log id>:<index>" in the sender's history log

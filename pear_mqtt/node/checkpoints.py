@@ -16,6 +16,7 @@ from ..model.topics import CHECKPOINT_PAGES, TopicScheme
 from ..security.envelope import EnvelopeCodec
 from ..transport import Connection
 from .counters import Counters
+from .history import NodeLog
 from .markers import Markers
 from .window import Window
 
@@ -52,6 +53,7 @@ class CheckpointPages:
         self._codec: EnvelopeCodec | None = None
         self._topics: TopicScheme | None = None
         self._markers: Markers | None = None
+        self._history: NodeLog | None = None
         self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
         self._dirty: dict[int, None] = {}  # insertion order: oldest change first
         # Dirty pages whose changes justify a refresh mid-stream, so that a flusher round
@@ -70,9 +72,12 @@ class CheckpointPages:
         self.cut = False
         """The last :meth:`send` stopped at its limit with more pages due."""
 
-    def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme, markers: Markers) -> None:
-        """Sign with ``codec``, name topics with ``topics`` (set on each ``connect()``)."""
+    def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme, markers: Markers,
+               history: NodeLog | None = None) -> None:
+        """Sign with ``codec``, name topics with ``topics``, log pages in ``history`` (set on
+        each ``connect()``)."""
         self._codec, self._topics, self._markers = codec, topics, markers
+        self._history = history
 
     @property
     def seeded(self) -> bool:
@@ -132,8 +137,13 @@ class CheckpointPages:
             self._changed[page] = 0
             self._sent[page] = len(body)
             self._sent_at[page] = now
+            topic = self._topics.checkpoint(self._node_id, page)
             try:
-                payload = self._codec.encode_json(kind="checkpoint", body_json=body)
+                payload = self._codec.encode_json(
+                    kind="checkpoint", body_json=body,
+                    log_ref=None if self._history is None else self._history.next_ref())
+                if self._history is not None:
+                    self._history.append(topic, payload)
             except OversizedMessage:
                 # Left out of the snapshot and counted: late joiners then lack these states
                 # until the page fits again (a smaller node, or a larger message limit).
@@ -143,8 +153,7 @@ class CheckpointPages:
                 continue
             await window.acquire(len(payload))
             try:
-                fut = conn.publish(self._topics.checkpoint(self._node_id, page), payload,
-                                   qos=1, retain=True)
+                fut = conn.publish(topic, payload, qos=1, retain=True)
             except TransportError as exc:
                 window.release(len(payload))
                 self._dirty[page] = None

@@ -20,4 +20,10 @@ class Counters:
     duplicates: int = 0
     reconnects: int = 0
     states_from_checkpoints: int = 0
+    # Verified history (node/history.py, node/replicas.py).
+    log_gaps: int = 0  # gaps seen in senders' logs (an index jump, or a head past what we hold)
+    log_repaired: int = 0  # entries fetched to fill them
+    log_unrepairable: int = 0  # entries no holder could supply (dropped by retention)
+    log_forks: int = 0  # senders whose signed history contradicted itself
+    log_requests_answered: int = 0
     dropped: Counter[str] = field(default_factory=Counter)

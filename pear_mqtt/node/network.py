@@ -19,6 +19,7 @@ from ..config.checks import identity_mismatch
 from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
 from ..errors import ConfigError, ConnectError, NotConnectedError, PearError, TransportError
+from ..history.log import Retention
 from ..model.insight import Health, MarketInsight, NetworkMode, NetworkStatus
 from ..model.topics import TopicScheme
 from ..privacy.filter import PrivacyFilter
@@ -26,12 +27,14 @@ from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..security.seal import Sealer, load_x25519_public_key
 from .counters import Counters
+from .history import NodeLog
 from .markers import Markers
 from .memory_outbox import MemoryOutbox
 from .outbox import Outbox
 from .peers import PeerTable
 from .receiver import Receiver
 from .records import Peer, ReceivedAggregate, ReceivedInsight, SyncResult
+from .replicas import Fork, LogView, Replicas
 from .sender import Sender
 from .streams import Streams
 from .supervisor import ConnectionSupervisor
@@ -68,6 +71,8 @@ class PearNetwork:
         self._receiver = Receiver(config=config, clock=clock, counters=self._counters,
                                   streams=self._streams, peers=self._peers,
                                   markers=self._markers, pages=self._sender.pages)
+        self._history: NodeLog | None = None
+        self._replicas: Replicas | None = None
         self._supervisor = ConnectionSupervisor(
             config=config, clock=clock, counters=self._counters, privacy=privacy,
             receiver=self._receiver, sender=self._sender, pages=self._sender.pages,
@@ -109,9 +114,10 @@ class PearNetwork:
                   if self._outbox_path is not None else MemoryOutbox())
         self._markers.attach(topics.sync_marker(self.config.node_id))
         self._peers.attach(codec)
-        self._receiver.attach(codec)
+        history, replicas = self._open_history(codec, topics)
+        self._receiver.attach(codec, replicas=replicas, history=history)
         self._sender.attach(codec=codec, topics=topics, sealer=sealer, outbox=outbox,
-                            markers=self._markers)
+                            markers=self._markers, history=history)
         self._supervisor.attach(codec=codec, topics=topics)
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._supervisor.start(first)
@@ -129,6 +135,44 @@ class PearNetwork:
             await self.disconnect()
             raise
 
+    def _open_history(self, codec: EnvelopeCodec, topics: TopicScheme
+                      ) -> tuple[NodeLog | None, Replicas | None]:
+        """This node's own log (when it keeps one) and its view of the others' logs."""
+        if self.config.mode is NetworkMode.PUBLIC:
+            return None, None  # public participants publish to the bridge only
+        rel = self.config.reliability
+        if self._history is None and rel.history_dir is not None:
+            self._history = NodeLog(
+                path=rel.history_dir, node_id=self.config.node_id, counters=self._counters,
+                retention=Retention(max_age_seconds=rel.history_max_age,
+                                    max_bytes=rel.history_max_bytes))
+        if self._history is not None:
+            self._history.attach(codec=codec, topics=topics)
+        if self._replicas is None:
+            self._replicas = Replicas(counters=self._counters, mode=topics.mode,
+                                      network=topics.network)
+        self._replicas.attach(codec=codec, reply_topic=topics.log_reply(self.config.node_id))
+        return self._history, self._replicas
+
+    def logs(self) -> list[LogView]:
+        """What this node holds of every other node's history log (held and verified
+        length, the latest signed head's length, whether the sender forked)."""
+        return [] if self._replicas is None else self._replicas.views()
+
+    async def wait_logs(self, predicate: Callable[[], bool], *, timeout: float = 30.0) -> None:
+        """Until ``predicate()`` holds, re-checked whenever what this node holds of the
+        others' logs changes (an entry, a head, a repair, a fork); :class:`TimeoutError`
+        after ``timeout`` s. E.g. ``await net.wait_logs(lambda: all(v.verified ==
+        v.head_length for v in net.logs()))``."""
+        if self._replicas is None:
+            raise NotConnectedError("call connect() first")
+        await self._replicas.wait(predicate, timeout)
+
+    @property
+    def forks(self) -> list[Fork]:
+        """Evidence of every sender seen rewriting its history (both signed payloads)."""
+        return [] if self._replicas is None else list(self._replicas.forks)
+
     async def disconnect(self, *, flush_timeout: float = 5.0) -> None:
         """Leave cleanly: wait up to ``flush_timeout`` s for unacknowledged insights, mark
         presence offline, and close. What is still unsent stays in the outbox (lost only when
@@ -140,6 +184,9 @@ class PearNetwork:
         await self._supervisor.stop()
         self._streams.wake_all()
         self._sender.close_outbox()
+        if self._history is not None:
+            self._history.close()
+            self._history = None
 
     async def __aenter__(self) -> PearNetwork:
         await self.connect()
@@ -284,6 +331,8 @@ class PearNetwork:
             connected=connected, broker=self.config.broker_url, peers=len(self.peers()),
             last_sync=(None if self._last_sync is None else
                        datetime.fromtimestamp(self._last_sync, UTC)),
+            log_gaps=c.log_gaps, log_repaired=c.log_repaired,
+            log_unrepairable=c.log_unrepairable, log_forks=c.log_forks,
             messages_in=c.messages_in, messages_out=c.messages_out,
             insights_out=c.insights_out, insights_acknowledged=c.insights_acked, dropped=dropped,
             duplicates=c.duplicates, states_from_checkpoints=c.states_from_checkpoints,

@@ -4,6 +4,7 @@ is dropped and counted by reason, never raised."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -15,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..config.models import NetworkConfig
-from ..errors import EnvelopeError, TopicError
+from ..errors import EnvelopeError, TopicError, TransportError
 from ..model.aggregates import AggregateBody
 from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
 from ..privacy.filter import SharedInsight
@@ -24,9 +25,11 @@ from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .checkpoints import CheckpointPages
 from .counters import Counters
+from .history import NodeLog
 from .markers import Markers
 from .peers import PeerTable
 from .records import ReceivedAggregate, ReceivedInsight
+from .replicas import Replicas
 from .streams import Streams
 
 __all__ = ["Receiver"]
@@ -62,11 +65,18 @@ class Receiver:
         self._fan_out = streams.fan_out
         self._handle_presence = peers.handle
         self._marker_arrived = markers.arrived
+        self._replicas: Replicas | None = None
+        self._history: NodeLog | None = None
+        self._conn: Connection | None = None
 
-    def attach(self, codec: EnvelopeCodec) -> None:
-        """Verify with ``codec`` (set on each ``connect()``)."""
+    def attach(self, codec: EnvelopeCodec, *, replicas: Replicas | None = None,
+               history: NodeLog | None = None) -> None:
+        """Verify with ``codec``, track senders' logs in ``replicas`` and answer requests for
+        our own ``history`` (set on each ``connect()``)."""
         self._codec = codec
         self._me = codec.signer.identity
+        self._replicas = replicas
+        self._history = history
 
     @property
     def states(self) -> dict[str, ReceivedInsight]:
@@ -80,9 +90,17 @@ class Receiver:
 
     async def run(self, conn: Connection) -> None:
         """Handle what ``conn`` receives until it closes."""
+        self._conn = conn
+        if self._replicas is not None:
+            self._replicas.connected(functools.partial(_request, conn))
         # Handled in the socket callback as each message is read: no queue, no task switch.
         conn.dispatch_to(self._handle_guarded)
-        await conn.closed.wait()
+        try:
+            await conn.closed.wait()
+        finally:
+            self._conn = None
+            if self._replicas is not None:
+                self._replicas.connected(None)
 
     def _handle_guarded(self, msg: InboundMessage) -> None:
         try:
@@ -91,12 +109,15 @@ class Receiver:
             log.exception("unexpected error handling a message on %r", msg.topic)
             self._counters.dropped["internal_error"] += 1
 
-    def _handle(self, msg: InboundMessage) -> None:
+    def _handle(self, msg: InboundMessage, *, repaired: bool = False) -> None:
         self._counters.messages_in += 1
         try:
             parsed = parse_topic(msg.topic)
         except TopicError:
             self._counters.dropped["bad_topic"] += 1
+            return
+        if parsed.kind in ("log_head", "log_req", "log_reply"):
+            self._handle_log(parsed, msg)
             return
         if parsed.kind == "sync":
             self._marker_arrived(msg.payload)
@@ -105,7 +126,7 @@ class Receiver:
             self._handle_presence(parsed, msg)
             return
         if parsed.kind == "checkpoint":
-            self._handle_checkpoint(parsed, msg)
+            self._handle_checkpoint(parsed, msg, repaired=repaired)
             return
         if not msg.payload:
             if not msg.retain:  # a cleared retained message is legitimate; this is not
@@ -113,7 +134,10 @@ class Receiver:
             return
         assert self._codec is not None
         try:
-            decoded = self._codec.decode(msg.payload, check_replay=not msg.retain)
+            # A repaired entry is an old message on purpose: its log index, not its
+            # sequence number, says it is new to us.
+            decoded = self._codec.decode(msg.payload,
+                                         check_replay=not msg.retain and not repaired)
         except EnvelopeError as exc:
             self._counters.dropped[exc.reason] += 1
             log.debug("dropped message on %s: %s", msg.topic, exc)
@@ -134,6 +158,8 @@ class Receiver:
                                                              separators=(",", ":")).encode(),
                                        only_new=True)
             return  # our own message echoed by a broker without no-local
+        if not self._logged(signer, decoded.message.log_ref, msg.payload):
+            return
         kind = decoded.message.kind
         body = decoded.message.body
         if kind == "insights" and parsed.kind in ("insights", "contrib"):
@@ -152,6 +178,56 @@ class Receiver:
                 self._states[msg.topic] = received
         else:
             self._counters.dropped["unexpected_kind"] += 1
+
+    # -- verified history ---------------------------------------------------------------------
+    def _logged(self, signer: Identity, log_ref: str | None, payload: bytes) -> bool:
+        """Record a sender's logged envelope; false if it must be dropped (a forked sender)."""
+        replicas = self._replicas
+        if replicas is None:
+            return True
+        if log_ref is None:
+            if replicas.refused(signer):
+                self._counters.dropped["forked_sender"] += 1
+                return False
+            return True
+        return replicas.observe(signer, log_ref, payload)
+
+    def _handle_log(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
+        me = self._me
+        if parsed.kind == "log_req":
+            if (self._history is not None and self._conn is not None and me is not None
+                    and (parsed.company, parsed.node) == (me.member, me.node)):
+                self._history.answer(self._conn, msg, parsed)
+            return
+        if not msg.payload or self._replicas is None:
+            return
+        assert self._codec is not None
+        try:
+            decoded = self._codec.decode(msg.payload, check_replay=False)
+        except EnvelopeError as exc:
+            self._counters.dropped[exc.reason] += 1
+            return
+        signer, message = decoded.signer, decoded.message
+        if signer == me:
+            return
+        if parsed.kind == "log_head":
+            if (signer.member, signer.node) != (parsed.company, parsed.node):
+                self._counters.dropped["identity_mismatch"] += 1
+            elif message.kind != "loghead":
+                self._counters.dropped["unexpected_kind"] += 1
+            else:
+                self._replicas.on_head(signer, message.body, msg.payload)
+            return
+        if me is None or (parsed.company, parsed.node) != (me.member, me.node):
+            return  # a reply to another node (a broker that let us read it)
+        if message.kind != "logrange":
+            self._counters.dropped["unexpected_kind"] += 1
+            return
+        records = self._replicas.on_reply(signer, message.body)
+        for topic, payload in records:
+            self._handle(InboundMessage(topic=topic, payload=payload, qos=1, retain=False),
+                         repaired=True)
+        self._replicas.repaired(len(records))
 
     def _deliver(self, raw: Any, topic: str, retained: bool, signer: Identity, *,
                  dedup: bool, now: float | None = None) -> ReceivedInsight | None:
@@ -215,7 +291,8 @@ class Receiver:
             return
         self._fan_out(self._aggregate_streams, received)
 
-    def _handle_checkpoint(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
+    def _handle_checkpoint(self, parsed: ParsedTopic, msg: InboundMessage, *,
+                           repaired: bool = False) -> None:
         if not msg.payload:
             return  # a cleared page
         assert self._codec is not None
@@ -229,6 +306,8 @@ class Receiver:
             return
         if signer.member != parsed.company or signer.node != parsed.node:
             self._counters.dropped["identity_mismatch"] += 1
+            return
+        if not self._logged(signer, decoded.message.log_ref, msg.payload):
             return
         body = decoded.message.body
         states = body.get("states") if isinstance(body, dict) else None
@@ -265,3 +344,15 @@ class Receiver:
             if received is not None:
                 self._states[topic] = received
                 self._counters.states_from_checkpoints += 1
+
+
+def _request(conn: Connection, topic: str, payload: bytes, response_topic: str,
+             correlation: bytes) -> None:
+    """Send a log request; a failure only means it is asked again after reconnecting."""
+    try:
+        fut = conn.publish(topic, payload, qos=1, response_topic=response_topic,
+                           correlation=correlation)
+    except TransportError as exc:
+        log.info("log request not sent: %s", exc)
+        return
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -31,6 +31,7 @@ from ..security.seal import Sealer
 from ..transport import Connection
 from .checkpoints import CheckpointPages
 from .counters import Counters
+from .history import NodeLog
 from .item_ids import ItemIds
 from .markers import Markers
 from .memory_outbox import MemoryOutbox
@@ -97,6 +98,7 @@ class Sender:
         self._scheme: TopicScheme | None = None
         self._sealer: Sealer | None = None
         self._item_ids: ItemIds | None = None
+        self._history: NodeLog | None = None
         self._outbox: Outbox | MemoryOutbox | None = None
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
@@ -123,12 +125,14 @@ class Sender:
         self._keep_state = self._pages.keep_state
 
     def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme, sealer: Sealer | None,
-               outbox: Outbox | MemoryOutbox, markers: Markers) -> None:
+               outbox: Outbox | MemoryOutbox, markers: Markers,
+               history: NodeLog | None = None) -> None:
         """What ``connect()`` opened: sign with ``codec``, seal aggregated groups with
-        ``sealer``, and send from ``outbox``."""
+        ``sealer``, send from ``outbox``, and log every envelope in ``history``."""
         self._codec, self._scheme, self._sealer, self._outbox = codec, topics, sealer, outbox
+        self._history = history
         self._item_ids = ItemIds(codec.signer)
-        self._pages.attach(codec=codec, topics=topics, markers=markers)
+        self._pages.attach(codec=codec, topics=topics, markers=markers, history=history)
         if outbox.depth > 0:
             self._idle.clear()  # rows left by an earlier run still wait for their acks
 
@@ -351,6 +355,8 @@ class Sender:
                         # One slice at a time: a new insight goes out ahead of the rest.
                         await asyncio.sleep(0)
                         continue
+                    if not self._send_head(conn, forced=self._pages.forced):
+                        return
                     self._maybe_idle()
                     break
                 self._send_cursor = rows[-1].id
@@ -378,6 +384,26 @@ class Sender:
                     return
                 if not await self._send_pages(conn, window, burst_end=False, limit=1):
                     return
+                if not self._send_head(conn, forced=False):
+                    return
+
+    def _send_head(self, conn: Connection, *, forced: bool) -> bool:
+        """Publish the history log's signed head when it is due; False if the connection
+        broke."""
+        history = self._history
+        wait = None if history is None else history.head_wait(forced=forced)
+        if wait is None:
+            return True
+        if wait > 0:
+            self._wake_later(wait)  # the head follows a burst within HEAD_INTERVAL
+            return True
+        assert history is not None
+        try:
+            history.publish_head(conn)
+        except TransportError as exc:
+            log.info("publish stopped: %s", exc)
+            return False
+        return True
 
     async def _send_batch(self, conn: Connection, window: Window,
                           batch: list[OutboxItem]) -> bool:
@@ -451,13 +477,19 @@ class Sender:
         assert self._codec is not None
         try:
             # Rows hold each item's JSON as the outbox stored it: join, don't re-serialise.
+            history = self._history
+            ref = history.next_ref() if history is not None else None
             if batch[0].kind == "state":
-                payload = self._codec.encode_json(kind="state", body_json=batch[-1].payload)
+                payload = self._codec.encode_json(kind="state", body_json=batch[-1].payload,
+                                                  log_ref=ref)
                 self._keep_state(batch[-1].topic, batch[-1].payload)
             else:
                 payload = self._codec.encode_json(
                     kind="insights",
-                    body_json=b'{"items":[' + b",".join(r.payload for r in batch) + b"]}")
+                    body_json=b'{"items":[' + b",".join(r.payload for r in batch) + b"]}",
+                    log_ref=ref)
+            if history is not None:
+                history.append(batch[0].topic, payload)
         except OversizedMessage:
             if len(batch) == 1:
                 # One insight larger than the envelope limit can never be sent.

@@ -223,6 +223,11 @@ class ConnectionSupervisor:
             # The bridge's consortium aggregates (retained, so they arrive on connect too);
             # in public mode the live filter already is the aggregates'.
             filters.append((t.aggregates_filter(), 1))
+        if t.mode != "public":
+            # Verified history: others' signed log heads, requests for our log, our answers.
+            node = self.config.node_id
+            filters += [(t.log_head_filter(), 1), (t.log_request(node), 1),
+                        (t.log_reply(node), 1)]
         granted = await conn.subscribe(filters, no_local=True)
         # The sync marker must come back to us, so that one subscription allows local echo.
         granted += await conn.subscribe([(t.sync_marker(self.config.node_id), 1)])

@@ -35,6 +35,7 @@ from ..errors import (
     UnknownKeyError,
     UnsupportedVersion,
 )
+from ..history.head import LOG_REF
 from ..model.insight import MessageKind, NetworkMessage
 from .base64url import ascii_field, b64url_decode, b64url_encode
 from .identity import Identity
@@ -268,14 +269,15 @@ class EnvelopeCodec:
                                 embed_certificate=embed_certificate)
 
     def encode_json(self, *, kind: str, body_json: bytes, encrypt: bool | None = None,
-                    embed_certificate: bool | None = None, log_index: int | None = None
+                    embed_certificate: bool | None = None, log_ref: str | None = None
                     ) -> bytes:
         """:meth:`encode` for a body that is already JSON text (UTF-8 bytes).
 
         For a sender that stored its items as JSON (the outbox): a batch is their join, with
         no parse and re-serialise per item. The caller vouches that ``body_json`` is one JSON
-        value; receivers drop the envelope as malformed otherwise. ``log_index`` is the
-        envelope's index in this node's history log (signed with the rest).
+        value; receivers drop the envelope as malformed otherwise. ``log_ref`` is
+        ``"<log id>:<index>"``, the envelope's place in this node's history log (signed with
+        the rest; see :func:`pear_mqtt.history.head.parse_log_ref`).
         """
         if kind not in _KINDS:
             raise MalformedMessage(f"cannot encode kind {kind!r}; known kinds: {sorted(_KINDS)}")
@@ -304,8 +306,8 @@ class EnvelopeCodec:
                          secrets.token_urlsafe(16).encode("ascii"), b'","from":', self._from,
                          b',"seq":', str(seq).encode("ascii"), b',"ts":',
                          repr(ts).encode("ascii")))
-        if log_index is not None:
-            head += b',"log":' + str(int(log_index)).encode("ascii")
+        if log_ref is not None:
+            head += b',"log":"' + log_ref.encode("ascii") + b'"'
         embed = self._embed if embed_certificate is None else embed_certificate
         ref = self._cert_member if embed else self._sk_member
         if kid is None:
@@ -443,14 +445,13 @@ class EnvelopeCodec:
             body = parse_json(data[body_from:ref_at], "body", unique_keys=False)
         else:
             raise MalformedMessage("'body' is not where the layout puts it")
-        log_index = obj.get("log")
-        if log_index is not None and (type(log_index) is not int
-                                      or not 0 <= log_index <= _MAX_SEQ):
-            raise MalformedMessage(f"'log' must be an integer in [0, 2**63), got {log_index!r}")
+        log_ref = obj.get("log")
+        if log_ref is not None and (type(log_ref) is not str or not LOG_REF.fullmatch(log_ref)):
+            raise MalformedMessage(f"'log' must be '<log id>:<index>', got {log_ref!r}")
         try:
             message = NetworkMessage(kind=obj["kind"], message_id=obj["id"], sender=sender,
                                      sequence=seq, timestamp=ts, body=body, key_id=kid,
-                                     log_index=log_index)
+                                     log_ref=log_ref)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                  for e in exc.errors(include_url=False, include_input=False))

@@ -1,0 +1,165 @@
+"""A node's own history log: every envelope it publishes is appended (with the topic beside
+it), its signed tree head is published retained, and it answers other nodes' requests for
+ranges of it. The receiving side is :mod:`.replicas`; the protocol is in docs/HISTORY.md."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import EnvelopeError, HistoryError, LogTruncated, TopicError
+from ..files import atomic_write
+from ..history.head import TreeHead, head_body
+from ..history.log import AppendLog, Retention
+from ..model.topics import ParsedTopic, TopicScheme
+from ..security.base64url import b64url_encode
+from ..security.envelope import EnvelopeCodec
+from ..transport import Connection, InboundMessage
+from .counters import Counters
+
+__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "NodeLog"]
+
+log = logging.getLogger(__name__)
+
+HEAD_INTERVAL = 1.0
+"""Seconds between two signed heads while the log grows (a flush sends one at once)."""
+REPLY_MAX_ENTRIES = 512
+REPLY_MAX_BYTES = 192 * 1024
+"""At most this much per answer to a log request: the asker asks again for the rest."""
+
+
+class NodeLog:
+    """This node's :class:`AppendLog`, its id, and the head and answers it publishes."""
+
+    def __init__(self, *, path: Path, retention: Retention | None, node_id: str,
+                 counters: Counters) -> None:
+        self._log = AppendLog.open(path, retention=retention)
+        self._id = _log_id(path)
+        self._node = node_id
+        self._counters = counters
+        self._codec: EnvelopeCodec | None = None
+        self._scheme: TopicScheme | None = None
+        self._head_length = -1
+        self._head_at = 0.0
+
+    def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme) -> None:
+        self._codec, self._scheme = codec, topics
+
+    @property
+    def log_id(self) -> str:
+        return self._id
+
+    @property
+    def length(self) -> int:
+        return self._log.length
+
+    @property
+    def store(self) -> AppendLog:
+        return self._log
+
+    def next_ref(self) -> str:
+        """The ``log`` member of the next envelope appended."""
+        return f"{self._id}:{self._log.length}"
+
+    def append(self, topic: str, payload: bytes) -> None:
+        """Record an envelope encoded with :meth:`next_ref` (before it is published)."""
+        self._log.append(payload, tag=topic)
+
+    def close(self) -> None:
+        self._log.close()
+
+    # -- the signed head ----------------------------------------------------------------------
+    def head_wait(self, *, forced: bool) -> float | None:
+        """None when the last head covers the log; else seconds until a new one may go
+        (0: now)."""
+        if self._log.length == self._head_length:
+            return None
+        if forced:
+            return 0.0
+        return max(0.0, self._head_at + HEAD_INTERVAL - time.monotonic())
+
+    def publish_head(self, conn: Connection) -> None:
+        """Make the log durable, then publish its signed head (retained)."""
+        assert self._codec is not None and self._scheme is not None
+        self._log.enforce_retention()
+        self._log.flush()
+        head = TreeHead(log=self._id, length=self._log.length, start=self._log.start,
+                        root=self._log.root(), time=time.time())
+        payload = self._codec.encode(kind="loghead", body=head_body(head))
+        conn.publish(self._scheme.log_head(self._node), payload, qos=1, retain=True)
+        self._head_length, self._head_at = head.length, time.monotonic()
+
+    # -- answering requests -------------------------------------------------------------------
+    def answer(self, conn: Connection, msg: InboundMessage, parsed: ParsedTopic) -> None:
+        """Answer a ``logreq`` for this node's log, sent to ``parsed`` (our request topic)."""
+        assert self._codec is not None and self._scheme is not None
+        try:
+            decoded = self._codec.decode(msg.payload, check_replay=False)
+        except EnvelopeError as exc:
+            self._counters.dropped[exc.reason] += 1
+            return
+        asker, body = decoded.signer, decoded.message.body
+        if decoded.message.kind != "logreq" or not isinstance(body, dict):
+            self._counters.dropped["malformed"] += 1
+            return
+        first, end = body.get("from"), body.get("to")
+        if (body.get("log") != self._id or type(first) is not int or type(end) is not int
+                or not 0 <= first < end):
+            self._counters.dropped["malformed"] += 1
+            return
+        try:
+            # Only to the asker's own reply topic, which only the asker may read.
+            reply = TopicScheme(self._scheme.mode, self._scheme.network,
+                                asker.member).log_reply(asker.node)
+        except TopicError:
+            self._counters.dropped["bad_topic"] += 1
+            return
+        self._counters.log_requests_answered += 1
+        self._log.flush()
+        conn.publish(reply, self._codec.encode(kind="logrange",
+                                               body=self._range(first, end, body.get("id"))),
+                     qos=1)
+
+    def _range(self, first: int, end: int, request_id: Any) -> dict[str, Any]:
+        held_from = self._log.start
+        end = min(end, self._log.length)
+        body: dict[str, Any] = {"log": self._id, "id": request_id if isinstance(
+            request_id, str) else None, "length": self._log.length, "held_from": held_from,
+            "from": max(first, held_from), "records": []}
+        if first < held_from:
+            body["truncated"] = True  # the asker learns at once, instead of waiting
+        size = 0
+        records: list[list[str]] = []
+        start = max(first, held_from)
+        if start < end:
+            try:
+                got = self._log.records(start, min(end, start + REPLY_MAX_ENTRIES))
+            except (LogTruncated, HistoryError) as exc:
+                log.warning("cannot answer a log request: %s", exc)
+                got = []
+            for topic, entry in got:
+                size += len(entry) * 4 // 3 + len(topic) + 8
+                if records and size > REPLY_MAX_BYTES:
+                    break
+                records.append([topic, b64url_encode(entry).decode("ascii")])
+        body["records"] = records
+        return body
+
+
+def _log_id(path: Path) -> str:
+    """The log's random id, kept in ``id`` beside it (made on first use)."""
+    file = path / "id"
+    try:
+        if file.exists():
+            text = file.read_text(encoding="ascii").strip()
+            if text:
+                return text
+        new = secrets.token_urlsafe(9)
+        atomic_write(file, new + "\n")
+        return new
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HistoryError(f"history log {path}: cannot read or write its id "
+                           f"({exc}); check the directory") from exc

@@ -1,0 +1,311 @@
+"""What a node holds of every other node's history log: the leaf hashes it received in order,
+the sender's latest signed head, and the repair of gaps by asking the sender for the missing
+range. A sender whose signed history contradicts itself is reported with the evidence and
+its later data refused. Protocol: docs/HISTORY.md."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MalformedMessage, ProofFailed, TopicError
+from ..history.head import TreeHead, parse_head, parse_log_ref
+from ..history.merkle import MerkleTree, leaf_hash
+from ..model.topics import TopicScheme
+from ..security.base64url import b64url_decode
+from ..security.envelope import EnvelopeCodec
+from ..security.identity import Identity
+from .counters import Counters
+
+__all__ = ["Fork", "LogView", "Replicas"]
+
+log = logging.getLogger(__name__)
+
+_ASK_AGAIN = 5.0  # s before an unanswered request is sent again
+_ASK_MAX = 512  # entries asked for at once (a sender answers at most this many)
+
+# (topic, payload, response topic, correlation data): a request over MQTT 5's
+# request/response properties; the signed body carries the same for 3.1.1 brokers.
+Publish = Callable[[str, bytes, str, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    """Evidence that a sender rewrote its history: two signed payloads (envelopes or heads)
+    that cannot both be true, and what they disagree about."""
+
+    sender: str
+    reason: str
+    first: bytes
+    second: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LogView:
+    """What this node holds of one sender's log."""
+
+    sender: str
+    log_id: str
+    held: int  # entries 0..held-1 received, in order
+    verified: int  # ... of which a signed head's root confirmed this many
+    head_length: int | None
+    forked: bool
+
+
+@dataclass(slots=True)
+class _Replica:
+    owner: Identity
+    log_id: str
+    tree: MerkleTree = field(default_factory=MerkleTree)
+    payloads: dict[int, bytes] = field(default_factory=dict)  # index -> the first one seen
+    pending: dict[int, bytes] = field(default_factory=dict)  # leaf hashes past tree.size
+    head: TreeHead | None = None
+    head_payload: bytes = b""
+    verified: int = 0
+    asked: tuple[int, int, float] | None = None  # (from, to, when)
+    request_id: str = ""
+    broken_from: int | None = None  # entries before the sender's retention start: lost
+    fork: Fork | None = None
+
+
+class Replicas:
+    """Per sender: the in-order leaf hashes, the latest head, gaps and their repair."""
+
+    def __init__(self, *, counters: Counters, mode: str, network: str) -> None:
+        self._counters = counters
+        self._mode, self._network = mode, network
+        self._replicas: dict[str, _Replica] = {}
+        self._codec: EnvelopeCodec | None = None
+        self._publish: Publish | None = None
+        self._me: Identity | None = None
+        self._reply_topic = ""
+        self._waiters: list[asyncio.Future[None]] = []
+        self.forks: list[Fork] = []
+
+    def attach(self, *, codec: EnvelopeCodec, reply_topic: str) -> None:
+        self._codec, self._me, self._reply_topic = codec, codec.signer.identity, reply_topic
+
+    def connected(self, publish: Publish | None) -> None:
+        """Where requests go (None while disconnected); outstanding ones are asked again."""
+        self._publish = publish
+        for rep in self._replicas.values():
+            rep.asked = None
+            if publish is not None:
+                self._repair(rep)
+
+    def views(self) -> list[LogView]:
+        return [LogView(sender=k, log_id=r.log_id, held=r.tree.size, verified=r.verified,
+                        head_length=None if r.head is None else r.head.length,
+                        forked=r.fork is not None) for k, r in self._replicas.items()]
+
+    def complete(self) -> bool:
+        """Every sender whose head we saw: we hold (and verified) its log up to that head,
+        or know that the rest cannot be had."""
+        return all(r.head is None or r.fork is not None or r.broken_from is not None
+                   or r.verified >= r.head.length for r in self._replicas.values())
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Until ``predicate()`` holds, re-checked whenever a log view changes;
+        :class:`TimeoutError` after ``timeout`` s."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters.append(fut)
+                await fut
+
+    def _changed(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def refused(self, signer: Identity) -> bool:
+        rep = self._replicas.get(signer.sender)
+        if rep is None or rep.fork is None:
+            return False
+        self._changed()  # the caller counts the drop
+        return True
+
+    # -- what arrives -------------------------------------------------------------------------
+    def observe(self, signer: Identity, log_ref: str, payload: bytes) -> bool:
+        """An envelope of ``signer`` carrying ``log_ref``; false if it must be dropped (the
+        sender forked, or this payload contradicts what it signed before)."""
+        try:
+            return self._observe(signer, log_ref, payload)
+        finally:
+            self._changed()
+
+    def _observe(self, signer: Identity, log_ref: str, payload: bytes) -> bool:
+        try:
+            log_id, index = parse_log_ref(log_ref)
+        except ProofFailed:
+            self._counters.dropped["malformed"] += 1
+            return False
+        rep = self._replica(signer, log_id)
+        if rep.fork is not None:
+            self._counters.dropped["forked_sender"] += 1
+            return False
+        leaf = leaf_hash(payload)
+        if index < rep.tree.size:
+            if rep.tree.leaf(index) != leaf:
+                # Evidence: the entry first seen there or, once verified (only its hash is
+                # kept), the signed head whose root commits to that other entry.
+                self._forked(rep, f"two different entries signed as {log_ref}",
+                             rep.payloads.get(index) or rep.head_payload, payload)
+                return False
+            return True
+        if index in rep.pending:
+            if rep.pending[index] != leaf:
+                self._forked(rep, f"two different entries signed as {log_ref}",
+                             rep.payloads.get(index, b""), payload)
+                return False
+            return True
+        if index > rep.tree.size and not rep.pending:
+            self._counters.log_gaps += 1
+        rep.pending[index] = leaf
+        rep.payloads.setdefault(index, payload)
+        self._advance(rep)
+        if rep.pending:
+            self._repair(rep)
+        return True
+
+    def on_head(self, signer: Identity, body: Any, payload: bytes) -> None:
+        """A signed ``loghead`` of ``signer``."""
+        try:
+            self._on_head(signer, body, payload)
+        finally:
+            self._changed()
+
+    def _on_head(self, signer: Identity, body: Any, payload: bytes) -> None:
+        try:
+            head = parse_head(body)
+        except ProofFailed:
+            self._counters.dropped["malformed"] += 1
+            return
+        rep = self._replica(signer, head.log)
+        if rep.fork is not None:
+            return
+        old = rep.head
+        if old is not None and head.length < old.length:
+            return  # an older head delivered late (retained, or re-sent): nothing new
+        if old is not None and head.length == old.length and head.root != old.root:
+            self._forked(rep, f"two heads of length {head.length} with different roots",
+                         rep.head_payload, payload)
+            return
+        rep.head, rep.head_payload = head, payload
+        if head.length > rep.tree.size + len(rep.pending):
+            self._counters.log_gaps += 1
+        self._check(rep)
+        self._repair(rep)
+
+    def on_reply(self, signer: Identity, body: Any) -> list[tuple[str, bytes]]:
+        """A ``logrange`` answer: the (topic, payload) records to receive as if live."""
+        if not isinstance(body, dict) or not isinstance(body.get("log"), str):
+            self._counters.dropped["malformed"] += 1
+            return []
+        rep = self._replicas.get(signer.sender)
+        if rep is None or rep.log_id != body["log"] or body.get("id") != rep.request_id:
+            self._counters.dropped["unexpected_reply"] += 1
+            return []
+        records = body.get("records")
+        first = body.get("from")
+        held_from = body.get("held_from")
+        if not isinstance(records, list) or type(first) is not int \
+                or type(held_from) is not int:
+            self._counters.dropped["malformed"] += 1
+            return []
+        rep.asked = None
+        if body.get("truncated") and rep.broken_from is None and held_from > rep.tree.size:
+            # Dropped by the sender's retention: say so once, with the range, never hang.
+            lost = held_from - rep.tree.size
+            rep.broken_from = rep.tree.size
+            self._counters.log_unrepairable += lost
+            log.warning("%s: entries %d..%d of its log are gone (its retention); %d entries "
+                        "cannot be repaired", signer.sender, rep.tree.size, held_from - 1, lost)
+        out: list[tuple[str, bytes]] = []
+        for rec in records:
+            if not (isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], str)
+                    and isinstance(rec[1], str)):
+                self._counters.dropped["malformed"] += 1
+                continue
+            try:
+                out.append((rec[0], b64url_decode(rec[1].encode("ascii"), "entry")))
+            except (MalformedMessage, UnicodeEncodeError):
+                self._counters.dropped["malformed"] += 1
+        return out
+
+    def repaired(self, count: int) -> None:
+        self._counters.log_repaired += count
+        self._changed()
+        for rep in self._replicas.values():
+            if rep.pending or (rep.head is not None and rep.tree.size < rep.head.length):
+                self._repair(rep)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _replica(self, signer: Identity, log_id: str) -> _Replica:
+        rep = self._replicas.get(signer.sender)
+        if rep is None or (rep.log_id != log_id and rep.fork is None):
+            if rep is not None:
+                log.info("%s started a new history log (%s, was %s)", signer.sender, log_id,
+                         rep.log_id)
+            rep = self._replicas[signer.sender] = _Replica(owner=signer, log_id=log_id)
+        return rep
+
+    def _advance(self, rep: _Replica) -> None:
+        while rep.tree.size in rep.pending:
+            rep.tree.append(rep.pending.pop(rep.tree.size))
+        self._check(rep)
+
+    def _check(self, rep: _Replica) -> None:
+        head = rep.head
+        if head is None or rep.broken_from is not None or rep.tree.size < head.length:
+            return
+        if rep.tree.root(head.length) != head.root:
+            self._forked(rep, f"the entries held do not hash to its signed head of length "
+                              f"{head.length}", rep.head_payload,
+                         rep.payloads.get(head.length - 1, b""))
+            return
+        rep.verified = max(rep.verified, head.length)
+        # Verified: only the leaf hashes are needed from here on.
+        for i in [i for i in rep.payloads if i < rep.verified]:
+            del rep.payloads[i]
+
+    def _forked(self, rep: _Replica, reason: str, first: bytes, second: bytes) -> None:
+        rep.fork = Fork(sender=rep.owner.sender, reason=reason, first=first, second=second)
+        self.forks.append(rep.fork)
+        self._counters.log_forks += 1
+        log.error("%s rewrote its history (%s): its later data is refused", rep.owner.sender,
+                  reason)
+
+    def _repair(self, rep: _Replica) -> None:
+        """Ask the sender for the first missing range, one request at a time."""
+        if self._publish is None or self._codec is None or rep.fork is not None:
+            return
+        start = rep.tree.size
+        if rep.pending:
+            end = min(rep.pending)
+        elif rep.head is not None and rep.head.length > start:
+            end = rep.head.length
+        else:
+            return
+        if rep.broken_from is not None and rep.head is not None:
+            return  # what the sender still holds came with the truncated answer
+        end = min(end, start + _ASK_MAX)
+        now = time.monotonic()
+        if rep.asked is not None and rep.asked[0] == start and now - rep.asked[2] < _ASK_AGAIN:
+            return
+        try:
+            topic = TopicScheme(self._mode, self._network, rep.owner.member).log_request(
+                rep.owner.node)
+        except TopicError:
+            return
+        rep.request_id = secrets.token_urlsafe(9)
+        rep.asked = (start, end, now)
+        body = {"log": rep.log_id, "from": start, "to": end, "id": rep.request_id}
+        self._publish(topic, self._codec.encode(kind="logreq", body=body), self._reply_topic,
+                      rep.request_id.encode("ascii"))
