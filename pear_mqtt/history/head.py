@@ -32,12 +32,16 @@ class TreeHead(BaseModel):
     start: Annotated[int, Field(ge=0)] = 0
     root: bytes
     time: float
+    # The log index of the latest version of each checkpoint page (page number -> index):
+    # the retained state this head covers, which sync() waits for.
+    pages: dict[int, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
 
 
 def head_body(head: TreeHead) -> dict[str, Any]:
     """The ``loghead`` envelope's body."""
     return {"log": head.log, "length": head.length, "start": head.start,
-            "root": b64url_encode(head.root).decode("ascii"), "time": head.time}
+            "root": b64url_encode(head.root).decode("ascii"), "time": head.time,
+            "pages": {f"{page:02x}": index for page, index in sorted(head.pages.items())}}
 
 
 def parse_head(body: Any) -> TreeHead:
@@ -48,12 +52,18 @@ def parse_head(body: Any) -> TreeHead:
         root = b64url_decode(body["root"].encode("ascii"), "root")
         if len(root) != HASH_SIZE:
             raise ValueError(f"root has {len(root)} bytes, not {HASH_SIZE}")
+        pages = body.get("pages", {})
+        if not isinstance(pages, dict):
+            raise ValueError("pages is not an object")
         head = TreeHead(log=body.get("log"), length=body.get("length"),
-                        start=body.get("start", 0), root=root, time=body.get("time"))
+                        start=body.get("start", 0), root=root, time=body.get("time"),
+                        pages={int(k, 16): v for k, v in pages.items()})
     except (ValueError, ValidationError, UnicodeEncodeError) as exc:
         raise ProofFailed(f"malformed tree head: {exc}") from None
     if head.start > head.length:
         raise ProofFailed(f"tree head says entries from {head.start} are held of {head.length}")
+    if any(index >= head.length for index in head.pages.values()):
+        raise ProofFailed("tree head names a page beyond its own length")
     return head
 
 

@@ -54,6 +54,8 @@ class CheckpointPages:
         self._topics: TopicScheme | None = None
         self._markers: Markers | None = None
         self._history: NodeLog | None = None
+        self.logged: dict[int, int] = {}
+        """Page -> log index of its latest version (what this node's signed heads name)."""
         self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
         self._dirty: dict[int, None] = {}  # insertion order: oldest change first
         # Dirty pages whose changes justify a refresh mid-stream, so that a flusher round
@@ -143,6 +145,7 @@ class CheckpointPages:
                     kind="checkpoint", body_json=body,
                     log_ref=None if self._history is None else self._history.next_ref())
                 if self._history is not None:
+                    self.logged[page] = self._history.length
                     self._history.append(topic, payload)
             except OversizedMessage:
                 # Left out of the snapshot and counted: late joiners then lack these states

@@ -81,13 +81,14 @@ class NodeLog:
             return 0.0
         return max(0.0, self._head_at + HEAD_INTERVAL - time.monotonic())
 
-    def publish_head(self, conn: Connection) -> None:
-        """Make the log durable, then publish its signed head (retained)."""
+    def publish_head(self, conn: Connection, *, pages: dict[int, int]) -> None:
+        """Make the log durable, then publish its signed head (retained), naming the log
+        index of each checkpoint page's latest version (``pages``)."""
         assert self._codec is not None and self._scheme is not None
         self._log.enforce_retention()
         self._log.flush()
         head = TreeHead(log=self._id, length=self._log.length, start=self._log.start,
-                        root=self._log.root(), time=time.time())
+                        root=self._log.root(), time=time.time(), pages=dict(pages))
         payload = self._codec.encode(kind="loghead", body=head_body(head))
         conn.publish(self._scheme.log_head(self._node), payload, qos=1, retain=True)
         self._head_length, self._head_at = head.length, time.monotonic()

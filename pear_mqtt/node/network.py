@@ -154,6 +154,9 @@ class PearNetwork:
         self._replicas.attach(codec=codec, reply_topic=topics.log_reply(self.config.node_id))
         return self._history, self._replicas
 
+    def _replicas_missing(self) -> dict[str, int]:
+        return {} if self._replicas is None else self._replicas.missing_pages()
+
     def logs(self) -> list[LogView]:
         """What this node holds of every other node's history log (held and verified
         length, the latest signed head's length, whether the sender forked)."""
@@ -289,10 +292,19 @@ class PearNetwork:
                 state_filter = t.state_filter() if public else t.checkpoint_filter()
                 await conn.subscribe([(state_filter, 1)])
                 await self._markers.round_trip(conn)
+                if self._replicas is not None:
+                    # Complete by what each sender signed, not by message order: every page
+                    # version its latest head names (a clustered broker may deliver the
+                    # retained pages after the marker).
+                    await self._replicas.wait(lambda: not self._replicas_missing(),
+                                              timeout=max(0.0, timeout - (
+                                                  time.perf_counter() - started)))
                 if not public:  # public mode reads state and live aggregates as one
                     await conn.unsubscribe([state_filter])
         except TimeoutError:
-            raise TransportError(f"sync did not complete within {timeout} s") from None
+            missing = self._replicas_missing()
+            detail = (f"; checkpoint pages still missing from {missing}" if missing else "")
+            raise TransportError(f"sync did not complete within {timeout} s{detail}") from None
         self._last_sync = self._clock()
         return SyncResult(states=dict(self._receiver.states),
                           duration=time.perf_counter() - started,

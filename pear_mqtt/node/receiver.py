@@ -310,6 +310,9 @@ class Receiver:
         if not self._logged(signer, decoded.message.log_ref, msg.payload):
             return
         body = decoded.message.body
+        if (self._replicas is not None and decoded.message.log_ref is not None
+                and parsed.page is not None):
+            self._replicas.page_seen(signer, decoded.message.log_ref, parsed.page)
         states = body.get("states") if isinstance(body, dict) else None
         if (decoded.message.kind != "checkpoint" or not isinstance(states, dict)
                 or body.get("page") != parsed.page or parsed.company is None):

@@ -71,6 +71,7 @@ class _Replica:
     request_id: str = ""
     broken_from: int | None = None  # entries before the sender's retention start: lost
     fork: Fork | None = None
+    pages: dict[int, int] = field(default_factory=dict)  # checkpoint page -> newest index seen
 
 
 class Replicas:
@@ -123,6 +124,30 @@ class Replicas:
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+
+    def page_seen(self, signer: Identity, log_ref: str, page: int) -> None:
+        """A checkpoint page of ``signer`` arrived (its log place ``log_ref``)."""
+        try:
+            log_id, index = parse_log_ref(log_ref)
+        except ProofFailed:
+            return
+        rep = self._replicas.get(signer.sender)
+        if rep is not None and rep.log_id == log_id:
+            rep.pages[page] = max(rep.pages.get(page, -1), index)
+            self._changed()
+
+    def missing_pages(self) -> dict[str, int]:
+        """Per sender, the checkpoint pages its latest signed head names that have not
+        arrived in that (or a newer) version: what sync() still waits for."""
+        out: dict[str, int] = {}
+        for sender, rep in self._replicas.items():
+            if rep.head is None or rep.fork is not None:
+                continue
+            missing = sum(1 for page, index in rep.head.pages.items()
+                          if rep.pages.get(page, -1) < index)
+            if missing:
+                out[sender] = missing
+        return out
 
     def refused(self, signer: Identity) -> bool:
         rep = self._replicas.get(signer.sender)

@@ -399,7 +399,7 @@ class Sender:
             return True
         assert history is not None
         try:
-            history.publish_head(conn)
+            history.publish_head(conn, pages=self._pages.logged)
         except TransportError as exc:
             log.info("publish stopped: %s", exc)
             return False

@@ -128,3 +128,18 @@ async def test_a_request_for_entries_lost_to_retention_gets_a_clear_answer(
             await late.wait_logs(lambda: late.status().log_unrepairable > 0)
             status = late.status()
     assert status.log_unrepairable > 0 and status.log_forks == 0
+
+
+async def test_sync_is_complete_by_the_pages_each_senders_head_names(
+        make_config: Callable[..., NetworkConfig], tmp_path: Path,
+        insight: Callable[..., MarketInsight]) -> None:
+    categories = [f"grocery/c{i}" for i in range(60)]
+    async with PearNetwork(make_config("acme", outbox=tmp_path / "acme.sqlite")) as tx:
+        await tx.broadcast_many([insight(category=c) for c in categories])
+        await tx.flush(timeout=10)
+        async with PearNetwork(make_config("globex", session_expiry=0)) as late:
+            result = await late.sync(timeout=30)
+            view = _view(late, "acme")
+    assert {s.insight.category for s in result} == set(categories)
+    # the head it waited on named acme's pages, and the log behind them is acme's
+    assert view is not None and view.head_length is not None and not view.forked
