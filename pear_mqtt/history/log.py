@@ -40,8 +40,9 @@ class AppendLog:
     """One log in a directory: ``entries.bin`` (the index of its first entry, then length,
     time and bytes of each entry still held) and ``hashes.bin`` (every leaf hash).
 
-    Appends are buffered; :meth:`flush` is the durability point (one fsync per file). A
-    record torn by a crash is dropped when the log is opened again.
+    Appends reach the OS at once (a killed process loses nothing); :meth:`flush` is the
+    durability point against a power cut (one fsync per file). A record torn by a crash is
+    dropped when the log is opened again.
     """
 
     def __init__(self, path: Path, *, retention: Retention | None = None) -> None:
@@ -148,6 +149,14 @@ class AppendLog:
             self._times.append(t)
             self._size += len(record)
             self._tree.append(leaf)
+        try:
+            # Into the OS at once, so a killed process loses nothing it published; flush()
+            # adds the fsync that a power cut needs.
+            fh.flush()
+            hh.flush()
+        except OSError as exc:
+            raise HistoryError(f"log {self.path}: cannot append ({exc.strerror or exc}); "
+                               "free disk space and restart the node") from exc
         return first
 
     def flush(self) -> None:

@@ -16,7 +16,6 @@ from ..model.topics import CHECKPOINT_PAGES, TopicScheme
 from ..security.envelope import EnvelopeCodec
 from ..transport import Connection
 from .counters import Counters
-from .history import NodeLog
 from .markers import Markers
 from .window import Window
 
@@ -53,9 +52,9 @@ class CheckpointPages:
         self._codec: EnvelopeCodec | None = None
         self._topics: TopicScheme | None = None
         self._markers: Markers | None = None
-        self._history: NodeLog | None = None
         self.logged: dict[int, int] = {}
-        """Page -> log index of its latest version (what this node's signed heads name)."""
+        """Page -> envelope sequence number of its latest version (what this node's signed
+        heads name, so that sync() knows when it holds them all)."""
         self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
         self._dirty: dict[int, None] = {}  # insertion order: oldest change first
         # Dirty pages whose changes justify a refresh mid-stream, so that a flusher round
@@ -74,12 +73,9 @@ class CheckpointPages:
         self.cut = False
         """The last :meth:`send` stopped at its limit with more pages due."""
 
-    def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme, markers: Markers,
-               history: NodeLog | None = None) -> None:
-        """Sign with ``codec``, name topics with ``topics``, log pages in ``history`` (set on
-        each ``connect()``)."""
+    def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme, markers: Markers) -> None:
+        """Sign with ``codec``, name topics with ``topics`` (set on each ``connect()``)."""
         self._codec, self._topics, self._markers = codec, topics, markers
-        self._history = history
 
     @property
     def seeded(self) -> bool:
@@ -141,12 +137,8 @@ class CheckpointPages:
             self._sent_at[page] = now
             topic = self._topics.checkpoint(self._node_id, page)
             try:
-                payload = self._codec.encode_json(
-                    kind="checkpoint", body_json=body,
-                    log_ref=None if self._history is None else self._history.next_ref())
-                if self._history is not None:
-                    self.logged[page] = self._history.length
-                    self._history.append(topic, payload)
+                payload = self._codec.encode_json(kind="checkpoint", body_json=body)
+                self.logged[page] = self._codec.last_sequence
             except OversizedMessage:
                 # Left out of the snapshot and counted: late joiners then lack these states
                 # until the page fits again (a smaller node, or a larger message limit).

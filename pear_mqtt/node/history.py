@@ -4,6 +4,7 @@ ranges of it. The receiving side is :mod:`.replicas`; the protocol is in docs/HI
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -20,7 +21,7 @@ from ..security.envelope import EnvelopeCodec
 from ..transport import Connection, InboundMessage
 from .counters import Counters
 
-__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "NodeLog"]
+__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "NodeLog", "settle"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class NodeLog:
         head = TreeHead(log=self._id, length=self._log.length, start=self._log.start,
                         root=self._log.root(), time=time.time(), pages=dict(pages))
         payload = self._codec.encode(kind="loghead", body=head_body(head))
-        conn.publish(self._scheme.log_head(self._node), payload, qos=1, retain=True)
+        settle(conn.publish(self._scheme.log_head(self._node), payload, qos=1, retain=True))
         self._head_length, self._head_at = head.length, time.monotonic()
 
     # -- answering requests -------------------------------------------------------------------
@@ -120,9 +121,8 @@ class NodeLog:
             return
         self._counters.log_requests_answered += 1
         self._log.flush()
-        conn.publish(reply, self._codec.encode(kind="logrange",
-                                               body=self._range(first, end, body.get("id"))),
-                     qos=1)
+        settle(conn.publish(reply, self._codec.encode(
+            kind="logrange", body=self._range(first, end, body.get("id"))), qos=1))
 
     def _range(self, first: int, end: int, request_id: Any) -> dict[str, Any]:
         held_from = self._log.start
@@ -148,6 +148,12 @@ class NodeLog:
                 records.append([topic, b64url_encode(entry).decode("ascii")])
         body["records"] = records
         return body
+
+
+def settle(fut: asyncio.Future[None]) -> None:
+    """A head or an answer lost with its connection is sent again later (the next head, the
+    asker's next request): its outcome needs no one waiting on it."""
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _log_id(path: Path) -> str:

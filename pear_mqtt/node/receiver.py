@@ -25,7 +25,7 @@ from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .checkpoints import CheckpointPages
 from .counters import Counters
-from .history import NodeLog
+from .history import NodeLog, settle
 from .markers import Markers
 from .peers import PeerTable
 from .records import ReceivedAggregate, ReceivedInsight
@@ -310,9 +310,8 @@ class Receiver:
         if not self._logged(signer, decoded.message.log_ref, msg.payload):
             return
         body = decoded.message.body
-        if (self._replicas is not None and decoded.message.log_ref is not None
-                and parsed.page is not None):
-            self._replicas.page_seen(signer, decoded.message.log_ref, parsed.page)
+        if self._replicas is not None and parsed.page is not None:
+            self._replicas.page_seen(signer, decoded.message.sequence, parsed.page)
         states = body.get("states") if isinstance(body, dict) else None
         if (decoded.message.kind != "checkpoint" or not isinstance(states, dict)
                 or body.get("page") != parsed.page or parsed.company is None):
@@ -358,4 +357,4 @@ def _request(conn: Connection, topic: str, payload: bytes, response_topic: str,
     except TransportError as exc:
         log.info("log request not sent: %s", exc)
         return
-    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    settle(fut)

@@ -27,6 +27,10 @@ __all__ = ["Fork", "LogView", "Replicas"]
 log = logging.getLogger(__name__)
 
 _ASK_AGAIN = 5.0  # s before an unanswered request is sent again
+# A gap is asked for only once the held prefix has not grown for this long: entries still in
+# flight (a head outruns the stream it covers; retained and live messages interleave) are
+# not missing, and asking for them would only double the traffic on a slow link.
+GAP_GRACE = 1.0
 _ASK_MAX = 512  # entries asked for at once (a sender answers at most this many)
 
 # (topic, payload, response topic, correlation data): a request over MQTT 5's
@@ -71,7 +75,8 @@ class _Replica:
     request_id: str = ""
     broken_from: int | None = None  # entries before the sender's retention start: lost
     fork: Fork | None = None
-    pages: dict[int, int] = field(default_factory=dict)  # checkpoint page -> newest index seen
+    progress_at: float = field(default_factory=time.monotonic)  # when the prefix last grew
+    timer: asyncio.TimerHandle | None = None
 
 
 class Replicas:
@@ -81,6 +86,7 @@ class Replicas:
         self._counters = counters
         self._mode, self._network = mode, network
         self._replicas: dict[str, _Replica] = {}
+        self._pages: dict[str, dict[int, int]] = {}  # sender -> page -> newest seq seen
         self._codec: EnvelopeCodec | None = None
         self._publish: Publish | None = None
         self._me: Identity | None = None
@@ -125,16 +131,11 @@ class Replicas:
             if not fut.done():
                 fut.set_result(None)
 
-    def page_seen(self, signer: Identity, log_ref: str, page: int) -> None:
-        """A checkpoint page of ``signer`` arrived (its log place ``log_ref``)."""
-        try:
-            log_id, index = parse_log_ref(log_ref)
-        except ProofFailed:
-            return
-        rep = self._replicas.get(signer.sender)
-        if rep is not None and rep.log_id == log_id:
-            rep.pages[page] = max(rep.pages.get(page, -1), index)
-            self._changed()
+    def page_seen(self, signer: Identity, sequence: int, page: int) -> None:
+        """A checkpoint page of ``signer`` arrived, in the version of envelope ``sequence``."""
+        seen = self._pages.setdefault(signer.sender, {})
+        seen[page] = max(seen.get(page, -1), sequence)
+        self._changed()
 
     def missing_pages(self) -> dict[str, int]:
         """Per sender, the checkpoint pages its latest signed head names that have not
@@ -143,8 +144,9 @@ class Replicas:
         for sender, rep in self._replicas.items():
             if rep.head is None or rep.fork is not None:
                 continue
-            missing = sum(1 for page, index in rep.head.pages.items()
-                          if rep.pages.get(page, -1) < index)
+            seen = self._pages.get(sender, {})
+            missing = sum(1 for page, seq in rep.head.pages.items()
+                          if seen.get(page, -1) < seq)
             if missing:
                 out[sender] = missing
         return out
@@ -176,6 +178,13 @@ class Replicas:
             self._counters.dropped["forked_sender"] += 1
             return False
         leaf = leaf_hash(payload)
+        committed = 0 if rep.head is None else rep.head.length
+        if index >= committed and (
+                (index < rep.tree.size and rep.tree.leaf(index) != leaf)
+                or rep.pending.get(index, leaf) != leaf):
+            # Past the latest signed head nothing was promised: a sender that crashed before
+            # making those entries durable reuses their places. Follow the new ones.
+            self._rewind(rep, index)
         if index < rep.tree.size:
             if rep.tree.leaf(index) != leaf:
                 # Evidence: the entry first seen there or, once verified (only its hash is
@@ -190,8 +199,6 @@ class Replicas:
                              rep.payloads.get(index, b""), payload)
                 return False
             return True
-        if index > rep.tree.size and not rep.pending:
-            self._counters.log_gaps += 1
         rep.pending[index] = leaf
         rep.payloads.setdefault(index, payload)
         self._advance(rep)
@@ -223,8 +230,6 @@ class Replicas:
                          rep.head_payload, payload)
             return
         rep.head, rep.head_payload = head, payload
-        if head.length > rep.tree.size + len(rep.pending):
-            self._counters.log_gaps += 1
         self._check(rep)
         self._repair(rep)
 
@@ -234,9 +239,12 @@ class Replicas:
             self._counters.dropped["malformed"] += 1
             return []
         rep = self._replicas.get(signer.sender)
-        if rep is None or rep.log_id != body["log"] or body.get("id") != rep.request_id:
-            self._counters.dropped["unexpected_reply"] += 1
+        if rep is None or rep.log_id != body["log"]:
+            # An answer about a log this node no longer follows (the sender started a new
+            # one meanwhile): nothing to use, nothing hostile either.
             return []
+        # An answer to an earlier request (asked again after a reconnect) is as good as one to
+        # the latest: every entry in it is verified like a live one.
         records = body.get("records")
         first = body.get("from")
         held_from = body.get("held_from")
@@ -281,9 +289,23 @@ class Replicas:
             rep = self._replicas[signer.sender] = _Replica(owner=signer, log_id=log_id)
         return rep
 
+    def _rewind(self, rep: _Replica, index: int) -> None:
+        """Forget what ``rep`` held from ``index`` on (entries no signed head covered)."""
+        log.info("%s replaced its uncommitted log entries from %d on (a restart)",
+                 rep.owner.sender, index)
+        if index < rep.tree.size:
+            rep.tree = MerkleTree([rep.tree.leaf(i) for i in range(index)])
+        rep.pending = {i: h for i, h in rep.pending.items() if i < index}
+        for i in [i for i in rep.payloads if i >= index]:
+            del rep.payloads[i]
+        rep.asked = None
+
     def _advance(self, rep: _Replica) -> None:
+        size = rep.tree.size
         while rep.tree.size in rep.pending:
             rep.tree.append(rep.pending.pop(rep.tree.size))
+        if rep.tree.size > size:
+            rep.progress_at = time.monotonic()
         self._check(rep)
 
     def _check(self, rep: _Replica) -> None:
@@ -299,6 +321,20 @@ class Replicas:
         # Verified: only the leaf hashes are needed from here on.
         for i in [i for i in rep.payloads if i < rep.verified]:
             del rep.payloads[i]
+
+    def _later(self, rep: _Replica, delay: float) -> None:
+        """Look at ``rep``'s gap again after ``delay`` s (one timer per sender)."""
+        if rep.timer is not None and not rep.timer.cancelled():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        def again() -> None:
+            rep.timer = None
+            self._repair(rep)
+        rep.timer = loop.call_later(delay + 0.01, again)
 
     def _forked(self, rep: _Replica, reason: str, first: bytes, second: bytes) -> None:
         rep.fork = Fork(sender=rep.owner.sender, reason=reason, first=first, second=second)
@@ -322,8 +358,16 @@ class Replicas:
             return  # what the sender still holds came with the truncated answer
         end = min(end, start + _ASK_MAX)
         now = time.monotonic()
-        if rep.asked is not None and rep.asked[0] == start and now - rep.asked[2] < _ASK_AGAIN:
+        quiet = now - rep.progress_at
+        if quiet < GAP_GRACE:
+            self._later(rep, GAP_GRACE - quiet)
             return
+        if rep.asked is not None and rep.asked[0] == start:
+            if now - rep.asked[2] < _ASK_AGAIN:
+                self._later(rep, _ASK_AGAIN - (now - rep.asked[2]))
+                return
+        else:
+            self._counters.log_gaps += 1  # a gap that did not fill by itself
         try:
             topic = TopicScheme(self._mode, self._network, rep.owner.member).log_request(
                 rep.owner.node)

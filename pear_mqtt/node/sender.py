@@ -132,7 +132,7 @@ class Sender:
         self._codec, self._scheme, self._sealer, self._outbox = codec, topics, sealer, outbox
         self._history = history
         self._item_ids = ItemIds(codec.signer)
-        self._pages.attach(codec=codec, topics=topics, markers=markers, history=history)
+        self._pages.attach(codec=codec, topics=topics, markers=markers)
         if outbox.depth > 0:
             self._idle.clear()  # rows left by an earlier run still wait for their acks
 
@@ -477,11 +477,11 @@ class Sender:
         assert self._codec is not None
         try:
             # Rows hold each item's JSON as the outbox stored it: join, don't re-serialise.
-            history = self._history
+            # The live stream is the log; a retained state repeats one of its items.
+            history = self._history if batch[0].kind != "state" else None
             ref = history.next_ref() if history is not None else None
             if batch[0].kind == "state":
-                payload = self._codec.encode_json(kind="state", body_json=batch[-1].payload,
-                                                  log_ref=ref)
+                payload = self._codec.encode_json(kind="state", body_json=batch[-1].payload)
                 self._keep_state(batch[-1].topic, batch[-1].payload)
             else:
                 payload = self._codec.encode_json(

@@ -230,6 +230,11 @@ class EnvelopeCodec:
         return self._active
 
     @property
+    def last_sequence(self) -> int:
+        """The sequence number of the envelope this codec encoded last."""
+        return self._seq
+
+    @property
     def max_bytes(self) -> int:
         return self._max_bytes
 
