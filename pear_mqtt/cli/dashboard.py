@@ -23,10 +23,11 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     # Imported here: `pear-mqtt --help` does not load the node stack.
     from ..dashboard.market import LiveAggregates
     from ..dashboard.server import DashboardServer
-    from ..dashboard.topology import load_topology
+    from ..dashboard.topology import TopologyFile
 
-    topology = load_topology(args.up_file)
-    market = LiveAggregates(topology, node=args.market_node)
+    topology = TopologyFile(args.up_file)
+    # The market reader joins the brokers as up.json names them when the dashboard starts.
+    market = LiveAggregates(topology.current(), node=args.market_node)
     try:
         server = DashboardServer(topology, market, host=args.host, port=args.port)
     except OSError as exc:

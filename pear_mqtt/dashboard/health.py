@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from ..ops.up.health import check
 from ..ops.up.selection import backend_for
-from .topology import Topology
+from .topology import TopologyFile
 
 __all__ = ["HealthProbe"]
 
@@ -19,7 +19,7 @@ _TTL: Final = 2.0  # several open pages poll at once: probe the brokers at most 
 class HealthProbe:
     """Runs the checks at most once per :data:`_TTL` seconds, whoever asks."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: TopologyFile) -> None:
         self._topology = topology
         self._lock = threading.Lock()
         self._at = -_TTL
@@ -33,7 +33,7 @@ class HealthProbe:
             return self._last
 
     def _run(self) -> dict[str, Any]:
-        state = self._topology.state
+        state = self._topology.current().state
         components: list[dict[str, Any]] = []
         if state.state == "up":
             for c in check(state, backend_for(state)):

@@ -15,7 +15,7 @@ from typing import Any, Final, Protocol
 from .certs import cert_expiry
 from .counters import counters
 from .health import HealthProbe
-from .topology import Topology
+from .topology import TopologyFile
 
 __all__ = ["DashboardServer", "MarketSource"]
 
@@ -42,13 +42,13 @@ def _static(name: str) -> bytes:
 class DashboardServer:
     """Serves ``topology`` on ``host:port`` (0: any free port) from a thread pool."""
 
-    def __init__(self, topology: Topology, market: MarketSource, *, host: str = "127.0.0.1",
+    def __init__(self, topology: TopologyFile, market: MarketSource, *, host: str = "127.0.0.1",
                  port: int = 0) -> None:
         health = HealthProbe(topology)
         self._routes: dict[str, Callable[[], dict[str, Any]]] = {
             "/api/health": health.snapshot,
-            "/api/counters": lambda: counters(topology),
-            "/api/certs": lambda: cert_expiry(topology),
+            "/api/counters": lambda: counters(topology.current()),
+            "/api/certs": lambda: cert_expiry(topology.current()),
             "/api/market": market.snapshot,
         }
         self._httpd = ThreadingHTTPServer((host, port), self._handler())
@@ -103,6 +103,9 @@ class DashboardServer:
                 path = self.path.split("?", 1)[0]
                 if path == "/":
                     path = "/static/index.html"
+                if path == "/favicon.ico":
+                    self._send(HTTPStatus.NO_CONTENT, b"", "image/x-icon")
+                    return
                 route = routes.get(path)
                 if route is not None:
                     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..ops.up.state import UpState
 
-__all__ = ["Topology", "load_topology"]
+__all__ = ["Topology", "TopologyFile", "load_topology"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -36,3 +37,32 @@ def load_topology(path: Path) -> Topology:
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path} is not a pear-mqtt up state file ({exc})") from None
     return Topology(path=Path(path), state=state, raw=raw)
+
+
+class TopologyFile:
+    """``up.json``, read again whenever it changed (``up start`` / ``stop`` rewrite it while
+    the dashboard runs); the last good read while a rewrite cannot be read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._topology = load_topology(self.path)
+
+    def _stat(self) -> tuple[int, int]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_ino)
+
+    def current(self) -> Topology:
+        with self._lock:
+            stamp = self._stat()
+            if stamp != self._stamp:
+                try:
+                    self._topology = load_topology(self.path)
+                    self._stamp = stamp
+                except ConfigError:
+                    pass  # removed or unreadable for now: keep showing the last good one
+            return self._topology
