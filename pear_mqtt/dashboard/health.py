@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from ..ops.up.health import check
 from ..ops.up.selection import backend_for
-from .topology import TopologyFile
+from .topology import Topology, TopologyFile
 
 __all__ = ["HealthProbe"]
 
@@ -23,17 +23,20 @@ class HealthProbe:
         self._topology = topology
         self._lock = threading.Lock()
         self._at = -_TTL
+        self._of: Topology | None = None
         self._last: dict[str, Any] = {}
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            if time.monotonic() - self._at >= _TTL:
-                self._last = self._run()
-                self._at = time.monotonic()
+            topology = self._topology.current()
+            if topology is not self._of or time.monotonic() - self._at >= _TTL:
+                self._last = self._run(topology)
+                self._of, self._at = topology, time.monotonic()
             return self._last
 
-    def _run(self) -> dict[str, Any]:
-        state = self._topology.current().state
+    @staticmethod
+    def _run(topology: Topology) -> dict[str, Any]:
+        state = topology.state
         components: list[dict[str, Any]] = []
         if state.state == "up":
             for c in check(state, backend_for(state)):

@@ -49,12 +49,12 @@ class TopologyFile:
         self._stamp = self._stat()
         self._topology = load_topology(self.path)
 
-    def _stat(self) -> tuple[int, int]:
+    def _stat(self) -> tuple[int, int, int]:
         try:
             st = self.path.stat()
         except OSError:
-            return (0, 0)
-        return (st.st_mtime_ns, st.st_ino)
+            return (0, 0, 0)
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
 
     def current(self) -> Topology:
         with self._lock:
