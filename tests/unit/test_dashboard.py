@@ -222,3 +222,12 @@ def test_a_rewritten_up_json_is_read_again(served: str, tmp_path: Path) -> None:
     health = _get(served + "api/health")
     assert health["state"] == "stopped" and health["components"] == []
     assert not health["healthy"]
+
+
+def test_cli_without_up_json_says_what_to_run(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from pear_mqtt.cli.main import main
+
+    assert main(["dashboard", "--up-file", str(tmp_path / "up.json")]) == 2
+    err = capsys.readouterr().err
+    assert "up.json: no such file; run `make up`" in err and err.count("\n") == 1
