@@ -46,8 +46,9 @@ def _drawn_charts(driver: WebDriver) -> list[tuple[str, int]]:
 def test_the_page_shows_healthy_brokers_and_charts_of_real_aggregates(tmp_path: Path) -> None:
     up = Up(tmp_path)
     began = time.monotonic()
-    # 50 insights/s per store: the simulated week of history in ~20 s, published by day.
-    started = up.start("--rate", "50", backend="local")
+    # 100 insights/s per store: the simulated week of history in ~10 s; each day is published
+    # once it settled (20 s without input).
+    started = up.start("--rate", "100", backend="local")
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         url = up.state()["dashboard_url"]
