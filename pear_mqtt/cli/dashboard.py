@@ -37,6 +37,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     market.start()
     signal.signal(signal.SIGTERM, _stop)
     print(f"dashboard: {server.url} (read-only; Ctrl-C stops it)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: listening on {args.host} without authentication: whoever reaches it "
+              "sees the topology's health and certificates", file=sys.stderr, flush=True)
     if args.ready_file is not None:
         atomic_write(args.ready_file, json.dumps({"url": server.url, "pid": os.getpid()}) + "\n")
     try:
