@@ -37,7 +37,9 @@ venv: $(STAMP)
 needs:
 	@bash deploy/bootstrap.sh
 
-test: needs $(STAMP)
+# The suite also drives Debian's chromium (the dashboard's browser test).
+test: $(STAMP)
+	@PEAR_NEEDS="chromium chromium-driver" bash deploy/bootstrap.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # No system package needed: unit tests and the broker tests on the embedded amqtt broker.

@@ -13,7 +13,7 @@ from ..errors import PearError
 
 __all__ = ["main"]
 
-_COMMANDS = ("config", "pki", "broker", "embedded", "agent", "bridge", "log", "up")
+_COMMANDS = ("config", "pki", "broker", "embedded", "agent", "bridge", "log", "up", "dashboard")
 
 
 def _command_of(argv: Sequence[str]) -> str | None:

@@ -68,8 +68,12 @@ def _make_n(target: str) -> str:
 
 
 def test_make_test_and_up_install_their_system_packages_first() -> None:
-    for target in ("test", "up", "integration"):
-        assert "bash deploy/bootstrap.sh" in _make_n(target).splitlines()[0], target
+    for target, runs in (("test", "pytest"), ("up", "up start"), ("integration", "pytest")):
+        lines = _make_n(target).splitlines()
+        setup = next(i for i, line in enumerate(lines) if "bash deploy/bootstrap.sh" in line)
+        run = next(i for i, line in enumerate(lines) if runs in line)
+        assert setup < run, target
+    assert 'PEAR_NEEDS="chromium chromium-driver"' in _make_n("test")
 
 
 def test_the_standalone_target_needs_no_broker_binary() -> None:

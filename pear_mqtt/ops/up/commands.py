@@ -12,6 +12,7 @@ from typing import Final
 
 from ...errors import BrokerError, ConfigError
 from .backend import Backend, Group
+from .dashboard import start_dashboard, stop_dashboard
 from .health import (
     Check,
     broker_side,
@@ -91,6 +92,8 @@ def _print_endpoints(state: UpState, out: Callable[[str], None]) -> None:
         n = consortium
         out(f"try: mosquitto_sub -h {b.host} -p {b.port} --cafile {n.ca} --cert {n.cert} "
             f"--key {n.key} -t 'pear/v1/consortium/{n.network}/#' -v")
+    if state.dashboard_url:
+        out(f"dashboard: {state.dashboard_url}")
 
 
 def _fresh_status_file(path: Path) -> Path:
@@ -145,6 +148,9 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
                 out(f"already up ({previous.backend} backend, since {previous.started_at}); "
                     f"state in {directory / STATE_FILE}")
                 recorded = [b.port for b in previous.brokers]
+                if previous.dashboard is None or not alive(previous.dashboard):
+                    start_dashboard(directory, previous, out=out)
+                    save_state(directory, previous)
                 if ports is not None and list(ports) != recorded:
                     out(f"note: running on ports {recorded}, not the requested {list(ports)}; "
                         "`pear-mqtt up stop` first to move it")
@@ -157,6 +163,7 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
                 for c in checks:
                     if not c.ok:
                         out(f"  {c.component}: {c.detail}")
+            stop_dashboard(previous, grace=STOP_GRACE, out=out)
             earlier.stop(previous, grace=STOP_GRACE, out=out)
         for line in migrate(directory):
             out(line)
@@ -190,6 +197,7 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
             save_state(directory, state)
             raise
         state.startup_seconds = round(time.monotonic() - began, 3)
+        start_dashboard(directory, state, out=out)
         save_state(directory, state)
     out(f"up and healthy in {state.startup_seconds:.1f}s:")
     _print_endpoints(state, out)
@@ -267,7 +275,8 @@ def stop(*, directory: Path, grace: float = STOP_GRACE,
         backend = backend_for(state)
         backend.refresh(state)
         was_up = any(alive(p) for _, p in state.processes())
-        stuck = backend.stop(state, grace=grace, out=out)
+        stuck = stop_dashboard(state, grace=grace, out=out)
+        stuck += backend.stop(state, grace=grace, out=out)
         end = time.monotonic() + 3
         busy = [b for b in state.brokers if not port_free(b.port, b.host)]
         while busy and was_up and time.monotonic() < end:

@@ -119,6 +119,8 @@ class UpState:
     bridge: dict[str, Any] = field(default_factory=dict)
     compose: dict[str, Any] = field(default_factory=dict)  # docker backend: Compose.to_json()
     bridges: list[AgentEntry] = field(default_factory=list)  # the public bridge process
+    dashboard: Proc | None = None  # `pear-mqtt dashboard`, stopped by commands.stop
+    dashboard_url: str | None = None
 
     def processes(self) -> list[tuple[str, Proc]]:
         """Every recorded process, agents first, then the bridge (both are stopped before
@@ -153,7 +155,9 @@ class UpState:
             agents_note=data.get("agents_note", ""), bridge=dict(data.get("bridge", {})),
             compose=dict(data.get("compose", {})),
             bridges=[AgentEntry(**{**a, "proc": proc(a["proc"])})
-                     for a in data.get("bridges", [])])
+                     for a in data.get("bridges", [])],
+            dashboard=proc(data["dashboard"]) if data.get("dashboard") else None,
+            dashboard_url=data.get("dashboard_url"))
 
 
 def load_state(directory: Path) -> UpState | None:
