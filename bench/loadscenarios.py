@@ -87,7 +87,7 @@ def run_latency(env: BenchEnv, lp: LoadParams, variant: str) -> dict[str, Any]:
     total = skip + round(lp.lat_seconds * lp.lat_rate)
     timeout = lp.lat_warmup + lp.lat_seconds + 60
     if variant == "raw":
-        topic = f"{env.topic_root('acme')}/bench/latency"
+        topic = f"{env.topic_root('acme')}/insights/bench/latency"
         common = {"env": env, "topic": topic, "total": total, "protocol": 5}
         rx = Worker("lat_raw_sub", {**common, "member": "globex", "client_id": "bench-lat-sub",
                                     "skip": skip, "timeout": timeout})

@@ -57,7 +57,7 @@ def run_a(env: BenchEnv, p: Params, *, profile: dict[str, str | None] | None = N
           ) -> dict[str, Any]:
     """A: raw paho QoS 1 publisher → raw paho subscriber, ``p.size``-byte payloads."""
     prof = profile or {}
-    topic = f"{env.topic_root('acme')}/bench/a"
+    topic = f"{env.topic_root('acme')}/insights/bench/a"
     rx = Worker("raw_sub", {"env": env, "member": "globex", "client_id": "bench-a-sub",
                             "topic": topic, "n": p.n, "sub_read": p.sub_read,
                             "protocol": p.protocol, "profile": prof.get("rx")})
@@ -114,7 +114,7 @@ def run_c(env: BenchEnv, p: Params) -> dict[str, Any]:
     shows the publisher is connected; the clock starts when the N payload lines are written.
     ``mosquitto_sub -F %l`` prints only each payload's length, flushed per message.
     """
-    topic = f"{env.topic_root('initech')}/bench/c"
+    topic = f"{env.topic_root('initech')}/insights/bench/c"
     subprocess.run(["mosquitto_pub", *_mosq_args(env, "initech"), "-t", topic, "-m", "READY",
                     "-r", "-q", "1"], check=True, capture_output=True, timeout=30)
     sub = subprocess.Popen(["mosquitto_sub", *_mosq_args(env, "globex"), "-t", topic, "-q", "1",

@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["Counters"]
+from ..errors import EnvelopeError
+from ..security.envelope import Decoded, EnvelopeCodec
+
+__all__ = ["Counters", "open_counted"]
 
 
 @dataclass(slots=True)
@@ -27,3 +30,15 @@ class Counters:
     log_forks: int = 0  # senders whose signed history contradicted itself
     log_requests_answered: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+
+
+def open_counted(codec: EnvelopeCodec | None, payload: bytes,
+                 counters: Counters) -> Decoded | None:
+    """Verify a retained or control message (no replay check: it may come again); None,
+    with the drop counted by its reason, when it does not verify."""
+    assert codec is not None
+    try:
+        return codec.decode(payload, check_replay=False)
+    except EnvelopeError as exc:
+        counters.dropped[exc.reason] += 1
+        return None

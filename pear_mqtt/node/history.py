@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import EnvelopeError, HistoryError, LogTruncated, TopicError
+from ..errors import HistoryError, LogTruncated, TopicError
 from ..files import atomic_write
 from ..history.head import TreeHead, head_body
 from ..history.log import AppendLog, Retention
@@ -19,7 +19,7 @@ from ..model.topics import ParsedTopic, TopicScheme
 from ..security.base64url import b64url_encode
 from ..security.envelope import EnvelopeCodec
 from ..transport import Connection, InboundMessage
-from .counters import Counters
+from .counters import Counters, open_counted
 
 __all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "NodeLog", "settle"]
 
@@ -98,10 +98,8 @@ class NodeLog:
     def answer(self, conn: Connection, msg: InboundMessage, parsed: ParsedTopic) -> None:
         """Answer a ``logreq`` for this node's log, sent to ``parsed`` (our request topic)."""
         assert self._codec is not None and self._scheme is not None
-        try:
-            decoded = self._codec.decode(msg.payload, check_replay=False)
-        except EnvelopeError as exc:
-            self._counters.dropped[exc.reason] += 1
+        decoded = open_counted(self._codec, msg.payload, self._counters)
+        if decoded is None:
             return
         asker, body = decoded.signer, decoded.message.body
         if decoded.message.kind != "logreq" or not isinstance(body, dict):

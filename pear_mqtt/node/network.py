@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -39,7 +40,13 @@ from .sender import Sender
 from .streams import Streams
 from .supervisor import ConnectionSupervisor
 
-__all__ = ["PearNetwork", "Peer", "ReceivedAggregate", "ReceivedInsight", "SyncResult"]
+__all__ = ["SYNC_PAGE_WAIT", "PearNetwork", "Peer", "ReceivedAggregate", "ReceivedInsight",
+           "SyncResult"]
+
+log = logging.getLogger(__name__)
+
+SYNC_PAGE_WAIT = 5.0
+"""Seconds sync() waits, after its marker, for page versions senders' heads name."""
 
 
 class PearNetwork:
@@ -295,20 +302,24 @@ class PearNetwork:
                 if self._replicas is not None:
                     # Complete by what each sender signed, not by message order: every page
                     # version its latest head names (a clustered broker may deliver the
-                    # retained pages after the marker).
-                    await self._replicas.wait(lambda: not self._replicas_missing(),
-                                              timeout=max(0.0, timeout - (
-                                                  time.perf_counter() - started)))
+                    # retained pages after the marker). Bounded: a page that never verifies
+                    # (its sender's certificate expired) must not hold the snapshot back.
+                    left = timeout - (time.perf_counter() - started)
+                    with contextlib.suppress(TimeoutError):
+                        await self._replicas.wait(lambda: not self._replicas_missing(),
+                                                  timeout=max(0.0, min(left, SYNC_PAGE_WAIT)))
                 if not public:  # public mode reads state and live aggregates as one
                     await conn.unsubscribe([state_filter])
         except TimeoutError:
-            missing = self._replicas_missing()
-            detail = (f"; checkpoint pages still missing from {missing}" if missing else "")
-            raise TransportError(f"sync did not complete within {timeout} s{detail}") from None
+            raise TransportError(f"sync did not complete within {timeout} s") from None
+        missing = self._replicas_missing()
+        if missing:
+            log.warning("sync: checkpoint pages their signed heads name did not arrive from "
+                        "%s; the snapshot lacks their states", missing)
         self._last_sync = self._clock()
         return SyncResult(states=dict(self._receiver.states),
                           duration=time.perf_counter() - started,
-                          aggregates=dict(self._receiver.aggregates))
+                          aggregates=dict(self._receiver.aggregates), missing_pages=missing)
 
     async def wait_connected(self, *, timeout: float) -> None:
         """Wait until the node is connected (again); :class:`TimeoutError` after ``timeout``."""

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from ..errors import EnvelopeError
 from ..model.topics import ParsedTopic
 from ..security.envelope import EnvelopeCodec
 from ..transport import InboundMessage
-from .counters import Counters
+from .counters import Counters, open_counted
 from .records import Peer
 
 __all__ = ["PeerTable"]
@@ -35,11 +34,8 @@ class PeerTable:
             self._peers.pop(key, None)
             self._changed.set()
             return
-        assert self._codec is not None
-        try:
-            decoded = self._codec.decode(msg.payload, check_replay=False)
-        except EnvelopeError as exc:
-            self._counters.dropped[exc.reason] += 1
+        decoded = open_counted(self._codec, msg.payload, self._counters)
+        if decoded is None:
             return
         signer = decoded.signer
         body = decoded.message.body

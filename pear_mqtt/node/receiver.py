@@ -24,7 +24,7 @@ from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .checkpoints import CheckpointPages
-from .counters import Counters
+from .counters import Counters, open_counted
 from .history import NodeLog, settle
 from .markers import Markers
 from .peers import PeerTable
@@ -201,11 +201,8 @@ class Receiver:
             return
         if not msg.payload or self._replicas is None:
             return
-        assert self._codec is not None
-        try:
-            decoded = self._codec.decode(msg.payload, check_replay=False)
-        except EnvelopeError as exc:
-            self._counters.dropped[exc.reason] += 1
+        decoded = open_counted(self._codec, msg.payload, self._counters)
+        if decoded is None:
             return
         signer, message = decoded.signer, decoded.message
         if signer == me:
@@ -295,11 +292,8 @@ class Receiver:
                            repaired: bool = False) -> None:
         if not msg.payload:
             return  # a cleared page
-        assert self._codec is not None
-        try:
-            decoded = self._codec.decode(msg.payload, check_replay=False)
-        except EnvelopeError as exc:
-            self._counters.dropped[exc.reason] += 1
+        decoded = open_counted(self._codec, msg.payload, self._counters)
+        if decoded is None:
             return
         signer = decoded.signer
         if signer == self._me:

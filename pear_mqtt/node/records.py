@@ -54,6 +54,9 @@ class SyncResult:
     duration: float
     # Public and consortium modes: the bridge's retained aggregates, one per category.
     aggregates: dict[str, ReceivedAggregate] = field(default_factory=dict)
+    # Per sender, checkpoint pages its latest signed head names that did not arrive (their
+    # states are missing from this snapshot); empty when the snapshot is complete.
+    missing_pages: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.states)
