@@ -30,14 +30,38 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="pear-mqtt",
         description="Share retail market insights over MQTT without giving away private data.")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more log output (-vv for debug)")
+                        help="more log output (-vv for debug); also after the command")
+    parser.add_argument("--version", action="version", version=f"pear-mqtt {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in (command,) if command in _COMMANDS else _COMMANDS:
         module = importlib.import_module(f"pear_mqtt.cli.{name}")
         register: Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]
         register = module.register_cli
         register(sub)
+    _verbose_everywhere(sub)
     return parser
+
+
+def _verbose_everywhere(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``-v`` after any command or action too (SUPPRESS keeps one given before it)."""
+    for child in sub.choices.values():
+        if not any("-v" in a.option_strings for a in child._actions):
+            child.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                               help="more log output (-vv for debug)")
+        for action in child._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _verbose_everywhere(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pear-mqtt")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,3 +45,19 @@ def test_show_lists_entries_and_a_missing_log_is_a_clear_error(
         (3, "insights", "pear/v1/t/3"), (4, "insights", "pear/v1/t/4")]
     assert main(["log", "show", str(tmp_path / "nothing")]) == 2
     assert "holds no history log" in capsys.readouterr().err
+
+
+def test_version_module_entry_and_verbose_after_the_command(
+        log_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+    import sys
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("pear-mqtt ")
+    # -v is taken after the command and its action too, not only before them
+    assert main(["log", "verify", str(log_dir), "-vv"]) == 0
+    done = subprocess.run([sys.executable, "-m", "pear_mqtt", "log", "show", str(log_dir),
+                           "--json", "-v"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 12
