@@ -57,10 +57,6 @@ class NodeLog:
     def length(self) -> int:
         return self._log.length
 
-    @property
-    def store(self) -> AppendLog:
-        return self._log
-
     def next_ref(self) -> str:
         """The ``log`` member of the next envelope appended."""
         return f"{self._id}:{self._log.length}"

@@ -110,12 +110,6 @@ class Replicas:
                         head_length=None if r.head is None else r.head.length,
                         forked=r.fork is not None) for k, r in self._replicas.items()]
 
-    def complete(self) -> bool:
-        """Every sender whose head we saw: we hold (and verified) its log up to that head,
-        or know that the rest cannot be had."""
-        return all(r.head is None or r.fork is not None or r.broken_from is not None
-                   or r.verified >= r.head.length for r in self._replicas.values())
-
     async def wait(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Until ``predicate()`` holds, re-checked whenever a log view changes;
         :class:`TimeoutError` after ``timeout`` s."""
