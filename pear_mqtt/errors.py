@@ -26,10 +26,11 @@ pydantic, sqlite3) are mapped to these at the module that talks to the library.
     │   └── NotConnectedError       an operation needs a connection that is not up
     ├── OutboxError                 the on-disk outbox failed (full disk, corrupt file)
     ├── BrokerError                 a broker could not be rendered, started or reached
-    └── HistoryError                a verified-history log failed or did not verify
-        ├── LogTruncated            entries asked for lie before what retention kept
-        ├── ProofFailed             entries, a proof or a tree head did not verify
-        └── ForkDetected            two signed heads of one log that cannot both be true
+    ├── HistoryError                a verified-history log failed or did not verify
+    │   ├── LogTruncated            entries asked for lie before what retention kept
+    │   ├── ProofFailed             entries, a proof or a tree head did not verify
+    │   └── ForkDetected            two signed heads of one log that cannot both be true
+    └── MarketError                 the market store failed, or a query it cannot answer
 
 ``EnvelopeError.reason`` is a short stable string used as the key of the drop counters in
 :class:`pear_mqtt.types.NetworkStatus`.
@@ -47,6 +48,7 @@ __all__ = [
     "HistoryError",
     "LogTruncated",
     "MalformedMessage",
+    "MarketError",
     "NotConnectedError",
     "OutboxError",
     "OversizedMessage",
@@ -161,3 +163,7 @@ class ProofFailed(HistoryError):
 
 class ForkDetected(HistoryError):
     """Two signed tree heads of one log that cannot both be true: the log was rewritten."""
+
+
+class MarketError(PearError):
+    """The market store could not be opened or written, or a query is invalid."""

@@ -37,6 +37,7 @@ __all__ = [
     "RETIRED_PSEUDONYM_SECRET",
     "BrokerURL",
     "EncryptionConfig",
+    "MarketConfig",
     "NetworkConfig",
     "PrivacyConfig",
     "ReliabilityConfig",
@@ -175,6 +176,25 @@ class ReliabilityConfig(Frozen):
         return None
 
 
+class MarketConfig(Frozen):
+    """The market store (docs/MARKET.md): what this node received and verified, kept and
+    queryable. ``path`` defaults to ``<outbox>.market.db`` next to the reliability outbox;
+    a node with neither keeps it in a temporary file for as long as it is connected."""
+
+    enabled: bool = True
+    path: Path | None = None
+    max_age: Annotated[float, Field(gt=0)] | None = None  # s of window end kept
+    max_bytes: Annotated[int, Field(ge=1024 * 1024)] | None = 1024 ** 3
+
+    def store_path(self, outbox_path: Path | None) -> Path | None:
+        """Where the store lives, or None for a temporary one."""
+        if self.path is not None:
+            return self.path
+        if outbox_path is not None:
+            return outbox_path.with_name(outbox_path.name + ".market.db")
+        return None
+
+
 class PrivacyConfig(Frozen):
     """What each field group may disclose, and how identities are protected.
 
@@ -276,6 +296,7 @@ class NetworkConfig(Frozen):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     encryption: EncryptionConfig = Field(default_factory=EncryptionConfig)
     reliability: ReliabilityConfig = Field(default_factory=ReliabilityConfig)
+    market: MarketConfig = Field(default_factory=MarketConfig)
     # Escape hatch for local development and tests: allows a plain-TCP broker in private or
     # consortium mode. Never set it in production.
     allow_insecure_transport: bool = False

@@ -219,6 +219,11 @@ class NetworkStatus(Frozen):
     log_repaired: int = 0
     log_unrepairable: int = 0
     log_forks: int = 0
+    # The market store (docs/MARKET.md): insight rows and aggregate cells it holds, its size
+    # on disk, the oldest window end it keeps.
+    market_rows: int = 0
+    market_bytes: int = 0
+    market_oldest: datetime | None = None
 
 
 MessageKind = Literal["insights", "state", "presence", "aggregate", "receipt", "ledger", "ack",

@@ -21,6 +21,8 @@ from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
 from ..errors import ConfigError, ConnectError, NotConnectedError, PearError, TransportError
 from ..history.log import Retention
+from ..market.feed import MarketFeed
+from ..market.store import MarketStore
 from ..model.insight import Health, MarketInsight, NetworkMode, NetworkStatus
 from ..model.topics import TopicScheme
 from ..privacy.filter import PrivacyFilter
@@ -80,6 +82,7 @@ class PearNetwork:
                                   markers=self._markers, pages=self._sender.pages)
         self._history: NodeLog | None = None
         self._replicas: Replicas | None = None
+        self._market: MarketFeed | None = None
         self._supervisor = ConnectionSupervisor(
             config=config, clock=clock, counters=self._counters, privacy=privacy,
             receiver=self._receiver, sender=self._sender, pages=self._sender.pages,
@@ -122,7 +125,8 @@ class PearNetwork:
         self._markers.attach(topics.sync_marker(self.config.node_id))
         self._peers.attach(codec)
         history, replicas = self._open_history(codec, topics)
-        self._receiver.attach(codec, replicas=replicas, history=history)
+        self._receiver.attach(codec, replicas=replicas, history=history,
+                              sink=self._open_market())
         self._sender.attach(codec=codec, topics=topics, sealer=sealer, outbox=outbox,
                             markers=self._markers, history=history)
         self._supervisor.attach(codec=codec, topics=topics)
@@ -161,6 +165,39 @@ class PearNetwork:
         self._replicas.attach(codec=codec, reply_topic=topics.log_reply(self.config.node_id))
         return self._history, self._replicas
 
+    def _open_market(self) -> MarketFeed | None:
+        """The market store this node keeps of what it receives (when enabled)."""
+        cfg = self.config.market
+        if not cfg.enabled:
+            return None
+        if self._market is None:
+            retention = Retention(max_age_seconds=cfg.max_age, max_bytes=cfg.max_bytes)
+            path = cfg.store_path(self._outbox_path)
+            mode = self.config.mode.value
+            store = (MarketStore.open(path, network=self.config.network_id, mode=mode,
+                                      retention=retention) if path is not None else
+                     MarketStore.temporary(network=self.config.network_id, mode=mode,
+                                           retention=retention))
+            self._market = MarketFeed(store)
+            self._market.start()
+        return self._market
+
+    @property
+    def market(self) -> MarketStore:
+        """The market store: what this node received and verified, queryable
+        (docs/MARKET.md). Rows a moment old may still be on their way in: ``await
+        net.market_settled()`` first to read everything received so far."""
+        if self._market is None:
+            raise NotConnectedError("no market store: call connect() first (and keep "
+                                    "market.enabled)")
+        return self._market.store
+
+    async def market_settled(self, *, timeout: float = 10.0) -> None:
+        """Wait until everything received so far is in the market store."""
+        if self._market is not None and not await asyncio.to_thread(self._market.drain,
+                                                                    timeout):
+            raise TimeoutError(f"the market store did not catch up within {timeout} s")
+
     def _replicas_missing(self) -> dict[str, int]:
         return {} if self._replicas is None else self._replicas.missing_pages()
 
@@ -197,6 +234,10 @@ class PearNetwork:
         if self._history is not None:
             self._history.close()
             self._history = None
+        if self._market is not None:
+            await asyncio.to_thread(self._market.close)
+            self._market.store.close()
+            self._market = None
 
     async def __aenter__(self) -> PearNetwork:
         await self.connect()
@@ -350,12 +391,16 @@ class PearNetwork:
             health = Health.DEGRADED if self._supervisor.running else Health.DOWN
         latency = self._sender.latency
         since = self._supervisor.connected_since
+        market = None if self._market is None else self._market.store.status()
         return NetworkStatus(
             connected=connected, broker=self.config.broker_url, peers=len(self.peers()),
             last_sync=(None if self._last_sync is None else
                        datetime.fromtimestamp(self._last_sync, UTC)),
             log_gaps=c.log_gaps, log_repaired=c.log_repaired,
             log_unrepairable=c.log_unrepairable, log_forks=c.log_forks,
+            market_rows=0 if market is None else market.insights + market.aggregates,
+            market_bytes=0 if market is None else market.bytes,
+            market_oldest=None if market is None else market.oldest,
             messages_in=c.messages_in, messages_out=c.messages_out,
             insights_out=c.insights_out, insights_acknowledged=c.insights_acked, dropped=dropped,
             duplicates=c.duplicates, states_from_checkpoints=c.states_from_checkpoints,

@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 _DEDUP_MEMORY = 200_000  # (sender, item id) pairs remembered for de-duplication
 
+Sink = Callable[[ReceivedInsight | ReceivedAggregate], None]
+"""Where verified insights, states and aggregates go besides the streams (the market store)."""
+
 # SharedInsight.model_validate without the wrapper's own per-call cost (once per item).
 _validate_shared = SharedInsight.__pydantic_validator__.validate_python
 
@@ -68,15 +71,18 @@ class Receiver:
         self._replicas: Replicas | None = None
         self._history: NodeLog | None = None
         self._conn: Connection | None = None
+        self._sink: Sink | None = None
 
     def attach(self, codec: EnvelopeCodec, *, replicas: Replicas | None = None,
-               history: NodeLog | None = None) -> None:
-        """Verify with ``codec``, track senders' logs in ``replicas`` and answer requests for
-        our own ``history`` (set on each ``connect()``)."""
+               history: NodeLog | None = None, sink: Sink | None = None) -> None:
+        """Verify with ``codec``, track senders' logs in ``replicas``, answer requests for
+        our own ``history`` and hand every verified insight, state and aggregate to ``sink``
+        (the market store's feed) (set on each ``connect()``)."""
         self._codec = codec
         self._me = codec.signer.identity
         self._replicas = replicas
         self._history = history
+        self._sink = sink
 
     @property
     def states(self) -> dict[str, ReceivedInsight]:
@@ -168,12 +174,16 @@ class Receiver:
                 self._counters.dropped["malformed"] += 1
                 return
             now = self._clock()
+            seq, ref = decoded.message.sequence, decoded.message.log_ref
             for raw in items:
-                self._deliver(raw, msg.topic, msg.retain, signer, dedup=True, now=now)
+                self._deliver(raw, msg.topic, msg.retain, signer, dedup=True, now=now,
+                              sequence=seq, log_ref=ref)
         elif kind == "aggregate" and parsed.kind == "aggregates":
             self._deliver_aggregate(body, msg, parsed, signer)
         elif kind == "state" and parsed.kind == "state":
-            received = self._deliver(body, msg.topic, msg.retain, signer, dedup=False)
+            received = self._deliver(body, msg.topic, msg.retain, signer, dedup=False,
+                                     sequence=decoded.message.sequence,
+                                     log_ref=decoded.message.log_ref)
             if received is not None:
                 self._states[msg.topic] = received
         else:
@@ -227,7 +237,8 @@ class Receiver:
         self._replicas.repaired(len(records))
 
     def _deliver(self, raw: Any, topic: str, retained: bool, signer: Identity, *,
-                 dedup: bool, now: float | None = None) -> ReceivedInsight | None:
+                 dedup: bool, now: float | None = None, sequence: int = 0,
+                 log_ref: str | None = None) -> ReceivedInsight | None:
         if not isinstance(raw, dict) or not isinstance(raw.get("iid"), str):
             self._counters.dropped["malformed"] += 1
             return None
@@ -252,7 +263,10 @@ class Receiver:
         received = ReceivedInsight(item_id=iid, topic=topic, member=signer.member,
                                    node=signer.node, insight=shared, retained=retained,
                                    received_at=self._clock() if now is None else now,
-                                   sealed=sealed if isinstance(sealed, str) else None)
+                                   sealed=sealed if isinstance(sealed, str) else None,
+                                   sequence=sequence, log_ref=log_ref)
+        if self._sink is not None:
+            self._sink(received)  # states too: the store keeps one row per item
         if dedup:
             self._seen[key] = None
             if len(self._seen) > _DEDUP_MEMORY:
@@ -286,6 +300,8 @@ class Receiver:
         if previous is not None and previous.aggregate == aggregate:
             self._counters.duplicates += 1  # the same retained aggregate seen again
             return
+        if self._sink is not None:
+            self._sink(received)
         self._fan_out(self._aggregate_streams, received)
 
     def _handle_checkpoint(self, parsed: ParsedTopic, msg: InboundMessage, *,
@@ -320,13 +336,14 @@ class Receiver:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            self._load_page(parsed, scheme, signer, states)
+            self._load_page(parsed, scheme, signer, states, sequence=decoded.message.sequence,
+                            log_ref=decoded.message.log_ref)
         finally:
             if gc_was_enabled:
                 gc.enable()
 
     def _load_page(self, parsed: ParsedTopic, scheme: TopicScheme, signer: Identity,
-                   states: dict[str, Any]) -> None:
+                   states: dict[str, Any], *, sequence: int, log_ref: str | None) -> None:
         for category, raw in states.items():
             try:
                 topic = scheme.state(signer.node, category)
@@ -336,7 +353,8 @@ class Receiver:
             if zlib.crc32(topic.encode()) % CHECKPOINT_PAGES != parsed.page:
                 self._counters.dropped["malformed"] += 1  # not a state this page may carry
                 continue
-            received = self._deliver(raw, topic, True, signer, dedup=False)
+            received = self._deliver(raw, topic, True, signer, dedup=False,
+                                     sequence=sequence, log_ref=log_ref)
             if received is not None:
                 self._states[topic] = received
                 self._counters.states_from_checkpoints += 1

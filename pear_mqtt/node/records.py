@@ -23,6 +23,8 @@ class ReceivedInsight:
     retained: bool
     received_at: float
     sealed: str | None = None  # aggregated groups, sealed to the aggregator
+    sequence: int = 0  # the envelope's: a newer version of an item has a higher one
+    log_ref: str | None = None  # "<log id>:<index>" in the sender's history log
 
 
 @dataclass(frozen=True, slots=True)

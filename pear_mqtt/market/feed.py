@@ -1,0 +1,100 @@
+"""The live path into a node's market store: the receiver hands each verified item to the
+feed in the event loop, and a thread writes them in batches, so a commit never stalls the
+socket. A store that cannot write keeps its backlog (bounded) and says so once."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from ..errors import MarketError
+from ..node.records import ReceivedAggregate, ReceivedInsight
+from .store import MarketStore
+
+__all__ = ["BACKLOG_MAX", "MarketFeed"]
+
+log = logging.getLogger(__name__)
+
+BACKLOG_MAX = 200_000
+"""Items kept while the store cannot write (full disk); the oldest go beyond this."""
+_RETRY = 2.0  # s between attempts while the store refuses writes
+
+
+class MarketFeed:
+    """Batches verified items into ``store`` on its own thread (start with :meth:`start`)."""
+
+    def __init__(self, store: MarketStore) -> None:
+        self.store = store
+        self._pending: list[ReceivedInsight | ReceivedAggregate] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._idle = threading.Condition(self._lock)
+        self._writing = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="pear-market", daemon=True)
+        self.dropped = 0
+        self.failing: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def __call__(self, item: ReceivedInsight | ReceivedAggregate) -> None:
+        """Take one verified item (called in the event loop, once per item)."""
+        with self._lock:
+            self._pending.append(item)
+        self._wake.set()
+
+    def drain(self, timeout: float = 10.0) -> bool:
+        """Wait until everything taken so far is stored; False after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._pending or self._writing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.set()
+                self._idle.wait(left)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is pending, then stop the thread."""
+        if self._thread.is_alive():
+            self.drain(timeout)
+            self._stop = True
+            self._wake.set()
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait()
+            self._wake.clear()
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._writing = bool(batch)
+            if batch:
+                self._write(batch)
+            with self._idle:
+                self._writing = False
+                self._idle.notify_all()
+
+    def _write(self, batch: list[ReceivedInsight | ReceivedAggregate]) -> None:
+        try:
+            self.store.add(batch)
+        except MarketError as exc:
+            if self.failing is None:
+                log.error("%s: the market store keeps the items in memory and retries", exc)
+            self.failing = str(exc)
+            with self._lock:
+                self._pending[:0] = batch
+                over = len(self._pending) - BACKLOG_MAX
+                if over > 0:
+                    del self._pending[:over]
+                    self.dropped += over
+            # Retry later, not in a tight loop; a close() ends the wait at once.
+            self._wake.wait(_RETRY)
+            self._wake.set()
+            return
+        if self.failing is not None:
+            log.info("market store %s writes again", self.store.path)
+            self.failing = None

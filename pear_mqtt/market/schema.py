@@ -1,0 +1,106 @@
+"""The market store's SQLite schema: opening a file, creating or checking its tables, and
+binding it to one network (a store never mixes networks). Rationale: docs/MARKET.md."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from ..errors import MarketError
+from .rows import METRICS
+
+__all__ = ["SCHEMA_VERSION", "connect", "ensure"]
+
+SCHEMA_VERSION = "1"
+
+_VALUE_COLUMNS = ", ".join(f"{m}_lo REAL, {m}_hi REAL" for m in METRICS)
+
+_DDL = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS insights (
+    id INTEGER PRIMARY KEY,
+    member TEXT NOT NULL, node TEXT NOT NULL, item_id TEXT NOT NULL,
+    category TEXT NOT NULL, region TEXT NOT NULL, product TEXT,
+    window_start REAL NOT NULL, window_end REAL NOT NULL, day INTEGER NOT NULL,
+    received_at REAL NOT NULL, seq INTEGER NOT NULL, log_ref TEXT,
+    currency TEXT, direction TEXT,
+    {_VALUE_COLUMNS},
+    UNIQUE (member, node, item_id));
+CREATE INDEX IF NOT EXISTS insights_category_day ON insights (category, day);
+CREATE INDEX IF NOT EXISTS insights_window_end ON insights (window_end);
+CREATE TABLE IF NOT EXISTS latest (
+    member TEXT NOT NULL, node TEXT NOT NULL, category TEXT NOT NULL, region TEXT NOT NULL,
+    product TEXT NOT NULL, insight INTEGER NOT NULL, window_end REAL NOT NULL,
+    PRIMARY KEY (category, region, member, node, product)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS daily (
+    category TEXT NOT NULL, day INTEGER NOT NULL, region TEXT NOT NULL, metric TEXT NOT NULL,
+    n INTEGER NOT NULL, exact INTEGER NOT NULL, s REAL NOT NULL, ss REAL NOT NULL,
+    lo REAL, hi REAL,
+    PRIMARY KEY (category, day, region, metric)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS daily_members (
+    category TEXT NOT NULL, day INTEGER NOT NULL, region TEXT NOT NULL, member TEXT NOT NULL,
+    PRIMARY KEY (category, day, region, member)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS aggregates (
+    id INTEGER PRIMARY KEY,
+    category TEXT NOT NULL, region TEXT NOT NULL,
+    window_start REAL NOT NULL, window_end REAL NOT NULL,
+    grp TEXT NOT NULL, field TEXT NOT NULL, currency TEXT,
+    count INTEGER NOT NULL, companies INTEGER NOT NULL, mean REAL NOT NULL, stddev REAL,
+    received_at REAL NOT NULL,
+    UNIQUE (category, region, window_start, window_end, grp, field));
+CREATE INDEX IF NOT EXISTS aggregates_window_end ON aggregates (window_end);
+CREATE TABLE IF NOT EXISTS histograms (
+    category TEXT NOT NULL, region TEXT NOT NULL,
+    window_start REAL NOT NULL, window_end REAL NOT NULL, field TEXT NOT NULL,
+    currency TEXT, companies INTEGER NOT NULL, buckets TEXT NOT NULL,
+    PRIMARY KEY (category, region, window_start, window_end, field)) WITHOUT ROWID;
+"""
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection to the store at ``path`` (WAL: readers never wait for the writer)."""
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                                   timeout=30.0)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0,
+                                   isolation_level=None)
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA foreign_keys = OFF")
+        return conn
+    except sqlite3.Error as exc:
+        raise MarketError(f"market store {path}: cannot open it ({exc}); check the path "
+                          "and its permissions") from exc
+
+
+def ensure(conn: sqlite3.Connection, path: Path, *, network: str | None, mode: str | None
+           ) -> tuple[str, str]:
+    """Create the tables (first use) and bind the store to ``network`` and ``mode``; returns
+    the network and mode the store holds. Refuses a store of another network or mode."""
+    try:
+        conn.executescript(_DDL)
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError as exc:
+        raise MarketError(f"market store {path}: not a readable store ({exc}); move it "
+                          "away to start a new one") from exc
+    if meta.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise MarketError(f"market store {path}: schema {meta['schema']} is not the "
+                          f"{SCHEMA_VERSION} this version reads; export it with the version "
+                          "that wrote it, or move it away")
+    held = (meta.get("network"), meta.get("mode"))
+    if held[0] is None:
+        if network is None or mode is None:
+            raise MarketError(f"market store {path}: empty (no network has written to it); "
+                              "check the path")
+        conn.executemany("INSERT INTO meta VALUES (?, ?)",
+                         [("schema", SCHEMA_VERSION), ("network", network), ("mode", mode)])
+        return network, mode
+    if network is not None and (network, mode) != held:
+        raise MarketError(f"market store {path} holds {held[1]} network {held[0]!r}, not "
+                          f"{mode} network {network!r}: one store per network (set "
+                          "market.path to another file)")
+    return str(held[0]), str(held[1])
