@@ -265,6 +265,7 @@ class Writer:
         days it leaves behind, then give the space back to the file system."""
         conn = self._conn
         day = int(cutoff // DAY)
+        args: tuple[float | int, ...]
         if last_id is None:
             older, args = "window_end < ?", (cutoff,)
             cells = "window_end < ?"

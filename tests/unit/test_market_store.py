@@ -1,0 +1,156 @@
+"""The market store on its own (SQLite on disk, no broker): duplicates and newer versions,
+day and week groups, positions, retention by age, live reads, and the ``pear-mqtt market``
+commands over a store file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pear_mqtt.cli.main import main
+from pear_mqtt.errors import MarketError
+from pear_mqtt.market import MarketStore, Retention
+from pear_mqtt.model.aggregates import AggregateBody
+from pear_mqtt.node.records import ReceivedAggregate, ReceivedInsight
+from pear_mqtt.privacy.filter import SharedInsight
+from pear_mqtt.privacy.ranges import ValueRange
+
+T0 = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
+
+
+def received(*, member: str = "acme", node: str = "s1", iid: str = "i1", price: Any = 2.0,
+             day: int = 0, seq: int = 1, category: str = "grocery/dairy",
+             region: str = "north") -> ReceivedInsight:
+    start = T0 + timedelta(days=day)
+    exact = not isinstance(price, dict)
+    shared = SharedInsight.model_validate({
+        "category": category, "region": region, "window_start": start,
+        "window_end": start + timedelta(hours=1), "company": member, "store": node,
+        "levels": {"price_data": "full" if exact else "ranges_only"},
+        "groups": {"price_data": {"currency": "EUR", "price": price}}})
+    return ReceivedInsight(item_id=iid, topic="t", member=member, node=node, insight=shared,
+                           retained=False, received_at=start.timestamp() + 7200,
+                           sequence=seq)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    with MarketStore.open(tmp_path / "m.db", network="net", mode="private") as s:
+        yield s
+
+
+def test_a_duplicate_is_stored_once_and_a_newer_version_replaces_the_older(
+        store: MarketStore) -> None:
+    assert store.add([received(price=2.0, seq=5), received(price=2.0, seq=5)]) == 1
+    assert store.add([received(price=9.0, seq=3)]) == 0  # older: ignored
+    store.add([received(price=3.0, seq=7)])  # newer: replaces, and the roll-up follows
+    rows = store.query().rows
+    assert [(r.values["price"], r.item_id) for r in rows] == [(3.0, "i1")]
+    day = store.query(group_by="day", metric="price")
+    assert [(d.count, d.mean, d.low, d.high) for d in day] == [(1, 3.0, 3.0, 3.0)]
+
+
+def test_groups_by_day_and_week_count_companies_and_bounds(store: MarketStore) -> None:
+    items = [received(member=m, iid=f"{m}{d}", price=p + d, day=d)
+             for d in range(10) for m, p in (("acme", 1.0), ("globex", 3.0))]
+    store.add(items)
+    days = store.query(category="grocery", group_by="day", metric="price")
+    assert len(days) == 10 and all(d.companies == 2 and d.count == 2 for d in days)
+    assert days[0].mean == pytest.approx(2.0) and days[0].low == 1.0 and days[0].high == 3.0
+    weeks = store.query(category="grocery", group_by="week", metric="price")
+    assert [w.period for w in weeks] == [T0, T0 + timedelta(days=7)]
+    assert [w.count for w in weeks] == [14, 6]
+    since = store.query(group_by="day", since=T0 + timedelta(days=8))
+    assert [d.period for d in since] == [T0 + timedelta(days=8), T0 + timedelta(days=9)]
+    with pytest.raises(MarketError, match="unknown metric"):
+        store.query(group_by="day", metric="nope")
+    with pytest.raises(MarketError, match="timezone-aware"):
+        store.query(since=datetime(2026, 1, 1))
+
+
+def test_ranges_give_a_percentile_band_and_history_a_series(store: MarketStore) -> None:
+    store.add([received(member=f"m{i}", iid=f"x{i}", price={"lo": 1.0 + i, "hi": 2.0 + i})
+               for i in range(4)])
+    pos = store.price_position("grocery/dairy", 2.5)
+    # [1,2) is below; [2,3) holds 2.5; [3,4) and [4,5) are above.
+    assert (pos.basis, pos.percentile_low, pos.percentile_high) == ("ranges", 25.0, 50.0)
+    assert pos.companies == 4 and pos.mean == pytest.approx(3.0)
+    rows = store.latest("grocery")
+    assert all(isinstance(r.values["price"], ValueRange) for r in rows) and len(rows) == 4
+    with pytest.raises(MarketError, match="no prices"):
+        store.price_position("toys", 1.0)
+
+
+def test_public_aggregates_answer_position_and_history(store: MarketStore) -> None:
+    body = AggregateBody.model_validate({
+        "network": "net", "category": "grocery/dairy", "window_start": T0,
+        "window_end": T0 + timedelta(days=1), "policy_version": "v", "min_companies": 5,
+        "dominance_cap": 0.25, "cells": [{"region": "north", "groups": [{
+            "group": "price_data", "currency": "EUR",
+            "fields": {"price": {"count": 6, "companies": 6, "mean": 2.0, "stddev": 0.5}}}]}]})
+    agg = ReceivedAggregate(topic="a", aggregate=body, retained=True, received_at=1.0)
+    assert store.add([agg, agg]) == 1
+    pos = store.price_position("grocery/dairy", 2.5)
+    assert pos.basis == "aggregate" and pos.companies == 6 and pos.z_score == pytest.approx(1)
+    assert pos.percentile_low == pytest.approx(84.13, abs=0.01)
+    assert [p.mean for p in store.history("grocery/dairy", "price")] == [2.0]
+
+
+def test_retention_by_age_drops_old_windows_and_their_days(tmp_path: Path) -> None:
+    now = (T0 + timedelta(days=10)).timestamp()
+    with MarketStore.open(tmp_path / "m.db", network="n", mode="private",
+                          retention=Retention(max_age_seconds=3 * 86400)) as store:
+        store.add([received(iid=f"i{d}", day=d) for d in range(10)], now=now)
+        kept = store.query().rows
+        days = store.query(group_by="day")
+        status = store.status()
+    assert sorted(r.item_id for r in kept) == ["i7", "i8", "i9"]
+    assert [d.period.day for d in days] == [9, 10, 11]
+    assert status.insights == 3 and status.oldest is not None
+
+
+async def test_watch_yields_rows_as_they_are_stored(store: MarketStore) -> None:
+    store.add([received(iid="before")])
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for row in store.watch(category="grocery"):
+            seen.append(row.item_id)
+            if len(seen) == 2:
+                return
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0)  # let it take its starting point
+    await asyncio.to_thread(store.add, [received(iid="a"), received(iid="b", category="toys"),
+                                        received(iid="c")])
+    await asyncio.wait_for(task, 5)
+    assert seen == ["a", "c"]
+
+
+def test_the_cli_prints_tables_json_csv_and_exports(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "m.db"
+    with MarketStore.open(path, network="net", mode="private") as store:
+        store.add([received(member=f"m{i}", iid=f"i{i}", price=1.0 + i) for i in range(5)])
+    assert main(["market", "query", "--store", str(path), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["price"] for r in rows] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert main(["market", "query", "--store", str(path), "--group-by", "day", "--csv"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("period,metric,count") and ",price,5,5," in out[1]
+    assert main(["market", "position", "grocery/dairy", "3.5", "--store", str(path)]) == 0
+    assert "60th percentile" in capsys.readouterr().out
+    assert main(["market", "query", "--store", str(path), "--limit", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "m0" in captured.out and "--cursor" in captured.err
+    assert main(["market", "export", str(tmp_path / "o.csv"), "--store", str(path)]) == 0
+    assert (tmp_path / "o.csv").read_text().count("\n") == 6
+    assert main(["market", "status", "--store", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["insights"] == 5
+    assert main(["market", "query", "--store", str(tmp_path / "none.db")]) == 2
+    assert "no such file" in capsys.readouterr().err
