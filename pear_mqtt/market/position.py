@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from ..errors import MarketError
 from .queries import Filter
 from .rows import METRICS, PricePosition
+from .values import unpack
 
 __all__ = ["price_position"]
 
@@ -29,10 +30,13 @@ def price_position(conn: sqlite3.Connection, *, category: str, price: float,
         raise MarketError(f"unknown field {field!r}: one of {', '.join(METRICS)}")
     flt = Filter(category=category, region=region)
     where, args = flt.where(prefix="i.")
-    got = conn.execute(
-        f"SELECT i.member, i.{field}_lo, i.{field}_hi, i.currency, i.window_end "
-        f"FROM latest l JOIN insights i ON i.id = l.insight WHERE {where} "
-        f"AND (i.{field}_lo IS NOT NULL OR i.{field}_hi IS NOT NULL)", args).fetchall()
+    got = []
+    for member, vals, currency, end in conn.execute(
+            "SELECT i.member, i.vals, i.currency, i.window_end FROM latest l "
+            f"JOIN insights i ON i.id = l.insight WHERE {where}", args):
+        pair = unpack(vals).get(field)
+        if pair is not None:
+            got.append((member, pair[0], pair[1], currency, end))
     if got:
         return _from_rows(got, category=category, price=price, region=region)
     return _from_aggregate(conn, flt, category=category, price=price, region=region,

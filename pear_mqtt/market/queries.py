@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ..errors import MarketError
 from ..privacy.ranges import ValueRange
 from .rows import METRICS, AggregateRow, GroupRow, MarketRow, Page, Value
+from .values import unpack
 from .writer import DAY
 
 __all__ = ["Filter", "GroupBy", "aggregates", "grouped", "latest", "page", "rows_after"]
@@ -21,8 +22,7 @@ __all__ = ["Filter", "GroupBy", "aggregates", "grouped", "latest", "page", "rows
 GroupBy = Literal["day", "week"] | None
 
 _ROW_COLUMNS = ("id, member, node, item_id, category, region, product, window_start, "
-                "window_end, received_at, currency, direction, log_ref, "
-                + ", ".join(f"{m}_lo, {m}_hi" for m in METRICS))
+                "window_end, received_at, currency, direction, log_ref, vals")
 
 
 def _ts(value: float) -> datetime:
@@ -86,12 +86,13 @@ class Filter:
 
 def _market_row(r: tuple[Any, ...]) -> MarketRow:
     values: dict[str, Value] = {}
-    for i, metric in enumerate(METRICS):
-        lo, hi = r[13 + 2 * i], r[14 + 2 * i]
-        if lo is None and hi is None:
+    ends = unpack(r[13])
+    for metric in METRICS:  # in a fixed order, whatever the order they were received in
+        if metric not in ends:
             continue
+        lo, hi = ends[metric]
         if lo is not None and lo == hi:
-            values[metric] = float(lo)
+            values[metric] = lo
         else:
             values[metric] = ValueRange.model_construct(lo=lo, hi=hi)
     return MarketRow(id=int(r[0]), member=str(r[1]), node=str(r[2]),

@@ -7,15 +7,12 @@ import sqlite3
 from pathlib import Path
 
 from ..errors import MarketError
-from .rows import METRICS
 
 __all__ = ["SCHEMA_VERSION", "connect", "ensure"]
 
 SCHEMA_VERSION = "1"
 
-_VALUE_COLUMNS = ", ".join(f"{m}_lo REAL, {m}_hi REAL" for m in METRICS)
-
-_DDL = f"""
+_DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS insights (
     id INTEGER PRIMARY KEY,
@@ -25,7 +22,7 @@ CREATE TABLE IF NOT EXISTS insights (
     window_start REAL NOT NULL, window_end REAL NOT NULL, day INTEGER NOT NULL,
     received_at REAL NOT NULL, seq INTEGER NOT NULL, log_ref TEXT,
     currency TEXT, direction TEXT,
-    {_VALUE_COLUMNS});
+    vals BLOB NOT NULL);  -- the disclosed figures, packed (market/values.py)
 -- An item's day is part of what it describes, so a lookup knows it; new items land near
 -- each other in this index (recent days) instead of at random places in the whole of it.
 CREATE INDEX IF NOT EXISTS insights_day_key ON insights (day, key);

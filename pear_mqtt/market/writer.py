@@ -10,13 +10,14 @@ import hashlib
 import json
 import math
 import sqlite3
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..history.log import Retention
 from ..node.records import ReceivedAggregate, ReceivedInsight
 from ..privacy.ranges import ValueRange
-from .rows import METRICS
+from .values import Ends, pack, unpack
 
 __all__ = ["DAY", "Retention", "Writer", "insight_row", "item_key", "size_on_disk"]
 
@@ -24,8 +25,8 @@ DAY = 86_400
 
 _COLUMNS = ("member", "node", "item_id", "category", "region", "product", "window_start",
             "window_end", "day", "received_at", "seq", "log_ref", "currency", "direction",
-            *(f"{m}_{end}" for m in METRICS for end in ("lo", "hi")))
-_VALUES_AT = _COLUMNS.index("currency")  # currency, direction, then the value columns
+            "vals")
+_VALUES_AT = _COLUMNS.index("currency")  # currency, direction, then the packed values
 _INSERT = (f"INSERT INTO insights (id, key, {', '.join(_COLUMNS)}) VALUES "
            f"({', '.join('?' * (len(_COLUMNS) + 2))})")
 # Joined to the keys as a table of constants, so each key is one search of its index. An
@@ -61,11 +62,10 @@ def item_key(key: tuple[object, ...]) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def insight_row(received: ReceivedInsight) -> Row:
-    """The ``insights`` row of one received insight (values as ``lo``/``hi`` pairs: an exact
-    value has both ends equal, a bucket its ends, an open end NULL)."""
+def insight_row(received: ReceivedInsight) -> tuple[Row, Ends]:
+    """The ``insights`` row of one received insight, and its figures unpacked."""
     shared = received.insight
-    ends: dict[str, tuple[float | None, float | None]] = {}
+    ends: Ends = {}
     currency = direction = None
     for fields in shared.groups.values():
         for name, value in fields.items():
@@ -83,15 +83,11 @@ def insight_row(received: ReceivedInsight) -> Row:
         ends["sample_size"] = (size.lo, size.hi)
     elif size is not None:
         ends["sample_size"] = (float(size), float(size))
-    values: list[float | None] = []
-    for m in METRICS:
-        lo, hi = ends.get(m, (None, None))
-        values += (lo, hi)
     end = shared.window_end.timestamp()
     return (received.member, received.node, received.item_id, shared.category, shared.region,
             shared.product_id, shared.window_start.timestamp(), end, int(end // DAY),
             received.received_at, received.sequence, received.log_ref, currency, direction,
-            *values)
+            pack(ends)), ends
 
 
 def size_on_disk(path: Path) -> int:
@@ -109,17 +105,12 @@ class _Cells:
         self.sums: dict[tuple[str, int, str, str], list[float]] = {}
         self.members: set[tuple[str, int, str, str]] = set()
 
-    def add(self, row: Row) -> None:
+    def add(self, row: Row, ends: Ends) -> None:
         category, region, day, member = row[3], row[4], row[8], row[0]
         assert isinstance(category, str) and isinstance(region, str) and isinstance(day, int)
         assert isinstance(member, str)
         self.members.add((category, day, region, member))
-        at = _VALUES_AT + 2
-        for i, metric in enumerate(METRICS):
-            lo, hi = row[at + 2 * i], row[at + 2 * i + 1]
-            if lo is None and hi is None:
-                continue
-            assert isinstance(lo, float | None) and isinstance(hi, float | None)
+        for metric, (lo, hi) in ends.items():
             mid = (lo if hi is None else hi) if lo is None or hi is None else (lo + hi) / 2
             assert mid is not None
             key = (category, day, region, metric)
@@ -155,17 +146,17 @@ class Writer:
     def write(self, insights: Sequence[ReceivedInsight],
               aggregates: Sequence[ReceivedAggregate], *, now: float) -> int:
         """Store a batch in one transaction; returns how many new rows it added."""
-        batch: dict[tuple[object, ...], Row] = {}
+        batch: dict[tuple[object, ...], tuple[Row, Ends]] = {}
         for received in insights:
             try:
-                row = insight_row(received)
-            except (TypeError, ValueError, OverflowError):
+                row, ends = insight_row(received)
+            except (TypeError, ValueError, OverflowError, struct.error):
                 self.refused += 1
                 continue
             key = row[:3]
             other = batch.get(key)
-            if other is None or other[10] < row[10]:  # type: ignore[operator]
-                batch[key] = row  # within a batch too, the newest version wins
+            if other is None or other[0][10] < row[10]:  # type: ignore[operator]
+                batch[key] = (row, ends)  # within a batch too, the newest version wins
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -180,22 +171,24 @@ class Writer:
         self._enforce(now)
         return added
 
-    def _insights(self, cur: sqlite3.Cursor, batch: dict[tuple[object, ...], Row]) -> int:
+    def _insights(self, cur: sqlite3.Cursor,
+                  batch: dict[tuple[object, ...], tuple[Row, Ends]]) -> int:
         """New items go in with one statement; held ones (looked up a few hundred keys per
         query) are replaced only by a newer version with other values."""
-        held = self._held(cur, {k: row[8] for k, row in batch.items()})
+        hashes = {k: item_key(k) for k in batch}
+        held = self._held(cur, [(k, row[8], hashes[k]) for k, (row, _) in batch.items()])
         next_id = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
                       .fetchone()[0])
         first = next_id
         cells = _Cells()
         dirty: set[tuple[str, int]] = set()
         new: list[Row] = []
-        for key, row in batch.items():
+        for key, (row, ends) in batch.items():
             old = held.get(key)
             if old is None:
-                new.append((next_id, item_key(key), *row))
+                new.append((next_id, hashes[key], *row))
                 next_id += 1
-                cells.add(row)
+                cells.add(row, ends)
                 continue
             rowid, seq, values = old
             if row[10] <= seq or values == row[_VALUES_AT:]:  # type: ignore[operator]
@@ -210,15 +203,14 @@ class Writer:
             self._recompute(cur, category, day)
         return len(new)
 
-    def _held(self, cur: sqlite3.Cursor, days: dict[tuple[object, ...], object]
+    def _held(self, cur: sqlite3.Cursor, keys: list[tuple[tuple[object, ...], object, int]]
               ) -> dict[tuple[object, ...], tuple[int, int, tuple[object, ...]]]:
-        """(id, seq, values) of the items already stored, of those keys (with their day)."""
+        """(id, seq, values) of the items already stored, of those (key, day, hash)."""
         out: dict[tuple[object, ...], tuple[int, int, tuple[object, ...]]] = {}
-        keys = list(days)
         for at in range(0, len(keys), _LOOKUP):
             chunk = keys[at:at + _LOOKUP]
             sql = _SELECT_HELD.format(", ".join(["(?, ?)"] * len(chunk)))
-            for r in cur.execute(sql, [v for k in chunk for v in (days[k], item_key(k))]):
+            for r in cur.execute(sql, [v for _, day, h in chunk for v in (day, h)]):
                 out[tuple(r[:3])] = (r[3], r[4], tuple(r[5:]))  # a hash collision: no match
         return out
 
@@ -228,7 +220,7 @@ class Writer:
         cells = _Cells()
         for row in cur.execute(f"SELECT {', '.join(_COLUMNS)} FROM insights "
                                "WHERE category = ? AND day = ?", (category, day)).fetchall():
-            cells.add(tuple(row))
+            cells.add(tuple(row), unpack(row[-1]))
         cur.execute("DELETE FROM daily WHERE category = ? AND day = ?", (category, day))
         cur.execute("DELETE FROM daily_members WHERE category = ? AND day = ?", (category, day))
         cells.write(cur)
