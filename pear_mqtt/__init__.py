@@ -7,11 +7,13 @@
     async with PearNetwork(config) as network:
         await network.broadcast_market_insight(insight)
         state = await network.sync()
+        network.market.price_position("grocery/dairy", 2.49)
 """
 
 from .config.manager import NetworkConfigManager
 from .config.models import (
     EncryptionConfig,
+    MarketConfig,
     NetworkConfig,
     PrivacyConfig,
     ReliabilityConfig,
@@ -24,6 +26,7 @@ from .errors import (
     DecryptionError,
     EnvelopeError,
     MalformedMessage,
+    MarketError,
     NotConnectedError,
     OutboxError,
     OversizedMessage,
@@ -38,6 +41,8 @@ from .errors import (
     UnknownKeyError,
     UnsupportedVersion,
 )
+from .market.rows import GroupRow, MarketRow, PricePosition
+from .market.store import MarketStore
 from .model.insight import (
     Health,
     MarketInsight,
@@ -64,9 +69,14 @@ __all__ = [
     "DecryptionError",
     "EncryptionConfig",
     "EnvelopeError",
+    "GroupRow",
     "Health",
     "MalformedMessage",
+    "MarketConfig",
+    "MarketError",
     "MarketInsight",
+    "MarketRow",
+    "MarketStore",
     "NetworkConfig",
     "NetworkConfigManager",
     "NetworkMessage",
@@ -80,6 +90,7 @@ __all__ = [
     "PearNetwork",
     "Peer",
     "PriceData",
+    "PricePosition",
     "PrivacyConfig",
     "PrivacyError",
     "ReceivedAggregate",

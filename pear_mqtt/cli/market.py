@@ -5,6 +5,7 @@ object per line) or ``--csv`` for scripts."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import dataclasses
 import json
@@ -14,29 +15,48 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ..agent.runner import default_outbox_path
+from ..agent.runner import default_outbox_path, load_agent_config
 from ..config.manager import NetworkConfigManager
+from ..config.models import NetworkConfig
 from ..errors import ConfigError
 from ..market import METRICS, MarketStore
 from ..market.rows import MarketRow
+from ..node.network import PearNetwork
 from ..privacy.ranges import ValueRange
 
 __all__ = ["register_cli"]
 
 
 def _store(args: argparse.Namespace) -> MarketStore:
-    """The store named by ``--store``, else the one ``--config``'s node keeps."""
+    """The store named by ``--store``, else the one ``--config``'s node keeps (first taking
+    in what the broker retains, with ``--sync``)."""
     if args.store is not None:
+        if args.sync:
+            raise ConfigError("--sync needs --config (the node to connect as), not --store")
         return MarketStore.open(args.store, readonly=True)
     if args.config is None:
         raise ConfigError("give --config NODE.toml (the node whose store to read) or "
                           "--store FILE")
-    config = NetworkConfigManager.load(file=args.config)
+    if args.sync:
+        config = load_agent_config(file=args.config)
+        asyncio.run(_take_in(config))
+    else:
+        config = NetworkConfigManager.load(file=args.config)
     outbox = config.reliability.outbox_path or default_outbox_path(config=config,
                                                                   config_file=args.config)
     path = config.market.store_path(outbox)
     assert path is not None  # an outbox path always gives one
     return MarketStore.open(path, readonly=True)
+
+
+async def _take_in(config: NetworkConfig) -> None:
+    """Connect as the node, collect what the broker retains for it (states, aggregates) into
+    its store, and leave."""
+    async with PearNetwork(config) as net:
+        result = await net.sync(timeout=60)
+        await net.market_settled(timeout=60)
+    print(f"synced {len(result)} states and {len(result.aggregates)} aggregates from "
+          f"{config.broker_url}", file=sys.stderr)
 
 
 def _when(text: str) -> datetime:
@@ -222,6 +242,10 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         p.add_argument("--config", type=Path, metavar="FILE",
                        help="the node's config (.toml/.json): its store is read")
         p.add_argument("--store", type=Path, metavar="FILE", help="a store file instead")
+        p.add_argument("--sync", action="store_true",
+                       help="connect as the --config node first and store what the broker "
+                            "retains for it (for a node that is not running, e.g. a public "
+                            "participant's)")
         out = p.add_mutually_exclusive_group()
         out.add_argument("--json", action="store_true", help="one JSON object per line")
         out.add_argument("--csv", action="store_true", help="CSV with a header row")

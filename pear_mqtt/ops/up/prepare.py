@@ -188,20 +188,20 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
                                                    company=company, store=store,
                                                    enrolled=enrolled)
                 name = f"{spec.mode}-{company}-{store}"
-                config_path: Path | None = None
-                if spec.agents:
-                    config_path = directory / "nodes" / f"{name}.toml"
-                    _write_node_config(path=config_path, spec=spec, company=company,
-                                       node=node, url=url, certs=certs, crl=crl,
-                                       outbox=directory / "outbox" / f"{name}.db",
-                                       secret=sec, aggregator=aggregator)
+                # Every node gets a config, agent or not: a public participant's is what
+                # `pear-mqtt market … --sync` or one's own code connects with.
+                config_path = directory / "nodes" / f"{name}.toml"
+                _write_node_config(path=config_path, spec=spec, company=company,
+                                   node=node, url=url, certs=certs, crl=crl,
+                                   outbox=directory / "outbox" / f"{name}.db",
+                                   secret=sec, aggregator=aggregator)
                 entry = NodeEntry(name=name, mode=spec.mode, network=spec.network,
                                   company=company, member=member, node=node,
                                   broker=spec.mode, url=url, ca=str(certs.ca),
                                   cert=str(certs.cert), key=str(certs.key),
-                                  config=str(config_path) if config_path else None)
+                                  config=str(config_path))
                 nodes.append(entry)
-                if config_path is not None:
+                if spec.agents:
                     agent_nodes.append(entry)
         probe = next(n for n in nodes if n.network == spec.network)
         conf, log = backend.broker_config(directory=directory, spec=spec, port=port,
