@@ -17,7 +17,8 @@ DEFAULT_OUT = _HERE / "results.json"
 DEFAULT_DOC = _HERE.parent / "docs" / "BENCHMARKS.md"
 DEFAULT_PROFILE_DIR = _HERE / "profile"
 DEFAULT_PLOT = _HERE.parent / "docs" / "bench.png"
-UNITS = ("A", "A5", "C", "P", "sync", "latency", "bridge", "rss", "fanin")
+UNITS = ("A", "A5", "C", "P", "sync", "latency", "bridge", "rss", "fanin", "market")
+LOAD_UNITS = ("latency", "bridge", "rss", "fanin", "market")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                    help="comma-separated subset of " + ",".join(UNITS) +
                         " (ratios need both sides)")
-    ld = p.add_argument_group("load measurements (latency, bridge, rss, fanin)")
+    ld = p.add_argument_group("load measurements (latency, bridge, rss, fanin, market)")
     ld.add_argument("--load-reps", type=int,
                     help="repetitions of each load measurement (default: full 3 for latency "
                          "and 2 for the others, quick 1; --reps also sets them)")
@@ -71,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                          "quick 3,000)")
     ld.add_argument("--agents", type=int,
                     help="fan-in agents (default: full 1,000, quick 100)")
+    ld.add_argument("--market-rows", type=int,
+                    help="insights the market store is filled with before its queries are "
+                         "timed (default: full 1,000,000, quick 200,000)")
     ld.add_argument("--fanin-workers", type=int, default=4,
                     help="processes the fan-in agents are spread over (default 4)")
     ld.add_argument("--fanin-mode", choices=("public", "consortium"), default="public",
@@ -153,19 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         n_rss=args.n_rss or (3_000 if quick else 10_000),
         agents=args.agents or (100 if quick else 1000),
         fanin_workers=args.fanin_workers, fanin_mode=args.fanin_mode,
-        fanin_downtime=args.fanin_downtime)
+        fanin_downtime=args.fanin_downtime,
+        market_rows=args.market_rows or (200_000 if quick else 1_000_000))
     if min(load.n_bridge, load.n_rss, load.agents, load.fanin_workers) < 1 or \
             load.lat_seconds <= 0 or load.lat_rate <= 0:
         print("load sizes must be at least 1 (seconds and rate above 0)", file=sys.stderr)
         return 2
     if args.load_reps is not None:
-        load_reps = dict.fromkeys(("latency", "bridge", "rss", "fanin"), args.load_reps)
+        load_reps = dict.fromkeys(LOAD_UNITS, args.load_reps)
     elif args.reps is not None:
-        load_reps = dict.fromkeys(("latency", "bridge", "rss", "fanin"), args.reps)
+        load_reps = dict.fromkeys(LOAD_UNITS, args.reps)
     elif quick:
-        load_reps = dict.fromkeys(("latency", "bridge", "rss", "fanin"), 1)
+        load_reps = dict.fromkeys(LOAD_UNITS, 1)
     else:
-        load_reps = {"latency": 3, "bridge": 2, "rss": 2, "fanin": 2}
+        load_reps = {"latency": 3, "bridge": 2, "rss": 2, "fanin": 2, "market": 1}
 
     with tempfile.TemporaryDirectory(prefix="pear-bench-") as tmp:
         workdir = args.workdir or Path(tmp)

@@ -50,6 +50,7 @@ class LoadParams:
     fanin_workers: int = 4  # processes the nodes are spread over
     fanin_mode: str = "public"
     fanin_downtime: float = 0.5  # seconds between the kill and the restart
+    market_rows: int = 1_000_000  # insights the market store holds when it is queried
     timeout: float = 300.0
 
 

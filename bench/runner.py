@@ -14,6 +14,7 @@ from typing import Any
 
 from .env import BRIDGE_USER, BenchEnv, Broker, build_env, mosquitto_version
 from .loadscenarios import LoadParams, run_bridge, run_fanin, run_latency, run_rss
+from .market import run_market
 from .report import machine, profile_summary, summarise, summarise_load
 from .scenarios import (
     Params,
@@ -77,7 +78,7 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
     a5 = replace(params, protocol=5)
     samples: dict[str, list[dict[str, Any]]] = {
         k: [] for k in ("A", "A_mqtt5", "C", "P", "sync_pear", "sync_raw", "sync_c",
-                        "publish_retained_pear", "publish_retained_raw")}
+                        "publish_retained_pear", "publish_retained_raw", "P_nostore")}
 
     def unit_a(rep: int) -> None:
         samples["A"].append(rnd.measure("A", lambda e: run_a(e, params)))
@@ -89,7 +90,11 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
         samples["C"].append(rnd.measure("C", lambda e: run_c(e, params)))
 
     def unit_p(rep: int) -> None:
-        samples["P"].append(rnd.measure("P", lambda e: run_p(e, params)))
+        # With the receiver's market store (the default) and without, taking turns: what
+        # keeping the store costs the stream.
+        for store in ((True, False) if rep % 2 == 0 else (False, True)):
+            samples["P" if store else "P_nostore"].append(
+                rnd.measure("P", functools.partial(_run_p, params=params, market=store)))
 
     def unit_sync(rep: int) -> None:
         out = rnd.measure("sync", lambda e: run_sync_round(e, params, rep=rep))
@@ -101,7 +106,8 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
 
     lat_variants = ["raw", "pear"] + (["pear_default"] if load.lat_default_linger else [])
     lat: dict[str, list[dict[str, Any]]] = {v: [] for v in lat_variants}
-    load_samples: dict[str, list[dict[str, Any]]] = {"bridge": [], "rss": [], "fanin": []}
+    load_samples: dict[str, list[dict[str, Any]]] = {"bridge": [], "rss": [], "fanin": [],
+                                                     "market": []}
 
     def unit_latency(rep: int) -> None:
         # The variants take turns, each on a fresh broker, starting one further each round.
@@ -125,10 +131,13 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
             "fanin", lambda e, b: run_fanin(e, load, b, workdir / "fanin-pki"),
             mode=load.fanin_mode, persistence=True))
 
+    def unit_market(rep: int) -> None:
+        load_samples["market"].append(run_market(workdir / "market", rows=load.market_rows))
+
     units: list[tuple[str, Callable[[int], None]]] = [
         ("A", unit_a), ("C", unit_c), ("P", unit_p), ("sync", unit_sync),
         ("latency", unit_latency), ("bridge", unit_bridge), ("rss", unit_rss),
-        ("fanin", unit_fanin)]
+        ("fanin", unit_fanin), ("market", unit_market)]
     if mqtt5_baseline:
         units.insert(1, ("A5", unit_a5))
     if only:
@@ -177,7 +186,11 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
     }
 
 
-LOAD_UNITS = ("latency", "bridge", "rss", "fanin")
+def _run_p(env: BenchEnv, *, params: Params, market: bool) -> dict[str, Any]:
+    return run_p(env, params, market=market)
+
+
+LOAD_UNITS = ("latency", "bridge", "rss", "fanin", "market")
 
 
 def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
@@ -189,6 +202,10 @@ def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
     if name == "bridge":
         return (f"{last['rate']:,.0f} insights per CPU-second, {last['wall_rate']:,.0f}/s "
                 f"wall, {last['items']:,} from {last['companies']} companies")
+    if name == "market":
+        return (f"{last['ingest_rate']:,.0f} rows/s in, over {last['rows']:,} rows: grouped "
+                f"p50 {last['grouped_p50_ms']:.2f} ms, position p50 "
+                f"{last['position_p50_ms']:.2f} ms")
     if name == "rss":
         return f"peak RSS {last['peak_mb']:.1f} MB, {last['rate']:,.0f} insights/s"
     return (f"{last['agents']} agents connected in {last['connect_all_s']:.2f} s, "

@@ -155,12 +155,13 @@ def run_c(env: BenchEnv, p: Params) -> dict[str, Any]:
     return {"rate": p.n / (t1 - t0), "seconds": t1 - t0}
 
 
-def run_p(env: BenchEnv, p: Params, *, profile: dict[str, str | None] | None = None
-          ) -> dict[str, Any]:
-    """P: ``broadcast_market_insight`` (consortium policy) → receiving ``PearNetwork``."""
+def run_p(env: BenchEnv, p: Params, *, profile: dict[str, str | None] | None = None,
+          market: bool = True) -> dict[str, Any]:
+    """P: ``broadcast_market_insight`` (consortium policy) → receiving ``PearNetwork``
+    (keeping its market store unless ``market`` is false)."""
     prof = profile or {}
     rx = Worker("pear_rx", {"env": env, "member": "globex", "n": p.n, "timeout": p.timeout,
-                            "profile": prof.get("rx")})
+                            "profile": prof.get("rx"), "market": market})
     tx = Worker("pear_pub", {"env": env, "member": "acme", "n": p.n,
                              "categories": p.categories, "outbox": p.outbox,
                              "profile": prof.get("tx")})
@@ -170,6 +171,7 @@ def run_p(env: BenchEnv, p: Params, *, profile: dict[str, str | None] | None = N
                           f"of {p.n}")
     elapsed = got["t_last"] - sent["t_start"]
     return {"rate": p.n / elapsed, "seconds": elapsed,
+            "stored_rate": p.n / (got["t_stored"] - sent["t_start"]),
             "broadcast_rate": p.n / (sent["t_queued"] - sent["t_start"]),
             "ack_rate": p.n / (sent["t_acked"] - sent["t_start"]),
             "envelopes": sent["messages_out"], "receiver_dropped": got["dropped"]}

@@ -151,13 +151,15 @@ def raw_sync(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 # -- pear_mqtt ----------------------------------------------------------------------------
 
 def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
-                outbox: Path | None = None, linger: float | None = None) -> Any:
+                outbox: Path | None = None, linger: float | None = None,
+                market: bool = True) -> Any:
     """A consortium :class:`~pear_mqtt.types.NetworkConfig` for ``member`` (as the
     integration tests build one): aggregator key, group-key encryption; the
     in-memory outbox unless ``outbox`` names an SQLite file (sized to never drop here);
     ``linger`` overrides ``ReliabilityConfig.batch_linger`` (None: pear's default)."""
     from pear_mqtt.config.models import (
         EncryptionConfig,
+        MarketConfig,
         NetworkConfig,
         PrivacyConfig,
         ReliabilityConfig,
@@ -173,7 +175,8 @@ def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
         encryption=EncryptionConfig(keys={"k1": env.group_key}, active="k1"),
         reliability=ReliabilityConfig(
             outbox_path=outbox, outbox_max_bytes=4 * 1024**3,
-            **({} if linger is None else {"batch_linger": linger})))
+            **({} if linger is None else {"batch_linger": linger})),
+        market=MarketConfig(enabled=market))
 
 
 def make_insights(n: int, categories: int | None) -> list[Any]:
@@ -240,7 +243,7 @@ def pear_rx(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     n = spec["n"]
 
     async def main() -> dict[str, Any]:
-        net = PearNetwork(pear_config(env, spec["member"]))
+        net = PearNetwork(pear_config(env, spec["member"], market=spec.get("market", True)))
         await net.connect(timeout=30)
         try:
             stream = net.insights()
@@ -256,7 +259,10 @@ def pear_rx(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
                         if count >= n:
                             t_last = time.monotonic()
                             break
-            return {"t_first": t_first, "t_last": t_last, "received": count,
+                await net.market_settled(timeout=600)  # the store holds them all too
+                t_stored = time.monotonic()
+            return {"t_first": t_first, "t_last": t_last, "t_stored": t_stored,
+                    "received": count,
                     "distinct": len(ids), **_status(net)}
         finally:
             await net.disconnect()

@@ -37,7 +37,7 @@ def test_quick_bench_at_tiny_size_writes_every_measurement(tmp_path: Path) -> No
          # The load measurements at their smallest: 1 s of latency per side, 300
          # contributions, 300 agent insights, 20 agents over 2 processes.
          "--lat-seconds", "1", "--n-bridge", "300", "--n-rss", "300", "--agents", "20",
-         "--fanin-workers", "2", "--fanin-downtime", "0.2",
+         "--fanin-workers", "2", "--fanin-downtime", "0.2", "--market-rows", "3000",
          "--out", str(out), "--no-doc", "--plot", str(tmp_path / "bench.png"),
          "--workdir", str(tmp_path / "work")],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -75,6 +75,13 @@ def test_quick_bench_at_tiny_size_writes_every_measurement(tmp_path: Path) -> No
         assert v["cdf"] and v["cdf"][-1][1] == 1.0
     assert {"pear/raw p50", "pear/raw p99"} <= set(lat["ratios"])
     assert all(_positive(r["value"]) for r in lat["ratios"].values())
+    # The market store: filled, queried, with its figures and verdicts.
+    market = results["market"]
+    assert market["rows"]["max"] == 3000 and set(market["ok"]) == {"ingest", "grouped",
+                                                                    "position"}
+    assert all(_positive(market[k]["median"]) for k in (
+        "ingest_rate", "grouped_p50_ms", "position_p50_ms", "bytes_per_insight"))
+    assert _positive(ms["P_nostore"]["median"]) and "P/P_nostore" in results["ratios"]
     # Bridge: every contribution counted, a positive rate per CPU-second.
     bridge = results["bridge"]
     assert bridge["items"]["max"] == 300 and bridge["companies"]["max"] >= 5
@@ -91,7 +98,8 @@ def test_quick_bench_at_tiny_size_writes_every_measurement(tmp_path: Path) -> No
     assert sum(fanin["histogram"]["counts"]) == 20
     assert fanin["accepted_after_restart"]["median"] >= 20
     assert isinstance(fanin["storm"], bool)
-    assert set(results["params"]["load_reps"]) == {"latency", "bridge", "rss", "fanin"}
+    assert set(results["params"]["load_reps"]) == {"latency", "bridge", "rss", "fanin",
+                                                   "market"}
     # The plot was drawn (matplotlib is in the bench extra) or skipped without it.
     png = tmp_path / "bench.png"
     assert png.exists() == ("plot:    " + str(png) in proc.stdout)
