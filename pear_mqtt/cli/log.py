@@ -23,14 +23,26 @@ def _open(path: Path) -> AppendLog:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    with _open(args.path) as log:
+    """One log, or every log an archive keeps (``<dir>/<member>/<node>/<log id>``)."""
+    path: Path = args.path
+    if (path / "entries.bin").is_file():
+        return _verify_one(args, path)
+    kept = sorted(p.parent for p in path.glob("*/*/*/entries.bin"))
+    if not kept:
+        _open(path)  # raises the error that says what a log directory holds
+    codes = [_verify_one(args, p) for p in kept]
+    return max(codes)
+
+
+def _verify_one(args: argparse.Namespace, path: Path) -> int:
+    with _open(path) as log:
         tree = log.tree
         bad = [i for i, entry in enumerate(log.range(log.start, log.length), start=log.start)
                if leaf_hash(entry) != tree.leaf(i)]
         # Recomputed from the leaf hashes alone, so the stored subtree hashes are checked too.
         recomputed = MerkleTree([tree.leaf(i) for i in range(log.length)]).root()
         root = log.root()
-    summary = {"path": str(args.path), "length": log.length, "start": log.start,
+    summary = {"path": str(path), "length": log.length, "start": log.start,
                "root": root.hex(), "entries_checked": log.length - log.start,
                "bad_entries": bad[:100], "ok": not bad and recomputed == root}
     if args.root is not None and args.root.lower() != root.hex():
@@ -40,7 +52,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         verdict = "ok" if summary["ok"] else "FAILED"
-        print(f"{args.path}: {verdict}: {log.length} entries ({log.start} dropped by "
+        print(f"{path}: {verdict}: {log.length} entries ({log.start} dropped by "
               f"retention), root {root.hex()}")
         if bad:
             print(f"  {len(bad)} entries do not match their leaf hash, first: {bad[:10]}")
@@ -85,7 +97,8 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sub = parser.add_subparsers(dest="log_command", metavar="ACTION", required=True)
     verify = sub.add_parser("verify", help="check every held entry against its leaf hash and "
                                            "recompute the root (exit 1 on any mismatch)")
-    verify.add_argument("path", type=Path, metavar="DIR", help="the log directory")
+    verify.add_argument("path", type=Path, metavar="DIR",
+                        help="the log directory, or an archive's (every log it keeps)")
     verify.add_argument("--root", metavar="HEX",
                         help="also require this root (e.g. from a signed head)")
     verify.add_argument("--json", action="store_true", help="one JSON object on stdout")

@@ -13,8 +13,8 @@ from ..errors import PearError
 
 __all__ = ["main"]
 
-_COMMANDS = ("config", "pki", "broker", "embedded", "agent", "bridge", "log", "market", "up",
-             "dashboard")
+_COMMANDS = ("config", "pki", "broker", "embedded", "agent", "archive", "bridge", "log", "market",
+             "up", "dashboard")
 
 
 def _command_of(argv: Sequence[str]) -> str | None:

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from ..errors import TopicError
 from ..model.insight import (
     FIELD_GROUPS,
     CompanyId,
@@ -31,6 +32,7 @@ from ..model.insight import (
     category_name,
     identifier,
 )
+from ..model.topics import validate_identifier
 from ..security.revocation import CRL_CHECK_INTERVAL
 
 __all__ = [
@@ -163,6 +165,26 @@ class ReliabilityConfig(Frozen):
     history_path: Path | None = None
     history_max_age: Annotated[float, Field(gt=0)] | None = None
     history_max_bytes: Annotated[int, Field(gt=0)] | None = None
+    # The network's archive node, "<member>/<node>", asked for history a sender cannot give
+    # (offline, or dropped by its retention); archive_path makes this node an archive that
+    # keeps every other node's verified log there and answers for them.
+    archive: str | None = None
+    archive_path: Path | None = None
+
+    @field_validator("archive")
+    @classmethod
+    def _archive(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        member, sep, node = v.partition("/")
+        if not sep or not member or not node:
+            raise ValueError(f"{v!r} is not '<member>/<node>' (e.g. 'operator/archive')")
+        try:
+            validate_identifier(member, what="archive member")
+            validate_identifier(node, what="archive node")
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @property
     def history_dir(self) -> Path | None:

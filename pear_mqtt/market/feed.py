@@ -12,13 +12,17 @@ from ..errors import MarketError
 from ..node.records import ReceivedAggregate, ReceivedInsight
 from .store import MarketStore
 
-__all__ = ["BACKLOG_MAX", "MarketFeed"]
+__all__ = ["BACKLOG_MAX", "LINGER", "MarketFeed"]
 
 log = logging.getLogger(__name__)
 
 BACKLOG_MAX = 200_000
 """Items kept while the store cannot write (full disk); the oldest go beyond this."""
 _RETRY = 2.0  # s between attempts while the store refuses writes
+# A trickle is gathered this long before it is written: one commit per few dozen items
+# instead of one each, so the writer takes the interpreter from the receiver rarely.
+LINGER = 0.05
+_FULL = 5000  # ... unless this many are waiting already
 
 
 class MarketFeed:
@@ -31,7 +35,9 @@ class MarketFeed:
         self._wake = threading.Event()
         self._idle = threading.Condition(self._lock)
         self._writing = False
+        self._draining = 0  # callers of drain(): write at once, no lingering
         self._stop = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pear-market", daemon=True)
         self.dropped = 0
         self.failing: str | None = None
@@ -48,6 +54,13 @@ class MarketFeed:
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything taken so far is stored; False after ``timeout`` s."""
         deadline = time.monotonic() + timeout
+        self._draining += 1
+        try:
+            return self._wait_idle(deadline)
+        finally:
+            self._draining -= 1
+
+    def _wait_idle(self, deadline: float) -> bool:
         with self._idle:
             while self._pending or self._writing:
                 left = deadline - time.monotonic()
@@ -62,6 +75,7 @@ class MarketFeed:
         if self._thread.is_alive():
             self.drain(timeout)
             self._stop = True
+            self._stopping.set()
             self._wake.set()
             self._thread.join(timeout)
 
@@ -69,6 +83,8 @@ class MarketFeed:
         while not self._stop:
             self._wake.wait()
             self._wake.clear()
+            if len(self._pending) < _FULL and not self._draining:
+                self._stopping.wait(LINGER)
             with self._lock:
                 batch, self._pending = self._pending, []
                 self._writing = bool(batch)

@@ -29,7 +29,7 @@ def price_position(conn: sqlite3.Connection, *, category: str, price: float,
     if field not in METRICS:
         raise MarketError(f"unknown field {field!r}: one of {', '.join(METRICS)}")
     flt = Filter(category=category, region=region)
-    where, args = flt.where(prefix="i.")
+    where, args = flt.where(prefix="l.")  # latest holds the columns filtered on: its index
     got = []
     for member, vals, currency, end in conn.execute(
             "SELECT i.member, i.vals, i.currency, i.window_end FROM latest l "

@@ -162,7 +162,7 @@ def grouped(conn: sqlite3.Connection, flt: Filter, group_by: Literal["day", "wee
 
 def latest(conn: sqlite3.Connection, flt: Filter) -> list[MarketRow]:
     """The newest row of each sender per category, region and product."""
-    where, args = flt.where(prefix="i.")
+    where, args = flt.where(prefix="l.")  # latest holds the columns filtered on: its index
     got = conn.execute(
         f"SELECT {', '.join('i.' + c.strip() for c in _ROW_COLUMNS.split(','))} "
         f"FROM latest l JOIN insights i ON i.id = l.insight WHERE {where} "

@@ -18,10 +18,12 @@ from ..history.log import AppendLog, Retention
 from ..model.topics import ParsedTopic, TopicScheme
 from ..security.base64url import b64url_encode
 from ..security.envelope import EnvelopeCodec
+from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .counters import Counters, open_counted
 
-__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "NodeLog", "settle"]
+__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "NodeLog", "range_body",
+           "send_range", "settle"]
 
 log = logging.getLogger(__name__)
 
@@ -106,42 +108,52 @@ class NodeLog:
                 or not 0 <= first < end):
             self._counters.dropped["malformed"] += 1
             return
-        try:
-            # Only to the asker's own reply topic, which only the asker may read.
-            reply = TopicScheme(self._scheme.mode, self._scheme.network,
-                                asker.member).log_reply(asker.node)
-        except TopicError:
-            self._counters.dropped["bad_topic"] += 1
-            return
-        self._counters.log_requests_answered += 1
         self._log.flush()
-        settle(conn.publish(reply, self._codec.encode(
-            kind="logrange", body=self._range(first, end, body.get("id"))), qos=1))
+        send_range(conn, codec=self._codec, scheme=self._scheme, counters=self._counters,
+                   asker=asker, body=range_body(self._log, log_id=self._id, first=first,
+                                                end=end, request_id=body.get("id")))
 
-    def _range(self, first: int, end: int, request_id: Any) -> dict[str, Any]:
-        held_from = self._log.start
-        end = min(end, self._log.length)
-        body: dict[str, Any] = {"log": self._id, "id": request_id if isinstance(
-            request_id, str) else None, "length": self._log.length, "held_from": held_from,
-            "from": max(first, held_from), "records": []}
-        if first < held_from:
-            body["truncated"] = True  # the asker learns at once, instead of waiting
-        size = 0
-        records: list[list[str]] = []
-        start = max(first, held_from)
-        if start < end:
-            try:
-                got = self._log.records(start, min(end, start + REPLY_MAX_ENTRIES))
-            except (LogTruncated, HistoryError) as exc:
-                log.warning("cannot answer a log request: %s", exc)
-                got = []
-            for topic, entry in got:
-                size += len(entry) * 4 // 3 + len(topic) + 8
-                if records and size > REPLY_MAX_BYTES:
-                    break
-                records.append([topic, b64url_encode(entry).decode("ascii")])
-        body["records"] = records
-        return body
+
+def range_body(held: AppendLog, *, log_id: str, first: int, end: int,
+               request_id: Any) -> dict[str, Any]:
+    """The body of a ``logrange`` answer: the records of ``held`` from ``first`` (at most
+    :data:`REPLY_MAX_ENTRIES` and :data:`REPLY_MAX_BYTES`), what it still holds, and
+    ``truncated`` when the asker wants entries retention dropped."""
+    held_from = held.start
+    end = min(end, held.length)
+    body: dict[str, Any] = {"log": log_id, "id": request_id if isinstance(
+        request_id, str) else None, "length": held.length, "held_from": held_from,
+        "from": max(first, held_from), "records": []}
+    if first < held_from:
+        body["truncated"] = True  # the asker learns at once, instead of waiting
+    size = 0
+    records: list[list[str]] = []
+    start = max(first, held_from)
+    if start < end:
+        try:
+            got = held.records(start, min(end, start + REPLY_MAX_ENTRIES))
+        except (LogTruncated, HistoryError) as exc:
+            log.warning("cannot answer a log request: %s", exc)
+            got = []
+        for topic, entry in got:
+            size += len(entry) * 4 // 3 + len(topic) + 8
+            if records and size > REPLY_MAX_BYTES:
+                break
+            records.append([topic, b64url_encode(entry).decode("ascii")])
+    body["records"] = records
+    return body
+
+
+def send_range(conn: Connection, *, codec: EnvelopeCodec, scheme: TopicScheme,
+               counters: Counters, asker: Identity, body: dict[str, Any]) -> None:
+    """Publish a ``logrange`` answer to the asker's own reply topic, which only it reads."""
+    try:
+        reply = TopicScheme(scheme.mode, scheme.network, asker.member).log_reply(asker.node)
+    except TopicError:
+        counters.dropped["bad_topic"] += 1
+        return
+    counters.log_requests_answered += 1
+    settle(conn.publish(reply, codec.encode(kind="logrange", body=body), qos=1))
 
 
 def settle(fut: asyncio.Future[None]) -> None:

@@ -29,6 +29,7 @@ from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..security.seal import Sealer, load_x25519_public_key
+from .archive import Archive
 from .counters import Counters
 from .history import NodeLog
 from .markers import Markers
@@ -83,6 +84,7 @@ class PearNetwork:
         self._history: NodeLog | None = None
         self._replicas: Replicas | None = None
         self._market: MarketFeed | None = None
+        self._archive: Archive | None = None
         self._supervisor = ConnectionSupervisor(
             config=config, clock=clock, counters=self._counters, privacy=privacy,
             receiver=self._receiver, sender=self._sender, pages=self._sender.pages,
@@ -126,7 +128,7 @@ class PearNetwork:
         self._peers.attach(codec)
         history, replicas = self._open_history(codec, topics)
         self._receiver.attach(codec, replicas=replicas, history=history,
-                              sink=self._open_market())
+                              sink=self._open_market(), archive=self._archive)
         self._sender.attach(codec=codec, topics=topics, sealer=sealer, outbox=outbox,
                             markers=self._markers, history=history)
         self._supervisor.attach(codec=codec, topics=topics)
@@ -160,8 +162,17 @@ class PearNetwork:
         if self._history is not None:
             self._history.attach(codec=codec, topics=topics)
         if self._replicas is None:
-            self._replicas = Replicas(counters=self._counters, mode=topics.mode,
-                                      network=topics.network)
+            archive = rel.archive.split("/", 1) if rel.archive is not None else None
+            if rel.archive_path is not None:
+                self._archive = Archive(path=rel.archive_path, counters=self._counters)
+            self._replicas = Replicas(
+                counters=self._counters, mode=topics.mode, network=topics.network,
+                archive=None if archive is None else (archive[0], archive[1]),
+                keep=None if self._archive is None else self._archive.keep)
+            if self._archive is not None:
+                self._archive.open(self._replicas, topics.network)
+        if self._archive is not None:
+            self._archive.attach(codec=codec, topics=topics)
         self._replicas.attach(codec=codec, reply_topic=topics.log_reply(self.config.node_id))
         return self._history, self._replicas
 
@@ -215,6 +226,10 @@ class PearNetwork:
             raise NotConnectedError("call connect() first")
         await self._replicas.wait(predicate, timeout)
 
+    def archived(self) -> dict[str, int]:
+        """An archive node's kept logs: entries per sender (empty for other nodes)."""
+        return {} if self._archive is None else self._archive.logs()
+
     @property
     def forks(self) -> list[Fork]:
         """Evidence of every sender seen rewriting its history (both signed payloads)."""
@@ -234,6 +249,10 @@ class PearNetwork:
         if self._history is not None:
             self._history.close()
             self._history = None
+        if self._archive is not None:
+            self._archive.close()
+            self._archive = None
+            self._replicas = None  # reopened from the archive's files on the next connect()
         if self._market is not None:
             await asyncio.to_thread(self._market.close)
             self._market.store.close()

@@ -23,6 +23,7 @@ from ..privacy.filter import SharedInsight
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
+from .archive import Archive
 from .checkpoints import CheckpointPages
 from .counters import Counters, open_counted
 from .history import NodeLog, settle
@@ -72,9 +73,11 @@ class Receiver:
         self._history: NodeLog | None = None
         self._conn: Connection | None = None
         self._sink: Sink | None = None
+        self._archive: Archive | None = None
 
     def attach(self, codec: EnvelopeCodec, *, replicas: Replicas | None = None,
-               history: NodeLog | None = None, sink: Sink | None = None) -> None:
+               history: NodeLog | None = None, sink: Sink | None = None,
+               archive: Archive | None = None) -> None:
         """Verify with ``codec``, track senders' logs in ``replicas``, answer requests for
         our own ``history`` and hand every verified insight, state and aggregate to ``sink``
         (the market store's feed) (set on each ``connect()``)."""
@@ -83,6 +86,7 @@ class Receiver:
         self._replicas = replicas
         self._history = history
         self._sink = sink
+        self._archive = archive
 
     @property
     def states(self) -> dict[str, ReceivedInsight]:
@@ -164,7 +168,7 @@ class Receiver:
                                                              separators=(",", ":")).encode(),
                                        only_new=True)
             return  # our own message echoed by a broker without no-local
-        if not self._logged(signer, decoded.message.log_ref, msg.payload):
+        if not self._logged(signer, decoded.message.log_ref, msg.payload, msg.topic):
             return
         kind = decoded.message.kind
         body = decoded.message.body
@@ -190,7 +194,8 @@ class Receiver:
             self._counters.dropped["unexpected_kind"] += 1
 
     # -- verified history ---------------------------------------------------------------------
-    def _logged(self, signer: Identity, log_ref: str | None, payload: bytes) -> bool:
+    def _logged(self, signer: Identity, log_ref: str | None, payload: bytes,
+                topic: str) -> bool:
         """Record a sender's logged envelope; false if it must be dropped (a forked sender)."""
         replicas = self._replicas
         if replicas is None:
@@ -200,13 +205,17 @@ class Receiver:
                 self._counters.dropped["forked_sender"] += 1
                 return False
             return True
-        return replicas.observe(signer, log_ref, payload)
+        return replicas.observe(signer, log_ref, payload, topic)
 
     def _handle_log(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
         me = self._me
         if parsed.kind == "log_req":
-            if (self._history is not None and self._conn is not None and me is not None
-                    and (parsed.company, parsed.node) == (me.member, me.node)):
+            if (self._conn is None or me is None
+                    or (parsed.company, parsed.node) != (me.member, me.node)):
+                return
+            if self._archive is not None and self._archive.answer(self._conn, msg):
+                return  # a request for another node's log, which this archive keeps
+            if self._history is not None:
                 self._history.answer(self._conn, msg, parsed)
             return
         if not msg.payload or self._replicas is None:
@@ -317,7 +326,7 @@ class Receiver:
         if signer.member != parsed.company or signer.node != parsed.node:
             self._counters.dropped["identity_mismatch"] += 1
             return
-        if not self._logged(signer, decoded.message.log_ref, msg.payload):
+        if not self._logged(signer, decoded.message.log_ref, msg.payload, msg.topic):
             return
         body = decoded.message.body
         if self._replicas is not None and parsed.page is not None:

@@ -36,6 +36,9 @@ _ASK_MAX = 512  # entries asked for at once (a sender answers at most this many)
 # (topic, payload, response topic, correlation data): a request over MQTT 5's
 # request/response properties; the signed body carries the same for 3.1.1 brokers.
 Publish = Callable[[str, bytes, str, bytes], None]
+# (sender, log id, index of the first record, [(topic, payload)]): entries a signed head just
+# verified, in order, handed to an archive that keeps them.
+Keep = Callable[[Identity, str, int, list[tuple[str, bytes]]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,7 @@ class _Replica:
     log_id: str
     tree: MerkleTree = field(default_factory=MerkleTree)
     payloads: dict[int, bytes] = field(default_factory=dict)  # index -> the first one seen
+    topics: dict[int, str] = field(default_factory=dict)  # ... and its topic
     pending: dict[int, bytes] = field(default_factory=dict)  # leaf hashes past tree.size
     head: TreeHead | None = None
     head_payload: bytes = b""
@@ -77,13 +81,17 @@ class _Replica:
     fork: Fork | None = None
     progress_at: float = field(default_factory=time.monotonic)  # when the prefix last grew
     timer: asyncio.TimerHandle | None = None
+    from_archive: bool = False  # ask the network's archive (the sender did not answer)
 
 
 class Replicas:
     """Per sender: the in-order leaf hashes, the latest head, gaps and their repair."""
 
-    def __init__(self, *, counters: Counters, mode: str, network: str) -> None:
+    def __init__(self, *, counters: Counters, mode: str, network: str,
+                 archive: tuple[str, str] | None = None, keep: Keep | None = None) -> None:
         self._counters = counters
+        self._archive = archive  # (member, node) of the node that keeps every log
+        self._keep = keep
         self._mode, self._network = mode, network
         self._replicas: dict[str, _Replica] = {}
         self._pages: dict[str, dict[int, int]] = {}  # sender -> page -> newest seq seen
@@ -104,6 +112,12 @@ class Replicas:
             rep.asked = None
             if publish is not None:
                 self._repair(rep)
+
+    def seed(self, owner: Identity, log_id: str, leaves: list[bytes]) -> None:
+        """Start from entries verified before a restart (an archive's logs on disk)."""
+        rep = self._replicas[owner.sender] = _Replica(owner=owner, log_id=log_id,
+                                                       tree=MerkleTree(leaves))
+        rep.verified = len(leaves)
 
     def views(self) -> list[LogView]:
         return [LogView(sender=k, log_id=r.log_id, held=r.tree.size, verified=r.verified,
@@ -153,15 +167,16 @@ class Replicas:
         return True
 
     # -- what arrives -------------------------------------------------------------------------
-    def observe(self, signer: Identity, log_ref: str, payload: bytes) -> bool:
-        """An envelope of ``signer`` carrying ``log_ref``; false if it must be dropped (the
-        sender forked, or this payload contradicts what it signed before)."""
+    def observe(self, signer: Identity, log_ref: str, payload: bytes, topic: str = "") -> bool:
+        """An envelope of ``signer`` carrying ``log_ref``, received on ``topic``; false if it
+        must be dropped (the sender forked, or this payload contradicts what it signed
+        before)."""
         try:
-            return self._observe(signer, log_ref, payload)
+            return self._observe(signer, log_ref, payload, topic)
         finally:
             self._changed()
 
-    def _observe(self, signer: Identity, log_ref: str, payload: bytes) -> bool:
+    def _observe(self, signer: Identity, log_ref: str, payload: bytes, topic: str) -> bool:
         try:
             log_id, index = parse_log_ref(log_ref)
         except ProofFailed:
@@ -194,7 +209,8 @@ class Replicas:
                 return False
             return True
         rep.pending[index] = leaf
-        rep.payloads.setdefault(index, payload)
+        if index not in rep.payloads:
+            rep.payloads[index], rep.topics[index] = payload, topic
         self._advance(rep)
         if rep.pending:
             self._repair(rep)
@@ -228,11 +244,17 @@ class Replicas:
         self._repair(rep)
 
     def on_reply(self, signer: Identity, body: Any) -> list[tuple[str, bytes]]:
-        """A ``logrange`` answer: the (topic, payload) records to receive as if live."""
+        """A ``logrange`` answer (of the sender, or of the archive for a sender it names):
+        the (topic, payload) records to receive as if live."""
         if not isinstance(body, dict) or not isinstance(body.get("log"), str):
             self._counters.dropped["malformed"] += 1
             return []
-        rep = self._replicas.get(signer.sender)
+        archived = (self._archive is not None
+                    and (signer.member, signer.node) == self._archive
+                    and isinstance(body.get("sender"), str))
+        # An archive's records are the senders' own signed envelopes: they verify like live
+        # ones, so trusting it changes nothing but where they come from.
+        rep = self._replicas.get(body["sender"] if archived else signer.sender)
         if rep is None or rep.log_id != body["log"]:
             # An answer about a log this node no longer follows (the sender started a new
             # one meanwhile): nothing to use, nothing hostile either.
@@ -247,13 +269,19 @@ class Replicas:
             self._counters.dropped["malformed"] += 1
             return []
         rep.asked = None
-        if body.get("truncated") and rep.broken_from is None and held_from > rep.tree.size:
+        if (body.get("truncated") and not archived and self._archive is not None
+                and held_from > rep.tree.size):
+            rep.from_archive = True  # the sender's retention dropped them: the archive may not
+        elif body.get("truncated") and rep.broken_from is None and held_from > rep.tree.size:
             # Dropped by the sender's retention: say so once, with the range, never hang.
             lost = held_from - rep.tree.size
             rep.broken_from = rep.tree.size
             self._counters.log_unrepairable += lost
-            log.warning("%s: entries %d..%d of its log are gone (its retention); %d entries "
-                        "cannot be repaired", signer.sender, rep.tree.size, held_from - 1, lost)
+            log.warning("%s: entries %d..%d of its log are gone (retention%s); %d entries "
+                        "cannot be repaired", rep.owner.sender, rep.tree.size, held_from - 1,
+                        ", the archive's too" if archived else "", lost)
+        if archived and not records and not body.get("truncated"):
+            rep.from_archive = False  # the archive holds no more of it: back to the sender
         out: list[tuple[str, bytes]] = []
         for rec in records:
             if not (isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], str)
@@ -292,6 +320,7 @@ class Replicas:
         rep.pending = {i: h for i, h in rep.pending.items() if i < index}
         for i in [i for i in rep.payloads if i >= index]:
             del rep.payloads[i]
+            rep.topics.pop(i, None)
         rep.asked = None
 
     def _advance(self, rep: _Replica) -> None:
@@ -311,10 +340,15 @@ class Replicas:
                               f"{head.length}", rep.head_payload,
                          rep.payloads.get(head.length - 1, b""))
             return
+        if self._keep is not None and head.length > rep.verified:
+            self._keep(rep.owner, rep.log_id, rep.verified,
+                       [(rep.topics.get(i, ""), rep.payloads[i])
+                        for i in range(rep.verified, head.length)])
         rep.verified = max(rep.verified, head.length)
         # Verified: only the leaf hashes are needed from here on.
         for i in [i for i in rep.payloads if i < rep.verified]:
             del rep.payloads[i]
+            rep.topics.pop(i, None)
 
     def _later(self, rep: _Replica, delay: float) -> None:
         """Look at ``rep``'s gap again after ``delay`` s (one timer per sender)."""
@@ -360,15 +394,24 @@ class Replicas:
             if now - rep.asked[2] < _ASK_AGAIN:
                 self._later(rep, _ASK_AGAIN - (now - rep.asked[2]))
                 return
+            if self._archive is not None:
+                # No answer: the sender may be offline; the archive holds its log too (and
+                # the other way round, should the archive be the one away).
+                rep.from_archive = not rep.from_archive
         else:
             self._counters.log_gaps += 1  # a gap that did not fill by itself
+        member, node = (self._archive if rep.from_archive and self._archive is not None
+                        else (rep.owner.member, rep.owner.node))
         try:
-            topic = TopicScheme(self._mode, self._network, rep.owner.member).log_request(
-                rep.owner.node)
+            topic = TopicScheme(self._mode, self._network, member).log_request(node)
         except TopicError:
             return
         rep.request_id = secrets.token_urlsafe(9)
         rep.asked = (start, end, now)
         body = {"log": rep.log_id, "from": start, "to": end, "id": rep.request_id}
+        if rep.from_archive:
+            body["sender"] = rep.owner.sender
+        # Looked at again if no answer comes: an offline sender sends nothing else that would.
+        self._later(rep, _ASK_AGAIN)
         self._publish(topic, self._codec.encode(kind="logreq", body=body), self._reply_topic,
                       rep.request_id.encode("ascii"))

@@ -26,9 +26,24 @@ def _agent_names() -> list[str]:
             for company in spec.companies for store in spec.stores]
 
 
+def _archive_names() -> list[str]:
+    return [f"agent-{spec.mode}-{spec.archive}-archive" for spec in TOPOLOGY
+            if spec.agents and spec.archive is not None]
+
+
 def test_every_broker_and_agent_of_the_topology_is_a_service(services: dict[str, Any]) -> None:
-    wanted = {f"broker-{spec.mode}" for spec in TOPOLOGY} | set(_agent_names()) | {"bridge"}
+    wanted = ({f"broker-{spec.mode}" for spec in TOPOLOGY} | set(_agent_names())
+              | set(_archive_names()) | {"bridge"})
     assert set(services) == wanted
+
+
+def test_archives_run_their_node_config_with_a_status_file(services: dict[str, Any]) -> None:
+    for name in _archive_names():
+        node = name.removeprefix("agent-")
+        command = services[name]["command"]
+        assert command[:3] == ["archive", "--config", f"${{PEAR_DIR}}/nodes/{node}.toml"]
+        status = command[command.index("--status-file") + 1]
+        assert services[name]["healthcheck"]["test"][-1] == status
 
 
 def test_host_network_only_and_no_published_ports(services: dict[str, Any]) -> None:

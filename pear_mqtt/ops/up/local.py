@@ -74,6 +74,12 @@ class ProcessBackend(Backend):
     def agent_process(self, *, directory: Path, node: NodeEntry, status_file: Path,
                       rate: float | None) -> Proc:
         assert node.config is not None
+        if node.role == "archive":
+            argv = [sys.executable, "-m", "pear_mqtt.cli", "archive", "--config", node.config,
+                    "--status-file", str(status_file),
+                    "--status-interval", f"{AGENT_STATUS_INTERVAL:g}"]
+            return spawn(argv, log=directory / "logs" / f"agent-{node.name}.log",
+                         cwd=directory)
         argv = [sys.executable, "-m", "pear_mqtt.cli", "agent", "--config", node.config,
                 "--simulate", "--status-file", str(status_file),
                 "--status-interval", f"{AGENT_STATUS_INTERVAL:g}",

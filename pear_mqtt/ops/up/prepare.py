@@ -182,27 +182,35 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
                 "key": str(b.key), "crl": str(crl),
                 "aggregator_key": str(root / "aggregator" / "aggregator.key")
                 if aggregator else None}
-        for company in spec.companies:
-            for store in spec.stores:
-                certs, member, node = _ensure_node(ca_dir=ca_dir, out_dir=root / "nodes",
-                                                   company=company, store=store,
-                                                   enrolled=enrolled)
-                name = f"{spec.mode}-{company}-{store}"
-                # Every node gets a config, agent or not: a public participant's is what
-                # `pear-mqtt market … --sync` or one's own code connects with.
-                config_path = directory / "nodes" / f"{name}.toml"
-                _write_node_config(path=config_path, spec=spec, company=company,
-                                   node=node, url=url, certs=certs, crl=crl,
-                                   outbox=directory / "outbox" / f"{name}.db",
-                                   secret=sec, aggregator=aggregator)
-                entry = NodeEntry(name=name, mode=spec.mode, network=spec.network,
-                                  company=company, member=member, node=node,
-                                  broker=spec.mode, url=url, ca=str(certs.ca),
-                                  cert=str(certs.cert), key=str(certs.key),
-                                  config=str(config_path))
-                nodes.append(entry)
-                if spec.agents:
-                    agent_nodes.append(entry)
+        archive: str | None = None
+        members = [(c, s, "store") for c in spec.companies for s in spec.stores]
+        if spec.archive is not None:
+            members.insert(0, (spec.archive, "archive", "archive"))
+        for company, store, role in members:  # the archive first: the stores' configs name it
+            certs, member, node = _ensure_node(ca_dir=ca_dir, out_dir=root / "nodes",
+                                               company=company, store=store,
+                                               enrolled=enrolled)
+            if role == "archive":
+                archive = f"{member}/{node}"
+            name = f"{spec.mode}-{company}-{store}"
+            # Every node gets a config, agent or not: a public participant's is what
+            # `pear-mqtt market … --sync` or one's own code connects with.
+            config_path = directory / "nodes" / f"{name}.toml"
+            _write_node_config(
+                path=config_path, spec=spec, company=company, node=node, url=url,
+                certs=certs, crl=crl, outbox=directory / "outbox" / f"{name}.db",
+                secret=sec, aggregator=aggregator,
+                archive=None if role == "archive" else archive,
+                archive_path=(directory / "archive" / spec.network
+                              if role == "archive" else None))
+            entry = NodeEntry(name=name, mode=spec.mode, network=spec.network,
+                              company=company, member=member, node=node,
+                              broker=spec.mode, url=url, ca=str(certs.ca),
+                              cert=str(certs.cert), key=str(certs.key),
+                              config=str(config_path), role=role)
+            nodes.append(entry)
+            if spec.agents:
+                agent_nodes.append(entry)
         probe = next(n for n in nodes if n.network == spec.network)
         conf, log = backend.broker_config(directory=directory, spec=spec, port=port,
                                           ca_dir=ca_dir, certs=broker_certs, probe=probe)
@@ -252,14 +260,16 @@ def _write_bridge_config(directory: Path, bridge: dict[str, Any],
 
 def _write_node_config(*, path: Path, spec: NetworkSpec, company: str, node: str, url: str,
                        certs: pkimod.CertPaths, crl: Path, outbox: Path,
-                       secret: dict[str, str], aggregator: Path | None) -> None:
+                       secret: dict[str, str], aggregator: Path | None,
+                       archive: str | None = None, archive_path: Path | None = None) -> None:
     """``node`` is the node its certificate names (the store's pseudonym where the network
     anonymises); ``company_id`` stays the company's own id, which only this file holds."""
     overrides: dict[str, Any] = {
         "network_id": spec.network, "node_id": node, "broker_url": url,
         "tls": {"ca_file": certs.ca.resolve(), "cert_file": certs.cert.resolve(),
                 "key_file": certs.key.resolve(), "crl_file": crl.resolve()},
-        "reliability": {"outbox_path": outbox.resolve()},
+        "reliability": {"outbox_path": outbox.resolve(), "archive": archive,
+                        "archive_path": archive_path.resolve() if archive_path else None},
     }
     if spec.anonymise:
         overrides["privacy"] = {"aggregator_key_file": aggregator.resolve() if aggregator

@@ -88,6 +88,7 @@ class NodeEntry:
     cert: str
     key: str
     config: str | None
+    role: str = "store"  # "store" (a simulated agent), or "archive" (pear-mqtt archive)
 
 
 @dataclass(slots=True)

@@ -38,17 +38,22 @@ class NetworkSpec:
     agents: bool  # start a simulated agent per (company, store)
     bridge: bool  # issue a bridge identity and grant it the bridge's ACL rights
     anonymise: bool  # the CA enrols stores under random pseudonyms (CN, OU)
+    # The company whose node "archive" keeps every member's history log (docs/HISTORY.md);
+    # None: no archive (public participants keep no logs).
+    archive: str | None = None
 
 
 _CONSORTIUM = ("acme", "globex", "initech", "umbrella", "hooli", "wayne")
 
 TOPOLOGY: Final = (
     NetworkSpec(mode="private", network="acme-private", companies=("acme",),
-                stores=("store-1", "store-2"), agents=True, bridge=False, anonymise=False),
+                stores=("store-1", "store-2"), agents=True, bridge=False, anonymise=False,
+                archive="acme"),
     # Six companies: one more than the default k (privacy.min_companies = 5), so aggregates
     # pass the threshold even while one member is offline.
     NetworkSpec(mode="consortium", network="retail-eu", companies=_CONSORTIUM,
-                stores=("store-1",), agents=True, bridge=True, anonymise=True),
+                stores=("store-1",), agents=True, bridge=True, anonymise=True,
+                archive="operator"),  # the consortium's operator: no store, no insights
     # Public participants get certificates to try things with; they publish nothing useful
     # until the bridge aggregates, so no agents run there yet.
     NetworkSpec(mode="public", network="market", companies=_CONSORTIUM,
