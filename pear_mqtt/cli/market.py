@@ -86,7 +86,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M")
+        return value.strftime("%Y-%m-%d" if (value.hour, value.minute) == (0, 0)
+                              else "%Y-%m-%d %H:%M")
     return str(value)
 
 
@@ -141,7 +142,8 @@ def _emit(args: argparse.Namespace, rows: Sequence[Any], *, title: str,
         table.add_column(c, justify="right" if c in METRICS else "left")
     for rec in records:
         table.add_row(*(_cell(rec.get(c)) for c in columns))
-    Console().print(table)
+    # A pipe or a file gets the whole table, not one cut to 80 columns.
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
     if not records:
         print("(no rows: `pear-mqtt market status` shows what the store holds)",
               file=sys.stderr)

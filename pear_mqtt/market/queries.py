@@ -151,8 +151,11 @@ def grouped(conn: sqlite3.Connection, flt: Filter, group_by: Literal["day", "wee
     out: list[GroupRow] = []
     for p, name, n, exact, s, ss, lo, hi in sums:
         mean = s / n if n else None
-        std = (math.sqrt(max(0.0, (ss - n * mean * mean) / (n - 1)))
-               if n > 1 and mean is not None else None)
+        std = None
+        if n > 1 and mean is not None:
+            var = (ss - n * mean * mean) / (n - 1)
+            # Equal values leave only rounding behind: that is no spread.
+            std = math.sqrt(var) if var > 1e-12 * max(1.0, mean * mean) else 0.0
         out.append(GroupRow(period=_ts(p * DAY), category=flt.category or "*",
                             region=flt.region, metric=name, count=n,
                             companies=companies.get(p, 0), mean=mean, stddev=std,

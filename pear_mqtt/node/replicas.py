@@ -82,6 +82,7 @@ class _Replica:
     progress_at: float = field(default_factory=time.monotonic)  # when the prefix last grew
     timer: asyncio.TimerHandle | None = None
     from_archive: bool = False  # ask the network's archive (the sender did not answer)
+    answered: bool = False  # an answer just came: the next range is asked for at once
 
 
 class Replicas:
@@ -269,6 +270,7 @@ class Replicas:
             self._counters.dropped["malformed"] += 1
             return []
         rep.asked = None
+        rep.answered = True
         if (body.get("truncated") and not archived and self._archive is not None
                 and held_from > rep.tree.size):
             rep.from_archive = True  # the sender's retention dropped them: the archive may not
@@ -298,7 +300,16 @@ class Replicas:
         self._counters.log_repaired += count
         self._changed()
         for rep in self._replicas.values():
-            if rep.pending or (rep.head is not None and rep.tree.size < rep.head.length):
+            answered, rep.answered = rep.answered, False
+            if answered and (rep.pending or (rep.head is not None
+                                             and rep.tree.size < rep.head.length)):
+                # An answer came: ask for the next range at once (the grace is for gaps
+                # that may still fill by themselves, not for a repair under way).
+                if rep.timer is not None:
+                    rep.timer.cancel()
+                    rep.timer = None
+                self._repair(rep, at_once=True)
+            elif rep.pending or (rep.head is not None and rep.tree.size < rep.head.length):
                 self._repair(rep)
 
     # -- internals ----------------------------------------------------------------------------
@@ -371,7 +382,7 @@ class Replicas:
         log.error("%s rewrote its history (%s): its later data is refused", rep.owner.sender,
                   reason)
 
-    def _repair(self, rep: _Replica) -> None:
+    def _repair(self, rep: _Replica, *, at_once: bool = False) -> None:
         """Ask the sender for the first missing range, one request at a time."""
         if self._publish is None or self._codec is None or rep.fork is not None:
             return
@@ -387,7 +398,7 @@ class Replicas:
         end = min(end, start + _ASK_MAX)
         now = time.monotonic()
         quiet = now - rep.progress_at
-        if quiet < GAP_GRACE:
+        if quiet < GAP_GRACE and not at_once:
             self._later(rep, GAP_GRACE - quiet)
             return
         if rep.asked is not None and rep.asked[0] == start:

@@ -22,8 +22,8 @@ DEFAULT_RESULTS = ROOT / ".pear" / "faults" / "results.jsonl"
 DEFAULT_DOC = ROOT / "docs" / "RELIABILITY.md"
 
 #: Section order of the report; a group not listed here goes last.
-GROUPS = ("broker", "network", "bridge", "agent", "disk", "time", "certificates", "fan-in",
-          "hostile", "config")
+GROUPS = ("broker", "network", "history", "bridge", "agent", "disk", "time", "certificates",
+          "fan-in", "hostile", "config")
 
 
 def results_path() -> Path:

@@ -172,8 +172,8 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
         for line in notes:
             out(line)
         port_list = _ports(ports, previous)
-        agents_note = "agents: simulated stores" if with_agents else \
-            "agents: not started (--no-agents)"
+        agents_note = ("agents: simulated stores and an archive node per network"
+                       if with_agents else "agents: not started (--no-agents)")
 
         runner = chosen()
         plan = prepare(directory, port_list, runner)
@@ -230,7 +230,9 @@ def _start_components(directory: Path, state: UpState, backend: Backend, *,
                 failure="the bridge did not become healthy")
     if not with_agents:
         return
-    out(f"brokers up; starting {len(agent_nodes)} simulated agents{backend.agents_suffix}")
+    archives = sum(1 for n in agent_nodes if n.role == "archive")
+    out(f"brokers up; starting {len(agent_nodes) - archives} simulated agents and {archives} "
+        f"archive nodes{backend.agents_suffix}")
     # After the brokers: agents then connect at once instead of backing off.
     for node in agent_nodes:
         status_file = _fresh_status_file(directory / "run" / f"{node.name}.status.json")
