@@ -17,8 +17,8 @@ DEFAULT_OUT = _HERE / "results.json"
 DEFAULT_DOC = _HERE.parent / "docs" / "BENCHMARKS.md"
 DEFAULT_PROFILE_DIR = _HERE / "profile"
 DEFAULT_PLOT = _HERE.parent / "docs" / "bench.png"
-UNITS = ("A", "A5", "C", "P", "sync", "latency", "bridge", "rss", "fanin", "market")
-LOAD_UNITS = ("latency", "bridge", "rss", "fanin", "market")
+UNITS = ("A", "A5", "C", "P", "sync", "latency", "bridge", "rss", "fanin", "market", "repair")
+LOAD_UNITS = ("latency", "bridge", "rss", "fanin", "market", "repair")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     ld.add_argument("--market-rows", type=int,
                     help="insights the market store is filled with before its queries are "
                          "timed (default: full 1,000,000, quick 200,000)")
+    ld.add_argument("--n-repair", type=int,
+                    help="insights in the log a late joiner repairs (default: full 20,000, "
+                         "quick 5,000)")
     ld.add_argument("--fanin-workers", type=int, default=4,
                     help="processes the fan-in agents are spread over (default 4)")
     ld.add_argument("--fanin-mode", choices=("public", "consortium"), default="public",
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         agents=args.agents or (100 if quick else 1000),
         fanin_workers=args.fanin_workers, fanin_mode=args.fanin_mode,
         fanin_downtime=args.fanin_downtime,
-        market_rows=args.market_rows or (200_000 if quick else 1_000_000))
+        market_rows=args.market_rows or (200_000 if quick else 1_000_000),
+        n_repair=args.n_repair or (5_000 if quick else 20_000))
     if min(load.n_bridge, load.n_rss, load.agents, load.fanin_workers) < 1 or \
             load.lat_seconds <= 0 or load.lat_rate <= 0:
         print("load sizes must be at least 1 (seconds and rate above 0)", file=sys.stderr)
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     elif quick:
         load_reps = dict.fromkeys(LOAD_UNITS, 1)
     else:
-        load_reps = {"latency": 3, "bridge": 2, "rss": 2, "fanin": 2, "market": 1}
+        load_reps = {"latency": 3, "bridge": 2, "rss": 2, "fanin": 2, "market": 1, "repair": 2}
 
     with tempfile.TemporaryDirectory(prefix="pear-bench-") as tmp:
         workdir = args.workdir or Path(tmp)

@@ -51,6 +51,7 @@ class LoadParams:
     fanin_mode: str = "public"
     fanin_downtime: float = 0.5  # seconds between the kill and the restart
     market_rows: int = 1_000_000  # insights the market store holds when it is queried
+    n_repair: int = 20_000  # insights in the log a late joiner repairs
     timeout: float = 300.0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .env import BRIDGE_USER, BenchEnv, Broker, build_env, mosquitto_version
+from .history import run_repair
 from .loadscenarios import LoadParams, run_bridge, run_fanin, run_latency, run_rss
 from .market import run_market
 from .report import machine, profile_summary, summarise, summarise_load
@@ -107,7 +108,7 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
     lat_variants = ["raw", "pear"] + (["pear_default"] if load.lat_default_linger else [])
     lat: dict[str, list[dict[str, Any]]] = {v: [] for v in lat_variants}
     load_samples: dict[str, list[dict[str, Any]]] = {"bridge": [], "rss": [], "fanin": [],
-                                                     "market": []}
+                                                     "market": [], "repair": []}
 
     def unit_latency(rep: int) -> None:
         # The variants take turns, each on a fresh broker, starting one further each round.
@@ -134,10 +135,14 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
     def unit_market(rep: int) -> None:
         load_samples["market"].append(run_market(workdir / "market", rows=load.market_rows))
 
+    def unit_repair(rep: int) -> None:
+        load_samples["repair"].append(rnd.measure_with(
+            "repair", lambda e, b: run_repair(e, b.workdir / "repair", load.n_repair)))
+
     units: list[tuple[str, Callable[[int], None]]] = [
         ("A", unit_a), ("C", unit_c), ("P", unit_p), ("sync", unit_sync),
         ("latency", unit_latency), ("bridge", unit_bridge), ("rss", unit_rss),
-        ("fanin", unit_fanin), ("market", unit_market)]
+        ("fanin", unit_fanin), ("market", unit_market), ("repair", unit_repair)]
     if mqtt5_baseline:
         units.insert(1, ("A5", unit_a5))
     if only:
@@ -190,7 +195,7 @@ def _run_p(env: BenchEnv, *, params: Params, market: bool) -> dict[str, Any]:
     return run_p(env, params, market=market)
 
 
-LOAD_UNITS = ("latency", "bridge", "rss", "fanin", "market")
+LOAD_UNITS = ("latency", "bridge", "rss", "fanin", "market", "repair")
 
 
 def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
@@ -202,6 +207,9 @@ def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
     if name == "bridge":
         return (f"{last['rate']:,.0f} insights per CPU-second, {last['wall_rate']:,.0f}/s "
                 f"wall, {last['items']:,} from {last['companies']} companies")
+    if name == "repair":
+        return (f"{last['rate']:,.0f} log entries/s ({last['insight_rate']:,.0f} insights/s) "
+                f"repaired and verified, {last['entries']:,} entries")
     if name == "market":
         return (f"{last['ingest_rate']:,.0f} rows/s in, over {last['rows']:,} rows: grouped "
                 f"p50 {last['grouped_p50_ms']:.2f} ms, position p50 "

@@ -38,6 +38,7 @@ def test_quick_bench_at_tiny_size_writes_every_measurement(tmp_path: Path) -> No
          # contributions, 300 agent insights, 20 agents over 2 processes.
          "--lat-seconds", "1", "--n-bridge", "300", "--n-rss", "300", "--agents", "20",
          "--fanin-workers", "2", "--fanin-downtime", "0.2", "--market-rows", "3000",
+         "--n-repair", "300",
          "--out", str(out), "--no-doc", "--plot", str(tmp_path / "bench.png"),
          "--workdir", str(tmp_path / "work")],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
@@ -99,7 +100,9 @@ def test_quick_bench_at_tiny_size_writes_every_measurement(tmp_path: Path) -> No
     assert fanin["accepted_after_restart"]["median"] >= 20
     assert isinstance(fanin["storm"], bool)
     assert set(results["params"]["load_reps"]) == {"latency", "bridge", "rss", "fanin",
-                                                   "market"}
+                                                   "market", "repair"}
+    repair = results["repair"]
+    assert repair["entries"]["max"] > 0 and _positive(repair["rate"]["median"])
     # The plot was drawn (matplotlib is in the bench extra) or skipped without it.
     png = tmp_path / "bench.png"
     assert png.exists() == ("plot:    " + str(png) in proc.stdout)
