@@ -409,7 +409,7 @@ class Replicas:
                 # No answer: the sender may be offline; the archive holds its log too (and
                 # the other way round, should the archive be the one away).
                 rep.from_archive = not rep.from_archive
-        else:
+        elif not at_once:
             self._counters.log_gaps += 1  # a gap that did not fill by itself
         member, node = (self._archive if rep.from_archive and self._archive is not None
                         else (rep.owner.member, rep.owner.node))
