@@ -761,6 +761,12 @@ def _md_targets(results: Mapping[str, Any]) -> list[str]:
                           ("---", "---", "---:", "---")), ""]
 
 
+def _stat_rows(section: Mapping[str, Any], keys: Sequence[tuple[str, int]]) -> list[list[str]]:
+    """(metric, min, median, max) rows of the ``keys`` a section has, ``d`` decimals each."""
+    return [[k, *(f"{section[k][q]:,.{d}f}" for q in ("min", "median", "max"))]
+            for k, d in keys if k in section]
+
+
 def _md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
     out: list[str] = []
     lat = results.get("latency")
@@ -805,9 +811,7 @@ def _md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                     + ". Every insight had reached the receiver.", ""]
     br = results.get("bridge")
     if br:
-        rows = [[k, f"{br[k]['min']:,.{d}f}", f"{br[k]['median']:,.{d}f}",
-                 f"{br[k]['max']:,.{d}f}"]
-                for k, d in (("rate", 0), ("wall_rate", 0), ("cpu_s", 2), ("cpu_share", 2))]
+        rows = _stat_rows(br, (("rate", 0), ("wall_rate", 0), ("cpu_s", 2), ("cpu_share", 2)))
         out += ["### Bridge ingest", "",
                 f"`pear-mqtt bridge` ingesting {br['items']['max']:,.0f} consortium "
                 f"contributions from {br['companies']['max']:.0f} companies "
@@ -818,11 +822,8 @@ def _md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                           ("---", "---:", "---:", "---:")), ""]
     rss = results.get("rss")
     if rss:
-        rows = [[k, f"{rss[k]['min']:,.{d}f}", f"{rss[k]['median']:,.{d}f}",
-                 f"{rss[k]['max']:,.{d}f}"]
-                for k, d in (("peak_mb", 1), ("peak_anon_mb", 1), ("ru_maxrss_mb", 1),
-                             ("median_rss_mb", 1), ("rate", 0), ("seconds", 2))
-                if k in rss]
+        rows = _stat_rows(rss, (("peak_mb", 1), ("peak_anon_mb", 1), ("ru_maxrss_mb", 1),
+                             ("median_rss_mb", 1), ("rate", 0), ("seconds", 2)))
         out += ["### Edge agent memory", "",
                 f"`pear-mqtt agent --simulate --rate 0 --count {rss['items']['max']:,.0f}` "
                 f"with its on-disk outbox ({lr.get('rss', '?')} repetition(s)).", "",
@@ -834,8 +835,7 @@ def _md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                 ("connect_max_ms", 0), ("outage_s", 2), ("first_after_up_s", 2),
                 ("last_after_up_s", 2), ("spread_s", 2), ("max_per_50ms", 0),
                 ("accepted_after_restart", 0), ("reconnects", 0), ("issue_s", 2))
-        rows = [[k, f"{fi[k]['min']:,.{d}f}", f"{fi[k]['median']:,.{d}f}",
-                 f"{fi[k]['max']:,.{d}f}"] for k, d in keys if k in fi]
+        rows = _stat_rows(fi, keys)
         h = fi["histogram"]
         out += ["### Fan-in and reconnect after a broker restart", "",
                 f"{fi['agents']['max']:.0f} `PearNetwork` nodes ({fi['mode']} mode, one "
@@ -854,10 +854,8 @@ def _md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                 f"`{' '.join(str(c) for c in h['counts'])}`", ""]
     mk = results.get("market")
     if mk:
-        rows = [[k, f"{mk[k]['min']:,.{d}f}", f"{mk[k]['median']:,.{d}f}",
-                 f"{mk[k]['max']:,.{d}f}"]
-                for k, d in (("rows", 0), ("ingest_rate", 0), ("grouped_p50_ms", 2),
-                             ("position_p50_ms", 2), ("bytes_per_insight", 0))]
+        rows = _stat_rows(mk, (("rows", 0), ("ingest_rate", 0), ("grouped_p50_ms", 2),
+                             ("position_p50_ms", 2), ("bytes_per_insight", 0)))
         out += ["### Market store", "",
                 "`pear_mqtt.market.MarketStore` filled in batches of 5,000 with verified "
                 "consortium insights (price buckets, direction, pseudonymous members; 20 "
@@ -880,10 +878,8 @@ def _md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                     "docs/MARKET.md.", ""]
     rp = results.get("repair")
     if rp:
-        rows = [[k, f"{rp[k]['min']:,.{d}f}", f"{rp[k]['median']:,.{d}f}",
-                 f"{rp[k]['max']:,.{d}f}"]
-                for k, d in (("insights", 0), ("entries", 0), ("seconds", 2), ("rate", 0),
-                             ("rate_after_grace", 0), ("insight_rate", 0))]
+        rows = _stat_rows(rp, (("insights", 0), ("entries", 0), ("seconds", 2), ("rate", 0),
+                             ("rate_after_grace", 0), ("insight_rate", 0)))
         out += ["### History repair", "",
                 "A sender broadcasts the insights (64 per `broadcast_many`) and flushes; then "
                 "a node that was never there connects and the clock runs until it holds and "
