@@ -1,6 +1,8 @@
 """The live path into a node's market store: the receiver hands each verified item to the
 feed in the event loop, and a thread writes them in batches, so a commit never stalls the
-socket. A store that cannot write keeps its backlog (bounded) and says so once."""
+socket. An item from a sender that keeps a history log waits until a signed head of that log
+proves its entry (:meth:`MarketFeed.proven`); a forked sender's never does. A store that
+cannot write keeps its backlog (bounded) and says so once."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import logging
 import threading
 import time
 
-from ..errors import MarketError
+from ..errors import MarketError, ProofFailed
+from ..history.head import parse_log_ref
 from ..node.records import ReceivedAggregate, ReceivedInsight
+from ..security.identity import Identity
 from .store import MarketStore
 
 __all__ = ["BACKLOG_MAX", "LINGER", "MarketFeed"]
@@ -41,15 +45,53 @@ class MarketFeed:
         self._thread = threading.Thread(target=self._run, name="pear-market", daemon=True)
         self.dropped = 0
         self.failing: str | None = None
+        # Items waiting for their log entry to be proven, per sender: (log id, index, item).
+        self._unproven: dict[tuple[str, str], list[tuple[str, int, ReceivedInsight]]] = {}
+        self._proven: dict[tuple[str, str], tuple[str, int]] = {}  # sender -> (log, length)
+        self.waiting = 0  # items held back until proven
 
     def start(self) -> None:
         self._thread.start()
 
     def __call__(self, item: ReceivedInsight | ReceivedAggregate) -> None:
         """Take one verified item (called in the event loop, once per item)."""
+        if isinstance(item, ReceivedInsight) and item.log_ref is not None:
+            try:
+                log_id, index = parse_log_ref(item.log_ref)
+            except ProofFailed:
+                return  # the receiver counted it already
+            key = (item.member, item.node)
+            proven = self._proven.get(key)
+            if proven is None or proven[0] != log_id or index >= proven[1]:
+                if self.waiting >= BACKLOG_MAX:
+                    self.dropped += 1
+                    return
+                self._unproven.setdefault(key, []).append((log_id, index, item))
+                self.waiting += 1
+                return
         with self._lock:
             self._pending.append(item)
         self._wake.set()
+
+    def proven(self, owner: Identity, log_id: str, length: int) -> None:
+        """A signed head of ``owner``'s log ``log_id`` proved its first ``length`` entries:
+        the items they carried go in."""
+        key = (owner.member, owner.node)
+        self._proven[key] = (log_id, length)
+        held = self._unproven.get(key)
+        if not held:
+            return
+        ready = [item for lid, index, item in held if lid == log_id and index < length]
+        left = [h for h in held if h[0] == log_id and h[1] >= length]
+        self.waiting -= len(held) - len(left)  # other logs' items: the sender moved on
+        if left:
+            self._unproven[key] = left
+        else:
+            del self._unproven[key]
+        if ready:
+            with self._lock:
+                self._pending.extend(ready)
+            self._wake.set()
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything taken so far is stored; False after ``timeout`` s."""

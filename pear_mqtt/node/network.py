@@ -127,8 +127,11 @@ class PearNetwork:
         self._markers.attach(topics.sync_marker(self.config.node_id))
         self._peers.attach(codec)
         history, replicas = self._open_history(codec, topics)
-        self._receiver.attach(codec, replicas=replicas, history=history,
-                              sink=self._open_market(), archive=self._archive)
+        market = self._open_market()
+        if replicas is not None:
+            replicas.on_verified = None if market is None else market.proven
+        self._receiver.attach(codec, replicas=replicas, history=history, sink=market,
+                              archive=self._archive)
         self._sender.attach(codec=codec, topics=topics, sealer=sealer, outbox=outbox,
                             markers=self._markers, history=history)
         self._supervisor.attach(codec=codec, topics=topics)

@@ -102,6 +102,9 @@ class Replicas:
         self._reply_topic = ""
         self._waiters: list[asyncio.Future[None]] = []
         self.forks: list[Fork] = []
+        # Told (sender, log id, verified length) whenever a signed head verifies more of a
+        # sender's log: the market store admits logged items only then.
+        self.on_verified: Callable[[Identity, str, int], None] | None = None
 
     def attach(self, *, codec: EnvelopeCodec, reply_topic: str) -> None:
         self._codec, self._me, self._reply_topic = codec, codec.signer.identity, reply_topic
@@ -355,7 +358,10 @@ class Replicas:
             self._keep(rep.owner, rep.log_id, rep.verified,
                        [(rep.topics.get(i, ""), rep.payloads[i])
                         for i in range(rep.verified, head.length)])
+        grew = head.length > rep.verified
         rep.verified = max(rep.verified, head.length)
+        if grew and self.on_verified is not None:
+            self.on_verified(rep.owner, rep.log_id, rep.verified)
         # Verified: only the leaf hashes are needed from here on.
         for i in [i for i in rep.payloads if i < rep.verified]:
             del rep.payloads[i]

@@ -154,3 +154,30 @@ def test_the_cli_prints_tables_json_csv_and_exports(
     assert json.loads(capsys.readouterr().out)["insights"] == 5
     assert main(["market", "query", "--store", str(tmp_path / "none.db")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_logged_item_enters_only_once_a_signed_head_proves_its_entry(
+        store: MarketStore) -> None:
+    from dataclasses import replace
+
+    from pear_mqtt.market import MarketFeed
+    from pear_mqtt.security.identity import Identity
+
+    feed = MarketFeed(store)
+    feed.start()
+    try:
+        acme = Identity(network="net", member="acme", node="s1")
+        for i in range(3):
+            feed(replace(received(iid=f"i{i}"), log_ref=f"L1:{i}"))
+        feed(replace(received(member="evil", iid="x"), log_ref="L9:0"))  # never proven
+        assert feed.drain(5) and store.query().rows == [] and feed.waiting == 4
+        feed.proven(acme, "L1", 2)  # a head of length 2: entries 0 and 1
+        assert feed.drain(5)
+        assert sorted(r.item_id for r in store.query().rows) == ["i0", "i1"]
+        feed.proven(acme, "L1", 3)
+        feed(replace(received(iid="i3"), log_ref="L1:2"))  # already proven: at once
+        assert feed.drain(5)
+        assert sorted(r.item_id for r in store.query().rows) == ["i0", "i1", "i2", "i3"]
+        assert feed.waiting == 1  # the unproven sender's item is still out
+    finally:
+        feed.close()
