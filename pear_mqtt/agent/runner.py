@@ -192,7 +192,8 @@ async def _drain(net: PearNetwork, timeout: float) -> bool:
 async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: asyncio.Event,
                     status_interval: float = 10.0, status_file: Path | None = None,
                     drain_timeout: float = 10.0,
-                    status_stream: TextIO | None = None) -> AgentReport:
+                    status_stream: TextIO | None = None,
+                    metrics_port: int | None = None) -> AgentReport:
     """Publish everything ``source`` yields until it ends or ``stop`` is set.
 
     Joins the network without waiting for the broker (insights wait in the outbox at
@@ -229,6 +230,12 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
                            stream=status_stream if status_stream is not None else sys.stderr)
     net = PearNetwork(config)
     await net.connect(wait=False)
+    metrics = None
+    if metrics_port is not None:
+        from ..ops.metrics import NodeCollector, serve
+        metrics = serve(NodeCollector(net.status, cert_file=config.tls.cert_file),
+                        port=metrics_port)
+        print(f"pear-mqtt agent: metrics at {metrics.url}", file=sys.stderr, flush=True)
     reporter: asyncio.Task[None] | None = None
     drained = False
     try:
@@ -247,6 +254,8 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
         # last line shows the connection as it was, the status file that it is closed now.
         final = net.status()
         writer.write(tally, final, line=True, file=False)
+        if metrics is not None:
+            metrics.close()
         await net.disconnect()
         final = final.model_copy(update={"connected": False, "health": Health.DOWN})
         writer.write(tally, final, line=False)

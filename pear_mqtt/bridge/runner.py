@@ -44,7 +44,7 @@ def describe(config: BridgeConfig) -> str:
 
 
 async def serve(config: BridgeConfig, *, status_file: Path | None,
-                status_interval: float) -> BridgeStatus:
+                status_interval: float, metrics_port: int | None = None) -> BridgeStatus:
     """Run a bridge until SIGTERM or SIGINT, rewriting ``status_file`` (if given) every
     ``status_interval`` seconds; the final status is returned (and written with health
     ``down``)."""
@@ -56,6 +56,14 @@ async def serve(config: BridgeConfig, *, status_file: Path | None,
     bridge = Bridge(config)
     await bridge.start(timeout=30.0)
     print(describe(config), file=sys.stderr, flush=True)
+    metrics = None
+    if metrics_port is not None:
+        from ..ops.metrics import BridgeCollector
+        from ..ops.metrics import serve as serve_metrics
+        metrics = serve_metrics(BridgeCollector(bridge.status,
+                                                cert_file=config.public.tls.cert_file),
+                                port=metrics_port)
+        print(f"bridge: metrics at {metrics.url}", file=sys.stderr, flush=True)
     try:
         while not stop.is_set():
             if status_file is not None:
@@ -64,6 +72,8 @@ async def serve(config: BridgeConfig, *, status_file: Path | None,
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), status_interval)
     finally:
+        if metrics is not None:
+            metrics.close()
         final = bridge.status()
         await bridge.stop()
         if status_file is not None:

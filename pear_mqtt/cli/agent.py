@@ -87,7 +87,8 @@ async def _serve(args: argparse.Namespace, config: NetworkConfig,
         report = await run_agent(config=config, source=source, stop=stop,
                                  status_interval=args.status_interval,
                                  status_file=args.status_file,
-                                 drain_timeout=args.drain_timeout)
+                                 drain_timeout=args.drain_timeout,
+                                 metrics_port=args.metrics_port)
     except (ConfigError, PKIError) as exc:  # PKIError: unusable certificate or key files
         print(f"pear-mqtt agent: {exc}", file=sys.stderr)
         return 2
@@ -137,6 +138,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
             "0 on a clean stop, 75 if a one-shot run (--input, --simulate) could not deliver "
             "everything (it says why, and how many rows wait in the outbox), 1 if stopped by a "
             "second signal or if --drain-only left rows undelivered, 2 on configuration errors."))
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
+                             "(0: a free port, printed at start; docs/OPERATIONS.md)")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="network config (.toml or .json); PEAR_* environment variables "
                              "override it")

@@ -16,6 +16,7 @@ from ..config.models import NetworkConfig
 from ..errors import ConfigError, PearError
 from ..files import atomic_write
 from ..node.network import PearNetwork
+from ..ops.metrics import NodeCollector, serve
 
 __all__ = ["register_cli"]
 
@@ -29,14 +30,21 @@ def _cmd_archive(args: argparse.Namespace) -> int:
                               "where the archive keeps the logs")
         rel = config.reliability.model_copy(update={"archive_path": path, "archive": None})
         config = config.model_copy(update={"reliability": rel})
+        assert rel.outbox_path is not None  # load_agent_config gives one
+        rel.outbox_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"pear-mqtt archive: cannot create {exc.filename}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
     except PearError as exc:
         print(f"pear-mqtt archive: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_serve(config, status_file=args.status_file,
-                              interval=args.status_interval))
+                              interval=args.status_interval, metrics_port=args.metrics_port))
 
 
-async def _serve(config: NetworkConfig, *, status_file: Path | None, interval: float) -> int:
+async def _serve(config: NetworkConfig, *, status_file: Path | None, interval: float,
+                 metrics_port: int | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -49,7 +57,12 @@ async def _serve(config: NetworkConfig, *, status_file: Path | None, interval: f
         return 2
     print(f"pear-mqtt archive: keeping the logs of {config.network_id} in "
           f"{config.reliability.archive_path}", file=sys.stderr, flush=True)
+    metrics = None
     try:
+        if metrics_port is not None:
+            metrics = serve(NodeCollector(net.status, cert_file=config.tls.cert_file),
+                            port=metrics_port)
+            print(f"pear-mqtt archive: metrics at {metrics.url}", file=sys.stderr, flush=True)
         while not stop.is_set():
             kept = net.archived()
             st = net.status()
@@ -63,6 +76,8 @@ async def _serve(config: NetworkConfig, *, status_file: Path | None, interval: f
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
     finally:
+        if metrics is not None:
+            metrics.close()
         await net.disconnect()
     print("pear-mqtt archive: stopped", file=sys.stderr)
     return 0
@@ -80,6 +95,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                         help="the archive node's config (.toml or .json)")
     parser.add_argument("--path", type=Path, metavar="DIR",
                         help="where the logs are kept (default: reliability.archive_path)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
+                             "(0: a free port, printed at start; docs/OPERATIONS.md)")
     parser.add_argument("--status-file", type=Path, metavar="FILE",
                         help="also write each status line as JSON to FILE")
     parser.add_argument("--status-interval", type=float, default=10.0, metavar="S",

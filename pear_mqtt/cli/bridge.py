@@ -35,7 +35,8 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     # full collections (15-40 ms each over them, measured): see the agent's command.
     gc.freeze()
     final = asyncio.run(serve(config, status_file=args.status_file,
-                              status_interval=args.status_interval))
+                              status_interval=args.status_interval,
+                              metrics_port=args.metrics_port))
     print(final.model_dump_json(indent=2))
     return 0
 
@@ -59,6 +60,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     parser.add_argument("--config", type=Path, metavar="FILE", required=True,
                         help="bridge config (.toml or .json); PEAR_BRIDGE_* variables "
                              "override it")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
+                             "(0: a free port, printed at start; docs/OPERATIONS.md)")
     parser.add_argument("--status-file", type=Path, metavar="PATH",
                         help="keep the current status as JSON in PATH (for health checks)")
     parser.add_argument("--status-interval", type=float, default=2.0, metavar="S",

@@ -68,13 +68,16 @@ class Backend(ABC):
         """The process of ``broker`` (started now, or by :meth:`launch`)."""
 
     @abstractmethod
-    def bridge_process(self, *, directory: Path, config: str, status_file: Path) -> Proc:
-        """The process of the public bridge, which reports to ``status_file``."""
+    def bridge_process(self, *, directory: Path, config: str, status_file: Path,
+                       metrics_port: int | None = None) -> Proc:
+        """The process of the public bridge, which reports to ``status_file`` (and serves
+        metrics on ``metrics_port``, where the backend does)."""
 
     @abstractmethod
     def agent_process(self, *, directory: Path, node: NodeEntry, status_file: Path,
-                      rate: float | None) -> Proc:
-        """The process of the simulated agent of ``node``, which reports to ``status_file``."""
+                      rate: float | None, metrics_port: int | None = None) -> Proc:
+        """The process of the simulated agent (or archive) of ``node``, which reports to
+        ``status_file`` (and serves metrics on ``metrics_port``, where the backend does)."""
 
     def launch(self, *, directory: Path, state: UpState, group: Group,
                procs: Sequence[Proc]) -> None:
@@ -88,6 +91,9 @@ class Backend(ABC):
     def announce_bridge(self, config: str) -> str | None:
         """The line ``start`` prints before starting the bridge, if any."""
         return None
+
+    serves_metrics: ClassVar[bool] = False
+    """Whether its processes take ``--metrics-port`` (processes of this machine do)."""
 
     agents_suffix: ClassVar[str] = ""
     """What ``start``'s "starting N simulated agents" line adds for this backend."""

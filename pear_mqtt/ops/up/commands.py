@@ -92,6 +92,10 @@ def _print_endpoints(state: UpState, out: Callable[[str], None]) -> None:
         n = consortium
         out(f"try: mosquitto_sub -h {b.host} -p {b.port} --cafile {n.ca} --cert {n.cert} "
             f"--key {n.key} -t 'pear/v1/consortium/{n.network}/#' -v")
+    metrics = [a.metrics_url for a in (*state.bridges, *state.agents) if a.metrics_url]
+    if metrics:
+        out(f"metrics: {len(metrics)} Prometheus endpoints (metrics_url in up.json), e.g. "
+            f"{metrics[0]}")
     if state.dashboard_url:
         out(f"dashboard: {state.dashboard_url}")
 
@@ -221,10 +225,13 @@ def _start_components(directory: Path, state: UpState, backend: Backend, *,
         # Before the agents: its persistent sessions must exist before they publish, or the
         # broker has no queue to keep their first insights in.
         status_file = _fresh_status_file(directory / "run" / "bridge.status.json")
+        port = free_port() if backend.serves_metrics else None
         bridge = AgentEntry(name="public", node=BRIDGE_USER, config=bridge_config,
                             status_file=str(status_file),
                             proc=backend.bridge_process(directory=directory, config=bridge_config,
-                                                        status_file=status_file))
+                                                        status_file=status_file,
+                                                        metrics_port=port),
+                            metrics_url=_metrics_url(port))
         state.bridges.append(bridge)
         _launch(directory, state, backend, "bridge", [bridge.proc], deadline=deadline,
                 failure="the bridge did not become healthy")
@@ -237,12 +244,18 @@ def _start_components(directory: Path, state: UpState, backend: Backend, *,
     for node in agent_nodes:
         status_file = _fresh_status_file(directory / "run" / f"{node.name}.status.json")
         assert node.config is not None
+        port = free_port() if backend.serves_metrics else None
         state.agents.append(AgentEntry(
             name=node.name, node=node.name, config=node.config, status_file=str(status_file),
             proc=backend.agent_process(directory=directory, node=node, status_file=status_file,
-                                       rate=rate)))
+                                       rate=rate, metrics_port=port),
+            metrics_url=_metrics_url(port)))
     _launch(directory, state, backend, "agent", [a.proc for a in state.agents],
             deadline=deadline, failure="agents did not become healthy")
+
+
+def _metrics_url(port: int | None) -> str | None:
+    return None if port is None else f"http://{HOST}:{port}/metrics"
 
 
 def _launch(directory: Path, state: UpState, backend: Backend, group: Group,

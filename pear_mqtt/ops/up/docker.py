@@ -95,11 +95,12 @@ class DockerBackend(Backend):
     def broker_process(self, *, directory: Path, broker: BrokerEntry) -> Proc:
         return self._container(f"broker-{broker.name}")
 
-    def bridge_process(self, *, directory: Path, config: str, status_file: Path) -> Proc:
+    def bridge_process(self, *, directory: Path, config: str, status_file: Path,
+                       metrics_port: int | None = None) -> Proc:
         return self._container("bridge")
 
     def agent_process(self, *, directory: Path, node: NodeEntry, status_file: Path,
-                      rate: float | None) -> Proc:
+                      rate: float | None, metrics_port: int | None = None) -> Proc:
         return self._container(f"agent-{node.name}")
 
     def launch(self, *, directory: Path, state: UpState, group: Group,

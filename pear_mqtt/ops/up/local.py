@@ -63,27 +63,35 @@ def broker_log(directory: Path, spec: NetworkSpec) -> Path:
     return directory / "logs" / f"broker-{spec.mode}.log"
 
 
+def _metrics(port: int | None) -> list[str]:
+    return [] if port is None else ["--metrics-port", str(port)]
+
+
 class ProcessBackend(Backend):
     """Components are detached processes of this machine, each logging to ``logs/``."""
 
-    def bridge_process(self, *, directory: Path, config: str, status_file: Path) -> Proc:
+    serves_metrics: ClassVar[bool] = True
+
+    def bridge_process(self, *, directory: Path, config: str, status_file: Path,
+                       metrics_port: int | None = None) -> Proc:
         argv = [sys.executable, "-m", "pear_mqtt.cli", "bridge", "--config", config,
-                "--status-file", str(status_file), "--status-interval", "2"]
+                "--status-file", str(status_file), "--status-interval", "2",
+                *_metrics(metrics_port)]
         return spawn(argv, log=directory / "logs" / "bridge.log", cwd=directory)
 
     def agent_process(self, *, directory: Path, node: NodeEntry, status_file: Path,
-                      rate: float | None) -> Proc:
+                      rate: float | None, metrics_port: int | None = None) -> Proc:
         assert node.config is not None
         if node.role == "archive":
             argv = [sys.executable, "-m", "pear_mqtt.cli", "archive", "--config", node.config,
                     "--status-file", str(status_file),
-                    "--status-interval", f"{AGENT_STATUS_INTERVAL:g}"]
+                    "--status-interval", f"{AGENT_STATUS_INTERVAL:g}", *_metrics(metrics_port)]
             return spawn(argv, log=directory / "logs" / f"agent-{node.name}.log",
                          cwd=directory)
         argv = [sys.executable, "-m", "pear_mqtt.cli", "agent", "--config", node.config,
                 "--simulate", "--status-file", str(status_file),
                 "--status-interval", f"{AGENT_STATUS_INTERVAL:g}",
-                "--drain-timeout", f"{AGENT_DRAIN:g}"]
+                "--drain-timeout", f"{AGENT_DRAIN:g}", *_metrics(metrics_port)]
         if rate is not None:
             argv += ["--rate", str(rate)]
         return spawn(argv, log=directory / "logs" / f"agent-{node.name}.log", cwd=directory)

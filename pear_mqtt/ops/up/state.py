@@ -100,6 +100,7 @@ class AgentEntry:
     config: str
     status_file: str
     proc: Proc
+    metrics_url: str | None = None  # its Prometheus endpoint, where the backend serves one
 
 
 @dataclass(slots=True)

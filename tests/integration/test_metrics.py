@@ -1,0 +1,76 @@
+"""Prometheus metrics of a node and the archive CLI, scraped over HTTP from real processes
+on a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.model.insight import MarketInsight
+from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.ops.metrics import NodeCollector, serve
+
+
+def _scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def test_a_nodes_counters_are_served_as_prometheus_metrics(
+        make_config: Callable[..., NetworkConfig],
+        insight: Callable[..., MarketInsight]) -> None:
+    config = make_config("acme")
+    async with PearNetwork(config) as net:
+        server = serve(NodeCollector(net.status, cert_file=config.tls.cert_file))
+        try:
+            before = await asyncio.to_thread(_scrape, server.url)
+            await net.broadcast_many([insight(product=f"p{i}") for i in range(5)])
+            await net.flush(timeout=10)
+            after = await asyncio.to_thread(_scrape, server.url)
+        finally:
+            server.close()
+    assert server.url.startswith("http://127.0.0.1:") and server.url.endswith("/metrics")
+    assert after["pear_connected"] == 1 and after["pear_insights_out_total"] == 5
+    assert after["pear_insights_acknowledged_total"] == 5
+    assert after["pear_messages_out_total"] > before["pear_messages_out_total"]
+    assert 0 < after["pear_certificate_expiry_seconds"] < 3 * 366 * 86400
+
+
+def test_the_archive_command_serves_metrics_and_stops_on_sigterm(
+        make_config: Callable[..., NetworkConfig], tmp_path: Path) -> None:
+    config = make_config("initech", node="archive", archive_path=tmp_path / "archive")
+    conf = tmp_path / "archive.toml"
+    NetworkConfigManager.save(config, conf, include_secrets=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pear_mqtt", "archive", "--config", str(conf),
+         "--metrics-port", "0", "--status-interval", "1"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stderr is not None
+        url = None
+        said = []
+        for line in proc.stderr:  # the command says where its metrics are
+            said.append(line)
+            if "metrics at " in line:
+                url = line.rsplit("metrics at ", 1)[1].strip()
+                break
+        assert url is not None, said
+        got = _scrape(url)
+        assert "pear_connected" in got and "pear_log_gaps_total" in got
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 0, rest
+    assert "stopped" in rest
