@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -c 'import pip' >/dev/null 2>&1 || { rm -rf $(VENV); \
 		$(PY) -m venv $(VENV) || { echo "cannot create $(VENV): install Python >= 3.11 with venv (Debian: apt-get install python3-venv)" >&2; rm -rf $(VENV); exit 1; }; }
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,dev,market]'
+	$(BIN)/python -m pip install -q -e '.[test,dev,market,broker]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

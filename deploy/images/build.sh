@@ -115,7 +115,7 @@ export SOURCE_DATE_EPOCH=315532800
 if ! "${pipq[@]}" wheel --no-index --find-links "$CACHE/wheels" -w "$ctx/wheels" "$ROOT" \
       >"$ctx/pip.log" 2>&1; then
   # Something is not cached yet (first run, or a new dependency): ask PyPI once and keep it.
-  "${pipq[@]}" download -d "$CACHE/wheels" "setuptools>=68" wheel >>"$ctx/pip.log" 2>&1 ||
+  "${pipq[@]}" download -d "$CACHE/wheels" "setuptools>=77" wheel >>"$ctx/pip.log" 2>&1 ||
     { cat "$ctx/pip.log" >&2; die "pip download failed"; }
   "${pipq[@]}" wheel --find-links "$CACHE/wheels" -w "$ctx/wheels" "$ROOT" >>"$ctx/pip.log" \
     2>&1 || { cat "$ctx/pip.log" >&2; die "pip wheel failed"; }

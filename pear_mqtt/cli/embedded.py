@@ -6,13 +6,19 @@ import argparse
 from pathlib import Path
 from typing import get_args
 
+from ..errors import BrokerError
 from ..ops.brokerconf import Mode
-from ..ops.embedded.run import run_embedded
+from ..ops.embedded.available import missing
 
 __all__ = ["register_cli"]
 
 
 def _cmd_embedded(args: argparse.Namespace) -> int:
+    problem = missing()
+    if problem is not None:
+        raise BrokerError(problem)
+    from ..ops.embedded.run import run_embedded
+
     return run_embedded(mode=args.mode, network=args.network, pki_dir=args.pki,
                         port=args.port, plain_port=args.plain_port, host=args.host,
                         bridge_users=args.bridge_users, cert_file=args.cert,

@@ -7,6 +7,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 BOOTSTRAP = ROOT / "deploy" / "bootstrap.sh"
 _MISSING = "pear-no-such-package"
@@ -81,3 +83,20 @@ def test_the_standalone_target_needs_no_broker_binary() -> None:
     assert "bootstrap.sh" not in plan
     assert "tests/unit" in plan and "test_network_embedded.py" in plan
     assert '-m "not uses_broker"' in plan
+
+
+def test_without_amqtt_the_embedded_broker_says_which_extra_to_install(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    from pear_mqtt.cli.main import main
+    from pear_mqtt.ops.up.local import EmbeddedBackend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "amqtt" else real(name, *a))
+    code = main(["embedded", "--mode", "consortium", "--network", "n", "--pki", "."])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "pip install 'pear-mqtt[broker]'" in err
+    assert EmbeddedBackend.problem() is not None and not EmbeddedBackend.offered()

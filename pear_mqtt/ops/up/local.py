@@ -12,6 +12,7 @@ from typing import ClassVar, Final
 from ...security import pki as pkimod
 from ...security.pki import CertPaths
 from ..brokerconf import render
+from ..embedded.available import missing
 from .backend import Backend
 from .processes import print_logs, spawn, stop_groups, tail
 from .state import BrokerEntry, NodeEntry, Proc, UpState
@@ -142,6 +143,10 @@ class EmbeddedBackend(ProcessBackend):
     the same identity and ACL rules, no persistence."""
 
     name: ClassVar[str] = "embedded"
+
+    @classmethod
+    def problem(cls) -> str | None:
+        return missing()
 
     @classmethod
     def chosen(cls, *, auto: bool) -> str:
