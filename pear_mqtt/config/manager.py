@@ -76,6 +76,18 @@ class NetworkConfigManager:
         return checks.effective_sharing(config)
 
     @classmethod
+    def with_environment(cls, config: NetworkConfig, *,
+                         env: Mapping[str, str] | None = None) -> NetworkConfig:
+        """``config`` with what its code left out filled from ``PEAR_*`` variables (``env``,
+        default ``os.environ``): :meth:`load`'s precedence with the fields the config was
+        built with as the arguments, so they win. Unchanged when no variable is set.
+        ``PearNetwork`` applies it, so ``NetworkConfig(mode=…, company_id=…)`` in code and
+        the connection in the environment make a whole configuration."""
+        if not cls.from_env(env):
+            return config
+        return cls.load(env=env, **{k: getattr(config, k) for k in config.model_fields_set})
+
+    @classmethod
     def load(cls, *, file: Path | str | None = None, env: Mapping[str, str] | None = None,
              **overrides: Any) -> NetworkConfig:
         """Build the effective configuration from a file, the environment and ``overrides``.

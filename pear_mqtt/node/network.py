@@ -66,7 +66,8 @@ class PearNetwork:
 
     def __init__(self, config: NetworkConfig, *, outbox_path: Path | None = None,
                  clock: Callable[[], float] = time.time) -> None:
-        self.config = config
+        # What the code left out (the broker, the certificates) may come from PEAR_* variables.
+        self.config = config = NetworkConfigManager.with_environment(config)
         self._clock = clock
         self._outbox_path = outbox_path or config.reliability.outbox_path
         self._codec: EnvelopeCodec | None = None

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from brokers import MosquittoBroker, NetworkPKI, free_port, probe
 
 from pear_mqtt.config.models import NetworkConfig, PrivacyConfig
@@ -233,6 +234,43 @@ async def test_seed_usage_example(
     await network.disconnect()
     assert status.connected and status.health.value == "ok" and status.messages_out >= 2
     assert len(state) == 0  # a node does not receive its own state back
+
+
+async def test_seed_usage_example_verbatim_with_the_connection_in_the_environment(
+        pki: NetworkPKI, mosquitto: MosquittoBroker, insight: Callable[..., MarketInsight],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The design note's example unchanged: the broker and certificates come only from
+    PEAR_* variables; what the code sets (mode, company, privacy) wins over them."""
+    certs = pki.node("example_company", "store-1")
+    for name, value in {"BROKER_URL": mosquitto.tls_url, "NETWORK_ID": pki.network,
+                        "NODE_ID": "store-1", "TLS__CA_FILE": str(certs.ca),
+                        "TLS__CERT_FILE": str(certs.cert), "TLS__KEY_FILE": str(certs.key),
+                        "PRIVACY__ANONYMIZE_DATA": "false"}.items():
+        monkeypatch.setenv(f"PEAR_{name}", value)
+    # Initialize network with configuration
+    config = NetworkConfig(
+        mode=NetworkMode.PRIVATE,
+        company_id="example_company",
+        privacy=PrivacyConfig(
+            anonymize_data=True,
+            encrypt_connection=True,
+            data_sharing={
+                "price_data": "ranges_only",
+                "sales_data": "aggregated",
+                "trends": "full"
+            }
+        )
+    )
+    network = PearNetwork(config)
+    await network.connect()
+    await network.broadcast_market_insight(insight())
+    await network.sync()
+    await network.flush(timeout=10)
+    status = network.status()
+    await network.disconnect()
+    assert status.connected and status.insights_acknowledged == 1
+    assert network.config.broker_url == mosquitto.tls_url
+    assert network.config.privacy.anonymize_data is True  # the code's value, not the env's
 
 
 async def test_status_reports_counters_and_latency(

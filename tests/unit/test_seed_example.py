@@ -49,3 +49,15 @@ async def test_seed_example_connect_names_the_missing_certificates() -> None:
     message = str(info.value)
     for path in ("tls.ca_file", "tls.cert_file", "tls.key_file"):
         assert path in message
+
+
+def test_the_environment_fills_what_the_seed_example_leaves_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEAR_BROKER_URL", "mqtts://broker.example:8883")
+    monkeypatch.setenv("PEAR_TLS__CA_FILE", "/etc/pear/ca.crt")
+    monkeypatch.setenv("PEAR_COMPANY_ID", "from_env")
+    config = PearNetwork(seed_config()).config
+    assert config.broker_url == "mqtts://broker.example:8883"
+    assert str(config.tls.ca_file) == "/etc/pear/ca.crt"
+    assert config.company_id == "example_company"  # given in code: the code's value wins
+    assert config.privacy.data_sharing["price_data"] is SharingLevel.RANGES_ONLY
