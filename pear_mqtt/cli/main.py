@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import PearError
+from .logs import FORMATS, configure
 
 __all__ = ["main"]
 
@@ -18,8 +20,13 @@ _COMMANDS = ("config", "pki", "broker", "embedded", "agent", "archive", "bridge"
 
 
 def _command_of(argv: Sequence[str]) -> str | None:
+    skip = False
     for arg in argv:
-        if not arg.startswith("-"):
+        if skip:
+            skip = False
+        elif arg == "--log-format":
+            skip = True  # its value is not the command
+        elif not arg.startswith("-"):
             return arg
     return None
 
@@ -33,6 +40,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (-vv for debug); also after the command")
     parser.add_argument("--version", action="version", version=f"pear-mqtt {_version()}")
+    parser.add_argument("--log-format", choices=FORMATS,
+                        default=os.environ.get("PEAR_LOG_FORMAT", "text"),
+                        help="log lines as text (default) or one JSON object each: ts, level, "
+                             "logger, msg and extras (also PEAR_LOG_FORMAT); also after the "
+                             "command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in (command,) if command in _COMMANDS else _COMMANDS:
         module = importlib.import_module(f"pear_mqtt.cli.{name}")
@@ -49,6 +61,9 @@ def _verbose_everywhere(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         if not any("-v" in a.option_strings for a in child._actions):
             child.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
                                help="more log output (-vv for debug)")
+        if not any("--log-format" in a.option_strings for a in child._actions):
+            child.add_argument("--log-format", choices=FORMATS, default=argparse.SUPPRESS,
+                               help="log lines as text or JSON")
         for action in child._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _verbose_everywhere(action)
@@ -71,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(_command_of(arguments))
     args = parser.parse_args(arguments)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(level=level, fmt=args.log_format)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
