@@ -10,6 +10,7 @@ pydantic, sqlite3) are mapped to these at the module that talks to the library.
     ├── ConfigError                 invalid or inconsistent configuration
     ├── TopicError                  an identifier or topic string outside the topic scheme
     ├── PrivacyError                a policy that would disclose more than the mode allows
+    ├── InsightError                an insight that is not one (also a ValueError)
     ├── EnvelopeError               a message a receiver must drop (each one is counted)
     │   ├── MalformedMessage        not an envelope: bad JSON, missing or mistyped fields
     │   ├── OversizedMessage        larger than the configured limit
@@ -46,6 +47,7 @@ __all__ = [
     "EnvelopeError",
     "ForkDetected",
     "HistoryError",
+    "InsightError",
     "LogTruncated",
     "MalformedMessage",
     "MarketError",
@@ -167,3 +169,7 @@ class ForkDetected(HistoryError):
 
 class MarketError(PearError):
     """The market store could not be opened or written, or a query is invalid."""
+
+
+class InsightError(PearError, ValueError):
+    """What was given as an insight is not a valid :class:`~pear_mqtt.MarketInsight`."""

@@ -5,6 +5,7 @@ All models are frozen pydantic v2 models; validation errors name the field and t
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -15,11 +16,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     field_validator,
     model_validator,
 )
 
-from ..errors import TopicError
+from ..errors import InsightError, TopicError
 from .topics import validate_category, validate_identifier
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "SalesData",
     "SharingLevel",
     "TrendData",
+    "as_insight",
     "category_name",
     "identifier",
 ]
@@ -116,15 +119,21 @@ class Health(str, Enum):
 # here would cost a call per number on every insight a receiver validates.
 Finite = Annotated[float, AllowInfNan(False)]
 NonNegative = Annotated[float, Field(ge=0), AllowInfNan(False)]
+# Bounds no real store reaches: a value past them is a unit or parsing error (1e308 units).
+Price = Annotated[float, Field(ge=0, le=1e9), AllowInfNan(False)]
+Amount = Annotated[float, Field(ge=0, le=1e15), AllowInfNan(False)]
+Percent = Annotated[float, Field(ge=-1e6, le=1e6), AllowInfNan(False)]
+_EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+_AHEAD = 366 * 86400  # s a window may end in the future (forecasts, clock skew)
 
 
 class PriceData(Frozen):
     """Prices a store observed for the insight's window, in ``currency``."""
 
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "EUR"
-    price: NonNegative | None = None
-    min_price: NonNegative | None = None
-    max_price: NonNegative | None = None
+    price: Price | None = None
+    min_price: Price | None = None
+    max_price: Price | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> PriceData:
@@ -137,9 +146,9 @@ class PriceData(Frozen):
 class SalesData(Frozen):
     """What a store sold in the insight's window."""
 
-    units: NonNegative | None = None
-    revenue: NonNegative | None = None
-    transactions: NonNegative | None = None
+    units: Amount | None = None
+    revenue: Amount | None = None
+    transactions: Amount | None = None
 
 
 class TrendData(Frozen):
@@ -150,8 +159,8 @@ class TrendData(Frozen):
     is not shared at all under ``ranges_only`` (:mod:`pear_mqtt.privacy.disclosure`).
     """
 
-    price_change_pct: Finite | None = None
-    demand_change_pct: Finite | None = None
+    price_change_pct: Percent | None = None
+    demand_change_pct: Percent | None = None
     direction: Literal["up", "down", "flat"] | None = None
 
 
@@ -184,8 +193,32 @@ class MarketInsight(Frozen):
     def _window(self) -> MarketInsight:
         if self.window_end < self.window_start:
             raise ValueError("window_end must not be before window_start")
+        if self.window_start < _EARLIEST:
+            raise ValueError(f"window_start {self.window_start:%Y-%m-%d} is before 2000: a "
+                             "clock or unit error (give an aware datetime of the window)")
+        if self.window_end.timestamp() > time.time() + _AHEAD:
+            raise ValueError(f"window_end {self.window_end:%Y-%m-%d} is more than a year "
+                             "ahead: a clock or unit error")
         return self
 
+
+
+def as_insight(value: Any) -> MarketInsight:
+    """``value`` as a :class:`MarketInsight` (a mapping of its fields is validated into one);
+    :class:`InsightError` in one line naming the field and the rule otherwise."""
+    if isinstance(value, MarketInsight):
+        return value
+    if not isinstance(value, dict):
+        raise InsightError(f"expected a MarketInsight (or a dict of its fields), not "
+                           f"{type(value).__name__}")
+    try:
+        return MarketInsight.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "insight"
+        more = exc.error_count() - 1
+        raise InsightError(f"insight {where}: {first['msg']}"
+                           + (f" (and {more} more)" if more else "")) from None
 
 
 # -- status and messages -------------------------------------------------------------------

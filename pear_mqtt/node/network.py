@@ -23,7 +23,7 @@ from ..errors import ConfigError, ConnectError, NotConnectedError, PearError, Tr
 from ..history.log import Retention
 from ..market.feed import MarketFeed
 from ..market.store import MarketStore
-from ..model.insight import Health, MarketInsight, NetworkMode, NetworkStatus
+from ..model.insight import Health, MarketInsight, NetworkMode, NetworkStatus, as_insight
 from ..model.topics import TopicScheme
 from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
@@ -283,23 +283,25 @@ class PearNetwork:
         return self._supervisor
 
     # -- publishing --------------------------------------------------------------------------
-    async def broadcast_market_insight(self, insight: MarketInsight) -> str:
+    async def broadcast_market_insight(self, insight: MarketInsight | dict[str, Any]) -> str:
         """Share ``insight`` as the privacy policy allows; returns its item id.
 
         Returns once the filtered insight is in the outbox (on disk when one is configured);
         delivery continues in the background. ``flush()`` waits for the broker's acks. The id
         is derived from what the insight describes: sending the same observation again (with
         the same or corrected values) reuses it. When the policy lets nothing of the insight
-        leave the node, nothing is sent.
+        leave the node, nothing is sent. A dict of the insight's fields is accepted too;
+        anything invalid raises :class:`~pear_mqtt.errors.InsightError`.
         """
-        return await self._sender.broadcast(insight)
+        return await self._sender.broadcast(as_insight(insight))
 
-    async def broadcast_many(self, insights: Sequence[MarketInsight]) -> list[str]:
+    async def broadcast_many(self, insights: Sequence[MarketInsight | dict[str, Any]]
+                             ) -> list[str]:
         """Share a batch of insights: like :meth:`broadcast_market_insight` for each, but
         stored in one outbox transaction and signed in as few envelopes as the batch limits
         allow; returns their item ids in order. All or nothing: when one insight is refused
         (the error names its position), none of the batch is stored."""
-        return await self._sender.broadcast_many(insights)
+        return await self._sender.broadcast_many([as_insight(i) for i in insights])
 
     async def flush(self, *, timeout: float | None = None) -> None:
         """Wait until the broker acknowledged everything broadcast so far, including the

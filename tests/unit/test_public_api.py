@@ -15,7 +15,7 @@ EXPECTED = {
     "EncryptionConfig", "ReliabilityConfig", "Health", "NetworkConfigManager", "PearNetwork",
     "SyncPearNetwork", "Peer", "ReceivedAggregate", "ReceivedInsight", "SyncResult",
     "SharedInsight", "ValueRange", "MarketConfig", "MarketStore", "MarketRow", "GroupRow",
-    "PricePosition", "MarketError",
+    "PricePosition", "MarketError", "InsightError",
     "PearError", "ConfigError", "TopicError", "PrivacyError", "EnvelopeError",
     "MalformedMessage", "OversizedMessage", "UnsupportedVersion", "SignatureError",
     "UnknownKeyError", "DecryptionError", "ReplayedMessage", "StaleMessage", "PKIError",
