@@ -81,7 +81,12 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
     pids = [b["proc"]["pid"] for b in state["brokers"]] + \
         [a["proc"]["pid"] for a in state["agents"]]
     if agents and "agents: simulated stores" in started.stdout:
-        assert len(state["agents"]) == 8
+        archives = [a["name"] for a in state["agents"] if a["name"].endswith("-archive")]
+        assert len(state["agents"]) - len(archives) == 8
+        assert archives == ["private-acme-archive", "consortium-operator-archive"]
+        # Every process of this machine serves its metrics on loopback.
+        assert all(a["metrics_url"].startswith("http://127.0.0.1:")
+                   for a in state["agents"] + state["bridges"])
     else:
         assert state["agents"] == []
 
@@ -226,7 +231,8 @@ def test_an_old_state_directory_is_migrated_to_certificate_pseudonyms(up: Up) ->
     state = up.state()
     registry = {(e.company, e.store): e for e in pkimod.list_pseudonyms(ca_dir=ca_dir)}
     for node in (n for n in state["nodes"] if n["network"] == "retail-eu"):
-        enrolment = registry[(node["company"], "store-1")]
+        enrolment = registry[(node["company"],
+                              "archive" if node["role"] == "archive" else "store-1")]
         assert (node["member"], node["node"]) == (enrolment.member, enrolment.node)
     for path in (up.dir / "nodes").glob("*.toml"):
         assert "pseudonym_secret" not in path.read_text(), path
