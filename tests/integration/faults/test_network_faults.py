@@ -100,6 +100,9 @@ async def test_connections_reset_mid_stream(
         recoveries = []
         for k in range(resets):
             await sent_at_least(p, n * (k + 1) // (resets + 1))
+            # Both nodes back through the proxy (a delivery after the last reset can come
+            # from the broker's queue while the sender is still reconnecting).
+            await wait_until(lambda: proxy.open_links == 2, 30, "both nodes reconnected")
             assert await asyncio.to_thread(proxy.drop) >= 2  # both nodes' connections
             cleared = time.monotonic()
             # (No wait for the disconnect: the node may be back before such a wait starts;
