@@ -229,8 +229,9 @@ class MarketInsight(_InsightPart):
 
     @model_validator(mode="after")
     def _window(self) -> MarketInsight:
-        if self.window_end < self.window_start:
-            raise ValueError("window_end must not be before window_start")
+        if self.window_end <= self.window_start:
+            raise ValueError("window_end must not be before window_start, nor equal to it "
+                             "(an empty window observes nothing)")
         if self.window_start < _EARLIEST:
             raise ValueError(f"window_start {self.window_start:%Y-%m-%d} is before 2000: a "
                              "clock or unit error (give an aware datetime of the window)")
