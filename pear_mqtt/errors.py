@@ -2,15 +2,19 @@
 
 Every error this package raises on purpose derives from :class:`PearError`, so callers can
 catch one type at the boundary of their own code. Library errors (paho, cryptography,
-pydantic, sqlite3) are mapped to these at the module that talks to the library.
+pydantic, sqlite3) are mapped to these at the module that talks to the library; a
+configuration or insight model built in code with invalid arguments raises ``ConfigError`` or
+``InsightError`` in one line naming the field (``model_validate`` keeps pydantic's
+``ValidationError`` for the callers that map it themselves).
 
 ::
 
     PearError
-    ├── ConfigError                 invalid or inconsistent configuration
+    ├── ConfigError                 invalid or inconsistent configuration (NetworkConfig(...) too)
     ├── TopicError                  an identifier or topic string outside the topic scheme
     ├── PrivacyError                a policy that would disclose more than the mode allows
-    ├── InsightError                an insight that is not one (also a ValueError)
+    ├── InsightError                an insight that is not one, e.g. MarketInsight(...) with
+    │                               a bad field (also a ValueError)
     ├── EnvelopeError               a message a receiver must drop (each one is counted)
     │   ├── MalformedMessage        not an envelope: bad JSON, missing or mistyped fields
     │   ├── OversizedMessage        larger than the configured limit

@@ -17,6 +17,7 @@ from ..agent.sources import FileSource, InsightSource, NoSource, WatchSource
 from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
 from ..errors import ConfigError, PearError, PKIError
+from .allowed import insight_values
 
 __all__ = ["EX_TEMPFAIL", "register_cli"]
 
@@ -149,7 +150,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     one.add_argument("--input", type=Path, metavar="FILE",
                      help="read one file once: .jsonl (a MarketInsight JSON object per line) "
                           f"or .csv (header with some of: {', '.join(CSV_COLUMNS)}; empty "
-                          "cells are absent)")
+                          f"cells are absent); {insight_values()}")
     one.add_argument("--watch", type=Path, metavar="DIR",
                      help="read each new *.jsonl / *.csv file dropped into DIR once, then move "
                           "it to DIR/done/; bad lines go to DIR/rejected/ with a .err file")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config.manager import NetworkConfigManager
 from ..errors import ConfigError
+from .allowed import config_values
 
 __all__ = ["register_cli"]
 
@@ -39,16 +40,18 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     """Register ``pear-mqtt config {show,check}``."""
     parser = subparsers.add_parser(
         "config", help="show or check the effective network configuration",
-        description="The effective configuration: file < PEAR_* environment variables.")
+        description="The effective configuration: file < PEAR_* environment variables.",
+        epilog=config_values())
     sub = parser.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     file_help = "TOML or JSON config file (.toml, .json)"
 
     show = sub.add_parser("show", help="print the effective configuration as TOML "
-                                       "(secrets masked)")
+                                       "(secrets masked)", epilog=config_values())
     show.add_argument("--file", type=Path, help=file_help)
     show.set_defaults(handler=_cmd_show)
 
-    check = sub.add_parser("check", help="validate the configuration (exit 0 valid, 2 invalid)")
+    check = sub.add_parser("check", help="validate the configuration (exit 0 valid, 2 invalid)",
+                           epilog=config_values())
     check.add_argument("--file", type=Path, help=file_help)
     check.add_argument("--for-connect", action="store_true",
                        help="also require TLS material that exists and is readable")

@@ -9,9 +9,11 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["FORMATS", "JsonFormatter", "configure"]
+__all__ = ["FORMATS", "LOG_FORMAT_VAR", "JsonFormatter", "configure"]
 
 FORMATS = ("text", "json")
+LOG_FORMAT_VAR = "PEAR_LOG_FORMAT"
+"""The variable that sets the format when no ``--log-format`` is given."""
 _TEXT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Attributes every LogRecord has: anything else on a record is an extra the caller passed.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message",

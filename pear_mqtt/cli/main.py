@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import PearError
-from .logs import FORMATS, configure
+from .logs import FORMATS, LOG_FORMAT_VAR, configure
 
 __all__ = ["main"]
 
@@ -41,7 +41,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         help="more log output (-vv for debug); also after the command")
     parser.add_argument("--version", action="version", version=f"pear-mqtt {_version()}")
     parser.add_argument("--log-format", choices=FORMATS,
-                        default=os.environ.get("PEAR_LOG_FORMAT", "text"),
+                        default=os.environ.get(LOG_FORMAT_VAR, "text"),
                         help="log lines as text (default) or one JSON object each: ts, level, "
                              "logger, msg and extras (also PEAR_LOG_FORMAT); also after the "
                              "command")
@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(arguments)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     configure(level=level, fmt=args.log_format)
+    # The processes a command starts (`up`'s brokers, bridge and agents) log the same way.
+    os.environ[LOG_FORMAT_VAR] = args.log_format
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -23,9 +23,12 @@ from .layers import deep_merge, explicit, partial_dump, partial_model
 from .models import RETIRED_PSEUDONYM_SECRET, NetworkConfig, retired_setting
 from .problems import ProblemWriter, config_error
 
-__all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "NetworkConfigManager"]
+__all__ = ["CONFIG_FILE_VAR", "ENV_NESTED_DELIMITER", "ENV_PREFIX", "NetworkConfigManager"]
 
 log = logging.getLogger(__name__)
+
+CONFIG_FILE_VAR = f"{ENV_PREFIX}CONFIG_FILE"
+"""The variable naming a config file for a ``NetworkConfig`` built in code."""
 
 # Only what differs from the model's own defaults. Sharing levels are deliberately absent:
 # NetworkConfig.sharing_level falls back to default_sharing, so a saved config that never
@@ -82,10 +85,13 @@ class NetworkConfigManager:
         default ``os.environ``): :meth:`load`'s precedence with the fields the config was
         built with as the arguments, so they win. Unchanged when no variable is set.
         ``PearNetwork`` applies it, so ``NetworkConfig(mode=…, company_id=…)`` in code and
-        the connection in the environment make a whole configuration."""
-        if not cls.from_env(env):
+        the connection in the environment make a whole configuration. ``PEAR_CONFIG_FILE``
+        names a config file read beneath the variables (file < environment < code)."""
+        file = (os.environ if env is None else env).get(CONFIG_FILE_VAR) or None
+        if file is None and not cls.from_env(env):
             return config
-        return cls.load(env=env, **{k: getattr(config, k) for k in config.model_fields_set})
+        return cls.load(file=file, env=env,
+                        **{k: getattr(config, k) for k in config.model_fields_set})
 
     @classmethod
     def load(cls, *, file: Path | str | None = None, env: Mapping[str, str] | None = None,

@@ -16,11 +16,12 @@ from urllib.parse import urlsplit
 from pydantic import (
     Field,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
 
-from ..errors import TopicError
+from ..errors import ConfigError, TopicError
 from ..model.insight import (
     FIELD_GROUPS,
     CompanyId,
@@ -34,6 +35,8 @@ from ..model.insight import (
 )
 from ..model.topics import validate_identifier
 from ..security.revocation import CRL_CHECK_INTERVAL
+from .env import ENV_PREFIX
+from .problems import ProblemWriter
 
 __all__ = [
     "RETIRED_PSEUDONYM_SECRET",
@@ -90,7 +93,20 @@ def retired_setting(privacy: object, *, where: str = "privacy.pseudonym_secret")
 
 # -- configuration ------------------------------------------------------------------------
 
-class TLSConfig(Frozen):
+class _ConfigPart(Frozen):
+    """A configuration model: invalid constructor arguments are one :class:`ConfigError` line
+    naming the field and the rule (as :meth:`NetworkConfigManager.load` names them)."""
+
+    @classmethod
+    def invalid_arguments(cls, exc: ValidationError) -> Exception | None:
+        problems = ProblemWriter(root=cls, env_prefix=ENV_PREFIX)
+        first = exc.errors(include_url=False)[0]
+        more = exc.error_count() - 1
+        return ConfigError(f"{cls.__name__}: {problems.describe(first)}"
+                           + (f" (and {more} more)" if more else ""))
+
+
+class TLSConfig(_ConfigPart):
     """Certificate material: the network CA, and this node's certificate and key.
 
     The node's key also signs every envelope it sends; receivers verify against ``ca_file``.
@@ -114,7 +130,7 @@ class TLSConfig(Frozen):
                 if getattr(self, name) is None]
 
 
-class EncryptionConfig(Frozen):
+class EncryptionConfig(_ConfigPart):
     """Group keys for body encryption (consortium "multi-layer encryption").
 
     ``keys`` maps a key id to a base64 (standard or url-safe) 32-byte AES-256 key; ``active``
@@ -132,7 +148,7 @@ class EncryptionConfig(Frozen):
         return self
 
 
-class ReliabilityConfig(Frozen):
+class ReliabilityConfig(_ConfigPart):
     """Delivery, session and outbox settings."""
 
     qos: Literal[0, 1] = 1
@@ -198,7 +214,7 @@ class ReliabilityConfig(Frozen):
         return None
 
 
-class MarketConfig(Frozen):
+class MarketConfig(_ConfigPart):
     """The market store (docs/MARKET.md): what this node received and verified, kept and
     queryable. ``path`` defaults to ``<outbox>.market.db`` next to the reliability outbox;
     a node with neither keeps it in a temporary file for as long as it is connected."""
@@ -217,7 +233,7 @@ class MarketConfig(Frozen):
         return None
 
 
-class PrivacyConfig(Frozen):
+class PrivacyConfig(_ConfigPart):
     """What each field group may disclose, and how identities are protected.
 
     ``data_sharing`` maps a field group (``price_data``, ``sales_data``, ``trends``) to a
@@ -266,7 +282,7 @@ class PrivacyConfig(Frozen):
         return v
 
 
-class BrokerURL(Frozen):
+class BrokerURL(_ConfigPart):
     """A parsed ``mqtt://host:port`` or ``mqtts://host:port`` URL."""
 
     scheme: Literal["mqtt", "mqtts"]
@@ -300,7 +316,7 @@ def _default_node_id() -> str:
     return f"node-{host or 'local'}"
 
 
-class NetworkConfig(Frozen):
+class NetworkConfig(_ConfigPart):
     """Everything a node needs to join one network.
 
     Construction checks each field and the privacy rules of the mode (public mode shares

@@ -43,6 +43,7 @@ __all__ = [
     "as_insight",
     "category_name",
     "identifier",
+    "one_line",
 ]
 
 
@@ -50,6 +51,43 @@ class Frozen(BaseModel):
     """Base of every value model: immutable, no unknown fields, defaults validated."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            error = type(self).invalid_arguments(exc)
+            if error is None:
+                raise
+            raise error from None
+
+    # Like pydantic-settings' BaseSettings: validating a nested model does not go through
+    # __init__, so only a direct constructor call maps its errors.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    @classmethod
+    def invalid_arguments(cls, exc: ValidationError) -> Exception | None:
+        """The :class:`~pear_mqtt.errors.PearError` a constructor call with invalid
+        arguments raises instead of pydantic's ``exc`` (``None``: ``exc`` itself). Only the
+        constructor maps: ``model_validate`` callers handle ``ValidationError`` themselves."""
+        return None
+
+
+def one_line(exc: ValidationError, what: str) -> str:
+    """``exc`` as ``what field: rule`` on one line (the first error, and how many more)."""
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"])
+    more = exc.error_count() - 1
+    return (f"{what} {where}: " if where else f"{what}: ") + str(first["msg"]) + (
+        f" (and {more} more)" if more else "")
+
+
+class _InsightPart(Frozen):
+    """An insight or one of its parts: invalid arguments are an :class:`InsightError`."""
+
+    @classmethod
+    def invalid_arguments(cls, exc: ValidationError) -> Exception | None:
+        return InsightError(one_line(exc, cls.__name__))
 
 
 def identifier(what: str) -> Any:
@@ -127,7 +165,7 @@ _EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 _AHEAD = 366 * 86400  # s a window may end in the future (forecasts, clock skew)
 
 
-class PriceData(Frozen):
+class PriceData(_InsightPart):
     """Prices a store observed for the insight's window, in ``currency``."""
 
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "EUR"
@@ -143,7 +181,7 @@ class PriceData(Frozen):
         return self
 
 
-class SalesData(Frozen):
+class SalesData(_InsightPart):
     """What a store sold in the insight's window."""
 
     units: Amount | None = None
@@ -151,7 +189,7 @@ class SalesData(Frozen):
     transactions: Amount | None = None
 
 
-class TrendData(Frozen):
+class TrendData(_InsightPart):
     """Changes over the previous window, in percent, and the price's direction.
 
     Derived from prices and sales, so never shared beyond them: the price change and the
@@ -164,7 +202,7 @@ class TrendData(Frozen):
     direction: Literal["up", "down", "flat"] | None = None
 
 
-class MarketInsight(Frozen):
+class MarketInsight(_InsightPart):
     """One store's observation of one category (optionally one product) over a window.
 
     This is what a node holds; what leaves it is decided by :mod:`pear_mqtt.privacy`.
@@ -191,8 +229,9 @@ class MarketInsight(Frozen):
 
     @model_validator(mode="after")
     def _window(self) -> MarketInsight:
-        if self.window_end < self.window_start:
-            raise ValueError("window_end must not be before window_start")
+        if self.window_end <= self.window_start:
+            raise ValueError("window_end must not be before window_start, nor equal to it "
+                             "(an empty window observes nothing)")
         if self.window_start < _EARLIEST:
             raise ValueError(f"window_start {self.window_start:%Y-%m-%d} is before 2000: a "
                              "clock or unit error (give an aware datetime of the window)")
@@ -214,11 +253,7 @@ def as_insight(value: Any) -> MarketInsight:
     try:
         return MarketInsight.model_validate(value)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "insight"
-        more = exc.error_count() - 1
-        raise InsightError(f"insight {where}: {first['msg']}"
-                           + (f" (and {more} more)" if more else "")) from None
+        raise InsightError(one_line(exc, "insight")) from None
 
 
 # -- status and messages -------------------------------------------------------------------

@@ -326,7 +326,7 @@ def test_pseudonym_secret_is_refused_in_one_line_saying_what_to_do(tmp_path: Pat
         assert secret not in msg
     assert messages[0].startswith(f"{file}: privacy.pseudonym_secret ")
     assert messages[1].startswith("environment: PEAR_PRIVACY__PSEUDONYM_SECRET ")
-    with pytest.raises(ValidationError, match="pki enrol"):
+    with pytest.raises(ConfigError, match="pki enrol"):
         PrivacyConfig(pseudonym_secret=secret)  # type: ignore[call-arg]
     assert not _has(M.warnings(M.default_config("consortium", company_id="acme")),
                     "pseudonym")

@@ -33,6 +33,7 @@ def test_a_dict_of_fields_is_an_insight() -> None:
     (fields(window_end=datetime(2999, 1, 1, tzinfo=UTC)), "more than a year ahead"),
     (fields(price_data={"price": -1}), "price_data.price"),
     (fields(category="dairy/#"), "category"),
+    (fields(window_end=T0), "an empty window observes nothing"),
 ])
 def test_invalid_input_is_one_line_naming_what_is_wrong(bad: dict[str, Any],
                                                         where: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pear_mqtt import (
@@ -61,3 +63,26 @@ def test_the_environment_fills_what_the_seed_example_leaves_out(
     assert str(config.tls.ca_file) == "/etc/pear/ca.crt"
     assert config.company_id == "example_company"  # given in code: the code's value wins
     assert config.privacy.data_sharing["price_data"] is SharingLevel.RANGES_ONLY
+
+
+def test_a_config_file_named_by_the_environment_fills_in_beneath_the_variables(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    file = tmp_path / "node.toml"
+    file.write_text('mode = "private"\ncompany_id = "from_file"\n'
+                    'broker_url = "mqtts://from-file.example:8883"\n'
+                    '[tls]\nca_file = "/etc/file/ca.crt"\ncert_file = "/etc/file/node.crt"\n')
+    monkeypatch.setenv("PEAR_CONFIG_FILE", str(file))
+    monkeypatch.setenv("PEAR_TLS__CA_FILE", "/etc/env/ca.crt")
+    config = PearNetwork(seed_config()).config
+    assert config.broker_url == "mqtts://from-file.example:8883"  # only the file sets it
+    assert str(config.tls.ca_file) == "/etc/env/ca.crt"  # environment over file
+    assert str(config.tls.cert_file) == "/etc/file/node.crt"  # merged per leaf
+    assert config.company_id == "example_company"  # code over both
+    assert config.privacy.data_sharing["sales_data"] is SharingLevel.AGGREGATED
+
+
+def test_a_missing_config_file_named_by_the_environment_is_a_config_error(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PEAR_CONFIG_FILE", str(tmp_path / "absent.toml"))
+    with pytest.raises(ConfigError, match=r"absent\.toml"):
+        PearNetwork(seed_config())
