@@ -178,7 +178,7 @@ class Writer:
         hashes = {k: item_key(k) for k in batch}
         held = self._held(cur, [(k, row[8], hashes[k]) for k, (row, _) in batch.items()])
         next_id = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
-                      .fetchone()[0])
+                      .fetchall()[0][0])
         first = next_id
         cells = _Cells()
         dirty: set[tuple[str, int]] = set()
@@ -249,33 +249,43 @@ class Writer:
         if ret.max_age_seconds is not None:
             cutoff = now - ret.max_age_seconds
             if self._conn.execute("SELECT 1 FROM insights WHERE window_end < ? LIMIT 1",
-                                  (cutoff,)).fetchone() or self._conn.execute(
+                                  (cutoff,)).fetchall() or self._conn.execute(
                     "SELECT 1 FROM aggregates WHERE window_end < ? LIMIT 1",
-                    (cutoff,)).fetchone():
+                    (cutoff,)).fetchall():
                 self.drop_before(cutoff)
         if ret.max_bytes is not None and size_on_disk(self._path) > ret.max_bytes:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            # Drop the oldest tenth at a time until 80 % of the cap is left for new rows.
-            while size_on_disk(self._path) > ret.max_bytes * 0.8:
+            # Drop the oldest tenth at a time until 80 % of the cap is left for new rows, but
+            # keep at least 40 % in use: a reader holding a snapshot keeps the write-ahead log
+            # from being truncated, and deleting rows cannot shrink that.
+            while (size_on_disk(self._path) > ret.max_bytes * 0.8
+                   and self._used_bytes() > ret.max_bytes * 0.4):
                 if not self._drop_oldest_tenth():
                     break
 
+    def _used_bytes(self) -> int:
+        page = self._conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = self._conn.execute("PRAGMA page_count").fetchone()[0]
+        free = self._conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(page) * (int(pages) - int(free))
+
     def _drop_oldest_tenth(self) -> bool:
         conn = self._conn
-        n = conn.execute("SELECT count(*) FROM insights").fetchone()[0]
+        # fetchall: a statement left after its first row would hold a read snapshot open.
+        n = conn.execute("SELECT count(*) FROM insights").fetchall()[0][0]
         if n:
             # Ordered by window end, then arrival: a stream of one window still loses its
             # oldest rows only.
             end, rowid = conn.execute("SELECT window_end, id FROM insights ORDER BY "
                                       "window_end, id LIMIT 1 OFFSET ?",
-                                      (max(1, n // 10) - 1,)).fetchone()
+                                      (max(1, n // 10) - 1,)).fetchall()[0]
             self.drop_before(float(end), last_id=int(rowid))
             return True
-        n = conn.execute("SELECT count(*) FROM aggregates").fetchone()[0]
+        n = conn.execute("SELECT count(*) FROM aggregates").fetchall()[0][0]
         if n == 0:
             return False
         end = conn.execute("SELECT window_end FROM aggregates ORDER BY window_end "
-                           "LIMIT 1 OFFSET ?", (max(1, n // 10) - 1,)).fetchone()[0]
+                           "LIMIT 1 OFFSET ?", (max(1, n // 10) - 1,)).fetchall()[0][0]
         self.drop_before(float(end), last_id=-1)
         return True
 
@@ -312,5 +322,6 @@ class Writer:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("PRAGMA incremental_vacuum")
+        # executescript steps the pragma to its end: execute() frees one page per step.
+        conn.executescript("PRAGMA incremental_vacuum;")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -45,7 +45,12 @@ def test_docker_backend_lifecycle(up: DockerUp) -> None:
     assert [b["port"] for b in state["brokers"]] == up.ports
     assert state["compose"]["project"] == project_name(up.dir)
     expect_agents = "agents: simulated stores" in started.stdout
-    assert len(state["agents"]) == (8 if expect_agents else 0)
+    archives = [a["name"] for a in state["agents"] if a["name"].endswith("-archive")]
+    if expect_agents:
+        assert len(state["agents"]) - len(archives) == 8
+        assert archives == ["private-acme-archive", "consortium-operator-archive"]
+    else:
+        assert state["agents"] == []
 
     compose = Compose.from_json(state["compose"])
     containers = compose.containers()
