@@ -168,8 +168,26 @@ def test_busy_port_is_refused_before_starting_anything(up: Up) -> None:
         squatter.listen()
         result = up.start("--no-agents", backend="embedded")
     assert result.returncode == 1
-    assert f"[{up.ports[1]}]" in result.stderr and "--ports" in result.stderr
+    assert f"[{up.ports[1]}]" in result.stderr and "PEAR_UP_PORTS=" in result.stderr
     assert not listening(up.ports[0]) and not listening(up.ports[2])
+
+
+def test_a_taken_default_port_is_replaced_by_a_free_one(up: Up) -> None:
+    """With no ports asked for, a default that something else holds does not stop `make up`:
+    it takes a free port instead and says which."""
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            squatter.bind(("127.0.0.1", 18883))
+            squatter.listen()
+        except OSError:
+            pass  # already held by someone else: the same situation
+        result = up.run("start", "--no-agents", backend="embedded")
+        assert result.returncode == 0, result.stdout + result.stderr
+        ports = [b["port"] for b in up.state()["brokers"]]
+        assert ports[0] != 18883 and len(set(ports)) == 3
+        assert f"port 18883 is taken on 127.0.0.1; using {ports[0]} instead" in result.stdout
+        assert all(listening(p) for p in ports)
 
 
 def test_failed_start_prints_log_tail_and_cleans_up(up: Up) -> None:

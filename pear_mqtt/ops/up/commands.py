@@ -106,23 +106,33 @@ def _fresh_status_file(path: Path) -> Path:
     return path
 
 
-def _ports(requested: Sequence[int] | None, previous: UpState | None) -> tuple[int, ...]:
+def _ports(requested: Sequence[int] | None, previous: UpState | None,
+           out: Callable[[str], None] = print) -> tuple[int, ...]:
     if requested is not None:
         ports = tuple(requested)
-    elif previous is not None and len(previous.brokers) == len(TOPOLOGY) \
+        if len(ports) != len(TOPOLOGY):
+            raise ConfigError(f"need {len(TOPOLOGY)} ports, got {list(ports)}")
+        busy = [p for p in ports if not port_free(p)]
+        if busy:
+            raise BrokerError(f"port(s) {busy} on {HOST} already have a listener that "
+                              "`pear-mqtt up` did not start; choose others, e.g. "
+                              "PEAR_UP_PORTS=0,0,0 make up (0 = any free port)")
+        return ports
+    if previous is not None and len(previous.brokers) == len(TOPOLOGY) \
             and all(port_free(b.port) for b in previous.brokers):
         # Same endpoints as last time: code and configs pointed at them keep working.
-        ports = tuple(b.port for b in previous.brokers)
-    else:
-        ports = DEFAULT_PORTS
-    if len(ports) != len(TOPOLOGY):
-        raise ConfigError(f"need {len(TOPOLOGY)} ports, got {list(ports)}")
-    busy = [p for p in ports if not port_free(p)]
-    if busy:
-        raise BrokerError(f"port(s) {busy} on {HOST} already have a listener that "
-                          "`pear-mqtt up` did not start; pass other ports with --ports "
-                          "(or PEAR_UP_PORTS)")
-    return ports
+        return tuple(b.port for b in previous.brokers)
+    # Nothing asked for: the defaults where free, any free port where one is taken.
+    chosen: list[int] = []
+    for default in DEFAULT_PORTS:
+        port = default
+        while not port_free(port) or port in chosen:
+            port = free_port()
+        if port != default:
+            out(f"port {default} is taken on {HOST}; using {port} instead "
+                "(PEAR_UP_PORTS=a,b,c make up chooses them)")
+        chosen.append(port)
+    return tuple(chosen)
 
 
 def start(*, directory: Path, ports: Sequence[int] | None = None,
@@ -175,7 +185,7 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
         chosen, notes = choose_backend(backend)
         for line in notes:
             out(line)
-        port_list = _ports(ports, previous)
+        port_list = _ports(ports, previous, out)
         agents_note = ("agents: simulated stores and an archive node per network"
                        if with_agents else "agents: not started (--no-agents)")
 
