@@ -29,6 +29,7 @@ __all__ = [
     "CompanyId",
     "Frozen",
     "Health",
+    "Histogram",
     "MarketInsight",
     "MessageKind",
     "NetworkId",
@@ -258,6 +259,19 @@ def as_insight(value: Any) -> MarketInsight:
 
 # -- status and messages -------------------------------------------------------------------
 
+class Histogram(Frozen):
+    """Observations in buckets: ``counts[i]`` fell at or below ``bounds[i]`` and above the
+    bound before it; the last count is above every bound. ``total`` is their sum."""
+
+    bounds: tuple[float, ...] = ()
+    counts: tuple[int, ...] = (0,)
+    total: float = 0.0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
 class NetworkStatus(Frozen):
     """A snapshot of a node's connection and counters."""
 
@@ -292,6 +306,10 @@ class NetworkStatus(Frozen):
     market_rows: int = 0
     market_bytes: int = 0
     market_oldest: datetime | None = None
+    # Seconds from a live message's signing to its delivery here (the sender's clock against
+    # ours), and how long each sync() took.
+    delivery_latency: Histogram = Field(default_factory=Histogram)
+    sync_duration: Histogram = Field(default_factory=Histogram)
 
 
 MessageKind = Literal["insights", "state", "presence", "aggregate", "receipt", "ledger", "ack",

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Final
 
 from ..errors import EnvelopeError
+from ..model.insight import Histogram
 from ..security.envelope import Decoded, EnvelopeCodec
 
-__all__ = ["Counters", "open_counted"]
+__all__ = ["Counters", "Tally", "open_counted"]
+
+# Seconds: from a loopback millisecond to a minute-long outage (Prometheus-style buckets).
+SECONDS_BOUNDS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                         2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(slots=True)
+class Tally:
+    """A histogram filled in place; :meth:`snapshot` gives the frozen :class:`Histogram`."""
+
+    bounds: tuple[float, ...] = SECONDS_BOUNDS
+    counts: list[int] = field(default_factory=lambda: [0] * (len(SECONDS_BOUNDS) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        value = max(0.0, value)  # a sender's clock a little ahead of ours
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def snapshot(self) -> Histogram:
+        return Histogram(bounds=self.bounds, counts=tuple(self.counts), total=self.total)
 
 
 @dataclass(slots=True)
@@ -30,6 +54,8 @@ class Counters:
     log_forks: int = 0  # senders whose signed history contradicted itself
     log_requests_answered: int = 0
     dropped: Counter[str] = field(default_factory=Counter)
+    delivery_latency: Tally = field(default_factory=Tally)
+    sync_duration: Tally = field(default_factory=Tally)
 
 
 def open_counted(codec: EnvelopeCodec | None, payload: bytes,

@@ -383,8 +383,9 @@ class PearNetwork:
             log.warning("sync: checkpoint pages their signed heads name did not arrive from "
                         "%s; the snapshot lacks their states", missing)
         self._last_sync = self._clock()
-        return SyncResult(states=dict(self._receiver.states),
-                          duration=time.perf_counter() - started,
+        duration = time.perf_counter() - started
+        self._counters.sync_duration.observe(duration)
+        return SyncResult(states=dict(self._receiver.states), duration=duration,
                           aggregates=dict(self._receiver.aggregates), missing_pages=missing)
 
     async def wait_connected(self, *, timeout: float) -> None:
@@ -433,4 +434,6 @@ class PearNetwork:
             outbox_depth=depth, reconnects=c.reconnects, health=health,
             connected_since=(datetime.fromtimestamp(since, UTC)
                              if connected and since is not None else None),
-            last_error=self._supervisor.last_error)
+            last_error=self._supervisor.last_error,
+            delivery_latency=c.delivery_latency.snapshot(),
+            sync_duration=c.sync_duration.snapshot())

@@ -178,6 +178,8 @@ class Receiver:
                 self._counters.dropped["malformed"] += 1
                 return
             now = self._clock()
+            if not msg.retain and not repaired:
+                self._counters.delivery_latency.observe(now - decoded.message.timestamp)
             seq, ref = decoded.message.sequence, decoded.message.log_ref
             for raw in items:
                 self._deliver(raw, msg.topic, msg.retain, signer, dedup=True, now=now,

@@ -13,13 +13,13 @@ from typing import Any
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ..bridge.status import BridgeStatus
 from ..errors import ConfigError
-from ..model.insight import NetworkStatus
+from ..model.insight import Histogram, NetworkStatus
 
 __all__ = ["BridgeCollector", "MetricsServer", "NodeCollector", "serve"]
 
@@ -38,6 +38,14 @@ def _by_label(kind: type[CounterMetricFamily] | type[GaugeMetricFamily], name: s
     for key, value in sorted(values.items()):
         family.add_metric([key], float(value))
     return family
+
+
+def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for bound, n in zip((*map(str, h.bounds), "+Inf"), h.counts, strict=True):
+        cumulative += n
+        buckets.append((bound, float(cumulative)))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=h.total)
 
 
 class _CertExpiry:
@@ -97,6 +105,11 @@ class NodeCollector(Collector):
                        st.log_forks)
         yield _gauge("pear_market_rows", "Rows in the market store", st.market_rows)
         yield _gauge("pear_market_bytes", "Bytes of the market store on disk", st.market_bytes)
+        yield _histogram("pear_delivery_latency_seconds",
+                         "Seconds from a live message's signing to its delivery here",
+                         st.delivery_latency)
+        yield _histogram("pear_sync_duration_seconds", "Seconds each sync() took",
+                         st.sync_duration)
         expiry = self._cert.seconds()
         if expiry is not None:
             yield _gauge("pear_certificate_expiry_seconds",

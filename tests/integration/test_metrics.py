@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,3 +75,27 @@ def test_the_archive_command_serves_metrics_and_stops_on_sigterm(
         rest = proc.communicate(timeout=30)[1]
     assert proc.returncode == 0, rest
     assert "stopped" in rest
+
+
+async def test_delivery_latency_and_sync_durations_are_histograms(
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        take: Callable[..., Any]) -> None:
+    async with PearNetwork(make_config("acme", node="hq")) as rx:
+        stream = rx.insights()
+        server = serve(NodeCollector(rx.status))
+        try:
+            async with PearNetwork(make_config("acme")) as tx:
+                await tx.broadcast_many([insight(product=f"p{i}") for i in range(5)])
+                await take(stream, 5, timeout=30)
+            await rx.sync(timeout=10)
+            got = await asyncio.to_thread(_scrape, server.url)
+        finally:
+            server.close()
+    # One envelope carried the five: at least one observation, each bucket cumulative.
+    assert got["pear_delivery_latency_seconds_count"] >= 1
+    assert got["pear_delivery_latency_seconds_bucket{le=+Inf}"] == \
+        got["pear_delivery_latency_seconds_count"]
+    assert 0 < got["pear_delivery_latency_seconds_sum"] < 30
+    assert got["pear_sync_duration_seconds_count"] == 1
+    assert got["pear_sync_duration_seconds_bucket{le=0.0005}"] <= \
+        got["pear_sync_duration_seconds_bucket{le=60.0}"] == 1
