@@ -21,13 +21,14 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     # Imported here: `pear-mqtt --help` does not load the node stack.
-    from ..dashboard.market import LiveAggregates
+    from ..dashboard.market import StoredAggregates
     from ..dashboard.server import DashboardServer
     from ..dashboard.topology import TopologyFile
 
     topology = TopologyFile(args.up_file)
     # The market reader joins the brokers as up.json names them when the dashboard starts.
-    market = LiveAggregates(topology.current(), node=args.market_node)
+    store = args.market_store or args.up_file.parent / "run" / "dashboard.market.db"
+    market = StoredAggregates(topology.current(), store=store, node=args.market_node)
     try:
         server = DashboardServer(topology, market, host=args.host, port=args.port)
     except OSError as exc:
@@ -65,6 +66,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     p.add_argument("--market-node", default=None,
                    help="public node of up.json to read aggregates as (default the last one)")
+    p.add_argument("--market-store", type=Path, default=None,
+                   help="the market store the page's charts are read from and the public "
+                        "reader writes (default: run/dashboard.market.db next to --up-file)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write {url, pid} as JSON here once serving (used by `up start`)")
     p.set_defaults(handler=_cmd_dashboard)
