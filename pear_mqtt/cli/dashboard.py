@@ -24,18 +24,26 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     from ..dashboard.market import StoredAggregates
     from ..dashboard.server import DashboardServer
     from ..dashboard.topology import TopologyFile
+    from ..ops.brokersys import BrokerSys, SysSource
 
     topology = TopologyFile(args.up_file)
     # The market reader joins the brokers as up.json names them when the dashboard starts.
     store = args.market_store or args.up_file.parent / "run" / "dashboard.market.db"
     market = StoredAggregates(topology.current(), store=store, node=args.market_node)
+    # The brokers' own figures, where up.json names a monitor identity (mosquitto backends).
+    brokers = BrokerSys([SysSource(name=b.name, url=b.url, ca=Path(b.ca),
+                                   cert=Path(b.monitor_cert), key=Path(b.monitor_key))
+                         for b in topology.current().state.brokers
+                         if b.monitor_cert and b.monitor_key])
     try:
-        server = DashboardServer(topology, market, host=args.host, port=args.port)
+        server = DashboardServer(topology, market, host=args.host, port=args.port,
+                                 broker_metrics=brokers.exposition)
     except OSError as exc:
         print(f"pear-mqtt dashboard: cannot listen on {args.host}:{args.port}: "
               f"{exc.strerror or exc}; pick another --port", file=sys.stderr)
         return 1
     market.start()
+    brokers.start()
     signal.signal(signal.SIGTERM, _stop)
     print(f"dashboard: {server.url} (read-only; Ctrl-C stops it)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -49,6 +57,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         pass
     finally:
         market.close()
+        brokers.close()
     return 0
 
 

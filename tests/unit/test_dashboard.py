@@ -20,9 +20,9 @@ from brokers import NetworkPKI, build_pki
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from pear_mqtt.dashboard.market import market_series
-from pear_mqtt.market import MarketStore
 from pear_mqtt.dashboard.server import DashboardServer
 from pear_mqtt.dashboard.topology import TopologyFile
+from pear_mqtt.market import MarketStore
 from pear_mqtt.model.aggregates import (
     AggregateBody,
     BucketCount,

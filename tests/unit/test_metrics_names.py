@@ -15,6 +15,8 @@ from cryptography.x509.oid import NameOID
 
 from pear_mqtt.bridge.status import BridgeStatus
 from pear_mqtt.model.insight import Health, NetworkStatus
+from pear_mqtt.ops.brokerconf import acl_text
+from pear_mqtt.ops.brokersys import metric_name
 from pear_mqtt.ops.metrics import BridgeCollector, NodeCollector
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,3 +58,21 @@ def test_the_grafana_dashboard_asks_only_for_metrics_that_exist(tmp_path: Path) 
     have = _samples(tmp_path)
     assert wanted and wanted <= have.keys(), wanted - have.keys()
     assert 29 * 86400 < have["pear_certificate_expiry_seconds"] <= 30 * 86400
+
+
+def test_broker_sys_topics_become_prometheus_names() -> None:
+    assert metric_name("$SYS/broker/clients/connected") == "pear_broker_clients_connected"
+    assert metric_name("$SYS/broker/load/messages/received/1min") == \
+        "pear_broker_load_messages_received_1min"
+    assert metric_name("$SYS/broker/uptime") == "pear_broker_uptime_seconds"
+    assert metric_name("$SYS/broker/") is None and metric_name("pear/v1/x") is None
+    assert all(re.fullmatch(r"pear_[a-z0-9_]+", metric_name(t) or "") for t in (
+        "$SYS/broker/heap/current size", "$SYS/broker/publish/bytes/sent"))
+
+
+def test_only_a_monitor_identity_may_read_the_brokers_sys_figures() -> None:
+    acl = acl_text(modes=["consortium"], network="retail-eu", bridge_users=["bridge"],
+                   monitor_users=["monitor"])
+    section = acl.split("user monitor\n", 1)[1].split("\n\n", 1)[0]
+    assert section.strip() == "topic read $SYS/broker/#"
+    assert acl.count("$SYS") == 1  # no pattern rule: members and the bridge do not get it

@@ -32,6 +32,7 @@ class DockerBackend(Backend):
     state directory mounted at its own path, host networking, every listener on 127.0.0.1."""
 
     name: ClassVar[str] = "docker"
+    serves_sys: ClassVar[bool] = True
     agents_suffix: ClassVar[str] = " (containers)"
 
     @classmethod

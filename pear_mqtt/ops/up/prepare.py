@@ -24,7 +24,7 @@ from ...files import atomic_write
 from ...security import pki as pkimod
 from .backend import Backend
 from .state import BrokerEntry, NodeEntry, Proc
-from .topology import BRIDGE_LINE, BRIDGE_USER, HOST, TOPOLOGY, NetworkSpec
+from .topology import BRIDGE_LINE, BRIDGE_USER, HOST, MONITOR_USER, TOPOLOGY, NetworkSpec
 
 __all__ = ["Plan", "prepare"]
 
@@ -170,6 +170,8 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
         url = f"mqtts://{HOST}:{port}"
         broker_certs = _ensure_cert(ca_dir=ca_dir, out_dir=root / "broker", role="broker",
                                     member=f"{spec.network}-broker")
+        monitor = _ensure_cert(ca_dir=ca_dir, out_dir=root / "monitor", role="monitor",
+                               member=MONITOR_USER)
         sec = net_secrets[spec.network]
         enrolled = ({(e.company, e.store): e for e in pkimod.list_pseudonyms(ca_dir=ca_dir)}
                     if spec.anonymise else None)
@@ -219,7 +221,9 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
             url=url, ca_dir=str(ca_dir), ca=str(ca_dir / pkimod.CA_CERT),
             crl=str(ca_dir / pkimod.CA_CRL), cert=str(broker_certs.cert),
             key=str(broker_certs.key), conf=str(conf) if conf else None,
-            probe_node=probe.name, proc=Proc(pid=None, start_time=None, argv=[], log=log)))
+            probe_node=probe.name, proc=Proc(pid=None, start_time=None, argv=[], log=log),
+            monitor_cert=str(monitor.cert) if backend.serves_sys else None,
+            monitor_key=str(monitor.key) if backend.serves_sys else None))
     bridge["config"] = str(_write_bridge_config(directory, bridge, net_secrets))
     return Plan(brokers=brokers, nodes=nodes, agent_nodes=agent_nodes, bridge=bridge)
 
