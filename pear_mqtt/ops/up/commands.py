@@ -92,8 +92,9 @@ def _print_endpoints(state: UpState, out: Callable[[str], None]) -> None:
         n = consortium
         out(f"try: mosquitto_sub -h {b.host} -p {b.port} --cafile {n.ca} --cert {n.cert} "
             f"--key {n.key} -t 'pear/v1/consortium/{n.network}/#' -v")
-    metrics = [a.metrics_url for a in (*state.brokers, *state.bridges, *state.agents)
-               if a.metrics_url]
+    metrics = [url for url in (*(b.metrics_url for b in state.brokers),
+                               *(a.metrics_url for a in (*state.bridges, *state.agents)))
+               if url]
     if metrics:
         out(f"metrics: {len(metrics)} Prometheus endpoints (metrics_url in up.json), e.g. "
             f"{metrics[0]}")
