@@ -8,6 +8,7 @@ happened, so a failing test leaves no broker behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -23,6 +24,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from upkit import Up, listening
 
 from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.pki import CertPaths
 
@@ -296,3 +298,26 @@ def _cert_serial(pem: bytes) -> int:
     from cryptography import x509
 
     return x509.load_pem_x509_certificate(pem).serial_number
+
+
+def test_the_first_public_aggregates_come_when_start_says(up: Up) -> None:
+    """`start` names when the bridge's first public window is due; a public node from
+    up.json has it by then (within half as long again)."""
+    started = up.start("--rate", "10", backend="local")
+    assert started.returncode == 0, started.stdout + started.stderr
+    began = time.monotonic()
+    said = re.search(r"first public aggregates expected in ~(\d+) s", started.stdout)
+    assert said is not None, started.stdout
+    expected = float(said.group(1))
+    public = next(n for n in reversed(up.state()["nodes"]) if n["mode"] == "public")
+    assert f"pear-mqtt market aggregates --config {public['config']} --sync" in started.stdout
+
+    async def first_aggregate() -> float:
+        config = NetworkConfigManager.load(file=public["config"], env={})
+        async with PearNetwork(config) as node:
+            stream = node.aggregates()
+            await asyncio.wait_for(anext(aiter(stream)), timeout=expected * 1.5 + 10)
+        return time.monotonic() - began
+
+    took = asyncio.run(first_aggregate())
+    assert took <= expected * 1.5 + 10, (took, expected)

@@ -23,7 +23,7 @@ from .health import (
     wait_healthy,
 )
 from .migrate import migrate, outdated
-from .prepare import prepare
+from .prepare import first_aggregates_in, prepare
 from .processes import TAIL_LINES, alive, print_logs
 from .selection import backend_for, choose_backend
 from .state import (
@@ -217,6 +217,13 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
         save_state(directory, state)
     out(f"up and healthy in {state.startup_seconds:.1f}s:")
     _print_endpoints(state, out)
+    first = first_aggregates_in(rate) if state.bridges and state.agents else None
+    if first is not None:
+        public = next((n for n in reversed(state.nodes) if n.mode == "public"), None)
+        out(f"first public aggregates expected in ~{first:.0f} s (a simulated store reports "
+            "a day of history at a time; the bridge publishes a day once it settled)"
+            + (f"; then: pear-mqtt market aggregates --config {public.config} --sync"
+               if public is not None and public.config else ""))
     out(f"endpoints, CA and node certificates: {directory / STATE_FILE}")
     return state
 

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from cryptography import x509
 
+from ...agent.simulate import DEFAULT_RATE, seconds_per_day
 from ...config.manager import NetworkConfigManager
 from ...errors import ConfigError
 from ...files import atomic_write
@@ -26,7 +27,7 @@ from .backend import Backend
 from .state import BrokerEntry, NodeEntry, Proc
 from .topology import BRIDGE_LINE, BRIDGE_USER, HOST, MONITOR_USER, TOPOLOGY, NetworkSpec
 
-__all__ = ["Plan", "prepare"]
+__all__ = ["Plan", "first_aggregates_in", "prepare"]
 
 _BROKER_HOSTS = ("localhost", "127.0.0.1", "::1")
 _RENEW_BEFORE = dt.timedelta(days=30)  # re-issue certificates / re-sign CRLs this close to expiry
@@ -38,6 +39,14 @@ _BRIDGE_LAG: Final = 86400
 # ended an hour ago (the simulated stores report the last week, so most appear right away).
 _BRIDGE_CONSORTIUM_LAG: Final = 3600
 _BRIDGE_SETTLE: Final = 20.0
+
+
+def first_aggregates_in(rate: float | None) -> float | None:
+    """Seconds from the agents' start to the bridge's first public window: the simulated
+    stores report their history a day at a time, and the bridge publishes a day's window
+    once its inputs have been quiet for the settle time (None: agents do not pace)."""
+    day = seconds_per_day(rate=DEFAULT_RATE if rate is None else rate)
+    return None if day is None else day + _BRIDGE_SETTLE
 
 
 @dataclass(slots=True)
