@@ -298,6 +298,7 @@ class NetworkStatus(Frozen):
     states_from_checkpoints: int = 0
     latency_ms: float | None = None
     outbox_depth: int = 0
+    outbox_oldest: datetime | None = None  # when the oldest of them was stored
     reconnects: int = 0
     health: Health = Health.DOWN
     connected_since: datetime | None = None

@@ -432,8 +432,13 @@ class PearNetwork:
             duplicates=c.duplicates, states_from_checkpoints=c.states_from_checkpoints,
             latency_ms=None if latency is None else round(latency, 3),
             outbox_depth=depth, reconnects=c.reconnects, health=health,
+            outbox_oldest=_utc(self._sender.outbox_oldest()),
             connected_since=(datetime.fromtimestamp(since, UTC)
                              if connected and since is not None else None),
             last_error=self._supervisor.last_error,
             delivery_latency=c.delivery_latency.snapshot(),
             sync_duration=c.sync_duration.snapshot())
+
+
+def _utc(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)

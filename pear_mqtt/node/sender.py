@@ -150,6 +150,10 @@ class Sender:
     def outbox_depth(self) -> int:
         return self._outbox.depth if self._outbox is not None else 0
 
+    def outbox_oldest(self) -> float | None:
+        """When the oldest insight or state still waiting was stored (None: nothing waits)."""
+        return self._outbox.oldest() if self._outbox is not None else None
+
     @property
     def latency(self) -> float | None:
         """Smoothed PUBACK round trip in ms (None before the first)."""

@@ -76,3 +76,14 @@ def test_only_a_monitor_identity_may_read_the_brokers_sys_figures() -> None:
     section = acl.split("user monitor\n", 1)[1].split("\n\n", 1)[0]
     assert section.strip() == "topic read $SYS/broker/#"
     assert acl.count("$SYS") == 1  # no pattern rule: members and the bridge do not get it
+
+
+def test_the_outbox_age_is_how_long_its_oldest_message_has_waited() -> None:
+    waiting = NetworkStatus(connected=False, outbox_depth=3,
+                            outbox_oldest=datetime.now(UTC) - timedelta(seconds=90))
+    samples = {s.name: s.value for f in NodeCollector(lambda: waiting).collect()
+               for s in f.samples}
+    assert 89 <= samples["pear_outbox_oldest_age_seconds"] < 120
+    empty = {s.name for f in NodeCollector(lambda: NetworkStatus(connected=True)).collect()
+             for s in f.samples}
+    assert "pear_outbox_oldest_age_seconds" not in empty  # nothing waits: no age
