@@ -35,7 +35,8 @@ def _cert(path: Path) -> Path:
 
 def _samples(tmp: Path | None = None) -> dict[str, float]:
     node = NodeCollector(lambda: NetworkStatus(connected=True, health=Health.OK,
-                                               dropped={"malformed": 2}, latency_ms=3.0),
+                                               dropped={"malformed": 2}, latency_ms=3.0,
+                                               outbox_oldest=datetime.now(UTC)),
                          cert_file=None if tmp is None else _cert(tmp / "node.crt"))
     bridge = BridgeCollector(lambda: BridgeStatus(
         health=Health.OK, connected=True, public_connected=True, sources={},
