@@ -12,6 +12,8 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -106,6 +108,16 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
         # Every process of this machine serves its metrics on loopback.
         assert all(a["metrics_url"].startswith("http://127.0.0.1:")
                    for a in state["agents"] + state["bridges"])
+        # The line `start` suggests: a member's view of the live traffic, in plain form.
+        assert "try: pear-mqtt watch --node consortium-" in started.stdout
+        name = started.stdout.split("try: pear-mqtt watch --node ", 1)[1].split()[0]
+        watched = subprocess.run(
+            [sys.executable, "-m", "pear_mqtt", "watch", "--node", name, "--up-file",
+             str(up.dir / "up.json"), "--json", "--count", "1", "--timeout", "30"],
+            capture_output=True, text=True, timeout=60)
+        assert watched.returncode == 0, watched.stderr
+        (item,) = [json.loads(line) for line in watched.stdout.splitlines()]
+        assert item["mode"] == "consortium" and item["kind"] in ("insight", "aggregate")
     else:
         assert state["agents"] == []
     if backend == "local":

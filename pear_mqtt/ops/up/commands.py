@@ -86,12 +86,10 @@ def _print_endpoints(state: UpState, out: Callable[[str], None]) -> None:
                               ", running" if state.bridges else
                               " (not started)"))
     out(f"  {state.agents_note}" + (f" ({len(state.agents)} running)" if state.agents else ""))
-    consortium = next((n for n in state.nodes if n.mode == "consortium"), None)
+    consortium = next((n for n in state.nodes if n.mode == "consortium" and n.config), None)
     if consortium is not None:
-        b = next(b for b in state.brokers if b.name == consortium.broker)
-        n = consortium
-        out(f"try: mosquitto_sub -h {b.host} -p {b.port} --cafile {n.ca} --cert {n.cert} "
-            f"--key {n.key} -t 'pear/v1/consortium/{n.network}/#' -v")
+        # Decrypted and verified, as that member may read it (mosquitto_sub shows ciphertext).
+        out(f"try: pear-mqtt watch --node {consortium.name}")
     metrics = [url for url in (*(b.metrics_url for b in state.brokers),
                                *(a.metrics_url for a in (*state.bridges, *state.agents)))
                if url]
