@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -193,7 +194,8 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
                     status_interval: float = 10.0, status_file: Path | None = None,
                     drain_timeout: float = 10.0,
                     status_stream: TextIO | None = None,
-                    metrics_port: int | None = None) -> AgentReport:
+                    metrics_port: int | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> AgentReport:
     """Publish everything ``source`` yields until it ends or ``stop`` is set.
 
     Joins the network without waiting for the broker (insights wait in the outbox at
@@ -202,7 +204,9 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
     ``status_file`` with the :class:`NetworkStatus` as JSON; the file is also written at the
     start and at the end (then with ``connected: false``). At the end it waits up to
     ``drain_timeout`` seconds for the outbox to empty, then disconnects: what is left stays in
-    the outbox for the next run.
+    the outbox for the next run. ``progress`` (a terminal's bars) is called five times a
+    second with the input items handled so far (queued or rejected) and the insights the
+    broker acknowledged.
 
     Bad input lines are counted and logged, never raised. While the outbox refuses writes (a
     full disk) the source is held at the current insight and the write retried with backoff.
@@ -237,22 +241,28 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
                         port=metrics_port)
         print(f"pear-mqtt agent: metrics at {metrics.url}", file=sys.stderr, flush=True)
     reporter: asyncio.Task[None] | None = None
+    ticker: asyncio.Task[None] | None = None
     drained = False
     try:
         writer.write(tally, net.status(), line=False)
         if status_interval > 0:
             reporter = asyncio.create_task(_report_every(status_interval, net, tally, writer))
+        if progress is not None:
+            ticker = asyncio.create_task(_progress_every(progress, net, tally))
         await _pump(source, net, stop, tally)
         drained = await _drain(net, drain_timeout)
     finally:
-        if reporter is not None:
-            reporter.cancel()
-            # wait(), unlike awaiting the task, does not raise its CancelledError, which could
-            # not be told apart from a cancellation of this run.
-            await asyncio.wait([reporter])
+        for task in (reporter, ticker):
+            if task is not None:
+                task.cancel()
+                # wait(), unlike awaiting the task, does not raise its CancelledError, which
+                # could not be told apart from a cancellation of this run.
+                await asyncio.wait([task])
         # Taken before disconnecting, which closes the outbox and so zeroes its depth; the
         # last line shows the connection as it was, the status file that it is closed now.
         final = net.status()
+        if progress is not None:
+            progress(tally.read + tally.rejected, final.insights_acknowledged)
         writer.write(tally, final, line=True, file=False)
         if metrics is not None:
             metrics.close()
@@ -270,6 +280,13 @@ async def run_agent(*, config: NetworkConfig, source: InsightSource, stop: async
                        duration=time.monotonic() - started, status=final,
                        rejections=tuple(tally.rejections),
                        rejected_by_reason=dict(tally.by_reason))
+
+
+async def _progress_every(progress: Callable[[int, int], None], net: PearNetwork,
+                          tally: _Tally) -> None:
+    while True:
+        progress(tally.read + tally.rejected, net.status().insights_acknowledged)
+        await asyncio.sleep(0.2)  # a display refresh; cancelled by run_agent on the way out
 
 
 async def _report_every(interval: float, net: PearNetwork, tally: _Tally,

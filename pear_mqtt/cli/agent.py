@@ -18,6 +18,7 @@ from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
 from ..errors import ConfigError, PearError, PKIError
 from .allowed import insight_values
+from .progress import bars
 
 __all__ = ["EX_TEMPFAIL", "register_cli"]
 
@@ -84,12 +85,24 @@ async def _serve(args: argparse.Namespace, config: NetworkConfig,
     handled = (signal.SIGTERM, signal.SIGINT)
     for sig in handled:
         loop.add_signal_handler(sig, on_signal, sig)
+    total = (source.records() if isinstance(source, FileSource)
+             else args.count if args.simulate else None)
     try:
-        report = await run_agent(config=config, source=source, stop=stop,
-                                 status_interval=args.status_interval,
-                                 status_file=args.status_file,
-                                 drain_timeout=args.drain_timeout,
-                                 metrics_port=args.metrics_port)
+        with bars() as b:
+            # One-shot work of a known size: read and acknowledged, on a terminal only.
+            read_bar = b.add("read", total=total) if total is not None else None
+            acked_bar = b.add("acknowledged", total=total) if total is not None else None
+
+            def progress(handled: int, acked: int) -> None:
+                b.update(read_bar, completed=handled)
+                b.update(acked_bar, completed=acked)
+
+            report = await run_agent(config=config, source=source, stop=stop,
+                                     status_interval=args.status_interval,
+                                     status_file=args.status_file,
+                                     drain_timeout=args.drain_timeout,
+                                     metrics_port=args.metrics_port,
+                                     progress=progress if b.drawing and total else None)
     except (ConfigError, PKIError) as exc:  # PKIError: unusable certificate or key files
         print(f"pear-mqtt agent: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from ..market import METRICS, MarketStore
 from ..market.rows import MarketRow
 from ..node.network import PearNetwork
 from ..privacy.ranges import ValueRange
+from .progress import bars, follow
 
 __all__ = ["register_cli"]
 
@@ -53,8 +54,12 @@ async def _take_in(config: NetworkConfig) -> None:
     """Connect as the node, collect what the broker retains for it (states, aggregates) into
     its store, and leave."""
     async with PearNetwork(config) as net:
-        result = await net.sync(timeout=60)
-        await net.market_settled(timeout=60)
+        with bars(transient=True) as b:
+            # How much has come in so far: the total is not known before it ends.
+            task = b.add("syncing: messages received")
+            async with follow(b, task, lambda: net.status().messages_in):
+                result = await net.sync(timeout=60)
+                await net.market_settled(timeout=60)
     print(f"synced {len(result)} states and {len(result.aggregates)} aggregates from "
           f"{config.broker_url}", file=sys.stderr)
 

@@ -1,0 +1,100 @@
+"""Progress bars for long command-line work (rich), on a terminal only: in a pipe, a log file
+or a container nothing is drawn and the commands' own status lines are all there is."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+__all__ = ["Bars", "bars", "follow"]
+
+_REFRESH = 0.2  # seconds between two reads of the counters a bar follows
+
+
+class _Rate(ProgressColumn):
+    """Items per second, once rich has measured a speed."""
+
+    def render(self, task: Task) -> Text:
+        return Text("" if not task.speed else f"{task.speed:,.0f}/s")
+
+
+class Bars:
+    """Bars on one terminal; every method does nothing when it is not drawing."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+
+    @property
+    def drawing(self) -> bool:
+        return self._progress is not None
+
+    def add(self, description: str, *, total: float | None = None) -> TaskID | None:
+        """A bar (a spinner with a count when ``total`` is unknown)."""
+        if self._progress is None:
+            return None
+        return self._progress.add_task(description, total=total)
+
+    def update(self, task: TaskID | None, *, completed: float,
+               total: float | None = None) -> None:
+        if self._progress is not None and task is not None:
+            if total is not None:
+                self._progress.update(task, completed=completed, total=total)
+            else:
+                self._progress.update(task, completed=completed)
+
+
+@contextlib.contextmanager
+def bars(*, stream: TextIO | None = None, transient: bool = False) -> Iterator[Bars]:
+    """Draw bars on ``stream`` (default stderr) while the block runs, when it is a terminal;
+    with count, rate and time left where the total is known."""
+    out = stream if stream is not None else sys.stderr
+    if not out.isatty():
+        yield Bars(None)
+        return
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        _Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(file=out), transient=transient, refresh_per_second=5)
+    with progress:
+        yield Bars(progress)
+
+
+@contextlib.asynccontextmanager
+async def follow(b: Bars, task: TaskID | None, read: Callable[[], float], *,
+                 total: Callable[[], float | None] | None = None) -> AsyncIterator[None]:
+    """Keep ``task`` at ``read()`` (and its total at ``total()``) while the block runs."""
+    if not b.drawing:
+        yield
+        return
+
+    async def loop() -> None:
+        while True:
+            b.update(task, completed=read(), total=None if total is None else total())
+            await asyncio.sleep(_REFRESH)  # a display refresh, not a wait for a message
+
+    runner = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        b.update(task, completed=read(), total=None if total is None else total())
