@@ -6,6 +6,7 @@ import asyncio
 import errno
 import functools
 import json
+import random
 import secrets
 import socket
 import threading
@@ -64,10 +65,29 @@ def port_free(port: int, host: str = HOST) -> bool:
 
 
 def free_port() -> int:
-    """A port nothing listens on right now."""
+    """A port nothing listens on right now, below the range the kernel hands out as the
+    local ports of outgoing connections: a port chosen now and bound by a process started a
+    moment later must not be taken meanwhile by some client's connection."""
+    low = _ephemeral_low()
+    for _ in range(64):
+        port = random.randint(max(1024, low - 20_000), low - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii")
+        return max(2048, int(text.split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; elsewhere just a range to try first
 
 
 def probe_broker(*, host: str, port: int, ca: Path | str, cert: Path | str, key: Path | str,
