@@ -22,16 +22,19 @@ from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .counters import Counters, open_counted
 
-__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "NodeLog", "range_body",
-           "send_range", "settle"]
+__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "REQUEST_MAX_BYTES",
+           "NodeLog", "range_bodies", "reply_budget", "send_range", "settle"]
 
 log = logging.getLogger(__name__)
 
 HEAD_INTERVAL = 1.0
 """Seconds between two signed heads while the log grows (a flush sends one at once)."""
-REPLY_MAX_ENTRIES = 512
-REPLY_MAX_BYTES = 192 * 1024
-"""At most this much per answer to a log request: the asker asks again for the rest."""
+REPLY_MAX_ENTRIES = 4096
+REPLY_MAX_BYTES = 640 * 1024
+"""At most this much per answer (one envelope) to a log request."""
+REQUEST_MAX_BYTES = 8 * 1024 * 1024
+"""At most this much in the answers to one request: the asker asks again for the rest."""
+_READ_AHEAD = 1024  # entries read from the disk at once while answering
 
 
 class NodeLog:
@@ -110,50 +113,81 @@ class NodeLog:
             return
         self._log.flush()
         send_range(conn, codec=self._codec, scheme=self._scheme, counters=self._counters,
-                   asker=asker, body=range_body(self._log, log_id=self._id, first=first,
-                                                end=end, request_id=body.get("id")))
+                   asker=asker, bodies=range_bodies(
+                       self._log, log_id=self._id, first=first, end=end,
+                       request_id=body.get("id"), size=body.get("size"),
+                       max_bytes=reply_budget(self._codec)))
 
 
-def range_body(held: AppendLog, *, log_id: str, first: int, end: int,
-               request_id: Any) -> dict[str, Any]:
-    """The body of a ``logrange`` answer: the records of ``held`` from ``first`` (at most
-    :data:`REPLY_MAX_ENTRIES` and :data:`REPLY_MAX_BYTES`), what it still holds, and
-    ``truncated`` when the asker wants entries retention dropped."""
+def range_bodies(held: AppendLog, *, log_id: str, first: int, end: int, request_id: Any,
+                 size: Any, max_bytes: int) -> list[dict[str, Any]]:
+    """The bodies of the ``logrange`` answers to a request for ``[first, end)`` of ``held``:
+    consecutive chunks of at most :data:`REPLY_MAX_ENTRIES` entries and about ``max_bytes``
+    each, together at most :data:`REQUEST_MAX_BYTES` (``"more": true`` on all but the
+    last). Each chunk carries a range proof against the tree of ``size`` entries when the
+    asker named a signed head's length ``size`` that covers it; ``truncated`` is set when the
+    asker wants entries retention dropped."""
     held_from = held.start
     end = min(end, held.length)
-    body: dict[str, Any] = {"log": log_id, "id": request_id if isinstance(
-        request_id, str) else None, "length": held.length, "held_from": held_from,
-        "from": max(first, held_from), "records": []}
-    if first < held_from:
-        body["truncated"] = True  # the asker learns at once, instead of waiting
-    size = 0
-    records: list[list[str]] = []
+    rid = request_id if isinstance(request_id, str) else None
+    provable = type(size) is int and 0 < size <= held.length
     start = max(first, held_from)
-    if start < end:
-        try:
-            got = held.records(start, min(end, start + REPLY_MAX_ENTRIES))
-        except (LogTruncated, HistoryError) as exc:
-            log.warning("cannot answer a log request: %s", exc)
-            got = []
+    bodies: list[dict[str, Any]] = []
+    total, pos = 0, start
+    got: list[tuple[str, bytes]] = []  # read from the disk, not yet answered
+    while True:
+        records: list[list[str]] = []
+        chunk_bytes = 0
+        if not got and pos < end:
+            try:
+                got = held.records(pos, min(end, pos + _READ_AHEAD))
+            except (LogTruncated, HistoryError) as exc:
+                log.warning("cannot answer a log request: %s", exc)
+        taken = 0
         for topic, entry in got:
-            size += len(entry) * 4 // 3 + len(topic) + 8
-            if records and size > REPLY_MAX_BYTES:
+            cost = len(entry) * 4 // 3 + len(topic) + 8
+            if records and (chunk_bytes + cost > max_bytes
+                            or len(records) >= REPLY_MAX_ENTRIES):
                 break
             records.append([topic, b64url_encode(entry).decode("ascii")])
-    body["records"] = records
-    return body
+            chunk_bytes += cost
+            taken += 1
+        del got[:taken]
+        body: dict[str, Any] = {"log": log_id, "id": rid, "length": held.length,
+                                "held_from": held_from, "from": pos, "records": records}
+        if not bodies and first < held_from:
+            body["truncated"] = True  # the asker learns at once, instead of waiting
+        if records and provable and pos + len(records) <= size:
+            body["size"] = size
+            body["proof"] = [b64url_encode(h).decode("ascii") for h in held.tree.range_proof(
+                pos, pos + len(records), size)]
+        bodies.append(body)
+        pos += len(records)
+        total += chunk_bytes
+        if not records or pos >= end or total >= REQUEST_MAX_BYTES:
+            return bodies
+        body["more"] = True
 
 
 def send_range(conn: Connection, *, codec: EnvelopeCodec, scheme: TopicScheme,
-               counters: Counters, asker: Identity, body: dict[str, Any]) -> None:
-    """Publish a ``logrange`` answer to the asker's own reply topic, which only it reads."""
+               counters: Counters, asker: Identity, bodies: list[dict[str, Any]]) -> None:
+    """Publish ``logrange`` answers to the asker's own reply topic, which only it reads.
+    Not encrypted: the entries are the exact envelopes the network already carried (their
+    bodies sealed as they were), and the topics beside them are the ones they went on."""
     try:
         reply = TopicScheme(scheme.mode, scheme.network, asker.member).log_reply(asker.node)
     except TopicError:
         counters.dropped["bad_topic"] += 1
         return
     counters.log_requests_answered += 1
-    settle(conn.publish(reply, codec.encode(kind="logrange", body=body), qos=1))
+    for body in bodies:
+        settle(conn.publish(reply, codec.encode(kind="logrange", body=body, encrypt=False),
+                            qos=1))
+
+
+def reply_budget(codec: EnvelopeCodec) -> int:
+    """Bytes of records per answer: what fits one envelope with room for its frame."""
+    return max(1024, min(REPLY_MAX_BYTES, codec.max_bytes * 2 // 3))
 
 
 def settle(fut: asyncio.Future[None]) -> None:

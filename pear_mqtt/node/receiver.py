@@ -20,7 +20,7 @@ from ..errors import EnvelopeError, TopicError, TransportError
 from ..model.aggregates import AggregateBody
 from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
 from ..privacy.filter import SharedInsight
-from ..security.envelope import EnvelopeCodec
+from ..security.envelope import Decoded, EnvelopeCodec
 from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .archive import Archive
@@ -30,7 +30,7 @@ from .history import NodeLog, settle
 from .markers import Markers
 from .peers import PeerTable
 from .records import ReceivedAggregate, ReceivedInsight
-from .replicas import Replicas
+from .replicas import Replicas, Reply
 from .streams import Streams
 
 __all__ = ["Receiver"]
@@ -150,8 +150,16 @@ class Receiver:
                                          check_replay=not msg.retain and not repaired)
         except EnvelopeError as exc:
             self._counters.dropped[exc.reason] += 1
+            if repaired:
+                self._counters.log_refused["forged_entry"] += 1
             log.debug("dropped message on %s: %s", msg.topic, exc)
             return
+        self._accept(parsed, msg, decoded, repaired=repaired)
+
+    def _accept(self, parsed: ParsedTopic, msg: InboundMessage, decoded: Decoded, *,
+                repaired: bool, proven: bool = False) -> None:
+        """Deliver a verified envelope (``proven``: an entry a range proof already placed
+        in its sender's log)."""
         signer = decoded.signer
         # Identity first: our own envelope replayed into another member's subtree is a
         # mismatch to count, not an echo to ignore.
@@ -168,7 +176,8 @@ class Receiver:
                                                              separators=(",", ":")).encode(),
                                        only_new=True)
             return  # our own message echoed by a broker without no-local
-        if not self._logged(signer, decoded.message.log_ref, msg.payload, msg.topic):
+        if not proven and not self._logged(signer, decoded.message.log_ref, msg.payload,
+                                           msg.topic):
             return
         kind = decoded.message.kind
         body = decoded.message.body
@@ -241,11 +250,40 @@ class Receiver:
         if message.kind != "logrange":
             self._counters.dropped["unexpected_kind"] += 1
             return
-        records = self._replicas.on_reply(signer, message.body)
-        for topic, payload in records:
-            self._handle(InboundMessage(topic=topic, payload=payload, qos=1, retain=False),
-                         repaired=True)
-        self._replicas.repaired(len(records))
+        reply = self._replicas.on_reply(signer, message.body)
+        if reply.proven:
+            self._deliver_proven(reply)
+        else:
+            for topic, payload in reply.records:
+                self._handle(InboundMessage(topic=topic, payload=payload, qos=1, retain=False),
+                             repaired=True)
+        self._replicas.repaired(len(reply.records))
+
+    def _deliver_proven(self, reply: Reply) -> None:
+        """The items of entries a range proof tied to their owner's signed head: their
+        bytes are the owner's, so they are opened without verifying each signature again."""
+        assert self._codec is not None and reply.owner is not None
+        owner = reply.owner
+        for i, (topic, payload) in enumerate(reply.records):
+            self._counters.messages_in += 1
+            try:
+                parsed = parse_topic(topic)
+                decoded = self._codec.open_proven(payload, owner)
+            except TopicError:
+                self._counters.dropped["bad_topic"] += 1
+                continue
+            except EnvelopeError as exc:
+                self._counters.dropped[exc.reason] += 1
+                continue
+            if decoded.message.log_ref != f"{reply.log_id}:{reply.first + i}":
+                self._counters.dropped["malformed"] += 1
+                continue
+            if parsed.kind in ("insights", "contrib", "state", "aggregates"):
+                self._accept(parsed, InboundMessage(topic=topic, payload=payload, qos=1,
+                                                    retain=False),
+                             decoded, repaired=True, proven=True)
+            else:
+                self._counters.dropped["unexpected_kind"] += 1
 
     def _deliver(self, raw: Any, topic: str, retained: bool, signer: Identity, *,
                  dedup: bool, now: float | None = None, sequence: int = 0,

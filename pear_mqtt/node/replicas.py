@@ -13,16 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import MalformedMessage, ProofFailed, TopicError
+from ..errors import EnvelopeError, MalformedMessage, ProofFailed, TopicError
 from ..history.head import TreeHead, parse_head, parse_log_ref
-from ..history.merkle import MerkleTree, leaf_hash
+from ..history.merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_range
 from ..model.topics import TopicScheme
 from ..security.base64url import b64url_decode
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from .counters import Counters
 
-__all__ = ["Fork", "LogView", "Replicas"]
+__all__ = ["Fork", "LogView", "Replicas", "Reply"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ _ASK_AGAIN = 5.0  # s before an unanswered request is sent again
 # flight (a head outruns the stream it covers; retained and live messages interleave) are
 # not missing, and asking for them would only double the traffic on a slow link.
 GAP_GRACE = 1.0
-_ASK_MAX = 512  # entries asked for at once (a sender answers at most this many)
+_ASK_MAX = 1 << 16  # entries asked for at once (the answers stop after a few MB)
+_ROOTS_KEPT = 16  # signed heads (length -> root) a range proof may be checked against
 
 # (topic, payload, response topic, correlation data): a request over MQTT 5's
 # request/response properties; the signed body carries the same for 3.1.1 brokers.
@@ -83,6 +84,21 @@ class _Replica:
     timer: asyncio.TimerHandle | None = None
     from_archive: bool = False  # ask the network's archive (the sender did not answer)
     answered: bool = False  # an answer just came: the next range is asked for at once
+    more: bool = False  # ... and it said more answers to the same request follow
+    roots: dict[int, bytes] = field(default_factory=dict)  # signed heads' roots by length
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a ``logrange`` answer brought: (topic, entry) records to receive and whose
+    log they are; ``proven`` when a range proof tied them to a signed head of ``owner``
+    (already in the tree: only their items are left to deliver)."""
+
+    records: list[tuple[str, bytes]]
+    owner: Identity | None = None
+    log_id: str = ""
+    first: int = 0
+    proven: bool = False
 
 
 class Replicas:
@@ -244,36 +260,84 @@ class Replicas:
                          rep.head_payload, payload)
             return
         rep.head, rep.head_payload = head, payload
+        rep.roots[head.length] = head.root
+        if len(rep.roots) > _ROOTS_KEPT:
+            del rep.roots[min(rep.roots)]
         self._check(rep)
         self._repair(rep)
 
-    def on_reply(self, signer: Identity, body: Any) -> list[tuple[str, bytes]]:
-        """A ``logrange`` answer (of the sender, or of the archive for a sender it names):
-        the (topic, payload) records to receive as if live."""
+    def on_reply(self, signer: Identity, body: Any) -> Reply:
+        """A ``logrange`` answer (of the sender, or of the archive for a sender it names).
+        Refused, and counted in ``log_refused`` by reason, when it is hostile: an answer
+        about a log this node does not follow or from a node that may not answer for it
+        (``unrequested``), records out of their places (``reordered_range``), a log said
+        to be shorter than its signed head (``cut_range``), or records that a range proof
+        does not tie to a signed head (``forged_entry``, ``cut_range``)."""
         if not isinstance(body, dict) or not isinstance(body.get("log"), str):
             self._counters.dropped["malformed"] += 1
-            return []
+            return Reply([])
+        names = body.get("sender")
         archived = (self._archive is not None
                     and (signer.member, signer.node) == self._archive
-                    and isinstance(body.get("sender"), str))
+                    and isinstance(names, str))
+        if names is not None and not archived:
+            # Only the network's archive answers for another node's log.
+            return self._refuse("unrequested", signer, f"an answer for {names!r}'s log")
         # An archive's records are the senders' own signed envelopes: they verify like live
         # ones, so trusting it changes nothing but where they come from.
-        rep = self._replicas.get(body["sender"] if archived else signer.sender)
-        if rep is None or rep.log_id != body["log"]:
+        rep = self._replicas.get(names if isinstance(names, str) else signer.sender)
+        if rep is None:
+            return self._refuse("unrequested", signer, "an answer for a log never asked for")
+        if rep.log_id != body["log"]:
             # An answer about a log this node no longer follows (the sender started a new
             # one meanwhile): nothing to use, nothing hostile either.
-            return []
+            return Reply([])
         # An answer to an earlier request (asked again after a reconnect) is as good as one to
         # the latest: every entry in it is verified like a live one.
         records = body.get("records")
         first = body.get("from")
         held_from = body.get("held_from")
+        length = body.get("length")
         if not isinstance(records, list) or type(first) is not int \
-                or type(held_from) is not int:
+                or type(held_from) is not int or first < 0:
             self._counters.dropped["malformed"] += 1
-            return []
-        rep.asked = None
-        rep.answered = True
+            return Reply([])
+        out: list[tuple[str, bytes]] = []
+        for rec in records:
+            if not (isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], str)
+                    and isinstance(rec[1], str)):
+                self._counters.dropped["malformed"] += 1
+                return Reply([])
+            try:
+                out.append((rec[0], b64url_decode(rec[1].encode("ascii"), "entry")))
+            except (MalformedMessage, UnicodeEncodeError):
+                self._counters.dropped["malformed"] += 1
+                return Reply([])
+        for i, (_topic, payload) in enumerate(out):
+            if _entry_index(payload, rep.log_id) != first + i:
+                return self._refuse("reordered_range", signer,
+                                    f"record {i} is not entry {first + i} of its log")
+        if (not archived and type(length) is int and rep.head is not None
+                and length < rep.head.length):
+            return self._refuse("cut_range", signer, f"a log of {length} entries, signed "
+                                f"as {rep.head.length}")
+        proven = False
+        if out and "proof" in body:
+            size, proof = body.get("size"), body.get("proof")
+            root = rep.roots.get(size) if type(size) is int else None
+            hashes = _proof_hashes(proof)
+            leaves = [leaf_hash(payload) for _topic, payload in out]
+            if root is None or hashes is None or type(size) is not int or not verify_range(
+                    leaves=leaves, start=first, size=size, proof=hashes, root=root):
+                return self._refuse(self._why_unproven(rep, out, root), signer,
+                                    f"entries {first}..{first + len(out) - 1} do not "
+                                    "match its signed head")
+            self._take(rep, first, leaves, out)
+            proven = True
+        more = body.get("more") is True
+        rep.answered, rep.more = True, more
+        if not more:
+            rep.asked = None
         if (body.get("truncated") and not archived and self._archive is not None
                 and held_from > rep.tree.size):
             rep.from_archive = True  # the sender's retention dropped them: the archive may not
@@ -285,25 +349,61 @@ class Replicas:
             log.warning("%s: entries %d..%d of its log are gone (retention%s); %d entries "
                         "cannot be repaired", rep.owner.sender, rep.tree.size, held_from - 1,
                         ", the archive's too" if archived else "", lost)
-        if archived and not records and not body.get("truncated"):
+        if archived and not out and not body.get("truncated"):
             rep.from_archive = False  # the archive holds no more of it: back to the sender
-        out: list[tuple[str, bytes]] = []
-        for rec in records:
-            if not (isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], str)
-                    and isinstance(rec[1], str)):
-                self._counters.dropped["malformed"] += 1
-                continue
+        return Reply(out, owner=rep.owner, log_id=rep.log_id, first=first, proven=proven)
+
+    def _refuse(self, reason: str, signer: Identity, what: str) -> Reply:
+        self._counters.log_refused[reason] += 1
+        log.warning("refused a log answer of %s (%s): %s", signer.sender, reason, what)
+        return Reply([])
+
+    def _why_unproven(self, rep: _Replica, records: list[tuple[str, bytes]],
+                      root: bytes | None) -> str:
+        """Why records in their places fail their range proof (hostile traffic only, so
+        each is checked in full): one not signed by the log's owner is forged; else the
+        range does not cover what its proof does."""
+        if root is None:
+            return "cut_range"  # a proof against a head this node never saw signed
+        assert self._codec is not None
+        for _topic, payload in records:
             try:
-                out.append((rec[0], b64url_decode(rec[1].encode("ascii"), "entry")))
-            except (MalformedMessage, UnicodeEncodeError):
-                self._counters.dropped["malformed"] += 1
-        return out
+                decoded = self._codec.decode(payload, check_replay=False,
+                                             max_age=float("inf"))
+            except EnvelopeError:
+                return "forged_entry"
+            if decoded.signer != rep.owner:
+                return "forged_entry"
+        return "cut_range"
+
+    def _take(self, rep: _Replica, first: int, leaves: list[bytes],
+              records: list[tuple[str, bytes]]) -> None:
+        """Entries a range proof tied to a signed head: into the held prefix at once."""
+        for i, leaf in enumerate(leaves):
+            index = first + i
+            held = (rep.tree.leaf(index) if index < rep.tree.size
+                    else rep.pending.get(index))
+            if held is not None:
+                if held != leaf:
+                    self._forked(rep, f"two different entries signed at {index}",
+                                 rep.payloads.get(index) or rep.head_payload, records[i][1])
+                    return
+                continue
+            rep.pending[index] = leaf
+            rep.payloads[index], rep.topics[index] = records[i][1], records[i][0]
+        self._advance(rep)
 
     def repaired(self, count: int) -> None:
         self._counters.log_repaired += count
         self._changed()
         for rep in self._replicas.values():
             answered, rep.answered = rep.answered, False
+            if answered and rep.more:
+                # The rest of the answer is on its way: no new request; a silence from here
+                # counts from now.
+                if rep.asked is not None:
+                    rep.asked = (rep.tree.size, rep.asked[1], time.monotonic())
+                continue
             if answered and (rep.pending or (rep.head is not None
                                              and rep.tree.size < rep.head.length)):
                 # An answer came: ask for the next range at once (the grace is for gaps
@@ -425,10 +525,50 @@ class Replicas:
             return
         rep.request_id = secrets.token_urlsafe(9)
         rep.asked = (start, end, now)
-        body = {"log": rep.log_id, "from": start, "to": end, "id": rep.request_id}
+        body: dict[str, Any] = {"log": rep.log_id, "from": start, "to": end,
+                                "id": rep.request_id}
+        if rep.head is not None and end <= rep.head.length:
+            body["size"] = rep.head.length  # answer with range proofs against this head
         if rep.from_archive:
             body["sender"] = rep.owner.sender
         # Looked at again if no answer comes: an offline sender sends nothing else that would.
         self._later(rep, _ASK_AGAIN)
         self._publish(topic, self._codec.encode(kind="logreq", body=body), self._reply_topic,
                       rep.request_id.encode("ascii"))
+
+
+_LOG_MEMBER = b',"log":"'
+
+
+def _entry_index(payload: bytes, log_id: str) -> int | None:
+    """The index an envelope's signed ``log`` member gives it in log ``log_id`` (None: not
+    an entry of that log). The member sits in the flat header before the body."""
+    at = payload.find(_LOG_MEMBER, 0, 512)
+    if at < 0:
+        return None
+    at += len(_LOG_MEMBER)
+    end = payload.find(b'"', at, at + 64)
+    ref = payload[at:end].decode("ascii", "replace") if end > 0 else ""
+    try:
+        got_id, index = parse_log_ref(ref)
+    except ProofFailed:
+        return None
+    return index if got_id == log_id else None
+
+
+def _proof_hashes(proof: Any) -> list[bytes] | None:
+    """A range proof's hashes from their base64url text (None: not a proof)."""
+    if not isinstance(proof, list) or len(proof) > 256:
+        return None
+    out: list[bytes] = []
+    for text in proof:
+        if not isinstance(text, str):
+            return None
+        try:
+            h = b64url_decode(text.encode("ascii"), "proof")
+        except (MalformedMessage, UnicodeEncodeError):
+            return None
+        if len(h) != HASH_SIZE:
+            return None
+        out.append(h)
+    return out
