@@ -71,6 +71,12 @@ class MerkleTree:
             raise IndexError(f"leaf {index} of a tree of {self._size}")
         return bytes(self._levels[0][index * HASH_SIZE:(index + 1) * HASH_SIZE])
 
+    def leaves(self, start: int, end: int) -> bytes:
+        """The leaf hashes of [start, end), concatenated."""
+        if not 0 <= start <= end <= self._size:
+            raise IndexError(f"leaves [{start}, {end}) of a tree of {self._size}")
+        return bytes(self._levels[0][start * HASH_SIZE:end * HASH_SIZE])
+
     def root(self, size: int | None = None) -> bytes:
         """The tree head hash of the first ``size`` leaves (all by default)."""
         n = self._size if size is None else self._check_size(size)

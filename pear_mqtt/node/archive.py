@@ -110,19 +110,20 @@ class Archive:
                 or type(end) is not int or not 0 <= first < end or not isinstance(log_id, str)):
             self._counters.dropped["malformed"] += 1
             return True
-        bodies: list[dict[str, Any]]
+        answers: list[tuple[dict[str, Any], list[bytes]]]
         if current is None or current[0] != log_id:
             # Not kept here: an answer that holds nothing (from 0), so the asker goes back
             # to the sender instead of waiting.
-            bodies = [{"log": log_id, "id": body.get("id") if isinstance(body.get("id"), str)
-                       else None, "length": 0, "held_from": 0, "from": first, "records": []}]
+            answers = [({"log": log_id, "id": body.get("id") if isinstance(body.get("id"), str)
+                         else None, "length": 0, "held_from": 0, "from": first, "count": 0,
+                         "topics": []}, [])]
         else:
             current[1].flush()
-            bodies = range_bodies(current[1], log_id=log_id, first=first, end=end,
-                                  request_id=body.get("id"), size=body.get("size"),
-                                  max_bytes=reply_budget(self._codec))
-        for reply in bodies:
+            answers = range_bodies(current[1], log_id=log_id, first=first, end=end,
+                                   request_id=body.get("id"), size=body.get("size"),
+                                   max_bytes=reply_budget(self._codec))
+        for reply, _blob in answers:
             reply["sender"] = body["sender"]
         send_range(conn, codec=self._codec, scheme=self._scheme, counters=self._counters,
-                   asker=decoded.signer, bodies=bodies)
+                   asker=decoded.signer, answers=answers)
         return True

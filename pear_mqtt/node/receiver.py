@@ -4,12 +4,14 @@ is dropped and counted by reason, never raised."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import json
 import logging
+import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +19,7 @@ from pydantic import ValidationError
 
 from ..config.models import NetworkConfig
 from ..errors import EnvelopeError, TopicError, TransportError
+from ..history.frame import split
 from ..model.aggregates import AggregateBody
 from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
 from ..privacy.filter import SharedInsight
@@ -38,6 +41,14 @@ __all__ = ["Receiver"]
 log = logging.getLogger(__name__)
 
 _DEDUP_MEMORY = 200_000  # (sender, item id) pairs remembered for de-duplication
+BACKLOG_MAX_BYTES = 64 * 1024 * 1024
+"""Proven entries held for delivery at most (the repair pauses beyond it)."""
+_DRAIN_SLICE = 32  # entries delivered per turn of the event loop
+# While a repair request is outstanding and its answers keep coming (the last one less than
+# this many seconds ago), their items wait: the repair (fetch, prove, hold) runs at network
+# speed and delivery catches up behind it.
+_STREAMING = 0.25
+_DEFER_POLL = 0.005
 
 Sink = Callable[[ReceivedInsight | ReceivedAggregate], None]
 """Where verified insights, states and aggregates go besides the streams (the market store)."""
@@ -74,6 +85,11 @@ class Receiver:
         self._conn: Connection | None = None
         self._sink: Sink | None = None
         self._archive: Archive | None = None
+        # Proven entries whose items are not delivered yet: (answer, next record).
+        self._backlog: deque[tuple[Reply, int]] = deque()
+        self._backlog_bytes = 0
+        self._last_proven = 0.0
+        self._drain_handle: asyncio.Handle | None = None
 
     def attach(self, codec: EnvelopeCodec, *, replicas: Replicas | None = None,
                history: NodeLog | None = None, sink: Sink | None = None,
@@ -84,6 +100,8 @@ class Receiver:
         self._codec = codec
         self._me = codec.signer.identity
         self._replicas = replicas
+        if replicas is not None:
+            replicas.hold = self.holding_back
         self._history = history
         self._sink = sink
         self._archive = archive
@@ -231,7 +249,9 @@ class Receiver:
             return
         if not msg.payload or self._replicas is None:
             return
-        decoded = open_counted(self._codec, msg.payload, self._counters)
+        envelope, blob = (split(msg.payload) if parsed.kind == "log_reply"
+                          else (msg.payload, b""))
+        decoded = open_counted(self._codec, envelope, self._counters)
         if decoded is None:
             return
         signer, message = decoded.signer, decoded.message
@@ -250,21 +270,64 @@ class Receiver:
         if message.kind != "logrange":
             self._counters.dropped["unexpected_kind"] += 1
             return
-        reply = self._replicas.on_reply(signer, message.body)
+        reply = self._replicas.on_reply(signer, message.body, blob)
         if reply.proven:
-            self._deliver_proven(reply)
+            self._backlog.append((reply, 0))
+            self._backlog_bytes += sum(len(payload) for _topic, payload in reply.records)
+            self._last_proven = time.monotonic()
+            self._schedule_drain(0.0)
         else:
             for topic, payload in reply.records:
                 self._handle(InboundMessage(topic=topic, payload=payload, qos=1, retain=False),
                              repaired=True)
         self._replicas.repaired(len(reply.records))
 
-    def _deliver_proven(self, reply: Reply) -> None:
+    # -- the items of proven entries, behind the repair ----------------------------------------
+    def holding_back(self) -> bool:
+        """Whether proven entries wait for delivery beyond the backlog bound: the repair
+        asks for no more until they are delivered."""
+        return self._backlog_bytes >= BACKLOG_MAX_BYTES
+
+    def _schedule_drain(self, delay: float) -> None:
+        if self._drain_handle is not None or not self._backlog:
+            return
+        loop = asyncio.get_running_loop()
+        self._drain_handle = (loop.call_soon(self._drain) if delay <= 0
+                              else loop.call_later(delay, self._drain))
+
+    def _drain(self) -> None:
+        """Deliver a slice of the backlog, then yield to the event loop. While answers
+        stream in, the repair goes first: their items wait (up to the backlog bound)."""
+        self._drain_handle = None
+        quiet = time.monotonic() - self._last_proven
+        if (quiet < _STREAMING and self._backlog_bytes < BACKLOG_MAX_BYTES
+                and self._replicas is not None and self._replicas.awaiting()):
+            self._schedule_drain(_DEFER_POLL)
+            return
+        budget = _DRAIN_SLICE
+        while self._backlog and budget > 0:
+            reply, at = self._backlog[0]
+            end = min(len(reply.records), at + budget)
+            try:
+                self._deliver_proven(reply, at, end)
+            except Exception:  # a receiver must never die on one message
+                log.exception("unexpected error delivering repaired entries")
+                self._counters.dropped["internal_error"] += end - at
+            budget -= end - at
+            self._backlog_bytes -= sum(len(p) for _t, p in reply.records[at:end])
+            if end >= len(reply.records):
+                self._backlog.popleft()
+            else:
+                self._backlog[0] = (reply, end)
+        self._schedule_drain(0.0)
+
+    def _deliver_proven(self, reply: Reply, start: int, end: int) -> None:
         """The items of entries a range proof tied to their owner's signed head: their
         bytes are the owner's, so they are opened without verifying each signature again."""
         assert self._codec is not None and reply.owner is not None
         owner = reply.owner
-        for i, (topic, payload) in enumerate(reply.records):
+        for i in range(start, end):
+            topic, payload = reply.records[i]
             self._counters.messages_in += 1
             try:
                 parsed = parse_topic(topic)

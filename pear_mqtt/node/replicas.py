@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import EnvelopeError, MalformedMessage, ProofFailed, TopicError
+from ..history.frame import leaves_digest, unpack_entries
 from ..history.head import TreeHead, parse_head, parse_log_ref
 from ..history.merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_range
 from ..model.topics import TopicScheme
-from ..security.base64url import b64url_decode
+from ..security.base64url import b64url_decode, b64url_encode
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from .counters import Counters
@@ -32,6 +33,7 @@ _ASK_AGAIN = 5.0  # s before an unanswered request is sent again
 # not missing, and asking for them would only double the traffic on a slow link.
 GAP_GRACE = 1.0
 _ASK_MAX = 1 << 16  # entries asked for at once (the answers stop after a few MB)
+_HOLD_POLL = 0.05  # s between looks at a repair paused for delivery to catch up
 _ROOTS_KEPT = 16  # signed heads (length -> root) a range proof may be checked against
 
 # (topic, payload, response topic, correlation data): a request over MQTT 5's
@@ -121,6 +123,9 @@ class Replicas:
         # Told (sender, log id, verified length) whenever a signed head verifies more of a
         # sender's log: the market store admits logged items only then.
         self.on_verified: Callable[[Identity, str, int], None] | None = None
+        # True while entries proven by repair wait for delivery beyond its bound (the
+        # receiver's backlog): no new request goes out meanwhile.
+        self.hold: Callable[[], bool] | None = None
 
     def attach(self, *, codec: EnvelopeCodec, reply_topic: str) -> None:
         self._codec, self._me, self._reply_topic = codec, codec.signer.identity, reply_topic
@@ -138,6 +143,10 @@ class Replicas:
         rep = self._replicas[owner.sender] = _Replica(owner=owner, log_id=log_id,
                                                        tree=MerkleTree(leaves))
         rep.verified = len(leaves)
+
+    def awaiting(self) -> bool:
+        """Whether a repair request is outstanding."""
+        return any(rep.asked is not None for rep in self._replicas.values())
 
     def views(self) -> list[LogView]:
         return [LogView(sender=k, log_id=r.log_id, held=r.tree.size, verified=r.verified,
@@ -266,8 +275,9 @@ class Replicas:
         self._check(rep)
         self._repair(rep)
 
-    def on_reply(self, signer: Identity, body: Any) -> Reply:
-        """A ``logrange`` answer (of the sender, or of the archive for a sender it names).
+    def on_reply(self, signer: Identity, body: Any, blob: bytes) -> Reply:
+        """A ``logrange`` answer (of the sender, or of the archive for a sender it names)
+        with the entries of its attachment ``blob``.
         Refused, and counted in ``log_refused`` by reason, when it is hostile: an answer
         about a log this node does not follow or from a node that may not answer for it
         (``unrequested``), records out of their places (``reordered_range``), a log said
@@ -294,42 +304,45 @@ class Replicas:
             return Reply([])
         # An answer to an earlier request (asked again after a reconnect) is as good as one to
         # the latest: every entry in it is verified like a live one.
-        records = body.get("records")
+        topics, count = body.get("topics"), body.get("count")
         first = body.get("from")
         held_from = body.get("held_from")
         length = body.get("length")
-        if not isinstance(records, list) or type(first) is not int \
+        if not isinstance(topics, list) or type(count) is not int or count != len(topics) \
+                or not all(isinstance(t, str) for t in topics) or type(first) is not int \
                 or type(held_from) is not int or first < 0:
             self._counters.dropped["malformed"] += 1
             return Reply([])
-        out: list[tuple[str, bytes]] = []
-        for rec in records:
-            if not (isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], str)
-                    and isinstance(rec[1], str)):
-                self._counters.dropped["malformed"] += 1
-                return Reply([])
-            try:
-                out.append((rec[0], b64url_decode(rec[1].encode("ascii"), "entry")))
-            except (MalformedMessage, UnicodeEncodeError):
-                self._counters.dropped["malformed"] += 1
-                return Reply([])
-        for i, (_topic, payload) in enumerate(out):
-            if _entry_index(payload, rep.log_id) != first + i:
-                return self._refuse("reordered_range", signer,
-                                    f"record {i} is not entry {first + i} of its log")
+        try:
+            entries = unpack_entries(blob, count)
+        except MalformedMessage:
+            self._counters.dropped["malformed"] += 1
+            return Reply([])
+        out = list(zip(topics, entries, strict=True))
+        leaves = [leaf_hash(payload) for payload in entries]
+        digest = body.get("digest")
+        if out and (not isinstance(digest, str) or not secrets.compare_digest(
+                digest, b64url_encode(leaves_digest(leaves)).decode("ascii"))):
+            # The envelope's signer vouched for other entries than these.
+            return self._refuse("forged_entry", signer, "entries that are not the ones its "
+                                "signed answer names")
+        proof = body.get("proof")
+        if proof is None and (i := _misplaced(out, rep.log_id, first)) is not None:
+            # (A range proof places its entries itself; a misplaced one fails it.)
+            return self._refuse("reordered_range", signer,
+                                f"record {i} is not entry {first + i} of its log")
         if (not archived and type(length) is int and rep.head is not None
                 and length < rep.head.length):
             return self._refuse("cut_range", signer, f"a log of {length} entries, signed "
                                 f"as {rep.head.length}")
         proven = False
-        if out and "proof" in body:
-            size, proof = body.get("size"), body.get("proof")
+        if out and proof is not None:
+            size = body.get("size")
             root = rep.roots.get(size) if type(size) is int else None
             hashes = _proof_hashes(proof)
-            leaves = [leaf_hash(payload) for _topic, payload in out]
             if root is None or hashes is None or type(size) is not int or not verify_range(
                     leaves=leaves, start=first, size=size, proof=hashes, root=root):
-                return self._refuse(self._why_unproven(rep, out, root), signer,
+                return self._refuse(self._why_unproven(rep, out, root, first), signer,
                                     f"entries {first}..{first + len(out) - 1} do not "
                                     "match its signed head")
             self._take(rep, first, leaves, out)
@@ -359,10 +372,12 @@ class Replicas:
         return Reply([])
 
     def _why_unproven(self, rep: _Replica, records: list[tuple[str, bytes]],
-                      root: bytes | None) -> str:
-        """Why records in their places fail their range proof (hostile traffic only, so
-        each is checked in full): one not signed by the log's owner is forged; else the
-        range does not cover what its proof does."""
+                      root: bytes | None, first: int) -> str:
+        """Why records fail their range proof (hostile traffic only, so each is checked
+        in full): records out of their places are reordered; one not signed by the log's
+        owner is forged; else the range does not cover what its proof does."""
+        if _misplaced(records, rep.log_id, first) is not None:
+            return "reordered_range"
         if root is None:
             return "cut_range"  # a proof against a head this node never saw signed
         assert self._codec is not None
@@ -467,7 +482,7 @@ class Replicas:
             del rep.payloads[i]
             rep.topics.pop(i, None)
 
-    def _later(self, rep: _Replica, delay: float) -> None:
+    def _later(self, rep: _Replica, delay: float, *, at_once: bool = False) -> None:
         """Look at ``rep``'s gap again after ``delay`` s (one timer per sender)."""
         if rep.timer is not None and not rep.timer.cancelled():
             return
@@ -478,7 +493,7 @@ class Replicas:
 
         def again() -> None:
             rep.timer = None
-            self._repair(rep)
+            self._repair(rep, at_once=at_once)
         rep.timer = loop.call_later(delay + 0.01, again)
 
     def _forked(self, rep: _Replica, reason: str, first: bytes, second: bytes) -> None:
@@ -504,8 +519,19 @@ class Replicas:
         end = min(end, start + _ASK_MAX)
         now = time.monotonic()
         quiet = now - rep.progress_at
-        if quiet < GAP_GRACE and not at_once:
+        # A node that holds nothing of the log yet (a newcomer) has nothing in flight worth
+        # waiting for: what the head covers is history.
+        newcomer = start == 0 and not rep.pending
+        if quiet < GAP_GRACE and not at_once and not newcomer:
             self._later(rep, GAP_GRACE - quiet)
+            return
+        outstanding = rep.asked is not None and rep.asked[0] == start
+        if not outstanding and self.hold is not None and self.hold():
+            # Proven entries wait for delivery beyond the backlog bound: ask later.
+            if rep.timer is not None:
+                rep.timer.cancel()
+                rep.timer = None
+            self._later(rep, _HOLD_POLL, at_once=True)
             return
         if rep.asked is not None and rep.asked[0] == start:
             if now - rep.asked[2] < _ASK_AGAIN:
@@ -554,6 +580,14 @@ def _entry_index(payload: bytes, log_id: str) -> int | None:
     except ProofFailed:
         return None
     return index if got_id == log_id else None
+
+
+def _misplaced(records: list[tuple[str, bytes]], log_id: str, first: int) -> int | None:
+    """The first record that is not the entry of ``log_id`` at its place (None: all are)."""
+    for i, (_topic, payload) in enumerate(records):
+        if _entry_index(payload, log_id) != first + i:
+            return i
+    return None
 
 
 def _proof_hashes(proof: Any) -> list[bytes] | None:
