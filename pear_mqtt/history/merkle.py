@@ -66,6 +66,25 @@ class MerkleTree:
             h += 1
         return index
 
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """Add leaf hashes in order: :meth:`append` for many, a level at a time."""
+        if any(len(leaf) != HASH_SIZE for leaf in leaves):
+            raise ValueError(f"a leaf hash has {HASH_SIZE} bytes")
+        lo = self._size
+        self._levels[0] += b"".join(leaves)
+        self._size += len(leaves)
+        hi, h = self._size, 0
+        sha256 = hashlib.sha256
+        while hi // 2 > lo // 2:
+            # The subtrees of 2**(h+1) leaves the new leaves completed, from their children.
+            level = self._levels[h]
+            if h + 1 == len(self._levels):
+                self._levels.append(bytearray())
+            self._levels[h + 1] += b"".join(
+                sha256(_NODE + level[j * 2 * HASH_SIZE:(j + 1) * 2 * HASH_SIZE]).digest()
+                for j in range(lo // 2, hi // 2))
+            lo, hi, h = lo // 2, hi // 2, h + 1
+
     def leaf(self, index: int) -> bytes:
         if not 0 <= index < self._size:
             raise IndexError(f"leaf {index} of a tree of {self._size}")

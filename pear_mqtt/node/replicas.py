@@ -394,6 +394,14 @@ class Replicas:
     def _take(self, rep: _Replica, first: int, leaves: list[bytes],
               records: list[tuple[str, bytes]]) -> None:
         """Entries a range proof tied to a signed head: into the held prefix at once."""
+        if first == rep.tree.size and (not rep.pending or not any(
+                first + i in rep.pending for i in range(len(leaves)))):
+            rep.tree.extend(leaves)  # the common case: the range extends what is held
+            for i, (topic, payload) in enumerate(records):
+                rep.payloads[first + i], rep.topics[first + i] = payload, topic
+            rep.progress_at = time.monotonic()
+            self._advance(rep)
+            return
         for i, leaf in enumerate(leaves):
             index = first + i
             held = (rep.tree.leaf(index) if index < rep.tree.size

@@ -133,3 +133,21 @@ def test_bad_arguments_are_refused(tree: MerkleTree) -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         MerkleTree().append(b"short")
     assert node_hash(b"a" * 32, b"b" * 32) != node_hash(b"b" * 32, b"a" * 32)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5, 16, 33])
+def test_extending_in_runs_gives_the_tree_of_appending_one_by_one(cut: int) -> None:
+    leaves = [leaf_hash(b"e%d" % i) for i in range(N + 30)]
+    tree = MerkleTree(leaves[:cut])
+    at, step = cut, 1
+    while at < len(leaves):
+        tree.extend(leaves[at:at + step])
+        at += step
+        step = step % 7 + 1
+    one_by_one = MerkleTree(leaves)
+    for size in range(len(leaves) + 1):
+        assert tree.root(size) == one_by_one.root(size) == mth(
+            [b"e%d" % i for i in range(size)])
+    assert tree.leaves(3, 9) == b"".join(leaves[3:9])
+    with pytest.raises(ValueError):
+        tree.extend([b"short"])
