@@ -266,7 +266,7 @@ class Replicas:
             return  # an older head delivered late (retained, or re-sent): nothing new
         if old is not None and head.length == old.length and head.root != old.root:
             self._forked(rep, f"two heads of length {head.length} with different roots",
-                         rep.head_payload, payload)
+                         rep.head_payload, payload, kind="forked_head")
             return
         rep.head, rep.head_payload = head, payload
         rep.roots[head.length] = head.root
@@ -475,7 +475,7 @@ class Replicas:
         if rep.tree.root(head.length) != head.root:
             self._forked(rep, f"the entries held do not hash to its signed head of length "
                               f"{head.length}", rep.head_payload,
-                         rep.payloads.get(head.length - 1, b""))
+                         rep.payloads.get(head.length - 1, b""), kind="forked_head")
             return
         if self._keep is not None and head.length > rep.verified:
             self._keep(rep.owner, rep.log_id, rep.verified,
@@ -504,10 +504,12 @@ class Replicas:
             self._repair(rep, at_once=at_once)
         rep.timer = loop.call_later(delay + 0.01, again)
 
-    def _forked(self, rep: _Replica, reason: str, first: bytes, second: bytes) -> None:
+    def _forked(self, rep: _Replica, reason: str, first: bytes, second: bytes, *,
+                kind: str = "forked_entry") -> None:
         rep.fork = Fork(sender=rep.owner.sender, reason=reason, first=first, second=second)
         self.forks.append(rep.fork)
         self._counters.log_forks += 1
+        self._counters.log_refused[kind] += 1
         log.error("%s rewrote its history (%s): its later data is refused", rep.owner.sender,
                   reason)
 
