@@ -208,8 +208,8 @@ def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
         return (f"{last['rate']:,.0f} insights per CPU-second, {last['wall_rate']:,.0f}/s "
                 f"wall, {last['items']:,} from {last['companies']} companies")
     if name == "repair":
-        return (f"{last['rate']:,.0f} log entries/s ({last['insight_rate']:,.0f} insights/s) "
-                f"repaired and verified, {last['entries']:,} entries")
+        return (f"{last['rate']:,.0f} log entries/s repaired and proven, {last['entries']:,} "
+                f"entries; their insights delivered at {last['insight_rate']:,.0f}/s")
     if name == "market":
         return (f"{last['ingest_rate']:,.0f} rows/s in, over {last['rows']:,} rows: grouped "
                 f"p50 {last['grouped_p50_ms']:.2f} ms, position p50 "

@@ -260,7 +260,7 @@ class Receiver:
         if parsed.kind == "log_head":
             if (signer.member, signer.node) != (parsed.company, parsed.node):
                 self._counters.dropped["identity_mismatch"] += 1
-                self._counters.log_refused["foreign_head"] += 1  # a head signed by another
+                self._replicas.count_refused("foreign_head")  # a head signed by another
             elif message.kind != "loghead":
                 self._counters.dropped["unexpected_kind"] += 1
             else:

@@ -366,8 +366,13 @@ class Replicas:
             rep.from_archive = False  # the archive holds no more of it: back to the sender
         return Reply(out, owner=rep.owner, log_id=rep.log_id, first=first, proven=proven)
 
-    def _refuse(self, reason: str, signer: Identity, what: str) -> Reply:
+    def count_refused(self, reason: str) -> None:
+        """Hostile log traffic refused for ``reason`` (``status().log_refused``)."""
         self._counters.log_refused[reason] += 1
+        self._changed()
+
+    def _refuse(self, reason: str, signer: Identity, what: str) -> Reply:
+        self.count_refused(reason)
         log.warning("refused a log answer of %s (%s): %s", signer.sender, reason, what)
         return Reply([])
 
@@ -509,7 +514,7 @@ class Replicas:
         rep.fork = Fork(sender=rep.owner.sender, reason=reason, first=first, second=second)
         self.forks.append(rep.fork)
         self._counters.log_forks += 1
-        self._counters.log_refused[kind] += 1
+        self._counters.log_refused[kind] += 1  # the caller's on_head/observe notifies
         log.error("%s rewrote its history (%s): its later data is refused", rep.owner.sender,
                   reason)
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
