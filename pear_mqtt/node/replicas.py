@@ -65,6 +65,8 @@ class LogView:
     verified: int  # ... of which a signed head's root confirmed this many
     head_length: int | None
     forked: bool
+    # Entries [from, to) no holder had any more (retention): reported, verified around.
+    lost: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -81,6 +83,8 @@ class _Replica:
     asked: tuple[int, int, float] | None = None  # (from, to, when)
     request_id: str = ""
     broken_from: int | None = None  # entries before the sender's retention start: lost
+    lost: tuple[int, int] | None = None  # [from, to): dropped everywhere, verified past them
+    frontier: list[bytes] = field(default_factory=list)  # ... the subtrees that stand in
     fork: Fork | None = None
     progress_at: float = field(default_factory=time.monotonic)  # when the prefix last grew
     timer: asyncio.TimerHandle | None = None
@@ -151,7 +155,8 @@ class Replicas:
     def views(self) -> list[LogView]:
         return [LogView(sender=k, log_id=r.log_id, held=r.tree.size, verified=r.verified,
                         head_length=None if r.head is None else r.head.length,
-                        forked=r.fork is not None) for k, r in self._replicas.items()]
+                        forked=r.fork is not None, lost=r.lost)
+                for k, r in self._replicas.items()]
 
     async def wait(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Until ``predicate()`` holds, re-checked whenever a log view changes;
@@ -215,6 +220,8 @@ class Replicas:
         if rep.fork is not None:
             self._counters.dropped["forked_sender"] += 1
             return False
+        if index < rep.tree.start:
+            return True  # in a prefix lost everywhere: nothing left to check it against
         leaf = leaf_hash(payload)
         committed = 0 if rep.head is None else rep.head.length
         if index >= committed and (
@@ -345,6 +352,10 @@ class Replicas:
                 return self._refuse(self._why_unproven(rep, out, root, first), signer,
                                     f"entries {first}..{first + len(out) - 1} do not "
                                     "match its signed head")
+            if (body.get("truncated") and first == held_from > rep.tree.size
+                    and (archived or self._archive is None)):
+                # No holder has what lies before: verify from here on, against the head.
+                self._rebase(rep, first, hashes[:first.bit_count()], archived)
             self._take(rep, first, leaves, out)
             proven = True
         more = body.get("more") is True
@@ -365,6 +376,26 @@ class Replicas:
         if archived and not out and not body.get("truncated"):
             rep.from_archive = False  # the archive holds no more of it: back to the sender
         return Reply(out, owner=rep.owner, log_id=rep.log_id, first=first, proven=proven)
+
+    def _rebase(self, rep: _Replica, start: int, frontier: list[bytes],
+                archived: bool) -> None:
+        """Entries before ``start`` are gone everywhere: count and report them once, and
+        hold the log from ``start`` on, the subtrees left of it (from a verified range
+        proof) standing in for them, so that what follows still verifies against heads."""
+        lost_from = rep.tree.size
+        rep.lost, rep.frontier = (lost_from, start), list(frontier)
+        rep.tree = MerkleTree.from_frontier(start, frontier)
+        rep.pending = {i: h for i, h in rep.pending.items() if i >= start}
+        for i in [i for i in rep.payloads if i < start]:
+            del rep.payloads[i]
+            rep.topics.pop(i, None)
+        if rep.broken_from is None:
+            self._counters.log_unrepairable += start - lost_from
+        rep.broken_from = None
+        log.warning("%s: entries %d..%d of its log are gone (retention%s); %d entries cannot "
+                    "be repaired, the rest is verified from entry %d on", rep.owner.sender,
+                    lost_from, start - 1, ", the archive's too" if archived else "",
+                    start - lost_from, start)
 
     def count_refused(self, reason: str) -> None:
         """Hostile log traffic refused for ``reason`` (``status().log_refused``)."""
@@ -409,6 +440,8 @@ class Replicas:
             return
         for i, leaf in enumerate(leaves):
             index = first + i
+            if index < rep.tree.start:
+                continue  # lost everywhere before: proven all the same, nothing to hold
             held = (rep.tree.leaf(index) if index < rep.tree.size
                     else rep.pending.get(index))
             if held is not None:
@@ -458,7 +491,10 @@ class Replicas:
         log.info("%s replaced its uncommitted log entries from %d on (a restart)",
                  rep.owner.sender, index)
         if index < rep.tree.size:
-            rep.tree = MerkleTree([rep.tree.leaf(i) for i in range(index)])
+            start = rep.tree.start
+            tree = MerkleTree.from_frontier(start, rep.frontier) if start else MerkleTree()
+            tree.extend([rep.tree.leaf(i) for i in range(start, index)])
+            rep.tree = tree
         rep.pending = {i: h for i, h in rep.pending.items() if i < index}
         for i in [i for i in rep.payloads if i >= index]:
             del rep.payloads[i]
@@ -482,10 +518,11 @@ class Replicas:
                               f"{head.length}", rep.head_payload,
                          rep.payloads.get(head.length - 1, b""), kind="forked_head")
             return
-        if self._keep is not None and head.length > rep.verified:
-            self._keep(rep.owner, rep.log_id, rep.verified,
+        kept_from = max(rep.verified, rep.tree.start)
+        if self._keep is not None and head.length > kept_from:
+            self._keep(rep.owner, rep.log_id, kept_from,
                        [(rep.topics.get(i, ""), rep.payloads[i])
-                        for i in range(rep.verified, head.length)])
+                        for i in range(kept_from, head.length)])
         grew = head.length > rep.verified
         rep.verified = max(rep.verified, head.length)
         if grew and self.on_verified is not None:

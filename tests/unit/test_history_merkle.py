@@ -151,3 +151,24 @@ def test_extending_in_runs_gives_the_tree_of_appending_one_by_one(cut: int) -> N
     assert tree.leaves(3, 9) == b"".join(leaves[3:9])
     with pytest.raises(ValueError):
         tree.extend([b"short"])
+
+
+@pytest.mark.parametrize("start", [1, 2, 5, 8, 13, 32])
+def test_a_tree_from_the_frontier_of_a_dropped_prefix_has_the_full_trees_roots(
+        start: int) -> None:
+    leaves = [leaf_hash(e) for e in ENTRIES]
+    full = MerkleTree(leaves)
+    proof = full.range_proof(start, N, N)
+    frontier = proof[:bin(start).count("1")]  # the subtrees left of the range, largest first
+    tree = MerkleTree.from_frontier(start, frontier)
+    assert tree.size == tree.start == start
+    tree.extend(leaves[start:start + 3])
+    for leaf in leaves[start + 3:]:
+        tree.append(leaf)
+    for size in range(start, N + 1):
+        assert tree.root(size) == full.root(size)
+    assert tree.range_proof(start, N) == full.range_proof(start, N)
+    with pytest.raises(IndexError):
+        tree.leaf(start - 1)
+    with pytest.raises(ValueError):
+        MerkleTree.from_frontier(start, frontier[1:])
