@@ -309,6 +309,9 @@ class Replicas:
             # An answer about a log this node no longer follows (the sender started a new
             # one meanwhile): nothing to use, nothing hostile either.
             return Reply([])
+        if rep.fork is not None:
+            self._counters.dropped["forked_sender"] += 1
+            return Reply([])
         # An answer to an earlier request (asked again after a reconnect) is as good as one to
         # the latest: every entry in it is verified like a live one.
         topics, count = body.get("topics"), body.get("count")
