@@ -436,9 +436,19 @@ class Replicas:
         if first == rep.tree.size and (not rep.pending or not any(
                 first + i in rep.pending for i in range(len(leaves)))):
             rep.tree.extend(leaves)  # the common case: the range extends what is held
-            for i, (topic, payload) in enumerate(records):
-                rep.payloads[first + i], rep.topics[first + i] = payload, topic
             rep.progress_at = time.monotonic()
+            if first == rep.verified:
+                # Everything before was verified and the proof ties these to a signed
+                # root: verified as they come, so a long repair holds only leaf hashes and
+                # the market store admits their items as they arrive.
+                if self._keep is not None:
+                    self._keep(rep.owner, rep.log_id, first, records)
+                rep.verified = rep.tree.size
+                if self.on_verified is not None:
+                    self.on_verified(rep.owner, rep.log_id, rep.verified)
+            else:
+                for i, (topic, payload) in enumerate(records):
+                    rep.payloads[first + i], rep.topics[first + i] = payload, topic
             self._advance(rep)
             return
         for i, leaf in enumerate(leaves):
