@@ -28,7 +28,9 @@ configuration or insight model built in code with invalid arguments raises ``Con
     ├── PKIError                    certificate or key material missing, invalid or refused
     ├── TransportError              the broker connection failed or was refused
     │   ├── ConnectError            could not connect (network, TLS, or CONNACK refusal)
-    │   └── NotConnectedError       an operation needs a connection that is not up
+    │   ├── NotConnectedError       an operation needs a connection that is not up
+    │   └── PublishRefused          the broker answered a publish with a failure reason code
+    │                               (e.g. 0x87 not authorized): sending it again cannot help
     ├── OutboxError                 the on-disk outbox failed (full disk, corrupt file)
     ├── BrokerError                 a broker could not be rendered, started or reached
     ├── HistoryError                a verified-history log failed or did not verify
@@ -145,6 +147,15 @@ class ConnectError(TransportError):
 
 class NotConnectedError(TransportError):
     """The operation needs a broker connection that is not up."""
+
+
+class PublishRefused(TransportError):
+    """The broker refused one publish (a negative PUBACK); ``reason`` is its reason code's
+    name. The connection stays up."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class OutboxError(PearError):

@@ -26,7 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config.models import BrokerURL, TLSConfig
-from .errors import ConnectError, NotConnectedError, TransportError
+from .errors import ConnectError, NotConnectedError, PublishRefused, TransportError
 
 __all__ = ["Connection", "InboundMessage", "Will", "build_tls_context", "stop_task"]
 
@@ -558,7 +558,8 @@ class Connection:
         if fut is None or fut.done():
             return
         if reason.is_failure:
-            fut.set_exception(TransportError(f"broker refused publish (mid {mid}): {reason}"))
+            fut.set_exception(PublishRefused(f"broker refused publish (mid {mid}): {reason}",
+                                             reason=str(reason)))
         else:
             fut.set_result(None)
 

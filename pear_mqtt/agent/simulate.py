@@ -21,7 +21,8 @@ from ..model.insight import MarketInsight
 from ..model.topics import validate_identifier
 from .records import RejectCallback, describe_invalid
 
-__all__ = ["MAX_CATEGORIES", "SimulatedSource"]
+__all__ = ["DEFAULT_CATEGORIES", "DEFAULT_RATE", "MAX_CATEGORIES", "SimulatedSource",
+           "seconds_per_day"]
 
 @dataclass(frozen=True, slots=True)
 class _CategoryModel:
@@ -50,11 +51,22 @@ _CATALOGUE: tuple[_CategoryModel, ...] = (
 
 MAX_CATEGORIES = len(_CATALOGUE)
 """How many categories a simulation can have."""
+DEFAULT_CATEGORIES = 8
+DEFAULT_RATE = 1.0  # insights per second
 
 _OPEN_HOUR, _CLOSE_HOUR = 7, 22  # a store reports only the hours it is open
 _WEEKDAY_FACTOR = (0.95, 0.9, 0.95, 1.0, 1.15, 1.3, 0.7)  # Monday .. Sunday
 _PROMO_CHANCE = 0.06  # per category and opening day
 _FLAT_PCT = 0.5  # price moves smaller than this (percent) count as "flat"
+
+
+def seconds_per_day(*, rate: float = DEFAULT_RATE,
+                    categories: int = DEFAULT_CATEGORIES) -> float | None:
+    """How long a simulated store takes to report one day of its history (one insight per
+    category and opening hour, ``rate`` per second); None when it does not pace."""
+    if rate <= 0:
+        return None
+    return (_CLOSE_HOUR - _OPEN_HOUR) * categories / rate
 
 
 @dataclass(slots=True)
@@ -104,8 +116,9 @@ class SimulatedSource:
     second; 0 means as fast as possible); ``count`` ends it (None: never).
     """
 
-    def __init__(self, *, seed: int | None = None, rate: float = 1.0, count: int | None = None,
-                 categories: int = 8, region: str = "global", currency: str = "EUR",
+    def __init__(self, *, seed: int | None = None, rate: float = DEFAULT_RATE,
+                 count: int | None = None, categories: int = DEFAULT_CATEGORIES,
+                 region: str = "global", currency: str = "EUR",
                  start: datetime | None = None) -> None:
         if not (rate >= 0 and math.isfinite(rate)):
             raise ConfigError(f"--rate must be a finite number >= 0, got {rate}")

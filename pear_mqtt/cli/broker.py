@@ -1,4 +1,5 @@
-"""``pear-mqtt broker render``: write mosquitto.conf and the ACL for one network."""
+"""``pear-mqtt broker render``: write mosquitto.conf and the ACL for one network (or, with
+``--flavor emqx``, EMQX 5's configuration from the same rules)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import get_args
 from ..errors import ConfigError, PKIError, TopicError
 from ..model.topics import validate_identifier
 from ..ops.brokerconf import Mode, broker_cert_in, render
+from ..ops.emqx import render_emqx
 from ..security.pki import REGISTRY, revoked_nodes
 
 __all__ = ["register_cli"]
@@ -28,12 +30,29 @@ def _cmd_render(args: argparse.Namespace) -> int:
         except PKIError as exc:
             raise ConfigError(f"cannot read the revoked nodes from the CA registry: {exc}") \
                 from None
+    if args.flavor == "emqx":
+        for flag, value in (("--plain-port", args.plain_port), ("--user", args.user),
+                            ("--persistence-dir", args.persistence_dir)):
+            if value is not None:
+                raise ConfigError(f"{flag} is a mosquitto setting; EMQX keeps its own "
+                                  "(see deploy/EMQX.md)")
+        emqx = render_emqx(
+            mode=args.mode, network=args.network, out_dir=args.out,
+            ca_file=pki_dir / "ca.crt", cert_file=cert, key_file=key, tls_port=args.tls_port,
+            bind_address=args.bind, bridge_users=tuple(args.bridge_user or ()),
+            monitor_users=tuple(args.monitor_user or ()), revoked=revoked,
+            max_message_bytes=args.max_message_bytes)
+        print(f"configuration: {emqx.conf_path} (include it in emqx.conf)\n"
+              f"ACL:           {emqx.acl_path} ({emqx.rules} rules)\n"
+              "caveats:       deploy/EMQX.md (revocation, retained messages in a cluster)")
+        return 0
     rendered = render(
         mode=args.mode, network=args.network, out_dir=args.out, ca_file=pki_dir / "ca.crt",
         cert_file=cert, key_file=key, crl_file=pki_dir / "ca.crl", tls_port=args.tls_port,
         plain_port=args.plain_port, bridge_users=tuple(args.bridge_user or ()),
         persistence_dir=args.persistence_dir, bind_address=args.bind, run_as=args.user,
-        max_message_bytes=args.max_message_bytes, revoked=revoked)
+        max_message_bytes=args.max_message_bytes, revoked=revoked,
+        monitor_users=tuple(args.monitor_user or ()))
     denied = ", ".join(f"{m}/{n}" for m, n in rendered.revoked) or "none"
     print(f"configuration: {rendered.conf_path}\nACL:           {rendered.acl_path}\n"
           f"revoked nodes: {denied}\n"
@@ -83,4 +102,10 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--revoked-node", action="append", metavar="MEMBER/NODE",
                    help="deny this node's topics, so its retained state is no longer served "
                         "(repeat; revoked nodes in the --pki registry are denied anyway)")
+    p.add_argument("--monitor-user", action="append", metavar="CN",
+                   help="a monitor certificate's CN allowed to read the broker's $SYS figures "
+                        "(repeat)")
+    p.add_argument("--flavor", choices=("mosquitto", "emqx"), default="mosquitto",
+                   help="which broker's configuration to write (default mosquitto; emqx: "
+                        "an EMQX 5 emqx.conf fragment and acl.conf from the same rules)")
     p.set_defaults(handler=_cmd_render)

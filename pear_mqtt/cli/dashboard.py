@@ -21,20 +21,29 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     # Imported here: `pear-mqtt --help` does not load the node stack.
-    from ..dashboard.market import LiveAggregates
+    from ..dashboard.market import StoredAggregates
     from ..dashboard.server import DashboardServer
     from ..dashboard.topology import TopologyFile
+    from ..ops.brokersys import BrokerSys, SysSource
 
     topology = TopologyFile(args.up_file)
     # The market reader joins the brokers as up.json names them when the dashboard starts.
-    market = LiveAggregates(topology.current(), node=args.market_node)
+    store = args.market_store or args.up_file.parent / "run" / "dashboard.market.db"
+    market = StoredAggregates(topology.current(), store=store, node=args.market_node)
+    # The brokers' own figures, where up.json names a monitor identity (mosquitto backends).
+    brokers = BrokerSys([SysSource(name=b.name, url=b.url, ca=Path(b.ca),
+                                   cert=Path(b.monitor_cert), key=Path(b.monitor_key))
+                         for b in topology.current().state.brokers
+                         if b.monitor_cert and b.monitor_key])
     try:
-        server = DashboardServer(topology, market, host=args.host, port=args.port)
+        server = DashboardServer(topology, market, host=args.host, port=args.port,
+                                 broker_metrics=brokers.exposition)
     except OSError as exc:
         print(f"pear-mqtt dashboard: cannot listen on {args.host}:{args.port}: "
               f"{exc.strerror or exc}; pick another --port", file=sys.stderr)
         return 1
     market.start()
+    brokers.start()
     signal.signal(signal.SIGTERM, _stop)
     print(f"dashboard: {server.url} (read-only; Ctrl-C stops it)", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -48,6 +57,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         pass
     finally:
         market.close()
+        brokers.close()
     return 0
 
 
@@ -65,6 +75,9 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     p.add_argument("--market-node", default=None,
                    help="public node of up.json to read aggregates as (default the last one)")
+    p.add_argument("--market-store", type=Path, default=None,
+                   help="the market store the page's charts are read from and the public "
+                        "reader writes (default: run/dashboard.market.db next to --up-file)")
     p.add_argument("--ready-file", type=Path, default=None,
                    help="write {url, pid} as JSON here once serving (used by `up start`)")
     p.set_defaults(handler=_cmd_dashboard)

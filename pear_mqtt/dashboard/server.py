@@ -1,5 +1,6 @@
 """The dashboard's HTTP server: one page, its vendored static files, and JSON endpoints
-(``/api/health``, ``/api/counters``, ``/api/certs``, ``/api/market``). GET only."""
+(``/api/health``, ``/api/counters``, ``/api/certs``, ``/api/market``), and the brokers'
+``$SYS`` figures as Prometheus text (``/metrics/brokers/<name>``). GET only."""
 
 from __future__ import annotations
 
@@ -43,8 +44,10 @@ class DashboardServer:
     """Serves ``topology`` on ``host:port`` (0: any free port) from a thread pool."""
 
     def __init__(self, topology: TopologyFile, market: MarketSource, *, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0,
+                 broker_metrics: Callable[[str], bytes | None] | None = None) -> None:
         health = HealthProbe(topology)
+        self._broker_metrics = broker_metrics
         self._routes: dict[str, Callable[[], dict[str, Any]]] = {
             "/api/health": health.snapshot,
             "/api/counters": lambda: counters(topology.current()),
@@ -78,6 +81,7 @@ class DashboardServer:
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         routes = self._routes
+        broker_metrics = self._broker_metrics
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "pear-dashboard"
@@ -117,6 +121,13 @@ class DashboardServer:
                         return
                     self._json(HTTPStatus.OK, data)
                     return
+                broker = path.removeprefix("/metrics/brokers/")
+                if broker != path and broker_metrics is not None:
+                    text = broker_metrics(broker)
+                    if text is not None:
+                        self._send(HTTPStatus.OK, text,
+                                   "text/plain; version=0.0.4; charset=utf-8")
+                        return
                 name = path.removeprefix("/static/")
                 if path.startswith("/static/") and name in _STATIC:
                     self._send(HTTPStatus.OK, _static(name), _STATIC[name])

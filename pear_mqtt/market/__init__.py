@@ -6,6 +6,7 @@ from .rows import (
     METRICS,
     AggregateRow,
     GroupRow,
+    HistogramRow,
     MarketRow,
     Page,
     PricePosition,
@@ -14,5 +15,5 @@ from .rows import (
 )
 from .store import MarketStore, Retention
 
-__all__ = ["METRICS", "AggregateRow", "GroupRow", "MarketFeed", "MarketRow", "MarketStore",
-           "Page", "PricePosition", "Retention", "StoreStatus", "Value"]
+__all__ = ["METRICS", "AggregateRow", "GroupRow", "HistogramRow", "MarketFeed", "MarketRow",
+           "MarketStore", "Page", "PricePosition", "Retention", "StoreStatus", "Value"]

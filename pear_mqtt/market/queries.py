@@ -4,6 +4,7 @@ connection and returns typed rows (:mod:`.rows`)."""
 
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from collections.abc import Iterator
@@ -13,11 +14,12 @@ from typing import Any, Literal
 
 from ..errors import MarketError
 from ..privacy.ranges import ValueRange
-from .rows import METRICS, AggregateRow, GroupRow, MarketRow, Page, Value
+from .rows import METRICS, AggregateRow, GroupRow, HistogramRow, MarketRow, Page, Value
 from .values import unpack
 from .writer import DAY
 
-__all__ = ["Filter", "GroupBy", "aggregates", "grouped", "latest", "page", "rows_after"]
+__all__ = ["Filter", "GroupBy", "aggregates", "grouped", "histograms", "latest", "page",
+           "rows_after"]
 
 GroupBy = Literal["day", "week"] | None
 
@@ -190,3 +192,22 @@ def aggregates(conn: sqlite3.Connection, flt: Filter, *, field: str | None = Non
                          window_end=_ts(r[4]), group=r[5], field=r[6], currency=r[7],
                          count=r[8], companies=r[9], mean=r[10], stddev=r[11],
                          received_at=_ts(r[12])) for r in got]
+
+
+def histograms(conn: sqlite3.Connection, flt: Filter, *, field: str | None = None
+               ) -> list[HistogramRow]:
+    """Price bucket histograms of aggregate cells (newest window last)."""
+    where, args = flt.where()
+    if flt.member is not None:
+        raise MarketError("histograms have no member: they are over many companies")
+    if field is not None:
+        where += " AND field = ?"
+        args.append(field)
+    got = conn.execute(
+        "SELECT category, region, window_start, window_end, field, currency, companies, "
+        f"buckets FROM histograms WHERE {where} ORDER BY window_end, category, region, field",
+        args).fetchall()
+    return [HistogramRow(category=r[0], region=r[1], window_start=_ts(r[2]),
+                         window_end=_ts(r[3]), field=r[4], currency=r[5], companies=r[6],
+                         buckets=tuple((lo, hi, int(n)) for lo, hi, n in json.loads(r[7])))
+            for r in got]

@@ -12,8 +12,8 @@ from typing import Literal
 
 from ..privacy.ranges import ValueRange
 
-__all__ = ["METRICS", "AggregateRow", "GroupRow", "MarketRow", "Page", "PricePosition",
-           "StoreStatus", "Value"]
+__all__ = ["METRICS", "AggregateRow", "GroupRow", "HistogramRow", "MarketRow", "Page",
+           "PricePosition", "StoreStatus", "Value"]
 
 METRICS: tuple[str, ...] = ("price", "min_price", "max_price", "units", "revenue",
                             "transactions", "price_change_pct", "demand_change_pct",
@@ -85,6 +85,21 @@ class AggregateRow:
     mean: float
     stddev: float | None
     received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramRow:
+    """The bucket histogram of one price field in one cell of a bridge aggregate: how many
+    companies' latest price fell in each ``(lo, hi, companies)`` bucket (ascending)."""
+
+    category: str
+    region: str
+    window_start: datetime
+    window_end: datetime
+    field: str
+    currency: str | None
+    companies: int
+    buckets: tuple[tuple[float | None, float | None, int], ...]
 
 
 @dataclass(frozen=True, slots=True)

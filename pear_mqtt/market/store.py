@@ -22,7 +22,7 @@ from . import queries
 from .export import export_rows
 from .position import price_position
 from .queries import Filter
-from .rows import AggregateRow, GroupRow, MarketRow, Page, PricePosition, StoreStatus
+from .rows import AggregateRow, GroupRow, HistogramRow, MarketRow, Page, PricePosition, StoreStatus
 from .schema import connect, ensure
 from .writer import Retention, Writer, size_on_disk
 
@@ -193,6 +193,15 @@ class MarketStore:
         """The bridge's aggregate cells this node received (oldest window first)."""
         with self._reading():
             return queries.aggregates(self._rconn, Filter(category=category, region=region,
+                                                          since=since, until=until),
+                                      field=field)
+
+    def histograms(self, category: str | None = None, *, region: str | None = None,
+                   since: datetime | None = None, until: datetime | None = None,
+                   field: str | None = None) -> list[HistogramRow]:
+        """The price bucket histograms of the aggregate cells this node received."""
+        with self._reading():
+            return queries.histograms(self._rconn, Filter(category=category, region=region,
                                                           since=since, until=until),
                                       field=field)
 

@@ -239,6 +239,13 @@ class MarketInsight(_InsightPart):
         if self.window_end.timestamp() > time.time() + _AHEAD:
             raise ValueError(f"window_end {self.window_end:%Y-%m-%d} is more than a year "
                              "ahead: a clock or unit error")
+        observed = [part.model_dump(exclude={"currency"}, exclude_none=True)
+                    for part in (self.price_data, self.sales_data, self.trends)
+                    if part is not None]
+        # The transaction count is an observation too (shared as sales_data is), when given.
+        if not any(observed) and "sample_size" not in self.model_fields_set:
+            raise ValueError("the insight observes nothing: give at least one value of "
+                             "price_data, sales_data or trends, or its sample_size")
         return self
 
 
@@ -292,6 +299,7 @@ class NetworkStatus(Frozen):
     states_from_checkpoints: int = 0
     latency_ms: float | None = None
     outbox_depth: int = 0
+    outbox_oldest: datetime | None = None  # when the oldest of them was stored
     reconnects: int = 0
     health: Health = Health.DOWN
     connected_since: datetime | None = None

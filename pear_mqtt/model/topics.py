@@ -536,7 +536,8 @@ _CONSORTIUM_READ = ("+/insights/#", "+/state/#", "+/nodes/+", "+/nodes/+/checkpo
 
 
 def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str] = (),
-              revoked: Iterable[tuple[str, str]] = ()) -> list[AclRule]:
+              revoked: Iterable[tuple[str, str]] = (),
+              monitor_users: Iterable[str] = ()) -> list[AclRule]:
     """The ACL a broker of ``mode`` needs: each member writes only its own subtree.
 
     - private: a company reads and writes ``pear/v1/private/<itself>/#``.
@@ -547,6 +548,7 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
       the ``bridge_users`` alone write ``aggregates/`` and bridge state, and read ``contrib/``.
 
     Bridge users also get read on the consortium/private trees (they aggregate them).
+    ``monitor_users`` (operators' monitor certificates) read the broker's ``$SYS/broker/#``.
 
     ``revoked`` lists ``(member, node)`` pairs whose certificate was revoked (see
     :func:`pear_mqtt.pki.revoked_nodes`); their ``deny`` rules (:func:`revoked_node_rules`)
@@ -557,6 +559,7 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
         raise TopicError(f"mode must be one of {_MODES}, got {mode!r}")
     validate_identifier(network, what="network_id")
     bridges = [validate_identifier(b, what="bridge user") for b in bridge_users]
+    monitors = [validate_identifier(m, what="monitor user") for m in monitor_users]
     rules: list[AclRule] = revoked_node_rules(mode=mode, network=network, revoked=revoked)
     if mode == "private":
         rules.append(AclRule("readwrite", f"{PREFIX}/private/%u/#"))
@@ -590,4 +593,5 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
                 AclRule("readwrite", f"{root}/state/bridge/#", user=b),
                 AclRule("read", f"{root}/contrib/#", user=b),
             ]
+    rules += [AclRule("read", "$SYS/broker/#", user=m) for m in monitors]
     return rules

@@ -68,5 +68,8 @@ class MemoryOutbox:
     def depth(self) -> int:
         return len(self._rows)
 
+    def oldest(self) -> float | None:
+        return min((row.created for row in self._rows.values()), default=None)
+
     def close(self) -> None:
         pass

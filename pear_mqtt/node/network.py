@@ -62,12 +62,20 @@ class PearNetwork:
             state = await net.sync()
             async for received in net.insights():
                 ...
+
+    ``read_only=True`` makes a watcher: it receives and verifies as the config's node but
+    publishes nothing and keeps nothing, on a session of its own (docs/OPERATIONS.md).
     """
 
     def __init__(self, config: NetworkConfig, *, outbox_path: Path | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, read_only: bool = False) -> None:
         # What the code left out (the broker, the certificates) may come from PEAR_* variables.
-        self.config = config = NetworkConfigManager.with_environment(config)
+        config = NetworkConfigManager.with_environment(config)
+        self._read_only = read_only
+        if read_only:
+            config = _read_only(config)
+            outbox_path = None
+        self.config = config
         self._clock = clock
         self._outbox_path = outbox_path or config.reliability.outbox_path
         self._codec: EnvelopeCodec | None = None
@@ -89,7 +97,7 @@ class PearNetwork:
         self._supervisor = ConnectionSupervisor(
             config=config, clock=clock, counters=self._counters, privacy=privacy,
             receiver=self._receiver, sender=self._sender, pages=self._sender.pages,
-            streams=self._streams)
+            streams=self._streams, read_only=read_only)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self, *, timeout: float = 10.0, wait: bool = True) -> None:
@@ -127,7 +135,8 @@ class PearNetwork:
                   if self._outbox_path is not None else MemoryOutbox())
         self._markers.attach(topics.sync_marker(self.config.node_id))
         self._peers.attach(codec)
-        history, replicas = self._open_history(codec, topics)
+        history, replicas = ((None, None) if self._read_only
+                             else self._open_history(codec, topics))
         market = self._open_market()
         if replicas is not None:
             replicas.on_verified = None if market is None else market.proven
@@ -293,6 +302,7 @@ class PearNetwork:
         leave the node, nothing is sent. A dict of the insight's fields is accepted too;
         anything invalid raises :class:`~pear_mqtt.errors.InsightError`.
         """
+        self._writable()
         return await self._sender.broadcast(as_insight(insight))
 
     async def broadcast_many(self, insights: Sequence[MarketInsight | dict[str, Any]]
@@ -301,7 +311,13 @@ class PearNetwork:
         stored in one outbox transaction and signed in as few envelopes as the batch limits
         allow; returns their item ids in order. All or nothing: when one insight is refused
         (the error names its position), none of the batch is stored."""
+        self._writable()
         return await self._sender.broadcast_many([as_insight(i) for i in insights])
+
+    def _writable(self) -> None:
+        if self._read_only:
+            raise ConfigError("this PearNetwork is read-only (a watcher): it publishes "
+                              "nothing; open another without read_only=True to broadcast")
 
     async def flush(self, *, timeout: float | None = None) -> None:
         """Wait until the broker acknowledged everything broadcast so far, including the
@@ -433,8 +449,22 @@ class PearNetwork:
             duplicates=c.duplicates, states_from_checkpoints=c.states_from_checkpoints,
             latency_ms=None if latency is None else round(latency, 3),
             outbox_depth=depth, reconnects=c.reconnects, health=health,
+            outbox_oldest=_utc(self._sender.outbox_oldest()),
             connected_since=(datetime.fromtimestamp(since, UTC)
                              if connected and since is not None else None),
             last_error=self._supervisor.last_error,
             delivery_latency=c.delivery_latency.snapshot(),
             sync_duration=c.sync_duration.snapshot())
+
+
+def _utc(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def _read_only(config: NetworkConfig) -> NetworkConfig:
+    """``config`` for a watcher: nothing kept on disk (no outbox, history log, archive or
+    market store), nothing that writes to the broker."""
+    rel = config.reliability.model_copy(update={"outbox_path": None, "history_dir": None,
+                                                "archive_path": None, "archive": None})
+    market = config.market.model_copy(update={"enabled": False})
+    return config.model_copy(update={"reliability": rel, "market": market})

@@ -328,6 +328,18 @@ class Outbox:
         """Rows pending (not yet acknowledged, dropped or expired)."""
         return self._tally.depth
 
+    def oldest(self) -> float | None:
+        """When the oldest pending row was stored (the outbox clock), None when none is."""
+        if self._tally.depth == 0:
+            return None
+        with self._lock:
+            try:
+                rows = self._live().execute(
+                    "SELECT created FROM outbox ORDER BY id LIMIT 1").fetchall()
+            except sqlite3.Error as exc:
+                raise outbox_error(self._path, exc, "reading pending items") from exc
+        return float(rows[0][0]) if rows else None
+
     @property
     def size_bytes(self) -> int:
         """Payload bytes pending."""

@@ -21,6 +21,7 @@ from ..errors import (
     OutboxError,
     OversizedMessage,
     PrivacyError,
+    PublishRefused,
     TransportError,
 )
 from ..model.insight import MarketInsight, NetworkMode
@@ -106,6 +107,7 @@ class Sender:
         self._timer: asyncio.TimerHandle | None = None
         self._inflight_ids: set[int] = set()
         self._acks: list[int] = []  # acknowledged rows not yet deleted (see _ack_rows)
+        self._refused_topics: set[str] = set()  # said once each (see _publish)
         self._ack_scheduled = False
         self._send_cursor = 0
         self._latency: float | None = None
@@ -149,6 +151,10 @@ class Sender:
     @property
     def outbox_depth(self) -> int:
         return self._outbox.depth if self._outbox is not None else 0
+
+    def outbox_oldest(self) -> float | None:
+        """When the oldest insight or state still waiting was stored (None: nothing waits)."""
+        return self._outbox.oldest() if self._outbox is not None else None
 
     @property
     def latency(self) -> float | None:
@@ -515,7 +521,22 @@ class Sender:
         def done(f: asyncio.Future[None]) -> None:
             window.release(nbytes)
             self._inflight_ids.difference_update(ids)
-            if f.cancelled() or f.exception() is not None:
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if isinstance(exc, PublishRefused):
+                # The broker's rules refuse it: sending it again cannot help. Dead-lettered,
+                # counted by the reason and said once per topic, never retried forever.
+                why = "_".join(exc.reason.lower().split())
+                self._counters.dropped[f"refused_{why}"] += len(ids)
+                if first.topic not in self._refused_topics:
+                    self._refused_topics.add(first.topic)
+                    log.warning("broker refused a publish on %s (%s): %d item(s) dropped "
+                                "from the outbox; check this node's identity and the "
+                                "broker's ACL", first.topic, exc.reason, len(ids))
+                self._ack_rows(ids)
+                return
+            if exc is not None:
                 return  # the rows stay in the outbox and are sent again after reconnecting
             rtt = (time.perf_counter() - sent_at) * 1000
             self._latency = rtt if self._latency is None else 0.9 * self._latency + 0.1 * rtt

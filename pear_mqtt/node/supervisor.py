@@ -36,8 +36,11 @@ class ConnectionSupervisor:
 
     def __init__(self, *, config: NetworkConfig, clock: Callable[[], float],
                  counters: Counters, privacy: PrivacyFilter, receiver: Receiver,
-                 sender: Sender, pages: CheckpointPages, streams: Streams) -> None:
+                 sender: Sender, pages: CheckpointPages, streams: Streams,
+                 read_only: bool = False) -> None:
         self.config = config
+        # A watcher's session: its own client id, nothing kept by the broker, no presence.
+        self._read_only = read_only
         self._clock = clock
         self._counters = counters
         self._filter = privacy
@@ -103,7 +106,8 @@ class ConnectionSupervisor:
         """Mark presence offline, close the connection and stop reconnecting."""
         self._closing = True
         conn = self._conn
-        if conn is not None and conn.connected and self._codec is not None:
+        if conn is not None and conn.connected and self._codec is not None \
+                and not self._read_only:
             assert self._scheme is not None
             with contextlib.suppress(PearError, TimeoutError):
                 fut = conn.publish(self._scheme.presence(self.config.node_id),
@@ -163,7 +167,7 @@ class ConnectionSupervisor:
             reader = asyncio.create_task(self._receiver.run(conn))
             flusher = asyncio.create_task(self._sender.run(conn))
             tasks = [reader, flusher]
-            if not self._pages.seeded:
+            if not self._pages.seeded and not self._read_only:
                 tasks.append(asyncio.create_task(self._pages.seed(conn)))
             self._tasks.update(tasks)
             try:
@@ -203,13 +207,19 @@ class ConnectionSupervisor:
         rel = self.config.reliability
         self._session = uuid.uuid4().hex[:16]
         me = self._codec.signer.identity
-        conn = Connection(
-            broker=self.config.broker, client_id=f"pear-{me.member}-{me.node}"[:128],
-            tls=self.config.tls, keepalive=rel.keepalive, clean_start=False,
-            session_expiry=rel.session_expiry,
-            will=Will(topic=self._scheme.presence(self.config.node_id),
-                      payload=self._presence_payload(online=False), qos=1, retain=True),
-            protocol=self._protocol)
+        if self._read_only:
+            conn = Connection(
+                broker=self.config.broker, tls=self.config.tls, keepalive=rel.keepalive,
+                client_id=f"pear-{me.member}-{me.node}-watch-{uuid.uuid4().hex[:8]}"[:128],
+                clean_start=True, session_expiry=0, protocol=self._protocol)
+        else:
+            conn = Connection(
+                broker=self.config.broker, client_id=f"pear-{me.member}-{me.node}"[:128],
+                tls=self.config.tls, keepalive=rel.keepalive, clean_start=False,
+                session_expiry=rel.session_expiry,
+                will=Will(topic=self._scheme.presence(self.config.node_id),
+                          payload=self._presence_payload(online=False), qos=1, retain=True),
+                protocol=self._protocol)
         await conn.connect()
         self._protocol = conn.protocol  # reconnects skip the version probe
         return conn
@@ -223,7 +233,7 @@ class ConnectionSupervisor:
             # The bridge's consortium aggregates (retained, so they arrive on connect too);
             # in public mode the live filter already is the aggregates'.
             filters.append((t.aggregates_filter(), 1))
-        if t.mode != "public":
+        if t.mode != "public" and not self._read_only:
             # Verified history: others' signed log heads, requests for our log, our answers.
             node = self.config.node_id
             filters += [(t.log_head_filter(), 1), (t.log_request(node), 1),
@@ -233,6 +243,8 @@ class ConnectionSupervisor:
         granted += await conn.subscribe([(t.sync_marker(self.config.node_id), 1)])
         if any(g >= 128 for g in granted):
             raise TransportError(f"broker refused a subscription: granted {granted}")
+        if self._read_only:
+            return
         await conn.publish(t.presence(self.config.node_id), self._presence_payload(online=True),
                            qos=1, retain=True)
         self._sender.wake()

@@ -57,7 +57,7 @@ def _modes(mode: str, acl_modes: Sequence[str] | None) -> list[str]:
 
 
 def acl_text(*, modes: Iterable[str], network: str, bridge_users: Iterable[str] = (),
-             revoked: Iterable[tuple[str, str]] = ()) -> str:
+             revoked: Iterable[tuple[str, str]] = (), monitor_users: Iterable[str] = ()) -> str:
     """The mosquitto ``acl_file`` for a broker serving ``modes`` of ``network``.
 
     Pattern rules come first, then one ``user`` section per bridge identity, then one per
@@ -73,7 +73,7 @@ def acl_text(*, modes: Iterable[str], network: str, bridge_users: Iterable[str] 
     try:
         for mode in modes:
             rules += acl_rules(mode=mode, network=network, bridge_users=bridges,
-                               revoked=revoked)
+                               revoked=revoked, monitor_users=monitor_users)
     except TopicError as exc:
         raise ConfigError(str(exc)) from None
     patterns = list(dict.fromkeys(r.mosquitto() for r in rules if r.user is None))
@@ -132,7 +132,8 @@ def render(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, cert_file:
            max_queued_bytes: int = 512 * 1024 * 1024, max_inflight_messages: int = 0,
            autosave_interval: int = 30, session_expiration: str = "14d",
            template_dir: Path | None = None, ca_dir: Path | None = None,
-           revoked: Iterable[tuple[str, str]] | None = None) -> RenderedBroker:
+           revoked: Iterable[tuple[str, str]] | None = None,
+           monitor_users: Sequence[str] = ()) -> RenderedBroker:
     """Render ``mosquitto.conf`` and ``acl`` for a ``mode`` broker of ``network`` into
     ``out_dir``.
 
@@ -141,6 +142,7 @@ def render(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, cert_file:
     - ``plain_port``: also open an unauthenticated plaintext listener. Local development and
       tests only: anyone reaching it reads and writes everything.
     - ``bridge_users``: CNs of bridge certificates, granted the bridge's ACL rights.
+    - ``monitor_users``: CNs of monitor certificates, granted read of ``$SYS/broker/#``.
     - ``acl_modes``: further modes whose subtrees this broker also serves (an all-in-one
       development or test broker); production brokers serve one mode.
     - ``persistence``: keep retained messages and sessions across restarts (production
@@ -245,7 +247,8 @@ def render(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, cert_file:
             raise ConfigError(f"cannot read the revoked nodes from the CA registry: {exc}") \
                 from None
     denied = tuple(sorted(set(revoked)))
-    acl = acl_text(modes=modes, network=network, bridge_users=bridge_users, revoked=denied)
+    acl = acl_text(modes=modes, network=network, bridge_users=bridge_users, revoked=denied,
+                   monitor_users=monitor_users)
     try:
         acl_path.write_text(acl, encoding="utf-8")
         conf_path.write_text(text, encoding="utf-8")

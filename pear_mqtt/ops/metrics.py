@@ -108,6 +108,10 @@ class NodeCollector(Collector):
                         st.log_refused)
         yield _gauge("pear_market_rows", "Rows in the market store", st.market_rows)
         yield _gauge("pear_market_bytes", "Bytes of the market store on disk", st.market_bytes)
+        if st.outbox_oldest is not None:
+            yield _gauge("pear_outbox_oldest_age_seconds",
+                         "Age of the oldest message waiting in the outbox",
+                         max(0.0, (dt.datetime.now(dt.UTC) - st.outbox_oldest).total_seconds()))
         yield _histogram("pear_delivery_latency_seconds",
                          "Seconds from a live message's signing to its delivery here",
                          st.delivery_latency)

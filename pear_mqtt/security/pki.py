@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 KeyType = Literal["ed25519", "ec-p256"]
-Role = Literal["node", "broker", "bridge"]
+Role = Literal["node", "broker", "bridge", "monitor"]
 
 DEFAULT_KEY_TYPE: KeyType = "ed25519"
 """Key type of new CAs and certificates: Ed25519 (``ec-p256`` for older TLS stacks)."""
@@ -375,8 +375,10 @@ def issue(*, ca_dir: Path, out_dir: Path, role: Role, member: str, node: str | N
       and IP subject alternative names; extended key usage serverAuth.
     - ``role="bridge"``: ``member`` is the bridge's MQTT username (list it in the broker's
       ``bridge_users``); OU is ``bridge``; clientAuth.
+    - ``role="monitor"``: an operator's read-only view of the broker's own ``$SYS`` figures
+      (list ``member`` in the broker's ``monitor_users``); OU is ``monitor``; clientAuth.
 
-    For broker and bridge ``node`` may be omitted; if given it must equal the role.
+    For broker, bridge and monitor ``node`` may be omitted; if given it must equal the role.
     ``not_before``/``not_after`` override ``days`` (tests mint expired or future certificates
     with them). Files: ``<role>-<member>[-<node>].crt``/``.key`` (key 0600) and ``ca.crt``.
     Existing files are not overwritten unless ``force``. A member name already used by a
@@ -535,8 +537,8 @@ def revoke(*, ca_dir: Path, cert: Path | int) -> Path:
                 raise PKIError(f"serial {serial} ({serial:x}) is not in {ca_dir / REGISTRY}; "
                                "pass the certificate file instead")
             ident = identity_of(parsed)
-            role: Role = "broker" if ident.node == "broker" else \
-                "bridge" if ident.node == "bridge" else "node"
+            role: Role = ident.node if ident.node in ("broker", "bridge", "monitor") \
+                else "node"  # type: ignore[assignment]
             entry = {
                 "serial": f"{serial:x}", "role": role, "member": ident.member,
                 "node": ident.node, "not_before": parsed.not_valid_before_utc.isoformat(),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,27 @@ class DockerUp(Up):
     def run(self, *args: str, backend: str | None = "docker",
             timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
         return super().run(*args, backend=backend, timeout=timeout)
+
+
+def _scrape_until(url: str, name: str, timeout: float = 60.0) -> dict[str, float]:
+    """The sample names and values at ``url`` once ``name`` is among them (a container
+    serves its endpoint a moment after it starts)."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError as exc:
+            last = str(exc)
+        else:
+            samples = {line.rsplit(" ", 1)[0].split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
+                       for line in text.splitlines() if line and not line.startswith("#")}
+            if name in samples:
+                return samples
+            last = f"{len(samples)} samples, no {name}"
+        time.sleep(0.5)  # polling an HTTP endpoint until the container serves it
+    raise AssertionError(f"{url}: {last}")
 
 
 @pytest.fixture
@@ -64,6 +87,17 @@ def test_docker_backend_lifecycle(up: DockerUp) -> None:
     status = up.run("status")
     assert status.returncode == 0, status.stdout + status.stderr
     assert "compose project" in status.stdout
+
+    # Containers share the host's loopback: each serves its metrics where up.json says, and
+    # the dashboard each broker's $SYS figures.
+    if expect_agents:
+        served = [a for a in state["agents"] + state["bridges"] if a.get("metrics_url")]
+        assert len(served) == len(state["agents"]) + len(state["bridges"])
+        samples = _scrape_until(served[0]["metrics_url"], "pear_connected")
+        assert "pear_messages_out_total" in samples
+    assert all(b["metrics_url"] for b in state["brokers"])
+    assert "pear_broker_sys_connected" in _scrape_until(state["brokers"][0]["metrics_url"],
+                                                        "pear_broker_uptime_seconds")
 
     # A consortium member's certificate from up.json gets in and reads its own writes.
     node = next(n for n in state["nodes"] if n["name"] == "consortium-globex-store-1")

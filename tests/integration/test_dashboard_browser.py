@@ -13,12 +13,17 @@ from typing import Any
 
 import pytest
 from browser import headless_chromium
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from upkit import Up
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+# The page redraws its tables and charts on every poll: an element found a moment ago may be
+# gone when read, and the next poll of the wait looks again.
+_REDRAWN = (StaleElementReferenceException,)
 
 
 def _api(url: str) -> Any:
@@ -57,11 +62,12 @@ def test_the_page_shows_healthy_brokers_and_charts_of_real_aggregates(tmp_path: 
         with headless_chromium() as driver:
             driver.get(url)
             assert driver.title == "pear_mqtt dashboard"
-            WebDriverWait(driver, 30, poll_frequency=0.2).until(
+            WebDriverWait(driver, 30, poll_frequency=0.2, ignored_exceptions=_REDRAWN).until(
                 lambda d: _healthy_brokers(d) == 3)
             assert driver.find_element(By.ID, "brokers-healthy") \
                 .get_attribute("data-healthy") == "3"
-            charts = WebDriverWait(driver, 60, poll_frequency=0.5).until(_drawn_charts)
+            charts = WebDriverWait(driver, 60, poll_frequency=0.5,
+                                   ignored_exceptions=_REDRAWN).until(_drawn_charts)
             errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
         # the charts are the aggregates the bridge published, as the JSON endpoint has them

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import MosquittoBroker, NetworkPKI, free_port, probe
+from brokers import MosquittoBroker, MqttProbe, NetworkPKI, free_port, probe
 
 from pear_mqtt.config.models import NetworkConfig, PrivacyConfig
 from pear_mqtt.model.insight import MarketInsight, NetworkMode
@@ -351,3 +351,37 @@ async def test_public_participant_reads_the_bridges_aggregates(
     assert [a.aggregate for a in state.aggregates.values()] == [body]
     assert live.aggregate.policy_version == "test-2" and not live.retained
     assert live.aggregate.cells[0].groups[0].fields["price"].mean == 2.31
+
+
+async def test_a_publish_the_broker_refuses_is_dead_lettered_not_retried(
+        mosquitto: MosquittoBroker, pki: NetworkPKI,
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
+    """An operator withdrew acme's right to retained state (its live insights still pass):
+    the refused state is dropped and counted by the broker's reason, and the outbox empties
+    instead of sending it again for ever."""
+    state = f"pear/v1/consortium/{pki.network}/acme/state/#"
+    with mosquitto.acl_path.open("a", encoding="utf-8") as acl:
+        acl.write(f"\nuser acme\ntopic deny {state}\n")
+    mosquitto.reload()
+    probe_topic = state.replace("#", "store-9/probe")
+    probe = MqttProbe(host="localhost", port=mosquitto.tls_port, certs=pki.node("acme", "x"),
+                      ca=pki.ca)
+    try:
+        assert not probe.connect().is_failure
+        deadline = time.monotonic() + 10
+        while not (rc := probe.publish(probe_topic, b"x")) or not rc.is_failure:
+            assert time.monotonic() < deadline, "the reloaded ACL never took effect"
+            await asyncio.sleep(0.05)  # mosquitto applies SIGHUP on its next loop turn
+    finally:
+        probe.close()
+    async with PearNetwork(make_config("acme", node="hq")) as rx:
+        stream = rx.insights()
+        async with PearNetwork(make_config("acme", node="store-2")) as tx:
+            await tx.broadcast_market_insight(insight(product="refused-state"))
+            await tx.flush(timeout=15)  # would wait for ever on a state sent again and again
+            status = tx.status()
+        (got,) = await take(stream, 1)
+    assert got.insight.product_id == "refused-state"
+    assert status.outbox_depth == 0
+    assert status.dropped.get("refused_not_authorized", 0) >= 1, status.dropped

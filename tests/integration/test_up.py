@@ -8,10 +8,14 @@ happened, so a failing test leaves no broker behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from upkit import Up, listening
 
 from pear_mqtt.config.manager import NetworkConfigManager
+from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.pki import CertPaths
 
@@ -34,6 +39,22 @@ def up(tmp_path: Path) -> Iterator[Up]:
     yield runner
     if (runner.dir / "up.json").exists():
         runner.run("stop", "--grace", "3")
+
+
+def _scrape_until(url: str, name: str, timeout: float = 30.0) -> dict[str, float]:
+    """The samples at ``url`` once one named ``name`` is there (the reader connects and
+    mosquitto publishes its retained $SYS figures on subscribe)."""
+    deadline = time.monotonic() + timeout
+    samples: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                       for line in response.read().decode().splitlines()
+                       if line and not line.startswith("#")}
+        if any(k.startswith(name + "{") for k in samples):
+            return samples
+        time.sleep(0.2)  # polling an HTTP endpoint until the figure is there
+    raise AssertionError(f"{name} not at {url} within {timeout} s: {sorted(samples)[:10]}")
 
 
 def _node(state: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -87,8 +108,28 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
         # Every process of this machine serves its metrics on loopback.
         assert all(a["metrics_url"].startswith("http://127.0.0.1:")
                    for a in state["agents"] + state["bridges"])
+        # The line `start` suggests: a member's view of the live traffic, in plain form.
+        assert "try: pear-mqtt watch --node consortium-" in started.stdout
+        name = started.stdout.split("try: pear-mqtt watch --node ", 1)[1].split()[0]
+        watched = subprocess.run(
+            [sys.executable, "-m", "pear_mqtt", "watch", "--node", name, "--up-file",
+             str(up.dir / "up.json"), "--json", "--count", "1", "--timeout", "30"],
+            capture_output=True, text=True, timeout=60)
+        assert watched.returncode == 0, watched.stderr
+        (item,) = [json.loads(line) for line in watched.stdout.splitlines()]
+        assert item["mode"] == "consortium" and item["kind"] in ("insight", "aggregate")
     else:
         assert state["agents"] == []
+    if backend == "local":
+        # Each mosquitto's $SYS figures, read by the dashboard with the monitor identity.
+        urls = [b["metrics_url"] for b in state["brokers"]]
+        assert all(u and u.endswith(f"/metrics/brokers/{b['name']}")
+                   for u, b in zip(urls, state["brokers"], strict=True))
+        sys_figures = _scrape_until(urls[1], "pear_broker_uptime_seconds")
+        assert sys_figures['pear_broker_sys_connected{broker="consortium"}'] == 1.0
+        assert sys_figures['pear_broker_uptime_seconds{broker="consortium"}'] >= 0
+    else:
+        assert all(b.get("metrics_url") is None for b in state["brokers"])
 
     again = up.start(*args, backend=backend)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -269,3 +310,26 @@ def _cert_serial(pem: bytes) -> int:
     from cryptography import x509
 
     return x509.load_pem_x509_certificate(pem).serial_number
+
+
+def test_the_first_public_aggregates_come_when_start_says(up: Up) -> None:
+    """`start` names when the bridge's first public window is due; a public node from
+    up.json has it by then (within half as long again)."""
+    started = up.start("--rate", "10", backend="local")
+    assert started.returncode == 0, started.stdout + started.stderr
+    began = time.monotonic()
+    said = re.search(r"first public aggregates expected in ~(\d+) s", started.stdout)
+    assert said is not None, started.stdout
+    expected = float(said.group(1))
+    public = next(n for n in reversed(up.state()["nodes"]) if n["mode"] == "public")
+    assert f"pear-mqtt market aggregates --config {public['config']} --sync" in started.stdout
+
+    async def first_aggregate() -> float:
+        config = NetworkConfigManager.load(file=public["config"], env={})
+        async with PearNetwork(config) as node:
+            stream = node.aggregates()
+            await asyncio.wait_for(anext(aiter(stream)), timeout=expected * 1.5 + 10)
+        return time.monotonic() - began
+
+    took = asyncio.run(first_aggregate())
+    assert took <= expected * 1.5 + 10, (took, expected)

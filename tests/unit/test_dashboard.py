@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from pear_mqtt.dashboard.market import market_series
 from pear_mqtt.dashboard.server import DashboardServer
 from pear_mqtt.dashboard.topology import TopologyFile
+from pear_mqtt.market import MarketStore
 from pear_mqtt.model.aggregates import (
     AggregateBody,
     BucketCount,
@@ -30,6 +31,7 @@ from pear_mqtt.model.aggregates import (
     PublishedGroupBody,
     PublishedStatistic,
 )
+from pear_mqtt.node.records import ReceivedAggregate
 from pear_mqtt.ops.up.state import (
     STATE_FILE,
     STATE_VERSION,
@@ -119,9 +121,16 @@ def _body(day: int, *, lo: float, hi: float) -> AggregateBody:
 
 
 class _Market:
+    """The page's market source over a real market store holding two aggregate windows, as
+    the dashboard's public reader keeps them."""
+
     def snapshot(self) -> dict[str, Any]:
-        return {"source": "test", "categories": market_series(
-            [_body(3, lo=2.0, hi=3.0), _body(1, lo=1.0, hi=2.0)])}
+        with MarketStore.temporary(network="market", mode="public") as store:
+            store.add([ReceivedAggregate(topic="t", aggregate=body, retained=False,
+                                         received_at=0.0)
+                       for body in (_body(3, lo=2.0, hi=3.0), _body(1, lo=1.0, hi=2.0))])
+            return {"source": "test",
+                    "categories": market_series(store.aggregates(), store.histograms())}
 
 
 @pytest.fixture

@@ -34,6 +34,8 @@ def test_a_dict_of_fields_is_an_insight() -> None:
     (fields(price_data={"price": -1}), "price_data.price"),
     (fields(category="dairy/#"), "category"),
     (fields(window_end=T0), "an empty window observes nothing"),
+    (fields(price_data=None), "the insight observes nothing"),
+    (fields(price_data={"currency": "USD"}, trends={}), "the insight observes nothing"),
 ])
 def test_invalid_input_is_one_line_naming_what_is_wrong(bad: dict[str, Any],
                                                         where: str) -> None:

@@ -15,6 +15,8 @@ from cryptography.x509.oid import NameOID
 
 from pear_mqtt.bridge.status import BridgeStatus
 from pear_mqtt.model.insight import Health, NetworkStatus
+from pear_mqtt.ops.brokerconf import acl_text
+from pear_mqtt.ops.brokersys import metric_name
 from pear_mqtt.ops.metrics import BridgeCollector, NodeCollector
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +36,7 @@ def _cert(path: Path) -> Path:
 def _samples(tmp: Path | None = None) -> dict[str, float]:
     node = NodeCollector(lambda: NetworkStatus(connected=True, health=Health.OK,
                                                dropped={"malformed": 2}, latency_ms=3.0,
+                                               outbox_oldest=datetime.now(UTC),
                                                log_refused={"forged_entry": 4}),
                          cert_file=None if tmp is None else _cert(tmp / "node.crt"))
     bridge = BridgeCollector(lambda: BridgeStatus(
@@ -58,3 +61,32 @@ def test_the_grafana_dashboard_asks_only_for_metrics_that_exist(tmp_path: Path) 
     have = _samples(tmp_path)
     assert wanted and wanted <= have.keys(), wanted - have.keys()
     assert 29 * 86400 < have["pear_certificate_expiry_seconds"] <= 30 * 86400
+
+
+def test_broker_sys_topics_become_prometheus_names() -> None:
+    assert metric_name("$SYS/broker/clients/connected") == "pear_broker_clients_connected"
+    assert metric_name("$SYS/broker/load/messages/received/1min") == \
+        "pear_broker_load_messages_received_1min"
+    assert metric_name("$SYS/broker/uptime") == "pear_broker_uptime_seconds"
+    assert metric_name("$SYS/broker/") is None and metric_name("pear/v1/x") is None
+    assert all(re.fullmatch(r"pear_[a-z0-9_]+", metric_name(t) or "") for t in (
+        "$SYS/broker/heap/current size", "$SYS/broker/publish/bytes/sent"))
+
+
+def test_only_a_monitor_identity_may_read_the_brokers_sys_figures() -> None:
+    acl = acl_text(modes=["consortium"], network="retail-eu", bridge_users=["bridge"],
+                   monitor_users=["monitor"])
+    section = acl.split("user monitor\n", 1)[1].split("\n\n", 1)[0]
+    assert section.strip() == "topic read $SYS/broker/#"
+    assert acl.count("$SYS") == 1  # no pattern rule: members and the bridge do not get it
+
+
+def test_the_outbox_age_is_how_long_its_oldest_message_has_waited() -> None:
+    waiting = NetworkStatus(connected=False, outbox_depth=3,
+                            outbox_oldest=datetime.now(UTC) - timedelta(seconds=90))
+    samples = {s.name: s.value for f in NodeCollector(lambda: waiting).collect()
+               for s in f.samples}
+    assert 89 <= samples["pear_outbox_oldest_age_seconds"] < 120
+    empty = {s.name for f in NodeCollector(lambda: NetworkStatus(connected=True)).collect()
+             for s in f.samples}
+    assert "pear_outbox_oldest_age_seconds" not in empty  # nothing waits: no age

@@ -96,6 +96,18 @@ def test_ack_deletes_only_the_given_rows(box: Outbox) -> None:
     assert box.stats()["acked"] == 6
 
 
+def test_oldest_is_when_the_first_pending_row_was_stored(tmp_path: Path) -> None:
+    clock = FakeClock(100.0)
+    with _open(tmp_path / "outbox.db", clock=clock) as box:
+        assert box.oldest() is None
+        first = box.put(topic="t/a", payload=b"a", kind="insight")
+        clock.now = 160.0
+        box.put(topic="t/b", payload=b"b", kind="insight")
+        assert box.oldest() == 100.0
+        box.ack([first])
+        assert box.oldest() == 160.0
+
+
 def test_ack_of_many_ids_spans_statement_chunks(box: Outbox) -> None:
     ids = box.put_many([NewItem(topic="t", payload=b"z", kind="insight") for _ in range(1234)])
     box.ack(ids[:1200])

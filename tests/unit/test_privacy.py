@@ -591,7 +591,7 @@ def test_store_defaults_to_node_id() -> None:
 
 def test_empty_groups_are_absent() -> None:
     config = make_config(mode=NetworkMode.PRIVATE)
-    result = PrivacyFilter(config=config).apply(make_insight())
+    result = PrivacyFilter(config=config).apply(make_insight(sample_size=1))
     # The sample size is the only observation; its source group is named (empty) so that a
     # receiver can check the level it is published at.
     assert result.shared is not None and result.shared.sample_size == 1
@@ -606,7 +606,7 @@ def test_empty_groups_are_absent() -> None:
                              "sales_data": {}}
     # Nothing to publish at all: no insight.
     quiet = make_config(mode=NetworkMode.PRIVATE, data_sharing={"sales_data": "none"})
-    assert PrivacyFilter(config=quiet).apply(make_insight()).shared is None
+    assert PrivacyFilter(config=quiet).apply(make_insight(sample_size=1)).shared is None
 
 
 def test_aggregated_group_without_numbers_gives_no_contribution() -> None:

@@ -95,6 +95,9 @@ class Backend(ABC):
     serves_metrics: ClassVar[bool] = False
     """Whether its processes take ``--metrics-port`` (processes of this machine do)."""
 
+    serves_sys: ClassVar[bool] = False
+    """Whether its brokers publish ``$SYS`` figures to the monitor identity (mosquitto's)."""
+
     agents_suffix: ClassVar[str] = ""
     """What ``start``'s "starting N simulated agents" line adds for this backend."""
 

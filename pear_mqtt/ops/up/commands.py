@@ -23,7 +23,7 @@ from .health import (
     wait_healthy,
 )
 from .migrate import migrate, outdated
-from .prepare import prepare
+from .prepare import first_aggregates_in, prepare
 from .processes import TAIL_LINES, alive, print_logs
 from .selection import backend_for, choose_backend
 from .state import (
@@ -86,13 +86,13 @@ def _print_endpoints(state: UpState, out: Callable[[str], None]) -> None:
                               ", running" if state.bridges else
                               " (not started)"))
     out(f"  {state.agents_note}" + (f" ({len(state.agents)} running)" if state.agents else ""))
-    consortium = next((n for n in state.nodes if n.mode == "consortium"), None)
+    consortium = next((n for n in state.nodes if n.mode == "consortium" and n.config), None)
     if consortium is not None:
-        b = next(b for b in state.brokers if b.name == consortium.broker)
-        n = consortium
-        out(f"try: mosquitto_sub -h {b.host} -p {b.port} --cafile {n.ca} --cert {n.cert} "
-            f"--key {n.key} -t 'pear/v1/consortium/{n.network}/#' -v")
-    metrics = [a.metrics_url for a in (*state.bridges, *state.agents) if a.metrics_url]
+        # Decrypted and verified, as that member may read it (mosquitto_sub shows ciphertext).
+        out(f"try: pear-mqtt watch --node {consortium.name}")
+    metrics = [url for url in (*(b.metrics_url for b in state.brokers),
+                               *(a.metrics_url for a in (*state.bridges, *state.agents)))
+               if url]
     if metrics:
         out(f"metrics: {len(metrics)} Prometheus endpoints (metrics_url in up.json), e.g. "
             f"{metrics[0]}")
@@ -215,6 +215,13 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
         save_state(directory, state)
     out(f"up and healthy in {state.startup_seconds:.1f}s:")
     _print_endpoints(state, out)
+    first = first_aggregates_in(rate) if state.bridges and state.agents else None
+    if first is not None:
+        public = next((n for n in reversed(state.nodes) if n.mode == "public"), None)
+        out(f"first public aggregates expected in ~{first:.0f} s (a simulated store reports "
+            "a day of history at a time; the bridge publishes a day once it settled)"
+            + (f"; then: pear-mqtt market aggregates --config {public.config} --sync"
+               if public is not None and public.config else ""))
     out(f"endpoints, CA and node certificates: {directory / STATE_FILE}")
     return state
 

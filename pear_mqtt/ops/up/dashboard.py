@@ -41,6 +41,9 @@ def start_dashboard(directory: Path, state: UpState, *,
             continue
         if data.get("pid") == proc.pid:
             state.dashboard_url = str(data["url"])
+            for broker in state.brokers:  # their $SYS figures, read with the monitor identity
+                broker.metrics_url = (f"{state.dashboard_url}metrics/brokers/{broker.name}"
+                                      if broker.monitor_cert else None)
             return
     out(f"dashboard: did not come up; see {proc.log}:\n"
         + tail(proc.log, 8, since=proc.log_offset).rstrip())

@@ -32,6 +32,9 @@ class DockerBackend(Backend):
     state directory mounted at its own path, host networking, every listener on 127.0.0.1."""
 
     name: ClassVar[str] = "docker"
+    serves_sys: ClassVar[bool] = True
+    # Host networking: a container's --metrics-port listens on this machine's loopback.
+    serves_metrics: ClassVar[bool] = True
     agents_suffix: ClassVar[str] = " (containers)"
 
     @classmethod
@@ -59,7 +62,11 @@ class DockerBackend(Backend):
         assert self._project is not None, "begin() sets the Compose project up"
         return self._project
 
-    def _container(self, service: str) -> Proc:
+    def _container(self, service: str, metrics_port: int | None = None) -> Proc:
+        if metrics_port is not None:
+            # deploy/compose.yaml passes it as the service's --metrics-port.
+            var = "PEAR_METRICS_" + service.upper().replace("-", "_")
+            self._started().env[var] = str(metrics_port)
         return Proc(pid=None, start_time=None, argv=self._started().argv("up", "-d", service),
                     log=f"{_LOG_PREFIX}{service}", container=service)
 
@@ -97,16 +104,18 @@ class DockerBackend(Backend):
 
     def bridge_process(self, *, directory: Path, config: str, status_file: Path,
                        metrics_port: int | None = None) -> Proc:
-        return self._container("bridge")
+        return self._container("bridge", metrics_port)
 
     def agent_process(self, *, directory: Path, node: NodeEntry, status_file: Path,
                       rate: float | None, metrics_port: int | None = None) -> Proc:
-        return self._container(f"agent-{node.name}")
+        return self._container(f"agent-{node.name}", metrics_port)
 
     def launch(self, *, directory: Path, state: UpState, group: Group,
                procs: Sequence[Proc]) -> None:
-        # Record the project before starting anything: should this command die, `stop`
-        # finds it.
+        # Record the project (with the metrics ports its services were given) before
+        # starting anything: should this command die, `stop` finds it.
+        state.compose = self._started().to_json()
+        self._started().write_env_file(directory)
         save_state(directory, state)
         # The bridge and agents with --no-deps: their brokers are already known healthy, and
         # Compose's own service_healthy wait would add a health-check interval.

@@ -16,7 +16,7 @@ from ..embedded.available import missing
 from .backend import Backend
 from .processes import print_logs, spawn, stop_groups, tail
 from .state import BrokerEntry, NodeEntry, Proc, UpState
-from .topology import BRIDGE_USER, HOST, TOPOLOGY, NetworkSpec
+from .topology import BRIDGE_USER, HOST, MONITOR_USER, TOPOLOGY, NetworkSpec
 
 __all__ = [
     "EmbeddedBackend",
@@ -52,6 +52,7 @@ def render_mosquitto(*, directory: Path, spec: NetworkSpec, port: int, ca_dir: P
         # The CA registry names revoked nodes: their retained messages are denied.
         ca_dir=ca_dir,
         bridge_users=(BRIDGE_USER,) if spec.bridge else (), bind_address=HOST,
+        monitor_users=(MONITOR_USER,),
         # As the test harness does: started as root, mosquitto would switch to the
         # `mosquitto` user before reading the 0600 key it cannot read as that user.
         # (Containers run as the invoking user, so the same holds there.)
@@ -112,6 +113,7 @@ class LocalBackend(ProcessBackend):
     """One ``mosquitto`` process per network, configured by :mod:`pear_mqtt.ops.brokerconf`."""
 
     name: ClassVar[str] = "local"
+    serves_sys: ClassVar[bool] = True
 
     @classmethod
     def problem(cls) -> str | None:

@@ -18,15 +18,16 @@ from typing import Any, Final
 
 from cryptography import x509
 
+from ...agent.simulate import DEFAULT_RATE, seconds_per_day
 from ...config.manager import NetworkConfigManager
 from ...errors import ConfigError
 from ...files import atomic_write
 from ...security import pki as pkimod
 from .backend import Backend
 from .state import BrokerEntry, NodeEntry, Proc
-from .topology import BRIDGE_LINE, BRIDGE_USER, HOST, TOPOLOGY, NetworkSpec
+from .topology import BRIDGE_LINE, BRIDGE_USER, HOST, MONITOR_USER, TOPOLOGY, NetworkSpec
 
-__all__ = ["Plan", "prepare"]
+__all__ = ["Plan", "first_aggregates_in", "prepare"]
 
 _BROKER_HOSTS = ("localhost", "127.0.0.1", "::1")
 _RENEW_BEFORE = dt.timedelta(days=30)  # re-issue certificates / re-sign CRLs this close to expiry
@@ -38,6 +39,14 @@ _BRIDGE_LAG: Final = 86400
 # ended an hour ago (the simulated stores report the last week, so most appear right away).
 _BRIDGE_CONSORTIUM_LAG: Final = 3600
 _BRIDGE_SETTLE: Final = 20.0
+
+
+def first_aggregates_in(rate: float | None) -> float | None:
+    """Seconds from the agents' start to the bridge's first public window: the simulated
+    stores report their history a day at a time, and the bridge publishes a day's window
+    once its inputs have been quiet for the settle time (None: agents do not pace)."""
+    day = seconds_per_day(rate=DEFAULT_RATE if rate is None else rate)
+    return None if day is None else day + _BRIDGE_SETTLE
 
 
 @dataclass(slots=True)
@@ -170,6 +179,8 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
         url = f"mqtts://{HOST}:{port}"
         broker_certs = _ensure_cert(ca_dir=ca_dir, out_dir=root / "broker", role="broker",
                                     member=f"{spec.network}-broker")
+        monitor = _ensure_cert(ca_dir=ca_dir, out_dir=root / "monitor", role="monitor",
+                               member=MONITOR_USER)
         sec = net_secrets[spec.network]
         enrolled = ({(e.company, e.store): e for e in pkimod.list_pseudonyms(ca_dir=ca_dir)}
                     if spec.anonymise else None)
@@ -219,7 +230,9 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
             url=url, ca_dir=str(ca_dir), ca=str(ca_dir / pkimod.CA_CERT),
             crl=str(ca_dir / pkimod.CA_CRL), cert=str(broker_certs.cert),
             key=str(broker_certs.key), conf=str(conf) if conf else None,
-            probe_node=probe.name, proc=Proc(pid=None, start_time=None, argv=[], log=log)))
+            probe_node=probe.name, proc=Proc(pid=None, start_time=None, argv=[], log=log),
+            monitor_cert=str(monitor.cert) if backend.serves_sys else None,
+            monitor_key=str(monitor.key) if backend.serves_sys else None))
     bridge["config"] = str(_write_bridge_config(directory, bridge, net_secrets))
     return Plan(brokers=brokers, nodes=nodes, agent_nodes=agent_nodes, bridge=bridge)
 

@@ -70,6 +70,11 @@ class BrokerEntry:
     conf: str | None
     probe_node: str
     proc: Proc
+    # The monitor certificate that may read the broker's $SYS figures, and where the
+    # dashboard serves them as Prometheus metrics (mosquitto backends).
+    monitor_cert: str | None = None
+    monitor_key: str | None = None
+    metrics_url: str | None = None
 
 
 @dataclass(slots=True)

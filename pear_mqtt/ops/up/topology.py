@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_DIR",
     "DEFAULT_PORTS",
     "HOST",
+    "MONITOR_USER",
     "TOPOLOGY",
     "NetworkSpec",
 ]
@@ -24,6 +25,7 @@ DEFAULT_PORTS: Final = (18883, 18884, 18885)
 
 HOST: Final = "127.0.0.1"
 BRIDGE_USER: Final = "bridge"
+MONITOR_USER: Final = "monitor"  # reads each broker's $SYS figures (the dashboard's /metrics)
 BRIDGE_LINE: Final = "bridge: retail-eu -> market, k-anonymous aggregates (docs/BRIDGE.md)"
 
 
