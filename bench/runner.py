@@ -79,7 +79,8 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
     a5 = replace(params, protocol=5)
     samples: dict[str, list[dict[str, Any]]] = {
         k: [] for k in ("A", "A_mqtt5", "C", "P", "sync_pear", "sync_raw", "sync_c",
-                        "publish_retained_pear", "publish_retained_raw", "P_nostore")}
+                        "publish_retained_pear", "publish_retained_raw", "P_nostore",
+                        "P_log")}
 
     def unit_a(rep: int) -> None:
         samples["A"].append(rnd.measure("A", lambda e: run_a(e, params)))
@@ -91,11 +92,13 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
         samples["C"].append(rnd.measure("C", lambda e: run_c(e, params)))
 
     def unit_p(rep: int) -> None:
-        # With the receiver's market store (the default) and without, taking turns: what
-        # keeping the store costs the stream.
-        for store in ((True, False) if rep % 2 == 0 else (False, True)):
-            samples["P" if store else "P_nostore"].append(
-                rnd.measure("P", functools.partial(_run_p, params=params, market=store)))
+        # P, P with the receiver's market store off, and P with the sender keeping its
+        # history log, taking turns: what the store and the log cost the stream.
+        variants = [("P", True, False), ("P_nostore", False, False), ("P_log", True, True)]
+        for i in range(len(variants)):
+            name, store, history = variants[(i + rep) % len(variants)]
+            samples[name].append(rnd.measure("P", functools.partial(
+                _run_p, params=params, market=store, history=history)))
 
     def unit_sync(rep: int) -> None:
         out = rnd.measure("sync", lambda e: run_sync_round(e, params, rep=rep))
@@ -191,8 +194,9 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
     }
 
 
-def _run_p(env: BenchEnv, *, params: Params, market: bool) -> dict[str, Any]:
-    return run_p(env, params, market=market)
+def _run_p(env: BenchEnv, *, params: Params, market: bool,
+           history: bool = False) -> dict[str, Any]:
+    return run_p(env, params, market=market, history=history)
 
 
 LOAD_UNITS = ("latency", "bridge", "rss", "fanin", "market", "repair")
@@ -208,8 +212,8 @@ def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
         return (f"{last['rate']:,.0f} insights per CPU-second, {last['wall_rate']:,.0f}/s "
                 f"wall, {last['items']:,} from {last['companies']} companies")
     if name == "repair":
-        return (f"{last['rate']:,.0f} log entries/s ({last['insight_rate']:,.0f} insights/s) "
-                f"repaired and verified, {last['entries']:,} entries")
+        return (f"{last['rate']:,.0f} log entries/s repaired and proven, {last['entries']:,} "
+                f"entries; their insights delivered at {last['insight_rate']:,.0f}/s")
     if name == "market":
         return (f"{last['ingest_rate']:,.0f} rows/s in, over {last['rows']:,} rows: grouped "
                 f"p50 {last['grouped_p50_ms']:.2f} ms, position p50 "

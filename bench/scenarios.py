@@ -156,14 +156,16 @@ def run_c(env: BenchEnv, p: Params) -> dict[str, Any]:
 
 
 def run_p(env: BenchEnv, p: Params, *, profile: dict[str, str | None] | None = None,
-          market: bool = True) -> dict[str, Any]:
+          market: bool = True, history: bool = False) -> dict[str, Any]:
     """P: ``broadcast_market_insight`` (consortium policy) → receiving ``PearNetwork``
-    (keeping its market store unless ``market`` is false)."""
+    (keeping its market store unless ``market`` is false; the sender keeping its history
+    log when ``history`` is true)."""
     prof = profile or {}
     rx = Worker("pear_rx", {"env": env, "member": "globex", "n": p.n, "timeout": p.timeout,
                             "profile": prof.get("rx"), "market": market})
     tx = Worker("pear_pub", {"env": env, "member": "acme", "n": p.n,
                              "categories": p.categories, "outbox": p.outbox,
+                             "history": history,
                              "profile": prof.get("tx")})
     got, sent = run_pair(rx, tx, p.timeout)
     if got["received"] != p.n or got["distinct"] != p.n:

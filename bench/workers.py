@@ -152,11 +152,13 @@ def raw_sync(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
 
 def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
                 outbox: Path | None = None, linger: float | None = None,
-                market: bool = True) -> Any:
+                market: bool = True, history: Path | bool | None = None) -> Any:
     """A consortium :class:`~pear_mqtt.types.NetworkConfig` for ``member`` (as the
     integration tests build one): aggregator key, group-key encryption; the
     in-memory outbox unless ``outbox`` names an SQLite file (sized to never drop here);
-    ``linger`` overrides ``ReliabilityConfig.batch_linger`` (None: pear's default)."""
+    ``linger`` overrides ``ReliabilityConfig.batch_linger`` (None: pear's default);
+    ``history`` is where the sender keeps its history log (False: none, even beside an
+    on-disk outbox; None: pear's default, a log next to an on-disk outbox only)."""
     from pear_mqtt.config.models import (
         EncryptionConfig,
         MarketConfig,
@@ -175,7 +177,9 @@ def pear_config(env: BenchEnv, member: str, node: str = NODE, *,
         encryption=EncryptionConfig(keys={"k1": env.group_key}, active="k1"),
         reliability=ReliabilityConfig(
             outbox_path=outbox, outbox_max_bytes=4 * 1024**3,
-            **({} if linger is None else {"batch_linger": linger})),
+            **({} if linger is None else {"batch_linger": linger}),
+            **({"history": False} if history is False else
+               {"history_path": history} if isinstance(history, Path) else {})),
         market=MarketConfig(enabled=market))
 
 
@@ -213,11 +217,14 @@ def pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
     env: BenchEnv = spec["env"]
     insights = make_insights(spec["n"], spec.get("categories"))
     outbox = None
+    work = Path(tempfile.mkdtemp(prefix="outbox-", dir=env.root))
     if spec.get("outbox") == "sqlite":
-        outbox = Path(tempfile.mkdtemp(prefix="outbox-", dir=env.root)) / "outbox.sqlite"
+        outbox = work / "outbox.sqlite"
+    # With "history" the sender keeps its history log (docs/HISTORY.md), without it none.
+    history: Path | bool = work / "history" if spec.get("history") else False
 
     async def main() -> dict[str, Any]:
-        net = PearNetwork(pear_config(env, spec["member"], outbox=outbox))
+        net = PearNetwork(pear_config(env, spec["member"], outbox=outbox, history=history))
         await net.connect(timeout=30)
         try:
             ready(conn)

@@ -41,12 +41,36 @@ class MerkleTree:
     def __init__(self, leaves: Sequence[bytes] = ()) -> None:
         self._levels: list[bytearray] = [bytearray()]
         self._size = 0
+        self._start = 0
         for leaf in leaves:
             self.append(leaf)
+
+    @classmethod
+    def from_frontier(cls, start: int, frontier: Sequence[bytes]) -> MerkleTree:
+        """A tree whose first ``start`` leaves are not known, only the hashes of the
+        complete subtrees that tile them (largest first: ``frontier``, one per bit set in
+        ``start``, as the left part of a range proof from ``start`` gives them). Leaves go
+        on from ``start``; every root and proof that needs nothing inside the first
+        ``start`` leaves is the full tree's."""
+        bits = [h for h in range(start.bit_length() - 1, -1, -1) if start >> h & 1]
+        if len(frontier) != len(bits) or any(len(x) != HASH_SIZE for x in frontier):
+            raise ValueError(f"a tree from {start} needs {len(bits)} subtree hashes")
+        tree = cls()
+        tree._levels = [bytearray((start >> h) * HASH_SIZE)
+                        for h in range(max(1, start.bit_length()))]
+        for h, node in zip(bits, frontier, strict=True):
+            tree._levels[h][-HASH_SIZE:] = node
+        tree._size = tree._start = start
+        return tree
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def start(self) -> int:
+        """The first leaf this tree knows (0 unless made :meth:`from_frontier`)."""
+        return self._start
 
     def append(self, leaf: bytes) -> int:
         """Add a leaf hash; returns its index."""
@@ -66,10 +90,36 @@ class MerkleTree:
             h += 1
         return index
 
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """Add leaf hashes in order: :meth:`append` for many, a level at a time."""
+        if any(len(leaf) != HASH_SIZE for leaf in leaves):
+            raise ValueError(f"a leaf hash has {HASH_SIZE} bytes")
+        lo = self._size
+        self._levels[0] += b"".join(leaves)
+        self._size += len(leaves)
+        hi, h = self._size, 0
+        sha256 = hashlib.sha256
+        while hi // 2 > lo // 2:
+            # The subtrees of 2**(h+1) leaves the new leaves completed, from their children.
+            level = self._levels[h]
+            if h + 1 == len(self._levels):
+                self._levels.append(bytearray())
+            self._levels[h + 1] += b"".join(
+                sha256(_NODE + level[j * 2 * HASH_SIZE:(j + 1) * 2 * HASH_SIZE]).digest()
+                for j in range(lo // 2, hi // 2))
+            lo, hi, h = lo // 2, hi // 2, h + 1
+
     def leaf(self, index: int) -> bytes:
-        if not 0 <= index < self._size:
+        if not self._start <= index < self._size:
             raise IndexError(f"leaf {index} of a tree of {self._size}")
         return bytes(self._levels[0][index * HASH_SIZE:(index + 1) * HASH_SIZE])
+
+    def leaves(self, start: int, end: int) -> bytes:
+        """The leaf hashes of [start, end), concatenated."""
+        if not self._start <= start <= end <= self._size:
+            raise IndexError(f"leaves [{start}, {end}) of a tree of {self._size} from "
+                             f"{self._start}")
+        return bytes(self._levels[0][start * HASH_SIZE:end * HASH_SIZE])
 
     def root(self, size: int | None = None) -> bytes:
         """The tree head hash of the first ``size`` leaves (all by default)."""

@@ -288,6 +288,7 @@ class NetworkStatus(Frozen):
     last_sync: datetime | None = None
     messages_in: int = 0
     messages_out: int = 0
+    insights_in: int = 0  # distinct insights delivered here (live, synced or repaired)
     # Insights this node broadcast since it was created, and how many of them the broker
     # acknowledged (the rest wait in the outbox).
     insights_out: int = 0
@@ -309,6 +310,8 @@ class NetworkStatus(Frozen):
     log_repaired: int = 0
     log_unrepairable: int = 0
     log_forks: int = 0
+    # Hostile log traffic refused, by reason (docs/HISTORY.md, "What a receiver refuses").
+    log_refused: dict[str, int] = Field(default_factory=dict)
     # The market store (docs/MARKET.md): insight rows and aggregate cells it holds, its size
     # on disk, the oldest window end it keeps.
     market_rows: int = 0

@@ -15,7 +15,7 @@ from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .counters import Counters, open_counted
-from .history import range_body, send_range
+from .history import range_bodies, reply_budget, send_range
 from .replicas import Replicas
 
 __all__ = ["Archive"]
@@ -110,17 +110,20 @@ class Archive:
                 or type(end) is not int or not 0 <= first < end or not isinstance(log_id, str)):
             self._counters.dropped["malformed"] += 1
             return True
-        reply: dict[str, Any]
+        answers: list[tuple[dict[str, Any], list[bytes]]]
         if current is None or current[0] != log_id:
             # Not kept here: an answer that holds nothing (from 0), so the asker goes back
             # to the sender instead of waiting.
-            reply = {"log": log_id, "id": body.get("id") if isinstance(body.get("id"), str)
-                     else None, "length": 0, "held_from": 0, "from": first, "records": []}
+            answers = [({"log": log_id, "id": body.get("id") if isinstance(body.get("id"), str)
+                         else None, "length": 0, "held_from": 0, "from": first, "count": 0,
+                         "topics": []}, [])]
         else:
             current[1].flush()
-            reply = range_body(current[1], log_id=log_id, first=first, end=end,
-                               request_id=body.get("id"))
-        reply["sender"] = body["sender"]
+            answers = range_bodies(current[1], log_id=log_id, first=first, end=end,
+                                   request_id=body.get("id"), size=body.get("size"),
+                                   max_bytes=reply_budget(self._codec))
+        for reply, _blob in answers:
+            reply["sender"] = body["sender"]
         send_range(conn, codec=self._codec, scheme=self._scheme, counters=self._counters,
-                   asker=decoded.signer, body=reply)
+                   asker=decoded.signer, answers=answers)
         return True

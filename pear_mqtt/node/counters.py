@@ -53,6 +53,7 @@ class Counters:
     log_unrepairable: int = 0  # entries no holder could supply (dropped by retention)
     log_forks: int = 0  # senders whose signed history contradicted itself
     log_requests_answered: int = 0
+    log_refused: Counter[str] = field(default_factory=Counter)  # hostile log traffic, by reason
     dropped: Counter[str] = field(default_factory=Counter)
     delivery_latency: Tally = field(default_factory=Tally)
     sync_duration: Tally = field(default_factory=Tally)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import HistoryError, LogTruncated, TopicError
 from ..files import atomic_write
+from ..history.frame import join, leaves_digest, pack_entries
 from ..history.head import TreeHead, head_body
 from ..history.log import AppendLog, Retention
 from ..model.topics import ParsedTopic, TopicScheme
@@ -22,16 +23,19 @@ from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .counters import Counters, open_counted
 
-__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "NodeLog", "range_body",
-           "send_range", "settle"]
+__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "REQUEST_MAX_BYTES",
+           "NodeLog", "range_bodies", "reply_budget", "send_range", "settle"]
 
 log = logging.getLogger(__name__)
 
 HEAD_INTERVAL = 1.0
 """Seconds between two signed heads while the log grows (a flush sends one at once)."""
-REPLY_MAX_ENTRIES = 512
-REPLY_MAX_BYTES = 192 * 1024
-"""At most this much per answer to a log request: the asker asks again for the rest."""
+REPLY_MAX_ENTRIES = 4096
+REPLY_MAX_BYTES = 768 * 1024
+"""At most this much per answer (one envelope) to a log request."""
+REQUEST_MAX_BYTES = 8 * 1024 * 1024
+"""At most this much in the answers to one request: the asker asks again for the rest."""
+_READ_AHEAD = 1024  # entries read from the disk at once while answering
 
 
 class NodeLog:
@@ -110,50 +114,89 @@ class NodeLog:
             return
         self._log.flush()
         send_range(conn, codec=self._codec, scheme=self._scheme, counters=self._counters,
-                   asker=asker, body=range_body(self._log, log_id=self._id, first=first,
-                                                end=end, request_id=body.get("id")))
+                   asker=asker, answers=range_bodies(
+                       self._log, log_id=self._id, first=first, end=end,
+                       request_id=body.get("id"), size=body.get("size"),
+                       max_bytes=reply_budget(self._codec)))
 
 
-def range_body(held: AppendLog, *, log_id: str, first: int, end: int,
-               request_id: Any) -> dict[str, Any]:
-    """The body of a ``logrange`` answer: the records of ``held`` from ``first`` (at most
-    :data:`REPLY_MAX_ENTRIES` and :data:`REPLY_MAX_BYTES`), what it still holds, and
-    ``truncated`` when the asker wants entries retention dropped."""
+def range_bodies(held: AppendLog, *, log_id: str, first: int, end: int, request_id: Any,
+                 size: Any, max_bytes: int) -> list[tuple[dict[str, Any], list[bytes]]]:
+    """The ``logrange`` answers to a request for ``[first, end)`` of ``held``, each a body
+    and its attachment (:mod:`pear_mqtt.history.frame`): consecutive chunks of at most
+    :data:`REPLY_MAX_ENTRIES` entries and about ``max_bytes`` each, together at most
+    :data:`REQUEST_MAX_BYTES` (``"more": true`` on all but the last). Each chunk carries a
+    range proof against the tree of ``size`` entries when the asker named a signed head's
+    length ``size`` that covers it; ``truncated`` is set when the asker wants entries
+    retention dropped."""
     held_from = held.start
     end = min(end, held.length)
-    body: dict[str, Any] = {"log": log_id, "id": request_id if isinstance(
-        request_id, str) else None, "length": held.length, "held_from": held_from,
-        "from": max(first, held_from), "records": []}
-    if first < held_from:
-        body["truncated"] = True  # the asker learns at once, instead of waiting
-    size = 0
-    records: list[list[str]] = []
+    rid = request_id if isinstance(request_id, str) else None
+    provable = type(size) is int and 0 < size <= held.length
     start = max(first, held_from)
-    if start < end:
-        try:
-            got = held.records(start, min(end, start + REPLY_MAX_ENTRIES))
-        except (LogTruncated, HistoryError) as exc:
-            log.warning("cannot answer a log request: %s", exc)
-            got = []
+    out: list[tuple[dict[str, Any], list[bytes]]] = []
+    total, pos = 0, start
+    got: list[tuple[str, bytes]] = []  # read from the disk, not yet answered
+    while True:
+        topics: list[str] = []
+        entries: list[bytes] = []
+        chunk_bytes = 0
+        if not got and pos < end:
+            try:
+                got = held.records(pos, min(end, pos + _READ_AHEAD))
+            except (LogTruncated, HistoryError) as exc:
+                log.warning("cannot answer a log request: %s", exc)
         for topic, entry in got:
-            size += len(entry) * 4 // 3 + len(topic) + 8
-            if records and size > REPLY_MAX_BYTES:
+            cost = len(entry) + len(topic) + 8
+            if entries and (chunk_bytes + cost > max_bytes
+                            or len(entries) >= REPLY_MAX_ENTRIES):
                 break
-            records.append([topic, b64url_encode(entry).decode("ascii")])
-    body["records"] = records
-    return body
+            topics.append(topic)
+            entries.append(entry)
+            chunk_bytes += cost
+        del got[:len(entries)]
+        n = len(entries)
+        body: dict[str, Any] = {"log": log_id, "id": rid, "length": held.length,
+                                "held_from": held_from, "from": pos, "count": n,
+                                "topics": topics}
+        if n:
+            body["digest"] = b64url_encode(leaves_digest(
+                held.tree.leaves(pos, pos + n))).decode("ascii")
+        if not out and first < held_from:
+            body["truncated"] = True  # the asker learns at once, instead of waiting
+        if n and provable and pos + n <= size:
+            body["size"] = size
+            body["proof"] = [b64url_encode(h).decode("ascii")
+                             for h in held.tree.range_proof(pos, pos + n, size)]
+        out.append((body, pack_entries(entries)))
+        pos += n
+        total += chunk_bytes
+        if not n or pos >= end or total >= REQUEST_MAX_BYTES:
+            return out
+        body["more"] = True
 
 
 def send_range(conn: Connection, *, codec: EnvelopeCodec, scheme: TopicScheme,
-               counters: Counters, asker: Identity, body: dict[str, Any]) -> None:
-    """Publish a ``logrange`` answer to the asker's own reply topic, which only it reads."""
+               counters: Counters, asker: Identity,
+               answers: list[tuple[dict[str, Any], list[bytes]]]) -> None:
+    """Publish ``logrange`` answers to the asker's own reply topic, which only it reads.
+    Not encrypted: the entries are the exact envelopes the network already carried (their
+    bodies sealed as they were), and the topics beside them are the ones they went on."""
     try:
         reply = TopicScheme(scheme.mode, scheme.network, asker.member).log_reply(asker.node)
     except TopicError:
         counters.dropped["bad_topic"] += 1
         return
     counters.log_requests_answered += 1
-    settle(conn.publish(reply, codec.encode(kind="logrange", body=body), qos=1))
+    for body, blob in answers:
+        envelope = codec.encode(kind="logrange", body=body, encrypt=False)
+        settle(conn.publish(reply, join(envelope, blob), qos=1))
+
+
+def reply_budget(codec: EnvelopeCodec) -> int:
+    """Bytes of entries per answer: what fits one message of the network's size limit
+    beside its envelope."""
+    return max(1024, min(REPLY_MAX_BYTES, codec.max_bytes * 3 // 4))
 
 
 def settle(fut: asyncio.Future[None]) -> None:

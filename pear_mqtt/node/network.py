@@ -440,6 +440,7 @@ class PearNetwork:
                        datetime.fromtimestamp(self._last_sync, UTC)),
             log_gaps=c.log_gaps, log_repaired=c.log_repaired,
             log_unrepairable=c.log_unrepairable, log_forks=c.log_forks,
+            log_refused=dict(c.log_refused), insights_in=c.insights_in,
             market_rows=0 if market is None else market.insights + market.aggregates,
             market_bytes=0 if market is None else market.bytes,
             market_oldest=None if market is None else market.oldest,

@@ -4,12 +4,14 @@ is dropped and counted by reason, never raised."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import json
 import logging
+import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -17,10 +19,11 @@ from pydantic import ValidationError
 
 from ..config.models import NetworkConfig
 from ..errors import EnvelopeError, TopicError, TransportError
+from ..history.frame import split
 from ..model.aggregates import AggregateBody
 from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
 from ..privacy.filter import SharedInsight
-from ..security.envelope import EnvelopeCodec
+from ..security.envelope import Decoded, EnvelopeCodec
 from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .archive import Archive
@@ -30,7 +33,7 @@ from .history import NodeLog, settle
 from .markers import Markers
 from .peers import PeerTable
 from .records import ReceivedAggregate, ReceivedInsight
-from .replicas import Replicas
+from .replicas import Replicas, Reply
 from .streams import Streams
 
 __all__ = ["Receiver"]
@@ -38,6 +41,14 @@ __all__ = ["Receiver"]
 log = logging.getLogger(__name__)
 
 _DEDUP_MEMORY = 200_000  # (sender, item id) pairs remembered for de-duplication
+BACKLOG_MAX_BYTES = 64 * 1024 * 1024
+"""Proven entries held for delivery at most (the repair pauses beyond it)."""
+_DRAIN_SLICE = 32  # entries delivered per turn of the event loop
+# While a repair request is outstanding and its answers keep coming (the last one less than
+# this many seconds ago), their items wait: the repair (fetch, prove, hold) runs at network
+# speed and delivery catches up behind it.
+_STREAMING = 0.25
+_DEFER_POLL = 0.005
 
 Sink = Callable[[ReceivedInsight | ReceivedAggregate], None]
 """Where verified insights, states and aggregates go besides the streams (the market store)."""
@@ -74,6 +85,11 @@ class Receiver:
         self._conn: Connection | None = None
         self._sink: Sink | None = None
         self._archive: Archive | None = None
+        # Proven entries whose items are not delivered yet: (answer, next record).
+        self._backlog: deque[tuple[Reply, int]] = deque()
+        self._backlog_bytes = 0
+        self._last_proven = 0.0
+        self._drain_handle: asyncio.Handle | None = None
 
     def attach(self, codec: EnvelopeCodec, *, replicas: Replicas | None = None,
                history: NodeLog | None = None, sink: Sink | None = None,
@@ -84,6 +100,8 @@ class Receiver:
         self._codec = codec
         self._me = codec.signer.identity
         self._replicas = replicas
+        if replicas is not None:
+            replicas.hold = self.holding_back
         self._history = history
         self._sink = sink
         self._archive = archive
@@ -150,8 +168,16 @@ class Receiver:
                                          check_replay=not msg.retain and not repaired)
         except EnvelopeError as exc:
             self._counters.dropped[exc.reason] += 1
+            if repaired:
+                self._counters.log_refused["forged_entry"] += 1
             log.debug("dropped message on %s: %s", msg.topic, exc)
             return
+        self._accept(parsed, msg, decoded, repaired=repaired)
+
+    def _accept(self, parsed: ParsedTopic, msg: InboundMessage, decoded: Decoded, *,
+                repaired: bool, proven: bool = False) -> None:
+        """Deliver a verified envelope (``proven``: an entry a range proof already placed
+        in its sender's log)."""
         signer = decoded.signer
         # Identity first: our own envelope replayed into another member's subtree is a
         # mismatch to count, not an echo to ignore.
@@ -168,7 +194,8 @@ class Receiver:
                                                              separators=(",", ":")).encode(),
                                        only_new=True)
             return  # our own message echoed by a broker without no-local
-        if not self._logged(signer, decoded.message.log_ref, msg.payload, msg.topic):
+        if not proven and not self._logged(signer, decoded.message.log_ref, msg.payload,
+                                           msg.topic):
             return
         kind = decoded.message.kind
         body = decoded.message.body
@@ -222,7 +249,9 @@ class Receiver:
             return
         if not msg.payload or self._replicas is None:
             return
-        decoded = open_counted(self._codec, msg.payload, self._counters)
+        envelope, blob = (split(msg.payload) if parsed.kind == "log_reply"
+                          else (msg.payload, b""))
+        decoded = open_counted(self._codec, envelope, self._counters)
         if decoded is None:
             return
         signer, message = decoded.signer, decoded.message
@@ -231,6 +260,7 @@ class Receiver:
         if parsed.kind == "log_head":
             if (signer.member, signer.node) != (parsed.company, parsed.node):
                 self._counters.dropped["identity_mismatch"] += 1
+                self._replicas.count_refused("foreign_head")  # a head signed by another
             elif message.kind != "loghead":
                 self._counters.dropped["unexpected_kind"] += 1
             else:
@@ -241,11 +271,83 @@ class Receiver:
         if message.kind != "logrange":
             self._counters.dropped["unexpected_kind"] += 1
             return
-        records = self._replicas.on_reply(signer, message.body)
-        for topic, payload in records:
-            self._handle(InboundMessage(topic=topic, payload=payload, qos=1, retain=False),
-                         repaired=True)
-        self._replicas.repaired(len(records))
+        reply = self._replicas.on_reply(signer, message.body, blob)
+        if reply.proven:
+            self._backlog.append((reply, 0))
+            self._backlog_bytes += sum(len(payload) for _topic, payload in reply.records)
+            self._last_proven = time.monotonic()
+            self._schedule_drain(0.0)
+        else:
+            for topic, payload in reply.records:
+                self._handle(InboundMessage(topic=topic, payload=payload, qos=1, retain=False),
+                             repaired=True)
+        self._replicas.repaired(len(reply.records))
+
+    # -- the items of proven entries, behind the repair ----------------------------------------
+    def holding_back(self) -> bool:
+        """Whether proven entries wait for delivery beyond the backlog bound: the repair
+        asks for no more until they are delivered."""
+        return self._backlog_bytes >= BACKLOG_MAX_BYTES
+
+    def _schedule_drain(self, delay: float) -> None:
+        if self._drain_handle is not None or not self._backlog:
+            return
+        loop = asyncio.get_running_loop()
+        self._drain_handle = (loop.call_soon(self._drain) if delay <= 0
+                              else loop.call_later(delay, self._drain))
+
+    def _drain(self) -> None:
+        """Deliver a slice of the backlog, then yield to the event loop. While answers
+        stream in, the repair goes first: their items wait (up to the backlog bound)."""
+        self._drain_handle = None
+        quiet = time.monotonic() - self._last_proven
+        if (quiet < _STREAMING and self._backlog_bytes < BACKLOG_MAX_BYTES
+                and self._replicas is not None and self._replicas.awaiting()):
+            self._schedule_drain(_DEFER_POLL)
+            return
+        budget = _DRAIN_SLICE
+        while self._backlog and budget > 0:
+            reply, at = self._backlog[0]
+            end = min(len(reply.records), at + budget)
+            try:
+                self._deliver_proven(reply, at, end)
+            except Exception:  # a receiver must never die on one message
+                log.exception("unexpected error delivering repaired entries")
+                self._counters.dropped["internal_error"] += end - at
+            budget -= end - at
+            self._backlog_bytes -= sum(len(p) for _t, p in reply.records[at:end])
+            if end >= len(reply.records):
+                self._backlog.popleft()
+            else:
+                self._backlog[0] = (reply, end)
+        self._schedule_drain(0.0)
+
+    def _deliver_proven(self, reply: Reply, start: int, end: int) -> None:
+        """The items of entries a range proof tied to their owner's signed head: their
+        bytes are the owner's, so they are opened without verifying each signature again."""
+        assert self._codec is not None and reply.owner is not None
+        owner = reply.owner
+        for i in range(start, end):
+            topic, payload = reply.records[i]
+            self._counters.messages_in += 1
+            try:
+                parsed = parse_topic(topic)
+                decoded = self._codec.open_proven(payload, owner)
+            except TopicError:
+                self._counters.dropped["bad_topic"] += 1
+                continue
+            except EnvelopeError as exc:
+                self._counters.dropped[exc.reason] += 1
+                continue
+            if decoded.message.log_ref != f"{reply.log_id}:{reply.first + i}":
+                self._counters.dropped["malformed"] += 1
+                continue
+            if parsed.kind in ("insights", "contrib", "state", "aggregates"):
+                self._accept(parsed, InboundMessage(topic=topic, payload=payload, qos=1,
+                                                    retain=False),
+                             decoded, repaired=True, proven=True)
+            else:
+                self._counters.dropped["unexpected_kind"] += 1
 
     def _deliver(self, raw: Any, topic: str, retained: bool, signer: Identity, *,
                  dedup: bool, now: float | None = None, sequence: int = 0,

@@ -13,16 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import MalformedMessage, ProofFailed, TopicError
+from ..errors import EnvelopeError, MalformedMessage, ProofFailed, TopicError
+from ..history.frame import leaves_digest, unpack_entries
 from ..history.head import TreeHead, parse_head, parse_log_ref
-from ..history.merkle import MerkleTree, leaf_hash
+from ..history.merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_range
 from ..model.topics import TopicScheme
-from ..security.base64url import b64url_decode
+from ..security.base64url import b64url_decode, b64url_encode
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from .counters import Counters
 
-__all__ = ["Fork", "LogView", "Replicas"]
+__all__ = ["Fork", "LogView", "Replicas", "Reply"]
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ _ASK_AGAIN = 5.0  # s before an unanswered request is sent again
 # flight (a head outruns the stream it covers; retained and live messages interleave) are
 # not missing, and asking for them would only double the traffic on a slow link.
 GAP_GRACE = 1.0
-_ASK_MAX = 512  # entries asked for at once (a sender answers at most this many)
+_ASK_MAX = 1 << 16  # entries asked for at once (the answers stop after a few MB)
+_HOLD_POLL = 0.05  # s between looks at a repair paused for delivery to catch up
+_ROOTS_KEPT = 16  # signed heads (length -> root) a range proof may be checked against
 
 # (topic, payload, response topic, correlation data): a request over MQTT 5's
 # request/response properties; the signed body carries the same for 3.1.1 brokers.
@@ -62,6 +65,8 @@ class LogView:
     verified: int  # ... of which a signed head's root confirmed this many
     head_length: int | None
     forked: bool
+    # Entries [from, to) no holder had any more (retention): reported, verified around.
+    lost: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -78,11 +83,28 @@ class _Replica:
     asked: tuple[int, int, float] | None = None  # (from, to, when)
     request_id: str = ""
     broken_from: int | None = None  # entries before the sender's retention start: lost
+    lost: tuple[int, int] | None = None  # [from, to): dropped everywhere, verified past them
+    frontier: list[bytes] = field(default_factory=list)  # ... the subtrees that stand in
     fork: Fork | None = None
     progress_at: float = field(default_factory=time.monotonic)  # when the prefix last grew
     timer: asyncio.TimerHandle | None = None
     from_archive: bool = False  # ask the network's archive (the sender did not answer)
     answered: bool = False  # an answer just came: the next range is asked for at once
+    more: bool = False  # ... and it said more answers to the same request follow
+    roots: dict[int, bytes] = field(default_factory=dict)  # signed heads' roots by length
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What a ``logrange`` answer brought: (topic, entry) records to receive and whose
+    log they are; ``proven`` when a range proof tied them to a signed head of ``owner``
+    (already in the tree: only their items are left to deliver)."""
+
+    records: list[tuple[str, bytes]]
+    owner: Identity | None = None
+    log_id: str = ""
+    first: int = 0
+    proven: bool = False
 
 
 class Replicas:
@@ -105,6 +127,9 @@ class Replicas:
         # Told (sender, log id, verified length) whenever a signed head verifies more of a
         # sender's log: the market store admits logged items only then.
         self.on_verified: Callable[[Identity, str, int], None] | None = None
+        # True while entries proven by repair wait for delivery beyond its bound (the
+        # receiver's backlog): no new request goes out meanwhile.
+        self.hold: Callable[[], bool] | None = None
 
     def attach(self, *, codec: EnvelopeCodec, reply_topic: str) -> None:
         self._codec, self._me, self._reply_topic = codec, codec.signer.identity, reply_topic
@@ -123,10 +148,15 @@ class Replicas:
                                                        tree=MerkleTree(leaves))
         rep.verified = len(leaves)
 
+    def awaiting(self) -> bool:
+        """Whether a repair request is outstanding."""
+        return any(rep.asked is not None for rep in self._replicas.values())
+
     def views(self) -> list[LogView]:
         return [LogView(sender=k, log_id=r.log_id, held=r.tree.size, verified=r.verified,
                         head_length=None if r.head is None else r.head.length,
-                        forked=r.fork is not None) for k, r in self._replicas.items()]
+                        forked=r.fork is not None, lost=r.lost)
+                for k, r in self._replicas.items()]
 
     async def wait(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Until ``predicate()`` holds, re-checked whenever a log view changes;
@@ -190,6 +220,8 @@ class Replicas:
         if rep.fork is not None:
             self._counters.dropped["forked_sender"] += 1
             return False
+        if index < rep.tree.start:
+            return True  # in a prefix lost everywhere: nothing left to check it against
         leaf = leaf_hash(payload)
         committed = 0 if rep.head is None else rep.head.length
         if index >= committed and (
@@ -241,39 +273,98 @@ class Replicas:
             return  # an older head delivered late (retained, or re-sent): nothing new
         if old is not None and head.length == old.length and head.root != old.root:
             self._forked(rep, f"two heads of length {head.length} with different roots",
-                         rep.head_payload, payload)
+                         rep.head_payload, payload, kind="forked_head")
             return
         rep.head, rep.head_payload = head, payload
+        rep.roots[head.length] = head.root
+        if len(rep.roots) > _ROOTS_KEPT:
+            del rep.roots[min(rep.roots)]
         self._check(rep)
         self._repair(rep)
 
-    def on_reply(self, signer: Identity, body: Any) -> list[tuple[str, bytes]]:
-        """A ``logrange`` answer (of the sender, or of the archive for a sender it names):
-        the (topic, payload) records to receive as if live."""
+    def on_reply(self, signer: Identity, body: Any, blob: bytes) -> Reply:
+        """A ``logrange`` answer (of the sender, or of the archive for a sender it names)
+        with the entries of its attachment ``blob``.
+        Refused, and counted in ``log_refused`` by reason, when it is hostile: an answer
+        about a log this node does not follow or from a node that may not answer for it
+        (``unrequested``), records out of their places (``reordered_range``), a log said
+        to be shorter than its signed head (``cut_range``), or records that a range proof
+        does not tie to a signed head (``forged_entry``, ``cut_range``)."""
         if not isinstance(body, dict) or not isinstance(body.get("log"), str):
             self._counters.dropped["malformed"] += 1
-            return []
+            return Reply([])
+        names = body.get("sender")
         archived = (self._archive is not None
                     and (signer.member, signer.node) == self._archive
-                    and isinstance(body.get("sender"), str))
+                    and isinstance(names, str))
+        if names is not None and not archived:
+            # Only the network's archive answers for another node's log.
+            return self._refuse("unrequested", signer, f"an answer for {names!r}'s log")
         # An archive's records are the senders' own signed envelopes: they verify like live
         # ones, so trusting it changes nothing but where they come from.
-        rep = self._replicas.get(body["sender"] if archived else signer.sender)
-        if rep is None or rep.log_id != body["log"]:
+        rep = self._replicas.get(names if isinstance(names, str) else signer.sender)
+        if rep is None:
+            return self._refuse("unrequested", signer, "an answer for a log never asked for")
+        if rep.log_id != body["log"]:
             # An answer about a log this node no longer follows (the sender started a new
             # one meanwhile): nothing to use, nothing hostile either.
-            return []
+            return Reply([])
+        if rep.fork is not None:
+            self._counters.dropped["forked_sender"] += 1
+            return Reply([])
         # An answer to an earlier request (asked again after a reconnect) is as good as one to
         # the latest: every entry in it is verified like a live one.
-        records = body.get("records")
+        topics, count = body.get("topics"), body.get("count")
         first = body.get("from")
         held_from = body.get("held_from")
-        if not isinstance(records, list) or type(first) is not int \
-                or type(held_from) is not int:
+        length = body.get("length")
+        if not isinstance(topics, list) or type(count) is not int or count != len(topics) \
+                or not all(isinstance(t, str) for t in topics) or type(first) is not int \
+                or type(held_from) is not int or first < 0:
             self._counters.dropped["malformed"] += 1
-            return []
-        rep.asked = None
-        rep.answered = True
+            return Reply([])
+        try:
+            entries = unpack_entries(blob, count)
+        except MalformedMessage:
+            self._counters.dropped["malformed"] += 1
+            return Reply([])
+        out = list(zip(topics, entries, strict=True))
+        leaves = [leaf_hash(payload) for payload in entries]
+        digest = body.get("digest")
+        if out and (not isinstance(digest, str) or not secrets.compare_digest(
+                digest, b64url_encode(leaves_digest(leaves)).decode("ascii"))):
+            # The envelope's signer vouched for other entries than these.
+            return self._refuse("forged_entry", signer, "entries that are not the ones its "
+                                "signed answer names")
+        proof = body.get("proof")
+        if proof is None and (i := _misplaced(out, rep.log_id, first)) is not None:
+            # (A range proof places its entries itself; a misplaced one fails it.)
+            return self._refuse("reordered_range", signer,
+                                f"record {i} is not entry {first + i} of its log")
+        if (not archived and type(length) is int and rep.head is not None
+                and length < rep.head.length):
+            return self._refuse("cut_range", signer, f"a log of {length} entries, signed "
+                                f"as {rep.head.length}")
+        proven = False
+        if out and proof is not None:
+            size = body.get("size")
+            root = rep.roots.get(size) if type(size) is int else None
+            hashes = _proof_hashes(proof)
+            if root is None or hashes is None or type(size) is not int or not verify_range(
+                    leaves=leaves, start=first, size=size, proof=hashes, root=root):
+                return self._refuse(self._why_unproven(rep, out, root, first), signer,
+                                    f"entries {first}..{first + len(out) - 1} do not "
+                                    "match its signed head")
+            if (body.get("truncated") and first == held_from > rep.tree.size
+                    and (archived or self._archive is None)):
+                # No holder has what lies before: verify from here on, against the head.
+                self._rebase(rep, first, hashes[:first.bit_count()], archived)
+            self._take(rep, first, leaves, out)
+            proven = True
+        more = body.get("more") is True
+        rep.answered, rep.more = True, more
+        if not more:
+            rep.asked = None
         if (body.get("truncated") and not archived and self._archive is not None
                 and held_from > rep.tree.size):
             rep.from_archive = True  # the sender's retention dropped them: the archive may not
@@ -285,25 +376,108 @@ class Replicas:
             log.warning("%s: entries %d..%d of its log are gone (retention%s); %d entries "
                         "cannot be repaired", rep.owner.sender, rep.tree.size, held_from - 1,
                         ", the archive's too" if archived else "", lost)
-        if archived and not records and not body.get("truncated"):
+        if archived and not out and not body.get("truncated"):
             rep.from_archive = False  # the archive holds no more of it: back to the sender
-        out: list[tuple[str, bytes]] = []
-        for rec in records:
-            if not (isinstance(rec, list) and len(rec) == 2 and isinstance(rec[0], str)
-                    and isinstance(rec[1], str)):
-                self._counters.dropped["malformed"] += 1
-                continue
+        return Reply(out, owner=rep.owner, log_id=rep.log_id, first=first, proven=proven)
+
+    def _rebase(self, rep: _Replica, start: int, frontier: list[bytes],
+                archived: bool) -> None:
+        """Entries before ``start`` are gone everywhere: count and report them once, and
+        hold the log from ``start`` on, the subtrees left of it (from a verified range
+        proof) standing in for them, so that what follows still verifies against heads."""
+        lost_from = rep.tree.size
+        rep.lost, rep.frontier = (lost_from, start), list(frontier)
+        rep.tree = MerkleTree.from_frontier(start, frontier)
+        rep.pending = {i: h for i, h in rep.pending.items() if i >= start}
+        for i in [i for i in rep.payloads if i < start]:
+            del rep.payloads[i]
+            rep.topics.pop(i, None)
+        if rep.broken_from is None:
+            self._counters.log_unrepairable += start - lost_from
+        rep.broken_from = None
+        log.warning("%s: entries %d..%d of its log are gone (retention%s); %d entries cannot "
+                    "be repaired, the rest is verified from entry %d on", rep.owner.sender,
+                    lost_from, start - 1, ", the archive's too" if archived else "",
+                    start - lost_from, start)
+
+    def count_refused(self, reason: str) -> None:
+        """Hostile log traffic refused for ``reason`` (``status().log_refused``)."""
+        self._counters.log_refused[reason] += 1
+        self._changed()
+
+    def _refuse(self, reason: str, signer: Identity, what: str) -> Reply:
+        self.count_refused(reason)
+        log.warning("refused a log answer of %s (%s): %s", signer.sender, reason, what)
+        return Reply([])
+
+    def _why_unproven(self, rep: _Replica, records: list[tuple[str, bytes]],
+                      root: bytes | None, first: int) -> str:
+        """Why records fail their range proof (hostile traffic only, so each is checked
+        in full): records out of their places are reordered; one not signed by the log's
+        owner is forged; else the range does not cover what its proof does."""
+        if _misplaced(records, rep.log_id, first) is not None:
+            return "reordered_range"
+        if root is None:
+            return "cut_range"  # a proof against a head this node never saw signed
+        assert self._codec is not None
+        for _topic, payload in records:
             try:
-                out.append((rec[0], b64url_decode(rec[1].encode("ascii"), "entry")))
-            except (MalformedMessage, UnicodeEncodeError):
-                self._counters.dropped["malformed"] += 1
-        return out
+                decoded = self._codec.decode(payload, check_replay=False,
+                                             max_age=float("inf"))
+            except EnvelopeError:
+                return "forged_entry"
+            if decoded.signer != rep.owner:
+                return "forged_entry"
+        return "cut_range"
+
+    def _take(self, rep: _Replica, first: int, leaves: list[bytes],
+              records: list[tuple[str, bytes]]) -> None:
+        """Entries a range proof tied to a signed head: into the held prefix at once."""
+        if first == rep.tree.size and (not rep.pending or not any(
+                first + i in rep.pending for i in range(len(leaves)))):
+            rep.tree.extend(leaves)  # the common case: the range extends what is held
+            rep.progress_at = time.monotonic()
+            if first == rep.verified:
+                # Everything before was verified and the proof ties these to a signed
+                # root: verified as they come, so a long repair holds only leaf hashes and
+                # the market store admits their items as they arrive.
+                if self._keep is not None:
+                    self._keep(rep.owner, rep.log_id, first, records)
+                rep.verified = rep.tree.size
+                if self.on_verified is not None:
+                    self.on_verified(rep.owner, rep.log_id, rep.verified)
+            else:
+                for i, (topic, payload) in enumerate(records):
+                    rep.payloads[first + i], rep.topics[first + i] = payload, topic
+            self._advance(rep)
+            return
+        for i, leaf in enumerate(leaves):
+            index = first + i
+            if index < rep.tree.start:
+                continue  # lost everywhere before: proven all the same, nothing to hold
+            held = (rep.tree.leaf(index) if index < rep.tree.size
+                    else rep.pending.get(index))
+            if held is not None:
+                if held != leaf:
+                    self._forked(rep, f"two different entries signed at {index}",
+                                 rep.payloads.get(index) or rep.head_payload, records[i][1])
+                    return
+                continue
+            rep.pending[index] = leaf
+            rep.payloads[index], rep.topics[index] = records[i][1], records[i][0]
+        self._advance(rep)
 
     def repaired(self, count: int) -> None:
         self._counters.log_repaired += count
         self._changed()
         for rep in self._replicas.values():
             answered, rep.answered = rep.answered, False
+            if answered and rep.more:
+                # The rest of the answer is on its way: no new request; a silence from here
+                # counts from now.
+                if rep.asked is not None:
+                    rep.asked = (rep.tree.size, rep.asked[1], time.monotonic())
+                continue
             if answered and (rep.pending or (rep.head is not None
                                              and rep.tree.size < rep.head.length)):
                 # An answer came: ask for the next range at once (the grace is for gaps
@@ -330,7 +504,10 @@ class Replicas:
         log.info("%s replaced its uncommitted log entries from %d on (a restart)",
                  rep.owner.sender, index)
         if index < rep.tree.size:
-            rep.tree = MerkleTree([rep.tree.leaf(i) for i in range(index)])
+            start = rep.tree.start
+            tree = MerkleTree.from_frontier(start, rep.frontier) if start else MerkleTree()
+            tree.extend([rep.tree.leaf(i) for i in range(start, index)])
+            rep.tree = tree
         rep.pending = {i: h for i, h in rep.pending.items() if i < index}
         for i in [i for i in rep.payloads if i >= index]:
             del rep.payloads[i]
@@ -352,12 +529,13 @@ class Replicas:
         if rep.tree.root(head.length) != head.root:
             self._forked(rep, f"the entries held do not hash to its signed head of length "
                               f"{head.length}", rep.head_payload,
-                         rep.payloads.get(head.length - 1, b""))
+                         rep.payloads.get(head.length - 1, b""), kind="forked_head")
             return
-        if self._keep is not None and head.length > rep.verified:
-            self._keep(rep.owner, rep.log_id, rep.verified,
+        kept_from = max(rep.verified, rep.tree.start)
+        if self._keep is not None and head.length > kept_from:
+            self._keep(rep.owner, rep.log_id, kept_from,
                        [(rep.topics.get(i, ""), rep.payloads[i])
-                        for i in range(rep.verified, head.length)])
+                        for i in range(kept_from, head.length)])
         grew = head.length > rep.verified
         rep.verified = max(rep.verified, head.length)
         if grew and self.on_verified is not None:
@@ -367,7 +545,7 @@ class Replicas:
             del rep.payloads[i]
             rep.topics.pop(i, None)
 
-    def _later(self, rep: _Replica, delay: float) -> None:
+    def _later(self, rep: _Replica, delay: float, *, at_once: bool = False) -> None:
         """Look at ``rep``'s gap again after ``delay`` s (one timer per sender)."""
         if rep.timer is not None and not rep.timer.cancelled():
             return
@@ -378,13 +556,15 @@ class Replicas:
 
         def again() -> None:
             rep.timer = None
-            self._repair(rep)
+            self._repair(rep, at_once=at_once)
         rep.timer = loop.call_later(delay + 0.01, again)
 
-    def _forked(self, rep: _Replica, reason: str, first: bytes, second: bytes) -> None:
+    def _forked(self, rep: _Replica, reason: str, first: bytes, second: bytes, *,
+                kind: str = "forked_entry") -> None:
         rep.fork = Fork(sender=rep.owner.sender, reason=reason, first=first, second=second)
         self.forks.append(rep.fork)
         self._counters.log_forks += 1
+        self._counters.log_refused[kind] += 1  # the caller's on_head/observe notifies
         log.error("%s rewrote its history (%s): its later data is refused", rep.owner.sender,
                   reason)
 
@@ -404,8 +584,19 @@ class Replicas:
         end = min(end, start + _ASK_MAX)
         now = time.monotonic()
         quiet = now - rep.progress_at
-        if quiet < GAP_GRACE and not at_once:
+        # A node that holds nothing of the log yet (a newcomer) has nothing in flight worth
+        # waiting for: what the head covers is history.
+        newcomer = start == 0 and not rep.pending
+        if quiet < GAP_GRACE and not at_once and not newcomer:
             self._later(rep, GAP_GRACE - quiet)
+            return
+        outstanding = rep.asked is not None and rep.asked[0] == start
+        if not outstanding and self.hold is not None and self.hold():
+            # Proven entries wait for delivery beyond the backlog bound: ask later.
+            if rep.timer is not None:
+                rep.timer.cancel()
+                rep.timer = None
+            self._later(rep, _HOLD_POLL, at_once=True)
             return
         if rep.asked is not None and rep.asked[0] == start:
             if now - rep.asked[2] < _ASK_AGAIN:
@@ -425,10 +616,58 @@ class Replicas:
             return
         rep.request_id = secrets.token_urlsafe(9)
         rep.asked = (start, end, now)
-        body = {"log": rep.log_id, "from": start, "to": end, "id": rep.request_id}
+        body: dict[str, Any] = {"log": rep.log_id, "from": start, "to": end,
+                                "id": rep.request_id}
+        if rep.head is not None and end <= rep.head.length:
+            body["size"] = rep.head.length  # answer with range proofs against this head
         if rep.from_archive:
             body["sender"] = rep.owner.sender
         # Looked at again if no answer comes: an offline sender sends nothing else that would.
         self._later(rep, _ASK_AGAIN)
         self._publish(topic, self._codec.encode(kind="logreq", body=body), self._reply_topic,
                       rep.request_id.encode("ascii"))
+
+
+_LOG_MEMBER = b',"log":"'
+
+
+def _entry_index(payload: bytes, log_id: str) -> int | None:
+    """The index an envelope's signed ``log`` member gives it in log ``log_id`` (None: not
+    an entry of that log). The member sits in the flat header before the body."""
+    at = payload.find(_LOG_MEMBER, 0, 512)
+    if at < 0:
+        return None
+    at += len(_LOG_MEMBER)
+    end = payload.find(b'"', at, at + 64)
+    ref = payload[at:end].decode("ascii", "replace") if end > 0 else ""
+    try:
+        got_id, index = parse_log_ref(ref)
+    except ProofFailed:
+        return None
+    return index if got_id == log_id else None
+
+
+def _misplaced(records: list[tuple[str, bytes]], log_id: str, first: int) -> int | None:
+    """The first record that is not the entry of ``log_id`` at its place (None: all are)."""
+    for i, (_topic, payload) in enumerate(records):
+        if _entry_index(payload, log_id) != first + i:
+            return i
+    return None
+
+
+def _proof_hashes(proof: Any) -> list[bytes] | None:
+    """A range proof's hashes from their base64url text (None: not a proof)."""
+    if not isinstance(proof, list) or len(proof) > 256:
+        return None
+    out: list[bytes] = []
+    for text in proof:
+        if not isinstance(text, str):
+            return None
+        try:
+            h = b64url_decode(text.encode("ascii"), "proof")
+        except (MalformedMessage, UnicodeEncodeError):
+            return None
+        if len(h) != HASH_SIZE:
+            return None
+        out.append(h)
+    return out

@@ -103,6 +103,9 @@ class NodeCollector(Collector):
                        st.log_unrepairable)
         yield _counter("pear_log_forks", "Senders caught rewriting their history",
                        st.log_forks)
+        yield _by_label(CounterMetricFamily, "pear_log_refused",
+                        "Hostile history log traffic refused, by reason", "reason",
+                        st.log_refused)
         yield _gauge("pear_market_rows", "Rows in the market store", st.market_rows)
         yield _gauge("pear_market_bytes", "Bytes of the market store on disk", st.market_bytes)
         if st.outbox_oldest is not None:

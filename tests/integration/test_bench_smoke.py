@@ -83,6 +83,7 @@ def test_quick_bench_at_tiny_size_writes_every_measurement(tmp_path: Path) -> No
     assert all(_positive(market[k]["median"]) for k in (
         "ingest_rate", "grouped_p50_ms", "position_p50_ms", "bytes_per_insight"))
     assert _positive(ms["P_nostore"]["median"]) and "P/P_nostore" in results["ratios"]
+    assert _positive(ms["P_log"]["median"]) and "P_log/P" in results["ratios"]
     # Bridge: every contribution counted, a positive rate per CPU-second.
     bridge = results["bridge"]
     assert bridge["items"]["max"] == 300 and bridge["companies"]["max"] >= 5

@@ -143,3 +143,30 @@ async def test_sync_is_complete_by_the_pages_each_senders_head_names(
     assert {s.insight.category for s in result} == set(categories)
     # the head it waited on named acme's pages, and the log behind them is acme's
     assert view is not None and view.head_length is not None and not view.forked
+
+
+async def test_a_late_joiner_verifies_a_log_whose_prefix_is_gone_everywhere(
+        make_config: Callable[..., NetworkConfig], tmp_path: Path,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
+    sent: list[list[str]] = []
+    async with PearNetwork(make_config("acme", outbox=tmp_path / "acme.sqlite",
+                                       history_max_bytes=40_000, batch_max_items=5)) as tx:
+        for k in range(6):
+            sent.append(await tx.broadcast_many([insight(product=f"p{k}-{i}")
+                                                 for i in range(10)]))
+            await tx.flush(timeout=10)
+        # acme is the only holder of its log (no archive), and its retention dropped the
+        # oldest entries: a node that was never there verifies from the first one held.
+        async with PearNetwork(make_config("globex", session_expiry=0)) as late:
+            stream = late.insights()
+            await late.wait_logs(lambda: _verified(late, "acme"), timeout=30)
+            view = _view(late, "acme")
+            status = late.status()
+            # The last burst is certainly held (retention keeps the newest entries).
+            got = await take(stream, len(sent[-1]), timeout=30)
+    assert view.lost is not None and view.lost[0] == 0 < view.lost[1] < view.head_length
+    assert view.verified == view.head_length == view.held and not view.forked
+    assert status.log_unrepairable == view.lost[1] - view.lost[0]
+    assert status.log_forks == 0 and not status.log_refused
+    everything = {i for burst in sent for i in burst}
+    assert {g.item_id for g in got} <= everything and len(got) == len(sent[-1])

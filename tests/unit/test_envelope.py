@@ -714,6 +714,24 @@ def test_stale_and_future_timestamps(pki: PKI) -> None:
     assert rx.stats == {"stale": 3, "decoded": 1}
 
 
+def test_an_entry_proven_by_a_signed_head_opens_without_its_own_checks(pki: PKI) -> None:
+    keys = group_keys("k1", active="k1")
+    clock = Clock()
+    wire = pki.codec(encryption=keys).encode(kind="insights", body={"x": 1})
+    rx = pki.codec("bob", clock=clock, encryption=keys, max_age=3600)
+    acme = Identity(network=NET, member="acme", node="store-1")
+    clock.t = NOW + 86400  # old on purpose: a repaired log entry
+    with pytest.raises(StaleMessage):
+        rx.decode(wire)
+    for _ in range(2):  # neither its age nor its sequence number is checked
+        got = rx.open_proven(wire, acme)
+        assert got.message.body == {"x": 1} and got.signer == acme
+    with pytest.raises(SignatureError, match="does not match"):
+        rx.open_proven(wire, Identity(network=NET, member="globex", node="store-9"))
+    with pytest.raises(DecryptionError):
+        rx.open_proven(wire.replace(b'"enc":"', b'"enc":"AAAA', 1), acme)
+
+
 # -- size, version, shape ---------------------------------------------------------------------
 
 def test_oversized(pki: PKI) -> None:

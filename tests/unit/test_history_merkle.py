@@ -133,3 +133,42 @@ def test_bad_arguments_are_refused(tree: MerkleTree) -> None:
     with pytest.raises(ValueError, match="32 bytes"):
         MerkleTree().append(b"short")
     assert node_hash(b"a" * 32, b"b" * 32) != node_hash(b"b" * 32, b"a" * 32)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5, 16, 33])
+def test_extending_in_runs_gives_the_tree_of_appending_one_by_one(cut: int) -> None:
+    leaves = [leaf_hash(b"e%d" % i) for i in range(N + 30)]
+    tree = MerkleTree(leaves[:cut])
+    at, step = cut, 1
+    while at < len(leaves):
+        tree.extend(leaves[at:at + step])
+        at += step
+        step = step % 7 + 1
+    one_by_one = MerkleTree(leaves)
+    for size in range(len(leaves) + 1):
+        assert tree.root(size) == one_by_one.root(size) == mth(
+            [b"e%d" % i for i in range(size)])
+    assert tree.leaves(3, 9) == b"".join(leaves[3:9])
+    with pytest.raises(ValueError):
+        tree.extend([b"short"])
+
+
+@pytest.mark.parametrize("start", [1, 2, 5, 8, 13, 32])
+def test_a_tree_from_the_frontier_of_a_dropped_prefix_has_the_full_trees_roots(
+        start: int) -> None:
+    leaves = [leaf_hash(e) for e in ENTRIES]
+    full = MerkleTree(leaves)
+    proof = full.range_proof(start, N, N)
+    frontier = proof[:bin(start).count("1")]  # the subtrees left of the range, largest first
+    tree = MerkleTree.from_frontier(start, frontier)
+    assert tree.size == tree.start == start
+    tree.extend(leaves[start:start + 3])
+    for leaf in leaves[start + 3:]:
+        tree.append(leaf)
+    for size in range(start, N + 1):
+        assert tree.root(size) == full.root(size)
+    assert tree.range_proof(start, N) == full.range_proof(start, N)
+    with pytest.raises(IndexError):
+        tree.leaf(start - 1)
+    with pytest.raises(ValueError):
+        MerkleTree.from_frontier(start, frontier[1:])

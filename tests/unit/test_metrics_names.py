@@ -36,7 +36,8 @@ def _cert(path: Path) -> Path:
 def _samples(tmp: Path | None = None) -> dict[str, float]:
     node = NodeCollector(lambda: NetworkStatus(connected=True, health=Health.OK,
                                                dropped={"malformed": 2}, latency_ms=3.0,
-                                               outbox_oldest=datetime.now(UTC)),
+                                               outbox_oldest=datetime.now(UTC),
+                                               log_refused={"forged_entry": 4}),
                          cert_file=None if tmp is None else _cert(tmp / "node.crt"))
     bridge = BridgeCollector(lambda: BridgeStatus(
         health=Health.OK, connected=True, public_connected=True, sources={},
@@ -47,6 +48,7 @@ def _samples(tmp: Path | None = None) -> dict[str, float]:
 def test_names_follow_prometheus_conventions() -> None:
     samples = _samples()
     assert samples["pear_dropped_total"] == 2 and samples["pear_latency_seconds"] == 0.003
+    assert samples["pear_log_refused_total"] == 4
     assert all(re.fullmatch(r"pear_[a-z_]+", n) for n in samples)
     assert {"pear_messages_in_total", "pear_bridge_cells_suppressed_total",
             "pear_bridge_epsilon_spent", "pear_log_repaired_total"} <= samples.keys()
