@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..agent.records import CSV_COLUMNS
 from ..agent.runner import load_agent_config, run_agent
-from ..agent.simulate import MAX_CATEGORIES, SimulatedSource
+from ..agent.simulate import DEFAULT_CATEGORIES, DEFAULT_RATE, MAX_CATEGORIES, SimulatedSource
 from ..agent.sources import FileSource, InsightSource, NoSource, WatchSource
 from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
@@ -177,12 +177,14 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     sim = parser.add_argument_group("simulation")
     sim.add_argument("--seed", type=int, default=None,
                      help="random seed (default: drawn and printed, so a run can be replayed)")
-    sim.add_argument("--rate", type=float, default=1.0, metavar="R",
-                     help="insights per second (0: as fast as possible; default: 1)")
+    sim.add_argument("--rate", type=float, default=DEFAULT_RATE, metavar="R",
+                     help="insights per second (0: as fast as possible; default: "
+                          f"{DEFAULT_RATE:g})")
     sim.add_argument("--count", type=int, default=None, metavar="N",
                      help="stop after N insights (default: run until stopped)")
-    sim.add_argument("--categories", type=int, default=8, metavar="N",
-                     help=f"number of product categories (1-{MAX_CATEGORIES}; default: 8)")
+    sim.add_argument("--categories", type=int, default=DEFAULT_CATEGORIES, metavar="N",
+                     help=f"number of product categories (1-{MAX_CATEGORIES}; default: "
+                          f"{DEFAULT_CATEGORIES})")
     sim.add_argument("--region", default="global",
                      help="region the insights are for (default: global)")
     run = parser.add_argument_group("running")
