@@ -20,6 +20,7 @@ from ..config.manager import NetworkConfigManager
 from ..errors import PearError
 from ..market import AggregateRow, HistogramRow, MarketStore
 from ..node.network import PearNetwork
+from ..ops.loopthread import LoopThread
 from ..ops.up.state import NodeEntry
 from .topology import Topology
 
@@ -107,24 +108,14 @@ class StoredAggregates:
         self._lock = threading.Lock()
         self._error: str | None = None if self._node else "no public node in up.json"
         self._connected = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("pear-dashboard-market", self._main)
 
     def start(self) -> None:
-        if self._node is None or self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name="pear-dashboard-market",
-                                        daemon=True)
-        self._thread.start()
+        if self._node is not None:
+            self._runner.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                loop.call_soon_threadsafe(stopping.set)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._runner.close(timeout)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -152,14 +143,9 @@ class StoredAggregates:
                 "connected": connected, "error": error, "windows": windows,
                 "categories": series}
 
-    def _run(self) -> None:
-        asyncio.run(self._main())
-
-    async def _main(self) -> None:
+    async def _main(self, stopping: asyncio.Event) -> None:
         node = self._node
         assert node is not None
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
         broker = next((b for b in self._topology.state.brokers if b.name == node.broker), None)
         try:
             config = NetworkConfigManager.default_config(
@@ -175,7 +161,7 @@ class StoredAggregates:
                 self._error = str(exc)
             return
         watcher = asyncio.create_task(self._watch(network))
-        await self._stopping.wait()
+        await stopping.wait()
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         with contextlib.suppress(PearError):

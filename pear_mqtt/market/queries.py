@@ -175,15 +175,21 @@ def latest(conn: sqlite3.Connection, flt: Filter) -> list[MarketRow]:
     return [_market_row(r) for r in got]
 
 
-def aggregates(conn: sqlite3.Connection, flt: Filter, *, field: str | None = None
-               ) -> list[AggregateRow]:
-    """Aggregate cells (newest window last)."""
+def _cells(flt: Filter, field: str | None, what: str) -> tuple[str, list[object]]:
+    """The condition on aggregate cells (or their histograms): no member, maybe a field."""
     where, args = flt.where()
     if flt.member is not None:
-        raise MarketError("aggregates have no member: they are over many companies")
+        raise MarketError(f"{what} have no member: they are over many companies")
     if field is not None:
         where += " AND field = ?"
         args.append(field)
+    return where, args
+
+
+def aggregates(conn: sqlite3.Connection, flt: Filter, *, field: str | None = None
+               ) -> list[AggregateRow]:
+    """Aggregate cells (newest window last)."""
+    where, args = _cells(flt, field, "aggregates")
     got = conn.execute(
         "SELECT id, category, region, window_start, window_end, grp, field, currency, count, "
         f"companies, mean, stddev, received_at FROM aggregates WHERE {where} "
@@ -197,12 +203,7 @@ def aggregates(conn: sqlite3.Connection, flt: Filter, *, field: str | None = Non
 def histograms(conn: sqlite3.Connection, flt: Filter, *, field: str | None = None
                ) -> list[HistogramRow]:
     """Price bucket histograms of aggregate cells (newest window last)."""
-    where, args = flt.where()
-    if flt.member is not None:
-        raise MarketError("histograms have no member: they are over many companies")
-    if field is not None:
-        where += " AND field = ?"
-        args.append(field)
+    where, args = _cells(flt, field, "histograms")
     got = conn.execute(
         "SELECT category, region, window_start, window_end, field, currency, companies, "
         f"buckets FROM histograms WHERE {where} ORDER BY window_end, category, region, field",

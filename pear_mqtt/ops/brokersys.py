@@ -23,6 +23,7 @@ from ..backoff import Backoff
 from ..config.models import BrokerURL, TLSConfig
 from ..errors import PearError
 from ..transport import Connection
+from .loopthread import LoopThread
 
 __all__ = ["BrokerSys", "SysSource", "metric_name"]
 
@@ -90,28 +91,18 @@ class BrokerSys:
         self._values: dict[str, dict[str, float]] = {s.name: {} for s in self._sources}
         self._connected: dict[str, bool] = {s.name: False for s in self._sources}
         self._errors: dict[str, str] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("pear-broker-sys", self._main)
 
     @property
     def brokers(self) -> list[str]:
         return [s.name for s in self._sources]
 
     def start(self) -> None:
-        if not self._sources or self._thread is not None:
-            return
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()),
-                                        name="pear-broker-sys", daemon=True)
-        self._thread.start()
+        if self._sources:
+            self._runner.start()
 
     def close(self, timeout: float = 5.0) -> None:
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                loop.call_soon_threadsafe(stopping.set)
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._runner.close(timeout)
 
     def values(self, broker: str) -> tuple[dict[str, float], bool]:
         """The latest figures of ``broker`` by metric name, and whether it is read now."""
@@ -130,11 +121,9 @@ class BrokerSys:
         registry.register(_BrokerCollector(self, broker))
         return generate_latest(registry)
 
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
+    async def _main(self, stopping: asyncio.Event) -> None:
         readers = [asyncio.create_task(self._read(s)) for s in self._sources]
-        await self._stopping.wait()
+        await stopping.wait()
         for task in readers:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
