@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config.checks import identity_mismatch
 from ..config.manager import NetworkConfigManager
@@ -43,6 +43,8 @@ from .sender import Sender
 from .streams import Streams
 from .supervisor import ConnectionSupervisor
 
+if TYPE_CHECKING:
+    from ..ops.metrics import MetricsServer
 __all__ = ["SYNC_PAGE_WAIT", "PearNetwork", "Peer", "ReceivedAggregate", "ReceivedInsight",
            "SyncResult"]
 
@@ -94,6 +96,7 @@ class PearNetwork:
         self._replicas: Replicas | None = None
         self._market: MarketFeed | None = None
         self._archive: Archive | None = None
+        self._metrics: MetricsServer | None = None
         self._supervisor = ConnectionSupervisor(
             config=config, clock=clock, counters=self._counters, privacy=privacy,
             receiver=self._receiver, sender=self._sender, pages=self._sender.pages,
@@ -270,6 +273,19 @@ class PearNetwork:
             await asyncio.to_thread(self._market.close)
             self._market.store.close()
             self._market = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def serve_metrics(self, *, port: int = 0, host: str = "127.0.0.1") -> str:
+        """Serve this node's counters as Prometheus metrics at ``http://host:port/metrics``
+        (port 0: a free one) until :meth:`disconnect`; returns the URL. The names are in
+        docs/OPERATIONS.md."""
+        from ..ops.metrics import NodeCollector, serve
+        if self._metrics is None:
+            self._metrics = serve(NodeCollector(self.status, cert_file=self.config.tls.cert_file),
+                                  port=port, host=host)
+        return self._metrics.url
 
     async def __aenter__(self) -> PearNetwork:
         await self.connect()

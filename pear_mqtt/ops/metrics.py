@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from prometheus_client import CollectorRegistry, start_http_server
@@ -17,10 +17,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from ..bridge.status import BridgeStatus
 from ..errors import ConfigError
 from ..model.insight import Histogram, NetworkStatus
 
+if TYPE_CHECKING:  # node/ serves metrics through this module and never imports bridge/
+    from ..bridge.status import BridgeStatus
 __all__ = ["BridgeCollector", "MetricsServer", "NodeCollector", "serve"]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pear_mqtt.config.manager import NetworkConfigManager
@@ -99,3 +100,14 @@ async def test_delivery_latency_and_sync_durations_are_histograms(
     assert got["pear_sync_duration_seconds_count"] == 1
     assert got["pear_sync_duration_seconds_bucket{le=0.0005}"] <= \
         got["pear_sync_duration_seconds_bucket{le=60.0}"] == 1
+
+
+async def test_any_pear_network_serves_its_metrics_when_asked(
+        make_config: Callable[..., NetworkConfig]) -> None:
+    async with PearNetwork(make_config("acme", node="asks")) as net:
+        url = net.serve_metrics()
+        assert net.serve_metrics() == url  # once per node
+        got = await asyncio.to_thread(_scrape, url)
+    assert got["pear_connected"] == 1 and "pear_delivery_latency_seconds_count" in got
+    with pytest.raises(OSError):  # disconnect() stopped the endpoint
+        await asyncio.to_thread(_scrape, url)
