@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -86,10 +88,11 @@ def _print_endpoints(state: UpState, out: Callable[[str], None]) -> None:
                               ", running" if state.bridges else
                               " (not started)"))
     out(f"  {state.agents_note}" + (f" ({len(state.agents)} running)" if state.agents else ""))
-    consortium = next((n for n in state.nodes if n.mode == "consortium" and n.config), None)
+    consortium = next((n for n in state.nodes
+                       if n.mode == "consortium" and n.role == "store" and n.config), None)
     if consortium is not None:
         # Decrypted and verified, as that member may read it (mosquitto_sub shows ciphertext).
-        out(f"try: pear-mqtt watch --node {consortium.name}")
+        out(f"try: {_cli()} watch --node {consortium.name}")
     metrics = [url for url in (*(b.metrics_url for b in state.brokers),
                                *(a.metrics_url for a in (*state.bridges, *state.agents)))
                if url]
@@ -98,6 +101,16 @@ def _print_endpoints(state: UpState, out: Callable[[str], None]) -> None:
             f"{metrics[0]}")
     if state.dashboard_url:
         out(f"dashboard: {state.dashboard_url}")
+
+
+def _cli() -> str:
+    """How the user runs this command line: ``.venv/bin/pear-mqtt`` from a checkout (what
+    `make up` runs), plain ``pear-mqtt`` otherwise."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "pear-mqtt":
+        with contextlib.suppress(ValueError):
+            return str(argv0.resolve().relative_to(Path.cwd().resolve()))
+    return "pear-mqtt"
 
 
 def _fresh_status_file(path: Path) -> Path:
@@ -220,7 +233,7 @@ def start(*, directory: Path, ports: Sequence[int] | None = None,
         public = next((n for n in reversed(state.nodes) if n.mode == "public"), None)
         out(f"first public aggregates expected in ~{first:.0f} s (a simulated store reports "
             "a day of history at a time; the bridge publishes a day once it settled)"
-            + (f"; then: pear-mqtt market aggregates --config {public.config} --sync"
+            + (f"; then: {_cli()} market aggregates --config {public.config} --sync"
                if public is not None and public.config else ""))
     out(f"endpoints, CA and node certificates: {directory / STATE_FILE}")
     return state
