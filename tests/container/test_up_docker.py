@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from brokers import MqttProbe, new_unique_id
-from upkit import Up, listening
+from upkit import Up, listening, scrape_until
 
 from pear_mqtt.ops.compose import Compose, project_name
 from pear_mqtt.security.pki import CertPaths
@@ -28,27 +26,6 @@ class DockerUp(Up):
     def run(self, *args: str, backend: str | None = "docker",
             timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
         return super().run(*args, backend=backend, timeout=timeout)
-
-
-def _scrape_until(url: str, name: str, timeout: float = 60.0) -> dict[str, float]:
-    """The sample names and values at ``url`` once ``name`` is among them (a container
-    serves its endpoint a moment after it starts)."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
-        except OSError as exc:
-            last = str(exc)
-        else:
-            samples = {line.rsplit(" ", 1)[0].split("{", 1)[0]: float(line.rsplit(" ", 1)[1])
-                       for line in text.splitlines() if line and not line.startswith("#")}
-            if name in samples:
-                return samples
-            last = f"{len(samples)} samples, no {name}"
-        time.sleep(0.5)  # polling an HTTP endpoint until the container serves it
-    raise AssertionError(f"{url}: {last}")
 
 
 @pytest.fixture
@@ -93,11 +70,11 @@ def test_docker_backend_lifecycle(up: DockerUp) -> None:
     if expect_agents:
         served = [a for a in state["agents"] + state["bridges"] if a.get("metrics_url")]
         assert len(served) == len(state["agents"]) + len(state["bridges"])
-        samples = _scrape_until(served[0]["metrics_url"], "pear_connected")
-        assert "pear_messages_out_total" in samples
+        samples = scrape_until(served[0]["metrics_url"], "pear_connected")
+        assert "pear_messages_out_total" in {k.split("{", 1)[0] for k in samples}
     assert all(b["metrics_url"] for b in state["brokers"])
-    assert "pear_broker_sys_connected" in _scrape_until(state["brokers"][0]["metrics_url"],
-                                                        "pear_broker_uptime_seconds")
+    figures = scrape_until(state["brokers"][0]["metrics_url"], "pear_broker_uptime_seconds")
+    assert figures[f'pear_broker_sys_connected{{broker="{state["brokers"][0]["name"]}"}}'] == 1
 
     # A consortium member's certificate from up.json gets in and reads its own writes.
     node = next(n for n in state["nodes"] if n["name"] == "consortium-globex-store-1")

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 from brokers import MqttProbe, new_unique_id
 from paho.mqtt.enums import MQTTProtocolVersion
-from upkit import Up, listening
+from upkit import Up, listening, scrape_until
 
 from pear_mqtt.config.manager import NetworkConfigManager
 from pear_mqtt.node.network import PearNetwork
@@ -39,22 +38,6 @@ def up(tmp_path: Path) -> Iterator[Up]:
     yield runner
     if (runner.dir / "up.json").exists():
         runner.run("stop", "--grace", "3")
-
-
-def _scrape_until(url: str, name: str, timeout: float = 30.0) -> dict[str, float]:
-    """The samples at ``url`` once one named ``name`` is there (the reader connects and
-    mosquitto publishes its retained $SYS figures on subscribe)."""
-    deadline = time.monotonic() + timeout
-    samples: dict[str, float] = {}
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                       for line in response.read().decode().splitlines()
-                       if line and not line.startswith("#")}
-        if any(k.startswith(name + "{") for k in samples):
-            return samples
-        time.sleep(0.2)  # polling an HTTP endpoint until the figure is there
-    raise AssertionError(f"{name} not at {url} within {timeout} s: {sorted(samples)[:10]}")
 
 
 def _node(state: dict[str, Any], name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -125,7 +108,7 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
         urls = [b["metrics_url"] for b in state["brokers"]]
         assert all(u and u.endswith(f"/metrics/brokers/{b['name']}")
                    for u, b in zip(urls, state["brokers"], strict=True))
-        sys_figures = _scrape_until(urls[1], "pear_broker_uptime_seconds")
+        sys_figures = scrape_until(urls[1], "pear_broker_uptime_seconds")
         assert sys_figures['pear_broker_sys_connected{broker="consortium"}'] == 1.0
         assert sys_figures['pear_broker_uptime_seconds{broker="consortium"}'] >= 0
     else:

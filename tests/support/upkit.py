@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,25 @@ def listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def scrape_until(url: str, name: str, timeout: float = 60.0) -> dict[str, float]:
+    """The samples at ``url`` (``name{labels}`` -> value) once one named ``name`` is there.
+    Polled: an endpoint that a process (or a container) serves a moment after it starts,
+    or whose figures arrive later, has no event to wait on."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError as exc:
+            last = str(exc)
+        else:
+            samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                       for line in text.splitlines() if line and not line.startswith("#")}
+            if any(k.split("{", 1)[0] == name for k in samples):
+                return samples
+            last = f"{len(samples)} samples, none named {name}"
+        time.sleep(0.5)  # poll back-off
+    raise AssertionError(f"{url}: {last} within {timeout} s")
