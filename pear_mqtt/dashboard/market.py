@@ -108,6 +108,7 @@ class StoredAggregates:
         self._lock = threading.Lock()
         self._error: str | None = None if self._node else "no public node in up.json"
         self._connected = False
+        self._store: MarketStore | None = None  # read-only, opened once the file exists
         self._runner = LoopThread("pear-dashboard-market", self._main)
 
     def start(self) -> None:
@@ -116,6 +117,17 @@ class StoredAggregates:
 
     def close(self, timeout: float = 5.0) -> None:
         self._runner.close(timeout)
+        with self._lock:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def _reader(self) -> MarketStore | None:
+        """The store to read (its own read connection, kept), or None before it exists."""
+        with self._lock:
+            if self._store is None and self._path.exists():
+                self._store = MarketStore.open(self._path, readonly=True)
+            return self._store
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -123,21 +135,15 @@ class StoredAggregates:
         node = self._node
         series: list[dict[str, Any]] = []
         windows = 0
-        if self._path.exists():
-            since = dt.datetime.now(dt.UTC) - _SHOWN
-            try:
-                store = MarketStore.open(self._path, readonly=True)
-            except PearError as exc:
-                error = error or str(exc)
-            else:
-                try:
-                    aggregates = store.aggregates(since=since)
-                    series = market_series(aggregates, store.histograms(since=since))
-                    windows = len({(a.category, a.window_start) for a in aggregates})
-                except PearError as exc:
-                    error = error or str(exc)
-                finally:
-                    store.close()
+        since = dt.datetime.now(dt.UTC) - _SHOWN
+        try:
+            store = self._reader()
+            if store is not None:
+                aggregates = store.aggregates(since=since)
+                series = market_series(aggregates, store.histograms(since=since))
+                windows = len({(a.category, a.window_start) for a in aggregates})
+        except PearError as exc:
+            error = error or str(exc)
         return {"source": f"public aggregates kept in the market store {self._path}",
                 "reader": None if node is None else f"{node.name} on {node.url}",
                 "connected": connected, "error": error, "windows": windows,

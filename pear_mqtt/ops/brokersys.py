@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import secrets
 import threading
@@ -26,6 +27,8 @@ from ..transport import Connection
 from .loopthread import LoopThread
 
 __all__ = ["BrokerSys", "SysSource", "metric_name"]
+
+log = logging.getLogger(__name__)
 
 SYS_FILTER: Final = "$SYS/broker/#"
 _NUMBER: Final = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)")
@@ -90,12 +93,7 @@ class BrokerSys:
         self._lock = threading.Lock()
         self._values: dict[str, dict[str, float]] = {s.name: {} for s in self._sources}
         self._connected: dict[str, bool] = {s.name: False for s in self._sources}
-        self._errors: dict[str, str] = {}
         self._runner = LoopThread("pear-broker-sys", self._main)
-
-    @property
-    def brokers(self) -> list[str]:
-        return [s.name for s in self._sources]
 
     def start(self) -> None:
         if self._sources:
@@ -108,10 +106,6 @@ class BrokerSys:
         """The latest figures of ``broker`` by metric name, and whether it is read now."""
         with self._lock:
             return dict(self._values.get(broker, {})), self._connected.get(broker, False)
-
-    def error(self, broker: str) -> str | None:
-        with self._lock:
-            return self._errors.get(broker)
 
     def exposition(self, broker: str) -> bytes | None:
         """The Prometheus text of ``broker``'s figures; None for a broker not read here."""
@@ -141,7 +135,7 @@ class BrokerSys:
                 if not granted or granted[0] >= 128:
                     raise PearError(f"broker {source.name} refused {SYS_FILTER} to the "
                                     "monitor identity (its ACL lacks monitor_users)")
-                self._set(source.name, connected=True, error=None)
+                self._set(source.name, connected=True)
                 backoff.reset()
                 async for msg in conn.messages():
                     name, value = metric_name(msg.topic), _value(msg.payload)
@@ -149,17 +143,14 @@ class BrokerSys:
                         with self._lock:
                             self._values[source.name][name] = value
             except PearError as exc:
-                self._set(source.name, connected=False, error=str(exc))
+                # pear_broker_sys_connected 0 says so on the endpoint; the log says why.
+                log.warning("$SYS of broker %s: %s", source.name, exc)
             finally:
                 self._set(source.name, connected=False)
                 with contextlib.suppress(PearError):
                     await conn.close()
             await asyncio.sleep(backoff.next_delay())  # reconnect backoff, not a message wait
 
-    def _set(self, broker: str, *, connected: bool, error: str | None = "") -> None:
+    def _set(self, broker: str, *, connected: bool) -> None:
         with self._lock:
             self._connected[broker] = connected
-            if error is None:
-                self._errors.pop(broker, None)
-            elif error:
-                self._errors[broker] = error
