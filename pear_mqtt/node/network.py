@@ -75,7 +75,7 @@ class PearNetwork:
         config = NetworkConfigManager.with_environment(config)
         self._read_only = read_only
         if read_only:
-            config = _read_only(config)
+            config = _watcher_config(config)
             outbox_path = None
         self.config = config
         self._clock = clock
@@ -477,7 +477,7 @@ def _utc(epoch: float | None) -> datetime | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
 
 
-def _read_only(config: NetworkConfig) -> NetworkConfig:
+def _watcher_config(config: NetworkConfig) -> NetworkConfig:
     """``config`` for a watcher: nothing kept on disk (no outbox, history log, archive or
     market store), nothing that writes to the broker."""
     rel = config.reliability.model_copy(update={"outbox_path": None, "history_dir": None,
