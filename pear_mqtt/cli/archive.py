@@ -17,6 +17,7 @@ from ..errors import ConfigError, PearError
 from ..files import atomic_write
 from ..node.network import PearNetwork
 from ..ops.metrics import NodeCollector, serve
+from .progress import bars, follow
 
 __all__ = ["register_cli"]
 
@@ -63,24 +64,35 @@ async def _serve(config: NetworkConfig, *, status_file: Path | None, interval: f
             metrics = serve(NodeCollector(net.status, cert_file=config.tls.cert_file),
                             port=metrics_port)
             print(f"pear-mqtt archive: metrics at {metrics.url}", file=sys.stderr, flush=True)
-        while not stop.is_set():
-            kept = net.archived()
-            st = net.status()
-            line = {"connected": st.connected, "health": st.health.value,
-                    "logs": len(kept), "entries": sum(kept.values()), "log_gaps": st.log_gaps,
-                    "log_repaired": st.log_repaired, "log_forks": st.log_forks}
-            if status_file is not None:
-                atomic_write(status_file, json.dumps(line) + "\n")
-            print("pear-mqtt archive: " + " ".join(f"{k}={v}" for k, v in line.items()),
-                  file=sys.stderr, flush=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval)
+        with bars() as b:
+            # The entries the senders' signed heads announce, against those verified here.
+            task = b.add("history backfill: entries verified")
+            async with follow(b, task, lambda: sum(v.verified for v in net.logs()),
+                              total=lambda: sum(v.head_length or 0 for v in net.logs())):
+                await _report(net, stop, status_file=status_file, interval=interval)
     finally:
         if metrics is not None:
             metrics.close()
         await net.disconnect()
     print("pear-mqtt archive: stopped", file=sys.stderr)
     return 0
+
+
+async def _report(net: PearNetwork, stop: asyncio.Event, *, status_file: Path | None,
+                  interval: float) -> None:
+    """A status line every ``interval`` s (and into ``status_file``) until ``stop``."""
+    while not stop.is_set():
+        kept = net.archived()
+        st = net.status()
+        line = {"connected": st.connected, "health": st.health.value,
+                "logs": len(kept), "entries": sum(kept.values()), "log_gaps": st.log_gaps,
+                "log_repaired": st.log_repaired, "log_forks": st.log_forks}
+        if status_file is not None:
+            atomic_write(status_file, json.dumps(line) + "\n")
+        print("pear-mqtt archive: " + " ".join(f"{k}={v}" for k, v in line.items()),
+              file=sys.stderr, flush=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
 
 
 def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import HistoryError
 from ..history.log import AppendLog
 from ..history.merkle import MerkleTree, leaf_hash
+from .progress import Bars, TaskID, bars
 
 __all__ = ["register_cli"]
 
@@ -26,19 +27,30 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     """One log, or every log an archive keeps (``<dir>/<member>/<node>/<log id>``)."""
     path: Path = args.path
     if (path / "entries.bin").is_file():
-        return _verify_one(args, path)
-    kept = sorted(p.parent for p in path.glob("*/*/*/entries.bin"))
-    if not kept:
-        _open(path)  # raises the error that says what a log directory holds
-    codes = [_verify_one(args, p) for p in kept]
-    return max(codes)
+        kept = [path]
+    else:
+        kept = sorted(p.parent for p in path.glob("*/*/*/entries.bin"))
+        if not kept:
+            _open(path)  # raises the error that says what a log directory holds
+    with bars() as b:
+        task = b.add("verifying entries")
+        return max(_verify_one(args, p, b, task) for p in kept)
 
 
-def _verify_one(args: argparse.Namespace, path: Path) -> int:
+_STEP = 4096  # entries between two updates of the bar
+
+
+def _verify_one(args: argparse.Namespace, path: Path, b: Bars, task: TaskID | None) -> int:
     with _open(path) as log:
         tree = log.tree
-        bad = [i for i, entry in enumerate(log.range(log.start, log.length), start=log.start)
-               if leaf_hash(entry) != tree.leaf(i)]
+        held = log.length - log.start
+        b.advance(task, total_by=held)
+        bad: list[int] = []
+        for first in range(log.start, log.length, _STEP):
+            last = min(first + _STEP, log.length)
+            bad += [i for i, entry in enumerate(log.range(first, last), start=first)
+                    if leaf_hash(entry) != tree.leaf(i)]
+            b.advance(task, by=last - first)
         # Recomputed from the leaf hashes alone, so the stored subtree hashes are checked too.
         recomputed = MerkleTree([tree.leaf(i) for i in range(log.length)]).root()
         root = log.root()

@@ -28,6 +28,7 @@ from ..security.pki import (
     revoke,
     rotate_pseudonyms,
 )
+from .progress import bars
 
 __all__ = ["register_cli"]
 
@@ -58,14 +59,48 @@ def _cmd_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_enrol(args: argparse.Namespace) -> int:
-    paths, who = enrol(ca_dir=args.dir, out_dir=args.out, company=args.company,
-                       store=args.store, days=args.days, key_type=args.key_type,
-                       force=args.force)
-    print(f"certificate: {paths.cert}\nkey:         {paths.key}\nCA:          {paths.ca}\n"
-          f"company {who.company!r} is member {who.member} (CN); store {who.store!r} is node "
-          f"{who.node} (OU).\nIn this store's node configuration set node_id = "
-          f"\"{who.node}\" (company_id stays the company's own id).")
+    stores = _stores(args)
+    if len(stores) == 1:
+        paths, who = enrol(ca_dir=args.dir, out_dir=args.out, company=args.company,
+                           store=stores[0], days=args.days, key_type=args.key_type,
+                           force=args.force)
+        print(f"certificate: {paths.cert}\nkey:         {paths.key}\nCA:          {paths.ca}\n"
+              f"company {who.company!r} is member {who.member} (CN); store {who.store!r} is "
+              f"node {who.node} (OU).\nIn this store's node configuration set node_id = "
+              f"\"{who.node}\" (company_id stays the company's own id).")
+        return 0
+    rows = []
+    with bars() as b:
+        task = b.add(f"enrolling {args.company}'s stores", total=len(stores))
+        for done, store in enumerate(stores, start=1):
+            paths, who = enrol(ca_dir=args.dir, out_dir=args.out, company=args.company,
+                               store=store, days=args.days, key_type=args.key_type,
+                               force=args.force)
+            rows.append((who.store, who.node, paths.cert.name))
+            b.update(task, completed=done)
+    print(f"{len(rows)} stores of {args.company!r} (member {who.member}) enrolled into "
+          f"{args.out}; set each store's node_id to its NODE:")
+    print(f"{'STORE':<24} {'NODE (OU)':<26} CERTIFICATE")
+    for store, node, cert in rows:
+        print(f"{store:<24} {node:<26} {cert}")
     return 0
+
+
+def _stores(args: argparse.Namespace) -> list[str]:
+    """The stores named by ``--store`` (repeated) and ``--stores-file``, in order, once each."""
+    named: list[str] = list(args.store or [])
+    if args.stores_file is not None:
+        try:
+            text = args.stores_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PKIError(f"cannot read --stores-file {args.stores_file}: "
+                           f"{exc.strerror or exc}") from None
+        named += [line.strip() for line in text.splitlines()
+                  if line.strip() and not line.lstrip().startswith("#")]
+    if not named:
+        raise PKIError("name the stores to enrol: --store ID (repeat it) or --stores-file "
+                       "FILE (one store id per line)")
+    return list(dict.fromkeys(named))
 
 
 def _cmd_pseudonyms(args: argparse.Namespace) -> int:
@@ -173,8 +208,11 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--company", required=True,
                    help="the company's own id (stays in the CA; the certificate carries its "
                         "pseudonym)")
-    p.add_argument("--store", required=True,
-                   help="the store's own id (the certificate's OU is its pseudonym)")
+    p.add_argument("--store", action="append",
+                   help="the store's own id (the certificate's OU is its pseudonym); repeat "
+                        "it to enrol many stores at once")
+    p.add_argument("--stores-file", type=Path, metavar="FILE",
+                   help="enrol every store named in FILE, one id per line (# comments)")
     p.add_argument("--days", type=int, default=397, help="validity (default 397)")
     p.add_argument("--key-type", choices=key_types, default=DEFAULT_KEY_TYPE)
     p.add_argument("--force", action="store_true", help="overwrite existing files")

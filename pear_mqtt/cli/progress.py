@@ -24,7 +24,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["Bars", "bars", "follow"]
+__all__ = ["Bars", "TaskID", "bars", "follow"]
 
 _REFRESH = 0.2  # seconds between two reads of the counters a bar follows
 
@@ -60,6 +60,16 @@ class Bars:
             else:
                 self._progress.update(task, completed=completed)
 
+    def advance(self, task: TaskID | None, *, by: float = 0, total_by: float = 0) -> None:
+        """Move ``task`` on by ``by`` and its total by ``total_by`` (work found on the way)."""
+        if self._progress is None or task is None:
+            return
+        total = None
+        if total_by:
+            known = next(t for t in self._progress.tasks if t.id == task).total
+            total = (known or 0) + total_by
+        self._progress.update(task, advance=by, total=total)
+
 
 @contextlib.contextmanager
 def bars(*, stream: TextIO | None = None, transient: bool = False) -> Iterator[Bars]:
@@ -72,7 +82,10 @@ def bars(*, stream: TextIO | None = None, transient: bool = False) -> Iterator[B
     progress = Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         _Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=Console(file=out), transient=transient, refresh_per_second=5)
+        console=Console(file=out), transient=transient, refresh_per_second=5,
+        # Output printed meanwhile goes above the bars, but stdout only when it is a terminal
+        # too: piped or redirected, it stays the command's result, untouched.
+        redirect_stdout=sys.stdout.isatty(), redirect_stderr=out is sys.stderr)
     with progress:
         yield Bars(progress)
 
