@@ -314,20 +314,27 @@ class Connection:
                         no_local: bool = False) -> list[int]:
         """Subscribe and return the granted QoS per filter (128 and above: refused).
 
-        ``no_local`` (MQTT 5 only) asks the broker not to echo our own publishes back.
+        One SUBSCRIBE per filter, all sent before the first SUBACK is awaited: every broker
+        takes that, while some (aedes with persistent sessions) never acknowledge a SUBSCRIBE
+        that carries several. ``no_local`` (MQTT 5 only) asks the broker not to echo our own
+        publishes back.
         """
         client = self._require()
         assert self._loop is not None
-        fut: asyncio.Future[list[int]] = self._loop.create_future()
-        request: list[tuple[str, Any]] = list(filters)
-        if self.protocol == 5:
-            request = [(t, SubscribeOptions(qos=q, noLocal=no_local)) for t, q in filters]
-        rc, mid = client.subscribe(request)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            raise TransportError(f"subscribe failed: {mqtt.error_string(rc)}")
-        self._subs[mid] = fut
+        futures: list[asyncio.Future[list[int]]] = []
+        for topic, qos in filters:
+            option: Any = qos
+            if self.protocol == 5:
+                option = SubscribeOptions(qos=qos, noLocal=no_local)
+            rc, mid = client.subscribe([(topic, option)])
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                raise TransportError(f"subscribe to {topic} failed: {mqtt.error_string(rc)}")
+            fut: asyncio.Future[list[int]] = self._loop.create_future()
+            self._subs[mid] = fut
+            futures.append(fut)
         self._resume_reading()
-        return await fut
+        granted = await asyncio.gather(*futures)
+        return [g for answer in granted for g in answer]
 
     async def unsubscribe(self, filters: Sequence[str]) -> None:
         client = self._require()

@@ -75,7 +75,7 @@ def _known_groups(levels: Mapping[str, SharingLevel]) -> None:
 
 
 def _check_url(url: str, *, insecure: bool, what: str) -> None:
-    parsed = BrokerURL.parse(url)
+    parsed = BrokerURL.parse_list(url)[0]
     if not parsed.tls and not insecure:
         raise ValueError(f"{what}.broker_url: the bridge connects over mqtts:// only (got "
                          f"{url!r}; set allow_insecure_transport only for local development)")

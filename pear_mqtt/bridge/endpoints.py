@@ -45,7 +45,7 @@ def bridge_codec(*, tls: TLSConfig, network: str, encryption: EncryptionConfig |
                          max_age=rel.max_message_age)
 
 
-def bridge_connection(*, url: str, tls: TLSConfig, rel: ReliabilityConfig,
+def bridge_connection(*, url: BrokerURL, tls: TLSConfig, rel: ReliabilityConfig,
                       client_id: str) -> Connection:
     """A connection (not yet connected) to the broker at ``url``."""
     protocol = {"auto": None, "5": 5, "3.1.1": 4}[rel.mqtt_version]
@@ -54,7 +54,7 @@ def bridge_connection(*, url: str, tls: TLSConfig, rel: ReliabilityConfig,
     # meant for nodes, whose peers do not depend on them. Manual acks: an item is
     # acknowledged only once the state store has committed it, so a bridge killed in between
     # gets it again instead of losing it.
-    return Connection(broker=BrokerURL.parse(url), client_id=client_id[:128], tls=tls,
+    return Connection(broker=url, client_id=client_id[:128], tls=tls,
                       keepalive=rel.keepalive, clean_start=False,
                       session_expiry=max(rel.session_expiry, _MIN_SESSION_EXPIRY),
                       protocol=protocol, manual_ack=True)

@@ -13,6 +13,7 @@ from typing import Literal
 from ..backoff import Backoff
 from ..config.models import ReliabilityConfig, TLSConfig
 from ..errors import ConnectError, TransportError
+from ..failover import BrokerRing
 from ..model.insight import SharingLevel
 from ..model.topics import TopicScheme
 from ..security.envelope import EnvelopeCodec
@@ -109,10 +110,11 @@ async def read_input(link: InputLink, *, client_id: str,
     """
     backoff = Backoff(minimum=link.reliability.reconnect_min_delay,
                       maximum=link.reliability.reconnect_max_delay)
+    ring = BrokerRing.of(link.broker_url)
     while not closing():
         # A stable client id with a persistent session: the broker queues what arrives
         # while the bridge is down and delivers it on reconnect.
-        conn = bridge_connection(url=link.broker_url, tls=link.tls, rel=link.reliability,
+        conn = bridge_connection(url=ring.current, tls=link.tls, rel=link.reliability,
                                  client_id=client_id)
         try:
             await conn.connect()
@@ -122,12 +124,13 @@ async def read_input(link: InputLink, *, client_id: str,
         except (ConnectError, TransportError) as exc:
             conn.abort()
             log.info("bridge input %s: %s", link.name, exc)
+            ring.failed()
             await asyncio.sleep(backoff.next_delay())
             continue
         backoff.reset()
         link.conn, link.connected = conn, True
         changed.set()
-        log.info("bridge input %s connected to %s", link.name, link.broker_url)
+        log.info("bridge input %s connected to %s", link.name, ring.current)
         try:
             async for msg in conn.messages():
                 # What else already arrived is taken along (up to _INGEST_MESSAGES), so that

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from ..backoff import Backoff
 from ..errors import ConnectError
+from ..failover import BrokerRing
 from .config import BridgeConfig, PublicConfig, SourceConfig
 from .endpoints import bridge_connection
 from .output import Audience, PublicOutput
@@ -54,8 +55,9 @@ class Publisher:
         backoff = Backoff(minimum=pub.reliability.reconnect_min_delay,
                           maximum=pub.reliability.reconnect_max_delay)
         warned = False
+        ring = BrokerRing.of(pub.broker_url)
         while not closing():
-            conn = bridge_connection(url=pub.broker_url, tls=pub.tls, rel=pub.reliability,
+            conn = bridge_connection(url=ring.current, tls=pub.tls, rel=pub.reliability,
                                      client_id=f"pear-bridge-{self._config.bridge_id}-{suffix}")
             try:
                 await conn.connect()
@@ -64,8 +66,9 @@ class Publisher:
                 log.info("bridge output: %s", exc)
                 if not warned and not first.done():
                     log.warning("%s broker %s unreachable: %s", self._audience,
-                                pub.broker_url, exc)
+                                ring.current, exc)
                     warned = True
+                ring.failed()
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()

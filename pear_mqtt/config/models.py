@@ -310,6 +310,18 @@ class BrokerURL(_ConfigPart):
         return cls(scheme=parts.scheme,
                    host=parts.hostname, port=port or (8883 if parts.scheme == "mqtts" else 1883))
 
+    @classmethod
+    def parse_list(cls, text: str) -> tuple[BrokerURL, ...]:
+        """The brokers ``text`` names: one URL, or several separated by commas (the nodes of
+        one clustered broker, tried in turn); all with TLS or all without."""
+        urls = tuple(cls.parse(part.strip()) for part in text.split(","))
+        if len({u.tls for u in urls}) > 1:
+            raise ValueError(f"broker URLs {text!r} mix mqtt:// and mqtts://; the nodes of one "
+                             "broker all use the same")
+        if len(set(urls)) < len(urls):
+            raise ValueError(f"broker URLs {text!r} name one broker twice")
+        return urls
+
 
 def _default_node_id() -> str:
     host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40].strip("-.")
@@ -342,12 +354,18 @@ class NetworkConfig(_ConfigPart):
     @field_validator("broker_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        BrokerURL.parse(v)
+        BrokerURL.parse_list(v)
         return v
 
     @property
+    def brokers(self) -> tuple[BrokerURL, ...]:
+        """Every broker ``broker_url`` names (several: a clustered broker's nodes)."""
+        return BrokerURL.parse_list(self.broker_url)
+
+    @property
     def broker(self) -> BrokerURL:
-        return BrokerURL.parse(self.broker_url)
+        """The first of :attr:`brokers`."""
+        return self.brokers[0]
 
     @model_validator(mode="after")
     def _mode_rules(self) -> NetworkConfig:

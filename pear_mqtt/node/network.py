@@ -451,7 +451,7 @@ class PearNetwork:
         since = self._supervisor.connected_since
         market = None if self._market is None else self._market.store.status()
         return NetworkStatus(
-            connected=connected, broker=self.config.broker_url, peers=len(self.peers()),
+            connected=connected, broker=str(self._supervisor.broker), peers=len(self.peers()),
             last_sync=(None if self._last_sync is None else
                        datetime.fromtimestamp(self._last_sync, UTC)),
             log_gaps=c.log_gaps, log_repaired=c.log_repaired,

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backoff import retrying
-from ..config.models import NetworkConfig
+from ..config.models import BrokerURL, NetworkConfig
 from ..errors import ConnectError, PearError, TransportError
+from ..failover import BrokerRing
 from ..model.topics import TopicScheme
 from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
@@ -58,6 +59,7 @@ class ConnectionSupervisor:
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._session = uuid.uuid4().hex[:16]
+        self._ring = BrokerRing(config.brokers)
         self._protocol: int | None = {"auto": None, "5": 5, "3.1.1": 4}[
             config.reliability.mqtt_version]
 
@@ -126,6 +128,11 @@ class ConnectionSupervisor:
             self._conn = None
         self._connected.clear()
 
+    @property
+    def broker(self) -> BrokerURL:
+        """The broker this node is connected to, or tries next."""
+        return self._ring.current
+
     def crash(self) -> None:
         """Drop the connection without DISCONNECT, as a crash would (the broker publishes
         the will), and stop reconnecting. A seam for tests of the last will; call
@@ -145,7 +152,8 @@ class ConnectionSupervisor:
                             conn = await self._open_connection()
                         except ConnectError as exc:
                             self._last_error = self._explain_refusal(exc)
-                            log.info("connecting to %s failed: %s", self.config.broker_url, exc)
+                            log.info("connecting to %s failed: %s", self._ring.current, exc)
+                            self._ring.failed()  # a cluster's next node, if it has several
                             raise
             except ConnectError as exc:
                 if not first.done():
@@ -181,7 +189,7 @@ class ConnectionSupervisor:
                 self._sender.connection_lost()
             if not self._closing:
                 self._counters.reconnects += 1
-                log.info("connection to %s lost (%s); reconnecting", self.config.broker_url,
+                log.info("connection to %s lost (%s); reconnecting", self._ring.current,
                          conn.close_reason)
                 # When a broker restarts, all its clients see the loss at the same instant;
                 # a random first delay spreads their reconnects instead of a storm.
@@ -209,12 +217,12 @@ class ConnectionSupervisor:
         me = self._codec.signer.identity
         if self._read_only:
             conn = Connection(
-                broker=self.config.broker, tls=self.config.tls, keepalive=rel.keepalive,
+                broker=self._ring.current, tls=self.config.tls, keepalive=rel.keepalive,
                 client_id=f"pear-{me.member}-{me.node}-watch-{uuid.uuid4().hex[:8]}"[:128],
                 clean_start=True, session_expiry=0, protocol=self._protocol)
         else:
             conn = Connection(
-                broker=self.config.broker, client_id=f"pear-{me.member}-{me.node}"[:128],
+                broker=self._ring.current, client_id=f"pear-{me.member}-{me.node}"[:128],
                 tls=self.config.tls, keepalive=rel.keepalive, clean_start=False,
                 session_expiry=rel.session_expiry,
                 will=Will(topic=self._scheme.presence(self.config.node_id),
