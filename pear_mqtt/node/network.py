@@ -29,6 +29,7 @@ from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..security.seal import Sealer, load_x25519_public_key
+from ..transport import Connection
 from .archive import Archive
 from .counters import Counters
 from .history import NodeLog
@@ -51,6 +52,7 @@ __all__ = ["SYNC_PAGE_WAIT", "PearNetwork", "Peer", "ReceivedAggregate", "Receiv
 log = logging.getLogger(__name__)
 
 SYNC_PAGE_WAIT = 5.0
+SYNC_ROUNDS = 20  # marker round trips at most, while each still brings heads or pages
 """Seconds sync() waits, after its marker, for page versions senders' heads name."""
 
 
@@ -398,14 +400,7 @@ class PearNetwork:
                 await conn.subscribe([(state_filter, 1)])
                 await self._markers.round_trip(conn)
                 if self._replicas is not None:
-                    # Complete by what each sender signed, not by message order: every page
-                    # version its latest head names (a clustered broker may deliver the
-                    # retained pages after the marker). Bounded: a page that never verifies
-                    # (its sender's certificate expired) must not hold the snapshot back.
-                    left = timeout - (time.perf_counter() - started)
-                    with contextlib.suppress(TimeoutError):
-                        await self._replicas.wait(lambda: not self._replicas_missing(),
-                                                  timeout=max(0.0, min(left, SYNC_PAGE_WAIT)))
+                    await self._pages_complete(conn, started=started, timeout=timeout)
                 if not public:  # public mode reads state and live aggregates as one
                     await conn.unsubscribe([state_filter])
         except TimeoutError:
@@ -419,6 +414,28 @@ class PearNetwork:
         self._counters.sync_duration.observe(duration)
         return SyncResult(states=dict(self._receiver.states), duration=duration,
                           aggregates=dict(self._receiver.aggregates), missing_pages=missing)
+
+    async def _pages_complete(self, conn: Connection, *, started: float,
+                              timeout: float) -> None:
+        """Complete by what each sender signed, not by message order: every page version its
+        latest head names (a clustered broker may deliver retained pages after the marker,
+        and in any order). Which senders there are is what arrived: another round trip
+        that brings no further head or page ends the wait. Bounded: a page that never
+        verifies (its sender's certificate expired) must not hold the snapshot back."""
+        assert self._replicas is not None
+        replicas = self._replicas
+        now = time.perf_counter()
+        deadline = now + max(0.0, min(SYNC_PAGE_WAIT, timeout - (now - started)))
+        for _ in range(SYNC_ROUNDS):
+            with contextlib.suppress(TimeoutError):
+                await replicas.wait(lambda: not self._replicas_missing(),
+                                    timeout=max(0.0, deadline - time.perf_counter()))
+            before = replicas.seen()
+            await self._markers.round_trip(conn)
+            if replicas.seen() == before and not self._replicas_missing():
+                return
+            if time.perf_counter() >= deadline:
+                return
 
     async def wait_connected(self, *, timeout: float) -> None:
         """Wait until the node is connected (again); :class:`TimeoutError` after ``timeout``."""

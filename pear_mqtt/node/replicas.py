@@ -181,8 +181,14 @@ class Replicas:
 
     def missing_pages(self) -> dict[str, int]:
         """Per sender, the checkpoint pages its latest signed head names that have not
-        arrived in that (or a newer) version: what sync() still waits for."""
+        arrived in that (or a newer) version, and 1 for a sender that keeps a log and whose
+        pages came but whose head has not (it names how many there are): what sync() still
+        waits for."""
         out: dict[str, int] = {}
+        for sender in self._pages:
+            rep = self._replicas.get(sender)
+            if rep is not None and rep.head is None and rep.fork is None:
+                out[sender] = 1
         for sender, rep in self._replicas.items():
             if rep.head is None or rep.fork is not None:
                 continue
@@ -192,6 +198,12 @@ class Replicas:
             if missing:
                 out[sender] = missing
         return out
+
+    def seen(self) -> tuple[int, int]:
+        """How many signed heads and page versions have arrived (sync() is done once a
+        round trip to the broker brings no more)."""
+        return (sum(1 for rep in self._replicas.values() if rep.head is not None),
+                sum(len(pages) for pages in self._pages.values()))
 
     def refused(self, signer: Identity) -> bool:
         rep = self._replicas.get(signer.sender)

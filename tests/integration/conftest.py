@@ -44,6 +44,7 @@ from brokers import (
     NetworkPKI,
     backend_problem,
     build_pki,
+    free_port,
     make_broker,
     new_unique_id,
     probe,
@@ -56,6 +57,8 @@ from pear_mqtt.config.models import (
     ReliabilityConfig,
 )
 from pear_mqtt.model.insight import MarketInsight, NetworkMode, PriceData, SalesData, TrendData
+from pear_mqtt.ops.cluster.render import render_cluster
+from pear_mqtt.ops.cluster.run import ClusterProcesses, cluster_problem
 from pear_mqtt.security.seal import (
     SealOpener,
     generate_x25519_key,
@@ -94,6 +97,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 _BROKERS = pytest.StashKey[list[MosquittoBroker]]()
+_CLUSTER = pytest.StashKey[ClusterProcesses]()
 _LOG_TAIL = 60
 
 
@@ -113,6 +117,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
             output = broker.output_text().strip()
             if output:
                 report.sections.append((f"broker {i} output", output[-4000:]))
+        cluster = item.stash.get(_CLUSTER, None)
+        if cluster is not None:
+            report.sections.append(("cluster broker logs", cluster.log_text()))
     return report
 
 
@@ -138,6 +145,31 @@ def mosquitto_factory(pki: NetworkPKI, tmp_path: Path, request: pytest.FixtureRe
             broker.stop() if broker.persistence else broker.kill()
         finally:
             broker.close()
+
+
+@pytest.fixture
+def cluster(pki: NetworkPKI, tmp_path: Path, request: pytest.FixtureRequest
+            ) -> Iterator[ClusterProcesses]:
+    """The test network's broker as a 2-node aedes cluster on redis (consortium and public
+    rules, the test PKI's broker certificate); ``cluster.files.urls`` names both nodes."""
+    problem = cluster_problem()
+    if problem is not None:
+        pytest.fail(f"cluster broker: {problem}")
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    node_ports, redis_port = sorted(ports)[:2], sorted(ports)[2]
+    files = render_cluster(
+        mode="consortium", acl_modes=("public",), network=pki.network,
+        out_dir=tmp_path / "cluster", ca_file=pki.ca, cert_file=pki.broker.cert,
+        key_file=pki.broker.key, crl_file=pki.crl, ports=node_ports, redis_port=redis_port,
+        bridge_users=(pki.bridge_user,), host="127.0.0.1")
+    procs = ClusterProcesses(files, log_dir=tmp_path / "cluster" / "logs")
+    request.node.stash[_CLUSTER] = procs
+    try:
+        yield procs.start()
+    finally:
+        procs.stop()
 
 
 @pytest.fixture
