@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv needs test test-standalone unit integration lint up status logs down bench \
+.PHONY: help venv needs cluster-deps test test-standalone unit integration lint up status logs down bench \
 	bench-quick images container-test faults soak privacy clean
 
 help:
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -c 'import pip' >/dev/null 2>&1 || { rm -rf $(VENV); \
 		$(PY) -m venv $(VENV) || { echo "cannot create $(VENV): install Python >= 3.11 with venv (Debian: apt-get install python3-venv)" >&2; rm -rf $(VENV); exit 1; }; }
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,dev,market,broker]'
+	$(BIN)/python -m pip install -q -e '.[test,dev,market,broker,cluster]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -37,8 +37,17 @@ venv: $(STAMP)
 needs:
 	@bash deploy/bootstrap.sh
 
-# The suite also drives Debian's chromium (the dashboard's browser test).
-test: $(STAMP)
+# The clustered broker's npm packages, pinned by deploy/cluster/package-lock.json.
+CLUSTER_STAMP := deploy/cluster/node_modules/.package-lock.json
+
+$(CLUSTER_STAMP): deploy/cluster/package-lock.json $(STAMP)
+	$(BIN)/pear-mqtt cluster install
+
+cluster-deps: $(CLUSTER_STAMP)
+
+# The suite also drives Debian's chromium (the dashboard's browser test) and runs the
+# clustered broker (redis-server, and aedes on the Node.js of the `cluster` extra).
+test: $(STAMP) $(CLUSTER_STAMP)
 	@PEAR_NEEDS="chromium chromium-driver" bash deploy/bootstrap.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -52,7 +61,7 @@ test-standalone: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-integration: needs $(STAMP)
+integration: needs $(STAMP) $(CLUSTER_STAMP)
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
 lint: $(STAMP)

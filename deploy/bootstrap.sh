@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Install the system packages pear_mqtt's tests and `make up` need, when they are missing:
-# Debian's mosquitto and mosquitto-clients (and, with PEAR_NEEDS, more package names).
+# Debian's mosquitto, mosquitto-clients and redis-server (the clustered broker's store), and,
+# with PEAR_NEEDS, more package names.
 # Installs with apt-get when run as root or with passwordless sudo; otherwise prints one line
 # saying what to run and exits 1. Used by the Makefile (`make test`, `make up`) and .ci/run.
 set -euo pipefail
 
-want=(mosquitto mosquitto-clients ${PEAR_NEEDS:-})
+want=(mosquitto mosquitto-clients redis-server ${PEAR_NEEDS:-})
 missing=()
 for pkg in "${want[@]}"; do
   case $pkg in
     mosquitto) command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing+=("$pkg") ;;
     mosquitto-clients) command -v mosquitto_pub >/dev/null 2>&1 || missing+=("$pkg") ;;
+    redis-server) command -v redis-server >/dev/null 2>&1 || missing+=("$pkg") ;;
     *) dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
          || missing+=("$pkg") ;;
   esac
@@ -33,7 +35,10 @@ echo "installing ${missing[*]} (apt-get)" >&2
 export DEBIAN_FRONTEND=noninteractive
 "${run[@]}" apt-get update -qq
 "${run[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# The Debian package starts a system broker on 1883; pear_mqtt starts its own on free ports.
-if command -v systemctl >/dev/null 2>&1; then "${run[@]}" systemctl stop mosquitto >/dev/null 2>&1 || true; fi
-if command -v service >/dev/null 2>&1; then "${run[@]}" service mosquitto stop >/dev/null 2>&1 || true; fi
+# The Debian packages start a system broker on 1883 and a redis on 6379; pear_mqtt starts its
+# own on free ports.
+for svc in mosquitto redis-server; do
+  if command -v systemctl >/dev/null 2>&1; then "${run[@]}" systemctl stop "$svc" >/dev/null 2>&1 || true; fi
+  if command -v service >/dev/null 2>&1; then "${run[@]}" service "$svc" stop >/dev/null 2>&1 || true; fi
+done
 exit 0

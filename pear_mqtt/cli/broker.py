@@ -1,5 +1,6 @@
 """``pear-mqtt broker render``: write mosquitto.conf and the ACL for one network (or, with
-``--flavor emqx``, EMQX 5's configuration from the same rules)."""
+``--flavor emqx`` / ``cluster``, EMQX 5's or the aedes cluster's configuration from the same
+rules)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import get_args
 from ..errors import ConfigError, PKIError, TopicError
 from ..model.topics import validate_identifier
 from ..ops.brokerconf import Mode, broker_cert_in, render
+from ..ops.cluster.render import render_cluster
 from ..ops.emqx import render_emqx
 from ..security.pki import REGISTRY, revoked_nodes
 
@@ -30,6 +32,25 @@ def _cmd_render(args: argparse.Namespace) -> int:
         except PKIError as exc:
             raise ConfigError(f"cannot read the revoked nodes from the CA registry: {exc}") \
                 from None
+    if args.flavor == "cluster":
+        for flag, value in (("--plain-port", args.plain_port), ("--user", args.user),
+                            ("--persistence-dir", args.persistence_dir)):
+            if value is not None:
+                raise ConfigError(f"{flag} is a mosquitto setting; the cluster keeps its "
+                                  "state in redis (see deploy/cluster/README.md)")
+        ports = args.node_port or [args.tls_port, args.tls_port + 1]
+        files = render_cluster(
+            mode=args.mode, network=args.network, out_dir=args.out,
+            ca_file=pki_dir / "ca.crt", cert_file=cert, key_file=key,
+            crl_file=pki_dir / "ca.crl", ports=ports,
+            redis_port=args.redis_port or max(ports) + 1, host=args.bind or "127.0.0.1",
+            bridge_users=tuple(args.bridge_user or ()),
+            monitor_users=tuple(args.monitor_user or ()), revoked=revoked)
+        print(f"nodes:         {', '.join(str(n) for n in files.nodes)} ({files.rules} ACL "
+              f"rules each)\nredis:         {files.redis_conf} (port {files.redis_port})\n"
+              f"broker_url:    {files.urls}\n"
+              f"run:           pear-mqtt cluster run --dir {args.out}")
+        return 0
     if args.flavor == "emqx":
         for flag, value in (("--plain-port", args.plain_port), ("--user", args.user),
                             ("--persistence-dir", args.persistence_dir)):
@@ -105,7 +126,12 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--monitor-user", action="append", metavar="CN",
                    help="a monitor certificate's CN allowed to read the broker's $SYS figures "
                         "(repeat)")
-    p.add_argument("--flavor", choices=("mosquitto", "emqx"), default="mosquitto",
+    p.add_argument("--flavor", choices=("mosquitto", "emqx", "cluster"), default="mosquitto",
                    help="which broker's configuration to write (default mosquitto; emqx: "
-                        "an EMQX 5 emqx.conf fragment and acl.conf from the same rules)")
+                        "an EMQX 5 emqx.conf fragment and acl.conf from the same rules; "
+                        "cluster: each aedes node's JSON and redis.conf, deploy/cluster)")
+    p.add_argument("--node-port", type=int, action="append", metavar="PORT",
+                   help="cluster: a node's TLS port (repeat; default --tls-port and the next)")
+    p.add_argument("--redis-port", type=int, metavar="PORT",
+                   help="cluster: redis's port (default: after the nodes')")
     p.set_defaults(handler=_cmd_render)

@@ -16,7 +16,7 @@ from .logs import FORMATS, LOG_FORMAT_VAR, configure
 __all__ = ["main"]
 
 _COMMANDS = ("config", "pki", "broker", "embedded", "agent", "archive", "bridge", "log", "market",
-             "watch", "up", "dashboard")
+             "watch", "up", "dashboard", "cluster")
 
 
 def _command_of(argv: Sequence[str]) -> str | None:

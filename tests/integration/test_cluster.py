@@ -4,14 +4,18 @@ hands its clients to the other without losing a message; the ACL holds on every 
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from brokers import MqttProbe, NetworkPKI
+from brokers import MqttProbe, NetworkPKI, free_port
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from pear_mqtt.cli import main
 from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.model.insight import MarketInsight
 from pear_mqtt.node.network import PearNetwork
@@ -111,3 +115,42 @@ def test_forbidden_cross_company_writes_are_refused_on_every_node(
     with pytest.raises(TimeoutError):
         watcher.expect(lambda m: b"forged" in m.payload, timeout=1)
     watcher.close()
+
+
+async def test_the_rendered_cluster_runs_from_the_command_line_and_stops_on_sigterm(
+        pki: NetworkPKI, tmp_path: Path, make_config: Callable[..., NetworkConfig],
+        insight: Callable[..., MarketInsight], capsys: pytest.CaptureFixture[str],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
+    ports: set[int] = set()
+    while len(ports) < 3:
+        ports.add(free_port())
+    first, second, redis = sorted(ports)
+    out = tmp_path / "rendered"
+    code = main(["broker", "render", "--flavor", "cluster", "--mode", "consortium",
+                 "--network", pki.network, "--pki", str(pki.ca_dir), "--cert",
+                 str(pki.broker.cert), "--key", str(pki.broker.key), "--out", str(out),
+                 "--node-port", str(first), "--node-port", str(second),
+                 "--redis-port", str(redis)])
+    assert code == 0
+    urls = f"mqtts://127.0.0.1:{first},mqtts://127.0.0.1:{second}"
+    assert f"broker_url:    {urls}" in capsys.readouterr().out
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pear_mqtt", "cluster", "run", "--dir", str(out),
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        said = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+        assert "2 nodes on" in said, said  # printed once every node listens
+        both = urls.replace("127.0.0.1", "localhost")
+        async with PearNetwork(make_config("globex", broker_url=both)) as rx, \
+                PearNetwork(make_config("acme", broker_url=both)) as tx:
+            stream = rx.insights()
+            sent = await tx.broadcast_market_insight(insight())
+            (got,) = await take(stream, 1, timeout=30)
+        assert got.item_id == sent
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
+        await asyncio.wait_for(proc.wait(), 30)
+    assert proc.returncode == 0 and "stopped" in rest, rest

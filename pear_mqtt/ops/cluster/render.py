@@ -30,6 +30,24 @@ class ClusterFiles:
     redis_port: int
     rules: int
 
+    @classmethod
+    def load(cls, directory: Path) -> ClusterFiles:
+        """What :func:`render_cluster` wrote into ``directory``, read back."""
+        nodes = sorted(Path(directory).glob("node-*.json"))
+        redis_conf = Path(directory) / "redis.conf"
+        if not nodes or not redis_conf.is_file():
+            raise ConfigError(f"{directory} holds no clustered broker's configuration (write "
+                              "it with `pear-mqtt broker render --flavor cluster`)")
+        try:
+            confs = [json.loads(n.read_text(encoding="utf-8")) for n in nodes]
+            return cls(nodes=tuple(nodes), redis_conf=redis_conf, host=confs[0]["host"],
+                       ports=tuple(int(c["port"]) for c in confs),
+                       redis_port=int(confs[0]["redis"]["port"]),
+                       rules=len(confs[0]["rules"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"cannot read the cluster configuration in {directory}: "
+                              f"{exc}") from None
+
     @property
     def urls(self) -> str:
         """The ``broker_url`` setting that names every node (clients try them in turn)."""

