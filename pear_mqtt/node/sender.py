@@ -9,6 +9,7 @@ checkpoint pages (:mod:`.checkpoints`). Pacing contract: docs/DESIGN.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from .item_ids import ItemIds
 from .markers import Markers
 from .memory_outbox import MemoryOutbox
 from .outbox import NewItem, Outbox, OutboxItem
+from .suspects import Suspects
 from .window import Window
 
 __all__ = ["BACKGROUND_PER_ROUND", "MIDSTREAM_BUDGET", "STATE_MAX_DEFER", "STATE_QUIET",
@@ -106,6 +108,7 @@ class Sender:
         self._idle.set()
         self._timer: asyncio.TimerHandle | None = None
         self._inflight_ids: set[int] = set()
+        self._suspects = Suspects()  # rows in flight when a connection closed
         self._acks: list[int] = []  # acknowledged rows not yet deleted (see _ack_rows)
         self._refused_topics: set[str] = set()  # said once each (see _publish)
         self._ack_scheduled = False
@@ -414,6 +417,10 @@ class Sender:
     async def _send_batch(self, conn: Connection, window: Window,
                           batch: list[OutboxItem]) -> bool:
         """Sign and publish ``batch``; False if the connection broke."""
+        if self._suspects:
+            batch = await self._send_suspects(conn, window, batch)
+            if not batch:
+                return not conn.closed.is_set()
         for payload, ids in self._encode(batch):
             await window.acquire(len(payload))
             try:
@@ -423,6 +430,29 @@ class Sender:
                 log.info("publish stopped: %s", exc)
                 return False
         return True
+
+    async def _send_suspects(self, conn: Connection, window: Window,
+                             batch: list[OutboxItem]) -> list[OutboxItem]:
+        """Dead-letter the rows of ``batch`` the broker refused by closing the connection,
+        send those suspected of it alone (each PUBACK awaited); return the rest."""
+        rest: list[OutboxItem] = []
+        for row in batch:
+            if self._suspects.refused(row.id):
+                self._dead_letter(row.topic, "connection closed", [row.id])
+            elif not self._suspects.alone(row.id):
+                rest.append(row)
+            else:
+                for payload, ids in self._encode([row]):
+                    await window.acquire(len(payload))
+                    try:
+                        sent = self._publish(conn, row, payload, ids, window)
+                    except TransportError:
+                        window.release(len(payload))
+                        return []
+                    await _settled_or_closed(sent, conn)
+                    if conn.closed.is_set():
+                        return []
+        return rest
 
     async def send_states(self, conn: Connection, window: Window, *, limit: int,
                           budget: float | None = None) -> bool:
@@ -507,7 +537,7 @@ class Sender:
         return [(payload, [r.id for r in batch])]
 
     def _publish(self, conn: Connection, first: OutboxItem, payload: bytes, ids: list[int],
-                 window: Window) -> None:
+                 window: Window) -> asyncio.Future[None]:
         rel = self.config.reliability
         fut = conn.publish(first.topic, payload, qos=rel.qos, retain=first.retain,
                            expiry=rel.message_expiry if first.retain else None)
@@ -521,30 +551,36 @@ class Sender:
         def done(f: asyncio.Future[None]) -> None:
             window.release(nbytes)
             self._inflight_ids.difference_update(ids)
-            if f.cancelled():
-                return
-            exc = f.exception()
+            exc = None if f.cancelled() else f.exception()
             if isinstance(exc, PublishRefused):
-                # The broker's rules refuse it: sending it again cannot help. Dead-lettered,
-                # counted by the reason and said once per topic, never retried forever.
-                why = "_".join(exc.reason.lower().split())
-                self._counters.dropped[f"refused_{why}"] += len(ids)
-                if first.topic not in self._refused_topics:
-                    self._refused_topics.add(first.topic)
-                    log.warning("broker refused a publish on %s (%s): %d item(s) dropped "
-                                "from the outbox; check this node's identity and the "
-                                "broker's ACL", first.topic, exc.reason, len(ids))
-                self._ack_rows(ids)
+                self._dead_letter(first.topic, exc.reason, ids)
                 return
-            if exc is not None:
-                return  # the rows stay in the outbox and are sent again after reconnecting
+            if f.cancelled() or exc is not None:
+                # The connection went with it unacknowledged: the rows stay in the outbox
+                # and are sent again after reconnecting, alone if this keeps happening.
+                self._suspects.closed(ids)
+                return
             rtt = (time.perf_counter() - sent_at) * 1000
             self._latency = rtt if self._latency is None else 0.9 * self._latency + 0.1 * rtt
             if live:
                 self._counters.insights_acked += len(ids)
+            self._suspects.acked(ids)
             self._ack_rows(ids)
 
         fut.add_done_callback(done)
+        return fut
+
+    def _dead_letter(self, topic: str, reason: str, ids: list[int]) -> None:
+        """The broker's rules refuse these rows: sending them again cannot help. Dropped from
+        the outbox, counted by the reason and said once per topic, never retried forever."""
+        why = "_".join(reason.lower().split())
+        self._counters.dropped[f"refused_{why}"] += len(ids)
+        if topic not in self._refused_topics:
+            self._refused_topics.add(topic)
+            log.warning("broker refused a publish on %s (%s): %d item(s) dropped from the "
+                        "outbox; check this node's identity and the broker's ACL", topic,
+                        reason, len(ids))
+        self._ack_rows(ids)
 
     def _ack_rows(self, ids: list[int]) -> None:
         # The PUBACKs one read of the socket brings are deleted in one outbox transaction:
@@ -567,6 +603,23 @@ class Sender:
             self._counters.dropped["outbox_ack_failed"] += 1
             return
         self._maybe_idle()
+
+
+async def _settled_or_closed(sent: asyncio.Future[None], conn: Connection) -> None:
+    """Until ``sent`` has its PUBACK (or failed), or ``conn`` closed."""
+    async def settled() -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(sent)
+
+    async def closed() -> None:
+        await conn.closed.wait()
+
+    waiting = [asyncio.ensure_future(settled()), asyncio.ensure_future(closed())]
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waiting:
+            task.cancel()
 
 
 def _batches(rows: list[OutboxItem], limit: int) -> Iterator[list[OutboxItem]]:

@@ -5,6 +5,7 @@ hands its clients to the other without losing a message; the ACL holds on every 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -154,3 +155,31 @@ async def test_the_rendered_cluster_runs_from_the_command_line_and_stops_on_sigt
         rest = (await asyncio.wait_for(proc.stderr.read(), 30)).decode()
         await asyncio.wait_for(proc.wait(), 30)
     assert proc.returncode == 0 and "stopped" in rest, rest
+
+
+async def test_a_publish_refused_by_closing_the_connection_is_dead_lettered(
+        cluster: ClusterProcesses, pki: NetworkPKI, make_config: Callable[..., NetworkConfig],
+        insight: Callable[..., MarketInsight], tmp_path: Path,
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
+    """An operator withdrew acme's right to retained state on the cluster. aedes has no
+    negative PUBACK: it closes the connection. The state is dead-lettered after the closes
+    that prove it refused, counted by reason; the live insight passes; flush() returns."""
+    withdrawn = {"access": "deny", "user": "acme",
+                 "topic": f"pear/v1/consortium/{pki.network}/acme/state/#"}
+    for i, path in enumerate(cluster.files.nodes):
+        conf = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps({**conf, "rules": [withdrawn, *conf["rules"]]}),
+                        encoding="utf-8")
+        cluster.stop_node(i)
+        cluster.start_node(i)
+    async with PearNetwork(make_config("globex", broker_url=_url(cluster, 1))) as rx, \
+            PearNetwork(make_config("acme", broker_url=_url(cluster, 0, 1),
+                                    outbox=tmp_path / "acme.sqlite")) as tx:
+        stream = rx.insights()
+        sent = await tx.broadcast_market_insight(insight(product="refused-state"))
+        (got,) = await take(stream, 1, timeout=30)
+        await tx.flush(timeout=60)  # would wait for ever on a state sent again and again
+        status = tx.status()
+    assert got.item_id == sent
+    assert status.dropped.get("refused_connection_closed") == 1
+    assert status.outbox_depth == 0 and status.reconnects >= 3
