@@ -173,9 +173,12 @@ class Connection:
         assert self._loop is not None
         loop = self._loop
         proto = MQTTProtocolVersion.MQTTv5 if version == 5 else MQTTProtocolVersion.MQTTv311
+        # MQTT 3.1.1 has no session expiry: a session that is to end with the connection is a
+        # clean session there, or the broker keeps (and fills) it for ever.
+        clean = self._clean_start or self._session_expiry == 0
         client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                              client_id=self.client_id, protocol=proto,
-                             clean_session=None if version == 5 else self._clean_start,
+                             clean_session=None if version == 5 else clean,
                              reconnect_on_failure=False)
         self._client = client
         client._sock_recv = _BufferedRecv(client)  # type: ignore[method-assign]

@@ -1,6 +1,6 @@
 """Outbox rows in flight when the connection was closed: a broker without negative PUBACKs
 (MQTT 3.1.1, e.g. aedes) refuses a forbidden publish by closing the connection, so a row that
-keeps being in flight when it closes is sent alone, and then refused (docs/RELIABILITY.md)."""
+keeps being in flight when it closes is sent alone, and then refused (deploy/cluster/README.md)."""
 
 from __future__ import annotations
 

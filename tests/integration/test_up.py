@@ -113,6 +113,14 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
         assert sys_figures['pear_broker_uptime_seconds{broker="consortium"}'] >= 0
     else:
         assert all(b.get("metrics_url") is None for b in state["brokers"])
+    if backend == "cluster":
+        # Each network's broker is two nodes; the clients list both, half of them node 2
+        # first, so they spread over the cluster and fail over to the other node.
+        assert all(len(b["url"].split(",")) == 2 for b in state["brokers"])
+        orders = {n["url"] for n in state["nodes"] if n["mode"] == "consortium"}
+        assert len(orders) == 2
+        first, second = orders
+        assert first.split(",") == second.split(",")[::-1]
 
     again = up.start(*args, backend=backend)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -137,6 +145,8 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
     assert all(p["proc"]["pid"] is None for p in up.state()["brokers"])
     for port in up.ports:
         assert not listening(port), f"port {port} still has a listener"
+    for url in (u for b in state["brokers"] for u in b["url"].split(",")):
+        assert not listening(int(url.rsplit(":", 1)[1])), f"{url} still has a listener"
 
     after = up.run("status")
     assert after.returncode != 0
@@ -149,6 +159,10 @@ def _lifecycle(up: Up, *, backend: str, agents: bool,
 
 def test_local_backend_lifecycle(up: Up) -> None:
     _lifecycle(up, backend="local", agents=True, protocol=MQTTProtocolVersion.MQTTv5)
+
+
+def test_cluster_backend_lifecycle(up: Up) -> None:
+    _lifecycle(up, backend="cluster", agents=True, protocol=MQTTProtocolVersion.MQTTv311)
 
 
 def test_embedded_backend_lifecycle(up: Up) -> None:

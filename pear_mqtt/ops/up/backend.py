@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 
 from ...security.pki import CertPaths
 from .state import BrokerEntry, NodeEntry, Proc, UpState
-from .topology import NetworkSpec
+from .topology import HOST, NetworkSpec
 
 __all__ = ["Backend", "Group"]
 
@@ -56,6 +56,11 @@ class Backend(ABC):
         """Write what the broker of ``spec`` needs to run; return its configuration file (None
         when it takes its settings on the command line) and where its output goes (a file,
         or a name :meth:`tail` understands)."""
+
+    def broker_url(self, *, spec: NetworkSpec, port: int, index: int) -> str:
+        """The ``broker_url`` the ``index``-th client of ``spec``'s broker is given (one
+        URL; a clustered broker's lists its nodes, in an order that spreads the clients)."""
+        return f"mqtts://{HOST}:{port}"
 
     def begin(self, *, directory: Path, state: UpState, agent_nodes: Sequence[NodeEntry],
               with_agents: bool, rate: float | None) -> None:

@@ -176,7 +176,7 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
         ca_dir = root / "ca"
         _ensure_ca(ca_dir, spec.network, pseudonyms=spec.anonymise)
         crl = ca_dir / pkimod.CA_CRL
-        url = f"mqtts://{HOST}:{port}"
+        url = backend.broker_url(spec=spec, port=port, index=0)
         broker_certs = _ensure_cert(ca_dir=ca_dir, out_dir=root / "broker", role="broker",
                                     member=f"{spec.network}-broker")
         monitor = _ensure_cert(ca_dir=ca_dir, out_dir=root / "monitor", role="monitor",
@@ -197,7 +197,9 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
         members = [(c, s, "store") for c in spec.companies for s in spec.stores]
         if spec.archive is not None:
             members.insert(0, (spec.archive, "archive", "archive"))
-        for company, store, role in members:  # the archive first: the stores' configs name it
+        for index, (company, store, role) in enumerate(members):
+            # The archive first: the stores' configs name it.
+            url = backend.broker_url(spec=spec, port=port, index=index)
             certs, member, node = _ensure_node(ca_dir=ca_dir, out_dir=root / "nodes",
                                                company=company, store=store,
                                                enrolled=enrolled)
@@ -222,6 +224,7 @@ def prepare(directory: Path, ports: Sequence[int], backend: Backend) -> Plan:
             nodes.append(entry)
             if spec.agents:
                 agent_nodes.append(entry)
+        url = backend.broker_url(spec=spec, port=port, index=0)
         probe = next(n for n in nodes if n.network == spec.network)
         conf, log = backend.broker_config(directory=directory, spec=spec, port=port,
                                           ca_dir=ca_dir, certs=broker_certs, probe=probe)

@@ -7,6 +7,7 @@ from typing import Final
 
 from ...errors import BrokerError, ConfigError
 from .backend import Backend
+from .cluster import ClusterBackend
 from .docker import DockerBackend
 from .local import EmbeddedBackend, LocalBackend
 from .state import UpState
@@ -17,7 +18,7 @@ AUTO_ORDER: Final[tuple[type[Backend], ...]] = (DockerBackend, LocalBackend, Emb
 """What ``auto`` tries, best first."""
 
 BACKENDS: Final[dict[str, type[Backend]]] = {
-    cls.name: cls for cls in (LocalBackend, EmbeddedBackend, DockerBackend)}
+    cls.name: cls for cls in (LocalBackend, EmbeddedBackend, DockerBackend, ClusterBackend)}
 """Every backend by name (``--backend``, ``PEAR_BACKEND``, ``up.json``)."""
 
 
