@@ -13,6 +13,10 @@
   of ``pki.network``; no persistence. Fresh per test, so nothing retained leaks between tests.
 - ``mosquitto_factory`` (function): ``mosquitto_factory(**kwargs)`` starts more brokers
   (``persistence=True``, ``mode=...``, ``network=...``, ``pki=...``); all stop at teardown.
+- ``cluster`` (function): the test network's broker as a 2-node aedes cluster on redis.
+- ``embedded`` (function): the embedded amqtt broker (consortium mode), on the test's loop.
+- ``broker_kind`` (function, parametrised mosquitto / amqtt / cluster): a
+  :class:`brokerkinds.BrokerUnderTest`, so one test body runs on every supported broker.
 - ``unique_id`` (function): a fresh id valid as network, company or node id.
 - ``net`` (function): the bridge tests' two brokers (consortium, public), an aggregator key
   pair and a spy on the public broker (:class:`bridgekit.Net`).
@@ -37,6 +41,7 @@ from typing import Any
 
 import pytest
 from bridgekit import Net
+from brokerkinds import BrokerUnderTest
 from brokers import (
     BACKEND,
     GROUP_KEY,
@@ -59,6 +64,7 @@ from pear_mqtt.config.models import (
 from pear_mqtt.model.insight import MarketInsight, NetworkMode, PriceData, SalesData, TrendData
 from pear_mqtt.ops.cluster.render import render_cluster
 from pear_mqtt.ops.cluster.run import ClusterProcesses, cluster_problem
+from pear_mqtt.ops.embedded.broker import EmbeddedBroker
 from pear_mqtt.security.seal import (
     SealOpener,
     generate_x25519_key,
@@ -72,11 +78,18 @@ _HERE = Path(__file__).resolve().parent
 _BROKER_FIXTURES = frozenset({"mosquitto", "mosquitto_factory", "make_config"})
 
 
+def _starts_mosquitto(item: pytest.Item) -> bool:
+    if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)  # broker_kind asks for mosquitto by name
+    return callspec is not None and callspec.params.get("broker_kind") == "mosquitto"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.integration)
-            if _BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            if _starts_mosquitto(item):
                 item.add_marker(pytest.mark.uses_broker)
 
 
@@ -196,29 +209,73 @@ def aggregator(tmp_path: Path) -> tuple[Path, SealOpener]:
     return path, SealOpener(key)
 
 
+def _node_config(pki: NetworkPKI, aggregator_key: Path, member: str, *, broker_url: str,
+                 mode: NetworkMode = NetworkMode.CONSORTIUM, node: str = "store-1",
+                 outbox: Path | None = None, pseudonymous: bool = False,
+                 **reliability: Any) -> NetworkConfig:
+    """``member``'s ``node``; ``pseudonymous``: enrolled under the CA's pseudonyms (the config
+    keeps the company's own id; node_id is the store's pseudonym)."""
+    if pseudonymous:
+        certs, enrolment = pki.enrolled(member, node)
+        node = enrolment.node
+    else:
+        certs = pki.node(member, node)
+    return NetworkConfig(
+        mode=mode, company_id=member, network_id=pki.network, node_id=node,
+        broker_url=broker_url, tls=pki.tls(certs),
+        privacy=PrivacyConfig(aggregator_key_file=aggregator_key),
+        encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
+        reliability=ReliabilityConfig(**{"outbox_path": outbox, "reconnect_min_delay": 0.05,
+                                         "reconnect_max_delay": 0.5, **reliability}))
+
+
 @pytest.fixture
 def make_config(pki: NetworkPKI, mosquitto: MosquittoBroker, aggregator: tuple[Path, Any]
                 ) -> Callable[..., NetworkConfig]:
-    def make(member: str, *, mode: NetworkMode = NetworkMode.CONSORTIUM, node: str = "store-1",
-             broker_url: str | None = None, outbox: Path | None = None,
-             pseudonymous: bool = False, **reliability: Any) -> NetworkConfig:
-        """``member``'s ``node``; ``pseudonymous``: enrolled under the CA's pseudonyms (the
-        config keeps the company's own id; node_id is the store's pseudonym)."""
-        if pseudonymous:
-            certs, enrolment = pki.enrolled(member, node)
-            node = enrolment.node
-        else:
-            certs = pki.node(member, node)
-        return NetworkConfig(
-            mode=mode, company_id=member, network_id=pki.network, node_id=node,
-            broker_url=broker_url or mosquitto.tls_url, tls=pki.tls(certs),
-            privacy=PrivacyConfig(aggregator_key_file=aggregator[0]),
-            encryption=EncryptionConfig(keys={"k1": GROUP_KEY}, active="k1"),
-            reliability=ReliabilityConfig(**{"outbox_path": outbox, "reconnect_min_delay": 0.05,
-                                             "reconnect_max_delay": 0.5, **reliability}))
+    """``make_config(member, *, mode=, node=, broker_url=, outbox=, pseudonymous=,
+    **reliability)``: a node config on the ``mosquitto`` fixture's TLS port by default."""
+    def make(member: str, *, broker_url: str | None = None, **kwargs: Any) -> NetworkConfig:
+        return _node_config(pki, aggregator[0], member,
+                            broker_url=broker_url or mosquitto.tls_url, **kwargs)
     return make
 
 
+# -- the same tests on every broker kind (test_conformance.py) ----------------------------------
+
+@pytest.fixture
+async def embedded(pki: NetworkPKI) -> AsyncIterator[EmbeddedBroker]:
+    """The embedded amqtt broker (consortium mode, the test PKI), on this test's event loop:
+    a test that blocks the loop (a synchronous client's wait) stalls it."""
+    async with EmbeddedBroker(mode="consortium", network=pki.network, ca_file=pki.ca,
+                              cert_file=pki.broker.cert, key_file=pki.broker.key,
+                              crl_file=pki.crl, bridge_users=[pki.bridge_user]) as broker:
+        yield broker
+
+
+@pytest.fixture(params=["mosquitto", "amqtt", "cluster"])
+def broker_kind(request: pytest.FixtureRequest, pki: NetworkPKI,
+                aggregator: tuple[Path, Any]) -> BrokerUnderTest:
+    """A started broker of each supported kind in turn (test ids: mosquitto, amqtt, cluster);
+    a cluster's senders use node 0 and its receivers node 1."""
+    kind: str = request.param
+    fixed: dict[str, Any] = {}
+    if kind == "mosquitto":
+        broker: MosquittoBroker = request.getfixturevalue("mosquitto")
+        ports = (broker.tls_port, broker.tls_port)
+    elif kind == "amqtt":
+        amqtt: EmbeddedBroker = request.getfixturevalue("embedded")
+        assert amqtt.tls_port is not None
+        ports = (amqtt.tls_port, amqtt.tls_port)
+        # amqtt leaves an MQTT 5 CONNECT unanswered: "auto" would spend its MQTT 5 share of
+        # the connect timeout on every new connection (test_network_embedded covers "auto").
+        fixed["mqtt_version"] = "3.1.1"
+    else:
+        cluster: ClusterProcesses = request.getfixturevalue("cluster")
+        ports = (cluster.files.ports[0], cluster.files.ports[1])
+
+    def build(member: str, **kwargs: Any) -> NetworkConfig:
+        return _node_config(pki, aggregator[0], member, **{**kwargs, **fixed})
+    return BrokerUnderTest(kind=kind, send_port=ports[0], receive_port=ports[1], build=build)
 
 
 # -- node tests: an insight to broadcast, and the next items of a stream -------------------------

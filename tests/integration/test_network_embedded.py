@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +20,6 @@ from pear_mqtt.model.insight import MarketInsight, NetworkMode
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.ops.embedded.broker import EmbeddedBroker
 from pear_mqtt.privacy.ranges import ValueRange
-
-
-@pytest.fixture
-async def embedded(pki: NetworkPKI) -> AsyncIterator[EmbeddedBroker]:
-    async with EmbeddedBroker(mode="consortium", network=pki.network, ca_file=pki.ca,
-                              cert_file=pki.broker.cert, key_file=pki.broker.key,
-                              crl_file=pki.crl, bridge_users=[pki.bridge_user]) as broker:
-        yield broker
 
 
 @pytest.fixture
