@@ -96,6 +96,24 @@ async def test_a_persistent_session_keeps_what_was_sent_while_away(
     assert status.duplicates == 0
 
 
+async def test_a_node_that_asks_for_no_session_gets_none(
+        broker_kind: BrokerUnderTest, insight: MakeInsight, take: Take) -> None:
+    # session_expiry 0: MQTT 5 says so in CONNECT; on MQTT 3.1.1 (amqtt, the cluster) it
+    # has to be a clean session, or the broker queues for the node for ever.
+    rx_config = broker_kind.config("globex", receiving=True, session_expiry=0)
+    async with PearNetwork(rx_config):
+        pass
+    async with PearNetwork(broker_kind.config("acme")) as tx:
+        await tx.broadcast_many([insight(product=f"gone-{i}") for i in range(5)])
+        await tx.flush(timeout=30)
+        again = PearNetwork(rx_config)
+        stream = again.insights()
+        async with again:
+            after = await tx.broadcast_market_insight(insight(product="after"))
+            (first,) = await take(stream, 1, timeout=30)
+    assert first.item_id == after  # nothing of what was sent while it was away
+
+
 # -- raw MQTT clients: the ACL and who may connect ------------------------------------------
 
 def _probe(port: int, certs: CertPaths, ca: Any) -> MqttProbe:
