@@ -11,7 +11,7 @@ __all__ = ["BrokerRing"]
 
 
 class BrokerRing:
-    """The brokers of one network, tried in turn (docs/OPERATIONS.md, "Clustered brokers")."""
+    """The brokers of one network, tried in turn (deploy/cluster/README.md)."""
 
     __slots__ = ("_at", "_urls")
 
