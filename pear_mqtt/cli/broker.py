@@ -32,12 +32,15 @@ def _cmd_render(args: argparse.Namespace) -> int:
         except PKIError as exc:
             raise ConfigError(f"cannot read the revoked nodes from the CA registry: {exc}") \
                 from None
-    if args.flavor == "cluster":
+    if args.flavor != "mosquitto":
         for flag, value in (("--plain-port", args.plain_port), ("--user", args.user),
                             ("--persistence-dir", args.persistence_dir)):
             if value is not None:
-                raise ConfigError(f"{flag} is a mosquitto setting; the cluster keeps its "
-                                  "state in redis (see deploy/cluster/README.md)")
+                where = {"emqx": "EMQX keeps its own (see deploy/EMQX.md)",
+                         "cluster": "the cluster keeps its state in redis (see "
+                                    "deploy/cluster/README.md)"}[args.flavor]
+                raise ConfigError(f"{flag} is a mosquitto setting; {where}")
+    if args.flavor == "cluster":
         ports = args.node_port or [args.tls_port, args.tls_port + 1]
         files = render_cluster(
             mode=args.mode, network=args.network, out_dir=args.out,
@@ -52,11 +55,6 @@ def _cmd_render(args: argparse.Namespace) -> int:
               f"run:           pear-mqtt cluster run --dir {args.out}")
         return 0
     if args.flavor == "emqx":
-        for flag, value in (("--plain-port", args.plain_port), ("--user", args.user),
-                            ("--persistence-dir", args.persistence_dir)):
-            if value is not None:
-                raise ConfigError(f"{flag} is a mosquitto setting; EMQX keeps its own "
-                                  "(see deploy/EMQX.md)")
         emqx = render_emqx(
             mode=args.mode, network=args.network, out_dir=args.out,
             ca_file=pki_dir / "ca.crt", cert_file=cert, key_file=key, tls_port=args.tls_port,

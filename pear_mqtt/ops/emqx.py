@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BrokerError, ConfigError, TopicError
-from ..model.topics import AclRule, acl_rules, validate_identifier
-from .brokerconf import Mode
+from ..model.topics import AclRule, validate_identifier
+from .brokerconf import Mode, network_rules
 
 __all__ = ["RenderedEMQX", "acl_conf", "render_emqx"]
 
@@ -44,13 +44,8 @@ def acl_conf(*, modes: Iterable[str], network: str, bridge_users: Iterable[str] 
              revoked: Iterable[tuple[str, str]] = ()) -> tuple[str, int]:
     """EMQX's ``acl.conf`` (Erlang terms, first match wins) and how many rules it holds:
     every deny first, then the grants in mosquitto's order, then ``{deny, all}``."""
-    rules: list[AclRule] = []
-    try:
-        for mode in modes:
-            rules += acl_rules(mode=mode, network=network, bridge_users=list(bridge_users),
-                               revoked=sorted(set(revoked)), monitor_users=list(monitor_users))
-    except TopicError as exc:
-        raise ConfigError(str(exc)) from None
+    rules = network_rules(modes=modes, network=network, bridge_users=bridge_users,
+                          revoked=revoked, monitor_users=monitor_users)
     ordered = list(dict.fromkeys(
         [_term(r) for r in rules if r.access == "deny"]
         + [_term(r) for r in rules if r.access != "deny"]))

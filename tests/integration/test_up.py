@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 from brokers import MqttProbe, new_unique_id
 from paho.mqtt.enums import MQTTProtocolVersion
-from upkit import Up, listening, scrape_until
+from upkit import Up, scrape_until
 
 from pear_mqtt.config.manager import NetworkConfigManager
 from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.ops.up.health import listening
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.pki import CertPaths
 

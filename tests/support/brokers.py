@@ -48,6 +48,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pear_mqtt.config.models import TLSConfig
 from pear_mqtt.errors import BrokerError
 from pear_mqtt.ops.brokerconf import Mode, render
+from pear_mqtt.ops.up.health import listening
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.pki import CertPaths
 
@@ -209,14 +210,6 @@ def build_pki(root: Path, *, network: str = "testnet",
 
 
 # -- broker -------------------------------------------------------------------------------
-
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
 
 class MosquittoBroker:
     """One mosquitto process with a plaintext and a mutual-TLS listener on loopback.
@@ -394,7 +387,7 @@ class MosquittoBroker:
                     f"mosquitto exited with status {status} while starting; "
                     + self._diagnostics(log_offset, out_offset))
             # mosquitto logs "running" after every listener is bound; the connect proves it.
-            if " running" in self.log_text()[log_offset:] and _accepts(self.host, probe_port):
+            if " running" in self.log_text()[log_offset:] and listening(probe_port, self.host):
                 return
             if time.monotonic() > deadline:
                 self.kill()

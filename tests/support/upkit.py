@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -48,14 +47,6 @@ class Up:
     def state(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.dir / "up.json").read_text())
         return data
-
-
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def scrape_until(url: str, name: str, timeout: float = 60.0) -> dict[str, float]:

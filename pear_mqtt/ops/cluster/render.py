@@ -10,10 +10,10 @@ from pathlib import Path
 
 from ...errors import BrokerError, ConfigError, TopicError
 from ...files import atomic_write
-from ...model.topics import AclRule, acl_rules, validate_identifier
-from ..brokerconf import Mode
+from ...model.topics import validate_identifier
+from ..brokerconf import Mode, network_rules
 
-__all__ = ["ClusterFiles", "cluster_rules", "render_cluster"]
+__all__ = ["ClusterFiles", "render_cluster"]
 
 # What a persistent session keeps for a client that is away (aedes's default is 1,000).
 MAX_SESSION_DELIVERY = 1_000_000
@@ -54,20 +54,6 @@ class ClusterFiles:
         return ",".join(f"mqtts://{self.host}:{p}" for p in self.ports)
 
 
-def cluster_rules(*, modes: Iterable[str], network: str, bridge_users: Iterable[str] = (),
-                  monitor_users: Iterable[str] = (),
-                  revoked: Iterable[tuple[str, str]] = ()) -> list[AclRule]:
-    """The rules of every mode the broker serves, once each, in mosquitto's order."""
-    rules: list[AclRule] = []
-    try:
-        for mode in modes:
-            rules += acl_rules(mode=mode, network=network, bridge_users=list(bridge_users),
-                               revoked=sorted(set(revoked)), monitor_users=list(monitor_users))
-    except TopicError as exc:
-        raise ConfigError(str(exc)) from None
-    return list(dict.fromkeys(rules))
-
-
 def _existing(path: Path, what: str) -> str:
     if not Path(path).is_file():
         raise ConfigError(f"{what} {path} does not exist (see `pear-mqtt pki`)")
@@ -101,7 +87,7 @@ def render_cluster(*, mode: Mode, network: str, out_dir: Path, ca_file: Path, ce
            "key": _existing(key_file, "key_file"),
            "crl": (_existing(crl_file, "crl_file") if crl_file is not None
                    and Path(crl_file).is_file() else None)}
-    rules = cluster_rules(modes=list(dict.fromkeys([mode, *(acl_modes or ())])),
+    rules = network_rules(modes=list(dict.fromkeys([mode, *(acl_modes or ())])),
                           network=network, bridge_users=bridge_users,
                           monitor_users=monitor_users, revoked=revoked)
     out_dir = Path(out_dir)

@@ -8,13 +8,13 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import IO
 
 from ...errors import BrokerError
+from ..up.health import listening
 from .render import ClusterFiles
 
 __all__ = ["ClusterProcesses", "cluster_dir", "cluster_problem", "install_packages", "node_bin"]
@@ -95,14 +95,6 @@ def install_packages() -> Path:
     return where
 
 
-def _accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 class ClusterProcesses:
     """redis and the nodes of one :class:`ClusterFiles`, logging into ``log_dir``."""
 
@@ -128,7 +120,7 @@ class ClusterProcesses:
         """Until ``port`` accepts connections; BrokerError with the log's tail if the process
         exits or ``timeout`` passes first."""
         deadline = time.monotonic() + timeout
-        while not _accepts(self.files.host, port):
+        while not listening(port, self.files.host):
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = (self.log_dir / log_name).read_text(errors="replace")[-1500:]
                 state = (f"exited with {proc.returncode}" if proc.poll() is not None

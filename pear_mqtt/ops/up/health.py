@@ -49,6 +49,15 @@ NOT_RUNNING: Final = "process not running"
 
 # -- ports and probes ------------------------------------------------------------------------
 
+def listening(port: int, host: str = HOST) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def port_free(port: int, host: str = HOST) -> bool:
     """Whether nothing listens on ``host:port`` (a bind with SO_REUSEADDR succeeds)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
