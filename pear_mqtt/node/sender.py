@@ -14,7 +14,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
 from ..config.models import NetworkConfig
 from ..errors import (
@@ -37,7 +36,8 @@ from .history import NodeLog
 from .item_ids import ItemIds
 from .markers import Markers
 from .memory_outbox import MemoryOutbox
-from .outbox import NewItem, Outbox, OutboxItem
+from .outbox import Outbox, OutboxItem
+from .producer import Prepared, Producer
 from .suspects import Suspects
 from .window import Window
 
@@ -75,17 +75,7 @@ _BACK_TO_BACK = 0.0002
 # catches up after a stall makes one or two, a loop over a backlog dozens.
 _BUSY_BACK_TO_BACK = 3
 _MAX_LINGER_FACTOR = 10
-_TOPIC_CACHE = 4096  # categories whose topic strings are kept
 _WAKE_MAX = 5.0  # longest wait (s) before a deferred page or held state is considered again
-
-
-class _Prepared(NamedTuple):
-    """One filtered insight ready for the outbox: its live topic, payload and state topic
-    (None when it has no retained state)."""
-
-    topic: str
-    payload: bytes
-    state_topic: str | None
 
 
 class Sender:
@@ -96,11 +86,9 @@ class Sender:
                  privacy: PrivacyFilter) -> None:
         self.config = config
         self._counters = counters
-        self._filter = privacy
+        self._producer = Producer(config=config, counters=counters, privacy=privacy)
         self._codec: EnvelopeCodec | None = None
         self._scheme: TopicScheme | None = None
-        self._sealer: Sealer | None = None
-        self._item_ids: ItemIds | None = None
         self._history: NodeLog | None = None
         self._outbox: Outbox | MemoryOutbox | None = None
         self._work = asyncio.Event()
@@ -116,7 +104,6 @@ class Sender:
         self._latency: float | None = None
         self._yielded_at = self._broadcast_at = time.monotonic()
         self._back_to_back = 0  # broadcasts that started right after the previous one returned
-        self._category_topics: dict[str, tuple[str, str | None]] = {}
         # State rows held back while a burst lasts: key -> newest row, and since when.
         # Oldest change first. An OrderedDict: taking the first entry of a plain dict over and
         # over skips every slot emptied before it (quadratic with 100,000 held states).
@@ -134,9 +121,10 @@ class Sender:
                history: NodeLog | None = None) -> None:
         """What ``connect()`` opened: sign with ``codec``, seal aggregated groups with
         ``sealer``, send from ``outbox``, and log every envelope in ``history``."""
-        self._codec, self._scheme, self._sealer, self._outbox = codec, topics, sealer, outbox
+        self._codec, self._scheme, self._outbox = codec, topics, outbox
         self._history = history
-        self._item_ids = ItemIds(codec.signer)
+        self._producer.attach(topics=topics, sealer=sealer, item_ids=ItemIds(codec.signer),
+                              outbox=outbox)
         self._pages.attach(codec=codec, topics=topics, markers=markers)
         if outbox.depth > 0:
             self._idle.clear()  # rows left by an earlier run still wait for their acks
@@ -199,19 +187,14 @@ class Sender:
 
     # -- broadcasting --------------------------------------------------------------------------
     async def broadcast(self, insight: MarketInsight) -> str:
-        """Filter ``insight``, store it (and its state) in the outbox; returns its item id.
-
-        The id is derived from what the insight describes (:class:`ItemIds`): broadcasting
-        the same observation again sends it with the same id. An insight of which nothing
-        is published and nothing sealed sends nothing; one of which only the sealed part
-        goes out is sent as that part alone, with no state.
-        """
+        """Filter ``insight``, store it (and its state) in the outbox; returns its item id
+        (see :meth:`Producer.prepare`: the same observation broadcast again keeps its id)."""
         self._require_attached()
         if time.monotonic() - self._broadcast_at < _BACK_TO_BACK:
             self._back_to_back += 1  # the caller produces insights as fast as it can
-        item_id, item = self._prepare(insight)
+        item_id, item = self._producer.prepare(insight)
         if item is not None:
-            self._store([item])
+            self._producer.store([item])
         return await self._broadcasted(1 if item is not None else 0, item_id)
 
     async def broadcast_many(self, insights: Sequence[MarketInsight]) -> list[str]:
@@ -223,10 +206,10 @@ class Sender:
         """
         self._require_attached()
         ids: list[str] = []
-        items: list[_Prepared] = []
+        items: list[Prepared] = []
         for position, insight in enumerate(insights):
             try:
-                item_id, item = self._prepare(insight)
+                item_id, item = self._producer.prepare(insight)
             except PrivacyError as exc:
                 raise type(exc)(f"insight {position} of the batch: {exc}") from exc
             ids.append(item_id)
@@ -235,64 +218,13 @@ class Sender:
         if items:
             # A batch is a backlog by definition: the flusher may linger and batch it.
             self._back_to_back += len(items)
-            self._store(items)
+            self._producer.store(items)
         await self._broadcasted(len(items), ids[-1] if ids else "")
         return ids
 
     def _require_attached(self) -> None:
-        if self._outbox is None or self._scheme is None or self._item_ids is None:
+        if not self._producer.attached:
             raise NotConnectedError("call connect() before broadcasting")
-
-    def _prepare(self, insight: MarketInsight) -> tuple[str, _Prepared | None]:
-        """The item id of ``insight`` and what goes into the outbox for it (None: nothing)."""
-        assert self._item_ids is not None
-        result = self._filter.encode(insight)
-        item_id = self._item_ids.of(insight)
-        token: str | None = None
-        if result.contribution is not None:
-            if self._sealer is not None:
-                token = self._sealer.seal(result.contribution)
-            else:
-                self._counters.dropped["aggregated_without_aggregator_key"] += 1
-        if result.shared is None and token is None:
-            return item_id, None  # the policy lets nothing of it leave the node
-        # The item is spliced from the filter's JSON (one serialisation, no dict round trip);
-        # the id is hex and the sealed token base64url, so neither needs escaping.
-        parts = [b'{"iid":"', item_id.encode(), b'"']
-        if result.shared is not None:
-            parts += [b',"insight":', result.shared]
-        if token is not None:
-            parts += [b',"sealed":"', token.encode(), b'"']
-        parts.append(b"}")
-        topics = self._category_topics.get(insight.category)
-        if topics is None:
-            topics = self._topics_for(insight.category)
-        live_topic, state_topic = topics
-        if result.shared is None:
-            state_topic = None  # a sealed part alone tells peers nothing worth keeping
-        return item_id, _Prepared(live_topic, b"".join(parts), state_topic)
-
-    def _store(self, items: Sequence[_Prepared]) -> None:
-        """Put ``items`` (and their states) into the outbox: one transaction on disk."""
-        outbox = self._outbox
-        try:
-            if isinstance(outbox, MemoryOutbox):
-                for it in items:
-                    outbox.put_insight(topic=it.topic, payload=it.payload,
-                                       state_topic=it.state_topic)
-            else:
-                assert outbox is not None
-                new: list[NewItem] = []
-                for it in items:
-                    new.append(NewItem(topic=it.topic, payload=it.payload,
-                                       kind="contrib" if it.state_topic is None else "insight"))
-                    if it.state_topic is not None:
-                        new.append(NewItem(topic=it.state_topic, payload=it.payload,
-                                           kind="state", key=it.state_topic, retain=True))
-                outbox.put_many(new)
-        except OutboxError:
-            self._counters.dropped["outbox_refused"] += len(items)  # the caller gets it too
-            raise
 
     async def _broadcasted(self, stored: int, item_id: str) -> str:
         """Count ``stored`` items, wake the flusher and hand the loop over now and then."""
@@ -305,17 +237,6 @@ class Sender:
             self._yielded_at = now
             await asyncio.sleep(0)
         return item_id
-
-    def _topics_for(self, category: str) -> tuple[str, str | None]:
-        """(live topic, state topic or None in public mode) of ``category``, remembered."""
-        assert self._scheme is not None
-        live = self._scheme.insights(category)
-        state = (None if self.config.mode is NetworkMode.PUBLIC
-                 else self._scheme.state(self.config.node_id, category))
-        if len(self._category_topics) >= _TOPIC_CACHE:
-            self._category_topics.clear()
-        self._category_topics[category] = (live, state)
-        return live, state
 
     # -- the flusher ---------------------------------------------------------------------------
     async def run(self, conn: Connection) -> None:
