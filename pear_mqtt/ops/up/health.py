@@ -162,17 +162,29 @@ class _DaemonThreads(ThreadPoolExecutor):
 
 
 def _probe(broker: BrokerEntry, nodes: Sequence[NodeEntry]) -> tuple[bool, str]:
+    """Every node the broker's URL names (a cluster has several) must admit the probe node;
+    the detail says which did not."""
     node = next((n for n in nodes if n.name == broker.probe_node), None)
     if node is None:
         return False, f"probe node {broker.probe_node!r} missing from {STATE_FILE}"
-    try:
-        ms = probe_broker(host=broker.host, port=broker.port, ca=node.ca, cert=node.cert,
-                          key=node.key)
-    except ConnectError as exc:  # its message names the broker
-        return False, str(exc)
-    except OSError as exc:
-        return False, f"{broker.url}: {type(exc).__name__}: {exc}"
-    return True, f"{broker.url} admits {node.member}/{node.node} ({ms:.0f} ms)"
+    said: list[str] = []
+    down = 0
+    urls = BrokerURL.parse_list(broker.url)
+    for url in urls:
+        try:
+            ms = probe_broker(host=url.host, port=url.port, ca=node.ca, cert=node.cert,
+                              key=node.key)
+        except ConnectError as exc:  # its message names the broker
+            down += 1
+            said.append(str(exc))
+        except OSError as exc:
+            down += 1
+            said.append(f"{url}: {type(exc).__name__}: {exc}")
+        else:
+            said.append(f"{url} admits {node.member}/{node.node} ({ms:.0f} ms)")
+    if down and len(urls) > down:
+        said.insert(0, f"{down} of {len(urls)} nodes down (clients use the others):")
+    return not down, "; ".join(said)
 
 
 def agent_health(status_file: Path | str) -> tuple[bool, str]:
