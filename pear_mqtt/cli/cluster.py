@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..errors import BrokerError
 from ..ops.cluster.render import ClusterFiles
 from ..ops.cluster.run import ClusterProcesses, install_packages
 
@@ -29,15 +30,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     procs.start()
-    print(f"pear-mqtt cluster: {len(files.nodes)} nodes on {files.urls} (redis on port "
-          f"{files.redis_port}); logs in {procs.log_dir}", file=sys.stderr, flush=True)
+    pids = ",".join(str(procs.pid(i)) for i in range(len(files.nodes)))
+    print(f"pear-mqtt cluster: {len(files.nodes)} nodes on {files.urls} (pids {pids}; redis "
+          f"on port {files.redis_port}); logs in {procs.log_dir}", file=sys.stderr, flush=True)
     try:
         while not stop.wait(1.0):
-            dead = [i + 1 for i in range(len(files.nodes)) if not procs.running(i)]
-            if dead and not args.keep_going:
-                print(f"pear-mqtt cluster: node(s) {dead} exited; stopping (see "
-                      f"{procs.log_dir})", file=sys.stderr)
+            dead = [i for i in range(len(files.nodes)) if not procs.running(i)]
+            if dead and not args.restart:
+                print(f"pear-mqtt cluster: node(s) {[i + 1 for i in dead]} exited; stopping "
+                      f"(see {procs.log_dir})", file=sys.stderr)
                 return 1
+            for i in dead:
+                print(f"pear-mqtt cluster: node {i + 1} exited; starting it again (its "
+                      "clients use the other nodes meanwhile)", file=sys.stderr, flush=True)
+                try:
+                    procs.start_node(i)
+                except BrokerError as exc:  # tried again on the next round
+                    print(f"pear-mqtt cluster: {exc}", file=sys.stderr, flush=True)
     finally:
         procs.stop()
     print("pear-mqtt cluster: stopped", file=sys.stderr)
@@ -58,6 +67,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--dir", type=Path, required=True,
                    help="the directory `broker render --flavor cluster` wrote")
     p.add_argument("--logs", type=Path, help="where the processes log (default DIR/logs)")
-    p.add_argument("--keep-going", action="store_true",
-                   help="keep running when a node exits (its clients fail over)")
+    p.add_argument("--restart", action="store_true",
+                   help="start a node that exits again (its clients use the other nodes "
+                        "meanwhile); without it, one node exiting stops the cluster")
     p.set_defaults(handler=_cmd_run)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -137,17 +138,30 @@ async def test_the_rendered_cluster_runs_from_the_command_line_and_stops_on_sigt
     assert f"broker_url:    {urls}" in capsys.readouterr().out
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pear_mqtt", "cluster", "run", "--dir", str(out),
+        sys.executable, "-m", "pear_mqtt", "cluster", "run", "--dir", str(out), "--restart",
         stderr=asyncio.subprocess.PIPE)
     try:
         assert proc.stderr is not None
         said = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
         assert "2 nodes on" in said, said  # printed once every node listens
+        first_pid = int(said.split("(pids ", 1)[1].split(",", 1)[0])
         both = urls.replace("127.0.0.1", "localhost")
         async with PearNetwork(make_config("globex", broker_url=both)) as rx, \
                 PearNetwork(make_config("acme", broker_url=both)) as tx:
             stream = rx.insights()
             sent = await tx.broadcast_market_insight(insight())
+            (got,) = await take(stream, 1, timeout=30)
+        assert got.item_id == sent
+        # A node that dies is started again (--restart); it serves on its own port again.
+        os.kill(first_pid, signal.SIGKILL)
+        said = (await asyncio.wait_for(proc.stderr.readline(), 60)).decode()
+        assert "node 1 exited; starting it again" in said, said
+        only_first = f"mqtts://localhost:{first}"
+        async with PearNetwork(make_config("globex", broker_url=only_first,
+                                           node="again")) as rx, \
+                PearNetwork(make_config("acme", broker_url=only_first)) as tx:
+            stream = rx.insights()
+            sent = await tx.broadcast_market_insight(insight(product="after"))
             (got,) = await take(stream, 1, timeout=30)
         assert got.item_id == sent
     finally:

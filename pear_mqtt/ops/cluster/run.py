@@ -163,6 +163,11 @@ class ClusterProcesses:
             proc.kill()
             proc.wait(timeout)
 
+    def pid(self, index: int) -> int | None:
+        """The process id of node ``index`` while it runs."""
+        proc = self._nodes.get(index)
+        return proc.pid if proc is not None and proc.poll() is None else None
+
     def running(self, index: int) -> bool:
         proc = self._nodes.get(index)
         return proc is not None and proc.poll() is None

@@ -82,5 +82,5 @@ class ClusterBackend(ProcessBackend):
         assert broker.conf is not None
         where = Path(broker.conf).parent
         argv = [sys.executable, "-m", "pear_mqtt.cli", "cluster", "run", "--dir", str(where),
-                "--keep-going"]
+                "--restart"]
         return spawn(argv, log=Path(broker.proc.log), cwd=directory)

@@ -182,9 +182,10 @@ def _probe(broker: BrokerEntry, nodes: Sequence[NodeEntry]) -> tuple[bool, str]:
             said.append(f"{url}: {type(exc).__name__}: {exc}")
         else:
             said.append(f"{url} admits {node.member}/{node.node} ({ms:.0f} ms)")
+    detail = "; ".join(said)
     if down and len(urls) > down:
-        said.insert(0, f"{down} of {len(urls)} nodes down (clients use the others):")
-    return not down, "; ".join(said)
+        detail = f"{down} of {len(urls)} nodes down (clients use the others): {detail}"
+    return not down, detail
 
 
 def agent_health(status_file: Path | str) -> tuple[bool, str]:
