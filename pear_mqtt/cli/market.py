@@ -60,8 +60,9 @@ async def _take_in(config: NetworkConfig) -> None:
             async with follow(b, task, lambda: net.status().messages_in):
                 result = await net.sync(timeout=60)
                 await net.market_settled(timeout=60)
+        broker = net.status().broker
     print(f"synced {len(result)} states and {len(result.aggregates)} aggregates from "
-          f"{config.broker_url}", file=sys.stderr)
+          f"{broker}", file=sys.stderr)
 
 
 def _when(text: str) -> datetime:

@@ -120,7 +120,7 @@ async def _watch(config: NetworkConfig, *, as_json: bool, count: int | None,
 
         pumps = [asyncio.create_task(pump(net.insights())),
                  asyncio.create_task(pump(net.aggregates()))]
-        print(f"watching {config.broker_url} as {config.company_id}/{config.node_id} "
+        print(f"watching {net.status().broker} as {config.company_id}/{config.node_id} "
               f"({mode}, read-only){'' if count is None else f'; {count} item(s)'}",
               file=sys.stderr, flush=True)
         try:
