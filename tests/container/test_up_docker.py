@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 from brokers import MqttProbe, new_unique_id
-from upkit import Up, listening, scrape_until
+from upkit import Up, scrape_until
 
 from pear_mqtt.ops.compose import Compose, project_name
+from pear_mqtt.ops.up.health import listening
 from pear_mqtt.security.pki import CertPaths
 
 pytestmark = [pytest.mark.container, pytest.mark.usefixtures("docker_ready")]
