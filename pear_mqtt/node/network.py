@@ -52,8 +52,8 @@ __all__ = ["SYNC_PAGE_WAIT", "PearNetwork", "Peer", "ReceivedAggregate", "Receiv
 log = logging.getLogger(__name__)
 
 SYNC_PAGE_WAIT = 5.0
-SYNC_ROUNDS = 20  # marker round trips at most, while each still brings heads or pages
 """Seconds sync() waits, after its marker, for page versions senders' heads name."""
+SYNC_ROUNDS = 20  # marker round trips at most, while each still brings heads or pages
 
 
 class PearNetwork:

@@ -200,8 +200,8 @@ class Replicas:
         return out
 
     def seen(self) -> tuple[int, int]:
-        """How many signed heads and page versions have arrived (sync() is done once a
-        round trip to the broker brings no more)."""
+        """How many senders' signed heads and how many distinct pages have arrived (sync()
+        is done once a round trip to the broker brings no more)."""
         return (sum(1 for rep in self._replicas.values() if rep.head is not None),
                 sum(len(pages) for pages in self._pages.values()))
 
