@@ -7,7 +7,6 @@ process. Bounds, ownership and full-disk behaviour: docs/DESIGN.md (outbox).
 
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from types import TracebackType
 from typing import Final, Literal, TypedDict, cast
 
 from ..errors import OutboxError
+from .reserve import RECOVER_INTERVAL, RESERVE_BYTES, DiskReserve
 
 __all__ = [
     "RECOVER_INTERVAL",
@@ -42,13 +42,6 @@ _KINDS: Final = frozenset({"insight", "state", "contrib"})
 
 SCHEMA_VERSION: Final = 1
 """The schema version this build writes; a file with a higher version is refused."""
-
-RESERVE_BYTES = 1024 * 1024
-"""Size of the reserve file (``<path>-reserve``) released when the disk fills up, so that
-acks and a checkpoint still have room."""
-
-RECOVER_INTERVAL = 5.0
-"""Seconds between attempts to re-create the reserve while new items are refused."""
 
 # The WAL is checkpointed into the database file at this many pages (512 KiB at the default
 # 4 KiB page size). A checkpoint can grow the database file by at most this much, so the
@@ -187,7 +180,6 @@ class Outbox:
         if not max_age > 0:
             raise ValueError(f"max_age must be positive, not {max_age}")
         self._path = Path(path)
-        self._reserve = self._path.with_name(self._path.name + "-reserve")
         self._max_bytes = max_bytes
         self._max_age = float(max_age)
         self._clock = clock
@@ -198,15 +190,11 @@ class Outbox:
         conn, self._tally = self._open()
         self._conn: sqlite3.Connection | None = conn
         try:
-            self._disk_full = not self._make_reserve(strict=True)
+            self._reserve = DiskReserve(path=self._path, monotonic=monotonic)
         except BaseException:
             conn.close()
             self._conn = None
             raise
-        self._next_recover = self._monotonic() + RECOVER_INTERVAL
-        if self._disk_full:
-            log.warning("outbox %s: no room for the %d-byte reserve; new items are refused "
-                        "until the disk has room", self._path, RESERVE_BYTES)
 
     # -- opening --------------------------------------------------------------------------
 
@@ -365,7 +353,7 @@ class Outbox:
                                max_age=self._max_age, stored=t.stored, acked=t.acked,
                                superseded=t.superseded,
                                dropped={"overflow": t.overflow, "expired": t.expired},
-                               disk_full=self._disk_full)
+                               disk_full=self._reserve.full)
 
     def put(self, *, topic: str, payload: bytes, kind: Kind, key: str | None = None,
             retain: bool = False) -> int:
@@ -387,7 +375,7 @@ class Outbox:
         if not items:
             return []
         with self._lock:
-            self._check_room()
+            self._reserve.check_room(self._live())
             t = replace(self._tally)
             now = self._clock()
             with self._write(f"storing {len(items)} item(s)") as conn:
@@ -407,7 +395,7 @@ class Outbox:
         with self._lock:
             conn = self._live()
             now = self._clock()
-            if self._expire_due(self._tally, now) and not self._disk_full:
+            if self._expire_due(self._tally, now) and not self._reserve.full:
                 self._expire_opportunistically(now)
             try:
                 rows = conn.execute(
@@ -495,7 +483,7 @@ class Outbox:
                 raise
         except sqlite3.Error as exc:
             if _primary_code(exc) == _SQLITE_FULL:
-                self._on_disk_full()
+                self._reserve.release(self._conn)
             raise outbox_error(self._path, exc, doing) from exc
 
     def _insert(self, conn: sqlite3.Connection, t: _Tally, it: NewItem, now: float) -> int:
@@ -584,84 +572,6 @@ class Outbox:
             log.warning("%s", exc)
             return
         self._tally = t
-
-    # -- full disk --------------------------------------------------------------------------
-
-    def _make_reserve(self, *, strict: bool) -> bool:
-        """Ensure the reserve file exists at full size; False when the disk has no room.
-
-        With ``strict``, other failures raise; otherwise they are logged and give False.
-        """
-        try:
-            if self._reserve.is_file() and self._reserve.stat().st_size >= RESERVE_BYTES:
-                return True
-            fd = os.open(self._reserve, os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                if hasattr(os, "posix_fallocate"):
-                    # Allocates real blocks (a sparse file would reserve nothing).
-                    os.posix_fallocate(fd, 0, RESERVE_BYTES)
-                else:  # pragma: no cover - macOS
-                    os.write(fd, bytes(RESERVE_BYTES))
-            finally:
-                os.close(fd)
-            return True
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                self._reserve.unlink(missing_ok=True)
-                return False
-            if strict:
-                raise OutboxError(f"outbox {self._path}: cannot create its reserve file "
-                                  f"{self._reserve}: {exc.strerror or exc}") from exc
-            log.warning("outbox %s: cannot create reserve file %s: %s", self._path,
-                        self._reserve, exc)
-            return False
-
-    def _on_disk_full(self) -> None:
-        """Give acks and a checkpoint room after a write failed with SQLITE_FULL."""
-        if not self._disk_full:
-            log.warning("outbox %s: disk full; releasing the reserve and refusing new items "
-                        "until there is room again", self._path)
-        self._disk_full = True
-        self._next_recover = self._monotonic() + RECOVER_INTERVAL
-        try:
-            self._reserve.unlink(missing_ok=True)
-        except OSError as exc:
-            log.warning("outbox %s: cannot remove reserve file: %s", self._path, exc)
-        # Moves WAL frames into the database file and empties the WAL, so that the space the
-        # WAL held is free for the deletes of acks.
-        self._checkpoint()
-
-    def _checkpoint(self) -> None:
-        if self._conn is None:
-            return
-        try:
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.Error as exc:
-            log.warning("outbox %s: checkpoint failed: %s", self._path, exc)
-
-    def _check_room(self) -> None:
-        """Refuse new items while the disk is full; retry the reserve now and then."""
-        if not self._disk_full:
-            return
-        if self._monotonic() >= self._next_recover:
-            self._next_recover = self._monotonic() + RECOVER_INTERVAL
-            conn = self._live()
-            try:
-                # Hand pages freed by acks back to the file system before re-creating the
-                # reserve; without this, a file that filled the disk never shrinks. Through
-                # executescript, which steps it to the end (execute() frees one page).
-                conn.executescript("PRAGMA incremental_vacuum;")
-            except sqlite3.Error as exc:
-                log.info("outbox %s: incremental vacuum failed: %s", self._path, exc)
-            self._checkpoint()
-            if self._make_reserve(strict=False):
-                log.warning("outbox %s: disk has room again; accepting new items", self._path)
-                self._disk_full = False
-                return
-        raise OutboxError(
-            f"outbox {self._path}: disk full; new items are refused until {RESERVE_BYTES} "
-            f"bytes are free next to it (pending items are kept; reads and acks still work; "
-            f"retried every {RECOVER_INTERVAL:g}s)")
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
