@@ -10,49 +10,29 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import EnvelopeError, MalformedMessage, ProofFailed, TopicError
+from ..errors import EnvelopeError, MalformedMessage, ProofFailed
 from ..history.frame import leaves_digest, unpack_entries
-from ..history.head import TreeHead, parse_head, parse_log_ref
+from ..history.head import parse_head, parse_log_ref
 from ..history.merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_range
-from ..model.topics import TopicScheme
 from ..security.base64url import b64url_decode, b64url_encode
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from .counters import Counters
+from .repair import Publish, RepairRequests
+from .replica import Fork, Replica
 
 __all__ = ["Fork", "LogView", "Replicas", "Reply"]
 
 log = logging.getLogger(__name__)
 
-_ASK_AGAIN = 5.0  # s before an unanswered request is sent again
-# A gap is asked for only once the held prefix has not grown for this long: entries still in
-# flight (a head outruns the stream it covers; retained and live messages interleave) are
-# not missing, and asking for them would only double the traffic on a slow link.
-GAP_GRACE = 1.0
-_ASK_MAX = 1 << 16  # entries asked for at once (the answers stop after a few MB)
-_HOLD_POLL = 0.05  # s between looks at a repair paused for delivery to catch up
 _ROOTS_KEPT = 16  # signed heads (length -> root) a range proof may be checked against
 
-# (topic, payload, response topic, correlation data): a request over MQTT 5's
-# request/response properties; the signed body carries the same for 3.1.1 brokers.
-Publish = Callable[[str, bytes, str, bytes], None]
 # (sender, log id, index of the first record, [(topic, payload)]): entries a signed head just
 # verified, in order, handed to an archive that keeps them.
 Keep = Callable[[Identity, str, int, list[tuple[str, bytes]]], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Fork:
-    """Evidence that a sender rewrote its history: two signed payloads (envelopes or heads)
-    that cannot both be true, and what they disagree about."""
-
-    sender: str
-    reason: str
-    first: bytes
-    second: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,31 +47,6 @@ class LogView:
     forked: bool
     # Entries [from, to) no holder had any more (retention): reported, verified around.
     lost: tuple[int, int] | None = None
-
-
-@dataclass(slots=True)
-class _Replica:
-    owner: Identity
-    log_id: str
-    tree: MerkleTree = field(default_factory=MerkleTree)
-    payloads: dict[int, bytes] = field(default_factory=dict)  # index -> the first one seen
-    topics: dict[int, str] = field(default_factory=dict)  # ... and its topic
-    pending: dict[int, bytes] = field(default_factory=dict)  # leaf hashes past tree.size
-    head: TreeHead | None = None
-    head_payload: bytes = b""
-    verified: int = 0
-    asked: tuple[int, int, float] | None = None  # (from, to, when)
-    request_id: str = ""
-    broken_from: int | None = None  # entries before the sender's retention start: lost
-    lost: tuple[int, int] | None = None  # [from, to): dropped everywhere, verified past them
-    frontier: list[bytes] = field(default_factory=list)  # ... the subtrees that stand in
-    fork: Fork | None = None
-    progress_at: float = field(default_factory=time.monotonic)  # when the prefix last grew
-    timer: asyncio.TimerHandle | None = None
-    from_archive: bool = False  # ask the network's archive (the sender did not answer)
-    answered: bool = False  # an answer just came: the next range is asked for at once
-    more: bool = False  # ... and it said more answers to the same request follow
-    roots: dict[int, bytes] = field(default_factory=dict)  # signed heads' roots by length
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,14 +69,15 @@ class Replicas:
                  archive: tuple[str, str] | None = None, keep: Keep | None = None) -> None:
         self._counters = counters
         self._archive = archive  # (member, node) of the node that keeps every log
+        self._requests = RepairRequests(counters=counters, mode=mode, network=network,
+                                        archive=archive,
+                                        hold=lambda: self.hold is not None and self.hold())
         self._keep = keep
         self._mode, self._network = mode, network
-        self._replicas: dict[str, _Replica] = {}
+        self._replicas: dict[str, Replica] = {}
         self._pages: dict[str, dict[int, int]] = {}  # sender -> page -> newest seq seen
         self._codec: EnvelopeCodec | None = None
-        self._publish: Publish | None = None
         self._me: Identity | None = None
-        self._reply_topic = ""
         self._waiters: list[asyncio.Future[None]] = []
         self.forks: list[Fork] = []
         # Told (sender, log id, verified length) whenever a signed head verifies more of a
@@ -132,19 +88,20 @@ class Replicas:
         self.hold: Callable[[], bool] | None = None
 
     def attach(self, *, codec: EnvelopeCodec, reply_topic: str) -> None:
-        self._codec, self._me, self._reply_topic = codec, codec.signer.identity, reply_topic
+        self._codec, self._me = codec, codec.signer.identity
+        self._requests.attach(codec=codec, reply_topic=reply_topic)
 
     def connected(self, publish: Publish | None) -> None:
         """Where requests go (None while disconnected); outstanding ones are asked again."""
-        self._publish = publish
+        self._requests.publish = publish
         for rep in self._replicas.values():
             rep.asked = None
             if publish is not None:
-                self._repair(rep)
+                self._requests.ask(rep)
 
     def seed(self, owner: Identity, log_id: str, leaves: list[bytes]) -> None:
         """Start from entries verified before a restart (an archive's logs on disk)."""
-        rep = self._replicas[owner.sender] = _Replica(owner=owner, log_id=log_id,
+        rep = self._replicas[owner.sender] = Replica(owner=owner, log_id=log_id,
                                                        tree=MerkleTree(leaves))
         rep.verified = len(leaves)
 
@@ -261,7 +218,7 @@ class Replicas:
             rep.payloads[index], rep.topics[index] = payload, topic
         self._advance(rep)
         if rep.pending:
-            self._repair(rep)
+            self._requests.ask(rep)
         return True
 
     def on_head(self, signer: Identity, body: Any, payload: bytes) -> None:
@@ -292,7 +249,7 @@ class Replicas:
         if len(rep.roots) > _ROOTS_KEPT:
             del rep.roots[min(rep.roots)]
         self._check(rep)
-        self._repair(rep)
+        self._requests.ask(rep)
 
     def on_reply(self, signer: Identity, body: Any, blob: bytes) -> Reply:
         """A ``logrange`` answer (of the sender, or of the archive for a sender it names)
@@ -392,7 +349,7 @@ class Replicas:
             rep.from_archive = False  # the archive holds no more of it: back to the sender
         return Reply(out, owner=rep.owner, log_id=rep.log_id, first=first, proven=proven)
 
-    def _rebase(self, rep: _Replica, start: int, frontier: list[bytes],
+    def _rebase(self, rep: Replica, start: int, frontier: list[bytes],
                 archived: bool) -> None:
         """Entries before ``start`` are gone everywhere: count and report them once, and
         hold the log from ``start`` on, the subtrees left of it (from a verified range
@@ -422,7 +379,7 @@ class Replicas:
         log.warning("refused a log answer of %s (%s): %s", signer.sender, reason, what)
         return Reply([])
 
-    def _why_unproven(self, rep: _Replica, records: list[tuple[str, bytes]],
+    def _why_unproven(self, rep: Replica, records: list[tuple[str, bytes]],
                       root: bytes | None, first: int) -> str:
         """Why records fail their range proof (hostile traffic only, so each is checked
         in full): records out of their places are reordered; one not signed by the log's
@@ -442,7 +399,7 @@ class Replicas:
                 return "forged_entry"
         return "cut_range"
 
-    def _take(self, rep: _Replica, first: int, leaves: list[bytes],
+    def _take(self, rep: Replica, first: int, leaves: list[bytes],
               records: list[tuple[str, bytes]]) -> None:
         """Entries a range proof tied to a signed head: into the held prefix at once."""
         if first == rep.tree.size and (not rep.pending or not any(
@@ -497,21 +454,21 @@ class Replicas:
                 if rep.timer is not None:
                     rep.timer.cancel()
                     rep.timer = None
-                self._repair(rep, at_once=True)
+                self._requests.ask(rep, at_once=True)
             elif rep.pending or (rep.head is not None and rep.tree.size < rep.head.length):
-                self._repair(rep)
+                self._requests.ask(rep)
 
     # -- internals ----------------------------------------------------------------------------
-    def _replica(self, signer: Identity, log_id: str) -> _Replica:
+    def _replica(self, signer: Identity, log_id: str) -> Replica:
         rep = self._replicas.get(signer.sender)
         if rep is None or (rep.log_id != log_id and rep.fork is None):
             if rep is not None:
                 log.info("%s started a new history log (%s, was %s)", signer.sender, log_id,
                          rep.log_id)
-            rep = self._replicas[signer.sender] = _Replica(owner=signer, log_id=log_id)
+            rep = self._replicas[signer.sender] = Replica(owner=signer, log_id=log_id)
         return rep
 
-    def _rewind(self, rep: _Replica, index: int) -> None:
+    def _rewind(self, rep: Replica, index: int) -> None:
         """Forget what ``rep`` held from ``index`` on (entries no signed head covered)."""
         log.info("%s replaced its uncommitted log entries from %d on (a restart)",
                  rep.owner.sender, index)
@@ -526,7 +483,7 @@ class Replicas:
             rep.topics.pop(i, None)
         rep.asked = None
 
-    def _advance(self, rep: _Replica) -> None:
+    def _advance(self, rep: Replica) -> None:
         size = rep.tree.size
         while rep.tree.size in rep.pending:
             rep.tree.append(rep.pending.pop(rep.tree.size))
@@ -534,7 +491,7 @@ class Replicas:
             rep.progress_at = time.monotonic()
         self._check(rep)
 
-    def _check(self, rep: _Replica) -> None:
+    def _check(self, rep: Replica) -> None:
         head = rep.head
         if head is None or rep.broken_from is not None or rep.tree.size < head.length:
             return
@@ -557,21 +514,7 @@ class Replicas:
             del rep.payloads[i]
             rep.topics.pop(i, None)
 
-    def _later(self, rep: _Replica, delay: float, *, at_once: bool = False) -> None:
-        """Look at ``rep``'s gap again after ``delay`` s (one timer per sender)."""
-        if rep.timer is not None and not rep.timer.cancelled():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-
-        def again() -> None:
-            rep.timer = None
-            self._repair(rep, at_once=at_once)
-        rep.timer = loop.call_later(delay + 0.01, again)
-
-    def _forked(self, rep: _Replica, reason: str, first: bytes, second: bytes, *,
+    def _forked(self, rep: Replica, reason: str, first: bytes, second: bytes, *,
                 kind: str = "forked_entry") -> None:
         rep.fork = Fork(sender=rep.owner.sender, reason=reason, first=first, second=second)
         self.forks.append(rep.fork)
@@ -579,66 +522,6 @@ class Replicas:
         self._counters.log_refused[kind] += 1  # the caller's on_head/observe notifies
         log.error("%s rewrote its history (%s): its later data is refused", rep.owner.sender,
                   reason)
-
-    def _repair(self, rep: _Replica, *, at_once: bool = False) -> None:
-        """Ask the sender for the first missing range, one request at a time."""
-        if self._publish is None or self._codec is None or rep.fork is not None:
-            return
-        start = rep.tree.size
-        if rep.pending:
-            end = min(rep.pending)
-        elif rep.head is not None and rep.head.length > start:
-            end = rep.head.length
-        else:
-            return
-        if rep.broken_from is not None and rep.head is not None:
-            return  # what the sender still holds came with the truncated answer
-        end = min(end, start + _ASK_MAX)
-        now = time.monotonic()
-        quiet = now - rep.progress_at
-        # A node that holds nothing of the log yet (a newcomer) has nothing in flight worth
-        # waiting for: what the head covers is history.
-        newcomer = start == 0 and not rep.pending
-        if quiet < GAP_GRACE and not at_once and not newcomer:
-            self._later(rep, GAP_GRACE - quiet)
-            return
-        outstanding = rep.asked is not None and rep.asked[0] == start
-        if not outstanding and self.hold is not None and self.hold():
-            # Proven entries wait for delivery beyond the backlog bound: ask later.
-            if rep.timer is not None:
-                rep.timer.cancel()
-                rep.timer = None
-            self._later(rep, _HOLD_POLL, at_once=True)
-            return
-        if rep.asked is not None and rep.asked[0] == start:
-            if now - rep.asked[2] < _ASK_AGAIN:
-                self._later(rep, _ASK_AGAIN - (now - rep.asked[2]))
-                return
-            if self._archive is not None:
-                # No answer: the sender may be offline; the archive holds its log too (and
-                # the other way round, should the archive be the one away).
-                rep.from_archive = not rep.from_archive
-        elif not at_once:
-            self._counters.log_gaps += 1  # a gap that did not fill by itself
-        member, node = (self._archive if rep.from_archive and self._archive is not None
-                        else (rep.owner.member, rep.owner.node))
-        try:
-            topic = TopicScheme(self._mode, self._network, member).log_request(node)
-        except TopicError:
-            return
-        rep.request_id = secrets.token_urlsafe(9)
-        rep.asked = (start, end, now)
-        body: dict[str, Any] = {"log": rep.log_id, "from": start, "to": end,
-                                "id": rep.request_id}
-        if rep.head is not None and end <= rep.head.length:
-            body["size"] = rep.head.length  # answer with range proofs against this head
-        if rep.from_archive:
-            body["sender"] = rep.owner.sender
-        # Looked at again if no answer comes: an offline sender sends nothing else that would.
-        self._later(rep, _ASK_AGAIN)
-        self._publish(topic, self._codec.encode(kind="logreq", body=body), self._reply_topic,
-                      rep.request_id.encode("ascii"))
-
 
 _LOG_MEMBER = b',"log":"'
 

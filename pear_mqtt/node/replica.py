@@ -1,0 +1,52 @@
+"""One sender's log as this node holds it (:class:`Replica`), and the evidence of a sender
+that rewrote its history (:class:`Fork`). The state :mod:`.replicas` and :mod:`.repair` share."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from ..history.head import TreeHead
+from ..history.merkle import MerkleTree
+from ..security.identity import Identity
+
+__all__ = ["Fork", "Replica"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fork:
+    """Evidence that a sender rewrote its history: two signed payloads (envelopes or heads)
+    that cannot both be true, and what they disagree about."""
+
+    sender: str
+    reason: str
+    first: bytes
+    second: bytes
+
+
+@dataclass(slots=True)
+class Replica:
+    """What this node holds of one sender's log, and where its repair stands."""
+
+    owner: Identity
+    log_id: str
+    tree: MerkleTree = field(default_factory=MerkleTree)
+    payloads: dict[int, bytes] = field(default_factory=dict)  # index -> the first one seen
+    topics: dict[int, str] = field(default_factory=dict)  # ... and its topic
+    pending: dict[int, bytes] = field(default_factory=dict)  # leaf hashes past tree.size
+    head: TreeHead | None = None
+    head_payload: bytes = b""
+    verified: int = 0
+    asked: tuple[int, int, float] | None = None  # (from, to, when)
+    request_id: str = ""
+    broken_from: int | None = None  # entries before the sender's retention start: lost
+    lost: tuple[int, int] | None = None  # [from, to): dropped everywhere, verified past them
+    frontier: list[bytes] = field(default_factory=list)  # ... the subtrees that stand in
+    fork: Fork | None = None
+    progress_at: float = field(default_factory=time.monotonic)  # when the prefix last grew
+    timer: asyncio.TimerHandle | None = None
+    from_archive: bool = False  # ask the network's archive (the sender did not answer)
+    answered: bool = False  # an answer just came: the next range is asked for at once
+    more: bool = False  # ... and it said more answers to the same request follow
+    roots: dict[int, bytes] = field(default_factory=dict)  # signed heads' roots by length
