@@ -38,15 +38,19 @@ class Ingestor:
     """Checks what the input links deliver and counts what they admit into ``store``.
 
     ``clock`` decides which windows are late or in the future (tests move it); envelope
-    checks use real time. Counts go to ``counters``.
+    checks use real time. Counts go to ``counters``. A scale-out worker (``share``, see
+    docs/BRIDGE.md "Scale-out") takes only the senders ``owner`` assigns to it and leaves the
+    others' messages, unopened, to their instances.
     """
 
     def __init__(self, *, config: BridgeConfig, store: BridgeStore, counters: BridgeCounters,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 owner: Callable[[str], bool] | None = None) -> None:
         self._config = config
         self._store = store
         self._counters = counters
         self._clock = clock
+        self._owner = owner
 
     def ingest(self, link: InputLink, msgs: Sequence[InboundMessage]) -> None:
         """Check every message of ``msgs`` in order and count what they admit in one store
@@ -105,6 +109,10 @@ class Ingestor:
             in_scope = parsed.mode == link.kind and parsed.network == link.network
         if not in_scope:
             drop("bad_topic")
+            return []
+        if self._owner is not None \
+                and not self._owner(f"{link.kind}/{link.network}/{parsed.company}"):
+            self._counters.other_instances += 1
             return []
         if not msg.payload:
             if not msg.retain:  # a cleared retained message is legitimate; this is not

@@ -43,7 +43,8 @@ LEDGER_PERIODS = 24
 
 _ALLOWED_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt",
                                   "bridge_state": "ledger"}
-_CONSORTIUM_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt"}
+_CONSORTIUM_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt",
+                                     "bridge_partial": "partial"}
 
 Audience = Literal["public", "consortium"]
 

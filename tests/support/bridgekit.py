@@ -18,6 +18,7 @@ import pytest
 from brokers import GROUP_KEY, MosquittoBroker, MqttProbe, NetworkPKI, Received, probe
 
 from pear_mqtt.bridge.config import BridgeConfig, PublicConfig, SourceConfig
+from pear_mqtt.bridge.partials import owner_of
 from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.status import BridgeStatus
 from pear_mqtt.config.models import (
@@ -280,3 +281,28 @@ async def close_window(bridge: Bridge, clock: Clock, *, windows: int = 1) -> Bri
     bridge.poke()
     return await wait(bridge, lambda s: s.windows_published >= before + windows
                       and s.outbox_depth == 0)
+
+
+def companies_by_instance(net: Net, *, instances: int, each: int) -> list[list[str]]:
+    """``each`` logical companies per scale-out instance: grouped by the instance their
+    (random) member id hashes to, so every instance is sure to count some of the input."""
+    groups: list[list[str]] = [[] for _ in range(instances)]
+    while min(len(g) for g in groups) < each:
+        name = f"sc{uuid.uuid4().hex[:6]}"
+        owner = owner_of(f"consortium/{net.pki.network}/{net.member(name)}", instances)
+        if len(groups[owner]) < each:
+            groups[owner].append(name)
+    return groups
+
+
+def aggregate_bodies(net: Net, messages: Sequence[Received]) -> dict[tuple[str, str],
+                                                                     list[dict[str, Any]]]:
+    """Every public aggregate body the spy saw, by (category, window start), in order: the
+    signed envelopes differ (signature, sequence, time), their bodies must not."""
+    prefix = f"pear/v1/public/{net.pki.network}/aggregates/"
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for m in messages:
+        if m.topic.startswith(prefix) and m.payload:
+            body = json.loads(m.payload)["body"]
+            out.setdefault((body["category"], body["window_start"]), []).append(body)
+    return out

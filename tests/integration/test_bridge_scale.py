@@ -1,0 +1,172 @@
+"""Bridge scale-out end to end (docs/BRIDGE.md, "Scale-out"): two worker instances and a
+merger over real consortium and public mosquitto brokers publish exactly the aggregates one
+bridge publishes on the same input, also when a worker and the merger are killed mid-way.
+
+A single bridge and the scaled-out bridge (its own bridge id, sessions and state files) read
+the same members' messages side by side and publish to the same public topics; the public
+spy sees both. Their envelopes differ (signature, sequence number, time), so the test
+compares the envelopes' aggregate bodies, as parsed JSON objects, window by window.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+
+from bridgekit import (
+    DAY,
+    Clock,
+    Input,
+    Net,
+    aggregate_bodies,
+    companies_by_instance,
+    insight,
+    publish,
+    wait,
+    yesterday,
+)
+
+from pear_mqtt.bridge.config import BridgeConfig
+from pear_mqtt.bridge.partials import owner_of
+from pear_mqtt.bridge.service import Bridge
+from pear_mqtt.bridge.status import BridgeStatus
+
+INSTANCES = 2
+LAG = 2 * DAY  # both windows (yesterday and the day before) wait until the test moves on
+
+
+def _inputs(groups: Sequence[Sequence[str]], category: str) -> list[Input]:
+    """Yesterday: every company, two stores, several fields (some companies in a second
+    region). The day before: only instance 0's companies, so instance 1 holds nothing of
+    that window and must say so with an empty partial."""
+    start = yesterday()
+    everyone = [c for g in groups for c in g]
+    inputs: list[Input] = []
+    for n, company in enumerate(everyone):
+        for s in range(2):
+            inputs.append(Input(company=company, store=f"store-{s + 1}", insight=insight(
+                category, start=start + timedelta(hours=n + s),
+                price=1.0 + n / 7 + s / 13, units=100.0 + 3.1 * n + s, revenue=250.0 + n * n,
+                change=0.5 + n / 10, region="north" if n % 3 else "south")))
+    earlier = start - timedelta(days=1)
+    for n, company in enumerate(groups[0] * 2):
+        inputs.append(Input(company=company, store="store-1", insight=insight(
+            category, start=earlier + timedelta(hours=n), units=40.0 + n * 1.7,
+            revenue=90.0 + n)))
+    return inputs
+
+
+def _scaled_config(net: Net, run: str, instance: int) -> BridgeConfig:
+    return net.bridge_config(bridge_id=f"m{run}", state=f"m{run}.sqlite",
+                             publication_lag_seconds=LAG, instances=INSTANCES,
+                             instance=instance)
+
+
+def _share(net: Net, inputs: Sequence[Input], instance: int) -> int:
+    return sum(1 for i in inputs if owner_of(
+        f"consortium/{net.pki.network}/{net.member(i.company)}", INSTANCES) == instance)
+
+
+async def _connected(bridge: Bridge) -> BridgeStatus:
+    return await wait(bridge, lambda s: bool(s.sources) and all(s.sources.values()))
+
+
+async def _close_all(clock: Clock, single: Bridge, scaled: Sequence[Bridge],
+                     merger: Bridge, windows: int) -> None:
+    clock.advance(LAG + DAY + 1)
+    for b in (single, *scaled, merger):
+        b.poke()
+    for b in (single, merger):
+        await wait(b, lambda s: s.windows_published >= windows and s.outbox_depth == 0)
+
+
+def _assert_same_aggregates(net: Net, windows: int) -> None:
+    bodies = aggregate_bodies(net, net.marker())
+    assert len(bodies) == windows, sorted(bodies)
+    for key, pair in bodies.items():
+        # One from the single bridge, one from the merger: identical statistics, bit for bit.
+        assert len(pair) == 2, (key, len(pair))
+        assert pair[0] == pair[1], key
+        assert pair[0]["cells"], key
+
+
+async def test_scale_out_publishes_exactly_what_one_bridge_publishes(net: Net) -> None:
+    run = uuid.uuid4().hex[:8]
+    groups = companies_by_instance(net, instances=INSTANCES, each=5)
+    inputs = _inputs(groups, f"scale/{run}")
+    clock = Clock()
+    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
+                                        publication_lag_seconds=LAG), clock=clock)
+    scaled = [Bridge(_scaled_config(net, run, i), clock=clock) for i in range(INSTANCES)]
+    merger = Bridge(_scaled_config(net, run, 0), clock=clock, role="merge")
+    everyone = (single, *scaled, merger)
+    for b in everyone:
+        await b.start()
+    try:
+        for b in everyone:
+            await _connected(b)
+        await publish(net, inputs)
+        await wait(single, lambda s: s.items_counted >= len(inputs))
+        for i, worker in enumerate(scaled):
+            share = _share(net, inputs, i)
+            assert 0 < share < len(inputs)
+            status = await wait(worker, lambda s, n=share: s.items_counted >= n)
+            assert status.items_counted == share and status.role == "worker"
+            assert status.other_instances > 0
+        await _close_all(clock, single, scaled, merger, windows=2)
+        status = merger.status()
+        assert status.items_counted == len(inputs) and status.partials_missing == {}
+        assert status.dropped == {} and single.status().dropped == {}
+    finally:
+        for b in everyone:
+            await b.stop()
+    _assert_same_aggregates(net, windows=2)
+
+
+async def test_a_killed_worker_and_merger_lose_nothing(net: Net) -> None:
+    run = uuid.uuid4().hex[:8]
+    groups = companies_by_instance(net, instances=INSTANCES, each=5)
+    inputs = _inputs(groups, f"crash/{run}")
+    first, second = inputs[::2], inputs[1::2]
+    clock = Clock()
+    scale_cfg = [_scaled_config(net, run, i) for i in range(INSTANCES)]
+    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
+                                        publication_lag_seconds=LAG), clock=clock)
+    scaled = [Bridge(c, clock=clock) for c in scale_cfg]
+    merger = Bridge(scale_cfg[0], clock=clock, role="merge")
+    running = [single, *scaled, merger]
+    for b in running:
+        await b.start()
+    try:
+        for b in running:
+            await _connected(b)
+        await publish(net, first)
+        await wait(single, lambda s: s.items_counted >= len(first))
+        await wait(scaled[1], lambda s: s.items_counted >= _share(net, first, 1))
+        # Killed: connections dropped without DISCONNECT, nothing drained or flushed.
+        await scaled[1].stop(drain=False)
+        await merger.stop(drain=False)
+        running.remove(merger)
+        await publish(net, second)  # queued in the killed worker's persistent session
+        await wait(single, lambda s: s.items_counted >= len(inputs))
+        scaled[1] = Bridge(scale_cfg[1], clock=clock)
+        await scaled[1].start()
+        status = await wait(scaled[1], lambda s: s.open_items >= _share(net, inputs, 1))
+        assert status.open_items == _share(net, inputs, 1)
+        # The workers close their windows while the merger is down: their partials wait,
+        # retained, for it.
+        clock.advance(LAG + DAY + 1)
+        for b in (single, *scaled):
+            b.poke()
+        for w in scaled:
+            await wait(w, lambda s: s.windows_published >= 2 and s.outbox_depth == 0)
+        merger = Bridge(scale_cfg[0], clock=clock, role="merge")
+        running.append(merger)
+        await merger.start()
+        await _close_all(clock, single, scaled, merger, windows=2)
+        assert merger.status().items_counted == len(inputs)
+    finally:
+        for b in (*running, *scaled):
+            await b.stop()
+    _assert_same_aggregates(net, windows=2)
