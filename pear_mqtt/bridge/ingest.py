@@ -21,6 +21,7 @@ from .admission import check_item, item_digest, window_of
 from .config import BridgeConfig
 from .histogram import BUCKETS, bucket_values
 from .links import InputLink
+from .partials import partition_key
 from .state import BridgeStore, NewContribution
 from .status import BridgeCounters
 
@@ -39,8 +40,8 @@ class Ingestor:
 
     ``clock`` decides which windows are late or in the future (tests move it); envelope
     checks use real time. Counts go to ``counters``. A scale-out worker (``share``, see
-    docs/BRIDGE.md "Scale-out") takes only the senders ``owner`` assigns to it and leaves the
-    others' messages, unopened, to their instances.
+    docs/BRIDGE.md "Scale-out") takes only the partitions ``owner`` assigns to it and leaves
+    the others' messages, unopened, to their instances (every instance reads presences).
     """
 
     def __init__(self, *, config: BridgeConfig, store: BridgeStore, counters: BridgeCounters,
@@ -110,10 +111,6 @@ class Ingestor:
         if not in_scope:
             drop("bad_topic")
             return []
-        if self._owner is not None \
-                and not self._owner(f"{link.kind}/{link.network}/{parsed.company}"):
-            self._counters.other_instances += 1
-            return []
         if not msg.payload:
             if not msg.retain:  # a cleared retained message is legitimate; this is not
                 drop("malformed")
@@ -123,6 +120,11 @@ class Ingestor:
             return []
         if parsed.kind not in ("insights", "contrib"):
             drop("unexpected_topic")
+            return []
+        if self._owner is not None and not self._owner(partition_key(
+                kind=link.kind, network=link.network, sender=parsed.company or "",
+                category=parsed.category or "")):
+            self._counters.other_instances += 1
             return []
         try:
             decoded = link.codec.decode(msg.payload, check_replay=not msg.retain)

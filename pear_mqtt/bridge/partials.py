@@ -24,7 +24,7 @@ from .state import BridgeStore, NewContribution, StoredContribution
 from .status import BridgeCounters
 
 __all__ = ["PART_BYTES", "Partial", "PartialExchange", "decode_partial", "encode_partials",
-           "owner_of"]
+           "owner_of", "partition_key"]
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,18 @@ PART_BYTES = 192 * 1024
 network's 1 MiB message limit."""
 
 
-def owner_of(source: str, instances: int) -> int:
-    """The instance (``0 <= i < instances``) that counts the sender ``source``
-    (``<kind>/<network>/<member>``, an item's source key): a stable hash, so every instance
-    agrees without talking, and every copy of one sender's items meets in one store."""
-    return int.from_bytes(hashlib.sha256(source.encode()).digest()[:8], "big") % instances
+def partition_key(*, kind: str, network: str, sender: str, category: str) -> str:
+    """What decides an item's instance, all read from its message's topic before anything
+    is opened: the sender's source key (``<kind>/<network>/<member>``) and the category.
+    Every copy of one item (same sender, same id, which names its category) meets in one
+    store, where the single bridge's rules (latest copy wins, duplicates) apply unchanged."""
+    return f"{kind}/{network}/{sender}/{category}"
+
+
+def owner_of(key: str, instances: int) -> int:
+    """The instance (``0 <= i < instances``) that counts the items of partition ``key``
+    (:func:`partition_key`): a stable hash, so every instance agrees without talking."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % instances
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

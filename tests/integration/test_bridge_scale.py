@@ -22,13 +22,13 @@ from bridgekit import (
     aggregate_bodies,
     companies_by_instance,
     insight,
+    instance_of,
     publish,
     wait,
     yesterday,
 )
 
 from pear_mqtt.bridge.config import BridgeConfig
-from pear_mqtt.bridge.partials import owner_of
 from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.status import BridgeStatus
 
@@ -64,8 +64,8 @@ def _scaled_config(net: Net, run: str, instance: int) -> BridgeConfig:
 
 
 def _share(net: Net, inputs: Sequence[Input], instance: int) -> int:
-    return sum(1 for i in inputs if owner_of(
-        f"consortium/{net.pki.network}/{net.member(i.company)}", INSTANCES) == instance)
+    return sum(1 for i in inputs
+               if instance_of(net, i.company, i.insight.category, INSTANCES) == instance)
 
 
 async def _connected(bridge: Bridge) -> BridgeStatus:
@@ -93,8 +93,9 @@ def _assert_same_aggregates(net: Net, windows: int) -> None:
 
 async def test_scale_out_publishes_exactly_what_one_bridge_publishes(net: Net) -> None:
     run = uuid.uuid4().hex[:8]
-    groups = companies_by_instance(net, instances=INSTANCES, each=5)
-    inputs = _inputs(groups, f"scale/{run}")
+    category = f"scale/{run}"
+    groups = companies_by_instance(net, category, instances=INSTANCES, each=5)
+    inputs = _inputs(groups, category)
     clock = Clock()
     single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
                                         publication_lag_seconds=LAG), clock=clock)
@@ -126,8 +127,9 @@ async def test_scale_out_publishes_exactly_what_one_bridge_publishes(net: Net) -
 
 async def test_a_killed_worker_and_merger_lose_nothing(net: Net) -> None:
     run = uuid.uuid4().hex[:8]
-    groups = companies_by_instance(net, instances=INSTANCES, each=5)
-    inputs = _inputs(groups, f"crash/{run}")
+    category = f"crash/{run}"
+    groups = companies_by_instance(net, category, instances=INSTANCES, each=5)
+    inputs = _inputs(groups, category)
     first, second = inputs[::2], inputs[1::2]
     clock = Clock()
     scale_cfg = [_scaled_config(net, run, i) for i in range(INSTANCES)]

@@ -18,7 +18,7 @@ import pytest
 from brokers import GROUP_KEY, MosquittoBroker, MqttProbe, NetworkPKI, Received, probe
 
 from pear_mqtt.bridge.config import BridgeConfig, PublicConfig, SourceConfig
-from pear_mqtt.bridge.partials import owner_of
+from pear_mqtt.bridge.partials import owner_of, partition_key
 from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.status import BridgeStatus
 from pear_mqtt.config.models import (
@@ -283,13 +283,21 @@ async def close_window(bridge: Bridge, clock: Clock, *, windows: int = 1) -> Bri
                       and s.outbox_depth == 0)
 
 
-def companies_by_instance(net: Net, *, instances: int, each: int) -> list[list[str]]:
-    """``each`` logical companies per scale-out instance: grouped by the instance their
-    (random) member id hashes to, so every instance is sure to count some of the input."""
+def instance_of(net: Net, company: str, category: str, instances: int) -> int:
+    """The scale-out instance that counts ``company``'s consortium items of ``category``."""
+    return owner_of(partition_key(kind="consortium", network=net.pki.network,
+                                  sender=net.member(company), category=category), instances)
+
+
+def companies_by_instance(net: Net, category: str, *, instances: int,
+                          each: int) -> list[list[str]]:
+    """``each`` logical companies per scale-out instance: grouped by the instance that
+    counts their (random) member id's items of ``category``, so every instance is sure to
+    count some of the input."""
     groups: list[list[str]] = [[] for _ in range(instances)]
     while min(len(g) for g in groups) < each:
         name = f"sc{uuid.uuid4().hex[:6]}"
-        owner = owner_of(f"consortium/{net.pki.network}/{net.member(name)}", instances)
+        owner = instance_of(net, name, category, instances)
         if len(groups[owner]) < each:
             groups[owner].append(name)
     return groups

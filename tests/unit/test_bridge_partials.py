@@ -14,7 +14,12 @@ from pydantic import ValidationError
 from pear_mqtt.bridge.aggregation import aggregate_window
 from pear_mqtt.bridge.config import BridgeConfig, DPConfig, PublicConfig, SourceConfig
 from pear_mqtt.bridge.histogram import BUCKETS
-from pear_mqtt.bridge.partials import decode_partial, encode_partials, owner_of
+from pear_mqtt.bridge.partials import (
+    decode_partial,
+    encode_partials,
+    owner_of,
+    partition_key,
+)
 from pear_mqtt.bridge.state import BridgeStore, NewContribution
 from pear_mqtt.config.models import TLSConfig
 from pear_mqtt.errors import EnvelopeError
@@ -47,9 +52,11 @@ def _item(rng: random.Random, n: int) -> NewContribution:
         lo = float(rng.randrange(1, 5))
         values[BUCKETS] = {"at": float(W0 + rng.randrange(24) * 3600), "price.lo": lo,
                            "price.hi": lo * 1.25, "price.set": 1.0}
+    category = rng.choice(["dairy", "bev/soda"])
+    # An item id names what the item describes, its category among them (as a node's do).
     return NewContribution(
-        source_key=source, item_id=f"i{rng.randrange(40)}", window_start=W0,
-        category=rng.choice(["dairy", "bev/soda"]), region=rng.choice(["north", "south"]),
+        source_key=source, item_id=f"{category}:i{rng.randrange(40)}", window_start=W0,
+        category=category, region=rng.choice(["north", "south"]),
         domain="grp", company=company, currency="EUR", values=values,
         digest=hashlib.sha256(f"{n}".encode()).digest(),
         token_digest=hashlib.sha256(f"t{n}".encode()).digest())
@@ -101,7 +108,9 @@ def test_merged_partials_aggregate_exactly_as_one_store(
         batch = [_item(rng, batch_no * 100 + n) for n in range(15)]
         single.add(batch, now=float(batch_no))
         for i, worker in enumerate(workers):
-            mine = [it for it in batch if owner_of(it.source_key, INSTANCES) == i]
+            mine = [it for it in batch if owner_of(partition_key(
+                kind="consortium", network="grp", sender=it.company, category=it.category),
+                INSTANCES) == i]
             worker.add(mine, now=float(batch_no))
     parts = 0
     for i, worker in enumerate(workers):
