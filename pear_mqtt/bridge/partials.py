@@ -197,6 +197,13 @@ class PartialExchange:
         log.info("window %s closed by instance %d of %d: partial of %d items in %d parts",
                  start, cfg.instance, cfg.instances, len(rows), len(outgoing))
 
+    def clear(self, start: int) -> None:
+        """Merger, once the window starting at ``start`` is closed: clear the workers'
+        retained partials of it (its exact values leave the broker as they leave the store)."""
+        self._store.clear_partials(start, [
+            self._scheme.bridge_partial(self._config.bridge_id, start, instance, part)
+            for instance, part in self._store.partial_parts(start)])
+
     def waiting(self) -> dict[int, list[int]]:
         """Merger: per window some partial arrived for, the instances still missing."""
         return self._store.partial_progress(self._config.instances)

@@ -126,7 +126,7 @@ class Bridge:
         store.set_meta("policy_version", self._policy_version)
         counters = self._counters
         cout: PublicOutput | None = None
-        if cfg.consortium_output or role == "worker":
+        if cfg.consortium_output or role != "single":
             src = cfg.consortium
             assert src is not None
             cout = PublicOutput(config=cfg, audience="consortium", codec=bridge_codec(
@@ -152,7 +152,8 @@ class Bridge:
                               owner=None if role != "worker" else
                               (lambda source: owner_of(source, share[1]) == share[0])),
             closer=WindowCloser(config=cfg, store=store, output=output, noise=self._noise,
-                                counters=counters, consortium=cout),
+                                counters=counters,
+                                consortium=cout if cfg.consortium_output else None),
             publisher=Publisher(config=cfg, output=output, store=store, counters=counters,
                                 clock=self._clock, tag=self._tag,
                                 audience="consortium" if role == "worker" else "public"),
@@ -303,6 +304,8 @@ class Bridge:
                 parts.closer.close_consortium(start, now)
             for start in due_windows(windows, config=self.config, now=now):
                 parts.closer.close(start, now)
+                if parts.exchange is not None:
+                    parts.exchange.clear(start)
         if parts.consortium is not None:
             await parts.consortium.flush()
         await parts.publisher.flush()

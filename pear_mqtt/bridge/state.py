@@ -434,6 +434,20 @@ class BridgeStore:
             db.execute("INSERT OR IGNORE INTO partials VALUES (?, ?, ?, ?)",
                        (window_start, instance, part, parts))
 
+    def partial_parts(self, window_start: int) -> list[tuple[int, int]]:
+        """(instance, part) of every partial part the merger received for a window."""
+        return [(int(i), int(p)) for i, p in self._db.execute(
+            "SELECT instance, part FROM partials WHERE window_start=? ORDER BY instance, part",
+            (window_start,))]
+
+    def clear_partials(self, window_start: int, topics: Sequence[str]) -> None:
+        """Queue empty retained messages that clear ``topics`` (a merged window's partials)
+        on the consortium broker."""
+        with self._tx() as db:
+            db.executemany("INSERT INTO consortium_outbox (window_start, topic, payload, "
+                           "retain) VALUES (?, ?, ?, 1)",
+                           [(window_start, t, b"") for t in topics])
+
     def partial_progress(self, instances: int) -> dict[int, list[int]]:
         """Per window with any partial received: the instances whose partial is still
         incomplete (empty when the window can be merged)."""

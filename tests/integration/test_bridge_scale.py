@@ -16,6 +16,7 @@ from datetime import timedelta
 
 from bridgekit import (
     DAY,
+    WAIT,
     Clock,
     Input,
     Net,
@@ -27,10 +28,12 @@ from bridgekit import (
     wait,
     yesterday,
 )
+from brokers import probe
 
 from pear_mqtt.bridge.config import BridgeConfig
 from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.status import BridgeStatus
+from pear_mqtt.security.pki import CertPaths
 
 INSTANCES = 2
 LAG = 2 * DAY  # both windows (yesterday and the day before) wait until the test moves on
@@ -63,6 +66,18 @@ def _scaled_config(net: Net, run: str, instance: int) -> BridgeConfig:
                              instance=instance)
 
 
+def _retained_partials(net: Net, run: str, certs: CertPaths, member: str) -> list[str]:
+    """The partial topics a new subscriber with ``certs`` receives, proved complete by a
+    marker ``member`` publishes after the subscription."""
+    partials = f"pear/v1/consortium/{net.pki.network}/state/bridge/partials/#"
+    marker = f"pear/v1/consortium/{net.pki.network}/{member}/state/store-1/m{uuid.uuid4().hex}"
+    with probe(net.consortium, certs, subscribe=[partials, marker]) as reader, \
+            probe(net.consortium, net.pki.node(member, "store-1")) as writer:
+        writer.publish(marker, b"marker")
+        _, before = reader.expect(marker, timeout=WAIT)
+    return [m.topic for m in before if m.payload and f"/partials/m{run}/" in m.topic]
+
+
 def _share(net: Net, inputs: Sequence[Input], instance: int) -> int:
     return sum(1 for i in inputs
                if instance_of(net, i.company, i.insight.category, INSTANCES) == instance)
@@ -78,7 +93,9 @@ async def _close_all(clock: Clock, single: Bridge, scaled: Sequence[Bridge],
     for b in (single, *scaled, merger):
         b.poke()
     for b in (single, merger):
-        await wait(b, lambda s: s.windows_published >= windows and s.outbox_depth == 0)
+        # (the merger's consortium outbox: the empty messages clearing the partials)
+        await wait(b, lambda s: s.windows_published >= windows and s.outbox_depth == 0
+                   and s.consortium_outbox_depth == 0)
 
 
 def _assert_same_aggregates(net: Net, windows: int) -> None:
@@ -162,12 +179,20 @@ async def test_a_killed_worker_and_merger_lose_nothing(net: Net) -> None:
         for b in (single, *scaled):
             b.poke()
         for w in scaled:
-            await wait(w, lambda s: s.windows_published >= 2 and s.outbox_depth == 0)
+            await wait(w, lambda s: s.windows_published >= 2
+                       and s.consortium_outbox_depth == 0)
+        # Retained, sealed, for bridges only: a member's subscription gets none of them.
+        member = net.member(groups[0][0])
+        retained = _retained_partials(net, run, net.pki.bridge, member)
+        assert len(retained) >= 2 * INSTANCES
+        assert _retained_partials(net, run, net.pki.node(member, "store-1"), member) == []
         merger = Bridge(scale_cfg[0], clock=clock, role="merge")
         running.append(merger)
         await merger.start()
         await _close_all(clock, single, scaled, merger, windows=2)
         assert merger.status().items_counted == len(inputs)
+        # Merged and closed: the partials are cleared from the broker.
+        assert _retained_partials(net, run, net.pki.bridge, member) == []
     finally:
         for b in (*running, *scaled):
             await b.stop()
