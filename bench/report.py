@@ -389,6 +389,14 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         "0.2 s) is polled until `items_received` reaches N; all N must be counted. The rate "
         "is N over the bridge process's own CPU time (utime + stime from /proc/<pid>/stat), "
         "so it is insights aggregated per core whatever else runs on the machine.",
+        "- **bridge_scale** (issue #20): the same N contributions, ingested as in **bridge** "
+        "(status every 0.05 s), once by one bridge process and once by two scale-out "
+        "instances (`pear-mqtt bridge --instance I --instances 2`, one process each, own "
+        "sessions and state files; instance 0 also runs the merger). Each instance reads "
+        "every message and opens only its partition's (docs/BRIDGE.md, Scale-out). The "
+        "figure is wall-clock: N over the time from SIGCONT until the instances' statuses "
+        "together count N; the speedup is the one bridge's time over the two instances'. "
+        "On a machine with fewer free cores than instances it cannot reach 2x.",
         "- **rss**: `pear-mqtt agent --simulate --rate 0 --count N` with its on-disk SQLite "
         "outbox, to completion; peak RSS is the agent's own high-water mark (VmHWM in "
         "/proc/<pid>/status, sampled every 10 ms until it exits). VmHWM also counts the pages "
