@@ -10,9 +10,11 @@ compares the envelopes' aggregate bodies, as parsed JSON objects, window by wind
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from bridgekit import (
     DAY,
@@ -28,12 +30,18 @@ from bridgekit import (
     wait,
     yesterday,
 )
-from brokers import probe
+from brokers import GROUP_KEY, probe
 
 from pear_mqtt.bridge.config import BridgeConfig
 from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.status import BridgeStatus
+from pear_mqtt.config.models import EncryptionConfig, default_sharing
+from pear_mqtt.model.insight import NetworkMode
+from pear_mqtt.model.topics import TopicScheme
+from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.pki import CertPaths
+from pear_mqtt.security.signing import Signer
+from pear_mqtt.security.trust import TrustStore
 
 INSTANCES = 2
 LAG = 2 * DAY  # both windows (yesterday and the day before) wait until the test moves on
@@ -197,3 +205,72 @@ async def test_a_killed_worker_and_merger_lose_nothing(net: Net) -> None:
         for b in (*running, *scaled):
             await b.stop()
     _assert_same_aggregates(net, windows=2)
+
+
+async def test_scale_out_gives_the_consortium_then_the_public_one_bridges_aggregates(
+        net: Net) -> None:
+    """With consortium_output and the default consortium policy (prices as ranges_only
+    buckets, sales sealed): the instances close their windows at the consortium lag, and
+    the merger gives the members, then the public, what one bridge gives them: price
+    histograms (each company's latest bucket, across both instances) and sales
+    statistics."""
+    run = uuid.uuid4().hex[:8]
+    category = f"hist/{run}"
+    levels = default_sharing(NetworkMode.CONSORTIUM)
+    groups = companies_by_instance(net, category, instances=INSTANCES, each=3)
+    start = yesterday()
+    inputs = [Input(company=c, store=f"store-{s + 1}", insight=insight(
+        category, start=start + timedelta(hours=n + 3 * s), price=1.05 + n / 9 + s * 0.7,
+        units=50.0 + n * 2.3 + s, revenue=80.0 + n))
+        for n, c in enumerate(c for g in groups for c in g) for s in range(2)]
+    kw: dict[str, Any] = {"sharing": levels, "consortium_output": True, "active": "k1",
+                          "consortium_lag_seconds": DAY, "publication_lag_seconds": 3 * DAY}
+    clock = Clock()
+    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite", **kw),
+                    clock=clock)
+    scaled = [Bridge(net.bridge_config(bridge_id=f"m{run}", state=f"m{run}.sqlite",
+                                       instances=INSTANCES, instance=i, **kw), clock=clock)
+              for i in range(INSTANCES)]
+    merger = Bridge(net.bridge_config(bridge_id=f"m{run}", state=f"m{run}.sqlite",
+                                      instances=INSTANCES, **kw), clock=clock, role="merge")
+    everyone = (single, *scaled, merger)
+    scheme = TopicScheme(mode="consortium", network=net.pki.network, member="x")
+    member = EnvelopeCodec(signer=Signer.from_files(key_file=net.pki.bridge.key,
+                                                    cert_file=net.pki.bridge.cert),
+                           trust=TrustStore.from_files(ca_files=[net.pki.ca],
+                                                       network=net.pki.network),
+                           encryption=EncryptionConfig(keys={"k1": GROUP_KEY}))
+    with probe(net.consortium, subscribe=[scheme.consortium_aggregate(category)]) as cspy:
+        for b in everyone:
+            await b.start()
+        try:
+            for b in everyone:
+                await _connected(b)
+            await publish(net, inputs, levels=levels)
+            await wait(single, lambda s: s.items_counted >= len(inputs))
+            for i, worker in enumerate(scaled):
+                share = _share(net, inputs, i)
+                await wait(worker, lambda s, n=share: s.items_counted >= n)
+            clock.advance(2 * DAY + 1)  # past the consortium lag, not the public one
+            for b in everyone:
+                b.poke()
+            bodies = []
+            for _ in range(2):  # one from each bridge (the probe blocks: in a thread)
+                msg, _ = await asyncio.to_thread(cspy.expect,
+                                                 scheme.consortium_aggregate(category), WAIT)
+                bodies.append(member.decode(msg.payload, check_replay=False).message.body)
+            assert bodies[0] == bodies[1]
+            (cell,) = bodies[0]["cells"]
+            assert cell["histograms"][0]["companies"] == 6
+            assert cell["groups"][0]["fields"]["units"]["companies"] == 6
+            assert single.status().windows_published == merger.status().windows_published == 0
+            clock.advance(2 * DAY)
+            for b in everyone:
+                b.poke()
+            for b in (single, merger):
+                await wait(b, lambda s: s.windows_published >= 1 and s.outbox_depth == 0
+                           and s.consortium_outbox_depth == 0)
+        finally:
+            for b in everyone:
+                await b.stop()
+    _assert_same_aggregates(net, windows=1)
