@@ -8,11 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import EnvelopeError, MalformedMessage, TopicError
+from ..errors import EnvelopeError, MalformedMessage, OutboxError, TopicError
 from ..model.topics import PartialTopic, TopicScheme, parse_partial_topic
 from ..security.envelope import EnvelopeCodec
 from ..security.seal import Sealer, SealOpener
@@ -74,6 +75,8 @@ def _item(row: Any, window_start: int) -> NewContribution:
         raise MalformedMessage("a partial's row has fields of the wrong type")
     try:
         vals = {str(g): {str(n): float(v) for n, v in fs.items()} for g, fs in values.items()}
+        if not all(math.isfinite(v) for fs in vals.values() for v in fs.values()):
+            raise ValueError("not a finite number")
         return NewContribution(
             source_key=src, item_id=iid, window_start=window_start, category=cat, region=reg,
             domain=dom, company=comp, currency=cur, values=vals, digest=bytes.fromhex(digest),
@@ -224,10 +227,16 @@ class PartialExchange:
                     or where.window_start % self._config.window_seconds:
                 self._counters.drop("bad_topic")
                 continue
-            if self._role == "worker":
-                self._seen(where, now)
-            else:
-                self._merge(msg, where, now)
+            try:
+                if self._role == "worker":
+                    self._seen(where, now)
+                else:
+                    self._merge(msg, where, now)
+            except OutboxError:
+                raise  # the state cannot record it: the caller stops, nothing is acked
+            except Exception:  # one message must never stop the bridge
+                log.exception("unexpected error on %r", msg.topic)
+                self._counters.drop("internal_error")
 
     def _seen(self, where: PartialTopic, now: float) -> None:
         if where.instance == self._config.instance:

@@ -218,3 +218,21 @@ def test_only_bridges_may_read_or_write_partials() -> None:
     assert member == []
     bridge = {r.access for r in rules if r.user == "bridge" and topic_matches(r.topic, topic)}
     assert "readwrite" in bridge
+
+
+def test_a_partial_with_a_non_finite_value_is_refused(
+        codec_and_opener: tuple[EnvelopeCodec, SealOpener]) -> None:
+    codec, opener = codec_and_opener
+    scheme = TopicScheme(mode="consortium", network="grp", member="bridge")
+    topic = scheme.bridge_partial("b", W0, 0, 0)
+    row = ["consortium/grp/co1", "i1", "dairy", "north", "grp", "co1", "EUR",
+           {"sales_data": {"units": "NaN"}}, "00", None]
+    body = {"bridge": "b", "window_start": W0, "instance": 0, "instances": 1, "part": 0,
+            "parts": 1, "policy_version": "p1",
+            "items": Sealer(opener.public_key).seal(
+                ("[" + str(row).replace("'", '"').replace("None", "null") + "]").encode(),
+                aad=topic.encode())}
+    payload = codec.encode(kind="partial", body=body, encrypt=False)
+    with pytest.raises(EnvelopeError, match="malformed value"):
+        decode_partial(topic, payload, codec=codec, opener=opener, instances=1,
+                       policy_version="p1")
