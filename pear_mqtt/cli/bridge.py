@@ -79,7 +79,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                         help="seconds between status file updates (default: 2)")
     scale = parser.add_argument_group("scale-out (docs/BRIDGE.md, Scale-out)")
     scale.add_argument("--instances", type=int, metavar="N",
-                       help="run the bridge as N instances sharing the senders (overrides "
+                       help="run the bridge as N instances sharing its input (overrides "
                             "the config's instances); one process per instance")
     scale.add_argument("--instance", type=int, metavar="I",
                        help="this process's instance, 0 <= I < N (overrides instance)")

@@ -21,6 +21,7 @@ from pear_mqtt.bridge.partials import (
     partition_key,
 )
 from pear_mqtt.bridge.state import BridgeStore, NewContribution
+from pear_mqtt.cli import main
 from pear_mqtt.config.models import TLSConfig
 from pear_mqtt.errors import EnvelopeError
 from pear_mqtt.model.topics import TopicScheme, acl_rules, topic_matches
@@ -236,3 +237,13 @@ def test_a_partial_with_a_non_finite_value_is_refused(
     with pytest.raises(EnvelopeError, match="malformed value"):
         decode_partial(topic, payload, codec=codec, opener=opener, instances=1,
                        policy_version="p1")
+
+
+def test_the_cli_takes_instance_and_instances_and_says_what_is_wrong(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bridge.json"
+    path.write_text(_config(tmp_path).model_dump_json())
+    assert main(["bridge", "--config", str(path), "--instances", "2", "--instance", "2",
+                 "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "instance must be below instances (2), got 2" in err and len(err.splitlines()) <= 3
