@@ -207,6 +207,55 @@ async def test_a_killed_worker_and_merger_lose_nothing(net: Net) -> None:
     _assert_same_aggregates(net, windows=2)
 
 
+async def test_the_merger_waits_for_a_missing_instance_and_names_it(net: Net) -> None:
+    run = uuid.uuid4().hex[:8]
+    category = f"wait/{run}"
+    groups = companies_by_instance(net, category, instances=INSTANCES, each=5)
+    inputs = _inputs(groups, category)
+    clock, behind = Clock(), Clock()  # instance 1 keeps its own clock: it is down for long
+    configs = [_scaled_config(net, run, i) for i in range(INSTANCES)]
+    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
+                                      publication_lag_seconds=LAG), clock=clock)
+    scaled = [Bridge(configs[0], clock=clock), Bridge(configs[1], clock=behind)]
+    merger = Bridge(configs[0], clock=clock, role="merge")
+    everyone = [single, *scaled, merger]
+    for b in everyone:
+        await b.start()
+    try:
+        for b in everyone:
+            await _connected(b)
+        await publish(net, inputs)
+        await wait(single, lambda s: s.items_counted >= len(inputs))
+        for i, worker in enumerate(scaled):
+            share = _share(net, inputs, i)
+            await wait(worker, lambda s, n=share: s.items_counted >= n)
+        await scaled[1].stop(drain=False)  # killed before its windows were due
+        clock.advance(LAG + DAY + 1)
+        for b in (single, scaled[0], merger):
+            b.poke()
+        await wait(scaled[0], lambda s: s.windows_published >= 2
+                   and s.consortium_outbox_depth == 0)
+        # Both windows wait for instance 1, and the status says so; nothing is published.
+        status = await wait(merger, lambda s: len(s.partials_missing) == 2)
+        assert all(missing == [1] for missing in status.partials_missing.values())
+        assert status.windows_published == 0 and status.messages_published == 0
+        scaled[1] = Bridge(configs[1], clock=behind)
+        everyone.append(scaled[1])
+        await scaled[1].start()
+        status = await wait(scaled[1], lambda s: s.open_items >= _share(net, inputs, 1))
+        assert status.open_items == _share(net, inputs, 1)  # kept in its state file
+        behind.advance(LAG + DAY + 1)
+        scaled[1].poke()
+        for b in (single, merger):
+            await wait(b, lambda s: s.windows_published >= 2 and s.outbox_depth == 0
+                       and s.consortium_outbox_depth == 0)
+        assert merger.status().partials_missing == {}
+    finally:
+        for b in everyone:
+            await b.stop()
+    _assert_same_aggregates(net, windows=2)
+
+
 async def test_scale_out_gives_the_consortium_then_the_public_one_bridges_aggregates(
         net: Net) -> None:
     """With consortium_output and the default consortium policy (prices as ranges_only
