@@ -74,9 +74,11 @@ class Bridge:
                  rng: random.Random | None = None, role: BridgeRole | None = None) -> None:
         if role is None:
             role = "single" if config.instances == 1 else "worker"
-        if (role == "single") != (config.instances == 1):
-            raise ConfigError(f"a bridge of {config.instances} instances runs as worker or "
-                              f"merge, not {role!r}")
+        if role == "single" and config.instances > 1:
+            raise ConfigError(f"a bridge of {config.instances} instances runs as 'worker' or "
+                              "'merge', not 'single'")
+        if role != "single" and config.instances == 1:
+            raise ConfigError(f"role {role!r} is for a scaled-out bridge: set instances > 1")
         self.config = config
         self.role: BridgeRole = role
         self._tag = {"single": config.bridge_id, "worker": f"{config.bridge_id}-w{config.instance}",

@@ -20,10 +20,11 @@ from pear_mqtt.bridge.partials import (
     owner_of,
     partition_key,
 )
+from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.state import BridgeStore, NewContribution
 from pear_mqtt.cli import main
 from pear_mqtt.config.models import TLSConfig
-from pear_mqtt.errors import EnvelopeError
+from pear_mqtt.errors import ConfigError, EnvelopeError
 from pear_mqtt.model.topics import TopicScheme, acl_rules, topic_matches
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.envelope import EnvelopeCodec
@@ -247,3 +248,12 @@ def test_the_cli_takes_instance_and_instances_and_says_what_is_wrong(
                  "--check"]) == 2
     err = capsys.readouterr().err
     assert "instance must be below instances (2), got 2" in err and len(err.splitlines()) <= 3
+
+
+def test_a_bridge_refuses_a_role_that_does_not_fit_its_instances(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="set instances > 1"):
+        Bridge(_config(tmp_path), role="merge")
+    with pytest.raises(ConfigError, match="not 'single'"):
+        Bridge(_config(tmp_path, instances=2), role="single")
+    assert Bridge(_config(tmp_path, instance=1, instances=2)).role == "worker"
+    assert Bridge(_config(tmp_path)).role == "single"
