@@ -105,10 +105,11 @@ class Bridge:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self, *, timeout: float = 10.0) -> None:
-        """Open the state, connect every input and the public broker, start the clock.
+        """Open the state, connect every input and the public broker (a scale-out worker:
+        the consortium broker, where its partials go), start the clock.
 
         Raises :class:`ConfigError`/:class:`~pear_mqtt.errors.PKIError` for bad material and
-        :class:`ConnectError` when the public broker cannot be reached within ``timeout``;
+        :class:`ConnectError` when that broker cannot be reached within ``timeout``;
         inputs that are down are retried in the background.
         """
         cfg = self.config
@@ -152,7 +153,7 @@ class Bridge:
             store=store, output=output,
             ingestor=Ingestor(config=cfg, store=store, counters=counters, clock=self._clock,
                               owner=None if role != "worker" else
-                              (lambda source: owner_of(source, share[1]) == share[0])),
+                              (lambda key: owner_of(key, share[1]) == share[0])),
             closer=WindowCloser(config=cfg, store=store, output=output, noise=self._noise,
                                 counters=counters,
                                 consortium=cout if cfg.consortium_output else None),
