@@ -257,3 +257,20 @@ def test_a_bridge_refuses_a_role_that_does_not_fit_its_instances(tmp_path: Path)
         Bridge(_config(tmp_path, instances=2), role="single")
     assert Bridge(_config(tmp_path, instance=1, instances=2)).role == "worker"
     assert Bridge(_config(tmp_path)).role == "single"
+
+
+def test_a_partial_signed_by_a_member_is_refused(
+        tmp_path: Path, codec_and_opener: tuple[EnvelopeCodec, SealOpener]) -> None:
+    codec, opener = codec_and_opener
+    node = pkimod.issue(ca_dir=tmp_path / "ca", out_dir=tmp_path / "node", role="node",
+                        member="acme", node="store-1")
+    forger = EnvelopeCodec(signer=Signer.from_files(key_file=node.key, cert_file=node.cert),
+                           trust=TrustStore.from_files(ca_files=[tmp_path / "ca" / pkimod.CA_CERT],
+                                                       network="grp"))
+    scheme = TopicScheme(mode="consortium", network="grp", member="acme")
+    ((topic, payload, _),) = encode_partials(
+        codec=forger, sealer=Sealer(opener.public_key), scheme=scheme, bridge_id="b",
+        window_start=W0, instance=0, instances=2, policy_version="p1", rows=[])
+    with pytest.raises(EnvelopeError, match="not a bridge-signed partial"):
+        decode_partial(topic, payload, codec=codec, opener=opener, instances=2,
+                       policy_version="p1")
