@@ -158,8 +158,8 @@ class PartialExchange:
     """Both ends of the partials of one scaled-out bridge on the consortium broker.
 
     A ``worker`` closes a window by sealing its items into a partial (:meth:`close`), and
-    closes with an empty partial a window it holds nothing of once another instance's
-    partial of it appears, so that the merger hears from every instance. The ``merge`` role
+    opens a window it holds nothing of once another instance's partial of it appears, so
+    that it closes it too (maybe empty) and the merger hears from every instance. The ``merge`` role
     verifies, opens and counts every partial into its own store (:meth:`receive`); a window
     is merged once every instance's partial is complete (:meth:`waiting`).
     """
@@ -241,10 +241,11 @@ class PartialExchange:
     def _seen(self, where: PartialTopic, now: float) -> None:
         if where.instance == self._config.instance:
             return
-        store = self._store
-        if store.window_state(where.window_start) is None:
-            # Another instance closed a window this one holds nothing of: say so.
-            self.close(where.window_start, now)
+        if self._store.window_state(where.window_start) is None:
+            # Another instance closed a window this one holds nothing of. It opens it empty,
+            # so that it closes (with an empty partial) under the usual lag and settle rule:
+            # items of it still on their way (a backlog after a restart) are counted first.
+            self._store.open_window(where.window_start, now=now)
 
     def _merge(self, msg: InboundMessage, where: PartialTopic, now: float) -> None:
         store = self._store

@@ -427,6 +427,14 @@ class BridgeStore:
                            [(window_start, t, p, int(r)) for t, p, r in outgoing])
         self._states[window_start] = "published"
 
+    def open_window(self, window_start: int, *, now: float) -> None:
+        """Open a window with no items (unless it is known already), as if an input for it
+        had arrived at ``now``."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO windows (start, state, first_input, last_input, "
+                       "items) VALUES (?, 'open', ?, ?, 0)", (window_start, now, now))
+        self._states.setdefault(window_start, "open")
+
     def record_partial(self, window_start: int, *, instance: int, part: int,
                        parts: int) -> None:
         """The merger received part ``part`` of ``parts`` of ``instance``'s partial."""

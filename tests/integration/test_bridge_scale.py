@@ -68,10 +68,10 @@ def _inputs(groups: Sequence[Sequence[str]], category: str) -> list[Input]:
     return inputs
 
 
-def _scaled_config(net: Net, run: str, instance: int) -> BridgeConfig:
+def _scaled_config(net: Net, run: str, instance: int, **kw: Any) -> BridgeConfig:
     return net.bridge_config(bridge_id=f"m{run}", state=f"m{run}.sqlite",
                              publication_lag_seconds=LAG, instances=INSTANCES,
-                             instance=instance)
+                             instance=instance, **kw)
 
 
 def _retained_partials(net: Net, run: str, certs: CertPaths, member: str) -> list[str]:
@@ -254,6 +254,53 @@ async def test_the_merger_waits_for_a_missing_instance_and_names_it(net: Net) ->
         for b in everyone:
             await b.stop()
     _assert_same_aggregates(net, windows=2)
+
+
+async def test_a_restarted_worker_counts_its_backlog_of_a_window_others_closed(
+        net: Net) -> None:
+    """Instance 1 is down while its members send and while the window becomes due; instance
+    0 closes the window meanwhile. Back, instance 1 sees that partial (retained) and its
+    backlog (its session) in either order: it opens the window and settles it as one bridge
+    would, so the backlog is counted, not dropped as late."""
+    run = uuid.uuid4().hex[:8]
+    category = f"backlog/{run}"
+    groups = companies_by_instance(net, category, instances=INSTANCES, each=5)
+    inputs = [i for i in _inputs(groups, category) if i.insight.window_start >= yesterday()]
+    settle = {"settle_seconds": 3600.0, "max_settle_seconds": 7200.0}
+    clock = Clock()
+    configs = [_scaled_config(net, run, i, **settle) for i in range(INSTANCES)]
+    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
+                                      publication_lag_seconds=LAG, **settle), clock=clock)
+    scaled = [Bridge(c, clock=clock) for c in configs]
+    merger = Bridge(configs[0], clock=clock, role="merge")
+    everyone = [single, *scaled, merger]
+    for b in everyone:
+        await b.start()
+    try:
+        for b in everyone:
+            await _connected(b)
+        await scaled[1].stop(drain=False)  # down before its members send anything
+        await publish(net, inputs)
+        await wait(single, lambda s: s.items_counted >= len(inputs))
+        await wait(scaled[0], lambda s: s.items_counted >= _share(net, inputs, 0))
+        clock.advance(LAG + DAY + 3601)  # due, and settled for everyone who is up
+        for b in (single, scaled[0], merger):
+            b.poke()
+        await wait(single, lambda s: s.windows_published >= 1 and s.outbox_depth == 0)
+        await wait(merger, lambda s: list(s.partials_missing.values()) == [[1]])
+        scaled[1] = Bridge(configs[1], clock=clock)
+        everyone.append(scaled[1])
+        await scaled[1].start()
+        status = await wait(scaled[1], lambda s: s.items_counted >= _share(net, inputs, 1))
+        assert status.dropped == {} and status.items_counted == _share(net, inputs, 1)
+        clock.advance(3601)  # its own inputs settle
+        scaled[1].poke()
+        await wait(merger, lambda s: s.windows_published >= 1 and s.outbox_depth == 0)
+        assert merger.status().items_counted == len(inputs)
+    finally:
+        for b in everyone:
+            await b.stop()
+    _assert_same_aggregates(net, windows=1)
 
 
 async def test_scale_out_gives_the_consortium_then_the_public_one_bridges_aggregates(

@@ -129,7 +129,7 @@ class Net:
                                 contributions=contributions, reliability=FAST),
             min_companies=kw.pop("min_companies", K), dominance_cap=kw.pop("dominance_cap", CAP),
             window_seconds=DAY, publication_lag_seconds=kw.pop("publication_lag_seconds", DAY),
-            settle_seconds=0,
+            settle_seconds=kw.pop("settle_seconds", 0),
             state_path=self.root / state, tick_seconds=0.05, **kw)
 
     def marker(self) -> list[Received]:

@@ -12,9 +12,12 @@ import pytest
 from pydantic import ValidationError
 
 from pear_mqtt.bridge.aggregation import aggregate_window
+from pear_mqtt.bridge.closing import due_windows
 from pear_mqtt.bridge.config import BridgeConfig, DPConfig, PublicConfig, SourceConfig
 from pear_mqtt.bridge.histogram import BUCKETS
+from pear_mqtt.bridge.links import InputLink
 from pear_mqtt.bridge.partials import (
+    PartialExchange,
     decode_partial,
     encode_partials,
     owner_of,
@@ -22,6 +25,7 @@ from pear_mqtt.bridge.partials import (
 )
 from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.state import BridgeStore, NewContribution
+from pear_mqtt.bridge.status import BridgeCounters
 from pear_mqtt.cli import main
 from pear_mqtt.config.models import TLSConfig
 from pear_mqtt.errors import ConfigError, EnvelopeError
@@ -36,6 +40,7 @@ from pear_mqtt.security.seal import (
 )
 from pear_mqtt.security.signing import Signer
 from pear_mqtt.security.trust import TrustStore
+from pear_mqtt.transport import InboundMessage
 
 pytestmark = pytest.mark.unit
 
@@ -274,3 +279,38 @@ def test_a_partial_signed_by_a_member_is_refused(
     with pytest.raises(EnvelopeError, match="not a bridge-signed partial"):
         decode_partial(topic, payload, codec=codec, opener=opener, instances=2,
                        policy_version="p1")
+
+
+def test_a_worker_opens_a_window_another_instance_closed_and_settles_it_as_usual(
+        tmp_path: Path, codec_and_opener: tuple[EnvelopeCodec, SealOpener],
+        stores: list[BridgeStore]) -> None:
+    codec, opener = codec_and_opener
+    store = stores[0]
+    config = _config(tmp_path, instance=1, instances=2, window_seconds=DAY,
+                     publication_lag_seconds=DAY, settle_seconds=60.0)
+    exchange = PartialExchange(config=config, role="worker", store=store,
+                               counters=BridgeCounters(), codec=codec, opener=opener,
+                               clock=lambda: W0 + 5 * DAY)
+    scheme = TopicScheme(mode="consortium", network="grp", member="bridge")
+    other = scheme.bridge_partial(config.bridge_id, W0, 0, 0)
+    link = exchange.link(_consortium_link(config, codec, opener))
+    exchange.receive(link, [InboundMessage(topic=other, payload=b"x", qos=1, retain=True)])
+    # Not closed at once: its own items of the window may still be on their way.
+    assert store.window_state(W0) == "open" and store.consortium_pending() == []
+    assert store.add([_item(random.Random(3), 3)], now=W0 + 5 * DAY + 10).counted == 1
+    (window,) = store.open_windows()
+    assert (window.start, window.items) == (W0, 1)
+    assert due_windows([window], config=config, now=W0 + 5 * DAY + 30) == []
+    assert due_windows([window], config=config, now=W0 + 5 * DAY + 71) == [W0]
+    exchange.close(W0, W0 + 5 * DAY + 71)
+    assert store.window_state(W0) == "published" and len(store.consortium_pending()) == 1
+
+
+def _consortium_link(config: BridgeConfig, codec: EnvelopeCodec,
+                     opener: SealOpener) -> InputLink:
+    """The consortium input link the partials link is made from (no key files read)."""
+    assert config.consortium is not None
+    return InputLink(name="consortium:grp", kind="consortium", network="grp",
+                     broker_url=config.consortium.broker_url, tls=config.consortium.tls,
+                     reliability=config.consortium.reliability, codec=codec, opener=opener,
+                     policy={}, domain="grp", filters=[])
