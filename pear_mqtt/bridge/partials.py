@@ -159,9 +159,10 @@ class PartialExchange:
 
     A ``worker`` closes a window by sealing its items into a partial (:meth:`close`), and
     opens a window it holds nothing of once another instance's partial of it appears, so
-    that it closes it too (maybe empty) and the merger hears from every instance. The ``merge`` role
-    verifies, opens and counts every partial into its own store (:meth:`receive`); a window
-    is merged once every instance's partial is complete (:meth:`waiting`).
+    that it closes it too (maybe empty) and the merger hears from every instance. The
+    ``merge`` role verifies, opens and counts every partial into its own store
+    (:meth:`receive`); a window is merged once every instance's partial is complete
+    (:meth:`waiting`).
     """
 
     def __init__(self, *, config: BridgeConfig, role: BridgeRole, store: BridgeStore,
