@@ -17,8 +17,9 @@ DEFAULT_OUT = _HERE / "results.json"
 DEFAULT_DOC = _HERE.parent / "docs" / "BENCHMARKS.md"
 DEFAULT_PROFILE_DIR = _HERE / "profile"
 DEFAULT_PLOT = _HERE.parent / "docs" / "bench.png"
-UNITS = ("A", "A5", "C", "P", "sync", "latency", "bridge", "rss", "fanin", "market", "repair")
-LOAD_UNITS = ("latency", "bridge", "rss", "fanin", "market", "repair")
+UNITS = ("A", "A5", "C", "P", "sync", "latency", "bridge", "bridge_scale", "rss", "fanin",
+         "market", "repair")
+LOAD_UNITS = ("latency", "bridge", "bridge_scale", "rss", "fanin", "market", "repair")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="also measure pear with its default batch_linger (default: on in "
                          "full runs)")
     ld.add_argument("--n-bridge", type=int,
-                    help="contributions the bridge ingests (default: full 20,000, quick 3,000)")
+                    help="contributions the bridge ingests (default: full 20,000, quick 3,000; "
+                         "bridge_scale: once by one bridge, once by two instances)")
     ld.add_argument("--n-rss", type=int,
                     help="insights the agent sends for the RSS run (default: full 10,000, "
                          "quick 3,000)")
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     elif quick:
         load_reps = dict.fromkeys(LOAD_UNITS, 1)
     else:
-        load_reps = {"latency": 3, "bridge": 2, "rss": 2, "fanin": 2, "market": 1, "repair": 2}
+        load_reps = {"latency": 3, "bridge": 2, "bridge_scale": 2, "rss": 2, "fanin": 2,
+                     "market": 1, "repair": 2}
 
     with tempfile.TemporaryDirectory(prefix="pear-bench-") as tmp:
         workdir = args.workdir or Path(tmp)

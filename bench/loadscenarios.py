@@ -25,8 +25,8 @@ from .procs import Worker, WorkerError
 from .scenarios import run_pair
 from .workers import pear_config
 
-__all__ = ["LoadParams", "cdf_points", "percentile", "run_bridge", "run_fanin",
-           "run_latency", "run_rss"]
+__all__ = ["LoadParams", "cdf_points", "percentile", "run_bridge", "run_bridge_scale",
+           "run_fanin", "run_latency", "run_rss"]
 
 # Roughly the size of pear's envelope for one insight under the consortium policy: sync_raw
 # measures pear's state envelopes (one insight each) at 2,084 bytes; an insights envelope
@@ -160,7 +160,8 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
             proc.wait()
 
 
-def bridge_config(env: BenchEnv, workdir: Path) -> Any:
+def bridge_config(env: BenchEnv, workdir: Path, *, bridge_id: str = "bridge",
+                  instances: int = 1) -> Any:
     """The bridge reading the consortium and writing aggregates, both on the one broker."""
     from pear_mqtt.bridge.config import BridgeConfig, PublicConfig, SourceConfig
     from pear_mqtt.config.models import EncryptionConfig, ReliabilityConfig, TLSConfig
@@ -171,6 +172,7 @@ def bridge_config(env: BenchEnv, workdir: Path) -> Any:
     # longer than that keeps the broker from dropping its connection meanwhile.
     rel = ReliabilityConfig(keepalive=600)
     return BridgeConfig(
+        bridge_id=bridge_id, instances=instances,
         consortium=SourceConfig(network_id=env.network, broker_url=url, tls=tls,
                                 crl_file=env.crl,
                                 encryption=EncryptionConfig(keys={"k1": env.group_key}),
@@ -180,38 +182,56 @@ def bridge_config(env: BenchEnv, workdir: Path) -> Any:
         state_path=workdir / "bridge.sqlite")
 
 
-def run_bridge(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
-    """``pear-mqtt bridge`` ingesting ``n_bridge`` contributions of every company in
-    :data:`BRIDGE_COMPANIES`, queued on the broker while the bridge was stopped.
+@dataclass(frozen=True)
+class _Ingest:
+    """One timed ingest by a bridge of ``len(statuses)`` instances, one process each."""
+
+    seconds: float  # from SIGCONT until every instance's status counted its share
+    cpu: float  # CPU seconds of all bridge processes meanwhile
+    statuses: list[dict[str, Any]]  # each instance's last status
+
+
+def _ingest(env: BenchEnv, lp: LoadParams, workdir: Path, *, instances: int = 1,
+            bridge_id: str = "bridge", status_interval: float = 0.2) -> _Ingest:
+    """``pear-mqtt bridge`` (``instances`` processes: ``--instance i --instances N``)
+    ingesting ``n_bridge`` contributions of every company in :data:`BRIDGE_COMPANIES`,
+    queued on the broker while the bridge was stopped.
 
     Start the bridge and wait until it is subscribed; SIGSTOP it; let each company's node
-    publish its share and flush (the broker queues them in the bridge's session); SIGCONT
-    and time until its status counts all N. CPU time is the bridge process's own
-    (/proc/<pid>/stat), so publishers and broker do not enter the per-core rate.
+    publish its share and flush (the broker queues them in the bridge's sessions); SIGCONT
+    and time until the instances' statuses count all N. CPU time is the bridge processes'
+    own (/proc/<pid>/stat), so publishers and broker do not enter the per-core rate.
     """
     from pear_mqtt.bridge.config import BridgeConfigManager
 
     workdir.mkdir(parents=True, exist_ok=True)
-    conf, status = workdir / "bridge.json", workdir / "bridge-status.json"
-    BridgeConfigManager.save(bridge_config(env, workdir), conf, include_secrets=True)
+    conf = workdir / "bridge.json"
+    BridgeConfigManager.save(bridge_config(env, workdir, bridge_id=bridge_id,
+                                           instances=instances), conf, include_secrets=True)
+    statuses = [workdir / f"bridge-status-{i}.json" for i in range(instances)]
     n = lp.n_bridge
     companies = list(BRIDGE_COMPANIES)
     shares = [n // len(companies) + (1 if i < n % len(companies) else 0)
               for i in range(len(companies))]
-    with (workdir / "bridge.log").open("wb") as log:
-        proc = subprocess.Popen([_cli(), "bridge", "--config", str(conf), "--status-file",
-                                 str(status), "--status-interval", "0.2"],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
+        for i, status in enumerate(statuses):
+            with (workdir / f"bridge-{i}.log").open("wb") as log:
+                procs.append(subprocess.Popen(
+                    [_cli(), "bridge", "--config", str(conf), "--instance", str(i),
+                     "--status-file", str(status), "--status-interval", str(status_interval)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         deadline = time.monotonic() + 60
-        while True:
-            st = _read_json(status)
-            if st is not None and st.get("connected"):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise WorkerError(f"bridge did not connect; see {workdir / 'bridge.log'}")
-            time.sleep(0.05)  # polling a status file the bridge rewrites, with a deadline
-        proc.send_signal(signal.SIGSTOP)
+        for proc, status in zip(procs, statuses, strict=True):
+            while True:
+                st = _read_json(status)
+                if st is not None and st.get("connected"):
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise WorkerError(f"bridge did not connect; see {workdir}/bridge-*.log")
+                time.sleep(0.05)  # polling a status file the bridge rewrites, with a deadline
+        for proc in procs:
+            proc.send_signal(signal.SIGSTOP)
         pubs = [Worker("pear_pub", {"env": env, "member": m, "n": k, "categories": 16,
                                     "outbox": "memory"})
                 for m, k in zip(companies, shares, strict=True)]
@@ -227,28 +247,60 @@ def run_bridge(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
         finally:
             for w in pubs:
                 w.close()
-        status.unlink(missing_ok=True)
-        cpu0 = _cpu_seconds(proc.pid)
+        for status in statuses:
+            status.unlink(missing_ok=True)
+        cpu0 = sum(_cpu_seconds(p.pid) for p in procs)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGCONT)
+        for proc in procs:
+            proc.send_signal(signal.SIGCONT)
         deadline = t0 + lp.timeout
         while True:
-            st = _read_json(status)
-            if st is not None and st.get("items_received", 0) >= n:
+            last = [_read_json(status) for status in statuses]
+            got = sum(st.get("items_received", 0) for st in last if st is not None)
+            if got >= n:
                 break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise WorkerError(f"bridge ingested {st and st.get('items_received')} of {n}")
-            time.sleep(0.02)  # polling the status file, with a deadline
+            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+                raise WorkerError(f"bridge ingested {got} of {n}")
+            time.sleep(0.02)  # polling the status files, with a deadline
         t1 = time.monotonic()
-        cpu = _cpu_seconds(proc.pid) - cpu0
+        cpu = sum(_cpu_seconds(p.pid) for p in procs) - cpu0
     finally:
-        _stop(proc)
-    if st["items_counted"] != n:
-        raise WorkerError(f"bridge counted {st['items_counted']} of {n}: dropped "
-                          f"{st.get('dropped')}, ignored {st.get('ignored')}")
-    wall = st.get("items_per_second") or n / (t1 - t0)
-    return {"rate": n / cpu, "cpu_s": cpu, "wall_rate": wall, "seen_s": t1 - t0,
-            "cpu_share": cpu / (n / wall), "companies": len(companies), "items": n}
+        for proc in procs:
+            _stop(proc)
+    done = [st for st in last if st is not None]
+    counted = sum(st["items_counted"] for st in done)
+    if counted != n:
+        raise WorkerError(f"bridge counted {counted} of {n}: dropped "
+                          f"{[st.get('dropped') for st in done]}, ignored "
+                          f"{[st.get('ignored') for st in done]}")
+    return _Ingest(seconds=t1 - t0, cpu=cpu, statuses=done)
+
+
+def run_bridge(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
+    """One bridge process ingesting ``n_bridge`` contributions (see :func:`_ingest`):
+    insights per CPU-second of the bridge, and its wall-clock rate."""
+    n = lp.n_bridge
+    run = _ingest(env, lp, workdir)
+    (st,) = run.statuses
+    wall = st.get("items_per_second") or n / run.seconds
+    return {"rate": n / run.cpu, "cpu_s": run.cpu, "wall_rate": wall, "seen_s": run.seconds,
+            "cpu_share": run.cpu / (n / wall), "companies": len(BRIDGE_COMPANIES), "items": n}
+
+
+def run_bridge_scale(env: BenchEnv, lp: LoadParams, workdir: Path,
+                     instances: int = 2) -> dict[str, Any]:
+    """Issue #20: the same ``n_bridge`` contributions ingested once by one bridge process and
+    once by ``instances`` scale-out instances (one process each; instance 0 also merges),
+    each on a fresh session: insights aggregated per second of wall time, and the speedup."""
+    n = lp.n_bridge
+    single = _ingest(env, lp, workdir / "single", bridge_id="single", status_interval=0.05)
+    scaled = _ingest(env, lp, workdir / "scaled", instances=instances, bridge_id="scaled",
+                     status_interval=0.05)
+    shares = [st["items_counted"] / n for st in scaled.statuses]
+    return {"single_wall_rate": n / single.seconds, "scaled_wall_rate": n / scaled.seconds,
+            "speedup": single.seconds / scaled.seconds, "instances": instances,
+            "largest_share": max(shares), "single_cpu_s": single.cpu,
+            "scaled_cpu_s": scaled.cpu, "items": n, "cpus": os.cpu_count() or 1}
 
 
 # -- agent RSS -------------------------------------------------------------------------------

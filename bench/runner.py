@@ -14,7 +14,14 @@ from typing import Any
 
 from .env import BRIDGE_USER, BenchEnv, Broker, build_env, mosquitto_version
 from .history import run_repair
-from .loadscenarios import LoadParams, run_bridge, run_fanin, run_latency, run_rss
+from .loadscenarios import (
+    LoadParams,
+    run_bridge,
+    run_bridge_scale,
+    run_fanin,
+    run_latency,
+    run_rss,
+)
 from .market import run_market
 from .report import machine, profile_summary, summarise, summarise_load
 from .scenarios import (
@@ -110,8 +117,9 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
 
     lat_variants = ["raw", "pear"] + (["pear_default"] if load.lat_default_linger else [])
     lat: dict[str, list[dict[str, Any]]] = {v: [] for v in lat_variants}
-    load_samples: dict[str, list[dict[str, Any]]] = {"bridge": [], "rss": [], "fanin": [],
-                                                     "market": [], "repair": []}
+    load_samples: dict[str, list[dict[str, Any]]] = {"bridge": [], "bridge_scale": [],
+                                                     "rss": [], "fanin": [], "market": [],
+                                                     "repair": []}
 
     def unit_latency(rep: int) -> None:
         # The variants take turns, each on a fresh broker, starting one further each round.
@@ -123,6 +131,11 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
     def unit_bridge(rep: int) -> None:
         load_samples["bridge"].append(rnd.measure_with(
             "bridge", lambda e, b: run_bridge(e, load, b.workdir / "bridge"),
+            acl_modes=("consortium", "public"), bridge_users=(BRIDGE_USER,)))
+
+    def unit_bridge_scale(rep: int) -> None:
+        load_samples["bridge_scale"].append(rnd.measure_with(
+            "bridge-scale", lambda e, b: run_bridge_scale(e, load, b.workdir / "bridge-scale"),
             acl_modes=("consortium", "public"), bridge_users=(BRIDGE_USER,)))
 
     def unit_rss(rep: int) -> None:
@@ -144,7 +157,8 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
 
     units: list[tuple[str, Callable[[int], None]]] = [
         ("A", unit_a), ("C", unit_c), ("P", unit_p), ("sync", unit_sync),
-        ("latency", unit_latency), ("bridge", unit_bridge), ("rss", unit_rss),
+        ("latency", unit_latency), ("bridge", unit_bridge),
+        ("bridge_scale", unit_bridge_scale), ("rss", unit_rss),
         ("fanin", unit_fanin), ("market", unit_market), ("repair", unit_repair)]
     if mqtt5_baseline:
         units.insert(1, ("A5", unit_a5))
@@ -199,7 +213,7 @@ def _run_p(env: BenchEnv, *, params: Params, market: bool,
     return run_p(env, params, market=market, history=history)
 
 
-LOAD_UNITS = ("latency", "bridge", "rss", "fanin", "market", "repair")
+LOAD_UNITS = ("latency", "bridge", "bridge_scale", "rss", "fanin", "market", "repair")
 
 
 def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
@@ -211,6 +225,9 @@ def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
     if name == "bridge":
         return (f"{last['rate']:,.0f} insights per CPU-second, {last['wall_rate']:,.0f}/s "
                 f"wall, {last['items']:,} from {last['companies']} companies")
+    if name == "bridge_scale":
+        return (f"{last['instances']} instances {last['scaled_wall_rate']:,.0f}/s wall vs one "
+                f"{last['single_wall_rate']:,.0f}/s: {last['speedup']:.2f}x")
     if name == "repair":
         return (f"{last['rate']:,.0f} log entries/s repaired and proven, {last['entries']:,} "
                 f"entries; their insights delivered at {last['insight_rate']:,.0f}/s")

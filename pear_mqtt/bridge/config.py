@@ -45,10 +45,16 @@ __all__ = [
     "DEFAULT_BOUNDS",
     "BridgeConfig",
     "BridgeConfigManager",
+    "BridgeRole",
     "DPConfig",
     "PublicConfig",
     "SourceConfig",
 ]
+
+BridgeRole = Literal["single", "worker", "merge"]
+"""What one bridge process does: everything (``single``), or, scaled out over
+``instances``, count its share of the senders (``worker``) or merge the workers' partials
+and publish (``merge``). See docs/BRIDGE.md ("Scale-out")."""
 
 DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
     "price_data.price": (0.0, 10_000.0),
@@ -272,9 +278,19 @@ class BridgeConfig(Frozen):
     dp: DPConfig = Field(default_factory=DPConfig)
     state_path: Path = Path("pear-bridge.sqlite")
     tick_seconds: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    instance: Annotated[int, Field(ge=0)] = 0
+    instances: Annotated[int, Field(ge=1, le=64)] = 1
 
     @model_validator(mode="after")
     def _rules(self) -> BridgeConfig:
+        if self.instance >= self.instances:
+            raise ValueError(f"instance must be below instances ({self.instances}), got "
+                             f"{self.instance}")
+        if self.instances > 1 and (self.consortium is None
+                                   or self.consortium.aggregator_key_file is None):
+            raise ValueError("instances > 1 needs a consortium source with an "
+                             "aggregator_key_file: the instances hand their sealed partial "
+                             "sums to the merger over the consortium broker")
         if self.consortium is not None and self.consortium.mode != "consortium":
             raise ValueError("consortium.mode must be 'consortium' (private brokers go in "
                              "[[private]])")
@@ -302,6 +318,16 @@ class BridgeConfig(Frozen):
             raise ValueError("dp.period_seconds must be at least window_seconds (a window "
                              "spends from one period)")
         return self
+
+    def role_state_path(self, role: BridgeRole) -> Path:
+        """The state file of ``role``: ``state_path`` for a single bridge; next to it,
+        ``<stem>.w<instance><suffix>`` for a scale-out worker and ``<stem>.merge<suffix>``
+        for the merger."""
+        if role == "single":
+            return self.state_path
+        tag = "merge" if role == "merge" else f"w{self.instance}"
+        return self.state_path.with_name(f"{self.state_path.stem}.{tag}"
+                                         f"{self.state_path.suffix}")
 
     def sources(self) -> list[tuple[str, SourceConfig]]:
         """The consortium and private sources, each with its name in error messages."""

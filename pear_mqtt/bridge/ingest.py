@@ -21,6 +21,7 @@ from .admission import check_item, item_digest, window_of
 from .config import BridgeConfig
 from .histogram import BUCKETS, bucket_values
 from .links import InputLink
+from .partials import partition_key
 from .state import BridgeStore, NewContribution
 from .status import BridgeCounters
 
@@ -38,15 +39,19 @@ class Ingestor:
     """Checks what the input links deliver and counts what they admit into ``store``.
 
     ``clock`` decides which windows are late or in the future (tests move it); envelope
-    checks use real time. Counts go to ``counters``.
+    checks use real time. Counts go to ``counters``. A scale-out worker (``share``, see
+    docs/BRIDGE.md "Scale-out") takes only the partitions ``owner`` assigns to it and leaves
+    the others' messages, unopened, to their instances (every instance reads presences).
     """
 
     def __init__(self, *, config: BridgeConfig, store: BridgeStore, counters: BridgeCounters,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 owner: Callable[[str], bool] | None = None) -> None:
         self._config = config
         self._store = store
         self._counters = counters
         self._clock = clock
+        self._owner = owner
 
     def ingest(self, link: InputLink, msgs: Sequence[InboundMessage]) -> None:
         """Check every message of ``msgs`` in order and count what they admit in one store
@@ -115,6 +120,11 @@ class Ingestor:
             return []
         if parsed.kind not in ("insights", "contrib"):
             drop("unexpected_topic")
+            return []
+        if self._owner is not None and not self._owner(partition_key(
+                kind=link.kind, network=link.network, sender=parsed.company or "",
+                category=parsed.category or "")):
+            self._counters.other_instances += 1
             return []
         try:
             decoded = link.codec.decode(msg.payload, check_replay=not msg.retain)

@@ -43,7 +43,8 @@ LEDGER_PERIODS = 24
 
 _ALLOWED_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt",
                                   "bridge_state": "ledger"}
-_CONSORTIUM_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt"}
+_CONSORTIUM_KINDS: dict[str, str] = {"aggregates": "aggregate", "bridge_receipt": "receipt",
+                                     "bridge_partial": "partial"}
 
 Audience = Literal["public", "consortium"]
 
@@ -195,7 +196,8 @@ class PublicOutput:
 
     def admit(self, row: OutgoingRow) -> None:
         """Raise :class:`PrivacyError` unless ``row`` is a plain envelope this bridge signed,
-        of the kind its topic carries, on this network's aggregates or bridge-state topics.
+        of the kind its topic carries, on this network's aggregates or bridge-state topics
+        (or, scaled out, the empty retained message that clears a partial).
         :meth:`send` checks every row with it."""
         try:
             parsed = parse_topic(row.topic)
@@ -206,6 +208,8 @@ class PublicOutput:
         if parsed.mode != self._audience or parsed.network != self._network or kind is None:
             raise PrivacyError(f"refusing to publish to {row.topic!r}: the bridge writes "
                                "aggregates and its own state only")
+        if not row.payload and row.retain and parsed.kind == "bridge_partial":
+            return  # clearing a merged window's retained partial
         try:
             head = json.loads(row.payload)
         except ValueError:

@@ -26,13 +26,15 @@ log = logging.getLogger(__name__)
 class Publisher:
     """Connects ``output`` and flushes ``store``'s outbox; ``clock`` stamps acknowledgements.
 
-    ``audience="consortium"``: the consortium broker and the consortium outbox.
+    ``audience="consortium"``: the consortium broker and the consortium outbox. ``tag``
+    (default: the bridge id) names its MQTT client: one per scale-out instance and role.
     """
 
     def __init__(self, *, config: BridgeConfig, output: PublicOutput, store: BridgeStore,
                  counters: BridgeCounters, clock: Callable[[], float],
-                 audience: Audience = "public") -> None:
+                 audience: Audience = "public", tag: str | None = None) -> None:
         self._config = config
+        self._tag = tag or config.bridge_id
         self._output = output
         self._store = store
         self._counters = counters
@@ -58,7 +60,7 @@ class Publisher:
         ring = BrokerRing.of(pub.broker_url)
         while not closing():
             conn = bridge_connection(url=ring.current, tls=pub.tls, rel=pub.reliability,
-                                     client_id=f"pear-bridge-{self._config.bridge_id}-{suffix}")
+                                     client_id=f"pear-bridge-{self._tag}-{suffix}")
             try:
                 await conn.connect()
             except ConnectError as exc:

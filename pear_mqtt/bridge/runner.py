@@ -8,11 +8,12 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..files import atomic_write
 from ..model.insight import Health
-from .config import BridgeConfig
+from .config import BridgeConfig, BridgeRole
 from .service import Bridge
 from .status import BridgeStatus
 
@@ -40,22 +41,33 @@ def describe(config: BridgeConfig) -> str:
             f"; k={config.min_companies}, dominance cap "
             f"{config.dominance_cap:.0%}, window {config.window_seconds} s, lag "
             f"{config.publication_lag_seconds} s, {noise}; policy {config.policy_version()}; "
-            f"state {config.state_path}")
+            f"state {config.state_path}"
+            + (f"; instance {config.instance} of {config.instances}"
+               if config.instances > 1 else ""))
 
 
 async def serve(config: BridgeConfig, *, status_file: Path | None,
-                status_interval: float, metrics_port: int | None = None) -> BridgeStatus:
+                status_interval: float, metrics_port: int | None = None,
+                roles: Sequence[BridgeRole] = ("single",)) -> BridgeStatus:
     """Run a bridge until SIGTERM or SIGINT, rewriting ``status_file`` (if given) every
     ``status_interval`` seconds; the final status is returned (and written with health
-    ``down``)."""
+    ``down``).
+
+    ``roles``: one bridge per role in this process (a scale-out instance 0 runs ``worker``
+    and ``merge``); the first writes ``status_file`` and serves the metrics, each further
+    one writes ``<stem>.<role><suffix>`` next to it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    bridge = Bridge(config)
-    await bridge.start(timeout=30.0)
+    bridges = [Bridge(config, role=role) for role in roles]
+    bridge = bridges[0]
+    for b in bridges:
+        await b.start(timeout=30.0)
     print(describe(config), file=sys.stderr, flush=True)
+    files = [status_file if i == 0 or status_file is None else status_file.with_name(
+        f"{status_file.stem}.{b.role}{status_file.suffix}") for i, b in enumerate(bridges)]
     metrics = None
     if metrics_port is not None:
         from ..ops.metrics import BridgeCollector
@@ -66,17 +78,20 @@ async def serve(config: BridgeConfig, *, status_file: Path | None,
         print(f"bridge: metrics at {metrics.url}", file=sys.stderr, flush=True)
     try:
         while not stop.is_set():
-            if status_file is not None:
-                atomic_write(status_file, bridge.status().model_dump_json(indent=2) + "\n",
-                             fsync=False, make_parents=True)
+            for b, path in zip(bridges, files, strict=True):
+                if path is not None:
+                    atomic_write(path, b.status().model_dump_json(indent=2) + "\n",
+                                 fsync=False, make_parents=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), status_interval)
     finally:
         if metrics is not None:
             metrics.close()
         final = bridge.status()
-        await bridge.stop()
-        if status_file is not None:
-            down = final.model_copy(update={"health": Health.DOWN, "connected": False})
-            atomic_write(status_file, down.model_dump_json(indent=2) + "\n", make_parents=True)
+        for b, path in zip(bridges, files, strict=True):
+            last = b.status()
+            await b.stop()
+            if path is not None:
+                down = last.model_copy(update={"health": Health.DOWN, "connected": False})
+                atomic_write(path, down.model_dump_json(indent=2) + "\n", make_parents=True)
     return final

@@ -19,18 +19,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ..errors import ConnectError, OutboxError, PearError
+from ..errors import ConfigError, ConnectError, OutboxError, PearError
 from ..model.insight import Health
-from ..transport import stop_task
+from ..transport import InboundMessage, stop_task
 from .closing import WindowCloser, due_windows
-from .config import BridgeConfig
+from .config import BridgeConfig, BridgeRole
 from .endpoints import bridge_codec
 from .ingest import Ingestor
 from .links import InputLink, input_links, read_input
 from .noise import NoiseMechanism
 from .output import LEDGER_PERIODS, PublicOutput
+from .partials import PartialExchange, owner_of
 from .publisher import Publisher
-from .state import BridgeStore
+from .state import BridgeStore, WindowInfo
 from .status import BridgeCounters, BridgeStatus
 
 __all__ = ["Bridge"]
@@ -49,6 +50,7 @@ class _Parts:
     publisher: Publisher
     consortium: Publisher | None = None  # the consortium's own aggregates (consortium_output)
     consortium_output: PublicOutput | None = None
+    exchange: PartialExchange | None = None  # scale-out: the partials (worker and merge roles)
 
 
 class Bridge:
@@ -61,11 +63,26 @@ class Bridge:
 
     ``clock`` drives the window decisions (when a window is due; tests move it); envelope
     checks always use real time. ``rng`` seeds the noise (tests only).
+
+    ``role`` (default: ``single``, or ``worker`` when ``config.instances > 1``): a scale-out
+    ``worker`` counts its share of the senders and hands each closed window to the merger as
+    a sealed partial on the consortium broker; ``merge`` counts the partials and closes and
+    publishes the windows (docs/BRIDGE.md, "Scale-out").
     """
 
     def __init__(self, config: BridgeConfig, *, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, role: BridgeRole | None = None) -> None:
+        if role is None:
+            role = "single" if config.instances == 1 else "worker"
+        if role == "single" and config.instances > 1:
+            raise ConfigError(f"a bridge of {config.instances} instances runs as 'worker' or "
+                              "'merge', not 'single'")
+        if role != "single" and config.instances == 1:
+            raise ConfigError(f"role {role!r} is for a scaled-out bridge: set instances > 1")
         self.config = config
+        self.role: BridgeRole = role
+        self._tag = {"single": config.bridge_id, "worker": f"{config.bridge_id}-w{config.instance}",
+                     "merge": f"{config.bridge_id}-merge"}[role]
         self._clock = clock
         self._noise = NoiseMechanism(config.dp, rng=rng) if config.dp.enabled else None
         self._links: list[InputLink] = []
@@ -88,20 +105,22 @@ class Bridge:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self, *, timeout: float = 10.0) -> None:
-        """Open the state, connect every input and the public broker, start the clock.
+        """Open the state, connect every input and the public broker (a scale-out worker:
+        the consortium broker, where its partials go), start the clock.
 
         Raises :class:`ConfigError`/:class:`~pear_mqtt.errors.PKIError` for bad material and
-        :class:`ConnectError` when the public broker cannot be reached within ``timeout``;
+        :class:`ConnectError` when that broker cannot be reached within ``timeout``;
         inputs that are down are retried in the background.
         """
         cfg = self.config
+        role = self.role
         self._closing = False
-        self._links = input_links(cfg)
+        links = input_links(cfg)
         codec = bridge_codec(tls=cfg.public.tls, network=cfg.public.network_id,
                              encryption=None, crl=cfg.public.crl_file,
                              rel=cfg.public.reliability, what="public")
         output = PublicOutput(config=cfg, codec=codec)
-        store = BridgeStore(cfg.state_path)
+        store = BridgeStore(cfg.role_state_path(role))
         previous = store.get_meta("policy_version")
         if previous is not None and previous != self._policy_version:
             log.warning("the disclosure policy changed since the last run (%s -> %s); open "
@@ -110,23 +129,41 @@ class Bridge:
         store.set_meta("policy_version", self._policy_version)
         counters = self._counters
         cout: PublicOutput | None = None
-        if cfg.consortium_output:
+        if cfg.consortium_output or role != "single":
             src = cfg.consortium
             assert src is not None
             cout = PublicOutput(config=cfg, audience="consortium", codec=bridge_codec(
                 tls=src.tls, network=src.network_id, encryption=src.encryption,
                 crl=src.crl_file, rel=src.reliability, what=f"consortium {src.network_id}"))
+        exchange: PartialExchange | None = None
+        if role != "single":
+            consortium = links[0]  # instances > 1 needs the consortium source (the first)
+            assert consortium.opener is not None
+            exchange = PartialExchange(config=cfg, role=role, store=store, counters=counters,
+                                       codec=consortium.codec, opener=consortium.opener,
+                                       clock=self._clock)
+            links = [*(links if role == "worker" else ()), exchange.link(consortium)]
+        if role == "worker":
+            # A worker writes only its partials, on the consortium broker.
+            assert cout is not None
+            output, cout = cout, None
+        self._links = links
+        share = cfg.instance, cfg.instances
         parts = self._parts = _Parts(
             store=store, output=output,
-            ingestor=Ingestor(config=cfg, store=store, counters=counters, clock=self._clock),
+            ingestor=Ingestor(config=cfg, store=store, counters=counters, clock=self._clock,
+                              owner=None if role != "worker" else
+                              (lambda key: owner_of(key, share[1]) == share[0])),
             closer=WindowCloser(config=cfg, store=store, output=output, noise=self._noise,
-                                counters=counters, consortium=cout),
+                                counters=counters,
+                                consortium=cout if cfg.consortium_output else None),
             publisher=Publisher(config=cfg, output=output, store=store, counters=counters,
-                                clock=self._clock),
+                                clock=self._clock, tag=self._tag,
+                                audience="consortium" if role == "worker" else "public"),
             consortium=None if cout is None else Publisher(
                 config=cfg, output=cout, store=store, counters=counters, clock=self._clock,
-                audience="consortium"),
-            consortium_output=cout)
+                audience="consortium", tag=self._tag),
+            consortium_output=cout, exchange=exchange)
         self._started_at = datetime.now(UTC)
         loop = asyncio.get_running_loop()
         first: asyncio.Future[None] = loop.create_future()
@@ -138,14 +175,18 @@ class Bridge:
                 first=loop.create_future(), closing=self._is_closing, changed=self._changed,
                 work=self._work))
         for link in self._links:
-            link.task = asyncio.create_task(self._read(link, parts.ingestor))
+            ingest = (parts.exchange.receive if parts.exchange is not None
+                      and link.name == "partials" else parts.ingestor.ingest)
+            link.task = asyncio.create_task(self._read(link, ingest))
         self._tick_task = asyncio.create_task(self._run_ticks())
         try:
             await asyncio.wait_for(asyncio.shield(first), timeout)
         except TimeoutError:
             await self.stop(drain=False)
-            raise ConnectError(f"bridge could not reach the public broker "
-                               f"{cfg.public.broker_url} within {timeout} s") from None
+            url = cfg.consortium.broker_url if role == "worker" and cfg.consortium \
+                else cfg.public.broker_url
+            raise ConnectError(f"bridge could not reach its output broker {url} within "
+                               f"{timeout} s") from None
 
     async def stop(self, *, drain: bool = True, timeout: float = 10.0) -> None:
         """Stop: disconnect the inputs and count what they already received (``drain``),
@@ -206,11 +247,12 @@ class Bridge:
     def _is_closing(self) -> bool:
         return self._closing
 
-    async def _read(self, link: InputLink, ingestor: Ingestor) -> None:
+    async def _read(self, link: InputLink,
+                    ingest: Callable[[InputLink, Sequence[InboundMessage]], None]) -> None:
         try:
-            await read_input(link, client_id=f"pear-bridge-{self.config.bridge_id}-"
+            await read_input(link, client_id=f"pear-bridge-{self._tag}-"
                                              f"{link.name.replace(':', '-')}",
-                             ingest=ingestor.ingest, closing=self._is_closing,
+                             ingest=ingest, closing=self._is_closing,
                              changed=self._changed)
         except OutboxError as exc:
             # The state cannot record what was counted: stop counting rather than count
@@ -234,7 +276,10 @@ class Bridge:
     def due_windows(self, now: float | None = None) -> list[int]:
         """Open windows that may be published at ``now`` (default: the bridge clock)."""
         assert self._parts is not None
-        return due_windows(self._parts.store.open_windows(), config=self.config,
+        windows = self._parts.store.open_windows()
+        if self._parts.exchange is not None and self.role == "merge":
+            windows = self._merged(windows, self._parts.exchange)
+        return due_windows(windows, config=self.config,
                            now=self._clock() if now is None else now)
 
     async def tick(self) -> None:
@@ -243,16 +288,41 @@ class Bridge:
         if parts is None:
             return
         now = self._clock()
-        # Consortium first: a window due for both in one tick reaches the consortium first.
-        for start in parts.closer.consortium_due(parts.store.open_windows(), now):
-            parts.closer.close_consortium(start, now)
-        for start in self.due_windows(now):
-            parts.closer.close(start, now)
+        if parts.exchange is not None and self.role == "worker":
+            cfg = self.config
+            # A worker's window closes when the single bridge's first close would (for the
+            # consortium when it has an output, else for the public): its items are fixed
+            # from then on, as they would be in one bridge.
+            lag = (cfg.consortium_lag_seconds if cfg.consortium_output
+                   else cfg.publication_lag_seconds)
+            for start in due_windows(parts.store.open_windows(), config=cfg, now=now, lag=lag):
+                parts.exchange.close(start, now)
+        else:
+            windows = parts.store.open_windows()
+            if parts.exchange is not None:
+                windows = self._merged(windows, parts.exchange)
+            # Consortium first: a window due for both in one tick reaches the consortium
+            # first.
+            for start in parts.closer.consortium_due(windows, now):
+                parts.closer.close_consortium(start, now)
+            for start in due_windows(windows, config=self.config, now=now):
+                parts.closer.close(start, now)
+                if parts.exchange is not None:
+                    parts.exchange.clear(start)
         if parts.consortium is not None:
             await parts.consortium.flush()
         await parts.publisher.flush()
         self._counters.ticks += 1
         self._changed.set()
+
+    @staticmethod
+    def _merged(windows: Sequence[WindowInfo], exchange: PartialExchange) -> list[WindowInfo]:
+        """The merger's open windows whose every partial arrived, already settled (the
+        workers waited for their inputs to settle before they closed them)."""
+        waiting = exchange.waiting()
+        return [WindowInfo(start=w.start, first_input=w.first_input,
+                           last_input=float("-inf"), items=w.items)
+                for w in windows if waiting.get(w.start) == []]
 
     def poke(self) -> None:
         """Run a tick now instead of waiting for ``tick_seconds`` (after moving the clock)."""
@@ -292,7 +362,16 @@ class Bridge:
                                   if self._parts is not None
                                   and self._parts.consortium is not None else None),
             ticks=c.ticks, items_per_second=c.items_per_second(),
-            started_at=self._started_at, last_publish=c.last_publish, error=self._fatal)
+            started_at=self._started_at, last_publish=c.last_publish, error=self._fatal,
+            role=self.role, other_instances=c.other_instances,
+            partials_missing=self._partials_missing())
+
+    def _partials_missing(self) -> dict[str, list[int]]:
+        exchange = self._parts.exchange if self._parts is not None else None
+        if exchange is None or self.role != "merge":
+            return {}
+        return {datetime.fromtimestamp(w, UTC).isoformat(): missing
+                for w, missing in sorted(exchange.waiting().items()) if missing}
 
     async def wait_for(self, predicate: Callable[[BridgeStatus], bool], *,
                        timeout: float) -> BridgeStatus:

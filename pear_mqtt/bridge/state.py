@@ -98,6 +98,13 @@ CREATE TABLE IF NOT EXISTS consortium_outbox (
     payload      BLOB NOT NULL,
     retain       INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS partials (
+    window_start INTEGER NOT NULL,
+    instance     INTEGER NOT NULL,
+    part         INTEGER NOT NULL,
+    parts        INTEGER NOT NULL,
+    PRIMARY KEY (window_start, instance, part)
+);
 CREATE TABLE IF NOT EXISTS receipts (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     window_start INTEGER NOT NULL,
@@ -166,6 +173,7 @@ class StoredContribution:
     values: dict[str, dict[str, float]]
     digest: bytes
     source_key: str = ""
+    token_digest: bytes | None = None
 
     @property
     def source(self) -> str:
@@ -400,6 +408,67 @@ class BridgeStore:
         with self._tx() as db:
             db.executemany("DELETE FROM consortium_outbox WHERE id=?", [(i,) for i in ids])
 
+    # -- scale-out (docs/BRIDGE.md, "Scale-out") -------------------------------------------
+    def close_partial(self, window_start: int, *, now: float,
+                      outgoing: Sequence[tuple[str, bytes, bool]]) -> None:
+        """A scale-out worker's close of a window (known or not) in one transaction: its
+        partial goes to the consortium outbox, its exact values are deleted, and it takes
+        no more items (it is ``published`` for this worker)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO windows (start, state, first_input, last_input, items, "
+                       "closed_at, published_at) VALUES (?, 'published', ?, ?, 0, ?, ?) "
+                       "ON CONFLICT (start) DO UPDATE SET state='published', "
+                       "closed_at=excluded.closed_at, published_at=excluded.published_at",
+                       (window_start, now, now, now, now))
+            db.execute("DELETE FROM contributions WHERE window_start=?", (window_start,))
+            db.execute("DELETE FROM tokens WHERE window_start=?", (window_start,))
+            db.executemany("INSERT INTO consortium_outbox (window_start, topic, payload, "
+                           "retain) VALUES (?, ?, ?, ?)",
+                           [(window_start, t, p, int(r)) for t, p, r in outgoing])
+        self._states[window_start] = "published"
+
+    def open_window(self, window_start: int, *, now: float) -> None:
+        """Open a window with no items (unless it is known already), as if an input for it
+        had arrived at ``now``."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO windows (start, state, first_input, last_input, "
+                       "items) VALUES (?, 'open', ?, ?, 0)", (window_start, now, now))
+        self._states.setdefault(window_start, "open")
+
+    def record_partial(self, window_start: int, *, instance: int, part: int,
+                       parts: int) -> None:
+        """The merger received part ``part`` of ``parts`` of ``instance``'s partial."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO partials VALUES (?, ?, ?, ?)",
+                       (window_start, instance, part, parts))
+
+    def partial_parts(self, window_start: int) -> list[tuple[int, int]]:
+        """(instance, part) of every partial part the merger received for a window."""
+        return [(int(i), int(p)) for i, p in self._db.execute(
+            "SELECT instance, part FROM partials WHERE window_start=? ORDER BY instance, part",
+            (window_start,))]
+
+    def clear_partials(self, window_start: int, topics: Sequence[str]) -> None:
+        """Queue empty retained messages that clear ``topics`` (a merged window's partials)
+        on the consortium broker."""
+        with self._tx() as db:
+            db.executemany("INSERT INTO consortium_outbox (window_start, topic, payload, "
+                           "retain) VALUES (?, ?, ?, 1)",
+                           [(window_start, t, b"") for t in topics])
+
+    def partial_progress(self, instances: int) -> dict[int, list[int]]:
+        """Per window with any partial received: the instances whose partial is still
+        incomplete (empty when the window can be merged)."""
+        have: dict[int, dict[int, tuple[int, int]]] = {}
+        for w, i, n, parts in self._db.execute(
+                "SELECT window_start, instance, COUNT(*), MAX(parts) FROM partials "
+                "WHERE window_start NOT IN (SELECT start FROM windows WHERE state!='open') "
+                "GROUP BY window_start, instance"):
+            have.setdefault(int(w), {})[int(i)] = (int(n), int(parts))
+        return {w: [i for i in range(instances)
+                    if i not in got or got[i][0] < got[i][1]]
+                for w, got in have.items()}
+
     def open_windows(self) -> list[WindowInfo]:
         """Every open window, oldest first."""
         return [WindowInfo(start=int(s), first_input=float(f), last_input=float(la),
@@ -412,10 +481,11 @@ class BridgeStore:
         """The counted items of a window, in a stable order."""
         return [StoredContribution(item_id=iid, category=cat, region=reg, domain=dom,
                                    company=comp, currency=cur, values=json.loads(vals),
-                                   digest=bytes(dig), source_key=src)
-                for src, iid, cat, reg, dom, comp, cur, vals, dig in self._db.execute(
+                                   digest=bytes(dig), source_key=src,
+                                   token_digest=None if tok is None else bytes(tok))
+                for src, iid, cat, reg, dom, comp, cur, vals, dig, tok in self._db.execute(
                     "SELECT source_key, item_id, category, region, domain, company, currency, "
-                    "vals, digest FROM contributions WHERE window_start=? "
+                    "vals, digest, token_digest FROM contributions WHERE window_start=? "
                     "ORDER BY category, region, source_key, item_id", (window_start,))]
 
     def close_window(self, window_start: int, *, now: float,

@@ -47,6 +47,11 @@ class BridgeStatus(BaseModel):
     started_at: datetime | None = None
     last_publish: datetime | None = None
     error: str | None = None  # why the bridge stopped counting (its state failed)
+    # Scale-out (docs/BRIDGE.md): this process's role, the messages a worker left to other
+    # instances, and per window (ISO start) the instances whose partial the merger awaits.
+    role: str = "single"
+    other_instances: int = 0
+    partials_missing: dict[str, list[int]] = Field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -62,6 +67,7 @@ class BridgeCounters:
     duplicates: int = 0
     replaced: int = 0
     ignored: int = 0
+    other_instances: int = 0
     ticks: int = 0
     cells_published: int = 0
     messages_published: int = 0

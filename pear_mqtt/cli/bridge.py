@@ -8,7 +8,7 @@ import gc
 import sys
 from pathlib import Path
 
-from ..bridge.config import BridgeConfigManager
+from ..bridge.config import BridgeConfigManager, BridgeRole
 from ..bridge.runner import describe, serve
 from ..bridge.state import BridgeStore
 
@@ -16,11 +16,13 @@ __all__ = ["register_cli"]
 
 
 def _cmd_bridge(args: argparse.Namespace) -> int:
-    config = BridgeConfigManager.load(file=args.config)
+    config = BridgeConfigManager.load(file=args.config, instance=args.instance,
+                                      instances=args.instances)
     for warning in BridgeConfigManager.warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     if args.receipts:
-        store = BridgeStore(config.state_path)
+        store = BridgeStore(config.role_state_path(
+            "single" if config.instances == 1 else "merge"))
         try:
             for _window, _category, payload in store.receipts():
                 sys.stdout.write(payload.decode("utf-8") + "\n")
@@ -34,7 +36,15 @@ def _cmd_bridge(args: argparse.Namespace) -> int:
     # Long-lived startup objects (modules, schemas, config) stay out of the cyclic collector's
     # full collections (15-40 ms each over them, measured): see the agent's command.
     gc.freeze()
-    final = asyncio.run(serve(config, status_file=args.status_file,
+    roles: list[BridgeRole]
+    if config.instances == 1:
+        roles = ["single"]
+    elif args.role == "auto":
+        # Instance 0 also merges, in the same process: N processes in all.
+        roles = ["worker", "merge"] if config.instance == 0 else ["worker"]
+    else:
+        roles = [args.role]
+    final = asyncio.run(serve(config, roles=roles, status_file=args.status_file,
                               status_interval=args.status_interval,
                               metrics_port=args.metrics_port))
     print(final.model_dump_json(indent=2))
@@ -67,6 +77,15 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                         help="keep the current status as JSON in PATH (for health checks)")
     parser.add_argument("--status-interval", type=float, default=2.0, metavar="S",
                         help="seconds between status file updates (default: 2)")
+    scale = parser.add_argument_group("scale-out (docs/BRIDGE.md, Scale-out)")
+    scale.add_argument("--instances", type=int, metavar="N",
+                       help="run the bridge as N instances sharing its input (overrides "
+                            "the config's instances); one process per instance")
+    scale.add_argument("--instance", type=int, metavar="I",
+                       help="this process's instance, 0 <= I < N (overrides instance)")
+    scale.add_argument("--role", choices=("auto", "worker", "merge"), default="auto",
+                       help="auto (default): instance 0 counts its share and merges, the "
+                            "others count theirs; worker or merge alone")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and key material, print a summary")
     parser.add_argument("--receipts", action="store_true",

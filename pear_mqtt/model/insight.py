@@ -324,7 +324,7 @@ class NetworkStatus(Frozen):
 
 
 MessageKind = Literal["insights", "state", "presence", "aggregate", "receipt", "ledger", "ack",
-                      "checkpoint", "loghead", "logreq", "logrange"]
+                      "checkpoint", "loghead", "logreq", "logrange", "partial"]
 
 
 class NetworkMessage(Frozen):

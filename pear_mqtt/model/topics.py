@@ -12,6 +12,8 @@
     pear/v1/consortium/<network>/<company>/nodes/<node>[/sync|/checkpoint/<page>]
     pear/v1/consortium/<network>/aggregates/<category path>        retained, bridge only
     pear/v1/consortium/<network>/state/bridge/receipts/<category path>   their receipts
+    pear/v1/consortium/<network>/state/bridge/partials/<bridge>/<window>/<instance>/<part>
+                                                                   scale-out, bridges only
     pear/v1/public/<network>/aggregates/<category path>            retained, bridge only
     pear/v1/public/<network>/contrib/<participant>/<category path> bridge reads only
     pear/v1/public/<network>/nodes/<participant>[/sync]
@@ -42,9 +44,11 @@ __all__ = [
     "PREFIX",
     "AclRule",
     "ParsedTopic",
+    "PartialTopic",
     "TopicScheme",
     "acl_rules",
     "filter_covers",
+    "parse_partial_topic",
     "parse_topic",
     "revoked_node_rules",
     "topic_matches",
@@ -67,7 +71,8 @@ CONSORTIUM_RESERVED: frozenset[str] = frozenset({CONSORTIUM_AGGREGATES, "state"}
 their receipts): no member may be named like one."""
 
 Kind = Literal["insights", "state", "nodes", "sync", "checkpoint", "aggregates", "contrib",
-               "bridge_state", "bridge_receipt", "log_head", "log_req", "log_reply"]
+               "bridge_state", "bridge_receipt", "bridge_partial", "log_head", "log_req",
+               "log_reply"]
 
 #: Pages a node's state checkpoint is split into (state topic -> page by CRC-32 of the topic).
 #: 256 keeps a page of a node with 100,000 states near 250 kB, well inside one message.
@@ -273,6 +278,22 @@ class TopicScheme:
         validate_category(category)
         return f"{PREFIX}/consortium/{self.network}/state/bridge/receipts/{category}"
 
+    def bridge_partial(self, bridge_id: str, window_start: int, instance: int,
+                       part: int) -> str:
+        """Where instance ``instance`` of a scaled-out bridge ``bridge_id`` leaves part
+        ``part`` of its sealed partial of a window (retained; only bridge users read or
+        write it)."""
+        validate_identifier(bridge_id, what="bridge id")
+        if min(window_start, instance, part) < 0:
+            raise TopicError("a partial's window start, instance and part are non-negative")
+        return (f"{PREFIX}/consortium/{self.network}/state/bridge/partials/{bridge_id}/"
+                f"{window_start}/{instance}/{part}")
+
+    def bridge_partials_filter(self, bridge_id: str) -> str:
+        """Filter for every partial of the scaled-out bridge ``bridge_id``."""
+        validate_identifier(bridge_id, what="bridge id")
+        return f"{PREFIX}/consortium/{self.network}/state/bridge/partials/{bridge_id}/+/+/+"
+
     def bridge_state(self, name: str) -> str:
         """Retained bridge records on the public broker (ledger, receipts)."""
         validate_identifier(name, what="bridge state name")
@@ -351,6 +372,31 @@ def _split(topic: str) -> list[str]:
     return topic[len(PREFIX) + 1:].split("/")
 
 
+@dataclass(frozen=True, slots=True)
+class PartialTopic:
+    """What a scaled-out bridge's partial topic names (see :meth:`TopicScheme.bridge_partial`)."""
+
+    network: str
+    bridge_id: str
+    window_start: int
+    instance: int
+    part: int
+
+
+def parse_partial_topic(topic: str) -> PartialTopic:
+    """Parse a partial topic; :class:`TopicError` for anything else."""
+    parts = _split(topic)
+    numbers = parts[6:]
+    if len(parts) != 9 or parts[0] != "consortium" \
+            or parts[2:5] != ["state", "bridge", "partials"] \
+            or not all(n.isdigit() and len(n) <= 12 for n in numbers):
+        raise TopicError(f"topic {topic!r} is not a bridge partial topic")
+    return PartialTopic(network=validate_identifier(parts[1], what="network"),
+                        bridge_id=validate_identifier(parts[5], what="bridge id"),
+                        window_start=int(numbers[0]), instance=int(numbers[1]),
+                        part=int(numbers[2]))
+
+
 def parse_topic(topic: str) -> ParsedTopic:
     """Parse any pear_mqtt topic; raise :class:`TopicError` for anything outside the scheme."""
     parts = _split(topic)
@@ -367,6 +413,10 @@ def parse_topic(topic: str) -> ParsedTopic:
                 return ParsedTopic(mode, validate_identifier(network, what="network"), None,
                                    "bridge_receipt",
                                    category=validate_category("/".join(rest[2:])))
+            if company == "state" and len(rest) == 6 and rest[:2] == ["bridge", "partials"]:
+                partial = parse_partial_topic(topic)
+                return ParsedTopic(mode, partial.network, None, "bridge_partial",
+                                   node=partial.bridge_id, page=partial.instance)
             if company in CONSORTIUM_RESERVED:
                 raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
         elif mode == "public":
@@ -577,7 +627,8 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
         for b in bridges:
             rules += [AclRule("read", f"{root}/#", user=b),
                       AclRule("readwrite", f"{root}/{CONSORTIUM_AGGREGATES}/#", user=b),
-                      AclRule("readwrite", f"{root}/state/bridge/receipts/#", user=b)]
+                      AclRule("readwrite", f"{root}/state/bridge/receipts/#", user=b),
+                      AclRule("readwrite", f"{root}/state/bridge/partials/#", user=b)]
     else:
         root = f"{PREFIX}/public/{network}"
         rules += [

@@ -150,6 +150,9 @@ class BridgeCollector(Collector):
         yield _counter("pear_bridge_windows_published", "Windows published",
                        st.windows_published)
         yield _gauge("pear_bridge_windows_open", "Windows still taking items", st.windows_open)
+        yield _gauge("pear_bridge_windows_awaiting_partials",
+                     "Scale-out merger: windows waiting for an instance's partial",
+                     len(st.partials_missing))
         yield _gauge("pear_outbox_depth", "Messages not yet acknowledged by the public broker",
                      st.outbox_depth)
         yield _by_label(GaugeMetricFamily, "pear_bridge_epsilon_spent",

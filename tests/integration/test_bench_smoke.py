@@ -89,6 +89,13 @@ def test_quick_bench_at_tiny_size_writes_every_measurement(tmp_path: Path) -> No
     assert bridge["items"]["max"] == 300 and bridge["companies"]["max"] >= 5
     assert _positive(bridge["rate"]["median"]) and _positive(bridge["cpu_s"]["median"])
     assert bridge["target"] == 20_000 and isinstance(bridge["ok"], bool)
+    # Bridge scale-out: one bridge and two instances each counted all of the same input.
+    scale = results["bridge_scale"]
+    assert scale["items"]["max"] == 300 and scale["instances"]["max"] == 2
+    assert _positive(scale["single_wall_rate"]["median"])
+    assert _positive(scale["scaled_wall_rate"]["median"])
+    assert 0.5 <= scale["largest_share"]["max"] < 1
+    assert scale["target"] == 1.7 and isinstance(scale["ok"], bool)
     # Agent RSS: a Python process with pear_mqtt loaded is tens of MB, not bytes or GB.
     rss = results["rss"]
     assert 10 < rss["peak_mb"]["median"] < 2000 and rss["items"]["max"] == 300
@@ -100,8 +107,8 @@ def test_quick_bench_at_tiny_size_writes_every_measurement(tmp_path: Path) -> No
     assert sum(fanin["histogram"]["counts"]) == 20
     assert fanin["accepted_after_restart"]["median"] >= 20
     assert isinstance(fanin["storm"], bool)
-    assert set(results["params"]["load_reps"]) == {"latency", "bridge", "rss", "fanin",
-                                                   "market", "repair"}
+    assert set(results["params"]["load_reps"]) == {"latency", "bridge", "bridge_scale", "rss",
+                                                   "fanin", "market", "repair"}
     repair = results["repair"]
     assert repair["entries"]["max"] > 0 and _positive(repair["rate"]["median"])
     # The plot was drawn (matplotlib is in the bench extra) or skipped without it.

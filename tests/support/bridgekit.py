@@ -18,6 +18,7 @@ import pytest
 from brokers import GROUP_KEY, MosquittoBroker, MqttProbe, NetworkPKI, Received, probe
 
 from pear_mqtt.bridge.config import BridgeConfig, PublicConfig, SourceConfig
+from pear_mqtt.bridge.partials import owner_of, partition_key
 from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.status import BridgeStatus
 from pear_mqtt.config.models import (
@@ -128,7 +129,7 @@ class Net:
                                 contributions=contributions, reliability=FAST),
             min_companies=kw.pop("min_companies", K), dominance_cap=kw.pop("dominance_cap", CAP),
             window_seconds=DAY, publication_lag_seconds=kw.pop("publication_lag_seconds", DAY),
-            settle_seconds=0,
+            settle_seconds=kw.pop("settle_seconds", 0),
             state_path=self.root / state, tick_seconds=0.05, **kw)
 
     def marker(self) -> list[Received]:
@@ -280,3 +281,36 @@ async def close_window(bridge: Bridge, clock: Clock, *, windows: int = 1) -> Bri
     bridge.poke()
     return await wait(bridge, lambda s: s.windows_published >= before + windows
                       and s.outbox_depth == 0)
+
+
+def instance_of(net: Net, company: str, category: str, instances: int) -> int:
+    """The scale-out instance that counts ``company``'s consortium items of ``category``."""
+    return owner_of(partition_key(kind="consortium", network=net.pki.network,
+                                  sender=net.member(company), category=category), instances)
+
+
+def companies_by_instance(net: Net, category: str, *, instances: int,
+                          each: int) -> list[list[str]]:
+    """``each`` logical companies per scale-out instance: grouped by the instance that
+    counts their (random) member id's items of ``category``, so every instance is sure to
+    count some of the input."""
+    groups: list[list[str]] = [[] for _ in range(instances)]
+    while min(len(g) for g in groups) < each:
+        name = f"sc{uuid.uuid4().hex[:6]}"
+        owner = instance_of(net, name, category, instances)
+        if len(groups[owner]) < each:
+            groups[owner].append(name)
+    return groups
+
+
+def aggregate_bodies(net: Net, messages: Sequence[Received]) -> dict[tuple[str, str],
+                                                                     list[dict[str, Any]]]:
+    """Every public aggregate body the spy saw, by (category, window start), in order: the
+    signed envelopes differ (signature, sequence, time), their bodies must not."""
+    prefix = f"pear/v1/public/{net.pki.network}/aggregates/"
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for m in messages:
+        if m.topic.startswith(prefix) and m.payload:
+            body = json.loads(m.payload)["body"]
+            out.setdefault((body["category"], body["window_start"]), []).append(body)
+    return out

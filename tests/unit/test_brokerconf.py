@@ -237,10 +237,12 @@ def test_deny_lines_lead_a_bridge_users_section() -> None:
     lines = _acl_lines(brokerconf.acl_text(modes=["consortium"], network="grp",
                                            bridge_users=["br"], revoked=[("br", "n1")]))
     section = lines[lines.index("user br") + 1:]
-    # then its grants: read the network, write the consortium's aggregates and receipts
-    assert [ln.split()[1] for ln in section] == ["deny"] * 4 + ["read"] + ["readwrite"] * 2
-    assert section[-2:] == ["topic readwrite pear/v1/consortium/grp/aggregates/#",
-                            "topic readwrite pear/v1/consortium/grp/state/bridge/receipts/#"]
+    # then its grants: read the network, write the consortium's aggregates and receipts,
+    # and the scale-out partials
+    assert [ln.split()[1] for ln in section] == ["deny"] * 4 + ["read"] + ["readwrite"] * 3
+    assert section[-3:] == ["topic readwrite pear/v1/consortium/grp/aggregates/#",
+                            "topic readwrite pear/v1/consortium/grp/state/bridge/receipts/#",
+                            "topic readwrite pear/v1/consortium/grp/state/bridge/partials/#"]
     assert lines.count("user br") == 1
 
 
