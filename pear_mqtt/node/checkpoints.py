@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 _PAGE_BUDGET_TRICKLE = 64 * 1024  # page bytes per second allowed on top of the state bytes
 _PAGE_BUDGET_CAP = 64 * 1024 * 1024
 _PAGE_MIN_GROWTH = 16 * 1024  # changed bytes that justify a refresh mid-stream
+_SEED_ROUNDS = 20  # marker round trips at most, while each still brings own states back
 _PAGE_MIN_INTERVAL = 1.0  # s between two refreshes of one page when a burst ends
 
 
@@ -185,6 +186,11 @@ class CheckpointPages:
             self._due[page] = None
         self._budget += len(entry)
 
+    @property
+    def held(self) -> int:
+        """States held in the pages."""
+        return sum(len(entries) for entries in self._pages)
+
     async def seed(self, conn: Connection) -> None:
         """Read back this node's retained states (an earlier run's), so that the first page
         it sends holds them too."""
@@ -193,7 +199,14 @@ class CheckpointPages:
         self._seeding = True
         try:
             await conn.subscribe([(t.node_state_filter(self._node_id), 1)])
-            await self._markers.round_trip(conn)
+            # mosquitto sends the retained states before the later marker; a broker that
+            # streams them after the SUBACK in no set order (aedes) may not have: the read
+            # ends once a round trip brings no further state back.
+            for _ in range(_SEED_ROUNDS):
+                before = self.held
+                await self._markers.round_trip(conn)
+                if self.held == before:
+                    break
             await conn.unsubscribe([t.node_state_filter(self._node_id)])
         finally:
             self._seeding = False

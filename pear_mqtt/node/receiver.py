@@ -187,6 +187,12 @@ class Receiver:
         if parsed.kind == "state" and parsed.node != signer.node:
             self._counters.dropped["identity_mismatch"] += 1
             return
+        if (parsed.kind == "state" and msg.retain and self._clock()
+                - decoded.message.timestamp > self.config.reliability.message_expiry):
+            # An MQTT 5 broker drops a retained state message_expiry after it was sent; a
+            # 3.1.1 broker keeps it, so the receiver holds it to the same lifetime.
+            self._counters.dropped["state_expired"] += 1
+            return
         if signer == self._me:
             if (self._pages.seeding and parsed.kind == "state"
                     and decoded.message.kind == "state"):

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,40 @@ async def test_a_publish_refused_by_closing_the_connection_is_dead_lettered(
     assert got.item_id == sent
     assert status.dropped.get("refused_connection_closed") == 1
     assert status.outbox_depth == 0 and status.reconnects >= 3
+
+
+async def test_a_restarted_store_keeps_every_state_in_its_pages_on_the_cluster(
+        cluster: ClusterProcesses, make_config: Callable[..., NetworkConfig],
+        insight: Callable[..., MarketInsight], tmp_path: Path) -> None:
+    """A store that restarts reads its earlier states back before it sends a page; on a
+    broker that streams retained messages in no set order, its next pages must still hold
+    all of them, or late joiners lose states."""
+    n = 300
+    config = make_config("acme", broker_url=_url(cluster, 0), outbox=tmp_path / "acme.sqlite")
+    async with PearNetwork(config) as tx:
+        await tx.broadcast_many([insight(category=f"cp/c{i:03d}") for i in range(n)])
+        await tx.flush(timeout=60)
+    async with PearNetwork(config) as tx:
+        await tx.broadcast_market_insight(insight(category="cp/new"))
+        await tx.flush(timeout=60)
+    async with PearNetwork(make_config("globex", broker_url=_url(cluster, 1))) as late:
+        result = await late.sync(timeout=60)
+    assert len(result) == n + 1 and not result.missing_pages
+
+
+async def test_a_retained_state_past_its_expiry_is_not_taken_back(
+        cluster: ClusterProcesses, make_config: Callable[..., NetworkConfig],
+        insight: Callable[..., MarketInsight], tmp_path: Path) -> None:
+    """aedes has no MQTT 5 message expiry, so the receiver holds retained states to
+    reliability.message_expiry itself: a state a store sent 8 days ago (its clock was
+    behind) is not read back into its pages when it restarts."""
+    config = make_config("acme", broker_url=_url(cluster, 0), outbox=tmp_path / "acme.sqlite")
+    behind = 8 * 86400.0
+    async with PearNetwork(config, clock=lambda: time.time() - behind) as old:
+        await old.broadcast_market_insight(insight(category="old/cat"))
+        await old.flush(timeout=30)
+    async with PearNetwork(config) as again:
+        await again.broadcast_market_insight(insight(category="new/cat"))
+        await again.flush(timeout=30)
+        dropped = again.status().dropped
+    assert dropped.get("state_expired") == 1
