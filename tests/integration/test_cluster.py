@@ -70,14 +70,16 @@ async def test_a_dead_node_hands_its_clients_to_the_other_and_nothing_is_lost(
     async with PearNetwork(rx_config) as rx, PearNetwork(tx_config) as tx:
         stream = rx.insights()
         for k in range(5):
-            sent += await tx.broadcast_many([insight(product=f"a{k}-{i}") for i in range(20)])
+            sent += await tx.broadcast_many([insight(category=f"fo/a{k}-{i}")
+                                             for i in range(20)])
         await take(stream, len(sent), timeout=60)
         cluster.stop_node(1, kill=True)  # a crash: no DISCONNECT reaches anyone
         await rx.wait_disconnected(timeout=30)
         # What is sent meanwhile waits in the receiver's session, kept in redis.
         later: list[str] = []
         for k in range(5):
-            later += await tx.broadcast_many([insight(product=f"b{k}-{i}") for i in range(20)])
+            later += await tx.broadcast_many([insight(category=f"fo/b{k}-{i}")
+                                              for i in range(20)])
         await tx.flush(timeout=30)
         await rx.wait_connected(timeout=30)
         got = await take(stream, len(later), timeout=60)
@@ -85,6 +87,13 @@ async def test_a_dead_node_hands_its_clients_to_the_other_and_nothing_is_lost(
     assert {g.item_id for g in got} == set(later)  # delivered == sent, once each
     assert status.broker == f"mqtts://localhost:{cluster.files.ports[0]}"
     assert status.reconnects >= 1 and status.duplicates == 0
+    # A late joiner that names the dead node first ends up on the survivor and gets every
+    # state, proven complete by the sender's signed head.
+    async with PearNetwork(make_config("initech", broker_url=_url(cluster, 1, 0))) as late:
+        result = await late.sync(timeout=60)
+    assert len(result) == 200 and not result.missing_pages
+    assert {r.insight.category for r in result} == {
+        f"fo/{ab}{k}-{i}" for ab in "ab" for k in range(5) for i in range(20)}
 
 
 def test_forbidden_cross_company_writes_are_refused_on_every_node(
