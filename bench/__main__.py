@@ -19,7 +19,6 @@ DEFAULT_PROFILE_DIR = _HERE / "profile"
 DEFAULT_PLOT = _HERE.parent / "docs" / "bench.png"
 UNITS = ("A", "A5", "C", "P", "sync", "latency", "bridge", "bridge_scale", "rss", "fanin",
          "market", "repair")
-LOAD_UNITS = ("latency", "bridge", "bridge_scale", "rss", "fanin", "market", "repair")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             load.lat_seconds <= 0 or load.lat_rate <= 0:
         print("load sizes must be at least 1 (seconds and rate above 0)", file=sys.stderr)
         return 2
+    from .runner import LOAD_UNITS
     if args.load_reps is not None:
         load_reps = dict.fromkeys(LOAD_UNITS, args.load_reps)
     elif args.reps is not None:

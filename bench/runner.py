@@ -33,7 +33,7 @@ from .scenarios import (
     run_sync_round,
 )
 
-__all__ = ["explore_a", "run"]
+__all__ = ["LOAD_UNITS", "explore_a", "run"]
 
 Log = Callable[[str], None]
 
@@ -214,6 +214,7 @@ def _run_p(env: BenchEnv, *, params: Params, market: bool,
 
 
 LOAD_UNITS = ("latency", "bridge", "bridge_scale", "rss", "fanin", "market", "repair")
+"""The load measurements (each repeated ``load_reps`` times, not ``reps``)."""
 
 
 def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
