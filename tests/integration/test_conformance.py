@@ -69,6 +69,25 @@ async def test_a_late_joiner_syncs_every_state_proven_complete(
     assert {r.member for r in result} == {"acme"}
 
 
+async def test_a_restarted_store_keeps_every_state_in_its_pages(
+        broker_kind: BrokerUnderTest, insight: MakeInsight, tmp_path: Any) -> None:
+    # Before it sends a page, a restarted store reads its retained states back; whatever
+    # order the broker streams them in, its next pages still hold every one.
+    n = 200
+    config = broker_kind.config("acme", outbox=tmp_path / "acme.sqlite")
+    async with PearNetwork(config) as tx:
+        await tx.broadcast_many([insight(category=f"rs/c{i:03d}") for i in range(n)])
+        await tx.flush(timeout=30)
+    async with PearNetwork(config) as tx:
+        await tx.broadcast_market_insight(insight(category="rs/new"))
+        await tx.flush(timeout=30)
+    async with PearNetwork(broker_kind.config("initech", receiving=True)) as late:
+        result = await late.sync(timeout=60)
+    assert result.missing_pages == {}
+    assert {r.insight.category for r in result} == {
+        *(f"rs/c{i:03d}" for i in range(n)), "rs/new"}
+
+
 # amqtt hands a reconnecting session what it queued with the RETAIN flag set (0.12:
 # Broker._publish_session_retained_messages), where MQTT 3.1.1 section 3.3.1.3 wants it clear
 # for anything not sent because of a new subscription; the node reports what the broker says.
