@@ -475,6 +475,21 @@ class MosquittoBroker:
         if self._proc is not None:
             self._proc.send_signal(signal.SIGHUP)
 
+    def reload_and_wait(self, timeout: float = 5.0) -> None:
+        """SIGHUP, and return once mosquitto has taken the reload in hand.
+
+        mosquitto logs "Reloading config." and then, in the same pass of its single-threaded
+        loop, re-reads configuration, CRL and ACL file before it touches another packet: once
+        the line is logged, every packet sent afterwards meets the new CRL and ACL. The log
+        is a file with no event to wait on: polled (bounded), not the clock.
+        """
+        before = self.log_text().count("Reloading config.")
+        self.reload()
+        deadline = time.monotonic() + timeout
+        while self.log_text().count("Reloading config.") == before:
+            assert time.monotonic() < deadline, "mosquitto did not reload on SIGHUP"
+            time.sleep(0.005)  # poll back-off on the log file
+
     def __enter__(self) -> MosquittoBroker:
         return self.start()
 
