@@ -209,25 +209,6 @@ async def test_a_publish_refused_by_closing_the_connection_is_dead_lettered(
     assert status.outbox_depth == 0 and status.reconnects >= 3
 
 
-async def test_a_restarted_store_keeps_every_state_in_its_pages_on_the_cluster(
-        cluster: ClusterProcesses, make_config: Callable[..., NetworkConfig],
-        insight: Callable[..., MarketInsight], tmp_path: Path) -> None:
-    """A store that restarts reads its earlier states back before it sends a page; on a
-    broker that streams retained messages in no set order, its next pages must still hold
-    all of them, or late joiners lose states."""
-    n = 300
-    config = make_config("acme", broker_url=_url(cluster, 0), outbox=tmp_path / "acme.sqlite")
-    async with PearNetwork(config) as tx:
-        await tx.broadcast_many([insight(category=f"cp/c{i:03d}") for i in range(n)])
-        await tx.flush(timeout=60)
-    async with PearNetwork(config) as tx:
-        await tx.broadcast_market_insight(insight(category="cp/new"))
-        await tx.flush(timeout=60)
-    async with PearNetwork(make_config("globex", broker_url=_url(cluster, 1))) as late:
-        result = await late.sync(timeout=60)
-    assert len(result) == n + 1 and not result.missing_pages
-
-
 async def test_a_retained_state_past_its_expiry_is_not_taken_back(
         cluster: ClusterProcesses, make_config: Callable[..., NetworkConfig],
         insight: Callable[..., MarketInsight], tmp_path: Path) -> None:
