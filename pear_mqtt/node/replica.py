@@ -4,6 +4,7 @@ that rewrote its history (:class:`Fork`). The state :mod:`.replicas` and :mod:`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +13,8 @@ from ..history.merkle import MerkleTree
 from ..security.identity import Identity
 
 __all__ = ["Fork", "Replica"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +53,18 @@ class Replica:
     answered: bool = False  # an answer just came: the next range is asked for at once
     more: bool = False  # ... and it said more answers to the same request follow
     roots: dict[int, bytes] = field(default_factory=dict)  # signed heads' roots by length
+
+    def rewind(self, index: int) -> None:
+        """Forget what is held from ``index`` on (entries no signed head covered)."""
+        log.info("%s replaced its uncommitted log entries from %d on (a restart)",
+                 self.owner.sender, index)
+        if index < self.tree.size:
+            start = self.tree.start
+            tree = MerkleTree.from_frontier(start, self.frontier) if start else MerkleTree()
+            tree.extend([self.tree.leaf(i) for i in range(start, index)])
+            self.tree = tree
+        self.pending = {i: h for i, h in self.pending.items() if i < index}
+        for i in [i for i in self.payloads if i >= index]:
+            del self.payloads[i]
+            self.topics.pop(i, None)
+        self.asked = None

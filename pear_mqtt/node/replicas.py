@@ -198,7 +198,7 @@ class Replicas:
                 or rep.pending.get(index, leaf) != leaf):
             # Past the latest signed head nothing was promised: a sender that crashed before
             # making those entries durable reuses their places. Follow the new ones.
-            self._rewind(rep, index)
+            rep.rewind(index)
         if index < rep.tree.size:
             if rep.tree.leaf(index) != leaf:
                 # Evidence: the entry first seen there or, once verified (only its hash is
@@ -321,7 +321,7 @@ class Replicas:
             hashes = _proof_hashes(proof)
             if root is None or hashes is None or type(size) is not int or not verify_range(
                     leaves=leaves, start=first, size=size, proof=hashes, root=root):
-                return self._refuse(self._why_unproven(rep, out, root, first), signer,
+                return self._refuse(_why_unproven(self._codec, rep, out, root, first), signer,
                                     f"entries {first}..{first + len(out) - 1} do not "
                                     "match its signed head")
             if (body.get("truncated") and first == held_from > rep.tree.size
@@ -378,26 +378,6 @@ class Replicas:
         self.count_refused(reason)
         log.warning("refused a log answer of %s (%s): %s", signer.sender, reason, what)
         return Reply([])
-
-    def _why_unproven(self, rep: Replica, records: list[tuple[str, bytes]],
-                      root: bytes | None, first: int) -> str:
-        """Why records fail their range proof (hostile traffic only, so each is checked
-        in full): records out of their places are reordered; one not signed by the log's
-        owner is forged; else the range does not cover what its proof does."""
-        if _misplaced(records, rep.log_id, first) is not None:
-            return "reordered_range"
-        if root is None:
-            return "cut_range"  # a proof against a head this node never saw signed
-        assert self._codec is not None
-        for _topic, payload in records:
-            try:
-                decoded = self._codec.decode(payload, check_replay=False,
-                                             max_age=float("inf"))
-            except EnvelopeError:
-                return "forged_entry"
-            if decoded.signer != rep.owner:
-                return "forged_entry"
-        return "cut_range"
 
     def _take(self, rep: Replica, first: int, leaves: list[bytes],
               records: list[tuple[str, bytes]]) -> None:
@@ -468,21 +448,6 @@ class Replicas:
             rep = self._replicas[signer.sender] = Replica(owner=signer, log_id=log_id)
         return rep
 
-    def _rewind(self, rep: Replica, index: int) -> None:
-        """Forget what ``rep`` held from ``index`` on (entries no signed head covered)."""
-        log.info("%s replaced its uncommitted log entries from %d on (a restart)",
-                 rep.owner.sender, index)
-        if index < rep.tree.size:
-            start = rep.tree.start
-            tree = MerkleTree.from_frontier(start, rep.frontier) if start else MerkleTree()
-            tree.extend([rep.tree.leaf(i) for i in range(start, index)])
-            rep.tree = tree
-        rep.pending = {i: h for i, h in rep.pending.items() if i < index}
-        for i in [i for i in rep.payloads if i >= index]:
-            del rep.payloads[i]
-            rep.topics.pop(i, None)
-        rep.asked = None
-
     def _advance(self, rep: Replica) -> None:
         size = rep.tree.size
         while rep.tree.size in rep.pending:
@@ -540,6 +505,26 @@ def _entry_index(payload: bytes, log_id: str) -> int | None:
     except ProofFailed:
         return None
     return index if got_id == log_id else None
+
+
+def _why_unproven(codec: EnvelopeCodec | None, rep: Replica,
+                  records: list[tuple[str, bytes]], root: bytes | None, first: int) -> str:
+    """Why records fail their range proof (hostile traffic only, so each is checked in
+    full): records out of their places are reordered; one not signed by the log's owner is
+    forged; else the range does not cover what its proof does."""
+    if _misplaced(records, rep.log_id, first) is not None:
+        return "reordered_range"
+    if root is None:
+        return "cut_range"  # a proof against a head this node never saw signed
+    assert codec is not None
+    for _topic, payload in records:
+        try:
+            decoded = codec.decode(payload, check_replay=False, max_age=float("inf"))
+        except EnvelopeError:
+            return "forged_entry"
+        if decoded.signer != rep.owner:
+            return "forged_entry"
+    return "cut_range"
 
 
 def _misplaced(records: list[tuple[str, bytes]], log_id: str, first: int) -> int | None:
