@@ -224,4 +224,6 @@ async def test_a_retained_state_past_its_expiry_is_not_taken_back(
         await again.broadcast_market_insight(insight(category="new/cat"))
         await again.flush(timeout=30)
         dropped = again.status().dropped
-    assert dropped.get("state_expired") == 1
+    # At least once: a loaded 3.1.1 broker may hand the same retained state to the seeding
+    # read again (seen once in the container stage); it is dropped every time.
+    assert dropped.get("state_expired", 0) >= 1
