@@ -412,6 +412,8 @@ class MosquittoBroker:
                 # grab one in between, so a first start retries with fresh ports.
                 self._port = free_port() if self.plain or self.pki is None else None
                 self._tls_port = free_port() if self.pki is not None else None
+                while self._tls_port is not None and self._tls_port == self._port:
+                    self._tls_port = free_port()  # the kernel may hand the same port out twice
             self.render()
             offsets = len(self.log_text()), len(self.output_text())
             began = time.perf_counter()
