@@ -11,8 +11,10 @@ compares the envelopes' aggregate bodies, as parsed JSON objects, window by wind
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -69,9 +71,65 @@ def _inputs(groups: Sequence[Sequence[str]], category: str) -> list[Input]:
 
 
 def _scaled_config(net: Net, run: str, instance: int, **kw: Any) -> BridgeConfig:
-    return net.bridge_config(bridge_id=f"m{run}", state=f"m{run}.sqlite",
-                             publication_lag_seconds=LAG, instances=INSTANCES,
-                             instance=instance, **kw)
+    return net.bridge_config(bridge_id=f"m{run}", state=f"m{run}.sqlite", instances=INSTANCES,
+                             instance=instance, **{"publication_lag_seconds": LAG, **kw})
+
+
+@dataclass
+class _Side:
+    """One bridge beside the scaled-out one (its workers and its merger), all running."""
+
+    single: Bridge
+    scaled: list[Bridge]
+    merger: Bridge
+    configs: list[BridgeConfig]
+    running: list[Bridge] = field(default_factory=list)
+
+    async def start(self, bridge: Bridge) -> Bridge:
+        self.running.append(bridge)
+        await bridge.start()
+        return bridge
+
+    async def restart_worker(self, instance: int, clock: Clock) -> Bridge:
+        self.scaled[instance] = await self.start(Bridge(self.configs[instance], clock=clock))
+        return self.scaled[instance]
+
+    async def restart_merger(self, clock: Clock) -> Bridge:
+        self.merger = await self.start(Bridge(self.configs[0], clock=clock, role="merge"))
+        return self.merger
+
+
+@contextlib.asynccontextmanager
+async def _side_by_side(net: Net, run: str, clock: Clock, *, behind: Clock | None = None,
+                        **kw: Any) -> AsyncIterator[_Side]:
+    """One bridge and the scaled-out bridge on the same input, started and connected;
+    instance 1 keeps ``behind`` as its clock when given; all stopped on the way out."""
+    configs = [_scaled_config(net, run, i, **kw) for i in range(INSTANCES)]
+    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
+                                      **{"publication_lag_seconds": LAG, **kw}), clock=clock)
+    scaled = [Bridge(c, clock=behind if i == 1 and behind else clock)
+              for i, c in enumerate(configs)]
+    side = _Side(single=single, scaled=scaled, configs=configs,
+                 merger=Bridge(configs[0], clock=clock, role="merge"))
+    try:
+        for b in (single, *scaled, side.merger):
+            await side.start(b)
+        for b in side.running:
+            await _connected(b)
+        yield side
+    finally:
+        for b in side.running:
+            await b.stop()
+
+
+async def _counted_shares(net: Net, inputs: Sequence[Input], side: _Side) -> None:
+    """Wait until the single bridge counted every input and each worker its share."""
+    await wait(side.single, lambda s: s.items_counted >= len(inputs))
+    for i, worker in enumerate(side.scaled):
+        share = _share(net, inputs, i)
+        assert 0 < share < len(inputs)
+        status = await wait(worker, lambda s, n=share: s.items_counted >= n)
+        assert status.items_counted == share and status.role == "worker"
 
 
 def _retained_partials(net: Net, run: str, certs: CertPaths, member: str) -> list[str]:
@@ -95,12 +153,11 @@ async def _connected(bridge: Bridge) -> BridgeStatus:
     return await wait(bridge, lambda s: bool(s.sources) and all(s.sources.values()))
 
 
-async def _close_all(clock: Clock, single: Bridge, scaled: Sequence[Bridge],
-                     merger: Bridge, windows: int) -> None:
+async def _close_all(clock: Clock, side: _Side, windows: int) -> None:
     clock.advance(LAG + DAY + 1)
-    for b in (single, *scaled, merger):
+    for b in (side.single, *side.scaled, side.merger):
         b.poke()
-    for b in (single, merger):
+    for b in (side.single, side.merger):
         # (the merger's consortium outbox: the empty messages clearing the partials)
         await wait(b, lambda s: s.windows_published >= windows and s.outbox_depth == 0
                    and s.consortium_outbox_depth == 0)
@@ -122,31 +179,15 @@ async def test_scale_out_publishes_exactly_what_one_bridge_publishes(net: Net) -
     groups = companies_by_instance(net, category, instances=INSTANCES, each=5)
     inputs = _inputs(groups, category)
     clock = Clock()
-    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
-                                        publication_lag_seconds=LAG), clock=clock)
-    scaled = [Bridge(_scaled_config(net, run, i), clock=clock) for i in range(INSTANCES)]
-    merger = Bridge(_scaled_config(net, run, 0), clock=clock, role="merge")
-    everyone = (single, *scaled, merger)
-    for b in everyone:
-        await b.start()
-    try:
-        for b in everyone:
-            await _connected(b)
+    async with _side_by_side(net, run, clock) as side:
         await publish(net, inputs)
-        await wait(single, lambda s: s.items_counted >= len(inputs))
-        for i, worker in enumerate(scaled):
-            share = _share(net, inputs, i)
-            assert 0 < share < len(inputs)
-            status = await wait(worker, lambda s, n=share: s.items_counted >= n)
-            assert status.items_counted == share and status.role == "worker"
-            assert status.other_instances > 0
-        await _close_all(clock, single, scaled, merger, windows=2)
-        status = merger.status()
+        await _counted_shares(net, inputs, side)
+        for worker in side.scaled:
+            assert worker.status().other_instances > 0
+        await _close_all(clock, side, windows=2)
+        status = side.merger.status()
         assert status.items_counted == len(inputs) and status.partials_missing == {}
-        assert status.dropped == {} and single.status().dropped == {}
-    finally:
-        for b in everyone:
-            await b.stop()
+        assert status.dropped == {} and side.single.status().dropped == {}
     _assert_same_aggregates(net, windows=2)
 
 
@@ -157,36 +198,24 @@ async def test_a_killed_worker_and_merger_lose_nothing(net: Net) -> None:
     inputs = _inputs(groups, category)
     first, second = inputs[::2], inputs[1::2]
     clock = Clock()
-    scale_cfg = [_scaled_config(net, run, i) for i in range(INSTANCES)]
-    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
-                                        publication_lag_seconds=LAG), clock=clock)
-    scaled = [Bridge(c, clock=clock) for c in scale_cfg]
-    merger = Bridge(scale_cfg[0], clock=clock, role="merge")
-    running = [single, *scaled, merger]
-    for b in running:
-        await b.start()
-    try:
-        for b in running:
-            await _connected(b)
+    async with _side_by_side(net, run, clock) as side:
         await publish(net, first)
-        await wait(single, lambda s: s.items_counted >= len(first))
-        await wait(scaled[1], lambda s: s.items_counted >= _share(net, first, 1))
+        await wait(side.single, lambda s: s.items_counted >= len(first))
+        await wait(side.scaled[1], lambda s: s.items_counted >= _share(net, first, 1))
         # Killed: connections dropped without DISCONNECT, nothing drained or flushed.
-        await scaled[1].stop(drain=False)
-        await merger.stop(drain=False)
-        running.remove(merger)
+        await side.scaled[1].stop(drain=False)
+        await side.merger.stop(drain=False)
         await publish(net, second)  # queued in the killed worker's persistent session
-        await wait(single, lambda s: s.items_counted >= len(inputs))
-        scaled[1] = Bridge(scale_cfg[1], clock=clock)
-        await scaled[1].start()
-        status = await wait(scaled[1], lambda s: s.open_items >= _share(net, inputs, 1))
+        await wait(side.single, lambda s: s.items_counted >= len(inputs))
+        worker = await side.restart_worker(1, clock)
+        status = await wait(worker, lambda s: s.open_items >= _share(net, inputs, 1))
         assert status.open_items == _share(net, inputs, 1)
         # The workers close their windows while the merger is down: their partials wait,
         # retained, for it.
         clock.advance(LAG + DAY + 1)
-        for b in (single, *scaled):
+        for b in (side.single, *side.scaled):
             b.poke()
-        for w in scaled:
+        for w in side.scaled:
             await wait(w, lambda s: s.windows_published >= 2
                        and s.consortium_outbox_depth == 0)
         # Retained, sealed, for bridges only: a member's subscription gets none of them.
@@ -194,16 +223,11 @@ async def test_a_killed_worker_and_merger_lose_nothing(net: Net) -> None:
         retained = _retained_partials(net, run, net.pki.bridge, member)
         assert len(retained) >= 2 * INSTANCES
         assert _retained_partials(net, run, net.pki.node(member, "store-1"), member) == []
-        merger = Bridge(scale_cfg[0], clock=clock, role="merge")
-        running.append(merger)
-        await merger.start()
-        await _close_all(clock, single, scaled, merger, windows=2)
-        assert merger.status().items_counted == len(inputs)
+        await side.restart_merger(clock)
+        await _close_all(clock, side, windows=2)
+        assert side.merger.status().items_counted == len(inputs)
         # Merged and closed: the partials are cleared from the broker.
         assert _retained_partials(net, run, net.pki.bridge, member) == []
-    finally:
-        for b in (*running, *scaled):
-            await b.stop()
     _assert_same_aggregates(net, windows=2)
 
 
@@ -213,46 +237,28 @@ async def test_the_merger_waits_for_a_missing_instance_and_names_it(net: Net) ->
     groups = companies_by_instance(net, category, instances=INSTANCES, each=5)
     inputs = _inputs(groups, category)
     clock, behind = Clock(), Clock()  # instance 1 keeps its own clock: it is down for long
-    configs = [_scaled_config(net, run, i) for i in range(INSTANCES)]
-    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
-                                      publication_lag_seconds=LAG), clock=clock)
-    scaled = [Bridge(configs[0], clock=clock), Bridge(configs[1], clock=behind)]
-    merger = Bridge(configs[0], clock=clock, role="merge")
-    everyone = [single, *scaled, merger]
-    for b in everyone:
-        await b.start()
-    try:
-        for b in everyone:
-            await _connected(b)
+    async with _side_by_side(net, run, clock, behind=behind) as side:
         await publish(net, inputs)
-        await wait(single, lambda s: s.items_counted >= len(inputs))
-        for i, worker in enumerate(scaled):
-            share = _share(net, inputs, i)
-            await wait(worker, lambda s, n=share: s.items_counted >= n)
-        await scaled[1].stop(drain=False)  # killed before its windows were due
+        await _counted_shares(net, inputs, side)
+        await side.scaled[1].stop(drain=False)  # killed before its windows were due
         clock.advance(LAG + DAY + 1)
-        for b in (single, scaled[0], merger):
+        for b in (side.single, side.scaled[0], side.merger):
             b.poke()
-        await wait(scaled[0], lambda s: s.windows_published >= 2
+        await wait(side.scaled[0], lambda s: s.windows_published >= 2
                    and s.consortium_outbox_depth == 0)
         # Both windows wait for instance 1, and the status says so; nothing is published.
-        status = await wait(merger, lambda s: len(s.partials_missing) == 2)
+        status = await wait(side.merger, lambda s: len(s.partials_missing) == 2)
         assert all(missing == [1] for missing in status.partials_missing.values())
         assert status.windows_published == 0 and status.messages_published == 0
-        scaled[1] = Bridge(configs[1], clock=behind)
-        everyone.append(scaled[1])
-        await scaled[1].start()
-        status = await wait(scaled[1], lambda s: s.open_items >= _share(net, inputs, 1))
+        worker = await side.restart_worker(1, behind)
+        status = await wait(worker, lambda s: s.open_items >= _share(net, inputs, 1))
         assert status.open_items == _share(net, inputs, 1)  # kept in its state file
         behind.advance(LAG + DAY + 1)
-        scaled[1].poke()
-        for b in (single, merger):
+        worker.poke()
+        for b in (side.single, side.merger):
             await wait(b, lambda s: s.windows_published >= 2 and s.outbox_depth == 0
                        and s.consortium_outbox_depth == 0)
-        assert merger.status().partials_missing == {}
-    finally:
-        for b in everyone:
-            await b.stop()
+        assert side.merger.status().partials_missing == {}
     _assert_same_aggregates(net, windows=2)
 
 
@@ -266,40 +272,25 @@ async def test_a_restarted_worker_counts_its_backlog_of_a_window_others_closed(
     category = f"backlog/{run}"
     groups = companies_by_instance(net, category, instances=INSTANCES, each=5)
     inputs = [i for i in _inputs(groups, category) if i.insight.window_start >= yesterday()]
-    settle = {"settle_seconds": 3600.0, "max_settle_seconds": 7200.0}
     clock = Clock()
-    configs = [_scaled_config(net, run, i, **settle) for i in range(INSTANCES)]
-    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite",
-                                      publication_lag_seconds=LAG, **settle), clock=clock)
-    scaled = [Bridge(c, clock=clock) for c in configs]
-    merger = Bridge(configs[0], clock=clock, role="merge")
-    everyone = [single, *scaled, merger]
-    for b in everyone:
-        await b.start()
-    try:
-        for b in everyone:
-            await _connected(b)
-        await scaled[1].stop(drain=False)  # down before its members send anything
+    async with _side_by_side(net, run, clock, settle_seconds=3600.0,
+                             max_settle_seconds=7200.0) as side:
+        await side.scaled[1].stop(drain=False)  # down before its members send anything
         await publish(net, inputs)
-        await wait(single, lambda s: s.items_counted >= len(inputs))
-        await wait(scaled[0], lambda s: s.items_counted >= _share(net, inputs, 0))
+        await wait(side.single, lambda s: s.items_counted >= len(inputs))
+        await wait(side.scaled[0], lambda s: s.items_counted >= _share(net, inputs, 0))
         clock.advance(LAG + DAY + 3601)  # due, and settled for everyone who is up
-        for b in (single, scaled[0], merger):
+        for b in (side.single, side.scaled[0], side.merger):
             b.poke()
-        await wait(single, lambda s: s.windows_published >= 1 and s.outbox_depth == 0)
-        await wait(merger, lambda s: list(s.partials_missing.values()) == [[1]])
-        scaled[1] = Bridge(configs[1], clock=clock)
-        everyone.append(scaled[1])
-        await scaled[1].start()
-        status = await wait(scaled[1], lambda s: s.items_counted >= _share(net, inputs, 1))
+        await wait(side.single, lambda s: s.windows_published >= 1 and s.outbox_depth == 0)
+        await wait(side.merger, lambda s: list(s.partials_missing.values()) == [[1]])
+        worker = await side.restart_worker(1, clock)
+        status = await wait(worker, lambda s: s.items_counted >= _share(net, inputs, 1))
         assert status.dropped == {} and status.items_counted == _share(net, inputs, 1)
         clock.advance(3601)  # its own inputs settle
-        scaled[1].poke()
-        await wait(merger, lambda s: s.windows_published >= 1 and s.outbox_depth == 0)
-        assert merger.status().items_counted == len(inputs)
-    finally:
-        for b in everyone:
-            await b.stop()
+        worker.poke()
+        await wait(side.merger, lambda s: s.windows_published >= 1 and s.outbox_depth == 0)
+        assert side.merger.status().items_counted == len(inputs)
     _assert_same_aggregates(net, windows=1)
 
 
@@ -319,17 +310,7 @@ async def test_scale_out_gives_the_consortium_then_the_public_one_bridges_aggreg
         category, start=start + timedelta(hours=n + 3 * s), price=1.05 + n / 9 + s * 0.7,
         units=50.0 + n * 2.3 + s, revenue=80.0 + n))
         for n, c in enumerate(c for g in groups for c in g) for s in range(2)]
-    kw: dict[str, Any] = {"sharing": levels, "consortium_output": True, "active": "k1",
-                          "consortium_lag_seconds": DAY, "publication_lag_seconds": 3 * DAY}
     clock = Clock()
-    single = Bridge(net.bridge_config(bridge_id=f"s{run}", state=f"s{run}.sqlite", **kw),
-                    clock=clock)
-    scaled = [Bridge(net.bridge_config(bridge_id=f"m{run}", state=f"m{run}.sqlite",
-                                       instances=INSTANCES, instance=i, **kw), clock=clock)
-              for i in range(INSTANCES)]
-    merger = Bridge(net.bridge_config(bridge_id=f"m{run}", state=f"m{run}.sqlite",
-                                      instances=INSTANCES, **kw), clock=clock, role="merge")
-    everyone = (single, *scaled, merger)
     scheme = TopicScheme(mode="consortium", network=net.pki.network, member="x")
     member = EnvelopeCodec(signer=Signer.from_files(key_file=net.pki.bridge.key,
                                                     cert_file=net.pki.bridge.cert),
@@ -337,18 +318,13 @@ async def test_scale_out_gives_the_consortium_then_the_public_one_bridges_aggreg
                                                        network=net.pki.network),
                            encryption=EncryptionConfig(keys={"k1": GROUP_KEY}))
     with probe(net.consortium, subscribe=[scheme.consortium_aggregate(category)]) as cspy:
-        for b in everyone:
-            await b.start()
-        try:
-            for b in everyone:
-                await _connected(b)
+        async with _side_by_side(net, run, clock, sharing=levels, consortium_output=True,
+                                 active="k1", consortium_lag_seconds=DAY,
+                                 publication_lag_seconds=3 * DAY) as side:
             await publish(net, inputs, levels=levels)
-            await wait(single, lambda s: s.items_counted >= len(inputs))
-            for i, worker in enumerate(scaled):
-                share = _share(net, inputs, i)
-                await wait(worker, lambda s, n=share: s.items_counted >= n)
+            await _counted_shares(net, inputs, side)
             clock.advance(2 * DAY + 1)  # past the consortium lag, not the public one
-            for b in everyone:
+            for b in side.running:
                 b.poke()
             bodies = []
             for _ in range(2):  # one from each bridge (the probe blocks: in a thread)
@@ -359,14 +335,12 @@ async def test_scale_out_gives_the_consortium_then_the_public_one_bridges_aggreg
             (cell,) = bodies[0]["cells"]
             assert cell["histograms"][0]["companies"] == 6
             assert cell["groups"][0]["fields"]["units"]["companies"] == 6
-            assert single.status().windows_published == merger.status().windows_published == 0
+            assert (side.single.status().windows_published
+                    == side.merger.status().windows_published == 0)
             clock.advance(2 * DAY)
-            for b in everyone:
+            for b in side.running:
                 b.poke()
-            for b in (single, merger):
+            for b in (side.single, side.merger):
                 await wait(b, lambda s: s.windows_published >= 1 and s.outbox_depth == 0
                            and s.consortium_outbox_depth == 0)
-        finally:
-            for b in everyone:
-                await b.stop()
     _assert_same_aggregates(net, windows=1)
