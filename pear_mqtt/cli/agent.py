@@ -18,6 +18,7 @@ from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
 from ..errors import ConfigError, PearError, PKIError
 from .allowed import insight_values
+from .options import add_service_options
 from .progress import bars
 
 __all__ = ["EX_TEMPFAIL", "register_cli"]
@@ -152,9 +153,6 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
             "0 on a clean stop, 75 if a one-shot run (--input, --simulate) could not deliver "
             "everything (it says why, and how many rows wait in the outbox), 1 if stopped by a "
             "second signal or if --drain-only left rows undelivered, 2 on configuration errors."))
-    parser.add_argument("--metrics-port", type=int, metavar="PORT",
-                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
-                             "(0: a free port, printed at start; docs/OPERATIONS.md)")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="network config (.toml or .json); PEAR_* environment variables "
                              "override it")
@@ -191,11 +189,8 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument("--outbox", type=Path, metavar="PATH",
                      help="outbox file (default: reliability.outbox_path, else "
                           ".pear/outbox-<node_id>.sqlite next to the config)")
-    run.add_argument("--status-interval", type=float, default=10.0, metavar="S",
-                     help="seconds between status lines on stderr (0: none; default: 10)")
-    run.add_argument("--status-file", type=Path, metavar="PATH",
-                     help="keep the current NetworkStatus as JSON in PATH (replaced "
-                          "atomically), for health checks")
+    add_service_options(run, status="NetworkStatus", interval=10.0,
+                        interval_help="status lines on stderr (0: none)")
     run.add_argument("--drain-timeout", type=float, default=10.0, metavar="S",
                      help="seconds to keep delivering after the source ends or a stop signal "
                           "(default: 10)")

@@ -17,6 +17,7 @@ from ..errors import ConfigError, PearError
 from ..files import atomic_write
 from ..node.network import PearNetwork
 from ..ops.metrics import NodeCollector, serve
+from .options import add_service_options
 from .progress import bars, follow
 
 __all__ = ["register_cli"]
@@ -107,11 +108,6 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                         help="the archive node's config (.toml or .json)")
     parser.add_argument("--path", type=Path, metavar="DIR",
                         help="where the logs are kept (default: reliability.archive_path)")
-    parser.add_argument("--metrics-port", type=int, metavar="PORT",
-                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
-                             "(0: a free port, printed at start; docs/OPERATIONS.md)")
-    parser.add_argument("--status-file", type=Path, metavar="FILE",
-                        help="also write each status line as JSON to FILE")
-    parser.add_argument("--status-interval", type=float, default=10.0, metavar="S",
-                        help="seconds between status lines (default 10)")
+    add_service_options(parser, status="status line", interval=10.0,
+                        interval_help="status lines on stderr")
     parser.set_defaults(handler=_cmd_archive)

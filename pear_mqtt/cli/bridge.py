@@ -11,6 +11,7 @@ from pathlib import Path
 from ..bridge.config import BridgeConfigManager, BridgeRole
 from ..bridge.runner import describe, serve
 from ..bridge.state import BridgeStore
+from .options import add_service_options
 
 __all__ = ["register_cli"]
 
@@ -70,13 +71,8 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     parser.add_argument("--config", type=Path, metavar="FILE", required=True,
                         help="bridge config (.toml or .json); PEAR_BRIDGE_* variables "
                              "override it")
-    parser.add_argument("--metrics-port", type=int, metavar="PORT",
-                        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics "
-                             "(0: a free port, printed at start; docs/OPERATIONS.md)")
-    parser.add_argument("--status-file", type=Path, metavar="PATH",
-                        help="keep the current status as JSON in PATH (for health checks)")
-    parser.add_argument("--status-interval", type=float, default=2.0, metavar="S",
-                        help="seconds between status file updates (default: 2)")
+    add_service_options(parser, status="BridgeStatus", interval=2.0,
+                        interval_help="status file updates")
     scale = parser.add_argument_group("scale-out (docs/BRIDGE.md, Scale-out)")
     scale.add_argument("--instances", type=int, metavar="N",
                        help="run the bridge as N instances sharing its input (overrides "
