@@ -9,13 +9,12 @@ live in the tests; this is the bookkeeping the report is made of.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from results_log import ResultsLog
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = ROOT / ".pear" / "faults" / "results.jsonl"
@@ -26,8 +25,9 @@ GROUPS = ("broker", "network", "history", "bridge", "agent", "disk", "time", "ce
           "fan-in", "hostile", "config")
 
 
-def results_path() -> Path:
-    return Path(os.environ.get("PEAR_FAULTS_RESULTS", DEFAULT_RESULTS))
+_LOG = ResultsLog(env="PEAR_FAULTS_RESULTS", default=DEFAULT_RESULTS, key=("scenario",))
+results_path = _LOG.path
+load = _LOG.load
 
 
 def record(scenario: str, *, group: str, sent: int, delivered: int, lost: int,
@@ -42,25 +42,10 @@ def record(scenario: str, *, group: str, sent: int, delivered: int, lost: int,
     inputs refused with a counted reason; ``recovery_s``: fault cleared → traffic flowing again;
     ``peak_rss_mb``: peak resident memory of the process under test.
     """
-    row = {"scenario": scenario, "group": group, "sent": sent, "delivered": delivered,
-           "lost": lost, "duplicated": duplicated, "refused": refused,
-           "recovery_s": recovery_s, "peak_rss_mb": peak_rss_mb, "notes": notes,
-           "soak": soak, "extra": dict(extra or {}), "at": time.time()}
-    path = results_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, sort_keys=True) + "\n")
-
-
-def load(path: Path) -> list[dict[str, Any]]:
-    """The last row per scenario (a rerun replaces the earlier figures)."""
-    rows: dict[str, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[row["scenario"]] = row
-    return list(rows.values())
+    _LOG.append({"scenario": scenario, "group": group, "sent": sent, "delivered": delivered,
+                 "lost": lost, "duplicated": duplicated, "refused": refused,
+                 "recovery_s": recovery_s, "peak_rss_mb": peak_rss_mb, "notes": notes,
+                 "soak": soak, "extra": dict(extra or {})})
 
 
 def _cell(value: Any, fmt: str = "{}") -> str:
@@ -104,15 +89,7 @@ def render(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    src = Path(argv[1]) if len(argv) > 1 else results_path()
-    dst = Path(argv[2]) if len(argv) > 2 else DEFAULT_DOC
-    rows = load(src)
-    if not rows:
-        print(f"no fault results in {src}: run `make faults` first", file=sys.stderr)
-        return 1
-    dst.write_text(render(rows), encoding="utf-8")
-    print(f"{len(rows)} scenarios -> {dst}")
-    return 0
+    return _LOG.main(argv, doc=DEFAULT_DOC, what="fault", make="make faults", render=render)
 
 
 if __name__ == "__main__":

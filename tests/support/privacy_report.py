@@ -9,13 +9,12 @@ tests/support/privacy_report.py`` (run by ``make privacy``) renders them into
 
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from results_log import ResultsLog
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS = ROOT / ".pear" / "privacy" / "results.jsonl"
@@ -64,32 +63,18 @@ LIMITS = (
 )
 
 
-def results_path() -> Path:
-    return Path(os.environ.get("PEAR_PRIVACY_RESULTS", DEFAULT_RESULTS))
+_LOG = ResultsLog(env="PEAR_PRIVACY_RESULTS", default=DEFAULT_RESULTS, key=("attack", "policy"))
+results_path = _LOG.path
+load = _LOG.load
 
 
 def record(*, attack: str, policy: str, levels: Mapping[str, str], learned: str, bound: str,
            held: bool, metrics: Mapping[str, Any] | None = None, order: int = 0) -> None:
     """Append what ``attack`` learned under ``policy`` (``levels``: its effective sharing
     levels; ``order``: the policy's place in the report)."""
-    row = {"attack": attack, "policy": policy, "levels": dict(levels), "learned": learned,
-           "bound": bound, "held": held, "metrics": dict(metrics or {}), "order": order,
-           "at": time.time()}
-    path = results_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-
-
-def load(path: Path) -> list[dict[str, Any]]:
-    """The last row per (attack, policy): a rerun replaces the earlier figures."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows[(row["attack"], row["policy"])] = row
-    return list(rows.values())
+    _LOG.append({"attack": attack, "policy": policy, "levels": dict(levels),
+                 "learned": learned, "bound": bound, "held": held,
+                 "metrics": dict(metrics or {}), "order": order})
 
 
 def _cell(text: str) -> str:
@@ -152,15 +137,8 @@ def render(rows: Iterable[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    src = Path(argv[1]) if len(argv) > 1 else results_path()
-    dst = Path(argv[2]) if len(argv) > 2 else DEFAULT_DOC
-    rows = load(src)
-    if not rows:
-        print(f"no privacy results in {src}: run `make privacy` first", file=sys.stderr)
-        return 1
-    dst.write_text(render(rows), encoding="utf-8")
-    print(f"{len(rows)} rows -> {dst}")
-    return 0
+    return _LOG.main(argv, doc=DEFAULT_DOC, what="privacy", make="make privacy",
+                     render=render)
 
 
 if __name__ == "__main__":
