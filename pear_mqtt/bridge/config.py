@@ -329,6 +329,20 @@ class BridgeConfig(Frozen):
         return self.state_path.with_name(f"{self.state_path.stem}.{tag}"
                                          f"{self.state_path.suffix}")
 
+    def history_dir(self, role: BridgeRole) -> Path | None:
+        """Where ``role`` keeps the history log of what it publishes to the public broker
+        (docs/HISTORY.md, "The bridge's log"): ``public.reliability.history_path``, else
+        ``<state file>.history`` next to the role's state file; None when
+        ``public.reliability.history`` is off, or for a scale-out worker (which publishes
+        nothing to the public)."""
+        rel = self.public.reliability
+        if not rel.history or role == "worker":
+            return None
+        if rel.history_path is not None:
+            return rel.history_path
+        state = self.role_state_path(role)
+        return state.with_name(state.name + ".history")
+
     def sources(self) -> list[tuple[str, SourceConfig]]:
         """The consortium and private sources, each with its name in error messages."""
         out = [("consortium", self.consortium)] if self.consortium else []

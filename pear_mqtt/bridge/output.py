@@ -32,6 +32,7 @@ from ..transport import Connection
 from .aggregation import CellResult, WindowResult
 from .config import BridgeConfig
 from .endpoints import BRIDGE_NODE
+from .history import BridgeLog
 from .state import LedgerEntry, OutgoingRow
 
 __all__ = ["LEDGER_PERIODS", "PublicOutput", "merged_ledger", "verify_publication"]
@@ -63,10 +64,14 @@ class PublicOutput:
     consortium broker (``pear/v1/consortium/<network>/aggregates/<category>``, their receipts
     under ``state/bridge/receipts/``) with the bridge's consortium certificate (``codec``),
     encrypted under the group key when one is active; no ledger (they carry no noise).
+
+    ``history`` (public only): the bridge's log. Every aggregate and receipt is built with
+    its place in it (the envelope's ``log`` member) and appended to it just before it is
+    published (docs/HISTORY.md, "The bridge's log").
     """
 
     def __init__(self, *, config: BridgeConfig, codec: EnvelopeCodec,
-                 audience: Audience = "public") -> None:
+                 audience: Audience = "public", history: BridgeLog | None = None) -> None:
         self._config = config
         self._codec = codec
         self._audience = audience
@@ -81,6 +86,7 @@ class PublicOutput:
         self._policy_version = config.policy_version()
         self._conn: Connection | None = None
         self._sender = codec.signer.sender
+        self._history = history if audience == "public" else None
 
     @property
     def connected(self) -> bool:
@@ -132,6 +138,7 @@ class PublicOutput:
                 by_category.setdefault(cell.category, []).append(cell)
         out: list[tuple[str, bytes, bool]] = []
         receipts: list[tuple[str, bytes]] = []
+        refs = self._history.refs() if self._history is not None else None
         for category, cells in sorted(by_category.items()):
             body = AggregateBody(
                 network=self._network, category=category, window_start=ws, window_end=we,
@@ -150,7 +157,8 @@ class PublicOutput:
                 # Public: plain, anyone may verify it. Consortium: under the group key when
                 # one is active, like every other message there.
                 payload = self._codec.encode(kind="aggregate", body=body.model_dump(mode="json"),
-                                             encrypt=None if consortium else False)
+                                             encrypt=None if consortium else False,
+                                             log_ref=None if refs is None else refs.peek())
             except OversizedMessage as exc:
                 log.error("aggregate of %s for %s is too large to publish: %s", category,
                           ws.isoformat(), exc)
@@ -166,8 +174,13 @@ class PublicOutput:
                                    input_hash=c.input_hash, epsilon_spent=c.epsilon,
                                    delta_spent=c.delta) for c in cells],
                 issued_at=datetime.fromtimestamp(now, UTC))
+            if refs is not None:
+                refs.take()
             rpayload = self._codec.encode(kind="receipt", body=receipt.model_dump(mode="json"),
-                                          encrypt=None if consortium else False)
+                                          encrypt=None if consortium else False,
+                                          log_ref=None if refs is None else refs.peek())
+            if refs is not None:
+                refs.take()
             rtopic = (self._scheme.consortium_receipt(category) if consortium
                       else self._scheme.bridge_receipt(category))
             out += [(topic, payload, True), (rtopic, rpayload, True)]
@@ -235,6 +248,8 @@ class PublicOutput:
                 self.admit(row)
             except PrivacyError as exc:
                 log.error("%s", exc)
+                continue
+            if self._history is not None and not self._history.record(row.topic, row.payload):
                 continue
             try:
                 pending.append((row.id, conn.publish(row.topic, row.payload, qos=1,

@@ -1,6 +1,7 @@
 """The output side of the running bridge: keeps a :class:`~pear_mqtt.bridge.output.PublicOutput`
 connected to its broker (the public one, or the consortium's for its own aggregates), and
-sends the store's matching outbox through it."""
+sends the store's matching outbox through it; on the public broker it also publishes the head
+of the bridge's history log and answers requests for it (:mod:`.history`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from datetime import UTC, datetime
 from ..backoff import Backoff
 from ..errors import ConnectError
 from ..failover import BrokerRing
+from ..transport import Connection
 from .config import BridgeConfig, PublicConfig, SourceConfig
 from .endpoints import bridge_connection
+from .history import BridgeLog
 from .output import Audience, PublicOutput
 from .state import BridgeStore
 from .status import BridgeCounters
@@ -28,11 +31,14 @@ class Publisher:
 
     ``audience="consortium"``: the consortium broker and the consortium outbox. ``tag``
     (default: the bridge id) names its MQTT client: one per scale-out instance and role.
+    ``history``: the bridge's log, whose head goes out after what was sent and whose
+    requests arrive over the same connection.
     """
 
     def __init__(self, *, config: BridgeConfig, output: PublicOutput, store: BridgeStore,
                  counters: BridgeCounters, clock: Callable[[], float],
-                 audience: Audience = "public", tag: str | None = None) -> None:
+                 audience: Audience = "public", tag: str | None = None,
+                 history: BridgeLog | None = None) -> None:
         self._config = config
         self._tag = tag or config.bridge_id
         self._output = output
@@ -40,6 +46,8 @@ class Publisher:
         self._counters = counters
         self._clock = clock
         self._audience = audience
+        self._history = history
+        self._conn: Connection | None = None
 
     @property
     def connected(self) -> bool:
@@ -75,12 +83,16 @@ class Publisher:
                 continue
             backoff.reset()
             self._output.attach(conn)
+            self._conn = conn
+            if self._history is not None:
+                await self._history.connected(conn)
             if not first.done():
                 first.set_result(None)
             work.set()
             changed.set()
             await conn.closed.wait()
             self._output.attach(None)
+            self._conn = None
             changed.set()
 
     async def flush(self) -> None:
@@ -99,3 +111,5 @@ class Publisher:
                 self._store.acknowledge(acked, now=self._clock())
             self._counters.messages_published += len(acked)
             self._counters.last_publish = datetime.now(UTC)
+        if self._history is not None and self._conn is not None:
+            self._history.publish_head(self._conn)

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..errors import ConfigError, ConnectError, OutboxError, PearError
+from ..history.log import Retention
 from ..model.insight import Health
+from ..model.topics import TopicScheme
+from ..security.envelope import EnvelopeCodec
 from ..transport import InboundMessage, stop_task
 from .closing import WindowCloser, due_windows
 from .config import BridgeConfig, BridgeRole
 from .endpoints import bridge_codec
+from .history import BridgeLog
 from .ingest import Ingestor
 from .links import InputLink, input_links, read_input
 from .noise import NoiseMechanism
@@ -51,6 +55,7 @@ class _Parts:
     consortium: Publisher | None = None  # the consortium's own aggregates (consortium_output)
     consortium_output: PublicOutput | None = None
     exchange: PartialExchange | None = None  # scale-out: the partials (worker and merge roles)
+    history: BridgeLog | None = None  # the log of what goes to the public (docs/HISTORY.md)
 
 
 class Bridge:
@@ -119,8 +124,9 @@ class Bridge:
         codec = bridge_codec(tls=cfg.public.tls, network=cfg.public.network_id,
                              encryption=None, crl=cfg.public.crl_file,
                              rel=cfg.public.reliability, what="public")
-        output = PublicOutput(config=cfg, codec=codec)
         store = BridgeStore(cfg.role_state_path(role))
+        history = self._open_history(store, codec)
+        output = PublicOutput(config=cfg, codec=codec, history=history)
         previous = store.get_meta("policy_version")
         if previous is not None and previous != self._policy_version:
             log.warning("the disclosure policy changed since the last run (%s -> %s); open "
@@ -159,11 +165,12 @@ class Bridge:
                                 consortium=cout if cfg.consortium_output else None),
             publisher=Publisher(config=cfg, output=output, store=store, counters=counters,
                                 clock=self._clock, tag=self._tag,
-                                audience="consortium" if role == "worker" else "public"),
+                                audience="consortium" if role == "worker" else "public",
+                                history=history),
             consortium=None if cout is None else Publisher(
                 config=cfg, output=cout, store=store, counters=counters, clock=self._clock,
                 audience="consortium", tag=self._tag),
-            consortium_output=cout, exchange=exchange)
+            consortium_output=cout, exchange=exchange, history=history)
         self._started_at = datetime.now(UTC)
         loop = asyncio.get_running_loop()
         first: asyncio.Future[None] = loop.create_future()
@@ -187,6 +194,19 @@ class Bridge:
                 else cfg.public.broker_url
             raise ConnectError(f"bridge could not reach its output broker {url} within "
                                f"{timeout} s") from None
+
+    def _open_history(self, store: BridgeStore, codec: EnvelopeCodec) -> BridgeLog | None:
+        """The log of the aggregates and receipts this role publishes to the public."""
+        path = self.config.history_dir(self.role)
+        if path is None:
+            return None
+        rel = self.config.public.reliability
+        history = BridgeLog(path=path, pending=store.pending, retention=Retention(
+            max_age_seconds=rel.history_max_age, max_bytes=rel.history_max_bytes))
+        history.attach(codec=codec, topics=TopicScheme(
+            mode="public", network=self.config.public.network_id,
+            member=codec.signer.identity.member))
+        return history
 
     async def stop(self, *, drain: bool = True, timeout: float = 10.0) -> None:
         """Stop: disconnect the inputs and count what they already received (``drain``),
@@ -234,6 +254,8 @@ class Bridge:
                     else:
                         out_conn.abort()
             parts.store.close()
+            if parts.history is not None:
+                parts.history.close()
             self._parts = None
         self._changed.set()
 
@@ -347,6 +369,7 @@ class Bridge:
             for e in store.ledger()[-LEDGER_PERIODS:]:
                 eps[datetime.fromtimestamp(e.period_start, UTC).isoformat()] = e.epsilon
         c = self._counters
+        history = self._parts.history if self._parts is not None else None
         return BridgeStatus(
             health=health, connected=connected, public_connected=public, sources=sources,
             policy_version=self._policy_version, items_received=c.items_received,
@@ -364,7 +387,11 @@ class Bridge:
             ticks=c.ticks, items_per_second=c.items_per_second(),
             started_at=self._started_at, last_publish=c.last_publish, error=self._fatal,
             role=self.role, other_instances=c.other_instances,
-            partials_missing=self._partials_missing())
+            partials_missing=self._partials_missing(),
+            log_id=None if history is None else history.log_id,
+            log_length=None if history is None else history.length,
+            log_requests_answered=0 if history is None
+            else history.counters.log_requests_answered)
 
     def _partials_missing(self) -> dict[str, list[int]]:
         exchange = self._parts.exchange if self._parts is not None else None

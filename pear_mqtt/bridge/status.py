@@ -52,6 +52,11 @@ class BridgeStatus(BaseModel):
     role: str = "single"
     other_instances: int = 0
     partials_missing: dict[str, list[int]] = Field(default_factory=dict)
+    # The bridge's history log (docs/HISTORY.md, "The bridge's log"): its id and entries
+    # (None: it keeps none), and the repair requests it answered.
+    log_id: str | None = None
+    log_length: int | None = None
+    log_requests_answered: int = 0
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@
     pear/v1/public/<network>/aggregates/<category path>            retained, bridge only
     pear/v1/public/<network>/contrib/<participant>/<category path> bridge reads only
     pear/v1/public/<network>/nodes/<participant>[/sync]
+    pear/v1/public/<network>/nodes/<identity>/log/{head,req,reply}   the bridge's history log
     pear/v1/public/<network>/state/bridge/<name>                   bridge ledger (retained)
     pear/v1/public/<network>/state/bridge/receipts/<category path> disclosure receipts (retained)
 
@@ -244,7 +245,9 @@ class TopicScheme:
         return f"{self.presence(node)}/checkpoint/{page:02x}"
 
     def log_head(self, node: str) -> str:
-        """Retained signed head of ``node``'s history log (private and consortium modes)."""
+        """Retained signed head of ``node``'s history log. In public mode the level is the
+        member alone (public topics name no node): the bridge's log, and the reply topic of a
+        participant that asks for it."""
         return self._log(node, "head")
 
     def log_request(self, node: str) -> str:
@@ -257,8 +260,6 @@ class TopicScheme:
         return self._log(node, "reply")
 
     def _log(self, node: str, leaf: str) -> str:
-        if self.mode == "public":
-            raise TopicError("public participants keep no history log")
         return f"{self.presence(node)}/log/{leaf}"
 
     def aggregate(self, category: str) -> str:
@@ -348,7 +349,11 @@ class TopicScheme:
             return f"{self.network_root}/nodes/+/log/head"
         if self.mode == "consortium":
             return f"{self.network_root}/+/nodes/+/log/head"
-        raise TopicError("public participants keep no history log")
+        return f"{self.network_root}/nodes/+/log/head"  # only bridges may write one
+
+    def bridge_receipts_filter(self) -> str:
+        """Filter for the bridge's disclosure receipts on the public broker."""
+        return f"{PREFIX}/public/{self.network}/state/bridge/receipts/#"
 
     def contrib_filter(self) -> str:
         """Filter for every public participant's contributions (what only the bridge reads)."""
@@ -462,6 +467,10 @@ def _parse_public(topic: str, parts: list[str]) -> ParsedTopic:
             participant = validate_identifier(rest[0], what="participant")
             return ParsedTopic("public", network, participant, "contrib",
                                category=validate_category("/".join(rest[1:])))
+        if kind == "nodes" and len(rest) == 3 and rest[1] == "log" and rest[2] in _LOG_LEAVES:
+            # Public topics name no node: the identity checks compare the member alone.
+            return ParsedTopic("public", network, validate_identifier(rest[0], what="member"),
+                               _LOG_LEAVES[rest[2]])
         if kind == "nodes" and len(rest) in (1, 2):
             participant = validate_identifier(rest[0], what="participant")
             if len(rest) == 1:
@@ -596,6 +605,9 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
       named ``aggregates``: :class:`TopicScheme` and the CA refuse it).
     - public: participants write their own ``contrib/`` and presence and read aggregates;
       the ``bridge_users`` alone write ``aggregates/`` and bridge state, and read ``contrib/``.
+      The bridge's history log (docs/HISTORY.md): only bridge users write a ``log/head``;
+      everyone reads heads, asks any identity's ``log/req`` (a bridge, the archive) and
+      answers into any ``log/reply``, and reads only its own requests and replies.
 
     Bridge users also get read on the consortium/private trees (they aggregate them).
     ``monitor_users`` (operators' monitor certificates) read the broker's ``$SYS/broker/#``.
@@ -637,12 +649,18 @@ def acl_rules(*, mode: str, network: str = "default", bridge_users: Iterable[str
             AclRule("readwrite", f"{root}/nodes/%u/sync"),
             AclRule("read", f"{root}/aggregates/#"),
             AclRule("read", f"{root}/state/bridge/#"),
+            AclRule("read", f"{root}/nodes/+/log/head"),
+            AclRule("read", f"{root}/nodes/%u/log/req"),
+            AclRule("read", f"{root}/nodes/%u/log/reply"),
+            AclRule("write", f"{root}/nodes/+/log/req"),
+            AclRule("write", f"{root}/nodes/+/log/reply"),
         ]
         for b in bridges:
             rules += [
                 AclRule("readwrite", f"{root}/aggregates/#", user=b),
                 AclRule("readwrite", f"{root}/state/bridge/#", user=b),
                 AclRule("read", f"{root}/contrib/#", user=b),
+                AclRule("readwrite", f"{root}/nodes/{b}/log/head", user=b),
             ]
     rules += [AclRule("read", "$SYS/broker/#", user=m) for m in monitors]
     return rules

@@ -168,11 +168,12 @@ class PearNetwork:
 
     def _open_history(self, codec: EnvelopeCodec, topics: TopicScheme
                       ) -> tuple[NodeLog | None, Replicas | None]:
-        """This node's own log (when it keeps one) and its view of the others' logs."""
-        if self.config.mode is NetworkMode.PUBLIC:
-            return None, None  # public participants publish to the bridge only
+        """This node's own log (when it keeps one) and its view of the others' logs (a
+        public participant keeps none of its own, it publishes to the bridge only, but
+        follows the bridge's)."""
+        public = self.config.mode is NetworkMode.PUBLIC
         rel = self.config.reliability
-        if self._history is None and rel.history_dir is not None:
+        if self._history is None and rel.history_dir is not None and not public:
             self._history = NodeLog(
                 path=rel.history_dir, node_id=self.config.node_id, counters=self._counters,
                 retention=Retention(max_age_seconds=rel.history_max_age,
@@ -399,7 +400,7 @@ class PearNetwork:
                 state_filter = t.state_filter() if public else t.checkpoint_filter()
                 await conn.subscribe([(state_filter, 1)])
                 await self._markers.round_trip(conn)
-                if self._replicas is not None:
+                if self._replicas is not None and not public:
                     await self._pages_complete(conn, started=started, timeout=timeout)
                 if not public:  # public mode reads state and live aggregates as one
                     await conn.unsubscribe([state_filter])

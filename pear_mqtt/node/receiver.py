@@ -219,6 +219,8 @@ class Receiver:
                               sequence=seq, log_ref=ref)
         elif kind == "aggregate" and parsed.kind == "aggregates":
             self._deliver_aggregate(body, msg, parsed, signer)
+        elif kind == "receipt" and parsed.kind == "bridge_receipt":
+            pass  # an entry of the bridge's log (docs/HISTORY.md): verified, nothing to hand on
         elif kind == "state" and parsed.kind == "state":
             received = self._deliver(body, msg.topic, msg.retain, signer, dedup=False,
                                      sequence=decoded.message.sequence,
@@ -245,8 +247,7 @@ class Receiver:
     def _handle_log(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
         me = self._me
         if parsed.kind == "log_req":
-            if (self._conn is None or me is None
-                    or (parsed.company, parsed.node) != (me.member, me.node)):
+            if self._conn is None or me is None or not _names(parsed, me):
                 return
             if self._archive is not None and self._archive.answer(self._conn, msg):
                 return  # a request for another node's log, which this archive keeps
@@ -264,7 +265,7 @@ class Receiver:
         if signer == me:
             return
         if parsed.kind == "log_head":
-            if (signer.member, signer.node) != (parsed.company, parsed.node):
+            if not _names(parsed, signer):
                 self._counters.dropped["identity_mismatch"] += 1
                 self._replicas.count_refused("foreign_head")  # a head signed by another
             elif message.kind != "loghead":
@@ -272,7 +273,7 @@ class Receiver:
             else:
                 self._replicas.on_head(signer, message.body, msg.payload)
             return
-        if me is None or (parsed.company, parsed.node) != (me.member, me.node):
+        if me is None or not _names(parsed, me):
             return  # a reply to another node (a broker that let us read it)
         if message.kind != "logrange":
             self._counters.dropped["unexpected_kind"] += 1
@@ -348,7 +349,7 @@ class Receiver:
             if decoded.message.log_ref != f"{reply.log_id}:{reply.first + i}":
                 self._counters.dropped["malformed"] += 1
                 continue
-            if parsed.kind in ("insights", "contrib", "state", "aggregates"):
+            if parsed.kind in ("insights", "contrib", "state", "aggregates", "bridge_receipt"):
                 self._accept(parsed, InboundMessage(topic=topic, payload=payload, qos=1,
                                                     retain=False),
                              decoded, repaired=True, proven=True)
@@ -489,3 +490,8 @@ def _request(conn: Connection, topic: str, payload: bytes, response_topic: str,
         log.info("log request not sent: %s", exc)
         return
     settle(fut)
+
+
+def _names(parsed: ParsedTopic, who: Identity) -> bool:
+    """Whether a log topic is ``who``'s (public topics name the member alone)."""
+    return parsed.company == who.member and parsed.node in (None, who.node)

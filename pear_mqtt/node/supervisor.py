@@ -241,11 +241,16 @@ class ConnectionSupervisor:
             # The bridge's consortium aggregates (retained, so they arrive on connect too);
             # in public mode the live filter already is the aggregates'.
             filters.append((t.aggregates_filter(), 1))
-        if t.mode != "public" and not self._read_only:
-            # Verified history: others' signed log heads, requests for our log, our answers.
+        if not self._read_only:
+            # Verified history: others' signed log heads (in public mode the bridge's),
+            # requests for our log (or, an archive, any), our answers.
             node = self.config.node_id
             filters += [(t.log_head_filter(), 1), (t.log_request(node), 1),
                         (t.log_reply(node), 1)]
+            if t.mode == "public":
+                # The bridge's receipts are entries of its log beside the aggregates: read
+                # live, they are no gap to repair.
+                filters.append((t.bridge_receipts_filter(), 1))
         granted = await conn.subscribe(filters, no_local=True)
         # The sync marker must come back to us, so that one subscription allows local echo.
         granted += await conn.subscribe([(t.sync_marker(self.config.node_id), 1)])

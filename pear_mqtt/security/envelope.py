@@ -257,8 +257,9 @@ class EnvelopeCodec:
 
     # -- encode ---------------------------------------------------------------------------
     def encode(self, *, kind: str, body: Any, encrypt: bool | None = None,
-               embed_certificate: bool | None = None) -> bytes:
-        """Sign (and by default, when a group key is active, encrypt) one envelope.
+               embed_certificate: bool | None = None, log_ref: str | None = None) -> bytes:
+        """Sign (and by default, when a group key is active, encrypt) one envelope
+        (``log_ref``: its place in the signer's history log, as for :meth:`encode_json`).
 
         ``body`` must be JSON-serialisable (finite numbers only). Raises
         :class:`MalformedMessage` for an unknown ``kind`` or a body that is not JSON,
@@ -271,7 +272,7 @@ class EnvelopeCodec:
         except (TypeError, ValueError, RecursionError) as exc:
             raise MalformedMessage(f"cannot encode body as JSON: {exc}") from None
         return self.encode_json(kind=kind, body_json=body_json, encrypt=encrypt,
-                                embed_certificate=embed_certificate)
+                                embed_certificate=embed_certificate, log_ref=log_ref)
 
     def encode_json(self, *, kind: str, body_json: bytes, encrypt: bool | None = None,
                     embed_certificate: bool | None = None, log_ref: str | None = None
