@@ -416,7 +416,9 @@ class Receiver:
         received = ReceivedAggregate(topic=msg.topic, aggregate=aggregate, retained=msg.retain,
                                      received_at=self._clock())
         previous = self._aggregates.get(msg.topic)
-        self._aggregates[msg.topic] = received
+        if previous is None or aggregate.window_start >= previous.aggregate.window_start:
+            # (an older window repaired from the bridge's log is history, not the latest)
+            self._aggregates[msg.topic] = received
         if previous is not None and previous.aggregate == aggregate:
             self._counters.duplicates += 1  # the same retained aggregate seen again
             return

@@ -150,7 +150,11 @@ async def test_public_reader_sees_only_aggregates_and_bridge_state(net: Net) -> 
         agg, _ = reader.expect(scheme.aggregate("grocery/dairy"), timeout=WAIT)
         rec, before = reader.expect(scheme.bridge_receipt("grocery/dairy"), timeout=WAIT)
     assert agg.retain and rec.retain
-    assert all("/aggregates/" in m.topic or "/state/bridge/" in m.topic for m in before)
+    # (and the signed head of the bridge's history log, docs/HISTORY.md)
+    bridge_log = TopicScheme(mode="public", network=net.pki.network,
+                             member=net.pki.bridge_user).log_head("bridge")
+    assert all("/aggregates/" in m.topic or "/state/bridge/" in m.topic
+               or m.topic == bridge_log for m in before)
     body = AggregateBody.model_validate(json.loads(agg.payload)["body"])
     assert body.min_companies == K and body.dominance_cap == CAP and body.noise is None
     assert [c.region for c in body.cells] == ["north"]
