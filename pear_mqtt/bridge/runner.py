@@ -21,7 +21,8 @@ __all__ = ["describe", "serve"]
 
 
 def describe(config: BridgeConfig) -> str:
-    """One line: inputs, output, k, cap, windows, noise, policy version and state file."""
+    """One line: inputs, output, k, cap, windows, noise, policy version, state file and
+    history log."""
     inputs = []
     if config.consortium is not None:
         inputs.append(f"consortium {config.consortium.network_id} "
@@ -42,6 +43,8 @@ def describe(config: BridgeConfig) -> str:
             f"{config.dominance_cap:.0%}, window {config.window_seconds} s, lag "
             f"{config.publication_lag_seconds} s, {noise}; policy {config.policy_version()}; "
             f"state {config.state_path}"
+            + (f"; history log {history}" if (history := config.history_dir(
+                "merge" if config.instances > 1 else "single")) is not None else "")
             + (f"; instance {config.instance} of {config.instances}"
                if config.instances > 1 else ""))
 

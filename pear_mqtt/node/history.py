@@ -1,6 +1,7 @@
 """A node's own history log: every envelope it publishes is appended (with the topic beside
 it), its signed tree head is published retained, and it answers other nodes' requests for
-ranges of it. The receiving side is :mod:`.replicas`; the protocol is in docs/HISTORY.md."""
+ranges of it (the bridge keeps its log with the same :class:`NodeLog`). The receiving side
+is :mod:`.replicas`; the protocol is in docs/HISTORY.md."""
 
 from __future__ import annotations
 

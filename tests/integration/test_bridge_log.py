@@ -154,3 +154,26 @@ async def test_history_off_keeps_no_log_and_publishes_no_head(net: Net) -> None:
     seen = net.marker()
     assert not [m for m in seen if "/nodes/" in m.topic and "/log/" in m.topic]
     assert all(b'"log":' not in m.payload for m in seen if "/aggregates/" in m.topic)
+
+
+async def test_the_public_archive_keeps_the_bridges_log_and_serves_it_when_the_bridge_is_gone(
+        net: Net) -> None:
+    clock = Clock()
+    archive_member = net.member("archive")
+    archive_config = net.node_config(archive_member, node="archive", mode=NetworkMode.PUBLIC)
+    archive_config = archive_config.model_copy(update={
+        "reliability": archive_config.reliability.model_copy(update={
+            "archive_path": net.root / "archive"})})
+    async with PearNetwork(archive_config) as archive:
+        async with Bridge(net.bridge_config(settle_seconds=60), clock=clock) as bridge:
+            length = await _two_windows(net, bridge, clock)
+            await archive.wait_logs(lambda: _verified(archive, length), timeout=WAIT)
+        assert list(archive.archived().values()) == [length]
+        # The bridge is gone; a newcomer asks it, hears nothing, and asks the archive.
+        late_config = net.node_config(net.member("late"), mode=NetworkMode.PUBLIC)
+        late_config = late_config.model_copy(update={
+            "reliability": late_config.reliability.model_copy(update={
+                "archive": f"{archive_member}/archive"})})
+        async with PearNetwork(late_config) as late:
+            await late.wait_logs(lambda: _verified(late, length), timeout=WAIT)
+            assert late.status().log_repaired >= length - 2 * CATEGORIES

@@ -244,3 +244,33 @@ def test_ca_refuses_the_reserved_member_name(tmp_path: Path, name: str) -> None:
     with pytest.raises(PKIError, match="reserved"):
         pkimod.issue(ca_dir=tmp_path / "ca", out_dir=tmp_path / "out", role="node",
                      member=name, node="store-1")
+
+
+def test_public_log_topics_of_the_bridge_parse_and_acl() -> None:
+    """The bridge's history log on the public broker (docs/HISTORY.md, "The bridge's log"):
+    only a bridge user writes its head; participants read it and ask for entries; answers
+    reach only the participant that asked."""
+    bridge, p1 = TopicScheme("public", NET, "br"), TopicScheme("public", NET, "p1")
+    head, req, reply = bridge.log_head("bridge"), bridge.log_request("bridge"), \
+        p1.log_reply("store-1")
+    assert head == f"pear/v1/public/{NET}/nodes/br/log/head"
+    assert reply == f"pear/v1/public/{NET}/nodes/p1/log/reply"
+    for topic, kind, member in ((head, "log_head", "br"), (req, "log_req", "br"),
+                                (reply, "log_reply", "p1")):
+        parsed = parse_topic(topic)
+        # public topics name no node: the identity checks compare the member alone
+        assert (parsed.mode, parsed.company, parsed.kind, parsed.node) == (
+            "public", member, kind, None)
+    assert topic_matches(p1.log_head_filter(), head)
+    policy = AccessPolicy.for_network(mode="public", network=NET, bridge_users=["br"])
+    assert policy.may_publish(username="br", topic=head)
+    assert not policy.may_publish(username="p1", topic=head)
+    assert not policy.may_publish(username="p1", topic=p1.log_head("store-1"))
+    assert policy.may_subscribe(username="p1", topic_filter=p1.log_head_filter())
+    assert policy.may_publish(username="p1", topic=req)
+    assert policy.may_read(username="br", topic=req) and not policy.may_read(username="p1",
+                                                                               topic=req)
+    assert policy.may_publish(username="br", topic=reply)
+    assert policy.may_read(username="p1", topic=reply)
+    assert not policy.may_read(username="p2", topic=reply)
+    assert policy.may_subscribe(username="p1", topic_filter=p1.bridge_receipts_filter())
