@@ -329,19 +329,26 @@ class BridgeConfig(Frozen):
         return self.state_path.with_name(f"{self.state_path.stem}.{tag}"
                                          f"{self.state_path.suffix}")
 
-    def history_dir(self, role: BridgeRole) -> Path | None:
-        """Where ``role`` keeps the history log of what it publishes to the public broker
-        (docs/HISTORY.md, "The bridge's log"): ``public.reliability.history_path``, else
-        ``<state file>.history`` next to the role's state file; None when
-        ``public.reliability.history`` is off, or for a scale-out worker (which publishes
-        nothing to the public)."""
-        rel = self.public.reliability
-        if not rel.history or role == "worker":
+    def history_dir(self, role: BridgeRole, audience: Literal["public", "consortium"] = "public"
+                    ) -> Path | None:
+        """Where ``role`` keeps the history log of what it publishes to ``audience``
+        (docs/HISTORY.md, "The bridge's log"): that broker's ``reliability.history_path``,
+        else ``<state file>.history`` (the consortium's: ``<state file>.consortium.history``)
+        next to the role's state file; None when its ``reliability.history`` is off, for a
+        scale-out worker (which publishes no aggregates), and for the consortium without
+        ``consortium_output``."""
+        source = self.public if audience == "public" else self.consortium
+        if role == "worker" or source is None or (audience == "consortium"
+                                                   and not self.consortium_output):
+            return None
+        rel = source.reliability
+        if not rel.history:
             return None
         if rel.history_path is not None:
             return rel.history_path
         state = self.role_state_path(role)
-        return state.with_name(state.name + ".history")
+        tag = "" if audience == "public" else ".consortium"
+        return state.with_name(f"{state.name}{tag}.history")
 
     def sources(self) -> list[tuple[str, SourceConfig]]:
         """The consortium and private sources, each with its name in error messages."""

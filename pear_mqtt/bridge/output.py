@@ -65,9 +65,9 @@ class PublicOutput:
     under ``state/bridge/receipts/``) with the bridge's consortium certificate (``codec``),
     encrypted under the group key when one is active; no ledger (they carry no noise).
 
-    ``history`` (public only): the bridge's log. Every aggregate and receipt is built with
-    its place in it (the envelope's ``log`` member) and appended to it just before it is
-    published (docs/HISTORY.md, "The bridge's log").
+    ``history``: the bridge's log of what goes to this broker. Every aggregate and receipt
+    is built with its place in it (the envelope's ``log`` member) and appended to it just
+    before it is published (docs/HISTORY.md, "The bridge's log").
     """
 
     def __init__(self, *, config: BridgeConfig, codec: EnvelopeCodec,
@@ -86,7 +86,7 @@ class PublicOutput:
         self._policy_version = config.policy_version()
         self._conn: Connection | None = None
         self._sender = codec.signer.sender
-        self._history = history if audience == "public" else None
+        self._history = history
 
     @property
     def connected(self) -> bool:

@@ -32,10 +32,10 @@ from .history import BridgeLog
 from .ingest import Ingestor
 from .links import InputLink, input_links, read_input
 from .noise import NoiseMechanism
-from .output import LEDGER_PERIODS, PublicOutput
+from .output import LEDGER_PERIODS, Audience, PublicOutput
 from .partials import PartialExchange, owner_of
 from .publisher import Publisher
-from .state import BridgeStore, WindowInfo
+from .state import BridgeStore, OutgoingRow, WindowInfo
 from .status import BridgeCounters, BridgeStatus
 
 __all__ = ["Bridge"]
@@ -56,6 +56,7 @@ class _Parts:
     consortium_output: PublicOutput | None = None
     exchange: PartialExchange | None = None  # scale-out: the partials (worker and merge roles)
     history: BridgeLog | None = None  # the log of what goes to the public (docs/HISTORY.md)
+    consortium_history: BridgeLog | None = None  # ... and to the consortium (consortium_output)
 
 
 class Bridge:
@@ -125,7 +126,7 @@ class Bridge:
                              encryption=None, crl=cfg.public.crl_file,
                              rel=cfg.public.reliability, what="public")
         store = BridgeStore(cfg.role_state_path(role))
-        history = self._open_history(store, codec)
+        history = self._open_history(store.pending, codec, "public")
         output = PublicOutput(config=cfg, codec=codec, history=history)
         previous = store.get_meta("policy_version")
         if previous is not None and previous != self._policy_version:
@@ -135,12 +136,16 @@ class Bridge:
         store.set_meta("policy_version", self._policy_version)
         counters = self._counters
         cout: PublicOutput | None = None
+        chistory: BridgeLog | None = None
         if cfg.consortium_output or role != "single":
             src = cfg.consortium
             assert src is not None
-            cout = PublicOutput(config=cfg, audience="consortium", codec=bridge_codec(
-                tls=src.tls, network=src.network_id, encryption=src.encryption,
-                crl=src.crl_file, rel=src.reliability, what=f"consortium {src.network_id}"))
+            ccodec = bridge_codec(tls=src.tls, network=src.network_id,
+                                  encryption=src.encryption, crl=src.crl_file,
+                                  rel=src.reliability, what=f"consortium {src.network_id}")
+            chistory = self._open_history(store.consortium_pending, ccodec, "consortium")
+            cout = PublicOutput(config=cfg, audience="consortium", codec=ccodec,
+                                history=chistory)
         exchange: PartialExchange | None = None
         if role != "single":
             consortium = links[0]  # instances > 1 needs the consortium source (the first)
@@ -169,8 +174,9 @@ class Bridge:
                                 history=history),
             consortium=None if cout is None else Publisher(
                 config=cfg, output=cout, store=store, counters=counters, clock=self._clock,
-                audience="consortium", tag=self._tag),
-            consortium_output=cout, exchange=exchange, history=history)
+                audience="consortium", tag=self._tag, history=chistory),
+            consortium_output=cout, exchange=exchange, history=history,
+            consortium_history=chistory)
         self._started_at = datetime.now(UTC)
         loop = asyncio.get_running_loop()
         first: asyncio.Future[None] = loop.create_future()
@@ -195,17 +201,19 @@ class Bridge:
             raise ConnectError(f"bridge could not reach its output broker {url} within "
                                f"{timeout} s") from None
 
-    def _open_history(self, store: BridgeStore, codec: EnvelopeCodec) -> BridgeLog | None:
-        """The log of the aggregates and receipts this role publishes to the public."""
-        path = self.config.history_dir(self.role)
-        if path is None:
+    def _open_history(self, pending: Callable[[], Sequence[OutgoingRow]], codec: EnvelopeCodec,
+                      audience: Audience) -> BridgeLog | None:
+        """The log of the aggregates and receipts this role publishes to ``audience``
+        (``pending``: that broker's outbox)."""
+        path = self.config.history_dir(self.role, audience)
+        source = self.config.public if audience == "public" else self.config.consortium
+        if path is None or source is None:
             return None
-        rel = self.config.public.reliability
-        history = BridgeLog(path=path, pending=store.pending, retention=Retention(
+        rel = source.reliability
+        history = BridgeLog(path=path, pending=pending, retention=Retention(
             max_age_seconds=rel.history_max_age, max_bytes=rel.history_max_bytes))
         history.attach(codec=codec, topics=TopicScheme(
-            mode="public", network=self.config.public.network_id,
-            member=codec.signer.identity.member))
+            mode=audience, network=source.network_id, member=codec.signer.identity.member))
         return history
 
     async def stop(self, *, drain: bool = True, timeout: float = 10.0) -> None:
@@ -254,8 +262,9 @@ class Bridge:
                     else:
                         out_conn.abort()
             parts.store.close()
-            if parts.history is not None:
-                parts.history.close()
+            for held in (parts.history, parts.consortium_history):
+                if held is not None:
+                    held.close()
             self._parts = None
         self._changed.set()
 
@@ -370,6 +379,7 @@ class Bridge:
                 eps[datetime.fromtimestamp(e.period_start, UTC).isoformat()] = e.epsilon
         c = self._counters
         history = self._parts.history if self._parts is not None else None
+        chistory = self._parts.consortium_history if self._parts is not None else None
         return BridgeStatus(
             health=health, connected=connected, public_connected=public, sources=sources,
             policy_version=self._policy_version, items_received=c.items_received,
@@ -390,8 +400,9 @@ class Bridge:
             partials_missing=self._partials_missing(),
             log_id=None if history is None else history.log_id,
             log_length=None if history is None else history.length,
-            log_requests_answered=0 if history is None
-            else history.counters.log_requests_answered)
+            consortium_log_length=None if chistory is None else chistory.length,
+            log_requests_answered=sum(h.counters.log_requests_answered
+                                      for h in (history, chistory) if h is not None))
 
     def _partials_missing(self) -> dict[str, list[int]]:
         exchange = self._parts.exchange if self._parts is not None else None

@@ -53,9 +53,11 @@ class BridgeStatus(BaseModel):
     other_instances: int = 0
     partials_missing: dict[str, list[int]] = Field(default_factory=dict)
     # The bridge's history log (docs/HISTORY.md, "The bridge's log"): its id and entries
-    # (None: it keeps none), and the repair requests it answered.
+    # (None: it keeps none), the consortium's log's entries (consortium_output), and the
+    # repair requests both answered.
     log_id: str | None = None
     log_length: int | None = None
+    consortium_log_length: int | None = None
     log_requests_answered: int = 0
 
 

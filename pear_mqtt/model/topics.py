@@ -352,8 +352,11 @@ class TopicScheme:
         return f"{self.network_root}/nodes/+/log/head"  # only bridges may write one
 
     def bridge_receipts_filter(self) -> str:
-        """Filter for the bridge's disclosure receipts on the public broker."""
-        return f"{PREFIX}/public/{self.network}/state/bridge/receipts/#"
+        """Filter for the bridge's disclosure receipts of the aggregates this member reads
+        (public and consortium modes)."""
+        if self.mode == "private":
+            raise TopicError("private networks receive no aggregates")
+        return f"{PREFIX}/{self.mode}/{self.network}/state/bridge/receipts/#"
 
     def contrib_filter(self) -> str:
         """Filter for every public participant's contributions (what only the bridge reads)."""

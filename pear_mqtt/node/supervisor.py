@@ -247,7 +247,7 @@ class ConnectionSupervisor:
             node = self.config.node_id
             filters += [(t.log_head_filter(), 1), (t.log_request(node), 1),
                         (t.log_reply(node), 1)]
-            if t.mode == "public":
+            if t.mode != "private":
                 # The bridge's receipts are entries of its log beside the aggregates: read
                 # live, they are no gap to repair.
                 filters.append((t.bridge_receipts_filter(), 1))

@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from bridgekit import WAIT, Clock, Input, Net, close_window, insight, publish, wait, yesterday
+from bridgekit import DAY, WAIT, Clock, Input, Net, close_window, insight, publish, wait, yesterday
 from brokers import probe
 
 from pear_mqtt.bridge.service import Bridge
@@ -177,3 +177,31 @@ async def test_the_public_archive_keeps_the_bridges_log_and_serves_it_when_the_b
         async with PearNetwork(late_config) as late:
             await late.wait_logs(lambda: _verified(late, length), timeout=WAIT)
             assert late.status().log_repaired >= length - 2 * CATEGORIES
+
+
+async def test_consortium_members_verify_and_repair_the_bridges_consortium_log(
+        net: Net) -> None:
+    """With ``consortium_output`` the consortium's own aggregates and receipts form a second
+    log, on the consortium broker, which members follow as they follow each other's."""
+    clock = Clock()
+    config = net.bridge_config(consortium_output=True, active="k1", settle_seconds=60,
+                               consortium_lag_seconds=DAY, publication_lag_seconds=3 * DAY)
+    inputs = _inputs(1) + _inputs(0)
+    async with Bridge(config, clock=clock) as bridge, \
+            PearNetwork(net.node_config(net.member("early"))) as early:
+        await publish(net, inputs)
+        await wait(bridge, lambda s: s.items_counted >= len(inputs))
+        clock.advance(2 * DAY + 1)  # past the consortium lag of both windows
+        bridge.poke()
+        status = await wait(bridge, lambda s: s.consortium_log_length == 4 * CATEGORIES
+                            and s.consortium_outbox_depth == 0)
+        length = 4 * CATEGORIES
+        await early.wait_logs(lambda: _verified(early, length), timeout=WAIT)
+        assert early.status().log_repaired == 0
+        async with PearNetwork(net.node_config(net.member("late"))) as late:
+            await late.wait_logs(lambda: _verified(late, length), timeout=WAIT)
+            late_status = late.status()
+    assert status.consortium_log_length == length
+    assert late_status.log_repaired >= 2 * CATEGORIES and late_status.log_forks == 0
+    assert config.history_dir("single", "consortium") == \
+        config.state_path.with_name(f"{config.state_path.name}.consortium.history")
