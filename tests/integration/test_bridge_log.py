@@ -205,3 +205,22 @@ async def test_consortium_members_verify_and_repair_the_bridges_consortium_log(
     assert late_status.log_repaired >= 2 * CATEGORIES and late_status.log_forks == 0
     assert config.history_dir("single", "consortium") == \
         config.state_path.with_name(f"{config.state_path.name}.consortium.history")
+
+
+async def test_a_restarted_bridge_continues_its_log(net: Net) -> None:
+    clock = Clock()
+    config = net.bridge_config(settle_seconds=60)
+    async with _reader(net, "reader") as reader:
+        ids = []
+        for days_ago in (1, 0):  # one window per run of the bridge
+            async with Bridge(config, clock=clock) as bridge:
+                inputs = _inputs(days_ago)
+                await publish(net, inputs)
+                await wait(bridge, lambda s: s.items_counted >= CATEGORIES * COMPANIES)
+                status = await close_window(bridge, clock)
+                ids.append(status.log_id)
+        length = 4 * CATEGORIES
+        await reader.wait_logs(lambda: _verified(reader, length), timeout=WAIT)
+        status = reader.status()
+    assert ids[0] is not None and ids[0] == ids[1] and status.log_forks == 0
+    assert [v.log_id for v in reader.logs()] == [ids[0]]
