@@ -1,7 +1,7 @@
 """The output side of the running bridge: keeps a :class:`~pear_mqtt.bridge.output.PublicOutput`
 connected to its broker (the public one, or the consortium's for its own aggregates), and
-sends the store's matching outbox through it; on the public broker it also publishes the head
-of the bridge's history log and answers requests for it (:mod:`.history`)."""
+sends the store's matching outbox through it; it also publishes the head of the bridge's
+history log of what goes to that broker and answers requests for it (:mod:`.history`)."""
 
 from __future__ import annotations
 
