@@ -7,7 +7,6 @@ exact bytes), and it is appended when it is sent, in outbox order. Contract: doc
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,10 +76,12 @@ class BridgeLog:
         this log still in the outbox (built before, not yet sent). Read from both each
         time, so places a build that was never committed reserved are used again."""
         first = self._log.length
-        for row in self._pending():
+        for row in reversed(self._pending()):
             ref = _ref_of(row.payload)
             if ref is not None and ref[0] == self._log.log_id:
+                # Places grow with the outbox order: the newest such row has the highest.
                 first = max(first, ref[1] + 1)
+                break
         return LogRefs(self._log.log_id, first)
 
     def record(self, topic: str, payload: bytes) -> bool:
@@ -149,10 +150,19 @@ class BridgeLog:
         conn.ack(msg)
 
 
+_LOG_MEMBER = b',"log":"'
+_HEADER = 512  # the envelope's flat header, before its body, holds the member
+
+
 def _ref_of(payload: bytes) -> tuple[str, int] | None:
-    """The (log id, index) an envelope's signed ``log`` member names, or None."""
+    """The (log id, index) an envelope's signed ``log`` member names, or None. Read from
+    the header without parsing the body: outbox rows are whole aggregates."""
+    at = payload.find(_LOG_MEMBER, 0, _HEADER)
+    if at < 0:
+        return None
+    at += len(_LOG_MEMBER)
+    end = payload.find(b'"', at, at + 64)
     try:
-        ref = json.loads(payload).get("log")
-        return None if not isinstance(ref, str) else parse_log_ref(ref)
-    except (ValueError, AttributeError, ProofFailed):
+        return parse_log_ref(payload[at:end].decode("ascii")) if end > 0 else None
+    except (UnicodeDecodeError, ProofFailed):
         return None
