@@ -236,26 +236,31 @@ class ConnectionSupervisor:
         assert self._scheme is not None
         t = self._scheme
         qos = self.config.reliability.qos
-        filters = [(t.presence_filter(), 1), (t.live_filter(), qos)]
+        filters: list[tuple[str, int]] = [(t.presence_filter(), 1), (t.live_filter(), qos)]
         if t.mode == "consortium":
             # The bridge's consortium aggregates (retained, so they arrive on connect too);
             # in public mode the live filter already is the aggregates'.
             filters.append((t.aggregates_filter(), 1))
-        if not self._read_only:
-            # Verified history: others' signed log heads (in public mode the bridge's),
-            # requests for our log (or, an archive, any), our answers.
-            node = self.config.node_id
-            filters += [(t.log_head_filter(), 1), (t.log_request(node), 1),
-                        (t.log_reply(node), 1)]
-            if t.mode != "private":
-                # The bridge's receipts are entries of its log beside the aggregates: read
-                # live, they are no gap to repair.
-                filters.append((t.bridge_receipts_filter(), 1))
+        # Verified history: others' signed log heads (in public mode the bridge's), requests
+        # for our log (or, an archive, any), our answers; and the bridge's receipts, entries
+        # of its log beside the aggregates (read live, they are no gap to repair).
+        node = self.config.node_id
+        history: list[tuple[str, int]] = [] if self._read_only else [
+            (t.log_head_filter(), 1), (t.log_request(node), 1), (t.log_reply(node), 1),
+            *([(t.bridge_receipts_filter(), 1)] if t.mode != "private" else [])]
+        if t.mode != "public":
+            filters, history = filters + history, []
         granted = await conn.subscribe(filters, no_local=True)
         # The sync marker must come back to us, so that one subscription allows local echo.
         granted += await conn.subscribe([(t.sync_marker(self.config.node_id), 1)])
         if any(g >= 128 for g in granted):
             raise TransportError(f"broker refused a subscription: granted {granted}")
+        if history and any(g >= 128 for g in await conn.subscribe(history, no_local=True)):
+            # A public broker whose ACL predates the bridge's log: the aggregates still
+            # arrive, only their log goes unchecked.
+            log.warning("the public broker refused the bridge's history-log topics (its ACL "
+                        "predates them: render it again); aggregates are not checked "
+                        "against the bridge's log")
         if self._read_only:
             return
         await conn.publish(t.presence(self.config.node_id), self._presence_payload(online=True),

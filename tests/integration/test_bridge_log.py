@@ -224,3 +224,24 @@ async def test_a_restarted_bridge_continues_its_log(net: Net) -> None:
         status = reader.status()
     assert ids[0] is not None and ids[0] == ids[1] and status.log_forks == 0
     assert [v.log_id for v in reader.logs()] == [ids[0]]
+
+
+async def test_a_public_broker_whose_acl_predates_the_log_still_serves_aggregates(
+        net: Net) -> None:
+    """Upgraded bridge and readers, broker ACL not rendered again: the log's topics are
+    refused, everything else works as before."""
+    acl = net.public.acl_path
+    acl.write_text("".join(line for line in acl.read_text().splitlines(keepends=True)
+                           if "/log/" not in line))
+    await asyncio.to_thread(net.public.reload_and_wait)
+    clock = Clock()
+    async with Bridge(net.bridge_config(), clock=clock) as bridge:
+        await publish(net, _inputs(0))
+        await wait(bridge, lambda s: s.items_counted >= CATEGORIES * COMPANIES)
+        await close_window(bridge, clock)
+        async with _reader(net, "reader") as reader:
+            result = await reader.sync()
+            status, views = reader.status(), reader.logs()
+    assert len(result.aggregates) == CATEGORIES
+    assert status.connected and status.log_forks == 0 and not status.log_refused
+    assert all(v.head_length is None for v in views)  # the bridge's head was refused
