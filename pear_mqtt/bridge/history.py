@@ -139,10 +139,10 @@ class BridgeLog:
     def _request(self, conn: Connection, msg: InboundMessage) -> None:
         try:
             parsed = parse_topic(msg.topic)
-            if parsed.kind == "log_req" and msg.payload:
-                self._log.answer(conn, msg, parsed)
-            else:
+            if parsed.kind != "log_req":
                 self.counters.dropped["unexpected_topic"] += 1
+            elif msg.payload:
+                self._log.answer(conn, msg, parsed)
         except TopicError:
             self.counters.dropped["bad_topic"] += 1
         except TransportError as exc:
