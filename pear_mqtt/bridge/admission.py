@@ -3,6 +3,7 @@ let a receipt's input hash be recomputed by anyone who received the items."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,11 @@ def check_item(*, shared: SharedInsight | None, contribution: Contribution | Non
     - ``mismatch``: the sealed contribution describes another category, product, region or
       window than the insight that carries it.
     """
+    # The fields a contribution seals: their verdict under a set of levels is looked up, not
+    # recomputed, since a sender seals the same fields item after item.
+    sealed = None if contribution is None else (
+        contribution.sample_size is not None,
+        tuple([(group, tuple(fields)) for group, fields in contribution.values.items()]))
     for levels, reason in ((policy, "policy_violation"), (announced, "presence_mismatch")):
         if levels is None:
             continue
@@ -49,7 +55,7 @@ def check_item(*, shared: SharedInsight | None, contribution: Contribution | Non
             for group, level in shared.levels.items():
                 if levels.get(group) is not level:
                     return reason
-        if contribution is not None and not _sealable(contribution, levels):
+        if sealed is not None and not _sealable(tuple(levels.items()), *sealed):
             return reason
     if shared is not None and contribution is not None and (
             contribution.category != shared.category
@@ -61,13 +67,16 @@ def check_item(*, shared: SharedInsight | None, contribution: Contribution | Non
     return None
 
 
-def _sealable(contribution: Contribution, levels: Mapping[str, SharingLevel]) -> bool:
-    """Whether every value ``contribution`` seals is ``aggregated`` under ``levels``."""
-    if (contribution.sample_size is not None
-            and sample_size_level(levels) is not SharingLevel.AGGREGATED):
+@functools.lru_cache(maxsize=4096)
+def _sealable(levels: tuple[tuple[str, SharingLevel], ...], sample_size: bool,
+              fields: tuple[tuple[str, tuple[str, ...]], ...]) -> bool:
+    """Whether a contribution sealing ``fields`` (per group) and, with ``sample_size``, a
+    sample size seals only what is ``aggregated`` under ``levels``."""
+    by_group = dict(levels)
+    if sample_size and sample_size_level(by_group) is not SharingLevel.AGGREGATED:
         return False
-    return all(field_level(levels, group, name) is SharingLevel.AGGREGATED
-               for group, fields in contribution.values.items() for name in fields)
+    return all(field_level(by_group, group, name) is SharingLevel.AGGREGATED
+               for group, names in fields for name in names)
 
 
 def window_of(start: datetime, end: datetime, *, window_seconds: int) -> int | None:

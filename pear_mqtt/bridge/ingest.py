@@ -238,7 +238,8 @@ class Ingestor:
         values: dict[str, dict[str, float]] = {}
         currency: str | None = None
         if contribution is not None:
-            values.update({g: dict(f) for g, f in contribution.values.items() if f})
+            # Read-only from here on (the store writes them as JSON): no copies.
+            values.update({g: f for g, f in contribution.values.items() if f})
             currency = contribution.currency
         if link.include_full and shared is not None:
             for group, level in shared.levels.items():

@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS contributions (
     currency     TEXT,
     vals         TEXT NOT NULL,
     digest       BLOB NOT NULL,
-    token_digest BLOB UNIQUE,
+    token_digest BLOB,
     received_at  REAL NOT NULL,
     PRIMARY KEY (source_key, item_id)
 );

@@ -923,6 +923,20 @@ def test_ingest_counts_nothing_of_a_group_the_store_cannot_write(ingest: Ingest)
     assert ingest.counters.items_counted == 0
 
 
+def test_store_refuses_a_token_copied_within_one_batch(store: BridgeStore) -> None:
+    """The ``tokens`` table alone keeps a sealed token to one item (new state files have no
+    unique index on the contributions' token column): a copy in the same batch as the
+    original, before or after it, is refused and the rest of the batch counted."""
+    r = store.add([new("a", token=b"t1"), new("b"), new("x", source="c/grp/evil", token=b"t1")],
+                  now=1.0)
+    assert (r.counted, r.copied) == (2, 1)
+    r = store.add([new("y", source="c/grp/evil", token=b"t2"), new("c", token=b"t2")], now=2.0)
+    assert (r.counted, r.copied) == (1, 1)
+    rows = {(c.source_key, c.item_id): c.token_digest for c in store.contributions(W0)}
+    assert rows == {("c/grp/acme", "a"): b"t1", ("c/grp/acme", "b"): None,
+                    ("c/grp/evil", "y"): b"t2"}
+
+
 def test_store_batches_classify_redeliveries_and_refuse_non_finite_values(
         store: BridgeStore) -> None:
     assert store.add([new("a"), new("b", token=b"t1"), new("c")], now=1.0).counted == 3
