@@ -20,7 +20,6 @@ from ..errors import (
     NotConnectedError,
     OutboxError,
     OversizedMessage,
-    PrivacyError,
     PublishRefused,
     TransportError,
 )
@@ -37,7 +36,7 @@ from .item_ids import ItemIds
 from .markers import Markers
 from .memory_outbox import MemoryOutbox
 from .outbox import Outbox, OutboxItem
-from .producer import Prepared, Producer
+from .producer import Producer
 from .suspects import Suspects
 from .window import Window
 
@@ -205,16 +204,7 @@ class Sender:
         outbox refuses the batch, none of them is stored.
         """
         self._require_attached()
-        ids: list[str] = []
-        items: list[Prepared] = []
-        for position, insight in enumerate(insights):
-            try:
-                item_id, item = self._producer.prepare(insight)
-            except PrivacyError as exc:
-                raise type(exc)(f"insight {position} of the batch: {exc}") from exc
-            ids.append(item_id)
-            if item is not None:
-                items.append(item)
+        ids, items = self._producer.prepare_many(insights)
         if items:
             # A batch is a backlog by definition: the flusher may linger and batch it.
             self._back_to_back += len(items)
