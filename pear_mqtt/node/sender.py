@@ -281,10 +281,18 @@ class Sender:
                     break
                 self._send_cursor = rows[-1].id
                 live = []
+                # Live row id -> its state row, when the live envelope may serve as the
+                # retained state too (see _send_batch).
+                shared: dict[int, OutboxItem] = {}
+                prev: OutboxItem | None = None
                 for row in rows:
                     if row.kind != "state":
                         live.append(row)
+                        prev = row
                         continue
+                    if (busy and prev is not None and prev.id == row.id - 1
+                            and prev.payload == row.payload):
+                        shared[prev.id] = row
                     if not self._deferred_states:
                         self._deferred_since = time.monotonic()
                     # A newer state of the same category replaces the held one in the outbox
@@ -292,7 +300,7 @@ class Sender:
                     self._deferred_states.pop(row.key or row.topic, None)
                     self._deferred_states[row.key or row.topic] = row
                 for batch in _batches(live, rel.batch_max_items):
-                    if not await self._send_batch(conn, window, batch):
+                    if not await self._send_batch(conn, window, batch, shared=shared):
                         return
                 # Mid-stream, what is overdue goes a little per round (about a third of a
                 # millisecond of signing), so the live insights between never stall.
@@ -325,21 +333,34 @@ class Sender:
             return False
         return True
 
-    async def _send_batch(self, conn: Connection, window: Window,
-                          batch: list[OutboxItem]) -> bool:
-        """Sign and publish ``batch``; False if the connection broke."""
+    async def _send_batch(self, conn: Connection, window: Window, batch: list[OutboxItem],
+                          *, shared: dict[int, OutboxItem] | None = None) -> bool:
+        """Sign and publish ``batch``; False if the connection broke.
+
+        ``shared`` maps a live row to its held-back state row: when that row's envelope
+        carries it alone, the same signed bytes are published as the retained state too
+        (one signature for both), unless a newer state of the category is held by now.
+        """
         if self._suspects:
             batch = await self._send_suspects(conn, window, batch)
             if not batch:
                 return not conn.closed.is_set()
         for payload, ids in self._encode(batch):
-            await window.acquire(len(payload))
-            try:
-                self._publish(conn, batch[0], payload, ids, window)
-            except TransportError as exc:  # includes NotConnectedError
-                window.release(len(payload))
-                log.info("publish stopped: %s", exc)
-                return False
+            rows = [(batch[0], ids)]
+            state = shared.get(ids[0]) if shared and len(ids) == 1 else None
+            if state is not None and self._deferred_states.get(state.key or state.topic) \
+                    is state:
+                del self._deferred_states[state.key or state.topic]
+                self._keep_state(state.topic, state.payload)
+                rows.append((state, [state.id]))
+            for first, row_ids in rows:
+                await window.acquire(len(payload))
+                try:
+                    self._publish(conn, first, payload, row_ids, window)
+                except TransportError as exc:  # includes NotConnectedError
+                    window.release(len(payload))
+                    log.info("publish stopped: %s", exc)
+                    return False
         return True
 
     async def _send_suspects(self, conn: Connection, window: Window,
