@@ -282,7 +282,10 @@ class Sender:
                 self._send_cursor = rows[-1].id
                 live = []
                 # Live row id -> its state row, when the live envelope may serve as the
-                # retained state too (see _send_batch).
+                # retained state too (see _send_batch): while the caller works through a
+                # backlog (counted now, not only when the flusher woke: a batch may have
+                # come while it was busy). A paced stream's states are held back instead.
+                backlog = busy or self._back_to_back - idle_b2b >= _BUSY_BACK_TO_BACK
                 shared: dict[int, OutboxItem] = {}
                 prev: OutboxItem | None = None
                 for row in rows:
@@ -290,7 +293,7 @@ class Sender:
                         live.append(row)
                         prev = row
                         continue
-                    if (busy and prev is not None and prev.id == row.id - 1
+                    if (backlog and prev is not None and prev.id == row.id - 1
                             and prev.payload == row.payload):
                         shared[prev.id] = row
                     if not self._deferred_states:
