@@ -370,10 +370,18 @@ class Outbox:
         alone fill ``max_bytes``), and an ``OutboxError`` when the disk is full.
 
         Items are placed one after the other, so a large call may drop rows it stored itself
-        for space; their ids are still returned and acking them is a no-op.
+        for space; their ids are still returned and acking them is a no-op. A state item that
+        a later item of the same call supersedes (same key) is never written: it counts as
+        superseded and its id is 0 (no row has it, so acking it is a no-op too).
         """
         if not items:
             return []
+        # A batch of insights over a few categories carries one state per insight; only the
+        # newest per key survives the transaction, so the others are not written at all.
+        last: dict[str, int] = {}
+        for i, it in enumerate(items):
+            if it.kind == "state" and it.key is not None:
+                last[it.key] = i
         with self._lock:
             self._reserve.check_room(self._live())
             t = replace(self._tally)
@@ -381,7 +389,14 @@ class Outbox:
             with self._write(f"storing {len(items)} item(s)") as conn:
                 if self._expire_due(t, now):
                     self._expire_in(conn, t, now)
-                ids = [self._insert(conn, t, it, now) for it in items]
+                ids: list[int] = []
+                for i, it in enumerate(items):
+                    if it.kind == "state" and it.key is not None and last[it.key] != i:
+                        t.superseded += 1
+                        t.stored += 1
+                        ids.append(0)
+                    else:
+                        ids.append(self._insert(conn, t, it, now))
             self._tally = t
             return ids
 

@@ -11,7 +11,7 @@ from ..config.models import NetworkConfig
 from ..errors import OutboxError
 from ..model.insight import MarketInsight, NetworkMode
 from ..model.topics import TopicScheme
-from ..privacy.filter import PrivacyFilter
+from ..privacy.filter import EncodedResult, PrivacyFilter
 from ..security.seal import Sealer
 from .counters import Counters
 from .item_ids import ItemIds
@@ -63,8 +63,26 @@ class Producer:
         which nothing is published and nothing sealed gives nothing; one of which only the
         sealed part goes out gives that part alone, with no state.
         """
+        return self._finish(insight, self._filter.encode(insight))
+
+    def prepare_many(self, insights: Sequence[MarketInsight]
+                     ) -> tuple[list[str], list[Prepared]]:
+        """:meth:`prepare` for a batch, filtered in one go (``PrivacyFilter.encode_many``):
+        every insight's id in order, and the items that go into the outbox. Raises
+        :class:`~pear_mqtt.errors.PrivacyError` naming the first refused insight's position."""
+        ids: list[str] = []
+        items: list[Prepared] = []
+        for insight, result in zip(insights, self._filter.encode_many(insights), strict=True):
+            item_id, item = self._finish(insight, result)
+            ids.append(item_id)
+            if item is not None:
+                items.append(item)
+        return ids, items
+
+    def _finish(self, insight: MarketInsight, result: EncodedResult
+                ) -> tuple[str, Prepared | None]:
+        """The filtered ``result`` of ``insight``: sealed, spliced under its item id."""
         assert self._item_ids is not None
-        result = self._filter.encode(insight)
         item_id = self._item_ids.of(insight)
         token: str | None = None
         if result.contribution is not None:

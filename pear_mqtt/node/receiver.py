@@ -194,9 +194,9 @@ class Receiver:
             self._counters.dropped["state_expired"] += 1
             return
         if signer == self._me:
-            if (self._pages.seeding and parsed.kind == "state"
-                    and decoded.message.kind == "state"):
-                self._pages.keep_state(msg.topic, json.dumps(decoded.message.body,
+            state = _state_body(decoded) if parsed.kind == "state" else None
+            if self._pages.seeding and state is not None:
+                self._pages.keep_state(msg.topic, json.dumps(state,
                                                              separators=(",", ":")).encode(),
                                        only_new=True)
             return  # our own message echoed by a broker without no-local
@@ -221,8 +221,8 @@ class Receiver:
             self._deliver_aggregate(body, msg, parsed, signer)
         elif kind == "receipt" and parsed.kind == "bridge_receipt":
             pass  # an entry of the bridge's log (docs/HISTORY.md): verified, nothing to hand on
-        elif kind == "state" and parsed.kind == "state":
-            received = self._deliver(body, msg.topic, msg.retain, signer, dedup=False,
+        elif parsed.kind == "state" and (state := _state_body(decoded)) is not None:
+            received = self._deliver(state, msg.topic, msg.retain, signer, dedup=False,
                                      sequence=decoded.message.sequence,
                                      log_ref=decoded.message.log_ref)
             if received is not None:
@@ -497,3 +497,17 @@ def _request(conn: Connection, topic: str, payload: bytes, response_topic: str,
 def _names(parsed: ParsedTopic, who: Identity) -> bool:
     """Whether a log topic is ``who``'s (public topics name the member alone)."""
     return parsed.company == who.member and parsed.node in (None, who.node)
+
+
+def _state_body(decoded: Decoded) -> Any | None:
+    """The state item a message on a state topic carries: a ``state`` envelope's body, or
+    the one item of an ``insights`` envelope (a sender publishes the signed envelope of an
+    insight that went out alone as its retained state too); None for anything else."""
+    message = decoded.message
+    if message.kind == "state":
+        return message.body
+    if message.kind == "insights" and isinstance(message.body, dict):
+        items = message.body.get("items")
+        if isinstance(items, list) and len(items) == 1:
+            return items[0]
+    return None

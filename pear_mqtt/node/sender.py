@@ -20,7 +20,6 @@ from ..errors import (
     NotConnectedError,
     OutboxError,
     OversizedMessage,
-    PrivacyError,
     PublishRefused,
     TransportError,
 )
@@ -37,7 +36,7 @@ from .item_ids import ItemIds
 from .markers import Markers
 from .memory_outbox import MemoryOutbox
 from .outbox import Outbox, OutboxItem
-from .producer import Prepared, Producer
+from .producer import Producer
 from .suspects import Suspects
 from .window import Window
 
@@ -205,16 +204,7 @@ class Sender:
         outbox refuses the batch, none of them is stored.
         """
         self._require_attached()
-        ids: list[str] = []
-        items: list[Prepared] = []
-        for position, insight in enumerate(insights):
-            try:
-                item_id, item = self._producer.prepare(insight)
-            except PrivacyError as exc:
-                raise type(exc)(f"insight {position} of the batch: {exc}") from exc
-            ids.append(item_id)
-            if item is not None:
-                items.append(item)
+        ids, items = self._producer.prepare_many(insights)
         if items:
             # A batch is a backlog by definition: the flusher may linger and batch it.
             self._back_to_back += len(items)
@@ -291,10 +281,21 @@ class Sender:
                     break
                 self._send_cursor = rows[-1].id
                 live = []
+                # Live row id -> its state row, when the live envelope may serve as the
+                # retained state too (see _send_batch): while the caller works through a
+                # backlog (counted now, not only when the flusher woke: a batch may have
+                # come while it was busy). A paced stream's states are held back instead.
+                backlog = busy or self._back_to_back - idle_b2b >= _BUSY_BACK_TO_BACK
+                shared: dict[int, OutboxItem] = {}
+                prev: OutboxItem | None = None
                 for row in rows:
                     if row.kind != "state":
                         live.append(row)
+                        prev = row
                         continue
+                    if (backlog and prev is not None and prev.id == row.id - 1
+                            and prev.payload == row.payload):
+                        shared[prev.id] = row
                     if not self._deferred_states:
                         self._deferred_since = time.monotonic()
                     # A newer state of the same category replaces the held one in the outbox
@@ -302,7 +303,7 @@ class Sender:
                     self._deferred_states.pop(row.key or row.topic, None)
                     self._deferred_states[row.key or row.topic] = row
                 for batch in _batches(live, rel.batch_max_items):
-                    if not await self._send_batch(conn, window, batch):
+                    if not await self._send_batch(conn, window, batch, shared=shared):
                         return
                 # Mid-stream, what is overdue goes a little per round (about a third of a
                 # millisecond of signing), so the live insights between never stall.
@@ -335,21 +336,34 @@ class Sender:
             return False
         return True
 
-    async def _send_batch(self, conn: Connection, window: Window,
-                          batch: list[OutboxItem]) -> bool:
-        """Sign and publish ``batch``; False if the connection broke."""
+    async def _send_batch(self, conn: Connection, window: Window, batch: list[OutboxItem],
+                          *, shared: dict[int, OutboxItem] | None = None) -> bool:
+        """Sign and publish ``batch``; False if the connection broke.
+
+        ``shared`` maps a live row to its held-back state row: when that row's envelope
+        carries it alone, the same signed bytes are published as the retained state too
+        (one signature for both), unless a newer state of the category is held by now.
+        """
         if self._suspects:
             batch = await self._send_suspects(conn, window, batch)
             if not batch:
                 return not conn.closed.is_set()
         for payload, ids in self._encode(batch):
-            await window.acquire(len(payload))
-            try:
-                self._publish(conn, batch[0], payload, ids, window)
-            except TransportError as exc:  # includes NotConnectedError
-                window.release(len(payload))
-                log.info("publish stopped: %s", exc)
-                return False
+            rows = [(batch[0], ids)]
+            state = shared.get(ids[0]) if shared and len(ids) == 1 else None
+            if state is not None and self._deferred_states.get(state.key or state.topic) \
+                    is state:
+                del self._deferred_states[state.key or state.topic]
+                self._keep_state(state.topic, state.payload)
+                rows.append((state, [state.id]))
+            for first, row_ids in rows:
+                await window.acquire(len(payload))
+                try:
+                    self._publish(conn, first, payload, row_ids, window)
+                except TransportError as exc:  # includes NotConnectedError
+                    window.release(len(payload))
+                    log.info("publish stopped: %s", exc)
+                    return False
         return True
 
     async def _send_suspects(self, conn: Connection, window: Window,

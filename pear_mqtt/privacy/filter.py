@@ -7,6 +7,7 @@ values); ``none`` groups are never read. The levels are specified in docs/DESIGN
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -134,6 +135,9 @@ class Contribution(Frozen):
         return self
 
 
+# (shared company, shared store, contribution company, contribution store)
+_Identities = tuple[str | None, str | None, str, str | None]
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FilterResult:
     """The two outputs of :meth:`PrivacyFilter.apply`; either may be None (nothing to
@@ -253,7 +257,7 @@ class PrivacyFilter:
                 raise PrivacyError(f"public mode shares aggregates only, but {shared} would be "
                                    "published per insight")
 
-    def _identities(self, store: str | None) -> tuple[str | None, str | None, str, str | None]:
+    def _identities(self, store: str | None) -> _Identities:
         """(shared company, shared store, contribution company, contribution store)."""
         company = self._config.company_id
         if not self._config.privacy.anonymize_data:
@@ -279,7 +283,7 @@ class PrivacyFilter:
         ``store`` is the store identity; it defaults to the config's ``node_id`` (one node
         per store), and to the certificate's node when the network anonymises.
         """
-        sp = self._split(insight, store)
+        sp = self._split(insight, self._checked_identities(store))
         # Every field comes from a validated MarketInsight, the node's own config or the
         # scheme's cached buckets, and _split checked the disclosure rules: the models are
         # built without re-validating formats (which would dominate the filter's time).
@@ -309,7 +313,27 @@ class PrivacyFilter:
         :class:`SharedInsight`; the contribution, parsed by the aggregator with
         :class:`Contribution`.
         """
-        sp = self._split(insight, store)
+        return self._encode_one(insight, self._checked_identities(store), None)
+
+    def encode_many(self, insights: Sequence[MarketInsight], *,
+                    store: str | None = None) -> list[EncodedResult]:
+        """:meth:`encode` for a batch, in order: what depends only on the configuration and
+        the identity (the mode check, the identities, each category's bucket edges) is
+        worked out once per batch. Raises :class:`PrivacyError` at the first insight refused
+        (its position in the message)."""
+        ids = self._checked_identities(store)
+        edges: dict[str, bool] = {}
+        out: list[EncodedResult] = []
+        for position, insight in enumerate(insights):
+            try:
+                out.append(self._encode_one(insight, ids, edges))
+            except PrivacyError as exc:
+                raise type(exc)(f"insight {position} of the batch: {exc}") from exc
+        return out
+
+    def _encode_one(self, insight: MarketInsight, ids: _Identities,
+                    edges: dict[str, bool] | None) -> EncodedResult:
+        sp = self._split(insight, ids, edges)
         shared_json = None
         if sp.levels:
             shared: dict[str, object] = {"category": insight.category}
@@ -338,14 +362,21 @@ class PrivacyFilter:
                 "values": sp.aggregated, "sample_size": sp.sealed_sample_size})
         return EncodedResult(shared=shared_json, contribution=contribution)
 
-    def _split(self, insight: MarketInsight, store: str | None) -> _Split:
+    def _checked_identities(self, store: str | None) -> _Identities:
+        """The mode check and :meth:`_identities` of ``store``, once per call or batch."""
         self._check_mode()
         if store is not None:
             try:
                 validate_identifier(store, what="store")
             except TopicError as exc:
                 raise PrivacyError(str(exc)) from None
-        shared_company, shared_store, contrib_company, contrib_store = self._identities(store)
+        return self._identities(store)
+
+    def _split(self, insight: MarketInsight, ids: _Identities,
+               edges: dict[str, bool] | None = None) -> _Split:
+        """``edges`` remembers, per category, whether the scheme has configured bucket edges
+        for it (a category without uses the geometric scheme, as category None does)."""
+        shared_company, shared_store, contrib_company, contrib_store = ids
 
         levels: dict[str, SharingLevel] = {}
         groups: dict[str, GroupValues] = {}
@@ -369,7 +400,7 @@ class PrivacyFilter:
                 if action == "exact" or action == "text":
                     published[name] = value
                 elif action == "bucket":
-                    published[name] = self._bucket(name, value, insight.category)
+                    published[name] = self._bucket(name, value, insight.category, edges)
                 elif action == "seal" and isinstance(value, float):
                     sealed[name] = value
                 else:
@@ -415,8 +446,16 @@ class PrivacyFilter:
         return _Split(shared_company, shared_store, contrib_company, contrib_store, levels,
                       groups, sample_size, aggregated, sealed_sample_size, currency)
 
-    def _bucket(self, name: str, value: float | str, category: str) -> ValueRange | str:
+    def _bucket(self, name: str, value: float | str, category: str,
+                edges: dict[str, bool] | None) -> ValueRange | str:
         if isinstance(value, str):
             return value
-        return self._ranges.bucket(value, category=category if name in _PRICE_FIELDS else None)
+        if name not in _PRICE_FIELDS:
+            return self._ranges.bucket(value, category=None)
+        if edges is None:
+            return self._ranges.bucket(value, category=category)
+        own = edges.get(category)
+        if own is None:
+            own = edges[category] = self._ranges.edges_for(category) is not None
+        return self._ranges.bucket(value, category=category if own else None)
 

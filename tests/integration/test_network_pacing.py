@@ -1,12 +1,13 @@
 """How a node paces what it sends, against a real mosquitto over mutual TLS: a trickle goes
 out one insight at a time, a stream is batched, retained states are coalesced while a burst
-lasts (and overdue ones go a few at a time between insights), and broadcasting in a tight
-loop overlaps with sending."""
+lasts (and overdue ones go a few at a time between insights; an insight sent alone in a
+backlog is its own state), and broadcasting in a tight loop overlaps with sending."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ from brokers import MosquittoBroker, NetworkPKI, probe
 
 from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.model.insight import MarketInsight
-from pear_mqtt.model.topics import TopicScheme
+from pear_mqtt.model.topics import CHECKPOINT_PAGES, TopicScheme
 from pear_mqtt.node import sender
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.node.sender import Sender
@@ -137,3 +138,41 @@ async def test_overdue_states_go_a_few_at_a_time_between_paced_insights(
     assert mid_stream
     assert all(limit <= sender.BACKGROUND_PER_ROUND and budget == sender.MIDSTREAM_BUDGET
                for limit, budget in mid_stream), mid_stream
+
+
+async def test_an_insight_sent_alone_in_a_backlog_is_its_state_too(
+        make_config: Callable[..., NetworkConfig], pki: NetworkPKI, mosquitto: MosquittoBroker,
+        insight: Callable[..., MarketInsight], tmp_path: Any) -> None:
+    # A backlog over many categories puts each insight alone in its envelope: that signed
+    # envelope is published again as the category's retained state (no second signature),
+    # and a restarted node reads such states back into its checkpoint pages.
+    n = 40
+    config = make_config("acme", outbox=tmp_path / "acme.sqlite")
+    scheme = TopicScheme(mode="consortium", network=pki.network, member="acme")
+    filters = [f"{scheme.member_root}/insights/#", scheme.node_state_filter("store-1")]
+    with probe(mosquitto, pki.node("acme", "observer"), subscribe=filters) as p:
+        async with PearNetwork(config) as tx:
+            await tx.broadcast_many([insight(category=f"alone/c{i:02d}", price=1.0 + i)
+                                     for i in range(n)])
+            await tx.flush(timeout=10)
+        live: dict[str, bytes] = {}
+        states: dict[str, bytes] = {}
+        while not p.messages.empty():
+            m = p.messages.get_nowait()
+            (states if "/state/" in m.topic else live)[m.topic.rsplit("/", 1)[-1]] = m.payload
+    assert len(live) == n and len(states) == n
+    assert states == live  # the same signed bytes, category by category
+    # A new category on the page of an old one: the page sent after the restart holds the
+    # old state only if the restarted node read it back.
+    def page(category: str) -> int:
+        return zlib.crc32(scheme.state("store-1", category).encode()) % CHECKPOINT_PAGES
+
+    new = next(c for c in (f"alone/new{k}" for k in range(10_000)) if page(c) == page("alone/c00"))
+    async with PearNetwork(config) as tx:  # restarted: reads its states back first
+        await tx.broadcast_market_insight(insight(category=new))
+        await tx.flush(timeout=10)
+    async with PearNetwork(make_config("globex")) as late:
+        result = await late.sync(timeout=20)
+    assert result.missing_pages == {}
+    assert {r.insight.category for r in result if r.member == "acme"} == {
+        *(f"alone/c{i:02d}" for i in range(n)), new}

@@ -134,6 +134,23 @@ def test_state_with_a_key_replaces_the_pending_one(box: Outbox) -> None:
     assert box.size_bytes == sum(r.size for r in rows) and box.depth == 5
 
 
+def test_a_state_superseded_within_one_call_is_not_written(box: Outbox) -> None:
+    ids = box.put_many([
+        NewItem(topic="ins/1", payload=b"i1", kind="insight"),
+        NewItem(topic="state/a", payload=b"a1", kind="state", key="a", retain=True),
+        NewItem(topic="ins/2", payload=b"i2", kind="insight"),
+        NewItem(topic="state/a", payload=b"a2", kind="state", key="a", retain=True),
+        NewItem(topic="state/b", payload=b"b1", kind="state", key="b", retain=True)])
+    rows = _all(box)
+    assert [(r.topic, r.payload) for r in rows] == [
+        ("ins/1", b"i1"), ("ins/2", b"i2"), ("state/a", b"a2"), ("state/b", b"b1")]
+    assert ids[1] == 0 and [i for i in ids if i] == [r.id for r in rows]
+    assert box.superseded == 1 and box.depth == 4
+    assert box.stats()["stored"] == 5
+    box.ack([0])  # the id of the state never written: nothing happens
+    assert box.depth == 4
+
+
 def test_ack_of_a_superseded_state_id_is_a_no_op(box: Outbox) -> None:
     old = box.put(topic="s", payload=b"1", kind="state", key="k")
     new = box.put(topic="s", payload=b"2", kind="state", key="k")
@@ -598,7 +615,16 @@ class Model:
         saved = copy.deepcopy(self.__dict__)
         try:
             self._expire_if_due(now)
-            return [self._put(it, now) for it in items]
+            last = {it.key: i for i, it in enumerate(items)
+                    if it.kind == "state" and it.key is not None}
+            ids = []
+            for i, it in enumerate(items):
+                if it.kind == "state" and it.key is not None and last[it.key] != i:
+                    self.superseded += 1  # replaced within the call: never written
+                    ids.append(0)
+                else:
+                    ids.append(self._put(it, now))
+            return ids
         except Full:
             self.__dict__.update(saved)
             raise

@@ -33,7 +33,13 @@ from pear_mqtt.privacy.aggregate import (
     aggregate,
     aggregate_cell,
 )
-from pear_mqtt.privacy.filter import ADDITIVE_FIELDS, Contribution, PrivacyFilter, SharedInsight
+from pear_mqtt.privacy.filter import (
+    ADDITIVE_FIELDS,
+    Contribution,
+    EncodedResult,
+    PrivacyFilter,
+    SharedInsight,
+)
 from pear_mqtt.privacy.ranges import RangeScheme, ValueRange
 from pear_mqtt.security.identity import Identity
 from pear_mqtt.security.pseudonyms import draw_pseudonym
@@ -1079,6 +1085,24 @@ def test_encode_is_apply_serialised(config: NetworkConfig, insight: MarketInsigh
     else:
         assert got.contribution is not None
         assert Contribution.model_validate_json(got.contribution) == expected.contribution
+
+
+@given(config=configs(), batch=st.lists(insights, min_size=1, max_size=6), store=store_ids)
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+def test_encode_many_is_encode_per_insight(config: NetworkConfig, batch: list[MarketInsight],
+                                          store: str) -> None:
+    """The batch path sends exactly what encoding each insight alone sends, and refuses a
+    batch at the first insight encoding alone refuses, naming its position."""
+    f = PrivacyFilter(config=config)
+    expected: list[EncodedResult] = []
+    for position, insight in enumerate(batch):
+        try:
+            expected.append(f.encode(insight, store=store))
+        except PrivacyError:
+            with pytest.raises(PrivacyError, match=f"^insight {position} of the batch: "):
+                f.encode_many(batch, store=store)
+            return
+    assert f.encode_many(batch, store=store) == expected
 
 
 def test_open_ended_ranges_survive_the_wire() -> None:
