@@ -182,6 +182,9 @@ def load_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, str,
         if "peak_anon_mb" in rss:
             row("agent peak own memory (RssAnon, sampled)", "MB", rss["peak_anon_mb"], ".1f")
         row("agent send rate (--rate 0, incl. start-up)", "insights/s", rss["rate"], ",.0f")
+        if "run_rate" in rss:
+            row("agent send rate (its run: stored and acknowledged, no start-up)",
+                "insights/s", rss["run_rate"], ",.0f")
     rp = results.get("repair")
     if rp:
         row("history repair: log entries fetched and verified", "entries/s", rp["rate"],
@@ -284,8 +287,10 @@ def md_targets(results: Mapping[str, Any]) -> list[str]:
         rows.append(["edge agent peak RSS under load (max of runs)",
                      f"<= {rss['target_mb']:g} MB", f"{rss['peak_mb']['max']:.1f} MB",
                      _verdict(rss["ok"])])
-        rate = _med(rss, "rate")
-        rows.append(["edge agent durable ingest (`agent --simulate --rate 0`, SQLite outbox)",
+        run = "run_rate" in rss
+        rate = _med(rss, "run_rate" if run else "rate")
+        rows.append(["edge agent durable ingest (`agent --simulate --rate 0`, SQLite outbox"
+                     + (", the agent's run without start-up)" if run else ")"),
                      f">= {TARGETS['agent_rate']:,.0f}/s", f"{rate:,.0f}/s",
                      _verdict(rate >= TARGETS["agent_rate"])])
     rp = results.get("repair")
@@ -402,7 +407,8 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
     rss = results.get("rss")
     if rss:
         rows = _stat_rows(rss, (("peak_mb", 1), ("peak_anon_mb", 1), ("ru_maxrss_mb", 1),
-                             ("median_rss_mb", 1), ("rate", 0), ("seconds", 2)))
+                             ("median_rss_mb", 1), ("rate", 0), ("run_rate", 0),
+                             ("seconds", 2)))
         out += ["### Edge agent memory", "",
                 f"`pear-mqtt agent --simulate --rate 0 --count {rss['items']['max']:,.0f}` "
                 f"with its on-disk outbox ({lr.get('rss', '?')} repetition(s)).", "",

@@ -368,7 +368,10 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
     return {"peak_mb": hwm / 1024, "peak_anon_mb": anon / 1024,
             "ru_maxrss_mb": usage.ru_maxrss / 1024,
             "median_rss_mb": sorted(samples)[len(samples) // 2] / 1024 if samples else 0.0,
-            "rate": n / elapsed, "seconds": elapsed, "items": n}
+            "rate": n / elapsed, "seconds": elapsed, "items": n,
+            # The agent's own run (connected, every insight stored and acknowledged), without
+            # the interpreter's start-up and imports, which a long-running agent pays once.
+            "run_rate": n / report["duration"]}
 
 
 # -- fan-in ----------------------------------------------------------------------------------
