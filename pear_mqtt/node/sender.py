@@ -108,6 +108,8 @@ class Sender:
         # over skips every slot emptied before it (quadratic with 100,000 held states).
         self._deferred_states: OrderedDict[str, OutboxItem] = OrderedDict()
         self._deferred_since = 0.0
+        # Categories whose state rode on a live envelope lately: key -> when, oldest first.
+        self._shared_at: OrderedDict[str, float] = OrderedDict()
         self._pages = CheckpointPages(node_id=config.node_id, counters=counters,
                                       seeded=config.mode is NetworkMode.PUBLIC,
                                       wake=self._work.set, wake_later=self._wake_later,
@@ -352,7 +354,7 @@ class Sender:
             rows = [(batch[0], ids)]
             state = shared.get(ids[0]) if shared and len(ids) == 1 else None
             if state is not None and self._deferred_states.get(state.key or state.topic) \
-                    is state:
+                    is state and self._may_share(state.key or state.topic):
                 del self._deferred_states[state.key or state.topic]
                 self._keep_state(state.topic, state.payload)
                 rows.append((state, [state.id]))
@@ -364,6 +366,20 @@ class Sender:
                     window.release(len(payload))
                     log.info("publish stopped: %s", exc)
                     return False
+        return True
+
+    def _may_share(self, key: str) -> bool:
+        """Whether the state of ``key`` may go on its live envelope now: once per
+        :data:`STATE_MAX_DEFER` per category, so that a backlog over a few categories still
+        holds their later states back (and sends only the newest) instead of publishing
+        every insight twice."""
+        now = time.monotonic()
+        shared = self._shared_at
+        while shared and next(iter(shared.values())) <= now - STATE_MAX_DEFER:
+            shared.popitem(last=False)
+        if key in shared:
+            return False
+        shared[key] = now
         return True
 
     async def _send_suspects(self, conn: Connection, window: Window,
