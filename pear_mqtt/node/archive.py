@@ -15,7 +15,7 @@ from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .counters import Counters, open_counted
-from .history import range_bodies, reply_budget, send_range
+from .history import Answer, range_bodies, reply_budget, send_range
 from .replicas import Replicas
 
 __all__ = ["Archive"]
@@ -110,7 +110,7 @@ class Archive:
                 or type(end) is not int or not 0 <= first < end or not isinstance(log_id, str)):
             self._counters.dropped["malformed"] += 1
             return True
-        answers: list[tuple[dict[str, Any], list[bytes]]]
+        answers: list[Answer]
         if current is None or current[0] != log_id:
             # Not kept here: an answer that holds nothing (from 0), so the asker goes back
             # to the sender instead of waiting.

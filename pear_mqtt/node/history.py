@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import HistoryError, LogTruncated, TopicError
+from ..errors import HistoryError, LogTruncated, TopicError, TransportError
 from ..files import atomic_write
 from ..history.frame import join, leaves_digest, pack_entries
 from ..history.head import TreeHead, head_body
@@ -24,7 +24,7 @@ from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .counters import Counters, open_counted
 
-__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "REQUEST_MAX_BYTES",
+__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "REQUEST_MAX_BYTES", "Answer",
            "NodeLog", "range_bodies", "reply_budget", "send_range", "settle"]
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,10 @@ REPLY_MAX_BYTES = 768 * 1024
 """At most this much per answer (one envelope) to a log request."""
 REQUEST_MAX_BYTES = 8 * 1024 * 1024
 """At most this much in the answers to one request: the asker asks again for the rest."""
-_READ_AHEAD = 1024  # entries read from the disk at once while answering
+
+
+Answer = tuple[dict[str, Any], list[bytes | memoryview]]
+"""A ``logrange`` answer's body and the parts of its attachment (:mod:`..history.frame`)."""
 
 
 class NodeLog:
@@ -113,7 +116,10 @@ class NodeLog:
                 or not 0 <= first < end):
             self._counters.dropped["malformed"] += 1
             return
-        self._log.flush()
+        if end > self._head_length:
+            # Entries no signed head covers yet (those it covers were made durable before
+            # it went out): durable before they leave.
+            self._log.flush()
         send_range(conn, codec=self._codec, scheme=self._scheme, counters=self._counters,
                    asker=asker, answers=range_bodies(
                        self._log, log_id=self._id, first=first, end=end,
@@ -122,29 +128,31 @@ class NodeLog:
 
 
 def range_bodies(held: AppendLog, *, log_id: str, first: int, end: int, request_id: Any,
-                 size: Any, max_bytes: int) -> list[tuple[dict[str, Any], list[bytes]]]:
+                 size: Any, max_bytes: int) -> list[Answer]:
     """The ``logrange`` answers to a request for ``[first, end)`` of ``held``, each a body
     and its attachment (:mod:`pear_mqtt.history.frame`): consecutive chunks of at most
     :data:`REPLY_MAX_ENTRIES` entries and about ``max_bytes`` each, together at most
     :data:`REQUEST_MAX_BYTES` (``"more": true`` on all but the last). Each chunk carries a
     range proof against the tree of ``size`` entries when the asker named a signed head's
     length ``size`` that covers it; ``truncated`` is set when the asker wants entries
-    retention dropped."""
+    retention dropped. The attachments' entries are views of what was read from the disk,
+    copied once, into the payload (:func:`send_range`)."""
     held_from = held.start
     end = min(end, held.length)
     rid = request_id if isinstance(request_id, str) else None
     provable = type(size) is int and 0 < size <= held.length
     start = max(first, held_from)
-    out: list[tuple[dict[str, Any], list[bytes]]] = []
+    out: list[Answer] = []
     total, pos = 0, start
-    got: list[tuple[str, bytes]] = []  # read from the disk, not yet answered
+    got: list[tuple[str, memoryview]] = []  # read from the disk, not yet answered
     while True:
         topics: list[str] = []
-        entries: list[bytes] = []
+        entries: list[memoryview] = []
         chunk_bytes = 0
         if not got and pos < end:
             try:
-                got = held.records(pos, min(end, pos + _READ_AHEAD))
+                # One read per answer: its records' bytes bound what the answer holds.
+                got = held.views(pos, min(end, pos + REPLY_MAX_ENTRIES), max_bytes=max_bytes)
             except (LogTruncated, HistoryError) as exc:
                 log.warning("cannot answer a log request: %s", exc)
         for topic, entry in got:
@@ -178,20 +186,36 @@ def range_bodies(held: AppendLog, *, log_id: str, first: int, end: int, request_
 
 
 def send_range(conn: Connection, *, codec: EnvelopeCodec, scheme: TopicScheme,
-               counters: Counters, asker: Identity,
-               answers: list[tuple[dict[str, Any], list[bytes]]]) -> None:
+               counters: Counters, asker: Identity, answers: list[Answer]) -> None:
     """Publish ``logrange`` answers to the asker's own reply topic, which only it reads.
     Not encrypted: the entries are the exact envelopes the network already carried (their
-    bodies sealed as they were), and the topics beside them are the ones they went on."""
+    bodies sealed as they were), and the topics beside them are the ones they went on.
+    One answer per turn of the event loop: the first is on its way (and the asker at work
+    on it) while the next is made."""
     try:
         reply = TopicScheme(scheme.mode, scheme.network, asker.member).log_reply(asker.node)
     except TopicError:
         counters.dropped["bad_topic"] += 1
         return
     counters.log_requests_answered += 1
-    for body, blob in answers:
-        envelope = codec.encode(kind="logrange", body=body, encrypt=False)
-        settle(conn.publish(reply, join(envelope, blob), qos=1))
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    todo = iter(answers)
+
+    def publish_next() -> None:
+        while (answer := next(todo, None)) is not None:
+            body, parts = answer
+            envelope = codec.encode(kind="logrange", body=body, encrypt=False)
+            try:
+                settle(conn.publish(reply, join(envelope, parts), qos=1))
+            except TransportError:
+                return  # the connection is gone: the asker asks again on the next one
+            if loop is not None:
+                loop.call_soon(publish_next)
+                return
+    publish_next()
 
 
 def reply_budget(codec: EnvelopeCodec) -> int:

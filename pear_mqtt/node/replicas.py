@@ -251,7 +251,7 @@ class Replicas:
         self._check(rep)
         self._requests.ask(rep)
 
-    def on_reply(self, signer: Identity, body: Any, blob: bytes) -> Reply:
+    def on_reply(self, signer: Identity, body: Any, blob: bytes | memoryview) -> Reply:
         """A ``logrange`` answer (of the sender, or of the archive for a sender it names)
         with the entries of its attachment ``blob``.
         Refused, and counted in ``log_refused`` by reason, when it is hostile: an answer
