@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import deque
@@ -20,8 +21,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket, MQTTException
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -47,6 +49,8 @@ _READ_BURST = 2000
 # falls behind a sender finds the socket never dry; without a time bound the tasks reading
 # what its handler delivered would wait for the whole backlog (tens of ms in a trace).
 _READ_SLICE = 0.001
+# What a malformed PUBLISH raises while it is decoded (paho's own list, in its _packet).
+_DECODE_ERRORS = (IndexError, KeyError, MQTTException, ValueError, struct.error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +186,8 @@ class Connection:
                              reconnect_on_failure=False)
         self._client = client
         client._sock_recv = _BufferedRecv(client)  # type: ignore[method-assign]
+        client._handle_publish = _PublishReader(client)  # type: ignore[method-assign]
+        client._packet_queue = _ViewQueue(client)  # type: ignore[method-assign]
         client.max_inflight_messages_set(self._max_inflight)
         client.max_queued_messages_set(0)
         client.manual_ack_set(self._manual_ack)
@@ -636,6 +642,86 @@ class _BufferedRecv:
         chunk = self._buf[self._pos:end]
         self._pos = end
         return chunk
+
+
+class _PublishReader:
+    """Stands in for paho's ``Client._handle_publish``: the same for QoS 0 and 1, with one
+    copy of the payload out of the packet.
+
+    paho's decoder peels the topic, the packet id and the properties off with a
+    ``struct.unpack`` each, every one a copy of the rest of the packet, and the payload is a
+    ``bytearray`` that :meth:`Connection._on_message` copies once more: four copies of each
+    byte of a large message (a log answer: most of the time spent receiving it)."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self._client = client
+
+    def __call__(self) -> MQTTErrorCode:
+        client = self._client
+        header: int = client._in_packet["command"]
+        qos = (header & 0x06) >> 1
+        if qos == 2:
+            return mqtt.Client._handle_publish(client)  # its own state machine: paho's
+        try:
+            message = self._decode(memoryview(client._in_packet["packet"]), header, qos,
+                                   client.protocol)
+        except _DECODE_ERRORS as exc:
+            raise MalformedPacket(str(exc)) from exc
+        client._handle_on_message(message)
+        if qos == 0 or client._manual_ack:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return client._send_puback(message.mid)
+
+    @staticmethod
+    def _decode(view: memoryview, header: int, qos: int, protocol: int) -> mqtt.MQTTMessage:
+        size = len(view)
+        pos = 2 + int.from_bytes(view[0:2], "big")
+        if size < 2 or pos > size:
+            raise ValueError("PUBLISH shorter than its topic")
+        topic = view[2:pos].tobytes()
+        if protocol != MQTTProtocolVersion.MQTTv5 and not topic:
+            raise ValueError("topic can't be empty in MQTTv3")
+        mid = 0
+        if qos:
+            if pos + 2 > size:
+                raise ValueError("PUBLISH shorter than its packet id")
+            mid = int.from_bytes(view[pos:pos + 2], "big")
+            pos += 2
+        properties: Properties | None = None
+        if protocol == MQTTProtocolVersion.MQTTv5:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            length, used = VariableByteIntegers.decode(  # type: ignore[no-untyped-call]
+                view[pos:pos + 4].tobytes())
+            if pos + used + length > size:
+                raise ValueError("PUBLISH shorter than its properties")
+            properties.unpack(view[pos:pos + used + length].tobytes())  # type: ignore[no-untyped-call]
+            pos += used + length
+        message = mqtt.MQTTMessage(mid=mid, topic=topic)
+        message.dup = bool(header & 0x08)
+        message.qos = qos
+        message.retain = bool(header & 0x01)
+        message.properties = properties
+        message.payload = view[pos:].tobytes()
+        message.timestamp = time.monotonic()
+        return message
+
+
+class _ViewQueue:
+    """Wraps paho's ``Client._packet_queue`` so that a queued packet is a ``memoryview``: paho
+    sends what is left of a packet as ``packet[pos:]``, a copy of a ``bytearray`` (the whole
+    packet, on the first try), a zero-copy slice of a view."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: mqtt.Client) -> None:
+        self._client = client
+
+    def __call__(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
+                 info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
+        return mqtt.Client._packet_queue(self._client, command, memoryview(packet),  # type: ignore[arg-type]
+                                         mid, qos, info)
 
 
 async def stop_task(task: asyncio.Task[Any], *, every: float = 1.0) -> None:
