@@ -9,6 +9,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ HEAD_INTERVAL = 1.0
 REPLY_MAX_ENTRIES = 4096
 REPLY_MAX_BYTES = 768 * 1024
 """At most this much per answer (one envelope) to a log request."""
-REQUEST_MAX_BYTES = 8 * 1024 * 1024
+REQUEST_MAX_BYTES = 32 * 1024 * 1024
 """At most this much in the answers to one request: the asker asks again for the rest."""
 
 
@@ -128,21 +129,21 @@ class NodeLog:
 
 
 def range_bodies(held: AppendLog, *, log_id: str, first: int, end: int, request_id: Any,
-                 size: Any, max_bytes: int) -> list[Answer]:
+                 size: Any, max_bytes: int) -> Iterator[Answer]:
     """The ``logrange`` answers to a request for ``[first, end)`` of ``held``, each a body
     and its attachment (:mod:`pear_mqtt.history.frame`): consecutive chunks of at most
     :data:`REPLY_MAX_ENTRIES` entries and about ``max_bytes`` each, together at most
     :data:`REQUEST_MAX_BYTES` (``"more": true`` on all but the last). Each chunk carries a
     range proof against the tree of ``size`` entries when the asker named a signed head's
     length ``size`` that covers it; ``truncated`` is set when the asker wants entries
-    retention dropped. The attachments' entries are views of what was read from the disk,
-    copied once, into the payload (:func:`send_range`)."""
+    retention dropped. Made one at a time, as they are sent (each one read from the disk
+    then, its entries views of that read, copied once, into the payload by
+    :func:`send_range`)."""
     held_from = held.start
     end = min(end, held.length)
     rid = request_id if isinstance(request_id, str) else None
     provable = type(size) is int and 0 < size <= held.length
     start = max(first, held_from)
-    out: list[Answer] = []
     total, pos = 0, start
     got: list[tuple[str, memoryview]] = []  # read from the disk, not yet answered
     while True:
@@ -171,22 +172,24 @@ def range_bodies(held: AppendLog, *, log_id: str, first: int, end: int, request_
         if n:
             body["digest"] = b64url_encode(leaves_digest(
                 held.tree.leaves(pos, pos + n))).decode("ascii")
-        if not out and first < held_from:
+        if pos == start and first < held_from:
             body["truncated"] = True  # the asker learns at once, instead of waiting
         if n and provable and pos + n <= size:
             body["size"] = size
             body["proof"] = [b64url_encode(h).decode("ascii")
                              for h in held.tree.range_proof(pos, pos + n, size)]
-        out.append((body, pack_entries(entries)))
         pos += n
         total += chunk_bytes
-        if not n or pos >= end or total >= REQUEST_MAX_BYTES:
-            return out
-        body["more"] = True
+        last = not n or pos >= end or total >= REQUEST_MAX_BYTES
+        if not last:
+            body["more"] = True
+        yield body, pack_entries(entries)
+        if last:
+            return
 
 
 def send_range(conn: Connection, *, codec: EnvelopeCodec, scheme: TopicScheme,
-               counters: Counters, asker: Identity, answers: list[Answer]) -> None:
+               counters: Counters, asker: Identity, answers: Iterable[Answer]) -> None:
     """Publish ``logrange`` answers to the asker's own reply topic, which only it reads.
     Not encrypted: the entries are the exact envelopes the network already carried (their
     bodies sealed as they were), and the topics beside them are the ones they went on.
