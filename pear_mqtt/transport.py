@@ -133,6 +133,7 @@ class Connection:
         self._reading_paused = False
         self._flush_scheduled = False
         self._writer_armed = False
+        self._sent_waiters: list[Callable[[], None]] = []
         self._in_io = False  # inside a read or a write of paho's: publishes wait for a flush
         self._loop_thread = 0
         self._misc_task: asyncio.Task[None] | None = None
@@ -255,6 +256,7 @@ class Connection:
             with contextlib.suppress(Exception):
                 client._sock_close()
         self._sock = None
+        self._sent_waiters.clear()  # nothing more will be sent on this connection
         self._fail_all(reason)
 
     def _fail_all(self, reason: str) -> None:
@@ -318,6 +320,18 @@ class Connection:
         else:
             self._pubs[info.mid] = fut
         return fut
+
+    def when_sent(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, on the event loop, when what was published so far is
+        written to the socket (at once if it is): a producer of many large messages paces
+        itself by it instead of queueing them all in memory. Never called if the connection
+        closes first."""
+        assert self._loop is not None
+        client = self._client
+        if client is None or not client.want_write():
+            self._loop.call_soon(callback)
+        else:
+            self._sent_waiters.append(callback)
 
     async def subscribe(self, filters: Sequence[tuple[str, int]], *,
                         no_local: bool = False) -> list[int]:
@@ -485,9 +499,14 @@ class Connection:
             if not self._writer_armed:
                 self._writer_armed = True
                 loop.add_writer(sock, self._flush)
-        elif self._writer_armed:
+            return
+        if self._writer_armed:
             self._writer_armed = False
             loop.remove_writer(sock)
+        if self._sent_waiters:
+            waiters, self._sent_waiters = self._sent_waiters, []
+            for callback in waiters:
+                loop.call_soon(callback)
 
     def _readable(self) -> None:
         client = self._client

@@ -145,26 +145,18 @@ def range_bodies(held: AppendLog, *, log_id: str, first: int, end: int, request_
     provable = type(size) is int and 0 < size <= held.length
     start = max(first, held_from)
     total, pos = 0, start
-    got: list[tuple[str, memoryview]] = []  # read from the disk, not yet answered
     while True:
-        topics: list[str] = []
-        entries: list[memoryview] = []
-        chunk_bytes = 0
-        if not got and pos < end:
+        got: list[tuple[str, memoryview]] = []
+        if pos < end:
             try:
-                # One read per answer: its records' bytes bound what the answer holds.
+                # One read per answer, of records that fill at most max_bytes: each is
+                # longer than what the answer carries for its entry (length and topic).
                 got = held.views(pos, min(end, pos + REPLY_MAX_ENTRIES), max_bytes=max_bytes)
             except (LogTruncated, HistoryError) as exc:
                 log.warning("cannot answer a log request: %s", exc)
-        for topic, entry in got:
-            cost = len(entry) + len(topic) + 8
-            if entries and (chunk_bytes + cost > max_bytes
-                            or len(entries) >= REPLY_MAX_ENTRIES):
-                break
-            topics.append(topic)
-            entries.append(entry)
-            chunk_bytes += cost
-        del got[:len(entries)]
+        topics = [topic for topic, _entry in got]
+        entries = [entry for _topic, entry in got]
+        chunk_bytes = sum(map(len, entries)) + sum(map(len, topics)) + 8 * len(entries)
         n = len(entries)
         body: dict[str, Any] = {"log": log_id, "id": rid, "length": held.length,
                                 "held_from": held_from, "from": pos, "count": n,
@@ -193,31 +185,28 @@ def send_range(conn: Connection, *, codec: EnvelopeCodec, scheme: TopicScheme,
     """Publish ``logrange`` answers to the asker's own reply topic, which only it reads.
     Not encrypted: the entries are the exact envelopes the network already carried (their
     bodies sealed as they were), and the topics beside them are the ones they went on.
-    One answer per turn of the event loop: the first is on its way (and the asker at work
-    on it) while the next is made."""
+    The next answer is made when the last one is written to the socket: the first is on
+    its way (and the asker at work on it) while the next is made, and no more than one
+    waits in memory."""
     try:
         reply = TopicScheme(scheme.mode, scheme.network, asker.member).log_reply(asker.node)
     except TopicError:
         counters.dropped["bad_topic"] += 1
         return
     counters.log_requests_answered += 1
-    try:
-        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None
     todo = iter(answers)
 
     def publish_next() -> None:
-        while (answer := next(todo, None)) is not None:
-            body, parts = answer
-            envelope = codec.encode(kind="logrange", body=body, encrypt=False)
-            try:
-                settle(conn.publish(reply, join(envelope, parts), qos=1))
-            except TransportError:
-                return  # the connection is gone: the asker asks again on the next one
-            if loop is not None:
-                loop.call_soon(publish_next)
-                return
+        answer = next(todo, None)
+        if answer is None:
+            return
+        body, parts = answer
+        envelope = codec.encode(kind="logrange", body=body, encrypt=False)
+        try:
+            settle(conn.publish(reply, join(envelope, parts), qos=1))
+        except TransportError:
+            return  # the connection is gone: the asker asks again on the next one
+        conn.when_sent(publish_next)
     publish_next()
 
 
