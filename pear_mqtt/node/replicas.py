@@ -330,6 +330,9 @@ class Replicas:
                 self._rebase(rep, first, hashes[:first.bit_count()], archived)
             self._take(rep, first, leaves, out)
             proven = True
+            # Waiters on the views first: the delivery of these entries' items, which the
+            # caller schedules next, can wait a turn of the event loop.
+            self._changed()
         more = body.get("more") is True
         rep.answered, rep.more = True, more
         if not more:
