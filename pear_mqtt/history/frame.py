@@ -17,24 +17,27 @@ _LEN = struct.Struct(">I")
 _SEP = b"\n"  # never inside an envelope: its JSON holds no raw newline
 
 
-def pack_entries(entries: Sequence[bytes]) -> list[bytes]:
-    """The attachment's parts: every entry after its length (joined once, by :func:`join`)."""
-    return [part for e in entries for part in (_LEN.pack(len(e)), e)]
+def pack_entries(entries: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """The attachment's parts: every entry after its length (joined once, by :func:`join`,
+    which copies views of a read buffer straight into the payload)."""
+    pack = _LEN.pack
+    return [part for e in entries for part in (pack(len(e)), e)]
 
 
-def unpack_entries(blob: bytes, count: int) -> list[bytes]:
+def unpack_entries(blob: bytes | memoryview, count: int) -> list[bytes]:
     """Exactly ``count`` entries filling ``blob``; :class:`MalformedMessage` otherwise."""
     out: list[bytes] = []
     pos, size = 0, len(blob)
     view = memoryview(blob)
+    unpack, step = _LEN.unpack_from, _LEN.size
     while pos < size and len(out) < count:
-        if pos + _LEN.size > size:
+        if pos + step > size:
             break
-        (n,) = _LEN.unpack_from(blob, pos)
-        pos += _LEN.size
+        (n,) = unpack(view, pos)
+        pos += step
         if pos + n > size:
             break
-        out.append(bytes(view[pos:pos + n]))
+        out.append(view[pos:pos + n].tobytes())
         pos += n
     if len(out) != count or pos != size:
         raise MalformedMessage(f"the answer's attachment does not hold the {count} entries "
@@ -47,14 +50,15 @@ def leaves_digest(leaves: Sequence[bytes] | bytes) -> bytes:
     return hashlib.sha256(leaves if isinstance(leaves, bytes) else b"".join(leaves)).digest()
 
 
-def join(envelope: bytes, parts: Sequence[bytes]) -> bytes:
+def join(envelope: bytes, parts: Sequence[bytes | memoryview]) -> bytes:
     """The answer's payload: ``envelope``, the separator, the attachment ``parts``."""
     return b"".join((envelope, _SEP, *parts))
 
 
-def split(payload: bytes) -> tuple[bytes, bytes]:
-    """(envelope, attachment); an answer without attachment has an empty one."""
+def split(payload: bytes) -> tuple[bytes, memoryview]:
+    """(envelope, attachment), the attachment a view of ``payload`` (not a copy of a few
+    hundred kB); an answer without attachment has an empty one."""
     at = payload.find(_SEP)
     if at < 0:
-        return payload, b""
-    return payload[:at], payload[at + 1:]
+        return payload, memoryview(b"")
+    return payload[:at], memoryview(payload)[at + 1:]

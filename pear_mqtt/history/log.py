@@ -4,6 +4,7 @@ hash, so the tree, its heads and its proofs stay whole. Format: docs/HISTORY.md.
 
 from __future__ import annotations
 
+import bisect
 import os
 import struct
 import time
@@ -94,6 +95,13 @@ class AppendLog:
     def records(self, start: int, end: int) -> list[tuple[str, bytes]]:
         """(tag, entry) of entries [start, end): the tag is what the writer kept beside the
         entry, outside the tree (a node keeps the topic it published the entry on)."""
+        return [(tag, bytes(entry)) for tag, entry in self.views(start, end)]
+
+    def views(self, start: int, end: int, *, max_bytes: int | None = None
+              ) -> list[tuple[str, memoryview]]:
+        """:meth:`records` without a copy of each entry: views into one read of the file
+        (what an answer to a log request frames and sends). With ``max_bytes``, only the
+        first entries whose records fill at most that many bytes (at least one)."""
         if not 0 <= start <= end <= self.length:
             raise HistoryError(f"log {self.path}: entries [{start}, {end}) are not within "
                                f"0..{self.length}")
@@ -104,17 +112,26 @@ class AppendLog:
             return []
         self._flush_buffers()
         first = self._offsets[start - self._start]
+        if max_bytes is not None and self._size - first > max_bytes:
+            # Entry i fits when the next one starts within the bound.
+            fits = bisect.bisect_right(self._offsets, first + max_bytes, start - self._start)
+            end = max(start + 1, min(end, self._start + fits - 1))
         last = (self._offsets[end - self._start] if end - self._start < len(self._offsets)
                 else self._size)
         with (self.path / _ENTRIES).open("rb") as fh:
             fh.seek(_FILE_HEADER.size + first)
-            data = fh.read(last - first)
-        out: list[tuple[str, bytes]] = []
+            data = memoryview(fh.read(last - first))
+        out: list[tuple[str, memoryview]] = []
+        tags: dict[bytes, str] = {}  # a log's entries share a few topics
+        unpack, size = _HEADER.unpack_from, _HEADER.size
         pos = 0
         for _ in range(end - start):
-            n, _t, tn = _HEADER.unpack_from(data, pos)
-            pos += _HEADER.size
-            tag = data[pos:pos + tn].decode("utf-8", "replace")
+            n, _t, tn = unpack(data, pos)
+            pos += size
+            raw = data[pos:pos + tn].tobytes()
+            tag = tags.get(raw)
+            if tag is None:
+                tag = tags[raw] = raw.decode("utf-8", "replace")
             pos += tn
             out.append((tag, data[pos:pos + n]))
             pos += n

@@ -5,10 +5,10 @@ docs/HISTORY.md."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-__all__ = ["EMPTY_ROOT", "MerkleTree", "leaf_hash", "node_hash", "verify_consistency",
-           "verify_inclusion", "verify_range"]
+__all__ = ["EMPTY_ROOT", "MerkleTree", "leaf_hash", "leaf_hashes", "node_hash",
+           "verify_consistency", "verify_inclusion", "verify_range"]
 
 HASH_SIZE = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
@@ -20,9 +20,29 @@ def leaf_hash(entry: bytes) -> bytes:
     return hashlib.sha256(_LEAF + entry).digest()
 
 
+def leaf_hashes(entries: Iterable[bytes]) -> list[bytes]:
+    """:func:`leaf_hash` of each entry, in order."""
+    sha256, prefix = hashlib.sha256, _LEAF
+    return [sha256(prefix + entry).digest() for entry in entries]
+
+
 def node_hash(left: bytes, right: bytes) -> bytes:
     """The hash of an inner node: SHA-256(0x01 || left || right)."""
     return hashlib.sha256(_NODE + left + right).digest()
+
+
+def _subtree_hash(leaves: Sequence[bytes]) -> bytes:
+    """MTH of ``leaves`` (leaf hashes, at least one), a level at a time: the odd last node of
+    a level moves up as it is, which builds RFC 9162's tree (split at the largest power of
+    two) from the bottom."""
+    level = list(leaves)
+    sha256, prefix = hashlib.sha256, _NODE
+    while len(level) > 1:
+        odd = level[-1:] if len(level) & 1 else []
+        level = [sha256(prefix + left + right).digest()
+                 for left, right in zip(level[0::2], level[1::2], strict=False)]
+        level += odd
+    return level[0]
 
 
 def _split(n: int) -> int:
@@ -92,7 +112,7 @@ class MerkleTree:
 
     def extend(self, leaves: Sequence[bytes]) -> None:
         """Add leaf hashes in order: :meth:`append` for many, a level at a time."""
-        if any(len(leaf) != HASH_SIZE for leaf in leaves):
+        if leaves and set(map(len, leaves)) != {HASH_SIZE}:
             raise ValueError(f"a leaf hash has {HASH_SIZE} bytes")
         lo = self._size
         self._levels[0] += b"".join(leaves)
@@ -266,8 +286,8 @@ def verify_range(*, leaves: Sequence[bytes], start: int, size: int, proof: Seque
         if hi <= start or lo >= end:
             got = next(hashes, missing)
             return got if isinstance(got, bytes) else None
-        if hi - lo == 1:
-            return leaves[lo - start]
+        if start <= lo and hi <= end:
+            return _subtree_hash(leaves[lo - start:hi - start])
         k = _split(hi - lo)
         left = walk(lo, lo + k)
         right = walk(lo + k, hi) if left is not None else None

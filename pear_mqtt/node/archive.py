@@ -5,6 +5,7 @@ that is offline or whose retention dropped it. Protocol: docs/HISTORY.md."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .counters import Counters, open_counted
-from .history import range_bodies, reply_budget, send_range
+from .history import Answer, range_bodies, reply_budget, send_range
 from .replicas import Replicas
 
 __all__ = ["Archive"]
@@ -110,7 +111,7 @@ class Archive:
                 or type(end) is not int or not 0 <= first < end or not isinstance(log_id, str)):
             self._counters.dropped["malformed"] += 1
             return True
-        answers: list[tuple[dict[str, Any], list[bytes]]]
+        answers: Iterable[Answer]
         if current is None or current[0] != log_id:
             # Not kept here: an answer that holds nothing (from 0), so the asker goes back
             # to the sender instead of waiting.
@@ -122,8 +123,8 @@ class Archive:
             answers = range_bodies(current[1], log_id=log_id, first=first, end=end,
                                    request_id=body.get("id"), size=body.get("size"),
                                    max_bytes=reply_budget(self._codec))
-        for reply, _blob in answers:
-            reply["sender"] = body["sender"]
+        sender = body["sender"]
         send_range(conn, codec=self._codec, scheme=self._scheme, counters=self._counters,
-                   asker=decoded.signer, answers=answers)
+                   asker=decoded.signer,
+                   answers=(({**reply, "sender": sender}, blob) for reply, blob in answers))
         return True

@@ -9,10 +9,11 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import HistoryError, LogTruncated, TopicError
+from ..errors import HistoryError, LogTruncated, TopicError, TransportError
 from ..files import atomic_write
 from ..history.frame import join, leaves_digest, pack_entries
 from ..history.head import TreeHead, head_body
@@ -24,7 +25,7 @@ from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .counters import Counters, open_counted
 
-__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "REQUEST_MAX_BYTES",
+__all__ = ["HEAD_INTERVAL", "REPLY_MAX_BYTES", "REPLY_MAX_ENTRIES", "REQUEST_MAX_BYTES", "Answer",
            "NodeLog", "range_bodies", "reply_budget", "send_range", "settle"]
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,12 @@ HEAD_INTERVAL = 1.0
 REPLY_MAX_ENTRIES = 4096
 REPLY_MAX_BYTES = 768 * 1024
 """At most this much per answer (one envelope) to a log request."""
-REQUEST_MAX_BYTES = 8 * 1024 * 1024
+REQUEST_MAX_BYTES = 32 * 1024 * 1024
 """At most this much in the answers to one request: the asker asks again for the rest."""
-_READ_AHEAD = 1024  # entries read from the disk at once while answering
+
+
+Answer = tuple[dict[str, Any], list[bytes | memoryview]]
+"""A ``logrange`` answer's body and the parts of its attachment (:mod:`..history.frame`)."""
 
 
 class NodeLog:
@@ -113,7 +117,10 @@ class NodeLog:
                 or not 0 <= first < end):
             self._counters.dropped["malformed"] += 1
             return
-        self._log.flush()
+        if end > self._head_length:
+            # Entries no signed head covers yet (those it covers were made durable before
+            # it went out): durable before they leave.
+            self._log.flush()
         send_range(conn, codec=self._codec, scheme=self._scheme, counters=self._counters,
                    asker=asker, answers=range_bodies(
                        self._log, log_id=self._id, first=first, end=end,
@@ -122,40 +129,34 @@ class NodeLog:
 
 
 def range_bodies(held: AppendLog, *, log_id: str, first: int, end: int, request_id: Any,
-                 size: Any, max_bytes: int) -> list[tuple[dict[str, Any], list[bytes]]]:
+                 size: Any, max_bytes: int) -> Iterator[Answer]:
     """The ``logrange`` answers to a request for ``[first, end)`` of ``held``, each a body
     and its attachment (:mod:`pear_mqtt.history.frame`): consecutive chunks of at most
     :data:`REPLY_MAX_ENTRIES` entries and about ``max_bytes`` each, together at most
     :data:`REQUEST_MAX_BYTES` (``"more": true`` on all but the last). Each chunk carries a
     range proof against the tree of ``size`` entries when the asker named a signed head's
     length ``size`` that covers it; ``truncated`` is set when the asker wants entries
-    retention dropped."""
+    retention dropped. Made one at a time, as they are sent (each one read from the disk
+    then, its entries views of that read, copied once, into the payload by
+    :func:`send_range`)."""
     held_from = held.start
     end = min(end, held.length)
     rid = request_id if isinstance(request_id, str) else None
     provable = type(size) is int and 0 < size <= held.length
     start = max(first, held_from)
-    out: list[tuple[dict[str, Any], list[bytes]]] = []
     total, pos = 0, start
-    got: list[tuple[str, bytes]] = []  # read from the disk, not yet answered
     while True:
-        topics: list[str] = []
-        entries: list[bytes] = []
-        chunk_bytes = 0
-        if not got and pos < end:
+        got: list[tuple[str, memoryview]] = []
+        if pos < end:
             try:
-                got = held.records(pos, min(end, pos + _READ_AHEAD))
+                # One read per answer, of records that fill at most max_bytes: each is
+                # longer than what the answer carries for its entry (length and topic).
+                got = held.views(pos, min(end, pos + REPLY_MAX_ENTRIES), max_bytes=max_bytes)
             except (LogTruncated, HistoryError) as exc:
                 log.warning("cannot answer a log request: %s", exc)
-        for topic, entry in got:
-            cost = len(entry) + len(topic) + 8
-            if entries and (chunk_bytes + cost > max_bytes
-                            or len(entries) >= REPLY_MAX_ENTRIES):
-                break
-            topics.append(topic)
-            entries.append(entry)
-            chunk_bytes += cost
-        del got[:len(entries)]
+        topics = [topic for topic, _entry in got]
+        entries = [entry for _topic, entry in got]
+        chunk_bytes = sum(map(len, entries)) + sum(map(len, topics)) + 8 * len(entries)
         n = len(entries)
         body: dict[str, Any] = {"log": log_id, "id": rid, "length": held.length,
                                 "held_from": held_from, "from": pos, "count": n,
@@ -163,35 +164,50 @@ def range_bodies(held: AppendLog, *, log_id: str, first: int, end: int, request_
         if n:
             body["digest"] = b64url_encode(leaves_digest(
                 held.tree.leaves(pos, pos + n))).decode("ascii")
-        if not out and first < held_from:
+        if pos == start and first < held_from:
             body["truncated"] = True  # the asker learns at once, instead of waiting
         if n and provable and pos + n <= size:
             body["size"] = size
             body["proof"] = [b64url_encode(h).decode("ascii")
                              for h in held.tree.range_proof(pos, pos + n, size)]
-        out.append((body, pack_entries(entries)))
         pos += n
         total += chunk_bytes
-        if not n or pos >= end or total >= REQUEST_MAX_BYTES:
-            return out
-        body["more"] = True
+        last = not n or pos >= end or total >= REQUEST_MAX_BYTES
+        if not last:
+            body["more"] = True
+        yield body, pack_entries(entries)
+        if last:
+            return
 
 
 def send_range(conn: Connection, *, codec: EnvelopeCodec, scheme: TopicScheme,
-               counters: Counters, asker: Identity,
-               answers: list[tuple[dict[str, Any], list[bytes]]]) -> None:
+               counters: Counters, asker: Identity, answers: Iterable[Answer]) -> None:
     """Publish ``logrange`` answers to the asker's own reply topic, which only it reads.
     Not encrypted: the entries are the exact envelopes the network already carried (their
-    bodies sealed as they were), and the topics beside them are the ones they went on."""
+    bodies sealed as they were), and the topics beside them are the ones they went on.
+    The next answer is made when the last one is written to the socket: the first is on
+    its way (and the asker at work on it) while the next is made, and no more than one
+    waits in memory."""
     try:
         reply = TopicScheme(scheme.mode, scheme.network, asker.member).log_reply(asker.node)
     except TopicError:
         counters.dropped["bad_topic"] += 1
         return
     counters.log_requests_answered += 1
-    for body, blob in answers:
+    todo = iter(answers)
+
+    def publish_next() -> None:
+        answer = next(todo, None)
+        if answer is None:
+            return
+        body, parts = answer
         envelope = codec.encode(kind="logrange", body=body, encrypt=False)
-        settle(conn.publish(reply, join(envelope, blob), qos=1))
+        try:
+            settle(conn.publish(reply, join(envelope, parts), qos=1))
+        except TransportError:
+            return  # the connection is gone: the asker asks again on the next one
+        conn.when_sent(publish_next)
+    publish_next()
 
 
 def reply_budget(codec: EnvelopeCodec) -> int:

@@ -308,8 +308,10 @@ class Receiver:
         stream in, the repair goes first: their items wait (up to the backlog bound)."""
         self._drain_handle = None
         quiet = time.monotonic() - self._last_proven
-        if (quiet < _STREAMING and self._backlog_bytes < BACKLOG_MAX_BYTES
-                and self._replicas is not None and self._replicas.awaiting()):
+        if self._backlog_bytes < BACKLOG_MAX_BYTES and (quiet < _DEFER_POLL or (
+                quiet < _STREAMING and self._replicas is not None
+                and self._replicas.awaiting())):
+            # (Also just after the last answer: what waits on the repair runs first.)
             self._schedule_drain(_DEFER_POLL)
             return
         budget = _DRAIN_SLICE

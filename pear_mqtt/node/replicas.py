@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import EnvelopeError, MalformedMessage, ProofFailed
 from ..history.frame import leaves_digest, unpack_entries
 from ..history.head import parse_head, parse_log_ref
-from ..history.merkle import HASH_SIZE, MerkleTree, leaf_hash, verify_range
+from ..history.merkle import HASH_SIZE, MerkleTree, leaf_hash, leaf_hashes, verify_range
 from ..security.base64url import b64url_decode, b64url_encode
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
@@ -251,7 +251,7 @@ class Replicas:
         self._check(rep)
         self._requests.ask(rep)
 
-    def on_reply(self, signer: Identity, body: Any, blob: bytes) -> Reply:
+    def on_reply(self, signer: Identity, body: Any, blob: bytes | memoryview) -> Reply:
         """A ``logrange`` answer (of the sender, or of the archive for a sender it names)
         with the entries of its attachment ``blob``.
         Refused, and counted in ``log_refused`` by reason, when it is hostile: an answer
@@ -298,7 +298,7 @@ class Replicas:
             self._counters.dropped["malformed"] += 1
             return Reply([])
         out = list(zip(topics, entries, strict=True))
-        leaves = [leaf_hash(payload) for payload in entries]
+        leaves = leaf_hashes(entries)
         digest = body.get("digest")
         if out and (not isinstance(digest, str) or not secrets.compare_digest(
                 digest, b64url_encode(leaves_digest(leaves)).decode("ascii"))):
@@ -330,6 +330,9 @@ class Replicas:
                 self._rebase(rep, first, hashes[:first.bit_count()], archived)
             self._take(rep, first, leaves, out)
             proven = True
+            # Waiters on the views first: the delivery of these entries' items, which the
+            # caller schedules next, can wait a turn of the event loop.
+            self._changed()
         more = body.get("more") is True
         rep.answered, rep.more = True, more
         if not more:

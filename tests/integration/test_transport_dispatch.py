@@ -1,12 +1,14 @@
 """``Connection`` I/O against a real mosquitto: messages handed over in the socket callback
 (``dispatch_to``), nothing lost or reordered across the switch from the queue, a failing
 handler that costs one message, not the connection; a publish written at once; a slow
-handler that lets other tasks run between messages."""
+handler that lets other tasks run between messages; large messages (MQTT 5 properties, QoS 0
+and 1) whole, and ``when_sent`` telling a producer its messages are written."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -105,3 +107,47 @@ async def test_a_slow_handler_lets_other_tasks_run_between_messages(
         # not after all 40.
         assert await woke < 10
         assert handled == [b"m%02d" % i for i in range(40)]
+
+
+async def test_large_messages_arrive_whole_and_when_sent_paces_their_producer(
+        make_config: Callable[..., NetworkConfig]) -> None:
+    async with acme_connection(make_config, "large") as (conn, topic):
+        got: list[InboundMessage] = []
+        all_in = asyncio.Event()
+        sizes = [900 * 1024, 1, 700 * 1024, 0]  # within the broker's packet limit
+
+        def handler(msg: InboundMessage) -> None:
+            got.append(msg)
+            if len(got) == len(sizes):
+                all_in.set()
+
+        conn.dispatch_to(handler)
+        payloads = [os.urandom(n) for n in sizes]
+        sent = 0
+        written = asyncio.Event()
+
+        def publish_next() -> None:
+            # One message at a time, the next once the last is in the socket.
+            nonlocal sent
+            if sent == len(payloads):
+                written.set()
+                return
+            qos = sent % 2  # QoS 0 and 1, with and without MQTT 5 properties
+            conn.publish(topic, payloads[sent], qos=qos, response_topic=f"{topic}/re" if qos
+                         else None, correlation=b"id-%d" % sent if qos else None)
+            sent += 1
+            conn.when_sent(publish_next)
+
+        publish_next()
+        await asyncio.wait_for(written.wait(), 20)
+        await asyncio.wait_for(all_in.wait(), 20)
+        assert [m.payload for m in got] == payloads
+        assert all(type(m.payload) is bytes for m in got)
+        assert [m.qos for m in got] == [0, 1, 0, 1]
+        assert [m.topic for m in got] == [topic] * len(sizes)
+        assert not any(m.retain for m in got)
+        assert conn.connected
+        # Nothing queued: at once (on the event loop).
+        idle = asyncio.Event()
+        conn.when_sent(idle.set)
+        await asyncio.wait_for(idle.wait(), 5)
