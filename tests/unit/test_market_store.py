@@ -55,6 +55,16 @@ def test_a_duplicate_is_stored_once_and_a_newer_version_replaces_the_older(
     assert [(d.count, d.mean, d.low, d.high) for d in day] == [(1, 3.0, 3.0, 3.0)]
 
 
+def test_the_latest_row_of_a_sender_is_its_newest_window_within_and_across_batches(
+        store: MarketStore) -> None:
+    store.add([received(iid="new", price=5.0, day=3), received(iid="old", price=1.0, day=1),
+               received(member="globex", iid="g", price=2.0, day=2)])
+    store.add([received(iid="older", price=7.0, day=0)])  # arrives later, ends earlier
+    latest = {r.member: (r.item_id, r.values["price"]) for r in store.latest("grocery/dairy")}
+    assert latest == {"acme": ("new", 5.0), "globex": ("g", 2.0)}
+    assert store.price_position("grocery/dairy", 3.0).companies == 2
+
+
 def test_groups_by_day_and_week_count_companies_and_bounds(store: MarketStore) -> None:
     items = [received(member=m, iid=f"{m}{d}", price=p + d, day=d)
              for d in range(10) for m, p in (("acme", 1.0), ("globex", 3.0))]
