@@ -86,12 +86,12 @@ def run_market(workdir: Path, *, rows: int = 1_000_000, distinct: int = 100_000)
                 t = time.perf_counter()
                 store.add(items[at:at + _BATCH], now=time.time())
                 spent += time.perf_counter() - t
-        gc.unfreeze()
         st = store.status()
         out: dict[str, Any] = {"rows": st.insights, "ingest_rate": st.insights / spent,
                                "bytes_per_insight": st.bytes / st.insights,
                                **_queries(store)}
     finally:
+        gc.unfreeze()
         store.close()
     out.update(_duckdb(base, workdir))
     shutil.rmtree(workdir, ignore_errors=True)
