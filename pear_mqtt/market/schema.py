@@ -87,8 +87,10 @@ def ensure(conn: sqlite3.Connection, path: Path, *, network: str | None, mode: s
     the network and mode the store holds. Refuses a store of another network or mode."""
     try:
         conn.executescript(_DDL)
-        with contextlib.suppress(sqlite3.OperationalError):  # read-only: the writer will
-            conn.execute("DROP INDEX IF EXISTS insights_category_day")  # (a store of 1.0)
+        # The (category, day) index older versions made; a read-only reader leaves it to
+        # the writer.
+        with contextlib.suppress(sqlite3.OperationalError):
+            conn.execute("DROP INDEX IF EXISTS insights_category_day")
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.DatabaseError as exc:
         raise MarketError(f"market store {path}: not a readable store ({exc}); move it "
