@@ -80,7 +80,7 @@ def run_market(workdir: Path, *, rows: int = 1_000_000, distinct: int = 100_000)
                                     member=f"m{(int(r.member[1:]) + copy) % 40}")
                 for r in base]
             # The fixture's items out of the collector's sight: a node holds only the batch
-            # in flight, not a million received items, so collecting them is not the store's.
+            # in flight, not 200,000 pre-built items, so collecting them is not the store's.
             gc.freeze()
             for at in range(0, len(items), _BATCH):
                 t = time.perf_counter()
