@@ -71,7 +71,8 @@ class MarketFeed:
                 return
         with self._lock:
             self._pending.append(item)
-        self._wake.set()
+        if not self._wake.is_set():  # set already: the writer takes this item with the rest
+            self._wake.set()
 
     def proven(self, owner: Identity, log_id: str, length: int) -> None:
         """A signed head of ``owner``'s log ``log_id`` proved its first ``length`` entries:

@@ -3,6 +3,7 @@ binding it to one network (a store never mixes networks). Rationale: docs/MARKET
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -25,8 +26,9 @@ CREATE TABLE IF NOT EXISTS insights (
     vals BLOB NOT NULL);  -- the disclosed figures, packed (market/values.py)
 -- An item's day is part of what it describes, so a lookup knows it; new items land near
 -- each other in this index (recent days) instead of at random places in the whole of it.
+-- It also serves a roll-up day's rebuild: no (category, day) index, which cost a third of
+-- the insert time and which the queries do not need (they read the roll-up and `latest`).
 CREATE INDEX IF NOT EXISTS insights_day_key ON insights (day, key);
-CREATE INDEX IF NOT EXISTS insights_category_day ON insights (category, day);
 CREATE INDEX IF NOT EXISTS insights_window_end ON insights (window_end);
 CREATE TABLE IF NOT EXISTS latest (
     member TEXT NOT NULL, node TEXT NOT NULL, category TEXT NOT NULL, region TEXT NOT NULL,
@@ -85,6 +87,10 @@ def ensure(conn: sqlite3.Connection, path: Path, *, network: str | None, mode: s
     the network and mode the store holds. Refuses a store of another network or mode."""
     try:
         conn.executescript(_DDL)
+        # The (category, day) index older versions made; a read-only reader leaves it to
+        # the writer.
+        with contextlib.suppress(sqlite3.OperationalError):
+            conn.execute("DROP INDEX IF EXISTS insights_category_day")
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.DatabaseError as exc:
         raise MarketError(f"market store {path}: not a readable store ({exc}); move it "

@@ -20,8 +20,9 @@ _SLOTS = [(m, end) for m in METRICS for end in (0, 1)]
 
 @lru_cache(maxsize=1024)
 def _layout(mask: int) -> tuple[struct.Struct, tuple[tuple[str, int], ...]]:
+    """The packed form of a mask: the mask, then its bounds (one struct, one call)."""
     slots = tuple(s for i, s in enumerate(_SLOTS) if mask >> i & 1)
-    return struct.Struct(f"<{len(slots)}d"), slots
+    return struct.Struct(f"<I{len(slots)}d"), slots
 
 
 _INDEX = {m: 2 * i for i, m in enumerate(METRICS)}
@@ -30,7 +31,8 @@ _INDEX = {m: 2 * i for i, m in enumerate(METRICS)}
 def pack(ends: Ends) -> bytes:
     mask = 0
     values: list[float] = []
-    for metric in sorted(ends, key=_INDEX.__getitem__):  # the bounds in slot order
+    # The bounds in slot order (most rows disclose one or two figures).
+    for metric in ends if len(ends) == 1 else sorted(ends, key=_INDEX.__getitem__):
         i = _INDEX[metric]
         lo, hi = ends[metric]
         if lo is not None:
@@ -39,13 +41,13 @@ def pack(ends: Ends) -> bytes:
         if hi is not None:
             mask |= 2 << i
             values.append(hi)
-    return _MASK.pack(mask) + _layout(mask)[0].pack(*values)
+    return _layout(mask)[0].pack(mask, *values)
 
 
 def unpack(blob: bytes) -> Ends:
     (mask,) = _MASK.unpack_from(blob)
     layout, slots = _layout(mask)
     out: dict[str, list[float | None]] = {}
-    for (metric, end), value in zip(slots, layout.unpack_from(blob, 4), strict=True):
+    for (metric, end), value in zip(slots, layout.unpack_from(blob)[1:], strict=True):
         out.setdefault(metric, [None, None])[end] = value
     return {m: (p[0], p[1]) for m, p in out.items()}

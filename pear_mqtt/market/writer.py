@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import sqlite3
 import struct
 from collections.abc import Sequence
@@ -39,13 +38,13 @@ _REPLACE = (f"UPDATE insights SET received_at = ?, seq = ?, log_ref = ?, "
             f"{', '.join(f'{c} = ?' for c in _COLUMNS[_VALUES_AT:])} WHERE id = ?")
 
 
-# Newest window last, so within a batch too the latest row of a sender wins.
 _DAILY = ("INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
           "ON CONFLICT DO UPDATE SET n = n + excluded.n, exact = exact + excluded.exact, "
           "s = s + excluded.s, ss = ss + excluded.ss, "
           "lo = min(lo, excluded.lo), hi = max(hi, excluded.hi)")
-_LATEST = ("INSERT INTO latest SELECT member, node, category, region, coalesce(product, ''), "
-           "id, window_end FROM insights WHERE id >= ? ORDER BY window_end, id "
+# Each sender's newest row per category, region and product: the batch's newest is found
+# before the upsert, which keeps it only when it is not older than the row already there.
+_LATEST = ("INSERT INTO latest VALUES (?, ?, ?, ?, ?, ?, ?) "
            "ON CONFLICT DO UPDATE SET insight = excluded.insight, "
            "window_end = excluded.window_end WHERE excluded.window_end >= latest.window_end")
 _AGGREGATE = ("INSERT INTO aggregates (category, region, window_start, window_end, grp, field, "
@@ -56,9 +55,10 @@ _HISTOGRAM = "INSERT OR IGNORE INTO histograms VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 Row = tuple[object, ...]
 
 
-def item_key(key: tuple[object, ...]) -> int:
+def item_key(key: tuple[str, str, str]) -> int:
     """The index key of (member, node, item id): a signed 64-bit BLAKE2b."""
-    digest = hashlib.blake2b("\x00".join(map(str, key)).encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{key[0]}\x00{key[1]}\x00{key[2]}".encode(),
+                             digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
@@ -69,7 +69,9 @@ def insight_row(received: ReceivedInsight) -> tuple[Row, Ends]:
     currency = direction = None
     for fields in shared.groups.values():
         for name, value in fields.items():
-            if isinstance(value, ValueRange):
+            if value.__class__ is float:  # the validated model's exact figures
+                ends[name] = (value, value)
+            elif isinstance(value, ValueRange):
                 ends[name] = (value.lo, value.hi)
             elif isinstance(value, str):
                 if name == "currency":
@@ -102,32 +104,39 @@ class _Cells:
     """Roll-up sums per (category, day, region, metric), accumulated in memory for a batch."""
 
     def __init__(self) -> None:
-        self.sums: dict[tuple[str, int, str, str], list[float]] = {}
-        self.members: set[tuple[str, int, str, str]] = set()
+        self.sums: dict[tuple[object, ...], list[float]] = {}
+        self.members: set[tuple[object, ...]] = set()
 
     def add(self, row: Row, ends: Ends) -> None:
-        category, region, day, member = row[3], row[4], row[8], row[0]
-        assert isinstance(category, str) and isinstance(region, str) and isinstance(day, int)
-        assert isinstance(member, str)
-        self.members.add((category, day, region, member))
+        category, region, day = row[3], row[4], row[8]
+        self.members.add((category, day, region, row[0]))
+        sums = self.sums
         for metric, (lo, hi) in ends.items():
-            mid = (lo if hi is None else hi) if lo is None or hi is None else (lo + hi) / 2
-            assert mid is not None
+            if lo is None or hi is None:  # an open bucket counts at its one end
+                lo = hi = mid = hi if lo is None else lo
+                exact = 0
+            else:
+                mid = (lo + hi) / 2
+                exact = lo == hi
+            assert mid is not None and lo is not None and hi is not None
             key = (category, day, region, metric)
-            cell = self.sums.get(key)
+            cell = sums.get(key)
             if cell is None:
-                cell = self.sums[key] = [0, 0, 0.0, 0.0, math.inf, -math.inf]
+                sums[key] = [1, exact, mid, mid * mid, lo, hi]
+                continue
             cell[0] += 1
-            cell[1] += lo == hi
+            cell[1] += exact
             cell[2] += mid
             cell[3] += mid * mid
-            cell[4] = min(cell[4], mid if lo is None else lo)
-            cell[5] = max(cell[5], mid if hi is None else hi)
+            if lo < cell[4]:
+                cell[4] = lo
+            if hi > cell[5]:
+                cell[5] = hi
 
     def write(self, cur: sqlite3.Cursor) -> None:
         """Add the sums to the roll-up tables."""
-        cur.executemany(_DAILY, [(c, d, r, m, int(n), int(x), s, ss, lo, hi) for (c, d, r, m),
-                                 (n, x, s, ss, lo, hi) in self.sums.items()])
+        cur.executemany(_DAILY, [(*key, int(n), int(x), s, ss, lo, hi)
+                                 for key, (n, x, s, ss, lo, hi) in self.sums.items()])
         cur.executemany("INSERT OR IGNORE INTO daily_members VALUES (?, ?, ?, ?)",
                         self.members)
 
@@ -175,20 +184,25 @@ class Writer:
                   batch: dict[tuple[object, ...], tuple[Row, Ends]]) -> int:
         """New items go in with one statement; held ones (looked up a few hundred keys per
         query) are replaced only by a newer version with other values."""
-        hashes = {k: item_key(k) for k in batch}
-        held = self._held(cur, [(k, row[8], hashes[k]) for k, (row, _) in batch.items()])
+        keys = [(k, row[8], item_key(k)) for k, (row, _) in batch.items()]  # type: ignore[arg-type]
+        held = self._held(cur, keys)
         next_id = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
                       .fetchall()[0][0])
-        first = next_id
         cells = _Cells()
         dirty: set[tuple[str, int]] = set()
         new: list[Row] = []
-        for key, (row, ends) in batch.items():
-            old = held.get(key)
+        latest: dict[tuple[object, ...], tuple[float, int]] = {}
+        for (key, _day, hashed), (row, ends) in zip(keys, batch.values(), strict=True):
+            old = held.get(key) if held else None
             if old is None:
-                new.append((next_id, hashes[key], *row))
-                next_id += 1
+                new.append((next_id, hashed, *row))
                 cells.add(row, ends)
+                sender = (row[0], row[1], row[3], row[4], row[5] or "")
+                end = row[7]
+                was = latest.get(sender)
+                if was is None or was[0] <= end:  # type: ignore[operator]
+                    latest[sender] = (end, next_id)  # type: ignore[assignment]
+                next_id += 1
                 continue
             rowid, seq, values = old
             if row[10] <= seq or values == row[_VALUES_AT:]:  # type: ignore[operator]
@@ -198,7 +212,8 @@ class Writer:
         if new:
             cur.executemany(_INSERT, new)
             cells.write(cur)
-            cur.execute(_LATEST, (first,))
+            cur.executemany(_LATEST, [(*sender, rowid, end)
+                                      for sender, (end, rowid) in latest.items()])
         for category, day in dirty:
             self._recompute(cur, category, day)
         return len(new)

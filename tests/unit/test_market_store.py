@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,34 @@ def test_a_duplicate_is_stored_once_and_a_newer_version_replaces_the_older(
     assert [(r.values["price"], r.item_id) for r in rows] == [(3.0, "i1")]
     day = store.query(group_by="day", metric="price")
     assert [(d.count, d.mean, d.low, d.high) for d in day] == [(1, 3.0, 3.0, 3.0)]
+
+
+def test_the_latest_row_of_a_sender_is_its_newest_window_within_and_across_batches(
+        store: MarketStore) -> None:
+    store.add([received(iid="new", price=5.0, day=3), received(iid="old", price=1.0, day=1),
+               received(member="globex", iid="g", price=2.0, day=2)])
+    store.add([received(iid="older", price=7.0, day=0)])  # arrives later, ends earlier
+    latest = {r.member: (r.item_id, r.values["price"]) for r in store.latest("grocery/dairy")}
+    assert latest == {"acme": ("new", 5.0), "globex": ("g", 2.0)}
+    assert store.price_position("grocery/dairy", 3.0).companies == 2
+
+
+def test_a_store_with_the_former_category_index_reads_and_loses_it_when_written(
+        tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    with MarketStore.open(path, network="net", mode="private") as s:
+        s.add([received()])
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE INDEX insights_category_day ON insights (category, day)")
+    conn.close()
+    with MarketStore.open(path, readonly=True) as ro:  # cannot drop it: reads all the same
+        assert [r.item_id for r in ro.query(category="grocery").rows] == ["i1"]
+    with MarketStore.open(path, network="net", mode="private") as s:
+        assert s.add([received(iid="i2", day=1)]) == 1
+    conn = sqlite3.connect(path)
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    conn.close()
+    assert "insights_category_day" not in indexes and "insights_day_key" in indexes
 
 
 def test_groups_by_day_and_week_count_companies_and_bounds(store: MarketStore) -> None:
