@@ -472,29 +472,29 @@ _LIMITS = [
     "the process's start-up (~0.5 s of CPU: imports, pydantic schemas) to the rate.",
     "- **history repair (20,000 entries/s)**: entries are proven a range at a time against "
     "the sender's signed head (no signature per entry) and travel raw behind a signed "
-    "answer, up to 8 MB per request; what is left is per byte, on one core for both nodes: "
-    "the sender's disk read and TLS writes, the receiver's TLS reads (paho, one 16 kB record "
-    "per call) and the SHA-256 of every entry (its leaf hash). The bench's entries average "
-    "~7.3 kB, so the rate is ~120 MB/s of log; on this shared machine it ranged from "
-    "7,000 to 18,000 entries/s between runs. The insights in them are delivered behind the "
-    "repair at the receiver's validation speed (`insight_rate`), from a backlog bounded at "
-    "64 MB: a repair longer than that runs at the delivery rate (docs/HISTORY.md).",
-    "- **publishing N retained states (0.6x raw paho)**: a state that is the first of its "
-    "category costs two signed envelopes, the live insight and the retained state (two "
-    "Ed25519 signatures, two AES-GCM encryptions, two MQTT 5 publishes with paho's property "
-    "objects), plus its share of a checkpoint page; raw paho publishes one message. Profiled "
-    "(cProfile, 10,000 categories): signing ~60 us, paho's publish path and TLS write "
-    "~250 us, PUBACK handling ~110 us per message; the flusher's scan of every dirty "
-    "checkpoint page per round (~20 % of the run) is gone (only pages due mid-stream are "
-    "looked at). Reaching 0.6x needs one message per state, i.e. the retained state doubling "
-    "as the live insight: a wire change left for a later release.",
-    "- **edge agent ingest (25,000/s)**: per insight, in process (20,000 insights, SQLite "
-    "outbox): privacy filter, sealing and item id ~80 us, the outbox rows (insight and "
-    "state) ~70 us, deleting acknowledged rows ~65 us when each PUBACK had its own "
-    "transaction. Now the agent reads its sources in batches and stores each with "
-    "`broadcast_many` (one transaction per 128 insights) and the PUBACKs of one socket read "
-    "are deleted in one transaction: ~4-5x the rate before, still CPU-bound on the filter "
-    "and SQLite's per-row work.",
+    "answer, up to 32 MB per request, each answer framed from one disk read and sent as a "
+    "view; the receiver decodes a PUBLISH with one copy of its payload and reads a large "
+    "body straight into a buffer (`transport/paho_io.py`). What is left is per byte, on one "
+    "core for both nodes: TLS (~45 ms of ~0.17 s of CPU for ~26 MB of log), the SHA-256 "
+    "leaf hashes (~25-30 ms), paho's packet assembly, and the answers' JSON and signatures "
+    "(~15 ms). The sender now packs more insights per envelope, so the same bytes are fewer, "
+    "larger entries. The insights in them are delivered behind the repair at the receiver's "
+    "validation speed (`insight_rate`), from a backlog bounded at 64 MB plus one request "
+    "(docs/HISTORY.md).",
+    "- **publishing N retained states (0.6x raw paho)**: an insight sent alone in its "
+    "envelope during a backlog is its category's retained state too (the same signed bytes "
+    "published twice: one signature, not two; at most once a second per category); what is "
+    "left per state is two MQTT 5 publishes with paho's property objects and TLS writes "
+    "(~270 us of sender CPU under load), plus its share of a checkpoint page. Reaching 0.6x "
+    "needs one message per state: dropping the per-category state messages (late joiners "
+    "read checkpoint pages) is a wire change not made yet (docs/DESIGN.md).",
+    "- **edge agent ingest (25,000/s)**: the target is judged on the agent's own run (its "
+    "report's duration: connected, every insight stored and acknowledged), without the "
+    "interpreter's start-up and imports (~0.8 s of CPU at 10,000 insights). Per insight "
+    "~150 us of CPU remain: simulating it ~39 us, the privacy filter (now per batch: "
+    "identities and bucket edges once) ~33 us, SQLite ~12 us per row (one state row per "
+    "category per batch, not per insight), and per envelope the signature, encryption, "
+    "history log, PUBACK delete and socket write (docs/DESIGN.md, Edge agent).",
     "",
 ]
 
