@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 from ..config.models import NetworkConfig
@@ -31,6 +30,7 @@ from ..security.seal import Sealer
 from ..transport import Connection
 from .checkpoints import CheckpointPages
 from .counters import Counters
+from .heldstates import HeldStates
 from .history import NodeLog
 from .item_ids import ItemIds
 from .markers import Markers
@@ -103,13 +103,7 @@ class Sender:
         self._latency: float | None = None
         self._yielded_at = self._broadcast_at = time.monotonic()
         self._back_to_back = 0  # broadcasts that started right after the previous one returned
-        # State rows held back while a burst lasts: key -> newest row, and since when.
-        # Oldest change first. An OrderedDict: taking the first entry of a plain dict over and
-        # over skips every slot emptied before it (quadratic with 100,000 held states).
-        self._deferred_states: OrderedDict[str, OutboxItem] = OrderedDict()
-        self._deferred_since = 0.0
-        # Categories whose state rode on a live envelope lately: key -> when, oldest first.
-        self._shared_at: OrderedDict[str, float] = OrderedDict()
+        self._held = HeldStates()  # state rows held back while a burst lasts
         self._pages = CheckpointPages(node_id=config.node_id, counters=counters,
                                       seeded=config.mode is NetworkMode.PUBLIC,
                                       wake=self._work.set, wake_later=self._wake_later,
@@ -161,7 +155,7 @@ class Sender:
     @property
     def held_states(self) -> int:
         """Retained states held back until the burst ends (or they are overdue)."""
-        return len(self._deferred_states)
+        return len(self._held)
 
     @property
     def last_broadcast(self) -> float:
@@ -184,7 +178,7 @@ class Sender:
         """Forget what was in flight: it is still in the outbox and is fetched again."""
         self._inflight_ids.clear()
         self._send_cursor = 0
-        self._deferred_states.clear()
+        self._held.clear()
 
     # -- broadcasting --------------------------------------------------------------------------
     async def broadcast(self, insight: MarketInsight) -> str:
@@ -254,11 +248,11 @@ class Sender:
                                             after_id=self._send_cursor)
                 if not rows:
                     ended = True  # the burst is over: held states and pages may all go
-                    if self._deferred_states and not self._pages.forced:
+                    if self._held and not self._pages.forced:
                         now = time.monotonic()
                         quiet = now - self._broadcast_at
                         if quiet < STATE_QUIET:
-                            if now - self._deferred_since < STATE_MAX_DEFER:
+                            if self._held.held_for(now) < STATE_MAX_DEFER:
                                 # Insights are still coming: hold the states a little longer.
                                 self._wake_later(STATE_QUIET - quiet)
                                 break
@@ -273,7 +267,7 @@ class Sender:
                             and await self._send_pages(conn, window, burst_end=ended,
                                                        limit=BACKGROUND_PER_ROUND)):
                         return
-                    if self._deferred_states or self._pages.cut:
+                    if self._held or self._pages.cut:
                         # One slice at a time: a new insight goes out ahead of the rest.
                         await asyncio.sleep(0)
                         continue
@@ -298,19 +292,15 @@ class Sender:
                     if (backlog and prev is not None and prev.id == row.id - 1
                             and prev.payload == row.payload):
                         shared[prev.id] = row
-                    if not self._deferred_states:
-                        self._deferred_since = time.monotonic()
                     # A newer state of the same category replaces the held one in the outbox
                     # too, so only the newest is ever signed and sent.
-                    self._deferred_states.pop(row.key or row.topic, None)
-                    self._deferred_states[row.key or row.topic] = row
+                    self._held.hold(row)
                 for batch in _batches(live, rel.batch_max_items):
                     if not await self._send_batch(conn, window, batch, shared=shared):
                         return
                 # Mid-stream, what is overdue goes a little per round (about a third of a
                 # millisecond of signing), so the live insights between never stall.
-                if (self._deferred_states
-                        and time.monotonic() - self._deferred_since >= STATE_MAX_DEFER
+                if (self._held.overdue(time.monotonic(), STATE_MAX_DEFER)
                         and not await self.send_states(conn, window,
                                                        limit=BACKGROUND_PER_ROUND,
                                                        budget=MIDSTREAM_BUDGET)):
@@ -353,9 +343,7 @@ class Sender:
         for payload, ids in self._encode(batch):
             rows = [(batch[0], ids)]
             state = shared.get(ids[0]) if shared and len(ids) == 1 else None
-            if state is not None and self._deferred_states.get(state.key or state.topic) \
-                    is state and self._may_share(state.key or state.topic):
-                del self._deferred_states[state.key or state.topic]
+            if state is not None and self._held.take_shared(state, STATE_MAX_DEFER):
                 self._keep_state(state.topic, state.payload)
                 rows.append((state, [state.id]))
             for first, row_ids in rows:
@@ -366,20 +354,6 @@ class Sender:
                     window.release(len(payload))
                     log.info("publish stopped: %s", exc)
                     return False
-        return True
-
-    def _may_share(self, key: str) -> bool:
-        """Whether the state of ``key`` may go on its live envelope now: once per
-        :data:`STATE_MAX_DEFER` per category, so that a backlog over a few categories still
-        holds their later states back (and sends only the newest) instead of publishing
-        every insight twice."""
-        now = time.monotonic()
-        shared = self._shared_at
-        while shared and next(iter(shared.values())) <= now - STATE_MAX_DEFER:
-            shared.popitem(last=False)
-        if key in shared:
-            return False
-        shared[key] = now
         return True
 
     async def _send_suspects(self, conn: Connection, window: Window,
@@ -417,10 +391,10 @@ class Sender:
         """
         started = time.monotonic()
         for _ in range(limit):
-            if not self._deferred_states or (
+            if not self._held or (
                     budget is not None and time.monotonic() - started > budget):
                 break
-            _key, row = self._deferred_states.popitem(last=False)
+            row = self._held.pop_oldest()
             if not await self._send_batch(conn, window, [row]):
                 return False
         return True
