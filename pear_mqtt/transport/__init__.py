@@ -1,6 +1,7 @@
 """asyncio MQTT connections over paho-mqtt, driven by the event loop (no paho thread).
 
-The only package that imports paho: :mod:`.connection` (one connection) and
+The only package that imports paho: :mod:`.connection` (one connection, its
+:mod:`.inbox` of unread messages) and
 :mod:`.paho_io` (faster stand-ins for three paho internals). Why not aiomqtt:
 docs/DESIGN.md.
 """

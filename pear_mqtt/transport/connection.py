@@ -13,7 +13,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,19 +26,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..config.models import BrokerURL, TLSConfig
 from ..errors import ConnectError, NotConnectedError, PublishRefused, TransportError
+from .inbox import InboundMessage, Inbox
 from .paho_io import install
 
 __all__ = ["Connection", "InboundMessage", "Will", "build_tls_context", "stop_task"]
 
 log = logging.getLogger(__name__)
 
-# Unread inbound messages above which the socket stops being read (back-pressure), and the
-# level at which reading resumes.
-_HIGH_WATER = 50_000
-_LOW_WATER = 10_000
-# The same in bytes, so that a flood of large messages cannot grow memory unbounded either.
-_HIGH_WATER_BYTES = 32 * 1024 * 1024
-_LOW_WATER_BYTES = 8 * 1024 * 1024
 # Messages handed out by messages() before it lets other tasks run (writes, keep-alive, ...).
 _YIELD_EVERY = 256
 # Packets read per readable event before yielding to other tasks.
@@ -48,17 +41,6 @@ _READ_BURST = 2000
 # falls behind a sender finds the socket never dry; without a time bound the tasks reading
 # what its handler delivered would wait for the whole backlog (tens of ms in a trace).
 _READ_SLICE = 0.001
-
-
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
-    """A message the broker delivered."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    mid: int = 0  # packet id; what Connection.ack() acknowledges with manual_ack
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +105,7 @@ class Connection:
         self._pubs: dict[int, asyncio.Future[None]] = {}
         self._subs: dict[int, asyncio.Future[list[int]]] = {}
         self._unsubs: dict[int, asyncio.Future[None]] = {}
-        self._inbox: deque[InboundMessage] = deque()
-        self._inbox_bytes = 0
-        self._inbox_event = asyncio.Event()
+        self._inbox = Inbox(pause=self._pause_reading, resume=self._resume_reading)
         self._handler: Callable[[InboundMessage], None] | None = None
         self._reading_paused = False
         self._flush_scheduled = False
@@ -268,7 +248,7 @@ class Connection:
                 if not fut.done():
                     fut.set_exception(err)
             table.clear()
-        self._inbox_event.set()
+        self._inbox.event.set()
 
     @property
     def connected(self) -> bool:
@@ -370,20 +350,15 @@ class Connection:
         handed = 0
         while True:
             while self._inbox:
-                msg = self._inbox.popleft()
-                self._inbox_bytes -= len(msg.payload)
-                if self._reading_paused and len(self._inbox) <= _LOW_WATER \
-                        and self._inbox_bytes <= _LOW_WATER_BYTES:
-                    self._resume_reading()
-                yield msg
+                yield self._inbox.pop()
                 handed += 1
                 if handed % _YIELD_EVERY == 0:
                     # A backlog must not starve the loop: acks, writes and keep-alives wait.
                     await asyncio.sleep(0)
             if self.closed.is_set():
                 return
-            self._inbox_event.clear()
-            await self._inbox_event.wait()
+            self._inbox.event.clear()
+            await self._inbox.event.wait()
 
     def dispatch_to(self, handler: Callable[[InboundMessage], None]) -> None:
         """Hand every message to ``handler`` as soon as it is read, instead of queueing it
@@ -395,12 +370,7 @@ class Connection:
         is logged and the message dropped.
         """
         self._handler = handler
-        pending = list(self._inbox)
-        self._inbox.clear()
-        self._inbox_bytes = 0
-        if self._reading_paused:
-            self._resume_reading()
-        for msg in pending:
+        for msg in self._inbox.take():
             self._dispatch(handler, msg)
 
     def _dispatch(self, handler: Callable[[InboundMessage], None], msg: InboundMessage) -> None:
@@ -412,17 +382,7 @@ class Connection:
     def drain_inbox(self, *, limit: int | None = None) -> list[InboundMessage]:
         """Take the messages received so far (the oldest ``limit`` of them, if given)
         without waiting."""
-        if limit is None or limit >= len(self._inbox):
-            items = list(self._inbox)
-            self._inbox.clear()
-            self._inbox_bytes = 0
-        else:
-            items = [self._inbox.popleft() for _ in range(max(limit, 0))]
-            self._inbox_bytes -= sum(len(m.payload) for m in items)
-        if self._reading_paused and len(self._inbox) <= _LOW_WATER \
-                and self._inbox_bytes <= _LOW_WATER_BYTES:
-            self._resume_reading()
-        return items
+        return self._inbox.take(limit)
 
     @property
     def queued(self) -> int:
@@ -612,15 +572,11 @@ class Connection:
                 topic=msg.topic, payload=payload, qos=msg.qos, retain=bool(msg.retain),
                 mid=msg.mid))
             return
-        self._inbox.append(InboundMessage(topic=msg.topic, payload=payload, qos=msg.qos,
-                                          retain=bool(msg.retain), mid=msg.mid))
-        self._inbox_bytes += len(payload)
-        self._inbox_event.set()
         # Never pause while a SUBACK/UNSUBACK is awaited: it sits behind the backlog, and the
         # caller may only start consuming once the subscribe returns.
-        if (len(self._inbox) >= _HIGH_WATER or self._inbox_bytes >= _HIGH_WATER_BYTES) \
-                and not self._subs and not self._unsubs:
-            self._pause_reading()
+        self._inbox.put(InboundMessage(topic=msg.topic, payload=payload, qos=msg.qos,
+                                       retain=bool(msg.retain), mid=msg.mid),
+                        may_pause=not self._subs and not self._unsubs)
 
 
 async def stop_task(task: asyncio.Task[Any], *, every: float = 1.0) -> None:
