@@ -243,6 +243,11 @@ def _md_rows(rows: Sequence[Sequence[str]], head: Sequence[str],
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _stat_md(rows: Sequence[Sequence[str]]) -> list[str]:
+    """A (metric, min, median, max) table of :func:`_stat_rows`."""
+    return _md_rows(rows, ("metric", "min", "median", "max"), ("---", "---:", "---:", "---:"))
+
+
 def md_targets(results: Mapping[str, Any]) -> list[str]:
     rows: list[list[str]] = []
     ratios = results.get("ratios", {})
@@ -386,8 +391,7 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                 f"({lr.get('bridge', '?')} repetition(s)): `rate` = insights per CPU-second "
                 "of the bridge process, `wall_rate` = its own `items_per_second`, `cpu_s` = "
                 "its CPU time, `cpu_share` = CPU time over wall time.", "",
-                *_md_rows(rows, ("metric", "min", "median", "max"),
-                          ("---", "---:", "---:", "---:")), ""]
+                *_stat_md(rows), ""]
     bs = results.get("bridge_scale")
     if bs:
         rows = _stat_rows(bs, (("single_wall_rate", 0), ("scaled_wall_rate", 0),
@@ -402,8 +406,7 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                 "second from releasing the stopped bridge until every instance counted its "
                 "share; `largest_share` = the busiest instance's part of the input "
                 "(docs/BRIDGE.md, Scale-out).", "",
-                *_md_rows(rows, ("metric", "min", "median", "max"),
-                          ("---", "---:", "---:", "---:")), ""]
+                *_stat_md(rows), ""]
     rss = results.get("rss")
     if rss:
         rows = _stat_rows(rss, (("peak_mb", 1), ("peak_anon_mb", 1), ("ru_maxrss_mb", 1),
@@ -412,8 +415,7 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
         out += ["### Edge agent memory", "",
                 f"`pear-mqtt agent --simulate --rate 0 --count {rss['items']['max']:,.0f}` "
                 f"with its on-disk outbox ({lr.get('rss', '?')} repetition(s)).", "",
-                *_md_rows(rows, ("metric", "min", "median", "max"),
-                          ("---", "---:", "---:", "---:")), ""]
+                *_stat_md(rows), ""]
     fi = results.get("fanin")
     if fi:
         keys = (("connect_all_s", 2), ("connect_p50_ms", 0), ("connect_p99_ms", 0),
@@ -432,8 +434,7 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                 "`wait_connected()` returned again. `accepted_after_restart` counts "
                 "`New client connected` lines of the restarted broker (more than one per "
                 "node would be a retry storm).", "",
-                *_md_rows(rows, ("metric", "min", "median", "max"),
-                          ("---", "---:", "---:", "---:")), "",
+                *_stat_md(rows), "",
                 f"Reconnects per {h['bin_ms']:.0f} ms (last repetition, from "
                 f"{h['start_after_up_s']:+.2f} s after the broker was back): "
                 f"`{' '.join(str(c) for c in h['counts'])}`", ""]
@@ -450,8 +451,7 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                 f"({results['params'].get('load_reps', {}).get('market', '?')} "
                 "repetition(s)). What keeping the store costs a live stream is the ratio "
                 "P/P_nostore above.", "",
-                *_md_rows(rows, ("metric", "min", "median", "max"),
-                          ("---", "---:", "---:", "---:")), ""]
+                *_stat_md(rows), ""]
         dk = mk.get("duckdb")
         if dk:
             out += [f"The same workload in DuckDB {dk['version']} ({dk['rows']:,} rows, the "
@@ -474,8 +474,7 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                 "in them are delivered behind the repair, through decryption and validation "
                 "(`delivered_seconds` from the same start, `insight_rate`). Both nodes share "
                 "this process and one core. docs/HISTORY.md, \"Repair\", says how.", "",
-                *_md_rows(rows, ("metric", "min", "median", "max"),
-                          ("---", "---:", "---:", "---:")), ""]
+                *_stat_md(rows), ""]
     if plot:
         out += [f"![throughput and latency]({plot})", ""]
     return out
