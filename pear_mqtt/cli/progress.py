@@ -7,33 +7,16 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    SpinnerColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+else:
+    TaskID = int  # rich's own is a NewType of int; rich itself loads only to draw
 
 __all__ = ["Bars", "TaskID", "bars", "follow"]
 
 _REFRESH = 0.2  # seconds between two reads of the counters a bar follows
-
-
-class _Rate(ProgressColumn):
-    """Items per second, once rich has measured a speed."""
-
-    def render(self, task: Task) -> Text:
-        return Text("" if not task.speed else f"{task.speed:,.0f}/s")
 
 
 class Bars:
@@ -79,15 +62,41 @@ def bars(*, stream: TextIO | None = None, transient: bool = False) -> Iterator[B
     if not out.isatty():
         yield Bars(None)
         return
-    progress = Progress(
+    with _progress(out, transient=transient) as progress:
+        yield Bars(progress)
+
+
+def _progress(out: TextIO, *, transient: bool) -> Progress:
+    """rich's bars on ``out``: count, rate and time left where the total is known. rich is
+    imported here, on a terminal only, so a command in a pipe or a container (an edge agent)
+    does not carry its ~2.5 MB."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        SpinnerColumn,
+        Task,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        """Items per second, once rich has measured a speed."""
+
+        def render(self, task: Task) -> Text:
+            return Text("" if not task.speed else f"{task.speed:,.0f}/s")
+
+    return Progress(
         SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        _Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
+        Rate(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=Console(file=out), transient=transient, refresh_per_second=5,
         # Output printed meanwhile goes above the bars, but stdout only when it is a terminal
         # too: piped or redirected, it stays the command's result, untouched.
         redirect_stdout=sys.stdout.isatty(), redirect_stderr=out is sys.stderr)
-    with progress:
-        yield Bars(progress)
 
 
 @contextlib.asynccontextmanager
