@@ -158,6 +158,16 @@ class BridgeCollector(Collector):
         yield _by_label(GaugeMetricFamily, "pear_bridge_epsilon_spent",
                         "Differential-privacy budget spent, by period", "period",
                         st.epsilon_spent)
+        if st.log_length is not None:
+            yield _gauge("pear_bridge_log_length", "Entries in the bridge's history log",
+                         st.log_length)
+        if st.consortium_log_length is not None:
+            yield _gauge("pear_bridge_consortium_log_length",
+                         "Entries in the history log of the consortium's aggregates",
+                         st.consortium_log_length)
+        yield _counter("pear_bridge_log_requests_answered",
+                       "History log repair requests the bridge answered",
+                       st.log_requests_answered)
         expiry = self._cert.seconds()
         if expiry is not None:
             yield _gauge("pear_certificate_expiry_seconds",

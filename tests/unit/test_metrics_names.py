@@ -41,7 +41,8 @@ def _samples(tmp: Path | None = None) -> dict[str, float]:
                          cert_file=None if tmp is None else _cert(tmp / "node.crt"))
     bridge = BridgeCollector(lambda: BridgeStatus(
         health=Health.OK, connected=True, public_connected=True, sources={},
-        policy_version="p", suppressed={"k": 1}, epsilon_spent={"2026-12": 0.5}))
+        policy_version="p", suppressed={"k": 1}, epsilon_spent={"2026-12": 0.5},
+        log_id="ab" * 16, log_length=7, log_requests_answered=3))
     return {s.name: s.value for c in (node, bridge) for f in c.collect() for s in f.samples}
 
 
@@ -49,6 +50,9 @@ def test_names_follow_prometheus_conventions() -> None:
     samples = _samples()
     assert samples["pear_dropped_total"] == 2 and samples["pear_latency_seconds"] == 0.003
     assert samples["pear_log_refused_total"] == 4
+    assert samples["pear_bridge_log_length"] == 7
+    assert samples["pear_bridge_log_requests_answered_total"] == 3
+    assert "pear_bridge_consortium_log_length" not in samples  # consortium_output is off
     assert all(re.fullmatch(r"pear_[a-z_]+", n) for n in samples)
     assert {"pear_messages_in_total", "pear_bridge_cells_suppressed_total",
             "pear_bridge_epsilon_spent", "pear_log_repaired_total"} <= samples.keys()
