@@ -360,15 +360,16 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         "(N-th distinct verified insight at the receiver - first broadcast call). "
         "`broadcast_rate` is how fast `broadcast_market_insight` returns, `ack_rate` N over "
         "the time until `flush()` returned, `envelopes` the messages published.",
-        "- **sync**: pear publishes N retained states (one category each, so N state and N "
-        "insight envelopes); then, in rotating order, a late-joining `PearNetwork.sync()`, a "
-        "raw paho subscriber (QoS 1, same state filter, timed from SUBSCRIBE to the N-th "
-        "retained message) and `mosquitto_sub -C N` (process start included) take the same "
-        "N retained messages.",
+        "- **sync**: pear publishes N retained states (one category each: N insight "
+        "envelopes, the states kept in the node's checkpoint pages, pear's default "
+        "`reliability.state_topics = false`), and raw paho N retained messages of 2,084 "
+        "bytes on the state filter (the size of pear's one-insight state envelope); then, in "
+        "rotating order, a late-joining `PearNetwork.sync()` takes pear's N states, a raw "
+        "paho subscriber (QoS 1, timed from SUBSCRIBE to the N-th retained message) and "
+        "`mosquitto_sub -C N` (process start included) raw paho's N retained messages.",
         "- **publish N retained**: pear = N / (first `broadcast_market_insight` to `flush()` "
-        "done); raw paho publishes N retained messages, one topic each, of the mean size of "
-        "pear's state envelopes in the same round (`size` in the secondary metrics), on a "
-        "fresh broker.",
+        "done, pages included); raw paho publishes N retained messages, one topic each, of "
+        "the size its joiners read (`size` in the secondary metrics), on a fresh broker.",
         "- **latency**: a publisher paced against scheduled send times (`t0 + i / rate`, so "
         "a late send never shifts the next ones) for the warm-up plus the measured seconds; "
         "the subscriber in another process. Latency = arrival at the subscriber - start of "
