@@ -470,13 +470,19 @@ class Receiver:
 
     def _seed_page(self, parsed: ParsedTopic, decoded: Decoded) -> None:
         """This node's own page, read back when it starts: its states go into the pages it
-        will send (none replacing one this run has recorded)."""
+        will send (none replacing one this run has recorded), unless the page is older than
+        ``message_expiry``."""
         body = decoded.message.body
         states = body.get("states") if isinstance(body, dict) else None
         if decoded.message.kind != "checkpoint" or not isinstance(states, dict) \
                 or parsed.company is None:
             return
         if parsed.page is None or body.get("page") != parsed.page:
+            return
+        if self._clock() - decoded.message.timestamp > self.config.reliability.message_expiry:
+            # Sent that long ago, every state in it is older still: past the lifetime a
+            # retained state has (the broker's expiry of a per-category state message).
+            self._counters.dropped["state_expired"] += len(states)
             return
         scheme = TopicScheme(parsed.mode, parsed.network or self.config.network_id,
                              parsed.company)
