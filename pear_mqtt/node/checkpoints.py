@@ -46,18 +46,21 @@ class CheckpointPages:
     now, look again after a delay, and check whether everything is acknowledged; ``ack``
     takes the outbox rows of the states a page carried once the broker acknowledged it.
     ``state_topics``: the node also keeps per-category state topics, which it reads back
-    before its pages when it starts (they may be newer than the pages).
+    before its pages when it starts (they may be newer than the pages). ``max_waiting``:
+    bytes of outbox rows one page may keep waiting before it is due mid-stream (None: no
+    bound), so that they stay well within the outbox's bound.
     """
 
     def __init__(self, *, node_id: str, counters: Counters, seeded: bool,
                  wake: Callable[[], None], wake_later: Callable[[float], None],
                  settled: Callable[[], None], ack: Callable[[list[int]], None],
-                 state_topics: bool) -> None:
+                 state_topics: bool, max_waiting: int | None = None) -> None:
         self._node_id = node_id
         self._counters = counters
         self._wake, self._wake_later, self._settled = wake, wake_later, settled
         self._ack = ack
         self._state_topics = state_topics
+        self._max_waiting = max_waiting
         self._codec: EnvelopeCodec | None = None
         self._topics: TopicScheme | None = None
         self._markers: Markers | None = None
@@ -65,8 +68,9 @@ class CheckpointPages:
         """Page -> envelope sequence number of its latest version (what this node's signed
         heads name, so that sync() knows when it holds them all)."""
         self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
-        # Outbox rows of states in a page that has not been acknowledged with them.
-        self._rows: list[dict[int, None]] = [{} for _ in range(CHECKPOINT_PAGES)]
+        # Outbox rows (id -> bytes) of states in a page not yet acknowledged with them.
+        self._rows: list[dict[int, int]] = [{} for _ in range(CHECKPOINT_PAGES)]
+        self._waiting = [0] * CHECKPOINT_PAGES  # their bytes
         self._dirty: dict[int, None] = {}  # insertion order: oldest change first
         # Dirty pages whose changes justify a refresh mid-stream, so that a flusher round
         # does not scan every dirty page to find the few that are due.
@@ -127,7 +131,7 @@ class CheckpointPages:
             entries = self._pages[page]
             if not burst_end:
                 # Mid-stream, even after flush(): the page is complete only once the burst is.
-                if self._changed[page] < max(self._sent[page], _PAGE_MIN_GROWTH):
+                if not self._is_due(page):
                     continue
             elif not self.forced:
                 if now - self._sent_at[page] < _PAGE_MIN_INTERVAL:
@@ -142,6 +146,7 @@ class CheckpointPages:
             if burst_end and not self.forced:
                 self._budget = max(0.0, self._budget - len(body))
             rows, self._rows[page] = self._rows[page], {}
+            self._waiting[page] = 0
             del self._dirty[page]
             self._due.pop(page, None)
             self._changed[page] = 0
@@ -167,7 +172,7 @@ class CheckpointPages:
             except TransportError as exc:
                 window.release(len(payload))
                 self._dirty[page] = None
-                self._rows[page].update(rows)
+                self._put_back(page, rows)
                 log.info("publish stopped: %s", exc)
                 return False
             self._inflight += 1
@@ -178,12 +183,12 @@ class CheckpointPages:
         return True
 
     def _page_done(self, f: asyncio.Future[None], *, page: int,
-                   window: Window, nbytes: int, rows: dict[int, None]) -> None:
+                   window: Window, nbytes: int, rows: dict[int, int]) -> None:
         window.release(nbytes)
         self._inflight -= 1
         if f.cancelled() or f.exception() is not None:
             self._dirty[page] = None  # sent again after reconnecting
-            self._rows[page].update(rows)
+            self._put_back(page, rows)
             return
         if rows:
             self._ack(list(rows))  # ends in settled() once the outbox recorded it
@@ -196,8 +201,9 @@ class CheckpointPages:
         once a page carrying it is."""
         page = zlib.crc32(topic.encode()) % CHECKPOINT_PAGES
         entries = self._pages[page]
-        if row is not None:
-            self._rows[page][row] = None
+        if row is not None and row not in self._rows[page]:
+            self._rows[page][row] = len(item_json)
+            self._waiting[page] += len(item_json)
         if only_new and topic in entries:
             return
         assert self._topics is not None
@@ -206,9 +212,24 @@ class CheckpointPages:
         entries[topic] = entry
         self._dirty[page] = None
         self._changed[page] += len(entry)
-        if self._changed[page] >= max(self._sent[page], _PAGE_MIN_GROWTH):
+        if self._is_due(page):
             self._due[page] = None
         self._budget += len(entry)
+
+    def _is_due(self, page: int) -> bool:
+        """Whether ``page`` is worth sending mid-stream: the bytes changed in it reached its
+        last size, or its waiting outbox rows their bound."""
+        return (self._changed[page] >= max(self._sent[page], _PAGE_MIN_GROWTH)
+                or (self._max_waiting is not None
+                    and self._waiting[page] >= self._max_waiting))
+
+    def _put_back(self, page: int, rows: dict[int, int]) -> None:
+        """``rows`` wait for ``page`` again (its publish failed)."""
+        waiting = self._rows[page]
+        for row, nbytes in rows.items():
+            if row not in waiting:
+                waiting[row] = nbytes
+                self._waiting[page] += nbytes
 
     def seed_page(self, page: int, states: dict[str, bytes], *, sequence: int) -> None:
         """Take in this node's own page ``page`` as the broker holds it, read back by

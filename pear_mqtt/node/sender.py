@@ -24,7 +24,7 @@ from ..errors import (
     TransportError,
 )
 from ..model.insight import MarketInsight, NetworkMode
-from ..model.topics import TopicScheme
+from ..model.topics import CHECKPOINT_PAGES, TopicScheme
 from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
 from ..security.seal import Sealer
@@ -107,11 +107,15 @@ class Sender:
         self._held = HeldStates()  # state rows held back while a burst lasts
         # Without per-category state topics a state row is done once a page carries it.
         self._state_topics = config.reliability.state_topics
+        # The rows waiting for their pages stay within a quarter of the outbox's bound (state
+        # rows are never dropped for space: beyond it new insights would be refused).
+        waiting = (None if self._state_topics
+                   else config.reliability.outbox_max_bytes // (4 * CHECKPOINT_PAGES))
         self._pages = CheckpointPages(node_id=config.node_id, counters=counters,
                                       seeded=config.mode is NetworkMode.PUBLIC,
                                       wake=self._work.set, wake_later=self._wake_later,
                                       settled=self._maybe_idle, ack=self._ack_rows,
-                                      state_topics=self._state_topics)
+                                      state_topics=self._state_topics, max_waiting=waiting)
         self._send_pages = self._pages.send
         self._keep_state = self._pages.keep_state
 

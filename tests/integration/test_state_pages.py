@@ -99,3 +99,21 @@ async def test_a_node_that_died_before_its_pages_went_out_sends_them_after_resta
     assert {r.insight.category for r in after} == {f"new/c{i:02d}" for i in range(n)}
     prices = {r.insight.category: r.insight.groups["price_data"]["price"] for r in after}
     assert all(2.0 in price for price in prices.values())
+
+
+async def test_states_waiting_for_their_pages_stay_within_the_outbox_bound(
+        make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
+        tmp_path: Path) -> None:
+    """State rows are never dropped for space, and each waits for a page: a backlog of
+    states worth ten times the outbox's bound still goes through (pages go out as their
+    waiting rows reach a share of the bound), with nothing refused or dropped."""
+    n = 3000  # ~2.4 MB of state rows
+    config = make_config("acme", outbox=tmp_path / "acme.sqlite", outbox_max_bytes=256 * 1024)
+    async with PearNetwork(config) as tx:
+        for i in range(n):
+            await tx.broadcast_market_insight(insight(category=f"ob/c{i:04d}", price=1.0))
+        await tx.flush(timeout=60)
+        status = tx.status()
+    assert status.outbox_depth == 0 and not status.dropped
+    async with PearNetwork(make_config("globex")) as late:
+        assert len(await late.sync(timeout=30)) == n
