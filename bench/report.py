@@ -362,8 +362,9 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         "the time until `flush()` returned, `envelopes` the messages published.",
         "- **sync**: pear publishes N retained states (one category each: N insight "
         "envelopes, the states kept in the node's checkpoint pages, pear's default "
-        "`reliability.state_topics = false`), and raw paho N retained messages of 2,084 "
-        "bytes on the state filter (the size of pear's one-insight state envelope); then, in "
+        "`reliability.state_topics = false`), after raw paho has put N retained messages of "
+        "2,084 bytes (the size of pear's one-insight state envelope) on the topics pear's "
+        "per-category states would have; then, in "
         "rotating order, a late-joining `PearNetwork.sync()` takes pear's N states, a raw "
         "paho subscriber (QoS 1, timed from SUBSCRIBE to the N-th retained message) and "
         "`mosquitto_sub -C N` (process start included) raw paho's N retained messages.",
