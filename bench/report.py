@@ -360,15 +360,17 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         "(N-th distinct verified insight at the receiver - first broadcast call). "
         "`broadcast_rate` is how fast `broadcast_market_insight` returns, `ack_rate` N over "
         "the time until `flush()` returned, `envelopes` the messages published.",
-        "- **sync**: pear publishes N retained states (one category each, so N state and N "
-        "insight envelopes); then, in rotating order, a late-joining `PearNetwork.sync()`, a "
-        "raw paho subscriber (QoS 1, same state filter, timed from SUBSCRIBE to the N-th "
-        "retained message) and `mosquitto_sub -C N` (process start included) take the same "
-        "N retained messages.",
+        "- **sync**: pear publishes N retained states (one category each: N insight "
+        "envelopes, the states kept in the node's checkpoint pages, pear's default "
+        "`reliability.state_topics = false`), after raw paho has put N retained messages of "
+        "2,084 bytes (the size of pear's one-insight state envelope) on the topics pear's "
+        "per-category states would have; then, in "
+        "rotating order, a late-joining `PearNetwork.sync()` takes pear's N states, a raw "
+        "paho subscriber (QoS 1, timed from SUBSCRIBE to the N-th retained message) and "
+        "`mosquitto_sub -C N` (process start included) raw paho's N retained messages.",
         "- **publish N retained**: pear = N / (first `broadcast_market_insight` to `flush()` "
-        "done); raw paho publishes N retained messages, one topic each, of the mean size of "
-        "pear's state envelopes in the same round (`size` in the secondary metrics), on a "
-        "fresh broker.",
+        "done, pages included); raw paho publishes N retained messages, one topic each, of "
+        "the size its joiners read (`size` in the secondary metrics), on a fresh broker.",
         "- **latency**: a publisher paced against scheduled send times (`t0 + i / rate`, so "
         "a late send never shifts the next ones) for the warm-up plus the measured seconds; "
         "the subscriber in another process. Latency = arrival at the subscriber - start of "
@@ -481,13 +483,18 @@ _LIMITS = [
     "larger entries. The insights in them are delivered behind the repair at the receiver's "
     "validation speed (`insight_rate`), from a backlog bounded at 64 MB plus one request "
     "(docs/HISTORY.md).",
-    "- **publishing N retained states (0.6x raw paho)**: an insight sent alone in its "
-    "envelope during a backlog is its category's retained state too (the same signed bytes "
-    "published twice: one signature, not two; at most once a second per category); what is "
-    "left per state is two MQTT 5 publishes with paho's property objects and TLS writes "
-    "(~270 us of sender CPU under load), plus its share of a checkpoint page. Reaching 0.6x "
-    "needs one message per state: dropping the per-category state messages (late joiners "
-    "read checkpoint pages) is a wire change not made yet (docs/DESIGN.md).",
+    "- **publishing N retained states (0.6x raw paho)**: a state is one message now: its "
+    "live insight plus its share of a checkpoint page (the per-category retained copy is "
+    "off by default, `reliability.state_topics`; late joiners, a restarting node and the "
+    "market store read pages), ~1.06 messages per state at 20,000 states. With N states of "
+    "N distinct categories every insight is alone on its category's live topic, so each is "
+    "its own signed envelope, MQTT 5 publish and PUBACK: per state, in shares of the "
+    "sender's profile, the privacy filter, sealing and outbox ~26 %, signing and "
+    "encryption ~16 %, paho's publish and TLS write ~20 %, reading the PUBACK ~18 %, the "
+    "pages ~10 %, against raw paho's one 3.1.1 publish per message. 0.6x needs several "
+    "states per message: batching a backlog's insights of different categories into one "
+    "envelope (a prototype reached 6,126 states/s, 0.63x, in one run) moves them off their "
+    "category's live topic, a wire change not made.",
     "- **edge agent ingest (25,000/s)**: the target is judged on the agent's own run (its "
     "report's duration: connected, every insight stored and acknowledged), without the "
     "interpreter's start-up and imports (~0.8 s of CPU at 10,000 insights). Per insight "

@@ -15,13 +15,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .env import BenchEnv
+from .env import NODE, BenchEnv
 from .procs import Worker, WorkerError
 from .rawclient import PubWindow, SubRead
 from .workers import raw_payloads
 
-__all__ = ["Params", "run_a", "run_c", "run_p", "run_publish_retained_raw",
+__all__ = ["RAW_STATE_SIZE", "Params", "run_a", "run_c", "run_p", "run_publish_retained_raw",
            "run_sync_round"]
+
+# A pear node keeps its states in checkpoint pages only (``reliability.state_topics`` is
+# off by default), so nothing of it is on the state filter. The plain-MQTT joiners of the
+# sync round read N retained states as raw paho keeps them instead, each the size of pear's
+# one-insight state envelope (sync_raw measured pear's per-category state messages at
+# 2,084 bytes), and raw paho's "publish N retained" publishes that size too.
+RAW_STATE_SIZE = 2084
 
 
 @dataclass(frozen=True)
@@ -200,8 +207,10 @@ def _sync_c(env: BenchEnv, n: int, timeout: float) -> float:
 
 def run_sync_round(env: BenchEnv, p: Params, *, rep: int,
                    profile: dict[str, str | None] | None = None) -> dict[str, Any]:
-    """Pear publishes ``n_sync`` retained states (one category each), then three late
-    joiners take them: ``PearNetwork.sync()``, a raw paho subscriber, ``mosquitto_sub``.
+    """Raw paho publishes ``n_sync`` retained messages of :data:`RAW_STATE_SIZE` bytes (not
+    timed here) and pear ``n_sync`` retained states (one category each, kept in its
+    checkpoint pages); then three late joiners take them: ``PearNetwork.sync()`` pear's, a
+    raw paho subscriber and ``mosquitto_sub`` raw paho's.
 
     The joiners' order rotates with ``rep`` so that none always goes first.
     """
@@ -220,6 +229,15 @@ def run_sync_round(env: BenchEnv, p: Params, *, rep: int,
     with filler, joiner, raw_joiner:
         raw_joiner.ready()
         filler.ready()
+        # Raw paho's states go first, on the topics pear's per-category states would have
+        # (state/<node>/bench/c<i>); pear's traffic then passes the broker after them, as
+        # it did when the raw joiners read pear's own state messages.
+        _solo(Worker("raw_pub", {"env": env, "member": "acme", "client_id": "bench-sync-fill",
+                                 "topic": f"{env.topic_root('acme')}/state/{NODE}/bench",
+                                 "n": n,
+                                 "size": RAW_STATE_SIZE, "window": p.window,
+                                 "pub_window": p.pub_window, "protocol": p.protocol,
+                                 "retain": True, "distinct_topics": True}), p.timeout)
         filler.go()
         sent = filler.result(p.timeout)
         out["publish_retained_pear"] = {"rate": n / (sent["t_acked"] - sent["t_start"]),

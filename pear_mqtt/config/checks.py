@@ -118,6 +118,9 @@ def config_warnings(config: NetworkConfig) -> list[str]:
         out.append(f"reliability.message_expiry ({rel.message_expiry}s) exceeds "
                    f"reliability.max_message_age ({rel.max_message_age}s): retained state "
                    "older than the age limit is synced only to be dropped as stale")
+    if rel.state_topics and config.mode is NetworkMode.PUBLIC:
+        out.append("reliability.state_topics is set in a public network, where participants "
+                   "keep no state: it has no effect")
     if config.allow_insecure_transport:
         out.append("allow_insecure_transport is set: for local development only, never "
                    "in production")

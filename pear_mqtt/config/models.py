@@ -174,6 +174,11 @@ class ReliabilityConfig(_ConfigPart):
     # more before signing a batch, and longer (up to 10x) while they keep coming; an insight
     # arriving alone goes at once. 0: never wait.
     batch_linger: Annotated[float, Field(ge=0, le=5)] = 0.002
+    # Also keep one retained message per category on the node's state/ topics (the form
+    # mosquitto_sub and other plain MQTT clients read), besides the checkpoint pages that
+    # sync() reads. Off: a state costs its live insight and its share of a page
+    # (docs/DESIGN.md, Sync and presence). Private and consortium modes only.
+    state_topics: bool = False
     # Verified history (docs/HISTORY.md): every envelope the node publishes is kept in an
     # append-only Merkle log on disk, at history_path (default: next to outbox_path as
     # "<outbox>.history"; a node with neither keeps no log). Retention bounds what it keeps.

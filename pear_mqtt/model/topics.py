@@ -244,6 +244,12 @@ class TopicScheme:
             raise TopicError(f"checkpoint page must be in [0, {CHECKPOINT_PAGES}), got {page!r}")
         return f"{self.presence(node)}/checkpoint/{page:02x}"
 
+    def node_checkpoint_filter(self, node: str) -> str:
+        """Filter for the checkpoint pages of this member's ``node``."""
+        if self.mode == "public":
+            raise TopicError("public participants keep no state, so no checkpoints")
+        return f"{self.presence(node)}/checkpoint/+"
+
     def log_head(self, node: str) -> str:
         """Retained signed head of ``node``'s history log. In public mode the level is the
         member alone (public topics name no node): the bridge's log, and the reply topic of a

@@ -1,5 +1,7 @@
 """A node's state checkpoint pages: its current retained states, paged, signed and retained
-so that a late joiner reads a few pages instead of thousands of states (docs/DESIGN.md)."""
+so that a late joiner reads a few pages instead of thousands of states (docs/DESIGN.md).
+Without per-category state topics a state's outbox row waits here until a page carrying it
+is acknowledged."""
 
 from __future__ import annotations
 
@@ -41,15 +43,24 @@ class CheckpointPages:
     Pages are sent only once :attr:`seeded` (the node's earlier states were read back, so a
     page never replaces a fuller one on the broker). The flusher sends them
     (:meth:`send`); ``wake``, ``wake_later`` and ``settled`` are its hooks: look for work
-    now, look again after a delay, and check whether everything is acknowledged.
+    now, look again after a delay, and check whether everything is acknowledged; ``ack``
+    takes the outbox rows of the states a page carried once the broker acknowledged it.
+    ``state_topics``: the node also keeps per-category state topics, which it reads back
+    before its pages when it starts (they may be newer than the pages). ``max_waiting``:
+    bytes of outbox rows one page may keep waiting before it is due mid-stream (None: no
+    bound), so that they stay well within the outbox's bound.
     """
 
     def __init__(self, *, node_id: str, counters: Counters, seeded: bool,
                  wake: Callable[[], None], wake_later: Callable[[float], None],
-                 settled: Callable[[], None]) -> None:
+                 settled: Callable[[], None], ack: Callable[[list[int]], None],
+                 state_topics: bool, max_waiting: int | None = None) -> None:
         self._node_id = node_id
         self._counters = counters
         self._wake, self._wake_later, self._settled = wake, wake_later, settled
+        self._ack = ack
+        self._state_topics = state_topics
+        self._max_waiting = max_waiting
         self._codec: EnvelopeCodec | None = None
         self._topics: TopicScheme | None = None
         self._markers: Markers | None = None
@@ -57,6 +68,9 @@ class CheckpointPages:
         """Page -> envelope sequence number of its latest version (what this node's signed
         heads name, so that sync() knows when it holds them all)."""
         self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
+        # Outbox rows (id -> bytes) of states in a page not yet acknowledged with them.
+        self._rows: list[dict[int, int]] = [{} for _ in range(CHECKPOINT_PAGES)]
+        self._waiting = [0] * CHECKPOINT_PAGES  # their bytes
         self._dirty: dict[int, None] = {}  # insertion order: oldest change first
         # Dirty pages whose changes justify a refresh mid-stream, so that a flusher round
         # does not scan every dirty page to find the few that are due.
@@ -117,7 +131,7 @@ class CheckpointPages:
             entries = self._pages[page]
             if not burst_end:
                 # Mid-stream, even after flush(): the page is complete only once the burst is.
-                if self._changed[page] < max(self._sent[page], _PAGE_MIN_GROWTH):
+                if not self._is_due(page):
                     continue
             elif not self.forced:
                 if now - self._sent_at[page] < _PAGE_MIN_INTERVAL:
@@ -131,6 +145,8 @@ class CheckpointPages:
                                                                b",".join(entries.values()))
             if burst_end and not self.forced:
                 self._budget = max(0.0, self._budget - len(body))
+            rows, self._rows[page] = self._rows[page], {}
+            self._waiting[page] = 0
             del self._dirty[page]
             self._due.pop(page, None)
             self._changed[page] = 0
@@ -146,6 +162,9 @@ class CheckpointPages:
                 self._counters.dropped["checkpoint_oversized"] += 1
                 log.warning("checkpoint page %d of %d states exceeds the message size limit",
                             page, len(entries))
+                if rows:
+                    # No message can carry them: kept, they would hold flush() for ever.
+                    self._ack(list(rows))
                 continue
             await window.acquire(len(payload))
             try:
@@ -153,27 +172,38 @@ class CheckpointPages:
             except TransportError as exc:
                 window.release(len(payload))
                 self._dirty[page] = None
+                self._put_back(page, rows)
                 log.info("publish stopped: %s", exc)
                 return False
             self._inflight += 1
+            self._counters.messages_out += 1
             sent += 1
             fut.add_done_callback(functools.partial(self._page_done, page=page, window=window,
-                                                    nbytes=len(payload)))
+                                                    nbytes=len(payload), rows=rows))
         return True
 
     def _page_done(self, f: asyncio.Future[None], *, page: int,
-                   window: Window, nbytes: int) -> None:
+                   window: Window, nbytes: int, rows: dict[int, int]) -> None:
         window.release(nbytes)
         self._inflight -= 1
         if f.cancelled() or f.exception() is not None:
             self._dirty[page] = None  # sent again after reconnecting
+            self._put_back(page, rows)
             return
-        self._settled()
+        if rows:
+            self._ack(list(rows))  # ends in settled() once the outbox recorded it
+        else:
+            self._settled()
 
-    def keep_state(self, topic: str, item_json: bytes, *, only_new: bool = False) -> None:
-        """Record a state item for its checkpoint page."""
+    def keep_state(self, topic: str, item_json: bytes, *, only_new: bool = False,
+                   row: int | None = None) -> None:
+        """Record a state item for its checkpoint page; ``row``: its outbox row, acknowledged
+        once a page carrying it is."""
         page = zlib.crc32(topic.encode()) % CHECKPOINT_PAGES
         entries = self._pages[page]
+        if row is not None and row not in self._rows[page]:
+            self._rows[page][row] = len(item_json)
+            self._waiting[page] += len(item_json)
         if only_new and topic in entries:
             return
         assert self._topics is not None
@@ -182,9 +212,38 @@ class CheckpointPages:
         entries[topic] = entry
         self._dirty[page] = None
         self._changed[page] += len(entry)
-        if self._changed[page] >= max(self._sent[page], _PAGE_MIN_GROWTH):
+        if self._is_due(page):
             self._due[page] = None
         self._budget += len(entry)
+
+    def _is_due(self, page: int) -> bool:
+        """Whether ``page`` is worth sending mid-stream: the bytes changed in it reached its
+        last size, or its waiting outbox rows their bound."""
+        return (self._changed[page] >= max(self._sent[page], _PAGE_MIN_GROWTH)
+                or (self._max_waiting is not None
+                    and self._waiting[page] >= self._max_waiting))
+
+    def _put_back(self, page: int, rows: dict[int, int]) -> None:
+        """``rows`` wait for ``page`` again (its publish failed)."""
+        waiting = self._rows[page]
+        for row, nbytes in rows.items():
+            if row not in waiting:
+                waiting[row] = nbytes
+                self._waiting[page] += nbytes
+
+    def seed_page(self, page: int, states: dict[str, bytes], *, sequence: int) -> None:
+        """Take in this node's own page ``page`` as the broker holds it, read back by
+        :meth:`seed` (``states``: state topic -> item JSON; ``sequence``: its envelope's).
+        States this run has recorded meanwhile stay; the page is not sent again for what
+        it already holds."""
+        entries = self._pages[page]
+        assert self._topics is not None
+        for topic, item_json in states.items():
+            if topic not in entries:
+                category = self._topics.category_of_state(self._node_id, topic)
+                entries[topic] = b"%s:%s" % (json.dumps(category).encode(), item_json)
+        self._sent[page] = max(self._sent[page], sum(len(e) + 1 for e in entries.values()))
+        self.logged.setdefault(page, sequence)
 
     @property
     def held(self) -> int:
@@ -193,21 +252,27 @@ class CheckpointPages:
 
     async def seed(self, conn: Connection) -> None:
         """Read back this node's retained states (an earlier run's), so that the first page
-        it sends holds them too."""
+        it sends holds them too: its own pages, and first its per-category state topics
+        when it keeps them (a crash may have left the pages behind those). What is read
+        back never replaces a state this run has recorded meanwhile."""
         assert self._topics is not None and self._markers is not None
         t = self._topics
+        filters = [t.node_checkpoint_filter(self._node_id)]
+        if self._state_topics:
+            filters.insert(0, t.node_state_filter(self._node_id))
         self._seeding = True
         try:
-            await conn.subscribe([(t.node_state_filter(self._node_id), 1)])
-            # mosquitto sends the retained states before the later marker; a broker that
-            # streams them after the SUBACK in no set order (aedes) may not have: the read
-            # ends once a round trip brings no further state back.
-            for _ in range(_SEED_ROUNDS):
-                before = self.held
-                await self._markers.round_trip(conn)
-                if self.held == before:
-                    break
-            await conn.unsubscribe([t.node_state_filter(self._node_id)])
+            for topic_filter in filters:
+                await conn.subscribe([(topic_filter, 1)])
+                # mosquitto sends the retained states before the later marker; a broker that
+                # streams them after the SUBACK in no set order (aedes) may not have: the
+                # read ends once a round trip brings no further state back.
+                for _ in range(_SEED_ROUNDS):
+                    before = self.held
+                    await self._markers.round_trip(conn)
+                    if self.held == before:
+                        break
+                await conn.unsubscribe([topic_filter])
         finally:
             self._seeding = False
         self._seeded = True

@@ -437,6 +437,8 @@ class Receiver:
             return
         signer = decoded.signer
         if signer == self._me:
+            if self._pages.seeding and parsed.node == signer.node:
+                self._seed_page(parsed, decoded)
             return
         if signer.member != parsed.company or signer.node != parsed.node:
             self._counters.dropped["identity_mismatch"] += 1
@@ -465,6 +467,33 @@ class Receiver:
         finally:
             if gc_was_enabled:
                 gc.enable()
+
+    def _seed_page(self, parsed: ParsedTopic, decoded: Decoded) -> None:
+        """This node's own page, read back when it starts: its states go into the pages it
+        will send (none replacing one this run has recorded), unless the page is older than
+        ``message_expiry``."""
+        body = decoded.message.body
+        states = body.get("states") if isinstance(body, dict) else None
+        if decoded.message.kind != "checkpoint" or not isinstance(states, dict) \
+                or parsed.company is None:
+            return
+        if parsed.page is None or body.get("page") != parsed.page:
+            return
+        if self._clock() - decoded.message.timestamp > self.config.reliability.message_expiry:
+            # Sent that long ago, every state in it is older still: past the lifetime a
+            # retained state has (the broker's expiry of a per-category state message).
+            self._counters.dropped["state_expired"] += len(states)
+            return
+        scheme = TopicScheme(parsed.mode, parsed.network or self.config.network_id,
+                             parsed.company)
+        own: dict[str, bytes] = {}
+        for category, raw in states.items():
+            try:
+                topic = scheme.state(decoded.signer.node, category)
+            except TopicError:
+                continue
+            own[topic] = json.dumps(raw, separators=(",", ":")).encode()
+        self._pages.seed_page(parsed.page, own, sequence=decoded.message.sequence)
 
     def _load_page(self, parsed: ParsedTopic, scheme: TopicScheme, signer: Identity,
                    states: dict[str, Any], *, sequence: int, log_ref: str | None) -> None:

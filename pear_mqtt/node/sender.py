@@ -1,9 +1,10 @@
 """A node's sending side: ``broadcast_market_insight`` into the outbox, and the flusher that
 signs pending items into envelopes, publishes them at QoS 1 and deletes them on PUBACK.
 
-The flusher batches only while the caller works through a backlog, and holds each category's
-retained state back while a burst lasts (only the newest is signed); it also sends the
-checkpoint pages (:mod:`.checkpoints`). Pacing contract: docs/DESIGN.md.
+The flusher batches only while the caller works through a backlog. A state goes into the
+checkpoint pages (:mod:`.checkpoints`); with per-category state topics it is also held back
+while a burst lasts (only the newest is signed) and published retained. Pacing contract:
+docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..errors import (
     TransportError,
 )
 from ..model.insight import MarketInsight, NetworkMode
-from ..model.topics import TopicScheme
+from ..model.topics import CHECKPOINT_PAGES, TopicScheme
 from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
 from ..security.seal import Sealer
@@ -104,10 +105,17 @@ class Sender:
         self._yielded_at = self._broadcast_at = time.monotonic()
         self._back_to_back = 0  # broadcasts that started right after the previous one returned
         self._held = HeldStates()  # state rows held back while a burst lasts
+        # Without per-category state topics a state row is done once a page carries it.
+        self._state_topics = config.reliability.state_topics
+        # The rows waiting for their pages stay within a quarter of the outbox's bound (state
+        # rows are never dropped for space: beyond it new insights would be refused).
+        waiting = (None if self._state_topics
+                   else config.reliability.outbox_max_bytes // (4 * CHECKPOINT_PAGES))
         self._pages = CheckpointPages(node_id=config.node_id, counters=counters,
                                       seeded=config.mode is NetworkMode.PUBLIC,
                                       wake=self._work.set, wake_later=self._wake_later,
-                                      settled=self._maybe_idle)
+                                      settled=self._maybe_idle, ack=self._ack_rows,
+                                      state_topics=self._state_topics, max_waiting=waiting)
         self._send_pages = self._pages.send
         self._keep_state = self._pages.keep_state
 
@@ -288,6 +296,10 @@ class Sender:
                     if row.kind != "state":
                         live.append(row)
                         prev = row
+                        continue
+                    if not self._state_topics:
+                        # Its page is its retained form: the row goes once that is acked.
+                        self._keep_state(row.topic, row.payload, row=row.id)
                         continue
                     if (backlog and prev is not None and prev.id == row.id - 1
                             and prev.payload == row.payload):

@@ -185,9 +185,10 @@ async def test_a_publish_refused_by_closing_the_connection_is_dead_lettered(
         cluster: ClusterProcesses, pki: NetworkPKI, make_config: Callable[..., NetworkConfig],
         insight: Callable[..., MarketInsight], tmp_path: Path,
         take: Callable[..., Awaitable[list[Any]]]) -> None:
-    """An operator withdrew acme's right to retained state on the cluster. aedes has no
-    negative PUBACK: it closes the connection. The state is dead-lettered after the closes
-    that prove it refused, counted by reason; the live insight passes; flush() returns."""
+    """An operator withdrew acme's right to per-category retained state on the cluster
+    (``state_topics``). aedes has no negative PUBACK: it closes the connection. The state is
+    dead-lettered after the closes that prove it refused, counted by reason; the live
+    insight passes; flush() returns."""
     withdrawn = {"access": "deny", "user": "acme",
                  "topic": f"pear/v1/consortium/{pki.network}/acme/state/#"}
     for i, path in enumerate(cluster.files.nodes):
@@ -198,7 +199,7 @@ async def test_a_publish_refused_by_closing_the_connection_is_dead_lettered(
         cluster.start_node(i)
     async with PearNetwork(make_config("globex", broker_url=_url(cluster, 1))) as rx, \
             PearNetwork(make_config("acme", broker_url=_url(cluster, 0, 1),
-                                    outbox=tmp_path / "acme.sqlite")) as tx:
+                                    outbox=tmp_path / "acme.sqlite", state_topics=True)) as tx:
         stream = rx.insights()
         sent = await tx.broadcast_market_insight(insight(product="refused-state"))
         (got,) = await take(stream, 1, timeout=30)

@@ -63,7 +63,7 @@ async def test_wire_bytes_hold_no_exact_private_value(
             await tx.broadcast_market_insight(insight(price=7.654321, units=98765.0))
             await tx.flush(timeout=10)
         seen: list[Any] = []
-        for part in ("/insights/", "/state/"):
+        for part in ("/insights/", "/checkpoint/"):
             if not any(part in m.topic for m in seen):
                 match, before = spy.expect(lambda m, p=part: p in m.topic)  # type: ignore[misc]
                 seen += [*before, match]
@@ -357,9 +357,9 @@ async def test_a_publish_the_broker_refuses_is_dead_lettered_not_retried(
         mosquitto: MosquittoBroker, pki: NetworkPKI,
         make_config: Callable[..., NetworkConfig], insight: Callable[..., MarketInsight],
         take: Callable[..., Awaitable[list[Any]]]) -> None:
-    """An operator withdrew acme's right to retained state (its live insights still pass):
-    the refused state is dropped and counted by the broker's reason, and the outbox empties
-    instead of sending it again for ever."""
+    """An operator withdrew acme's right to per-category retained state (its live insights
+    still pass): the refused state is dropped and counted by the broker's reason, and the
+    outbox empties instead of sending it again for ever."""
     state = f"pear/v1/consortium/{pki.network}/acme/state/#"
     with mosquitto.acl_path.open("a", encoding="utf-8") as acl:
         acl.write(f"\nuser acme\ntopic deny {state}\n")
@@ -375,7 +375,7 @@ async def test_a_publish_the_broker_refuses_is_dead_lettered_not_retried(
         probe.close()
     async with PearNetwork(make_config("acme", node="hq")) as rx:
         stream = rx.insights()
-        async with PearNetwork(make_config("acme", node="store-2")) as tx:
+        async with PearNetwork(make_config("acme", node="store-2", state_topics=True)) as tx:
             await tx.broadcast_market_insight(insight(product="refused-state"))
             await tx.flush(timeout=15)  # would wait for ever on a state sent again and again
             status = tx.status()

@@ -1,7 +1,8 @@
 """How a node paces what it sends, against a real mosquitto over mutual TLS: a trickle goes
-out one insight at a time, a stream is batched, retained states are coalesced while a burst
-lasts (and overdue ones go a few at a time between insights; an insight sent alone in a
-backlog is its own state), and broadcasting in a tight loop overlaps with sending."""
+out one insight at a time, a stream is batched, per-category retained states (the
+``state_topics`` setting) are coalesced while a burst lasts (and overdue ones go a few at a
+time between insights; an insight sent alone in a backlog is its own state), and
+broadcasting in a tight loop overlaps with sending."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ async def test_a_tight_broadcast_loop_overlaps_with_sending(
 async def test_states_are_coalesced_during_a_burst_and_retained_after_it(
         make_config: Callable[..., NetworkConfig], pki: NetworkPKI, mosquitto: MosquittoBroker,
         insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
-    config = make_config("acme")
+    config = make_config("acme", state_topics=True)
     state_filter = TopicScheme(mode="consortium", network=pki.network,
                                member="acme").node_state_filter("store-1")
     with probe(mosquitto, pki.node("acme", "observer"), subscribe=[state_filter]) as p:
@@ -117,7 +118,7 @@ async def test_overdue_states_go_a_few_at_a_time_between_paced_insights(
 
     monkeypatch.setattr(Sender, "send_states", spy)
     with probe(mosquitto, pki.node("acme", "observer"), subscribe=filters) as p:
-        async with PearNetwork(make_config("acme")) as tx:
+        async with PearNetwork(make_config("acme", state_topics=True)) as tx:
             # A paced stream (never 20 ms quiet) over 16 categories, well past the 0.1 s a
             # state may be held back: the overdue states must go out while it lasts.
             for i in range(200):
@@ -147,7 +148,7 @@ async def test_an_insight_sent_alone_in_a_backlog_is_its_state_too(
     # envelope is published again as the category's retained state (no second signature),
     # and a restarted node reads such states back into its checkpoint pages.
     n = 40
-    config = make_config("acme", outbox=tmp_path / "acme.sqlite")
+    config = make_config("acme", outbox=tmp_path / "acme.sqlite", state_topics=True)
     scheme = TopicScheme(mode="consortium", network=pki.network, member="acme")
     filters = [f"{scheme.member_root}/insights/#", scheme.node_state_filter("store-1")]
     with probe(mosquitto, pki.node("acme", "observer"), subscribe=filters) as p:
@@ -185,7 +186,7 @@ async def test_a_backlog_over_few_categories_is_not_published_twice(
     # envelope once a second at most; its later states are held back and only the newest
     # goes, as on a paced stream.
     n = 200
-    config = make_config("acme", batch_max_items=1, batch_linger=0.0)
+    config = make_config("acme", batch_max_items=1, batch_linger=0.0, state_topics=True)
     scheme = TopicScheme(mode="consortium", network=pki.network, member="acme")
     filters = [f"{scheme.member_root}/insights/#", scheme.node_state_filter("store-1")]
     with probe(mosquitto, pki.node("acme", "observer"), subscribe=filters) as p:

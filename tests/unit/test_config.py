@@ -358,12 +358,24 @@ def test_warnings_misc() -> None:
         allow_insecure_transport=True,
         privacy={"anonymize_data": False, "encrypt_connection": False,
                  "range_edges": {"grocery": [1.0, 2.0]}},
-        reliability={"outbox_max_age": 100.0, "max_message_age": 50.0})
+        reliability={"outbox_max_age": 100.0, "max_message_age": 50.0, "state_topics": True})
     warnings = M.warnings(config)
     for needle in ("allow_insecure_transport", "privacy.anonymize_data is off",
                    "privacy.range_edges are set", "reliability.outbox_max_age",
-                   "reliability.message_expiry"):
+                   "reliability.message_expiry", "reliability.state_topics"):
         assert _has(warnings, needle), needle
+
+
+def test_state_topics_is_off_by_default_and_read_from_the_environment() -> None:
+    """Per-category state topics are opt-in (docs/DESIGN.md, Sync and presence)."""
+    assert M.default_config("consortium", company_id="acme").reliability.state_topics is False
+    on = M.load(env={"PEAR_MODE": "consortium", "PEAR_COMPANY_ID": "acme",
+                     "PEAR_RELIABILITY__STATE_TOPICS": "true"})
+    assert on.reliability.state_topics is True
+    assert not _has(M.warnings(on), "state_topics")  # meaningful outside public mode
+    message = _raises(M.load, env={"PEAR_MODE": "consortium", "PEAR_COMPANY_ID": "acme",
+                                   "PEAR_RELIABILITY__STATE_TOPICS": "sometimes"})
+    assert "PEAR_RELIABILITY__STATE_TOPICS: Input should be a valid boolean" in message
 
 
 # -- environment -----------------------------------------------------------------------------

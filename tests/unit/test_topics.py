@@ -141,6 +141,8 @@ def test_checkpoint_topics_round_trip_and_stay_in_the_member_subtree() -> None:
         assert (parsed.kind, parsed.company, parsed.node, parsed.page) == \
             ("checkpoint", "acme", "store-9", 0x2a)
         assert topic_matches(acme.checkpoint_filter(), topic)
+        assert topic_matches(acme.node_checkpoint_filter("store-9"), topic)
+        assert not topic_matches(acme.node_checkpoint_filter("store-1"), topic)
         assert topic.startswith(acme.member_root + "/")  # writable under "%u/#"
         assert not topic_matches(acme.presence_filter(), topic)
     with pytest.raises(TopicError):

@@ -64,9 +64,10 @@ async def _restart_with_many_nodes(broker: MosquittoBroker, proxy: FaultProxy,
                                    pki: NetworkPKI, node: Callable[..., NetworkConfig], n: int
                                    ) -> dict[str, float | int]:
     mem = PeakRSS()
+    # state_topics: what each node delivered is read back from its per-category state.
     nodes = [PearNetwork(node(f"f{i:04d}", proxy.url, mode=NetworkMode.PRIVATE,
                               reconnect_jitter=JITTER, reconnect_min_delay=0.5,
-                              reconnect_max_delay=4.0))
+                              reconnect_max_delay=4.0, state_topics=True))
              for i in range(n)]
     try:
         for i in range(0, n, 50):  # in waves: a first start is not the scenario
