@@ -47,6 +47,10 @@ SCHEMA_VERSION: Final = 1
 # 4 KiB page size). A checkpoint can grow the database file by at most this much, so the
 # reserve must be larger than it for a checkpoint to finish on a full disk.
 _WAL_AUTOCHECKPOINT_PAGES: Final = 128
+# The outbox is a queue (rows appended at the end of the id order, deleted from its start),
+# so SQLite's default 2 MB page cache would hold little that is read again, while an edge
+# agent's peak RSS is a budget (docs/BENCHMARKS.md, rss).
+_CACHE_KIB: Final = 256
 
 # How long an open waits for a lock held by another process. A predecessor that is exiting
 # releases its lock within milliseconds; a live owner never will.
@@ -257,6 +261,7 @@ class Outbox:
         # deleted payload to the WAL again: an ack would cost as much disk as the put, and fail
         # on a full disk. FAST still zeroes deleted cells on pages that stay in use.
         conn.execute("PRAGMA secure_delete=FAST")
+        conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
         if self._max_pages is not None:
             conn.execute(f"PRAGMA max_page_count={int(self._max_pages)}")
 
