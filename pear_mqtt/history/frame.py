@@ -24,9 +24,11 @@ def pack_entries(entries: Sequence[bytes | memoryview]) -> list[bytes | memoryvi
     return [part for e in entries for part in (pack(len(e)), e)]
 
 
-def unpack_entries(blob: bytes | memoryview, count: int) -> list[bytes]:
-    """Exactly ``count`` entries filling ``blob``; :class:`MalformedMessage` otherwise."""
-    out: list[bytes] = []
+def unpack_entries(blob: bytes | memoryview, count: int) -> list[memoryview]:
+    """Exactly ``count`` entries filling ``blob``, as views of it (not copies: a receiver
+    hashes them where they arrived and copies each only when it delivers it);
+    :class:`MalformedMessage` otherwise."""
+    out: list[memoryview] = []
     pos, size = 0, len(blob)
     view = memoryview(blob)
     unpack, step = _LEN.unpack_from, _LEN.size
@@ -37,7 +39,7 @@ def unpack_entries(blob: bytes | memoryview, count: int) -> list[bytes]:
         pos += step
         if pos + n > size:
             break
-        out.append(view[pos:pos + n].tobytes())
+        out.append(view[pos:pos + n])
         pos += n
     if len(out) != count or pos != size:
         raise MalformedMessage(f"the answer's attachment does not hold the {count} entries "

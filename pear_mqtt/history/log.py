@@ -143,7 +143,8 @@ class AppendLog:
         :meth:`flush`."""
         return self.append_many([entry], tags=[tag], now=now)
 
-    def append_many(self, entries: Sequence[bytes], *, tags: Sequence[str] | None = None,
+    def append_many(self, entries: Sequence[bytes | memoryview], *,
+                    tags: Sequence[str] | None = None,
                     now: float | None = None) -> int:
         """Add ``entries`` in order; returns the index of the first."""
         fh, hh = self._files()

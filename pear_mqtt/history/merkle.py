@@ -15,13 +15,13 @@ EMPTY_ROOT = hashlib.sha256(b"").digest()
 _LEAF, _NODE = b"\x00", b"\x01"
 
 
-def leaf_hash(entry: bytes) -> bytes:
+def leaf_hash(entry: bytes | memoryview) -> bytes:
     """The hash of one entry as a leaf: SHA-256(0x00 || entry)."""
     return hashlib.sha256(_LEAF + entry).digest()
 
 
-def leaf_hashes(entries: Iterable[bytes]) -> list[bytes]:
-    """:func:`leaf_hash` of each entry, in order."""
+def leaf_hashes(entries: Iterable[bytes | memoryview]) -> list[bytes]:
+    """:func:`leaf_hash` of each entry (bytes, or a view of a received payload), in order."""
     sha256, prefix = hashlib.sha256, _LEAF
     return [sha256(prefix + entry).digest() for entry in entries]
 

@@ -17,7 +17,7 @@ from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
 from .counters import Counters, open_counted
 from .history import Answer, range_bodies, reply_budget, send_range
-from .replicas import Replicas
+from .replicas import Record, Replicas
 
 __all__ = ["Archive"]
 
@@ -71,7 +71,7 @@ class Archive:
         return {f"{m}/{n}": held.length for (m, n), (_, held) in self._logs.items()}
 
     def keep(self, owner: Identity, log_id: str, first: int,
-             records: list[tuple[str, bytes]]) -> None:
+             records: list[Record]) -> None:
         """Verified entries ``first``.. of ``owner``'s log ``log_id``, in order."""
         key = (owner.member, owner.node)
         current = self._logs.get(key)

@@ -286,7 +286,8 @@ class Receiver:
             self._schedule_drain(0.0)
         else:
             for topic, payload in reply.records:
-                self._handle(InboundMessage(topic=topic, payload=payload, qos=1, retain=False),
+                self._handle(InboundMessage(topic=topic, payload=bytes(payload), qos=1,
+                                            retain=False),
                              repaired=True)
         self._replicas.repaired(len(reply.records))
 
@@ -337,7 +338,8 @@ class Receiver:
         assert self._codec is not None and reply.owner is not None
         owner = reply.owner
         for i in range(start, end):
-            topic, payload = reply.records[i]
+            topic, view = reply.records[i]
+            payload = bytes(view)  # the one copy of a proven entry, as it is delivered
             self._counters.messages_in += 1
             try:
                 parsed = parse_topic(topic)

@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 
 _ROOTS_KEPT = 16  # signed heads (length -> root) a range proof may be checked against
 
+# (topic, entry): a proven answer's entries are views of the payload they came in (hashed
+# there, copied once when delivered); every other record holds bytes.
+Record = tuple[str, bytes | memoryview]
 # (sender, log id, index of the first record, [(topic, payload)]): entries a signed head just
 # verified, in order, handed to an archive that keeps them.
-Keep = Callable[[Identity, str, int, list[tuple[str, bytes]]], None]
+Keep = Callable[[Identity, str, int, list[Record]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,7 @@ class Reply:
     log they are; ``proven`` when a range proof tied them to a signed head of ``owner``
     (already in the tree: only their items are left to deliver)."""
 
-    records: list[tuple[str, bytes]]
+    records: list[Record]
     owner: Identity | None = None
     log_id: str = ""
     first: int = 0
@@ -297,7 +300,7 @@ class Replicas:
         except MalformedMessage:
             self._counters.dropped["malformed"] += 1
             return Reply([])
-        out = list(zip(topics, entries, strict=True))
+        out: list[Record] = list(zip(topics, entries, strict=True))
         leaves = leaf_hashes(entries)
         digest = body.get("digest")
         if out and (not isinstance(digest, str) or not secrets.compare_digest(
@@ -306,7 +309,12 @@ class Replicas:
             return self._refuse("forged_entry", signer, "entries that are not the ones its "
                                 "signed answer names")
         proof = body.get("proof")
-        if proof is None and (i := _misplaced(out, rep.log_id, first)) is not None:
+        if proof is None:
+            # Received one by one like live messages, and held until verified: copies, not
+            # views that would keep the whole answer alive.
+            copies = [(topic, bytes(entry)) for topic, entry in out]
+            out = list(copies)
+        if proof is None and (i := _misplaced(copies, rep.log_id, first)) is not None:
             # (A range proof places its entries itself; a misplaced one fails it.)
             return self._refuse("reordered_range", signer,
                                 f"record {i} is not entry {first + i} of its log")
@@ -321,7 +329,8 @@ class Replicas:
             hashes = _proof_hashes(proof)
             if root is None or hashes is None or type(size) is not int or not verify_range(
                     leaves=leaves, start=first, size=size, proof=hashes, root=root):
-                return self._refuse(_why_unproven(self._codec, rep, out, root, first), signer,
+                copies = [(topic, bytes(entry)) for topic, entry in out]
+                return self._refuse(_why_unproven(self._codec, rep, copies, root, first), signer,
                                     f"entries {first}..{first + len(out) - 1} do not "
                                     "match its signed head")
             if (body.get("truncated") and first == held_from > rep.tree.size
@@ -383,7 +392,7 @@ class Replicas:
         return Reply([])
 
     def _take(self, rep: Replica, first: int, leaves: list[bytes],
-              records: list[tuple[str, bytes]]) -> None:
+              records: list[Record]) -> None:
         """Entries a range proof tied to a signed head: into the held prefix at once."""
         if first == rep.tree.size and (not rep.pending or not any(
                 first + i in rep.pending for i in range(len(leaves)))):
@@ -400,7 +409,7 @@ class Replicas:
                     self.on_verified(rep.owner, rep.log_id, rep.verified)
             else:
                 for i, (topic, payload) in enumerate(records):
-                    rep.payloads[first + i], rep.topics[first + i] = payload, topic
+                    rep.payloads[first + i], rep.topics[first + i] = bytes(payload), topic
             self._advance(rep)
             return
         for i, leaf in enumerate(leaves):
@@ -412,11 +421,12 @@ class Replicas:
             if held is not None:
                 if held != leaf:
                     self._forked(rep, f"two different entries signed at {index}",
-                                 rep.payloads.get(index) or rep.head_payload, records[i][1])
+                                 rep.payloads.get(index) or rep.head_payload,
+                                 bytes(records[i][1]))
                     return
                 continue
             rep.pending[index] = leaf
-            rep.payloads[index], rep.topics[index] = records[i][1], records[i][0]
+            rep.payloads[index], rep.topics[index] = bytes(records[i][1]), records[i][0]
         self._advance(rep)
 
     def repaired(self, count: int) -> None:
