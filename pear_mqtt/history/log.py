@@ -118,9 +118,7 @@ class AppendLog:
             end = max(start + 1, min(end, self._start + fits - 1))
         last = (self._offsets[end - self._start] if end - self._start < len(self._offsets)
                 else self._size)
-        with (self.path / _ENTRIES).open("rb") as fh:
-            fh.seek(_FILE_HEADER.size + first)
-            data = memoryview(fh.read(last - first))
+        data = memoryview(self._read(_FILE_HEADER.size + first, last - first))
         out: list[tuple[str, memoryview]] = []
         tags: dict[bytes, str] = {}  # a log's entries share a few topics
         unpack, size = _HEADER.unpack_from, _HEADER.size
@@ -227,6 +225,23 @@ class AppendLog:
             raise HistoryError(f"log {self.path} is closed")
         return self._entries, self._hashes
 
+    def _read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of entries.bin from ``offset``, read through the handle appends
+        go to (it is opened for reading too): an answer's read, without opening the file
+        for each answer."""
+        if self._entries is None:
+            with (self.path / _ENTRIES).open("rb") as fh:
+                fh.seek(offset)
+                return fh.read(size)
+        fd, parts, got = self._entries.fileno(), [], 0
+        while got < size:
+            part = os.pread(fd, size - got, offset + got)
+            if not part:
+                break  # the file ends early: what there is, as a plain read gives it
+            parts.append(part)
+            got += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def _flush_buffers(self) -> None:
         if self._entries is not None:
             self._entries.flush()
@@ -266,7 +281,7 @@ class AppendLog:
         for i in range(total):
             self._tree.append(hashes[i * HASH_SIZE:(i + 1) * HASH_SIZE])
         try:
-            self._entries = (self.path / _ENTRIES).open("ab")
+            self._entries = (self.path / _ENTRIES).open("a+b")
             self._entries.truncate(_FILE_HEADER.size + self._size)
             self._hashes = (self.path / _HASHES).open("ab")
             self._hashes.truncate(total * HASH_SIZE)
@@ -292,7 +307,7 @@ class AppendLog:
             assert self._entries is not None
             self._entries.close()
             os.replace(tmp, src)
-            self._entries = src.open("ab")
+            self._entries = src.open("a+b")
         except OSError as exc:
             raise HistoryError(f"log {self.path}: retention could not rewrite the entries "
                                f"({exc.strerror or exc})") from exc
