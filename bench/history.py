@@ -19,9 +19,10 @@ __all__ = ["run_repair"]
 def run_repair(env: BenchEnv, workdir: Path, n: int, timeout: float = 300.0) -> dict[str, Any]:
     """The sender broadcasts ``n`` insights and flushes (its log on disk); then a late
     joiner connects and the clock runs until it holds and verified the sender's log up to
-    its signed head. ``rate`` counts log entries (envelopes) fetched, proven against the
-    head and held (``mb_rate`` the same in MB of log); ``insight_rate`` the insights in
-    them delivered to the application, which runs behind the repair (same clock start)."""
+    its signed head. ``item_rate`` counts the items (insights) in the log entries fetched,
+    proven against the head and held, ``rate`` the entries (an entry is an envelope, a batch
+    of items), ``mb_rate`` the same in MB of log; ``insight_rate`` the insights in them
+    delivered to the application, which runs behind the repair (same clock start)."""
     from pear_mqtt.config.models import MarketConfig
     from pear_mqtt.node.network import PearNetwork
 
@@ -73,7 +74,8 @@ def run_repair(env: BenchEnv, workdir: Path, n: int, timeout: float = 300.0) -> 
             await tx.disconnect()
         log_bytes = (workdir / "acme.sqlite.history" / "entries.bin").stat().st_size
         return {"entries": entries, "insights": n, "seconds": elapsed, "repaired": repaired,
-                "rate": entries / elapsed, "mb_rate": log_bytes / 1e6 / elapsed,
+                "item_rate": n / elapsed, "rate": entries / elapsed,
+                "mb_rate": log_bytes / 1e6 / elapsed,
                 "delivered": delivered, "delivered_seconds": delivered_s,
                 "insight_rate": delivered / delivered_s}
 

@@ -472,17 +472,6 @@ _LIMITS = [
     "(~10 us), checks policy and window (~5 us) and stores the row (~6 us, 64 messages per "
     "transaction), besides paho and TLS: ~75-90 us. A quick run (3,000 items) also charges "
     "the process's start-up (~0.5 s of CPU: imports, pydantic schemas) to the rate.",
-    "- **history repair (20,000 entries/s)**: entries are proven a range at a time against "
-    "the sender's signed head (no signature per entry) and travel raw behind a signed "
-    "answer, up to 32 MB per request, each answer framed from one disk read and sent as a "
-    "view; the receiver decodes a PUBLISH with one copy of its payload and reads a large "
-    "body straight into a buffer (`transport/paho_io.py`). What is left is per byte, on one "
-    "core for both nodes: TLS (~45 ms of ~0.17 s of CPU for ~26 MB of log), the SHA-256 "
-    "leaf hashes (~25-30 ms), paho's packet assembly, and the answers' JSON and signatures "
-    "(~15 ms). The sender now packs more insights per envelope, so the same bytes are fewer, "
-    "larger entries. The insights in them are delivered behind the repair at the receiver's "
-    "validation speed (`insight_rate`), from a backlog bounded at 64 MB plus one request "
-    "(docs/HISTORY.md).",
     "- **publishing N retained states (0.6x raw paho)**: a state is one message now: its "
     "live insight plus its share of a checkpoint page (the per-category retained copy is "
     "off by default, `reliability.state_topics`; late joiners, a restarting node and the "

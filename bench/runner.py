@@ -230,8 +230,10 @@ def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
         return (f"{last['instances']} instances {last['scaled_wall_rate']:,.0f}/s wall vs one "
                 f"{last['single_wall_rate']:,.0f}/s: {last['speedup']:.2f}x")
     if name == "repair":
-        return (f"{last['rate']:,.0f} log entries/s repaired and proven, {last['entries']:,} "
-                f"entries; their insights delivered at {last['insight_rate']:,.0f}/s")
+        items = (f"{last['item_rate']:,.0f} items/s in " if "item_rate" in last else "")
+        return (f"{items}{last['rate']:,.0f} log entries/s repaired and proven, "
+                f"{last['entries']:,} entries; their insights delivered at "
+                f"{last['insight_rate']:,.0f}/s")
     if name == "market":
         return (f"{last['ingest_rate']:,.0f} rows/s in, over {last['rows']:,} rows: grouped "
                 f"p50 {last['grouped_p50_ms']:.2f} ms, position p50 "
