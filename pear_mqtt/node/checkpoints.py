@@ -160,8 +160,10 @@ class CheckpointPages:
                 # Left out of the snapshot and counted: late joiners then lack these states
                 # until the page fits again (a smaller node, or a larger message limit).
                 self._counters.dropped["checkpoint_oversized"] += 1
-                log.warning("checkpoint page %d of %d states exceeds the message size limit",
-                            page, len(entries))
+                log.warning("checkpoint page %d of %d states exceeds max_message_bytes: late "
+                            "joiners will lack these states; raise max_message_bytes across "
+                            "the network (and the brokers' limit) or keep fewer categories "
+                            "per node (docs/DESIGN.md, Sync and presence)", page, len(entries))
                 if rows:
                     # No message can carry them: kept, they would hold flush() for ever.
                     self._ack(list(rows))
