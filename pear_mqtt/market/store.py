@@ -122,8 +122,13 @@ class MarketStore:
         Duplicates are stored once; a newer version of an item replaces the older."""
         if self._writer is None:
             raise MarketError(f"market store {self.path} is open read-only")
-        insights = [i for i in items if isinstance(i, ReceivedInsight)]
-        aggregates = [i for i in items if isinstance(i, ReceivedAggregate)]
+        insights: list[ReceivedInsight] = []
+        aggregates: list[ReceivedAggregate] = []
+        for item in items:
+            if isinstance(item, ReceivedInsight):
+                insights.append(item)
+            elif isinstance(item, ReceivedAggregate):
+                aggregates.append(item)
         try:
             added = self._writer.write(insights, aggregates,
                                        now=time.time() if now is None else now)

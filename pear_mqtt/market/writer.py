@@ -57,9 +57,11 @@ Row = tuple[object, ...]
 
 def item_key(key: tuple[str, str, str]) -> int:
     """The index key of (member, node, item id): a signed 64-bit BLAKE2b."""
-    digest = hashlib.blake2b(f"{key[0]}\x00{key[1]}\x00{key[2]}".encode(),
-                             digest_size=8).digest()
+    digest = _blake2b(f"{key[0]}\x00{key[1]}\x00{key[2]}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+_blake2b = hashlib.blake2b
 
 
 def insight_row(received: ReceivedInsight) -> tuple[Row, Ends]:
@@ -69,8 +71,18 @@ def insight_row(received: ReceivedInsight) -> tuple[Row, Ends]:
     currency = direction = None
     for fields in shared.groups.values():
         for name, value in fields.items():
-            if value.__class__ is float:  # the validated model's exact figures
-                ends[name] = (value, value)
+            # The validated model's exact classes first: isinstance() against a pydantic
+            # model class is several times slower when it fails.
+            cls = value.__class__
+            if cls is ValueRange:
+                ends[name] = (value.lo, value.hi)  # type: ignore[union-attr]
+            elif cls is str:
+                if name == "currency":
+                    currency = value
+                elif name == "direction":
+                    direction = value
+            elif cls is float:
+                ends[name] = (value, value)  # type: ignore[assignment]
             elif isinstance(value, ValueRange):
                 ends[name] = (value.lo, value.hi)
             elif isinstance(value, str):
@@ -81,10 +93,11 @@ def insight_row(received: ReceivedInsight) -> tuple[Row, Ends]:
             else:
                 ends[name] = (float(value), float(value))
     size = shared.sample_size
-    if isinstance(size, ValueRange):
-        ends["sample_size"] = (size.lo, size.hi)
-    elif size is not None:
-        ends["sample_size"] = (float(size), float(size))
+    if size is not None:
+        if isinstance(size, ValueRange):
+            ends["sample_size"] = (size.lo, size.hi)
+        else:
+            ends["sample_size"] = (float(size), float(size))
     end = shared.window_end.timestamp()
     return (received.member, received.node, received.item_id, shared.category, shared.region,
             shared.product_id, shared.window_start.timestamp(), end, int(end // DAY),
@@ -101,44 +114,53 @@ def size_on_disk(path: Path) -> int:
 
 
 class _Cells:
-    """Roll-up sums per (category, day, region, metric), accumulated in memory for a batch."""
+    """Roll-up sums per (category, day, region, metric) of a batch's new rows. Rows are
+    counted per (category, day, region, member, packed figures) as they come, one dict
+    update each; the sums are made per distinct figures when written (a batch holds far
+    fewer distinct figures than rows: buckets, repeated prices)."""
 
     def __init__(self) -> None:
-        self.sums: dict[tuple[object, ...], list[float]] = {}
-        self.members: set[tuple[object, ...]] = set()
+        self.counts: dict[tuple[object, ...], int] = {}
 
-    def add(self, row: Row, ends: Ends) -> None:
-        category, region, day = row[3], row[4], row[8]
-        self.members.add((category, day, region, row[0]))
-        sums = self.sums
-        for metric, (lo, hi) in ends.items():
-            if lo is None or hi is None:  # an open bucket counts at its one end
-                lo = hi = mid = hi if lo is None else lo
-                exact = 0
-            else:
-                mid = (lo + hi) / 2
-                exact = lo == hi
-            assert mid is not None and lo is not None and hi is not None
-            key = (category, day, region, metric)
-            cell = sums.get(key)
-            if cell is None:
-                sums[key] = [1, exact, mid, mid * mid, lo, hi]
-                continue
-            cell[0] += 1
-            cell[1] += exact
-            cell[2] += mid
-            cell[3] += mid * mid
-            if lo < cell[4]:
-                cell[4] = lo
-            if hi > cell[5]:
-                cell[5] = hi
+    def add(self, row: Row) -> None:
+        key = (row[3], row[8], row[4], row[0], row[-1])
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
 
     def write(self, cur: sqlite3.Cursor) -> None:
         """Add the sums to the roll-up tables."""
+        sums: dict[tuple[object, ...], list[float]] = {}
+        members: set[tuple[object, ...]] = set()
+        figures: dict[bytes, Ends] = {}
+        for (category, day, region, member, vals), n in self.counts.items():
+            members.add((category, day, region, member))
+            ends = figures.get(vals)  # type: ignore[call-overload]
+            if ends is None:
+                ends = figures[vals] = unpack(vals)  # type: ignore[index, arg-type]
+            for metric, (lo, hi) in ends.items():
+                if lo is None or hi is None:  # an open bucket counts at its one end
+                    lo = hi = mid = hi if lo is None else lo
+                    exact = 0
+                else:
+                    mid = (lo + hi) / 2
+                    exact = n if lo == hi else 0
+                assert mid is not None and lo is not None and hi is not None
+                key = (category, day, region, metric)
+                cell = sums.get(key)
+                if cell is None:
+                    sums[key] = [n, exact, n * mid, n * (mid * mid), lo, hi]
+                    continue
+                cell[0] += n
+                cell[1] += exact
+                cell[2] += n * mid
+                cell[3] += n * (mid * mid)
+                if lo < cell[4]:
+                    cell[4] = lo
+                if hi > cell[5]:
+                    cell[5] = hi
         cur.executemany(_DAILY, [(*key, int(n), int(x), s, ss, lo, hi)
-                                 for key, (n, x, s, ss, lo, hi) in self.sums.items()])
-        cur.executemany("INSERT OR IGNORE INTO daily_members VALUES (?, ?, ?, ?)",
-                        self.members)
+                                 for key, (n, x, s, ss, lo, hi) in sums.items()])
+        cur.executemany("INSERT OR IGNORE INTO daily_members VALUES (?, ?, ?, ?)", members)
 
 
 class Writer:
@@ -189,14 +211,16 @@ class Writer:
         next_id = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
                       .fetchall()[0][0])
         cells = _Cells()
+        counts = cells.counts
         dirty: set[tuple[str, int]] = set()
         new: list[Row] = []
         latest: dict[tuple[object, ...], tuple[float, int]] = {}
-        for (key, _day, hashed), (row, ends) in zip(keys, batch.values(), strict=True):
+        for (key, _day, hashed), (row, _ends) in zip(keys, batch.values(), strict=True):
             old = held.get(key) if held else None
             if old is None:
                 new.append((next_id, hashed, *row))
-                cells.add(row, ends)
+                cell = (row[3], row[8], row[4], row[0], row[14])  # as _Cells.add
+                counts[cell] = counts.get(cell, 0) + 1
                 sender = (row[0], row[1], row[3], row[4], row[5] or "")
                 end = row[7]
                 was = latest.get(sender)
@@ -235,7 +259,7 @@ class Writer:
         cells = _Cells()
         for row in cur.execute(f"SELECT {', '.join(_COLUMNS)} FROM insights "
                                "WHERE category = ? AND day = ?", (category, day)).fetchall():
-            cells.add(tuple(row), unpack(row[-1]))
+            cells.add(tuple(row))
         cur.execute("DELETE FROM daily WHERE category = ? AND day = ?", (category, day))
         cur.execute("DELETE FROM daily_members WHERE category = ? AND day = ?", (category, day))
         cells.write(cur)

@@ -210,3 +210,24 @@ def test_a_logged_item_enters_only_once_a_signed_head_proves_its_entry(
         assert feed.waiting == 1  # the unproven sender's item is still out
     finally:
         feed.close()
+
+
+def test_a_batch_groups_as_the_same_rows_added_one_at_a_time(tmp_path: Path) -> None:
+    # Repeated figures (one member's and several members'), buckets, open buckets and exact
+    # values in one day: the roll-up of one batch equals that of one row per batch.
+    prices: list[Any] = [2.0, 2.0, 2.0, 3.5, {"lo": 1.0, "hi": 2.0}, {"lo": 1.0, "hi": 2.0},
+                         {"lo": 4.0}, {"hi": 0.5}, {"lo": 4.0}]
+    items = [received(member=f"m{k % 3}", iid=f"i{k}", price=p, day=k % 2)
+             for k, p in enumerate(prices)]
+    groups = []
+    for name, batches in (("one", [items]), ("each", [[i] for i in items])):
+        with MarketStore.open(tmp_path / f"{name}.db", network="net", mode="private") as s:
+            for batch in batches:
+                s.add(batch)
+            groups.append(s.query(category="grocery", group_by="day", metric="price"))
+    assert len(groups[0]) == 2 and groups[0] == groups[1]
+    first = groups[0][0]
+    # Day 0: 2.0, 2.0 (exact), bucket 1-2 (mid 1.5), open bucket from 4 (counts at 4), 4 again.
+    assert (first.count, first.companies, first.exact) == (5, 3, False)
+    assert first.mean == pytest.approx((2.0 + 2.0 + 1.5 + 4.0 + 4.0) / 5)
+    assert (first.low, first.high) == (1.0, 4.0)
