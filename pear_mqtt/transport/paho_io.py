@@ -1,8 +1,9 @@
 """Stand-ins for three of paho's ``Client`` internals, for speed on large and many messages.
 
 :func:`install` puts them on a client: reading from a buffer instead of a syscall per header
-byte, decoding a PUBLISH with one copy of its payload, and queueing packets as views. They
-keep paho's contracts (errors, return codes, QoS 2 left to paho); why: docs/ARCHITECTURE.md.
+byte, decoding a PUBLISH with one copy of its payload, and queueing packets as views (and
+consecutive acknowledgements as one). They keep paho's contracts (errors, return codes, QoS 2
+left to paho); why: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MessageType, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket, MQTTException
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
@@ -26,6 +27,10 @@ _DIRECT_READ = 64 * 1024
 _DIRECT_READ_MAX = 1024 * 1024
 # What a malformed PUBLISH raises while it is decoded (paho's own list, in its _packet).
 _DECODE_ERRORS = (IndexError, KeyError, MQTTException, ValueError, struct.error)
+# Acknowledgements: packets of a packet id alone, of which paho's writer does nothing more
+# once they are written (it does for a PUBLISH of QoS 0 and for a DISCONNECT).
+_ACKS = frozenset({MessageType.PUBACK, MessageType.PUBREC, MessageType.PUBREL,
+                   MessageType.PUBCOMP})
 
 
 def install(client: mqtt.Client) -> None:
@@ -161,7 +166,12 @@ class _PublishReader:
 class _ViewQueue:
     """Wraps paho's ``Client._packet_queue`` so that a queued packet is a ``memoryview``: paho
     sends what is left of a packet as ``packet[pos:]``, a copy of a ``bytearray`` (the whole
-    packet, on the first try), a zero-copy slice of a view."""
+    packet, on the first try), a zero-copy slice of a view.
+
+    An acknowledgement queued right behind another joins it: paho writes each queued packet
+    with a send of its own (a TLS record and a syscall each), so a consumer acknowledging a
+    batch, or a subscriber whose read burst acknowledged many, paid one send per message.
+    """
 
     __slots__ = ("_client",)
 
@@ -170,5 +180,18 @@ class _ViewQueue:
 
     def __call__(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                  info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
-        return mqtt.Client._packet_queue(self._client, command, memoryview(packet),  # type: ignore[arg-type]
-                                         mid, qos, info)
+        client = self._client
+        if command & 0xF0 not in _ACKS:
+            return mqtt.Client._packet_queue(client, command, memoryview(packet),  # type: ignore[arg-type]
+                                             mid, qos, info)
+        queue = client._out_packet
+        if queue:
+            last = queue[-1]
+            # Only an entry made here is a bytearray: paho sends what is left of it,
+            # packet[pos:], so it may grow even while partly written.
+            if last["command"] & 0xF0 in _ACKS and type(last["packet"]) is bytearray:
+                last["packet"] += packet
+                last["to_process"] += len(packet)
+                client._call_socket_register_write()
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return mqtt.Client._packet_queue(client, command, bytearray(packet), mid, qos, info)

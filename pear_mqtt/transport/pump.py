@@ -1,8 +1,8 @@
 """The socket pump of one connection: reads and writes paho's socket from the asyncio loop.
 
 It reads in bounded bursts, pauses and resumes reading for the inbox's back-pressure, writes
-what paho queued (at once, or once per loop iteration while reading) and tells
-producers when their publishes are on the socket. Why it is shaped so: docs/ARCHITECTURE.md.
+what paho queued (at once, once per loop iteration while reading, or at the end of a batch)
+and tells producers when their publishes are on the socket. Why: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -47,6 +47,7 @@ class SocketPump:
         self._writer_armed = False
         self._sent_waiters: list[Callable[[], None]] = []
         self._in_io = False  # inside a read or a write of paho's: publishes wait for a flush
+        self._holding = False  # inside hold(): writes wait for its end
 
     def attach(self, client: mqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
         """Pump for ``client`` from now on, on ``loop`` (the running loop's thread)."""
@@ -68,6 +69,26 @@ class SocketPump:
         self.sock = None
         self._writer_armed = False
         self._sent_waiters.clear()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Queue what is written inside the block and write it in one go at its end.
+
+        paho queues packets one by one; written one by one, each is a send (and a TLS
+        record) of its own. The packet queue merges consecutive acknowledgements
+        (:mod:`.paho_io`), so a batch of acks queued here leaves in one send.
+        """
+        held, self._holding = self._holding, True
+        try:
+            yield
+        finally:
+            self._holding = held
+        client = self._client
+        if not held and client is not None and client.want_write():
+            if self.on_loop_thread() and not self._writer_armed and not self._in_io:
+                self.flush()
+            else:
+                self._schedule_flush()
 
     def when_sent(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, on the loop, when what was queued so far is written to
@@ -101,10 +122,10 @@ class SocketPump:
     def register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         # paho asks for a write after each queued packet. A publish from application code is
         # written at once: deferring it to the next loop iteration adds that iteration to every
-        # message's latency, and paho writes each packet with its own send() either way.
-        # What is queued while reading (PUBACKs of a burst) or while the kernel buffer is full
-        # waits for one flush per loop iteration.
-        if self._loop is None:
+        # message's latency. What is queued while reading (PUBACKs of a burst) or while the
+        # kernel buffer is full waits for one flush per loop iteration; what is queued while
+        # held, for the end of hold().
+        if self._loop is None or (self._holding and self.on_loop_thread()):
             return
         if (not self._in_io and not self._writer_armed and self.sock is not None
                 and self.on_loop_thread()):
