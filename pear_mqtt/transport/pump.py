@@ -83,12 +83,12 @@ class SocketPump:
             yield
         finally:
             self._holding = held
-        client = self._client
-        if not held and client is not None and client.want_write():
-            if self.on_loop_thread() and not self._writer_armed and not self._in_io:
-                self.flush()
-            else:
-                self._schedule_flush()
+            client = self._client
+            if not held and client is not None and client.want_write():
+                if self.on_loop_thread() and not self._writer_armed and not self._in_io:
+                    self.flush()
+                else:
+                    self._schedule_flush()
 
     def when_sent(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, on the loop, when what was queued so far is written to
