@@ -26,7 +26,7 @@ __all__ = ["InputLink", "input_links", "read_input"]
 
 log = logging.getLogger(__name__)
 
-# Messages whose items go into one store transaction (one commit, then one ack each): a
+# Messages whose items go into one store transaction (one commit, then their acks): a
 # backlog is written in large batches, while a trickle still commits message by message.
 # A commit's cost grows with the index pages it rewrites, not with its items, so larger
 # groups are cheaper per item (docs/BRIDGE.md, "Cost per insight").
@@ -140,8 +140,9 @@ async def read_input(link: InputLink, *, client_id: str,
                 # the rest stays in the transport's bounded inbox.
                 group = [msg, *conn.drain_inbox(limit=_INGEST_MESSAGES - 1)]
                 ingest(link, group)
-                for m in group:
-                    conn.ack(m)
+                # After the commit, and in one send: a scale-out instance acknowledges
+                # every message it leaves to the others too (docs/BRIDGE.md, "Scale-out").
+                conn.ack_many(group)
                 changed.set()
                 if conn.queued:
                     await asyncio.sleep(0)  # acks, writes and keep-alives go on

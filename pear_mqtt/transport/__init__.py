@@ -1,8 +1,8 @@
 """asyncio MQTT connections over paho-mqtt, driven by the event loop (no paho thread).
 
 The only package that imports paho: :mod:`.connection` (one connection, its
-:mod:`.inbox` of unread messages) and
-:mod:`.paho_io` (faster stand-ins for three paho internals). Why not aiomqtt:
+:mod:`.inbox` of unread messages and its :mod:`.pump` that reads and writes the socket)
+and :mod:`.paho_io` (faster stand-ins for three paho internals). Why not aiomqtt:
 docs/DESIGN.md.
 """
 

@@ -11,9 +11,7 @@ import contextlib
 import logging
 import socket
 import ssl
-import threading
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +26,7 @@ from ..config.models import BrokerURL, TLSConfig
 from ..errors import ConnectError, NotConnectedError, PublishRefused, TransportError
 from .inbox import InboundMessage, Inbox
 from .paho_io import install
+from .pump import SocketPump
 
 __all__ = ["Connection", "InboundMessage", "Will", "build_tls_context", "stop_task"]
 
@@ -35,12 +34,6 @@ log = logging.getLogger(__name__)
 
 # Messages handed out by messages() before it lets other tasks run (writes, keep-alive, ...).
 _YIELD_EVERY = 256
-# Packets read per readable event before yielding to other tasks.
-_READ_BURST = 2000
-# Seconds of reading (and of handling, with dispatch_to) per readable event. A receiver that
-# falls behind a sender finds the socket never dry; without a time bound the tasks reading
-# what its handler delivered would wait for the whole backlog (tens of ms in a trace).
-_READ_SLICE = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,28 +93,21 @@ class Connection:
         self.session_present = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
-        self._sock: Any = None
         self._connack: asyncio.Future[None] | None = None
         self._pubs: dict[int, asyncio.Future[None]] = {}
         self._subs: dict[int, asyncio.Future[list[int]]] = {}
         self._unsubs: dict[int, asyncio.Future[None]] = {}
-        self._inbox = Inbox(pause=self._pause_reading, resume=self._resume_reading)
         self._handler: Callable[[InboundMessage], None] | None = None
-        self._reading_paused = False
-        self._flush_scheduled = False
-        self._writer_armed = False
-        self._sent_waiters: list[Callable[[], None]] = []
-        self._in_io = False  # inside a read or a write of paho's: publishes wait for a flush
-        self._loop_thread = 0
         self._misc_task: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
+        self._pump = SocketPump(closed=self.closed)
+        self._inbox = Inbox(pause=self._pump.pause_reading, resume=self._pump.resume_reading)
         self.close_reason: str = ""
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self, *, timeout: float = 10.0) -> None:
         """Connect and wait for a successful CONNACK; :class:`ConnectError` otherwise."""
         self._loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
         if self._protocol_pref:
             attempts = [(self._protocol_pref, timeout)]
         else:
@@ -164,6 +150,7 @@ class Connection:
                              reconnect_on_failure=False)
         self._client = client
         install(client)
+        self._pump.attach(client, loop)
         client.max_inflight_messages_set(self._max_inflight)
         client.max_queued_messages_set(0)
         client.manual_ack_set(self._manual_ack)
@@ -174,10 +161,6 @@ class Connection:
         if self._will is not None:
             client.will_set(self._will.topic, self._will.payload, qos=self._will.qos,
                             retain=self._will.retain)
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -213,9 +196,9 @@ class Connection:
 
     def abort(self) -> None:
         """Drop the connection without DISCONNECT, as a crash would (the will fires)."""
-        if self._sock is not None:
+        if self._pump.sock is not None:
             with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
+                self._pump.sock.shutdown(socket.SHUT_RDWR)
         self._teardown("aborted")
 
     def _teardown(self, reason: str) -> None:
@@ -223,15 +206,10 @@ class Connection:
             self._misc_task.cancel()
             self._misc_task = None
         client = self._client
-        if self._sock is not None and self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(self._sock)
-                self._loop.remove_writer(self._sock)
+        self._pump.detach()
         if client is not None:
             with contextlib.suppress(Exception):
                 client._sock_close()
-        self._sock = None
-        self._sent_waiters.clear()  # nothing more will be sent on this connection
         self._fail_all(reason)
 
     def _fail_all(self, reason: str) -> None:
@@ -261,10 +239,18 @@ class Connection:
         """Acknowledge ``msg`` (a QoS 1 message of a ``manual_ack`` connection) now that it is
         safely processed. A no-op otherwise, and after this connection closed: the broker
         then delivers the message again on the next connection of the session."""
+        self.ack_many((msg,))
+
+    def ack_many(self, msgs: Iterable[InboundMessage]) -> None:
+        """:meth:`ack` each of ``msgs``, all in one write to the socket (one send instead of
+        one per message)."""
         client = self._client
-        if (not self._manual_ack or msg.qos == 0 or client is None or self.closed.is_set()):
+        if not self._manual_ack or client is None or self.closed.is_set():
             return
-        client.ack(msg.mid, msg.qos)
+        with self._pump.hold():
+            for msg in msgs:
+                if msg.qos:
+                    client.ack(msg.mid, msg.qos)
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                 expiry: int | None = None, response_topic: str | None = None,
@@ -301,12 +287,7 @@ class Connection:
         written to the socket (at once if it is): a producer of many large messages paces
         itself by it instead of queueing them all in memory. Never called if the connection
         closes first."""
-        assert self._loop is not None
-        client = self._client
-        if client is None or not client.want_write():
-            self._loop.call_soon(callback)
-        else:
-            self._sent_waiters.append(callback)
+        self._pump.when_sent(callback)
 
     async def subscribe(self, filters: Sequence[tuple[str, int]], *,
                         no_local: bool = False) -> list[int]:
@@ -330,7 +311,7 @@ class Connection:
             fut: asyncio.Future[list[int]] = self._loop.create_future()
             self._subs[mid] = fut
             futures.append(fut)
-        self._resume_reading()
+        self._pump.resume_reading()
         granted = await asyncio.gather(*futures)
         return [g for answer in granted for g in answer]
 
@@ -342,7 +323,7 @@ class Connection:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise TransportError(f"unsubscribe failed: {mqtt.error_string(rc)}")
         self._unsubs[mid] = fut
-        self._resume_reading()
+        self._pump.resume_reading()
         await fut
 
     async def messages(self) -> AsyncIterator[InboundMessage]:
@@ -395,117 +376,11 @@ class Connection:
         return self._client
 
     # -- paho callbacks (run on the loop thread, except socket open/write during connect) ---
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        with contextlib.suppress(OSError):
-            # Without NODELAY a small QoS 0 publish over TLS waits for Nagle (p99 ~80 ms).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = sock
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._loop.add_reader, sock, self._readable)
-
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if sock is self._sock:
-            # A flush scheduled before the close must not arm a writer on a dead descriptor.
-            self._sock = None
-            self._writer_armed = False
-        if self._loop is not None:
-            with contextlib.suppress(Exception):
-                self._loop.remove_reader(sock)
-                self._loop.remove_writer(sock)
-
-    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # paho asks for a write after each queued packet. A publish from application code is
-        # written at once: deferring it to the next loop iteration adds that iteration to every
-        # message's latency, and paho writes each packet with its own send() either way.
-        # What is queued while reading (PUBACKs of a burst) or while the kernel buffer is full
-        # waits for one flush per loop iteration.
-        if self._loop is None:
-            return
-        if (not self._in_io and not self._writer_armed and self._sock is not None
-                and threading.get_ident() == self._loop_thread):
-            self._flush()
-            return
-        if self._flush_scheduled:
-            return
-        self._flush_scheduled = True
-        if threading.get_ident() == self._loop_thread:
-            self._loop.call_soon(self._flush)
-        else:
-            self._loop.call_soon_threadsafe(self._flush)
-
-    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        pass  # _flush decides whether the selector must watch for writability
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        client, sock, loop = self._client, self._sock, self._loop
-        if client is None or sock is None or loop is None or self.closed.is_set() \
-                or sock.fileno() < 0:
-            return
-        in_io, self._in_io = self._in_io, True  # loop_write asks for a write again when full
-        try:
-            client.loop_write()
-        finally:
-            self._in_io = in_io
-        if self._sock is not sock:
-            return
-        if client.want_write():
-            # The socket buffer is full: continue when the kernel can take more.
-            if not self._writer_armed:
-                self._writer_armed = True
-                loop.add_writer(sock, self._flush)
-            return
-        if self._writer_armed:
-            self._writer_armed = False
-            loop.remove_writer(sock)
-        if self._sent_waiters:
-            waiters, self._sent_waiters = self._sent_waiters, []
-            for callback in waiters:
-                loop.call_soon(callback)
-
-    def _readable(self) -> None:
-        client = self._client
-        if client is None:
-            return
-        # paho's loop_read() handles one packet per wake-up when nothing is in flight, so a
-        # subscriber would pay a selector round trip per message. Read until the socket (and
-        # any TLS records already decrypted) is dry, bounded so other tasks still run.
-        in_io, self._in_io = self._in_io, True
-        until = time.monotonic() + _READ_SLICE
-        try:
-            for _ in range(_READ_BURST):
-                rc = client._packet_read()
-                if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                    return
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    client._loop_rc_handle(rc)
-                    return
-                if self._reading_paused or self._client is not client:
-                    return
-                if time.monotonic() > until:
-                    break
-        finally:
-            self._in_io = in_io
-        if self._loop is not None:
-            # More may be buffered inside TLS where the selector cannot see it.
-            self._loop.call_soon(self._readable)
-
     async def _misc_loop(self) -> None:
         while not self.closed.is_set():
             await asyncio.sleep(1.0)
             if self._client is not None:
                 self._client.loop_misc()
-
-    def _pause_reading(self) -> None:
-        if not self._reading_paused and self._sock is not None and self._loop is not None:
-            self._reading_paused = True
-            self._loop.remove_reader(self._sock)
-
-    def _resume_reading(self) -> None:
-        if self._reading_paused and self._sock is not None and self._loop is not None:
-            self._reading_paused = False
-            self._loop.add_reader(self._sock, self._readable)
-            self._loop.call_soon(self._readable)
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Properties | None) -> None:
@@ -533,7 +408,7 @@ class Connection:
         self._fail_all(f"disconnected ({reason})")
         loop = self._loop
         if loop is not None:
-            if threading.get_ident() == self._loop_thread:
+            if self._pump.on_loop_thread():
                 loop.call_soon(self._teardown, f"disconnected ({reason})")
             else:
                 loop.call_soon_threadsafe(self._teardown, f"disconnected ({reason})")

@@ -1,8 +1,9 @@
 """Stand-ins for three of paho's ``Client`` internals, for speed on large and many messages.
 
 :func:`install` puts them on a client: reading from a buffer instead of a syscall per header
-byte, decoding a PUBLISH with one copy of its payload, and queueing packets as views. They
-keep paho's contracts (errors, return codes, QoS 2 left to paho); why: docs/ARCHITECTURE.md.
+byte, decoding a PUBLISH with one copy of its payload, and queueing packets as views (and
+consecutive acknowledgements as one). They keep paho's contracts (errors, return codes, QoS 2
+left to paho); why: docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MessageType, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket, MQTTException
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties, VariableByteIntegers
 
 __all__ = ["install"]
 
@@ -26,6 +25,10 @@ _DIRECT_READ = 64 * 1024
 _DIRECT_READ_MAX = 1024 * 1024
 # What a malformed PUBLISH raises while it is decoded (paho's own list, in its _packet).
 _DECODE_ERRORS = (IndexError, KeyError, MQTTException, ValueError, struct.error)
+# Acknowledgements: packets of a packet id alone, of which paho's writer does nothing more
+# once they are written (it does for a PUBLISH of QoS 0 and for a DISCONNECT).
+_ACKS = frozenset({MessageType.PUBACK, MessageType.PUBREC, MessageType.PUBREL,
+                   MessageType.PUBCOMP})
 
 
 def install(client: mqtt.Client) -> None:
@@ -96,7 +99,7 @@ class _BufferedRecv:
 
 class _PublishReader:
     """Stands in for paho's ``Client._handle_publish``: the same for QoS 0 and 1, with one
-    copy of the payload out of the packet.
+    copy of the payload out of the packet, and MQTT 5 properties skipped (left ``None``).
 
     paho's decoder peels the topic, the packet id and the properties off with a
     ``struct.unpack`` each, every one a copy of the rest of the packet, and the payload is a
@@ -139,20 +142,26 @@ class _PublishReader:
                 raise ValueError("PUBLISH shorter than its packet id")
             mid = int.from_bytes(view[pos:pos + 2], "big")
             pos += 2
-        properties: Properties | None = None
         if protocol == MQTTProtocolVersion.MQTTv5:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            length, used = VariableByteIntegers.decode(  # type: ignore[no-untyped-call]
-                view[pos:pos + 4].tobytes())
-            if pos + used + length > size:
+            # Skipped, not decoded: no consumer reads them (an InboundMessage carries none),
+            # and paho's Properties costs ~20 µs a message, more than the rest of a PUBLISH.
+            length = shift = 0
+            while True:
+                if pos >= size or shift > 21:
+                    raise ValueError("PUBLISH with a malformed property length")
+                byte = view[pos]
+                pos += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+            if pos + length > size:
                 raise ValueError("PUBLISH shorter than its properties")
-            properties.unpack(view[pos:pos + used + length].tobytes())  # type: ignore[no-untyped-call]
-            pos += used + length
+            pos += length
         message = mqtt.MQTTMessage(mid=mid, topic=topic)
         message.dup = bool(header & 0x08)
         message.qos = qos
         message.retain = bool(header & 0x01)
-        message.properties = properties
         message.payload = view[pos:].tobytes()
         message.timestamp = time.monotonic()
         return message
@@ -161,7 +170,12 @@ class _PublishReader:
 class _ViewQueue:
     """Wraps paho's ``Client._packet_queue`` so that a queued packet is a ``memoryview``: paho
     sends what is left of a packet as ``packet[pos:]``, a copy of a ``bytearray`` (the whole
-    packet, on the first try), a zero-copy slice of a view."""
+    packet, on the first try), a zero-copy slice of a view.
+
+    An acknowledgement queued right behind another joins it: paho writes each queued packet
+    with a send of its own (a TLS record and a syscall each), so a consumer acknowledging a
+    batch, or a subscriber whose read burst acknowledged many, paid one send per message.
+    """
 
     __slots__ = ("_client",)
 
@@ -170,5 +184,18 @@ class _ViewQueue:
 
     def __call__(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                  info: mqtt.MQTTMessageInfo | None = None) -> MQTTErrorCode:
-        return mqtt.Client._packet_queue(self._client, command, memoryview(packet),  # type: ignore[arg-type]
-                                         mid, qos, info)
+        client = self._client
+        if command & 0xF0 not in _ACKS:
+            return mqtt.Client._packet_queue(client, command, memoryview(packet),  # type: ignore[arg-type]
+                                             mid, qos, info)
+        queue = client._out_packet
+        if queue:
+            last = queue[-1]
+            # Only an entry made here is a bytearray: paho sends what is left of it,
+            # packet[pos:], so it may grow even while partly written.
+            if last["command"] & 0xF0 in _ACKS and type(last["packet"]) is bytearray:
+                last["packet"] += packet
+                last["to_process"] += len(packet)
+                client._call_socket_register_write()
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return mqtt.Client._packet_queue(client, command, bytearray(packet), mid, qos, info)

@@ -2,7 +2,8 @@
 (``dispatch_to``), nothing lost or reordered across the switch from the queue, a failing
 handler that costs one message, not the connection; a publish written at once; a slow
 handler that lets other tasks run between messages; large messages (MQTT 5 properties, QoS 0
-and 1) whole, and ``when_sent`` telling a producer its messages are written."""
+and 1) whole, ``when_sent`` telling a producer its messages are written, and a batch of
+manual acks (``ack_many``) taken by the broker while the unacknowledged come again."""
 
 from __future__ import annotations
 
@@ -151,3 +152,63 @@ async def test_large_messages_arrive_whole_and_when_sent_paces_their_producer(
         idle = asyncio.Event()
         conn.when_sent(idle.set)
         await asyncio.wait_for(idle.wait(), 5)
+
+
+async def test_acks_of_a_batch_reach_the_broker_and_the_unacked_come_again(
+        make_config: Callable[..., NetworkConfig], unique_id: str) -> None:
+    config = make_config("acme")
+    topic = TopicScheme(mode="consortium", network=config.network_id,
+                        member="acme").insights(f"transport/acks-{unique_id}")
+    client_id = f"transport-acks-{unique_id}"
+
+    def consumer() -> Connection:
+        # A persistent session whose QoS 1 messages are acknowledged by the consumer.
+        return Connection(broker=config.broker, client_id=client_id, tls=config.tls,
+                          session_expiry=60, manual_ack=True)
+
+    async def receive(conn: Connection, n: int) -> list[InboundMessage]:
+        got: list[InboundMessage] = []
+        async for msg in conn.messages():
+            got.append(msg)
+            if len(got) == n:
+                break
+        return got
+
+    conn = consumer()
+    await conn.connect()
+    await conn.subscribe([(topic, 1)])
+    payloads = [b"m%02d" % i for i in range(12)]
+    async with acme_connection(make_config, f"acks-pub-{unique_id}", subscribe=False) as (
+            pub, _):
+        for p in payloads:
+            await pub.publish(topic, p, qos=1)
+    got = await asyncio.wait_for(receive(conn, len(payloads)), 10)
+    assert [m.payload for m in got] == payloads
+    # Every other message acknowledged, each one's PUBACK in one write of several.
+    conn.ack_many(got[0::2])
+    acked = asyncio.Event()
+    conn.when_sent(acked.set)
+    await asyncio.wait_for(acked.wait(), 5)
+    await conn.close()
+
+    again = consumer()
+    await again.connect()
+    try:
+        assert again.session_present
+        redelivered = await asyncio.wait_for(receive(again, len(payloads) // 2), 10)
+        assert [m.payload for m in redelivered] == payloads[1::2]
+        again.ack_many(redelivered)
+    finally:
+        await again.close()
+    # Acknowledged, all of them: a third connection of the session gets nothing back.
+    last = consumer()
+    await last.connect()
+    try:
+        marker = b"marker"
+        async with acme_connection(make_config, f"acks-mark-{unique_id}",
+                                   subscribe=False) as (pub, _):
+            await pub.publish(topic, marker, qos=1)
+        (first,) = await asyncio.wait_for(receive(last, 1), 10)
+        assert first.payload == marker
+    finally:
+        await last.close()
