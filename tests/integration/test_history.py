@@ -22,9 +22,11 @@ def _view(net: PearNetwork, member: str) -> Any:
 
 
 def _verified(net: PearNetwork, member: str) -> bool:
-    """``net`` holds ``member``'s log up to its latest signed head, and checked it."""
+    """``net`` holds ``member``'s log up to its latest signed head, that head covers every
+    entry it holds (a live entry can arrive before the head that covers it), and checked it."""
     v = _view(net, member)
-    return v is not None and v.head_length is not None and v.verified == v.head_length
+    return (v is not None and v.head_length is not None and v.head_length >= v.held
+            and v.verified == v.head_length)
 
 
 async def test_a_receiver_verifies_the_senders_log_against_its_signed_head(
