@@ -469,7 +469,7 @@ _LIMITS = [
     "- **bridge (20,000 per CPU-second)**: per insight it decodes its share of an envelope "
     "(~8 us), validates the `SharedInsight` (~9 us) and the opened `Contribution` (~6 us), "
     "opens the sealed token (~5 us), computes the receipt digest over canonical JSON "
-    "(~10 us), checks policy and window (~5 us) and stores the row (~6 us, 64 messages per "
+    "(~10 us), checks policy and window (~5 us) and stores the row (~6 us, 256 messages per "
     "transaction), besides paho and TLS: ~75-90 us. A quick run (3,000 items) also charges "
     "the process's start-up (~0.5 s of CPU: imports, pydantic schemas) to the rate.",
     "- **publishing N retained states (0.6x raw paho)**: a state is one message now: its "
