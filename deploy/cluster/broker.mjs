@@ -99,6 +99,9 @@ async function main () {
   const policy = new Policy(conf.rules)
   const redis = { host: conf.redis.host, port: conf.redis.port }
   const mq = redisEmitter(redis)
+  // ioredis reconnects and resubscribes by itself (a ready check racing the subscriber
+  // connection at start is one such error); an 'error' nobody listens to would end the broker.
+  mq.state.on('error', (err) => console.error(`redis message bus: ${err.message}; reconnecting`))
   const persistence = redisPersistence({
     ...redis,
     // A persistent session keeps what arrives while its client is away; aedes's default of
