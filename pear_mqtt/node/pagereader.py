@@ -73,10 +73,14 @@ class PageReader:
             return
         body = decoded.message.body
         if self._replicas is not None and parsed.page is not None:
-            self._replicas.page_seen(signer, decoded.message.sequence, parsed.page)
+            parts = body.get("parts", 1) if isinstance(body, dict) else 1
+            self._replicas.page_seen(signer, decoded.message.sequence, parsed.page,
+                                     part=parsed.part,
+                                     parts=parts if type(parts) is int else parsed.part + 1)
         states = body.get("states") if isinstance(body, dict) else None
         if (decoded.message.kind != "checkpoint" or not isinstance(states, dict)
-                or body.get("page") != parsed.page or parsed.company is None):
+                or body.get("page") != parsed.page or body.get("part", 0) != parsed.part
+                or parsed.company is None):
             self._counters.dropped["malformed"] += 1
             return
         # The topic each state would have on its own: built (and its category checked) by the
@@ -103,7 +107,9 @@ class PageReader:
         if decoded.message.kind != "checkpoint" or not isinstance(states, dict) \
                 or parsed.company is None:
             return
-        if parsed.page is None or body.get("page") != parsed.page:
+        parts = body.get("parts", 1)
+        if parsed.page is None or body.get("page") != parsed.page \
+                or body.get("part", 0) != parsed.part or type(parts) is not int:
             return
         if self._clock() - decoded.message.timestamp > self.config.reliability.message_expiry:
             # Sent that long ago, every state in it is older still: past the lifetime a
@@ -119,10 +125,12 @@ class PageReader:
             except TopicError:
                 continue
             own[topic] = json.dumps(raw, separators=(",", ":")).encode()
-        self._pages.seed_page(parsed.page, own, sequence=decoded.message.sequence)
+        self._pages.seed_page(parsed.page, own, sequence=decoded.message.sequence,
+                              part=parsed.part, parts=parts)
 
     def _load_page(self, parsed: ParsedTopic, scheme: TopicScheme, signer: Identity,
                    states: dict[str, Any], *, sequence: int, log_ref: str | None) -> None:
+        held = self._states
         for category, raw in states.items():
             try:
                 topic = scheme.state(signer.node, category)
@@ -131,6 +139,11 @@ class PageReader:
                 continue
             if zlib.crc32(topic.encode()) % CHECKPOINT_PAGES != parsed.page:
                 self._counters.dropped["malformed"] += 1  # not a state this page may carry
+                continue
+            current = held.get(topic)
+            if current is not None and current.sequence > sequence:
+                # The topic names the signer, so both are its: an older version of the page
+                # (a part a larger one left, or a replay) does not replace what it signed since.
                 continue
             received = self._deliver(raw, topic, True, signer, dedup=False,
                                      sequence=sequence, log_ref=log_ref)
