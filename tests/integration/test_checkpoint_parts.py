@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from brokerkinds import BrokerUnderTest
 from brokers import MosquittoBroker, NetworkPKI, probe
 
 from pear_mqtt.config.models import NetworkConfig
@@ -127,6 +128,29 @@ async def test_pages_over_one_message_go_in_parts_to_late_joiners_and_back_to_th
     result, dropped = await _late_sync(make_config, "initech")
     assert not dropped and not result.missing_pages
     _holds(result, {**dict.fromkeys(categories, 1.5), extra: 250.0})
+
+
+async def test_parts_reach_late_joiners_and_a_restarted_node_on_every_broker_kind(
+        broker_kind: BrokerUnderTest, pki: NetworkPKI, insight: Callable[..., MarketInsight],
+        tmp_path: Path) -> None:
+    """The same on mosquitto, amqtt and an aedes cluster (which streams retained messages in
+    no set order): the restarted node still holds every state, and the joiner's snapshot is
+    complete by the parts the signed head names."""
+    n = 200
+    categories = _categories(pki, n + 1, "bk")
+    config = broker_kind.config("acme", outbox=tmp_path / "acme.sqlite",
+                                max_message_bytes=SMALL)
+    async with PearNetwork(config) as tx:
+        await _publish(tx, insight, categories[:n], 1.0)
+        assert not tx.status().dropped
+    async with PearNetwork(config) as tx:
+        await _publish(tx, insight, categories[n:], 250.0)
+        assert not tx.status().dropped
+    async with PearNetwork(broker_kind.config("initech", receiving=True)) as late:
+        result = await late.sync(timeout=60)
+        assert not late.status().dropped
+    assert result.missing_pages == {}
+    _holds(result, {**dict.fromkeys(categories[:n], 1.0), categories[n]: 250.0})
 
 
 async def test_a_page_that_shrinks_leaves_no_stale_part(
