@@ -86,6 +86,19 @@ def test_a_page_over_one_message_goes_in_parts_that_each_fit(
     assert all(len(p.payload) > max_bytes // 2 for p in cut.parts[:-1])
 
 
+def test_a_page_of_a_million_state_node_fits_in_parts_at_the_default_limit(
+        make_codec: Callable[[int], EnvelopeCodec]) -> None:
+    # The chain: 1,000,000 states over 256 pages is ~3,900 a page, ~1,050 bytes each
+    # once encrypted: ~4 MB, four times the default max_message_bytes.
+    codec = make_codec(1024 * 1024)
+    cutter = PageCutter(node_id="store-1")
+    cutter.attach(codec)
+    cut = cutter.cut(0, _entries(3900, size=760))
+    assert not cut.oversized and 3 <= len(cut.parts) <= 6
+    assert all(len(p.payload) <= 1024 * 1024 for p in cut.parts)
+    assert sum(len(p.topics or ()) for p in cut.parts) == 3900
+
+
 def test_a_state_over_a_message_alone_is_left_out_and_named(
         make_codec: Callable[[int], EnvelopeCodec]) -> None:
     codec = make_codec(4096)
