@@ -16,7 +16,7 @@ __all__ = ["Cut", "PageCutter", "SignedPart"]
 # learnt from each page signed; until then this much is assumed (a quarter of a small limit).
 _OVERHEAD_GUESS = 4096
 _OVERHEAD_SLACK = 64  # the header's numbers (sequence, time) vary in length
-_PART_FIELDS = 48  # ',"part":<n>,"parts":<n>' and the braces, at most
+_PART_FIELDS = 64  # '{"node":,"page":255,"part":65535,"parts":65535,"states":{}}' (59)
 _ATTEMPTS = 4  # cuts tried with a larger overhead when a part still did not fit
 
 
