@@ -120,8 +120,8 @@ class CheckpointPages:
     async def send(self, conn: Connection, window: Window, *,
                    burst_end: bool, limit: int) -> bool:
         """Send the changed pages the pacing allows (all of them while :attr:`forced`),
-        ``limit`` at most (:attr:`cut` tells whether more were due); False if the connection
-        broke."""
+        ``limit`` messages at most, a page always whole (:attr:`cut` tells whether more were
+        due); False if the connection broke."""
         self.cut = False
         if not self._dirty or not self._seeded:
             return True
@@ -165,7 +165,7 @@ class CheckpointPages:
                 rows = self._oversized(page, cut.oversized, rows)
             if not await self._publish(conn, window, page, cut.parts, rows):
                 return False
-            sent += 1
+            sent += max(1, len(cut.parts))  # a slice counts messages: a page in parts is more
         return True
 
     def _oversized(self, page: int, topics: list[str],
