@@ -73,8 +73,9 @@ _WAKE_MAX = 5.0  # longest wait (s) before a deferred page or held state is cons
 
 
 class Sender:
-    """The outbox, the flusher task over it (:meth:`run`, one per connection) and the
-    checkpoint pages it keeps (:attr:`pages`)."""
+    """The outbox, the flusher task over it (:meth:`run`, one per connection) that hands
+    batches to its :class:`~.delivery.Delivery`, and the checkpoint pages it keeps
+    (:attr:`pages`)."""
 
     def __init__(self, *, config: NetworkConfig, counters: Counters,
                  privacy: PrivacyFilter) -> None:
@@ -275,9 +276,9 @@ class Sender:
                 self._send_cursor = rows[-1].id
                 live = []
                 # Live row id -> its state row, when the live envelope may serve as the
-                # retained state too (see Delivery.send_batch): while the caller works through a
-                # backlog (counted now, not only when the flusher woke: a batch may have
-                # come while it was busy). A paced stream's states are held back instead.
+                # retained state too (see Delivery.send_batch): while the caller works
+                # through a backlog (counted now, not only when the flusher woke: a batch may
+                # have come while it was busy). A paced stream's states are held back instead.
                 backlog = busy or self._back_to_back - idle_b2b >= _BUSY_BACK_TO_BACK
                 shared: dict[int, OutboxItem] = {}
                 prev: OutboxItem | None = None
