@@ -10,11 +10,12 @@ import logging
 import pytest
 
 from pear_mqtt.config.models import NetworkConfig
-from pear_mqtt.errors import OversizedMessage, PublishRefused
+from pear_mqtt.errors import NotConnectedError, OversizedMessage, PublishRefused
 from pear_mqtt.model.insight import NetworkMode
 from pear_mqtt.node.counters import Counters
 from pear_mqtt.node.delivery import Delivery, batches
 from pear_mqtt.node.outbox import OutboxItem
+from pear_mqtt.node.suspects import ALONE_AFTER, REFUSED_AFTER
 from pear_mqtt.node.window import Window
 
 
@@ -33,18 +34,21 @@ class _Codec:
 
 
 class _Conn:
-    """Answers every publish with ``refuse`` (a negative PUBACK) or a PUBACK."""
+    """Answers every publish with ``refuse`` (a negative PUBACK), a lost connection before
+    its PUBACK when the payload holds ``lost``, or a PUBACK."""
 
-    def __init__(self, refuse: str | None = None) -> None:
+    def __init__(self, refuse: str | None = None, *, lost: bytes | None = None) -> None:
         self.closed = asyncio.Event()
-        self.refuse = refuse
+        self.refuse, self.lost = refuse, lost
         self.published: list[tuple[str, bytes, bool]] = []
 
     def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool,
                 expiry: int | None) -> asyncio.Future[None]:
         self.published.append((topic, payload, retain))
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self.refuse is None:
+        if self.lost is not None and self.lost in payload:
+            fut.set_exception(NotConnectedError("connection lost"))
+        elif self.refuse is None:
             fut.set_result(None)
         else:
             fut.set_exception(PublishRefused("refused", reason=self.refuse))
@@ -124,6 +128,28 @@ async def test_an_oversized_batch_is_split_and_an_oversized_row_dropped() -> Non
     assert len(conn.published) == 2  # [1, 2] and [4]: the halves that fit
     assert counters.dropped["oversized_outgoing"] == 1
     assert sorted(i for ids in outbox.acked for i in ids) == [1, 2, 3, 4]
+
+
+async def test_a_row_in_flight_at_every_close_goes_alone_then_is_dead_lettered() -> None:
+    # What a 3.1.1 broker does to a forbidden publish: it closes the connection.
+    outbox, counters = _Outbox(), Counters()
+    delivery = _delivery(_Codec(), outbox, counters, [])
+    conn, window = _Conn(lost=b"bad"), Window(count=8, nbytes=1 << 20)
+    bad = _row(1, payload=b'{"n":"bad"}')
+    envelopes = []
+    for i in range(ALONE_AFTER + REFUSED_AFTER + 1):
+        before = len(conn.published)
+        batch = [bad, _row(10 + i)]
+        assert await delivery.send_batch(conn, window, batch)  # type: ignore[arg-type]
+        await _settle()
+        envelopes.append([p.count(b'{"n"') for _t, p, _r in conn.published[before:]])
+    # In its batch until it was in flight at ALONE_AFTER closes, then alone (the other row
+    # in an envelope of its own) until REFUSED_AFTER closes, then dead-lettered.
+    assert envelopes == [[2]] * ALONE_AFTER + [[1, 1]] * REFUSED_AFTER + [[1]]
+    assert counters.dropped["refused_connection_closed"] == 1
+    acked = [i for ids in outbox.acked for i in ids]
+    assert 1 in acked and sorted(acked)[1:] == [10 + ALONE_AFTER + j
+                                                 for j in range(REFUSED_AFTER + 1)]
 
 
 def test_rows_are_batched_per_topic_in_order_with_states_last() -> None:
