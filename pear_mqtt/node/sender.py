@@ -1,5 +1,6 @@
 """A node's sending side: ``broadcast_market_insight`` into the outbox, and the flusher that
-signs pending items into envelopes, publishes them at QoS 1 and deletes them on PUBACK.
+paces pending items into batches for :mod:`.delivery` (which signs, publishes and settles
+them).
 
 The flusher batches only while the caller works through a backlog. A state goes into the
 checkpoint pages (:mod:`.checkpoints`); with per-category state topics it is also held back
@@ -10,19 +11,12 @@ docs/DESIGN.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from ..config.models import NetworkConfig
-from ..errors import (
-    NotConnectedError,
-    OutboxError,
-    OversizedMessage,
-    PublishRefused,
-    TransportError,
-)
+from ..errors import NotConnectedError, TransportError
 from ..model.insight import MarketInsight, NetworkMode
 from ..model.topics import CHECKPOINT_PAGES, TopicScheme
 from ..privacy.filter import PrivacyFilter
@@ -31,6 +25,7 @@ from ..security.seal import Sealer
 from ..transport import Connection
 from .checkpoints import CheckpointPages
 from .counters import Counters
+from .delivery import Delivery, batches
 from .heldstates import HeldStates
 from .history import NodeLog
 from .item_ids import ItemIds
@@ -38,7 +33,6 @@ from .markers import Markers
 from .memory_outbox import MemoryOutbox
 from .outbox import Outbox, OutboxItem
 from .producer import Producer
-from .suspects import Suspects
 from .window import Window
 
 __all__ = ["BACKGROUND_PER_ROUND", "MIDSTREAM_BUDGET", "STATE_MAX_DEFER", "STATE_QUIET",
@@ -79,29 +73,22 @@ _WAKE_MAX = 5.0  # longest wait (s) before a deferred page or held state is cons
 
 
 class Sender:
-    """The outbox, the flusher task over it (:meth:`run`, one per connection) and the
-    checkpoint pages it keeps (:attr:`pages`)."""
+    """The outbox, the flusher task over it (:meth:`run`, one per connection) that hands
+    batches to its :class:`~.delivery.Delivery`, and the checkpoint pages it keeps
+    (:attr:`pages`)."""
 
     def __init__(self, *, config: NetworkConfig, counters: Counters,
                  privacy: PrivacyFilter) -> None:
         self.config = config
         self._counters = counters
         self._producer = Producer(config=config, counters=counters, privacy=privacy)
-        self._codec: EnvelopeCodec | None = None
-        self._scheme: TopicScheme | None = None
         self._history: NodeLog | None = None
         self._outbox: Outbox | MemoryOutbox | None = None
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._timer: asyncio.TimerHandle | None = None
-        self._inflight_ids: set[int] = set()
-        self._suspects = Suspects()  # rows in flight when a connection closed
-        self._acks: list[int] = []  # acknowledged rows not yet deleted (see _ack_rows)
-        self._refused_topics: set[str] = set()  # said once each (see _publish)
-        self._ack_scheduled = False
         self._send_cursor = 0
-        self._latency: float | None = None
         self._yielded_at = self._broadcast_at = time.monotonic()
         self._back_to_back = 0  # broadcasts that started right after the previous one returned
         self._held = HeldStates()  # state rows held back while a burst lasts
@@ -118,14 +105,17 @@ class Sender:
                                       state_topics=self._state_topics, max_waiting=waiting)
         self._send_pages = self._pages.send
         self._keep_state = self._pages.keep_state
+        self._delivery = Delivery(config=config, counters=counters, keep_state=self._keep_state,
+                                  share=self._share, settled=self._maybe_idle)
+        self._send_batch = self._delivery.send_batch
 
     def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme, sealer: Sealer | None,
                outbox: Outbox | MemoryOutbox, markers: Markers,
                history: NodeLog | None = None) -> None:
         """What ``connect()`` opened: sign with ``codec``, seal aggregated groups with
         ``sealer``, send from ``outbox``, and log every envelope in ``history``."""
-        self._codec, self._scheme, self._outbox = codec, topics, outbox
-        self._history = history
+        self._outbox, self._history = outbox, history
+        self._delivery.attach(codec=codec, outbox=outbox, history=history)
         self._producer.attach(topics=topics, sealer=sealer, item_ids=ItemIds(codec.signer),
                               outbox=outbox)
         self._pages.attach(codec=codec, topics=topics, markers=markers)
@@ -134,7 +124,7 @@ class Sender:
 
     def close_outbox(self) -> None:
         if self._outbox is not None:
-            self._flush_acks()
+            self._delivery.detach()
             self._outbox.close()
             self._outbox = None
 
@@ -153,7 +143,7 @@ class Sender:
     @property
     def latency(self) -> float | None:
         """Smoothed PUBACK round trip in ms (None before the first)."""
-        return self._latency
+        return self._delivery.latency
 
     @property
     def idle(self) -> bool:
@@ -184,7 +174,7 @@ class Sender:
 
     def connection_lost(self) -> None:
         """Forget what was in flight: it is still in the outbox and is fetched again."""
-        self._inflight_ids.clear()
+        self._delivery.connection_lost()
         self._send_cursor = 0
         self._held.clear()
 
@@ -235,7 +225,7 @@ class Sender:
     # -- the flusher ---------------------------------------------------------------------------
     async def run(self, conn: Connection) -> None:
         """Send from the outbox over ``conn`` until it closes."""
-        assert self._outbox is not None and self._codec is not None
+        assert self._outbox is not None
         window = Window(count=_MAX_INFLIGHT_ENVELOPES, nbytes=_MAX_INFLIGHT_BYTES)
         rel = self.config.reliability
         while not conn.closed.is_set():
@@ -286,9 +276,9 @@ class Sender:
                 self._send_cursor = rows[-1].id
                 live = []
                 # Live row id -> its state row, when the live envelope may serve as the
-                # retained state too (see _send_batch): while the caller works through a
-                # backlog (counted now, not only when the flusher woke: a batch may have
-                # come while it was busy). A paced stream's states are held back instead.
+                # retained state too (see Delivery.send_batch): while the caller works
+                # through a backlog (counted now, not only when the flusher woke: a batch may
+                # have come while it was busy). A paced stream's states are held back instead.
                 backlog = busy or self._back_to_back - idle_b2b >= _BUSY_BACK_TO_BACK
                 shared: dict[int, OutboxItem] = {}
                 prev: OutboxItem | None = None
@@ -307,7 +297,7 @@ class Sender:
                     # A newer state of the same category replaces the held one in the outbox
                     # too, so only the newest is ever signed and sent.
                     self._held.hold(row)
-                for batch in _batches(live, rel.batch_max_items):
+                for batch in batches(live, rel.batch_max_items):
                     if not await self._send_batch(conn, window, batch, shared=shared):
                         return
                 # Mid-stream, what is overdue goes a little per round (about a third of a
@@ -339,57 +329,6 @@ class Sender:
             log.info("publish stopped: %s", exc)
             return False
         return True
-
-    async def _send_batch(self, conn: Connection, window: Window, batch: list[OutboxItem],
-                          *, shared: dict[int, OutboxItem] | None = None) -> bool:
-        """Sign and publish ``batch``; False if the connection broke.
-
-        ``shared`` maps a live row to its held-back state row: when that row's envelope
-        carries it alone, the same signed bytes are published as the retained state too
-        (one signature for both), unless a newer state of the category is held by now.
-        """
-        if self._suspects:
-            batch = await self._send_suspects(conn, window, batch)
-            if not batch:
-                return not conn.closed.is_set()
-        for payload, ids in self._encode(batch):
-            rows = [(batch[0], ids)]
-            state = shared.get(ids[0]) if shared and len(ids) == 1 else None
-            if state is not None and self._held.take_shared(state, STATE_MAX_DEFER):
-                self._keep_state(state.topic, state.payload)
-                rows.append((state, [state.id]))
-            for first, row_ids in rows:
-                await window.acquire(len(payload))
-                try:
-                    self._publish(conn, first, payload, row_ids, window)
-                except TransportError as exc:  # includes NotConnectedError
-                    window.release(len(payload))
-                    log.info("publish stopped: %s", exc)
-                    return False
-        return True
-
-    async def _send_suspects(self, conn: Connection, window: Window,
-                             batch: list[OutboxItem]) -> list[OutboxItem]:
-        """Dead-letter the rows of ``batch`` the broker refused by closing the connection,
-        send those suspected of it alone (each PUBACK awaited); return the rest."""
-        rest: list[OutboxItem] = []
-        for row in batch:
-            if self._suspects.refused(row.id):
-                self._dead_letter(row.topic, "connection closed", [row.id])
-            elif not self._suspects.alone(row.id):
-                rest.append(row)
-            else:
-                for payload, ids in self._encode([row]):
-                    await window.acquire(len(payload))
-                    try:
-                        sent = self._publish(conn, row, payload, ids, window)
-                    except TransportError:
-                        window.release(len(payload))
-                        return []
-                    await _settled_or_closed(sent, conn)
-                    if conn.closed.is_set():
-                        return []
-        return rest
 
     async def send_states(self, conn: Connection, window: Window, *, limit: int,
                           budget: float | None = None) -> bool:
@@ -431,9 +370,17 @@ class Sender:
                     or self._counters.insights_out - started >= batch_max):
                 return
 
+    def _share(self, state: OutboxItem) -> bool:
+        """Whether ``state`` may go on its live envelope (see :meth:`Delivery.send_batch`)."""
+        return self._held.take_shared(state, STATE_MAX_DEFER)
+
+    def _ack_rows(self, ids: list[int]) -> None:
+        # The pages' hook: they exist before the delivery (it keeps states in them).
+        self._delivery.ack_rows(ids)
+
     def _maybe_idle(self) -> None:
-        if (self._outbox is not None and not self._inflight_ids and self._outbox.depth == 0
-                and self._pages.settled):
+        if (self._outbox is not None and not self._delivery.in_flight
+                and self._outbox.depth == 0 and self._pages.settled):
             self._pages.forced = False  # flush() is satisfied
             self._idle.set()
 
@@ -444,143 +391,3 @@ class Sender:
                 self._work.set()
             self._timer = asyncio.get_running_loop().call_later(
                 min(max(delay, 0.05), _WAKE_MAX), wake)
-
-    def _encode(self, batch: list[OutboxItem]) -> list[tuple[bytes, list[int]]]:
-        """Sign ``batch`` as one envelope, or as several when it is over the size limit."""
-        assert self._codec is not None
-        try:
-            # Rows hold each item's JSON as the outbox stored it: join, don't re-serialise.
-            # The live stream is the log; a retained state repeats one of its items.
-            history = self._history if batch[0].kind != "state" else None
-            ref = history.next_ref() if history is not None else None
-            if batch[0].kind == "state":
-                payload = self._codec.encode_json(kind="state", body_json=batch[-1].payload)
-                self._keep_state(batch[-1].topic, batch[-1].payload)
-            else:
-                payload = self._codec.encode_json(
-                    kind="insights",
-                    body_json=b'{"items":[' + b",".join(r.payload for r in batch) + b"]}",
-                    log_ref=ref)
-            if history is not None:
-                history.append(batch[0].topic, payload)
-        except OversizedMessage:
-            if len(batch) == 1:
-                # One insight larger than the envelope limit can never be sent.
-                self._counters.dropped["oversized_outgoing"] += 1
-                self._ack_rows([batch[0].id])
-                return []
-            half = len(batch) // 2
-            return self._encode(batch[:half]) + self._encode(batch[half:])
-        return [(payload, [r.id for r in batch])]
-
-    def _publish(self, conn: Connection, first: OutboxItem, payload: bytes, ids: list[int],
-                 window: Window) -> asyncio.Future[None]:
-        rel = self.config.reliability
-        fut = conn.publish(first.topic, payload, qos=rel.qos, retain=first.retain,
-                           expiry=rel.message_expiry if first.retain else None)
-        self._inflight_ids.update(ids)
-        self._counters.messages_out += 1
-        sent_at = time.perf_counter()
-
-        nbytes = len(payload)
-        live = first.kind != "state"  # one row per insight (or sealed part)
-
-        def done(f: asyncio.Future[None]) -> None:
-            window.release(nbytes)
-            self._inflight_ids.difference_update(ids)
-            exc = None if f.cancelled() else f.exception()
-            if isinstance(exc, PublishRefused):
-                self._dead_letter(first.topic, exc.reason, ids)
-                return
-            if f.cancelled() or exc is not None:
-                # The connection went with it unacknowledged: the rows stay in the outbox
-                # and are sent again after reconnecting, alone if this keeps happening.
-                self._suspects.closed(ids)
-                return
-            rtt = (time.perf_counter() - sent_at) * 1000
-            self._latency = rtt if self._latency is None else 0.9 * self._latency + 0.1 * rtt
-            if live:
-                self._counters.insights_acked += len(ids)
-            self._suspects.acked(ids)
-            self._ack_rows(ids)
-
-        fut.add_done_callback(done)
-        return fut
-
-    def _dead_letter(self, topic: str, reason: str, ids: list[int]) -> None:
-        """The broker's rules refuse these rows: sending them again cannot help. Dropped from
-        the outbox, counted by the reason and said once per topic, never retried forever."""
-        why = "_".join(reason.lower().split())
-        self._counters.dropped[f"refused_{why}"] += len(ids)
-        if topic not in self._refused_topics:
-            self._refused_topics.add(topic)
-            log.warning("broker refused a publish on %s (%s): %d item(s) dropped from the "
-                        "outbox; check this node's identity and the broker's ACL", topic,
-                        reason, len(ids))
-        self._ack_rows(ids)
-
-    def _ack_rows(self, ids: list[int]) -> None:
-        # The PUBACKs one read of the socket brings are deleted in one outbox transaction:
-        # their callbacks all run before the flush scheduled by the first of them.
-        self._acks.extend(ids)
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks)
-
-    def _flush_acks(self) -> None:
-        self._ack_scheduled = False
-        ids, self._acks = self._acks, []
-        if self._outbox is None or not ids:
-            return
-        try:
-            self._outbox.ack(ids)
-        except OutboxError as exc:
-            # The rows stay and are sent again: receivers de-duplicate by item id.
-            log.error("outbox could not record acknowledgements: %s", exc)
-            self._counters.dropped["outbox_ack_failed"] += 1
-            return
-        self._maybe_idle()
-
-
-async def _settled_or_closed(sent: asyncio.Future[None], conn: Connection) -> None:
-    """Until ``sent`` has its PUBACK (or failed), or ``conn`` closed."""
-    async def settled() -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(sent)
-
-    async def closed() -> None:
-        await conn.closed.wait()
-
-    waiting = [asyncio.ensure_future(settled()), asyncio.ensure_future(closed())]
-    try:
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in waiting:
-            task.cancel()
-
-
-def _batches(rows: list[OutboxItem], limit: int) -> Iterator[list[OutboxItem]]:
-    """Group a page of rows by (topic, kind), in order, at most ``limit`` per batch.
-
-    Order is kept per topic, which is all MQTT promises anyway. A state row is its own batch:
-    each retained state is one message. Live insights go first and states after them: a
-    reader waits for the insight, while the retained state only has to be there eventually
-    (signing it first would add its cost to every insight's latency).
-    """
-    groups: dict[tuple[str, str], list[OutboxItem]] = {}
-    states: list[OutboxItem] = []
-    for row in rows:
-        if row.kind == "state":
-            states.append(row)
-            continue
-        key = (row.topic, row.kind)
-        batch = groups.setdefault(key, [])
-        batch.append(row)
-        if len(batch) >= limit:
-            yield batch
-            groups[key] = []
-    for batch in groups.values():
-        if batch:
-            yield batch
-    for row in states:
-        yield [row]

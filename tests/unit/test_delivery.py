@@ -1,0 +1,160 @@
+"""node/delivery.py against an in-memory connection, codec and outbox: rows leave the outbox
+on PUBACK, refused rows are dead-lettered, oversized batches are split, and a page of rows is
+grouped into batches per topic with states last."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.errors import NotConnectedError, OversizedMessage, PublishRefused
+from pear_mqtt.model.insight import NetworkMode
+from pear_mqtt.node.counters import Counters
+from pear_mqtt.node.delivery import Delivery, batches
+from pear_mqtt.node.outbox import OutboxItem
+from pear_mqtt.node.suspects import ALONE_AFTER, REFUSED_AFTER
+from pear_mqtt.node.window import Window
+
+
+class _Codec:
+    """Wraps the body unsigned; a body over ``limit`` bytes is oversized."""
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self.limit = limit
+        self.bodies: list[bytes] = []
+
+    def encode_json(self, *, kind: str, body_json: bytes, log_ref: str | None = None) -> bytes:
+        if len(body_json) > self.limit:
+            raise OversizedMessage(f"{len(body_json)} bytes")
+        self.bodies.append(body_json)
+        return kind.encode() + b":" + body_json
+
+
+class _Conn:
+    """Answers every publish with ``refuse`` (a negative PUBACK), a lost connection before
+    its PUBACK when the payload holds ``lost``, or a PUBACK."""
+
+    def __init__(self, refuse: str | None = None, *, lost: bytes | None = None) -> None:
+        self.closed = asyncio.Event()
+        self.refuse, self.lost = refuse, lost
+        self.published: list[tuple[str, bytes, bool]] = []
+
+    def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool,
+                expiry: int | None) -> asyncio.Future[None]:
+        self.published.append((topic, payload, retain))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.lost is not None and self.lost in payload:
+            fut.set_exception(NotConnectedError("connection lost"))
+        elif self.refuse is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(PublishRefused("refused", reason=self.refuse))
+        return fut
+
+
+class _Outbox:
+    def __init__(self) -> None:
+        self.acked: list[list[int]] = []
+
+    def ack(self, ids: list[int]) -> None:
+        self.acked.append(list(ids))
+
+
+def _row(i: int, topic: str = "t/a", kind: str = "insight", payload: bytes = b'{"n":1}',
+         ) -> OutboxItem:
+    return OutboxItem(id=i, topic=topic, payload=payload, kind=kind,  # type: ignore[arg-type]
+                      key=None, retain=kind == "state", created=0.0, size=len(payload))
+
+
+def _delivery(codec: _Codec, outbox: _Outbox, counters: Counters,
+              settled: list[int]) -> Delivery:
+    config = NetworkConfig(mode=NetworkMode.CONSORTIUM, company_id="Co-ACME",
+                           network_id="net-1", node_id="St-ONE",
+                           broker_url="mqtt://localhost:1883", allow_insecure_transport=True)
+    delivery = Delivery(config=config, counters=counters, keep_state=lambda _t, _j: None,
+                        share=lambda _s: False, settled=lambda: settled.append(1))
+    delivery.attach(codec=codec, outbox=outbox,  # type: ignore[arg-type]
+                    history=None)
+    return delivery
+
+
+async def _settle() -> None:
+    for _ in range(3):  # done callbacks, then the ack flush they schedule
+        await asyncio.sleep(0)
+
+
+async def test_acknowledged_rows_leave_the_outbox_in_one_transaction() -> None:
+    codec, outbox, counters = _Codec(), _Outbox(), Counters()
+    settled: list[int] = []
+    delivery = _delivery(codec, outbox, counters, settled)
+    conn, window = _Conn(), Window(count=8, nbytes=1 << 20)
+    assert await delivery.send_batch(conn, window, [_row(1), _row(2)])  # type: ignore[arg-type]
+    assert await delivery.send_batch(conn, window, [_row(3)])  # type: ignore[arg-type]
+    assert delivery.in_flight
+    await _settle()
+    assert outbox.acked == [[1, 2, 3]]
+    assert not delivery.in_flight and settled
+    assert counters.messages_out == 2 and counters.insights_acked == 3
+    assert delivery.latency is not None
+    assert codec.bodies[0] == b'{"items":[{"n":1},{"n":1}]}'
+
+
+async def test_a_refused_publish_is_dead_lettered_and_said_once_per_topic(
+        caplog: pytest.LogCaptureFixture) -> None:
+    outbox, counters = _Outbox(), Counters()
+    delivery = _delivery(_Codec(), outbox, counters, [])
+    conn, window = _Conn(refuse="Not authorized"), Window(count=8, nbytes=1 << 20)
+    with caplog.at_level(logging.WARNING, logger="pear_mqtt.node.delivery"):
+        for i in (1, 2):
+            assert await delivery.send_batch(conn, window, [_row(i)])  # type: ignore[arg-type]
+        await _settle()
+    assert counters.dropped["refused_not_authorized"] == 2
+    assert outbox.acked == [[1, 2]]
+    assert counters.insights_acked == 0
+    assert len([r for r in caplog.records if "broker refused" in r.message]) == 1
+
+
+async def test_an_oversized_batch_is_split_and_an_oversized_row_dropped() -> None:
+    codec, outbox, counters = _Codec(limit=40), _Outbox(), Counters()
+    delivery = _delivery(codec, outbox, counters, [])
+    conn, window = _Conn(), Window(count=8, nbytes=1 << 20)
+    big = _row(3, payload=b'{"n":"' + b"x" * 64 + b'"}')
+    rows = [_row(1), _row(2), big, _row(4)]
+    assert await delivery.send_batch(conn, window, rows)  # type: ignore[arg-type]
+    await _settle()
+    assert len(conn.published) == 2  # [1, 2] and [4]: the halves that fit
+    assert counters.dropped["oversized_outgoing"] == 1
+    assert sorted(i for ids in outbox.acked for i in ids) == [1, 2, 3, 4]
+
+
+async def test_a_row_in_flight_at_every_close_goes_alone_then_is_dead_lettered() -> None:
+    # What a 3.1.1 broker does to a forbidden publish: it closes the connection.
+    outbox, counters = _Outbox(), Counters()
+    delivery = _delivery(_Codec(), outbox, counters, [])
+    conn, window = _Conn(lost=b"bad"), Window(count=8, nbytes=1 << 20)
+    bad = _row(1, payload=b'{"n":"bad"}')
+    envelopes = []
+    for i in range(ALONE_AFTER + REFUSED_AFTER + 1):
+        before = len(conn.published)
+        batch = [bad, _row(10 + i)]
+        assert await delivery.send_batch(conn, window, batch)  # type: ignore[arg-type]
+        await _settle()
+        envelopes.append([p.count(b'{"n"') for _t, p, _r in conn.published[before:]])
+    # In its batch until it was in flight at ALONE_AFTER closes, then alone (the other row
+    # in an envelope of its own) until REFUSED_AFTER closes, then dead-lettered.
+    assert envelopes == [[2]] * ALONE_AFTER + [[1, 1]] * REFUSED_AFTER + [[1]]
+    assert counters.dropped["refused_connection_closed"] == 1
+    acked = [i for ids in outbox.acked for i in ids]
+    assert 1 in acked and sorted(acked)[1:] == [10 + ALONE_AFTER + j
+                                                 for j in range(REFUSED_AFTER + 1)]
+
+
+def test_rows_are_batched_per_topic_in_order_with_states_last() -> None:
+    rows = [_row(1, "t/a"), _row(2, "t/s", kind="state"), _row(3, "t/b"), _row(4, "t/a"),
+            _row(5, "t/a"), _row(6, "t/s", kind="state")]
+    got = [[r.id for r in batch] for batch in batches(rows, limit=2)]
+    assert got == [[1, 4], [5], [3], [2], [6]]
+
