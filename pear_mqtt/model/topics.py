@@ -6,10 +6,10 @@
     pear/v1/private/<company>/state/<node>/<category path>         retained latest state
     pear/v1/private/<company>/nodes/<node>                         retained presence (+ will)
     pear/v1/private/<company>/nodes/<node>/sync                    sync end-of-burst marker
-    pear/v1/private/<company>/nodes/<node>/checkpoint/<page>       retained state checkpoint
+    pear/v1/private/<company>/nodes/<node>/checkpoint/<page>[.<part>]  retained state checkpoint
     pear/v1/consortium/<network>/<company>/insights/<category path>
     pear/v1/consortium/<network>/<company>/state/<node>/<category path>
-    pear/v1/consortium/<network>/<company>/nodes/<node>[/sync|/checkpoint/<page>]
+    pear/v1/consortium/<network>/<company>/nodes/<node>[/sync|/checkpoint/<page>[.<part>]]
     pear/v1/consortium/<network>/aggregates/<category path>        retained, bridge only
     pear/v1/consortium/<network>/state/bridge/receipts/<category path>   their receipts
     pear/v1/consortium/<network>/state/bridge/partials/<bridge>/<window>/<instance>/<part>
@@ -38,6 +38,8 @@ from typing import Literal
 from ..errors import TopicError
 
 __all__ = [
+    "CHECKPOINT_MAX_PARTS",
+    "CHECKPOINT_PAGES",
     "CONSORTIUM_AGGREGATES",
     "CONSORTIUM_RESERVED",
     "MAX_CATEGORY_DEPTH",
@@ -48,6 +50,7 @@ __all__ = [
     "PartialTopic",
     "TopicScheme",
     "acl_rules",
+    "checkpoint_slot",
     "filter_covers",
     "parse_partial_topic",
     "parse_topic",
@@ -78,6 +81,15 @@ Kind = Literal["insights", "state", "nodes", "sync", "checkpoint", "aggregates",
 #: Pages a node's state checkpoint is split into (state topic -> page by CRC-32 of the topic).
 #: 256 keeps a page of a node with 100,000 states near 250 kB, well inside one message.
 CHECKPOINT_PAGES = 256
+
+#: Parts a page may be cut into when it outgrows one message (part 0 is the page's own topic).
+CHECKPOINT_MAX_PARTS = 65_536
+
+
+def checkpoint_slot(page: int, part: int) -> int:
+    """The number a node's signed head names part ``part`` of checkpoint page ``page`` by:
+    the page itself for part 0 (as before pages had parts), ``part * 256 + page`` after."""
+    return part * CHECKPOINT_PAGES + page
 
 
 # Strings already found valid. Validity depends on the string alone, and a node checks the
@@ -152,6 +164,7 @@ class ParsedTopic:
     node: str | None = None
     category: str | None = None
     page: int | None = None
+    part: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,14 +247,21 @@ class TopicScheme:
             raise TopicError("public participants keep no state topics; the bridge does")
         return f"{self.member_root}/state/{node}/#"
 
-    def checkpoint(self, node: str, page: int) -> str:
-        """Retained checkpoint page ``page`` of ``node``'s state digests (see
-        :mod:`pear_mqtt.network`); private and consortium modes only."""
+    def checkpoint(self, node: str, page: int, part: int = 0) -> str:
+        """Retained checkpoint page ``page`` of ``node``'s states, or part ``part`` of it
+        when it is cut into parts (``<page>.<part>``, the same topic level, so the filters
+        and ACL rules of pages cover parts); private and consortium modes only."""
         if self.mode == "public":
             raise TopicError("public participants keep no state, so no checkpoints")
         if isinstance(page, bool) or not isinstance(page, int) \
                 or not 0 <= page < CHECKPOINT_PAGES:
             raise TopicError(f"checkpoint page must be in [0, {CHECKPOINT_PAGES}), got {page!r}")
+        if isinstance(part, bool) or not isinstance(part, int) \
+                or not 0 <= part < CHECKPOINT_MAX_PARTS:
+            raise TopicError(f"checkpoint part must be in [0, {CHECKPOINT_MAX_PARTS}), "
+                             f"got {part!r}")
+        if part:
+            return f"{self.presence(node)}/checkpoint/{page:02x}.{part}"
         return f"{self.presence(node)}/checkpoint/{page:02x}"
 
     def node_checkpoint_filter(self, node: str) -> str:
@@ -457,12 +477,27 @@ def parse_topic(topic: str) -> ParsedTopic:
                 return ParsedTopic(mode, network, company, "nodes", node=node)
             if len(rest) == 3 and rest[2] == "sync":
                 return ParsedTopic(mode, network, company, "sync", node=node)
-            if len(rest) == 4 and rest[2] == "checkpoint" and rest[3] in _PAGE_NAMES:
+            if len(rest) == 4 and rest[2] == "checkpoint" \
+                    and (leaf := _page_part(rest[3])) is not None:
                 return ParsedTopic(mode, network, company, "checkpoint", node=node,
-                                   page=_PAGE_NAMES[rest[3]])
+                                   page=leaf[0], part=leaf[1])
     except IndexError:
         pass
     raise TopicError(f"topic {topic!r} does not match the pear_mqtt topic scheme")
+
+
+def _page_part(leaf: str) -> tuple[int, int] | None:
+    """``<page>`` or ``<page>.<part>`` (part 1 or more, in decimal, without leading zeros);
+    None for anything else."""
+    page = _PAGE_NAMES.get(leaf)
+    if page is not None:
+        return page, 0
+    name, dot, part = leaf.partition(".")
+    page = _PAGE_NAMES.get(name)
+    if (page is None or not dot or not part.isdigit() or not part.isascii()
+            or part[0] == "0" or len(part) > 5 or int(part) >= CHECKPOINT_MAX_PARTS):
+        return None
+    return page, int(part)
 
 
 def _parse_public(topic: str, parts: list[str]) -> ParsedTopic:

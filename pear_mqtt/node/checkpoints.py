@@ -1,7 +1,7 @@
 """A node's state checkpoint pages: its current retained states, paged, signed and retained
-so that a late joiner reads a few pages instead of thousands of states (docs/DESIGN.md).
-Without per-category state topics a state's outbox row waits here until a page carrying it
-is acknowledged."""
+so that a late joiner reads a few pages instead of thousands of states (docs/DESIGN.md); a
+page over one message goes in parts. Without per-category state topics a state's outbox row
+waits here until the page part carrying it is acknowledged."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import time
 import zlib
 from collections.abc import Callable
 
-from ..errors import OversizedMessage, TransportError
-from ..model.topics import CHECKPOINT_PAGES, TopicScheme
+from ..errors import TransportError
+from ..model.topics import CHECKPOINT_PAGES, TopicScheme, checkpoint_slot
 from ..security.envelope import EnvelopeCodec
 from ..transport import Connection
 from .counters import Counters
 from .markers import Markers
+from .pageparts import PageCutter, SignedPart
 from .window import Window
 
 __all__ = ["CheckpointPages"]
@@ -65,11 +66,17 @@ class CheckpointPages:
         self._topics: TopicScheme | None = None
         self._markers: Markers | None = None
         self.logged: dict[int, int] = {}
-        """Page -> envelope sequence number of its latest version (what this node's signed
-        heads name, so that sync() knows when it holds them all)."""
+        """Page part (:func:`checkpoint_slot`) -> envelope sequence number of its latest
+        version (what this node's signed heads name, so that sync() knows when it holds them
+        all)."""
         self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
-        # Outbox rows (id -> bytes) of states in a page not yet acknowledged with them.
-        self._rows: list[dict[int, int]] = [{} for _ in range(CHECKPOINT_PAGES)]
+        self._cutter = PageCutter(node_id=node_id)
+        # Part topics of each page that may hold a retained message (those past the parts
+        # of the page as last sent are cleared with it).
+        self._on_broker = [0] * CHECKPOINT_PAGES
+        # Outbox rows (id -> (bytes, state topic)) of states in a page not yet acknowledged
+        # with the part carrying them.
+        self._rows: list[dict[int, tuple[int, str]]] = [{} for _ in range(CHECKPOINT_PAGES)]
         self._waiting = [0] * CHECKPOINT_PAGES  # their bytes
         self._dirty: dict[int, None] = {}  # insertion order: oldest change first
         # Dirty pages whose changes justify a refresh mid-stream, so that a flusher round
@@ -83,6 +90,9 @@ class CheckpointPages:
         self._inflight = 0
         self._seeded = seeded
         self._seeding = False
+        # While seeding: state topic -> sequence of the own part it was read back from (a
+        # part left over from an earlier, larger version is older than the current one).
+        self._seed_sequence: dict[str, int] = {}
         self.forced = False
         """A flush is under way: every changed page (and held-back state) goes now."""
         self.cut = False
@@ -91,6 +101,7 @@ class CheckpointPages:
     def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme, markers: Markers) -> None:
         """Sign with ``codec``, name topics with ``topics`` (set on each ``connect()``)."""
         self._codec, self._topics, self._markers = codec, topics, markers
+        self._cutter.attach(codec)
 
     @property
     def seeded(self) -> bool:
@@ -109,8 +120,8 @@ class CheckpointPages:
     async def send(self, conn: Connection, window: Window, *,
                    burst_end: bool, limit: int) -> bool:
         """Send the changed pages the pacing allows (all of them while :attr:`forced`),
-        ``limit`` at most (:attr:`cut` tells whether more were due); False if the connection
-        broke."""
+        ``limit`` messages at most, a page always whole (:attr:`cut` tells whether more were
+        due); False if the connection broke."""
         self.cut = False
         if not self._dirty or not self._seeded:
             return True
@@ -120,7 +131,6 @@ class CheckpointPages:
         self._budget = min(_PAGE_BUDGET_CAP, self._budget
                            + (now - self._budget_at) * _PAGE_BUDGET_TRICKLE)
         self._budget_at = now
-        node_json = json.dumps(self._node_id).encode()
         for page in list(self._dirty if burst_end else self._due):
             if page not in self._dirty:
                 self._due.pop(page, None)
@@ -141,51 +151,93 @@ class CheckpointPages:
                 if self._budget < self._sent[page]:
                     self._wake_later((self._sent[page] - self._budget) / _PAGE_BUDGET_TRICKLE)
                     return True
-            body = b'{"node":%s,"page":%d,"states":{%s}}' % (node_json, page,
-                                                               b",".join(entries.values()))
-            if burst_end and not self.forced:
-                self._budget = max(0.0, self._budget - len(body))
             rows, self._rows[page] = self._rows[page], {}
             self._waiting[page] = 0
             del self._dirty[page]
             self._due.pop(page, None)
             self._changed[page] = 0
-            self._sent[page] = len(body)
             self._sent_at[page] = now
-            topic = self._topics.checkpoint(self._node_id, page)
-            try:
-                payload = self._codec.encode_json(kind="checkpoint", body_json=body)
-                self.logged[page] = self._codec.last_sequence
-            except OversizedMessage:
-                # Left out of the snapshot and counted: late joiners then lack these states
-                # until the page fits again (a smaller node, or a larger message limit).
-                self._counters.dropped["checkpoint_oversized"] += 1
-                log.warning("checkpoint page %d of %d states exceeds max_message_bytes: late "
-                            "joiners will lack these states; raise max_message_bytes across "
-                            "the network (and the brokers' limit) or keep fewer categories "
-                            "per node (docs/DESIGN.md, Sync and presence)", page, len(entries))
-                if rows:
-                    # No message can carry them: kept, they would hold flush() for ever.
-                    self._ack(list(rows))
-                continue
+            cut = self._cutter.cut(page, entries)
+            if burst_end and not self.forced:
+                self._budget = max(0.0, self._budget - cut.body_bytes)
+            self._sent[page] = cut.body_bytes
+            if cut.oversized:
+                rows = self._oversized(page, cut.oversized, rows)
+            if not await self._publish(conn, window, page, cut.parts, rows):
+                return False
+            sent += max(1, len(cut.parts))  # a slice counts messages: a page in parts is more
+        return True
+
+    def _oversized(self, page: int, topics: list[str],
+                   rows: dict[int, tuple[int, str]]) -> dict[int, tuple[int, str]]:
+        """States whose item alone is over a message: left out of the snapshot and counted
+        (late joiners lack them); their rows are done, as no message can carry them (kept,
+        they would hold flush() for ever). The rows of the other states are returned."""
+        self._counters.dropped["checkpoint_oversized"] += len(topics)
+        log.warning("%d state(s) of checkpoint page %d are each over max_message_bytes: late "
+                    "joiners will lack them; raise max_message_bytes across the network (and "
+                    "the brokers' limit) (docs/DESIGN.md, Sync and presence)", len(topics), page)
+        left_out = set(topics)
+        done = [row for row, (_n, topic) in rows.items() if topic in left_out]
+        if done:
+            self._ack(done)
+        return {row: v for row, v in rows.items() if v[1] not in left_out}
+
+    async def _publish(self, conn: Connection, window: Window, page: int,
+                       parts: list[SignedPart], rows: dict[int, tuple[int, str]]) -> bool:
+        """Publish ``page`` as signed (its parts in order), then clear the part topics it no
+        longer uses; each part takes the ``rows`` of the states it carries. False if the
+        connection broke (the page is sent again after reconnecting)."""
+        assert self._topics is not None
+        before = self._on_broker[page]
+        for part in range(len(parts), before):
+            self.logged.pop(checkpoint_slot(page, part), None)
+        for signed in parts:
+            self.logged[checkpoint_slot(page, signed.part)] = signed.sequence
+        self._on_broker[page] = len(parts)
+        if not parts and rows:
+            self._ack(list(rows))  # a page of oversized states alone: nothing carries them
+        by_part = _rows_by_part(parts, rows)
+        for signed, part_rows in zip(parts, by_part, strict=True):
+            payload = signed.payload
             await window.acquire(len(payload))
             try:
-                fut = conn.publish(topic, payload, qos=1, retain=True)
+                fut = conn.publish(self._topics.checkpoint(self._node_id, page, signed.part),
+                                   payload, qos=1, retain=True)
             except TransportError as exc:
                 window.release(len(payload))
-                self._dirty[page] = None
-                self._put_back(page, rows)
+                self._broke(page, before, by_part[signed.part:])
                 log.info("publish stopped: %s", exc)
                 return False
             self._inflight += 1
             self._counters.messages_out += 1
-            sent += 1
             fut.add_done_callback(functools.partial(self._page_done, page=page, window=window,
-                                                    nbytes=len(payload), rows=rows))
+                                                    nbytes=len(payload), rows=part_rows))
+        for part in range(len(parts), before):
+            # A part of a larger earlier version: cleared, so that no reader takes it (its
+            # states are older than the same states' in the parts just sent).
+            try:
+                fut = conn.publish(self._topics.checkpoint(self._node_id, page, part), b"",
+                                   qos=1, retain=True)
+            except TransportError as exc:
+                self._broke(page, before, [])
+                log.info("publish stopped: %s", exc)
+                return False
+            self._inflight += 1
+            self._counters.messages_out += 1
+            fut.add_done_callback(functools.partial(self._cleared, page=page, parts=before))
         return True
 
+    def _broke(self, page: int, before: int, unsent: list[dict[int, tuple[int, str]]]) -> None:
+        """The connection broke while ``page`` went out: it goes again, whole, and clears
+        what ``before`` parts left."""
+        self._dirty[page] = None
+        self._on_broker[page] = max(self._on_broker[page], before)
+        for rows in unsent:
+            self._put_back(page, rows)
+
     def _page_done(self, f: asyncio.Future[None], *, page: int,
-                   window: Window, nbytes: int, rows: dict[int, int]) -> None:
+                   window: Window, nbytes: int, rows: dict[int, tuple[int, str]]) -> None:
         window.release(nbytes)
         self._inflight -= 1
         if f.cancelled() or f.exception() is not None:
@@ -197,6 +249,15 @@ class CheckpointPages:
         else:
             self._settled()
 
+    def _cleared(self, f: asyncio.Future[None], *, page: int, parts: int) -> None:
+        self._inflight -= 1
+        if f.cancelled() or f.exception() is not None:
+            # Cleared again (with the page) after reconnecting.
+            self._dirty[page] = None
+            self._on_broker[page] = max(self._on_broker[page], parts)
+            return
+        self._settled()
+
     def keep_state(self, topic: str, item_json: bytes, *, only_new: bool = False,
                    row: int | None = None) -> None:
         """Record a state item for its checkpoint page; ``row``: its outbox row, acknowledged
@@ -204,7 +265,7 @@ class CheckpointPages:
         page = zlib.crc32(topic.encode()) % CHECKPOINT_PAGES
         entries = self._pages[page]
         if row is not None and row not in self._rows[page]:
-            self._rows[page][row] = len(item_json)
+            self._rows[page][row] = (len(item_json), topic)
             self._waiting[page] += len(item_json)
         if only_new and topic in entries:
             return
@@ -225,27 +286,34 @@ class CheckpointPages:
                 or (self._max_waiting is not None
                     and self._waiting[page] >= self._max_waiting))
 
-    def _put_back(self, page: int, rows: dict[int, int]) -> None:
+    def _put_back(self, page: int, rows: dict[int, tuple[int, str]]) -> None:
         """``rows`` wait for ``page`` again (its publish failed)."""
         waiting = self._rows[page]
-        for row, nbytes in rows.items():
+        for row, value in rows.items():
             if row not in waiting:
-                waiting[row] = nbytes
-                self._waiting[page] += nbytes
+                waiting[row] = value
+                self._waiting[page] += value[0]
 
-    def seed_page(self, page: int, states: dict[str, bytes], *, sequence: int) -> None:
-        """Take in this node's own page ``page`` as the broker holds it, read back by
-        :meth:`seed` (``states``: state topic -> item JSON; ``sequence``: its envelope's).
-        States this run has recorded meanwhile stay; the page is not sent again for what
-        it already holds."""
+    def seed_page(self, page: int, states: dict[str, bytes], *, sequence: int,
+                  part: int = 0, parts: int = 1) -> None:
+        """Take in part ``part`` (of ``parts``) of this node's own page ``page`` as the
+        broker holds it, read back by :meth:`seed` (``states``: state topic -> item JSON;
+        ``sequence``: its envelope's). States this run has recorded meanwhile stay, and of
+        a state read back twice the later signed; the page is not sent again for what it
+        already holds."""
         entries = self._pages[page]
+        seeded = self._seed_sequence
         assert self._topics is not None
         for topic, item_json in states.items():
-            if topic not in entries:
-                category = self._topics.category_of_state(self._node_id, topic)
-                entries[topic] = b"%s:%s" % (json.dumps(category).encode(), item_json)
+            if topic in entries and seeded.get(topic, sequence) >= sequence:
+                continue
+            category = self._topics.category_of_state(self._node_id, topic)
+            entries[topic] = b"%s:%s" % (json.dumps(category).encode(), item_json)
+            seeded[topic] = sequence
         self._sent[page] = max(self._sent[page], sum(len(e) + 1 for e in entries.values()))
-        self.logged.setdefault(page, sequence)
+        self._on_broker[page] = max(self._on_broker[page], part + 1)
+        if part < parts:  # else left by a crash before it was cleared: named by no head
+            self.logged.setdefault(checkpoint_slot(page, part), sequence)
 
     @property
     def held(self) -> int:
@@ -277,5 +345,22 @@ class CheckpointPages:
                 await conn.unsubscribe([topic_filter])
         finally:
             self._seeding = False
+            self._seed_sequence = {}
         self._seeded = True
         self._wake()
+
+
+def _rows_by_part(parts: list[SignedPart], rows: dict[int, tuple[int, str]]
+                  ) -> list[dict[int, tuple[int, str]]]:
+    """``rows`` split by the part carrying their state (a page in one envelope: all)."""
+    if len(parts) <= 1:
+        return [rows] * len(parts)
+    out: list[dict[int, tuple[int, str]]] = [{} for _ in parts]
+    for row, value in rows.items():
+        for signed, part_rows in zip(parts, out, strict=True):
+            if signed.topics is None or value[1] in signed.topics:
+                part_rows[row] = value
+                break
+        else:
+            out[0][row] = value
+    return out

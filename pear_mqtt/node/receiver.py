@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import json
 import logging
 import time
-import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +19,7 @@ from ..config.models import NetworkConfig
 from ..errors import EnvelopeError, TopicError, TransportError
 from ..history.frame import split
 from ..model.aggregates import AggregateBody
-from ..model.topics import CHECKPOINT_PAGES, ParsedTopic, TopicScheme, parse_topic
+from ..model.topics import ParsedTopic, parse_topic
 from ..privacy.filter import SharedInsight
 from ..security.envelope import Decoded, EnvelopeCodec
 from ..security.identity import Identity
@@ -31,6 +29,7 @@ from .checkpoints import CheckpointPages
 from .counters import Counters, open_counted
 from .history import NodeLog, settle
 from .markers import Markers
+from .pagereader import PageReader, state_body
 from .peers import PeerTable
 from .records import ReceivedAggregate, ReceivedInsight
 from .replicas import Replicas, Reply
@@ -90,6 +89,10 @@ class Receiver:
         self._backlog_bytes = 0
         self._last_proven = 0.0
         self._drain_handle: asyncio.Handle | None = None
+        self._page_reader = PageReader(config=config, clock=clock, counters=counters,
+                                       pages=pages, states=self._states,
+                                       deliver=self._deliver, logged=self._logged)
+        self._read_page = self._page_reader.handle
 
     def attach(self, codec: EnvelopeCodec, *, replicas: Replicas | None = None,
                history: NodeLog | None = None, sink: Sink | None = None,
@@ -105,6 +108,7 @@ class Receiver:
         self._history = history
         self._sink = sink
         self._archive = archive
+        self._page_reader.attach(codec, replicas=replicas)
 
     @property
     def states(self) -> dict[str, ReceivedInsight]:
@@ -154,7 +158,7 @@ class Receiver:
             self._handle_presence(parsed, msg)
             return
         if parsed.kind == "checkpoint":
-            self._handle_checkpoint(parsed, msg, repaired=repaired)
+            self._read_page(parsed, msg)
             return
         if not msg.payload:
             if not msg.retain:  # a cleared retained message is legitimate; this is not
@@ -194,7 +198,7 @@ class Receiver:
             self._counters.dropped["state_expired"] += 1
             return
         if signer == self._me:
-            state = _state_body(decoded) if parsed.kind == "state" else None
+            state = state_body(decoded) if parsed.kind == "state" else None
             if self._pages.seeding and state is not None:
                 self._pages.keep_state(msg.topic, json.dumps(state,
                                                              separators=(",", ":")).encode(),
@@ -221,7 +225,7 @@ class Receiver:
             self._deliver_aggregate(body, msg, parsed, signer)
         elif kind == "receipt" and parsed.kind == "bridge_receipt":
             pass  # an entry of the bridge's log (docs/HISTORY.md): verified, nothing to hand on
-        elif parsed.kind == "state" and (state := _state_body(decoded)) is not None:
+        elif parsed.kind == "state" and (state := state_body(decoded)) is not None:
             received = self._deliver(state, msg.topic, msg.retain, signer, dedup=False,
                                      sequence=decoded.message.sequence,
                                      log_ref=decoded.message.log_ref)
@@ -430,90 +434,6 @@ class Receiver:
             self._sink(received)
         self._fan_out(self._aggregate_streams, received)
 
-    def _handle_checkpoint(self, parsed: ParsedTopic, msg: InboundMessage, *,
-                           repaired: bool = False) -> None:
-        if not msg.payload:
-            return  # a cleared page
-        decoded = open_counted(self._codec, msg.payload, self._counters)
-        if decoded is None:
-            return
-        signer = decoded.signer
-        if signer == self._me:
-            if self._pages.seeding and parsed.node == signer.node:
-                self._seed_page(parsed, decoded)
-            return
-        if signer.member != parsed.company or signer.node != parsed.node:
-            self._counters.dropped["identity_mismatch"] += 1
-            return
-        if not self._logged(signer, decoded.message.log_ref, msg.payload, msg.topic):
-            return
-        body = decoded.message.body
-        if self._replicas is not None and parsed.page is not None:
-            self._replicas.page_seen(signer, decoded.message.sequence, parsed.page)
-        states = body.get("states") if isinstance(body, dict) else None
-        if (decoded.message.kind != "checkpoint" or not isinstance(states, dict)
-                or body.get("page") != parsed.page or parsed.company is None):
-            self._counters.dropped["malformed"] += 1
-            return
-        # The topic each state would have on its own: built (and its category checked) by the
-        # topic scheme of the signer's member, so a page can only speak for its own node.
-        scheme = TopicScheme(parsed.mode, parsed.network or self.config.network_id,
-                             parsed.company)
-        # A page brings hundreds of acyclic objects at once; without pausing the cyclic
-        # collector it would rescan the growing state map many times per page.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            self._load_page(parsed, scheme, signer, states, sequence=decoded.message.sequence,
-                            log_ref=decoded.message.log_ref)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
-
-    def _seed_page(self, parsed: ParsedTopic, decoded: Decoded) -> None:
-        """This node's own page, read back when it starts: its states go into the pages it
-        will send (none replacing one this run has recorded), unless the page is older than
-        ``message_expiry``."""
-        body = decoded.message.body
-        states = body.get("states") if isinstance(body, dict) else None
-        if decoded.message.kind != "checkpoint" or not isinstance(states, dict) \
-                or parsed.company is None:
-            return
-        if parsed.page is None or body.get("page") != parsed.page:
-            return
-        if self._clock() - decoded.message.timestamp > self.config.reliability.message_expiry:
-            # Sent that long ago, every state in it is older still: past the lifetime a
-            # retained state has (the broker's expiry of a per-category state message).
-            self._counters.dropped["state_expired"] += len(states)
-            return
-        scheme = TopicScheme(parsed.mode, parsed.network or self.config.network_id,
-                             parsed.company)
-        own: dict[str, bytes] = {}
-        for category, raw in states.items():
-            try:
-                topic = scheme.state(decoded.signer.node, category)
-            except TopicError:
-                continue
-            own[topic] = json.dumps(raw, separators=(",", ":")).encode()
-        self._pages.seed_page(parsed.page, own, sequence=decoded.message.sequence)
-
-    def _load_page(self, parsed: ParsedTopic, scheme: TopicScheme, signer: Identity,
-                   states: dict[str, Any], *, sequence: int, log_ref: str | None) -> None:
-        for category, raw in states.items():
-            try:
-                topic = scheme.state(signer.node, category)
-            except TopicError:
-                self._counters.dropped["bad_topic"] += 1
-                continue
-            if zlib.crc32(topic.encode()) % CHECKPOINT_PAGES != parsed.page:
-                self._counters.dropped["malformed"] += 1  # not a state this page may carry
-                continue
-            received = self._deliver(raw, topic, True, signer, dedup=False,
-                                     sequence=sequence, log_ref=log_ref)
-            if received is not None:
-                self._states[topic] = received
-                self._counters.states_from_checkpoints += 1
-
 
 def _request(conn: Connection, topic: str, payload: bytes, response_topic: str,
              correlation: bytes) -> None:
@@ -531,16 +451,3 @@ def _names(parsed: ParsedTopic, who: Identity) -> bool:
     """Whether a log topic is ``who``'s (public topics name the member alone)."""
     return parsed.company == who.member and parsed.node in (None, who.node)
 
-
-def _state_body(decoded: Decoded) -> Any | None:
-    """The state item a message on a state topic carries: a ``state`` envelope's body, or
-    the one item of an ``insights`` envelope (a sender publishes the signed envelope of an
-    insight that went out alone as its retained state too); None for anything else."""
-    message = decoded.message
-    if message.kind == "state":
-        return message.body
-    if message.kind == "insights" and isinstance(message.body, dict):
-        items = message.body.get("items")
-        if isinstance(items, list) and len(items) == 1:
-            return items[0]
-    return None

@@ -17,6 +17,7 @@ from ..errors import EnvelopeError, MalformedMessage, ProofFailed
 from ..history.frame import leaves_digest, unpack_entries
 from ..history.head import parse_head, parse_log_ref
 from ..history.merkle import HASH_SIZE, MerkleTree, leaf_hash, leaf_hashes, verify_range
+from ..model.topics import CHECKPOINT_PAGES, checkpoint_slot
 from ..security.base64url import b64url_decode, b64url_encode
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
@@ -78,7 +79,9 @@ class Replicas:
         self._keep = keep
         self._mode, self._network = mode, network
         self._replicas: dict[str, Replica] = {}
-        self._pages: dict[str, dict[int, int]] = {}  # sender -> page -> newest seq seen
+        self._pages: dict[str, dict[int, int]] = {}  # sender -> page part -> newest seq seen
+        # sender -> page -> (newest seq seen of any of its parts, the parts of that version)
+        self._cuts: dict[str, dict[int, tuple[int, int]]] = {}
         self._codec: EnvelopeCodec | None = None
         self._me: Identity | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -133,10 +136,16 @@ class Replicas:
             if not fut.done():
                 fut.set_result(None)
 
-    def page_seen(self, signer: Identity, sequence: int, page: int) -> None:
-        """A checkpoint page of ``signer`` arrived, in the version of envelope ``sequence``."""
+    def page_seen(self, signer: Identity, sequence: int, page: int, *, part: int = 0,
+                  parts: int = 1) -> None:
+        """Part ``part`` of a checkpoint page of ``signer`` arrived, in the version of
+        envelope ``sequence``, which has ``parts`` parts."""
         seen = self._pages.setdefault(signer.sender, {})
-        seen[page] = max(seen.get(page, -1), sequence)
+        slot = checkpoint_slot(page, part)
+        seen[slot] = max(seen.get(slot, -1), sequence)
+        cuts = self._cuts.setdefault(signer.sender, {})
+        if cuts.get(page, (-1, 0))[0] < sequence:
+            cuts[page] = (sequence, parts)
         self._changed()
 
     def missing_pages(self) -> dict[str, int]:
@@ -153,8 +162,9 @@ class Replicas:
             if rep.head is None or rep.fork is not None:
                 continue
             seen = self._pages.get(sender, {})
-            missing = sum(1 for page, seq in rep.head.pages.items()
-                          if seen.get(page, -1) < seq)
+            cuts = self._cuts.get(sender, {})
+            missing = sum(1 for slot, seq in rep.head.pages.items()
+                          if seen.get(slot, -1) < seq and not _recut(cuts, slot, seq))
             if missing:
                 out[sender] = missing
         return out
@@ -564,3 +574,11 @@ def _proof_hashes(proof: Any) -> list[bytes] | None:
             return None
         out.append(h)
     return out
+
+
+def _recut(cuts: dict[int, tuple[int, int]], slot: int, sequence: int) -> bool:
+    """Whether the page part a head names (``slot``, in version ``sequence``) is gone from a
+    newer version of its page that has fewer parts (its topic was cleared since)."""
+    page, part = slot % CHECKPOINT_PAGES, slot // CHECKPOINT_PAGES
+    newest, parts = cuts.get(page, (-1, 0))
+    return newest > sequence and part >= parts

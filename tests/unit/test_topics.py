@@ -154,6 +154,52 @@ def test_checkpoint_topics_round_trip_and_stay_in_the_member_subtree() -> None:
         TopicScheme("public", NET, "acme").checkpoint("acme", 0)
 
 
+
+def test_checkpoint_part_topics_round_trip_at_the_page_level() -> None:
+    from pear_mqtt.model.topics import CHECKPOINT_MAX_PARTS, checkpoint_slot
+
+    for mode in ("consortium", "private"):
+        acme = TopicScheme(mode, NET, "acme")
+        assert acme.checkpoint("store-9", 0x2a, 0) == acme.checkpoint("store-9", 0x2a)
+        for part in (1, 17, CHECKPOINT_MAX_PARTS - 1):
+            topic = acme.checkpoint("store-9", 0x2a, part)
+            assert topic == f"{acme.presence('store-9')}/checkpoint/2a.{part}"
+            parsed = parse_topic(topic)
+            assert (parsed.kind, parsed.company, parsed.node, parsed.page, parsed.part) == \
+                ("checkpoint", "acme", "store-9", 0x2a, part)
+            # The same level as a page: the page filters cover parts too.
+            assert topic_matches(acme.checkpoint_filter(), topic)
+            assert topic_matches(acme.node_checkpoint_filter("store-9"), topic)
+            assert not topic_matches(acme.node_checkpoint_filter("store-1"), topic)
+        assert parse_topic(acme.checkpoint("store-9", 0x2a)).part == 0
+        for bad in (-1, CHECKPOINT_MAX_PARTS, True):
+            with pytest.raises(TopicError):
+                acme.checkpoint("store-9", 0x2a, bad)
+        for leaf in ("2a.0", "2a.01", "2a.", ".1", "2a.x", "2a.1.1", "2A.1", "2a.+1",
+                     f"2a.{CHECKPOINT_MAX_PARTS}", "2a.\u0661"):
+            with pytest.raises(TopicError):
+                parse_topic(f"{acme.presence('store-9')}/checkpoint/{leaf}")
+    # What a head names a part by: the page itself for part 0 (as before parts).
+    assert checkpoint_slot(0x2a, 0) == 0x2a and checkpoint_slot(0x2a, 1) == 0x12a
+
+
+def test_policy_lets_a_node_write_and_members_read_its_part_topics() -> None:
+    policy = AccessPolicy.for_network(mode="consortium", network=NET, bridge_users=["br"],
+                                      revoked=[("acme", "store-9")])
+    acme = TopicScheme("consortium", NET, "acme")
+    part = acme.checkpoint("store-1", 0x2a, 3)
+    assert policy.may_publish(username="acme", topic=part)
+    assert policy.may_read(username="globex", topic=part)
+    assert policy.may_subscribe(username="globex", topic_filter=acme.checkpoint_filter())
+    assert not policy.may_publish(username="globex", topic=part)
+    # A revoked node loses its parts as it loses its pages.
+    assert not policy.may_publish(username="acme", topic=acme.checkpoint("store-9", 0x2a, 3))
+    private = AccessPolicy.for_network(mode="private", network=NET)
+    mine = TopicScheme("private", NET, "acme").checkpoint("store-1", 0, 2)
+    assert private.may_publish(username="acme", topic=mine)
+    assert not private.may_read(username="globex", topic=mine)
+
+
 # -- the filter matcher ---------------------------------------------------------------------
 
 @pytest.mark.parametrize(("topic_filter", "topic", "expected"), [

@@ -1,0 +1,117 @@
+"""Unit tests of :class:`pear_mqtt.node.checkpoints.CheckpointPages` with pages in parts, over
+an in-memory connection whose PUBACKs the test gives: a state's outbox row is acknowledged
+only once the part carrying it is, and a page that needs fewer parts clears the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pear_mqtt.model.topics import CHECKPOINT_PAGES, TopicScheme, checkpoint_slot, parse_topic
+from pear_mqtt.node.checkpoints import CheckpointPages
+from pear_mqtt.node.counters import Counters
+from pear_mqtt.node.markers import Markers
+from pear_mqtt.node.window import Window
+from pear_mqtt.security import pki as pkimod
+from pear_mqtt.security.envelope import EnvelopeCodec
+from pear_mqtt.security.signing import Signer
+from pear_mqtt.security.trust import TrustStore
+
+pytestmark = pytest.mark.unit
+
+PAGE = 0x33
+SCHEME = TopicScheme("consortium", "grp", "acme")
+
+
+class FakeConnection:
+    """Records each publish; the test resolves its future (the broker's PUBACK)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, asyncio.Future[None]]] = []
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                **_: Any) -> asyncio.Future[None]:
+        assert qos == 1 and retain
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.sent.append((topic, payload, fut))
+        return fut
+
+
+@pytest.fixture
+def make_codec(tmp_path: Path) -> Callable[[int], EnvelopeCodec]:
+    pkimod.create_ca(directory=tmp_path / "ca", network="grp")
+    node = pkimod.issue(ca_dir=tmp_path / "ca", out_dir=tmp_path / "out", role="node",
+                        member="acme", node="store-1")
+
+    def make(max_bytes: int) -> EnvelopeCodec:
+        return EnvelopeCodec(signer=Signer.from_files(key_file=node.key, cert_file=node.cert),
+                             trust=TrustStore.from_files(
+                                 ca_files=[tmp_path / "ca" / pkimod.CA_CERT], network="grp"),
+                             max_bytes=max_bytes)
+    return make
+
+
+def _topics(n: int) -> list[str]:
+    """``n`` state topics of store-1 on page :data:`PAGE`."""
+    out: list[str] = []
+    i = 0
+    while len(out) < n:
+        topic = SCHEME.state("store-1", f"u/c{i}")
+        if zlib.crc32(topic.encode()) % CHECKPOINT_PAGES == PAGE:
+            out.append(topic)
+        i += 1
+    return out
+
+
+def _pages(acked: list[int]) -> CheckpointPages:
+    return CheckpointPages(node_id="store-1", counters=Counters(), seeded=True,
+                           wake=lambda: None, wake_later=lambda _d: None, settled=lambda: None,
+                           ack=acked.extend, state_topics=False)
+
+
+async def test_rows_are_acknowledged_with_the_part_carrying_them_and_parts_shrink(
+        make_codec: Callable[[int], EnvelopeCodec]) -> None:
+    acked: list[int] = []
+    pages = _pages(acked)
+    codec = make_codec(4096)
+    pages.attach(codec=codec, topics=SCHEME, markers=Markers())
+    topics = _topics(40)
+    row_of = {}
+    for row, topic in enumerate(topics, start=100):
+        pages.keep_state(topic, b'{"iid":"i%d","insight":"%s"}' % (row, b"x" * 200), row=row)
+        row_of[topic.rsplit("/", 1)[-1]] = row
+    conn, window = FakeConnection(), Window(count=1000, nbytes=1 << 30)
+    pages.forced = True
+    assert await pages.send(conn, window, burst_end=True, limit=10)  # type: ignore[arg-type]
+    parts = [parse_topic(topic) for topic, _p, _f in conn.sent]
+    assert [(p.page, p.part) for p in parts] == [(PAGE, i) for i in range(len(parts))]
+    assert len(parts) >= 3 and not acked and not pages.settled
+    assert set(pages.logged) == {checkpoint_slot(PAGE, i) for i in range(len(parts))}
+    # Each PUBACK releases the rows of the states in that part, and only those.
+    for _topic, payload, fut in reversed(conn.sent):
+        body = codec.decode(payload, check_replay=False).message.body
+        carried = {row_of[category.rsplit("/", 1)[-1]] for category in body["states"]}
+        fut.set_result(None)
+        await asyncio.sleep(0)  # the done callback
+        assert set(acked[-len(carried):]) == carried
+    assert sorted(acked) == sorted(row_of.values()) and pages.settled
+
+    # Next connection, a larger limit: the page fits one message again; the parts past it
+    # are cleared with an empty retained message and no longer named for the head.
+    pages.attach(codec=make_codec(64 * 1024), topics=SCHEME, markers=Markers())
+    pages.keep_state(topics[0], b'{"iid":"i0","insight":"y"}', row=999)
+    conn2 = FakeConnection()
+    assert await pages.send(conn2, window, burst_end=True, limit=10)  # type: ignore[arg-type]
+    sent = [(parse_topic(t).part, len(p)) for t, p, _f in conn2.sent]
+    assert sent[0][0] == 0 and sent[0][1] > 0
+    assert sent[1:] == [(i, 0) for i in range(1, len(parts))]
+    assert set(pages.logged) == {checkpoint_slot(PAGE, 0)}
+    for _t, _p, fut in conn2.sent:
+        fut.set_result(None)
+    await asyncio.sleep(0)
+    assert 999 in acked and pages.settled
