@@ -124,6 +124,10 @@ class CheckpointPages:
         # While seeding: state topic -> sequence of the own part it was read back from (a
         # part left over from an earlier version may be older than the current one).
         self._seed_sequence: dict[str, int] = {}
+        # States recorded before the pages were read back (state topic -> page) and their
+        # outbox rows: placed once the parts they belong to are known.
+        self._early: dict[str, int] = {}
+        self._early_rows: list[tuple[int, int, str]] = []  # (row, item bytes, state topic)
         self.forced = False
         """A flush is under way: every changed page (and held-back state) goes now."""
         self.cut = False
@@ -216,6 +220,7 @@ class CheckpointPages:
         entries, layout = self._pages[page], self._layouts[page]
         self._report_left_out(page)
         cutter = self._cutter
+        cutter.learn()
         if cutter.may_fit(layout.total):
             whole = cutter.whole(page, entries.values())
             if whole is not None:
@@ -408,13 +413,14 @@ class CheckpointPages:
         entries, layout = self._pages[page], self._layouts[page]
         if only_new and topic in entries:
             if row is not None:
-                self._wait(page, layout.part_of.get(topic, 0), row, len(item_json), topic)
+                self._record_row(page, topic, row, len(item_json))
             return
         assert self._topics is not None
         category = self._topics.category_of_state(self._node_id, topic)
         entry = b"%s:%s" % (json.dumps(category).encode(), item_json)
         old = entries.get(topic)
         n = len(entry) + 1
+        self._cutter.learn()
         if n > self._cutter.cap and not self._cutter.may_fit(n):
             layout.drop(topic, 0 if old is None else len(old) + 1)
             self._leave_out(page, topic)
@@ -422,12 +428,33 @@ class CheckpointPages:
                 self._orphans.append(row)
             self._dirty[page] = None
             return
+        if not self._seeded:
+            # Placed after the read-back, in the part the broker holds it in (if any).
+            if old is not None and topic in layout.part_of:
+                layout.place(topic, len(old) + 1, n, self._cutter.cap)
+            entries[topic] = entry
+            self._early[topic] = page
+            if row is not None:
+                self._early_rows.append((row, len(item_json), topic))
+            return
         entries[topic] = entry
         part = layout.place(topic, 0 if old is None else len(old) + 1, n, self._cutter.cap)
         self._match(page)
         p = self._parts[page][part]
         if row is not None:
             self._wait(page, part, row, len(item_json), topic)
+        self._changed(page, p, n)
+
+    def _record_row(self, page: int, topic: str, row: int, nbytes: int) -> None:
+        """Outbox row ``row`` of a state ``topic`` whose entry is already held waits for
+        the part holding it."""
+        if not self._seeded:
+            self._early_rows.append((row, nbytes, topic))
+        else:
+            self._wait(page, self._layouts[page].part_of.get(topic, 0), row, nbytes, topic)
+
+    def _changed(self, page: int, p: _Part, n: int) -> None:
+        """``n`` bytes of part ``p`` of ``page`` changed."""
         p.changed += n
         p.dirty = True
         self._dirty[page] = None
@@ -486,18 +513,23 @@ class CheckpointPages:
         seeded = self._seed_sequence
         assert self._topics is not None
         for topic, item_json in states.items():
-            if topic in entries and seeded.get(topic, sequence) >= sequence:
+            if seeded.get(topic, -1) >= sequence:
+                continue  # read back from a later-signed part already
+            seeded[topic] = sequence
+            old = entries.get(topic)
+            before = 0 if old is None or topic not in layout.part_of else len(old) + 1
+            if topic in self._early:
+                # This run's newer state keeps its entry, in the part the broker has it in.
+                assert old is not None
+                layout.put(topic, part, before, len(old) + 1)
                 continue
             category = self._topics.category_of_state(self._node_id, topic)
             entry = b"%s:%s" % (json.dumps(category).encode(), item_json)
-            old = entries.get(topic)
             entries[topic] = entry
-            layout.put(topic, part, 0 if old is None else len(old) + 1, len(entry) + 1)
-            seeded[topic] = sequence
+            layout.put(topic, part, before, len(entry) + 1)
         self._match(page)
         p = self._parts[page][part]
-        if not p.changed:  # else it holds a state this run recorded: it goes again
-            p.dirty = False
+        p.dirty = False  # as the broker holds it (this run's states mark it after the read)
         p.sent = max(p.sent, layout.sizes[part])
         self._on_broker[page] = max(self._on_broker[page], part + 1)
         self._whole[page] = parts == 1 and part == 0
@@ -507,6 +539,18 @@ class CheckpointPages:
         """After reading back: a part left empty (its states came later in another) goes
         again empty, or is cleared when it is the last; a page with parts whose part 0
         lost its place goes again whole if it fits."""
+        early, self._early = self._early, {}
+        for topic, page in early.items():
+            n = len(self._pages[page][topic]) + 1
+            layout = self._layouts[page]
+            if topic not in layout.part_of:
+                layout.place(topic, 0, n, self._cutter.cap)
+            self._match(page)
+            part = layout.part_of[topic]
+            self._changed(page, self._parts[page][part], n)
+        rows, self._early_rows = self._early_rows, []
+        for row, nbytes, topic in rows:
+            self._record_row(zlib.crc32(topic.encode()) % CHECKPOINT_PAGES, topic, row, nbytes)
         for page in range(CHECKPOINT_PAGES):
             layout = self._layouts[page]
             if not self._on_broker[page]:
@@ -551,7 +595,7 @@ class CheckpointPages:
         finally:
             self._seeding = False
             self._seed_sequence = {}
-        self._seeded_layouts()
         self._seeded = True
+        self._seeded_layouts()
         self._wake()
 

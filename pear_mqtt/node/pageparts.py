@@ -143,6 +143,13 @@ class PageCutter:
     def attach(self, codec: EnvelopeCodec) -> None:
         self._codec = codec
 
+    def learn(self) -> None:
+        """Learn the envelope's overhead by signing an empty page, unless a page signed
+        since :meth:`attach` taught it: the parts read back were filled to the learnt size,
+        and a guess might find them over."""
+        if self._overhead is None:
+            self._sign(b'{"node":%s,"page":0,"states":{}}' % self._node_json)
+
     @property
     def cap(self) -> int:
         """The bytes of state entries (each with its separator) one part's body may carry."""
