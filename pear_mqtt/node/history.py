@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import HistoryError, LogTruncated, TopicError, TransportError
+from ..errors import HistoryError, LogTruncated, OversizedMessage, TopicError, TransportError
 from ..files import atomic_write
 from ..history.frame import join, leaves_digest, pack_entries
 from ..history.head import TreeHead, head_body
@@ -56,6 +56,8 @@ class NodeLog:
         self._scheme: TopicScheme | None = None
         self._head_length = -1
         self._head_at = 0.0
+        self._head_slots = 0  # the checkpoint parts' version (CheckpointPages.slots) it named
+        self._head_oversized = False
 
     def attach(self, *, codec: EnvelopeCodec, topics: TopicScheme) -> None:
         self._codec, self._scheme = codec, topics
@@ -80,26 +82,41 @@ class NodeLog:
         self._log.close()
 
     # -- the signed head ----------------------------------------------------------------------
-    def head_wait(self, *, forced: bool) -> float | None:
-        """None when the last head covers the log; else seconds until a new one may go
-        (0: now)."""
-        if self._log.length == self._head_length:
+    def head_wait(self, *, forced: bool, slots: int = 0) -> float | None:
+        """None when the last head covers the log and names the checkpoint parts as they
+        are (``slots``: their version, bumped when one is added or dropped); else seconds
+        until a new one may go (0: now)."""
+        if self._log.length == self._head_length and slots == self._head_slots:
             return None
         if forced:
             return 0.0
         return max(0.0, self._head_at + HEAD_INTERVAL - time.monotonic())
 
-    def publish_head(self, conn: Connection, *, pages: dict[int, int]) -> None:
-        """Make the log durable, then publish its signed head (retained), naming the log
-        index of each checkpoint page's latest version (``pages``)."""
+    def publish_head(self, conn: Connection, *, pages: dict[int, int], slots: int = 0) -> None:
+        """Make the log durable, then publish its signed head (retained), naming the
+        envelope sequence of each checkpoint page part's latest version (``pages``, whose
+        version is ``slots``). A head over ``max_message_bytes`` (a node with tens of
+        thousands of parts under a small limit) is not sent: counted
+        (``dropped["head_oversized"]``) and warned about once."""
         assert self._codec is not None and self._scheme is not None
         self._log.enforce_retention()
         self._log.flush()
         head = TreeHead(log=self._id, length=self._log.length, start=self._log.start,
                         root=self._log.root(), time=time.time(), pages=dict(pages))
-        payload = self._codec.encode(kind="loghead", body=head_body(head))
-        settle(conn.publish(self._scheme.log_head(self._node), payload, qos=1, retain=True))
         self._head_length, self._head_at = head.length, time.monotonic()
+        self._head_slots = slots
+        try:
+            payload = self._codec.encode(kind="loghead", body=head_body(head))
+        except OversizedMessage:
+            self._counters.dropped["head_oversized"] += 1
+            if not self._head_oversized:
+                self._head_oversized = True
+                log.warning("the signed log head naming %d checkpoint parts is over "
+                            "max_message_bytes and is not sent: late joiners cannot tell when "
+                            "they hold every state; raise max_message_bytes (docs/HISTORY.md)",
+                            len(pages))
+            return
+        settle(conn.publish(self._scheme.log_head(self._node), payload, qos=1, retain=True))
 
     # -- answering requests -------------------------------------------------------------------
     def answer(self, conn: Connection, msg: InboundMessage, parsed: ParsedTopic) -> None:

@@ -1,16 +1,18 @@
 """Cutting a checkpoint page into signed envelopes that each fit one message: the page as one
-envelope while it fits (the body unchanged), else as parts (docs/DESIGN.md, Sync and
-presence)."""
+envelope while it fits (the body unchanged), else as parts that keep their states from one
+version to the next, so that only a changed part is signed and sent again (docs/DESIGN.md,
+Sync and presence)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import OversizedMessage
 from ..security.envelope import EnvelopeCodec
 
-__all__ = ["Cut", "PageCutter", "SignedPart"]
+__all__ = ["Cut", "PageCutter", "PageLayout", "SignedPart"]
 
 # An envelope's bytes besides its body (header, certificate or key reference, signature) are
 # learnt from each page signed; until then this much is assumed (a quarter of a small limit).
@@ -41,6 +43,95 @@ class Cut:
     oversized: list[str] = field(default_factory=list)
 
 
+class PageLayout:
+    """Which part of one page holds each state topic, kept from one version to the next: a
+    state stays in its part, a new one goes into the last part while it has room (else a
+    new part), and a part grown over ``cap`` moves its last states on (:meth:`fit`).
+    ``parts[i]``: the topics of part i in order; ``sizes[i]``: their entries' bytes (each
+    entry counted with its separator)."""
+
+    __slots__ = ("part_of", "parts", "sizes")
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, None]] = []
+        self.sizes: list[int] = []
+        self.part_of: dict[str, int] = {}
+
+    def place(self, topic: str, old: int, new: int, cap: int) -> int:
+        """Put ``topic`` (its entry ``old`` bytes before, 0 if new; ``new`` bytes now) in
+        its part and return that part."""
+        part = self.part_of.get(topic)
+        if part is not None:
+            self.sizes[part] += new - old
+            return part
+        if not self.parts or (self.sizes[-1] + new > cap and self.parts[-1]):
+            self.parts.append({})
+            self.sizes.append(0)
+        part = len(self.parts) - 1
+        self.parts[part][topic] = None
+        self.sizes[part] += new
+        self.part_of[topic] = part
+        return part
+
+    def put(self, topic: str, part: int, old: int, new: int) -> None:
+        """Put ``topic`` (its entry ``old`` bytes before, 0 if new; ``new`` bytes now) in
+        ``part`` (read back from the node's own part), wherever it was."""
+        self.drop(topic, old)
+        while len(self.parts) <= part:
+            self.parts.append({})
+            self.sizes.append(0)
+        self.parts[part][topic] = None
+        self.sizes[part] += new
+        self.part_of[topic] = part
+
+    def drop(self, topic: str, size: int) -> None:
+        """Take ``topic`` (its entry ``size`` bytes) out of its part, if it is in one."""
+        part = self.part_of.pop(topic, None)
+        if part is not None:
+            del self.parts[part][topic]
+            self.sizes[part] -= size
+
+    def fit(self, size: Callable[[str], int], cap: int
+            ) -> tuple[dict[str, tuple[int, int]], list[str]]:
+        """Move the last states of each part over ``cap`` to the last part with room (or a
+        new one); ``size``: a topic's entry bytes. Returns the moved topics (topic ->
+        (from part, to part)) and those over ``cap`` alone (taken out of every part)."""
+        moved: dict[str, tuple[int, int]] = {}
+        oversized: list[str] = []
+        part = 0
+        while part < len(self.parts):
+            topics = self.parts[part]
+            while self.sizes[part] > cap and topics:
+                topic = next(reversed(topics))
+                n = size(topic)
+                self.drop(topic, n)
+                if n > cap:
+                    oversized.append(topic)
+                    moved.pop(topic, None)
+                    continue
+                to = self.place(topic, 0, n, cap)
+                first = moved.get(topic, (part, to))[0]
+                moved[topic] = (first, to)
+            part += 1
+        return moved, oversized
+
+    def collapse(self) -> None:
+        """Every topic into part 0 (the page goes as one envelope)."""
+        topics = {t: None for part in self.parts for t in part}
+        self.parts, self.sizes = [topics], [sum(self.sizes)]
+        self.part_of = dict.fromkeys(topics, 0)
+
+    def trim(self) -> None:
+        """Drop empty parts at the end."""
+        while self.parts and not self.parts[-1]:
+            self.parts.pop()
+            self.sizes.pop()
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
 class PageCutter:
     """Signs the pages of node ``node_id`` (with the codec set by :meth:`attach`)."""
 
@@ -52,37 +143,78 @@ class PageCutter:
     def attach(self, codec: EnvelopeCodec) -> None:
         self._codec = codec
 
-    def cut(self, page: int, entries: dict[str, bytes]) -> Cut:
-        """Sign ``page`` (``entries``: state topic -> ``"<category>":<item JSON>``): as one
-        envelope when it fits ``max_message_bytes``, else in as few parts as fit."""
+    def learn(self) -> None:
+        """Learn the envelope's overhead by signing an empty page, unless a page signed
+        since :meth:`attach` taught it: the parts read back were filled to the learnt size,
+        and a guess might find them over."""
+        if self._overhead is None:
+            self._sign(b'{"node":%s,"page":0,"states":{}}' % self._node_json)
+
+    @property
+    def cap(self) -> int:
+        """The bytes of state entries (each with its separator) one part's body may carry."""
+        return self._body_room() - len(self._node_json) - _PART_FIELDS
+
+    def may_fit(self, total: int) -> bool:
+        """Whether a page whose entries take ``total`` bytes (with separators) may fit one
+        envelope."""
+        assert self._codec is not None
+        return self._wire(total + len(self._node_json) + _PART_FIELDS) <= self._codec.max_bytes
+
+    def whole(self, page: int, entries: Iterable[bytes]) -> tuple[SignedPart, int] | None:
+        """``page`` signed as one envelope, with its body's bytes, if it fits a message."""
         codec = self._codec
         assert codec is not None
         body = b'{"node":%s,"page":%d,"states":{%s}}' % (self._node_json, page,
-                                                           b",".join(entries.values()))
-        if self._wire(len(body)) <= codec.max_bytes:
-            try:
-                return Cut(parts=[self._sign(body)], body_bytes=len(body))
-            except OversizedMessage:
-                self._grow()
+                                                           b",".join(entries))
+        if self._wire(len(body)) > codec.max_bytes:
+            return None
+        try:
+            return self._sign(body), len(body)
+        except OversizedMessage:
+            self._grow()
+            return None
+
+    def part(self, page: int, part: int, parts: int, topics: Iterable[str],
+             entries: dict[str, bytes]) -> tuple[SignedPart, int]:
+        """Part ``part`` (of ``parts``) of ``page`` with the entries of ``topics``, signed,
+        with its body's bytes; :class:`OversizedMessage` if it did not fit (the estimate of
+        the overhead grows: fit the layout to the smaller :attr:`cap` and sign again)."""
+        chosen = list(topics)
+        body = b'{"node":%s,"page":%d,"part":%d,"parts":%d,"states":{%s}}' % (
+            self._node_json, page, part, parts, b",".join(entries[t] for t in chosen))
+        try:
+            signed = self._sign(body, part=part)
+        except OversizedMessage:
+            self._grow()
+            raise
+        return SignedPart(part=part, payload=signed.payload, sequence=signed.sequence,
+                          topics=frozenset(chosen)), len(body)
+
+    def cut(self, page: int, entries: dict[str, bytes]) -> Cut:
+        """Sign ``page`` afresh (``entries``: state topic -> ``"<category>":<item JSON>``):
+        as one envelope when it fits ``max_message_bytes``, else in as few parts as fit."""
+        whole = self.whole(page, entries.values())
+        if whole is not None:
+            return Cut(parts=[whole[0]], body_bytes=whole[1])
+        sizes = {t: len(e) + 1 for t, e in entries.items()}
         for _ in range(_ATTEMPTS):
-            chunks, oversized = self._chunks(entries)
-            if len(chunks) == 1:  # what did not fit was the oversized states alone
-                body = b'{"node":%s,"page":%d,"states":{%s}}' % (
-                    self._node_json, page, b",".join(e for _t, e in chunks[0]))
-                bodies = [body]
-            else:
-                bodies = [b'{"node":%s,"page":%d,"part":%d,"parts":%d,"states":{%s}}' % (
-                    self._node_json, page, i, len(chunks), b",".join(e for _t, e in chunk))
-                    for i, chunk in enumerate(chunks)]
+            layout = PageLayout()
+            oversized = [t for t, n in sizes.items() if n > self.cap]
+            for topic, n in sizes.items():
+                if n <= self.cap:
+                    layout.place(topic, 0, n, self.cap)
+            if len(layout.parts) == 1:
+                whole = self.whole(page, (entries[t] for t in layout.parts[0]))
+                if whole is not None:
+                    return Cut(parts=[whole[0]], body_bytes=whole[1], oversized=oversized)
             try:
-                signed = [self._sign(b, part=i) for i, b in enumerate(bodies)]
+                signed = [self.part(page, i, len(layout.parts), topics, entries)
+                          for i, topics in enumerate(layout.parts)]
             except OversizedMessage:
-                self._grow()
                 continue
-            parts = [SignedPart(part=s.part, payload=s.payload, sequence=s.sequence,
-                                topics=frozenset(t for t, _e in chunk))
-                     for s, chunk in zip(signed, chunks, strict=True)]
-            return Cut(parts=parts, body_bytes=sum(map(len, bodies)), oversized=oversized)
+            return Cut(parts=[s for s, _n in signed], body_bytes=sum(n for _s, n in signed),
+                       oversized=oversized)
         return Cut(parts=[], body_bytes=0, oversized=list(entries))
 
     def _sign(self, body: bytes, *, part: int = 0) -> SignedPart:
@@ -92,26 +224,6 @@ class PageCutter:
         sequence = codec.last_sequence
         self._overhead = len(payload) - self._expanded(len(body)) + _OVERHEAD_SLACK
         return SignedPart(part=part, payload=payload, sequence=sequence)
-
-    def _chunks(self, entries: dict[str, bytes]
-                ) -> tuple[list[list[tuple[str, bytes]]], list[str]]:
-        """``entries`` in order, cut where a part's body would outgrow a message; and the
-        topics of entries that fit in no message."""
-        cap = self._body_room() - len(self._node_json) - _PART_FIELDS
-        chunks: list[list[tuple[str, bytes]]] = []
-        oversized: list[str] = []
-        size = cap + 1
-        for topic, entry in entries.items():
-            n = len(entry) + 1
-            if n > cap:
-                oversized.append(topic)
-                continue
-            if size + n > cap:
-                chunks.append([])
-                size = 0
-            chunks[-1].append((topic, entry))
-            size += n
-        return chunks, oversized
 
     def _expanded(self, body: int) -> int:
         """What a body of ``body`` bytes takes in the envelope (encrypted: tag, base64)."""

@@ -316,7 +316,8 @@ class Sender:
         """Publish the history log's signed head when it is due; False if the connection
         broke."""
         history = self._history
-        wait = None if history is None else history.head_wait(forced=forced)
+        wait = (None if history is None
+                else history.head_wait(forced=forced, slots=self._pages.slots))
         if wait is None:
             return True
         if wait > 0:
@@ -324,7 +325,7 @@ class Sender:
             return True
         assert history is not None
         try:
-            history.publish_head(conn, pages=self._pages.logged)
+            history.publish_head(conn, pages=self._pages.logged, slots=self._pages.slots)
         except TransportError as exc:
             log.info("publish stopped: %s", exc)
             return False

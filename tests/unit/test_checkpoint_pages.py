@@ -15,6 +15,7 @@ import pytest
 from pear_mqtt.model.topics import CHECKPOINT_PAGES, TopicScheme, checkpoint_slot, parse_topic
 from pear_mqtt.node.checkpoints import CheckpointPages
 from pear_mqtt.node.counters import Counters
+from pear_mqtt.node.history import NodeLog
 from pear_mqtt.node.markers import Markers
 from pear_mqtt.node.window import Window
 from pear_mqtt.security import pki as pkimod
@@ -115,3 +116,67 @@ async def test_rows_are_acknowledged_with_the_part_carrying_them_and_parts_shrin
         fut.set_result(None)
     await asyncio.sleep(0)
     assert 999 in acked and pages.settled
+
+
+async def test_an_update_re_signs_only_its_part_and_the_fullest_part_relieves_the_outbox(
+        make_codec: Callable[[int], EnvelopeCodec]) -> None:
+    acked: list[int] = []
+    pages = CheckpointPages(node_id="store-1", counters=Counters(), seeded=True,
+                            wake=lambda: None, wake_later=lambda _d: None,
+                            settled=lambda: None, ack=acked.extend, state_topics=False,
+                            max_waiting=1)  # 256 bytes of rows may wait in all
+    codec = make_codec(4096)
+    pages.attach(codec=codec, topics=SCHEME, markers=Markers())
+    topics = _topics(40)
+    for row, topic in enumerate(topics):
+        pages.keep_state(topic, b'{"iid":"i%d","insight":"%s"}' % (row, b"x" * 200))
+    conn, window = FakeConnection(), Window(count=1000, nbytes=1 << 30)
+    pages.forced = True
+    assert await pages.send(conn, window, burst_end=True, limit=100)  # type: ignore[arg-type]
+    first = {parse_topic(t).part: codec.decode(p, check_replay=False).message.body["states"]
+             for t, p, _f in conn.sent}
+    assert len(first) >= 3
+    for _t, _p, fut in conn.sent:
+        fut.set_result(None)
+    await asyncio.sleep(0)
+
+    # One state updated in place: only its part goes, with the same states.
+    category = SCHEME.category_of_state("store-1", topics[5])
+    part = next(i for i, states in first.items() if category in states)
+    pages.keep_state(topics[5], b'{"iid":"j5","insight":"%s"}' % (b"z" * 200), row=500)
+    conn2 = FakeConnection()
+    assert await pages.send(conn2, window, burst_end=True, limit=100)  # type: ignore[arg-type]
+    ((topic, payload, fut),) = conn2.sent
+    assert parse_topic(topic).part == part
+    assert set(codec.decode(payload, check_replay=False).message.body["states"]) == set(
+        first[part])
+    fut.set_result(None)
+    await asyncio.sleep(0)
+    assert acked == [500]
+
+    # Mid-stream, rows over the bound in all: the part keeping the most goes, not the page.
+    pages.forced = False
+    last = max(first)
+    for row, topic in enumerate(topics[:3], start=600):
+        pages.keep_state(topic, b'{"iid":"k%d","insight":"%s"}' % (row, b"w" * 200), row=row)
+    conn3 = FakeConnection()
+    assert await pages.send(conn3, window, burst_end=False, limit=100)  # type: ignore[arg-type]
+    assert [parse_topic(t).part for t, _p, _f in conn3.sent] == [0] and last > 0
+
+
+async def test_a_head_over_one_message_is_counted_not_raised(tmp_path: Path,
+        make_codec: Callable[[int], EnvelopeCodec]) -> None:
+    counters = Counters()
+    history = NodeLog(path=tmp_path / "log", retention=None, node_id="store-1",
+                      counters=counters)
+    history.attach(codec=make_codec(4096), topics=SCHEME)
+    conn = FakeConnection()
+    slots = {checkpoint_slot(i % CHECKPOINT_PAGES, i // CHECKPOINT_PAGES): 1_733_243_231_000_812
+             for i in range(1000)}
+    history.publish_head(conn, pages=slots, slots=1)  # type: ignore[arg-type]
+    history.publish_head(conn, pages=slots, slots=2)  # type: ignore[arg-type]
+    assert not conn.sent and counters.dropped["head_oversized"] == 2
+    assert history.head_wait(forced=True, slots=2) is None
+    history.publish_head(conn, pages={checkpoint_slot(0, 0): 1}, slots=3)  # type: ignore[arg-type]
+    assert len(conn.sent) == 1
+    history.close()

@@ -12,7 +12,7 @@ import pytest
 from brokers import GROUP_KEY
 
 from pear_mqtt.config.models import EncryptionConfig
-from pear_mqtt.node.pageparts import PageCutter
+from pear_mqtt.node.pageparts import PageCutter, PageLayout
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.signing import Signer
@@ -111,3 +111,65 @@ def test_a_state_over_a_message_alone_is_left_out_and_named(
     body = codec.decode(part.payload, check_replay=False).message.body
     assert set(body) == {"node", "page", "states"} and sorted(body["states"]) == \
         ["c0", "c1", "c2"]
+
+
+def _layout(sizes: dict[str, int], cap: int) -> PageLayout:
+    layout = PageLayout()
+    for topic, n in sizes.items():
+        layout.place(topic, 0, n, cap)
+    return layout
+
+
+def test_new_states_fill_the_last_part_then_open_a_new_one() -> None:
+    layout = _layout({f"t{i}": 100 for i in range(10)}, cap=350)
+    assert [list(p) for p in layout.parts] == [
+        ["t0", "t1", "t2"], ["t3", "t4", "t5"], ["t6", "t7", "t8"], ["t9"]]
+    assert layout.sizes == [300, 300, 300, 100] and layout.total == 1000
+    assert layout.place("t10", 0, 200, 350) == 3  # room left in the last part
+    assert layout.place("t11", 0, 100, 350) == 4  # none: a new part
+
+
+def test_an_update_in_place_keeps_the_state_in_its_part() -> None:
+    layout = _layout({f"t{i}": 100 for i in range(7)}, cap=350)
+    assert layout.place("t1", 100, 120, 350) == 0
+    assert layout.sizes[0] == 320 and layout.part_of["t1"] == 0
+    assert [list(p) for p in layout.parts][1:] == [["t3", "t4", "t5"], ["t6"]]
+
+
+def test_a_part_grown_over_the_cap_moves_its_last_states_on_and_no_other() -> None:
+    sizes = {f"t{i}": 100 for i in range(7)}
+    layout = _layout(sizes, cap=350)
+    sizes["t0"] = sizes["t1"] = 150
+    layout.place("t0", 100, 150, 350)
+    layout.place("t1", 100, 150, 350)
+    moved, oversized = layout.fit(sizes.__getitem__, 350)
+    assert not oversized
+    assert moved == {"t2": (0, 2)}  # to the last part, which had room
+    assert [list(p) for p in layout.parts] == [["t0", "t1"], ["t3", "t4", "t5"], ["t6", "t2"]]
+    assert layout.sizes == [300, 300, 200]
+    assert all(layout.part_of[t] == i for i, p in enumerate(layout.parts) for t in p)
+
+
+def test_a_state_over_the_cap_alone_is_taken_out() -> None:
+    sizes = {f"t{i}": 100 for i in range(4)}
+    layout = _layout(sizes, cap=350)
+    sizes["t1"] = 500
+    layout.place("t1", 100, 500, 350)
+    layout.place("t2", 100, 100, 350)
+    moved, oversized = layout.fit(sizes.__getitem__, 350)
+    assert oversized == ["t1"]
+    assert "t1" not in layout.part_of and all(s <= 350 for s in layout.sizes)
+    assert sum(len(p) for p in layout.parts) == 3 and "t1" not in moved
+
+
+def test_parts_read_back_keep_their_states_and_the_later_copy_wins() -> None:
+    layout = PageLayout()
+    layout.put("a", 2, 0, 100)  # part 2 read first
+    layout.put("b", 0, 0, 100)
+    layout.put("a", 0, 100, 100)  # a later-signed copy of "a" in part 0
+    assert layout.part_of == {"a": 0, "b": 0}
+    assert layout.sizes == [200, 0, 0]
+    layout.trim()
+    assert len(layout.parts) == 1
+    layout.collapse()
+    assert layout.parts == [{"b": None, "a": None}] and layout.sizes == [200]
