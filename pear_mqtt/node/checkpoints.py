@@ -149,8 +149,10 @@ class CheckpointPages:
 
     @property
     def settled(self) -> bool:
-        """No page is changed or waiting for its acknowledgement."""
-        return not self._dirty and not self._inflight
+        """No page is changed or waiting for its acknowledgement (states recorded before
+        the read-back wait for it: they are placed, and sent, only after it)."""
+        return not self._dirty and not self._inflight and not self._early \
+            and not self._early_rows
 
     async def send(self, conn: Connection, window: Window, *,
                    burst_end: bool, limit: int) -> bool:

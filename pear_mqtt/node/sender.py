@@ -316,14 +316,16 @@ class Sender:
         """Publish the history log's signed head when it is due; False if the connection
         broke."""
         history = self._history
-        wait = (None if history is None
-                else history.head_wait(forced=forced, slots=self._pages.slots))
+        if history is None or not self._pages.seeded:
+            # A head names the node's pages: one sent before they were read back would
+            # leave out those an earlier run sent, and joiners would drop them.
+            return True
+        wait = history.head_wait(forced=forced, slots=self._pages.slots)
         if wait is None:
             return True
         if wait > 0:
             self._wake_later(wait)  # the head follows a burst within HEAD_INTERVAL
             return True
-        assert history is not None
         try:
             history.publish_head(conn, pages=self._pages.logged, slots=self._pages.slots)
         except TransportError as exc:
