@@ -106,12 +106,13 @@ def _duckdb(items: list[Any], workdir: Path) -> dict[str, Any]:
         import pyarrow as pa
     except ImportError:
         return {}
+    from pear_mqtt.market.values import unpack
     from pear_mqtt.market.writer import insight_row
     rows = []
     for r in items:
-        row, ends = insight_row(r)
-        lo, hi = ends["price"]
-        rows.append((*row[:14], lo, hi))
+        row = insight_row(r)
+        lo, hi = unpack(row[-1])["price"]  # type: ignore[arg-type]
+        rows.append((*row[1:-1], lo, hi))
     con = duckdb.connect(str(workdir / "market.duckdb"))
     con.execute("CREATE TABLE insights (member VARCHAR, node VARCHAR, item_id VARCHAR, "
                 "category VARCHAR, region VARCHAR, product VARCHAR, window_start DOUBLE, "
