@@ -8,9 +8,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import sqlite3
 import struct
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..history.log import Retention
@@ -61,11 +63,11 @@ Row = tuple[object, ...]
 def item_key(member: str, node: str, item_id: str) -> int:
     """The index key of (member, node, item id): a signed 64-bit BLAKE2b."""
     digest = _blake2b(f"{member}\x00{node}\x00{item_id}".encode(), digest_size=8).digest()
-    return _from_bytes(digest, "big", signed=True)
+    return _signed64(digest)[0]  # type: ignore[no-any-return]
 
 
 _blake2b = hashlib.blake2b
-_from_bytes = int.from_bytes
+_signed64 = struct.Struct(">q").unpack
 
 
 def insight_row(received: ReceivedInsight) -> Row:
@@ -131,19 +133,21 @@ def size_on_disk(path: Path) -> int:
     return total
 
 
+# Of a row as insight_row() makes it: its roll-up cell and figures (category, day, region,
+# member, vals), its sender and product (member, node, category, region, product), its end.
+_CELL = operator.itemgetter(4, 9, 5, 1, 15)
+_SENDER = operator.itemgetter(1, 2, 4, 5, 6)
+_END = operator.itemgetter(8)
+
+
 class _Cells:
-    """Roll-up sums per (category, day, region, metric) of a batch's new rows. Rows are
-    counted per (category, day, region, member, packed figures) as they come, one dict
-    update each; the sums are made per distinct figures when written (a batch holds far
-    fewer distinct figures than rows: buckets, repeated prices)."""
+    """Roll-up sums per (category, day, region, metric) of rows (as :func:`insight_row`
+    makes them). Rows are counted per (category, day, region, member, packed figures); the
+    sums are made per distinct figures when written (a batch holds far fewer distinct
+    figures than rows: buckets, repeated prices)."""
 
-    def __init__(self) -> None:
-        self.counts: dict[tuple[object, ...], int] = {}
-
-    def add(self, row: Row) -> None:
-        key = (row[3], row[8], row[4], row[0], row[-1])
-        counts = self.counts
-        counts[key] = counts.get(key, 0) + 1
+    def __init__(self, rows: Iterable[Row]) -> None:
+        self.counts: dict[tuple[object, ...], int] = Counter(map(_CELL, rows))
 
     def write(self, cur: sqlite3.Cursor) -> None:
         """Add the sums to the roll-up tables."""
@@ -195,17 +199,20 @@ class Writer:
     def write(self, insights: Sequence[ReceivedInsight],
               aggregates: Sequence[ReceivedAggregate], *, now: float) -> int:
         """Store a batch in one transaction; returns how many new rows it added."""
-        batch: dict[tuple[object, ...], Row] = {}
+        rows: list[Row] = []
         for received in insights:
             try:
-                row = insight_row(received)
+                rows.append(insight_row(received))
             except (TypeError, ValueError, OverflowError, struct.error):
                 self.refused += 1
-                continue
-            key = row[1:4]
-            other = batch.get(key)
-            if other is None or other[11] < row[11]:  # type: ignore[operator]
-                batch[key] = row  # within a batch too, the newest version wins
+        batch = {row[1:4]: row for row in rows}
+        if len(batch) < len(rows):  # an item more than once: its newest version wins
+            batch = {}
+            for row in rows:
+                key = row[1:4]
+                other = batch.get(key)
+                if other is None or other[11] < row[11]:  # type: ignore[operator]
+                    batch[key] = row
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -224,41 +231,38 @@ class Writer:
         """New items go in with one statement; held ones (looked up a few hundred keys per
         query) are replaced only by a newer version with other values."""
         held = self._held(cur, list(batch.values()))
-        # New rows take the ids after the largest (SQLite's rowid rule), in this order.
-        first = next_id = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
-                              .fetchall()[0][0])
-        cells = _Cells()
-        counts = cells.counts
         dirty: set[tuple[str, int]] = set()
-        new: list[Row] = []
-        latest: dict[tuple[object, ...], tuple[float, int]] = {}
-        for key, row in batch.items():
-            old = held.get(key) if held else None
-            if old is None:
-                new.append(row)
-                cell = (row[4], row[9], row[5], row[1], row[15])  # as _Cells.add
-                counts[cell] = counts.get(cell, 0) + 1
-                sender = (row[1], row[2], row[4], row[5], row[6] or "")
-                end = row[8]
-                was = latest.get(sender)
-                if was is None or was[0] <= end:  # type: ignore[operator]
-                    latest[sender] = (end, next_id)  # type: ignore[assignment]
-                next_id += 1
-                continue
-            rowid, seq, values = old
-            if row[11] <= seq or values == row[_VALUES_AT:]:  # type: ignore[operator]
-                continue
-            cur.execute(_REPLACE, (row[10], row[11], row[12], *row[_VALUES_AT:], rowid))
-            dirty.add((str(row[4]), int(row[9])))  # type: ignore[call-overload]
+        new: list[Row]
+        if held:
+            new = []
+            for key, row in batch.items():
+                old = held.get(key)
+                if old is None:
+                    new.append(row)
+                    continue
+                rowid, seq, values = old
+                if row[11] <= seq or values == row[_VALUES_AT:]:  # type: ignore[operator]
+                    continue
+                cur.execute(_REPLACE, (row[10], row[11], row[12], *row[_VALUES_AT:], rowid))
+                dirty.add((str(row[4]), int(row[9])))  # type: ignore[call-overload]
+        else:
+            new = list(batch.values())
         if new:
+            # New rows take the ids after the largest (SQLite's rowid rule), in this order.
+            first = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
+                        .fetchall()[0][0])
             cur.executemany(_INSERT, new)
             last = cur.execute("SELECT max(id) FROM insights").fetchall()[0][0]
-            if last != next_id - 1:
+            if last != first + len(new) - 1:
                 raise sqlite3.IntegrityError(f"new rows took ids up to {last}, not "
-                                             f"{first}..{next_id - 1}")
-            cells.write(cur)
-            cur.executemany(_LATEST, [(*sender, rowid, end)
-                                      for sender, (end, rowid) in latest.items()])
+                                             f"{first}..{first + len(new) - 1}")
+            _Cells(new).write(cur)
+            # Each sender's newest row per product: by window end, the later of equal ones.
+            ends = list(map(_END, new))
+            senders = list(map(_SENDER, new))
+            latest = {senders[i]: i for i in sorted(range(len(new)), key=ends.__getitem__)}
+            cur.executemany(_LATEST, [(m, n, c, r, p or "", first + i, ends[i])
+                                      for (m, n, c, r, p), i in latest.items()])
         for category, day in dirty:
             self._recompute(cur, category, day)
         return len(new)
@@ -277,10 +281,8 @@ class Writer:
     def _recompute(self, cur: sqlite3.Cursor, category: str, day: int) -> None:
         """Rebuild one (category, day) roll-up cell from its rows (after a replacement or
         retention)."""
-        cells = _Cells()
-        for row in cur.execute(f"SELECT {', '.join(_COLUMNS)} FROM insights "
-                               "WHERE category = ? AND day = ?", (category, day)).fetchall():
-            cells.add(tuple(row))
+        cells = _Cells(cur.execute(f"SELECT key, {', '.join(_COLUMNS)} FROM insights "
+                                   "WHERE category = ? AND day = ?", (category, day)).fetchall())
         cur.execute("DELETE FROM daily WHERE category = ? AND day = ?", (category, day))
         cur.execute("DELETE FROM daily_members WHERE category = ? AND day = ?", (category, day))
         cells.write(cur)
