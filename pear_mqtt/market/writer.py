@@ -12,7 +12,7 @@ import operator
 import sqlite3
 import struct
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..history.log import Retention
@@ -134,28 +134,29 @@ def size_on_disk(path: Path) -> int:
 
 
 # Of a row as insight_row() makes it: its roll-up cell and figures (category, day, region,
-# member, vals), its sender and product (member, node, category, region, product), its end.
-_CELL = operator.itemgetter(4, 9, 5, 1, 15)
+# vals), its cell and member, its sender and product (member, node, category, region,
+# product), its window end.
+_FIGURES = operator.itemgetter(4, 9, 5, 15)
+_MEMBER = operator.itemgetter(4, 9, 5, 1)
 _SENDER = operator.itemgetter(1, 2, 4, 5, 6)
 _END = operator.itemgetter(8)
 
 
 class _Cells:
     """Roll-up sums per (category, day, region, metric) of rows (as :func:`insight_row`
-    makes them). Rows are counted per (category, day, region, member, packed figures); the
-    sums are made per distinct figures when written (a batch holds far fewer distinct
-    figures than rows: buckets, repeated prices)."""
+    makes them) and the members seen per cell. Rows are counted per (category, day, region,
+    packed figures); the sums are made per distinct figures when written (a batch holds
+    far fewer distinct figures than rows: buckets, repeated prices)."""
 
-    def __init__(self, rows: Iterable[Row]) -> None:
-        self.counts: dict[tuple[object, ...], int] = Counter(map(_CELL, rows))
+    def __init__(self, rows: list[Row]) -> None:
+        self.counts: dict[tuple[object, ...], int] = Counter(map(_FIGURES, rows))
+        self.members = set(map(_MEMBER, rows))
 
     def write(self, cur: sqlite3.Cursor) -> None:
         """Add the sums to the roll-up tables."""
         sums: dict[tuple[object, ...], list[float]] = {}
-        members: set[tuple[object, ...]] = set()
         figures: dict[bytes, Ends] = {}
-        for (category, day, region, member, vals), n in self.counts.items():
-            members.add((category, day, region, member))
+        for (category, day, region, vals), n in self.counts.items():
             ends = figures.get(vals)  # type: ignore[call-overload]
             if ends is None:
                 ends = figures[vals] = unpack(vals)  # type: ignore[index, arg-type]
@@ -182,7 +183,8 @@ class _Cells:
                     cell[5] = hi
         cur.executemany(_DAILY, [(*key, int(n), int(x), s, ss, lo, hi)
                                  for key, (n, x, s, ss, lo, hi) in sums.items()])
-        cur.executemany("INSERT OR IGNORE INTO daily_members VALUES (?, ?, ?, ?)", members)
+        cur.executemany("INSERT OR IGNORE INTO daily_members VALUES (?, ?, ?, ?)",
+                        self.members)
 
 
 class Writer:
