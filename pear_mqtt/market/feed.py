@@ -30,7 +30,7 @@ LINGER = 0.05
 # is mostly per batch (the pages it touches, each sender's latest row, the roll-up cells),
 # so fewer, larger batches take less of the CPU the receiver shares.
 LINGER_BUSY = 0.25
-_BUSY = 2000.0
+_BUSY = 500.0
 _FULL = 5000  # ... unless this many are waiting already
 
 
