@@ -1,7 +1,8 @@
 """The market store's figures (issue #18): ingest of verified rows, grouped queries and price
 positions over a store of a million insights, its size per insight, and the same workload on
 DuckDB when it is installed (the engine comparison of docs/MARKET.md). In-process: no broker
-is involved, the store is fed what a receiver hands it."""
+is involved, the store is fed what a receiver hands it. ``python -m bench.market feed``
+prints the CPU a live stream's feed costs per item (docs/MARKET.md, "The live stream")."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import gc
 import random
 import shutil
 import statistics
+import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-__all__ = ["run_market"]
+__all__ = ["feed_cost", "run_market"]
 
 _T0 = datetime(2026, 1, 1, tzinfo=UTC)
 _CATEGORIES = [f"cat{i}/sub{j}" for i in range(5) for j in range(4)]
@@ -106,12 +109,13 @@ def _duckdb(items: list[Any], workdir: Path) -> dict[str, Any]:
         import pyarrow as pa
     except ImportError:
         return {}
+    from pear_mqtt.market.values import unpack
     from pear_mqtt.market.writer import insight_row
     rows = []
     for r in items:
-        row, ends = insight_row(r)
-        lo, hi = ends["price"]
-        rows.append((*row[:14], lo, hi))
+        row = insight_row(r)
+        lo, hi = unpack(row[-1])["price"]  # type: ignore[arg-type]
+        rows.append((*row[1:-1], lo, hi))
     con = duckdb.connect(str(workdir / "market.duckdb"))
     con.execute("CREATE TABLE insights (member VARCHAR, node VARCHAR, item_id VARCHAR, "
                 "category VARCHAR, region VARCHAR, product VARCHAR, window_start DOUBLE, "
@@ -154,3 +158,72 @@ def _duckdb(items: list[Any], workdir: Path) -> dict[str, Any]:
                        "insert_rate": rate, "row_insert_rate": row_rate,
                        "grouped_p50_ms": _p50_ms(grouped),
                        "position_p50_ms": _p50_ms(positions)}}
+
+
+def _stream(n: int) -> list[Any]:
+    """``n`` items as a live stream brings them: one sender, 16 categories, 200 products,
+    price buckets, windows of the same hour."""
+    from pear_mqtt.node.records import ReceivedInsight
+    from pear_mqtt.privacy.filter import SharedInsight
+    now = time.time()
+    t0 = datetime.fromtimestamp(now // 3600 * 3600, UTC)
+    out = []
+    for k in range(n):
+        start = t0 + timedelta(seconds=k % 3600)
+        lo = float(k % 9)
+        shared = SharedInsight.model_validate({
+            "category": f"cat{k % 16}", "region": "eu", "product_id": f"p{k % 200}",
+            "window_start": start, "window_end": start + timedelta(hours=1),
+            "company": "acme", "store": "s1",
+            "levels": {"price_data": "ranges_only", "trends": "full"},
+            "groups": {"price_data": {"currency": "EUR", "price": {"lo": lo, "hi": lo + 1}},
+                       "trends": {"direction": "up"}}})
+        out.append(ReceivedInsight(item_id=f"i{k}", topic="t", member="acme", node="s1",
+                                   insight=shared, retained=False, received_at=now,
+                                   sequence=k))
+    return out
+
+
+def feed_cost(workdir: Path, *, rate: float = 6000.0, seconds: float = 4.0,
+              envelope: int = 24) -> dict[str, float]:
+    """The process CPU per item of handing a paced stream (``rate`` items/s in envelopes of
+    ``envelope``) to a :class:`MarketFeed` until stored, and of handing it to a plain list;
+    their difference is what keeping the store costs the receiver's two cores."""
+    from pear_mqtt.market import MarketStore
+    from pear_mqtt.market.feed import MarketFeed
+    n = int(rate * seconds)
+    items = _stream(n)
+    gc.freeze()
+
+    def paced(sink: Any) -> float:
+        cpu, t0 = time.process_time(), time.monotonic()
+        for at in range(0, n, envelope):
+            wait = t0 + at / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            for item in items[at:at + envelope]:
+                sink(item)
+        return cpu
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = MarketStore.open(workdir / "feed.db", network="bench", mode="consortium")
+    feed = MarketFeed(store)
+    feed.start()
+    try:
+        cpu = paced(feed)
+        feed.drain(120)
+        with_store = time.process_time() - cpu
+    finally:
+        feed.close()
+        store.close()
+        gc.unfreeze()
+        shutil.rmtree(workdir, ignore_errors=True)
+    bare: list[Any] = []
+    cpu = paced(bare.append)
+    without = time.process_time() - cpu
+    return {"items": n, "store_us_per_item": with_store / n * 1e6,
+            "list_us_per_item": without / n * 1e6}
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["feed"]:
+    print(feed_cost(Path(tempfile.mkdtemp(prefix="pear-feed-"))))

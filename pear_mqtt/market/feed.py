@@ -16,7 +16,7 @@ from ..node.records import ReceivedAggregate, ReceivedInsight
 from ..security.identity import Identity
 from .store import MarketStore
 
-__all__ = ["BACKLOG_MAX", "LINGER", "MarketFeed"]
+__all__ = ["BACKLOG_MAX", "LINGER", "LINGER_BUSY", "MarketFeed"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,11 @@ _RETRY = 2.0  # s between attempts while the store refuses writes
 # A trickle is gathered this long before it is written: one commit per few dozen items
 # instead of one each, so the writer takes the interpreter from the receiver rarely.
 LINGER = 0.05
+# A stream of more than _BUSY items a second is gathered this long instead: a commit's cost
+# is mostly per batch (the pages it touches, each sender's latest row, the roll-up cells),
+# so fewer, larger batches take less of the CPU the receiver shares.
+LINGER_BUSY = 0.25
+_BUSY = 500.0
 _FULL = 5000  # ... unless this many are waiting already
 
 
@@ -123,14 +128,18 @@ class MarketFeed:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        linger, taken = LINGER, time.monotonic()
         while not self._stop:
             self._wake.wait()
             self._wake.clear()
             if len(self._pending) < _FULL and not self._draining:
-                self._stopping.wait(LINGER)
+                self._stopping.wait(linger)
             with self._lock:
                 batch, self._pending = self._pending, []
                 self._writing = bool(batch)
+            now = time.monotonic()
+            linger = LINGER_BUSY if len(batch) > _BUSY * (now - taken) else LINGER
+            taken = now
             if batch:
                 self._write(batch)
             with self._idle:

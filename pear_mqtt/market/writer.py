@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import operator
 import sqlite3
 import struct
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,17 +27,20 @@ DAY = 86_400
 _COLUMNS = ("member", "node", "item_id", "category", "region", "product", "window_start",
             "window_end", "day", "received_at", "seq", "log_ref", "currency", "direction",
             "vals")
-_VALUES_AT = _COLUMNS.index("currency")  # currency, direction, then the packed values
-_INSERT = (f"INSERT INTO insights (id, key, {', '.join(_COLUMNS)}) VALUES "
-           f"({', '.join('?' * (len(_COLUMNS) + 2))})")
+# A row as insight_row() makes it: the key, then the columns. Its values: currency,
+# direction, then the packed figures.
+_VALUES_AT = 1 + _COLUMNS.index("currency")
+_VALUE_COLUMNS = _COLUMNS[_VALUES_AT - 1:]
+_INSERT = (f"INSERT INTO insights (key, {', '.join(_COLUMNS)}) VALUES "
+           f"({', '.join('?' * (len(_COLUMNS) + 1))})")
 # Joined to the keys as a table of constants, so each key is one search of its index. An
 # integer key indexes in a third of the space of the three strings, and inserts as fast.
 _SELECT_HELD = ("SELECT i.member, i.node, i.item_id, i.id, i.seq, "
-                f"{', '.join('i.' + c for c in _COLUMNS[_VALUES_AT:])} FROM (VALUES {{}}) k "
+                f"{', '.join('i.' + c for c in _VALUE_COLUMNS)} FROM (VALUES {{}}) k "
                 "JOIN insights i ON i.day = k.column1 AND i.key = k.column2")
 _LOOKUP = 500  # keys per lookup query
 _REPLACE = (f"UPDATE insights SET received_at = ?, seq = ?, log_ref = ?, "
-            f"{', '.join(f'{c} = ?' for c in _COLUMNS[_VALUES_AT:])} WHERE id = ?")
+            f"{', '.join(f'{c} = ?' for c in _VALUE_COLUMNS)} WHERE id = ?")
 
 
 _DAILY = ("INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -55,19 +60,21 @@ _HISTOGRAM = "INSERT OR IGNORE INTO histograms VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 Row = tuple[object, ...]
 
 
-def item_key(key: tuple[str, str, str]) -> int:
+def item_key(member: str, node: str, item_id: str) -> int:
     """The index key of (member, node, item id): a signed 64-bit BLAKE2b."""
-    digest = _blake2b(f"{key[0]}\x00{key[1]}\x00{key[2]}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    digest = _blake2b(f"{member}\x00{node}\x00{item_id}".encode(), digest_size=8).digest()
+    return _signed64(digest)[0]  # type: ignore[no-any-return]
 
 
 _blake2b = hashlib.blake2b
+_signed64 = struct.Struct(">q").unpack
 
 
-def insight_row(received: ReceivedInsight) -> tuple[Row, Ends]:
-    """The ``insights`` row of one received insight, and its figures unpacked."""
+def insight_row(received: ReceivedInsight) -> Row:
+    """The ``insights`` row of one received insight: its index key (:func:`item_key`), then
+    the ``_COLUMNS`` (the figures packed in ``vals``)."""
     shared = received.insight
-    ends: Ends = {}
+    figures: list[tuple[str, float | None, float | None]] = []
     currency = direction = None
     for fields in shared.groups.values():
         for name, value in fields.items():
@@ -75,34 +82,47 @@ def insight_row(received: ReceivedInsight) -> tuple[Row, Ends]:
             # model class is several times slower when it fails.
             cls = value.__class__
             if cls is ValueRange:
-                ends[name] = (value.lo, value.hi)  # type: ignore[union-attr]
+                figures.append((name, value.lo, value.hi))  # type: ignore[union-attr]
             elif cls is str:
                 if name == "currency":
                     currency = value
                 elif name == "direction":
                     direction = value
             elif cls is float:
-                ends[name] = (value, value)  # type: ignore[assignment]
+                figures.append((name, value, value))  # type: ignore[arg-type]
             elif isinstance(value, ValueRange):
-                ends[name] = (value.lo, value.hi)
+                figures.append((name, value.lo, value.hi))
             elif isinstance(value, str):
                 if name == "currency":
                     currency = value
                 elif name == "direction":
                     direction = value
             else:
-                ends[name] = (float(value), float(value))
+                figures.append((name, float(value), float(value)))
     size = shared.sample_size
     if size is not None:
         if isinstance(size, ValueRange):
-            ends["sample_size"] = (size.lo, size.hi)
+            figures.append(("sample_size", size.lo, size.hi))
         else:
-            ends["sample_size"] = (float(size), float(size))
+            figures.append(("sample_size", float(size), float(size)))
+    # Buckets and repeated prices make a batch hold far fewer distinct figures than rows.
+    held = tuple(figures)
+    vals = _packed.get(held)
+    if vals is None:
+        vals = pack({name: (lo, hi) for name, lo, hi in figures})
+        if len(_packed) >= _PACKED_MAX:
+            _packed.clear()
+        _packed[held] = vals
     end = shared.window_end.timestamp()
-    return (received.member, received.node, received.item_id, shared.category, shared.region,
-            shared.product_id, shared.window_start.timestamp(), end, int(end // DAY),
-            received.received_at, received.sequence, received.log_ref, currency, direction,
-            pack(ends)), ends
+    member, node, item_id = received.member, received.node, received.item_id
+    return (item_key(member, node, item_id), member, node, item_id, shared.category,
+            shared.region, shared.product_id, shared.window_start.timestamp(), end,
+            int(end // DAY), received.received_at, received.sequence, received.log_ref,
+            currency, direction, vals)
+
+
+_packed: dict[tuple[tuple[str, float | None, float | None], ...], bytes] = {}
+_PACKED_MAX = 4096
 
 
 def size_on_disk(path: Path) -> int:
@@ -113,27 +133,30 @@ def size_on_disk(path: Path) -> int:
     return total
 
 
+# Of a row as insight_row() makes it: its roll-up cell and figures (category, day, region,
+# vals), its cell and member, its sender and product (member, node, category, region,
+# product), its window end.
+_FIGURES = operator.itemgetter(4, 9, 5, 15)
+_MEMBER = operator.itemgetter(4, 9, 5, 1)
+_SENDER = operator.itemgetter(1, 2, 4, 5, 6)
+_END = operator.itemgetter(8)
+
+
 class _Cells:
-    """Roll-up sums per (category, day, region, metric) of a batch's new rows. Rows are
-    counted per (category, day, region, member, packed figures) as they come, one dict
-    update each; the sums are made per distinct figures when written (a batch holds far
-    fewer distinct figures than rows: buckets, repeated prices)."""
+    """Roll-up sums per (category, day, region, metric) of rows (as :func:`insight_row`
+    makes them) and the members seen per cell. Rows are counted per (category, day, region,
+    packed figures); the sums are made per distinct figures when written (a batch holds
+    far fewer distinct figures than rows: buckets, repeated prices)."""
 
-    def __init__(self) -> None:
-        self.counts: dict[tuple[object, ...], int] = {}
-
-    def add(self, row: Row) -> None:
-        key = (row[3], row[8], row[4], row[0], row[-1])
-        counts = self.counts
-        counts[key] = counts.get(key, 0) + 1
+    def __init__(self, rows: list[Row]) -> None:
+        self.counts: dict[tuple[object, ...], int] = Counter(map(_FIGURES, rows))
+        self.members = set(map(_MEMBER, rows))
 
     def write(self, cur: sqlite3.Cursor) -> None:
         """Add the sums to the roll-up tables."""
         sums: dict[tuple[object, ...], list[float]] = {}
-        members: set[tuple[object, ...]] = set()
         figures: dict[bytes, Ends] = {}
-        for (category, day, region, member, vals), n in self.counts.items():
-            members.add((category, day, region, member))
+        for (category, day, region, vals), n in self.counts.items():
             ends = figures.get(vals)  # type: ignore[call-overload]
             if ends is None:
                 ends = figures[vals] = unpack(vals)  # type: ignore[index, arg-type]
@@ -160,7 +183,8 @@ class _Cells:
                     cell[5] = hi
         cur.executemany(_DAILY, [(*key, int(n), int(x), s, ss, lo, hi)
                                  for key, (n, x, s, ss, lo, hi) in sums.items()])
-        cur.executemany("INSERT OR IGNORE INTO daily_members VALUES (?, ?, ?, ?)", members)
+        cur.executemany("INSERT OR IGNORE INTO daily_members VALUES (?, ?, ?, ?)",
+                        self.members)
 
 
 class Writer:
@@ -177,17 +201,20 @@ class Writer:
     def write(self, insights: Sequence[ReceivedInsight],
               aggregates: Sequence[ReceivedAggregate], *, now: float) -> int:
         """Store a batch in one transaction; returns how many new rows it added."""
-        batch: dict[tuple[object, ...], tuple[Row, Ends]] = {}
+        rows: list[Row] = []
         for received in insights:
             try:
-                row, ends = insight_row(received)
+                rows.append(insight_row(received))
             except (TypeError, ValueError, OverflowError, struct.error):
                 self.refused += 1
-                continue
-            key = row[:3]
-            other = batch.get(key)
-            if other is None or other[0][10] < row[10]:  # type: ignore[operator]
-                batch[key] = (row, ends)  # within a batch too, the newest version wins
+        batch = {row[1:4]: row for row in rows}
+        if len(batch) < len(rows):  # an item more than once: its newest version wins
+            batch = {}
+            for row in rows:
+                key = row[1:4]
+                other = batch.get(key)
+                if other is None or other[11] < row[11]:  # type: ignore[operator]
+                    batch[key] = row
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -202,64 +229,62 @@ class Writer:
         self._enforce(now)
         return added
 
-    def _insights(self, cur: sqlite3.Cursor,
-                  batch: dict[tuple[object, ...], tuple[Row, Ends]]) -> int:
+    def _insights(self, cur: sqlite3.Cursor, batch: dict[tuple[object, ...], Row]) -> int:
         """New items go in with one statement; held ones (looked up a few hundred keys per
         query) are replaced only by a newer version with other values."""
-        keys = [(k, row[8], item_key(k)) for k, (row, _) in batch.items()]  # type: ignore[arg-type]
-        held = self._held(cur, keys)
-        next_id = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
-                      .fetchall()[0][0])
-        cells = _Cells()
-        counts = cells.counts
+        held = self._held(cur, list(batch.values()))
         dirty: set[tuple[str, int]] = set()
-        new: list[Row] = []
-        latest: dict[tuple[object, ...], tuple[float, int]] = {}
-        for (key, _day, hashed), (row, _ends) in zip(keys, batch.values(), strict=True):
-            old = held.get(key) if held else None
-            if old is None:
-                new.append((next_id, hashed, *row))
-                cell = (row[3], row[8], row[4], row[0], row[14])  # as _Cells.add
-                counts[cell] = counts.get(cell, 0) + 1
-                sender = (row[0], row[1], row[3], row[4], row[5] or "")
-                end = row[7]
-                was = latest.get(sender)
-                if was is None or was[0] <= end:  # type: ignore[operator]
-                    latest[sender] = (end, next_id)  # type: ignore[assignment]
-                next_id += 1
-                continue
-            rowid, seq, values = old
-            if row[10] <= seq or values == row[_VALUES_AT:]:  # type: ignore[operator]
-                continue
-            cur.execute(_REPLACE, (row[9], row[10], row[11], *row[_VALUES_AT:], rowid))
-            dirty.add((str(row[3]), int(row[8])))  # type: ignore[call-overload]
+        new: list[Row]
+        if held:
+            new = []
+            for key, row in batch.items():
+                old = held.get(key)
+                if old is None:
+                    new.append(row)
+                    continue
+                rowid, seq, values = old
+                if row[11] <= seq or values == row[_VALUES_AT:]:  # type: ignore[operator]
+                    continue
+                cur.execute(_REPLACE, (row[10], row[11], row[12], *row[_VALUES_AT:], rowid))
+                dirty.add((str(row[4]), int(row[9])))  # type: ignore[call-overload]
+        else:
+            new = list(batch.values())
         if new:
+            # New rows take the ids after the largest (SQLite's rowid rule), in this order.
+            first = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
+                        .fetchall()[0][0])
             cur.executemany(_INSERT, new)
-            cells.write(cur)
-            cur.executemany(_LATEST, [(*sender, rowid, end)
-                                      for sender, (end, rowid) in latest.items()])
+            last = cur.execute("SELECT max(id) FROM insights").fetchall()[0][0]
+            if last != first + len(new) - 1:
+                raise sqlite3.IntegrityError(f"new rows took ids up to {last}, not "
+                                             f"{first}..{first + len(new) - 1}")
+            _Cells(new).write(cur)
+            # Each sender's newest row per product: by window end, the later of equal ones.
+            ends = list(map(_END, new))
+            senders = list(map(_SENDER, new))
+            latest = {senders[i]: i for i in sorted(range(len(new)), key=ends.__getitem__)}
+            cur.executemany(_LATEST, [(m, n, c, r, p or "", first + i, ends[i])
+                                      for (m, n, c, r, p), i in latest.items()])
         for category, day in dirty:
             self._recompute(cur, category, day)
         return len(new)
 
-    def _held(self, cur: sqlite3.Cursor, keys: list[tuple[tuple[object, ...], object, int]]
+    def _held(self, cur: sqlite3.Cursor, rows: list[Row]
               ) -> dict[tuple[object, ...], tuple[int, int, tuple[object, ...]]]:
-        """(id, seq, values) of the items already stored, of those (key, day, hash)."""
+        """(id, seq, values) of the items already stored, of these rows."""
         out: dict[tuple[object, ...], tuple[int, int, tuple[object, ...]]] = {}
-        for at in range(0, len(keys), _LOOKUP):
-            chunk = keys[at:at + _LOOKUP]
+        for at in range(0, len(rows), _LOOKUP):
+            chunk = rows[at:at + _LOOKUP]
             sql = _SELECT_HELD.format(", ".join(["(?, ?)"] * len(chunk)))
-            for r in cur.execute(sql, [v for _, day, h in chunk for v in (day, h)]):
+            for r in cur.execute(sql, [v for row in chunk for v in (row[9], row[0])]):
                 out[tuple(r[:3])] = (r[3], r[4], tuple(r[5:]))  # a hash collision: no match
         return out
 
     def _recompute(self, cur: sqlite3.Cursor, category: str, day: int) -> None:
         """Rebuild one (category, day) roll-up cell from its rows (after a replacement or
         retention)."""
-        cells = _Cells()
-        for row in cur.execute(f"SELECT {', '.join(_COLUMNS)} FROM insights "
-                               "WHERE category = ? AND day = ?", (category, day)).fetchall():
-            cells.add(tuple(row))
+        cells = _Cells(cur.execute(f"SELECT key, {', '.join(_COLUMNS)} FROM insights "
+                                   "WHERE category = ? AND day = ?", (category, day)).fetchall())
         cur.execute("DELETE FROM daily WHERE category = ? AND day = ?", (category, day))
         cur.execute("DELETE FROM daily_members WHERE category = ? AND day = ?", (category, day))
         cells.write(cur)

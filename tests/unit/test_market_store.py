@@ -56,6 +56,16 @@ def test_a_duplicate_is_stored_once_and_a_newer_version_replaces_the_older(
     assert [(d.count, d.mean, d.low, d.high) for d in day] == [(1, 3.0, 3.0, 3.0)]
 
 
+def test_an_item_twice_in_one_batch_keeps_its_newest_version_whichever_comes_first(
+        store: MarketStore) -> None:
+    assert store.add([received(price=3.0, seq=7), received(price=9.0, seq=5),
+                      received(iid="i2", price=1.0, seq=1), received(iid="i2", price=4.0,
+                                                                    seq=2)]) == 2
+    assert {r.item_id: r.values["price"] for r in store.query().rows} == {"i1": 3.0, "i2": 4.0}
+    day = store.query(group_by="day", metric="price")
+    assert [(d.count, d.mean) for d in day] == [(2, 3.5)]
+
+
 def test_the_latest_row_of_a_sender_is_its_newest_window_within_and_across_batches(
         store: MarketStore) -> None:
     store.add([received(iid="new", price=5.0, day=3), received(iid="old", price=1.0, day=1),
