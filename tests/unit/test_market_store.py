@@ -155,16 +155,16 @@ def test_retention_by_age_drops_old_windows_and_their_days(tmp_path: Path) -> No
 
 async def test_watch_yields_rows_as_they_are_stored(store: MarketStore) -> None:
     store.add([received(iid="before")])
+    start = store.query().rows[-1].id  # watched from here, whenever the task gets to run
     seen: list[str] = []
 
     async def follow() -> None:
-        async for row in store.watch(category="grocery"):
+        async for row in store.watch(category="grocery", cursor=start):
             seen.append(row.item_id)
             if len(seen) == 2:
                 return
 
     task = asyncio.create_task(follow())
-    await asyncio.sleep(0)  # let it take its starting point
     await asyncio.to_thread(store.add, [received(iid="a"), received(iid="b", category="toys"),
                                         received(iid="c")])
     await asyncio.wait_for(task, 5)
