@@ -13,7 +13,6 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ..errors import OversizedMessage, TransportError
 from ..model.topics import CHECKPOINT_PAGES, TopicScheme, checkpoint_slot
@@ -22,6 +21,8 @@ from ..transport import Connection
 from .counters import Counters
 from .markers import Markers
 from .pageparts import PageCutter, PageLayout, SignedPart
+from .pagerows import PagePart, PageRows, Rows, is_due
+from .pageseed import PageSeed
 from .window import Window
 
 __all__ = ["CheckpointPages"]
@@ -35,30 +36,9 @@ log = logging.getLogger(__name__)
 # disconnect() send whatever is pending at once.
 _PAGE_BUDGET_TRICKLE = 64 * 1024  # page bytes per second allowed on top of the state bytes
 _PAGE_BUDGET_CAP = 64 * 1024 * 1024
-_PAGE_MIN_GROWTH = 16 * 1024  # changed bytes that justify a refresh mid-stream
-_SEED_ROUNDS = 20  # marker round trips at most, while each still brings own states back
 _PAGE_MIN_INTERVAL = 1.0  # s between two refreshes of one page when a burst ends
 _CUT_ATTEMPTS = 4  # fits tried with a larger overhead estimate when a part did not fit
 _RETRY = 1.0  # s before a page whose parts did not fit is tried again
-
-Rows = dict[int, tuple[int, str]]
-"""Outbox rows waiting for a part: row id -> (its item's bytes, its state topic)."""
-
-
-@dataclass(slots=True)
-class _Part:
-    """Pacing of one part: the outbox rows waiting for it (and their bytes), the bytes
-    changed since it was last sent and its body's bytes then, whether it must go again, and
-    whether it is due to relieve the outbox (``relief``: its waiting bytes then)."""
-
-    rows: Rows = field(default_factory=dict)
-    waiting: int = 0
-    changed: int = 0
-    sent: int = 0
-    dirty: bool = False
-    urgent: bool = False
-    relief: int = 0
-
 
 
 class CheckpointPages:
@@ -84,8 +64,6 @@ class CheckpointPages:
         self._counters = counters
         self._wake, self._wake_later, self._settled = wake, wake_later, settled
         self._ack = ack
-        self._state_topics = state_topics
-        self._max_waiting = max_waiting
         self._codec: EnvelopeCodec | None = None
         self._topics: TopicScheme | None = None
         self._markers: Markers | None = None
@@ -98,36 +76,28 @@ class CheckpointPages:
         name the new set soon, or joiners would not wait for a new part."""
         self._pages: list[dict[str, bytes]] = [{} for _ in range(CHECKPOINT_PAGES)]
         self._layouts = [PageLayout() for _ in range(CHECKPOINT_PAGES)]
-        self._parts: list[list[_Part]] = [[] for _ in range(CHECKPOINT_PAGES)]
+        self._rows = PageRows(layouts=self._layouts, max_waiting=max_waiting)
+        # Bound once: keep_state calls them per state.
+        self._match, self._wait = self._rows.match, self._rows.wait
+        self._part_changed = self._rows.changed
+        self._dirty, self._due = self._rows.dirty, self._rows.due
         self._cutter = PageCutter(node_id=node_id)
         # Part topics of each page that may hold a retained message (those past the page's
         # parts are cleared when it is next sent).
         self._on_broker = [0] * CHECKPOINT_PAGES
         # The page went (or was read back) as one envelope: if it now needs parts, all go.
         self._whole = [False] * CHECKPOINT_PAGES
-        # States whose item alone is over a message, left out since the page was sent, and
-        # the outbox rows no part will carry.
+        # States whose item alone is over a message, left out since the page was sent.
         self._left_out: dict[int, list[str]] = {}
-        self._orphans: list[int] = []
-        self._dirty: dict[int, None] = {}  # insertion order: oldest change first
-        # Dirty pages with a part whose changes justify a refresh mid-stream, so that a
-        # flusher round does not scan every dirty page to find the few that are due.
-        self._due: dict[int, None] = {}
         self._sent_at = [0.0] * CHECKPOINT_PAGES  # monotonic time it was last sent
         self._budget = 0.0
         self._budget_at = time.monotonic()
         self._inflight = 0
-        self._waiting = 0  # bytes of all rows waiting for a part
-        self._relieving = 0  # of those, in parts already due to relieve the outbox
-        self._seeded = seeded
-        self._seeding = False
-        # While seeding: state topic -> sequence of the own part it was read back from (a
-        # part left over from an earlier version may be older than the current one).
-        self._seed_sequence: dict[str, int] = {}
-        # States recorded before the pages were read back (state topic -> page) and their
-        # outbox rows: placed once the parts they belong to are known.
-        self._early: dict[str, int] = {}
-        self._early_rows: list[tuple[int, int, str]] = []  # (row, item bytes, state topic)
+        self._seed = PageSeed(node_id=node_id, state_topics=state_topics, seeded=seeded,
+                              pages=self._pages, layouts=self._layouts, rows=self._rows,
+                              on_broker=self._on_broker, whole=self._whole,
+                              logged=self.logged, cutter=self._cutter, entry=self._entry,
+                              changed=self._changed, record_row=self._record_row)
         self.forced = False
         """A flush is under way: every changed page (and held-back state) goes now."""
         self.cut = False
@@ -140,19 +110,18 @@ class CheckpointPages:
 
     @property
     def seeded(self) -> bool:
-        return self._seeded
+        return self._seed.seeded
 
     @property
     def seeding(self) -> bool:
         """The node's own retained states are being read back (see :meth:`seed`)."""
-        return self._seeding
+        return self._seed.seeding
 
     @property
     def settled(self) -> bool:
         """No page is changed or waiting for its acknowledgement (states recorded before
         the read-back wait for it: they are placed, and sent, only after it)."""
-        return not self._dirty and not self._inflight and not self._early \
-            and not self._early_rows
+        return not self._dirty and not self._inflight and not self._seed.early
 
     async def send(self, conn: Connection, window: Window, *,
                    burst_end: bool, limit: int) -> bool:
@@ -160,10 +129,10 @@ class CheckpointPages:
         ``limit`` messages at most, the parts of a page due together at once (:attr:`cut`
         tells whether more were due); False if the connection broke."""
         self.cut = False
-        if self._orphans:
-            done, self._orphans = self._orphans, []
+        if self._rows.orphans:
+            done, self._rows.orphans = self._rows.orphans, []
             self._ack(done)
-        if not self._dirty or not self._seeded:
+        if not self._dirty or not self._seed.seeded:
             return True
         sent = 0
         assert self._codec is not None and self._topics is not None
@@ -178,10 +147,10 @@ class CheckpointPages:
             if sent >= limit:
                 self.cut = True
                 break
-            parts = self._parts[page]
+            parts = self._rows.parts[page]
             if not burst_end:
                 # Mid-stream, even after flush(): the page is complete only once the burst is.
-                targets = [i for i, p in enumerate(parts) if p.dirty and self._is_due(p)]
+                targets = [i for i, p in enumerate(parts) if p.dirty and is_due(p)]
                 if not targets:
                     self._due.pop(page, None)
                     continue
@@ -203,10 +172,10 @@ class CheckpointPages:
                 continue
             if burst_end and not self.forced:
                 self._budget = max(0.0, self._budget - sum(n for _s, n, _r in signed))
-            parts = self._parts[page]
+            parts = self._rows.parts[page]
             if not any(p.dirty for p in parts):
                 del self._dirty[page]
-            if not any(p.dirty and self._is_due(p) for p in parts):
+            if not any(p.dirty and is_due(p) for p in parts):
                 self._due.pop(page, None)
             if not await self._publish(conn, window, page, signed):
                 return False
@@ -227,13 +196,9 @@ class CheckpointPages:
             whole = cutter.whole(page, entries.values())
             if whole is not None:
                 layout.collapse()
-                rows: Rows = {}
-                for p in self._parts[page]:
-                    rows.update(p.rows)
-                    self._relieving -= p.relief
-                self._parts[page] = [_Part(rows=rows, waiting=sum(n for n, _t in rows.values()))]
+                self._rows.collapse(page)
                 self._whole[page] = True
-                return [(whole[0], whole[1], self._take(page, 0))]
+                return [(whole[0], whole[1], self._rows.take(page, 0))]
         wanted = set(targets)
         for _ in range(_CUT_ATTEMPTS):
             moved, oversized = layout.fit(lambda t: len(entries[t]) + 1, cutter.cap)
@@ -242,11 +207,11 @@ class CheckpointPages:
                 self._report_left_out(page)
             self._match(page)
             for topic, (was, now) in moved.items():
-                self._move_rows(page, topic, was, now)
+                self._rows.move(page, topic, was, now)
                 wanted.update((was, now))
             layout.trim()
             self._match(page)
-            parts = self._parts[page]
+            parts = self._rows.parts[page]
             if self._whole[page]:
                 wanted.update(range(len(parts)))
             chosen = sorted(i for i in wanted if i < len(parts))
@@ -256,46 +221,10 @@ class CheckpointPages:
             except OversizedMessage:
                 continue  # the cap shrank: fit the layout again
             self._whole[page] = False
-            return [(s, n, self._take(page, s.part, body=n)) for s, n in signed]
+            return [(s, n, self._rows.take(page, s.part, body=n)) for s, n in signed]
         log.warning("checkpoint page %d: its parts did not fit max_message_bytes after %d "
                     "tries; trying again", page, _CUT_ATTEMPTS)
         return None
-
-    def _match(self, page: int) -> None:
-        """One pacing per part of the layout: a new part must go; one dropped takes no row
-        (a part only drops once empty)."""
-        parts, n = self._parts[page], len(self._layouts[page].parts)
-        while len(parts) < n:
-            parts.append(_Part(dirty=True))
-        for extra in parts[n:]:
-            self._orphans.extend(extra.rows)
-            self._waiting -= extra.waiting
-            self._relieving -= extra.relief
-        del parts[n:]
-
-    def _take(self, page: int, part: int, body: int | None = None) -> Rows:
-        """The rows part ``part`` carries as it is signed now; its pacing starts over."""
-        p = self._parts[page][part]
-        rows, p.rows = p.rows, {}
-        self._waiting -= p.waiting
-        self._relieving -= p.relief
-        p.waiting = p.changed = p.relief = 0
-        p.dirty = p.urgent = False
-        p.sent = self._layouts[page].sizes[part] if body is None else body
-        return rows
-
-    def _move_rows(self, page: int, topic: str, was: int, now: int) -> None:
-        parts = self._parts[page]
-        if was >= len(parts) or now >= len(parts):
-            return
-        src, dst = parts[was], parts[now]
-        for row, value in list(src.rows.items()):
-            if value[1] == topic:
-                del src.rows[row]
-                src.waiting -= value[0]
-                dst.rows[row] = value
-                dst.waiting += value[0]
-        src.dirty = dst.dirty = True
 
     def _leave_out(self, page: int, topic: str) -> None:
         """A state whose item alone is over a message: out of the page (late joiners lack
@@ -303,13 +232,7 @@ class CheckpointPages:
         it (kept, they would hold flush() for ever)."""
         self._pages[page].pop(topic, None)
         self._left_out.setdefault(page, []).append(topic)
-        for p in self._parts[page]:
-            for row, (_n, t) in list(p.rows.items()):
-                if t == topic:
-                    del p.rows[row]
-                    p.waiting -= _n
-                    self._waiting -= _n
-                    self._orphans.append(row)
+        self._rows.drop(page, topic)
 
     def _report_left_out(self, page: int) -> None:
         topics = self._left_out.pop(page, None)
@@ -326,7 +249,7 @@ class CheckpointPages:
         no longer uses; each part acknowledges its rows once the broker has it. False if the
         connection broke (what did not go is sent again after reconnecting)."""
         assert self._topics is not None
-        before, count = self._on_broker[page], len(self._parts[page])
+        before, count = self._on_broker[page], len(self._rows.parts[page])
         for part in range(count, before):
             if self.logged.pop(checkpoint_slot(page, part), None) is not None:
                 self.slots += 1
@@ -346,7 +269,7 @@ class CheckpointPages:
             except TransportError as exc:
                 window.release(len(payload))
                 for later, _m, later_rows in signed[i:]:
-                    self._redo(page, later.part, later_rows)
+                    self._rows.redo(page, later.part, later_rows)
                 self._on_broker[page] = max(self._on_broker[page], before)
                 log.info("publish stopped: %s", exc)
                 return False
@@ -371,27 +294,12 @@ class CheckpointPages:
             fut.add_done_callback(functools.partial(self._cleared, page=page, parts=before))
         return True
 
-    def _redo(self, page: int, part: int, rows: Rows) -> None:
-        """Part ``part`` of ``page`` did not reach the broker: it goes again, with ``rows``
-        waiting for the part that holds their state now."""
-        parts, layout = self._parts[page], self._layouts[page]
-        if part < len(parts):
-            parts[part].dirty = True
-        self._dirty[page] = None
-        for row, value in rows.items():
-            at = layout.part_of.get(value[1], part)
-            if at < len(parts) and row not in parts[at].rows:
-                parts[at].rows[row] = value
-                parts[at].waiting += value[0]
-                self._waiting += value[0]
-                parts[at].dirty = True
-
     def _part_done(self, f: asyncio.Future[None], *, page: int, part: int,
                    window: Window, nbytes: int, rows: Rows) -> None:
         window.release(nbytes)
         self._inflight -= 1
         if f.cancelled() or f.exception() is not None:
-            self._redo(page, part, rows)  # sent again after reconnecting
+            self._rows.redo(page, part, rows)  # sent again after reconnecting
             return
         if rows:
             self._ack(list(rows))  # ends in settled() once the outbox recorded it
@@ -427,82 +335,39 @@ class CheckpointPages:
             layout.drop(topic, 0 if old is None else len(old) + 1)
             self._leave_out(page, topic)
             if row is not None:
-                self._orphans.append(row)
+                self._rows.orphans.append(row)
             self._dirty[page] = None
             return
-        if not self._seeded:
-            # Placed after the read-back, in the part the broker holds it in (if any).
-            if old is not None and topic in layout.part_of:
-                layout.place(topic, len(old) + 1, n, self._cutter.cap)
-            entries[topic] = entry
-            self._early[topic] = page
-            if row is not None:
-                self._early_rows.append((row, len(item_json), topic))
+        if not self._seed.seeded:
+            self._seed.keep(page, topic, entry, row, len(item_json))
             return
         entries[topic] = entry
         part = layout.place(topic, 0 if old is None else len(old) + 1, n, self._cutter.cap)
         self._match(page)
-        p = self._parts[page][part]
+        p = self._rows.parts[page][part]
         if row is not None:
             self._wait(page, part, row, len(item_json), topic)
-        self._changed(page, p, n)
+        self._part_changed(page, p, n)  # as _changed(), without a second call per state
+        self._budget += n
 
     def _record_row(self, page: int, topic: str, row: int, nbytes: int) -> None:
         """Outbox row ``row`` of a state ``topic`` whose entry is already held waits for
         the part holding it."""
-        if not self._seeded:
-            self._early_rows.append((row, nbytes, topic))
+        if not self._seed.seeded:
+            self._seed.keep_row(row, nbytes, topic)
         else:
             self._wait(page, self._layouts[page].part_of.get(topic, 0), row, nbytes, topic)
 
-    def _changed(self, page: int, p: _Part, n: int) -> None:
-        """``n`` bytes of part ``p`` of ``page`` changed."""
-        p.changed += n
-        p.dirty = True
-        self._dirty[page] = None
-        if self._is_due(p):
-            self._due[page] = None
+    def _changed(self, page: int, p: PagePart, n: int) -> None:
+        """``n`` bytes of part ``p`` of ``page`` changed (and the page budget grows)."""
+        self._rows.changed(page, p, n)
         self._budget += n
 
-    def _wait(self, page: int, part: int, row: int, nbytes: int, topic: str) -> None:
-        """Outbox row ``row`` waits for part ``part`` of ``page``."""
-        self._match(page)
-        parts = self._parts[page]
-        p = parts[min(part, len(parts) - 1)] if parts else None
-        if p is None:
-            self._orphans.append(row)
-            return
-        if row not in p.rows:
-            p.rows[row] = (nbytes, topic)
-            p.waiting += nbytes
-            self._waiting += nbytes
-            p.dirty = True
-            self._dirty[page] = None
-            if self._is_due(p):
-                self._due[page] = None
-            if (self._max_waiting is not None and self._waiting - self._relieving
-                    >= self._max_waiting * CHECKPOINT_PAGES):
-                self._relieve()
-
-    def _relieve(self) -> None:
-        """Too many rows wait: the part keeping the most is due now (one part at a time, so
-        a part goes again only once it holds its share of the outbox's bound)."""
-        most: _Part | None = None
-        at = 0
-        for page in self._dirty:
-            for p in self._parts[page]:
-                if not p.urgent and (most is None or p.waiting > most.waiting):
-                    most, at = p, page
-        if most is None or not most.waiting:
-            return
-        most.urgent, most.relief = True, most.waiting
-        self._relieving += most.waiting
-        self._due[at] = None
-
-    def _is_due(self, p: _Part) -> bool:
-        """Whether a part is worth sending mid-stream: the bytes changed in it reached its
-        last size, or it keeps the most outbox rows waiting (:meth:`_relieve`)."""
-        return p.urgent or p.changed >= max(p.sent, _PAGE_MIN_GROWTH)
+    def _entry(self, topic: str, item_json: bytes) -> bytes:
+        """The page entry of a state item: ``"<category>":<item JSON>``."""
+        assert self._topics is not None
+        category = self._topics.category_of_state(self._node_id, topic)
+        return b"%s:%s" % (json.dumps(category).encode(), item_json)
 
     def seed_page(self, page: int, states: dict[str, bytes], *, sequence: int,
                   part: int = 0, parts: int = 1) -> None:
@@ -511,65 +376,12 @@ class CheckpointPages:
         ``sequence``: its envelope's). States this run has recorded meanwhile stay, and of
         a state read back twice the later signed, in the part it came in; the page keeps
         that layout and is not sent again for what it already holds."""
-        entries, layout = self._pages[page], self._layouts[page]
-        seeded = self._seed_sequence
-        assert self._topics is not None
-        for topic, item_json in states.items():
-            if seeded.get(topic, -1) >= sequence:
-                continue  # read back from a later-signed part already
-            seeded[topic] = sequence
-            old = entries.get(topic)
-            before = 0 if old is None or topic not in layout.part_of else len(old) + 1
-            if topic in self._early:
-                # This run's newer state keeps its entry, in the part the broker has it in.
-                assert old is not None
-                layout.put(topic, part, before, len(old) + 1)
-                continue
-            category = self._topics.category_of_state(self._node_id, topic)
-            entry = b"%s:%s" % (json.dumps(category).encode(), item_json)
-            entries[topic] = entry
-            layout.put(topic, part, before, len(entry) + 1)
-        self._match(page)
-        p = self._parts[page][part]
-        p.dirty = False  # as the broker holds it (this run's states mark it after the read)
-        p.sent = max(p.sent, layout.sizes[part])
-        self._on_broker[page] = max(self._on_broker[page], part + 1)
-        self._whole[page] = parts == 1 and part == 0
-        self.logged.setdefault(checkpoint_slot(page, part), sequence)
-
-    def _seeded_layouts(self) -> None:
-        """After reading back: a part left empty (its states came later in another) goes
-        again empty, or is cleared when it is the last; a page with parts whose part 0
-        lost its place goes again whole if it fits."""
-        early, self._early = self._early, {}
-        for topic, page in early.items():
-            n = len(self._pages[page][topic]) + 1
-            layout = self._layouts[page]
-            if topic not in layout.part_of:
-                layout.place(topic, 0, n, self._cutter.cap)
-            self._match(page)
-            part = layout.part_of[topic]
-            self._changed(page, self._parts[page][part], n)
-        rows, self._early_rows = self._early_rows, []
-        for row, nbytes, topic in rows:
-            self._record_row(zlib.crc32(topic.encode()) % CHECKPOINT_PAGES, topic, row, nbytes)
-        for page in range(CHECKPOINT_PAGES):
-            layout = self._layouts[page]
-            if not self._on_broker[page]:
-                continue
-            layout.trim()
-            self._match(page)
-            for i, p in enumerate(self._parts[page]):
-                if not layout.parts[i]:
-                    p.dirty = True
-            if any(p.dirty for p in self._parts[page]) \
-                    or self._on_broker[page] > len(layout.parts):
-                self._dirty[page] = None
+        self._seed.seed_page(page, states, sequence=sequence, part=part, parts=parts)
 
     @property
     def held(self) -> int:
         """States held in the pages."""
-        return sum(len(entries) for entries in self._pages)
+        return self._seed.held
 
     async def seed(self, conn: Connection) -> None:
         """Read back this node's retained states (an earlier run's), so that the first page
@@ -577,27 +389,5 @@ class CheckpointPages:
         when it keeps them (a crash may have left the pages behind those). What is read
         back never replaces a state this run has recorded meanwhile."""
         assert self._topics is not None and self._markers is not None
-        t = self._topics
-        filters = [t.node_checkpoint_filter(self._node_id)]
-        if self._state_topics:
-            filters.insert(0, t.node_state_filter(self._node_id))
-        self._seeding = True
-        try:
-            for topic_filter in filters:
-                await conn.subscribe([(topic_filter, 1)])
-                # mosquitto sends the retained states before the later marker; a broker that
-                # streams them after the SUBACK in no set order (aedes) may not have: the
-                # read ends once a round trip brings no further state back.
-                for _ in range(_SEED_ROUNDS):
-                    before = self.held
-                    await self._markers.round_trip(conn)
-                    if self.held == before:
-                        break
-                await conn.unsubscribe([topic_filter])
-        finally:
-            self._seeding = False
-            self._seed_sequence = {}
-        self._seeded = True
-        self._seeded_layouts()
+        await self._seed.seed(conn, self._topics, self._markers)
         self._wake()
-
