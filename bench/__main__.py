@@ -87,10 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     ld.add_argument("--fanin-downtime", type=float, default=0.5,
                     help="seconds the broker stays down between kill and restart (default "
                          "0.5)")
-    p.add_argument("--plot", type=Path, default=DEFAULT_PLOT,
+    p.add_argument("--plot", type=Path, default=None,
                    help=f"PNG of throughput and latency (default "
-                        f"{DEFAULT_PLOT.relative_to(_HERE.parent)}; needs matplotlib: "
-                        "pip install -e '.[bench]')")
+                        f"{DEFAULT_PLOT.relative_to(_HERE.parent)}, none with --no-doc; "
+                        "needs matplotlib: pip install -e '.[bench]')")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--profile", action="store_true",
                    help="after measuring, run P and sync once more under cProfile and report "
@@ -205,11 +205,14 @@ def _write_reports(results: dict[str, Any], args: argparse.Namespace) -> None:
     from .report import render_markdown, render_plot
 
     plot: str | None = None
-    if not args.no_plot:
-        if render_plot(results, args.plot):
-            print(f"plot:    {args.plot}")
+    # A run that leaves the report alone leaves the report's picture alone too.
+    png: Path | None = args.plot if args.plot is not None else (
+        None if args.no_doc else DEFAULT_PLOT)
+    if not args.no_plot and png is not None:
+        if render_plot(results, png):
+            print(f"plot:    {png}")
             if not args.no_doc:
-                plot = os.path.relpath(args.plot.resolve(), args.doc.resolve().parent)
+                plot = os.path.relpath(png.resolve(), args.doc.resolve().parent)
         else:
             print("plot:    skipped (pip install -e '.[bench]' for matplotlib)")
     if not args.no_doc:
