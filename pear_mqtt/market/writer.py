@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import MarketError
 from ..history.log import Retention
 from ..node.records import ReceivedAggregate, ReceivedInsight
 from ..privacy.ranges import ValueRange
@@ -256,8 +257,10 @@ class Writer:
             cur.executemany(_INSERT, new)
             last = cur.execute("SELECT max(id) FROM insights").fetchall()[0][0]
             if last != first + len(new) - 1:
-                raise sqlite3.IntegrityError(f"new rows took ids up to {last}, not "
-                                             f"{first}..{first + len(new) - 1}")
+                # Only once the largest id is 2**63 - 1 does SQLite pick ids elsewhere.
+                raise MarketError(f"market store: its row ids are used up (new rows took ids "
+                                  f"up to {last}, not {first}..{first + len(new) - 1}); "
+                                  "export it and start a new store")
             _Cells(new).write(cur)
             # Each sender's newest row per product: by window end, the later of equal ones.
             ends = list(map(_END, new))

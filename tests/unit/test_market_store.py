@@ -241,3 +241,14 @@ def test_a_batch_groups_as_the_same_rows_added_one_at_a_time(tmp_path: Path) -> 
     assert (first.count, first.companies, first.exact) == (5, 3, False)
     assert first.mean == pytest.approx((2.0 + 2.0 + 1.5 + 4.0 + 4.0) / 5)
     assert (first.low, first.high) == (1.0, 4.0)
+
+
+def test_a_store_whose_row_ids_are_used_up_refuses_new_rows_whole(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    with MarketStore.open(path, network="net", mode="private") as store:
+        store.add([received(iid="first")])
+        with sqlite3.connect(path) as other:  # as if 2**63 - 1 rows had been stored
+            other.execute("UPDATE insights SET id = 9223372036854775807")
+        with pytest.raises(MarketError, match=r"row ids are used up.*start a new store"):
+            store.add([received(iid="a"), received(iid="b", member="globex")])
+        assert [r.item_id for r in store.query().rows] == ["first"]
