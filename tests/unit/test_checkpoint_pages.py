@@ -69,16 +69,39 @@ def _topics(n: int) -> list[str]:
     return out
 
 
-def _pages(acked: list[int]) -> CheckpointPages:
+class Hooks:
+    """The outbox rows the pages acknowledge, and a signal on each acknowledgement or
+    ``settled`` call (what the pages do once a PUBACK's callback ran)."""
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+        self.called = asyncio.Event()
+
+    def ack(self, rows: list[int]) -> None:
+        self.acked.extend(rows)
+        self.called.set()
+
+    def settled(self) -> None:
+        self.called.set()
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            self.called.clear()
+            await asyncio.wait_for(self.called.wait(), 5)
+
+
+def _pages(hooks: Hooks, max_waiting: int | None = None) -> CheckpointPages:
     return CheckpointPages(node_id="store-1", counters=Counters(), seeded=True,
-                           wake=lambda: None, wake_later=lambda _d: None, settled=lambda: None,
-                           ack=acked.extend, state_topics=False)
+                           wake=lambda: None, wake_later=lambda _d: None,
+                           settled=hooks.settled, ack=hooks.ack, state_topics=False,
+                           max_waiting=max_waiting)
 
 
 async def test_rows_are_acknowledged_with_the_part_carrying_them_and_parts_shrink(
         make_codec: Callable[[int], EnvelopeCodec]) -> None:
-    acked: list[int] = []
-    pages = _pages(acked)
+    hooks = Hooks()
+    acked = hooks.acked
+    pages = _pages(hooks)
     codec = make_codec(4096)
     pages.attach(codec=codec, topics=SCHEME, markers=Markers())
     topics = _topics(40)
@@ -97,8 +120,9 @@ async def test_rows_are_acknowledged_with_the_part_carrying_them_and_parts_shrin
     for _topic, payload, fut in reversed(conn.sent):
         body = codec.decode(payload, check_replay=False).message.body
         carried = {row_of[category.rsplit("/", 1)[-1]] for category in body["states"]}
+        before = len(acked)
         fut.set_result(None)
-        await asyncio.sleep(0)  # the done callback
+        await hooks.until(lambda: len(acked) >= before + len(carried))  # noqa: B023
         assert set(acked[-len(carried):]) == carried
     assert sorted(acked) == sorted(row_of.values()) and pages.settled
 
@@ -107,24 +131,22 @@ async def test_rows_are_acknowledged_with_the_part_carrying_them_and_parts_shrin
     pages.attach(codec=make_codec(64 * 1024), topics=SCHEME, markers=Markers())
     pages.keep_state(topics[0], b'{"iid":"i0","insight":"y"}', row=999)
     conn2 = FakeConnection()
-    assert await pages.send(conn2, window, burst_end=True, limit=10)  # type: ignore[arg-type]
+    assert await pages.send(conn2, window, burst_end=True, limit=10)
     sent = [(parse_topic(t).part, len(p)) for t, p, _f in conn2.sent]
     assert sent[0][0] == 0 and sent[0][1] > 0
     assert sent[1:] == [(i, 0) for i in range(1, len(parts))]
     assert set(pages.logged) == {checkpoint_slot(PAGE, 0)}
     for _t, _p, fut in conn2.sent:
         fut.set_result(None)
-    await asyncio.sleep(0)
+    await hooks.until(lambda: pages.settled)
     assert 999 in acked and pages.settled
 
 
 async def test_an_update_re_signs_only_its_part_and_the_fullest_part_relieves_the_outbox(
         make_codec: Callable[[int], EnvelopeCodec]) -> None:
-    acked: list[int] = []
-    pages = CheckpointPages(node_id="store-1", counters=Counters(), seeded=True,
-                            wake=lambda: None, wake_later=lambda _d: None,
-                            settled=lambda: None, ack=acked.extend, state_topics=False,
-                            max_waiting=1)  # 256 bytes of rows may wait in all
+    hooks = Hooks()
+    acked = hooks.acked
+    pages = _pages(hooks, max_waiting=1)  # 256 bytes of rows may wait in all
     codec = make_codec(4096)
     pages.attach(codec=codec, topics=SCHEME, markers=Markers())
     topics = _topics(40)
@@ -138,7 +160,7 @@ async def test_an_update_re_signs_only_its_part_and_the_fullest_part_relieves_th
     assert len(first) >= 3
     for _t, _p, fut in conn.sent:
         fut.set_result(None)
-    await asyncio.sleep(0)
+    await hooks.until(lambda: pages.settled)
 
     # One state updated in place: only its part goes, with the same states.
     category = SCHEME.category_of_state("store-1", topics[5])
@@ -151,7 +173,7 @@ async def test_an_update_re_signs_only_its_part_and_the_fullest_part_relieves_th
     assert set(codec.decode(payload, check_replay=False).message.body["states"]) == set(
         first[part])
     fut.set_result(None)
-    await asyncio.sleep(0)
+    await hooks.until(lambda: bool(acked))
     assert acked == [500]
 
     # Mid-stream, rows over the bound in all: the part keeping the most goes, not the page.

@@ -58,9 +58,17 @@ class _Conn:
 class _Outbox:
     def __init__(self) -> None:
         self.acked: list[list[int]] = []
+        self.changed = asyncio.Event()
 
     def ack(self, ids: list[int]) -> None:
         self.acked.append(list(ids))
+        self.changed.set()
+
+    async def holding(self, n: int) -> None:
+        """Until ``n`` rows were acknowledged (deleted) in all."""
+        while sum(map(len, self.acked)) < n:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 5)
 
 
 def _row(i: int, topic: str = "t/a", kind: str = "insight", payload: bytes = b'{"n":1}',
@@ -81,9 +89,10 @@ def _delivery(codec: _Codec, outbox: _Outbox, counters: Counters,
     return delivery
 
 
-async def _settle() -> None:
-    for _ in range(3):  # done callbacks, then the ack flush they schedule
-        await asyncio.sleep(0)
+async def _answered(window: Window) -> None:
+    """Until the last publish got its answer (its callback released the window of one)."""
+    await asyncio.wait_for(window.acquire(0), 5)
+    window.release(0)
 
 
 async def test_acknowledged_rows_leave_the_outbox_in_one_transaction() -> None:
@@ -94,7 +103,7 @@ async def test_acknowledged_rows_leave_the_outbox_in_one_transaction() -> None:
     assert await delivery.send_batch(conn, window, [_row(1), _row(2)])  # type: ignore[arg-type]
     assert await delivery.send_batch(conn, window, [_row(3)])  # type: ignore[arg-type]
     assert delivery.in_flight
-    await _settle()
+    await outbox.holding(3)
     assert outbox.acked == [[1, 2, 3]]
     assert not delivery.in_flight and settled
     assert counters.messages_out == 2 and counters.insights_acked == 3
@@ -110,7 +119,7 @@ async def test_a_refused_publish_is_dead_lettered_and_said_once_per_topic(
     with caplog.at_level(logging.WARNING, logger="pear_mqtt.node.delivery"):
         for i in (1, 2):
             assert await delivery.send_batch(conn, window, [_row(i)])  # type: ignore[arg-type]
-        await _settle()
+        await outbox.holding(2)
     assert counters.dropped["refused_not_authorized"] == 2
     assert outbox.acked == [[1, 2]]
     assert counters.insights_acked == 0
@@ -124,7 +133,7 @@ async def test_an_oversized_batch_is_split_and_an_oversized_row_dropped() -> Non
     big = _row(3, payload=b'{"n":"' + b"x" * 64 + b'"}')
     rows = [_row(1), _row(2), big, _row(4)]
     assert await delivery.send_batch(conn, window, rows)  # type: ignore[arg-type]
-    await _settle()
+    await outbox.holding(4)
     assert len(conn.published) == 2  # [1, 2] and [4]: the halves that fit
     assert counters.dropped["oversized_outgoing"] == 1
     assert sorted(i for ids in outbox.acked for i in ids) == [1, 2, 3, 4]
@@ -134,19 +143,20 @@ async def test_a_row_in_flight_at_every_close_goes_alone_then_is_dead_lettered()
     # What a 3.1.1 broker does to a forbidden publish: it closes the connection.
     outbox, counters = _Outbox(), Counters()
     delivery = _delivery(_Codec(), outbox, counters, [])
-    conn, window = _Conn(lost=b"bad"), Window(count=8, nbytes=1 << 20)
+    conn, window = _Conn(lost=b"bad"), Window(count=1, nbytes=1 << 20)
     bad = _row(1, payload=b'{"n":"bad"}')
     envelopes = []
     for i in range(ALONE_AFTER + REFUSED_AFTER + 1):
         before = len(conn.published)
         batch = [bad, _row(10 + i)]
         assert await delivery.send_batch(conn, window, batch)  # type: ignore[arg-type]
-        await _settle()
+        await _answered(window)
         envelopes.append([p.count(b'{"n"') for _t, p, _r in conn.published[before:]])
     # In its batch until it was in flight at ALONE_AFTER closes, then alone (the other row
     # in an envelope of its own) until REFUSED_AFTER closes, then dead-lettered.
     assert envelopes == [[2]] * ALONE_AFTER + [[1, 1]] * REFUSED_AFTER + [[1]]
     assert counters.dropped["refused_connection_closed"] == 1
+    await outbox.holding(REFUSED_AFTER + 2)
     acked = [i for ids in outbox.acked for i in ids]
     assert 1 in acked and sorted(acked)[1:] == [10 + ALONE_AFTER + j
                                                  for j in range(REFUSED_AFTER + 1)]
