@@ -117,8 +117,12 @@ class PageRows:
             parts[part].dirty = True
         self.dirty[page] = None
         for row, value in rows.items():
-            at = layout.part_of.get(value[1], part)
-            if at < len(parts) and row not in parts[at].rows:
+            if not parts:
+                self.orphans.append(row)  # the page lost every state meanwhile
+                continue
+            # The part it went in may have dropped meanwhile (once its states moved away).
+            at = min(layout.part_of.get(value[1], part), len(parts) - 1)
+            if row not in parts[at].rows:
                 parts[at].rows[row] = value
                 parts[at].waiting += value[0]
                 self._waiting += value[0]
