@@ -1,8 +1,9 @@
 """The live path into a node's market store: the receiver hands each verified item to the
-feed in the event loop, and a thread writes them in batches, so a commit never stalls the
-socket. An item from a sender that keeps a history log waits until a signed head of that log
-proves its entry (:meth:`MarketFeed.proven`); a forked sender's never does. A store that
-cannot write keeps its backlog (bounded) and says so once."""
+feed in the event loop, and a thread turns them into rows in batches, which the store's
+writer process (:mod:`.writerproc`) commits, so a commit never stalls the socket. An item
+from a sender that keeps a history log waits until a signed head of that log proves its
+entry (:meth:`MarketFeed.proven`); a forked sender's never does. A store that cannot write
+keeps its backlog (bounded) and says so once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from ..history.head import parse_log_ref
 from ..node.records import ReceivedAggregate, ReceivedInsight
 from ..security.identity import Identity
 from .store import MarketStore
+from .writer import Row
+from .writerproc import WriterProcess
 
 __all__ = ["BACKLOG_MAX", "LINGER", "LINGER_BUSY", "MarketFeed"]
 
@@ -35,18 +38,24 @@ _FULL = 5000  # ... unless this many are waiting already
 
 
 class MarketFeed:
-    """Batches verified items into ``store`` on its own thread (start with :meth:`start`)."""
+    """Batches verified items into ``store`` on its own thread (start with :meth:`start`);
+    with ``process`` (the default) a writer process commits them, else the thread does."""
 
-    def __init__(self, store: MarketStore) -> None:
+    def __init__(self, store: MarketStore, *, process: bool = True) -> None:
         self.store = store
+        self._process = (WriterProcess(path=store.path, network=store.network,
+                                       mode=store.mode, retention=store.retention)
+                         if process else None)
         self._pending: list[ReceivedInsight | ReceivedAggregate] = []
+        # Rows made but not yet written (the store refused them: full disk), oldest first.
+        self._unwritten: list[tuple[list[Row], list[ReceivedAggregate]]] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._idle = threading.Condition(self._lock)
         self._writing = False
         self._draining = 0  # callers of drain(): write at once, no lingering
         self._stop = False
-        self._stopping = threading.Event()
+        self._hurry = threading.Event()  # drain() or close(): no lingering
         self._thread = threading.Thread(target=self._run, name="pear-market", daemon=True)
         self.dropped = 0
         self.failing: str | None = None
@@ -54,6 +63,12 @@ class MarketFeed:
         self._unproven: dict[tuple[str, str], list[tuple[str, int, ReceivedInsight]]] = {}
         self._proven: dict[tuple[str, str], tuple[str, int]] = {}  # sender -> (log, length)
         self.waiting = 0  # items held back until proven
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The process id of the store's writer process while one runs (operators: it
+        shows as a child of the node's ``forkserver`` process)."""
+        return None if self._process is None else self._process.pid
 
     def start(self) -> None:
         self._thread.start()
@@ -103,6 +118,7 @@ class MarketFeed:
         """Wait until everything taken so far is stored; False after ``timeout`` s."""
         deadline = time.monotonic() + timeout
         self._draining += 1
+        self._hurry.set()
         try:
             return self._wait_idle(deadline)
         finally:
@@ -110,7 +126,7 @@ class MarketFeed:
 
     def _wait_idle(self, deadline: float) -> bool:
         with self._idle:
-            while self._pending or self._writing:
+            while self._pending or self._writing or self._unwritten:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -123,9 +139,11 @@ class MarketFeed:
         if self._thread.is_alive():
             self.drain(timeout)
             self._stop = True
-            self._stopping.set()
+            self._hurry.set()
             self._wake.set()
             self._thread.join(timeout)
+        if self._process is not None:
+            self._process.close(timeout)
 
     def _run(self) -> None:
         linger, taken = LINGER, time.monotonic()
@@ -133,36 +151,68 @@ class MarketFeed:
             self._wake.wait()
             self._wake.clear()
             if len(self._pending) < _FULL and not self._draining:
-                self._stopping.wait(linger)
+                self._hurry.wait(linger)
+            if not self._draining and not self._stop:
+                self._hurry.clear()
             with self._lock:
                 batch, self._pending = self._pending, []
-                self._writing = bool(batch)
+                self._writing = bool(batch) or bool(self._unwritten)
             now = time.monotonic()
             linger = LINGER_BUSY if len(batch) > _BUSY * (now - taken) else LINGER
             taken = now
-            if batch:
+            if batch or self._unwritten:
                 self._write(batch)
             with self._idle:
                 self._writing = False
                 self._idle.notify_all()
 
     def _write(self, batch: list[ReceivedInsight | ReceivedAggregate]) -> None:
-        try:
-            self.store.add(batch)
-        except MarketError as exc:
-            if self.failing is None:
-                log.error("%s: the market store keeps the items in memory and retries", exc)
-            self.failing = str(exc)
-            with self._lock:
-                self._pending[:0] = batch
-                over = len(self._pending) - BACKLOG_MAX
-                if over > 0:
-                    del self._pending[:over]
-                    self.dropped += over
-            # Retry later, not in a tight loop; a close() ends the wait at once.
-            self._wake.wait(_RETRY)
-            self._wake.set()
-            return
+        insights = [i for i in batch if isinstance(i, ReceivedInsight)]
+        aggregates = [a for a in batch if isinstance(a, ReceivedAggregate)]
+        if insights or aggregates:
+            self._unwritten.append((self.store.rows(insights), aggregates))
+        while self._unwritten:
+            rows, aggregates = self._unwritten[0]
+            try:
+                self._put(rows, aggregates)
+            except MarketError as exc:
+                if self.failing is None:
+                    log.error("%s: the market store keeps the items in memory and retries",
+                              exc)
+                self.failing = str(exc)
+                self._bound()
+                # Retry later, not in a tight loop; a close() ends the wait at once.
+                self._wake.wait(_RETRY)
+                self._wake.set()
+                return
+            del self._unwritten[0]
+            self.store.changed()
         if self.failing is not None:
             log.info("market store %s writes again", self.store.path)
             self.failing = None
+
+    def _put(self, rows: list[Row], aggregates: list[ReceivedAggregate]) -> None:
+        if self._process is not None:
+            try:
+                self._process.write(rows, aggregates)
+                return
+            except MarketError as exc:
+                if "cannot start" not in str(exc):
+                    raise
+                log.warning("%s: the node writes its market store itself", exc)
+                self._process = None
+        self.store.add_rows(rows, aggregates)
+
+    def _bound(self) -> None:
+        """Keep at most :data:`BACKLOG_MAX` unwritten rows; the oldest go first."""
+        over = sum(len(r) + len(a) for r, a in self._unwritten) - BACKLOG_MAX
+        while over > 0 and self._unwritten:
+            rows, aggregates = self._unwritten[0]
+            if len(rows) + len(aggregates) <= over:
+                del self._unwritten[0]
+                over -= len(rows) + len(aggregates)
+                self.dropped += len(rows) + len(aggregates)
+                continue
+            del rows[:over]
+            self.dropped += over
+            over = 0

@@ -24,7 +24,7 @@ from .position import price_position
 from .queries import Filter
 from .rows import AggregateRow, GroupRow, HistogramRow, MarketRow, Page, PricePosition, StoreStatus
 from .schema import connect, ensure
-from .writer import Retention, Writer, size_on_disk
+from .writer import Retention, Row, Writer, size_on_disk
 
 __all__ = ["MarketStore", "Retention"]
 
@@ -53,6 +53,7 @@ class MarketStore:
         self._wconn = writer
         self._writer = None if writer is None else Writer(writer, path=path,
                                                           retention=retention)
+        self.retention = retention
         self._rconn = reader
         self._rlock = threading.Lock()
         self._temporary = temporary
@@ -120,8 +121,6 @@ class MarketStore:
             now: float | None = None) -> int:
         """Store verified items in one transaction; returns how many rows were new.
         Duplicates are stored once; a newer version of an item replaces the older."""
-        if self._writer is None:
-            raise MarketError(f"market store {self.path} is open read-only")
         insights: list[ReceivedInsight] = []
         aggregates: list[ReceivedAggregate] = []
         for item in items:
@@ -129,16 +128,37 @@ class MarketStore:
                 insights.append(item)
             elif isinstance(item, ReceivedAggregate):
                 aggregates.append(item)
+        added = self.add_rows(self.rows(insights), aggregates, now=now)
+        self.changed()
+        return added
+
+    def rows(self, insights: Sequence[ReceivedInsight]) -> list[Row]:
+        """The rows :meth:`add_rows` takes, of ``insights`` (plain tuples: they cross to
+        the node's writer process cheaply); an insight that makes none is counted as
+        refused."""
+        return self._writable().rows(insights)
+
+    def add_rows(self, rows: list[Row], aggregates: Sequence[ReceivedAggregate], *,
+                 now: float | None = None) -> int:
+        """Like :meth:`add`, of rows made by :meth:`rows` (by this store or another opened
+        on the same file); watchers here are not woken (:meth:`changed`)."""
         try:
-            added = self._writer.write(insights, aggregates,
-                                       now=time.time() if now is None else now)
+            return self._writable().write_rows(rows, aggregates,
+                                               now=time.time() if now is None else now)
         except sqlite3.Error as exc:
             raise MarketError(f"market store {self.path}: cannot write ({exc}); check the "
                               "free space and permissions there") from exc
+
+    def changed(self) -> None:
+        """Wake this store's watchers: rows were written (here or by a writer process)."""
         for loop, event in list(self._waiters):
             with contextlib.suppress(RuntimeError):  # a loop that closed meanwhile
                 loop.call_soon_threadsafe(event.set)
-        return added
+
+    def _writable(self) -> Writer:
+        if self._writer is None:
+            raise MarketError(f"market store {self.path} is open read-only")
+        return self._writer
 
     # -- reading ------------------------------------------------------------------------------
     @overload

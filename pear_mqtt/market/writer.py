@@ -21,7 +21,7 @@ from ..node.records import ReceivedAggregate, ReceivedInsight
 from ..privacy.ranges import ValueRange
 from .values import Ends, pack, unpack
 
-__all__ = ["DAY", "Retention", "Writer", "insight_row", "item_key", "size_on_disk"]
+__all__ = ["DAY", "Retention", "Row", "Writer", "insight_row", "item_key", "size_on_disk"]
 
 DAY = 86_400
 
@@ -202,12 +202,23 @@ class Writer:
     def write(self, insights: Sequence[ReceivedInsight],
               aggregates: Sequence[ReceivedAggregate], *, now: float) -> int:
         """Store a batch in one transaction; returns how many new rows it added."""
+        return self.write_rows(self.rows(insights), aggregates, now=now)
+
+    def rows(self, insights: Sequence[ReceivedInsight]) -> list[Row]:
+        """The rows of ``insights`` (:func:`insight_row`); those that make none are counted
+        as refused."""
         rows: list[Row] = []
         for received in insights:
             try:
                 rows.append(insight_row(received))
             except (TypeError, ValueError, OverflowError, struct.error):
                 self.refused += 1
+        return rows
+
+    def write_rows(self, rows: list[Row], aggregates: Sequence[ReceivedAggregate], *,
+                   now: float) -> int:
+        """Store rows made by :meth:`rows` and aggregates in one transaction; returns how
+        many new rows it added."""
         batch = {row[1:4]: row for row in rows}
         if len(batch) < len(rows):  # an item more than once: its newest version wins
             batch = {}

@@ -34,6 +34,7 @@ every broker it started is attached to its report.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -334,3 +335,18 @@ def net(pki: NetworkPKI, mosquitto_factory: Callable[..., MosquittoBroker],
     with probe(public, subscribe=["#"]) as spy:
         yield Net(pki=pki, consortium=consortium, public=public, key_file=key_file,
                   pub_file=pub_file, root=tmp_path, spy=spy)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs here (the suite runs as root): {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from brokers import MosquittoBroker
 from faultkit import Collector, PeakRSS, insight
 from faultproxy import FaultProxy
@@ -31,21 +29,6 @@ from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.errors import OutboxError
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.node.outbox import RECOVER_INTERVAL
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """An 8 MiB tmpfs."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs here (the suite runs as root): {res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def free_bytes(path: Path) -> int:
