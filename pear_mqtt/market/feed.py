@@ -175,11 +175,11 @@ class MarketFeed:
             rows, aggregates = self._unwritten[0]
             try:
                 self._put(rows, aggregates)
-            except MarketError as exc:
+            except Exception as exc:  # the thread must go on: nothing is lost
                 if self.failing is None:
                     log.error("%s: the market store keeps the items in memory and retries",
-                              exc)
-                self.failing = str(exc)
+                              exc, exc_info=not isinstance(exc, MarketError))
+                self.failing = str(exc) or type(exc).__name__
                 self._bound()
                 # Retry later, not in a tight loop; a close() ends the wait at once.
                 self._wake.wait(_RETRY)

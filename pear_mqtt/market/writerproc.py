@@ -93,9 +93,9 @@ class WriterProcess:
             proc = _CONTEXT.Process(target=_serve, args=(theirs, *self._args),
                                     name="pear-market-writer", daemon=True)
             proc.start()
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # e.g. AssertionError: a daemonic process has no children
             raise MarketError(f"market store {self._args[0]}: cannot start its writer "
-                              f"process ({exc})") from exc
+                              f"process ({exc or type(exc).__name__})") from exc
         theirs.close()  # only the child holds its end: its exit is our EOF
         self._proc, self._conn = proc, mine
         _RUNNING.add(self)

@@ -123,3 +123,35 @@ def test_a_full_disk_keeps_the_rows_until_space_returns(small_disk: Path) -> Non
             assert store.status().insights == 3000
         finally:
             feed.close()
+
+
+def test_a_node_in_a_daemonic_process_writes_its_store_itself(tmp_path: Path) -> None:
+    # A daemonic multiprocessing worker may not start processes: one warning, then the
+    # feed's thread writes (as with market.writer_process = false).
+    script = textwrap.dedent(f"""
+        import multiprocessing, pickle, sys
+        from pear_mqtt.market import MarketFeed, MarketStore
+        items = pickle.loads(sys.stdin.buffer.read())
+
+        def node():
+            store = MarketStore.open({str(tmp_path / "m.db")!r}, network="net",
+                                     mode="consortium")
+            feed = MarketFeed(store)
+            feed.start()
+            for item in items:
+                feed(item)
+            assert feed.drain(30) and feed.failing is None
+            assert feed.writer_pid is None
+            feed.close()
+            sys.exit(0 if store.status().insights == len(items) else 3)
+
+        worker = multiprocessing.get_context("fork").Process(target=node, daemon=True)
+        worker.start()
+        worker.join(60)
+        sys.exit(worker.exitcode)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(_items(200)),
+                         capture_output=True, timeout=90, check=False)
+    assert out.returncode == 0, out.stderr.decode()
+    assert b"cannot start its writer process" in out.stderr
+    assert b"the node writes its market store itself" in out.stderr
