@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import random
 import shutil
 import statistics
@@ -188,9 +187,8 @@ def _stream(n: int) -> list[Any]:
 def feed_cost(workdir: Path, *, rate: float = 6000.0, seconds: float = 4.0,
               envelope: int = 24) -> dict[str, float]:
     """The process CPU per item of handing a paced stream (``rate`` items/s in envelopes of
-    ``envelope``) to a :class:`MarketFeed` until stored, and of handing it to a plain list
-    (their difference is what keeping the store costs the receiver's process), and the CPU
-    per item of the store's writer process."""
+    ``envelope``) to a :class:`MarketFeed` until stored, and of handing it to a plain list;
+    their difference is what keeping the store costs the receiver's two cores."""
     from pear_mqtt.market import MarketStore
     from pear_mqtt.market.feed import MarketFeed
     n = int(rate * seconds)
@@ -215,7 +213,6 @@ def feed_cost(workdir: Path, *, rate: float = 6000.0, seconds: float = 4.0,
         cpu = paced(feed)
         feed.drain(120)
         with_store = time.process_time() - cpu
-        writer = _cpu_seconds(feed.writer_pid)
     finally:
         feed.close()
         store.close()
@@ -225,15 +222,7 @@ def feed_cost(workdir: Path, *, rate: float = 6000.0, seconds: float = 4.0,
     cpu = paced(bare.append)
     without = time.process_time() - cpu
     return {"items": n, "store_us_per_item": with_store / n * 1e6,
-            "writer_us_per_item": writer / n * 1e6, "list_us_per_item": without / n * 1e6}
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    """User and system CPU seconds of a running process (0 without one)."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            "list_us_per_item": without / n * 1e6}
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["feed"]:

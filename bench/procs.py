@@ -31,9 +31,7 @@ class Worker:
         self._conn, child = _CTX.Pipe()
         self._child: Connection | None = child
         self.proc: multiprocessing.context.SpawnProcess = _CTX.Process(
-            # Not daemonic: a daemonic process may not start children, and a receiving
-            # node starts its market store's writer process.
-            target=entry, args=(child, name, spec), name=f"bench-{name}", daemon=False)
+            target=entry, args=(child, name, spec), name=f"bench-{name}", daemon=True)
 
     def start(self) -> Worker:
         self.proc.start()

@@ -228,9 +228,6 @@ class MarketConfig(_ConfigPart):
     path: Path | None = None
     max_age: Annotated[float, Field(gt=0)] | None = None  # s of window end kept
     max_bytes: Annotated[int, Field(ge=1024 * 1024)] | None = 1024 ** 3
-    # Commit from a process of its own at a lower CPU priority (docs/MARKET.md, "Writer
-    # process"); false: from a thread of the node's process.
-    writer_process: bool = True
 
     def store_path(self, outbox_path: Path | None) -> Path | None:
         """Where the store lives, or None for a temporary one."""

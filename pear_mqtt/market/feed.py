@@ -1,9 +1,8 @@
 """The live path into a node's market store: the receiver hands each verified item to the
-feed in the event loop, and a thread turns them into rows in batches, which the store's
-writer process (:mod:`.writerproc`) commits, so a commit never stalls the socket. An item
-from a sender that keeps a history log waits until a signed head of that log proves its
-entry (:meth:`MarketFeed.proven`); a forked sender's never does. A store that cannot write
-keeps its backlog (bounded) and says so once."""
+feed in the event loop, and a thread writes them in batches, so a commit never stalls the
+socket. An item from a sender that keeps a history log waits until a signed head of that
+log proves its entry (:meth:`MarketFeed.proven`); a forked sender's never does. A store
+that cannot write keeps its backlog (bounded) and says so once."""
 
 from __future__ import annotations
 
@@ -17,7 +16,6 @@ from ..node.records import ReceivedAggregate, ReceivedInsight
 from ..security.identity import Identity
 from .store import MarketStore
 from .writer import Row
-from .writerproc import WriterProcess
 
 __all__ = ["BACKLOG_MAX", "LINGER", "LINGER_BUSY", "MarketFeed"]
 
@@ -38,14 +36,10 @@ _FULL = 5000  # ... unless this many are waiting already
 
 
 class MarketFeed:
-    """Batches verified items into ``store`` on its own thread (start with :meth:`start`);
-    with ``process`` (the default) a writer process commits them, else the thread does."""
+    """Batches verified items into ``store`` on its own thread (start with :meth:`start`)."""
 
-    def __init__(self, store: MarketStore, *, process: bool = True) -> None:
+    def __init__(self, store: MarketStore) -> None:
         self.store = store
-        self._process = (WriterProcess(path=store.path, network=store.network,
-                                       mode=store.mode, retention=store.retention)
-                         if process else None)
         self._pending: list[ReceivedInsight | ReceivedAggregate] = []
         # Rows made but not yet written (the store refused them: full disk), oldest first.
         self._unwritten: list[tuple[list[Row], list[ReceivedAggregate]]] = []
@@ -63,12 +57,6 @@ class MarketFeed:
         self._unproven: dict[tuple[str, str], list[tuple[str, int, ReceivedInsight]]] = {}
         self._proven: dict[tuple[str, str], tuple[str, int]] = {}  # sender -> (log, length)
         self.waiting = 0  # items held back until proven
-
-    @property
-    def writer_pid(self) -> int | None:
-        """The process id of the store's writer process while one runs (operators: it
-        shows as a child of the node's ``forkserver`` process)."""
-        return None if self._process is None else self._process.pid
 
     def start(self) -> None:
         self._thread.start()
@@ -142,8 +130,6 @@ class MarketFeed:
             self._hurry.set()
             self._wake.set()
             self._thread.join(timeout)
-        if self._process is not None:
-            self._process.close(timeout)
 
     def _run(self) -> None:
         linger, taken = LINGER, time.monotonic()
@@ -170,11 +156,17 @@ class MarketFeed:
         insights = [i for i in batch if isinstance(i, ReceivedInsight)]
         aggregates = [a for a in batch if isinstance(a, ReceivedAggregate)]
         if insights or aggregates:
-            self._unwritten.append((self.store.rows(insights), aggregates))
+            try:
+                self._unwritten.append((self.store.rows(insights), aggregates))
+            except Exception:  # the thread must go on
+                log.exception("market store %s: cannot read %d received items; they are "
+                              "left out", self.store.path, len(insights))
+                self.dropped += len(insights)
+                self._unwritten.append(([], aggregates))
         while self._unwritten:
             rows, aggregates = self._unwritten[0]
             try:
-                self._put(rows, aggregates)
+                self.store.add_rows(rows, aggregates)
             except Exception as exc:  # the thread must go on: nothing is lost
                 if self.failing is None:
                     log.error("%s: the market store keeps the items in memory and retries",
@@ -190,18 +182,6 @@ class MarketFeed:
         if self.failing is not None:
             log.info("market store %s writes again", self.store.path)
             self.failing = None
-
-    def _put(self, rows: list[Row], aggregates: list[ReceivedAggregate]) -> None:
-        if self._process is not None:
-            try:
-                self._process.write(rows, aggregates)
-                return
-            except MarketError as exc:
-                if "cannot start" not in str(exc):
-                    raise
-                log.warning("%s: the node writes its market store itself", exc)
-                self._process = None
-        self.store.add_rows(rows, aggregates)
 
     def _bound(self) -> None:
         """Keep at most :data:`BACKLOG_MAX` unwritten rows; the oldest go first."""

@@ -53,7 +53,6 @@ class MarketStore:
         self._wconn = writer
         self._writer = None if writer is None else Writer(writer, path=path,
                                                           retention=retention)
-        self.retention = retention
         self._rconn = reader
         self._rlock = threading.Lock()
         self._temporary = temporary
@@ -133,15 +132,14 @@ class MarketStore:
         return added
 
     def rows(self, insights: Sequence[ReceivedInsight]) -> list[Row]:
-        """The rows :meth:`add_rows` takes, of ``insights`` (plain tuples: they cross to
-        the node's writer process cheaply); an insight that makes none is counted as
-        refused."""
+        """The rows :meth:`add_rows` takes, of ``insights``; an insight that makes none is
+        counted as refused."""
         return self._writable().rows(insights)
 
     def add_rows(self, rows: list[Row], aggregates: Sequence[ReceivedAggregate], *,
                  now: float | None = None) -> int:
-        """Like :meth:`add`, of rows made by :meth:`rows` (by this store or another opened
-        on the same file); watchers here are not woken (:meth:`changed`)."""
+        """Like :meth:`add`, of rows made by :meth:`rows` (kept by the caller while the
+        store cannot write); watchers are not woken (:meth:`changed`)."""
         try:
             return self._writable().write_rows(rows, aggregates,
                                                now=time.time() if now is None else now)
@@ -150,7 +148,7 @@ class MarketStore:
                               "free space and permissions there") from exc
 
     def changed(self) -> None:
-        """Wake this store's watchers: rows were written (here or by a writer process)."""
+        """Wake this store's watchers: rows were written."""
         for loop, event in list(self._waiters):
             with contextlib.suppress(RuntimeError):  # a loop that closed meanwhile
                 loop.call_soon_threadsafe(event.set)

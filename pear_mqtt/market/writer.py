@@ -199,11 +199,6 @@ class Writer:
         self._retention = retention
         self.refused = 0
 
-    def write(self, insights: Sequence[ReceivedInsight],
-              aggregates: Sequence[ReceivedAggregate], *, now: float) -> int:
-        """Store a batch in one transaction; returns how many new rows it added."""
-        return self.write_rows(self.rows(insights), aggregates, now=now)
-
     def rows(self, insights: Sequence[ReceivedInsight]) -> list[Row]:
         """The rows of ``insights`` (:func:`insight_row`); those that make none are counted
         as refused."""

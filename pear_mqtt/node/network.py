@@ -208,7 +208,7 @@ class PearNetwork:
                                       retention=retention) if path is not None else
                      MarketStore.temporary(network=self.config.network_id, mode=mode,
                                            retention=retention))
-            self._market = MarketFeed(store, process=cfg.writer_process)
+            self._market = MarketFeed(store)
             self._market.start()
         return self._market
 

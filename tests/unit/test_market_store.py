@@ -222,6 +222,50 @@ def test_a_logged_item_enters_only_once_a_signed_head_proves_its_entry(
         feed.close()
 
 
+def test_drain_does_not_wait_out_the_feeds_linger(store: MarketStore,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from pear_mqtt.market import MarketFeed
+    from pear_mqtt.market import feed as feed_module
+
+    # A linger longer than drain's timeout: only a drain that cuts it short returns True.
+    monkeypatch.setattr(feed_module, "LINGER", 60.0)
+    feed = MarketFeed(store)
+    feed.start()
+    try:
+        feed(received(iid="a"))
+        assert feed.drain(5)
+        feed(received(iid="b"))  # the writer lingers again after a drain
+        assert feed.drain(5)
+        assert sorted(r.item_id for r in store.query().rows) == ["a", "b"]
+    finally:
+        feed.close(5)
+
+
+def test_the_feed_outlives_an_unexpected_error_and_loses_nothing(
+        store: MarketStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pear_mqtt.market import MarketFeed
+
+    real, calls = store.add_rows, []
+
+    def flaky(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_rows", flaky)
+    feed = MarketFeed(store)
+    feed.start()
+    try:
+        for i in range(3):
+            feed(received(iid=f"i{i}"))
+        assert feed.drain(10)  # the retry comes 2 s later
+        assert len(store.query().rows) == 3
+        assert feed.failing is None and feed.dropped == 0 and len(calls) >= 2
+    finally:
+        feed.close(5)
+
+
 def test_a_batch_groups_as_the_same_rows_added_one_at_a_time(tmp_path: Path) -> None:
     # Repeated figures (one member's and several members'), buckets, open buckets and exact
     # values in one day: the roll-up of one batch equals that of one row per batch.
