@@ -58,6 +58,11 @@ class MarketFeed:
         self._proven: dict[tuple[str, str], tuple[str, int]] = {}  # sender -> (log, length)
         self.waiting = 0  # items held back until proven
 
+    @property
+    def backlog(self) -> int:
+        """Items and rows waiting to be written (not those waiting for their proof)."""
+        return len(self._pending) + sum(len(r) + len(a) for r, a in self._unwritten)
+
     def start(self) -> None:
         self._thread.start()
 

@@ -319,6 +319,11 @@ class NetworkStatus(Frozen):
     market_rows: int = 0
     market_bytes: int = 0
     market_oldest: datetime | None = None
+    # Why the store refuses writes while it does (a full disk: the node is degraded), the
+    # items waiting in memory to be written, and those left out (over the backlog's bound).
+    market_failing: str | None = None
+    market_backlog: int = 0
+    market_dropped: int = 0
     # Seconds from a live message's signing to its delivery here (the sender's clock against
     # ours), and how long each sync() took.
     delivery_latency: Histogram = Field(default_factory=Histogram)

@@ -461,13 +461,15 @@ class PearNetwork:
         depth = self._sender.outbox_depth
         connected = self._supervisor.connected
         dropped = dict(c.dropped)
+        feed = self._market
         if connected:
-            health = Health.OK if depth < 10_000 else Health.DEGRADED
+            health = (Health.OK if depth < 10_000 and (feed is None or feed.failing is None)
+                      else Health.DEGRADED)
         else:
             health = Health.DEGRADED if self._supervisor.running else Health.DOWN
         latency = self._sender.latency
         since = self._supervisor.connected_since
-        market = None if self._market is None else self._market.store.status()
+        market = None if feed is None else feed.store.status()
         return NetworkStatus(
             connected=connected, broker=str(self._supervisor.broker), peers=len(self.peers()),
             last_sync=(None if self._last_sync is None else
@@ -478,6 +480,9 @@ class PearNetwork:
             market_rows=0 if market is None else market.insights + market.aggregates,
             market_bytes=0 if market is None else market.bytes,
             market_oldest=None if market is None else market.oldest,
+            market_failing=None if feed is None else feed.failing,
+            market_backlog=0 if feed is None else feed.backlog,
+            market_dropped=0 if feed is None else feed.dropped,
             messages_in=c.messages_in, messages_out=c.messages_out,
             insights_out=c.insights_out, insights_acknowledged=c.insights_acked, dropped=dropped,
             duplicates=c.duplicates, states_from_checkpoints=c.states_from_checkpoints,

@@ -109,6 +109,13 @@ class NodeCollector(Collector):
                         st.log_refused)
         yield _gauge("pear_market_rows", "Rows in the market store", st.market_rows)
         yield _gauge("pear_market_bytes", "Bytes of the market store on disk", st.market_bytes)
+        yield _gauge("pear_market_failing", "1 while the market store refuses writes",
+                     int(st.market_failing is not None))
+        yield _gauge("pear_market_backlog", "Items waiting in memory for the market store",
+                     st.market_backlog)
+        yield _counter("pear_market_dropped",
+                       "Items the market store's feed left out (backlog over its bound)",
+                       st.market_dropped)
         if st.outbox_oldest is not None:
             yield _gauge("pear_outbox_oldest_age_seconds",
                          "Age of the oldest message waiting in the outbox",

@@ -183,3 +183,38 @@ def test_a_store_refuses_another_network_and_a_missing_file(tmp_path: Path) -> N
         MarketStore.open(path, network="n2", mode="consortium")
     with pytest.raises(MarketError, match="no such file"):
         MarketStore.open(tmp_path / "absent.db")
+
+
+async def test_a_full_disk_holds_the_rows_in_memory_says_so_and_loses_none(
+        make_config: Callable[..., NetworkConfig], small_disk: Path,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]
+        ) -> None:
+    rx_config = _with_store(make_config("acme", mode=NetworkMode.PRIVATE, node="hq"),
+                            small_disk / "rx.market.db")
+    filler = small_disk / "filler"
+    async with PearNetwork(rx_config) as rx:
+        stream = rx.insights()
+        with filler.open("wb") as f:  # the disk fills up under a running node
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        async with PearNetwork(make_config("acme", mode=NetworkMode.PRIVATE)) as tx:
+            sent = await tx.broadcast_many([insight(product=f"p{i}", price=1.0 + i)
+                                            for i in range(300)])
+            await take(stream, len(sent))
+        with pytest.raises(TimeoutError):
+            await rx.market_settled(timeout=3)  # it cannot write: nothing is settled
+        full = rx.status()
+        filler.unlink()
+        await rx.market_settled(timeout=30)  # the next retry writes them all
+        after = rx.status()
+        rows = rx.market.query(limit=1000).rows
+    assert full.market_failing is not None and "full" in full.market_failing
+    assert str(small_disk / "rx.market.db") in full.market_failing
+    assert full.health.value == "degraded" and full.market_backlog == len(sent)
+    assert after.market_failing is None and after.health.value == "ok"
+    assert after.market_backlog == 0 and after.market_dropped == 0
+    assert {r.item_id for r in rows} == set(sent)
