@@ -184,16 +184,27 @@ def _cmd_position(args: argparse.Namespace) -> int:
     if args.json or args.csv:
         _emit(args, [pos], title="")
         return 0
-    band = (f"{pos.percentile_low:g}th percentile" if pos.percentile_low == pos.percentile_high
-            else f"between the {pos.percentile_low:g}th and {pos.percentile_high:g}th "
-                 "percentile")
+    band = (f"{_ordinal(pos.percentile_low)} percentile"
+            if pos.percentile_low == pos.percentile_high
+            else f"between the {_ordinal(pos.percentile_low)} and "
+                 f"{_ordinal(pos.percentile_high)} percentile")
     mean = "" if pos.mean is None else f"; market mean {pos.mean:.4g}"
     dist = "" if pos.distance_from_mean is None else f" ({pos.distance_from_mean:+.4g})"
     print(f"{pos.price:g} {pos.currency or ''} in {pos.category}: {band}{mean}{dist}; "
           f"from {pos.basis} data of {pos.companies} compan"
-          f"{'y' if pos.companies == 1 else 'ies'} ({pos.observations} observations, "
+          f"{'y' if pos.companies == 1 else 'ies'} ({pos.observations} observation"
+          f"{'' if pos.observations == 1 else 's'}, "
           f"as of {pos.as_of:%Y-%m-%d %H:%M} UTC)")
     return 0
+
+
+def _ordinal(x: float) -> str:
+    """1st, 2nd, 3rd, 11th, 22nd, 50.5th."""
+    if x != int(x):
+        return f"{x:g}th"
+    n = int(x)
+    suffix = "th" if n % 100 in (11, 12, 13) else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
