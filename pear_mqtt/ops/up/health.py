@@ -209,7 +209,8 @@ def agent_health(status_file: Path | str) -> tuple[bool, str]:
         return False, "status file holds no JSON object"
     health, connected = data.get("health"), data.get("connected")
     detail = ", ".join(f"{k} {data[k]}" for k in ("health", "connected", "messages_out",
-                                                 "outbox_depth") if k in data)
+                                                 "outbox_depth", "market_failing")
+                       if data.get(k) is not None)
     if age > AGENT_STATUS_STALE:
         return False, f"status file not updated for {age:.0f}s ({detail})"
     if health is not None:
