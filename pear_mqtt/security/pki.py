@@ -580,7 +580,7 @@ def list_certificates(*, ca_dir: Path) -> list[CertRecord]:
 def revoked_nodes(*, ca_dir: Path) -> list[tuple[str, str]]:
     """``(member, node)`` of every node whose newest node certificate is revoked, sorted.
 
-    This is what a broker must deny (:func:`pear_mqtt.model.topics.revoked_node_rules`): the node's
+    This is what a broker must deny (:func:`pear_mqtt.model.acl.revoked_node_rules`): the node's
     retained state and presence stop being served, and nobody of the member writes there.
     mosquitto can only tell publishers apart by username, which is the member, so the deny is
     per node topic, not per certificate.

@@ -220,7 +220,7 @@ def test_policy_semantics() -> None:
     assert public.may_publish(username="br", topic=f"{proot}/aggregates/x")
     assert public.may_subscribe(username="br", topic_filter=f"{proot}/contrib/#")
 
-    from pear_mqtt.model.topics import AclRule
+    from pear_mqtt.model.acl import AclRule
     holes = AccessPolicy([AclRule("read", "a/#"), AclRule("deny", "a/secret")])
     assert holes.may_subscribe(username="u", topic_filter="a/#")  # narrowed per message
     assert not holes.may_read(username="u", topic="a/secret")

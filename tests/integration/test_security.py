@@ -2,7 +2,7 @@
 
 Who gets in (certificates from :mod:`pear_mqtt.security.pki`) and where they may write and read (the
 ACL rendered by :mod:`pear_mqtt.ops.brokerconf` from
-:func:`pear_mqtt.model.topics.acl_rules`), checked
+:func:`pear_mqtt.model.acl.acl_rules`), checked
 with paho-mqtt 2.x and with the mosquitto command-line clients.
 
 "Nothing arrived" is detected deterministically: after the forbidden message, a marker that

@@ -29,7 +29,8 @@ from pear_mqtt.bridge.status import BridgeCounters
 from pear_mqtt.cli import main
 from pear_mqtt.config.models import TLSConfig
 from pear_mqtt.errors import ConfigError, EnvelopeError
-from pear_mqtt.model.topics import TopicScheme, acl_rules, topic_matches
+from pear_mqtt.model.acl import acl_rules, topic_matches
+from pear_mqtt.model.topics import TopicScheme
 from pear_mqtt.security import pki as pkimod
 from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.seal import (

@@ -9,7 +9,7 @@ import pytest
 
 from pear_mqtt.cli import main
 from pear_mqtt.errors import ConfigError
-from pear_mqtt.model.topics import acl_rules
+from pear_mqtt.model.acl import acl_rules
 from pear_mqtt.ops import brokerconf
 from pear_mqtt.security import pki
 

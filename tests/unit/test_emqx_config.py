@@ -10,7 +10,7 @@ import pytest
 from pyhocon import ConfigFactory
 
 from pear_mqtt.cli import main
-from pear_mqtt.model.topics import acl_rules
+from pear_mqtt.model.acl import acl_rules
 from pear_mqtt.ops.emqx import acl_conf
 from pear_mqtt.security import pki
 

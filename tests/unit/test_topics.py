@@ -13,15 +13,8 @@ from pathlib import Path
 import pytest
 
 from pear_mqtt.errors import PKIError, TopicError
-from pear_mqtt.model.topics import (
-    AclRule,
-    TopicScheme,
-    acl_rules,
-    filter_covers,
-    parse_topic,
-    revoked_node_rules,
-    topic_matches,
-)
+from pear_mqtt.model.acl import AclRule, acl_rules, filter_covers, revoked_node_rules, topic_matches
+from pear_mqtt.model.topics import TopicScheme, parse_topic
 from pear_mqtt.ops.embedded.policy import AccessPolicy
 from pear_mqtt.security import pki as pkimod
 

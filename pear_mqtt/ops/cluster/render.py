@@ -1,5 +1,5 @@
 """The configuration of each node of a clustered (aedes on redis) broker, from the same ACL
-rules mosquitto's file is made of (:func:`pear_mqtt.model.topics.acl_rules`), and redis's."""
+rules mosquitto's file is made of (:func:`pear_mqtt.model.acl.acl_rules`), and redis's."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """An in-process MQTT broker (amqtt) with the identity and ACL semantics of the mosquitto setup.
 
 Mutual TLS with the network CA and CRL; the certificate CN is the username; the ACL of
-:func:`pear_mqtt.model.topics.acl_rules`; sessions bound to the member that created them; a
+:func:`pear_mqtt.model.acl.acl_rules`; sessions bound to the member that created them; a
 CRL reload also drops the retained messages of the revoked certificates. docs/ describes the
 contract and what amqtt (3.1.1 only, in memory) cannot do.
 """
@@ -53,7 +53,7 @@ class EmbeddedBroker:
 
     Args:
         mode: ``private``, ``consortium`` or ``public`` (selects the ACL of
-            :func:`pear_mqtt.model.topics.acl_rules`).
+            :func:`pear_mqtt.model.acl.acl_rules`).
         network: the network id; client certificates must carry it in ``O``.
         host: address both listeners bind to (loopback by default).
         port: plain-listener port, used only with ``allow_plain``; 0 picks a free port.

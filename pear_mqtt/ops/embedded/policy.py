@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ...model.topics import AclRule, acl_rules, filter_covers, topic_matches, validate_identifier
+from ...model.acl import AclRule, acl_rules, filter_covers, topic_matches
+from ...model.topics import validate_identifier
 
 __all__ = ["AccessPolicy"]
 
@@ -25,7 +26,7 @@ class AccessPolicy:
     @classmethod
     def for_network(cls, *, mode: str, network: str, bridge_users: Iterable[str] = (),
                     revoked: Iterable[tuple[str, str]] = ()) -> AccessPolicy:
-        """The policy of a broker of ``mode`` (see :func:`pear_mqtt.model.topics.acl_rules`);
+        """The policy of a broker of ``mode`` (see :func:`pear_mqtt.model.acl.acl_rules`);
         ``revoked`` ``(member, node)`` pairs get the deny rules the mosquitto ACL has."""
         return cls(acl_rules(mode=mode, network=network, bridge_users=bridge_users,
                              revoked=revoked))

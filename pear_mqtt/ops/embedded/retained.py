@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from amqtt.broker import Broker
 
-from ...model.topics import topic_matches
+from ...model.acl import topic_matches
 from .admission import Gatekeeper, Principal, principal_of
 
 __all__ = ["OVERRIDDEN", "PearBroker", "RetainedSources"]

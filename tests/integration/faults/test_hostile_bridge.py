@@ -67,8 +67,9 @@ from pear_mqtt.bridge.service import Bridge
 from pear_mqtt.bridge.status import BridgeStatus
 from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.errors import TopicError
+from pear_mqtt.model.acl import topic_matches
 from pear_mqtt.model.insight import MarketInsight, SharingLevel
-from pear_mqtt.model.topics import TopicScheme, parse_topic, topic_matches
+from pear_mqtt.model.topics import TopicScheme, parse_topic
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.privacy.filter import PrivacyFilter
 from pear_mqtt.security.seal import load_x25519_public_key, seal

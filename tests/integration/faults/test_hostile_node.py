@@ -65,8 +65,9 @@ from hostile_fuzz import (
 
 from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.errors import TopicError
+from pear_mqtt.model.acl import topic_matches
 from pear_mqtt.model.insight import MarketInsight, PriceData, SalesData, TrendData
-from pear_mqtt.model.topics import TopicScheme, parse_topic, topic_matches
+from pear_mqtt.model.topics import TopicScheme, parse_topic
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.node.records import ReceivedInsight
 from pear_mqtt.privacy.filter import PrivacyFilter
