@@ -22,6 +22,7 @@
   pair and a spy on the public broker (:class:`bridgekit.Net`).
 - ``insight`` / ``take`` (function): ``insight(category=..., price=...)`` builds an insight to
   broadcast; ``await take(stream, n)`` reads the next ``n`` items of an ``insights()`` stream.
+- ``small_disk`` (function): an 8 MiB tmpfs to fill up (``tmpfs`` of ``tests/conftest.py``).
 
 Every test in this directory is marked ``integration``; without mosquitto they fail.
 
@@ -34,7 +35,6 @@ every broker it started is attached to its report.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -338,15 +338,6 @@ def net(pki: NetworkPKI, mosquitto_factory: Callable[..., MosquittoBroker],
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
+def small_disk(tmpfs: Callable[[int], Path]) -> Path:
     """An 8 MiB tmpfs."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs here (the suite runs as root): {res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return tmpfs(8)

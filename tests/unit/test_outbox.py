@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,18 +450,9 @@ def test_stats_snapshot(box: Outbox) -> None:
 # -- full disk -----------------------------------------------------------------------------------
 
 @pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs (the suite runs as root, as CI does)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs here (the suite runs as root): {res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def tiny_fs(tmpfs: Callable[[int], Path]) -> Path:
+    """A 4 MiB tmpfs."""
+    return tmpfs(4)
 
 
 def _fill(box: Outbox, payload_size: int) -> list[int]:
