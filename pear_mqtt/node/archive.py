@@ -15,9 +15,10 @@ from ..model.topics import TopicScheme, validate_identifier
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..transport import Connection, InboundMessage
+from .answers import Record
 from .counters import Counters, open_counted
 from .history import Answer, range_bodies, reply_budget, send_range
-from .replicas import Record, Replicas
+from .replicas import Replicas
 
 __all__ = ["Archive"]
 

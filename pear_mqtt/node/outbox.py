@@ -334,6 +334,16 @@ class Outbox:
         return float(rows[0][0]) if rows else None
 
     @property
+    def max_bytes(self) -> int:
+        """The bound on payload bytes pending."""
+        return self._max_bytes
+
+    @property
+    def state_bytes(self) -> int:
+        """Payload bytes pending in state rows (never dropped for space)."""
+        return self._tally.state_bytes
+
+    @property
     def size_bytes(self) -> int:
         """Payload bytes pending."""
         return self._tally.size

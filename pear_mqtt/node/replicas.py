@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import EnvelopeError, MalformedMessage, ProofFailed
-from ..history.frame import leaves_digest, unpack_entries
+from ..errors import ProofFailed
 from ..history.head import parse_head, parse_log_ref
-from ..history.merkle import HASH_SIZE, MerkleTree, leaf_hash, leaf_hashes, verify_range
-from ..model.topics import CHECKPOINT_PAGES, checkpoint_slot
-from ..security.base64url import b64url_decode, b64url_encode
+from ..history.merkle import MerkleTree, leaf_hash, verify_range
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
+from .answers import Record, misplaced, proof_hashes, read_answer, why_unproven
 from .counters import Counters
+from .pagesseen import PagesSeen
 from .repair import Publish, RepairRequests
 from .replica import Fork, Replica
 
@@ -31,9 +29,6 @@ log = logging.getLogger(__name__)
 
 _ROOTS_KEPT = 16  # signed heads (length -> root) a range proof may be checked against
 
-# (topic, entry): a proven answer's entries are views of the payload they came in (hashed
-# there, copied once when delivered); every other record holds bytes.
-Record = tuple[str, bytes | memoryview]
 # (sender, log id, index of the first record, [(topic, payload)]): entries a signed head just
 # verified, in order, handed to an archive that keeps them.
 Keep = Callable[[Identity, str, int, list[Record]], None]
@@ -79,9 +74,7 @@ class Replicas:
         self._keep = keep
         self._mode, self._network = mode, network
         self._replicas: dict[str, Replica] = {}
-        self._pages: dict[str, dict[int, int]] = {}  # sender -> page part -> newest seq seen
-        # sender -> page -> (newest seq seen of any of its parts, the parts of that version)
-        self._cuts: dict[str, dict[int, tuple[int, int]]] = {}
+        self._pages = PagesSeen()
         self._codec: EnvelopeCodec | None = None
         self._me: Identity | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -140,12 +133,7 @@ class Replicas:
                   parts: int = 1) -> None:
         """Part ``part`` of a checkpoint page of ``signer`` arrived, in the version of
         envelope ``sequence``, which has ``parts`` parts."""
-        seen = self._pages.setdefault(signer.sender, {})
-        slot = checkpoint_slot(page, part)
-        seen[slot] = max(seen.get(slot, -1), sequence)
-        cuts = self._cuts.setdefault(signer.sender, {})
-        if cuts.get(page, (-1, 0))[0] < sequence:
-            cuts[page] = (sequence, parts)
+        self._pages.seen(signer.sender, sequence, page, part=part, parts=parts)
         self._changed()
 
     def missing_pages(self) -> dict[str, int]:
@@ -154,17 +142,14 @@ class Replicas:
         pages came but whose head has not (it names how many there are): what sync() still
         waits for."""
         out: dict[str, int] = {}
-        for sender in self._pages:
+        for sender in self._pages.senders():
             rep = self._replicas.get(sender)
             if rep is not None and rep.head is None and rep.fork is None:
                 out[sender] = 1
         for sender, rep in self._replicas.items():
             if rep.head is None or rep.fork is not None:
                 continue
-            seen = self._pages.get(sender, {})
-            cuts = self._cuts.get(sender, {})
-            missing = sum(1 for slot, seq in rep.head.pages.items()
-                          if seen.get(slot, -1) < seq and not _recut(cuts, slot, seq))
+            missing = self._pages.missing(sender, rep.head.pages)
             if missing:
                 out[sender] = missing
         return out
@@ -173,7 +158,7 @@ class Replicas:
         """How many senders' signed heads and how many distinct pages have arrived (sync()
         is done once a round trip to the broker brings no more)."""
         return (sum(1 for rep in self._replicas.values() if rep.head is not None),
-                sum(len(pages) for pages in self._pages.values()))
+                self._pages.count())
 
     def refused(self, signer: Identity) -> bool:
         rep = self._replicas.get(signer.sender)
@@ -296,70 +281,50 @@ class Replicas:
             return Reply([])
         # An answer to an earlier request (asked again after a reconnect) is as good as one to
         # the latest: every entry in it is verified like a live one.
-        topics, count = body.get("topics"), body.get("count")
-        first = body.get("from")
-        held_from = body.get("held_from")
-        length = body.get("length")
-        if not isinstance(topics, list) or type(count) is not int or count != len(topics) \
-                or not all(isinstance(t, str) for t in topics) or type(first) is not int \
-                or type(held_from) is not int or first < 0:
+        got = read_answer(body, blob)
+        if got == "malformed":
             self._counters.dropped["malformed"] += 1
             return Reply([])
-        try:
-            entries = unpack_entries(blob, count)
-        except MalformedMessage:
-            self._counters.dropped["malformed"] += 1
-            return Reply([])
-        out: list[Record] = list(zip(topics, entries, strict=True))
-        leaves = leaf_hashes(entries)
-        digest = body.get("digest")
-        if out and (not isinstance(digest, str) or not secrets.compare_digest(
-                digest, b64url_encode(leaves_digest(leaves)).decode("ascii"))):
+        if isinstance(got, str):
             # The envelope's signer vouched for other entries than these.
-            return self._refuse("forged_entry", signer, "entries that are not the ones its "
-                                "signed answer names")
-        proof = body.get("proof")
-        if proof is None:
-            # Received one by one like live messages, and held until verified: copies, not
-            # views that would keep the whole answer alive.
-            copies = [(topic, bytes(entry)) for topic, entry in out]
-            out = list(copies)
-        if proof is None and (i := _misplaced(copies, rep.log_id, first)) is not None:
+            return self._refuse(got, signer, "entries that are not the ones its signed "
+                                "answer names")
+        out, first, held_from = got.records, got.first, got.held_from
+        if got.proof is None and (i := misplaced(out, rep.log_id, first)) is not None:
             # (A range proof places its entries itself; a misplaced one fails it.)
             return self._refuse("reordered_range", signer,
                                 f"record {i} is not entry {first + i} of its log")
+        length = got.length
         if (not archived and type(length) is int and rep.head is not None
                 and length < rep.head.length):
             return self._refuse("cut_range", signer, f"a log of {length} entries, signed "
                                 f"as {rep.head.length}")
         proven = False
-        if out and proof is not None:
-            size = body.get("size")
+        if out and got.proof is not None:
+            size = got.size
             root = rep.roots.get(size) if type(size) is int else None
-            hashes = _proof_hashes(proof)
+            hashes = proof_hashes(got.proof)
             if root is None or hashes is None or type(size) is not int or not verify_range(
-                    leaves=leaves, start=first, size=size, proof=hashes, root=root):
-                copies = [(topic, bytes(entry)) for topic, entry in out]
-                return self._refuse(_why_unproven(self._codec, rep, copies, root, first), signer,
-                                    f"entries {first}..{first + len(out) - 1} do not "
-                                    "match its signed head")
-            if (body.get("truncated") and first == held_from > rep.tree.size
+                    leaves=got.leaves, start=first, size=size, proof=hashes, root=root):
+                why = why_unproven(self._codec, rep.owner, rep.log_id, out, root, first)
+                return self._refuse(why, signer, f"entries {first}..{first + len(out) - 1} "
+                                    "do not match its signed head")
+            if (got.truncated and first == held_from > rep.tree.size
                     and (archived or self._archive is None)):
                 # No holder has what lies before: verify from here on, against the head.
                 self._rebase(rep, first, hashes[:first.bit_count()], archived)
-            self._take(rep, first, leaves, out)
+            self._take(rep, first, got.leaves, out)
             proven = True
             # Waiters on the views first: the delivery of these entries' items, which the
             # caller schedules next, can wait a turn of the event loop.
             self._changed()
-        more = body.get("more") is True
-        rep.answered, rep.more = True, more
-        if not more:
+        rep.answered, rep.more = True, got.more
+        if not got.more:
             rep.asked = None
-        if (body.get("truncated") and not archived and self._archive is not None
+        if (got.truncated and not archived and self._archive is not None
                 and held_from > rep.tree.size):
             rep.from_archive = True  # the sender's retention dropped them: the archive may not
-        elif body.get("truncated") and rep.broken_from is None and held_from > rep.tree.size:
+        elif got.truncated and rep.broken_from is None and held_from > rep.tree.size:
             # Dropped by the sender's retention: say so once, with the range, never hang.
             lost = held_from - rep.tree.size
             rep.broken_from = rep.tree.size
@@ -367,7 +332,7 @@ class Replicas:
             log.warning("%s: entries %d..%d of its log are gone (retention%s); %d entries "
                         "cannot be repaired", rep.owner.sender, rep.tree.size, held_from - 1,
                         ", the archive's too" if archived else "", lost)
-        if archived and not out and not body.get("truncated"):
+        if archived and not out and not got.truncated:
             rep.from_archive = False  # the archive holds no more of it: back to the sender
         return Reply(out, owner=rep.owner, log_id=rep.log_id, first=first, proven=proven)
 
@@ -510,75 +475,3 @@ class Replicas:
         self._counters.log_refused[kind] += 1  # the caller's on_head/observe notifies
         log.error("%s rewrote its history (%s): its later data is refused", rep.owner.sender,
                   reason)
-
-_LOG_MEMBER = b',"log":"'
-
-
-def _entry_index(payload: bytes, log_id: str) -> int | None:
-    """The index an envelope's signed ``log`` member gives it in log ``log_id`` (None: not
-    an entry of that log). The member sits in the flat header before the body."""
-    at = payload.find(_LOG_MEMBER, 0, 512)
-    if at < 0:
-        return None
-    at += len(_LOG_MEMBER)
-    end = payload.find(b'"', at, at + 64)
-    ref = payload[at:end].decode("ascii", "replace") if end > 0 else ""
-    try:
-        got_id, index = parse_log_ref(ref)
-    except ProofFailed:
-        return None
-    return index if got_id == log_id else None
-
-
-def _why_unproven(codec: EnvelopeCodec | None, rep: Replica,
-                  records: list[tuple[str, bytes]], root: bytes | None, first: int) -> str:
-    """Why records fail their range proof (hostile traffic only, so each is checked in
-    full): records out of their places are reordered; one not signed by the log's owner is
-    forged; else the range does not cover what its proof does."""
-    if _misplaced(records, rep.log_id, first) is not None:
-        return "reordered_range"
-    if root is None:
-        return "cut_range"  # a proof against a head this node never saw signed
-    assert codec is not None
-    for _topic, payload in records:
-        try:
-            decoded = codec.decode(payload, check_replay=False, max_age=float("inf"))
-        except EnvelopeError:
-            return "forged_entry"
-        if decoded.signer != rep.owner:
-            return "forged_entry"
-    return "cut_range"
-
-
-def _misplaced(records: list[tuple[str, bytes]], log_id: str, first: int) -> int | None:
-    """The first record that is not the entry of ``log_id`` at its place (None: all are)."""
-    for i, (_topic, payload) in enumerate(records):
-        if _entry_index(payload, log_id) != first + i:
-            return i
-    return None
-
-
-def _proof_hashes(proof: Any) -> list[bytes] | None:
-    """A range proof's hashes from their base64url text (None: not a proof)."""
-    if not isinstance(proof, list) or len(proof) > 256:
-        return None
-    out: list[bytes] = []
-    for text in proof:
-        if not isinstance(text, str):
-            return None
-        try:
-            h = b64url_decode(text.encode("ascii"), "proof")
-        except (MalformedMessage, UnicodeEncodeError):
-            return None
-        if len(h) != HASH_SIZE:
-            return None
-        out.append(h)
-    return out
-
-
-def _recut(cuts: dict[int, tuple[int, int]], slot: int, sequence: int) -> bool:
-    """Whether the page part a head names (``slot``, in version ``sequence``) is gone from a
-    newer version of its page that has fewer parts (its topic was cleared since)."""
-    page, part = slot % CHECKPOINT_PAGES, slot // CHECKPOINT_PAGES
-    newest, parts = cuts.get(page, (-1, 0))
-    return newest > sequence and part >= parts

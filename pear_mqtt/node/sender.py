@@ -69,6 +69,12 @@ _BACK_TO_BACK = 0.0002
 # catches up after a stall makes one or two, a loop over a backlog dozens.
 _BUSY_BACK_TO_BACK = 3
 _MAX_LINGER_FACTOR = 10
+# Back-pressure: a broadcast waits while the state rows waiting for their pages fill more
+# than this share of the outbox's bound (they are never dropped for space, so without it a
+# producer faster than the pages would fill the outbox until it refuses insights) ...
+_STATE_ROOM = 0.5
+# ... while the node is connected (offline no page can relieve them), at most this long (s).
+_ROOM_WAIT = 30.0
 _WAKE_MAX = 5.0  # longest wait (s) before a deferred page or held state is considered again
 
 
@@ -86,6 +92,8 @@ class Sender:
         self._outbox: Outbox | MemoryOutbox | None = None
         self._work = asyncio.Event()
         self._idle = asyncio.Event()
+        self._room = asyncio.Event()  # rows were acknowledged: room in the outbox
+        self._online = False  # run() is sending over a connection
         self._idle.set()
         self._timer: asyncio.TimerHandle | None = None
         self._send_cursor = 0
@@ -187,6 +195,7 @@ class Sender:
             self._back_to_back += 1  # the caller produces insights as fast as it can
         item_id, item = self._producer.prepare(insight)
         if item is not None:
+            await self._room_for_states()
             self._producer.store([item])
         return await self._broadcasted(1 if item is not None else 0, item_id)
 
@@ -202,9 +211,31 @@ class Sender:
         if items:
             # A batch is a backlog by definition: the flusher may linger and batch it.
             self._back_to_back += len(items)
+            await self._room_for_states()
             self._producer.store(items)
         await self._broadcasted(len(items), ids[-1] if ids else "")
         return ids
+
+    async def _room_for_states(self) -> None:
+        """Wait while the state rows waiting for their pages fill more than
+        :data:`_STATE_ROOM` of the outbox's bound and the pages that carry them can go out
+        (connected; :data:`_ROOM_WAIT` s at most): back-pressure on a producer that outruns
+        them. Then the put goes ahead (refused if the outbox is full)."""
+        outbox = self._outbox
+        if not isinstance(outbox, Outbox) or self._state_topics:
+            return
+        limit = outbox.max_bytes * _STATE_ROOM
+        deadline = time.monotonic() + _ROOM_WAIT
+        while outbox.state_bytes > limit and self._online:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._room.clear()
+            self._work.set()
+            try:
+                await asyncio.wait_for(self._room.wait(), left)
+            except TimeoutError:
+                return
 
     def _require_attached(self) -> None:
         if not self._producer.attached:
@@ -225,6 +256,14 @@ class Sender:
     # -- the flusher ---------------------------------------------------------------------------
     async def run(self, conn: Connection) -> None:
         """Send from the outbox over ``conn`` until it closes."""
+        self._online = True
+        try:
+            await self._run(conn)
+        finally:
+            self._online = False
+            self._room.set()  # broadcasts waiting for room go ahead (or are refused)
+
+    async def _run(self, conn: Connection) -> None:
         assert self._outbox is not None
         window = Window(count=_MAX_INFLIGHT_ENVELOPES, nbytes=_MAX_INFLIGHT_BYTES)
         rel = self.config.reliability
@@ -380,6 +419,7 @@ class Sender:
     def _ack_rows(self, ids: list[int]) -> None:
         # The pages' hook: they exist before the delivery (it keeps states in them).
         self._delivery.ack_rows(ids)
+        self._room.set()
 
     def _maybe_idle(self) -> None:
         if (self._outbox is not None and not self._delivery.in_flight
