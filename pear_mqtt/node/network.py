@@ -29,7 +29,6 @@ from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
 from ..security.seal import Sealer, load_x25519_public_key
-from ..transport import Connection
 from .archive import Archive
 from .counters import Counters
 from .history import NodeLog
@@ -41,19 +40,16 @@ from .receiver import Receiver
 from .records import Peer, ReceivedAggregate, ReceivedInsight, SyncResult
 from .replicas import Fork, LogView, Replicas
 from .sender import Sender
+from .snapshot import Snapshot
 from .streams import Streams
 from .supervisor import ConnectionSupervisor
 
 if TYPE_CHECKING:
     from ..ops.metrics import MetricsServer
-__all__ = ["SYNC_PAGE_WAIT", "PearNetwork", "Peer", "ReceivedAggregate", "ReceivedInsight",
-           "SyncResult"]
+__all__ = ["PearNetwork", "Peer", "ReceivedAggregate", "ReceivedInsight", "SyncResult"]
 
 log = logging.getLogger(__name__)
 
-SYNC_PAGE_WAIT = 5.0
-"""Seconds sync() waits, after its marker, for page versions senders' heads name."""
-SYNC_ROUNDS = 20  # marker round trips at most, while each still brings heads or pages
 
 
 class PearNetwork:
@@ -103,6 +99,9 @@ class PearNetwork:
             config=config, clock=clock, counters=self._counters, privacy=privacy,
             receiver=self._receiver, sender=self._sender, pages=self._sender.pages,
             streams=self._streams, read_only=read_only)
+        self._snapshot = Snapshot(config=config, supervisor=self._supervisor,
+                                  markers=self._markers, receiver=self._receiver,
+                                  counters=self._counters)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def connect(self, *, timeout: float = 10.0, wait: bool = True) -> None:
@@ -142,6 +141,7 @@ class PearNetwork:
         self._peers.attach(codec)
         history, replicas = ((None, None) if self._read_only
                              else self._open_history(codec, topics))
+        self._snapshot.attach(scheme=topics, replicas=replicas)
         market = self._open_market()
         if replicas is not None:
             replicas.on_verified = None if market is None else market.proven
@@ -227,9 +227,6 @@ class PearNetwork:
         if self._market is not None and not await asyncio.to_thread(self._market.drain,
                                                                     timeout):
             raise TimeoutError(f"the market store did not catch up within {timeout} s")
-
-    def _replicas_missing(self) -> dict[str, int]:
-        return {} if self._replicas is None else self._replicas.missing_pages()
 
     def logs(self) -> list[LogView]:
         """What this node holds of every other node's history log (held and verified
@@ -378,65 +375,12 @@ class PearNetwork:
 
     # -- sync, peers, status ------------------------------------------------------------------
     async def sync(self, *, timeout: float = 60.0) -> SyncResult:
-        """Collect the current retained state of everything this node may read.
-
-        Subscribes to the state subtree, then publishes a marker on a topic only this node
-        uses: the broker sends the retained burst before it routes the later marker, so the
-        marker's arrival proves the burst is complete — no waiting on a timer.
-        """
-        await asyncio.wait_for(self._supervisor.wait_connected(), timeout)
-        conn = self._supervisor.connection
-        if conn is None:
-            raise NotConnectedError("not connected")
-        if self._scheme is None:
-            raise NotConnectedError("call connect() first")
-        t = self._scheme
-        started = time.perf_counter()
-        public = self.config.mode is NetworkMode.PUBLIC
-        try:
-            async with asyncio.timeout(timeout):
-                # Nodes' checkpoint pages carry their states (one signature per page); public
-                # mode has no node state, only the bridge's retained aggregates.
-                state_filter = t.state_filter() if public else t.checkpoint_filter()
-                await conn.subscribe([(state_filter, 1)])
-                await self._markers.round_trip(conn)
-                if self._replicas is not None and not public:
-                    await self._pages_complete(conn, started=started, timeout=timeout)
-                if not public:  # public mode reads state and live aggregates as one
-                    await conn.unsubscribe([state_filter])
-        except TimeoutError:
-            raise TransportError(f"sync did not complete within {timeout} s") from None
-        missing = self._replicas_missing()
-        if missing:
-            log.warning("sync: checkpoint pages their signed heads name did not arrive from "
-                        "%s; the snapshot lacks their states", missing)
+        """Collect the current retained state of everything this node may read (complete
+        by a marker's round trip and by the pages each sender's signed head names: see
+        :class:`~pear_mqtt.node.snapshot.Snapshot`)."""
+        result = await self._snapshot.take(timeout=timeout)
         self._last_sync = self._clock()
-        duration = time.perf_counter() - started
-        self._counters.sync_duration.observe(duration)
-        return SyncResult(states=dict(self._receiver.states), duration=duration,
-                          aggregates=dict(self._receiver.aggregates), missing_pages=missing)
-
-    async def _pages_complete(self, conn: Connection, *, started: float,
-                              timeout: float) -> None:
-        """Complete by what each sender signed, not by message order: every page version its
-        latest head names (a clustered broker may deliver retained pages after the marker,
-        and in any order). Which senders there are is what arrived: another round trip
-        that brings no further head or page ends the wait. Bounded: a page that never
-        verifies (its sender's certificate expired) must not hold the snapshot back."""
-        assert self._replicas is not None
-        replicas = self._replicas
-        now = time.perf_counter()
-        deadline = now + max(0.0, min(SYNC_PAGE_WAIT, timeout - (now - started)))
-        for _ in range(SYNC_ROUNDS):
-            with contextlib.suppress(TimeoutError):
-                await replicas.wait(lambda: not self._replicas_missing(),
-                                    timeout=max(0.0, deadline - time.perf_counter()))
-            before = replicas.seen()
-            await self._markers.round_trip(conn)
-            if replicas.seen() == before and not self._replicas_missing():
-                return
-            if time.perf_counter() >= deadline:
-                return
+        return result
 
     async def wait_connected(self, *, timeout: float) -> None:
         """Wait until the node is connected (again); :class:`TimeoutError` after ``timeout``."""
