@@ -74,7 +74,8 @@ _LOG_MEMBER = b',"log":"'
 def _entry_index(payload: bytes | memoryview, log_id: str) -> int | None:
     """The index an envelope's signed ``log`` member gives it in log ``log_id`` (None: not
     an entry of that log). The member sits in the flat header before the body."""
-    data = bytes(payload[:600])
+    # Records held for later checks are bytes already; only a view is copied (its head).
+    data = payload if isinstance(payload, bytes) else bytes(payload[:600])
     at = data.find(_LOG_MEMBER, 0, 512)
     if at < 0:
         return None

@@ -51,7 +51,6 @@ __all__ = ["PearNetwork", "Peer", "ReceivedAggregate", "ReceivedInsight", "SyncR
 log = logging.getLogger(__name__)
 
 
-
 class PearNetwork:
     """One node's membership in a pear_mqtt network.
 

@@ -521,7 +521,7 @@ async def test_simulation_paces_and_stops_promptly() -> None:
     gen = slow.batches(max_items=64, stop=stop, reject=lambda r: None)
     await asyncio.wait_for(anext(gen), TIMEOUT)
     waiting = asyncio.create_task(drain(gen, timeout=TIMEOUT))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn: the task starts its wait, which the stop must end
     stop.set()
     assert await waiting == []
 

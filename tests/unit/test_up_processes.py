@@ -35,7 +35,7 @@ def test_a_spawned_child_that_exited_is_gone(tmp_path: Path) -> None:
     # Our own child: alive() reaps it once it exits rather than counting the zombie.
     deadline = time.monotonic() + 30
     while alive(proc) and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.02)  # a process's exit is no message: polled, with a deadline
     assert not alive(proc)
     assert (tmp_path / "child.log").read_text().startswith("--- ")
 
