@@ -40,7 +40,9 @@ class MarketFeed:
 
     def __init__(self, store: MarketStore) -> None:
         self.store = store
-        self._pending: list[ReceivedInsight | ReceivedAggregate] = []
+        # Rows, not the items: a row holds no object the garbage collector walks, so items
+        # waiting for the writer do not make every collection in the process longer.
+        self._pending: list[Row | ReceivedAggregate] = []
         # Rows made but not yet written (the store refused them: full disk), oldest first.
         self._unwritten: list[tuple[list[Row], list[ReceivedAggregate]]] = []
         self._lock = threading.Lock()
@@ -54,7 +56,7 @@ class MarketFeed:
         self.dropped = 0
         self.failing: str | None = None
         # Items waiting for their log entry to be proven, per sender: (log id, index, item).
-        self._unproven: dict[tuple[str, str], list[tuple[str, int, ReceivedInsight]]] = {}
+        self._unproven: dict[tuple[str, str], list[tuple[str, int, Row]]] = {}
         self._proven: dict[tuple[str, str], tuple[str, int]] = {}  # sender -> (log, length)
         self.waiting = 0  # items held back until proven
 
@@ -68,7 +70,13 @@ class MarketFeed:
 
     def __call__(self, item: ReceivedInsight | ReceivedAggregate) -> None:
         """Take one verified item (called in the event loop, once per item)."""
-        if isinstance(item, ReceivedInsight) and item.log_ref is not None:
+        if isinstance(item, ReceivedAggregate):
+            self._take(item)
+            return
+        row = self.store.row(item)
+        if row is None:
+            return  # counted as refused
+        if item.log_ref is not None:
             try:
                 log_id, index = parse_log_ref(item.log_ref)
             except ProofFailed:
@@ -79,11 +87,14 @@ class MarketFeed:
                 if self.waiting >= BACKLOG_MAX:
                     self.dropped += 1
                     return
-                self._unproven.setdefault(key, []).append((log_id, index, item))
+                self._unproven.setdefault(key, []).append((log_id, index, row))
                 self.waiting += 1
                 return
+        self._take(row)
+
+    def _take(self, pending: Row | ReceivedAggregate) -> None:
         with self._lock:
-            self._pending.append(item)
+            self._pending.append(pending)
         if not self._wake.is_set():  # set already: the writer takes this item with the rest
             self._wake.set()
 
@@ -157,17 +168,16 @@ class MarketFeed:
                 self._writing = False
                 self._idle.notify_all()
 
-    def _write(self, batch: list[ReceivedInsight | ReceivedAggregate]) -> None:
-        insights = [i for i in batch if isinstance(i, ReceivedInsight)]
-        aggregates = [a for a in batch if isinstance(a, ReceivedAggregate)]
-        if insights or aggregates:
-            try:
-                self._unwritten.append((self.store.rows(insights), aggregates))
-            except Exception:  # the thread must go on
-                log.exception("market store %s: cannot read %d received items; they are "
-                              "left out", self.store.path, len(insights))
-                self.dropped += len(insights)
-                self._unwritten.append(([], aggregates))
+    def _write(self, batch: list[Row | ReceivedAggregate]) -> None:
+        if batch:
+            rows: list[Row] = []
+            aggregates: list[ReceivedAggregate] = []
+            for item in batch:
+                if isinstance(item, ReceivedAggregate):
+                    aggregates.append(item)
+                else:
+                    rows.append(item)
+            self._unwritten.append((rows, aggregates))
         while self._unwritten:
             rows, aggregates = self._unwritten[0]
             try:

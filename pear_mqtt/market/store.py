@@ -136,6 +136,10 @@ class MarketStore:
         counted as refused."""
         return self._writable().rows(insights)
 
+    def row(self, received: ReceivedInsight) -> Row | None:
+        """The row of one insight (see :meth:`rows`); None if it makes none."""
+        return self._writable().row(received)
+
     def add_rows(self, rows: list[Row], aggregates: Sequence[ReceivedAggregate], *,
                  now: float | None = None) -> int:
         """Like :meth:`add`, of rows made by :meth:`rows` (kept by the caller while the

@@ -13,7 +13,9 @@ import sqlite3
 import struct
 from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from ..errors import MarketError
 from ..history.log import Retention
@@ -48,9 +50,10 @@ _DAILY = ("INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
           "ON CONFLICT DO UPDATE SET n = n + excluded.n, exact = exact + excluded.exact, "
           "s = s + excluded.s, ss = ss + excluded.ss, "
           "lo = min(lo, excluded.lo), hi = max(hi, excluded.hi)")
-# Each sender's newest row per category, region and product: the batch's newest is found
-# before the upsert, which keeps it only when it is not older than the row already there.
-_LATEST = ("INSERT INTO latest VALUES (?, ?, ?, ?, ?, ?, ?) "
+# Each sender's newest row per category, region and product, from the rows a batch added
+# (ids ?1..?2), in SQLite alone: a later window, or the later of equal ones, replaces.
+_LATEST = ("INSERT INTO latest SELECT member, node, category, region, coalesce(product, ''), "
+           "id, window_end FROM insights WHERE id BETWEEN ? AND ? ORDER BY window_end, id "
            "ON CONFLICT DO UPDATE SET insight = excluded.insight, "
            "window_end = excluded.window_end WHERE excluded.window_end >= latest.window_end")
 _AGGREGATE = ("INSERT INTO aggregates (category, region, window_start, window_end, grp, field, "
@@ -62,12 +65,34 @@ Row = tuple[object, ...]
 
 
 def item_key(member: str, node: str, item_id: str) -> int:
-    """The index key of (member, node, item id): a signed 64-bit BLAKE2b."""
-    digest = _blake2b(f"{member}\x00{node}\x00{item_id}".encode(), digest_size=8).digest()
-    return _signed64(digest)[0]  # type: ignore[no-any-return]
+    """The index key of (member, node, item id): a signed 64-bit BLAKE2b of the three,
+    NUL-separated."""
+    sender = _senders.get((member, node))
+    if sender is None:
+        if len(_senders) >= _CACHE_MAX:
+            _senders.clear()
+        # BLAKE2b hashes a stream: a sender's prefix is hashed once, then copied per item.
+        sender = _senders[(member, node)] = hashlib.blake2b(
+            f"{member}\x00{node}\x00".encode(), digest_size=8)
+    h = sender.copy()
+    h.update(item_id.encode())
+    return _signed64(h.digest())[0]  # type: ignore[no-any-return]
 
 
-_blake2b = hashlib.blake2b
+def _epoch(at: datetime) -> float:
+    """``at.timestamp()``, remembered: a batch's items share a few windows, and a parsed
+    datetime's own tzinfo makes timestamp() several times slower than a lookup."""
+    epoch = _epochs.get(at)
+    if epoch is None:
+        if len(_epochs) >= _CACHE_MAX:
+            _epochs.clear()
+        epoch = _epochs[at] = at.timestamp()
+    return epoch
+
+
+_CACHE_MAX = 4096
+_senders: dict[tuple[str, str], Any] = {}
+_epochs: dict[datetime, float] = {}
 _signed64 = struct.Struct(">q").unpack
 
 
@@ -111,19 +136,18 @@ def insight_row(received: ReceivedInsight) -> Row:
     vals = _packed.get(held)
     if vals is None:
         vals = pack({name: (lo, hi) for name, lo, hi in figures})
-        if len(_packed) >= _PACKED_MAX:
+        if len(_packed) >= _CACHE_MAX:
             _packed.clear()
         _packed[held] = vals
-    end = shared.window_end.timestamp()
+    end = _epoch(shared.window_end)
     member, node, item_id = received.member, received.node, received.item_id
     return (item_key(member, node, item_id), member, node, item_id, shared.category,
-            shared.region, shared.product_id, shared.window_start.timestamp(), end,
+            shared.region, shared.product_id, _epoch(shared.window_start), end,
             int(end // DAY), received.received_at, received.sequence, received.log_ref,
             currency, direction, vals)
 
 
 _packed: dict[tuple[tuple[str, float | None, float | None], ...], bytes] = {}
-_PACKED_MAX = 4096
 
 
 def size_on_disk(path: Path) -> int:
@@ -135,12 +159,9 @@ def size_on_disk(path: Path) -> int:
 
 
 # Of a row as insight_row() makes it: its roll-up cell and figures (category, day, region,
-# vals), its cell and member, its sender and product (member, node, category, region,
-# product), its window end.
+# vals), its cell and member.
 _FIGURES = operator.itemgetter(4, 9, 5, 15)
 _MEMBER = operator.itemgetter(4, 9, 5, 1)
-_SENDER = operator.itemgetter(1, 2, 4, 5, 6)
-_END = operator.itemgetter(8)
 
 
 class _Cells:
@@ -204,11 +225,19 @@ class Writer:
         as refused."""
         rows: list[Row] = []
         for received in insights:
-            try:
-                rows.append(insight_row(received))
-            except (TypeError, ValueError, OverflowError, struct.error):
-                self.refused += 1
+            row = self.row(received)
+            if row is not None:
+                rows.append(row)
         return rows
+
+    def row(self, received: ReceivedInsight) -> Row | None:
+        """The row of one insight (:func:`insight_row`); None, counted as refused, if it
+        makes none."""
+        try:
+            return insight_row(received)
+        except (TypeError, ValueError, OverflowError, struct.error):
+            self.refused += 1
+            return None
 
     def write_rows(self, rows: list[Row], aggregates: Sequence[ReceivedAggregate], *,
                    now: float) -> int:
@@ -268,12 +297,7 @@ class Writer:
                                   f"up to {last}, not {first}..{first + len(new) - 1}); "
                                   "export it and start a new store")
             _Cells(new).write(cur)
-            # Each sender's newest row per product: by window end, the later of equal ones.
-            ends = list(map(_END, new))
-            senders = list(map(_SENDER, new))
-            latest = {senders[i]: i for i in sorted(range(len(new)), key=ends.__getitem__)}
-            cur.executemany(_LATEST, [(m, n, c, r, p or "", first + i, ends[i])
-                                      for (m, n, c, r, p), i in latest.items()])
+            cur.execute(_LATEST, (first, last))
         for category, day in dirty:
             self._recompute(cur, category, day)
         return len(new)
