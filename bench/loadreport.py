@@ -283,6 +283,12 @@ def md_targets(results: Mapping[str, Any]) -> list[str]:
             rows.append([label, f"{'>=' if at_least else '<='} {wanted:g}x",
                          f"{r['value']:.2f}x (rounds {r['per_round']['min']:.2f}.."
                          f"{r['per_round']['max']:.2f})", _verdict(ok)])
+    r = ratios.get("P_stored/P_nostore")
+    if r:
+        rows.append(["the same, P counted until the receiver's store holds the last insight "
+                     "(its writer catches up behind the stream)", "-",
+                     f"{r['value']:.2f}x (rounds {r['per_round']['min']:.2f}.."
+                     f"{r['per_round']['max']:.2f})", _verdict(None)])
     lat = results.get("latency")
     if lat:
         for q, label in (("p50", "latency p50, pear / raw paho at 1,000/s"),

@@ -86,6 +86,15 @@ def summarise(samples: Mapping[str, list[dict[str, Any]]]) -> tuple[dict[str, An
         paired = [x / y for x, y in zip(a["samples"], b["samples"], strict=False) if y > 0]
         ratios[rname] = {"value": a["median"] / b["median"], "meaning": meaning,
                          "per_round": stats(paired) if paired else None}
+    stored = [r["stored_rate"] for r in samples.get("P", []) if "stored_rate" in r]
+    if "P_nostore" in measurements and stored and len(stored) == len(samples["P"]):
+        # The store writes behind the stream: counted until its last row is written too.
+        den = measurements["P_nostore"]
+        paired = [float(x) / y for x, y in zip(stored, den["samples"], strict=False) if y > 0]
+        ratios["P_stored/P_nostore"] = {
+            "value": stats([float(x) for x in stored])["median"] / den["median"],
+            "meaning": "P counted until the receiver's store holds the last insight, over "
+                       "P without a store", "per_round": stats(paired) if paired else None}
     return measurements, ratios
 
 

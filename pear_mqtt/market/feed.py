@@ -6,7 +6,10 @@ that cannot write keeps its backlog (bounded) and says so once."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import threading
 import time
 
@@ -17,12 +20,13 @@ from ..security.identity import Identity
 from .store import MarketStore
 from .writer import Row
 
-__all__ = ["BACKLOG_MAX", "LINGER", "LINGER_BUSY", "MarketFeed"]
+__all__ = ["BACKLOG_MAX", "LINGER", "LINGER_BUSY", "WRITER_NICE", "MarketFeed"]
 
 log = logging.getLogger(__name__)
 
 BACKLOG_MAX = 200_000
-"""Items kept while the store cannot write (full disk); the oldest go beyond this."""
+"""Items kept while the store cannot write (full disk) or falls behind; the oldest go
+beyond this (a tenth at a time), counted in ``dropped``."""
 _RETRY = 2.0  # s between attempts while the store refuses writes
 # A trickle is gathered this long before it is written: one commit per few dozen items
 # instead of one each, so the writer takes the interpreter from the receiver rarely.
@@ -33,6 +37,20 @@ LINGER = 0.05
 LINGER_BUSY = 0.25
 _BUSY = 500.0
 _FULL = 5000  # ... unless this many are waiting already
+WRITER_NICE = 10
+"""How much lower than its process the writer thread runs (Linux ``nice``, per thread): the
+store catches up in the CPU the live stream leaves (docs/MARKET.md, "The live stream")."""
+
+
+def _lower_priority() -> None:
+    """Run the calling thread :data:`WRITER_NICE` steps nicer (Linux: nice is per thread;
+    elsewhere it would be the whole process's, so nothing changes)."""
+    if sys.platform != "linux":
+        return
+    me = threading.get_native_id()
+    with contextlib.suppress(OSError):  # a sandbox that forbids it: the store still works
+        os.setpriority(os.PRIO_PROCESS, me,
+                       min(19, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICE))
 
 
 class MarketFeed:
@@ -95,6 +113,10 @@ class MarketFeed:
     def _take(self, pending: Row | ReceivedAggregate) -> None:
         with self._lock:
             self._pending.append(pending)
+            if len(self._pending) > BACKLOG_MAX:  # a writer that cannot keep up for long
+                over = len(self._pending) - BACKLOG_MAX * 9 // 10
+                del self._pending[:over]
+                self.dropped += over
         if not self._wake.is_set():  # set already: the writer takes this item with the rest
             self._wake.set()
 
@@ -148,6 +170,7 @@ class MarketFeed:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        _lower_priority()
         linger, taken = LINGER, time.monotonic()
         while not self._stop:
             self._wake.wait()

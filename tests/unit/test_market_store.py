@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -262,6 +264,47 @@ def test_the_feed_outlives_an_unexpected_error_and_loses_nothing(
         assert feed.drain(10)  # the retry comes 2 s later
         assert len(store.query().rows) == 3
         assert feed.failing is None and feed.dropped == 0 and len(calls) >= 2
+    finally:
+        feed.close(5)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+def test_the_writer_thread_runs_nicer_than_the_receiver(store: MarketStore) -> None:
+    from pear_mqtt.market import MarketFeed
+    from pear_mqtt.market.feed import WRITER_NICE
+
+    def nice(tid: int) -> int:  # field 19 of /proc/<pid>/task/<tid>/stat
+        stat = Path(f"/proc/self/task/{tid}/stat").read_text(encoding="ascii")
+        return int(stat.rsplit(")", 1)[1].split()[16])
+
+    feed = MarketFeed(store)
+    feed.start()
+    try:
+        feed(received(iid="a"))
+        assert feed.drain(5)
+        writer = next(t for t in threading.enumerate() if t.name == "pear-market")
+        assert writer.native_id is not None
+        assert nice(writer.native_id) == min(19, nice(threading.get_native_id()) + WRITER_NICE)
+    finally:
+        feed.close(5)
+
+
+def test_a_writer_far_behind_keeps_the_newest_items_and_counts_the_rest(
+        store: MarketStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pear_mqtt.market import MarketFeed
+    from pear_mqtt.market import feed as feed_module
+
+    monkeypatch.setattr(feed_module, "BACKLOG_MAX", 10)
+    feed = MarketFeed(store)  # not started: nothing is written
+    for i in range(25):
+        feed(received(iid=f"i{i:02d}"))
+    assert feed.backlog <= 10 and feed.backlog + feed.dropped == 25
+    feed.start()
+    try:
+        assert feed.drain(5)
+        kept = sorted(r.item_id for r in store.query().rows)
+        assert len(kept) == 25 - feed.dropped
+        assert kept[-1] == "i24" and "i00" not in kept  # the oldest went
     finally:
         feed.close(5)
 
