@@ -13,7 +13,6 @@ import sqlite3
 import struct
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +78,8 @@ def item_key(member: str, node: str, item_id: str) -> int:
     return _signed64(h.digest())[0]  # type: ignore[no-any-return]
 
 
-def _epoch(at: datetime) -> float:
-    """``at.timestamp()``, remembered: a batch's items share a few windows, and a parsed
-    datetime's own tzinfo makes timestamp() several times slower than a lookup."""
-    epoch = _epochs.get(at)
-    if epoch is None:
-        if len(_epochs) >= _CACHE_MAX:
-            _epochs.clear()
-        epoch = _epochs[at] = at.timestamp()
-    return epoch
-
-
 _CACHE_MAX = 4096
 _senders: dict[tuple[str, str], Any] = {}
-_epochs: dict[datetime, float] = {}
 _signed64 = struct.Struct(">q").unpack
 
 
@@ -139,10 +126,10 @@ def insight_row(received: ReceivedInsight) -> Row:
         if len(_packed) >= _CACHE_MAX:
             _packed.clear()
         _packed[held] = vals
-    end = _epoch(shared.window_end)
+    end = shared.window_end.timestamp()
     member, node, item_id = received.member, received.node, received.item_id
     return (item_key(member, node, item_id), member, node, item_id, shared.category,
-            shared.region, shared.product_id, _epoch(shared.window_start), end,
+            shared.region, shared.product_id, shared.window_start.timestamp(), end,
             int(end // DAY), received.received_at, received.sequence, received.log_ref,
             currency, direction, vals)
 
@@ -159,8 +146,9 @@ def size_on_disk(path: Path) -> int:
 
 
 # Of a row as insight_row() makes it: its roll-up cell and figures (category, day, region,
-# vals), its cell and member.
+# vals), its key, its cell and member.
 _FIGURES = operator.itemgetter(4, 9, 5, 15)
+_KEY = operator.itemgetter(0)
 _MEMBER = operator.itemgetter(4, 9, 5, 1)
 
 
@@ -243,14 +231,16 @@ class Writer:
                    now: float) -> int:
         """Store rows made by :meth:`rows` and aggregates in one transaction; returns how
         many new rows it added."""
-        batch = {row[1:4]: row for row in rows}
-        if len(batch) < len(rows):  # an item more than once: its newest version wins
-            batch = {}
+        batch = rows
+        if len(set(map(_KEY, rows))) < len(rows):
+            # An item more than once (or two keys alike): its newest version wins.
+            newest: dict[tuple[object, ...], Row] = {}
             for row in rows:
                 key = row[1:4]
-                other = batch.get(key)
+                other = newest.get(key)
                 if other is None or other[11] < row[11]:  # type: ignore[operator]
-                    batch[key] = row
+                    newest[key] = row
+            batch = list(newest.values())
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -265,16 +255,17 @@ class Writer:
         self._enforce(now)
         return added
 
-    def _insights(self, cur: sqlite3.Cursor, batch: dict[tuple[object, ...], Row]) -> int:
-        """New items go in with one statement; held ones (looked up a few hundred keys per
-        query) are replaced only by a newer version with other values."""
-        held = self._held(cur, list(batch.values()))
+    def _insights(self, cur: sqlite3.Cursor, batch: list[Row]) -> int:
+        """New items (``batch`` holds each once) go in with one statement; held ones (looked
+        up a few hundred keys per query) are replaced only by a newer version with other
+        values."""
+        held = self._held(cur, batch)
         dirty: set[tuple[str, int]] = set()
         new: list[Row]
         if held:
             new = []
-            for key, row in batch.items():
-                old = held.get(key)
+            for row in batch:
+                old = held.get(row[1:4])
                 if old is None:
                     new.append(row)
                     continue
@@ -284,7 +275,7 @@ class Writer:
                 cur.execute(_REPLACE, (row[10], row[11], row[12], *row[_VALUES_AT:], rowid))
                 dirty.add((str(row[4]), int(row[9])))  # type: ignore[call-overload]
         else:
-            new = list(batch.values())
+            new = batch
         if new:
             # New rows take the ids after the largest (SQLite's rowid rule), in this order.
             first = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
