@@ -51,9 +51,10 @@ class Filter:
     since: datetime | None = None
     until: datetime | None = None
 
-    def where(self, *, prefix: str = "", day_column: str | None = None
+    def where(self, *, prefix: str = "", day_column: str | None = None, days: bool = False
               ) -> tuple[str, list[object]]:
-        """An SQL condition and its arguments (columns of a table aliased ``prefix``)."""
+        """An SQL condition and its arguments (columns of a table aliased ``prefix``; with
+        ``days``, the table has a ``day`` column, the window end's day)."""
         clauses: list[str] = []
         args: list[object] = []
         if self.category is not None:
@@ -77,12 +78,20 @@ class Filter:
                 clauses.append(f"{day_column} <= ?")
                 args.append(int(until // DAY))
         else:
+            # On `insights`, the day bounds too: its (day, key) index finds the rows, the
+            # window end keeps the exact ones.
             if since is not None:
                 clauses.append(f"{prefix}window_end >= ?")
                 args.append(since)
+                if days:
+                    clauses.append(f"{prefix}day >= ?")
+                    args.append(int(since // DAY))
             if until is not None:
                 clauses.append(f"{prefix}window_end <= ?")
                 args.append(until)
+                if days:
+                    clauses.append(f"{prefix}day <= ?")
+                    args.append(int(until // DAY))
         return (" AND ".join(clauses) or "1"), args
 
 
@@ -110,7 +119,7 @@ def page(conn: sqlite3.Connection, flt: Filter, *, limit: int, cursor: int | Non
     """Rows in arrival order after ``cursor`` (the ``id`` of the last row seen)."""
     if limit < 1:
         raise MarketError(f"limit must be at least 1, not {limit}")
-    where, args = flt.where()
+    where, args = flt.where(days=True)
     got = conn.execute(f"SELECT {_ROW_COLUMNS} FROM insights WHERE {where} AND id > ? "
                        "ORDER BY id LIMIT ?", [*args, cursor or 0, limit + 1]).fetchall()
     more = len(got) > limit

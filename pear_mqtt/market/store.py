@@ -295,6 +295,7 @@ class MarketStore:
             insights = c.execute("SELECT count(*) FROM insights").fetchone()[0]
             aggregates = c.execute("SELECT count(*) FROM aggregates").fetchone()[0]
             oldest = c.execute("SELECT min(w) FROM (SELECT min(window_end) AS w FROM insights "
+                               "WHERE day = (SELECT min(day) FROM insights) "
                                "UNION ALL SELECT min(window_end) FROM aggregates)").fetchone()[0]
         return StoreStatus(path=str(self.path), insights=insights, aggregates=aggregates,
                            bytes=size_on_disk(self.path),

@@ -336,8 +336,9 @@ class Writer:
         ret = self._retention
         if ret.max_age_seconds is not None:
             cutoff = now - ret.max_age_seconds
-            if self._conn.execute("SELECT 1 FROM insights WHERE window_end < ? LIMIT 1",
-                                  (cutoff,)).fetchall() or self._conn.execute(
+            if self._conn.execute("SELECT 1 FROM insights WHERE day <= ? AND window_end < ? "
+                                  "LIMIT 1", (int(cutoff // DAY), cutoff)).fetchall() or \
+                    self._conn.execute(
                     "SELECT 1 FROM aggregates WHERE window_end < ? LIMIT 1",
                     (cutoff,)).fetchall():
                 self.drop_before(cutoff)
@@ -360,13 +361,20 @@ class Writer:
     def _drop_oldest_tenth(self) -> bool:
         conn = self._conn
         # fetchall: a statement left after its first row would hold a read snapshot open.
-        n = conn.execute("SELECT count(*) FROM insights").fetchall()[0][0]
+        days = conn.execute("SELECT day, count(*) FROM insights GROUP BY day "
+                            "ORDER BY day").fetchall()
+        n = sum(count for _, count in days)
         if n:
             # Ordered by window end, then arrival: a stream of one window still loses its
-            # oldest rows only.
-            end, rowid = conn.execute("SELECT window_end, id FROM insights ORDER BY "
-                                      "window_end, id LIMIT 1 OFFSET ?",
-                                      (max(1, n // 10) - 1,)).fetchall()[0]
+            # oldest rows only. The day of the tenth's last row first (from the index), then
+            # that row among the day's.
+            left, at = max(1, n // 10), 0
+            while left > days[at][1]:
+                left -= days[at][1]
+                at += 1
+            end, rowid = conn.execute("SELECT window_end, id FROM insights WHERE day = ? "
+                                      "ORDER BY window_end, id LIMIT 1 OFFSET ?",
+                                      (days[at][0], left - 1)).fetchall()[0]
             self.drop_before(float(end), last_id=int(rowid))
             return True
         n = conn.execute("SELECT count(*) FROM aggregates").fetchall()[0][0]
@@ -391,12 +399,14 @@ class Writer:
             older = "(window_end < ? OR (window_end = ? AND id <= ?))"
             args = (cutoff, cutoff, last_id)
             cells = "window_end <= ?"
+        # Rows of days up to the cutoff's, found by the (day, key) index.
+        rows = f"day <= {day} AND {older}"
         conn.execute("BEGIN IMMEDIATE")
         try:
             edge = [r[0] for r in conn.execute(
                 f"SELECT DISTINCT category FROM insights WHERE day = ? AND {older}",
                 (day, *args))]
-            conn.execute(f"DELETE FROM insights WHERE {older}", args)
+            conn.execute(f"DELETE FROM insights WHERE {rows}", args)
             conn.execute(f"DELETE FROM latest WHERE {older.replace('id <=', 'insight <=')}",
                          args)
             conn.execute(f"DELETE FROM aggregates WHERE {cells}", (cutoff,))

@@ -28,8 +28,8 @@ T0 = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
 
 def received(*, member: str = "acme", node: str = "s1", iid: str = "i1", price: Any = 2.0,
              day: int = 0, seq: int = 1, category: str = "grocery/dairy",
-             region: str = "north") -> ReceivedInsight:
-    start = T0 + timedelta(days=day)
+             region: str = "north", hours: int = 0) -> ReceivedInsight:
+    start = T0 + timedelta(days=day, hours=hours)
     exact = not isinstance(price, dict)
     shared = SharedInsight.model_validate({
         "category": category, "region": region, "window_start": start,
@@ -78,13 +78,14 @@ def test_the_latest_row_of_a_sender_is_its_newest_window_within_and_across_batch
     assert store.price_position("grocery/dairy", 3.0).companies == 2
 
 
-def test_a_store_with_the_former_category_index_reads_and_loses_it_when_written(
+def test_a_store_with_former_indexes_reads_and_loses_them_when_written(
         tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     with MarketStore.open(path, network="net", mode="private") as s:
         s.add([received()])
     conn = sqlite3.connect(path)
     conn.execute("CREATE INDEX insights_category_day ON insights (category, day)")
+    conn.execute("CREATE INDEX insights_window_end ON insights (window_end)")
     conn.close()
     with MarketStore.open(path, readonly=True) as ro:  # cannot drop it: reads all the same
         assert [r.item_id for r in ro.query(category="grocery").rows] == ["i1"]
@@ -93,7 +94,8 @@ def test_a_store_with_the_former_category_index_reads_and_loses_it_when_written(
     conn = sqlite3.connect(path)
     indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     conn.close()
-    assert "insights_category_day" not in indexes and "insights_day_key" in indexes
+    assert indexes & {"insights_category_day", "insights_window_end"} == set()
+    assert "insights_day_key" in indexes
 
 
 def test_groups_by_day_and_week_count_companies_and_bounds(store: MarketStore) -> None:
@@ -153,6 +155,32 @@ def test_retention_by_age_drops_old_windows_and_their_days(tmp_path: Path) -> No
     assert sorted(r.item_id for r in kept) == ["i7", "i8", "i9"]
     assert [d.period.day for d in days] == [9, 10, 11]
     assert status.insights == 3 and status.oldest is not None
+
+
+def test_time_bounds_keep_exactly_the_windows_ending_between_them(store: MarketStore) -> None:
+    # Windows of one hour from 00:00 to 06:00 on two days: the bounds cut inside a day.
+    store.add([received(iid=f"d{d}h{h}", day=d, hours=h) for d in (0, 1) for h in range(6)])
+    since, until = T0 + timedelta(hours=3), T0 + timedelta(days=1, hours=2)
+    got = sorted(r.item_id for r in store.query(since=since, until=until).rows)
+    assert got == ["d0h2", "d0h3", "d0h4", "d0h5", "d1h0", "d1h1"]
+    assert all(since <= r.window_end <= until for r in store.query(since=since,
+                                                                   until=until).rows)
+
+
+def test_the_size_cap_drops_the_oldest_windows_first(tmp_path: Path) -> None:
+    cap = 400_000
+    with MarketStore.open(tmp_path / "m.db", network="n", mode="private",
+                          retention=Retention(max_bytes=cap)) as store:
+        for d in range(30):  # a day at a time, newest last
+            store.add([received(iid=f"d{d:02d}-{i}", day=d, hours=i % 20) for i in range(200)],
+                      now=(T0 + timedelta(days=d + 1)).timestamp())
+        kept = store.query(group_by="day")
+        status = store.status()
+    assert 0 < status.bytes <= cap
+    days = [g.period for g in kept]
+    assert days == [T0 + timedelta(days=k) for k in range(30 - len(days), 30)]  # the newest
+    assert status.oldest is not None and status.oldest >= days[0]
+    assert 0 < status.insights < 30 * 200
 
 
 async def test_watch_yields_rows_as_they_are_stored(store: MarketStore) -> None:
