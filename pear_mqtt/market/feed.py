@@ -39,7 +39,8 @@ _BUSY = 500.0
 _FULL = 5000  # ... unless this many are waiting already
 WRITER_NICE = 10
 """How much lower than its process the writer thread runs (Linux ``nice``, per thread): the
-store catches up in the CPU the live stream leaves (docs/MARKET.md, "The live stream")."""
+store catches up in the CPU the live stream leaves (docs/MARKET.md, "Layout and
+engine")."""
 
 
 def _lower_priority() -> None:
@@ -73,7 +74,7 @@ class MarketFeed:
         self._thread = threading.Thread(target=self._run, name="pear-market", daemon=True)
         self.dropped = 0
         self.failing: str | None = None
-        # Items waiting for their log entry to be proven, per sender: (log id, index, item).
+        # Items waiting for their log entry to be proven, per sender: (log id, index, row).
         self._unproven: dict[tuple[str, str], list[tuple[str, int, Row]]] = {}
         self._proven: dict[tuple[str, str], tuple[str, int]] = {}  # sender -> (log, length)
         self.waiting = 0  # items held back until proven
@@ -91,7 +92,13 @@ class MarketFeed:
         if isinstance(item, ReceivedAggregate):
             self._take(item)
             return
-        row = self.store.row(item)
+        try:
+            row = self.store.row(item)
+        except Exception:  # a bug here must not reach the receiver
+            log.exception("market store %s: cannot read a received item; it is left out",
+                          self.store.path)
+            self.dropped += 1
+            return
         if row is None:
             return  # counted as refused
         if item.log_ref is not None:

@@ -14,7 +14,6 @@ import struct
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ..errors import MarketError
 from ..history.log import Retention
@@ -79,7 +78,7 @@ def item_key(member: str, node: str, item_id: str) -> int:
 
 
 _CACHE_MAX = 4096
-_senders: dict[tuple[str, str], Any] = {}
+_senders: dict[tuple[str, str], hashlib.blake2b] = {}
 _signed64 = struct.Struct(">q").unpack
 
 
