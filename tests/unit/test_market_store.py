@@ -317,6 +317,30 @@ def test_the_writer_thread_runs_nicer_than_the_receiver(store: MarketStore) -> N
         feed.close(5)
 
 
+def test_an_item_the_feed_cannot_read_is_counted_and_the_receiver_goes_on(
+        store: MarketStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pear_mqtt.market import MarketFeed
+
+    real = store.row
+
+    def buggy(item: ReceivedInsight) -> Any:
+        if item.item_id == "bad":
+            raise RuntimeError("a bug")
+        return real(item)
+
+    monkeypatch.setattr(store, "row", buggy)
+    feed = MarketFeed(store)
+    feed.start()
+    try:
+        for iid in ("a", "bad", "b"):
+            feed(received(iid=iid))  # raises nothing into the caller
+        assert feed.drain(5)
+        assert sorted(r.item_id for r in store.query().rows) == ["a", "b"]
+        assert feed.dropped == 1
+    finally:
+        feed.close(5)
+
+
 def test_a_writer_far_behind_keeps_the_newest_items_and_counts_the_rest(
         store: MarketStore, monkeypatch: pytest.MonkeyPatch) -> None:
     from pear_mqtt.market import MarketFeed
