@@ -1,12 +1,13 @@
 """The envelope every payload travels in: signed, optionally encrypted (AES-256-GCM under a
 group key), versioned JSON. :class:`EnvelopeCodec` writes this node's envelopes and reads
-(verifies, decrypts, de-duplicates) others'; the wire format is specified in docs/."""
+(verifies, decrypts, de-duplicates) others' through its collaborators: the layout
+(``wirelayout``), the reader (``opener``), the sequence numbers (``sequence``). The wire
+format is specified in docs/DESIGN.md."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import os
 import secrets
@@ -14,36 +15,23 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, get_args
+from typing import TYPE_CHECKING, Any
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from ..config.checks import decode_key
 from ..config.models import EncryptionConfig
-from ..errors import (
-    ConfigError,
-    DecryptionError,
-    EnvelopeError,
-    MalformedMessage,
-    OversizedMessage,
-    SignatureError,
-    StaleMessage,
-    UnknownKeyError,
-    UnsupportedVersion,
-)
-from ..history.head import LOG_REF
-from ..model.insight import MessageKind, NetworkMessage
-from .base64url import ascii_field, b64url_decode, b64url_encode
+from ..errors import ConfigError, EnvelopeError, MalformedMessage, OversizedMessage
+from .base64url import b64url_encode
 from .identity import Identity
+from .opener import Decoded, EnvelopeOpener
 from .replay import ReplayGuard
-from .sequence import SEQUENCE_BLOCK, read_reservation, record_reservation
+from .sequence import SequenceCounter
 from .signing import Signer
 from .trust import TrustStore
-from .wirejson import parse_json
+from .wirelayout import CERT_OPEN, KINDS, NONCE_BYTES, NONCE_OPEN, SIG_OPEN, SK_OPEN, TAIL, VERSION
 
 if TYPE_CHECKING:
     from ..config.models import NetworkConfig
@@ -56,45 +44,8 @@ __all__ = [
     "EnvelopeCodec",
 ]
 
-log = logging.getLogger(__name__)
-
-VERSION = 1
 DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_MAX_AGE = 30 * 86400.0
-
-_KINDS: frozenset[str] = frozenset(get_args(MessageKind))
-
-_PREFIX = b'{"v":1,'
-_SIG_OPEN = b',"sig":"'
-_TAIL = b'"}'
-_CERT_OPEN = b',"cert":"'
-_SK_OPEN = b',"sk":"'
-_NONCE_OPEN = b',"nonce":"'
-_BODY_OPEN = b',"body":'
-# Ed25519 signatures are 64 bytes and DER ECDSA P-256 ones at most 72; the bound is looser so
-# that a certificate with an unsupported key type is reported as such, not as a bad "sig".
-_MAX_SIGNATURE = 160
-_MAX_SEQ = 2**63 - 1
-_NONCE_BYTES = 12
-_GCM_TAG_BYTES = 16
-
-_HEAD = ("v", "kind", "id", "from", "seq", "ts")
-# "log": the message's index in its sender's verified-history log (docs/HISTORY.md).
-_LAYOUTS: frozenset[tuple[str, ...]] = frozenset(
-    (*_HEAD, *logged, *payload, ref, "sig")
-    for logged in ((), ("log",))
-    for payload in (("body",), ("kid", "nonce", "enc"))
-    for ref in ("cert", "sk")
-)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Decoded:
-    """A verified envelope: the message, who signed it, and its size on the wire."""
-
-    message: NetworkMessage
-    signer: Identity
-    raw_size: int
 
 
 def _group_key(kid: str, secret: SecretStr) -> AESGCM:
@@ -155,13 +106,15 @@ class EnvelopeCodec:
                                    _group_key(kid, secret))
             self._active = encryption.active
         self._from = json.dumps(signer.sender, ensure_ascii=False).encode()
-        self._cert_member = _CERT_OPEN + b64url_encode(signer.certificate_der) + b'"'
-        self._sk_member = _SK_OPEN + b64url_encode(signer.fingerprint) + b'"'
+        self._cert_member = CERT_OPEN + b64url_encode(signer.certificate_der) + b'"'
+        self._sk_member = SK_OPEN + b64url_encode(signer.fingerprint) + b'"'
         self._replay = ReplayGuard(window=replay_window, max_senders=max_senders)
+        self._opener = EnvelopeOpener(
+            trust=trust, keys={kid: aead for kid, (_, aead) in self._keys.items()},
+            max_bytes=max_bytes, max_clock_skew=self._max_skew, max_age=self._max_age,
+            replay=self._replay, clock=self._now)
         self._lock = threading.Lock()
-        self._seq = int(self._now() * 1000) * 1000
-        self._seq_file: Path | None = None
-        self._seq_reserved = 0
+        self._seq = SequenceCounter(start=int(self._now() * 1000) * 1000)
         self._stats: Counter[str] = Counter()
         # Lets this node read its own cert-less envelopes; a signer from another CA (a bridge
         # that signs for one network and reads another) is simply not pre-registered.
@@ -204,16 +157,7 @@ class EnvelopeCodec:
         (atomically, fsynced) once per ``SEQUENCE_BLOCK`` messages; a restart continues above
         it. :class:`ConfigError` if the file cannot be read or written.
         """
-        floor = read_reservation(path)
-        with self._lock:
-            self._seq = max(self._seq, floor)
-            self._seq_file = path
-            self._reserve(self._seq + SEQUENCE_BLOCK)
-
-    def _reserve(self, upto: int) -> None:
-        assert self._seq_file is not None
-        record_reservation(self._seq_file, upto)
-        self._seq_reserved = upto
+        self._seq.persist(path)
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -232,7 +176,7 @@ class EnvelopeCodec:
     @property
     def last_sequence(self) -> int:
         """The sequence number of the envelope this codec encoded last."""
-        return self._seq
+        return self._seq.last
 
     @property
     def max_bytes(self) -> int:
@@ -285,8 +229,8 @@ class EnvelopeCodec:
         ``"<log id>:<index>"``, the envelope's place in this node's history log (signed with
         the rest; see :func:`pear_mqtt.history.head.parse_log_ref`).
         """
-        if kind not in _KINDS:
-            raise MalformedMessage(f"cannot encode kind {kind!r}; known kinds: {sorted(_KINDS)}")
+        if kind not in KINDS:
+            raise MalformedMessage(f"cannot encode kind {kind!r}; known kinds: {sorted(KINDS)}")
         if encrypt is None:
             kid = self._active
         elif encrypt:
@@ -297,17 +241,7 @@ class EnvelopeCodec:
         else:
             kid = None
         ts = self._now()
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-            if self._seq_file is not None and seq >= self._seq_reserved:
-                try:
-                    self._reserve(seq + SEQUENCE_BLOCK)
-                except ConfigError as exc:
-                    # Sending goes on (a full disk must not stop it); only a restart after a
-                    # backwards clock step could then reuse numbers. Retried next block.
-                    log.error("%s", exc)
-                    self._seq_reserved = seq + SEQUENCE_BLOCK
+        seq = self._seq.next()
         head = b"".join((b'{"v":1,"kind":"', kind.encode("ascii"), b'","id":"',
                          secrets.token_urlsafe(16).encode("ascii"), b'","from":', self._from,
                          b',"seq":', str(seq).encode("ascii"), b',"ts":',
@@ -321,12 +255,12 @@ class EnvelopeCodec:
         else:
             kid_json, aead = self._keys[kid]
             aad = head + b',"kid":' + kid_json
-            nonce = os.urandom(_NONCE_BYTES)
+            nonce = os.urandom(NONCE_BYTES)
             sealed = aead.encrypt(nonce, body_json, aad)
-            unsigned = b"".join((aad, _NONCE_OPEN, b64url_encode(nonce), b'","enc":"',
+            unsigned = b"".join((aad, NONCE_OPEN, b64url_encode(nonce), b'","enc":"',
                                  b64url_encode(sealed), b'"', ref))
         signature = self._signer.sign(unsigned + b"}")
-        wire = b"".join((unsigned, _SIG_OPEN, b64url_encode(signature), _TAIL))
+        wire = b"".join((unsigned, SIG_OPEN, b64url_encode(signature), TAIL))
         if len(wire) > self._max_bytes:
             raise OversizedMessage(f"envelope of {len(wire)} bytes exceeds the limit of "
                                    f"{self._max_bytes}; split the batch")
@@ -344,7 +278,7 @@ class EnvelopeCodec:
         Raises only :class:`EnvelopeError` subclasses, for any input.
         """
         try:
-            decoded = self._decode(payload, check_replay, max_age)
+            decoded = self._opener.open(payload, check_replay=check_replay, max_age=max_age)
         except EnvelopeError as exc:
             with self._lock:
                 self._stats[exc.reason] += 1
@@ -366,166 +300,9 @@ class EnvelopeCodec:
         and all, when it arrived): the envelope's own signature, age and sequence number are
         not checked again (docs/HISTORY.md, "Repair"). Raises :class:`EnvelopeError`."""
         try:
-            return self._decode(payload, False, None, proven=signer)
+            return self._opener.open(payload, check_replay=False, proven=signer)
         except EnvelopeError:
             raise
         except Exception as exc:
             raise MalformedMessage(f"internal error while decoding: "
                                    f"{type(exc).__name__}: {exc}") from exc
-
-    def _decode(self, payload: bytes | bytearray | memoryview, check_replay: bool,
-                max_age: float | None, proven: Identity | None = None) -> Decoded:
-        if not isinstance(payload, bytes | bytearray | memoryview):
-            raise MalformedMessage(f"payload must be bytes, got {type(payload).__name__}")
-        data = bytes(payload)
-        size = len(data)
-        if size > self._max_bytes:
-            raise OversizedMessage(f"payload of {size} bytes exceeds the limit of "
-                                   f"{self._max_bytes}")
-        sig_at = data.rfind(_SIG_OPEN)
-        if not (data.startswith(_PREFIX) and data.endswith(_TAIL)) or sig_at < 0:
-            self._diagnose(data)
-        sig_text = data[sig_at + len(_SIG_OPEN):-len(_TAIL)]
-        if len(sig_text) > (_MAX_SIGNATURE * 4 + 2) // 3:
-            raise MalformedMessage("'sig' is too long to be a signature")
-        head = data[:sig_at]
-
-        # The signer reference is the member right before "sig"; base64 never holds ',"'.
-        ref_at = head.rfind(b',"')
-        ref = head[ref_at:]
-        now = self._now()
-        if ref.startswith(_CERT_OPEN) and ref.endswith(b'"'):
-            ref_name, ref_text = "cert", ref[len(_CERT_OPEN):-1]
-        elif ref.startswith(_SK_OPEN) and ref.endswith(b'"'):
-            ref_name, ref_text = "sk", ref[len(_SK_OPEN):-1]
-        else:
-            raise MalformedMessage("no 'cert' or 'sk' member before 'sig'")
-        if proven is not None:
-            identity = proven
-        else:
-            signature = b64url_decode(sig_text, "sig")
-            if b64url_encode(signature) != sig_text:
-                raise MalformedMessage("'sig' is not canonical base64url")
-            if ref_name == "cert":
-                signer = self._trust.verify_encoded(ref_text, now=now)
-            else:
-                known = self._trust.lookup(b64url_decode(ref_text, "sk"), now=now)
-                if known is None:
-                    raise SignatureError("envelope names its signer by 'sk' only and that "
-                                         "certificate has not been seen yet; the sender must "
-                                         "embed 'cert'")
-                signer = known
-            signer.verify(signature, head + b"}")
-            identity = signer.identity
-
-        # Authentic from here on. The envelope's members are parsed with duplicate-key checks
-        # (a second "from" or "seq" must not slip past other JSON readers); a plain body, the
-        # bulk of a batch, is sliced out and parsed once at full speed. Neither ',"body":' nor
-        # ',"nonce":"' can occur inside a JSON string, and the header before them is flat, so
-        # the first of them is the real member (the layout check below confirms it).
-        body_at = head.find(_BODY_OPEN)
-        nonce_at = head.find(_NONCE_OPEN)
-        plain = body_at >= 0 and (nonce_at < 0 or body_at < nonce_at)
-        body_from = body_at + len(_BODY_OPEN)
-        if plain:
-            obj = parse_json(data[:body_from] + b"0" + data[ref_at:], "envelope")
-        else:
-            obj = parse_json(data, "envelope")
-        if type(obj) is not dict or tuple(obj) not in _LAYOUTS:
-            raise MalformedMessage("envelope members are not in the v1 layout "
-                                   f"(got {list(obj) if type(obj) is dict else type(obj)})")
-        if obj["sig"] != sig_text.decode("ascii") or obj[ref_name] != ref_text.decode("ascii"):
-            raise MalformedMessage("'sig' or the signer reference is not where the layout "
-                                   "puts it")
-        sender = obj["from"]
-        if sender != identity.sender:
-            raise SignatureError(f"'from' {sender!r} does not match the signing certificate "
-                                 f"({identity.sender!r})")
-        seq, ts = obj["seq"], obj["ts"]
-        if type(seq) is not int or not 0 <= seq <= _MAX_SEQ:
-            raise MalformedMessage(f"'seq' must be an integer in [0, 2**63), got {seq!r}")
-        if type(ts) is not float and type(ts) is not int:
-            raise MalformedMessage(f"'ts' must be a number, got {type(ts).__name__}")
-        ts = float(ts)
-        if not (math.isfinite(ts) and ts >= 0):
-            raise MalformedMessage(f"'ts' must be a finite, non-negative number, got {ts!r}")
-        if proven is not None:
-            pass  # old on purpose, and proven by a head that was checked when it came
-        elif ts > now + self._max_skew:
-            raise StaleMessage(f"timestamp lies {ts - now:.1f} s in the future (max clock "
-                               f"skew {self._max_skew:g} s)")
-        limit = self._max_age if max_age is None else max_age
-        if proven is None and now - ts > limit:
-            raise StaleMessage(f"message is {now - ts:.0f} s old (max age {limit:g} s)")
-
-        if type(obj["kind"]) is not str or type(obj["id"]) is not str:
-            raise MalformedMessage("'kind' and 'id' must be strings")
-        if check_replay and proven is None:
-            # Cheap early drop for the common case (QoS 1 re-delivery) before decrypting and
-            # parsing the body; the authoritative check-and-record comes last.
-            self._replay.admit(identity, seq, check=True, record=False)
-        if "enc" in obj:
-            kid: str | None = obj["kid"]
-            body = self._decrypt(data, obj)
-        elif plain:
-            kid = None
-            body = parse_json(data[body_from:ref_at], "body", unique_keys=False)
-        else:
-            raise MalformedMessage("'body' is not where the layout puts it")
-        log_ref = obj.get("log")
-        if log_ref is not None and (type(log_ref) is not str or not LOG_REF.fullmatch(log_ref)):
-            raise MalformedMessage(f"'log' must be '<log id>:<index>', got {log_ref!r}")
-        try:
-            message = NetworkMessage(kind=obj["kind"], message_id=obj["id"], sender=sender,
-                                     sequence=seq, timestamp=ts, body=body, key_id=kid,
-                                     log_ref=log_ref)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                 for e in exc.errors(include_url=False, include_input=False))
-            raise MalformedMessage(f"envelope fields are invalid: {problems}") from None
-        # Last, so a message dropped for any other reason does not burn its sequence number.
-        if proven is None:
-            self._replay.admit(identity, seq, check=check_replay, record=True)
-        return Decoded(message=message, signer=identity, raw_size=size)
-
-    def _decrypt(self, data: bytes, obj: dict[str, Any]) -> Any:
-        kid, nonce_text, enc_text = obj["kid"], obj["nonce"], obj["enc"]
-        if type(kid) is not str or type(nonce_text) is not str or type(enc_text) is not str:
-            raise MalformedMessage("'kid', 'nonce' and 'enc' must be strings")
-        held = self._keys.get(kid)
-        if held is None:
-            raise UnknownKeyError(f"encrypted with group key {kid!r}, which this node does not "
-                                  f"hold (held: {sorted(self._keys)})")
-        nonce = b64url_decode(ascii_field(nonce_text, "nonce"), "nonce")
-        sealed = b64url_decode(ascii_field(enc_text, "enc"), "enc")
-        if len(nonce) != _NONCE_BYTES or len(sealed) < _GCM_TAG_BYTES:
-            raise MalformedMessage("'nonce' must be 12 bytes and 'enc' at least 16")
-        # The layout is verified, so the first ',"nonce":"' ends the header (it cannot occur
-        # inside a JSON string).
-        aad = data[:data.find(_NONCE_OPEN)]
-        try:
-            plain = held[1].decrypt(nonce, sealed, aad)
-        except InvalidTag:
-            raise DecryptionError(f"ciphertext under group key {kid!r} failed "
-                                  "authentication") from None
-        # Authenticated by the signature and the GCM tag: parsed at full speed, like a plain
-        # body (receivers validate its content with their own models).
-        return parse_json(plain, "decrypted body", unique_keys=False)
-
-    def _diagnose(self, data: bytes) -> NoReturn:
-        """Explain why ``data`` is not a signed v1 envelope (always raises)."""
-        obj = parse_json(data, "payload")
-        if type(obj) is not dict:
-            raise MalformedMessage(f"payload is a JSON {type(obj).__name__}, not an object")
-        if "v" not in obj:
-            raise MalformedMessage("payload has no schema version 'v'")
-        version = obj["v"]
-        if type(version) is not int:
-            raise MalformedMessage(f"schema version 'v' must be an integer, got {version!r}")
-        if version != VERSION:
-            raise UnsupportedVersion(f"envelope schema version {version}; this build reads "
-                                     f"{VERSION}")
-        if "sig" not in obj:
-            raise SignatureError("unsigned message (no 'sig')")
-        raise MalformedMessage('envelope is not in canonical v1 form: it must start with '
-                               '{"v":1, and end with the "sig" member')
