@@ -14,6 +14,10 @@ from typing import Any
 from brokers import free_port
 
 CLI_TIMEOUT = 60.0
+# A start that is slow says itself what did not come up (the log tails) well before the
+# test gives up on the command.
+START_TIMEOUT = 60.0
+START_CLI_TIMEOUT = 120.0
 
 
 class Up:
@@ -41,8 +45,10 @@ class Up:
 
     def start(self, *extra: str, backend: str | None = None
               ) -> subprocess.CompletedProcess[str]:
+        if "--timeout" not in extra:
+            extra = (*extra, "--timeout", f"{START_TIMEOUT:g}")
         return self.run("start", "--ports", ",".join(map(str, self.ports)), *extra,
-                        backend=backend)
+                        backend=backend, timeout=START_CLI_TIMEOUT)
 
     def state(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.dir / "up.json").read_text())
