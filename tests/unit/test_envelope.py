@@ -267,6 +267,26 @@ def test_persisted_sequence_survives_a_clock_stepped_back(pki: PKI, tmp_path: Pa
         pki.codec().persist_sequence(seq_file)
 
 
+def test_sequence_reservations_move_a_block_ahead_and_a_failed_one_does_not_stop_sending(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pear_mqtt.security import sequence
+
+    monkeypatch.setattr(sequence, "SEQUENCE_BLOCK", 3)
+    path = tmp_path / "node.seq"
+    counter = sequence.SequenceCounter(start=100)
+    counter.persist(path)
+    assert sequence.read_reservation(path) == 103
+    assert [counter.next() for _ in range(3)] == [101, 102, 103]
+    assert sequence.read_reservation(path) == 106  # the block's last number reserved the next
+    path.unlink()
+    path.mkdir()  # the next reservation cannot be written
+    with caplog.at_level("ERROR", logger="pear_mqtt.security.sequence"):
+        assert [counter.next() for _ in range(4)] == [104, 105, 106, 107]
+    assert "cannot record the sequence reservation" in caplog.text
+    assert counter.last == 107
+
+
 def test_encrypted_round_trip_hides_body(pki: PKI) -> None:
     keys = group_keys("k1", active="k1")
     tx, rx = pki.codec(encryption=keys), pki.codec("bob", encryption=keys)
