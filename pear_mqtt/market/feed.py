@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from ..errors import MarketError, ProofFailed
 from ..history.head import parse_log_ref
@@ -20,7 +21,8 @@ from ..security.identity import Identity
 from .store import MarketStore
 from .writer import Row
 
-__all__ = ["BACKLOG_MAX", "LINGER", "LINGER_BUSY", "WRITER_NICE", "MarketFeed"]
+__all__ = ["BACKLOG_MAX", "HOLD_AT", "HOLD_MAX", "LINGER", "LINGER_BUSY", "RELEASE_AT",
+           "WRITER_NICE", "MarketFeed"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,12 @@ LINGER = 0.05
 LINGER_BUSY = 0.25
 _BUSY = 500.0
 _FULL = 5000  # ... unless this many are waiting already
+HOLD_AT = 50_000
+"""Rows waiting for the writer at which the node stops reading its connection (``on_hold``),
+so that the broker keeps the rest; reading goes on once :data:`RELEASE_AT` are left, or after
+:data:`HOLD_MAX` seconds (a connection must answer its pings), or if the store fails."""
+RELEASE_AT = 10_000
+HOLD_MAX = 5.0
 WRITER_NICE = 10
 """How much lower than its process the writer thread runs (Linux ``nice``, per thread): the
 store catches up in the CPU the live stream leaves (docs/MARKET.md, "Layout and
@@ -74,6 +82,12 @@ class MarketFeed:
         self._thread = threading.Thread(target=self._run, name="pear-market", daemon=True)
         self.dropped = 0
         self.failing: str | None = None
+        self.on_hold: Callable[[bool], None] | None = None
+        """Called with True to stop reading the node's connection, False to read again
+        (from either thread: it must be thread-safe)."""
+        self.holds = 0  # times reading was stopped for the writer to catch up
+        self._held_since: float | None = None
+        self._in_flight = 0  # rows the writer took and has not written yet
         # Items waiting for their log entry to be proven, per sender: (log id, index, row).
         self._unproven: dict[tuple[str, str], list[tuple[str, int, Row]]] = {}
         self._proven: dict[tuple[str, str], tuple[str, int]] = {}  # sender -> (log, length)
@@ -120,12 +134,33 @@ class MarketFeed:
     def _take(self, pending: Row | ReceivedAggregate) -> None:
         with self._lock:
             self._pending.append(pending)
-            if len(self._pending) > BACKLOG_MAX:  # a writer that cannot keep up for long
-                over = len(self._pending) - BACKLOG_MAX * 9 // 10
+            waiting = len(self._pending)
+            if waiting > BACKLOG_MAX:  # a writer that cannot keep up for long
+                over = waiting - BACKLOG_MAX * 9 // 10
                 del self._pending[:over]
                 self.dropped += over
+        if waiting + self._in_flight >= HOLD_AT and self._held_since is None \
+                and self.failing is None and self.on_hold is not None:
+            self._held_since = time.monotonic()
+            self.holds += 1
+            if self.holds == 1:
+                log.info("market store %s: %d items behind; the node stops reading while it "
+                         "catches up", self.store.path, waiting)
+            self.on_hold(True)
         if not self._wake.is_set():  # set already: the writer takes this item with the rest
             self._wake.set()
+
+    def _release(self) -> None:
+        """Let the node read again once the writer caught up, a hold lasted long enough,
+        or the store fails (called by the writer after each batch, and on close)."""
+        since = self._held_since
+        if since is None:
+            return
+        if (self.backlog <= RELEASE_AT or self.failing is not None or self._stop
+                or time.monotonic() - since >= HOLD_MAX):
+            self._held_since = None
+            if self.on_hold is not None:
+                self.on_hold(False)
 
     def proven(self, owner: Identity, log_id: str, length: int) -> None:
         """A signed head of ``owner``'s log ``log_id`` proved its first ``length`` entries:
@@ -175,6 +210,7 @@ class MarketFeed:
             self._hurry.set()
             self._wake.set()
             self._thread.join(timeout)
+        self._release()
 
     def _run(self) -> None:
         _lower_priority()
@@ -194,6 +230,7 @@ class MarketFeed:
             taken = now
             if batch or self._unwritten:
                 self._write(batch)
+            self._release()
             with self._idle:
                 self._writing = False
                 self._idle.notify_all()
@@ -208,6 +245,7 @@ class MarketFeed:
                 else:
                     rows.append(item)
             self._unwritten.append((rows, aggregates))
+            self._in_flight = sum(len(r) for r, _ in self._unwritten)
         while self._unwritten:
             rows, aggregates = self._unwritten[0]
             try:
@@ -223,6 +261,7 @@ class MarketFeed:
                 self._wake.set()
                 return
             del self._unwritten[0]
+            self._in_flight = sum(len(r) for r, _ in self._unwritten)
             self.store.changed()
         if self.failing is not None:
             log.info("market store %s writes again", self.store.path)
@@ -241,3 +280,4 @@ class MarketFeed:
             del rows[:over]
             self.dropped += over
             over = 0
+        self._in_flight = sum(len(r) for r, _ in self._unwritten)

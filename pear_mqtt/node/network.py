@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -208,6 +209,16 @@ class PearNetwork:
                      MarketStore.temporary(network=self.config.network_id, mode=mode,
                                            retention=retention))
             self._market = MarketFeed(store)
+            loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
+
+            def hold(held: bool) -> None:
+                if threading.get_ident() == loop_thread:  # at once: mid-read, the next packet
+                    self._receiver.hold_reading(held)     # already waits
+                    return
+                with contextlib.suppress(RuntimeError):  # a loop that closed meanwhile
+                    loop.call_soon_threadsafe(self._receiver.hold_reading, held)
+
+            self._market.on_hold = hold
             self._market.start()
         return self._market
 

@@ -120,6 +120,15 @@ class Receiver:
         """The latest aggregate per topic (live: copy it to keep it)."""
         return self._aggregates
 
+    def hold_reading(self, held: bool) -> None:
+        """Stop (``held``) or restart reading the current connection: the market store fell
+        behind and catches up meanwhile (docs/MARKET.md)."""
+        if self._conn is not None:
+            if held:
+                self._conn.pause_reading()
+            else:
+                self._conn.resume_reading()
+
     async def run(self, conn: Connection) -> None:
         """Handle what ``conn`` receives until it closes."""
         self._conn = conn

@@ -360,6 +360,16 @@ class Connection:
         except Exception:  # a receiver must never die on one message
             log.exception("message handler failed on %r", msg.topic)
 
+    def pause_reading(self) -> None:
+        """Stop reading the socket until :meth:`resume_reading`, for a handler whose own
+        consumer fell behind: the broker keeps what is not read. Acknowledgements and ping
+        replies wait too, so a pause must stay shorter than the keepalive."""
+        self._pump.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the socket again after :meth:`pause_reading`."""
+        self._pump.resume_reading()
+
     def drain_inbox(self, *, limit: int | None = None) -> list[InboundMessage]:
         """Take the messages received so far (the oldest ``limit`` of them, if given)
         without waiting."""

@@ -183,7 +183,7 @@ class SocketPump:
     def readable(self) -> None:
         """Read what the socket has, in a burst bounded by count and time."""
         client = self._client
-        if client is None:
+        if client is None or self._reading_paused:  # a read scheduled before a pause
             return
         # paho's loop_read() handles one packet per wake-up when nothing is in flight, so a
         # subscriber would pay a selector round trip per message. Read until the socket (and

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -217,4 +218,49 @@ async def test_a_full_disk_holds_the_rows_in_memory_says_so_and_loses_none(
     assert full.health.value == "degraded" and full.market_backlog == len(sent)
     assert after.market_failing is None and after.health.value == "ok"
     assert after.market_backlog == 0 and after.market_dropped == 0
+    assert {r.item_id for r in rows} == set(sent)
+
+
+async def test_a_store_far_behind_stops_the_node_reading_and_loses_nothing(
+        make_config: Callable[..., NetworkConfig], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]]) -> None:
+    from pear_mqtt.market import feed as feed_module
+
+    # The writer is stuck on its first 20 rows while 380 more come: past 100 waiting, the
+    # oldest would go. A node that stops reading at 40 keeps them all (the broker holds
+    # the rest), and reads on once the writer catches up.
+    monkeypatch.setattr(feed_module, "BACKLOG_MAX", 100)
+    monkeypatch.setattr(feed_module, "HOLD_AT", 40)
+    monkeypatch.setattr(feed_module, "RELEASE_AT", 5)
+    rx_config = _with_store(make_config("acme", mode=NetworkMode.PRIVATE, node="hq"),
+                            tmp_path / "rx.market.db")
+    entered, gate = threading.Event(), threading.Event()
+    async with PearNetwork(rx_config) as rx:
+        stream = rx.insights()
+        store = rx.market
+        add_rows = store.add_rows
+
+        def stuck(*args: Any, **kwargs: Any) -> int:
+            entered.set()
+            assert gate.wait(30)  # the writer waits for the test
+            return add_rows(*args, **kwargs)
+
+        monkeypatch.setattr(store, "add_rows", stuck)
+        sent: list[str] = []
+        async with PearNetwork(make_config("acme", mode=NetworkMode.PRIVATE)) as tx:
+            for r in range(20):
+                sent += await tx.broadcast_many([insight(product=f"r{r}p{i}", price=1.0 + i)
+                                                 for i in range(20)])
+                await tx.flush(timeout=10)
+                if r == 0:  # the writer holds the first round before the rest is sent
+                    assert await asyncio.to_thread(entered.wait, 10)
+        held = rx.status()
+        gate.set()
+        await take(stream, len(sent))
+        await rx.market_settled(timeout=30)
+        after = rx.status()
+        rows = rx.market.query(limit=1000).rows
+    assert held.insights_in < len(sent)  # the broker kept the rest while the node held
+    assert after.market_dropped == 0 and after.market_backlog == 0
     assert {r.item_id for r in rows} == set(sent)

@@ -341,6 +341,28 @@ def test_an_item_the_feed_cannot_read_is_counted_and_the_receiver_goes_on(
         feed.close(5)
 
 
+def test_a_feed_far_behind_asks_to_stop_reading_and_to_read_again_once_caught_up(
+        store: MarketStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pear_mqtt.market import MarketFeed
+    from pear_mqtt.market import feed as feed_module
+
+    monkeypatch.setattr(feed_module, "HOLD_AT", 5)
+    monkeypatch.setattr(feed_module, "RELEASE_AT", 1)
+    calls: list[bool] = []
+    feed = MarketFeed(store)  # not started: nothing is written yet
+    feed.on_hold = calls.append
+    for i in range(8):
+        feed(received(iid=f"i{i}"))
+    assert calls == [True] and feed.holds == 1  # asked once, not once per item
+    feed.start()
+    try:
+        assert feed.drain(5)
+        assert calls == [True, False]
+        assert len(store.query().rows) == 8
+    finally:
+        feed.close(5)
+
+
 def test_a_writer_far_behind_keeps_the_newest_items_and_counts_the_rest(
         store: MarketStore, monkeypatch: pytest.MonkeyPatch) -> None:
     from pear_mqtt.market import MarketFeed
