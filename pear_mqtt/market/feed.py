@@ -41,8 +41,9 @@ _BUSY = 500.0
 _FULL = 5000  # ... unless this many are waiting already
 HOLD_AT = 50_000
 """Rows waiting for the writer at which the node stops reading its connection (``on_hold``),
-so that the broker keeps the rest; reading goes on once :data:`RELEASE_AT` are left, or after
-:data:`HOLD_MAX` seconds (a connection must answer its pings), or if the store fails."""
+so that the broker keeps the rest; reading goes on once :data:`RELEASE_AT` are left, or if the
+store fails, and after :data:`HOLD_MAX` seconds whatever the writer does (the connection
+ends a pause itself: it must answer its pings)."""
 RELEASE_AT = 10_000
 HOLD_MAX = 5.0
 WRITER_NICE = 10
@@ -245,7 +246,7 @@ class MarketFeed:
                 else:
                     rows.append(item)
             self._unwritten.append((rows, aggregates))
-            self._in_flight = sum(len(r) for r, _ in self._unwritten)
+            self._recount()
         while self._unwritten:
             rows, aggregates = self._unwritten[0]
             try:
@@ -261,7 +262,7 @@ class MarketFeed:
                 self._wake.set()
                 return
             del self._unwritten[0]
-            self._in_flight = sum(len(r) for r, _ in self._unwritten)
+            self._recount()
             self.store.changed()
         if self.failing is not None:
             log.info("market store %s writes again", self.store.path)
@@ -280,4 +281,8 @@ class MarketFeed:
             del rows[:over]
             self.dropped += over
             over = 0
+        self._recount()
+
+    def _recount(self) -> None:
+        # Read by the event loop's thread on every item: kept, not summed there.
         self._in_flight = sum(len(r) for r, _ in self._unwritten)

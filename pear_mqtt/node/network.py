@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -22,6 +23,7 @@ from ..config.manager import NetworkConfigManager
 from ..config.models import NetworkConfig
 from ..errors import ConfigError, ConnectError, NotConnectedError, PearError, TransportError
 from ..history.log import Retention
+from ..market import feed as market_feed
 from ..market.feed import MarketFeed
 from ..market.store import MarketStore
 from ..model.insight import Health, MarketInsight, NetworkMode, NetworkStatus, as_insight
@@ -212,11 +214,13 @@ class PearNetwork:
             loop, loop_thread = asyncio.get_running_loop(), threading.get_ident()
 
             def hold(held: bool) -> None:
+                apply = functools.partial(self._receiver.hold_reading, held,
+                                          at_most=market_feed.HOLD_MAX)
                 if threading.get_ident() == loop_thread:  # at once: mid-read, the next packet
-                    self._receiver.hold_reading(held)     # already waits
+                    apply()                               # already waits
                     return
                 with contextlib.suppress(RuntimeError):  # a loop that closed meanwhile
-                    loop.call_soon_threadsafe(self._receiver.hold_reading, held)
+                    loop.call_soon_threadsafe(apply)
 
             self._market.on_hold = hold
             self._market.start()

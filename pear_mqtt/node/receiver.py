@@ -120,12 +120,12 @@ class Receiver:
         """The latest aggregate per topic (live: copy it to keep it)."""
         return self._aggregates
 
-    def hold_reading(self, held: bool) -> None:
-        """Stop (``held``) or restart reading the current connection: the market store fell
-        behind and catches up meanwhile (docs/MARKET.md)."""
+    def hold_reading(self, held: bool, *, at_most: float) -> None:
+        """Stop (``held``, for ``at_most`` seconds at most) or restart reading the current
+        connection: the market store fell behind and catches up meanwhile (docs/MARKET.md)."""
         if self._conn is not None:
             if held:
-                self._conn.pause_reading()
+                self._conn.pause_reading(at_most=at_most)
             else:
                 self._conn.resume_reading()
 

@@ -102,6 +102,7 @@ class Connection:
         self.closed = asyncio.Event()
         self._pump = SocketPump(closed=self.closed)
         self._inbox = Inbox(pause=self._pump.pause_reading, resume=self._pump.resume_reading)
+        self._pause_timer: asyncio.TimerHandle | None = None  # ends a pause_reading()
         self.close_reason: str = ""
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -360,15 +361,24 @@ class Connection:
         except Exception:  # a receiver must never die on one message
             log.exception("message handler failed on %r", msg.topic)
 
-    def pause_reading(self) -> None:
-        """Stop reading the socket until :meth:`resume_reading`, for a handler whose own
-        consumer fell behind: the broker keeps what is not read. Acknowledgements and ping
-        replies wait too, so a pause must stay shorter than the keepalive."""
-        self._pump.pause_reading()
+    def pause_reading(self, *, at_most: float) -> None:
+        """Stop reading the socket until :meth:`resume_reading`, or ``at_most`` seconds, for
+        a handler whose own consumer fell behind: the broker keeps what is not read (a
+        subscribe meanwhile waits for its acknowledgement until then).
+        Acknowledgements and ping replies wait too, hence the bound (keep it well under the
+        keepalive)."""
+        self._pump.hold_reading(True)
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+        self._pause_timer = asyncio.get_running_loop().call_later(at_most,
+                                                                  self.resume_reading)
 
     def resume_reading(self) -> None:
         """Read the socket again after :meth:`pause_reading`."""
-        self._pump.resume_reading()
+        if self._pause_timer is not None:
+            self._pause_timer.cancel()
+            self._pause_timer = None
+        self._pump.hold_reading(False)
 
     def drain_inbox(self, *, limit: int | None = None) -> list[InboundMessage]:
         """Take the messages received so far (the oldest ``limit`` of them, if given)

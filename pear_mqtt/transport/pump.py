@@ -43,6 +43,7 @@ class SocketPump:
         self._loop_thread = 0
         self.sock: Any = None
         self._reading_paused = False
+        self._held = False  # hold_reading(): only its release resumes
         self._flush_scheduled = False
         self._writer_armed = False
         self._sent_waiters: list[Callable[[], None]] = []
@@ -213,7 +214,18 @@ class SocketPump:
             self._reading_paused = True
             self._loop.remove_reader(self.sock)
 
+    def hold_reading(self, held: bool) -> None:
+        """Pause reading (``held``) until released here: unlike :meth:`pause_reading`, a
+        :meth:`resume_reading` meanwhile (the inbox draining, a subscribe) does not end it."""
+        self._held = held
+        if held:
+            self.pause_reading()
+        else:
+            self.resume_reading()
+
     def resume_reading(self) -> None:
+        if self._held:
+            return
         if self._reading_paused and self.sock is not None and self._loop is not None:
             self._reading_paused = False
             self._loop.add_reader(self.sock, self.readable)

@@ -264,3 +264,47 @@ async def test_a_store_far_behind_stops_the_node_reading_and_loses_nothing(
     assert held.insights_in < len(sent)  # the broker kept the rest while the node held
     assert after.market_dropped == 0 and after.market_backlog == 0
     assert {r.item_id for r in rows} == set(sent)
+
+
+async def test_a_hold_on_reading_ends_by_itself_while_the_writer_stays_stuck(
+        make_config: Callable[..., NetworkConfig], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, insight: Callable[..., MarketInsight],
+        take: Callable[..., Awaitable[list[Any]]], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="pear_mqtt.market.feed")
+    from pear_mqtt.market import feed as feed_module
+
+    # A connection must answer its pings: after HOLD_MAX it reads again even though the
+    # writer has not moved (every insight reaches the stream while the store is stuck).
+    monkeypatch.setattr(feed_module, "HOLD_AT", 40)
+    monkeypatch.setattr(feed_module, "RELEASE_AT", 5)
+    monkeypatch.setattr(feed_module, "HOLD_MAX", 0.5)
+    rx_config = _with_store(make_config("acme", mode=NetworkMode.PRIVATE, node="hq"),
+                            tmp_path / "rx.market.db")
+    entered, gate = threading.Event(), threading.Event()
+    async with PearNetwork(rx_config) as rx:
+        stream = rx.insights()
+        store = rx.market
+        add_rows = store.add_rows
+
+        def stuck(*args: Any, **kwargs: Any) -> int:
+            entered.set()
+            assert gate.wait(30)
+            return add_rows(*args, **kwargs)
+
+        monkeypatch.setattr(store, "add_rows", stuck)
+        async with PearNetwork(make_config("acme", mode=NetworkMode.PRIVATE)) as tx:
+            sent = await tx.broadcast_many([insight(product=f"a{i}") for i in range(20)])
+            await tx.flush(timeout=10)
+            assert await asyncio.to_thread(entered.wait, 10)
+            for r in range(10):  # an envelope each: the node reads them one after another
+                sent += await tx.broadcast_many([insight(product=f"r{r}p{i}")
+                                                 for i in range(20)])
+                await tx.flush(timeout=10)
+            got = await take(stream, len(sent))  # only a pause that ended lets these in
+        try:
+            assert {g.item_id for g in got} == set(sent)
+            assert not gate.is_set() and "the node stops reading" in caplog.text
+        finally:
+            gate.set()
+        await rx.market_settled(timeout=30)
+        assert rx.status().market_dropped == 0
