@@ -1,5 +1,5 @@
 """``pear-mqtt up``'s process records: what tells a running process from a gone or recycled one,
-and an ``up.json`` written before psutil still loads."""
+an ``up.json`` written before psutil still loads, and the free ports it hands out."""
 
 from __future__ import annotations
 
@@ -53,3 +53,12 @@ def test_state_written_before_psutil_loads(tmp_path: Path) -> None:
     assert state is not None
     assert state.brokers[0].proc == Proc(pid=4242, start_time=None, argv=["mosquitto"],
                                          log="x.log")
+
+
+def test_free_ports_handed_out_by_one_process_are_all_different() -> None:
+    from pear_mqtt.ops.up.health import free_port
+
+    # 1,500 picks from a range of 20,000 would repeat some port almost surely if picked at
+    # random alone; a start picks a dozen before any of them is bound.
+    ports = [free_port() for _ in range(1500)]
+    assert len(set(ports)) == len(ports)

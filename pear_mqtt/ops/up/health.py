@@ -80,15 +80,29 @@ def free_port() -> int:
     low = _ephemeral_low()
     for _ in range(64):
         port = random.randint(max(1024, low - 20_000), low - 1)
+        # Not one this process handed out already: its taker may not have bound it yet
+        # (one `up start` picks a dozen metrics ports before any container listens).
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((HOST, port))
             except OSError:
                 continue
-            return port
+        return _hand_out(port)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+        return _hand_out(int(s.getsockname()[1]))
+
+
+_handed_out: set[int] = set()
+
+
+def _hand_out(port: int) -> int:
+    if len(_handed_out) >= 4096:
+        _handed_out.clear()
+    _handed_out.add(port)
+    return port
 
 
 def _ephemeral_low() -> int:
