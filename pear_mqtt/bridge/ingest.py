@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from ..errors import DecryptionError, EnvelopeError, OutboxError, TopicError
 from ..model.insight import FIELD_GROUPS, SharingLevel
+from ..model.mixed import item_categories
 from ..model.topics import ParsedTopic, parse_topic
 from ..privacy.filter import Contribution, SharedInsight
 from ..security.identity import Identity
@@ -121,9 +122,10 @@ class Ingestor:
         if parsed.kind not in ("insights", "contrib"):
             drop("unexpected_topic")
             return []
-        if self._owner is not None and not self._owner(partition_key(
+        owner = self._owner
+        if owner is not None and parsed.category is not None and not owner(partition_key(
                 kind=link.kind, network=link.network, sender=parsed.company or "",
-                category=parsed.category or "")):
+                category=parsed.category)):
             self._counters.other_instances += 1
             return []
         try:
@@ -142,11 +144,28 @@ class Ingestor:
         if decoded.message.kind != "insights" or not isinstance(items, list):
             drop("unexpected_kind" if decoded.message.kind != "insights" else "malformed")
             return []
-        self._counters.items_received += len(items)
         source = f"{link.kind}/{link.network}/{signer.member}"
+        if parsed.category is not None:
+            categories = [parsed.category] * len(items)
+        elif (named := item_categories(body, len(items))) is not None:
+            # Several categories: a scaled-out instance takes its partitions' items only.
+            categories = named
+            if owner is not None:
+                mine = [owner(partition_key(kind=link.kind, network=link.network,
+                                            sender=signer.member, category=c))
+                        for c in categories]
+                if not any(mine):
+                    self._counters.other_instances += 1
+                    return []
+                items = [i for i, m in zip(items, mine, strict=True) if m]
+                categories = [c for c, m in zip(categories, mine, strict=True) if m]
+        else:
+            drop("malformed")
+            return []
+        self._counters.items_received += len(items)
         batch: list[NewContribution] = []
-        for raw in items:
-            new = self.admit(link, parsed, signer, raw, now, source)
+        for raw, category in zip(items, categories, strict=True):
+            new = self.admit(link, category, signer, raw, now, source)
             if new is not None:
                 batch.append(new)
         return batch
@@ -172,11 +191,11 @@ class Ingestor:
             return
         link.presence[(signer.member, signer.node)] = levels
 
-    def admit(self, link: InputLink, parsed: ParsedTopic, signer: Identity, raw: Any,
+    def admit(self, link: InputLink, category: str, signer: Identity, raw: Any,
               now: float, source: str) -> NewContribution | None:
-        """One item ``raw`` of a verified message from ``signer`` on ``parsed``: what to
-        count, or None (dropped and counted by reason, or ``ignored`` when it carries
-        nothing this link may aggregate)."""
+        """One item ``raw`` of ``category`` (as its message names it) of a verified message
+        from ``signer``: what to count, or None (dropped and counted by reason, or
+        ``ignored`` when it carries nothing this link may aggregate)."""
         drop = self._counters.drop
         if not isinstance(raw, dict):
             drop("malformed")
@@ -194,7 +213,7 @@ class Ingestor:
             except ValidationError:
                 drop("malformed")
                 return None
-            if shared.category != parsed.category:
+            if shared.category != category:
                 drop("mismatch")
                 return None
         elif sealed is None:
@@ -222,7 +241,7 @@ class Ingestor:
             about = shared
         elif contribution is not None:
             about = contribution
-            if about.category != parsed.category:
+            if about.category != category:
                 drop("mismatch")
                 return None
         else:  # unreachable: an item with neither part was dropped above
@@ -233,7 +252,7 @@ class Ingestor:
         if reason is not None:
             drop(reason)
             log.warning("dropped an item of %s/%s on %s: %s", signer.member, signer.node,
-                        parsed.category, reason)
+                        category, reason)
             return None
         values: dict[str, dict[str, float]] = {}
         currency: str | None = None

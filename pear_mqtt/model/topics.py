@@ -4,6 +4,7 @@ broker rules that follow from it are in :mod:`.acl`).
 ::
 
     pear/v1/private/<company>/insights/<category path>             live insights
+    pear/v1/private/<company>/insights/$mixed                      live, several categories
     pear/v1/private/<company>/state/<node>/<category path>         retained latest state
     pear/v1/private/<company>/nodes/<node>                         retained presence (+ will)
     pear/v1/private/<company>/nodes/<node>/sync                    sync end-of-burst marker
@@ -17,6 +18,7 @@ broker rules that follow from it are in :mod:`.acl`).
                                                                    scale-out, bridges only
     pear/v1/public/<network>/aggregates/<category path>            retained, bridge only
     pear/v1/public/<network>/contrib/<participant>/<category path> bridge reads only
+    pear/v1/public/<network>/contrib/<participant>/$mixed          (several categories)
     pear/v1/public/<network>/nodes/<participant>[/sync]
     pear/v1/public/<network>/nodes/<identity>/log/{head,req,reply}   the bridge's history log
     pear/v1/public/<network>/state/bridge/<name>                   bridge ledger (retained)
@@ -27,7 +29,9 @@ broker rules that follow from it are in :mod:`.acl`).
 anonymises; ``aggregates`` and ``state`` are reserved (the bridge's consortium aggregates
 and their receipts use those levels), so no member may be named so. The state topic carries
 the node so that every store of a company keeps its own retained state; DESIGN.md's
-``state/<category path>`` would let stores overwrite each other.
+``state/<category path>`` would let stores overwrite each other. ``$mixed`` (a level no
+category can have: levels never start with ``$``) carries one envelope of small batches of
+several categories, each item's category named in its body (docs/DESIGN.md, Batching).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ __all__ = [
     "CONSORTIUM_RESERVED",
     "MAX_CATEGORY_DEPTH",
     "MAX_IDENTIFIER_LENGTH",
+    "MIXED",
     "MODES",
     "PREFIX",
     "ParsedTopic",
@@ -59,6 +64,9 @@ __all__ = [
 PREFIX = "pear/v1"
 MAX_IDENTIFIER_LENGTH = 64
 MAX_CATEGORY_DEPTH = 8
+
+MIXED = "$mixed"
+"""The last level of a live topic whose envelope holds insights of several categories."""
 
 MODES = ("private", "consortium", "public")
 """The network modes a topic can be under."""
@@ -152,7 +160,8 @@ def validate_category(value: object, *, what: str = "category") -> str:
 
 @dataclass(frozen=True, slots=True)
 class ParsedTopic:
-    """What a pear_mqtt topic says. ``company`` is None on public topics."""
+    """What a pear_mqtt topic says. ``company`` is None on public topics; ``category`` is
+    None on a live topic of several categories (:data:`MIXED`)."""
 
     mode: str
     network: str | None
@@ -210,6 +219,12 @@ class TopicScheme:
         if self.mode == "public":
             return f"{self.member_root}/{category}"
         return f"{self.member_root}/insights/{category}"
+
+    def mixed_insights(self) -> str:
+        """Live insights of this member, of several categories in one envelope."""
+        if self.mode == "public":
+            return f"{self.member_root}/{MIXED}"
+        return f"{self.member_root}/insights/{MIXED}"
 
     def state(self, node: str, category: str) -> str:
         """Retained latest state of ``node`` for ``category``."""
@@ -458,6 +473,8 @@ def parse_topic(topic: str) -> ParsedTopic:
         if network is not None:
             validate_identifier(network, what="network")
         kind = rest[0]
+        if kind == "insights" and rest[1:] == [MIXED]:
+            return ParsedTopic(mode, network, company, "insights")
         if kind == "insights" and len(rest) >= 2:
             return ParsedTopic(mode, network, company, "insights",
                                category=validate_category("/".join(rest[1:])))
@@ -506,6 +523,8 @@ def _parse_public(topic: str, parts: list[str]) -> ParsedTopic:
                                category=validate_category("/".join(rest)))
         if kind == "contrib" and len(rest) >= 2:
             participant = validate_identifier(rest[0], what="participant")
+            if rest[1:] == [MIXED]:
+                return ParsedTopic("public", network, participant, "contrib")
             return ParsedTopic("public", network, participant, "contrib",
                                category=validate_category("/".join(rest[1:])))
         if kind == "nodes" and len(rest) == 3 and rest[1] == "log" and rest[2] in _LOG_LEAVES:

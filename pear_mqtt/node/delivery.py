@@ -8,10 +8,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 
 from ..config.models import NetworkConfig
 from ..errors import OutboxError, OversizedMessage, PublishRefused, TransportError
+from ..model.mixed import mixed_body
+from ..model.topics import MIXED
 from ..security.envelope import EnvelopeCodec
 from ..transport import Connection
 from .counters import Counters
@@ -21,9 +23,14 @@ from .outbox import Outbox, OutboxItem
 from .suspects import Suspects
 from .window import Window
 
-__all__ = ["Delivery", "batches"]
+__all__ = ["MIX_BELOW", "Delivery", "batches"]
 
 log = logging.getLogger(__name__)
+
+MIX_BELOW = 4
+"""A round's live batches of fewer items than this go together in envelopes of several
+categories (when there are two or more of them): each envelope costs a signature, a
+publish and a PUBACK, which a handful of items do not share enough."""
 
 
 class Delivery:
@@ -42,6 +49,7 @@ class Delivery:
         self._counters = counters
         self._keep_state, self._share, self._settled = keep_state, share, settled
         self._codec: EnvelopeCodec | None = None
+        self._mixed_topic = ""  # this member's topic of several categories
         self._history: NodeLog | None = None
         self._outbox: Outbox | MemoryOutbox | None = None
         self._inflight_ids: set[int] = set()
@@ -53,8 +61,14 @@ class Delivery:
         """Smoothed PUBACK round trip in ms (None before the first)."""
 
     def attach(self, *, codec: EnvelopeCodec, outbox: Outbox | MemoryOutbox,
-               history: NodeLog | None) -> None:
+               history: NodeLog | None, mixed_topic: str) -> None:
         self._codec, self._outbox, self._history = codec, outbox, history
+        self._mixed_topic = mixed_topic
+
+    @property
+    def category_prefix(self) -> str:
+        """What a live row's topic starts with before its category (see :func:`batches`)."""
+        return self._mixed_topic[:-len(MIXED)]
 
     def detach(self) -> None:
         """Record the acknowledgements still pending, then forget the outbox (its owner
@@ -82,16 +96,16 @@ class Delivery:
             batch = await self._send_suspects(conn, window, batch)
             if not batch:
                 return not conn.closed.is_set()
-        for payload, ids in self._encode(batch):
-            rows = [(batch[0], ids)]
+        for topic, payload, ids in self._encode(batch):
+            rows = [(topic, batch[0], ids)]
             state = shared.get(ids[0]) if shared and len(ids) == 1 else None
             if state is not None and self._share(state):
                 self._keep_state(state.topic, state.payload)
-                rows.append((state, [state.id]))
-            for first, row_ids in rows:
+                rows.append((state.topic, state, [state.id]))
+            for row_topic, first, row_ids in rows:
                 await window.acquire(len(payload))
                 try:
-                    self._publish(conn, first, payload, row_ids, window)
+                    self._publish(conn, row_topic, first, payload, row_ids, window)
                 except TransportError as exc:  # includes NotConnectedError
                     window.release(len(payload))
                     log.info("publish stopped: %s", exc)
@@ -109,10 +123,10 @@ class Delivery:
             elif not self._suspects.alone(row.id):
                 rest.append(row)
             else:
-                for payload, ids in self._encode([row]):
+                for topic, payload, ids in self._encode([row]):
                     await window.acquire(len(payload))
                     try:
-                        sent = self._publish(conn, row, payload, ids, window)
+                        sent = self._publish(conn, topic, row, payload, ids, window)
                     except TransportError:
                         window.release(len(payload))
                         return []
@@ -121,9 +135,12 @@ class Delivery:
                         return []
         return rest
 
-    def _encode(self, batch: list[OutboxItem]) -> list[tuple[bytes, list[int]]]:
-        """Sign ``batch`` as one envelope, or as several when it is over the size limit."""
+    def _encode(self, batch: list[OutboxItem]) -> list[tuple[str, bytes, list[int]]]:
+        """Sign ``batch`` as one envelope, or as several when it is over the size limit:
+        (topic, envelope, row ids) each. A batch of several topics (see :func:`batches`) goes
+        on the topic of several categories."""
         assert self._codec is not None
+        topic = batch[0].topic
         try:
             # Rows hold each item's JSON as the outbox stored it: join, don't re-serialise.
             # The live stream is the log; a retained state repeats one of its items.
@@ -132,13 +149,17 @@ class Delivery:
             if batch[0].kind == "state":
                 payload = self._codec.encode_json(kind="state", body_json=batch[-1].payload)
                 self._keep_state(batch[-1].topic, batch[-1].payload)
+            elif batch[-1].topic != topic:
+                topic = self._mixed_topic
+                payload = self._codec.encode_json(
+                    kind="insights", body_json=mixed_body(self._runs(batch)), log_ref=ref)
             else:
                 payload = self._codec.encode_json(
                     kind="insights",
                     body_json=b'{"items":[' + b",".join(r.payload for r in batch) + b"]}",
                     log_ref=ref)
             if history is not None:
-                history.append(batch[0].topic, payload)
+                history.append(topic, payload)
         except OversizedMessage:
             if len(batch) == 1:
                 # One insight larger than the envelope limit can never be sent.
@@ -147,11 +168,23 @@ class Delivery:
                 return []
             half = len(batch) // 2
             return self._encode(batch[:half]) + self._encode(batch[half:])
-        return [(payload, [r.id for r in batch])]
+        return [(topic, payload, [r.id for r in batch])]
 
-    def _publish(self, conn: Connection, first: OutboxItem, payload: bytes, ids: list[int],
-                 window: Window) -> asyncio.Future[None]:
-        fut = conn.publish(first.topic, payload, qos=self._qos, retain=first.retain,
+    def _runs(self, batch: list[OutboxItem]) -> list[tuple[str, list[bytes]]]:
+        """A mixed batch's rows as runs of one category each (their topics' last levels)."""
+        skip = len(self.category_prefix)
+        runs: list[tuple[str, list[bytes]]] = []
+        last = ""
+        for row in batch:
+            if row.topic != last:
+                last = row.topic
+                runs.append((last[skip:], []))
+            runs[-1][1].append(row.payload)
+        return runs
+
+    def _publish(self, conn: Connection, topic: str, first: OutboxItem, payload: bytes,
+                 ids: list[int], window: Window) -> asyncio.Future[None]:
+        fut = conn.publish(topic, payload, qos=self._qos, retain=first.retain,
                            expiry=self._expiry if first.retain else None)
         self._inflight_ids.update(ids)
         self._counters.messages_out += 1
@@ -165,7 +198,7 @@ class Delivery:
             self._inflight_ids.difference_update(ids)
             exc = None if f.cancelled() else f.exception()
             if isinstance(exc, PublishRefused):
-                self._dead_letter(first.topic, exc.reason, ids)
+                self._dead_letter(topic, exc.reason, ids)
                 return
             if f.cancelled() or exc is not None:
                 # The connection went with it unacknowledged: the rows stay in the outbox
@@ -235,13 +268,19 @@ async def _settled_or_closed(sent: asyncio.Future[None], conn: Connection) -> No
             task.cancel()
 
 
-def batches(rows: list[OutboxItem], limit: int) -> Iterator[list[OutboxItem]]:
+def batches(rows: list[OutboxItem], limit: int, *, prefix: str = "",
+            alone: Container[int] = ()) -> Iterator[list[OutboxItem]]:
     """Group a page of rows by (topic, kind), in order, at most ``limit`` per batch.
 
     Order is kept per topic, which is all MQTT promises anyway. A state row is its own batch:
     each retained state is one message. Live insights go first and states after them: a
     reader waits for the insight, while the retained state only has to be there eventually
     (signing it first would add its cost to every insight's latency).
+
+    With a ``prefix`` (what a live topic holds before its category), groups of fewer than
+    :data:`MIX_BELOW` rows of one kind are joined into batches of several topics, one
+    group after another, when there are two or more of them; a row in ``alone`` (its
+    envelope is to serve as its retained state too) is never joined.
     """
     groups: dict[tuple[str, str], list[OutboxItem]] = {}
     states: list[OutboxItem] = []
@@ -255,8 +294,25 @@ def batches(rows: list[OutboxItem], limit: int) -> Iterator[list[OutboxItem]]:
         if len(batch) >= limit:
             yield batch
             groups[key] = []
-    for batch in groups.values():
-        if batch:
+    small: dict[str, list[list[OutboxItem]]] = {}
+    for (topic, kind), batch in groups.items():
+        if not batch:
+            continue
+        if (prefix and len(batch) < MIX_BELOW and topic.startswith(prefix)
+                and not (len(batch) == 1 and batch[0].id in alone)):
+            small.setdefault(kind, []).append(batch)
+        else:
             yield batch
+    for few in small.values():
+        if len(few) == 1:
+            yield few[0]
+            continue
+        mixed: list[OutboxItem] = []
+        for batch in few:
+            if mixed and len(mixed) + len(batch) > limit:
+                yield mixed
+                mixed = []
+            mixed.extend(batch)
+        yield mixed
     for row in states:
         yield [row]

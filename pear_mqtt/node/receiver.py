@@ -19,7 +19,8 @@ from ..config.models import NetworkConfig
 from ..errors import EnvelopeError, TopicError, TransportError
 from ..history.frame import split
 from ..model.aggregates import AggregateBody
-from ..model.topics import ParsedTopic, parse_topic
+from ..model.mixed import item_categories
+from ..model.topics import MIXED, ParsedTopic, parse_topic
 from ..privacy.filter import SharedInsight
 from ..security.envelope import Decoded, EnvelopeCodec
 from ..security.identity import Identity
@@ -227,9 +228,20 @@ class Receiver:
             if not msg.retain and not repaired:
                 self._counters.delivery_latency.observe(now - decoded.message.timestamp)
             seq, ref = decoded.message.sequence, decoded.message.log_ref
-            for raw in items:
-                self._deliver(raw, msg.topic, msg.retain, signer, dedup=True, now=now,
-                              sequence=seq, log_ref=ref)
+            if parsed.category is not None:
+                for raw in items:
+                    self._deliver(raw, msg.topic, msg.retain, signer, dedup=True, now=now,
+                                  sequence=seq, log_ref=ref, category=parsed.category)
+                return
+            # Several categories: each item is delivered as if on its own category's topic.
+            categories = item_categories(body, len(items))
+            if categories is None:
+                self._counters.dropped["malformed"] += 1
+                return
+            prefix = msg.topic[:-len(MIXED)]
+            for raw, category in zip(items, categories, strict=True):
+                self._deliver(raw, prefix + category, msg.retain, signer, dedup=True,
+                              now=now, sequence=seq, log_ref=ref, category=category)
         elif kind == "aggregate" and parsed.kind == "aggregates":
             self._deliver_aggregate(body, msg, parsed, signer)
         elif kind == "receipt" and parsed.kind == "bridge_receipt":
@@ -375,7 +387,10 @@ class Receiver:
 
     def _deliver(self, raw: Any, topic: str, retained: bool, signer: Identity, *,
                  dedup: bool, now: float | None = None, sequence: int = 0,
-                 log_ref: str | None = None) -> ReceivedInsight | None:
+                 log_ref: str | None = None,
+                 category: str | None = None) -> ReceivedInsight | None:
+        """Validate and hand on one item; ``category``: the one its message names for it
+        (an item of another is dropped as a ``mismatch``)."""
         if not isinstance(raw, dict) or not isinstance(raw.get("iid"), str):
             self._counters.dropped["malformed"] += 1
             return None
@@ -396,6 +411,9 @@ class Receiver:
             shared = _validate_shared(body)
         except ValidationError:
             self._counters.dropped["malformed"] += 1
+            return None
+        if category is not None and shared.category != category:
+            self._counters.dropped["mismatch"] += 1
             return None
         received = ReceivedInsight(item_id=iid, topic=topic, member=signer.member,
                                    node=signer.node, insight=shared, retained=retained,

@@ -123,7 +123,8 @@ class Sender:
         """What ``connect()`` opened: sign with ``codec``, seal aggregated groups with
         ``sealer``, send from ``outbox``, and log every envelope in ``history``."""
         self._outbox, self._history = outbox, history
-        self._delivery.attach(codec=codec, outbox=outbox, history=history)
+        self._delivery.attach(codec=codec, outbox=outbox, history=history,
+                              mixed_topic=topics.mixed_insights())
         self._producer.attach(topics=topics, sealer=sealer, item_ids=ItemIds(codec.signer),
                               outbox=outbox)
         self._pages.attach(codec=codec, topics=topics, markers=markers)
@@ -336,7 +337,8 @@ class Sender:
                     # A newer state of the same category replaces the held one in the outbox
                     # too, so only the newest is ever signed and sent.
                     self._held.hold(row)
-                for batch in batches(live, rel.batch_max_items):
+                for batch in batches(live, rel.batch_max_items,
+                                     prefix=self._delivery.category_prefix, alone=shared):
                     if not await self._send_batch(conn, window, batch, shared=shared):
                         return
                 # Mid-stream, what is overdue goes a little per round (about a third of a

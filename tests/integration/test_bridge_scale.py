@@ -191,6 +191,34 @@ async def test_scale_out_publishes_exactly_what_one_bridge_publishes(net: Net) -
     _assert_same_aggregates(net, windows=2)
 
 
+async def test_scale_out_takes_its_share_of_envelopes_of_several_categories(net: Net) -> None:
+    """Each node sends its few insights of each of four categories in envelopes of several
+    categories (docs/DESIGN.md, Batching): each instance counts its partitions' items of
+    them, and the merger publishes what the single bridge does."""
+    run = uuid.uuid4().hex[:8]
+    categories = [f"mix/{run}/c{i}" for i in range(4)]
+    groups = companies_by_instance(net, categories[0], instances=INSTANCES, each=5)
+    inputs = [i for c in categories for i in _inputs(groups, c)]
+    clock = Clock()
+    mixed = f"pear/v1/consortium/{net.pki.network}/+/insights/$mixed"
+    async with _side_by_side(net, run, clock) as side:
+        with probe(net.consortium, subscribe=[mixed]) as spy:
+            await publish(net, inputs, many=True)
+            marker = f"pear/v1/consortium/{net.pki.network}/spy/{uuid.uuid4().hex}"
+            spy.subscribe(marker)
+            with probe(net.consortium) as p:
+                p.publish(marker, b"marker")
+            _, seen = spy.expect(marker, timeout=WAIT)
+        # (every node flushed: its envelopes came before the marker)
+        assert any(m.topic.endswith("/insights/$mixed") for m in seen)
+        await _counted_shares(net, inputs, side)
+        await _close_all(clock, side, windows=2)
+        status = side.merger.status()
+        assert status.items_counted == len(inputs) and status.partials_missing == {}
+        assert status.dropped == {} and side.single.status().dropped == {}
+    _assert_same_aggregates(net, windows=2 * len(categories))
+
+
 async def test_a_killed_worker_and_merger_lose_nothing(net: Net) -> None:
     run = uuid.uuid4().hex[:8]
     category = f"crash/{run}"

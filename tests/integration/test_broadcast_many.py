@@ -10,6 +10,7 @@ from brokers import free_port
 
 from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.model.insight import MarketInsight
+from pear_mqtt.model.topics import TopicScheme
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.node.sync import SyncPearNetwork
 
@@ -35,6 +36,29 @@ async def test_a_batch_is_delivered_whole_with_the_ids_single_broadcasts_give(
     assert {g.item_id for g in got} == set(ids)
     states = {s.insight.category for s in (await _sync(make_config("initech")))}
     assert states == {f"grocery/c{i}" for i in range(7)}
+
+
+async def test_states_of_many_categories_share_envelopes(
+        make_config: Callable[..., NetworkConfig],
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
+    """A producer's loop over a state per category (a chain's nightly price state): the
+    few insights of each category go together in envelopes of several categories, and each
+    arrives as if on its own category's topic."""
+    n = 600
+    states = [insight(price=1.0 + i, category=f"sku/p{i:04d}") for i in range(n)]
+    async with PearNetwork(make_config("globex")) as rx:
+        stream = rx.insights()
+        before = rx.status().messages_in
+        async with PearNetwork(make_config("acme")) as tx:
+            for state in states:
+                await tx.broadcast_market_insight(state)
+            got = await take(stream, n, timeout=30)
+            await tx.flush(timeout=10)
+        envelopes = rx.status().messages_in - before
+    scheme = TopicScheme(mode="consortium", network="testnet", member="acme")
+    assert {(g.insight.category, g.topic) for g in got} == {
+        (s.category, scheme.insights(s.category)) for s in states}
+    assert envelopes < n // 4, envelopes
 
 
 async def _sync(config: NetworkConfig) -> list[Any]:

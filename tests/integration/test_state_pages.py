@@ -46,12 +46,13 @@ async def test_states_reach_late_joiners_with_or_without_per_category_topics(
         status = tx.status()
     assert status.outbox_depth == 0 and not status.dropped
     if not state_topics:
-        # n live envelopes (one category each) and a page per page change at most (each of
-        # the n categories changes its page once; on a slow run each change may go out on its
-        # own). With state_topics there would also be n state messages: 2n plus ~140 pages.
-        assert n <= status.messages_out < 2 * n + 64, status.messages_out
+        # At most n live envelopes (one category each, or several categories together while
+        # the loop outruns the sender) and a page per page change at most (each of the n
+        # categories changes its page once; on a slow run each change may go out on its own).
+        # With state_topics there are also n state messages and ~140 pages.
+        assert status.messages_out < 2 * n + 64, status.messages_out
     else:
-        assert status.messages_out >= 2 * n + 64, status.messages_out
+        assert status.messages_out >= n + 64, status.messages_out
     acme = TopicScheme(mode="consortium", network=pki.network, member="acme")
     states = await asyncio.to_thread(_retained, mosquitto, pki, acme.node_state_filter("store-1"))
     assert len(states) == (n if state_topics else 0)

@@ -163,8 +163,9 @@ class Input:
 
 async def publish(net: Net, inputs: Sequence[Input], *,
                   mode: NetworkMode = NetworkMode.CONSORTIUM,
-                  levels: dict[str, SharingLevel] | None = None) -> None:
-    """Each (company, store) as its own node, as in production."""
+                  levels: dict[str, SharingLevel] | None = None, many: bool = False) -> None:
+    """Each (company, store) as its own node, as in production; ``many``: each node's
+    insights in one ``broadcast_many``."""
     by_node: dict[tuple[str, str], list[MarketInsight]] = {}
     for i in inputs:
         by_node.setdefault((i.company, i.store), []).append(i.insight)
@@ -172,7 +173,9 @@ async def publish(net: Net, inputs: Sequence[Input], *,
     async def one(company: str, store: str, items: list[MarketInsight]) -> None:
         async with PearNetwork(net.node_config(net.member(company), node=store,
                                                mode=mode, levels=levels)) as node:
-            for it in items:
+            if many:
+                await node.broadcast_many(items)
+            for it in items if not many else ():
                 await node.broadcast_market_insight(it)
             await node.flush(timeout=WAIT)
 

@@ -1,10 +1,11 @@
 """node/delivery.py against an in-memory connection, codec and outbox: rows leave the outbox
 on PUBACK, refused rows are dead-lettered, oversized batches are split, and a page of rows is
-grouped into batches per topic with states last."""
+grouped into batches per topic with states last, small ones of several topics together."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.errors import NotConnectedError, OversizedMessage, PublishRefused
 from pear_mqtt.model.insight import NetworkMode
+from pear_mqtt.model.mixed import item_categories
 from pear_mqtt.node.counters import Counters
 from pear_mqtt.node.delivery import Delivery, batches
 from pear_mqtt.node.outbox import OutboxItem
@@ -85,7 +87,7 @@ def _delivery(codec: _Codec, outbox: _Outbox, counters: Counters,
     delivery = Delivery(config=config, counters=counters, keep_state=lambda _t, _j: None,
                         share=lambda _s: False, settled=lambda: settled.append(1))
     delivery.attach(codec=codec, outbox=outbox,  # type: ignore[arg-type]
-                    history=None)
+                    history=None, mixed_topic="m/$mixed")
     return delivery
 
 
@@ -168,3 +170,43 @@ def test_rows_are_batched_per_topic_in_order_with_states_last() -> None:
     got = [[r.id for r in batch] for batch in batches(rows, limit=2)]
     assert got == [[1, 4], [5], [3], [2], [6]]
 
+
+
+def test_small_batches_of_several_topics_go_together_and_large_ones_alone() -> None:
+    rows = ([_row(1, "m/a"), _row(2, "m/b"), _row(3, "m/a")]
+            + [_row(10 + i, "m/big") for i in range(5)]
+            + [_row(20, "m/c"), _row(21, "m/s", kind="state"), _row(22, "x/other")])
+    got = [[r.id for r in batch] for batch in batches(rows, limit=256, prefix="m/")]
+    # The groups of m/a, m/b and m/c go in one batch, each group whole and in order; m/big
+    # is large enough for its own envelope; x/other is not under the prefix; states last.
+    assert got == [[10, 11, 12, 13, 14], [22], [1, 3, 2, 20], [21]]
+    # A mixed batch keeps to the limit without splitting a group.
+    got = [[r.id for r in batch] for batch in batches(rows[:3] + [rows[8]], limit=3,
+                                                     prefix="m/")]
+    assert got == [[1, 3, 2], [20]]
+    # One small group alone, or a row whose envelope is to be its retained state too, stays
+    # on its own topic.
+    assert [[r.id for r in b] for b in batches(rows[:1], limit=256, prefix="m/")] == [[1]]
+    assert [[r.id for r in b] for b in batches(rows[:2], limit=256, prefix="m/",
+                                               alone={2})] == [[2], [1]]
+
+
+async def test_a_mixed_batch_goes_on_the_mixed_topic_naming_each_items_category() -> None:
+    codec, outbox, counters = _Codec(), _Outbox(), Counters()
+    delivery = _delivery(codec, outbox, counters, [])
+    conn, window = _Conn(), Window(count=8, nbytes=1 << 20)
+    batch = [_row(1, "m/a", payload=b'{"i":1}'), _row(2, "m/a", payload=b'{"i":2}'),
+             _row(3, "m/b/c", payload=b'{"i":3}')]
+    assert await delivery.send_batch(conn, window, batch)  # type: ignore[arg-type]
+    await outbox.holding(3)
+    assert [t for t, _p, _r in conn.published] == ["m/$mixed"]
+    assert json.loads(codec.bodies[0]) == {"items": [{"i": 1}, {"i": 2}, {"i": 3}],
+                                           "categories": [["a", 2], ["b/c", 1]]}
+    assert item_categories(json.loads(codec.bodies[0]), 3) == ["a", "a", "b/c"]
+
+
+@pytest.mark.parametrize("categories", [
+    None, "a", [["a", 1]], [["a", 2], ["b", 2]], [["a", 0], ["b", 3]], [["a", "3"]],
+    [["a", True], ["b", 2]], [["$bad", 3]], [["a", 1, 2], ["b", 2]], [["a", -1], ["b", 4]]])
+def test_a_body_that_does_not_name_each_items_category_is_refused(categories: object) -> None:
+    assert item_categories({"items": [1, 2, 3], "categories": categories}, 3) is None

@@ -79,7 +79,7 @@ SEED = 20261107
 WAIT = 60.0
 KNOWN_REASONS = {"malformed", "oversized", "unsupported_version", "bad_signature",
                  "unknown_key", "decryption_failed", "replayed", "stale", "identity_mismatch",
-                 "bad_topic", "unexpected_kind"}
+                 "bad_topic", "unexpected_kind", "mismatch"}
 
 
 def market_insight(i: int, category: str = "grocery/dairy") -> MarketInsight:
@@ -469,6 +469,59 @@ async def test_silently_ignored_messages_are_counted(
            refused=sum(delta.values()), notes=f"{sum(delta.values())} of 2 counted")
     assert sum(delta.values()) == 2, delta
     assert delta["malformed"] == 1 and delta["identity_mismatch"] == 1, delta
+
+
+async def test_items_whose_category_their_message_misstates_are_refused(
+        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
+        pki: NetworkPKI, aggregator: tuple[Path, SealOpener]) -> None:
+    """A member's validly signed envelopes that misstate an item's category, on its own
+    category topic or on its topic of several categories, or that do not name each item's
+    category there: the items described truly arrive, each false one is counted."""
+    member = "mallory"
+    scheme = TopicScheme(mode="consortium", network=pki.network, member=member)
+    mallory = codec_for(pki.node(member), pki.ca, keys={"k1": GROUP_KEY}, active="k1")
+    sealer = Sealer(load_x25519_public_key(aggregator[0]))
+    cfg = make_config(member)
+
+    def item(i: int, category: str) -> dict[str, Any]:
+        return item_of(cfg, market_insight(i, category), sealer, iid=f"item-{i}")
+
+    async with PearNetwork(make_config("globex")) as rx:
+        watch = Watch("nobody")
+        rx.on_insight(watch)
+        topics: dict[str, str] = {}
+        rx.on_insight(lambda r: topics.__setitem__(r.item_id, r.topic))
+        before = drops(rx)
+        sent = [
+            # the second item is bakery, said to be dairy
+            (scheme.mixed_insights(), {"items": [item(1, "grocery/dairy"),
+                                                 item(2, "grocery/bakery")],
+                                       "categories": [["grocery/dairy", 2]]}),
+            # bakery on the dairy topic
+            (scheme.insights("grocery/dairy"), {"items": [item(3, "grocery/bakery")]}),
+            # categories that do not add up, or none at all: the whole message is refused
+            (scheme.mixed_insights(), {"items": [item(4, "grocery/dairy")],
+                                       "categories": [["grocery/dairy", 2]]}),
+            (scheme.mixed_insights(), {"items": [item(5, "grocery/dairy")]}),
+            # told truly, in two runs
+            (scheme.mixed_insights(), {"items": [item(6, "grocery/dairy"),
+                                                 item(7, "grocery/bakery/bread")],
+                                       "categories": [["grocery/dairy", 1],
+                                                      ["grocery/bakery/bread", 1]]}),
+        ]
+        with probe(mosquitto, pki.node(member)) as evil:
+            for topic, body in sent:
+                rc = evil.publish(topic, mallory.encode(kind="insights", body=body))
+                assert rc is not None and not rc.is_failure
+            await watch.until(lambda: {"item-6", "item-7"} <= set(watch.legit), WAIT,
+                              "the truly described items")
+        delta = drops(rx) - before
+    assert set(watch.legit) == {"item-1", "item-6", "item-7"}, watch.legit
+    # Each is delivered as if on its own category's topic.
+    assert topics == {"item-1": scheme.insights("grocery/dairy"),
+                      "item-6": scheme.insights("grocery/dairy"),
+                      "item-7": scheme.insights("grocery/bakery/bread")}, topics
+    assert delta == Counter({"mismatch": 2, "malformed": 2}), delta
 
 
 async def test_memory_stays_bounded_under_a_flood_of_large_messages(
