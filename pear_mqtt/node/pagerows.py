@@ -11,7 +11,10 @@ from .pageparts import PageLayout
 
 __all__ = ["PagePart", "PageRows", "Rows", "is_due"]
 
-_PAGE_MIN_GROWTH = 16 * 1024  # changed bytes that justify a refresh mid-stream
+_PAGE_MIN_GROWTH = 32 * 1024  # changed bytes that justify a refresh mid-stream
+# ... and their multiple of the part's last size: each refresh re-signs the whole part, so a
+# part refreshed when it doubled costs twice its final size in signing; at 3x, 1.33x.
+_PAGE_GROWTH = 3
 
 Rows = dict[int, tuple[int, str]]
 """Outbox rows waiting for a part: row id -> (its item's bytes, its state topic)."""
@@ -33,9 +36,9 @@ class PagePart:
 
 
 def is_due(p: PagePart) -> bool:
-    """Whether a part is worth sending mid-stream: the bytes changed in it reached its last
-    size, or it keeps the most outbox rows waiting (:meth:`PageRows.relieve`)."""
-    return p.urgent or p.changed >= max(p.sent, _PAGE_MIN_GROWTH)
+    """Whether a part is worth sending mid-stream: the bytes changed in it reached three
+    times its last size, or it keeps the most outbox rows waiting (:meth:`PageRows.relieve`)."""
+    return p.urgent or p.changed >= max(_PAGE_GROWTH * p.sent, _PAGE_MIN_GROWTH)
 
 
 class PageRows:

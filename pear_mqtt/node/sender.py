@@ -99,6 +99,7 @@ class Sender:
         self._send_cursor = 0
         self._yielded_at = self._broadcast_at = time.monotonic()
         self._back_to_back = 0  # broadcasts that started right after the previous one returned
+        self._back_to_back_at = 0.0  # when the last of them started
         self._held = HeldStates()  # state rows held back while a burst lasts
         # Without per-category state topics a state row is done once a page carries it.
         self._state_topics = config.reliability.state_topics
@@ -192,8 +193,10 @@ class Sender:
         """Filter ``insight``, store it (and its state) in the outbox; returns its item id
         (see :meth:`Producer.prepare`: the same observation broadcast again keeps its id)."""
         self._require_attached()
-        if time.monotonic() - self._broadcast_at < _BACK_TO_BACK:
+        now = time.monotonic()
+        if now - self._broadcast_at < _BACK_TO_BACK:
             self._back_to_back += 1  # the caller produces insights as fast as it can
+            self._back_to_back_at = now
         item_id, item = self._producer.prepare(insight)
         if item is not None:
             await self._room_for_states()
@@ -212,6 +215,7 @@ class Sender:
         if items:
             # A batch is a backlog by definition: the flusher may linger and batch it.
             self._back_to_back += len(items)
+            self._back_to_back_at = time.monotonic()
             await self._room_for_states()
             self._producer.store(items)
         await self._broadcasted(len(items), ids[-1] if ids else "")
@@ -286,18 +290,24 @@ class Sender:
                                             after_id=self._send_cursor)
                 if not rows:
                     ended = True  # the burst is over: held states and pages may all go
-                    if self._held and not self._pages.forced:
-                        now = time.monotonic()
-                        quiet = now - self._broadcast_at
-                        if quiet < STATE_QUIET:
-                            if self._held.held_for(now) < STATE_MAX_DEFER:
-                                # Insights are still coming: hold the states a little longer.
-                                self._wake_later(STATE_QUIET - quiet)
-                                break
-                            # Overdue while insights still come: small slices with the loop
-                            # handed over between them, so a paced stream's next insight
-                            # never waits behind milliseconds of signing.
-                            ended = False
+                    now = time.monotonic()
+                    quiet = now - self._broadcast_at
+                    if (not self._held and not self._pages.forced
+                            and now - self._back_to_back_at < STATE_QUIET):
+                        # Caught up with a caller still working through a backlog: not the
+                        # end of it. Pages go when due (each refresh re-signs a whole page)
+                        # and all of them once the caller pauses or flushes.
+                        ended = False
+                        self._wake_later(self._back_to_back_at + STATE_QUIET - now)
+                    if self._held and not self._pages.forced and quiet < STATE_QUIET:
+                        if self._held.held_for(now) < STATE_MAX_DEFER:
+                            # Insights are still coming: hold the states a little longer.
+                            self._wake_later(STATE_QUIET - quiet)
+                            break
+                        # Overdue while insights still come: small slices with the loop
+                        # handed over between them, so a paced stream's next insight
+                        # never waits behind milliseconds of signing.
+                        ended = False
                     if not (await self.send_states(
                                 conn, window,
                                 limit=_BURST_END_BATCH if ended else BACKGROUND_PER_ROUND,

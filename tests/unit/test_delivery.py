@@ -181,7 +181,7 @@ def test_small_batches_of_several_topics_go_together_and_large_ones_alone() -> N
     # is large enough for its own envelope; x/other is not under the prefix; states last.
     assert got == [[10, 11, 12, 13, 14], [22], [1, 3, 2, 20], [21]]
     # A mixed batch keeps to the limit without splitting a group.
-    got = [[r.id for r in batch] for batch in batches(rows[:3] + [rows[8]], limit=3,
+    got = [[r.id for r in batch] for batch in batches([*rows[:3], rows[8]], limit=3,
                                                      prefix="m/")]
     assert got == [[1, 3, 2], [20]]
     # One small group alone, or a row whose envelope is to be its retained state too, stays
