@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Refreshes are paced so that they cost about as much as the state traffic itself, whatever
 # the update pattern: while states stream, a part is re-sent once the bytes changed in it
-# reach its size (so it at most doubles each time); when a burst ends, the changed pages go
+# reach three times its size (pagerows.is_due); when a burst ends, the changed pages go
 # out as a byte budget allows (the state bytes sent plus a trickle); flush() and
 # disconnect() send whatever is pending at once.
 _PAGE_BUDGET_TRICKLE = 64 * 1024  # page bytes per second allowed on top of the state bytes

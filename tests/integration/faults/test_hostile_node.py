@@ -522,6 +522,10 @@ async def test_items_whose_category_their_message_misstates_are_refused(
                       "item-6": scheme.insights("grocery/dairy"),
                       "item-7": scheme.insights("grocery/bakery/bread")}, topics
     assert delta == Counter({"mismatch": 2, "malformed": 2}), delta
+    record("node: items whose message misstates their category", group="hostile", sent=7,
+           delivered=len(watch.legit), lost=0, refused=sum(delta.values()),
+           notes="an item of another category than its topic's or its run's: mismatch; a "
+                 "several-category body not naming each item's: malformed")
 
 
 async def test_memory_stays_bounded_under_a_flood_of_large_messages(
