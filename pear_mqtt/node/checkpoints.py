@@ -331,7 +331,8 @@ class CheckpointPages:
         old = entries.get(topic)
         n = len(entry) + 1
         self._cutter.learn()
-        if n > self._cutter.cap and not self._cutter.may_fit(n):
+        cap = self._cutter.cap
+        if n > cap and not self._cutter.may_fit(n):
             layout.drop(topic, 0 if old is None else len(old) + 1)
             self._leave_out(page, topic)
             if row is not None:
@@ -342,7 +343,7 @@ class CheckpointPages:
             self._seed.keep(page, topic, entry, row, len(item_json))
             return
         entries[topic] = entry
-        part = layout.place(topic, 0 if old is None else len(old) + 1, n, self._cutter.cap)
+        part = layout.place(topic, 0 if old is None else len(old) + 1, n, cap)
         self._match(page)
         p = self._rows.parts[page][part]
         if row is not None:
