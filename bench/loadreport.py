@@ -273,6 +273,9 @@ def md_targets(results: Mapping[str, Any]) -> list[str]:
             ("publish_retained_pear/publish_retained_raw",
              "publishing N retained states, pear states/s over raw paho msgs/s",
              TARGETS["publish_retained"], True),
+            ("publish_retained_many/publish_retained_raw",
+             "the same with `broadcast_many` (1,000 states a call)",
+             TARGETS["publish_retained"], True),
             ("P/P_nostore", "P with the receiver's market store over P without it",
              TARGETS["store_cost"], True),
             ("P_log/P", "P with the sender's history log (logging, leaf hashes, signed "

@@ -29,6 +29,7 @@ from .scenarios import (
     run_a,
     run_c,
     run_p,
+    run_publish_retained_many,
     run_publish_retained_raw,
     run_sync_round,
 )
@@ -86,7 +87,8 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
     a5 = replace(params, protocol=5)
     samples: dict[str, list[dict[str, Any]]] = {
         k: [] for k in ("A", "A_mqtt5", "C", "P", "sync_pear", "sync_raw", "sync_c",
-                        "publish_retained_pear", "publish_retained_raw", "P_nostore",
+                        "publish_retained_pear", "publish_retained_raw",
+                        "publish_retained_many", "P_nostore",
                         "P_log")}
 
     def unit_a(rep: int) -> None:
@@ -114,6 +116,8 @@ def run(params: Params, *, reps: int, sync_reps: int, workdir: Path, mode: str,
         size = round(out["sync_raw"]["mean_payload"])
         samples["publish_retained_raw"].append(
             rnd.measure("retained", lambda e: run_publish_retained_raw(e, params, size)))
+        samples["publish_retained_many"].append(
+            rnd.measure("retained", lambda e: run_publish_retained_many(e, params)))
 
     lat_variants = ["raw", "pear"] + (["pear_default"] if load.lat_default_linger else [])
     lat: dict[str, list[dict[str, Any]]] = {v: [] for v in lat_variants}
@@ -247,7 +251,8 @@ def _brief_load(name: str, lat: dict[str, list[dict[str, Any]]],
 def _brief(name: str, samples: dict[str, list[dict[str, Any]]]) -> str:
     if name == "sync":
         s = samples
-        return (f"pear publish {s['publish_retained_pear'][-1]['rate']:,.0f}/s, "
+        return (f"pear publish {s['publish_retained_pear'][-1]['rate']:,.0f}/s "
+                f"({s['publish_retained_many'][-1]['rate']:,.0f}/s in batches), "
                 f"raw publish {s['publish_retained_raw'][-1]['rate']:,.0f}/s, "
                 f"sync pear {s['sync_pear'][-1]['seconds']:.2f} s, "
                 f"raw {s['sync_raw'][-1]['seconds']:.2f} s, "

@@ -212,7 +212,8 @@ def _status(net: Any) -> dict[str, Any]:
 
 
 def pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
-    """Broadcast ``n`` insights with ``broadcast_market_insight``, then ``flush()``."""
+    """Broadcast ``n`` insights with ``broadcast_market_insight`` (``many``: with
+    ``broadcast_many`` in batches of that many), then ``flush()``."""
     from pear_mqtt.node.network import PearNetwork
     env: BenchEnv = spec["env"]
     insights = make_insights(spec["n"], spec.get("categories"))
@@ -231,7 +232,11 @@ def pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
             await _go_async(conn)
             with _profiled(spec.get("profile")):
                 t0 = time.monotonic()
-                for ins in insights:
+                many = spec.get("many")
+                if many:
+                    for i in range(0, len(insights), many):
+                        await net.broadcast_many(insights[i:i + many])
+                for ins in insights if not many else ():
                     await net.broadcast_market_insight(ins)
                 t_queued = time.monotonic()
                 await net.flush(timeout=600)
