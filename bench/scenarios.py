@@ -20,7 +20,8 @@ from .procs import Worker, WorkerError
 from .rawclient import PubWindow, SubRead
 from .workers import raw_payloads
 
-__all__ = ["RAW_STATE_SIZE", "Params", "run_a", "run_c", "run_p", "run_publish_retained_raw",
+__all__ = ["RAW_STATE_SIZE", "Params", "run_a", "run_c", "run_p", "run_publish_retained_many",
+           "run_publish_retained_raw",
            "run_sync_round"]
 
 # A pear node keeps its states in checkpoint pages only (``reliability.state_topics`` is
@@ -271,6 +272,20 @@ def run_sync_round(env: BenchEnv, p: Params, *, rep: int,
         for i in range(len(steps)):
             steps[(i + rep) % len(steps)]()
     return out
+
+
+MANY_BATCH = 1000
+"""States per ``broadcast_many`` call in ``publish_retained_many``."""
+
+
+def run_publish_retained_many(env: BenchEnv, p: Params) -> dict[str, Any]:
+    """pear publishes ``n_sync`` retained states (one category each) with
+    ``broadcast_many`` in batches of :data:`MANY_BATCH`, then ``flush()``."""
+    n = p.n_sync
+    sent = _solo(Worker("pear_pub", {"env": env, "member": "acme", "n": n, "categories": None,
+                                     "outbox": p.outbox, "many": MANY_BATCH}), p.timeout)
+    secs = sent["t_acked"] - sent["t_start"]
+    return {"rate": n / secs, "seconds": secs, "envelopes": sent["messages_out"]}
 
 
 def run_publish_retained_raw(env: BenchEnv, p: Params, size: int) -> dict[str, Any]:
