@@ -42,9 +42,14 @@ async def test_live_insights_arrive_verified(broker_kind: BrokerUnderTest, insig
     async with PearNetwork(broker_kind.config("globex", receiving=True)) as rx, \
             PearNetwork(broker_kind.config("acme")) as tx:
         stream = rx.insights()
-        sent = await tx.broadcast_many([insight(product=f"live-{i}") for i in range(n)])
-        got = await take(stream, n, timeout=30)
+        # Two of each of ten categories: one envelope of several categories on every broker
+        # (the $mixed topic level), one of dairy alone.
+        sent = await tx.broadcast_many(
+            [insight(product=f"live-{i}", category=f"live/c{i % 10}") for i in range(n)]
+            + [insight(product=f"dairy-{i}") for i in range(n)])
+        got = await take(stream, 2 * n, timeout=30)
         rejected = rx.status().dropped
+    assert all(g.topic.endswith(f"/acme/insights/{g.insight.category}") for g in got)
     assert sorted(g.item_id for g in got) == sorted(sent)
     assert {(g.member, g.node) for g in got} == {("acme", "store-1")}
     assert not any(g.retained for g in got)
