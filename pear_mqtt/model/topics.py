@@ -229,6 +229,16 @@ class TopicScheme:
             return f"{self.member_root}/{category}"
         return f"{self.member_root}/insights/{category}"
 
+    def live_and_state(self, node: str, category: str) -> tuple[str, str | None]:
+        """:meth:`insights` and :meth:`state` of ``node`` for ``category`` (None in public
+        mode), built together: a producer needs both for every new category."""
+        validate_category(category)
+        root = self.member_root
+        if self.mode == "public":
+            return f"{root}/{category}", None
+        validate_identifier(node, what="node_id")
+        return f"{root}/insights/{category}", f"{root}/state/{node}/{category}"
+
     def mixed_insights(self) -> str:
         """Live insights of this member, of several categories in one envelope."""
         if self.mode == "public":

@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 from ..config.models import NetworkConfig
 from ..errors import OutboxError
-from ..model.insight import MarketInsight, NetworkMode
+from ..model.insight import MarketInsight
 from ..model.topics import TopicScheme
 from ..privacy.filter import EncodedResult, PrivacyFilter
 from ..security.seal import Sealer
@@ -133,9 +133,7 @@ class Producer:
     def _topics_for(self, category: str) -> tuple[str, str | None]:
         """(live topic, state topic or None in public mode) of ``category``, remembered."""
         assert self._scheme is not None
-        live = self._scheme.insights(category)
-        state = (None if self._config.mode is NetworkMode.PUBLIC
-                 else self._scheme.state(self._config.node_id, category))
+        live, state = self._scheme.live_and_state(self._config.node_id, category)
         if len(self._category_topics) >= _TOPIC_CACHE:
             self._category_topics.clear()
         self._category_topics[category] = (live, state)
