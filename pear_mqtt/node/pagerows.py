@@ -12,8 +12,8 @@ from .pageparts import PageLayout
 __all__ = ["PagePart", "PageRows", "Rows", "is_due"]
 
 _PAGE_MIN_GROWTH = 32 * 1024  # changed bytes that justify a refresh mid-stream
-# ... and their multiple of the part's last size: each refresh re-signs the whole part, so a
-# part refreshed when it doubled costs twice its final size in signing; at 3x, 1.33x.
+# ... and their multiple of the part's last size: each refresh re-signs the whole part, so the
+# refreshes of a part re-sent whenever it doubled add up to twice its size; at 3x, 1.33x.
 _PAGE_GROWTH = 3
 
 Rows = dict[int, tuple[int, str]]
