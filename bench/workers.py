@@ -236,8 +236,9 @@ def pear_pub(conn: Connection, spec: dict[str, Any]) -> dict[str, Any]:
                 if many:
                     for i in range(0, len(insights), many):
                         await net.broadcast_many(insights[i:i + many])
-                for ins in insights if not many else ():
-                    await net.broadcast_market_insight(ins)
+                else:
+                    for ins in insights:
+                        await net.broadcast_market_insight(ins)
                 t_queued = time.monotonic()
                 await net.flush(timeout=600)
                 t1 = time.monotonic()

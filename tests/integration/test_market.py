@@ -25,6 +25,25 @@ from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.privacy.ranges import ValueRange
 
 
+class _StuckWriter:
+    """Holds a receiver's market writer in its first batch until the test sets ``gate``
+    (``entered`` tells that it got there)."""
+
+    def __init__(self) -> None:
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def install(self, rx: PearNetwork, monkeypatch: pytest.MonkeyPatch) -> None:
+        store = rx.market
+        add_rows = store.add_rows
+
+        def stuck(*args: Any, **kwargs: Any) -> int:
+            self.entered.set()
+            assert self.gate.wait(30)  # the writer waits for the test
+            return add_rows(*args, **kwargs)
+
+        monkeypatch.setattr(store, "add_rows", stuck)
+
+
 def _with_store(config: NetworkConfig, path: Path, **market: Any) -> NetworkConfig:
     return config.model_copy(update={"market": MarketConfig(path=path, **market)})
 
@@ -235,18 +254,11 @@ async def test_a_store_far_behind_stops_the_node_reading_and_loses_nothing(
     monkeypatch.setattr(feed_module, "RELEASE_AT", 5)
     rx_config = _with_store(make_config("acme", mode=NetworkMode.PRIVATE, node="hq"),
                             tmp_path / "rx.market.db")
-    entered, gate = threading.Event(), threading.Event()
+    writer = _StuckWriter()
+    entered, gate = writer.entered, writer.gate
     async with PearNetwork(rx_config) as rx:
         stream = rx.insights()
-        store = rx.market
-        add_rows = store.add_rows
-
-        def stuck(*args: Any, **kwargs: Any) -> int:
-            entered.set()
-            assert gate.wait(30)  # the writer waits for the test
-            return add_rows(*args, **kwargs)
-
-        monkeypatch.setattr(store, "add_rows", stuck)
+        writer.install(rx, monkeypatch)
         sent: list[str] = []
         async with PearNetwork(make_config("acme", mode=NetworkMode.PRIVATE)) as tx:
             for r in range(20):
@@ -280,18 +292,11 @@ async def test_a_hold_on_reading_ends_by_itself_while_the_writer_stays_stuck(
     monkeypatch.setattr(feed_module, "HOLD_MAX", 0.5)
     rx_config = _with_store(make_config("acme", mode=NetworkMode.PRIVATE, node="hq"),
                             tmp_path / "rx.market.db")
-    entered, gate = threading.Event(), threading.Event()
+    writer = _StuckWriter()
+    entered, gate = writer.entered, writer.gate
     async with PearNetwork(rx_config) as rx:
         stream = rx.insights()
-        store = rx.market
-        add_rows = store.add_rows
-
-        def stuck(*args: Any, **kwargs: Any) -> int:
-            entered.set()
-            assert gate.wait(30)
-            return add_rows(*args, **kwargs)
-
-        monkeypatch.setattr(store, "add_rows", stuck)
+        writer.install(rx, monkeypatch)
         async with PearNetwork(make_config("acme", mode=NetworkMode.PRIVATE)) as tx:
             sent = await tx.broadcast_many([insight(product=f"a{i}") for i in range(20)])
             await tx.flush(timeout=10)

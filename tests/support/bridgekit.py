@@ -175,8 +175,9 @@ async def publish(net: Net, inputs: Sequence[Input], *,
                                                mode=mode, levels=levels)) as node:
             if many:
                 await node.broadcast_many(items)
-            for it in items if not many else ():
-                await node.broadcast_market_insight(it)
+            else:
+                for it in items:
+                    await node.broadcast_market_insight(it)
             await node.flush(timeout=WAIT)
 
     await asyncio.gather(*(one(c, s, items) for (c, s), items in by_node.items()))
