@@ -98,9 +98,14 @@ async function main () {
   }
   const policy = new Policy(conf.rules)
   const redis = { host: conf.redis.host, port: conf.redis.port }
-  const mq = redisEmitter(redis)
-  // ioredis reconnects and resubscribes by itself (a ready check racing the subscriber
-  // connection at start is one such error); an 'error' nobody listens to would end the broker.
+  // ioredis 5.8+ sends its CLIENT SETINFO handshake before the ready check (INFO), so a
+  // SUBSCRIBE made while the bus connects can come first and the INFO is refused
+  // ("Connection in subscriber mode"); the connection is then torn down with that subscribe
+  // in it, and a CONNECT waiting for it never got its CONNACK (ioredis issue #2037). The bus
+  // connections skip both: a local redis needs no INFO before use.
+  const mq = redisEmitter({ ...redis, enableReadyCheck: false, disableClientInfo: true })
+  // ioredis reconnects and resubscribes by itself after a lost connection; an 'error' nobody
+  // listens to would end the broker.
   mq.state.on('error', (err) => console.error(`redis message bus: ${err.message}; reconnecting`))
   const persistence = redisPersistence({
     ...redis,
