@@ -558,8 +558,9 @@ class _Run:
         def replay() -> None:
             for msg in others[:REPLAYS]:
                 category = parse_topic(msg.topic).category
-                assert category is not None
-                for topic, what in ((scheme.insights(category), "others_on_own_topic"),
+                own_topic = (scheme.mixed_insights() if category is None
+                             else scheme.insights(category))
+                for topic, what in ((own_topic, "others_on_own_topic"),
                                     (msg.topic, "others_on_their_topic")):
                     rc = spy.probe.publish(topic, msg.payload)
                     replays[what] += 1

@@ -69,6 +69,7 @@ from pear_mqtt.config.models import NetworkConfig
 from pear_mqtt.errors import TopicError
 from pear_mqtt.model.acl import topic_matches
 from pear_mqtt.model.insight import MarketInsight, SharingLevel
+from pear_mqtt.model.mixed import item_categories
 from pear_mqtt.model.topics import TopicScheme, parse_topic
 from pear_mqtt.node.network import PearNetwork
 from pear_mqtt.privacy.filter import PrivacyFilter
@@ -135,8 +136,15 @@ async def test_bulk_fuzz_at_the_bridge(net: Net, pki: NetworkPKI) -> None:
         captured = [m.payload for m in seen]
         # (category, item): under POLICY an item is its sealed part alone, and its topic is
         # all that says which category it belongs to
-        honest_items = [(str(parse_topic(m.topic).category), it) for m in seen for it in
-                        reader.decode(m.payload, check_replay=False).message.body["items"]]
+        # (a $mixed envelope names its items' categories in its body)
+        honest_items: list[tuple[str, dict[str, Any]]] = []
+        for m in seen:
+            body = reader.decode(m.payload, check_replay=False).message.body
+            named = parse_topic(m.topic).category
+            cats = ([named] * len(body["items"]) if named is not None
+                    else item_categories(body, len(body["items"])))
+            assert cats is not None
+            honest_items.extend(zip(cats, body["items"], strict=True))
 
         def signed(item: dict[str, Any]) -> bytes:
             return mallory.encode(kind="insights", body={"items": [item]})
