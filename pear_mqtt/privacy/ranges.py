@@ -40,6 +40,10 @@ class ValueRange(Frozen):
 
 
 _CACHE_LIMIT = 65_536
+# The geometric edges from the tiny one up to here are kept in one ascending list that a
+# value is bisected into; values beyond walk the exponents (as few as they are).
+_TABLE_TOP = 1e15
+_TABLE_MAX = 8_192
 
 
 def _round_sig(x: float, digits: int) -> float:
@@ -65,7 +69,7 @@ class RangeScheme:
     """
 
     __slots__ = ("_digits", "_edge_cache", "_edges", "_log_ratio", "_range_cache", "_ratio",
-                 "_tiny")
+                 "_table", "_tiny")
 
     TINY_EXPONENT = -20
 
@@ -99,6 +103,7 @@ class RangeScheme:
         self._edge_cache: dict[int, float] = {}
         self._range_cache: dict[tuple[float | None, float | None], ValueRange] = {}
         self._tiny = self.geometric_edge(self.TINY_EXPONENT)
+        self._table: list[float] = []
 
     @classmethod
     def from_config(cls, privacy: PrivacyConfig) -> RangeScheme:
@@ -172,9 +177,13 @@ class RangeScheme:
         return self._range(lo, hi)
 
     def _geometric(self, v: float) -> ValueRange:
+        table = self._table or self._fill_table()
         if v >= 0:
             if v < self._tiny:
                 return self._range(0.0, self._tiny)
+            if v < table[-1]:
+                at = bisect.bisect_right(table, v)  # table[at-1] <= v < table[at], at >= 1
+                return self._range(table[at - 1], table[at])
             i = self._start(v)
             # log() only estimates the exponent; the rounded edges decide.
             while i > self.TINY_EXPONENT and v < self.geometric_edge(i):
@@ -188,6 +197,9 @@ class RangeScheme:
         # [-edge(i+1), -edge(i)), i.e. edge(i) < |v| <= edge(i+1).
         if a <= self._tiny:
             return self._range(-self._tiny, 0.0)
+        if a <= table[-1]:
+            at = bisect.bisect_left(table, a)  # table[at-1] < a <= table[at], at >= 1
+            return self._range(-table[at], -table[at - 1])
         i = self._start(a)
         while i > self.TINY_EXPONENT and a <= self.geometric_edge(i):
             i -= 1
@@ -195,6 +207,12 @@ class RangeScheme:
             i += 1
         lo = self.geometric_edge(i + 1)
         return self._range(-lo if math.isfinite(lo) else None, -self.geometric_edge(i))
+
+    def _fill_table(self) -> list[float]:
+        table = self._table = [self._tiny]
+        while table[-1] < _TABLE_TOP and len(table) < _TABLE_MAX:
+            table.append(self.geometric_edge(self.TINY_EXPONENT + len(table)))
+        return table
 
     def _start(self, a: float) -> int:
         return max(self.TINY_EXPONENT, math.floor(math.log(a) / self._log_ratio))

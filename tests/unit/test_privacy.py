@@ -454,6 +454,25 @@ def test_geometric_edges_are_rounded_to_six_significant_digits() -> None:
         assert len(repr(end).replace(".", "").lstrip("0")) <= 6
 
 
+@pytest.mark.parametrize("ratio", [1.001, 1.01, 1.25, 10.0])
+def test_consecutive_geometric_buckets_tile_the_line(ratio: float) -> None:
+    """From the tiny buckets out past 1e20 either way, every bucket starts where its
+    neighbour ends: no gap, no overlap, whichever way the scheme finds a value's bucket."""
+    s = RangeScheme(ratio=ratio)
+    r = s.bucket(s.tiny, category=None)  # upwards: each hi is the next bucket's lo
+    while r.hi is not None and r.hi < 1e20:
+        above = s.bucket(r.hi, category=None)
+        assert above.lo == r.hi and s.bucket(math.nextafter(r.hi, -math.inf),
+                                              category=None) == r
+        r = above
+    r = s.bucket(-s.tiny, category=None)  # downwards: each lo is the next bucket's hi
+    while r.lo is not None and r.lo > -1e20:
+        assert r.lo in r
+        below = s.bucket(math.nextafter(r.lo, -math.inf), category=None)
+        assert below.hi == r.lo
+        r = below
+
+
 def test_huge_values_get_an_open_upper_end() -> None:
     s = RangeScheme(ratio=1.25)
     top = s.bucket(1.7976931348623157e308, category=None)
