@@ -36,7 +36,7 @@ several categories, each item's category named in its body (docs/DESIGN.md, Batc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import TopicError
@@ -194,6 +194,9 @@ class TopicScheme:
     mode: str
     network: str
     member: str
+    # Every topic starts with one of the two roots: built once, as the scheme is frozen.
+    _network_root: str = field(init=False, repr=False, compare=False)
+    _member_root: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -203,23 +206,25 @@ class TopicScheme:
         if self.mode == "consortium" and self.member in CONSORTIUM_RESERVED:
             raise TopicError(f"{self.member!r} is reserved in consortium topics (the bridge's "
                              "aggregates and receipts); no member may be named so")
+        if self.mode == "private":
+            network_root = member_root = f"{PREFIX}/private/{self.member}"
+        else:
+            network_root = f"{PREFIX}/{self.mode}/{self.network}"
+            member_root = (f"{network_root}/{self.member}" if self.mode == "consortium"
+                           else f"{network_root}/contrib/{self.member}")
+        object.__setattr__(self, "_network_root", network_root)
+        object.__setattr__(self, "_member_root", member_root)
 
     # -- scopes ---------------------------------------------------------------------------
     @property
     def network_root(self) -> str:
         """Everything of this network on its broker."""
-        if self.mode == "private":
-            return f"{PREFIX}/private/{self.member}"
-        return f"{PREFIX}/{self.mode}/{self.network}"
+        return self._network_root
 
     @property
     def member_root(self) -> str:
         """This member's own subtree (where it may write)."""
-        if self.mode == "private":
-            return self.network_root
-        if self.mode == "consortium":
-            return f"{self.network_root}/{self.member}"
-        return f"{self.network_root}/contrib/{self.member}"
+        return self._member_root
 
     # -- builders -------------------------------------------------------------------------
     def insights(self, category: str) -> str:
