@@ -443,6 +443,18 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                 f"`pear-mqtt agent --simulate --rate 0 --count {rss['items']['max']:,.0f}` "
                 f"with its on-disk outbox ({lr.get('rss', '?')} repetition(s)).", "",
                 *_stat_md(rows), ""]
+        stages = _stat_rows(rss, (("stage_simulate_us", 1), ("stage_filter_us", 1),
+                                  ("stage_outbox_us", 1), ("stage_rest_us", 1),
+                                  ("stage_run_us", 1)))
+        if stages:
+            out += ["Where the agent's time per insight goes (us): simulating it, the privacy "
+                    "filter and the on-disk outbox (a batch's rows put in one transaction, read "
+                    "back and acknowledged a few batches later) timed alone in the benchmark "
+                    "process on the agent's configuration and batch size (best of three); "
+                    "`stage_run_us` is the "
+                    "agent's run per insight, `stage_rest_us` what it takes beyond the three: "
+                    "item ids and sealing, signing and encrypting envelopes, the history log "
+                    "and MQTT.", "", *_stat_md(stages), ""]
     fi = results.get("fanin")
     if fi:
         keys = (("connect_all_s", 2), ("connect_p50_ms", 0), ("connect_p99_ms", 0),

@@ -365,13 +365,86 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
     # VmHWM also counts the shared libraries' pages the process has mapped, which depends on
     # the page cache (58 vs 60 MB for one build in two checkouts, anonymous memory equal);
     # the sampled peak of RssAnon is the agent's own memory.
-    return {"peak_mb": hwm / 1024, "peak_anon_mb": anon / 1024,
+    stages = agent_stages(env, n, workdir / "stages")
+    run_us = report["duration"] / n * 1e6
+    return {**stages, "stage_run_us": run_us, "stage_rest_us": run_us - sum(stages.values()),
+            "peak_mb": hwm / 1024, "peak_anon_mb": anon / 1024,
             "ru_maxrss_mb": usage.ru_maxrss / 1024,
             "median_rss_mb": sorted(samples)[len(samples) // 2] / 1024 if samples else 0.0,
             "rate": n / elapsed, "seconds": elapsed, "items": n,
             # The agent's own run (connected, every insight stored and acknowledged), without
             # the interpreter's start-up and imports, which a long-running agent pays once.
             "run_rate": n / report["duration"]}
+
+
+_ACK_LAG = 4  # batches published but not yet acknowledged, in the agent benchmark's runs
+
+
+def agent_stages(env: BenchEnv, n: int, workdir: Path) -> dict[str, float]:
+    """Microseconds per insight of the agent's stages that need no broker, timed in this
+    process on the agent's configuration and batch size (best of three): simulating the
+    insights, the privacy filter, and the on-disk outbox (each batch's insight rows and its
+    categories' state rows put in one transaction, read back to be sent, and the insight
+    rows acknowledged a few batches later, as the sender does). What the agent's run takes
+    beyond their sum is the rest of its path: item ids and sealing, signing and encrypting
+    the envelopes, the history log and MQTT."""
+    from cryptography import x509
+
+    from pear_mqtt.agent.runner import BATCH
+    from pear_mqtt.agent.simulate import SimulatedSource
+    from pear_mqtt.node.outbox import NewItem, Outbox
+    from pear_mqtt.privacy.filter import PrivacyFilter
+    from pear_mqtt.security.identity import identity_of
+
+    config = pear_config(env, "acme")
+    flt = PrivacyFilter(config=config)
+    flt.attach(identity_of(x509.load_pem_x509_certificate(config.tls.cert_file.read_bytes())))
+    source = SimulatedSource(seed=1, rate=0, count=n)
+    insights = list(source.generate())
+    batches = [insights[i:i + BATCH] for i in range(0, n, BATCH)]
+    encoded = [flt.encode_many(b) for b in batches]
+    # The rows as the producer stores them: the item (its id, the published part, a sealed
+    # token) on the live topic, and the newest of each category on its state topic.
+    filler = b'{"iid":"' + b"0" * 32 + b'","sealed":"' + b"A" * 150 + b'"}'
+    rows = [[NewItem(topic=f"live/{i.category}", payload=(r.shared or b"") + filler,
+                     kind="insight") for i, r in zip(b, e, strict=True)]
+            for b, e in zip(batches, encoded, strict=True)]
+    for batch, items in zip(batches, rows, strict=True):
+        items += [NewItem(topic=f"state/{i.category}", payload=item.payload, kind="state",
+                          key=f"state/{i.category}", retain=True)
+                  for i, item in zip(batch, list(items), strict=True)]
+
+    def outbox() -> None:
+        path = workdir / "stages.sqlite"
+        for old in workdir.glob("stages.sqlite*"):
+            old.unlink()
+        with Outbox(path=path, max_bytes=1 << 30, max_age=86_400) as box:
+            # As the sender works: it reads the new rows back to publish them, and a batch's
+            # rows are acknowledged a few batches later, once their PUBACKs are in.
+            in_flight: list[list[int]] = []
+            read = 0
+            for items in rows:
+                box.put_many(items)
+                sent = box.pending(limit=len(items), after_id=read)
+                read = sent[-1].id
+                in_flight.append([row.id for row in sent if row.kind != "state"])
+                if len(in_flight) > _ACK_LAG:
+                    box.ack(in_flight.pop(0))
+            for ids in in_flight:
+                box.ack(ids)
+
+    def best(work: Any) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - t0)
+        return min(times) / n * 1e6
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    return {"stage_simulate_us": best(lambda: list(source.generate())),
+            "stage_filter_us": best(lambda: [flt.encode_many(b) for b in batches]),
+            "stage_outbox_us": best(outbox)}
 
 
 # -- fan-in ----------------------------------------------------------------------------------

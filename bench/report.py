@@ -351,6 +351,8 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         *(_md_throughput(results) if results["measurements"] else []),
         *md_load(results, plot),
         *_LIMITS,
+        *_agent_limits(results),
+        "",
         "## What is measured",
         "",
         "- **A**: raw paho-mqtt at its best on this machine: no paho thread, the socket driven "
@@ -501,15 +503,30 @@ _LIMITS = [
     "envelopes ~11 % and pages ~9 % (signing ~7 % of it all); `broadcast_many` saves the "
     "per-call overhead and filters a batch's identities and bucket edges once. Raw paho "
     "publishes a prepared payload per message.",
-    "- **edge agent ingest (25,000/s)**: the target is judged on the agent's own run (its "
-    "report's duration: connected, every insight stored and acknowledged), without the "
-    "interpreter's start-up and imports (~0.8 s of CPU at 10,000 insights). Per insight "
-    "~150 us of CPU remain: simulating it ~39 us, the privacy filter (now per batch: "
-    "identities and bucket edges once) ~33 us, SQLite ~12 us per row (one state row per "
-    "category per batch, not per insight), and per envelope the signature, encryption, "
-    "history log, PUBACK delete and socket write (docs/DESIGN.md, Edge agent).",
-    "",
 ]
+
+
+def _agent_limits(results: Mapping[str, Any]) -> list[str]:
+    """The agent's bullet of "What limits", from the stages this run measured."""
+    rss = results.get("rss") or {}
+    text = ("- **edge agent ingest (25,000/s, 40 us an insight)**: the target is judged on "
+            "the agent's own run (its report's duration: connected, every insight stored and "
+            "acknowledged), without the interpreter's start-up and imports (~0.8 s of CPU at "
+            "10,000 insights).")
+    if "stage_run_us" in rss:
+        def us(key: str) -> str:
+            return f"{rss[key]['median']:.0f} us"
+        text += (f" Per insight the run took {us('stage_run_us')}: simulating it "
+                 f"{us('stage_simulate_us')} (the pydantic model a source's insight is), the "
+                 f"privacy filter {us('stage_filter_us')} (per batch: identities and bucket "
+                 "edges once; per insight its groups, buckets and the rule check it ends "
+                 f"with), the SQLite outbox {us('stage_outbox_us')} (put and commit, read "
+                 f"back, delete), and {us('stage_rest_us')} the rest (item id and sealed part, and "
+                 "per envelope the signature, encryption, history log and socket write; "
+                 "docs/DESIGN.md, Edge agent). Simulating and filtering alone take "
+                 f"{rss['stage_simulate_us']['median'] + rss['stage_filter_us']['median']:.0f}"
+                 " us of the 40.")
+    return [text]
 
 
 def render_plot(results: Mapping[str, Any], path: Path) -> bool:

@@ -27,7 +27,7 @@ from .sources import InsightSource
 if TYPE_CHECKING:
     from ..node.network import PearNetwork
 
-__all__ = ["AgentReport", "default_outbox_path", "load_agent_config", "run_agent"]
+__all__ = ["BATCH", "AgentReport", "default_outbox_path", "load_agent_config", "run_agent"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ _MAX_REPORTED_REJECTIONS = 100  # kept in the report; every one is counted by re
 _LOGGED_REJECTIONS = 20  # logged one by one; the rest only in the summary at the end
 # Insights stored per outbox transaction (and filtered in one go): large enough that the
 # transaction's commit is a small share, small enough that the loop is handed over often.
-_BATCH = 128
+BATCH = 128
 _DRAIN_POLL = 0.05  # s between outbox-depth checks while draining
 _OUTBOX_RETRY_MIN, _OUTBOX_RETRY_MAX = 1.0, 30.0  # s between tries while the outbox refuses
 
@@ -298,7 +298,7 @@ async def _report_every(interval: float, net: PearNetwork, tally: _Tally,
 
 async def _pump(source: InsightSource, net: PearNetwork, stop: asyncio.Event,
                 tally: _Tally) -> None:
-    batches = source.batches(stop=stop, reject=tally.reject, max_items=_BATCH)
+    batches = source.batches(stop=stop, reject=tally.reject, max_items=BATCH)
     try:
         async for batch in batches:
             tally.read += len(batch)
