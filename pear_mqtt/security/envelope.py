@@ -31,7 +31,17 @@ from .replay import ReplayGuard
 from .sequence import SequenceCounter
 from .signing import Signer
 from .trust import TrustStore
-from .wirelayout import CERT_OPEN, KINDS, NONCE_BYTES, NONCE_OPEN, SIG_OPEN, SK_OPEN, TAIL, VERSION
+from .wirelayout import (
+    CERT_OPEN,
+    KINDS,
+    NONCE_BYTES,
+    NONCE_OPEN,
+    SIG_OPEN,
+    SK_OPEN,
+    TAIL,
+    VERSION,
+    signed_bytes,
+)
 
 if TYPE_CHECKING:
     from ..config.models import NetworkConfig
@@ -242,7 +252,7 @@ class EnvelopeCodec:
             kid = None
         ts = self._now()
         seq = self._seq.next()
-        head = b"".join((b'{"v":1,"kind":"', kind.encode("ascii"), b'","id":"',
+        head = b"".join((b'{"v":%d,"kind":"' % VERSION, kind.encode("ascii"), b'","id":"',
                          secrets.token_urlsafe(16).encode("ascii"), b'","from":', self._from,
                          b',"seq":', str(seq).encode("ascii"), b',"ts":',
                          repr(ts).encode("ascii")))
@@ -259,7 +269,7 @@ class EnvelopeCodec:
             sealed = aead.encrypt(nonce, body_json, aad)
             unsigned = b"".join((aad, NONCE_OPEN, b64url_encode(nonce), b'","enc":"',
                                  b64url_encode(sealed), b'"', ref))
-        signature = self._signer.sign(unsigned + b"}")
+        signature = self._signer.sign(signed_bytes(VERSION, unsigned + b"}"))
         wire = b"".join((unsigned, SIG_OPEN, b64url_encode(signature), TAIL))
         if len(wire) > self._max_bytes:
             raise OversizedMessage(f"envelope of {len(wire)} bytes exceeds the limit of "

@@ -38,11 +38,12 @@ from .wirelayout import (
     MAX_SIGNATURE,
     NONCE_BYTES,
     NONCE_OPEN,
-    PREFIX,
+    PREFIX_BYTES,
+    PREFIXES,
     SIG_OPEN,
     SK_OPEN,
     TAIL,
-    VERSION,
+    signed_bytes,
 )
 
 __all__ = ["Decoded", "EnvelopeOpener"]
@@ -86,7 +87,8 @@ class EnvelopeOpener:
             raise OversizedMessage(f"payload of {size} bytes exceeds the limit of "
                                    f"{self._max_bytes}")
         sig_at = data.rfind(SIG_OPEN)
-        if not (data.startswith(PREFIX) and data.endswith(TAIL)) or sig_at < 0:
+        version = PREFIXES.get(data[:PREFIX_BYTES])
+        if version is None or not data.endswith(TAIL) or sig_at < 0:
             self._diagnose(data)
         sig_text = data[sig_at + len(SIG_OPEN):-len(TAIL)]
         if len(sig_text) > (MAX_SIGNATURE * 4 + 2) // 3:
@@ -118,7 +120,7 @@ class EnvelopeOpener:
                                          "certificate has not been seen yet; the sender must "
                                          "embed 'cert'")
                 signer = known
-            signer.verify(signature, head + b"}")
+            signer.verify(signature, signed_bytes(version, head + b"}"))
             identity = signer.identity
 
         # Authentic from here on. The envelope's members are parsed with duplicate-key checks
@@ -135,7 +137,7 @@ class EnvelopeOpener:
         else:
             obj = parse_json(data, "envelope")
         if type(obj) is not dict or tuple(obj) not in LAYOUTS:
-            raise MalformedMessage("envelope members are not in the v1 layout "
+            raise MalformedMessage("envelope members are not in the envelope's layout "
                                    f"(got {list(obj) if type(obj) is dict else type(obj)})")
         if obj["sig"] != sig_text.decode("ascii") or obj[ref_name] != ref_text.decode("ascii"):
             raise MalformedMessage("'sig' or the signer reference is not where the layout "
@@ -216,7 +218,7 @@ class EnvelopeOpener:
         return parse_json(plain, "decrypted body", unique_keys=False)
 
     def _diagnose(self, data: bytes) -> NoReturn:
-        """Explain why ``data`` is not a signed v1 envelope (always raises)."""
+        """Explain why ``data`` is not a signed envelope this build reads (always raises)."""
         obj = parse_json(data, "payload")
         if type(obj) is not dict:
             raise MalformedMessage(f"payload is a JSON {type(obj).__name__}, not an object")
@@ -225,10 +227,11 @@ class EnvelopeOpener:
         version = obj["v"]
         if type(version) is not int:
             raise MalformedMessage(f"schema version 'v' must be an integer, got {version!r}")
-        if version != VERSION:
+        known = sorted(PREFIXES.values())
+        if version not in known:
             raise UnsupportedVersion(f"envelope schema version {version}; this build reads "
-                                     f"{VERSION}")
+                                     f"{' and '.join(map(str, known))}")
         if "sig" not in obj:
             raise SignatureError("unsigned message (no 'sig')")
-        raise MalformedMessage('envelope is not in canonical v1 form: it must start with '
-                               '{"v":1, and end with the "sig" member')
+        raise MalformedMessage(f'envelope is not in canonical v{version} form: it must start '
+                               f'with {{"v":{version}, and end with the "sig" member')

@@ -1,21 +1,24 @@
-"""The v1 envelope's wire layout, shared by the writer and the reader of envelopes: the
-byte markers of its members, the member orders it may take, and its bounds. The format is
-specified in docs/DESIGN.md ("Envelope")."""
+"""The envelope's wire layout, shared by the writer and the reader of envelopes: the byte
+markers of its members, the member orders it may take, its bounds, and what its signature
+covers in each version. The format is specified in docs/DESIGN.md ("Envelope")."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import get_args
 
 from ..model.insight import MessageKind
 
 __all__ = ["BODY_OPEN", "CERT_OPEN", "GCM_TAG_BYTES", "KINDS", "LAYOUTS", "MAX_SEQ",
-           "MAX_SIGNATURE", "NONCE_BYTES", "NONCE_OPEN", "PREFIX", "SIG_OPEN", "SK_OPEN",
-           "TAIL", "VERSION"]
+           "MAX_SIGNATURE", "NONCE_BYTES", "NONCE_OPEN", "PREFIXES", "PREFIX_BYTES", "SIG_OPEN",
+           "SK_OPEN",
+           "TAIL", "VERSION", "signed_bytes"]
 
-VERSION = 1
+VERSION = 2  # what this build writes; it reads every version in PREFIXES
 KINDS: frozenset[str] = frozenset(get_args(MessageKind))
 
-PREFIX = b'{"v":1,'
+PREFIXES: dict[bytes, int] = {b'{"v":2,': 2, b'{"v":1,': 1}
+PREFIX_BYTES = 7
 SIG_OPEN = b',"sig":"'
 TAIL = b'"}'
 CERT_OPEN = b',"cert":"'
@@ -37,3 +40,16 @@ LAYOUTS: frozenset[tuple[str, ...]] = frozenset(
     for payload in (("body",), ("kid", "nonce", "enc"))
     for ref in ("cert", "sk")
 )
+
+
+_V2_DOMAIN = b"pear_mqtt envelope v2 sha256\x00"
+
+
+def signed_bytes(version: int, unsigned: bytes) -> bytes:
+    """What the signature of a ``version`` envelope signs, given ``unsigned`` (its bytes
+    before ``,"sig":`` and a closing ``}``): v1 those bytes; v2 their SHA-256 after a domain
+    tag. Ed25519 hashes its message twice with SHA-512 (libsodium's, ~0.4 ms for a 100 kB
+    batch): one SHA-256 pass is a fifth of that, and verifying saves as much."""
+    if version == 1:
+        return unsigned
+    return _V2_DOMAIN + hashlib.sha256(unsigned).digest()

@@ -204,7 +204,7 @@ async def test_hostile_payloads_are_dropped_and_counted(
         stream = rx.insights()
         with probe(mosquitto, pki.node("acme", "evil")) as evil:
             for payload in (b"", b"\x00\xff garbage", b"{}", b'{"v":1}', b"[" * 10000,
-                            json.dumps({"v": 2, "kind": "insights"}).encode(),
+                            json.dumps({"v": 3, "kind": "insights"}).encode(),
                             forged, b"x" * (1024 * 1024 + 1000)):
                 evil.publish(topic, payload)
         await tx.broadcast_market_insight(insight(category="still/works"))

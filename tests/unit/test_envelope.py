@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -73,6 +74,17 @@ def _new_key(kind: str) -> Any:
 
 def _sign_algorithm(key: Any) -> Any:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
+
+
+V2_DOMAIN = b"pear_mqtt envelope v2 sha256\x00"
+
+
+def signed_region(unsigned: bytes) -> bytes:
+    """What an envelope's signature covers (docs/DESIGN.md, Envelope), given its bytes before
+    ``,"sig":`` and a ``}``: in v1 those bytes, in v2 a domain tag and their SHA-256."""
+    if unsigned.startswith(b'{"v":1,'):
+        return unsigned
+    return V2_DOMAIN + hashlib.sha256(unsigned).digest()
 
 
 def _raw_sign(key: Any, data: bytes) -> bytes:
@@ -179,7 +191,7 @@ def der(cert: x509.Certificate) -> bytes:
 def resign(wire: bytes, key: Any, edit: Callable[[bytes], bytes] = lambda h: h) -> bytes:
     """Edit the signed part of ``wire`` and sign it again with ``key`` (an insider's forgery)."""
     head = edit(wire[:wire.rindex(b',"sig":"')])
-    return head + b',"sig":"' + b64(_raw_sign(key, head + b"}")) + b'"}'
+    return head + b',"sig":"' + b64(_raw_sign(key, signed_region(head + b"}"))) + b'"}'
 
 
 def craft(members: list[tuple[str, Any]], *, key: Any, cert: x509.Certificate,
@@ -189,7 +201,7 @@ def craft(members: list[tuple[str, Any]], *, key: Any, cert: x509.Certificate,
     parts = [b'"%s":%s' % (k.encode(), raw[k] if k in raw else json.dumps(v).encode())
              for k, v in members]
     head = b"{" + b",".join(parts) + b',"cert":"' + b64(der(cert)) + b'"'
-    return head + b',"sig":"' + b64(_raw_sign(key, head + b"}")) + b'"}'
+    return head + b',"sig":"' + b64(_raw_sign(key, signed_region(head + b"}"))) + b'"}'
 
 
 def header(sender: str = "acme/store-1", *, seq: int = 1, ts: float = NOW,
@@ -231,14 +243,33 @@ def test_plain_round_trip(pki: PKI) -> None:
 
 def test_wire_layout_and_signed_region(pki: PKI) -> None:
     wire = pki.codec().encode(kind="insights", body={"a": [1, 2]})
-    assert wire.startswith(b'{"v":1,"kind":"insights","id":"')
+    assert wire.startswith(b'{"v":2,"kind":"insights","id":"')
     obj = json.loads(wire)
     assert list(obj) == ["v", "kind", "id", "from", "seq", "ts", "body", "cert", "sig"]
     assert unb64(obj["cert"]) == der(pki.alice)
     assert b"=" not in wire and b" " not in wire
-    # The contract: sig covers wire[:start_of_sig_member] + "}" -- checked independently here.
+    # The contract (v2): sig covers a domain tag and the SHA-256 of wire[:start_of_sig_member]
+    # + "}" -- checked independently here.
     sig_at = wire.rindex(b',"sig":"')
-    pki.alice.public_key().verify(unb64(obj["sig"]), wire[:sig_at] + b"}")  # type: ignore[call-arg,union-attr]
+    signed = V2_DOMAIN + hashlib.sha256(wire[:sig_at] + b"}").digest()
+    pki.alice.public_key().verify(unb64(obj["sig"]), signed)  # type: ignore[call-arg,union-attr]
+
+
+def test_v1_envelopes_are_still_read_and_versions_cannot_borrow_signatures(pki: PKI) -> None:
+    """v1 signed the bytes themselves (history logs and retained states hold such envelopes);
+    a signature made under one version's rule never verifies under the other's."""
+    rx = pki.codec("bob")
+    v1 = craft([*header(), ("body", {"n": 1})], key=pki.alice_key, cert=pki.alice)
+    assert rx.decode(v1).message.body == {"n": 1}
+    # The same v1 bytes relabelled v2 (same length, signature over the raw bytes): refused.
+    relabelled = v1.replace(b'{"v":1,', b'{"v":2,', 1)
+    with pytest.raises(SignatureError):
+        pki.codec("bob").decode(relabelled)
+    # A v2 envelope relabelled v1 keeps a signature over a digest: refused.
+    v2 = pki.codec().encode(kind="insights", body={"n": 2})
+    with pytest.raises(SignatureError):
+        pki.codec("bob").decode(v2.replace(b'{"v":2,', b'{"v":1,', 1))
+    assert pki.codec("bob").decode(v2).message.body == {"n": 2}
 
 
 def test_sequence_numbers_grow_and_survive_restart(pki: PKI) -> None:
@@ -583,7 +614,7 @@ def test_one_signature_check_per_batch(pki: PKI, monkeypatch: pytest.MonkeyPatch
     body = items(256)
     wire = tx.encode(kind="insights", body=body)
     assert rx.decode(wire).message.body == body
-    assert len(calls) == 1 and calls[0] == wire.rindex(b',"sig":"') + 1
+    assert calls == [len(V2_DOMAIN) + 32]  # one check, over the batch's digest
 
 
 def test_libsodium_signatures_are_openssl_signatures(pki: PKI) -> None:
@@ -767,8 +798,8 @@ def test_oversized(pki: PKI) -> None:
 
 def test_versions(pki: PKI) -> None:
     rx = pki.codec("bob")
-    with pytest.raises(UnsupportedVersion, match="version 2"):
-        rx.decode(b'{"v":2,"kind":"insights","anything":"new"}')
+    with pytest.raises(UnsupportedVersion, match="version 3; this build reads 1 and 2"):
+        rx.decode(b'{"v":3,"kind":"insights","anything":"new"}')
     with pytest.raises(UnsupportedVersion):
         rx.decode(craft([("v", 7), *header()[1:], ("body", 1)], key=pki.alice_key,
                         cert=pki.alice))

@@ -350,7 +350,7 @@ async def test_empty_contribution_is_counted(net: Net, pki: NetworkPKI) -> None:
         with probe(net.consortium, pki.node(member)) as evil:
             evil.publish(scheme.insights(CATEGORIES[0]), b"")  # not retained: no clear
             # a marker with a reason of its own: the empty payload was handled before it
-            evil.publish(scheme.insights(CATEGORIES[0]), b'{"v":2}')
+            evil.publish(scheme.insights(CATEGORIES[0]), b'{"v":3}')
         after = await wait(bridge, lambda s: s.dropped.get("unsupported_version", 0) >= 1)
     record("bridge: empty contribution", group="hostile", sent=0, delivered=0, lost=0,
            refused=units(after) - units(before),
