@@ -3,7 +3,6 @@ tokens); decoding is strict and fails as :class:`~pear_mqtt.errors.MalformedMess
 
 from __future__ import annotations
 
-import base64
 import binascii
 
 from ..errors import MalformedMessage
@@ -15,8 +14,13 @@ __all__ = ["ascii_field", "b64url_decode", "b64url_encode"]
 _URLSAFE_TO_STD = bytes.maketrans(b"-_+/", b"+/!!")
 
 
+_STD_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def b64url_encode(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    text = binascii.b2a_base64(data, newline=False).translate(_STD_TO_URLSAFE)
+    pad = -len(data) % 3  # how many '=' end it
+    return text[:-pad] if pad else text
 
 
 def b64url_decode(text: bytes, what: str) -> bytes:
