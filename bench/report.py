@@ -350,9 +350,7 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
         *md_targets(results),
         *(_md_throughput(results) if results["measurements"] else []),
         *md_load(results, plot),
-        *_LIMITS,
-        *_agent_limits(results),
-        "",
+        *_limits(results),
         "## What is measured",
         "",
         "- **A**: raw paho-mqtt at its best on this machine: no paho thread, the socket driven "
@@ -456,54 +454,121 @@ def render_markdown(results: Mapping[str, Any], plot: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-# What holds the missed targets back, as profiled (py-spy, cProfile and per-step timings) on
-# this machine; static text, so it names per-step costs rather than a run's figures.
-_LIMITS = [
-    "## What limits the targets that are missed",
-    "",
-    "- **P over C (0.8x)**: both pear processes are CPU-bound Python, each on its own core: "
-    "the sender spends ~50 us per insight (privacy filter ~19 us, sealing the aggregated "
-    "groups ~5 us, outbox and bookkeeping ~15 us, its share of signing, encrypting and "
-    "publishing the batch ~8 us), the receiver ~45 us (validating the `SharedInsight` ~9 us, "
-    "JSON ~4 us, decryption and base64 ~4 us, its share of one Ed25519 verification ~3 us, "
-    "delivery ~10 us). That caps P near 20,000 insights/s on two cores, above raw paho (A) "
-    "but about half of what mosquitto's C clients move. Signatures are no longer the limit "
-    "(one per ~20 insights under load, libsodium).",
-    "- **latency (1.5x / 2x raw paho)**: at 1,000/s every insight is its own envelope, so "
-    "the path carries the filter, one Ed25519 signature (~25 us) and one verification "
-    "(~60 us), AES-GCM and validation; warm that is ~0.2 ms of CPU, and at 1,000/s "
-    "(processes idle between messages, caches cold, two cores shared by three busy "
-    "processes) each step costs 2-3x its warm time. Traced in the receiver: handling one "
-    "single-insight envelope takes 0.3 ms at the median (0.2-0.56 ms p10-p99), paho's read "
-    "and TLS another ~0.15 ms, about as long as raw paho's whole one-way trip (0.3 ms). "
-    "With verification switched off the p50 fell only ~0.1 ms, so no cheaper authenticator "
-    "would close the gap. Fixed on the way (each from a trace): held-back states no longer "
-    "go all at once once a second (they stalled a paced stream for ~2 ms), a publish is "
-    "written inside the call, reading yields after 1 ms so `insights()` readers are not "
-    "starved while a receiver catches up (~40 ms seen), and a full garbage collection over "
-    "the startup objects (15-40 ms, once per run in one of the processes) is avoided with "
-    "`gc.freeze()` in every worker, raw and pear alike, and in the agent and bridge "
-    "commands. What remains of the p99 are scattered stalls of a few ms that coincide with "
-    "the other processes' bursts on the two shared cores.",
-    "- **bridge (20,000 per CPU-second)**: per insight it decodes its share of an envelope "
-    "(~8 us), validates the `SharedInsight` (~9 us) and the opened `Contribution` (~6 us), "
-    "opens the sealed token (~5 us), computes the receipt digest over canonical JSON "
-    "(~10 us), checks policy and window (~5 us) and stores the row (~6 us, 256 messages per "
-    "transaction), besides paho and TLS: ~75-90 us. A quick run (3,000 items) also charges "
-    "the process's start-up (~0.5 s of CPU: imports, pydantic schemas) to the rate.",
-    "- **publishing N retained states (0.6x raw paho)**: a state is its live insight plus "
-    "its share of a checkpoint page (the per-category retained copy is off by default, "
-    "`reliability.state_topics`). N states of N distinct categories go several categories "
-    "to an envelope (docs/DESIGN.md, Envelope; before, each was its own envelope, publish "
-    "and PUBACK: 0.21x), and the 256 pages are signed about once each, at the end (a loop "
-    "the sender catches up with is not the end of a burst; before, every page went again "
-    "each second). In a profile of the per-call loop (30,000 states) what remains is paid "
-    "per state: the privacy filter ~30 %, the item id, the sealed sales part and topics "
-    "~16 %, recording the state in its page ~14 %, the outbox ~5 %, against live "
-    "envelopes ~11 % and pages ~9 % (signing ~7 % of it all); `broadcast_many` saves the "
-    "per-call overhead and filters a batch's identities and bucket edges once. Raw paho "
-    "publishes a prepared payload per message.",
-]
+# What holds each target back when a run misses it, as profiled (py-spy, cProfile and
+# per-step timings) on this machine; static text, so it names per-step costs rather than a
+# run's figures.
+_LIMITS: dict[str, str] = {
+    "P/A": (
+        "- **P over raw paho (1x)**: pear carries the privacy filter, sealing, signing, "
+        "encryption and validation that raw paho's bytes do not, in the same CPU-bound "
+        "Python; what makes up for it is batching (one envelope, publish and PUBACK per ~20 "
+        "insights under load). The two are close: compare the rounds of A and P."),
+    "P/C": (
+        "- **P over C (0.8x)**: both pear processes are CPU-bound Python, each on its own core: "
+        "the sender spends ~50 us per insight (privacy filter ~19 us, sealing the aggregated "
+        "groups ~5 us, outbox and bookkeeping ~15 us, its share of signing, encrypting and "
+        "publishing the batch ~8 us), the receiver ~45 us (validating the `SharedInsight` ~9 us, "
+        "JSON ~4 us, decryption and base64 ~4 us, its share of one Ed25519 verification ~3 us, "
+        "delivery ~10 us). That caps P near 20,000 insights/s on two cores, above raw paho (A) "
+        "but about half of what mosquitto's C clients move. Signatures are no longer the limit "
+        "(one per ~20 insights under load, libsodium)."),
+    "latency": (
+        "- **latency (1.5x / 2x raw paho)**: at 1,000/s every insight is its own envelope, so "
+        "the path carries the filter, one Ed25519 signature (~25 us) and one verification "
+        "(~60 us), AES-GCM and validation; warm that is ~0.2 ms of CPU, and at 1,000/s "
+        "(processes idle between messages, caches cold, two cores shared by three busy "
+        "processes) each step costs 2-3x its warm time. Traced in the receiver: handling one "
+        "single-insight envelope takes 0.3 ms at the median (0.2-0.56 ms p10-p99), paho's read "
+        "and TLS another ~0.15 ms, about as long as raw paho's whole one-way trip (0.3 ms). "
+        "With verification switched off the p50 fell only ~0.1 ms, so no cheaper authenticator "
+        "would close the gap. Fixed on the way (each from a trace): held-back states no longer "
+        "go all at once once a second (they stalled a paced stream for ~2 ms), a publish is "
+        "written inside the call, reading yields after 1 ms so `insights()` readers are not "
+        "starved while a receiver catches up (~40 ms seen), and a full garbage collection over "
+        "the startup objects (15-40 ms, once per run in one of the processes) is avoided with "
+        "`gc.freeze()` in every worker, raw and pear alike, and in the agent and bridge "
+        "commands. What remains of the p99 are scattered stalls of a few ms that coincide with "
+        "the other processes' bursts on the two shared cores."),
+    "bridge": (
+        "- **bridge (20,000 per CPU-second)**: per insight it decodes its share of an envelope "
+        "(~8 us), validates the `SharedInsight` (~9 us) and the opened `Contribution` (~6 us), "
+        "opens the sealed token (~5 us), computes the receipt digest over canonical JSON "
+        "(~10 us), checks policy and window (~5 us) and stores the row (~6 us, 256 messages per "
+        "transaction), besides paho and TLS: ~75-90 us. A quick run (3,000 items) also charges "
+        "the process's start-up (~0.5 s of CPU: imports, pydantic schemas) to the rate."),
+    "publish": (
+        "- **publishing N retained states (0.6x raw paho)**: a state is its live insight plus "
+        "its share of a checkpoint page (the per-category retained copy is off by default, "
+        "`reliability.state_topics`). N states of N distinct categories go several categories "
+        "to an envelope (docs/DESIGN.md, Envelope; before, each was its own envelope, publish "
+        "and PUBACK: 0.21x), and the 256 pages are signed about once each, at the end (a loop "
+        "the sender catches up with is not the end of a burst; before, every page went again "
+        "each second). In a profile of the per-call loop (30,000 states) what remains is paid "
+        "per state: the privacy filter ~30 %, the item id, the sealed sales part and topics "
+        "~16 %, recording the state in its page ~14 %, the outbox ~5 %, against live "
+        "envelopes ~11 % and pages ~9 % (signing ~7 % of it all, before envelope v2 signed "
+        "a digest of each); `broadcast_many` saves the per-call overhead and filters a "
+        "batch's identities and bucket edges once. Raw paho "
+        "publishes a prepared payload per message."),
+    "sync": (
+        "- **sync of N retained states (1.2x raw paho)**: a late joiner reads the 256 "
+        "checkpoint pages (each verified once) and validates every state it holds as a "
+        "`SharedInsight`, as a live insight is, before handing it on and storing it; raw paho "
+        "only counts messages. Per state that is the page's JSON, the model's validators "
+        "(identifiers, UTC, the disclosure rules) and the market row."),
+    "store": (
+        "- **the receiver's market store (0.9x)**: its writer is a thread of the receiving "
+        "process (SQLite inserts, the daily roll-up), so on this two-core machine it takes CPU "
+        "from the sender, the broker and the receiver that P keeps busy; the faster the "
+        "receiver without it (envelope v2 made verifying cheaper), the larger its share."),
+    "log": (
+        "- **the sender's history log (0.9x)**: each envelope is appended to the log (one "
+        "SQLite row and a leaf hash) and a signed head goes out at intervals."),
+    "rss": (
+        "- **agent peak RSS (60 MB)**: the interpreter with pydantic, cryptography and paho "
+        "imported is ~34 MB here (mostly the mapped libraries: cryptography's Rust module, "
+        "libpython, pydantic-core, OpenSSL), ~52 MB once pear_mqtt's modules are loaded (their "
+        "pydantic schemas among them), before the agent does anything; `peak_anon_mb` is the "
+        "agent's own memory."),
+}
+
+
+def _missed(results: Mapping[str, Any]) -> set[str]:
+    """The keys of :data:`_LIMITS` (and ``agent``) whose targets this run missed."""
+    ratios = results.get("ratios", {})
+    out: set[str] = set()
+    for key, name, wanted, at_least in (
+            ("P/A", "P/A", TARGETS["p_over_a"], True),
+            ("P/C", "P/C", TARGETS["p_over_c"], True),
+            ("sync", "sync_pear/sync_raw", TARGETS["sync_over_raw"], False),
+            ("publish", "publish_retained_pear/publish_retained_raw",
+             TARGETS["publish_retained"], True),
+            ("store", "P/P_nostore", TARGETS["store_cost"], True),
+            ("log", "P_log/P", TARGETS["log_cost"], True)):
+        r = ratios.get(name)
+        if r and not (r["value"] >= wanted if at_least else r["value"] <= wanted):
+            out.add(key)
+    lat = results.get("latency")
+    if lat and any(r.get("ok") is False for r in lat["ratios"].values()):
+        out.add("latency")
+    for key in ("bridge", "rss"):
+        if (results.get(key) or {}).get("ok") is False:
+            out.add(key)
+    rss = results.get("rss")
+    if rss and rss["run_rate" if "run_rate" in rss else "rate"]["median"] < TARGETS["agent_rate"]:
+        out.add("agent")
+    return out
+
+
+def _limits(results: Mapping[str, Any]) -> list[str]:
+    """"What limits the targets that are missed", for those this run missed."""
+    missed = _missed(results)
+    bullets = [text for key, text in _LIMITS.items() if key in missed]
+    if "agent" in missed:
+        bullets += _agent_limits(results)
+    if not bullets:
+        return []
+    return ["## What limits the targets that are missed", "", *bullets, ""]
 
 
 def _agent_limits(results: Mapping[str, Any]) -> list[str]:
