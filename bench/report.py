@@ -590,7 +590,9 @@ def _agent_limits(results: Mapping[str, Any]) -> list[str]:
                  "per envelope the signature, encryption, history log and socket write; "
                  "docs/DESIGN.md, Edge agent). Simulating and filtering alone take "
                  f"{rss['stage_simulate_us']['median'] + rss['stage_filter_us']['median']:.0f}"
-                 " us of the 40.")
+                 " us, against a budget of 40 us for all of it. The stages are timed warm in "
+                 "the benchmark process; the rest is the run's time less theirs, so it also "
+                 "holds what the stages cost more inside the agent.")
     return [text]
 
 

@@ -42,7 +42,7 @@ def bridge_codec(*, tls: TLSConfig, network: str, encryption: EncryptionConfig |
                                   network=network, crl_check_interval=tls.crl_check_interval)
     return EnvelopeCodec(signer=signer, trust=trust, encryption=encryption,
                          max_bytes=rel.max_message_bytes, max_clock_skew=rel.max_clock_skew,
-                         max_age=rel.max_message_age)
+                         max_age=rel.max_message_age, write_version=rel.envelope_version)
 
 
 def bridge_connection(*, url: BrokerURL, tls: TLSConfig, rel: ReliabilityConfig,

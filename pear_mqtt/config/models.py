@@ -160,6 +160,9 @@ class ReliabilityConfig(_ConfigPart):
     max_message_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
     max_clock_skew: Annotated[float, Field(gt=0)] = 300.0  # s a timestamp may lie ahead
     max_message_age: Annotated[float, Field(gt=0)] = 30 * 86400.0  # s before "stale"
+    # The envelope version this node writes (it reads both): 1 while a network upgrades from
+    # a release that reads only version 1 (docs/DESIGN.md, Envelope).
+    envelope_version: Literal[1, 2] = 2
     outbox_path: Path | None = None
     outbox_max_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024 * 1024
     outbox_max_age: Annotated[float, Field(gt=0)] = 7 * 86400.0

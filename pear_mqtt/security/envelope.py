@@ -36,6 +36,7 @@ from .wirelayout import (
     KINDS,
     NONCE_BYTES,
     NONCE_OPEN,
+    PREFIXES,
     SIG_OPEN,
     SK_OPEN,
     TAIL,
@@ -92,6 +93,7 @@ class EnvelopeCodec:
         embed_certificate: bool = True,
         clock: Callable[[], float] = time.time,
         max_senders: int = 10_000,
+        write_version: int = VERSION,
     ) -> None:
         if max_bytes < 256:
             raise ConfigError(f"max_bytes must be at least 256, got {max_bytes}")
@@ -101,6 +103,11 @@ class EnvelopeCodec:
             raise ConfigError(f"max_age must be > 0, got {max_age}")
         if replay_window < 1 or max_senders < 1:
             raise ConfigError("replay_window and max_senders must be at least 1")
+        if write_version not in PREFIXES.values():
+            raise ConfigError(f"envelope version must be one of "
+                              f"{sorted(PREFIXES.values())}, got {write_version!r}")
+        self._version = write_version
+        self._head_open = b'{"v":%d,"kind":"' % write_version
         self._signer = signer
         self._trust = trust
         self._max_bytes = max_bytes
@@ -156,6 +163,7 @@ class EnvelopeCodec:
             encryption=config.encryption, max_bytes=rel.max_message_bytes,
             max_clock_skew=rel.max_clock_skew, max_age=rel.max_message_age,
             embed_certificate=embed_certificate, clock=clock,
+            write_version=rel.envelope_version,
         )
 
     def persist_sequence(self, path: Path) -> None:
@@ -252,7 +260,7 @@ class EnvelopeCodec:
             kid = None
         ts = self._now()
         seq = self._seq.next()
-        head = b"".join((b'{"v":%d,"kind":"' % VERSION, kind.encode("ascii"), b'","id":"',
+        head = b"".join((self._head_open, kind.encode("ascii"), b'","id":"',
                          secrets.token_urlsafe(16).encode("ascii"), b'","from":', self._from,
                          b',"seq":', str(seq).encode("ascii"), b',"ts":',
                          repr(ts).encode("ascii")))
@@ -269,7 +277,7 @@ class EnvelopeCodec:
             sealed = aead.encrypt(nonce, body_json, aad)
             unsigned = b"".join((aad, NONCE_OPEN, b64url_encode(nonce), b'","enc":"',
                                  b64url_encode(sealed), b'"', ref))
-        signature = self._signer.sign(signed_bytes(VERSION, unsigned + b"}"))
+        signature = self._signer.sign(signed_bytes(self._version, unsigned + b"}"))
         wire = b"".join((unsigned, SIG_OPEN, b64url_encode(signature), TAIL))
         if len(wire) > self._max_bytes:
             raise OversizedMessage(f"envelope of {len(wire)} bytes exceeds the limit of "

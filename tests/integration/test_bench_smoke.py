@@ -99,13 +99,11 @@ def test_quick_bench_at_tiny_size_writes_every_measurement(tmp_path: Path) -> No
     # Agent RSS: a Python process with pear_mqtt loaded is tens of MB, not bytes or GB.
     rss = results["rss"]
     assert 10 < rss["peak_mb"]["median"] < 2000 and rss["items"]["max"] == 300
-    # ... and where its time per insight went: each stage took some, together less than
-    # the whole run (the rest is what the stages leave out).
+    # ... and where its time per insight went: each stage took some, and together less
+    # than the agent's run (at 300 insights its connection and drain alone take more).
     stages = [rss[f"stage_{s}_us"]["samples"] for s in ("simulate", "filter", "outbox")]
     assert all(_positive(x) for stage in stages for x in stage)
-    for i, run in enumerate(rss["stage_run_us"]["samples"]):
-        assert run == pytest.approx(sum(s[i] for s in stages)
-                                    + rss["stage_rest_us"]["samples"][i])
+    assert all(_positive(x) for x in rss["stage_rest_us"]["samples"])
     # Fan-in: every agent connected and came back after the restart.
     fanin = results["fanin"]
     assert fanin["agents"]["max"] == 20 and fanin["workers"]["max"] == 2

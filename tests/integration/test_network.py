@@ -54,6 +54,28 @@ async def test_two_nodes_exchange_insights_under_consortium_policy(
     assert contribution.sample_size == 17
 
 
+async def test_nodes_writing_either_envelope_version_read_each_other(
+        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker, pki: NetworkPKI,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
+    """A network mid-upgrade (docs/DESIGN.md, Envelope): a node told to write version 1 and
+    one on the default, version 2, each read the other's insights, and each writes its own."""
+    filters = ["pear/v1/consortium/testnet/acme/insights/#",
+               "pear/v1/consortium/testnet/globex/insights/#"]
+    with probe(mosquitto, pki.node("initech", "observer"), subscribe=filters) as wire:
+        async with PearNetwork(make_config("acme", envelope_version=1)) as v1, \
+                PearNetwork(make_config("globex")) as v2:
+            at_v1, at_v2 = v1.insights(), v2.insights()
+            from_v1 = await v1.broadcast_market_insight(insight(category="upgrade/one"))
+            from_v2 = await v2.broadcast_market_insight(insight(category="upgrade/two"))
+            (got_v2,) = await take(at_v2, 1)
+            (got_v1,) = await take(at_v1, 1)
+        seen = [wire.expect(lambda m: True, timeout=10)[0] for _ in range(2)]
+    assert (got_v2.item_id, got_v2.insight.category) == (from_v1, "upgrade/one")
+    assert (got_v1.item_id, got_v1.insight.category) == (from_v2, "upgrade/two")
+    prefixes = {m.topic.split("/")[4]: m.payload[:7] for m in seen}
+    assert prefixes == {"acme": b'{"v":1,', "globex": b'{"v":2,'}
+
+
 async def test_wire_bytes_hold_no_exact_private_value(
         make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker,
         pki: NetworkPKI, insight: Callable[..., MarketInsight]) -> None:

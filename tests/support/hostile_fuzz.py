@@ -398,7 +398,7 @@ class Mutator:
             dup = json.dumps(rng.choice(_HOSTILE_VALUES))
             return "field", self._changed(base, f"{text},{json.dumps(key)}:{dup}}}".encode())
         else:  # schema version games
-            obj["v"] = rng.choice((0, 2, 99, "1", 1.0, None, -1))
+            obj["v"] = rng.choice((0, 3, 99, "1", 1.0, None, -1))
             obj = {"v": obj.pop("v"), **obj}
         out = json.dumps(obj, separators=(",", ":"), ensure_ascii=rng.random() < 0.5).encode()
         return "field", self._changed(base, out)
@@ -473,7 +473,7 @@ class Mutator:
 
     def _json_value(self) -> tuple[str, bytes]:
         value = self.rng.choice((*_HOSTILE_VALUES, {"v": 1}, {"v": 1, "sig": "x"},
-                                 {"v": 2, "kind": "insights"}, {"v": "1"}, {"v": None}))
+                                 {"v": 3, "kind": "insights"}, {"v": "1"}, {"v": None}))
         return "json_value", json.dumps(value).encode()
 
     def _replay(self) -> tuple[str, bytes]:

@@ -270,6 +270,28 @@ def test_v1_envelopes_are_still_read_and_versions_cannot_borrow_signatures(pki: 
     with pytest.raises(SignatureError):
         pki.codec("bob").decode(v2.replace(b'{"v":2,', b'{"v":1,', 1))
     assert pki.codec("bob").decode(v2).message.body == {"n": 2}
+    # Each label signed, by the key's owner, under the other label's rule: refused too (a
+    # reader that tried both rules would take these).
+    for label, rule in ((2, lambda u: u), (1, lambda u: V2_DOMAIN + hashlib.sha256(u).digest())):
+        members = [("v", label), *header()[1:], ("body", {"n": 3})]
+        parts = [b'"%s":%s' % (k.encode(), json.dumps(v).encode()) for k, v in members]
+        head = b"{" + b",".join(parts) + b',"cert":"' + b64(der(pki.alice)) + b'"'
+        forged = head + b',"sig":"' + b64(_raw_sign(pki.alice_key, rule(head + b"}"))) + b'"}'
+        with pytest.raises(SignatureError):
+            pki.codec("bob").decode(forged)
+
+
+def test_a_codec_writes_the_version_it_is_told(pki: PKI) -> None:
+    """``write_version`` (``reliability.envelope_version``): version 1 for a network that is
+    still upgrading; what it writes is signed over its bytes, and read by a v2 codec."""
+    wire = pki.codec(write_version=1).encode(kind="insights", body={"n": 1})
+    assert wire.startswith(b'{"v":1,"kind":"insights","id":"')
+    sig_at = wire.rindex(b',"sig":"')
+    pki.alice.public_key().verify(unb64(json.loads(wire)["sig"]),  # type: ignore[call-arg,union-attr]
+                                  wire[:sig_at] + b"}")
+    assert pki.codec("bob").decode(wire).message.body == {"n": 1}
+    with pytest.raises(ConfigError, match="envelope version must be one of"):
+        pki.codec(write_version=3)
 
 
 def test_sequence_numbers_grow_and_survive_restart(pki: PKI) -> None:
