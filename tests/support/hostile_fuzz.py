@@ -48,6 +48,7 @@ from pear_mqtt.security.envelope import EnvelopeCodec
 from pear_mqtt.security.pki import CertPaths
 from pear_mqtt.security.signing import Signer
 from pear_mqtt.security.trust import TrustStore
+from pear_mqtt.security.wirelayout import signed_bytes
 
 FUZZ_N = int(os.environ.get("PEAR_FUZZ_N", "10000"))
 """Hostile payloads per bulk test (``make faults``: ``PEAR_FUZZ_N=100000``)."""
@@ -278,16 +279,19 @@ def sign_raw(signer: Signer, members: Sequence[tuple[str, bytes]]) -> bytes:
     ``signer``: what a member with a valid key can put on the wire, however hostile."""
     head = b"{" + b",".join(json.dumps(k).encode() + b":" + v for k, v in members)
     head += b',"cert":"' + b64(signer.certificate_der).encode() + b'"'
-    sig = signer.sign(head + b"}")
+    # Signed under the rule of the version it names (v1: the bytes; else v2's digest).
+    version = 1 if dict(members).get("v") == b"1" else 2
+    sig = signer.sign(signed_bytes(version, head + b"}"))
     return head + b',"sig":"' + b64(sig).encode() + b'"}'
 
 
 def envelope_members(*, kind: Any = "insights", msg_id: Any = None, sender: Any,
-                     seq: Any, ts: Any, body: Any) -> list[tuple[str, bytes]]:
+                     seq: Any, ts: Any, body: Any, version: int = 2
+                     ) -> list[tuple[str, bytes]]:
     def enc(value: Any) -> bytes:
         return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
 
-    return [("v", b"1"), ("kind", enc(kind)),
+    return [("v", enc(version)), ("kind", enc(kind)),
             ("id", enc(msg_id if msg_id is not None else secrets.token_urlsafe(16))),
             ("from", enc(sender)), ("seq", enc(seq)), ("ts", enc(ts)), ("body", enc(body))]
 

@@ -883,8 +883,10 @@ def test_bad_signature_encoding(pki: PKI) -> None:
     ([*header(), ("kid", None), ("nonce", "AAAA"), ("enc", "AAAA")], {}),
     ([*header(), ("kid", "k1"), ("nonce", "AAAA"), ("enc", "AAAAAAAAAAAAAAAAAAAAAAAA")], {}),
 ])
+@pytest.mark.parametrize("version", [1, 2])
 def test_signed_but_malformed(pki: PKI, members: list[tuple[str, Any]],
-                              raw: dict[str, bytes]) -> None:
+                              raw: dict[str, bytes], version: int) -> None:
+    members = [(k, version if k == "v" else v) for k, v in members]
     wire = craft(members, key=pki.alice_key, cert=pki.alice, raw=raw)
     rx = pki.codec("bob", encryption=group_keys("k1"), max_bytes=1 << 20)
     with pytest.raises(MalformedMessage) as info:
