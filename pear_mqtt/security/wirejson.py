@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic_core import from_json
+
 from ..errors import MalformedMessage
 
 __all__ = ["parse_json"]
@@ -27,19 +29,26 @@ def _no_constants(name: str) -> Any:
 
 
 _strict_decoder = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constants)
-# Detecting duplicate keys forces a Python call per JSON object, which slows a large batch
-# down markedly; used for the envelope's own members, not for authenticated bodies.
-_fast_decoder = json.JSONDecoder(parse_constant=_no_constants)
 
 
 def parse_json(data: bytes, what: str, *, unique_keys: bool = True) -> Any:
-    """Strict UTF-8 and JSON (no NaN/Infinity; duplicate keys rejected if ``unique_keys``)."""
+    """Strict UTF-8 and JSON (no NaN/Infinity; duplicate keys rejected if ``unique_keys``).
+
+    Without ``unique_keys`` (authenticated bodies: the bulk of every batch and page) the
+    parser is pydantic-core's (jiter), about twice the standard library's speed: a repeated
+    key keeps its last value, as with ``json``; it refuses escaped lone surrogates and
+    nesting deeper than 200, which ``json`` would take."""
+    if not unique_keys:
+        try:
+            return from_json(data, allow_inf_nan=False)
+        except ValueError as exc:
+            raise MalformedMessage(f"{what} is not valid JSON: {exc}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedMessage(f"{what} is not valid UTF-8") from None
     try:
-        return (_strict_decoder if unique_keys else _fast_decoder).decode(text)
+        return _strict_decoder.decode(text)
     except MalformedMessage:
         raise
     except RecursionError:

@@ -877,6 +877,10 @@ def test_bad_signature_encoding(pki: PKI) -> None:
     ([*header(), ("body", 1), ("seq", 2)], {}),  # duplicate, last wins elsewhere
     ([*header(), ("seq", 2), ("body", 1)], {}),  # duplicate inside the header
     ([*header(), ("body", None)], {"body": b'{"a":[1,2}'}),
+    ([*header(), ("body", None)], {"body": b'{"a":NaN}'}),
+    ([*header(), ("body", None)], {"body": b'{"a":[-Infinity]}'}),
+    ([*header(), ("body", None)], {"body": b'{"a":"\\ud800"}'}),  # a lone surrogate
+    ([*header(), ("body", None)], {"body": b'{"a":"\xff"}'}),  # not UTF-8
     ([*header(), ("body", None)], {"body": b'{"deep":' + b"[" * 100000 + b"]" * 100000 + b"}"}),
     ([*header(), ("kid", "k1"), ("nonce", "!!"), ("enc", "AAAA")], {}),
     ([*header(), ("kid", "k1"), ("nonce", 5), ("enc", "AAAA")], {}),
