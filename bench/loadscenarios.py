@@ -388,17 +388,17 @@ def agent_stages(env: BenchEnv, n: int, workdir: Path) -> dict[str, float]:
     rows acknowledged a few batches later, as the sender does). What the agent's run takes
     beyond their sum is the rest of its path: item ids and sealing, signing and encrypting
     the envelopes, the history log and MQTT."""
-    from cryptography import x509
-
     from pear_mqtt.agent.runner import BATCH
     from pear_mqtt.agent.simulate import SimulatedSource
     from pear_mqtt.node.outbox import NewItem, Outbox
     from pear_mqtt.privacy.filter import PrivacyFilter
-    from pear_mqtt.security.identity import identity_of
+    from pear_mqtt.security.signing import Signer
 
     config = pear_config(env, "acme")
     flt = PrivacyFilter(config=config)
-    flt.attach(identity_of(x509.load_pem_x509_certificate(config.tls.cert_file.read_bytes())))
+    # The identity a node publishes: its certificate's, as PearNetwork attaches it.
+    flt.attach(Signer.from_files(key_file=config.tls.key_file,
+                                 cert_file=config.tls.cert_file).identity)
     source = SimulatedSource(seed=1, rate=0, count=n)
     insights = list(source.generate())
     batches = [insights[i:i + BATCH] for i in range(0, n, BATCH)]

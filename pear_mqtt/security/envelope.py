@@ -277,7 +277,7 @@ class EnvelopeCodec:
             sealed = aead.encrypt(nonce, body_json, aad)
             unsigned = b"".join((aad, NONCE_OPEN, b64url_encode(nonce), b'","enc":"',
                                  b64url_encode(sealed), b'"', ref))
-        signature = self._signer.sign(signed_bytes(self._version, unsigned + b"}"))
+        signature = self._signer.sign(signed_bytes(self._version, unsigned))
         wire = b"".join((unsigned, SIG_OPEN, b64url_encode(signature), TAIL))
         if len(wire) > self._max_bytes:
             raise OversizedMessage(f"envelope of {len(wire)} bytes exceeds the limit of "

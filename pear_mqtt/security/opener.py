@@ -120,7 +120,7 @@ class EnvelopeOpener:
                                          "certificate has not been seen yet; the sender must "
                                          "embed 'cert'")
                 signer = known
-            signer.verify(signature, signed_bytes(version, head + b"}"))
+            signer.verify(signature, signed_bytes(version, head))
             identity = signer.identity
 
         # Authentic from here on. The envelope's members are parsed with duplicate-key checks

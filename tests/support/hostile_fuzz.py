@@ -281,7 +281,7 @@ def sign_raw(signer: Signer, members: Sequence[tuple[str, bytes]]) -> bytes:
     head += b',"cert":"' + b64(signer.certificate_der).encode() + b'"'
     # Signed under the rule of the version it names (v1: the bytes; else v2's digest).
     version = 1 if dict(members).get("v") == b"1" else 2
-    sig = signer.sign(signed_bytes(version, head + b"}"))
+    sig = signer.sign(signed_bytes(version, head))
     return head + b',"sig":"' + b64(sig).encode() + b'"}'
 
 
