@@ -9,10 +9,25 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["LAT_LABELS", "TARGETS", "load_rows", "md_load", "md_targets", "render_load_table",
-           "stats", "summarise_load"]
+__all__ = ["LAT_LABELS", "TARGETS", "agent_rate_key", "load_rows", "md_load", "md_targets",
+           "render_load_table", "stats", "summarise_load"]
 
 
+
+
+# What the agent's ingest target is judged on, best first: the run from a file (the
+# production path), the run from a simulation, or (older results) the whole process.
+_AGENT_RATES = {
+    "input_run_rate": "`agent --input FILE.jsonl`, SQLite outbox, the agent's run without "
+                      "start-up",
+    "run_rate": "`agent --simulate --rate 0`, SQLite outbox, the agent's run without start-up",
+    "rate": "`agent --simulate --rate 0`, SQLite outbox",
+}
+
+
+def agent_rate_key(rss: Mapping[str, Any]) -> str:
+    """The key of ``rss``'s results the agent ingest target is judged on."""
+    return next(key for key in _AGENT_RATES if key in rss)
 
 def _repair_key(st: dict[str, Any]) -> str:
     """The repair figure the target is judged on: items per second (results of older runs
@@ -193,6 +208,9 @@ def load_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, str,
         if "run_rate" in rss:
             row("agent send rate (its run: stored and acknowledged, no start-up)",
                 "insights/s", rss["run_rate"], ",.0f")
+        if "input_run_rate" in rss:
+            row("agent ingest from a JSON-lines file (its run, no start-up)", "insights/s",
+                rss["input_run_rate"], ",.0f")
     rp = results.get("repair")
     if rp:
         if "item_rate" in rp:
@@ -315,12 +333,14 @@ def md_targets(results: Mapping[str, Any]) -> list[str]:
         rows.append(["edge agent peak RSS under load (max of runs)",
                      f"<= {rss['target_mb']:g} MB", f"{rss['peak_mb']['max']:.1f} MB",
                      _verdict(rss["ok"])])
-        run = "run_rate" in rss
-        rate = _med(rss, "run_rate" if run else "rate")
-        rows.append(["edge agent durable ingest (`agent --simulate --rate 0`, SQLite outbox"
-                     + (", the agent's run without start-up)" if run else ")"),
+        key = agent_rate_key(rss)
+        rate = _med(rss, key)
+        rows.append(["edge agent durable ingest (" + _AGENT_RATES[key] + ")",
                      f">= {TARGETS['agent_rate']:,.0f}/s", f"{rate:,.0f}/s",
                      _verdict(rate >= TARGETS["agent_rate"])])
+        if key == "input_run_rate":
+            rows.append(["the same from a simulation (" + _AGENT_RATES["run_rate"] + ")", "-",
+                         f"{_med(rss, 'run_rate'):,.0f}/s", "-"])
     rp = results.get("repair")
     if rp:
         key = _repair_key(rp)
@@ -438,23 +458,28 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
     if rss:
         rows = _stat_rows(rss, (("peak_mb", 1), ("peak_anon_mb", 1), ("ru_maxrss_mb", 1),
                              ("median_rss_mb", 1), ("rate", 0), ("run_rate", 0),
-                             ("seconds", 2)))
+                             ("input_run_rate", 0), ("seconds", 2)))
         out += ["### Edge agent memory", "",
                 f"`pear-mqtt agent --simulate --rate 0 --count {rss['items']['max']:,.0f}` "
-                f"with its on-disk outbox ({lr.get('rss', '?')} repetition(s)).", "",
+                f"with its on-disk outbox, then `agent --input` of the same insights from a "
+                f"JSON-lines file ({lr.get('rss', '?')} repetition(s)); the peaks are the "
+                "higher of the two runs'.", "",
                 *_stat_md(rows), ""]
-        stages = _stat_rows(rss, (("stage_simulate_us", 1), ("stage_filter_us", 1),
-                                  ("stage_outbox_us", 1), ("stage_rest_us", 1),
-                                  ("stage_run_us", 1)))
+        stages = _stat_rows(rss, (("stage_simulate_us", 1), ("stage_read_us", 1),
+                                  ("stage_filter_us", 1), ("stage_outbox_us", 1),
+                                  ("stage_rest_us", 1), ("stage_run_us", 1),
+                                  ("stage_input_rest_us", 1), ("stage_input_run_us", 1)))
         if stages:
-            out += ["Where the agent's time per insight goes (us): simulating it, the privacy "
-                    "filter and the on-disk outbox (a batch's rows put in one transaction, read "
-                    "back and acknowledged a few batches later) timed alone in the benchmark "
-                    "process on the agent's configuration and batch size (best of three); "
-                    "`stage_run_us` is the "
-                    "agent's run per insight, `stage_rest_us` what it takes beyond the three: "
-                    "item ids and sealing, signing and encrypting envelopes, the history log "
-                    "and MQTT.", "", *_stat_md(stages), ""]
+            out += ["Where the agent's time per insight goes (us): simulating it, reading it "
+                    "from a JSON-lines file, the privacy filter and the on-disk outbox (a "
+                    "batch's rows put in one transaction, read back and acknowledged a few "
+                    "batches later) timed alone in the benchmark process on the agent's "
+                    "configuration and batch size (best of three, streamed as the agent reads "
+                    "them); `stage_run_us` is the agent's run per insight from the simulation "
+                    "and `stage_input_run_us` from the file, `stage_rest_us` and "
+                    "`stage_input_rest_us` what each takes beyond its source, the filter and "
+                    "the outbox: item ids and sealing, signing and encrypting envelopes, the "
+                    "history log and MQTT.", "", *_stat_md(stages), ""]
     fi = results.get("fanin")
     if fi:
         keys = (("connect_all_s", 2), ("connect_p50_ms", 0), ("connect_p99_ms", 0),

@@ -8,6 +8,7 @@ and restart it) and returns plain numbers.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -316,22 +317,24 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
-    """``pear-mqtt agent --simulate --rate 0 --count N`` (the on-disk outbox, as an agent
-    runs): peak RSS is the agent's VmHWM (/proc/<pid>/status), sampled every 10 ms until it
-    exits, plus the median RSS sampled while it runs."""
-    from pear_mqtt.config.manager import NetworkConfigManager
+@dataclass(frozen=True, slots=True)
+class _AgentRun:
+    report: dict[str, Any]
+    seconds: float
+    hwm_kb: int
+    anon_kb: int
+    maxrss_kb: int
+    samples: list[int]
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = workdir / "agent.json"
-    NetworkConfigManager.save(pear_config(env, "acme"), conf, include_secrets=True)
-    n = lp.n_rss
-    with (workdir / "agent.log").open("wb") as log:
+
+def _run_agent(args: list[str], workdir: Path, name: str, n: int, timeout: float) -> _AgentRun:
+    """``pear-mqtt agent ARGS`` to completion, its RSS sampled every 10 ms; its final report
+    must count ``n`` insights sent."""
+    with (workdir / f"{name}.log").open("wb") as log:
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            [_cli(), "agent", "--config", str(conf), "--simulate", "--rate", "0", "--count",
-             str(n), "--seed", "1", "--outbox", str(workdir / "outbox.sqlite"),
-             "--status-interval", "0", "--drain-timeout", str(lp.timeout)],
+            [_cli(), "agent", *args, "--outbox", str(workdir / f"{name}.sqlite"),
+             "--status-interval", "0", "--drain-timeout", str(timeout)],
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
     samples: list[int] = []
     hwm = anon = 0
@@ -345,8 +348,8 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
                 samples.append(st.get("VmRSS", 0))
                 hwm = max(hwm, st.get("VmHWM", 0))
                 anon = max(anon, st.get("RssAnon", 0))
-            if time.monotonic() - t0 > lp.timeout:
-                raise WorkerError("agent did not finish in time")
+            if time.monotonic() - t0 > timeout:
+                raise WorkerError(f"agent ({name}) did not finish in time")
             time.sleep(0.01)  # sampling RSS (and its high-water mark) while the agent works
         elapsed = time.monotonic() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
@@ -358,36 +361,71 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
     report = json.loads(proc.stdout.read().decode().strip().splitlines()[-1])
     proc.stdout.close()
     if proc.returncode != 0 or report.get("sent") != n:
-        raise WorkerError(f"agent exit {proc.returncode}, report {report}")
+        raise WorkerError(f"agent ({name}) exit {proc.returncode}, report {report}")
+    return _AgentRun(report=report, seconds=elapsed, hwm_kb=hwm, anon_kb=anon,
+                     maxrss_kb=usage.ru_maxrss, samples=samples)
+
+
+def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
+    """``pear-mqtt agent --simulate --rate 0 --count N`` (the on-disk outbox, as an agent
+    runs): peak RSS is the agent's VmHWM (/proc/<pid>/status), sampled every 10 ms until it
+    exits, plus the median RSS sampled while it runs. Then the same N insights, written to a
+    JSON-lines file beforehand, ingested with ``agent --input FILE``: the production path."""
+    from pear_mqtt.agent.simulate import SimulatedSource
+    from pear_mqtt.config.manager import NetworkConfigManager
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "agent.json"
+    NetworkConfigManager.save(pear_config(env, "acme"), conf, include_secrets=True)
+    n = lp.n_rss
+    sim = _run_agent(["--config", str(conf), "--simulate", "--rate", "0", "--count", str(n),
+                      "--seed", "1"], workdir, "simulate", n, lp.timeout)
+    feed = workdir / "insights.jsonl"
+    with feed.open("w", encoding="utf-8") as fh:
+        for insight in SimulatedSource(seed=1, rate=0, count=n).generate():
+            fh.write(insight.model_dump_json(exclude_none=True) + "\n")
+    ingest = _run_agent(["--config", str(conf), "--input", str(feed)], workdir, "input", n,
+                        lp.timeout)
     # The peak is the child's own VmHWM. wait4's ru_maxrss is not: Linux carries the
     # high-water mark of the pre-exec address space across execve, so a child spawned by this
     # (by then ~100 MB) process reports the parent's size. ru_maxrss is kept for reference.
     # VmHWM also counts the shared libraries' pages the process has mapped, which depends on
     # the page cache (58 vs 60 MB for one build in two checkouts, anonymous memory equal);
     # the sampled peak of RssAnon is the agent's own memory.
-    stages = agent_stages(env, n, workdir / "stages")
-    run_us = report["duration"] / n * 1e6
-    return {**stages, "stage_run_us": run_us, "stage_rest_us": run_us - sum(stages.values()),
-            "peak_mb": hwm / 1024, "peak_anon_mb": anon / 1024,
-            "ru_maxrss_mb": usage.ru_maxrss / 1024,
+    stages = agent_stages(env, n, workdir / "stages", feed)
+    run_us = sim.report["duration"] / n * 1e6
+    input_us = ingest.report["duration"] / n * 1e6
+    samples = sim.samples
+    return {**stages, "stage_run_us": run_us,
+            "stage_rest_us": run_us - stages["stage_simulate_us"] - stages["stage_filter_us"]
+            - stages["stage_outbox_us"],
+            "stage_input_run_us": input_us,
+            "stage_input_rest_us": input_us - stages["stage_read_us"]
+            - stages["stage_filter_us"] - stages["stage_outbox_us"],
+            "peak_mb": max(sim.hwm_kb, ingest.hwm_kb) / 1024,
+            "peak_anon_mb": max(sim.anon_kb, ingest.anon_kb) / 1024,
+            "ru_maxrss_mb": sim.maxrss_kb / 1024,
             "median_rss_mb": sorted(samples)[len(samples) // 2] / 1024 if samples else 0.0,
-            "rate": n / elapsed, "seconds": elapsed, "items": n,
+            "rate": n / sim.seconds, "seconds": sim.seconds, "items": n,
             # The agent's own run (connected, every insight stored and acknowledged), without
             # the interpreter's start-up and imports, which a long-running agent pays once.
-            "run_rate": n / report["duration"]}
+            "run_rate": n / sim.report["duration"],
+            "input_run_rate": n / ingest.report["duration"]}
 
 
 _ACK_LAG = 4  # batches published but not yet acknowledged, in the agent benchmark's runs
 
 
-def agent_stages(env: BenchEnv, n: int, workdir: Path) -> dict[str, float]:
+def agent_stages(env: BenchEnv, n: int, workdir: Path, feed: Path) -> dict[str, float]:
     """Microseconds per insight of the agent's stages that need no broker, timed in this
     process on the agent's configuration and batch size (best of three): simulating the
-    insights, the privacy filter, and the on-disk outbox (each batch's insight rows and its
+    insights, reading them from the JSON-lines ``feed`` (both streamed, as the agent reads
+    them), the privacy filter, and the on-disk outbox (each batch's insight rows and its
     categories' state rows put in one transaction, read back to be sent, and the insight
     rows acknowledged a few batches later, as the sender does). What the agent's run takes
     beyond their sum is the rest of its path: item ids and sealing, signing and encrypting
     the envelopes, the history log and MQTT."""
+    from pear_mqtt.agent.records import read_insights
     from pear_mqtt.agent.runner import BATCH
     from pear_mqtt.agent.simulate import SimulatedSource
     from pear_mqtt.node.outbox import NewItem, Outbox
@@ -447,8 +485,12 @@ def agent_stages(env: BenchEnv, n: int, workdir: Path) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     for old in workdir.glob("stages-*"):
         old.unlink()
-    return {"stage_simulate_us": min(timed(lambda: list(source.generate()))
+    return {"stage_simulate_us": min(timed(lambda: collections.deque(source.generate(),
+                                                                     maxlen=0))
                                      for _ in range(3)) / n * 1e6,
+            "stage_read_us": min(timed(lambda: collections.deque(read_insights(feed),
+                                                                  maxlen=0))
+                                 for _ in range(3)) / n * 1e6,
             "stage_filter_us": min(timed(lambda: [flt.encode_many(b) for b in batches])
                                    for _ in range(3)) / n * 1e6,
             "stage_outbox_us": best_outbox()}

@@ -165,6 +165,13 @@ def csv_header_line(path: Path) -> str | None:
 
 def _parse_json_line(text: str) -> MarketInsight:
     try:
+        # pydantic-core parses and validates in one pass, about twice json.loads and
+        # model_validate; a line it refuses is read again below to say why in the words a
+        # person fixing the file needs (a JSON error's column, the fields at fault).
+        return MarketInsight.model_validate_json(text)
+    except ValidationError:
+        pass
+    try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
