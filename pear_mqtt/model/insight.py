@@ -239,11 +239,17 @@ class MarketInsight(_InsightPart):
         if self.window_end.timestamp() > time.time() + _AHEAD:
             raise ValueError(f"window_end {self.window_end:%Y-%m-%d} is more than a year "
                              "ahead: a clock or unit error")
-        # A part's __dict__ holds exactly its (scalar) fields: extra="forbid". Read directly,
-        # as model_dump per part would cost more than the rest of the validation.
-        observed = any(value is not None and name != "currency"
-                       for part in (self.price_data, self.sales_data, self.trends)
-                       if part is not None for name, value in vars(part).items())
+        # Each part's observations named (currency only labels prices): plain attribute
+        # reads, as a walk over the parts' fields would cost a third of this validator.
+        p, s, t = self.price_data, self.sales_data, self.trends
+        observed = (
+            (p is not None and (p.price is not None or p.min_price is not None
+                                or p.max_price is not None))
+            or (s is not None and (s.units is not None or s.revenue is not None
+                                   or s.transactions is not None))
+            or (t is not None and (t.price_change_pct is not None
+                                   or t.demand_change_pct is not None
+                                   or t.direction is not None)))
         # The transaction count is an observation too (shared as sales_data is), when given.
         if not observed and "sample_size" not in self.model_fields_set:
             raise ValueError("the insight observes nothing: give at least one value of "

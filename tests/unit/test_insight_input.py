@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pear_mqtt import InsightError, MarketInsight, PearError
-from pear_mqtt.model.insight import as_insight
+from pear_mqtt.model.insight import PriceData, SalesData, TrendData, as_insight
 
 T0 = datetime(2026, 11, 2, tzinfo=UTC)
 
@@ -49,3 +49,16 @@ def test_invalid_input_is_one_line_naming_what_is_wrong(bad: dict[str, Any],
 def test_something_else_is_refused_by_type() -> None:
     with pytest.raises(InsightError, match=r"expected a MarketInsight .* not list"):
         as_insight([1, 2])
+
+
+@pytest.mark.parametrize("group, name", [
+    (group, name)
+    for group, model in (("price_data", PriceData), ("sales_data", SalesData),
+                         ("trends", TrendData))
+    for name in model.model_fields if name != "currency"])
+def test_every_value_of_a_part_is_an_observation(group: str, name: str) -> None:
+    # Any one value a part may hold, alone, makes an insight (currency only labels prices);
+    # a field added to a part must be counted as an observation too.
+    given = {**fields(price_data=None), group: {name: "up" if name == "direction" else 1.0}}
+    got = as_insight(given)
+    assert getattr(getattr(got, group), name) is not None
