@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 from pydantic_core import to_json
 
 from ..config.models import NetworkConfig
@@ -172,29 +172,13 @@ class _Split:
 
 # -- the filter ----------------------------------------------------------------------------
 
-def _observations(data: BaseModel) -> dict[str, float | str]:
-    """Set fields of a group model, numbers as floats; unknown value types fail closed."""
-    out: dict[str, float | str] = {}
-    units_only = True
-    # A model's __dict__ holds exactly its fields; reading it avoids pydantic's per-access
-    # machinery on this per-insight path. Exact type checks first: isinstance() is the slow
-    # path, kept for subclasses (and to refuse bool, which is an int).
-    for name, value in vars(data).items():
-        if value is None:
-            continue
-        kind = type(value)
-        if kind is float or kind is str:
-            out[name] = value
-        elif kind is int:
-            out[name] = float(value)
-        elif isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise PrivacyError(f"{name}: cannot classify a {kind.__name__} value for "
-                               "the privacy filter")
-        else:
-            out[name] = float(value) if isinstance(value, int | float) else value
-        if units_only and name not in _UNIT_FIELDS:
-            units_only = False
-    return {} if units_only else out
+def _classified(name: str, value: object) -> float | str:
+    """A field value of a type other than float, int or str: a subclass of one of them as
+    its plain value; anything else (bool included, an int) fails closed."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise PrivacyError(f"{name}: cannot classify a {type(value).__name__} value for "
+                           "the privacy filter")
+    return float(value) if isinstance(value, int | float) else str(value)
 
 
 class PrivacyFilter:
@@ -390,12 +374,25 @@ class PrivacyFilter:
             data = getattr(insight, group)
             if data is None:
                 continue
-            fields = _observations(data)
-            if not fields:
-                continue
             published: GroupValues = {}
             sealed: dict[str, float] = {}
-            for name, value in fields.items():
+            observed = False  # a part holding only units (a currency) observes nothing
+            unit: float | str | None = None
+            # A model's __dict__ holds exactly its fields; reading it avoids pydantic's
+            # per-access machinery on this per-insight path. Exact type checks first:
+            # isinstance() is the slow path, kept for subclasses (and to refuse bool).
+            for name, value in vars(data).items():
+                if value is None:
+                    continue
+                kind = type(value)
+                if kind is int:
+                    value = float(value)
+                elif kind is not float and kind is not str:
+                    value = _classified(name, value)
+                if name in _UNIT_FIELDS:
+                    unit = value
+                else:
+                    observed = True
                 action, source = actions[name]
                 if action == "exact" or action == "text":
                     published[name] = value
@@ -406,15 +403,16 @@ class PrivacyFilter:
                 else:
                     continue
                 if source is not None:
-                    sources.add(source)
+                    sources.add(source)  # only derived fields have one: never a unit
+            if not observed:
+                continue
             if published:
                 levels[group] = self._levels[group]
                 groups[group] = published
             if sealed:
                 aggregated[group] = sealed
                 if group == "price_data":
-                    c = fields.get("currency")
-                    currency = c if isinstance(c, str) else None
+                    currency = unit if isinstance(unit, str) else None
 
         sample_size: int | ValueRange | None = None
         sealed_sample_size: int | None = None
