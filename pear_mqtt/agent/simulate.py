@@ -159,18 +159,22 @@ class SimulatedSource:
         hour = self.start
         while True:
             if _OPEN_HOUR <= hour.hour < _CLOSE_HOUR:
+                # What every category of this hour shares, worked out once for the hour.
+                end = hour + timedelta(hours=1)
+                demand = (_hour_profile(hour.hour), _WEEKDAY_FACTOR[hour.weekday()])
                 for model, state in zip(models, states, strict=True):
                     if self.count is not None and produced >= self.count:
                         return
-                    yield self._observe(rng, model, state, hour)
+                    yield self._observe(rng, model, state, hour, end, demand)
                     produced += 1
             elif self.count is not None and produced >= self.count:
                 return
             hour += timedelta(hours=1)
 
     def _observe(self, rng: random.Random, model: _CategoryModel, state: _CategoryState,
-                 hour: datetime) -> MarketInsight:
-        end = hour + timedelta(hours=1)
+                 hour: datetime, end: datetime, demand: tuple[float, float]) -> MarketInsight:
+        """One category's insight for ``[hour, end)``; ``demand`` is the hour's and the
+        weekday's factors of the peak."""
         if state.promo_until is not None and hour >= state.promo_until:
             state.promo_until, state.discount = None, 0.0
         if state.promo_until is None and hour.hour == _OPEN_HOUR \
@@ -181,8 +185,8 @@ class SimulatedSource:
         state.walk = 0.97 * state.walk + rng.gauss(0.0, 0.004)
         regular = model.base_price * math.exp(state.walk)
         price = round(regular * (1.0 - state.discount), 2)
-        lam = (model.peak_units * _hour_profile(hour.hour) * _WEEKDAY_FACTOR[hour.weekday()]
-               * (regular / price) ** model.elasticity * math.exp(rng.gauss(0.0, 0.15)))
+        lam = (model.peak_units * demand[0] * demand[1] * (regular / price) ** model.elasticity
+               * math.exp(rng.gauss(0.0, 0.15)))
         units = _poisson(rng, lam)
         transactions = min(units, round(units / (model.basket * rng.uniform(0.8, 1.2))))
         if units and not transactions:
