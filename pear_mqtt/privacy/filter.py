@@ -174,7 +174,8 @@ class _Split:
 
 def _classified(name: str, value: object) -> float | str:
     """A field value of a type other than float, int or str: a subclass of one of them as
-    its plain value; anything else (bool included, an int) fails closed."""
+    its plain value; anything else fails closed, and so does a bool (an int subclass that
+    is no measurement)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise PrivacyError(f"{name}: cannot classify a {type(value).__name__} value for "
                            "the privacy filter")
