@@ -463,7 +463,8 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                 f"`pear-mqtt agent --simulate --rate 0 --count {rss['items']['max']:,.0f}` "
                 f"with its on-disk outbox, then `agent --input` of the same insights from a "
                 f"JSON-lines file ({lr.get('rss', '?')} repetition(s)); the peaks are the "
-                "higher of the two runs'.", "",
+                "higher of the two runs', the median RSS and `ru_maxrss_mb` the "
+                "simulation's.", "",
                 *_stat_md(rows), ""]
         stages = _stat_rows(rss, (("stage_simulate_us", 1), ("stage_read_us", 1),
                                   ("stage_filter_us", 1), ("stage_outbox_us", 1),
