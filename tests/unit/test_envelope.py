@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -485,6 +486,23 @@ def test_untrusted_certificates_are_refused(pki: PKI, case: str, words: str) -> 
         rx.decode(wire)
     # A revocation is a refusal of its own (RevokedCertificate, a SignatureError).
     assert rx.stats == {"revoked" if case == "revoked" else "bad_signature": 2}
+
+
+def test_a_malformed_name_is_refused_without_a_warning(pki: PKI) -> None:
+    """cryptography warns as it reads a malformed name (a country of seven letters, as a
+    fuzzer writes); the receiver refuses the certificate as any other, and nothing else."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cryptography warns as the test writes it, too
+        name = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "ACMEXYZ", _validate=False),
+                          x509.NameAttribute(NameOID.COMMON_NAME, "acme/store-1")])
+        key, cert = CA.make("Evil CA").issue(subject=name)
+    wire = craft([*header("acme/store-1"), ("body", {"x": 1})], key=key, cert=cert)
+    rx = pki.codec("bob", trust=pki.trust())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SignatureError, match="not issued by a trusted CA"):
+            rx.decode(wire)
+    assert rx.stats == {"bad_signature": 1}
 
 
 def test_revocation_only_hits_the_listed_certificate(pki: PKI) -> None:
