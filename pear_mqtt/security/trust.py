@@ -237,7 +237,7 @@ class TrustStore:
             # verdict says what is wrong with the certificate, a warning would only let any
             # sender write to this process's log.
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                warnings.simplefilter("ignore", UserWarning)
                 cert = x509.load_der_x509_certificate(der)
                 return self._validate_cert(cert, fingerprint)
         except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
