@@ -58,6 +58,18 @@ class PageReader:
         """A message on a checkpoint topic (``parsed``)."""
         if not msg.payload:
             return  # a cleared page
+        # A page brings hundreds of acyclic objects at once (its JSON, then its states);
+        # without pausing the cyclic collector it would rescan the growing state map many
+        # times per page.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self._handle(parsed, msg)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _handle(self, parsed: ParsedTopic, msg: InboundMessage) -> None:
         decoded = open_counted(self._codec, msg.payload, self._counters)
         if decoded is None:
             return
@@ -87,16 +99,8 @@ class PageReader:
         # topic scheme of the signer's member, so a page can only speak for its own node.
         scheme = TopicScheme(parsed.mode, parsed.network or self.config.network_id,
                              parsed.company)
-        # A page brings hundreds of acyclic objects at once; without pausing the cyclic
-        # collector it would rescan the growing state map many times per page.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            self._load_page(parsed, scheme, signer, states, sequence=decoded.message.sequence,
-                            log_ref=decoded.message.log_ref)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        self._load_page(parsed, scheme, signer, states, sequence=decoded.message.sequence,
+                        log_ref=decoded.message.log_ref)
 
     def _seed_page(self, parsed: ParsedTopic, decoded: Decoded) -> None:
         """This node's own page, read back when it starts: its states go into the pages it
