@@ -6,6 +6,7 @@ went out all end with every state."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,28 @@ async def test_states_reach_late_joiners_with_or_without_per_category_topics(
         assert late.status().states_from_checkpoints == n
     assert {r.insight.category for r in result} == {f"sp/c{i:03d}" for i in range(n)}
 
+
+
+async def test_a_late_joiners_sync_leaves_the_cyclic_collector_running(
+        make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker, pki: NetworkPKI,
+        insight: Callable[..., MarketInsight]) -> None:
+    """A page is handled with Python's collector paused; after a sync over real pages and one
+    that is not a signed envelope (published by the member's own certificate) it runs again."""
+    async with PearNetwork(make_config("acme")) as tx:
+        for i in range(40):
+            await tx.broadcast_market_insight(insight(category=f"gc/c{i:02d}", price=1.0 + i))
+        await tx.flush(timeout=30)
+    acme = TopicScheme(mode="consortium", network=pki.network, member="acme")
+    with probe(mosquitto, pki.node("acme", "store-1")) as p:
+        p.publish(acme.checkpoint("store-1", 255, part=7), b'{"not": "an envelope"}',
+                  retain=True)
+    assert gc.isenabled()
+    async with PearNetwork(make_config("globex")) as late:
+        result = await late.sync(timeout=30)
+        dropped = late.status().dropped
+    assert len(result) == 40
+    assert sum(dropped.values()) >= 1, dropped  # the bogus page was read and refused
+    assert gc.isenabled()
 
 async def test_a_node_that_died_before_its_pages_went_out_sends_them_after_restart(
         make_config: Callable[..., NetworkConfig], mosquitto: MosquittoBroker, pki: NetworkPKI,
