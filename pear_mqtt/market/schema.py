@@ -8,10 +8,13 @@ import sqlite3
 from pathlib import Path
 
 from ..errors import MarketError
+from .values import from_packed
 
 __all__ = ["SCHEMA_VERSION", "connect", "ensure"]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+"""2: figures as JSON (market/values.py); a store of schema 1 (packed figures) is upgraded
+the first time it is opened for writing."""
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -23,7 +26,7 @@ CREATE TABLE IF NOT EXISTS insights (
     window_start REAL NOT NULL, window_end REAL NOT NULL, day INTEGER NOT NULL,
     received_at REAL NOT NULL, seq INTEGER NOT NULL, log_ref TEXT,
     currency TEXT, direction TEXT,
-    vals BLOB NOT NULL);  -- the disclosed figures, packed (market/values.py)
+    vals TEXT NOT NULL);  -- the disclosed figures, as JSON (market/values.py)
 -- An item's day is part of what it describes, so a lookup knows it; new items land near
 -- each other in this index (recent days) instead of at random places in the whole of it.
 -- It also serves a roll-up day's rebuild, and time bounds (retention, pages, the oldest
@@ -100,6 +103,9 @@ def ensure(conn: sqlite3.Connection, path: Path, *, network: str | None, mode: s
     except sqlite3.DatabaseError as exc:
         raise MarketError(f"market store {path}: not a readable store ({exc}); move it "
                           "away to start a new one") from exc
+    if meta.get("schema") == "1":
+        _upgrade_from_1(conn, path)
+        meta["schema"] = SCHEMA_VERSION
     if meta.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
         raise MarketError(f"market store {path}: schema {meta['schema']} is not the "
                           f"{SCHEMA_VERSION} this version reads; export it with the version "
@@ -117,3 +123,26 @@ def ensure(conn: sqlite3.Connection, path: Path, *, network: str | None, mode: s
                           f"{mode} network {network!r}: one store per network (set "
                           "market.path to another file)")
     return str(held[0]), str(held[1])
+
+
+def _upgrade_from_1(conn: sqlite3.Connection, path: Path) -> None:
+    """Rewrite a schema 1 store's packed figures as JSON, in one transaction (the roll-up
+    it holds stays valid: only the form of the figures changes)."""
+    conn.create_function("pear_figures_from_packed", 1, from_packed, deterministic=True)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("UPDATE insights SET vals = pear_figures_from_packed(vals)")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        if "readonly" in str(exc):
+            raise MarketError(f"market store {path}: written by an older pear_mqtt (schema "
+                              "1); open it once for writing (start the node that keeps it) "
+                              "to upgrade it, then read it again") from exc
+        raise MarketError(f"market store {path}: cannot upgrade it from schema 1 ({exc}); "
+                          "check the free space and permissions there, or move it away to "
+                          "start a new one") from exc

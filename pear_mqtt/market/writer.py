@@ -19,7 +19,7 @@ from ..errors import MarketError
 from ..history.log import Retention
 from ..node.records import ReceivedAggregate, ReceivedInsight
 from ..privacy.ranges import ValueRange
-from .values import Ends, pack, unpack
+from .values import pack
 
 __all__ = ["DAY", "Retention", "Row", "Writer", "insight_row", "item_key", "size_on_disk"]
 
@@ -44,10 +44,37 @@ _REPLACE = (f"UPDATE insights SET received_at = ?, seq = ?, log_ref = ?, "
             f"{', '.join(f'{c} = ?' for c in _VALUE_COLUMNS)} WHERE id = ?")
 
 
-_DAILY = ("INSERT INTO daily VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-          "ON CONFLICT DO UPDATE SET n = n + excluded.n, exact = exact + excluded.exact, "
-          "s = s + excluded.s, ss = ss + excluded.ss, "
-          "lo = min(lo, excluded.lo), hi = max(hi, excluded.hi)")
+# The roll-up of what {source} and {where} select, summed by SQLite from the figures (the
+# JSON of market/values.py), each weighing {n}: an exact figure counts as exact at its
+# value, a bucket at its middle, an open bucket at its one end (not exact); a cell held
+# already is added to.
+_ROLLUP = """INSERT INTO daily
+SELECT category, day, region, metric, sum(n), sum(n * exact), sum(n * mid),
+       sum(n * (mid * mid)), min(lo), max(hi)
+FROM (SELECT category, day, region, metric, n, lo IS hi AS exact,
+             coalesce(lo, hi) AS lo, coalesce(hi, lo) AS hi,
+             CASE WHEN lo IS NULL OR hi IS NULL THEN coalesce(lo, hi)
+                  ELSE (lo + hi) / 2 END AS mid
+      FROM (SELECT i.category, i.day, i.region, {n} AS n, j.key AS metric,
+                   CASE WHEN j.type = 'array' THEN j.value ->> 0 ELSE j.value END AS lo,
+                   CASE WHEN j.type = 'array' THEN j.value ->> 1 ELSE j.value END AS hi
+            FROM {source} i, json_each(i.vals) j WHERE {where}))
+WHERE lo IS NOT NULL
+GROUP BY category, day, region, metric
+ON CONFLICT DO UPDATE SET n = n + excluded.n, exact = exact + excluded.exact,
+    s = s + excluded.s, ss = ss + excluded.ss,
+    lo = min(lo, excluded.lo), hi = max(hi, excluded.hi)"""
+# A batch's rows counted per (category, day, region, figures): a batch holds far fewer
+# distinct figures than rows when they are buckets or repeated prices.
+_CELLS_TABLE = ("CREATE TEMP TABLE IF NOT EXISTS pear_cells (category TEXT, day INTEGER, "
+                "region TEXT, vals TEXT, n INTEGER)")
+_ROLLUP_CELLS = _ROLLUP.format(n="i.n", source="temp.pear_cells", where="1")
+_ROLLUP_BATCH = _ROLLUP.format(n="1", source="insights", where="i.id BETWEEN ? AND ?")
+_ROLLUP_CELL = _ROLLUP.format(n="1", source="insights", where="i.category = ? AND i.day = ?")
+_MEMBERS = ("INSERT OR IGNORE INTO daily_members SELECT DISTINCT category, day, region, member "
+            "FROM insights WHERE {where}")
+_MEMBERS_BATCH = _MEMBERS.format(where="id BETWEEN ? AND ?")
+_MEMBERS_CELL = _MEMBERS.format(where="category = ? AND day = ?")
 # Each sender's newest row per category, region and product, from the rows a batch added
 # (ids ?1..?2), in SQLite alone: a later window, or the later of equal ones, replaces.
 _LATEST = ("INSERT INTO latest SELECT member, node, category, region, coalesce(product, ''), "
@@ -121,7 +148,7 @@ def insight_row(received: ReceivedInsight) -> Row:
     held = tuple(figures)
     vals = _packed.get(held)
     if vals is None:
-        vals = pack({name: (lo, hi) for name, lo, hi in figures})
+        vals = pack(figures)
         if len(_packed) >= _CACHE_MAX:
             _packed.clear()
         _packed[held] = vals
@@ -133,7 +160,7 @@ def insight_row(received: ReceivedInsight) -> Row:
             currency, direction, vals)
 
 
-_packed: dict[tuple[tuple[str, float | None, float | None], ...], bytes] = {}
+_packed: dict[tuple[tuple[str, float | None, float | None], ...], str] = {}
 
 
 def size_on_disk(path: Path) -> int:
@@ -144,56 +171,9 @@ def size_on_disk(path: Path) -> int:
     return total
 
 
-# Of a row as insight_row() makes it: its roll-up cell and figures (category, day, region,
-# vals), its key, its cell and member.
-_FIGURES = operator.itemgetter(4, 9, 5, 15)
+# Of a row as insight_row() makes it: its key; its roll-up cell and figures.
 _KEY = operator.itemgetter(0)
-_MEMBER = operator.itemgetter(4, 9, 5, 1)
-
-
-class _Cells:
-    """Roll-up sums per (category, day, region, metric) of rows (as :func:`insight_row`
-    makes them) and the members seen per cell. Rows are counted per (category, day, region,
-    packed figures); the sums are made per distinct figures when written (a batch holds
-    far fewer distinct figures than rows: buckets, repeated prices)."""
-
-    def __init__(self, rows: list[Row]) -> None:
-        self.counts: dict[tuple[object, ...], int] = Counter(map(_FIGURES, rows))
-        self.members = set(map(_MEMBER, rows))
-
-    def write(self, cur: sqlite3.Cursor) -> None:
-        """Add the sums to the roll-up tables."""
-        sums: dict[tuple[object, ...], list[float]] = {}
-        figures: dict[bytes, Ends] = {}
-        for (category, day, region, vals), n in self.counts.items():
-            ends = figures.get(vals)  # type: ignore[call-overload]
-            if ends is None:
-                ends = figures[vals] = unpack(vals)  # type: ignore[index, arg-type]
-            for metric, (lo, hi) in ends.items():
-                if lo is None or hi is None:  # an open bucket counts at its one end
-                    lo = hi = mid = hi if lo is None else lo
-                    exact = 0
-                else:
-                    mid = (lo + hi) / 2
-                    exact = n if lo == hi else 0
-                assert mid is not None and lo is not None and hi is not None
-                key = (category, day, region, metric)
-                cell = sums.get(key)
-                if cell is None:
-                    sums[key] = [n, exact, n * mid, n * (mid * mid), lo, hi]
-                    continue
-                cell[0] += n
-                cell[1] += exact
-                cell[2] += n * mid
-                cell[3] += n * (mid * mid)
-                if lo < cell[4]:
-                    cell[4] = lo
-                if hi > cell[5]:
-                    cell[5] = hi
-        cur.executemany(_DAILY, [(*key, int(n), int(x), s, ss, lo, hi)
-                                 for key, (n, x, s, ss, lo, hi) in sums.items()])
-        cur.executemany("INSERT OR IGNORE INTO daily_members VALUES (?, ?, ?, ?)",
-                        self.members)
+_FIGURES = operator.itemgetter(4, 9, 5, 15)
 
 
 class Writer:
@@ -286,7 +266,7 @@ class Writer:
                 raise MarketError(f"market store: its row ids are used up (new rows took ids "
                                   f"up to {last}, not {first}..{first + len(new) - 1}); "
                                   "export it and start a new store")
-            _Cells(new).write(cur)
+            self._roll_up_batch(cur, new, (first, last))
             cur.execute(_LATEST, (first, last))
         for category, day in dirty:
             self._recompute(cur, category, day)
@@ -303,14 +283,28 @@ class Writer:
                 out[tuple(r[:3])] = (r[3], r[4], tuple(r[5:]))  # a hash collision: no match
         return out
 
+    @staticmethod
+    def _roll_up_batch(cur: sqlite3.Cursor, new: list[Row], ids: tuple[int, int]) -> None:
+        """Add the new rows (ids ``ids``) to the roll-up tables: counted per distinct
+        figures first when that makes them fewer than half, else row by row."""
+        counts = Counter(map(_FIGURES, new))
+        if len(counts) * 2 <= len(new):
+            cur.execute(_CELLS_TABLE)
+            cur.execute("DELETE FROM temp.pear_cells")
+            cur.executemany("INSERT INTO temp.pear_cells VALUES (?, ?, ?, ?, ?)",
+                            [(*cell, n) for cell, n in counts.items()])
+            cur.execute(_ROLLUP_CELLS)
+        else:
+            cur.execute(_ROLLUP_BATCH, ids)
+        cur.execute(_MEMBERS_BATCH, ids)
+
     def _recompute(self, cur: sqlite3.Cursor, category: str, day: int) -> None:
         """Rebuild one (category, day) roll-up cell from its rows (after a replacement or
         retention)."""
-        cells = _Cells(cur.execute(f"SELECT key, {', '.join(_COLUMNS)} FROM insights "
-                                   "WHERE category = ? AND day = ?", (category, day)).fetchall())
         cur.execute("DELETE FROM daily WHERE category = ? AND day = ?", (category, day))
         cur.execute("DELETE FROM daily_members WHERE category = ? AND day = ?", (category, day))
-        cells.write(cur)
+        cur.execute(_ROLLUP_CELL, (category, day))
+        cur.execute(_MEMBERS_CELL, (category, day))
 
     def _aggregate(self, cur: sqlite3.Cursor, received: ReceivedAggregate) -> int:
         body = received.aggregate

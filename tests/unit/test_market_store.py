@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import struct
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
@@ -96,6 +97,32 @@ def test_a_store_with_former_indexes_reads_and_loses_them_when_written(
     conn.close()
     assert indexes & {"insights_category_day", "insights_window_end"} == set()
     assert "insights_day_key" in indexes
+
+
+def test_a_store_of_schema_1_is_upgraded_when_opened_for_writing(tmp_path: Path) -> None:
+    # Schema 1 packed the figures as a 32-bit mask of the bounds present (two bits per
+    # metric, price first), then those bounds as little-endian doubles.
+    path = tmp_path / "m.db"
+    prices: list[Any] = [2.5, {"lo": 1.0, "hi": 2.0}, {"lo": 4.0}]
+    with MarketStore.open(path, network="net", mode="private") as s:
+        s.add([received(iid=f"i{k}", price=p) for k, p in enumerate(prices)])
+        before = (s.query().rows, s.query(group_by="day", metric="price"))
+    packed = [struct.pack("<I2d", 3, 2.5, 2.5), struct.pack("<I2d", 3, 1.0, 2.0),
+              struct.pack("<Id", 1, 4.0)]
+    with sqlite3.connect(path) as conn:
+        for k, blob in enumerate(packed):
+            conn.execute("UPDATE insights SET vals = ? WHERE item_id = ?", (blob, f"i{k}"))
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema'")
+    conn.close()
+    with pytest.raises(MarketError, match=r"schema 1.*open it once for writing"):
+        MarketStore.open(path, readonly=True)
+    with MarketStore.open(path, network="net", mode="private") as s:
+        assert (s.query().rows, s.query(group_by="day", metric="price")) == before
+        s.add([received(iid="i3", price=3.0)])  # the roll-up goes on from the upgraded rows
+        assert s.query(group_by="day", metric="price")[0].count == 4
+    with MarketStore.open(path, readonly=True) as ro:
+        assert [r.values["price"] for r in ro.query().rows][:3] == [
+            2.5, ValueRange(lo=1.0, hi=2.0), ValueRange(lo=4.0, hi=None)]
 
 
 def test_groups_by_day_and_week_count_companies_and_bounds(store: MarketStore) -> None:
@@ -385,11 +412,12 @@ def test_a_writer_far_behind_keeps_the_newest_items_and_counts_the_rest(
 
 def test_a_batch_groups_as_the_same_rows_added_one_at_a_time(tmp_path: Path) -> None:
     # Repeated figures (one member's and several members'), buckets, open buckets and exact
-    # values in one day: the roll-up of one batch equals that of one row per batch.
+    # values in one day: the roll-up of one batch (its rows counted per distinct figures
+    # first, as they repeat) equals that of one row per batch.
     prices: list[Any] = [2.0, 2.0, 2.0, 3.5, {"lo": 1.0, "hi": 2.0}, {"lo": 1.0, "hi": 2.0},
                          {"lo": 4.0}, {"hi": 0.5}, {"lo": 4.0}]
-    items = [received(member=f"m{k % 3}", iid=f"i{k}", price=p, day=k % 2)
-             for k, p in enumerate(prices)]
+    items = [received(member=f"m{k % 3}", iid=f"i{k}-{c}", price=p, day=k % 2)
+             for c in range(3) for k, p in enumerate(prices)]
     groups = []
     for name, batches in (("one", [items]), ("each", [[i] for i in items])):
         with MarketStore.open(tmp_path / f"{name}.db", network="net", mode="private") as s:
@@ -399,7 +427,7 @@ def test_a_batch_groups_as_the_same_rows_added_one_at_a_time(tmp_path: Path) -> 
     assert len(groups[0]) == 2 and groups[0] == groups[1]
     first = groups[0][0]
     # Day 0: 2.0, 2.0 (exact), bucket 1-2 (mid 1.5), open bucket from 4 (counts at 4), 4 again.
-    assert (first.count, first.companies, first.exact) == (5, 3, False)
+    assert (first.count, first.companies, first.exact) == (15, 3, False)
     assert first.mean == pytest.approx((2.0 + 2.0 + 1.5 + 4.0 + 4.0) / 5)
     assert (first.low, first.high) == (1.0, 4.0)
 
