@@ -432,6 +432,18 @@ def test_a_batch_groups_as_the_same_rows_added_one_at_a_time(tmp_path: Path) -> 
     assert (first.low, first.high) == (1.0, 4.0)
 
 
+def test_a_large_batch_is_stored_whole_in_arrival_order(store: MarketStore) -> None:
+    # More rows than one multi-row insert takes, and a remainder: every row once, in order.
+    items = [received(member=f"m{k % 7}", iid=f"i{k}", price=1.0 + k % 13, day=k % 3)
+             for k in range(600)]
+    assert store.add(items) == 600
+    rows = store.query(limit=1000).rows
+    assert [r.item_id for r in rows] == [f"i{k}" for k in range(600)]
+    assert [r.values["price"] for r in rows] == [1.0 + k % 13 for k in range(600)]
+    assert sum(d.count for d in store.query(group_by="day", metric="price")) == 600
+    assert store.add(items[:300]) == 0
+
+
 def test_a_store_whose_row_ids_are_used_up_refuses_new_rows_whole(tmp_path: Path) -> None:
     path = tmp_path / "m.db"
     with MarketStore.open(path, network="net", mode="private") as store:
