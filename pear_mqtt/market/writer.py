@@ -29,7 +29,7 @@ _COLUMNS = ("member", "node", "item_id", "category", "region", "product", "windo
             "window_end", "day", "received_at", "seq", "log_ref", "currency", "direction",
             "vals")
 # A row as insight_row() makes it: the key, then the columns. Its values: currency,
-# direction, then the packed figures.
+# direction, then the figures (market/values.py).
 _VALUES_AT = 1 + _COLUMNS.index("currency")
 _VALUE_COLUMNS = _COLUMNS[_VALUES_AT - 1:]
 _INSERT = (f"INSERT INTO insights (key, {', '.join(_COLUMNS)}) VALUES "
@@ -115,7 +115,7 @@ _signed64 = struct.Struct(">q").unpack
 
 def insight_row(received: ReceivedInsight) -> Row:
     """The ``insights`` row of one received insight: its index key (:func:`item_key`), then
-    the ``_COLUMNS`` (the figures packed in ``vals``)."""
+    the ``_COLUMNS`` (the figures in ``vals``)."""
     shared = received.insight
     figures: list[tuple[str, float | None, float | None]] = []
     currency = direction = None
