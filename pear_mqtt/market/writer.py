@@ -190,6 +190,7 @@ class Writer:
         self._path = path
         self._retention = retention
         self.refused = 0
+        conn.execute(_CELLS_TABLE)  # per connection: made once, emptied per batch
 
     def rows(self, insights: Sequence[ReceivedInsight]) -> list[Row]:
         """The rows of ``insights`` (:func:`insight_row`); those that make none are counted
@@ -296,7 +297,6 @@ class Writer:
         figures first when that makes them fewer than half, else row by row."""
         counts = Counter(map(_FIGURES, new))
         if len(counts) * 2 <= len(new):
-            cur.execute(_CELLS_TABLE)
             cur.execute("DELETE FROM temp.pear_cells")
             cur.executemany("INSERT INTO temp.pear_cells VALUES (?, ?, ?, ?, ?)",
                             [(*cell, n) for cell, n in counts.items()])
