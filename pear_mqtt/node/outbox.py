@@ -45,6 +45,32 @@ _ACK_CHUNK: Final = 500  # ids per DELETE statement (well under SQLite's variabl
 
 _COLUMNS: Final = "id, topic, payload, kind, key, retain, created, size"
 
+_INSERT: Final = "INSERT INTO outbox (topic, payload, kind, key, retain, created, size) VALUES "
+# Rows go in up to this many to a statement (7 parameters each: under SQLite's oldest limit
+# of 999), and a shorter tail in power-of-two parts, so a handful of statement texts serve
+# every batch size from the connection's statement cache.
+_ROWS_PER_INSERT: Final = 128
+
+
+def _insert_rows_sql(n: int) -> str:
+    return _INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n) + " RETURNING id"
+
+
+_INSERT_ROWS: Final = {n: _insert_rows_sql(n) for n in (1, 2, 4, 8, 16, 32, 64, 128)}
+
+
+def _insert_parts(n: int) -> Iterator[int]:
+    """Rows per statement for ``n`` rows: full statements, then the tail's binary digits."""
+    while n >= _ROWS_PER_INSERT:
+        yield _ROWS_PER_INSERT
+        n -= _ROWS_PER_INSERT
+    part = _ROWS_PER_INSERT
+    while n:
+        part //= 2
+        if n >= part:
+            yield part
+            n -= part
+
 
 @dataclass(frozen=True, slots=True)
 class NewItem:
@@ -261,14 +287,13 @@ class Outbox:
             with self._write(f"storing {len(items)} item(s)") as conn:
                 if self._expire_due(t, now):
                     self._expire_in(conn, t, now)
-                ids: list[int] = []
-                for i, it in enumerate(items):
-                    if it.kind == "state" and it.key is not None and last[it.key] != i:
-                        t.superseded += 1
-                        t.stored += 1
-                        ids.append(0)
-                    else:
-                        ids.append(self._insert(conn, t, it, now))
+                keep = [it.kind != "state" or it.key is None or last[it.key] == i
+                        for i, it in enumerate(items)]
+                kept = [it for it, k in zip(items, keep, strict=True) if k]
+                t.superseded += len(items) - len(kept)
+                t.stored += len(items) - len(kept)
+                stored = iter(self._insert_all(conn, t, kept, now))
+                ids = [next(stored) if k else 0 for k in keep]
             self._tally = t
             return ids
 
@@ -304,15 +329,14 @@ class Outbox:
                 for start in range(0, len(wanted), _ACK_CHUNK):
                     chunk = wanted[start:start + _ACK_CHUNK]
                     marks = ",".join("?" * len(chunk))
-                    gone = conn.execute(
-                        "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(CASE WHEN"
-                        f" kind = 'state' THEN size ELSE 0 END), 0) FROM outbox WHERE id IN"
-                        f" ({marks})", chunk).fetchone()
-                    conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
-                    t.depth -= gone[0]
-                    t.size -= gone[1]
-                    t.state_bytes -= gone[2]
-                    t.acked += gone[0]
+                    for size, kind in conn.execute(
+                            f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING size, kind",
+                            chunk).fetchall():
+                        t.depth -= 1
+                        t.size -= size
+                        t.acked += 1
+                        if kind == "state":
+                            t.state_bytes -= size
             self._tally = t
 
     def expire(self) -> int:
@@ -372,6 +396,46 @@ class Outbox:
             if is_disk_full(exc):
                 self._reserve.release(self._conn)
             raise outbox_error(self._path, exc, doing) from exc
+
+    def _insert_all(self, conn: sqlite3.Connection, t: _Tally, items: list[NewItem],
+                    now: float) -> list[int]:
+        """Store ``items`` (no two states with one key) in order; their ids.
+
+        When they fit in ``max_bytes`` as they are, nothing has to be dropped for them, so the
+        pending states they replace go first (one statement per chunk of keys) and the rows
+        many to a statement. Otherwise they go one at a time, each making room for itself
+        (:meth:`_make_room`) as it is placed.
+        """
+        sizes = [len(it.payload) for it in items]
+        if t.size + sum(sizes) > self._max_bytes:
+            return [self._insert(conn, t, it, now) for it in items]
+        keys = [it.key for it in items if it.kind == "state" and it.key is not None]
+        for start in range(0, len(keys), _ACK_CHUNK):
+            chunk = keys[start:start + _ACK_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for (size,) in conn.execute(
+                    f"DELETE FROM outbox WHERE kind = 'state' AND key IN ({marks})"
+                    " RETURNING size", chunk).fetchall():
+                t.depth -= 1
+                t.size -= size
+                t.state_bytes -= size
+                t.superseded += 1
+        ids: list[int] = []
+        at = 0
+        for n in _insert_parts(len(items)):
+            values = [v for it, size in zip(items[at:at + n], sizes[at:at + n], strict=True)
+                      for v in (it.topic, it.payload, it.kind, it.key, int(it.retain), now,
+                                size)]
+            # RETURNING's order is not defined; ids grow in the order rows are inserted.
+            ids += sorted(row[0] for row in conn.execute(_INSERT_ROWS[n], values).fetchall())
+            at += n
+        for it, size in zip(items, sizes, strict=True):
+            if it.kind == "state":
+                t.state_bytes += size
+        t.depth += len(items)
+        t.size += sum(sizes)
+        t.stored += len(items)
+        return ids
 
     def _insert(self, conn: sqlite3.Connection, t: _Tally, it: NewItem, now: float) -> int:
         size = len(it.payload)

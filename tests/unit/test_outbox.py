@@ -151,6 +151,39 @@ def test_a_state_superseded_within_one_call_is_not_written(box: Outbox) -> None:
     assert box.depth == 4
 
 
+def test_a_large_batch_is_stored_whole_in_order_with_its_states_replacing_pending_ones(
+        tmp_path: Path) -> None:
+    # 301 rows: more than one multi-row statement, and a tail of several lengths.
+    with _open(tmp_path / "o.db") as box:
+        box.put_many([NewItem(topic=f"state/{k}", payload=b"old", kind="state", key=f"k{k}")
+                      for k in range(40)])
+        items = [NewItem(topic=f"ins/{i}", payload=bytes([i % 256]) * (i % 7), kind="insight")
+                 if i % 3 else
+                 NewItem(topic=f"state/{i % 60}", payload=b"new%d" % i, kind="state",
+                         key=f"k{i % 60}", retain=True)
+                 for i in range(301)]
+        ids = box.put_many(items)
+        written = [i for i in ids if i]
+        assert written == sorted(written) and len(set(written)) == len(written)
+        rows = _all(box)
+        fresh = {it.key for it in items if it.kind == "state"}
+        kept_old = [f"state/{k}" for k in range(40) if f"k{k}" not in fresh]
+        assert [r.topic for r in rows] == kept_old + [
+            it.topic for it, i in zip(items, ids, strict=True) if i]
+        assert [r.id for r in rows][len(kept_old):] == written
+        assert [r.payload for r in rows][len(kept_old):] == [
+            it.payload for it, i in zip(items, ids, strict=True) if i]
+        assert all(r.retain == (r.kind == "state") for r in rows[len(kept_old):])
+        counters = (box.depth, box.size_bytes, box.state_bytes)
+        assert counters == (len(rows), sum(r.size for r in rows),
+                            sum(r.size for r in rows if r.kind == "state"))
+        # 101 state items over 20 keys: 81 replaced within the call, and 14 pending ones.
+        assert len(fresh) == 20 and len(kept_old) == 26
+        assert box.superseded == 81 + 14
+    with _open(tmp_path / "o.db") as box:  # the counters are the table's
+        assert (box.depth, box.size_bytes, box.state_bytes) == counters
+
+
 def test_ack_of_a_superseded_state_id_is_a_no_op(box: Outbox) -> None:
     old = box.put(topic="s", payload=b"1", kind="state", key="k")
     new = box.put(topic="s", payload=b"2", kind="state", key="k")
@@ -653,7 +686,7 @@ class Model:
 
 _kinds: st.SearchStrategy[Kind] = st.sampled_from(["insight", "state", "contrib"])
 _item = st.tuples(_kinds, st.sampled_from([None, "a", "b"]), st.integers(0, 700), st.booleans())
-_put = st.tuples(st.just("put"), st.lists(_item, min_size=1, max_size=4))
+_put = st.tuples(st.just("put"), st.lists(_item, min_size=1, max_size=9))
 _tick = st.tuples(st.just("tick"), st.sampled_from([0.4, 0.7, 1.5, 6.0, 9.8, 11.0]))
 _op = st.one_of(
     _put, _put, _tick, _tick,
