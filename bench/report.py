@@ -541,8 +541,16 @@ _LIMITS: dict[str, str] = {
         "from the sender, the broker and the receiver that P keeps busy; the faster the "
         "receiver without it (envelope v2 made verifying cheaper), the larger its share."),
     "log": (
-        "- **the sender's history log (0.9x)**: each envelope is appended to the log (one "
-        "SQLite row and a leaf hash) and a signed head goes out at intervals."),
+        "- **the sender's history log (0.9x)**: each envelope is appended to the log (its bytes "
+        "to the data file, an offset to the index file, a leaf hash into the Merkle tree) and "
+        "a signed head goes out at intervals."),
+    "bridge_scale": (
+        "- **bridge scale-out (1.7x)**: each instance receives every message of the source "
+        "and leaves the other partitions' unopened, told apart by topic (docs/BRIDGE.md, "
+        "Scale-out), so reading every message from the socket (and verifying envelopes of "
+        "several categories) is paid by both; on this two-core machine the two instances also "
+        "share the cores with the broker. Full runs have measured 1.67x to 1.80x, so the "
+        "target sits inside the run-to-run spread."),
     "rss": (
         "- **agent peak RSS (60 MB)**: the interpreter with pydantic, cryptography and paho "
         "imported is ~34 MB here (mostly the mapped libraries: cryptography's Rust module, "
@@ -570,7 +578,7 @@ def _missed(results: Mapping[str, Any]) -> set[str]:
     lat = results.get("latency")
     if lat and any(r.get("ok") is False for r in lat["ratios"].values()):
         out.add("latency")
-    for key in ("bridge", "rss"):
+    for key in ("bridge", "bridge_scale", "rss"):
         if (results.get(key) or {}).get("ok") is False:
             out.add(key)
     rss = results.get("rss")
