@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic_core import to_json
 
 from ..errors import OutboxError
+from ..sqlrows import insert_rows
 
 __all__ = [
     "AddResult",
@@ -113,11 +114,19 @@ CREATE TABLE IF NOT EXISTS receipts (
 );
 """
 
-_INSERT = "INSERT OR IGNORE INTO contributions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_ROWS = "INSERT OR IGNORE INTO contributions"  # many rows a statement: sqlrows
+_INSERT = f"{_INSERT_ROWS} VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _REPLACE = ("UPDATE OR IGNORE contributions SET window_start=?, category=?, region=?, domain=?, "
             "company=?, currency=?, vals=?, digest=?, token_digest=?, received_at=? "
             "WHERE source_key=? AND item_id=?")
-_TOKEN = "INSERT OR IGNORE INTO tokens VALUES (?, ?, ?, ?)"
+_TOKEN_ROWS = "INSERT OR IGNORE INTO tokens"
+_TOKEN = f"{_TOKEN_ROWS} VALUES (?, ?, ?, ?)"
+
+
+def _inserted(db: sqlite3.Connection, head: str, rows: Sequence[Sequence[object]],
+              width: int) -> int:
+    """How many of ``rows`` ``head`` (an ``INSERT OR IGNORE``) inserted."""
+    return sum(cur.rowcount for cur in insert_rows(db, head, rows, width=width))
 
 
 def _values_json(values: Mapping[str, Mapping[str, float]]) -> str:
@@ -318,8 +327,8 @@ class BridgeStore:
             # copied tokens are rare, so only a batch that hit one (fewer rows inserted than
             # given) is undone and classified row by row.
             db.execute("SAVEPOINT batch")
-            if (db.executemany(_INSERT, rows).rowcount == len(rows)
-                    and db.executemany(_TOKEN, tokens).rowcount == len(tokens)):
+            if (_inserted(db, _INSERT_ROWS, rows, 12) == len(rows)
+                    and _inserted(db, _TOKEN_ROWS, tokens, 4) == len(tokens)):
                 counted = len(rows)
             else:
                 db.execute("ROLLBACK TO batch")

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Final, Literal, TypedDict, cast
 
 from ..errors import OutboxError
+from ..sqlrows import insert_rows
 from .outboxfile import BUSY_TIMEOUT, SCHEMA_VERSION, is_disk_full, open_outbox, outbox_error
 from .reserve import RECOVER_INTERVAL, RESERVE_BYTES, DiskReserve
 
@@ -45,31 +46,7 @@ _ACK_CHUNK: Final = 500  # ids per DELETE statement (well under SQLite's variabl
 
 _COLUMNS: Final = "id, topic, payload, kind, key, retain, created, size"
 
-_INSERT: Final = "INSERT INTO outbox (topic, payload, kind, key, retain, created, size) VALUES "
-# Rows go in up to this many to a statement (7 parameters each: under SQLite's oldest limit
-# of 999), and a shorter tail in power-of-two parts, so a handful of statement texts serve
-# every batch size from the connection's statement cache.
-_ROWS_PER_INSERT: Final = 128
-
-
-def _insert_rows_sql(n: int) -> str:
-    return _INSERT + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * n) + " RETURNING id"
-
-
-_INSERT_ROWS: Final = {n: _insert_rows_sql(n) for n in (1, 2, 4, 8, 16, 32, 64, 128)}
-
-
-def _insert_parts(n: int) -> Iterator[int]:
-    """Rows per statement for ``n`` rows: full statements, then the tail's binary digits."""
-    while n >= _ROWS_PER_INSERT:
-        yield _ROWS_PER_INSERT
-        n -= _ROWS_PER_INSERT
-    part = _ROWS_PER_INSERT
-    while n:
-        part //= 2
-        if n >= part:
-            yield part
-            n -= part
+_INSERT: Final = "INSERT INTO outbox (topic, payload, kind, key, retain, created, size)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,14 +398,11 @@ class Outbox:
                 t.state_bytes -= size
                 t.superseded += 1
         ids: list[int] = []
-        at = 0
-        for n in _insert_parts(len(items)):
-            values = [v for it, size in zip(items[at:at + n], sizes[at:at + n], strict=True)
-                      for v in (it.topic, it.payload, it.kind, it.key, int(it.retain), now,
-                                size)]
+        rows = [(it.topic, it.payload, it.kind, it.key, int(it.retain), now, size)
+                for it, size in zip(items, sizes, strict=True)]
+        for cur in insert_rows(conn, _INSERT, rows, width=7, tail=" RETURNING id"):
             # RETURNING's order is not defined; ids grow in the order rows are inserted.
-            ids += sorted(row[0] for row in conn.execute(_INSERT_ROWS[n], values).fetchall())
-            at += n
+            ids += sorted(row[0] for row in cur.fetchall())
         for it, size in zip(items, sizes, strict=True):
             if it.kind == "state":
                 t.state_bytes += size
@@ -450,10 +424,8 @@ class Outbox:
                 t.superseded += 1
         if t.size + size > self._max_bytes:
             self._make_room(conn, t, it, size)
-        cur = conn.execute(
-            "INSERT INTO outbox (topic, payload, kind, key, retain, created, size)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (it.topic, it.payload, it.kind, it.key, int(it.retain), now, size))
+        cur = conn.execute(f"{_INSERT} VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (it.topic, it.payload, it.kind, it.key, int(it.retain), now, size))
         t.depth += 1
         t.size += size
         if is_state:
