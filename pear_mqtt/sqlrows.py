@@ -39,12 +39,19 @@ def _chunks(n: int, most: int) -> Iterator[int]:
 
 
 def insert_rows(db: sqlite3.Connection | sqlite3.Cursor, head: str,
-                rows: Sequence[Sequence[object]], *, width: int,
-                tail: str = "") -> Iterator[sqlite3.Cursor]:
+                rows: Sequence[Sequence[object]], *, width: int, tail: str = "",
+                most: int | None = None) -> Iterator[sqlite3.Cursor]:
     """Run ``head VALUES (…), (…)… tail`` over ``rows`` (``width`` values each, in order), a
     chunk at a time; yields each chunk's cursor, to be read (its ``RETURNING`` rows, its
-    ``rowcount``) before the next chunk runs."""
-    most = 1 << ((_MAX_PARAMETERS // width).bit_length() - 1)
+    ``rowcount``) before the next chunk runs.
+
+    ``most`` rows go to a statement at most: a power of two, by default the largest whose
+    parameters stay within 999 (SQLite before 3.32); a caller that needs fewer statements
+    may ask for more on a newer SQLite (up to 32,766 parameters)."""
+    if most is None:
+        most = 1 << ((_MAX_PARAMETERS // width).bit_length() - 1)
+    elif most < 1 or most & (most - 1):
+        raise ValueError(f"most must be a power of two, not {most}")
     at = 0
     for n in _chunks(len(rows), most):
         yield db.execute(_statement(head, width, n, tail),

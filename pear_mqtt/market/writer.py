@@ -19,6 +19,7 @@ from ..errors import MarketError
 from ..history.log import Retention
 from ..node.records import ReceivedAggregate, ReceivedInsight
 from ..privacy.ranges import ValueRange
+from ..sqlrows import insert_rows
 from .values import pack
 
 __all__ = ["DAY", "Retention", "Row", "Writer", "insight_row", "item_key", "size_on_disk"]
@@ -32,12 +33,10 @@ _COLUMNS = ("member", "node", "item_id", "category", "region", "product", "windo
 # direction, then the figures (market/values.py).
 _VALUES_AT = 1 + _COLUMNS.index("currency")
 _VALUE_COLUMNS = _COLUMNS[_VALUES_AT - 1:]
-_INSERT = (f"INSERT INTO insights (key, {', '.join(_COLUMNS)}) VALUES "
-           f"({', '.join('?' * (len(_COLUMNS) + 1))})")
-# Rows per INSERT of several: executemany takes the interpreter back after each row's step,
+_INSERT = f"INSERT INTO insights (key, {', '.join(_COLUMNS)})"
+# Rows per INSERT (sqlrows): executemany takes the interpreter back after each row's step,
 # and each time waits for the receiving thread to let go of it (docs/MARKET.md).
 _MANY = 256
-_INSERT_MANY = _INSERT + (", (" + ", ".join("?" * (len(_COLUMNS) + 1)) + ")") * (_MANY - 1)
 # Joined to the keys as a table of constants, so each key is one search of its index. An
 # integer key indexes in a third of the space of the three strings, and inserts as fast.
 _SELECT_HELD = ("SELECT i.member, i.node, i.item_id, i.id, i.seq, "
@@ -264,10 +263,8 @@ class Writer:
             # New rows take the ids after the largest (SQLite's rowid rule), in this order.
             first = int(cur.execute("SELECT coalesce(max(id), 0) + 1 FROM insights")
                         .fetchall()[0][0])
-            whole = len(new) - len(new) % _MANY
-            for at in range(0, whole, _MANY):
-                cur.execute(_INSERT_MANY, [v for row in new[at:at + _MANY] for v in row])
-            cur.executemany(_INSERT, new[whole:])
+            for _ in insert_rows(cur, _INSERT, new, width=len(_COLUMNS) + 1, most=_MANY):
+                pass
             last = cur.execute("SELECT max(id) FROM insights").fetchall()[0][0]
             if last != first + len(new) - 1:
                 # Only once the largest id is 2**63 - 1 does SQLite pick ids elsewhere.

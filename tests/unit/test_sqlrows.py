@@ -49,3 +49,16 @@ def test_rowcount_tells_ignored_rows(db: sqlite3.Connection) -> None:
     rows = [(f"k{i}", b"", 0.0) for i in range(6)]
     assert sum(cur.rowcount for cur in insert_rows(db, "INSERT OR IGNORE INTO t (a, b, c)",
                                                    rows, width=3)) == 5
+
+
+def test_a_caller_may_ask_for_larger_statements(db: sqlite3.Connection) -> None:
+    seen: list[str] = []
+    db.set_trace_callback(seen.append)
+    rows = [(f"k{i}", b"", 0.0) for i in range(700)]
+    for _ in insert_rows(db, "INSERT INTO t (a, b, c)", rows, width=3, most=512):
+        pass
+    counts = [s.count("(") - 1 for s in seen if s.startswith("INSERT")]
+    assert counts == [512, 128, 32, 16, 8, 4]
+    assert db.execute("SELECT count(*) FROM t").fetchone() == (700,)
+    with pytest.raises(ValueError, match="power of two"):
+        next(insert_rows(db, "INSERT INTO t (a, b, c)", rows, width=3, most=100))
