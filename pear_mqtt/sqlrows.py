@@ -3,7 +3,7 @@
 ``executemany`` steps SQLite's statement once per row, giving the interpreter up and taking
 it back around each step; one statement per chunk of rows pays that once per chunk. Chunks
 are powers of two, so a handful of statement texts serve every batch size from the
-connection's statement cache (docs/DESIGN.md, the outbox's "Where the time goes").
+connection's statement cache (docs/DESIGN.md, "Where the outbox's time goes").
 """
 
 from __future__ import annotations
