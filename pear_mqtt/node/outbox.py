@@ -384,7 +384,8 @@ class Outbox:
         (:meth:`_make_room`) as it is placed.
         """
         sizes = [len(it.payload) for it in items]
-        if t.size + sum(sizes) > self._max_bytes:
+        total = sum(sizes)
+        if t.size + total > self._max_bytes:
             return [self._insert(conn, t, it, now) for it in items]
         keys = [it.key for it in items if it.kind == "state" and it.key is not None]
         for start in range(0, len(keys), _ACK_CHUNK):
@@ -397,9 +398,9 @@ class Outbox:
                 t.size -= size
                 t.state_bytes -= size
                 t.superseded += 1
-        ids: list[int] = []
         rows = [(it.topic, it.payload, it.kind, it.key, int(it.retain), now, size)
                 for it, size in zip(items, sizes, strict=True)]
+        ids: list[int] = []
         for cur in insert_rows(conn, _INSERT, rows, width=7, tail=" RETURNING id"):
             # RETURNING's order is not defined; ids grow in the order rows are inserted.
             ids += sorted(row[0] for row in cur.fetchall())
@@ -407,7 +408,7 @@ class Outbox:
             if it.kind == "state":
                 t.state_bytes += size
         t.depth += len(items)
-        t.size += sum(sizes)
+        t.size += total
         t.stored += len(items)
         return ids
 
