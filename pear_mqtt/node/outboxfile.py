@@ -11,15 +11,18 @@ from typing import Final
 
 from ..errors import OutboxError
 
-__all__ = ["BUSY_TIMEOUT", "SCHEMA_VERSION", "is_disk_full", "open_outbox", "outbox_error"]
+__all__ = ["BUSY_TIMEOUT", "SCHEMA_VERSION", "WAL_AUTOCHECKPOINT_PAGES", "is_disk_full", "open_outbox", "outbox_error"]
 
 SCHEMA_VERSION: Final = 1
 """The schema version this build writes; a file with a higher version is refused."""
 
-# The WAL is checkpointed into the database file at this many pages (512 KiB at the default
-# 4 KiB page size). A checkpoint can grow the database file by at most this much, so the
-# reserve must be larger than it for a checkpoint to finish on a full disk.
-_WAL_AUTOCHECKPOINT_PAGES: Final = 128
+# The WAL is checkpointed into the database file at this many pages (4 MiB at the default
+# 4 KiB page size). Rows are acknowledged soon after they are stored, so a page written and
+# freed again between two checkpoints is copied into the database once: a longer interval
+# writes less (docs/DESIGN.md, "Where the outbox's time goes"). A checkpoint can grow the
+# database file by at most this much, and the WAL too, so the reserve must hold both for a
+# checkpoint to finish on a full disk.
+WAL_AUTOCHECKPOINT_PAGES: Final = 1024
 # The outbox is a queue (rows appended at the end of the id order, deleted from its start),
 # so SQLite's default 2 MB page cache would hold little that is read again, while an edge
 # agent's peak RSS is a budget (docs/BENCHMARKS.md, rss).
@@ -116,7 +119,7 @@ def _configure(conn: sqlite3.Connection, path: Path, max_pages: int | None) -> N
     # transaction survives a crash of this process, but the last transactions before a
     # power loss or OS crash may be rolled back (the database stays consistent).
     conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
+    conn.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
     # Some builds (Debian's) default to ON, which zeroes every freed page and so writes a
     # deleted payload to the WAL again: an ack would cost as much disk as the put, and fail
     # on a full disk. FAST still zeroes deleted cells on pages that stay in use.

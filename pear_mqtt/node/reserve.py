@@ -17,9 +17,10 @@ __all__ = ["RECOVER_INTERVAL", "RESERVE_BYTES", "DiskReserve"]
 
 log = logging.getLogger(__name__)
 
-RESERVE_BYTES = 1024 * 1024
+RESERVE_BYTES = 8 * 1024 * 1024
 """Size of the reserve file (``<path>-reserve``) released when the disk fills up, so that
-acks and a checkpoint still have room."""
+acks and a checkpoint still have room: twice the WAL's checkpoint interval (4 MiB), as both
+the WAL and the database file can grow by that much."""
 
 RECOVER_INTERVAL = 5.0
 """Seconds between attempts to re-create the reserve while new items are refused."""

@@ -22,7 +22,7 @@
   pair and a spy on the public broker (:class:`bridgekit.Net`).
 - ``insight`` / ``take`` (function): ``insight(category=..., price=...)`` builds an insight to
   broadcast; ``await take(stream, n)`` reads the next ``n`` items of an ``insights()`` stream.
-- ``small_disk`` (function): an 8 MiB tmpfs to fill up (``tmpfs`` of ``tests/conftest.py``).
+- ``small_disk`` (function): a 32 MiB tmpfs to fill up (``tmpfs`` of ``tests/conftest.py``).
 
 Every test in this directory is marked ``integration``; without mosquitto they fail.
 
@@ -339,5 +339,5 @@ def net(pki: NetworkPKI, mosquitto_factory: Callable[..., MosquittoBroker],
 
 @pytest.fixture
 def small_disk(tmpfs: Callable[[int], Path]) -> Path:
-    """An 8 MiB tmpfs."""
-    return tmpfs(8)
+    """A 32 MiB tmpfs (an outbox keeps an 8 MiB reserve on it)."""
+    return tmpfs(32)

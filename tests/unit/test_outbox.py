@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from pear_mqtt.errors import OutboxError
 from pear_mqtt.node import outbox as outbox_mod
+from pear_mqtt.node import outboxfile
 from pear_mqtt.node.outbox import Kind, NewItem, Outbox, OutboxItem, outbox_error
 
 pytestmark = pytest.mark.unit
@@ -484,8 +485,16 @@ def test_stats_snapshot(box: Outbox) -> None:
 
 @pytest.fixture
 def tiny_fs(tmpfs: Callable[[int], Path]) -> Path:
-    """A 4 MiB tmpfs."""
-    return tmpfs(4)
+    """A 24 MiB tmpfs: the 8 MiB reserve and room for rows."""
+    return tmpfs(24)
+
+
+def test_reserve_covers_a_checkpoint() -> None:
+    # On a full disk the WAL can still grow to the checkpoint interval and the checkpoint
+    # can grow the database file by as much: the released reserve must hold both.
+    pages = outboxfile.WAL_AUTOCHECKPOINT_PAGES
+    assert pages >= 1024  # a short interval copies rows that are soon acknowledged again
+    assert outbox_mod.RESERVE_BYTES >= 2 * pages * 4096  # SQLite's default page size
 
 
 def _fill(box: Outbox, payload_size: int) -> list[int]:

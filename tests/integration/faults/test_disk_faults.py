@@ -36,6 +36,11 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def disk_mib(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize // (1 << 20)
+
+
 async def test_outbox_disk_full_refuses_counts_and_recovers(
         mosquitto: MosquittoBroker, proxy_factory: Callable[[MosquittoBroker], FaultProxy],
         node: Callable[..., NetworkConfig], small_disk: Path) -> None:
@@ -92,7 +97,7 @@ async def test_outbox_disk_full_refuses_counts_and_recovers(
     record("outbox disk full while offline, then space freed", group="disk", sent=len(sent),
            delivered=len(got.ids.keys() & set(sent)), lost=lost, refused=refused,
            duplicated=got.duplicates, recovery_s=recovery, peak_rss_mb=mem.peak,
-           notes=f"8 MiB tmpfs; {refused} broadcasts refused with OutboxError (disk full); "
+           notes=f"{disk_mib(small_disk)} MiB tmpfs; {refused} broadcasts refused with OutboxError (disk full); "
            f"status().dropped['outbox_refused'] = {counted}; recovery: space freed → "
            "accepted again" + f"; memory +{mem.growth:.0f} MB")
     assert lost == 0
