@@ -473,7 +473,8 @@ _LIMITS: dict[str, str] = {
         "groups ~5 us, outbox and bookkeeping ~15 us, its share of signing, encrypting and "
         "publishing the batch ~8 us), the receiver ~45 us (validating the `SharedInsight` ~9 us, "
         "JSON ~4 us, decryption and base64 ~4 us, its share of one Ed25519 verification ~3 us, "
-        "delivery ~10 us). That caps P near 20,000 insights/s on two cores, above raw paho (A) "
+        "delivery ~10 us), and its market store's writer thread inserts every insight beside it "
+        "(`P_nostore`). That caps P near 20,000-25,000 insights/s on two cores, above raw paho (A) "
         "but about half of what mosquitto's C clients move. Signatures are no longer the limit "
         "(one per ~20 insights under load, libsodium)."),
     "latency": (
@@ -494,12 +495,14 @@ _LIMITS: dict[str, str] = {
         "commands. What remains of the p99 are scattered stalls of a few ms that coincide with "
         "the other processes' bursts on the two shared cores."),
     "bridge": (
-        "- **bridge (20,000 per CPU-second)**: per insight it decodes its share of an envelope "
-        "(~8 us), validates the `SharedInsight` (~9 us) and the opened `Contribution` (~6 us), "
-        "opens the sealed token (~5 us), computes the receipt digest over canonical JSON "
-        "(~10 us), checks policy and window (~5 us) and stores the row (~6 us, 256 messages per "
-        "transaction), besides paho and TLS: ~75-90 us. A quick run (3,000 items) also charges "
-        "the process's start-up (~0.5 s of CPU: imports, pydantic schemas) to the rate."),
+        "- **bridge (20,000 per CPU-second)**: profiled over 60,000 contributions (docs/BRIDGE.md, "
+        "Cost per insight), an insight costs ~69 us: the store's transaction ~12 us, validating "
+        "the `SharedInsight` ~11 us and the opened `Contribution` ~9 us, the rest of admitting "
+        "it ~8 us, the receipt digest over canonical JSON ~7 us, its share of the envelope's "
+        "verification, decryption and parsing ~12 us, opening the sealed part ~4 us, the policy "
+        "check ~3 us, paho and TLS ~2 us. No step is a fifth of it; 50 us needs the Python work "
+        "per item itself to shrink. A quick run (3,000 items) also charges the process's "
+        "start-up (~0.5 s of CPU: imports, pydantic schemas) to the rate."),
     "publish": (
         "- **publishing N retained states (0.6x raw paho)**: a state is its live insight plus "
         "its share of a checkpoint page (the per-category retained copy is off by default, "

@@ -11,7 +11,8 @@ from typing import Final
 
 from ..errors import OutboxError
 
-__all__ = ["BUSY_TIMEOUT", "SCHEMA_VERSION", "WAL_AUTOCHECKPOINT_PAGES", "is_disk_full", "open_outbox", "outbox_error"]
+__all__ = ["BUSY_TIMEOUT", "SCHEMA_VERSION", "WAL_AUTOCHECKPOINT_PAGES", "is_disk_full",
+           "open_outbox", "outbox_error"]
 
 SCHEMA_VERSION: Final = 1
 """The schema version this build writes; a file with a higher version is refused."""

@@ -97,7 +97,8 @@ async def test_outbox_disk_full_refuses_counts_and_recovers(
     record("outbox disk full while offline, then space freed", group="disk", sent=len(sent),
            delivered=len(got.ids.keys() & set(sent)), lost=lost, refused=refused,
            duplicated=got.duplicates, recovery_s=recovery, peak_rss_mb=mem.peak,
-           notes=f"{disk_mib(small_disk)} MiB tmpfs; {refused} broadcasts refused with OutboxError (disk full); "
+           notes=f"{disk_mib(small_disk)} MiB tmpfs; {refused} broadcasts refused with "
+           "OutboxError (disk full); "
            f"status().dropped['outbox_refused'] = {counted}; recovery: space freed → "
            "accepted again" + f"; memory +{mem.growth:.0f} MB")
     assert lost == 0
