@@ -552,8 +552,9 @@ _LIMITS: dict[str, str] = {
         "and leaves the other partitions' unopened, told apart by topic (docs/BRIDGE.md, "
         "Scale-out), so reading every message from the socket (and verifying envelopes of "
         "several categories) is paid by both; on this two-core machine the two instances also "
-        "share the cores with the broker. Full runs have measured 1.67x to 1.80x, so the "
-        "target sits inside the run-to-run spread."),
+        "share the cores with the broker. Full runs have measured 1.61x to 1.80x (the lower on "
+        "an Intel Xeon, the higher on an AMD EPYC), so the target sits inside the spread "
+        "between runs and machines."),
     "rss": (
         "- **agent peak RSS (60 MB)**: the interpreter with pydantic, cryptography and paho "
         "imported is ~34 MB here (mostly the mapped libraries: cryptography's Rust module, "

@@ -42,11 +42,24 @@ Kind = Literal["insight", "state", "contrib"]
 _KINDS: Final = frozenset({"insight", "state", "contrib"})
 
 _EXPIRE_EVERY: Final = 1.0  # s between opportunistic expiries from put_many/pending
-_ACK_CHUNK: Final = 500  # ids per DELETE statement (well under SQLite's variable limit)
+_DELETE_CHUNK: Final = 500  # values per DELETE statement (well under SQLite's variable limit)
 
 _COLUMNS: Final = "id, topic, payload, kind, key, retain, created, size"
 
 _INSERT: Final = "INSERT INTO outbox (topic, payload, kind, key, retain, created, size)"
+
+
+def _deleted(conn: sqlite3.Connection, column: str, values: Sequence[object]
+             ) -> list[tuple[int, str]]:
+    """Delete the rows whose ``column`` (an SQL expression ending in a column) is one of
+    ``values``, a chunk a statement; (size, kind) of each row deleted."""
+    out: list[tuple[int, str]] = []
+    for start in range(0, len(values), _DELETE_CHUNK):
+        chunk = values[start:start + _DELETE_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        out += conn.execute(f"DELETE FROM outbox WHERE {column} IN ({marks})"
+                            " RETURNING size, kind", chunk).fetchall()
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,17 +316,12 @@ class Outbox:
         with self._lock:
             t = replace(self._tally)
             with self._write(f"deleting {len(wanted)} acknowledged item(s)") as conn:
-                for start in range(0, len(wanted), _ACK_CHUNK):
-                    chunk = wanted[start:start + _ACK_CHUNK]
-                    marks = ",".join("?" * len(chunk))
-                    for size, kind in conn.execute(
-                            f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING size, kind",
-                            chunk).fetchall():
-                        t.depth -= 1
-                        t.size -= size
-                        t.acked += 1
-                        if kind == "state":
-                            t.state_bytes -= size
+                for size, kind in _deleted(conn, "id", wanted):
+                    t.depth -= 1
+                    t.size -= size
+                    t.acked += 1
+                    if kind == "state":
+                        t.state_bytes -= size
             self._tally = t
 
     def expire(self) -> int:
@@ -388,16 +396,11 @@ class Outbox:
         if t.size + total > self._max_bytes:
             return [self._insert(conn, t, it, now) for it in items]
         keys = [it.key for it in items if it.kind == "state" and it.key is not None]
-        for start in range(0, len(keys), _ACK_CHUNK):
-            chunk = keys[start:start + _ACK_CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for (size,) in conn.execute(
-                    f"DELETE FROM outbox WHERE kind = 'state' AND key IN ({marks})"
-                    " RETURNING size", chunk).fetchall():
-                t.depth -= 1
-                t.size -= size
-                t.state_bytes -= size
-                t.superseded += 1
+        for size, _ in _deleted(conn, "kind = 'state' AND key", keys):
+            t.depth -= 1
+            t.size -= size
+            t.state_bytes -= size
+            t.superseded += 1
         rows = [(it.topic, it.payload, it.kind, it.key, int(it.retain), now, size)
                 for it, size in zip(items, sizes, strict=True)]
         ids: list[int] = []
