@@ -492,9 +492,9 @@ def tiny_fs(tmpfs: Callable[[int], Path]) -> Path:
 def test_reserve_covers_a_checkpoint() -> None:
     # On a full disk the WAL can still grow to the checkpoint interval and the checkpoint
     # can grow the database file by as much: the released reserve must hold both.
-    pages = outboxfile.WAL_AUTOCHECKPOINT_PAGES
-    assert pages >= 1024  # a short interval copies rows that are soon acknowledged again
-    assert 2 * pages * 4096 <= outbox_mod.RESERVE_BYTES  # SQLite's default page size
+    wal = outboxfile.WAL_AUTOCHECKPOINT_PAGES * outboxfile.PAGE_SIZE
+    assert wal >= 4 << 20  # a short interval copies rows that are soon acknowledged again
+    assert 2 * wal <= outbox_mod.RESERVE_BYTES
 
 
 def _fill(box: Outbox, payload_size: int) -> list[int]:
