@@ -122,9 +122,9 @@ class BridgeLog:
             log.error("bridge log: the public broker refused the request topic %s (its ACL "
                       "lacks the bridge's log rules: regenerate it)",
                       self._topics.log_request(BRIDGE_NODE))
-        self.publish_head(conn, forced=True)
+        await self.publish_head(conn, forced=True)
 
-    def publish_head(self, conn: Connection, *, forced: bool = False) -> None:
+    async def publish_head(self, conn: Connection, *, forced: bool = False) -> None:
         """Sign and publish the head (retained) when the log grew since the last one
         (``forced``: also when it did not, e.g. on a new connection)."""
         if not conn.connected:
@@ -132,7 +132,7 @@ class BridgeLog:
         if self._log.head_wait(forced=True) is None and not forced:
             return
         try:
-            self._log.publish_head(conn, pages={})
+            await self._log.publish_head(conn, pages={})
         except TransportError as exc:
             log.info("bridge log head: %s", exc)  # sent again after the reconnect
 

@@ -112,4 +112,4 @@ class Publisher:
             self._counters.messages_published += len(acked)
             self._counters.last_publish = datetime.now(UTC)
         if self._history is not None and self._conn is not None:
-            self._history.publish_head(self._conn)
+            await self._history.publish_head(self._conn)

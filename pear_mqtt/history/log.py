@@ -8,7 +8,7 @@ import bisect
 import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
@@ -177,15 +177,37 @@ class AppendLog:
 
     def flush(self) -> None:
         """Write what was appended through to the disk (fsync)."""
-        for fh in (self._entries, self._hashes):
-            if fh is None:
-                continue
+        self.syncer()()
+
+    def syncer(self) -> Callable[[], None]:
+        """What was appended is handed to the OS now; the returned call makes it durable
+        (fsync). It holds duplicates of the files' descriptors, so it may run on another
+        thread while the log goes on or is closed; run it exactly once."""
+        fds: list[int] = []
+        try:
+            for fh in (self._entries, self._hashes):
+                if fh is not None:
+                    fh.flush()
+                    fds.append(os.dup(fh.fileno()))
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise self._unwritable(exc) from exc
+
+        def sync() -> None:
             try:
-                fh.flush()
-                os.fsync(fh.fileno())
+                for fd in fds:
+                    os.fsync(fd)
             except OSError as exc:
-                raise HistoryError(f"log {self.path}: cannot write to disk "
-                                   f"({exc.strerror or exc}); free disk space") from exc
+                raise self._unwritable(exc) from exc
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return sync
+
+    def _unwritable(self, exc: OSError) -> HistoryError:
+        return HistoryError(f"log {self.path}: cannot write to disk ({exc.strerror or exc}); "
+                            "free disk space")
 
     def enforce_retention(self, now: float | None = None) -> int:
         """Drop the oldest entries beyond the age and byte bounds; returns how many. The

@@ -92,7 +92,8 @@ class NodeLog:
             return 0.0
         return max(0.0, self._head_at + HEAD_INTERVAL - time.monotonic())
 
-    def publish_head(self, conn: Connection, *, pages: dict[int, int], slots: int = 0) -> None:
+    async def publish_head(self, conn: Connection, *, pages: dict[int, int],
+                           slots: int = 0) -> None:
         """Make the log durable, then publish its signed head (retained), naming the
         envelope sequence of each checkpoint page part's latest version (``pages``, whose
         version is ``slots``). A head over ``max_message_bytes`` (a node with tens of
@@ -100,11 +101,15 @@ class NodeLog:
         (``dropped["head_oversized"]``) and warned about once."""
         assert self._codec is not None and self._scheme is not None
         self._log.enforce_retention()
-        self._log.flush()
+        sync = self._log.syncer()
         head = TreeHead(log=self._id, length=self._log.length, start=self._log.start,
                         root=self._log.root(), time=time.time(), pages=dict(pages))
         self._head_length, self._head_at = head.length, time.monotonic()
         self._head_slots = slots
+        # The fsyncs (milliseconds, more on a slow card) on a thread: the loop goes on
+        # sending meanwhile, and the head, signed only once they return, names no entry
+        # that a power cut could still take.
+        await asyncio.to_thread(sync)
         try:
             payload = self._codec.encode(kind="loghead", body=head_body(head))
         except OversizedMessage:

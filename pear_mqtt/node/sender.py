@@ -319,7 +319,7 @@ class Sender:
                         # One slice at a time: a new insight goes out ahead of the rest.
                         await asyncio.sleep(0)
                         continue
-                    if not self._send_head(conn, forced=self._pages.forced):
+                    if not await self._send_head(conn, forced=self._pages.forced):
                         return
                     self._maybe_idle()
                     break
@@ -360,10 +360,10 @@ class Sender:
                     return
                 if not await self._send_pages(conn, window, burst_end=False, limit=1):
                     return
-                if not self._send_head(conn, forced=False):
+                if not await self._send_head(conn, forced=False):
                     return
 
-    def _send_head(self, conn: Connection, *, forced: bool) -> bool:
+    async def _send_head(self, conn: Connection, *, forced: bool) -> bool:
         """Publish the history log's signed head when it is due; False if the connection
         broke."""
         history = self._history
@@ -378,7 +378,8 @@ class Sender:
             self._wake_later(wait)  # the head follows a burst within HEAD_INTERVAL
             return True
         try:
-            history.publish_head(conn, pages=self._pages.logged, slots=self._pages.slots)
+            await history.publish_head(conn, pages=self._pages.logged,
+                                       slots=self._pages.slots)
         except TransportError as exc:
             log.info("publish stopped: %s", exc)
             return False

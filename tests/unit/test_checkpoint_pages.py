@@ -195,10 +195,10 @@ async def test_a_head_over_one_message_is_counted_not_raised(tmp_path: Path,
     conn = FakeConnection()
     slots = {checkpoint_slot(i % CHECKPOINT_PAGES, i // CHECKPOINT_PAGES): 1_733_243_231_000_812
              for i in range(1000)}
-    history.publish_head(conn, pages=slots, slots=1)  # type: ignore[arg-type]
-    history.publish_head(conn, pages=slots, slots=2)  # type: ignore[arg-type]
+    await history.publish_head(conn, pages=slots, slots=1)  # type: ignore[arg-type]
+    await history.publish_head(conn, pages=slots, slots=2)  # type: ignore[arg-type]
     assert not conn.sent and counters.dropped["head_oversized"] == 2
     assert history.head_wait(forced=True, slots=2) is None
-    history.publish_head(conn, pages={checkpoint_slot(0, 0): 1}, slots=3)  # type: ignore[arg-type]
+    await history.publish_head(conn, pages={checkpoint_slot(0, 0): 1}, slots=3)  # type: ignore[arg-type]
     assert len(conn.sent) == 1
     history.close()
