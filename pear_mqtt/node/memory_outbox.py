@@ -29,18 +29,17 @@ class MemoryOutbox:
         now = time.time()
         rid = self._next
         size = len(payload)
-        self._rows[rid] = OutboxItem(id=rid, topic=topic, payload=payload,
-                                     kind="contrib" if state_topic is None else "insight",
-                                     key=None, retain=False, created=now, size=size)
+        self._rows[rid] = OutboxItem(rid, topic, payload,
+                                     "contrib" if state_topic is None else "insight",
+                                     None, False, now, size)
         self._order.append(rid)
         if state_topic is not None:
             old = self._keys.get(state_topic)
             if old is not None:
                 self._rows.pop(old, None)
             rid += 1
-            self._rows[rid] = OutboxItem(id=rid, topic=state_topic, payload=payload,
-                                         kind="state", key=state_topic, retain=True,
-                                         created=now, size=size)
+            self._rows[rid] = OutboxItem(rid, state_topic, payload, "state", state_topic,
+                                         True, now, size)
             self._order.append(rid)
             self._keys[state_topic] = rid
         self._next = rid + 1

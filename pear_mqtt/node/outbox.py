@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, TypedDict, cast
+from typing import Final, Literal, NamedTuple, TypedDict, cast
 
 from ..errors import OutboxError
 from ..sqlrows import insert_rows
@@ -87,9 +87,11 @@ class NewItem:
             raise TypeError(f"key must be a string or None, not {type(self.key).__name__}")
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxItem:
-    """A stored item. ``id`` grows with insertion order and is never reused."""
+class OutboxItem(NamedTuple):
+    """A stored item. ``id`` grows with insertion order and is never reused.
+
+    A named tuple, not a frozen dataclass: one is built for every row the sender reads, and
+    a tuple is built in half the time."""
 
     id: int
     topic: str
@@ -305,8 +307,8 @@ class Outbox:
                     (after_id, limit)).fetchall()
             except sqlite3.Error as exc:
                 raise outbox_error(self._path, exc, "reading pending items") from exc
-        return [OutboxItem(id=r[0], topic=r[1], payload=r[2], kind=cast(Kind, r[3]), key=r[4],
-                           retain=bool(r[5]), created=r[6], size=r[7]) for r in rows]
+        return [OutboxItem(r[0], r[1], r[2], cast(Kind, r[3]), r[4], bool(r[5]), r[6], r[7])
+                for r in rows]
 
     def ack(self, ids: Iterable[int]) -> None:
         """Delete acknowledged rows in one transaction. Unknown ids are ignored."""

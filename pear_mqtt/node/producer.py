@@ -118,11 +118,14 @@ class Producer:
                                        state_topic=it.state_topic)
             else:
                 assert outbox is not None
+                # Only a category's newest state of the batch is stored (the outbox would
+                # skip the others as superseded within the call): no item made for them.
+                newest = {it.state_topic: i for i, it in enumerate(items)}
                 new: list[NewItem] = []
-                for it in items:
+                for i, it in enumerate(items):
                     new.append(NewItem(topic=it.topic, payload=it.payload,
                                        kind="contrib" if it.state_topic is None else "insight"))
-                    if it.state_topic is not None:
+                    if it.state_topic is not None and newest[it.state_topic] == i:
                         new.append(NewItem(topic=it.state_topic, payload=it.payload,
                                            kind="state", key=it.state_topic, retain=True))
                 outbox.put_many(new)
