@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 from pydantic_core import to_json
 
 from ..config.models import NetworkConfig
@@ -67,9 +67,21 @@ _Count = Annotated[int, Field(ge=1)]
 
 # -- wire bodies ---------------------------------------------------------------------------
 
-# Left to right (str, then number, then range): the first match is the only possible one, and
-# pydantic's default "smart" union would try every member for every value.
-GroupValues = dict[str, Annotated[str | Finite | ValueRange, Field(union_mode="left_to_right")]]
+def _value_kind(value: object) -> str:
+    """Which member of a group value's union to validate ``value`` as, chosen by its type:
+    a union trying the members in turn failed once or twice for every range."""
+    kind = type(value)
+    if kind is str:
+        return "text"
+    if kind is dict or kind is ValueRange:
+        return "range"
+    return "number"
+
+
+GroupValues = dict[str, Annotated[
+    Annotated[str, Tag("text")] | Annotated[Finite, Tag("number")]
+    | Annotated[ValueRange, Tag("range")],
+    Discriminator(_value_kind)]]
 
 
 class SharedInsight(Frozen):
