@@ -466,17 +466,19 @@ _LIMITS: dict[str, str] = {
         "- **P over raw paho (1x)**: pear carries the privacy filter, sealing, signing, "
         "encryption and validation that raw paho's bytes do not, in the same CPU-bound "
         "Python; what makes up for it is batching (one envelope, publish and PUBACK per ~20 "
-        "insights under load). The two are close: compare the rounds of A and P."),
+        "insights under load). Without the receiver's market store P is above raw paho "
+        "(`P_nostore`); with it, the receiving process also carries the store's writer "
+        "(see the market store below). Compare the rounds of A and P."),
     "P/C": (
         "- **P over C (0.8x)**: both pear processes are CPU-bound Python, each on its own core: "
-        "the sender spends ~50 us per insight (privacy filter ~19 us, sealing the aggregated "
-        "groups ~5 us, outbox and bookkeeping ~15 us, its share of signing, encrypting and "
-        "publishing the batch ~8 us), the receiver ~45 us (validating the `SharedInsight` ~9 us, "
-        "JSON ~4 us, decryption and base64 ~4 us, its share of one Ed25519 verification ~3 us, "
-        "delivery ~10 us), and its market store's writer thread inserts every insight beside it "
-        "(`P_nostore`). That caps P near 20,000-25,000 insights/s on two cores, above raw paho (A) "
-        "but about half of what mosquitto's C clients move. Signatures are no longer the limit "
-        "(one per ~20 insights under load, libsodium)."),
+        "the sender ~40 us per insight (its `broadcast_rate`: the privacy filter about half, "
+        "then the item id, sealing, its share of signing, encrypting and publishing the "
+        "batch), the receiver ~40 us without its store (validating the `SharedInsight` ~10 us, "
+        "its share of the envelope's verification, decryption and JSON, delivery), and the "
+        "store's writer thread ~12 us a row beside it (the market store below). That caps P "
+        "near 20,000-27,000 insights/s on two cores shared with the broker, about raw paho's "
+        "rate (A) and two thirds of what mosquitto's C clients move. Signatures are no longer "
+        "the limit (one per ~20 insights under load, libsodium)."),
     "latency": (
         "- **latency (1.5x / 2x raw paho)**: at 1,000/s every insight is its own envelope, so "
         "the path carries the filter, one Ed25519 signature (~25 us) and one verification "
@@ -496,13 +498,13 @@ _LIMITS: dict[str, str] = {
         "the other processes' bursts on the two shared cores."),
     "bridge": (
         "- **bridge (20,000 per CPU-second)**: profiled over 60,000 contributions (docs/BRIDGE.md, "
-        "Cost per insight), an insight costs ~69 us: the store's transaction ~12 us, validating "
-        "the `SharedInsight` ~11 us and the opened `Contribution` ~9 us, the rest of admitting "
-        "it ~8 us, the receipt digest over canonical JSON ~7 us, its share of the envelope's "
-        "verification, decryption and parsing ~12 us, opening the sealed part ~4 us, the policy "
-        "check ~3 us, paho and TLS ~2 us. No step is a fifth of it; 50 us needs the Python work "
-        "per item itself to shrink. A quick run (3,000 items) also charges the process's "
-        "start-up (~0.5 s of CPU: imports, pydantic schemas) to the rate."),
+        "Cost per insight), ingesting an insight costs ~60 us: the store's transaction ~11 us, "
+        "validating the `SharedInsight` ~9 us and the opened `Contribution` ~6.5 us, the rest "
+        "of admitting it ~6 us, the receipt digest over canonical JSON ~6 us, its share of the "
+        "envelope's verification, decryption and parsing ~11 us, opening the sealed part ~3 us, "
+        "the policy check ~3 us, paho and TLS ~2 us. No step is a fifth of it; 50 us needs the "
+        "Python work per item itself to shrink. The rate also charges the process's start-up "
+        "(imports, pydantic schemas: a few tenths of a CPU-second) to the run's insights."),
     "publish": (
         "- **publishing N retained states (0.6x raw paho)**: a state is its live insight plus "
         "its share of a checkpoint page (the per-category retained copy is off by default, "
@@ -540,9 +542,13 @@ _LIMITS: dict[str, str] = {
         "meanwhile."),
     "store": (
         "- **the receiver's market store (0.9x)**: its writer is a thread of the receiving "
-        "process (SQLite inserts, the daily roll-up), so on this two-core machine it takes CPU "
-        "from the sender, the broker and the receiver that P keeps busy; the faster the "
-        "receiver without it (envelope v2 made verifying cheaper), the larger its share."),
+        "process, ~12 us a row measured alone (the row built in Python ~2.4 us, the `INSERT` "
+        "~2.4 us, the daily roll-up ~4.8 us, each sender's latest row and the rest ~2 us), so "
+        "on this two-core machine it takes CPU from the sender, the broker and the receiver "
+        "that P keeps busy. The faster the receiver without it, the larger its share: in "
+        "alternating runs against the code before this issue's last changes `P_nostore` rose "
+        "from 23,200-24,100 to 26,400-27,300 insights/s while P with the store stayed at "
+        "~20,000, so the ratio fell from ~0.87 to ~0.75."),
     "log": (
         "- **the sender's history log (0.9x)**: each envelope is appended to the log (its bytes "
         "to the data file, an offset to the index file, a leaf hash into the Merkle tree) and "
@@ -556,11 +562,14 @@ _LIMITS: dict[str, str] = {
         "an Intel Xeon, the higher on an AMD EPYC), so the target sits inside the spread "
         "between runs and machines."),
     "rss": (
-        "- **agent peak RSS (60 MB)**: the interpreter with pydantic, cryptography and paho "
-        "imported is ~34 MB here (mostly the mapped libraries: cryptography's Rust module, "
-        "libpython, pydantic-core, OpenSSL), ~52 MB once pear_mqtt's modules are loaded (their "
-        "pydantic schemas among them), before the agent does anything; `peak_anon_mb` is the "
-        "agent's own memory."),
+        "- **agent peak RSS (60 MB)**: the third-party and standard modules the agent needs "
+        "(pydantic, cryptography, paho, PyNaCl, SQLite, asyncio, ssl) are ~46 MB here once "
+        "imported, most of it mapped libraries (cryptography's Rust module alone ~8.6 MB "
+        "resident, libpython ~5 MB, pydantic-core ~4 MB, OpenSSL ~4 MB); pear_mqtt's own "
+        "modules add ~7 MB (their pydantic schemas among them), and running adds ~9 MB "
+        "(~5 MB of its own memory, ~4 MB more of the libraries' pages touched). The "
+        "environment layer no longer loads pydantic-settings unless a `PEAR_` variable could "
+        "set a field (1.4 MB); `peak_anon_mb` is the agent's own memory."),
 }
 
 
