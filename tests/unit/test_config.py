@@ -380,6 +380,15 @@ def test_state_topics_is_off_by_default_and_read_from_the_environment() -> None:
 
 # -- environment -----------------------------------------------------------------------------
 
+def test_env_variables_that_set_no_field_are_no_layer() -> None:
+    # Only a variable naming a field (PEAR_<FIELD> or PEAR_<FIELD>__...) is read; the ones
+    # other components use (the CLI exports PEAR_LOG_FORMAT) make no layer at all.
+    assert M.from_env({"PEAR_LOG_FORMAT": "json", "PEAR_BRIDGE_ID": "x", "PEAR_": "y",
+                       "PEARL": "z", "pear_tlsx": "w"}) == {}
+    assert M.from_env({"pear_tls__ca_file": "/x"}) == {"tls": {"ca_file": Path("/x")}}
+    assert M.from_env({"PEAR_MODE": "public"})["mode"] == NetworkMode.PUBLIC
+
+
 def test_env_nested_loading() -> None:
     env = {
         "PEAR_MODE": "consortium",

@@ -34,6 +34,19 @@ def test_appends_read_back_and_survive_reopening(tmp_path: Path) -> None:
         assert again.append(b"more") == 51
 
 
+def test_a_syncer_works_after_the_log_closed(tmp_path: Path) -> None:
+    # The head's fsyncs run on another thread: the log may close before they do.
+    log = AppendLog.open(tmp_path / "log")
+    log.append_many(entries(5))
+    sync = log.syncer()
+    log.close()
+    before = len(os.listdir("/proc/self/fd"))
+    sync()  # its own descriptors: nothing raised, and they are closed after
+    assert len(os.listdir("/proc/self/fd")) == before - 2
+    with AppendLog.open(tmp_path / "log") as again:
+        assert again.range(0, 5) == entries(5)
+
+
 def test_a_torn_tail_is_dropped_on_open(tmp_path: Path) -> None:
     data = entries(10)
     with AppendLog.open(tmp_path / "log") as log:

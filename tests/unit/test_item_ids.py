@@ -81,3 +81,16 @@ def test_ids_differ_by_node_and_need_the_node_key(ca: Path) -> None:
 def test_ecdsa_keys_derive_ids_too(ca: Path) -> None:
     s = signer(ca, "cobalt", "store-1", key_type="ec-p256")
     assert ItemIds(s).of(observation()) == ItemIds(s).of(observation())
+
+
+def test_ids_do_not_depend_on_what_was_asked_before(ca: Path) -> None:
+    # Window bounds' text is remembered for a while: ids over more windows than it keeps,
+    # asked in another order by another instance, come out the same.
+    s = signer(ca, "acme", "store-1")
+    windows = [observation(window_start=T0 + timedelta(hours=h),
+                           window_end=T0 + timedelta(hours=h + 1)) for h in range(700)]
+    ids = ItemIds(s)
+    forward = [ids.of(w) for w in windows]
+    other = ItemIds(s)
+    backward = [other.of(w) for w in reversed(windows)][::-1]
+    assert forward == backward and len(set(forward)) == len(windows)

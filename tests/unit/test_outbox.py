@@ -489,6 +489,28 @@ def tiny_fs(tmpfs: Callable[[int], Path]) -> Path:
     return tmpfs(24)
 
 
+def test_a_new_file_has_the_outbox_page_size_and_an_old_one_keeps_its_own(
+        tmp_path: Path) -> None:
+    with _open(tmp_path / "new.db") as box:
+        box.put(topic="t", payload=b"x" * 1000, kind="insight")
+    old = tmp_path / "old.db"
+    sqlite3.connect(old).close()  # made by an earlier build: SQLite's default pages
+    conn = sqlite3.connect(old)
+    conn.execute("PRAGMA page_size=4096")
+    conn.execute("VACUUM")
+    conn.close()
+    with _open(old) as box:
+        ids = [box.put(topic=f"t/{i}", payload=b"y" * 1000, kind="insight") for i in range(20)]
+        box.ack(ids[:10])
+        assert [r.id for r in box.pending(limit=100)] == ids[10:]
+    for path, size in ((tmp_path / "new.db", outboxfile.PAGE_SIZE), (old, 4096)):
+        conn = sqlite3.connect(path)
+        try:
+            assert conn.execute("PRAGMA page_size").fetchone()[0] == size
+        finally:
+            conn.close()
+
+
 def test_reserve_covers_a_checkpoint() -> None:
     # On a full disk the WAL can still grow to the checkpoint interval and the checkpoint
     # can grow the database file by as much: the released reserve must hold both.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -692,6 +693,28 @@ def test_shared_insight_refuses_disclosing_shapes() -> None:
     with pytest.raises(pydantic.ValidationError, match="holds exact values"):
         SharedInsight(**common, levels={"price_data": SharingLevel.FULL},
                       groups={"price_data": {"price": ValueRange(lo=1.0, hi=2.0)}})
+
+
+def test_a_group_value_is_read_as_its_own_kind() -> None:
+    # The union member is chosen by the value's type: text stays text even when it reads as
+    # a number, a mapping is a range (or refused as one), numbers are numbers.
+    body: dict[str, Any] = {"category": "grocery", "region": "global",
+                            "window_start": "2026-11-01T00:00:00Z",
+                            "window_end": "2026-11-01T01:00:00Z",
+                            "levels": {"price_data": "ranges_only", "sales_data": "full"},
+                            "groups": {"price_data": {"currency": "EUR",
+                                                      "price": {"lo": 1, "hi": 2}},
+                                       "sales_data": {"units": 3}}}
+    shared = SharedInsight.model_validate(body)
+    assert shared.groups["price_data"] == {"currency": "EUR", "price": ValueRange(lo=1, hi=2)}
+    assert type(shared.groups["sales_data"]["units"]) is float
+    assert SharedInsight.model_validate_json(json.dumps(body)) == shared
+    for bad, rule in (({"lo": 2, "hi": 1}, "must be below"), ([1, 2], "valid number"),
+                      (None, "valid number"), ("1.5", "not a number")):
+        hostile = copy.deepcopy(body)
+        hostile["groups"]["price_data"]["price"] = bad
+        with pytest.raises(pydantic.ValidationError, match=rule):
+            SharedInsight.model_validate(hostile)
 
 
 F_, R_ = SharingLevel.FULL, SharingLevel.RANGES_ONLY
