@@ -7,7 +7,7 @@ values); ``none`` groups are never read. The levels are specified in docs/DESIGN
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -70,10 +70,16 @@ _Count = Annotated[int, Field(ge=1)]
 def _value_kind(value: object) -> str:
     """Which member of a group value's union to validate ``value`` as, chosen by its type:
     a union trying the members in turn failed once or twice for every range."""
-    kind = type(value)
+    kind = type(value)  # exact types first: the wire's values, and no slow isinstance()
     if kind is str:
         return "text"
     if kind is dict or kind is ValueRange:
+        return "range"
+    if kind is float or kind is int:
+        return "number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, Mapping | ValueRange):
         return "range"
     return "number"
 
