@@ -61,6 +61,8 @@ _UNIT_FIELDS: frozenset[str] = frozenset({"currency"})
 _PRICE_FIELDS: frozenset[str] = frozenset({"price", "min_price", "max_price"})
 
 
+_LEVEL_TEXT: dict[SharingLevel, str] = {level: level.value for level in SharingLevel}
+
 _Identifier = Annotated[str, identifier("identifier")]
 _Count = Annotated[int, Field(ge=1)]
 
@@ -351,8 +353,9 @@ class PrivacyFilter:
                 shared["company"] = sp.shared_company
             if sp.shared_store is not None:
                 shared["store"] = sp.shared_store
-            # Plain strings: pydantic_core serialises an Enum member through a Python fallback.
-            shared["levels"] = {group: level.value for group, level in sp.levels.items()}
+            # Plain strings: pydantic_core serialises an Enum member through a Python fallback
+            # (and an enum's .value is a Python property: looked up instead).
+            shared["levels"] = {group: _LEVEL_TEXT[level] for group, level in sp.levels.items()}
             shared["groups"] = sp.groups
             shared_json = to_json(shared)
         contribution = None
