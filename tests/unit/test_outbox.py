@@ -494,10 +494,9 @@ def test_a_new_file_has_the_outbox_page_size_and_an_old_one_keeps_its_own(
     with _open(tmp_path / "new.db") as box:
         box.put(topic="t", payload=b"x" * 1000, kind="insight")
     old = tmp_path / "old.db"
-    sqlite3.connect(old).close()  # made by an earlier build: SQLite's default pages
-    conn = sqlite3.connect(old)
+    conn = sqlite3.connect(old)  # a file with SQLite's default pages, as earlier builds made
     conn.execute("PRAGMA page_size=4096")
-    conn.execute("VACUUM")
+    conn.execute("VACUUM")  # writes the header: the size is fixed from here on
     conn.close()
     with _open(old) as box:
         ids = [box.put(topic=f"t/{i}", payload=b"y" * 1000, kind="insight") for i in range(20)]
