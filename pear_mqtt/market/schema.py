@@ -10,7 +10,16 @@ from pathlib import Path
 from ..errors import MarketError
 from .values import from_packed
 
-__all__ = ["SCHEMA_VERSION", "connect", "ensure"]
+__all__ = ["CHECKPOINT_BYTES", "PAGE_SIZE", "SCHEMA_VERSION", "connect", "ensure"]
+
+PAGE_SIZE = 16384
+"""The page size of a new store (a store keeps the size it was made with). Items arrive in
+no order of the roll-up's, the latest rows' and the item index's keys, so a batch dirties
+pages all over those trees: with 16 KiB pages there are a quarter as many to write at each
+commit and copy at each checkpoint (docs/MARKET.md, "The write path and its cost")."""
+
+CHECKPOINT_BYTES = 40 * 1024 * 1024
+"""Write-ahead log written between two checkpoints, whatever the store's page size."""
 
 SCHEMA_VERSION = "2"
 """2: figures as JSON (market/values.py); a store of schema 1 (packed figures) is upgraded
@@ -72,13 +81,17 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0,
                                    isolation_level=None)
+            # Both take effect on a new, empty file only, and the page size only before the
+            # vacuum mode.
+            conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
             conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             # A checkpoint every ~40 MB of log, not SQLite's ~4 MB: a page a batch touched
             # again since is copied and synced once, and the commits that wait for a
             # checkpoint's syncs are a tenth as many. The log is cut back to 8 MB after.
-            conn.execute("PRAGMA wal_autocheckpoint = 10000")
+            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+            conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_BYTES // page}")
             conn.execute("PRAGMA journal_size_limit = 8388608")
             # The item index takes keys in random order: keep its pages in memory.
             conn.execute("PRAGMA cache_size = -65536")

@@ -79,9 +79,11 @@ _MEMBERS = ("INSERT OR IGNORE INTO daily_members SELECT DISTINCT category, day, 
 _MEMBERS_BATCH = _MEMBERS.format(where="id BETWEEN ? AND ?")
 _MEMBERS_CELL = _MEMBERS.format(where="category = ? AND day = ?")
 # Each sender's newest row per category, region and product, from the rows a batch added
-# (ids ?1..?2), in SQLite alone: a later window, or the later of equal ones, replaces.
+# (ids ?1..?2), in SQLite alone: a later window, or the later of equal ones, replaces. Taken
+# in id order (the table's own, so nothing is sorted), each row replaces the one held if its
+# window ends no earlier: what is left is the latest window, and of equal ones the last id.
 _LATEST = ("INSERT INTO latest SELECT member, node, category, region, coalesce(product, ''), "
-           "id, window_end FROM insights WHERE id BETWEEN ? AND ? ORDER BY window_end, id "
+           "id, window_end FROM insights WHERE id BETWEEN ? AND ? ORDER BY id "
            "ON CONFLICT DO UPDATE SET insight = excluded.insight, "
            "window_end = excluded.window_end WHERE excluded.window_end >= latest.window_end")
 _AGGREGATE = ("INSERT INTO aggregates (category, region, window_start, window_end, grp, field, "

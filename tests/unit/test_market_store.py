@@ -79,6 +79,34 @@ def test_the_latest_row_of_a_sender_is_its_newest_window_within_and_across_batch
     assert store.price_position("grocery/dairy", 3.0).companies == 2
 
 
+def test_of_equal_windows_the_later_arrival_is_the_latest_within_and_across_batches(
+        store: MarketStore) -> None:
+    store.add([received(iid="a", price=1.0, day=2), received(iid="b", price=2.0, day=2),
+               received(iid="c", price=3.0, day=1)])
+    assert [r.item_id for r in store.latest("grocery/dairy")] == ["b"]
+    store.add([received(iid="d", price=4.0, day=2), received(iid="e", price=5.0, day=1)])
+    assert [r.item_id for r in store.latest("grocery/dairy")] == ["d"]
+
+
+def test_a_new_store_has_the_store_page_size_and_an_old_one_keeps_its_own(
+        tmp_path: Path) -> None:
+    from pear_mqtt.market.schema import PAGE_SIZE
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("CREATE TABLE t (x)")  # the page size is fixed once the file holds a table
+    conn.close()
+    for path, size in ((tmp_path / "new.db", PAGE_SIZE), (old, 4096)):
+        with MarketStore.open(path, network="net", mode="private") as s:
+            s.add([received()])
+            assert [r.item_id for r in s.query().rows] == ["i1"]
+            conn = sqlite3.connect(path)
+            assert conn.execute("PRAGMA page_size").fetchone()[0] == size
+            assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == (2 if size ==
+                                                                        PAGE_SIZE else 0)
+            conn.close()
+
+
 def test_a_store_with_former_indexes_reads_and_loses_them_when_written(
         tmp_path: Path) -> None:
     path = tmp_path / "m.db"
