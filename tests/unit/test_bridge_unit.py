@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import sqlite3
 import stat
 import statistics
 from collections.abc import Iterator
@@ -569,6 +570,23 @@ def test_store_counts_each_item_once_across_restarts(store: BridgeStore) -> None
         assert again.window_state(W0) == "open" and again.window_state(W0 + DAY) is None
     finally:
         again.close()
+
+
+def test_a_new_store_file_has_16_kib_pages_and_an_old_one_keeps_its_own(
+        tmp_path: Path) -> None:
+    old = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE t (x)")  # a file made with SQLite's default 4 KiB pages
+    conn.close()
+    for path, size in ((tmp_path / "new.sqlite", 16384), (old, 4096)):
+        s = BridgeStore(path)
+        try:
+            assert s.add([new("a")], now=10.0).counted == 1
+        finally:
+            s.close()
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == size
+        conn.close()
 
 
 def test_store_replaces_a_later_copy_of_the_same_item(store: BridgeStore) -> None:
