@@ -50,18 +50,21 @@ _REPLACE = (f"UPDATE insights SET received_at = ?, seq = ?, log_ref = ?, "
 # The roll-up of what {source} and {where} select, summed by SQLite from the figures (the
 # JSON of market/values.py), each weighing {n}: an exact figure counts as exact at its
 # value, a bucket at its middle, an open bucket at its one end (not exact); a cell held
-# already is added to.
-_ROLLUP = """INSERT INTO daily
+# already is added to. The figures' ends are read once into a table of their own
+# (MATERIALIZED): merged into the sums, each mention of an end would parse its JSON again.
+_ROLLUP = """WITH figures AS MATERIALIZED (
+    SELECT i.category, i.day, i.region, {n} AS n, j.key AS metric,
+           CASE WHEN j.type = 'array' THEN j.value ->> 0 ELSE j.value END AS lo,
+           CASE WHEN j.type = 'array' THEN j.value ->> 1 ELSE j.value END AS hi
+    FROM {source} i, json_each(i.vals) j WHERE {where})
+INSERT INTO daily
 SELECT category, day, region, metric, sum(n), sum(n * exact), sum(n * mid),
        sum(n * (mid * mid)), min(lo), max(hi)
 FROM (SELECT category, day, region, metric, n, lo IS hi AS exact,
              coalesce(lo, hi) AS lo, coalesce(hi, lo) AS hi,
              CASE WHEN lo IS NULL OR hi IS NULL THEN coalesce(lo, hi)
                   ELSE (lo + hi) / 2 END AS mid
-      FROM (SELECT i.category, i.day, i.region, {n} AS n, j.key AS metric,
-                   CASE WHEN j.type = 'array' THEN j.value ->> 0 ELSE j.value END AS lo,
-                   CASE WHEN j.type = 'array' THEN j.value ->> 1 ELSE j.value END AS hi
-            FROM {source} i, json_each(i.vals) j WHERE {where}))
+      FROM figures)
 WHERE lo IS NOT NULL
 GROUP BY category, day, region, metric
 ON CONFLICT DO UPDATE SET n = n + excluded.n, exact = exact + excluded.exact,
