@@ -531,7 +531,7 @@ _LIMITS: dict[str, str] = {
         "node stopped reading at `HOLD_AT` (docs/MARKET.md) once or twice per sync; now SQLite "
         "sums the roll-up and rows go in 256 to a statement: no hold, and 14,000-24,000 rows "
         "still to write when sync() returns (docs/MARKET.md, \"The roll-up in SQLite\"). What is "
-        "left is the row each state becomes in the event loop (~6 us) and the writer's CPU on the"
+        "left is the row each state becomes in the event loop (~2 us) and the writer's CPU on the"
         " shared cores: with the writer doing nothing (rows made, then dropped) the ratio was "
         "1.04 and 0.98 in two rounds that gave 1.39 and 1.46 with it. Each state here is its "
         "own category, so every row adds a roll-up cell, a members row and a `latest` row at "
