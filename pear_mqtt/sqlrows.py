@@ -1,4 +1,5 @@
-"""Rows written many to one SQL statement: ``INSERT … VALUES (…), (…), …``.
+"""SQLite helpers the stores share: rows written many to one SQL statement (``INSERT …
+VALUES (…), (…), …``), and a write-ahead log checkpointed by bytes, not pages.
 
 ``executemany`` steps SQLite's statement once per row, giving the interpreter up and taking
 it back around each step; one statement per chunk of rows pays that once per chunk. Chunks
@@ -12,7 +13,7 @@ import functools
 import sqlite3
 from collections.abc import Iterator, Sequence
 
-__all__ = ["insert_rows"]
+__all__ = ["checkpoint_every", "insert_rows"]
 
 # SQLite's default limit on a statement's parameters before 3.32 (later builds allow 32766).
 _MAX_PARAMETERS = 999
@@ -57,3 +58,10 @@ def insert_rows(db: sqlite3.Connection | sqlite3.Cursor, head: str,
         yield db.execute(_statement(head, width, n, tail),
                          [v for row in rows[at:at + n] for v in row])
         at += n
+
+
+def checkpoint_every(db: sqlite3.Connection, nbytes: int) -> None:
+    """Checkpoint ``db``'s write-ahead log every ``nbytes`` of it, whatever the page size the
+    file was made with (SQLite counts the interval in pages)."""
+    page = int(db.execute("PRAGMA page_size").fetchone()[0])
+    db.execute(f"PRAGMA wal_autocheckpoint={max(1, nbytes // page)}")

@@ -22,7 +22,7 @@ from typing import Literal, NamedTuple
 from pydantic_core import to_json
 
 from ..errors import OutboxError
-from ..sqlrows import insert_rows
+from ..sqlrows import checkpoint_every, insert_rows
 
 __all__ = [
     "AddResult",
@@ -246,8 +246,7 @@ class BridgeStore:
             self._db.execute(f"PRAGMA page_size={_PAGE_SIZE}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
-            page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
-            self._db.execute(f"PRAGMA wal_autocheckpoint={_CHECKPOINT_BYTES // page}")
+            checkpoint_every(self._db, _CHECKPOINT_BYTES)
             # WAL + NORMAL survives a crash of the process (the case a restart must handle);
             # only a power cut may lose the last transactions.
             self._db.execute("PRAGMA synchronous=NORMAL")

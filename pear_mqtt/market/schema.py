@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 from ..errors import MarketError
+from ..sqlrows import checkpoint_every
 from .values import from_packed
 
 __all__ = ["CHECKPOINT_BYTES", "PAGE_SIZE", "SCHEMA_VERSION", "connect", "ensure"]
@@ -90,8 +91,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
             # A checkpoint every ~40 MB of log, not SQLite's ~4 MB: a page a batch touched
             # again since is copied and synced once, and the commits that wait for a
             # checkpoint's syncs are a tenth as many. The log is cut back to 8 MB after.
-            page = int(conn.execute("PRAGMA page_size").fetchone()[0])
-            conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_BYTES // page}")
+            checkpoint_every(conn, CHECKPOINT_BYTES)
             conn.execute("PRAGMA journal_size_limit = 8388608")
             # The item index takes keys in random order: keep its pages in memory.
             conn.execute("PRAGMA cache_size = -65536")

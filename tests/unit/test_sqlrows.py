@@ -1,14 +1,16 @@
 """Unit tests of pear_mqtt.sqlrows: rows go in whole and in order, however many there are,
-and each chunk's cursor gives its RETURNING rows and rowcount."""
+and each chunk's cursor gives its RETURNING rows and rowcount; the log's checkpoint interval
+is set in bytes."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from pear_mqtt.sqlrows import insert_rows
+from pear_mqtt.sqlrows import checkpoint_every, insert_rows
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +64,16 @@ def test_a_caller_may_ask_for_larger_statements(db: sqlite3.Connection) -> None:
     assert db.execute("SELECT count(*) FROM t").fetchone() == (700,)
     with pytest.raises(ValueError, match="power of two"):
         next(insert_rows(db, "INSERT INTO t (a, b, c)", rows, width=3, most=100))
+
+
+@pytest.mark.parametrize("page", [4096, 16384])
+def test_the_log_is_checkpointed_by_bytes_whatever_the_page_size(tmp_path: Path,
+                                                                 page: int) -> None:
+    db = sqlite3.connect(tmp_path / "f.db")
+    db.execute(f"PRAGMA page_size={page}")
+    db.execute("PRAGMA journal_mode=WAL")
+    checkpoint_every(db, 16 * 1024 * 1024)
+    assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16 * 1024 * 1024 // page
+    checkpoint_every(db, 100)  # less than a page: every page, not never (0 turns it off)
+    assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1
+    db.close()
