@@ -19,6 +19,7 @@ import pytest
 from pear_mqtt.cli.main import main
 from pear_mqtt.errors import MarketError
 from pear_mqtt.market import MarketStore, Retention
+from pear_mqtt.market.schema import PAGE_SIZE
 from pear_mqtt.model.aggregates import AggregateBody
 from pear_mqtt.node.records import ReceivedAggregate, ReceivedInsight
 from pear_mqtt.privacy.filter import SharedInsight
@@ -90,7 +91,6 @@ def test_of_equal_windows_the_later_arrival_is_the_latest_within_and_across_batc
 
 def test_a_new_store_has_the_store_page_size_and_an_old_one_keeps_its_own(
         tmp_path: Path) -> None:
-    from pear_mqtt.market.schema import PAGE_SIZE
     old = tmp_path / "old.db"
     conn = sqlite3.connect(old)
     conn.execute("PRAGMA page_size = 4096")
