@@ -100,9 +100,12 @@ async def test_connections_reset_mid_stream(
         recoveries = []
         for k in range(resets):
             await sent_at_least(p, n * (k + 1) // (resets + 1))
-            # Both nodes back through the proxy (a delivery after the last reset can come
-            # from the broker's queue while the sender is still reconnecting).
-            await wait_until(lambda: proxy.open_links == 2, 30, "both nodes reconnected")
+            # Both nodes back through the proxy and connected at the MQTT level (a delivery
+            # after the last reset can come from the broker's queue while the sender is still
+            # reconnecting; a link reset during its handshake is not a lost connection).
+            await wait_until(lambda k=k: proxy.open_links == 2 and all(
+                peer.status().connected and peer.status().reconnects >= k
+                for peer in (p.tx, p.rx)), 30, "both nodes reconnected")
             assert await asyncio.to_thread(proxy.drop) >= 2  # both nodes' connections
             cleared = time.monotonic()
             # (No wait for the disconnect: the node may be back before such a wait starts;
