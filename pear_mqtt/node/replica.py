@@ -53,6 +53,9 @@ class Replica:
     answered: bool = False  # an answer just came: the next range is asked for at once
     more: bool = False  # ... and it said more answers to the same request follow
     roots: dict[int, bytes] = field(default_factory=dict)  # signed heads' roots by length
+    # The head and tree last found to agree: the tree only grows past the head (or is
+    # replaced), so while both are these the agreement stands and is not computed again.
+    checked: tuple[TreeHead, MerkleTree] | None = None
 
     def rewind(self, index: int) -> None:
         """Forget what is held from ``index`` on (entries no signed head covered)."""
