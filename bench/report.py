@@ -503,8 +503,10 @@ _LIMITS: dict[str, str] = {
         "of admitting it ~6 us, the receipt digest over canonical JSON ~6 us, its share of the "
         "envelope's verification, decryption and parsing ~11 us, opening the sealed part ~3 us, "
         "the policy check ~3 us, paho and TLS ~2 us. No step is a fifth of it; 50 us needs the "
-        "Python work per item itself to shrink. The rate also charges the process's start-up "
-        "(imports, pydantic schemas: a few tenths of a CPU-second) to the run's insights."),
+        "Python work per item itself to shrink. The CPU time counts from the release of the "
+        "stopped bridge, so its start-up is not in it. The digest would cost ~1 us printed by "
+        "pydantic-core in the order the item was sent, but that needs a new digest version, "
+        "which the windows open during an upgrade could not carry (docs/BRIDGE.md)."),
     "publish": (
         "- **publishing N retained states (0.6x raw paho)**: a state is its live insight plus "
         "its share of a checkpoint page (the per-category retained copy is off by default, "
