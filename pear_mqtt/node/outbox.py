@@ -405,10 +405,7 @@ class Outbox:
             t.superseded += 1
         rows = [(it.topic, it.payload, it.kind, it.key, int(it.retain), now, size)
                 for it, size in zip(items, sizes, strict=True)]
-        ids: list[int] = []
-        for cur in insert_rows(conn, _INSERT, rows, width=7, tail=" RETURNING id"):
-            # RETURNING's order is not defined; ids grow in the order rows are inserted.
-            ids += sorted(row[0] for row in cur.fetchall())
+        ids = self._inserted_ids(conn, rows)
         for it, size in zip(items, sizes, strict=True):
             if it.kind == "state":
                 t.state_bytes += size
@@ -416,6 +413,22 @@ class Outbox:
         t.size += total
         t.stored += len(items)
         return ids
+
+    @staticmethod
+    def _inserted_ids(conn: sqlite3.Connection, rows: Sequence[Sequence[object]]) -> list[int]:
+        """Insert ``rows`` in order; their ids. AUTOINCREMENT numbers new rows one past the
+        largest id ever used, so they normally are the next ``len(rows)`` numbers after the
+        table's sequence: taken from the last insert's id instead of ``RETURNING`` (~2 us a
+        row less), and read back from the table if they are not."""
+        found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        before = found[0] if found is not None else 0
+        last = before
+        for cur in insert_rows(conn, _INSERT, rows, width=7):
+            last = cur.lastrowid if cur.lastrowid is not None else last
+        if last - before == len(rows):
+            return list(range(before + 1, last + 1))
+        return [row[0] for row in conn.execute(
+            "SELECT id FROM outbox WHERE id > ? ORDER BY id", (before,))]
 
     def _insert(self, conn: sqlite3.Connection, t: _Tally, it: NewItem, now: float) -> int:
         size = len(it.payload)
