@@ -565,7 +565,11 @@ _LIMITS: dict[str, str] = {
     "log": (
         "- **the sender's history log (0.9x)**: each envelope is appended to the log (its bytes "
         "to the data file, an offset to the index file, a leaf hash into the Merkle tree) and "
-        "a signed head goes out at intervals."),
+        "a signed head goes out at intervals; the receiver hashes each envelope into its copy "
+        "of the sender's tree (SHA-256 over the envelope, ~12 us for 20 KB) and checks each "
+        "head's root once. Until a receiver stopped computing that root again for every "
+        "envelope after a head (~24 us an envelope), four alternating runs of `--only P` had "
+        "P_log/P at 0.80-0.97 (median 0.91); after, 0.94-1.01 (median 0.97)."),
     "bridge_scale": (
         "- **bridge scale-out (1.7x)**: each instance receives every message of the source "
         "and leaves the other partitions' unopened, told apart by topic (docs/BRIDGE.md, "
