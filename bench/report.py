@@ -561,7 +561,13 @@ _LIMITS: dict[str, str] = {
         "alternating runs before and after group values were validated by their type and "
         "the send path's item ids and outbox rows got cheaper, `P_nostore` rose from "
         "23,200-24,100 to 26,400-27,300 insights/s while P with the store stayed at ~20,000, "
-        "so the ratio fell from ~0.87 to ~0.75."),
+        "so the ratio fell from ~0.87 to ~0.75. Inside the benchmark it costs more than "
+        "alone. The receiving process's threads' CPU time (/proc, `--only P` of 90,000 "
+        "insights, one run with the store's writer and one with a writer that drops the "
+        "rows): the writer thread ~10 us a row; the event loop's thread ~7.6 us an insight "
+        "more than in the same run's `P_nostore` with the dropping writer, and ~14.2 us more "
+        "with the real one. So about half of the loop's extra comes from sharing the process "
+        "with a busy writer (the interpreter's lock and the caches)."),
     "log": (
         "- **the sender's history log (0.9x)**: each envelope is appended to the log (its bytes "
         "to the data file, an offset to the index file, a leaf hash into the Merkle tree) and "
