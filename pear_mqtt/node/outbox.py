@@ -418,8 +418,8 @@ class Outbox:
     def _inserted_ids(conn: sqlite3.Connection, rows: Sequence[Sequence[object]]) -> list[int]:
         """Insert ``rows`` in order; their ids. AUTOINCREMENT numbers new rows one past the
         largest id ever used, so they normally are the next ``len(rows)`` numbers after the
-        table's sequence: taken from the last insert's id instead of ``RETURNING`` (~2 us a
-        row less), and read back from the table if they are not."""
+        table's sequence: taken from the last insert's id instead of ``RETURNING`` (cheaper:
+        docs/DESIGN.md), and read back from the table if they are not."""
         found = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         before = found[0] if found is not None else 0
         last = before

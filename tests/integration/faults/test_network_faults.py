@@ -104,7 +104,7 @@ async def test_connections_reset_mid_stream(
             # after the last reset can come from the broker's queue while the sender is still
             # reconnecting; a link reset during its handshake is not a lost connection).
             await wait_until(lambda k=k: proxy.open_links == 2 and all(
-                peer.status().connected and peer.status().reconnects >= k
+                (st := peer.status()).connected and st.reconnects >= k
                 for peer in (p.tx, p.rx)), 30, "both nodes reconnected")
             assert await asyncio.to_thread(proxy.drop) >= 2  # both nodes' connections
             cleared = time.monotonic()
