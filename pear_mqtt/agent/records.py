@@ -23,6 +23,8 @@ __all__ = [
     "CSV_COLUMNS",
     "INPUT_SUFFIXES",
     "InputFormat",
+    "RecordFile",
+    "RecordParser",
     "RejectCallback",
     "Rejection",
     "csv_header_line",
@@ -250,34 +252,69 @@ class _CsvTable:
 
 # -- files ------------------------------------------------------------------------------------
 
-def read_insights(path: Path, *, fmt: InputFormat | None = None,
-                  name: str | None = None) -> Iterator[MarketInsight | Rejection]:
-    """Parse ``path`` line by line: an insight per good line, a :class:`Rejection` per bad one.
+class RecordParser:
+    """Turns the data lines of one input file into insights: JSON lines, or CSV rows under the
+    ``header`` line (:class:`ValueError` or :class:`csv.Error` when that is unusable).
+
+    ``spec`` is what rebuilds an equal parser elsewhere (``RecordParser(**spec)``): a worker
+    process gets it with the lines it parses."""
+
+    def __init__(self, *, fmt: InputFormat, label: str, header: str | None = None) -> None:
+        self.spec: dict[str, Any] = {"fmt": fmt, "label": label, "header": header}
+        self._label = label
+        self._table = _CsvTable(header or "") if fmt == "csv" else None
+
+    def parse(self, lineno: int, text: str) -> MarketInsight | Rejection:
+        """The insight on line ``lineno``, or the :class:`Rejection` saying why there is none."""
+        try:
+            return _parse_json_line(text) if self._table is None else self._table.insight(text)
+        except (ValueError, csv.Error) as exc:
+            return Rejection(self._label, lineno, str(exc), text=text)
+
+
+class RecordFile:
+    """One input file read line by line: :meth:`lines` gives its data lines (after a CSV's
+    header, which makes :attr:`parser`) and a :class:`Rejection` per unreadable one.
 
     ``fmt`` defaults to :func:`input_format`; ``name`` is how rejections name the file
     (default: the path). Blank lines are skipped. Lines must be UTF-8; one record per line
     (CSV fields with embedded line breaks are not supported). An unusable CSV header yields
-    one fatal rejection and ends the file. Raises :class:`OSError` if the file cannot be read.
+    one fatal rejection and ends the file.
     """
-    fmt = fmt or input_format(path)
-    label = name or str(path)
-    table: _CsvTable | None = None
-    with path.open("rb") as fh:
-        for item in _text_lines(fh, label):
-            if isinstance(item, Rejection):
-                yield item
-                continue
-            lineno, text = item
-            if fmt == "csv" and table is None:
+
+    def __init__(self, path: Path, *, fmt: InputFormat | None = None,
+                 name: str | None = None) -> None:
+        self.path = path
+        self.format: InputFormat = fmt or input_format(path)
+        self.label = name or str(path)
+        self.parser: RecordParser | None = (
+            None if self.format == "csv" else RecordParser(fmt="jsonl", label=self.label))
+
+    def lines(self) -> Iterator[tuple[int, str] | Rejection]:
+        """``(line number, text)`` of each data line, in order. Raises :class:`OSError` if the
+        file cannot be read."""
+        with self.path.open("rb") as fh:
+            for item in _text_lines(fh, self.label):
+                if isinstance(item, Rejection) or self.parser is not None:
+                    yield item
+                    continue
+                lineno, text = item
                 try:
-                    table = _CsvTable(text)
+                    self.parser = RecordParser(fmt="csv", label=self.label, header=text)
                 except (ValueError, csv.Error) as exc:
-                    yield Rejection(label, lineno, f"CSV header: {exc}", text=text, fatal=True)
+                    yield Rejection(self.label, lineno, f"CSV header: {exc}", text=text,
+                                    fatal=True)
                     return
-                continue
-            try:
-                record = _parse_json_line(text) if table is None else table.insight(text)
-            except (ValueError, csv.Error) as exc:
-                yield Rejection(label, lineno, str(exc), text=text)
-                continue
-            yield record
+
+
+def read_insights(path: Path, *, fmt: InputFormat | None = None,
+                  name: str | None = None) -> Iterator[MarketInsight | Rejection]:
+    """Parse ``path`` (see :class:`RecordFile`) line by line: an insight per good line, a
+    :class:`Rejection` per bad one. Raises :class:`OSError` if the file cannot be read."""
+    records = RecordFile(path, fmt=fmt, name=name)
+    for item in records.lines():
+        if isinstance(item, Rejection):
+            yield item
+        else:
+            assert records.parser is not None  # made by lines() before a data line
+            yield records.parser.parse(*item)

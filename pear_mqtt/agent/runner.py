@@ -26,6 +26,8 @@ from .sources import InsightSource
 
 if TYPE_CHECKING:
     from ..node.network import PearNetwork
+    from ..node.producer import PreparedBatch
+    from .parallel import PreparedChunk
 
 __all__ = ["BATCH", "AgentReport", "default_outbox_path", "load_agent_config", "run_agent"]
 
@@ -105,6 +107,11 @@ class _Tally:
             log.warning("rejected %s", rejection)
         elif self.rejected == _LOGGED_REJECTIONS + 1:
             log.warning("more rejected lines: counted by reason, summed up at the end")
+
+    def not_shared(self, what: str) -> None:
+        """The privacy filter refused an insight (``what`` names it and the rule)."""
+        self.failed += 1
+        log.warning("not shared (%s)", what)
 
     def summary(self) -> str | None:
         """One line: the rejected lines by reason, most frequent first."""
@@ -301,26 +308,12 @@ async def _pump(source: InsightSource, net: PearNetwork, stop: asyncio.Event,
     batches = source.batches(stop=stop, reject=tally.reject, max_items=BATCH)
     try:
         async for batch in batches:
-            tally.read += len(batch)
-            try:
-                stored = await _store(net, batch, stop)
-            except (PrivacyError, TopicError):
-                # One of them is refused: store the others one by one, counting each refusal.
-                for insight in batch:
-                    try:
-                        stored = await _store(net, [insight], stop)
-                    except (PrivacyError, TopicError) as exc:
-                        tally.failed += 1
-                        log.warning("not shared (%s %s): %s", insight.category,
-                                    insight.window_start.isoformat(), exc)
-                        continue
-                    if not stored:
-                        return
-                    tally.queued += 1
-                continue
+            if isinstance(batch, list):
+                stored = await _stored_batch(net, batch, stop, tally)
+            else:
+                stored = await _stored_chunk(net, batch, stop, tally)
             if not stored:
                 return  # stopped while the outbox refused it: the source is not advanced
-            tally.queued += len(batch)
             # No yield of our own: broadcast hands the loop to the flusher and the status
             # reporter every millisecond.
     finally:
@@ -329,13 +322,54 @@ async def _pump(source: InsightSource, net: PearNetwork, stop: asyncio.Event,
             await aclose()
 
 
-async def _store(net: PearNetwork, batch: list[MarketInsight], stop: asyncio.Event) -> bool:
+async def _stored_batch(net: PearNetwork, batch: list[MarketInsight], stop: asyncio.Event,
+                        tally: _Tally) -> bool:
+    tally.read += len(batch)
+    try:
+        stored = await _store(net, batch, stop)
+    except (PrivacyError, TopicError):
+        # One of them is refused: store the others one by one, counting each refusal.
+        for insight in batch:
+            try:
+                stored = await _store(net, [insight], stop)
+            except (PrivacyError, TopicError) as exc:
+                tally.not_shared(f"{insight.category} {insight.window_start.isoformat()}: "
+                                 f"{exc}")
+                continue
+            if not stored:
+                return False
+            tally.queued += 1
+        return True
+    if stored:
+        tally.queued += len(batch)
+    return stored
+
+
+async def _stored_chunk(net: PearNetwork, chunk: PreparedChunk, stop: asyncio.Event,
+                        tally: _Tally) -> bool:
+    """A worker's chunk (its bad lines were reported by the source)."""
+    tally.read += chunk.read
+    for refused in chunk.refused:
+        tally.not_shared(refused)
+    if not chunk.batch.ids:
+        return True
+    stored = await _store(net, chunk.batch, stop)
+    if stored:
+        tally.queued += len(chunk.batch.ids)
+    return stored
+
+
+async def _store(net: PearNetwork, batch: list[MarketInsight] | PreparedBatch,
+                 stop: asyncio.Event) -> bool:
     """Put ``batch`` into the outbox in one transaction, retrying while it refuses (a full
     disk); false if ``stop`` came first."""
     backoff = Backoff(minimum=_OUTBOX_RETRY_MIN, maximum=_OUTBOX_RETRY_MAX)
     while True:
         try:
-            await net.broadcast_many(batch)
+            if isinstance(batch, list):
+                await net.broadcast_many(batch)
+            else:
+                await net.broadcast_prepared(batch)
             return True
         except OutboxError as exc:
             # Holding the source still loses nothing: the outbox recovers once the disk has

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import ConfigError
 from ..files import atomic_write
@@ -27,6 +27,9 @@ from .records import (
     input_format,
     read_insights,
 )
+
+if TYPE_CHECKING:
+    from .parallel import PreparedChunk
 
 __all__ = ["FileSource", "InsightSource", "NoSource", "WatchSource", "WatchedFile"]
 
@@ -45,8 +48,9 @@ class InsightSource(Protocol):
     """
 
     def batches(self, *, stop: asyncio.Event, reject: RejectCallback,
-                max_items: int) -> AsyncIterator[list[MarketInsight]]:
-        """Yield batches of insights until the source is exhausted or ``stop`` is set."""
+                max_items: int) -> AsyncIterator[list[MarketInsight] | PreparedChunk]:
+        """Yield batches of insights (or of insights already prepared by worker processes)
+        until the source is exhausted or ``stop`` is set."""
         ...
 
 

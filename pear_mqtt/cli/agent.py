@@ -51,6 +51,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         source = _make_source(args)
         if args.status_interval < 0 or args.drain_timeout < 0:
             raise ConfigError("--status-interval and --drain-timeout must be >= 0")
+        if args.workers is not None and args.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, not {args.workers}")
     except ConfigError as exc:
         print(f"pear-mqtt agent: {exc}", file=sys.stderr)
         return 2
@@ -61,11 +63,39 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     # stack loaded (measured), a pause that every insight in flight waits out.
     from ..node import network  # noqa: F401  (loaded now, so that it is frozen too)
     gc.freeze()
-    return asyncio.run(_serve(args, config, source))
+    # The total a progress bar runs to, known for a one-shot run.
+    total = (source.records() if isinstance(source, FileSource)
+             else args.count if args.simulate else None)
+    workers = _workers_for(args, source)
+    if not workers:
+        return asyncio.run(_serve(args, config, source, total))
+    from ..agent.parallel import ParallelFileSource, WorkerPool
+    assert isinstance(source, FileSource)
+    with WorkerPool(config=config, workers=workers) as pool:
+        # Forked now, before the event loop and its threads exist.
+        pool.start()
+        if pool.running:
+            print(f"pear-mqtt agent: {pool.size} worker process(es) prepare {source.path}",
+                  file=sys.stderr, flush=True)
+        return asyncio.run(_serve(args, config, ParallelFileSource(source, pool=pool), total))
+
+
+def _workers_for(args: argparse.Namespace, source: InsightSource) -> int:
+    """How many worker processes prepare an --input file: none unless they pay."""
+    if not isinstance(source, FileSource):
+        return 0
+    from ..agent.parallel import MIN_PARALLEL_BYTES, default_workers
+    try:
+        size = source.path.stat().st_size
+    except OSError:
+        return 0  # reading it says why
+    if size < MIN_PARALLEL_BYTES:
+        return 0
+    return default_workers() if args.workers is None else args.workers
 
 
 async def _serve(args: argparse.Namespace, config: NetworkConfig,
-                 source: InsightSource) -> int:
+                 source: InsightSource, total: int | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -86,8 +116,6 @@ async def _serve(args: argparse.Namespace, config: NetworkConfig,
     handled = (signal.SIGTERM, signal.SIGINT)
     for sig in handled:
         loop.add_signal_handler(sig, on_signal, sig)
-    total = (source.records() if isinstance(source, FileSource)
-             else args.count if args.simulate else None)
     try:
         with bars() as b:
             # One-shot work of a known size: read and acknowledged, on a terminal only.
@@ -170,6 +198,11 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     one.add_argument("--drain-only", action="store_true",
                      help="read nothing: deliver what the outbox holds and exit (1 if rows "
                           "remain after --drain-timeout)")
+    src.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="--input: processes that parse, filter and seal the file's lines "
+                          "beside the agent, which stores and sends them in file order "
+                          "(default: one fewer than the CPUs, at most 4; 0: none, all in the "
+                          "agent's process; files under 1 MiB never use them)")
     src.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
                      help="--watch: seconds between directory scans (default: 1)")
     sim = parser.add_argument_group("simulation")

@@ -31,7 +31,6 @@ from ..model.topics import TopicScheme
 from ..privacy.filter import PrivacyFilter
 from ..security.envelope import EnvelopeCodec
 from ..security.identity import Identity
-from ..security.seal import Sealer, load_x25519_public_key
 from .archive import Archive
 from .counters import Counters
 from .history import NodeLog
@@ -39,6 +38,7 @@ from .markers import Markers
 from .memory_outbox import MemoryOutbox
 from .outbox import Outbox
 from .peers import PeerTable
+from .producer import PreparedBatch, node_sealer, node_topics
 from .receiver import Receiver
 from .records import Peer, ReceivedAggregate, ReceivedInsight, SyncResult
 from .replicas import Fork, LogView, Replicas
@@ -131,10 +131,8 @@ class PearNetwork:
         if me.network != self.config.network_id:
             raise ConnectError(f"certificate {self.config.tls.cert_file} is for network "
                                f"{me.network!r}, config says {self.config.network_id!r}")
-        self._scheme = topics = TopicScheme(mode=self.config.mode.value,
-                                            network=self.config.network_id, member=me.member)
-        key_file = self.config.privacy.aggregator_key_file
-        sealer = Sealer(load_x25519_public_key(key_file)) if key_file is not None else None
+        self._scheme = topics = node_topics(self.config, me)
+        sealer = node_sealer(self.config)
         rel = self.config.reliability
         outbox = (Outbox(path=self._outbox_path, max_bytes=rel.outbox_max_bytes,
                          max_age=rel.outbox_max_age)
@@ -343,6 +341,15 @@ class PearNetwork:
         (the error names its position), none of the batch is stored."""
         self._writable()
         return await self._sender.broadcast_many([as_insight(i) for i in insights])
+
+    async def broadcast_prepared(self, batch: PreparedBatch) -> list[str]:
+        """Share a batch that :meth:`Preparer.prepare_many <pear_mqtt.node.producer.Preparer.
+        prepare_many>` made for this node, possibly in another process (the agent's workers
+        filter and seal there): stored in one outbox transaction like :meth:`broadcast_many`;
+        returns its item ids. Raises :class:`ConfigError` for a batch prepared as another
+        node."""
+        self._writable()
+        return await self._sender.broadcast_prepared(batch)
 
     def _writable(self) -> None:
         if self._read_only:

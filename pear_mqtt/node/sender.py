@@ -28,11 +28,10 @@ from .counters import Counters
 from .delivery import Delivery, batches
 from .heldstates import HeldStates
 from .history import NodeLog
-from .item_ids import ItemIds
 from .markers import Markers
 from .memory_outbox import MemoryOutbox
 from .outbox import Outbox, OutboxItem
-from .producer import Producer
+from .producer import PreparedBatch, Producer
 from .window import Window
 
 __all__ = ["BACKGROUND_PER_ROUND", "MIDSTREAM_BUDGET", "STATE_MAX_DEFER", "STATE_QUIET",
@@ -126,8 +125,7 @@ class Sender:
         self._outbox, self._history = outbox, history
         self._delivery.attach(codec=codec, outbox=outbox, history=history,
                               mixed_topic=topics.mixed_insights())
-        self._producer.attach(topics=topics, sealer=sealer, item_ids=ItemIds(codec.signer),
-                              outbox=outbox)
+        self._producer.attach(topics=topics, sealer=sealer, signer=codec.signer, outbox=outbox)
         self._pages.attach(codec=codec, topics=topics, markers=markers)
         if outbox.depth > 0:
             self._idle.clear()  # rows left by an earlier run still wait for their acks
@@ -211,7 +209,14 @@ class Sender:
         outbox refuses the batch, none of them is stored.
         """
         self._require_attached()
-        ids, items = self._producer.prepare_many(insights)
+        return await self.broadcast_prepared(self._producer.prepare_many(insights))
+
+    async def broadcast_prepared(self, batch: PreparedBatch) -> list[str]:
+        """Store a batch a :class:`~.producer.Preparer` of this node made (here or in another
+        process) in one outbox transaction; returns its item ids."""
+        self._require_attached()
+        self._producer.accept(batch)
+        ids, items = batch.ids, batch.items
         if items:
             # A batch is a backlog by definition: the flusher may linger and batch it.
             self._back_to_back += len(items)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from agent_process import AgentProcess
@@ -266,3 +269,82 @@ async def test_many_bad_lines_are_summed_up_by_reason(
     assert len(report["rejected_by_reason"]) == 2
     assert sum(1 for s in agent.stderr if "rejected " in s and ".jsonl:" in s) <= 21
     assert any("rejected 500 line(s): 300 x" in s for s in agent.stderr)
+
+
+def _insight_lines(n: int, *, bad: dict[int, str]) -> str:
+    """``n`` JSON lines of distinct products (prices a peer reads in ranges, sales sealed),
+    with the line numbers in ``bad`` replaced by their broken text."""
+    row = ('{{"category": "grocery/{cat}", "product_id": "p{i}", "region": "north", '
+           '"window_start": "2026-11-02T09:00:00Z", "window_end": "2026-11-02T10:00:00Z", '
+           '"price_data": {{"currency": "EUR", "price": {price}, "min_price": 1.0, '
+           '"max_price": 9.5}}, "sales_data": {{"units": {units}, "revenue": 10.5, '
+           '"transactions": 3}}, "sample_size": 3}}')
+    return "".join((bad[i] if i in bad else row.format(
+        cat=("dairy", "bakery", "produce")[i % 3], i=i, price=1.5 + (i % 70) / 10,
+        units=i % 40 + 1)) + "\n" for i in range(1, n + 1))
+
+
+async def test_worker_processes_prepare_an_input_file_as_the_agent_would_alone(
+        mosquitto: MosquittoBroker, make_config: Callable[..., NetworkConfig],
+        agent_config: Callable[[MosquittoBroker], Path], tmp_path: Path) -> None:
+    n = 4000
+    bad = {7: "{broken", 1500: '{"category": "grocery/dairy"}', 3999: "[1, 2]"}
+    data = tmp_path / "export.jsonl"
+    data.write_text(_insight_lines(n, bad=bad))
+    assert data.stat().st_size > 1 << 20  # large enough for workers to be used
+    config_file = agent_config(mosquitto)
+    runs: dict[int, tuple[dict[str, Any], dict[str, ReceivedInsight], list[str]]] = {}
+    for workers in (2, 0):
+        received: dict[str, ReceivedInsight] = {}
+        async with PearNetwork(make_config("globex", mosquitto)) as rx:
+            stream = rx.insights()
+            agent = await AgentProcess.start(
+                "--config", config_file, "--input", data, "--workers", str(workers),
+                "--outbox", tmp_path / f"outbox-{workers}.sqlite", "--status-interval", "0")
+            await collect(stream, received, n - len(bad), timeout=60)
+            code, report = await agent.finish(timeout=60)
+        assert code == 0, agent.stderr
+        runs[workers] = report, received, agent.stderr
+    (par, par_rx, par_err), (one, one_rx, one_err) = runs[2], runs[0]
+    assert any("2 worker process(es) prepare" in line for line in par_err)
+    assert not any("worker process" in line for line in one_err)
+    for report in (par, one):
+        assert (report["read"], report["queued"], report["sent"], report["rejected"]) == (
+            n - len(bad), n - len(bad), n - len(bad), len(bad))
+        assert report["drained"] and report["failed"] == 0
+    assert sorted(par["rejections"]) == sorted(one["rejections"])
+    assert [r.split(": ")[0] for r in sorted(par["rejections"])] == sorted(
+        f"{data}:{i}" for i in bad)
+    # The same item ids (derived from the node's key) and the same shared content: the
+    # workers filter exactly as the agent does.
+    assert par_rx.keys() == one_rx.keys()
+    for item_id, got in par_rx.items():
+        assert got.insight == one_rx[item_id].insight
+        assert got.member == "acme"
+    assert all(isinstance(g.insight.groups["price_data"]["price"], ValueRange)
+               for g in par_rx.values())
+
+
+async def test_a_worker_process_killed_mid_file_loses_nothing(
+        mosquitto: MosquittoBroker, make_config: Callable[..., NetworkConfig],
+        agent_config: Callable[[MosquittoBroker], Path], tmp_path: Path) -> None:
+    n = 30000
+    data = tmp_path / "export.jsonl"
+    data.write_text(_insight_lines(n, bad={}))
+    received: dict[str, ReceivedInsight] = {}
+    async with PearNetwork(make_config("globex", mosquitto)) as rx:
+        stream = rx.insights()
+        agent = await AgentProcess.start("--config", agent_config(mosquitto), "--input", data,
+                                         "--workers", "1", "--status-interval", "0.02")
+        await agent.wait_line(lambda s: (m := QUEUED.search(s)) is not None
+                              and int(m.group(1)) > 0, timeout=30)
+        children = Path(f"/proc/{agent.proc.pid}/task/{agent.proc.pid}/children")
+        (worker,) = map(int, (await asyncio.to_thread(children.read_text)).split())
+        os.kill(worker, signal.SIGKILL)
+        await collect(stream, received, n, timeout=120)
+        code, report = await agent.finish(timeout=60)
+    assert code == 0, agent.stderr
+    assert (report["read"], report["queued"], report["sent"]) == (n, n, n)
+    assert report["drained"]
+    assert any("worker process ended" in line and "agent's process instead" in line
+               for line in agent.stderr)
