@@ -193,7 +193,8 @@ async def _drain(net: PearNetwork, timeout: float) -> bool:
             continue
         # flush() only tracks what this process broadcast, so rows an earlier run left in
         # the outbox can remain after it returns: fall back to polling the depth.
-        await asyncio.sleep(min(_DRAIN_POLL, max(0.0, deadline - loop.time())))
+        if net.status().outbox_depth > 0:
+            await asyncio.sleep(min(_DRAIN_POLL, max(0.0, deadline - loop.time())))
     return True
 
 
