@@ -68,8 +68,8 @@ class RangeScheme:
     Every bucket is half-open: ``lo <= value < hi``.
     """
 
-    __slots__ = ("_digits", "_edge_cache", "_edges", "_log_ratio", "_range_cache", "_ratio",
-                 "_table", "_tiny")
+    __slots__ = ("_buckets", "_digits", "_edge_cache", "_edges", "_log_ratio", "_range_cache",
+                 "_ratio", "_table", "_tiny")
 
     TINY_EXPONENT = -20
 
@@ -102,6 +102,8 @@ class RangeScheme:
         # thousand of them over and over, so they are computed (and validated) once.
         self._edge_cache: dict[int, float] = {}
         self._range_cache: dict[tuple[float | None, float | None], ValueRange] = {}
+        # Each value's bucket too: a store's prices and counts repeat (1.99, 12.0, ...).
+        self._buckets: dict[tuple[float, str | None], ValueRange] = {}
         self._tiny = self.geometric_edge(self.TINY_EXPONENT)
         self._table: list[float] = []
 
@@ -160,15 +162,21 @@ class RangeScheme:
         ``category`` selects configured edges (its own or its nearest ancestor's); None, or a
         category without configured edges, uses the geometric scheme.
         """
+        if type(value) is float:
+            found = self._buckets.get((value, category))
+            if found is not None:
+                return found
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise PrivacyError(f"only numbers can be bucketed, got {type(value).__name__}")
         v = float(value)
         if not math.isfinite(v):
             raise PrivacyError("cannot bucket a non-finite number")
         edges = self.edges_for(category)
-        if edges is not None:
-            return self._configured(v, edges)
-        return self._geometric(v)
+        bucket = self._configured(v, edges) if edges is not None else self._geometric(v)
+        if len(self._buckets) >= _CACHE_LIMIT:
+            self._buckets.clear()
+        self._buckets[(v, category)] = bucket
+        return bucket
 
     def _configured(self, v: float, edges: tuple[float, ...]) -> ValueRange:
         idx = bisect.bisect_right(edges, v)  # edges[idx-1] <= v < edges[idx]

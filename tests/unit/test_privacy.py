@@ -491,6 +491,17 @@ def test_configured_edges_with_open_ends() -> None:
     assert s.bucket(-3.0, category="grocery") == ValueRange(lo=None, hi=1.0)
 
 
+def test_a_value_bucketed_again_gets_the_same_bucket_for_its_own_category() -> None:
+    s = RangeScheme(edges={"grocery": (1.0, 2.0, 5.0)})
+    for _ in range(2):  # the second round is answered from the scheme's memory
+        assert s.bucket(1.5, category="grocery") == ValueRange(lo=1.0, hi=2.0)
+        assert s.bucket(1.5, category=None) == ValueRange(lo=1.25, hi=1.5625)
+        assert s.bucket(1.5, category="toys") == ValueRange(lo=1.25, hi=1.5625)
+        assert s.bucket(3, category="grocery") == ValueRange(lo=2.0, hi=5.0)
+    with pytest.raises(PrivacyError):
+        s.bucket(True, category=None)  # type: ignore[arg-type]
+
+
 def test_configured_edges_use_nearest_ancestor() -> None:
     s = RangeScheme(edges=CONFIGURED_EDGES)
     assert s.edges_for("grocery/dairy/milk") == CONFIGURED_EDGES["grocery/dairy"]
