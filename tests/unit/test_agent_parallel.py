@@ -109,10 +109,11 @@ def test_a_forked_worker_prepares_what_the_agent_would(config: NetworkConfig) ->
     assert not pool.running
     assert there.batch.ids == here.batch.ids and there.batch.origin == here.batch.origin
     # Same topics and shared parts; the sealed parts differ only by their random nonces.
-    for a, b in zip(there.batch.items, here.batch.items, strict=True):
-        assert (a.topic, a.state_topic) == (b.topic, b.state_topic)
-        assert json.loads(a.payload)["insight"] == json.loads(b.payload)["insight"]
-        assert json.loads(a.payload)["sealed"] != json.loads(b.payload)["sealed"]
+    for (topic, payload, state), (topic2, payload2, state2) in zip(
+            there.batch.items, here.batch.items, strict=True):
+        assert (topic, state) == (topic2, state2)
+        assert json.loads(payload)["insight"] == json.loads(payload2)["insight"]
+        assert json.loads(payload)["sealed"] != json.loads(payload2)["sealed"]
 
 
 def test_a_pool_that_cannot_start_prepares_in_the_agent(config: NetworkConfig,
