@@ -18,7 +18,8 @@ __all__ = ["LAT_LABELS", "TARGETS", "agent_rate_key", "load_rows", "md_load", "m
 # What the agent's ingest target is judged on, best first: the run from a file (the
 # production path), the run from a simulation, or (older results) the whole process.
 _AGENT_RATES = {
-    "input_run_rate": "`agent --input FILE.jsonl`, SQLite outbox, the agent's run without "
+    "input_run_rate": "`agent --input FILE.jsonl`, SQLite outbox, worker processes as the "
+                      "agent chooses them (one fewer than the CPUs), the agent's run without "
                       "start-up",
     "run_rate": "`agent --simulate --rate 0`, SQLite outbox, the agent's run without start-up",
     "rate": "`agent --simulate --rate 0`, SQLite outbox",
@@ -211,6 +212,9 @@ def load_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, str,
         if "input_run_rate" in rss:
             row("agent ingest from a JSON-lines file (its run, no start-up)", "insights/s",
                 rss["input_run_rate"], ",.0f")
+        if "input_alone_run_rate" in rss:
+            row("the same with --workers 0", "insights/s", rss["input_alone_run_rate"],
+                ",.0f")
     rp = results.get("repair")
     if rp:
         if "item_rate" in rp:
@@ -338,9 +342,19 @@ def md_targets(results: Mapping[str, Any]) -> list[str]:
         rows.append(["edge agent durable ingest (" + _AGENT_RATES[key] + ")",
                      f">= {TARGETS['agent_rate']:,.0f}/s", f"{rate:,.0f}/s",
                      _verdict(rate >= TARGETS["agent_rate"])])
+        if key == "input_run_rate" and "input_alone_run_rate" in rss:
+            rows.append(["the same with no worker processes (`--workers 0`, all in the "
+                         "agent's process)", "-",
+                         f"{_med(rss, 'input_alone_run_rate'):,.0f}/s", "-"])
         if key == "input_run_rate":
             rows.append(["the same from a simulation (" + _AGENT_RATES["run_rate"] + ")", "-",
                          f"{_med(rss, 'run_rate'):,.0f}/s", "-"])
+        if rss.get("workers_peak_mb"):
+            rows.append([f"the --input run's {_med(rss, 'input_workers'):.0f} worker "
+                         "process(es), peak RSS summed (each counts the pages it shares with "
+                         "the agent since the fork)", "-",
+                         f"{rss['workers_peak_mb']['max']:.1f} MB "
+                         f"({rss['workers_peak_anon_mb']['max']:.1f} MB anonymous)", "-"])
     rp = results.get("repair")
     if rp:
         key = _repair_key(rp)
@@ -458,7 +472,10 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
     if rss:
         rows = _stat_rows(rss, (("peak_mb", 1), ("peak_anon_mb", 1), ("ru_maxrss_mb", 1),
                              ("median_rss_mb", 1), ("rate", 0), ("run_rate", 0),
-                             ("input_run_rate", 0), ("seconds", 2)))
+                             ("input_run_rate", 0), ("input_alone_run_rate", 0),
+                             ("input_workers", 0), ("input_peak_mb", 1),
+                             ("input_alone_peak_mb", 1), ("workers_peak_mb", 1),
+                             ("workers_peak_anon_mb", 1), ("seconds", 2)))
         out += ["### Edge agent memory", "",
                 f"`pear-mqtt agent --simulate --rate 0 --count {rss['items']['max']:,.0f}` "
                 f"with its on-disk outbox, then `agent --input` of the same insights from a "

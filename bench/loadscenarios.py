@@ -317,6 +317,13 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the agent's workers)."""
+    with contextlib.suppress(OSError, ValueError):
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return []
+
+
 @dataclass(frozen=True, slots=True)
 class _AgentRun:
     report: dict[str, Any]
@@ -325,6 +332,11 @@ class _AgentRun:
     anon_kb: int
     maxrss_kb: int
     samples: list[int]
+    workers: int = 0  # worker processes seen
+    workers_hwm_kb: int = 0  # their VmHWM, summed
+    workers_anon_kb: int = 0  # the peak of their RssAnon, summed
+    cpu_s: float = 0.0  # the agent's own CPU time (start-up included), last sampled
+    workers_cpu_s: float = 0.0  # its workers' CPU time, summed, last sampled
 
 
 def _run_agent(args: list[str], workdir: Path, name: str, n: int, timeout: float) -> _AgentRun:
@@ -338,6 +350,9 @@ def _run_agent(args: list[str], workdir: Path, name: str, n: int, timeout: float
             stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
     samples: list[int] = []
     hwm = anon = 0
+    kids: dict[int, tuple[int, int]] = {}  # worker pid -> (VmHWM, peak RssAnon)
+    kid_cpu: dict[int, float] = {}
+    cpu = 0.0
     try:
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -348,6 +363,16 @@ def _run_agent(args: list[str], workdir: Path, name: str, n: int, timeout: float
                 samples.append(st.get("VmRSS", 0))
                 hwm = max(hwm, st.get("VmHWM", 0))
                 anon = max(anon, st.get("RssAnon", 0))
+            with contextlib.suppress(OSError):
+                cpu = _cpu_seconds(proc.pid)
+            for kid in _children(proc.pid):
+                ks = _proc_status(kid)
+                if ks:
+                    k_hwm, k_anon = kids.get(kid, (0, 0))
+                    kids[kid] = (max(k_hwm, ks.get("VmHWM", 0)),
+                                 max(k_anon, ks.get("RssAnon", 0)))
+                with contextlib.suppress(OSError):
+                    kid_cpu[kid] = _cpu_seconds(kid)
             if time.monotonic() - t0 > timeout:
                 raise WorkerError(f"agent ({name}) did not finish in time")
             time.sleep(0.01)  # sampling RSS (and its high-water mark) while the agent works
@@ -363,7 +388,10 @@ def _run_agent(args: list[str], workdir: Path, name: str, n: int, timeout: float
     if proc.returncode != 0 or report.get("sent") != n:
         raise WorkerError(f"agent ({name}) exit {proc.returncode}, report {report}")
     return _AgentRun(report=report, seconds=elapsed, hwm_kb=hwm, anon_kb=anon,
-                     maxrss_kb=usage.ru_maxrss, samples=samples)
+                     maxrss_kb=usage.ru_maxrss, samples=samples, workers=len(kids),
+                     workers_hwm_kb=sum(h for h, _ in kids.values()),
+                     workers_anon_kb=sum(a for _, a in kids.values()), cpu_s=cpu,
+                     workers_cpu_s=sum(kid_cpu.values()))
 
 
 def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
@@ -386,6 +414,9 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
             fh.write(insight.model_dump_json(exclude_none=True) + "\n")
     ingest = _run_agent(["--config", str(conf), "--input", str(feed)], workdir, "input", n,
                         lp.timeout)
+    # The same file with no worker processes: all of it in the agent's own process.
+    alone = _run_agent(["--config", str(conf), "--input", str(feed), "--workers", "0"],
+                       workdir, "input_alone", n, lp.timeout)
     # The peak is the child's own VmHWM. wait4's ru_maxrss is not: Linux carries the
     # high-water mark of the pre-exec address space across execve, so a child spawned by this
     # (by then ~100 MB) process reports the parent's size. ru_maxrss is kept for reference.
@@ -394,22 +425,34 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
     # the sampled peak of RssAnon is the agent's own memory.
     stages = agent_stages(env, n, workdir / "stages", feed)
     run_us = sim.report["duration"] / n * 1e6
-    input_us = ingest.report["duration"] / n * 1e6
+    # The stages are those of one process: the run they are set against is the one alone.
+    input_us = alone.report["duration"] / n * 1e6
     samples = sim.samples
     shared = stages["stage_filter_us"] + stages["stage_outbox_us"]  # both runs have them
     return {**stages, "stage_run_us": run_us,
             "stage_rest_us": run_us - stages["stage_simulate_us"] - shared,
             "stage_input_run_us": input_us,
             "stage_input_rest_us": input_us - stages["stage_read_us"] - shared,
-            "peak_mb": max(sim.hwm_kb, ingest.hwm_kb) / 1024,
-            "peak_anon_mb": max(sim.anon_kb, ingest.anon_kb) / 1024,
+            "peak_mb": max(sim.hwm_kb, ingest.hwm_kb, alone.hwm_kb) / 1024,
+            "peak_anon_mb": max(sim.anon_kb, ingest.anon_kb, alone.anon_kb) / 1024,
             "ru_maxrss_mb": sim.maxrss_kb / 1024,
             "median_rss_mb": sorted(samples)[len(samples) // 2] / 1024 if samples else 0.0,
             "rate": n / sim.seconds, "seconds": sim.seconds, "items": n,
             # The agent's own run (connected, every insight stored and acknowledged), without
             # the interpreter's start-up and imports, which a long-running agent pays once.
             "run_rate": n / sim.report["duration"],
-            "input_run_rate": n / ingest.report["duration"]}
+            "input_run_rate": n / ingest.report["duration"],
+            "input_alone_run_rate": n / alone.report["duration"],
+            # The agent's worker processes in the --input run (default count): each one's
+            # VmHWM and RssAnon count the pages it still shares with the agent since the fork.
+            "input_workers": ingest.workers,
+            "workers_peak_mb": ingest.workers_hwm_kb / 1024,
+            "workers_peak_anon_mb": ingest.workers_anon_kb / 1024,
+            "input_peak_mb": ingest.hwm_kb / 1024,
+            "input_cpu_us": ingest.cpu_s / n * 1e6,
+            "input_workers_cpu_us": ingest.workers_cpu_s / n * 1e6,
+            "input_alone_cpu_us": alone.cpu_s / n * 1e6,
+            "input_alone_peak_mb": alone.hwm_kb / 1024}
 
 
 _ACK_LAG = 4  # batches published but not yet acknowledged, in the agent benchmark's runs

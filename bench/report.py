@@ -649,8 +649,22 @@ def _agent_limits(results: Mapping[str, Any]) -> list[str]:
 
     def us(key: str) -> str:
         return f"{rss[key]['median']:.0f} us"
+    if "input_alone_run_rate" in rss:
+        workers = rss["input_workers"]["median"]
+        text += (f" By default {workers:.0f} worker process(es) (one fewer than the CPUs) "
+                 "read, validate, filter and seal the file's lines while the agent's process "
+                 "stores and sends them in file order (docs/DESIGN.md, Edge agent): "
+                 f"{rss['input_run_rate']['median']:,.0f}/s, against "
+                 f"{rss['input_alone_run_rate']['median']:,.0f}/s with `--workers 0`. CPU "
+                 "per insight in the run with workers: the agent's process "
+                 f"{us('input_cpu_us')} (its start-up and imports included), the workers "
+                 f"{us('input_workers_cpu_us')}; alone, the agent's process "
+                 f"{us('input_alone_cpu_us')}. The two processes and the broker share the "
+                 "machine's cores, so the rate is bounded by the busier of them and by what "
+                 "the other needs of the second core.")
     if "stage_input_run_us" in rss:
-        text += (f" Per insight the run from the file took {us('stage_input_run_us')}: "
+        text += (" Per insight the run from the file in one process took "
+                 f"{us('stage_input_run_us')}: "
                  f"reading and validating the line {us('stage_read_us')} (pydantic-core "
                  "parses and validates in one pass), the privacy filter "
                  f"{us('stage_filter_us')} (per batch: identities and bucket edges once; per "

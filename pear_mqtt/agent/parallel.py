@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
-import multiprocessing
 import os
 import signal
 import sys
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any, NamedTuple
+from concurrent.futures import BrokenExecutor, Future
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..config.models import NetworkConfig
 from ..errors import PrivacyError, TopicError
@@ -24,6 +21,9 @@ from ..model.insight import MarketInsight
 from ..node.producer import Prepared, PreparedBatch, Preparer
 from .records import RecordFile, RecordParser, RejectCallback, Rejection
 from .sources import FileSource
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 __all__ = ["MIN_PARALLEL_BYTES", "ParallelFileSource", "PreparedChunk", "WorkerPool",
            "default_workers", "prepare_lines"]
@@ -114,6 +114,8 @@ def _start_worker(config: NetworkConfig, parent: int) -> None:
     if sys.platform == "linux":
         # A worker blocks reading its next chunk from a pipe it holds both ends of, so it
         # would outlive an agent killed outright: the kernel ends it with its parent.
+        import ctypes  # here: only a worker needs it
+
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
@@ -165,6 +167,10 @@ class WorkerPool:
 
     def start(self) -> None:
         """Fork the workers and wait until each has loaded the node's identity."""
+        # Imported here: an agent without workers does without multiprocessing (~0.6 MB).
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
         ctx = multiprocessing.get_context("fork")
         executor = ProcessPoolExecutor(self._workers, mp_context=ctx,
                                        initializer=_start_worker,
@@ -173,7 +179,7 @@ class WorkerPool:
             # With fork, every worker starts at the first submission.
             pids = {executor.submit(_ready).result(timeout=_START_TIMEOUT)
                     for _ in range(self._workers)}
-        except (BrokenProcessPool, TimeoutError, OSError) as exc:
+        except (BrokenExecutor, TimeoutError, OSError) as exc:
             executor.shutdown(wait=False, cancel_futures=True)
             self._fail(f"could not start {self._workers} worker process(es) "
                        f"({exc or type(exc).__name__})")
@@ -189,7 +195,7 @@ class WorkerPool:
             return None
         try:
             return self._executor.submit(_work, spec, lines)
-        except (BrokenProcessPool, RuntimeError) as exc:
+        except (BrokenExecutor, RuntimeError) as exc:
             self._fail(f"a worker process ended ({exc})")
             return None
 
@@ -263,7 +269,7 @@ class ParallelFileSource:
             if fut is not None:
                 try:
                     chunk = await fut
-                except (BrokenProcessPool, OSError) as exc:
+                except (BrokenExecutor, OSError) as exc:
                     if self._pool.running:
                         self._pool.failed(exc)
             if chunk is None:

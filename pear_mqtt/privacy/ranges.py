@@ -40,6 +40,8 @@ class ValueRange(Frozen):
 
 
 _CACHE_LIMIT = 65_536
+# Values whose bucket is remembered, a few thousand distinct prices: ~0.5 MB when full.
+_BUCKET_LIMIT = 4_096
 # The geometric edges from the tiny one up to here are kept in one ascending list that a
 # value is bisected into; values beyond walk the exponents (as few as they are).
 _TABLE_TOP = 1e15
@@ -173,7 +175,7 @@ class RangeScheme:
             raise PrivacyError("cannot bucket a non-finite number")
         edges = self.edges_for(category)
         bucket = self._configured(v, edges) if edges is not None else self._geometric(v)
-        if len(self._buckets) >= _CACHE_LIMIT:
+        if len(self._buckets) >= _BUCKET_LIMIT:
             self._buckets.clear()
         self._buckets[(v, category)] = bucket
         return bucket
