@@ -649,8 +649,11 @@ def _agent_limits(results: Mapping[str, Any]) -> list[str]:
 
     def us(key: str) -> str:
         return f"{rss[key]['median']:.0f} us"
-    if "input_alone_run_rate" in rss:
-        workers = rss["input_workers"]["median"]
+    workers = rss.get("input_workers", {}).get("median", 0)
+    if "input_alone_run_rate" in rss and not workers:
+        text += (" The file was prepared in the agent's own process (no worker processes: "
+                 "one CPU, or a file under 1 MiB).")
+    elif "input_alone_run_rate" in rss:
         text += (f" By default {workers:.0f} worker process(es) (one fewer than the CPUs) "
                  "read, validate, filter and seal the file's lines while the agent's process "
                  "stores and sends them in file order (docs/DESIGN.md, Edge agent): "
