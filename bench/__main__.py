@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     ld.add_argument("--n-rss", type=int,
                     help="insights the agent sends for the RSS run (default: full 10,000, "
                          "quick 3,000)")
+    ld.add_argument("--n-ingest", type=int,
+                    help="insights in the JSON-lines file `agent --input` ingests (default: "
+                         "full 30,000, quick 10,000; a steady rate, not the run's start and "
+                         "drain)")
     ld.add_argument("--agents", type=int,
                     help="fan-in agents (default: full 1,000, quick 100)")
     ld.add_argument("--market-rows", type=int,
@@ -159,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
                             else not quick),
         n_bridge=args.n_bridge or (3_000 if quick else 20_000),
         n_rss=args.n_rss or (3_000 if quick else 10_000),
+        n_ingest=args.n_ingest or (10_000 if quick else 30_000),
         agents=args.agents or (100 if quick else 1000),
         fanin_workers=args.fanin_workers, fanin_mode=args.fanin_mode,
         fanin_downtime=args.fanin_downtime,
         market_rows=args.market_rows or (200_000 if quick else 1_000_000),
         n_repair=args.n_repair or (5_000 if quick else 20_000))
-    if min(load.n_bridge, load.n_rss, load.agents, load.fanin_workers) < 1 or \
+    if min(load.n_bridge, load.n_rss, load.n_ingest, load.agents, load.fanin_workers) < 1 or \
             load.lat_seconds <= 0 or load.lat_rate <= 0:
         print("load sizes must be at least 1 (seconds and rate above 0)", file=sys.stderr)
         return 2

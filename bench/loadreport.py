@@ -478,10 +478,14 @@ def md_load(results: Mapping[str, Any], plot: str | None) -> list[str]:
                              ("workers_peak_anon_mb", 1), ("seconds", 2)))
         out += ["### Edge agent memory", "",
                 f"`pear-mqtt agent --simulate --rate 0 --count {rss['items']['max']:,.0f}` "
-                f"with its on-disk outbox, then `agent --input` of the same insights from a "
-                f"JSON-lines file ({lr.get('rss', '?')} repetition(s)); the peaks are the "
-                "higher of the two runs', the median RSS and `ru_maxrss_mb` the "
-                "simulation's.", "",
+                "with its on-disk outbox, then `agent --input` of "
+                + (f"{rss['input_items']['max']:,.0f} insights of the same simulation "
+                   if "input_items" in rss else "the same insights ")
+                + "from a JSON-lines file, once with the worker processes the agent chooses "
+                "and once with `--workers 0` "
+                f"({lr.get('rss', '?')} repetition(s)); the peaks are the highest of the "
+                "runs' (the agent's process; its workers' are shown apart), the median RSS and "
+                "`ru_maxrss_mb` the simulation's.", "",
                 *_stat_md(rows), ""]
         stages = _stat_rows(rss, (("stage_simulate_us", 1), ("stage_read_us", 1),
                                   ("stage_filter_us", 1), ("stage_outbox_us", 1),

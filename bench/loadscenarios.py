@@ -47,6 +47,7 @@ class LoadParams:
     lat_default_linger: bool = True  # also measure pear with its default batch_linger
     n_bridge: int = 20_000  # contributions the bridge ingests
     n_rss: int = 10_000  # insights the agent sends
+    n_ingest: int = 30_000  # insights in the file `agent --input` reads
     agents: int = 1000  # fan-in nodes
     fanin_workers: int = 4  # processes the nodes are spread over
     fanin_mode: str = "public"
@@ -408,25 +409,29 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
     n = lp.n_rss
     sim = _run_agent(["--config", str(conf), "--simulate", "--rate", "0", "--count", str(n),
                       "--seed", "1"], workdir, "simulate", n, lp.timeout)
+    # The file holds more insights than the simulation sends: its rate is the steady one, the
+    # run's start (connecting, the first chunk) and drain (the last acknowledgements) a
+    # small part of it.
+    m = lp.n_ingest
     feed = workdir / "insights.jsonl"
     with feed.open("w", encoding="utf-8") as fh:
-        for insight in SimulatedSource(seed=1, rate=0, count=n).generate():
+        for insight in SimulatedSource(seed=1, rate=0, count=m).generate():
             fh.write(insight.model_dump_json(exclude_none=True) + "\n")
-    ingest = _run_agent(["--config", str(conf), "--input", str(feed)], workdir, "input", n,
+    ingest = _run_agent(["--config", str(conf), "--input", str(feed)], workdir, "input", m,
                         lp.timeout)
     # The same file with no worker processes: all of it in the agent's own process.
     alone = _run_agent(["--config", str(conf), "--input", str(feed), "--workers", "0"],
-                       workdir, "input_alone", n, lp.timeout)
+                       workdir, "input_alone", m, lp.timeout)
     # The peak is the child's own VmHWM. wait4's ru_maxrss is not: Linux carries the
     # high-water mark of the pre-exec address space across execve, so a child spawned by this
     # (by then ~100 MB) process reports the parent's size. ru_maxrss is kept for reference.
     # VmHWM also counts the shared libraries' pages the process has mapped, which depends on
     # the page cache (58 vs 60 MB for one build in two checkouts, anonymous memory equal);
     # the sampled peak of RssAnon is the agent's own memory.
-    stages = agent_stages(env, n, workdir / "stages", feed)
+    stages = agent_stages(env, m, workdir / "stages", feed)
     run_us = sim.report["duration"] / n * 1e6
     # The stages are those of one process: the run they are set against is the one alone.
-    input_us = alone.report["duration"] / n * 1e6
+    input_us = alone.report["duration"] / m * 1e6
     samples = sim.samples
     shared = stages["stage_filter_us"] + stages["stage_outbox_us"]  # both runs have them
     return {**stages, "stage_run_us": run_us,
@@ -441,17 +446,18 @@ def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
             # The agent's own run (connected, every insight stored and acknowledged), without
             # the interpreter's start-up and imports, which a long-running agent pays once.
             "run_rate": n / sim.report["duration"],
-            "input_run_rate": n / ingest.report["duration"],
-            "input_alone_run_rate": n / alone.report["duration"],
+            "input_items": m,
+            "input_run_rate": m / ingest.report["duration"],
+            "input_alone_run_rate": m / alone.report["duration"],
             # The agent's worker processes in the --input run (default count): each one's
             # VmHWM and RssAnon count the pages it still shares with the agent since the fork.
             "input_workers": ingest.workers,
             "workers_peak_mb": ingest.workers_hwm_kb / 1024,
             "workers_peak_anon_mb": ingest.workers_anon_kb / 1024,
             "input_peak_mb": ingest.hwm_kb / 1024,
-            "input_cpu_us": ingest.cpu_s / n * 1e6,
-            "input_workers_cpu_us": ingest.workers_cpu_s / n * 1e6,
-            "input_alone_cpu_us": alone.cpu_s / n * 1e6,
+            "input_cpu_us": ingest.cpu_s / m * 1e6,
+            "input_workers_cpu_us": ingest.workers_cpu_s / m * 1e6,
+            "input_alone_cpu_us": alone.cpu_s / m * 1e6,
             "input_alone_peak_mb": alone.hwm_kb / 1024}
 
 
@@ -490,9 +496,12 @@ def agent_stages(env: BenchEnv, n: int, workdir: Path, feed: Path) -> dict[str, 
                      kind="insight") for i, r in zip(b, e, strict=True)]
             for b, e in zip(batches, encoded, strict=True)]
     for batch, items in zip(batches, rows, strict=True):
+        # Only each category's newest state of a batch is stored (as the producer does).
+        newest = {i.category: k for k, i in enumerate(batch)}
         items += [NewItem(topic=f"state/{i.category}", payload=item.payload, kind="state",
                           key=f"state/{i.category}", retain=True)
-                  for i, item in zip(batch, list(items), strict=True)]
+                  for k, (i, item) in enumerate(zip(batch, list(items), strict=True))
+                  if newest[i.category] == k]
 
     def outbox(box: Outbox) -> None:
         # As the sender works: it reads the new rows back to publish them, and a batch's

@@ -639,11 +639,11 @@ def _agent_limits(results: Mapping[str, Any]) -> list[str]:
     rss = results.get("rss") or {}
     text = ("- **edge agent ingest (25,000/s, 40 us an insight)**: the target is judged on "
             "the agent's own run (its report's duration: connected, every insight stored and "
-            "acknowledged), without the interpreter's start-up and imports (~0.8 s of CPU at "
-            "10,000 insights)")
+            "acknowledged), without the interpreter's start-up and imports (~0.4 s of CPU)")
     if "stage_input_run_us" in rss:
-        text += (", reading a JSON-lines file (`--input`), as a store's export arrives; the "
-                 "simulation (`--simulate`) is shown beside it.")
+        items = rss.get("input_items", rss.get("items", {})).get("max", 0)
+        text += (f", reading a JSON-lines file of {items:,.0f} insights (`--input`), as a "
+                 "store's export arrives; the simulation (`--simulate`) is shown beside it.")
     else:
         text += "."
 

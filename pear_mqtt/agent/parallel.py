@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import BrokenExecutor, Future
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -37,6 +37,7 @@ more than they save."""
 _MAX_DEFAULT_WORKERS = 4
 _START_TIMEOUT = 30.0  # s for the workers to load the node's key and certificate
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_TRIM_EVERY = 16  # chunks between returns of freed heap memory to the system
 
 
 def default_workers() -> int:
@@ -137,6 +138,26 @@ def _work(spec: dict[str, Any], lines: list[tuple[int, str]]) -> PreparedChunk:
 
 
 # -- in the agent -----------------------------------------------------------------------------
+
+def _heap_trimmer() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim``, when there is one.
+
+    A chunk's prepared batch arrives as one ~130 KiB buffer, read by the pool's thread; glibc
+    carves such buffers from heaps that fragment, and keeps the freed pages: the agent's
+    memory grew by ~150 bytes an insight (36 to 50 MB over 90,000 lines). Trimming after
+    every 16 chunks returns them (~0.3 ms a call) and keeps the agent within ~3 MB of its
+    size without workers. Mapping such buffers on their own instead (``M_MMAP_THRESHOLD``)
+    did as much for memory but cost the agent ~3 us of CPU an insight."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        trim: Callable[[int], object] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return None
+    return lambda: trim(0)
+
 
 class WorkerPool:
     """``workers`` processes preparing insights as the node of ``config`` would.
@@ -251,6 +272,8 @@ class ParallelFileSource:
         """Hand the file's data lines to the workers ``max_items`` at a time; yield each
         chunk's outcome in order, its bad lines reported through ``reject``."""
         depth = 2 * self._pool.size + 1
+        trim = _heap_trimmer()
+        taken = 0
         records = RecordFile(self.path, fmt=self.format)
         pending: deque[tuple[asyncio.Future[PreparedChunk] | None, dict[str, Any],
                              list[tuple[int, str]]]] = deque()
@@ -274,6 +297,10 @@ class ParallelFileSource:
                         self._pool.failed(exc)
             if chunk is None:
                 chunk = self._pool.local(spec, lines)
+            nonlocal taken
+            taken += 1
+            if trim is not None and taken % _TRIM_EVERY == 0:
+                trim()
             for rejection in chunk.rejections:
                 reject(rejection)
             return chunk
