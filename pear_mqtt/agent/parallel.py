@@ -11,22 +11,22 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import BrokenExecutor, Future
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..config.models import NetworkConfig
-from ..errors import PrivacyError, TopicError
+from ..errors import PearError, PrivacyError, TopicError
 from ..model.insight import MarketInsight
 from ..node.producer import Prepared, PreparedBatch, Preparer
 from .records import RecordFile, RecordParser, RejectCallback, Rejection
 from .sources import FileSource
 
 if TYPE_CHECKING:
-    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
-__all__ = ["MIN_PARALLEL_BYTES", "ParallelFileSource", "PreparedChunk", "WorkerPool",
-           "default_workers", "prepare_lines"]
+__all__ = ["MIN_PARALLEL_BYTES", "ParallelFileSource", "PreparedChunk", "WorkerLost",
+           "WorkerPool", "default_workers", "prepare_lines"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ more than they save."""
 
 _MAX_DEFAULT_WORKERS = 4
 _START_TIMEOUT = 30.0  # s for the workers to load the node's key and certificate
+_STOP_TIMEOUT = 2.0  # s a worker has to end after being told to
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_TRIM_EVERY = 16  # chunks between returns of freed heap memory to the system
 
 
 def default_workers() -> int:
@@ -102,61 +102,56 @@ def _one_by_one(preparer: Preparer, insights: list[MarketInsight]
 
 # -- inside a worker process ------------------------------------------------------------------
 
-_worker_preparer: Preparer | None = None
-_worker_parsers: dict[tuple[Any, ...], RecordParser] = {}
-
-
-def _start_worker(config: NetworkConfig, parent: int) -> None:
-    global _worker_preparer
-    # The agent decides when to stop and then ends its workers: a terminal's Ctrl-C (sent to
-    # the whole process group) or a service manager's SIGTERM must not kill one mid-chunk.
+def _worker_main(conn: Connection, config: NetworkConfig, parent: int) -> None:
+    """A worker's life: load the node's identity, say so, then prepare each chunk it is sent
+    until it gets None or the agent is gone."""
+    # The agent decides when to stop and then ends its workers: a terminal's Ctrl-C, sent to
+    # the whole process group, must not end one mid-chunk.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform == "linux":
-        # A worker blocks reading its next chunk from a pipe it holds both ends of, so it
-        # would outlive an agent killed outright: the kernel ends it with its parent.
-        import ctypes  # here: only a worker needs it
+        # Killed outright, the agent could not end its workers: the kernel does, with it.
+        import ctypes
 
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
-            os._exit(1)  # the agent is gone already
-    _worker_preparer = Preparer.from_config(config)
-
-
-def _ready() -> int:
-    return os.getpid()
-
-
-def _work(spec: dict[str, Any], lines: list[tuple[int, str]]) -> PreparedChunk:
-    assert _worker_preparer is not None
-    key = tuple(spec.values())
-    parser = _worker_parsers.get(key)
-    if parser is None:
-        parser = _worker_parsers[key] = RecordParser(**spec)
-    return prepare_lines(_worker_preparer, parser, lines)
+            return  # the agent is gone already
+    try:
+        preparer = Preparer.from_config(config)
+    except (PearError, OSError) as exc:
+        conn.send(("error", str(exc)))
+        return
+    conn.send(("ready", os.getpid()))
+    parsers: dict[tuple[Any, ...], RecordParser] = {}
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return  # the agent closed its end
+        if job is None:
+            return
+        spec, lines = job
+        key = tuple(spec.values())
+        parser = parsers.get(key)
+        if parser is None:
+            parser = parsers[key] = RecordParser(**spec)
+        conn.send(prepare_lines(preparer, parser, lines))
 
 
 # -- in the agent -----------------------------------------------------------------------------
 
-def _heap_trimmer() -> Callable[[], object] | None:
-    """glibc's ``malloc_trim``, when there is one.
+class WorkerLost(Exception):
+    """A worker process ended with chunks it had been given (see :class:`WorkerPool`)."""
 
-    A chunk's prepared batch arrives as one ~130 KiB buffer, read by the pool's thread; glibc
-    carves such buffers from heaps that fragment, and keeps the freed pages: the agent's
-    memory grew by ~150 bytes an insight (36 to 50 MB over 90,000 lines). Trimming after
-    every 16 chunks returns them (~0.3 ms a call) and keeps the agent within ~3 MB of its
-    size without workers. Mapping such buffers on their own instead (``M_MMAP_THRESHOLD``)
-    did as much for memory but cost the agent ~3 us of CPU an insight."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
 
-    try:
-        trim: Callable[[int], object] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return None
-    return lambda: trim(0)
+class _Worker:
+    __slots__ = ("conn", "process", "reading", "waiting")
+
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.reading = False
+        self.waiting: deque[asyncio.Future[PreparedChunk]] = deque()
 
 
 class WorkerPool:
@@ -164,61 +159,118 @@ class WorkerPool:
 
     :meth:`start` forks them, and must run before the event loop and its threads exist (a
     forked process inherits the loaded modules, so it starts in milliseconds, but only the
-    thread that forked it). A pool that cannot start, or whose process dies, is reported once
-    and its work done in the agent's process instead: nothing is lost either way.
+    thread that forked it). Each worker has a socket pair to the agent, whose event loop
+    reads the results: no helper thread, and a worker that dies, even halfway through a
+    result, shows as the end of its socket (the standard library's process pool hangs
+    then; docs/DESIGN.md, Edge agent). A pool that cannot start, or whose worker dies, is
+    reported once and its work done in the agent's process instead: nothing is lost.
     """
 
     def __init__(self, *, config: NetworkConfig, workers: int) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
         self._config = config
-        self._workers = workers
-        self._executor: ProcessPoolExecutor | None = None
+        self._wanted = workers
+        self._workers: list[_Worker] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._local: Preparer | None = None
-        self.pids: tuple[int, ...] = ()
 
     @property
     def running(self) -> bool:
-        return self._executor is not None
+        return bool(self._workers)
 
     @property
     def size(self) -> int:
         """Worker processes running (0 once the pool has closed or failed)."""
-        return self._workers if self._executor is not None else 0
+        return len(self._workers)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(w.process.pid or 0 for w in self._workers)
 
     def start(self) -> None:
         """Fork the workers and wait until each has loaded the node's identity."""
         # Imported here: an agent without workers does without multiprocessing (~0.6 MB).
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
-        ctx = multiprocessing.get_context("fork")
-        executor = ProcessPoolExecutor(self._workers, mp_context=ctx,
-                                       initializer=_start_worker,
-                                       initargs=(self._config, os.getpid()))
         try:
-            # With fork, every worker starts at the first submission.
-            pids = {executor.submit(_ready).result(timeout=_START_TIMEOUT)
-                    for _ in range(self._workers)}
-        except (BrokenExecutor, TimeoutError, OSError) as exc:
-            executor.shutdown(wait=False, cancel_futures=True)
-            self._fail(f"could not start {self._workers} worker process(es) "
-                       f"({exc or type(exc).__name__})")
+            ctx = multiprocessing.get_context("fork")
+        except ValueError:
+            self._fail("worker processes need the fork start method")
             return
-        self._executor = executor
-        self.pids = tuple(sorted(pids))
+        for _ in range(self._wanted):
+            mine, theirs = ctx.Pipe(duplex=True)  # a socket pair: ~200 KiB buffered
+            process = ctx.Process(target=_worker_main, name="pear-prepare", daemon=True,
+                                  args=(theirs, self._config, os.getpid()))
+            try:
+                process.start()
+            except OSError as exc:
+                mine.close()
+                theirs.close()
+                self._fail(f"could not start a worker process ({exc})")
+                return
+            theirs.close()  # the worker holds the only other end: its exit ends the socket
+            self._workers.append(_Worker(process, mine))
+        for worker in self._workers:
+            why = self._started(worker)
+            if why is not None:
+                self._fail(f"could not start {self._wanted} worker process(es) ({why})")
+                return
+
+    @staticmethod
+    def _started(worker: _Worker) -> str | None:
+        """None once ``worker`` said it is ready, else why it is not."""
+        try:
+            if not worker.conn.poll(_START_TIMEOUT):
+                return f"no answer within {_START_TIMEOUT:g} s"
+            kind, detail = worker.conn.recv()
+        except (EOFError, OSError):
+            worker.process.join(1.0)
+            return f"it ended with exit code {worker.process.exitcode}"
+        return None if kind == "ready" else str(detail)
 
     def submit(self, spec: dict[str, Any], lines: list[tuple[int, str]]
-               ) -> Future[PreparedChunk] | None:
-        """The chunk handed to a worker; None when there are none (prepare it with
-        :meth:`local`)."""
-        if self._executor is None:
+               ) -> asyncio.Future[PreparedChunk] | None:
+        """Hand a chunk to the least busy worker; its future, or None when there are no
+        workers (prepare it with :meth:`local`). Called from the event loop."""
+        if not self._workers:
             return None
+        loop = self._loop = asyncio.get_running_loop()
+        worker = min(self._workers, key=lambda w: len(w.waiting))
+        if not worker.reading:
+            loop.add_reader(worker.conn.fileno(), self._readable, worker)
+            worker.reading = True
         try:
-            return self._executor.submit(_work, spec, lines)
-        except (BrokenExecutor, RuntimeError) as exc:
-            self._fail(f"a worker process ended ({exc})")
+            worker.conn.send((spec, lines))
+        except OSError as exc:
+            self._lost(worker, exc)
             return None
+        fut: asyncio.Future[PreparedChunk] = loop.create_future()
+        worker.waiting.append(fut)
+        return fut
+
+    def _readable(self, worker: _Worker) -> None:
+        try:
+            chunk = worker.conn.recv()
+        except (EOFError, OSError) as exc:
+            self._lost(worker, exc)
+            return
+        if worker.waiting:
+            fut = worker.waiting.popleft()
+            if not fut.done():
+                fut.set_result(chunk)
+
+    def _lost(self, worker: _Worker, exc: BaseException) -> None:
+        worker.process.join(0.5)
+        code = worker.process.exitcode
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               and -code in signal.valid_signals() else f"exit code {code}")
+        why = f"worker process {worker.process.pid} ended ({how}; {exc or type(exc).__name__})"
+        for other in self._workers:
+            for fut in other.waiting:
+                if not fut.done():
+                    fut.set_exception(WorkerLost(why))
+        self._fail(why)
 
     def local(self, spec: dict[str, Any], lines: list[tuple[int, str]]) -> PreparedChunk:
         """The chunk prepared in this process."""
@@ -226,19 +278,27 @@ class WorkerPool:
             self._local = Preparer.from_config(self._config)
         return prepare_lines(self._local, RecordParser(**spec), lines)
 
-    def failed(self, exc: BaseException) -> None:
-        """A submitted chunk failed in its worker: prepare the rest here."""
-        self._fail(f"a worker process ended ({exc or type(exc).__name__})")
-
     def _fail(self, why: str) -> None:
         log.warning("%s: preparing the input in the agent's process instead", why)
         self.close()
 
     def close(self) -> None:
         """End the workers (idempotent); chunks not yet prepared are dropped."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        workers, self._workers = self._workers, []
+        loop = self._loop
+        for worker in workers:
+            if worker.reading and loop is not None and not loop.is_closed():
+                loop.remove_reader(worker.conn.fileno())
+            with contextlib.suppress(OSError):
+                worker.conn.send(None)
+        for worker in workers:
+            worker.process.join(_STOP_TIMEOUT)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+            for fut in worker.waiting:
+                fut.cancel()
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -272,35 +332,23 @@ class ParallelFileSource:
         """Hand the file's data lines to the workers ``max_items`` at a time; yield each
         chunk's outcome in order, its bad lines reported through ``reject``."""
         depth = 2 * self._pool.size + 1
-        trim = _heap_trimmer()
-        taken = 0
         records = RecordFile(self.path, fmt=self.format)
         pending: deque[tuple[asyncio.Future[PreparedChunk] | None, dict[str, Any],
                              list[tuple[int, str]]]] = deque()
-        loop = asyncio.get_running_loop()
 
         def submit(lines: list[tuple[int, str]]) -> None:
             assert records.parser is not None
             spec = records.parser.spec
-            fut = self._pool.submit(spec, lines)
-            pending.append((None if fut is None else asyncio.wrap_future(fut, loop=loop),
-                            spec, lines))
+            pending.append((self._pool.submit(spec, lines), spec, lines))
 
         async def take() -> PreparedChunk:
             fut, spec, lines = pending.popleft()
             chunk: PreparedChunk | None = None
             if fut is not None:
-                try:
-                    chunk = await fut
-                except (BrokenExecutor, OSError) as exc:
-                    if self._pool.running:
-                        self._pool.failed(exc)
+                with contextlib.suppress(WorkerLost):
+                    chunk = await fut  # the pool said why it failed
             if chunk is None:
                 chunk = self._pool.local(spec, lines)
-            nonlocal taken
-            taken += 1
-            if trim is not None and taken % _TRIM_EVERY == 0:
-                trim()
             for rejection in chunk.rejections:
                 reject(rejection)
             return chunk

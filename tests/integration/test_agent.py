@@ -346,5 +346,5 @@ async def test_a_worker_process_killed_mid_file_loses_nothing(
     assert code == 0, agent.stderr
     assert (report["read"], report["queued"], report["sent"]) == (n, n, n)
     assert report["drained"]
-    assert any("worker process ended" in line and "agent's process instead" in line
-               for line in agent.stderr)
+    assert any(re.search(rf"worker process {worker} ended \(killed by SIGKILL.*agent's "
+                         "process instead", line) for line in agent.stderr), agent.stderr

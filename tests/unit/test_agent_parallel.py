@@ -3,12 +3,21 @@ lines, and a real forked worker preparing exactly what the agent's own process w
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
-from pear_mqtt.agent.parallel import WorkerPool, default_workers, prepare_lines
+from pear_mqtt.agent.parallel import (
+    PreparedChunk,
+    WorkerLost,
+    WorkerPool,
+    default_workers,
+    prepare_lines,
+)
 from pear_mqtt.agent.records import RecordFile, RecordParser, Rejection
 from pear_mqtt.config.models import NetworkConfig, PrivacyConfig, TLSConfig
 from pear_mqtt.errors import PrivacyError
@@ -99,12 +108,16 @@ def test_default_workers_leave_the_agent_a_cpu() -> None:
 
 def test_a_forked_worker_prepares_what_the_agent_would(config: NetworkConfig) -> None:
     spec = RecordParser(fmt="jsonl", label="f").spec
+
+    async def prepare(pool: WorkerPool) -> PreparedChunk:
+        fut = pool.submit(spec, lines(50))
+        assert fut is not None
+        return await asyncio.wait_for(fut, 30)
+
     with WorkerPool(config=config, workers=1) as pool:
         pool.start()
         assert pool.running and pool.size == 1
-        fut = pool.submit(spec, lines(50))
-        assert fut is not None
-        there = fut.result(timeout=30)
+        there = asyncio.run(prepare(pool))
         here = pool.local(spec, lines(50))
     assert not pool.running
     assert there.batch.ids == here.batch.ids and there.batch.origin == here.batch.origin
@@ -114,6 +127,26 @@ def test_a_forked_worker_prepares_what_the_agent_would(config: NetworkConfig) ->
         assert (topic, state) == (topic2, state2)
         assert json.loads(payload)["insight"] == json.loads(payload2)["insight"]
         assert json.loads(payload)["sealed"] != json.loads(payload2)["sealed"]
+
+
+def test_a_worker_that_dies_fails_its_chunks_and_the_pool(config: NetworkConfig) -> None:
+    spec = RecordParser(fmt="jsonl", label="f").spec
+
+    async def run(pool: WorkerPool) -> None:
+        first = pool.submit(spec, lines(5))
+        assert first is not None
+        await asyncio.wait_for(first, 30)
+        os.kill(pool.pids[0], signal.SIGKILL)
+        second = pool.submit(spec, lines(5))
+        if second is not None:  # handed over before the pool noticed
+            with pytest.raises(WorkerLost, match="killed by SIGKILL"):
+                await asyncio.wait_for(second, 30)
+        assert not pool.running
+        assert pool.submit(spec, lines(5)) is None
+
+    with WorkerPool(config=config, workers=1) as pool:
+        pool.start()
+        asyncio.run(run(pool))
 
 
 def test_a_pool_that_cannot_start_prepares_in_the_agent(config: NetworkConfig,
