@@ -348,3 +348,37 @@ async def test_a_worker_process_killed_mid_file_loses_nothing(
     assert report["drained"]
     assert any(re.search(rf"worker process {worker} ended \(killed by SIGKILL.*agent's "
                          "process instead", line) for line in agent.stderr), agent.stderr
+
+
+async def test_an_agent_killed_outright_leaves_no_worker_behind(
+        mosquitto: MosquittoBroker, agent_config: Callable[[MosquittoBroker], Path],
+        tmp_path: Path) -> None:
+    data = tmp_path / "export.jsonl"
+    data.write_text(_insight_lines(30000, bad={}))
+    agent = await AgentProcess.start("--config", agent_config(mosquitto), "--input", data,
+                                     "--workers", "2", "--status-interval", "0.02")
+    await agent.wait_line(lambda s: "queued=" in s, timeout=30)
+    children = Path(f"/proc/{agent.proc.pid}/task/{agent.proc.pid}/children")
+    workers = [int(p) for p in (await asyncio.to_thread(children.read_text)).split()]
+    assert len(workers) == 2
+    # A pidfd becomes readable when its process has ended: an event to wait on.
+    pidfds = [os.pidfd_open(pid) for pid in workers]
+    try:
+        agent.proc.kill()
+        await agent.proc.wait()
+        loop = asyncio.get_running_loop()
+        ended: list[asyncio.Future[None]] = [loop.create_future() for _ in pidfds]
+
+        def done(fut: asyncio.Future[None]) -> None:
+            if not fut.done():
+                fut.set_result(None)
+        for fd, fut in zip(pidfds, ended, strict=True):
+            loop.add_reader(fd, done, fut)
+        try:
+            await asyncio.wait_for(asyncio.gather(*ended), 10)
+        finally:
+            for fd in pidfds:
+                loop.remove_reader(fd)
+    finally:
+        for fd in pidfds:
+            os.close(fd)
