@@ -18,7 +18,7 @@ from ..config.models import NetworkConfig
 from ..errors import PearError, PrivacyError, TopicError
 from ..model.insight import MarketInsight
 from ..node.producer import Prepared, PreparedBatch, Preparer
-from .records import RecordFile, RecordParser, RejectCallback, Rejection
+from .records import RecordFile, RecordParser, RejectCallback, Rejection, named
 from .sources import FileSource
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def _one_by_one(preparer: Preparer, insights: list[MarketInsight]
         try:
             item_id, item, dropped = preparer.prepare(insight)
         except (PrivacyError, TopicError) as exc:
-            refused.append(f"{insight.category} {insight.window_start.isoformat()}: {exc}")
+            refused.append(named(insight, exc))
             continue
         ids.append(item_id)
         unsealed += dropped

@@ -30,6 +30,7 @@ __all__ = [
     "csv_header_line",
     "describe_invalid",
     "input_format",
+    "named",
     "read_insights",
 ]
 
@@ -108,6 +109,12 @@ def describe_invalid(exc: ValidationError, *, csv_names: bool = False) -> str:
             shown = f" (got {text if len(text) <= 40 else text[:37] + '...'})"
         parts.append(f"{where}: {msg}{shown}" if where else f"{msg}{shown}")
     return "; ".join(parts)
+
+
+def named(insight: MarketInsight, why: object) -> str:
+    """An insight the privacy filter refused, as the agent reports it: its category and
+    window start, then why."""
+    return f"{insight.category} {insight.window_start.isoformat()}: {why}"
 
 
 # -- lines ------------------------------------------------------------------------------------

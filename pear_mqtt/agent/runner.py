@@ -21,7 +21,7 @@ from ..config.models import NetworkConfig
 from ..errors import ConfigError, OutboxError, PrivacyError, TopicError
 from ..files import atomic_write
 from ..model.insight import Health, MarketInsight, NetworkStatus
-from .records import Rejection
+from .records import Rejection, named
 from .sources import InsightSource
 
 if TYPE_CHECKING:
@@ -334,8 +334,7 @@ async def _stored_batch(net: PearNetwork, batch: list[MarketInsight], stop: asyn
             try:
                 stored = await _store(net, [insight], stop)
             except (PrivacyError, TopicError) as exc:
-                tally.not_shared(f"{insight.category} {insight.window_start.isoformat()}: "
-                                 f"{exc}")
+                tally.not_shared(named(insight, exc))
                 continue
             if not stored:
                 return False
