@@ -27,7 +27,7 @@ from .sources import InsightSource
 if TYPE_CHECKING:
     from ..node.network import PearNetwork
     from ..node.producer import PreparedBatch
-    from .parallel import PreparedChunk
+    from .prepare import PreparedChunk
 
 __all__ = ["BATCH", "AgentReport", "default_outbox_path", "load_agent_config", "run_agent"]
 

@@ -29,7 +29,7 @@ from .records import (
 )
 
 if TYPE_CHECKING:
-    from .parallel import PreparedChunk
+    from .prepare import PreparedChunk
 
 __all__ = ["FileSource", "InsightSource", "NoSource", "WatchSource", "WatchedFile"]
 

@@ -69,7 +69,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     workers = _workers_for(args, source)
     if not workers:
         return asyncio.run(_serve(args, config, source, total))
-    from ..agent.parallel import ParallelFileSource, WorkerPool
+    from ..agent.parallel import ParallelFileSource
+    from ..agent.workers import WorkerPool
     assert isinstance(source, FileSource)
     with WorkerPool(config=config, workers=workers) as pool:
         # Forked now, before the event loop and its threads exist.
@@ -84,7 +85,8 @@ def _workers_for(args: argparse.Namespace, source: InsightSource) -> int:
     """How many worker processes prepare an --input file: none unless they pay."""
     if not isinstance(source, FileSource):
         return 0
-    from ..agent.parallel import MIN_PARALLEL_BYTES, default_workers
+    from ..agent.parallel import MIN_PARALLEL_BYTES
+    from ..agent.workers import default_workers
     try:
         size = source.path.stat().st_size
     except OSError:

@@ -1,4 +1,4 @@
-"""The agent's parallel preparation, without a broker: what a worker returns for a chunk of
+"""The agent's worker processes, without a broker: what a worker returns for a chunk of
 lines, and a real forked worker preparing exactly what the agent's own process would."""
 
 from __future__ import annotations
@@ -11,14 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pear_mqtt.agent.parallel import (
-    PreparedChunk,
-    WorkerLost,
-    WorkerPool,
-    default_workers,
-    prepare_lines,
-)
+from pear_mqtt.agent.prepare import PreparedChunk, prepare_lines
 from pear_mqtt.agent.records import RecordFile, RecordParser, Rejection
+from pear_mqtt.agent.workers import WorkerLost, WorkerPool, default_workers
 from pear_mqtt.config.models import NetworkConfig, PrivacyConfig, TLSConfig
 from pear_mqtt.errors import PrivacyError
 from pear_mqtt.model.insight import MarketInsight, NetworkMode
