@@ -12,8 +12,8 @@ from typing import Any
 
 from ..model.insight import MarketInsight
 from .prepare import PreparedChunk
-from .records import RecordFile, RejectCallback, Rejection
-from .sources import FileSource
+from .records import RecordFile, RejectCallback
+from .sources import FileSource, good_chunks
 from .workers import WorkerLost, WorkerPool
 
 __all__ = ["MIN_PARALLEL_BYTES", "ParallelFileSource"]
@@ -69,22 +69,12 @@ class ParallelFileSource:
                 reject(rejection)
             return chunk
 
-        chunk_lines: list[tuple[int, str]] = []
         try:
-            for item in records.lines():
-                if stop.is_set():
-                    return
-                if isinstance(item, Rejection):
-                    reject(item)
-                    continue
-                chunk_lines.append(item)
-                if len(chunk_lines) >= max_items:
-                    submit(chunk_lines)
-                    chunk_lines = []
-                    if len(pending) > depth:
-                        yield await take()
-            if chunk_lines:
-                submit(chunk_lines)
+            for lines in good_chunks(records.lines(), stop=stop, reject=reject,
+                                     size=max_items):
+                submit(lines)
+                if len(pending) > depth:
+                    yield await take()
             while pending and not stop.is_set():
                 yield await take()
         finally:

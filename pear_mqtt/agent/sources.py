@@ -9,11 +9,11 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from ..errors import ConfigError
 from ..files import atomic_write
@@ -31,9 +31,12 @@ from .records import (
 if TYPE_CHECKING:
     from .prepare import PreparedChunk
 
-__all__ = ["FileSource", "InsightSource", "NoSource", "WatchSource", "WatchedFile"]
+__all__ = ["FileSource", "InsightSource", "NoSource", "WatchSource", "WatchedFile",
+           "good_chunks"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class InsightSource(Protocol):
@@ -90,19 +93,29 @@ class FileSource:
     async def batches(self, *, stop: asyncio.Event, reject: RejectCallback,
                       max_items: int) -> AsyncIterator[list[MarketInsight]]:
         """Yield the file's good lines in order; report the bad ones."""
-        batch: list[MarketInsight] = []
-        for record in read_insights(self.path, fmt=self.format):
-            if stop.is_set():
-                break
-            if isinstance(record, Rejection):
-                reject(record)
-                continue
-            batch.append(record)
-            if len(batch) >= max_items:
-                yield batch
-                batch = []
-        if batch:
+        for batch in good_chunks(read_insights(self.path, fmt=self.format), stop=stop,
+                                 reject=reject, size=max_items):
             yield batch
+
+
+def good_chunks(records: Iterable[T | Rejection], *, stop: asyncio.Event,
+                reject: RejectCallback, size: int) -> Iterator[list[T]]:
+    """``records`` in lists of ``size`` (the last one shorter), each :class:`Rejection`
+    among them reported through ``reject``; what is gathered when ``stop`` is set comes
+    last."""
+    chunk: list[T] = []
+    for record in records:
+        if stop.is_set():
+            break
+        if isinstance(record, Rejection):
+            reject(record)
+            continue
+        chunk.append(record)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _unreadable(path: Path) -> str | None:
