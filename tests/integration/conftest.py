@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_process import AgentProcess
 from bridgekit import Net
 from brokerkinds import BrokerUnderTest
 from brokers import (
@@ -92,6 +93,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
             if _starts_mosquitto(item):
                 item.add_marker(pytest.mark.uses_broker)
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_left_running() -> Iterator[None]:
+    """An agent process a failed test left behind (and its workers) ends with the test."""
+    yield
+    AgentProcess.kill_leftovers()
 
 
 @pytest.fixture(scope="session")

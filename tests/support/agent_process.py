@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,12 @@ REPO = Path(__file__).resolve().parents[2]
 class AgentProcess:
     """``python -m pear_mqtt.cli.main agent ...`` with its stderr lines readable as they come."""
 
+    # Every agent a test started: a failed assertion skips the test's own ending, and
+    # :meth:`kill_leftovers` ends what it left running.
+    _started: ClassVar[list[AgentProcess]] = []
+
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        AgentProcess._started.append(self)
         self.proc = proc
         self.stderr: list[str] = []
         self._lines: asyncio.Queue[str] = asyncio.Queue()
@@ -74,6 +80,16 @@ class AgentProcess:
         lines = out.decode().strip().splitlines()
         assert lines, "no report on stdout; stderr:\n" + "\n".join(self.stderr)
         return self.proc.returncode or 0, json.loads(lines[-1])
+
+    @classmethod
+    def kill_leftovers(cls) -> None:
+        """SIGKILL the agents started so far that have not been waited for (their worker
+        processes end with them)."""
+        for agent in cls._started:
+            if agent.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(agent.proc.pid, signal.SIGKILL)
+        cls._started.clear()
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
