@@ -16,7 +16,7 @@ from .records import RecordFile, RejectCallback
 from .sources import FileSource, good_chunks
 from .workers import WorkerLost, WorkerPool
 
-__all__ = ["MIN_PARALLEL_BYTES", "ParallelFileSource"]
+__all__ = ["MIN_PARALLEL_BYTES", "ParallelFileSource", "prepared_chunks"]
 
 MIN_PARALLEL_BYTES = 1 << 20
 """Files smaller than this are prepared in the agent's process: starting workers would cost
@@ -47,37 +47,48 @@ class ParallelFileSource:
                       max_items: int) -> AsyncIterator[list[MarketInsight] | PreparedChunk]:
         """Hand the file's data lines to the workers ``max_items`` at a time; yield each
         chunk's outcome in order, its bad lines reported through ``reject``."""
-        depth = 2 * self._pool.size + 1
-        records = RecordFile(self.path, fmt=self.format)
-        pending: deque[tuple[asyncio.Future[PreparedChunk] | None, dict[str, Any],
-                             list[tuple[int, str]]]] = deque()
+        async for chunk in prepared_chunks(RecordFile(self.path, fmt=self.format),
+                                           pool=self._pool, stop=stop, reject=reject,
+                                           size=max_items):
+            yield chunk
 
-        def submit(lines: list[tuple[int, str]]) -> None:
-            assert records.parser is not None
-            spec = records.parser.spec
-            pending.append((self._pool.submit(spec, lines), spec, lines))
 
-        async def take() -> PreparedChunk:
-            fut, spec, lines = pending.popleft()
-            chunk: PreparedChunk | None = None
-            if fut is not None:
-                with contextlib.suppress(WorkerLost):
-                    chunk = await fut  # the pool said why it failed
-            if chunk is None:
-                chunk = self._pool.local(spec, lines)
-            for rejection in chunk.rejections:
-                reject(rejection)
-            return chunk
+async def prepared_chunks(records: RecordFile, *, pool: WorkerPool, stop: asyncio.Event,
+                          reject: RejectCallback, size: int
+                          ) -> AsyncIterator[PreparedChunk]:
+    """The data lines of ``records`` handed to ``pool`` ``size`` at a time, two chunks per
+    worker ahead of the one yielded; each chunk's outcome in file order, its bad lines
+    reported through ``reject``. Prepared in this process when the pool has no worker (left).
+    Ends early when ``stop`` is set; raises :class:`OSError` if the file cannot be read."""
+    depth = 2 * pool.size + 1
+    pending: deque[tuple[asyncio.Future[PreparedChunk] | None, dict[str, Any],
+                         list[tuple[int, str]]]] = deque()
 
-        try:
-            for lines in good_chunks(records.lines(), stop=stop, reject=reject,
-                                     size=max_items):
-                submit(lines)
-                if len(pending) > depth:
-                    yield await take()
-            while pending and not stop.is_set():
+    def submit(lines: list[tuple[int, str]]) -> None:
+        assert records.parser is not None
+        spec = records.parser.spec
+        pending.append((pool.submit(spec, lines), spec, lines))
+
+    async def take() -> PreparedChunk:
+        fut, spec, lines = pending.popleft()
+        chunk: PreparedChunk | None = None
+        if fut is not None:
+            with contextlib.suppress(WorkerLost):
+                chunk = await fut  # the pool said why it failed
+        if chunk is None:
+            chunk = pool.local(spec, lines)
+        for rejection in chunk.rejections:
+            reject(rejection)
+        return chunk
+
+    try:
+        for lines in good_chunks(records.lines(), stop=stop, reject=reject, size=size):
+            submit(lines)
+            if len(pending) > depth:
                 yield await take()
-        finally:
-            for fut, _, _ in pending:
-                if fut is not None:
-                    fut.cancel()
+        while pending and not stop.is_set():
+            yield await take()
+    finally:
+        for fut, _, _ in pending:
+            if fut is not None:
+                fut.cancel()

@@ -21,6 +21,7 @@ from ..model.insight import MarketInsight
 from .records import (
     INPUT_SUFFIXES,
     InputFormat,
+    RecordFile,
     RejectCallback,
     Rejection,
     csv_header_line,
@@ -31,8 +32,8 @@ from .records import (
 if TYPE_CHECKING:
     from .prepare import PreparedChunk
 
-__all__ = ["FileSource", "InsightSource", "NoSource", "WatchSource", "WatchedFile",
-           "good_chunks"]
+__all__ = ["ChunkPreparer", "FileSource", "InsightSource", "NoSource", "WatchSource",
+           "WatchedFile", "good_chunks"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ class InsightSource(Protocol):
                 max_items: int) -> AsyncIterator[list[MarketInsight] | PreparedChunk]:
         """Yield batches of insights (or of insights already prepared by worker processes)
         until the source is exhausted or ``stop`` is set."""
+        ...
+
+
+class ChunkPreparer(Protocol):
+    """Prepares an input file's lines in worker processes, chunk by chunk (the agent's
+    :func:`~.parallel.prepared_chunks` bound to its pool)."""
+
+    def __call__(self, records: RecordFile, *, stop: asyncio.Event, reject: RejectCallback,
+                 size: int) -> AsyncIterator[PreparedChunk]:
         ...
 
 
@@ -169,6 +179,7 @@ class WatchSource:
         self.rejected_dir = self.directory / "rejected"
         self.poll_interval = poll_interval
         self._on_file = on_file
+        self._prepare: ChunkPreparer | None = None
         self._sizes: dict[Path, tuple[int, int]] = {}
         self._stuck: dict[Path, tuple[int, int]] = {}
 
@@ -184,6 +195,12 @@ class WatchSource:
             raise ConfigError(f"--watch {self.directory}: cannot create processing/, done/ "
                               f"and rejected/ ({exc.strerror or exc})") from exc
 
+    def prepare_with(self, prepare: ChunkPreparer) -> None:
+        """Have ``prepare`` (the agent's worker processes) parse, filter and seal each file's
+        lines; its chunks are yielded in file order, and a file moves on only once all of
+        them were stored."""
+        self._prepare = prepare
+
     def ready_files(self) -> list[Path]:
         """Input files that held still since the previous call, oldest first."""
         seen = _input_files(self.directory)
@@ -194,7 +211,7 @@ class WatchSource:
         return sorted(ready, key=lambda p: (seen[p][1], p.name))
 
     async def batches(self, *, stop: asyncio.Event, reject: RejectCallback,
-                      max_items: int) -> AsyncIterator[list[MarketInsight]]:
+                      max_items: int) -> AsyncIterator[list[MarketInsight] | PreparedChunk]:
         """Yield the good lines of each new file until ``stop`` is set."""
         self.check()
         leftovers = _input_files(self.processing_dir)
@@ -231,15 +248,28 @@ class WatchSource:
         return claimed
 
     async def _read(self, path: Path, reject: RejectCallback,
-                    max_items: int) -> AsyncIterator[list[MarketInsight]]:
+                    max_items: int) -> AsyncIterator[list[MarketInsight] | PreparedChunk]:
         bad: list[Rejection] = []
         count = 0
         batch: list[MarketInsight] = []
+
+        def note(rejection: Rejection) -> None:
+            bad.append(rejection)
+            reject(rejection)
         try:
-            for record in read_insights(path, name=path.name):
+            if self._prepare is not None:
+                # Never set: a taken file is read whole (see the class).
+                whole = asyncio.Event()
+                async for chunk in self._prepare(RecordFile(path, name=path.name), stop=whole,
+                                                 reject=note, size=max_items):
+                    count += chunk.read
+                    yield chunk
+                records: Iterable[MarketInsight | Rejection] = ()
+            else:
+                records = read_insights(path, name=path.name)
+            for record in records:
                 if isinstance(record, Rejection):
-                    bad.append(record)
-                    reject(record)
+                    note(record)
                     continue
                 count += 1
                 batch.append(record)
@@ -247,10 +277,8 @@ class WatchSource:
                     yield batch
                     batch = []
         except OSError as exc:
-            failure = Rejection(path.name, 0, f"cannot read the file: {exc.strerror or exc}",
-                                fatal=True)
-            bad.append(failure)
-            reject(failure)
+            note(Rejection(path.name, 0, f"cannot read the file: {exc.strerror or exc}",
+                           fatal=True))
         if batch:
             yield batch
         # Only after the last line: if the consumer stops early (closing this generator) the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import signal
@@ -69,30 +70,37 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     workers = _workers_for(args, source)
     if not workers:
         return asyncio.run(_serve(args, config, source, total))
-    from ..agent.parallel import ParallelFileSource
+    from ..agent.parallel import ParallelFileSource, prepared_chunks
     from ..agent.workers import WorkerPool
-    assert isinstance(source, FileSource)
     with WorkerPool(config=config, workers=workers) as pool:
         # Forked now, before the event loop and its threads exist.
         pool.start()
         if pool.running:
-            print(f"pear-mqtt agent: {pool.size} worker process(es) prepare {source.path}",
+            what = source.path if isinstance(source, FileSource) else "each watched file"
+            print(f"pear-mqtt agent: {pool.size} worker process(es) prepare {what}",
                   file=sys.stderr, flush=True)
-        return asyncio.run(_serve(args, config, ParallelFileSource(source, pool=pool), total))
+        if isinstance(source, WatchSource):
+            source.prepare_with(functools.partial(prepared_chunks, pool=pool))
+        elif isinstance(source, FileSource):
+            source = ParallelFileSource(source, pool=pool)
+        return asyncio.run(_serve(args, config, source, total))
 
 
 def _workers_for(args: argparse.Namespace, source: InsightSource) -> int:
-    """How many worker processes prepare an --input file: none unless they pay."""
-    if not isinstance(source, FileSource):
+    """How many worker processes prepare the input: for a file, none unless it is large
+    enough for them to pay; for a watched directory, started at once (its files come later,
+    and workers can only be forked before the event loop starts)."""
+    if isinstance(source, FileSource):
+        from ..agent.parallel import MIN_PARALLEL_BYTES
+        try:
+            size = source.path.stat().st_size
+        except OSError:
+            return 0  # reading it says why
+        if size < MIN_PARALLEL_BYTES:
+            return 0
+    elif not isinstance(source, WatchSource):
         return 0
-    from ..agent.parallel import MIN_PARALLEL_BYTES
     from ..agent.workers import default_workers
-    try:
-        size = source.path.stat().st_size
-    except OSError:
-        return 0  # reading it says why
-    if size < MIN_PARALLEL_BYTES:
-        return 0
     return default_workers() if args.workers is None else args.workers
 
 
@@ -201,10 +209,11 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
                      help="read nothing: deliver what the outbox holds and exit (1 if rows "
                           "remain after --drain-timeout)")
     src.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="--input: processes that parse, filter and seal the file's lines "
-                          "beside the agent, which stores and sends them in file order "
-                          "(default: one fewer than the CPUs, at most 4; 0: none, all in the "
-                          "agent's process; files under 1 MiB never use them)")
+                     help="--input and --watch: processes that parse, filter and seal a "
+                          "file's lines beside the agent, which stores and sends them in file "
+                          "order (default: one fewer than the CPUs, at most 4; 0: none, all "
+                          "in the agent's process; an --input file under 1 MiB never uses "
+                          "them)")
     src.add_argument("--poll-interval", type=float, default=1.0, metavar="S",
                      help="--watch: seconds between directory scans (default: 1)")
     sim = parser.add_argument_group("simulation")

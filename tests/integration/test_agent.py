@@ -205,9 +205,10 @@ async def test_input_file_with_bad_lines(
         "grocery/bakery", "grocery/dairy"]
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
 async def test_watch_directory_until_sigterm(
         mosquitto: MosquittoBroker, make_config: Callable[..., NetworkConfig],
-        agent_config: Callable[[MosquittoBroker], Path], tmp_path: Path) -> None:
+        agent_config: Callable[[MosquittoBroker], Path], tmp_path: Path, workers: str) -> None:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     # Each line its own observation (product), with a price a peer can read (in ranges).
@@ -218,7 +219,8 @@ async def test_watch_directory_until_sigterm(
     async with PearNetwork(make_config("globex", mosquitto)) as rx:
         stream = rx.insights()
         agent = await AgentProcess.start("--config", agent_config(mosquitto), "--watch", inbox,
-                                         "--poll-interval", "0.05", "--status-interval", "0")
+                                         "--poll-interval", "0.05", "--status-interval", "0",
+                                         "--workers", workers)
         for name, n in (("a.jsonl", 3), ("b.jsonl", 2)):
             tmp = inbox / f".{name}.part"
             tmp.write_text("\n".join([line % (f"{name[0]}{i}", i) for i in range(n)]
@@ -234,6 +236,9 @@ async def test_watch_directory_until_sigterm(
     assert sorted(p.name for p in (inbox / "rejected").iterdir()) == [
         "a.jsonl", "a.jsonl.err", "b.jsonl", "b.jsonl.err"]
     assert "a.jsonl:4: invalid JSON" in (inbox / "rejected" / "a.jsonl.err").read_text()
+    assert (inbox / "rejected" / "b.jsonl").read_text() == "{broken\n"
+    assert any("1 worker process(es) prepare each watched file" in line
+               for line in agent.stderr) == (workers == "1")
 
 
 async def test_a_one_shot_run_that_cannot_deliver_exits_75_and_says_why(
