@@ -6,12 +6,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from brokers import free_port
 
 from pear_mqtt.config.models import NetworkConfig
+from pear_mqtt.errors import ConfigError
 from pear_mqtt.model.insight import MarketInsight
 from pear_mqtt.model.topics import TopicScheme
 from pear_mqtt.node.network import PearNetwork
+from pear_mqtt.node.producer import Preparer
 from pear_mqtt.node.sync import SyncPearNetwork
 
 
@@ -96,3 +99,26 @@ def test_the_blocking_facade_takes_a_batch(make_config: Callable[..., NetworkCon
         ids = net.broadcast_many([insight(product=f"sku-{i}") for i in range(20)])
         net.flush(timeout=10)
         assert len(set(ids)) == 20 and net.status().outbox_depth == 0
+
+
+async def test_a_batch_prepared_elsewhere_is_sent_only_by_its_own_node(
+        make_config: Callable[..., NetworkConfig], tmp_path: Path,
+        insight: Callable[..., MarketInsight], take: Callable[..., Awaitable[list[Any]]]) -> None:
+    """What the agent's worker processes do: a Preparer built from the node's config alone
+    prepares a batch the connected node stores and sends; a batch prepared as another node
+    is refused before anything is stored."""
+    batch = [insight(price=2.0 + i, product=f"sku-{i}") for i in range(50)]
+    mine = Preparer.from_config(make_config("acme")).prepare_many(batch)
+    theirs = Preparer.from_config(make_config("initech")).prepare_many(batch)
+    async with PearNetwork(make_config("globex")) as rx:
+        stream = rx.insights()
+        async with PearNetwork(make_config("acme", outbox=tmp_path / "outbox.sqlite")) as tx:
+            with pytest.raises(ConfigError, match="prepared as testnet/initech/"):
+                await tx.broadcast_prepared(theirs)
+            assert tx.status().outbox_depth == 0
+            assert await tx.broadcast_prepared(mine) == mine.ids
+            got = await take(stream, len(batch), timeout=30)
+            # The same ids the node gives them itself.
+            assert await tx.broadcast_many(batch) == mine.ids
+    assert {g.item_id for g in got} == set(mine.ids)
+    assert {g.member for g in got} == {"acme"}
