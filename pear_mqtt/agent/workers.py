@@ -79,7 +79,11 @@ def _worker_main(conn: Connection, config: NetworkConfig, parent: int) -> None:
         parser = parsers.get(key)
         if parser is None:
             parser = parsers[key] = RecordParser(**spec)
-        conn.send(prepare_lines(preparer, parser, lines))
+        chunk = prepare_lines(preparer, parser, lines)
+        try:
+            conn.send(chunk)
+        except OSError:
+            return  # the agent closed its end: it wants no more
 
 
 # -- in the agent -----------------------------------------------------------------------------
@@ -235,14 +239,15 @@ class WorkerPool:
                 loop.remove_reader(worker.conn.fileno())
             with contextlib.suppress(OSError):
                 worker.conn.send(None)
+            # Closed at once: a worker still sending a result sees the end, not a full buffer.
+            worker.conn.close()
+            for fut in worker.waiting:
+                fut.cancel()
         for worker in workers:
             worker.process.join(_STOP_TIMEOUT)
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
-            worker.conn.close()
-            for fut in worker.waiting:
-                fut.cancel()
 
     def __enter__(self) -> WorkerPool:
         return self
