@@ -398,8 +398,10 @@ def _run_agent(args: list[str], workdir: Path, name: str, n: int, timeout: float
 def run_rss(env: BenchEnv, lp: LoadParams, workdir: Path) -> dict[str, Any]:
     """``pear-mqtt agent --simulate --rate 0 --count N`` (the on-disk outbox, as an agent
     runs): peak RSS is the agent's VmHWM (/proc/<pid>/status), sampled every 10 ms until it
-    exits, plus the median RSS sampled while it runs. Then the same N insights, written to a
-    JSON-lines file beforehand, ingested with ``agent --input FILE``: the production path."""
+    exits, plus the median RSS sampled while it runs. Then ``n_ingest`` insights of the same
+    simulation, written to a JSON-lines file beforehand, ingested with ``agent --input FILE``
+    (the production path), once with the worker processes the agent chooses and once with
+    ``--workers 0``; the workers' memory and each process's CPU time are sampled too."""
     from pear_mqtt.agent.simulate import SimulatedSource
     from pear_mqtt.config.manager import NetworkConfigManager
 

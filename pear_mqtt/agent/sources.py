@@ -264,18 +264,16 @@ class WatchSource:
                                                  reject=note, size=max_items):
                     count += chunk.read
                     yield chunk
-                records: Iterable[MarketInsight | Rejection] = ()
             else:
-                records = read_insights(path, name=path.name)
-            for record in records:
-                if isinstance(record, Rejection):
-                    note(record)
-                    continue
-                count += 1
-                batch.append(record)
-                if len(batch) >= max_items:
-                    yield batch
-                    batch = []
+                for record in read_insights(path, name=path.name):
+                    if isinstance(record, Rejection):
+                        note(record)
+                        continue
+                    count += 1
+                    batch.append(record)
+                    if len(batch) >= max_items:
+                        yield batch
+                        batch = []
         except OSError as exc:
             note(Rejection(path.name, 0, f"cannot read the file: {exc.strerror or exc}",
                            fatal=True))
